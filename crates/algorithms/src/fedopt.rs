@@ -1,0 +1,311 @@
+//! Adaptive server optimizers of the FedOpt family: FedAdam, FedYogi, FedAdaGrad.
+//!
+//! Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2. Each round the
+//! server treats the (sample-weighted) average client delta `Δ = mean(w_i) - x` as a
+//! pseudo-gradient pointing *uphill in accuracy* and updates, per coordinate:
+//!
+//! ```text
+//! m ← β1·m + (1-β1)·Δ
+//! v ← v + Δ²                              (FedAdaGrad)
+//! v ← v - (1-β2)·Δ²·sign(v - Δ²)          (FedYogi)
+//! v ← β2·v + (1-β2)·Δ²                    (FedAdam)
+//! x ← x + η·m / (√v + τ)
+//! ```
+//!
+//! `m` starts at 0 and `v` at `τ²` (the paper's `v₋₁ ≥ τ²`); there is no bias correction, as
+//! in the paper. The state is two model-sized `f32` buffers, created at the first step.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::kernels::{PAR_CHUNK, PAR_THRESHOLD};
+use crate::weights::{Layout, Weights};
+
+/// Which second-moment rule an [`AdaptiveOptimizer`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdaptiveRule {
+    /// FedAdam: exponential moving average of `Δ²`.
+    Adam,
+    /// FedYogi: additive, sign-controlled update of `v` (slower to forget than Adam).
+    Yogi,
+    /// FedAdaGrad: running sum of `Δ²`.
+    AdaGrad,
+}
+
+impl AdaptiveRule {
+    /// The config sort naming this rule.
+    pub fn sort(self) -> &'static str {
+        match self {
+            Self::Adam => "fedadam",
+            Self::Yogi => "fedyogi",
+            Self::AdaGrad => "fedadagrad",
+        }
+    }
+}
+
+/// Hyperparameters of the FedOpt server step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveParams {
+    /// Server learning rate η (config `lr`, default 0.01).
+    pub lr: f32,
+    /// First-moment decay β1 in [0, 1) (config `beta1`, default 0.9).
+    pub beta1: f32,
+    /// Second-moment decay β2 in [0, 1) (config `beta2`, default 0.99; unused by FedAdaGrad).
+    pub beta2: f32,
+    /// Adaptivity τ > 0, which bounds the step when `v` is small (config `tau`, default 1e-3).
+    pub tau: f32,
+}
+
+impl Default for AdaptiveParams {
+    fn default() -> Self {
+        Self {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    layout: Layout,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// A FedAdam / FedYogi / FedAdaGrad server optimizer with its moment state.
+#[derive(Debug, Clone)]
+pub struct AdaptiveOptimizer {
+    rule: AdaptiveRule,
+    params: AdaptiveParams,
+    state: Option<State>,
+    steps: u64,
+}
+
+impl AdaptiveOptimizer {
+    /// A fresh optimizer (moments are created at the first step, sized to the model).
+    pub fn new(rule: AdaptiveRule, params: AdaptiveParams) -> Self {
+        Self {
+            rule,
+            params,
+            state: None,
+            steps: 0,
+        }
+    }
+
+    /// The rule.
+    pub fn rule(&self) -> AdaptiveRule {
+        self.rule
+    }
+
+    /// The hyperparameters.
+    pub fn params(&self) -> AdaptiveParams {
+        self.params
+    }
+
+    /// Number of steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Applies the pseudo-gradient `delta` to `global` and returns the new global model.
+    ///
+    /// `delta` must have `global`'s layout and be finite; the model's layout must not change
+    /// between steps (the moments are per coordinate).
+    pub fn step(&mut self, global: &Weights, delta: &Weights) -> Result<Weights> {
+        global.check_same_layout(delta)?;
+        delta.check_finite()?;
+        let tau_sq = self.params.tau * self.params.tau;
+        let state = match &mut self.state {
+            Some(state) => {
+                state.layout.check(global)?;
+                state
+            }
+            None => self.state.insert(State {
+                layout: Layout::of(global),
+                m: global.tensors().iter().map(|t| vec![0.0; t.len()]).collect(),
+                v: global
+                    .tensors()
+                    .iter()
+                    .map(|t| vec![tau_sq; t.len()])
+                    .collect(),
+            }),
+        };
+        let mut res = global.clone();
+        let (rule, params) = (self.rule, self.params);
+        for (((x, d), m), v) in res
+            .tensors_mut()
+            .iter_mut()
+            .zip(delta.tensors())
+            .zip(&mut state.m)
+            .zip(&mut state.v)
+        {
+            step_slices(rule, params, x.data_mut(), d.data(), m, v);
+        }
+        self.steps += 1;
+        Ok(res)
+    }
+}
+
+fn step_slices(
+    rule: AdaptiveRule,
+    p: AdaptiveParams,
+    x: &mut [f32],
+    d: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    if x.len() >= PAR_THRESHOLD {
+        x.par_chunks_mut(PAR_CHUNK)
+            .zip(d.par_chunks(PAR_CHUNK))
+            .zip(m.par_chunks_mut(PAR_CHUNK))
+            .zip(v.par_chunks_mut(PAR_CHUNK))
+            .for_each(|(((x, d), m), v)| step_serial(rule, p, x, d, m, v));
+    } else {
+        step_serial(rule, p, x, d, m, v);
+    }
+}
+
+/// One FedOpt step over slices; the `match` is outside the loop so each loop vectorises.
+fn step_serial(
+    rule: AdaptiveRule,
+    p: AdaptiveParams,
+    x: &mut [f32],
+    d: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    let (b1, b2, lr, tau) = (p.beta1, p.beta2, p.lr, p.tau);
+    let it = x.iter_mut().zip(d).zip(m.iter_mut()).zip(v.iter_mut());
+    match rule {
+        AdaptiveRule::Adam => it.for_each(|(((x, &d), m), v)| {
+            *m = b1 * *m + (1.0 - b1) * d;
+            *v = b2 * *v + (1.0 - b2) * d * d;
+            *x += lr * *m / (v.sqrt() + tau);
+        }),
+        AdaptiveRule::Yogi => it.for_each(|(((x, &d), m), v)| {
+            *m = b1 * *m + (1.0 - b1) * d;
+            let d2 = d * d;
+            let sign = f32::from(u8::from(*v > d2)) - f32::from(u8::from(*v < d2));
+            *v -= (1.0 - b2) * d2 * sign;
+            *x += lr * *m / (v.sqrt() + tau);
+        }),
+        AdaptiveRule::AdaGrad => it.for_each(|(((x, &d), m), v)| {
+            *m = b1 * *m + (1.0 - b1) * d;
+            *v += d * d;
+            *x += lr * *m / (v.sqrt() + tau);
+        }),
+    }
+}
+
+/// Validates FedOpt hyperparameters (used by the config parser and by hand-built optimizers).
+pub(crate) fn check_params(p: &AdaptiveParams) -> Result<()> {
+    let bad = |name, reason: &str| Error::InvalidArgument {
+        name,
+        reason: reason.to_owned(),
+    };
+    if !(p.lr.is_finite() && p.lr > 0.0) {
+        return Err(bad("lr", "must be finite and > 0"));
+    }
+    if !(0.0..1.0).contains(&p.beta1) {
+        return Err(bad("beta1", "must be in [0, 1)"));
+    }
+    if !(0.0..1.0).contains(&p.beta2) {
+        return Err(bad("beta2", "must be in [0, 1)"));
+    }
+    if !(p.tau.is_finite() && p.tau > 0.0) {
+        return Err(bad("tau", "must be finite and > 0"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::Tensor;
+
+    fn vector(v: &[f32]) -> Weights {
+        Weights::from_tensors(vec![Tensor::new("w", vec![v.len()], v.to_vec()).unwrap()]).unwrap()
+    }
+
+    fn close(got: &Weights, want: &[f32]) {
+        let got = got.tensors()[0].data();
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{got:?} vs {want:?}");
+        }
+    }
+
+    const P: AdaptiveParams = AdaptiveParams {
+        lr: 0.1,
+        beta1: 0.5,
+        beta2: 0.75,
+        tau: 0.5,
+    };
+
+    #[test]
+    fn fedadam_two_steps_by_hand() {
+        let mut opt = AdaptiveOptimizer::new(AdaptiveRule::Adam, P);
+        let x0 = vector(&[1.0, -2.0]);
+        // Step 1, Δ = [2, -1]: m = [1, -0.5]; v = 0.75*0.25 + 0.25*Δ² = [1.1875, 0.4375]
+        // x = x0 + 0.1*m/(√v + 0.5) = [1 + 0.1/1.589725, -2 - 0.05/1.161438]
+        let x1 = opt.step(&x0, &vector(&[2.0, -1.0])).unwrap();
+        close(&x1, &[1.062904, -2.043050]);
+        // Step 2, Δ = [0, 1]: m = [0.5, 0.25]; v = [0.890625, 0.578125]
+        let x2 = opt.step(&x1, &vector(&[0.0, 1.0])).unwrap();
+        close(
+            &x2,
+            &[
+                1.062904 + 0.05 / (0.890625f32.sqrt() + 0.5),
+                -2.043050 + 0.025 / (0.578125f32.sqrt() + 0.5),
+            ],
+        );
+        assert_eq!(opt.steps(), 2);
+    }
+
+    #[test]
+    fn fedyogi_and_fedadagrad_by_hand() {
+        // v0 = τ² = 0.25. Δ = [2, 0.25]: Δ² = [4, 0.0625].
+        // Yogi: v = v0 - 0.25*Δ²*sign(v0 - Δ²) = [0.25 + 1, 0.25 - 0.015625] = [1.25, 0.234375]
+        let mut yogi = AdaptiveOptimizer::new(AdaptiveRule::Yogi, P);
+        let x = yogi
+            .step(&vector(&[0.0, 0.0]), &vector(&[2.0, 0.25]))
+            .unwrap();
+        close(
+            &x,
+            &[
+                0.1 * 1.0 / (1.25f32.sqrt() + 0.5),
+                0.1 * 0.125 / (0.234375f32.sqrt() + 0.5),
+            ],
+        );
+        // AdaGrad: v = v0 + Δ² = [4.25, 0.3125]
+        let mut adagrad = AdaptiveOptimizer::new(AdaptiveRule::AdaGrad, P);
+        let x = adagrad
+            .step(&vector(&[0.0, 0.0]), &vector(&[2.0, 0.25]))
+            .unwrap();
+        close(
+            &x,
+            &[
+                0.1 * 1.0 / (4.25f32.sqrt() + 0.5),
+                0.1 * 0.125 / (0.3125f32.sqrt() + 0.5),
+            ],
+        );
+    }
+
+    #[test]
+    fn step_rejects_layout_change_and_non_finite_delta() {
+        let mut opt = AdaptiveOptimizer::new(AdaptiveRule::Adam, P);
+        let x = opt.step(&vector(&[0.0, 0.0]), &vector(&[1.0, 1.0])).unwrap();
+        assert!(matches!(
+            opt.step(&x, &vector(&[1.0, f32::NAN])),
+            Err(Error::NonFinite { .. })
+        ));
+        assert!(matches!(
+            opt.step(&vector(&[0.0; 3]), &vector(&[0.0; 3])),
+            Err(Error::TensorShape { .. })
+        ));
+        assert!(check_params(&AdaptiveParams { beta1: 1.0, ..P }).is_err());
+        assert!(check_params(&AdaptiveParams { tau: 0.0, ..P }).is_err());
+        assert!(check_params(&P).is_ok());
+    }
+}

@@ -1,0 +1,1 @@
+//! The apiserver: REST resources, authentication, the agent's task fetch, OpenAPI.

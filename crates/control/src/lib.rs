@@ -1,0 +1,18 @@
+//! Fledge's control plane as libraries: the apiserver (REST), the controller (job lifecycle),
+//! the notifier (event streams to agents and deployers), the store, and the configuration that
+//! composes them into services.
+//!
+//! The `fledge` binary (crate `crates/fledge`) runs any subset of these services in one process
+//! (`fledge serve --services ...`) or all of them (`fledge standalone`). Services talk through the
+//! same interfaces whether or not they share a process: REST, gRPC and the store.
+//!
+//! This crate never links the data plane's roles (`fledge-sdk`); it only links `fledge-channel`
+//! for the embedded MQTT broker service.
+//!
+//! Start reading at [`store::Store`] (all state), then [`api`] (what users call) and
+//! [`controller`] (what happens after `start job`).
+
+pub mod api;
+pub mod controller;
+pub mod notifier;
+pub mod store;

@@ -1,0 +1,1 @@
+//! The notifier: gRPC server streams that push events to agents and deployers.

@@ -1,0 +1,203 @@
+//! The store: every piece of control-plane state, behind one trait.
+//!
+//! Implementations: SQLite (embedded default) and PostgreSQL, plus code bundles in a
+//! [`BlobStore`] (a directory by default) so a bundle's size is bounded by configuration, not by
+//! a row limit. One behavioural suite (`store::tests::suite`) runs against every implementation.
+//!
+//! Invariants every implementation keeps:
+//! - every write is atomic: a failed call changes nothing;
+//! - ownership is enforced by the caller (the apiserver) through `owner` arguments: a lookup with
+//!   the wrong owner is `NotFound`, never a leak;
+//! - state changes go through compare-and-set ([`Store::set_job_state`]) so the controller and
+//!   the apiserver never overwrite each other's transitions.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use fledge_types::{
+    Compute, ComputeId, ComputeSpec, Dataset, DatasetId, DatasetSpec, Design, DesignId, DesignSpec,
+    Job, JobId, JobSpec, JobState, MetricRecord, Schema, Task, TaskId, TaskState, User, UserId,
+};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No such resource (or not the caller's).
+    #[error("{kind} {id} not found")]
+    NotFound {
+        /// Resource kind (`job`, `design`, ...).
+        kind: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The resource exists already.
+    #[error("{kind} {id} already exists")]
+    AlreadyExists {
+        /// Resource kind.
+        kind: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// A compare-and-set saw another state.
+    #[error("{kind} {id} is {actual}, expected {expected}")]
+    Conflict {
+        /// Resource kind.
+        kind: &'static str,
+        /// Its id.
+        id: String,
+        /// The state the caller expected.
+        expected: String,
+        /// The state found.
+        actual: String,
+    },
+    /// The resource is still referenced (e.g. a design with jobs).
+    #[error("{kind} {id} is in use: {reason}")]
+    InUse {
+        /// Resource kind.
+        kind: &'static str,
+        /// Its id.
+        id: String,
+        /// By what.
+        reason: String,
+    },
+    /// A code bundle is larger than the configured limit.
+    #[error("code bundle of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Bundle size in bytes.
+        size: u64,
+        /// Configured limit in bytes.
+        limit: u64,
+    },
+    /// The database failed.
+    #[error("database error")]
+    Database(#[source] anyhow::Error),
+    /// The blob store failed.
+    #[error("blob store error")]
+    Blob(#[source] std::io::Error),
+}
+
+/// Result of store calls.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A stored code bundle's metadata (the bytes live in the blob store).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodeMeta {
+    /// Revision (`"1"`, `"2"`, ...).
+    pub version: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the zip, hex.
+    pub sha256: String,
+}
+
+/// A task as the controller creates it: the public record plus its secret key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewTask {
+    /// The record (state `ready`).
+    pub task: Task,
+    /// The task key. The store keeps it (never listed to users) so that a restarted
+    /// controller can resend deploy events, and compares fetches against its hash.
+    pub key: String,
+}
+
+/// Filter for job listings.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    /// Only this owner's jobs (`None`: everyone's, for admins and the controller).
+    pub owner: Option<UserId>,
+    /// Only jobs in these states (empty: all).
+    pub states: Vec<JobState>,
+}
+
+/// All control-plane state.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // Users and tokens.
+    /// Creates a user.
+    async fn create_user(&self, user: &User) -> Result<()>;
+    /// Looks a user up.
+    async fn get_user(&self, id: &UserId) -> Result<User>;
+    /// Lists users.
+    async fn list_users(&self) -> Result<Vec<User>>;
+    /// Stores a token's SHA-256 hash for a user.
+    async fn add_token(&self, user: &UserId, token_sha256: &str) -> Result<()>;
+    /// The user a token hash belongs to.
+    async fn user_by_token(&self, token_sha256: &str) -> Result<User>;
+
+    // Designs, schemas, code.
+    /// Creates a design owned by `owner`.
+    async fn create_design(&self, owner: &UserId, spec: &DesignSpec) -> Result<Design>;
+    /// Gets a design of `owner` (`None`: any owner).
+    async fn get_design(&self, owner: Option<&UserId>, id: &DesignId) -> Result<Design>;
+    /// Lists designs (`None`: all).
+    async fn list_designs(&self, owner: Option<&UserId>) -> Result<Vec<Design>>;
+    /// Deletes a design, its schemas and code; `InUse` while a non-final job uses it.
+    async fn delete_design(&self, owner: Option<&UserId>, id: &DesignId) -> Result<()>;
+    /// Stores a new schema revision; returns its version.
+    async fn put_schema(&self, owner: Option<&UserId>, design: &DesignId, schema: &Schema) -> Result<String>;
+    /// A schema revision (`None`: latest) and its version.
+    async fn get_schema(&self, owner: Option<&UserId>, design: &DesignId, version: Option<&str>) -> Result<(String, Schema)>;
+    /// Stores a new code revision (a zip); `TooLarge` past the configured limit.
+    async fn put_code(&self, owner: Option<&UserId>, design: &DesignId, zip: &[u8]) -> Result<CodeMeta>;
+    /// A code revision (`None`: latest): metadata and bytes.
+    async fn get_code(&self, owner: Option<&UserId>, design: &DesignId, version: Option<&str>) -> Result<(CodeMeta, Vec<u8>)>;
+
+    // Datasets.
+    /// Registers a dataset.
+    async fn create_dataset(&self, owner: &UserId, spec: &DatasetSpec) -> Result<Dataset>;
+    /// Gets a dataset the owner may use (own or public; `None`: any).
+    async fn get_dataset(&self, owner: Option<&UserId>, id: &DatasetId) -> Result<Dataset>;
+    /// Lists datasets visible to `owner` (own + public; `None`: all).
+    async fn list_datasets(&self, owner: Option<&UserId>) -> Result<Vec<Dataset>>;
+    /// Deletes an own dataset; `InUse` while a non-final job uses it.
+    async fn delete_dataset(&self, owner: Option<&UserId>, id: &DatasetId) -> Result<()>;
+
+    // Computes.
+    /// Registers a compute (its API key is stored hashed).
+    async fn create_compute(&self, spec: &ComputeSpec) -> Result<Compute>;
+    /// Gets a compute.
+    async fn get_compute(&self, id: &ComputeId) -> Result<Compute>;
+    /// Lists computes.
+    async fn list_computes(&self) -> Result<Vec<Compute>>;
+    /// Deletes a compute.
+    async fn delete_compute(&self, id: &ComputeId) -> Result<()>;
+    /// Checks a compute's API key hash; `NotFound` when it does not match.
+    async fn verify_compute_key(&self, id: &ComputeId, key_sha256: &str) -> Result<()>;
+
+    // Jobs.
+    /// Stores a validated job in state `ready`.
+    async fn create_job(&self, owner: &UserId, spec: &JobSpec, schema_version: &str, code_version: &str) -> Result<Job>;
+    /// Gets a job (`None`: any owner).
+    async fn get_job(&self, owner: Option<&UserId>, id: &JobId) -> Result<Job>;
+    /// Lists jobs.
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>>;
+    /// Replaces a `ready` job's spec; `Conflict` in any other state.
+    async fn update_job_spec(&self, owner: Option<&UserId>, id: &JobId, spec: &JobSpec) -> Result<Job>;
+    /// Deletes a job in a final state or `ready` with its tasks and metrics; `Conflict` otherwise.
+    async fn delete_job(&self, owner: Option<&UserId>, id: &JobId) -> Result<()>;
+    /// Compare-and-set of a job's state: succeeds only if the state is one of `from`.
+    /// Sets `reason`, `started_at` (entering `starting`) and `ended_at` (entering a final state).
+    async fn set_job_state(&self, id: &JobId, from: &[JobState], to: JobState, reason: Option<&str>) -> Result<Job>;
+
+    // Tasks.
+    /// Inserts a job's tasks; re-inserting the same ids is a no-op (expansion is deterministic).
+    async fn insert_tasks(&self, tasks: &[NewTask]) -> Result<()>;
+    /// A job's tasks in expansion order.
+    async fn list_tasks(&self, job: &JobId) -> Result<Vec<Task>>;
+    /// One task.
+    async fn get_task(&self, job: &JobId, task: &TaskId) -> Result<Task>;
+    /// Finds a task by id alone and checks its key hash; `NotFound` when either is wrong.
+    async fn task_by_key(&self, task: &TaskId, key_sha256: &str) -> Result<Task>;
+    /// The plain keys of a job's tasks, for deploy events (task id → key).
+    async fn task_keys(&self, job: &JobId) -> Result<BTreeMap<TaskId, String>>;
+    /// Sets a task's state and log tail if the transition is legal; returns the task.
+    async fn set_task_state(&self, job: &JobId, task: &TaskId, state: TaskState, log: Option<&str>) -> Result<Task>;
+    /// Pins the key of a participant-run task the first time it is used.
+    async fn pin_task_key(&self, task: &TaskId, key_sha256: &str) -> Result<()>;
+
+    // Metrics.
+    /// Appends metric records of a job.
+    async fn add_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<()>;
+    /// A job's metric records in insertion order.
+    async fn list_metrics(&self, job: &JobId) -> Result<Vec<MetricRecord>>;
+}

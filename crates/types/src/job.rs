@@ -1,0 +1,197 @@
+//! A job: one FL run of a design with a data spec and a model spec.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{DatasetId, DesignId, JobId, UserId};
+use crate::schema::Backend;
+use crate::state::JobState;
+
+/// What a user submits to create a job (Flame's `job.json` with the specs inline).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobSpec {
+    /// Human-readable name.
+    pub name: String,
+    /// The design to run.
+    pub design_id: DesignId,
+    /// Pin a schema revision; the latest when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<String>,
+    /// Pin a code revision; the latest when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_version: Option<String>,
+    /// Scheduling priority.
+    #[serde(default)]
+    pub priority: Priority,
+    /// Default backend of channels that name none.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Wall-time limit in seconds; the job is `terminated` past it. 0 means no limit.
+    #[serde(default)]
+    pub max_run_time: u64,
+    /// Which datasets each data-consuming role reads, by group.
+    #[serde(default)]
+    pub data_spec: Vec<DataSpecEntry>,
+    /// Hyperparameters, optimizer, selector, base model, registry.
+    #[serde(default)]
+    pub model_spec: ModelSpec,
+    /// Path of the data spec file beside job.json (resolved by `fledgectl`, never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_spec_path: Option<String>,
+    /// Path of the model spec file beside job.json (resolved by `fledgectl`, never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_spec_path: Option<String>,
+}
+
+/// Job priority (Flame's values).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Low.
+    Low,
+    /// Medium (the default).
+    #[default]
+    Medium,
+    /// High.
+    High,
+}
+
+/// One entry of the data spec: a data-consuming role and its datasets per group label.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataSpecEntry {
+    /// The data-consuming role.
+    pub role: String,
+    /// Group label → dataset ids; one task per dataset id.
+    pub dataset_groups: BTreeMap<String, Vec<DatasetId>>,
+}
+
+/// The model side of a job (Flame's `modelSpec.json`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The model to start from; none means the aggregator asks a trainer for initial weights.
+    #[serde(default)]
+    pub base_model: BaseModel,
+    /// Server-side aggregation algorithm.
+    #[serde(default = "Sort::fedavg")]
+    pub optimizer: Sort,
+    /// Trainer selection policy.
+    #[serde(default = "Sort::default_selector")]
+    pub selector: Sort,
+    /// Free-form hyperparameters handed to every task (`rounds`, `epochs`, `batchSize`, ...).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub hyperparameters: serde_json::Map<String, serde_json::Value>,
+    /// Where models and metrics go.
+    #[serde(default)]
+    pub registry: RegistrySpec,
+    /// Packages the code needs (informational; e.g. `numpy >= 1.2.0`).
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+}
+
+/// A named, versioned model in the registry.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BaseModel {
+    /// Model name; empty for none.
+    #[serde(default)]
+    pub name: String,
+    /// Model version.
+    #[serde(default)]
+    pub version: i64,
+}
+
+/// An algorithm choice: `{"sort": "fedadam", "kwargs": {"lr": 0.01}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Sort {
+    /// The algorithm's name.
+    pub sort: String,
+    /// Its arguments.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Sort {
+    /// `{"sort": "fedavg"}`.
+    pub fn fedavg() -> Self {
+        Self {
+            sort: "fedavg".to_owned(),
+            kwargs: Default::default(),
+        }
+    }
+    /// `{"sort": "default"}`.
+    pub fn default_selector() -> Self {
+        Self {
+            sort: "default".to_owned(),
+            kwargs: Default::default(),
+        }
+    }
+}
+
+impl Default for Sort {
+    fn default() -> Self {
+        Self::fedavg()
+    }
+}
+
+/// Where a job's models and metrics are recorded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistrySpec {
+    /// `local` (a directory) or `mlflow`.
+    #[serde(default = "local")]
+    pub sort: String,
+    /// Directory path or MLflow URL; empty means the worker's default.
+    #[serde(default)]
+    pub uri: String,
+}
+
+fn local() -> String {
+    "local".to_owned()
+}
+
+impl Default for RegistrySpec {
+    fn default() -> Self {
+        Self {
+            sort: local(),
+            uri: String::new(),
+        }
+    }
+}
+
+/// A stored job, as the API returns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    /// Assigned id.
+    pub id: JobId,
+    /// Owner.
+    pub owner: UserId,
+    /// The submitted spec (with the data and model specs inline).
+    pub spec: JobSpec,
+    /// The schema revision the job was expanded from.
+    pub schema_version: String,
+    /// The code revision its tasks run.
+    pub code_version: String,
+    /// Current state.
+    pub state: JobState,
+    /// Why the job is in its state (e.g. which role failed), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Creation time.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// When the job entered `starting`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Last state change.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// When the job reached a final state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<chrono::DateTime<chrono::Utc>>,
+}

@@ -1,0 +1,178 @@
+//! The task config: what the controller writes for each task and what a worker reads.
+//!
+//! This is the contract between the control plane and the data plane. A worker gets it from
+//! the apiserver's task fetch (through `fledgelet`) or from a file (local runs); both sides use
+//! this one type. Field names follow Flame's; unknown fields are tolerated so that newer control
+//! planes can add fields without breaking older workers.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{DatasetId, JobId, TaskId};
+use crate::job::{BaseModel, RegistrySpec, Sort};
+use crate::schema::{Backend, ChannelSpec};
+
+/// Version of the task config format this crate writes.
+pub const TASK_CONFIG_VERSION: u32 = 1;
+
+/// Everything a worker needs to run one task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskConfig {
+    /// Format version ([`TASK_CONFIG_VERSION`]).
+    #[serde(default = "v1")]
+    pub version: u32,
+    /// This task's id; also its end id on every channel.
+    pub task_id: TaskId,
+    /// The role it plays.
+    pub role: String,
+    /// Index among the role's tasks (0-based).
+    #[serde(default)]
+    pub task_index: u32,
+    /// The job it belongs to.
+    pub job: JobRef,
+    /// Default backend for channels that name none.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Brokers for the `mqtt` backend.
+    #[serde(default)]
+    pub brokers: Vec<BrokerSpec>,
+    /// Where models and metrics go.
+    #[serde(default)]
+    pub registry: RegistrySpec,
+    /// The channels this role is in, whole.
+    #[serde(default)]
+    pub channels: Vec<ChannelSpec>,
+    /// Channel → group label for this task.
+    #[serde(default)]
+    pub group_association: BTreeMap<String, String>,
+    /// Free-form hyperparameters from the model spec.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub hyperparameters: serde_json::Map<String, serde_json::Value>,
+    /// Server-side aggregation algorithm.
+    #[serde(default)]
+    pub optimizer: Sort,
+    /// Trainer selection policy.
+    #[serde(default = "Sort::default_selector")]
+    pub selector: Sort,
+    /// The model to start from (empty name: none).
+    #[serde(default)]
+    pub base_model: BaseModel,
+    /// The dataset (data-consuming roles only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetRef>,
+    /// Wall-time limit of the job in seconds (0: none).
+    #[serde(default)]
+    pub max_run_time: u64,
+    /// Where to report metrics and status; absent in local runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<ControlPlaneRef>,
+    /// Metaserver endpoint for the `p2p` backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metaserver: Option<String>,
+}
+
+fn v1() -> u32 {
+    TASK_CONFIG_VERSION
+}
+
+impl TaskConfig {
+    /// The channel named `name`, if this role is in it.
+    pub fn channel(&self, name: &str) -> Option<&ChannelSpec> {
+        self.channels.iter().find(|c| c.name == name)
+    }
+
+    /// The channels on which this role carries function tag `tag`.
+    pub fn channels_with_tag<'a>(
+        &'a self,
+        tag: &'a str,
+    ) -> impl Iterator<Item = &'a ChannelSpec> + 'a {
+        self.channels.iter().filter(move |c| {
+            c.func_tags
+                .get(&self.role)
+                .is_some_and(|tags| tags.iter().any(|t| t == tag))
+        })
+    }
+
+    /// The group this task is in on `channel` (`default` when unassigned).
+    pub fn group_of(&self, channel: &str) -> &str {
+        self.group_association
+            .get(channel)
+            .map(String::as_str)
+            .unwrap_or(crate::schema::DEFAULT_GROUP)
+    }
+
+    /// The backend of `channel`: its own, else the task's default.
+    pub fn backend_of(&self, channel: &ChannelSpec) -> Backend {
+        channel.backend.unwrap_or(self.backend)
+    }
+}
+
+/// The job a task belongs to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobRef {
+    /// Job id (scopes channel topics).
+    pub id: JobId,
+    /// Job name.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// A message broker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerSpec {
+    /// Broker kind: `mqtt`.
+    #[serde(default = "mqtt")]
+    pub sort: String,
+    /// `host:port`.
+    pub host: String,
+}
+
+fn mqtt() -> String {
+    "mqtt".to_owned()
+}
+
+/// The dataset a data-consuming task reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetRef {
+    /// Dataset id.
+    pub id: DatasetId,
+    /// Dataset name.
+    #[serde(default)]
+    pub name: String,
+    /// Where the data is.
+    pub url: String,
+    /// Format hint.
+    #[serde(default)]
+    pub data_format: String,
+}
+
+/// How a worker reaches the control plane.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlPlaneRef {
+    /// Apiserver base URL, e.g. `http://127.0.0.1:10100`.
+    pub apiserver: String,
+}
+
+/// One per-round metrics report from a role to the control plane.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricRecord {
+    /// Reporting task.
+    pub task_id: TaskId,
+    /// Its role.
+    pub role: String,
+    /// Round number (1-based).
+    pub round: u64,
+    /// Metric name → value (`loss`, `accuracy`, `bytesSent`, `roundSeconds`, ...).
+    pub metrics: BTreeMap<String, f64>,
+    /// When it was measured; the server's time when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<chrono::DateTime<chrono::Utc>>,
+}
