@@ -1,1 +1,82 @@
-fn main() {}
+//! `fledge`: the Fledge server binary.
+//!
+//! - `fledge serve --services apiserver,controller,...` runs any subset of the control-plane
+//!   services (and the compute-side deployer) in one process;
+//! - `fledge standalone --data-dir DIR` runs every service, an embedded MQTT broker, a SQLite
+//!   store and a `process` deployer: zero external services;
+//! - `fledge quickstart` runs a real two-tier MNIST job end to end on `standalone`;
+//! - `fledge run-task CONFIG` runs one task's built-in role (aggregators, reference trainers);
+//! - `fledge bench ...` prints the performance table.
+//!
+//! Each subcommand lives in `commands/<name>.rs`; this file only parses and dispatches.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+
+/// Exit code for bad usage or configuration (`EX_USAGE`).
+const EX_USAGE: u8 = 64;
+/// Exit code for a runtime failure.
+const EX_RUNTIME: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "fledge", version, about = "Fledge federated-learning platform server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a set of services (apiserver, controller, notifier, metaserver, broker, deployer).
+    Serve(commands::serve::Args),
+    /// Run every service with SQLite, an embedded broker and a process deployer in one process.
+    Standalone(commands::standalone::Args),
+    /// Run a real two-tier MNIST job end to end and print a summary.
+    Quickstart(commands::quickstart::Args),
+    /// Run one task from its task config file (built-in roles and reference trainers).
+    RunTask(commands::run_task::Args),
+    /// Measure performance against bounds measured in the same run and print a table.
+    Bench(commands::bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let code = if err.use_stderr() { EX_USAGE } else { 0 };
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+    commands::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(EX_RUNTIME);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => commands::serve::run(args).await,
+            Command::Standalone(args) => commands::standalone::run(args).await,
+            Command::Quickstart(args) => commands::quickstart::run(args).await,
+            Command::RunTask(args) => commands::run_task::run(args).await,
+            Command::Bench(args) => commands::bench::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            if err.downcast_ref::<commands::UsageError>().is_some() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::from(EX_RUNTIME)
+            }
+        }
+    }
+}

@@ -37,6 +37,9 @@ pub struct Task {
     /// Last state change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Last heartbeat from its agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn yes() -> bool {

@@ -192,6 +192,8 @@ pub trait Store: Send + Sync + 'static {
     async fn task_keys(&self, job: &JobId) -> Result<BTreeMap<TaskId, String>>;
     /// Sets a task's state and log tail if the transition is legal; returns the task.
     async fn set_task_state(&self, job: &JobId, task: &TaskId, state: TaskState, log: Option<&str>) -> Result<Task>;
+    /// Records a heartbeat from a task's agent (sets `Task::last_heartbeat` to now).
+    async fn record_heartbeat(&self, task: &TaskId) -> Result<()>;
     /// Pins the key of a participant-run task the first time it is used.
     async fn pin_task_key(&self, task: &TaskId, key_sha256: &str) -> Result<()>;
 

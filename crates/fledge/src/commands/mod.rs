@@ -1,0 +1,25 @@
+//! One module per `fledge` subcommand.
+
+pub mod bench;
+pub mod quickstart;
+pub mod run_task;
+pub mod serve;
+pub mod standalone;
+
+/// An error in the user's arguments or configuration: exits with code 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Initialises logging from `FLEDGE_LOG` (filter) and `FLEDGE_LOG_FORMAT` (`plain` or `json`).
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FLEDGE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("FLEDGE_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
