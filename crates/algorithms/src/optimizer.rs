@@ -1,0 +1,525 @@
+//! The optimizer facade: one type, chosen by the job's `optimizer {sort, kwargs}`, that the
+//! aggregator roles drive round by round.
+//!
+//! ```text
+//! let mut optimizer = Optimizer::from_config(&task_config["optimizer"])?;
+//! loop {
+//!     let mut round = optimizer.begin_round(&global);
+//!     while let Some((update, num_samples, staleness)) = next_update() {
+//!         round.add(&update, num_samples, staleness)?;   // or add_delta(..)
+//!         if optimizer.is_async() && round.is_ready() { break; }   // FedBuff: aggGoal reached
+//!     }
+//!     global = optimizer.finish_round(round, &global)?;
+//! }
+//! ```
+//!
+//! A [`Round`] owns its accumulator and borrows nothing, so it can be moved into
+//! `spawn_blocking` and back; the optimizer keeps the cross-round state (FedOpt moments).
+//!
+//! | sort | round memory | server step |
+//! |---|---|---|
+//! | `fedavg`, `fedprox` | O(model) | sample-weighted mean |
+//! | `fedadam`, `fedyogi`, `fedadagrad` | O(model) | FedOpt step on the mean delta ([`crate::fedopt`]) |
+//! | `fedbuff` | O(model) | `x + lr · Σ nᵢ s(τᵢ) Δᵢ / Σ nᵢ` with `s(τ) = 1/√(1+τ)` |
+//! | `median`, `trimmedmean`, `krum` | O(model × updates) | robust rule ([`crate::robust`]) |
+
+use serde_json::Value;
+
+use crate::accumulate::WeightedMean;
+use crate::config::{self, non_negative, parse_sort, positive, unit_open};
+use crate::error::{Error, Result};
+use crate::fedopt::{self, AdaptiveOptimizer, AdaptiveParams, AdaptiveRule};
+use crate::fedprox;
+use crate::robust;
+use crate::weights::{Layout, Weights};
+
+/// The optimizer sorts [`Optimizer::from_config`] accepts.
+pub const OPTIMIZER_SORTS: &[&str] = &[
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedbuff",
+    "median",
+    "trimmedmean",
+    "krum",
+];
+
+/// An aggregation rule and its hyperparameters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OptimizerKind {
+    /// FedAvg (McMahan et al. 2017): sample-weighted mean of the updates.
+    FedAvg,
+    /// FedProx: FedAvg on the server; trainers add `mu·(w - w_g)` to their gradients.
+    FedProx {
+        /// Proximal coefficient μ ≥ 0 (kwarg `mu`, default 0.01).
+        mu: f32,
+    },
+    /// FedAdam, FedYogi or FedAdaGrad (Reddi et al. 2021).
+    Adaptive {
+        /// Which second-moment rule.
+        rule: AdaptiveRule,
+        /// Server hyperparameters (kwargs `lr`, `beta1`, `beta2`, `tau`).
+        params: AdaptiveParams,
+    },
+    /// FedBuff (Nguyen et al. 2022): asynchronous, buffered, staleness-weighted.
+    FedBuff {
+        /// Updates buffered before the server steps (kwarg `aggGoal`, default 3).
+        agg_goal: usize,
+        /// Trainers kept busy at once, for the role and the fedbuff selector (kwarg
+        /// `concurrency`, default 10).
+        concurrency: usize,
+        /// Server learning rate applied to the buffered mean delta (kwarg `lr`, default 1).
+        lr: f32,
+    },
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise trimmed mean.
+    TrimmedMean {
+        /// Fraction trimmed from each end, in [0, 0.5) (kwarg `beta`, default 0.1).
+        beta: f64,
+    },
+    /// Krum / Multi-Krum.
+    Krum {
+        /// Byzantine updates tolerated (kwarg `f`, default 1).
+        f: usize,
+        /// Updates selected and averaged; 1 is Krum (kwarg `m`, default 1).
+        m: usize,
+    },
+}
+
+impl OptimizerKind {
+    /// The config sort of this kind.
+    pub fn sort(&self) -> &'static str {
+        match self {
+            Self::FedAvg => "fedavg",
+            Self::FedProx { .. } => "fedprox",
+            Self::Adaptive { rule, .. } => rule.sort(),
+            Self::FedBuff { .. } => "fedbuff",
+            Self::Median => "median",
+            Self::TrimmedMean { .. } => "trimmedmean",
+            Self::Krum { .. } => "krum",
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        match self {
+            Self::FedProx { mu } => fedprox::check_mu(*mu),
+            Self::Adaptive { params, .. } => fedopt::check_params(params),
+            Self::FedBuff {
+                agg_goal,
+                concurrency,
+                lr,
+            } => {
+                if *agg_goal == 0 {
+                    return Err(invalid("aggGoal", "must be at least 1"));
+                }
+                if *concurrency == 0 {
+                    return Err(invalid("concurrency", "must be at least 1"));
+                }
+                if !(lr.is_finite() && *lr > 0.0) {
+                    return Err(invalid("lr", "must be finite and > 0"));
+                }
+                Ok(())
+            }
+            Self::TrimmedMean { beta } => robust::check_beta(*beta),
+            Self::Krum { m, .. } if *m == 0 => Err(invalid("m", "must be at least 1")),
+            Self::FedAvg | Self::Median | Self::Krum { .. } => Ok(()),
+        }
+    }
+}
+
+fn invalid(name: &'static str, reason: &str) -> Error {
+    Error::InvalidArgument {
+        name,
+        reason: reason.to_owned(),
+    }
+}
+
+/// Whether a round holds full model weights or deltas from the model the trainer started
+/// from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateKind {
+    /// Full weights after local training (what Flame trainers send).
+    Weights,
+    /// `w_local - w_start`.
+    Delta,
+}
+
+impl UpdateKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Weights => "full weights",
+            Self::Delta => "a delta",
+        }
+    }
+}
+
+/// The configured aggregation rule plus its state across rounds.
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    kind: OptimizerKind,
+    server: Option<AdaptiveOptimizer>,
+}
+
+impl Default for Optimizer {
+    /// FedAvg, the default when a job names no optimizer.
+    fn default() -> Self {
+        Self {
+            kind: OptimizerKind::FedAvg,
+            server: None,
+        }
+    }
+}
+
+impl Optimizer {
+    /// An optimizer of `kind`, validating its hyperparameters.
+    pub fn new(kind: OptimizerKind) -> Result<Self> {
+        kind.validate()?;
+        let server = match &kind {
+            OptimizerKind::Adaptive { rule, params } => {
+                Some(AdaptiveOptimizer::new(*rule, *params))
+            }
+            _ => None,
+        };
+        Ok(Self { kind, server })
+    }
+
+    /// Parses the job's `optimizer` object, e.g. `{"sort": "fedadam", "kwargs": {"lr": 0.01}}`.
+    ///
+    /// `null` gives the default (FedAvg). Sorts are [`OPTIMIZER_SORTS`]; unknown sorts, unknown
+    /// kwargs and out-of-range values are errors naming the field.
+    pub fn from_config(value: &Value) -> config::Result<Self> {
+        if value.is_null() {
+            return Ok(Self::default());
+        }
+        let mut kw = parse_sort(value, "optimizer", OPTIMIZER_SORTS)?;
+        let (kind, valid): (OptimizerKind, &[&str]) = match kw.sort {
+            "fedavg" => (OptimizerKind::FedAvg, &[]),
+            "fedprox" => (
+                OptimizerKind::FedProx {
+                    mu: kw.number("mu", 0.01, non_negative)? as f32,
+                },
+                &["mu"],
+            ),
+            "fedadam" | "fedyogi" | "fedadagrad" => {
+                let rule = match kw.sort {
+                    "fedadam" => AdaptiveRule::Adam,
+                    "fedyogi" => AdaptiveRule::Yogi,
+                    _ => AdaptiveRule::AdaGrad,
+                };
+                let d = AdaptiveParams::default();
+                let params = AdaptiveParams {
+                    lr: kw.number("lr", f64::from(d.lr), positive)? as f32,
+                    beta1: kw.number("beta1", f64::from(d.beta1), unit_open)? as f32,
+                    beta2: kw.number("beta2", f64::from(d.beta2), unit_open)? as f32,
+                    tau: kw.number("tau", f64::from(d.tau), positive)? as f32,
+                };
+                (
+                    OptimizerKind::Adaptive { rule, params },
+                    &["lr", "beta1", "beta2", "tau"],
+                )
+            }
+            "fedbuff" => (
+                OptimizerKind::FedBuff {
+                    agg_goal: kw.count("aggGoal", 3, 1)?,
+                    concurrency: kw.count("concurrency", 10, 1)?,
+                    lr: kw.number("lr", 1.0, positive)? as f32,
+                },
+                &["aggGoal", "concurrency", "lr"],
+            ),
+            "median" => (OptimizerKind::Median, &[]),
+            "trimmedmean" => (
+                OptimizerKind::TrimmedMean {
+                    beta: kw.number("beta", 0.1, |b| {
+                        (!(0.0..0.5).contains(&b)).then_some("must be in [0, 0.5)")
+                    })?,
+                },
+                &["beta"],
+            ),
+            "krum" => (
+                OptimizerKind::Krum {
+                    f: kw.count("f", 1, 0)?,
+                    m: kw.count("m", 1, 1)?,
+                },
+                &["f", "m"],
+            ),
+            other => unreachable!("parse_sort returned unlisted sort {other}"),
+        };
+        let sort = kw.sort;
+        kw.finish(valid)?;
+        // The parser checks ranges already; this catches what survives the f64 -> f32 cast.
+        Self::new(kind).map_err(|e| config::Error::BadKwarg {
+            what: "optimizer",
+            sort,
+            name: match &e {
+                Error::InvalidArgument { name, .. } => name,
+                _ => "kwargs",
+            },
+            reason: e.to_string(),
+        })
+    }
+
+    /// The rule and its hyperparameters.
+    pub fn kind(&self) -> &OptimizerKind {
+        &self.kind
+    }
+
+    /// The config sort (`fedavg`, `fedadam`, ...).
+    pub fn sort(&self) -> &'static str {
+        self.kind.sort()
+    }
+
+    /// Whether the aggregator should run asynchronously (FedBuff): step every
+    /// [`Optimizer::agg_goal`] updates instead of once per synchronous round.
+    pub fn is_async(&self) -> bool {
+        matches!(self.kind, OptimizerKind::FedBuff { .. })
+    }
+
+    /// FedBuff's buffer size (updates per server step); `None` for synchronous rules.
+    pub fn agg_goal(&self) -> Option<usize> {
+        match self.kind {
+            OptimizerKind::FedBuff { agg_goal, .. } => Some(agg_goal),
+            _ => None,
+        }
+    }
+
+    /// FedProx's μ, which trainers need for [`crate::fedprox::add_proximal_grad`]; `None`
+    /// for other rules.
+    pub fn proximal_mu(&self) -> Option<f32> {
+        match self.kind {
+            OptimizerKind::FedProx { mu } => Some(mu),
+            _ => None,
+        }
+    }
+
+    /// Whether rounds keep every update in memory (robust rules) rather than streaming.
+    pub fn holds_all_updates(&self) -> bool {
+        matches!(
+            self.kind,
+            OptimizerKind::Median | OptimizerKind::TrimmedMean { .. } | OptimizerKind::Krum { .. }
+        )
+    }
+
+    /// Starts a round (or, for FedBuff, a buffer) against the current global model.
+    ///
+    /// Only `global`'s layout is kept: updates are checked against it as they arrive.
+    pub fn begin_round(&self, global: &Weights) -> Round {
+        let acc = if self.holds_all_updates() {
+            Acc::Collect(Vec::new())
+        } else {
+            Acc::Mean {
+                mean: WeightedMean::new(global),
+                total_samples: 0.0,
+            }
+        };
+        Round {
+            sort: self.sort(),
+            layout: Layout::of(global),
+            update_kind: None,
+            acc,
+            count: 0,
+            agg_goal: self.agg_goal(),
+            staleness_weighted: self.is_async(),
+        }
+    }
+
+    /// Aggregates the round and returns the new global model.
+    ///
+    /// `global` must be the model the round began with (same layout; for FedBuff, the
+    /// current model to which the buffered deltas apply). Fails on an empty round, a round
+    /// whose samples sum to zero (mean-based rules), too few updates for a robust rule, or a
+    /// round begun by an optimizer of another sort.
+    pub fn finish_round(&mut self, round: Round, global: &Weights) -> Result<Weights> {
+        if round.sort != self.sort() {
+            return Err(Error::InvalidArgument {
+                name: "round",
+                reason: format!(
+                    "round was begun by a '{}' optimizer, not '{}'",
+                    round.sort,
+                    self.sort()
+                ),
+            });
+        }
+        round.layout.check(global)?;
+        let sort = self.sort();
+        let kind = round.update_kind.ok_or(Error::EmptyRound { sort })?;
+        let to_model = |agg: Weights| -> Result<Weights> {
+            match kind {
+                UpdateKind::Weights => Ok(agg),
+                UpdateKind::Delta => {
+                    let mut res = global.clone();
+                    res.add_scaled(&agg, 1.0)?;
+                    Ok(res)
+                }
+            }
+        };
+        let to_delta = |agg: Weights| -> Result<Weights> {
+            match kind {
+                UpdateKind::Weights => agg.delta_from(global),
+                UpdateKind::Delta => Ok(agg),
+            }
+        };
+        match (round.acc, &self.kind) {
+            (Acc::Mean { mean, .. }, OptimizerKind::FedAvg | OptimizerKind::FedProx { .. }) => {
+                to_model(mean.finish(sort)?)
+            }
+            (Acc::Mean { mean, .. }, OptimizerKind::Adaptive { .. }) => {
+                let delta = to_delta(mean.finish(sort)?)?;
+                let server = self
+                    .server
+                    .as_mut()
+                    .expect("adaptive optimizers are built with server state");
+                server.step(global, &delta)
+            }
+            (
+                Acc::Mean {
+                    mean,
+                    total_samples,
+                },
+                OptimizerKind::FedBuff { lr, .. },
+            ) => {
+                // The mean is Σ nᵢsᵢΔᵢ / Σ nᵢsᵢ; rescale to Σ nᵢsᵢΔᵢ / Σ nᵢ so that stale
+                // updates shrink the step instead of being renormalised away.
+                let staleness_mass = mean.total_weight();
+                let delta = to_delta(mean.finish(sort)?)?;
+                let scale = (f64::from(*lr) * staleness_mass / total_samples) as f32;
+                let mut res = global.clone();
+                res.add_scaled(&delta, scale)?;
+                Ok(res)
+            }
+            (Acc::Collect(updates), OptimizerKind::Median) => {
+                if updates.is_empty() {
+                    return Err(Error::EmptyRound { sort });
+                }
+                to_model(robust::median_unchecked(&updates))
+            }
+            (Acc::Collect(updates), OptimizerKind::TrimmedMean { beta }) => {
+                if updates.is_empty() {
+                    return Err(Error::EmptyRound { sort });
+                }
+                to_model(robust::trimmed_mean_unchecked(&updates, *beta)?)
+            }
+            (Acc::Collect(updates), OptimizerKind::Krum { f, m }) => {
+                to_model(robust::krum_unchecked(&updates, *f, *m)?.aggregate)
+            }
+            _ => unreachable!("begin_round builds the accumulator matching the optimizer kind"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Acc {
+    Mean {
+        mean: WeightedMean,
+        /// Σ nᵢ over the folded updates (FedBuff's normaliser).
+        total_samples: f64,
+    },
+    Collect(Vec<Weights>),
+}
+
+/// One round's (or one FedBuff buffer's) accumulator. Build it with
+/// [`Optimizer::begin_round`], feed it with [`Round::add`] / [`Round::add_delta`], and close
+/// it with [`Optimizer::finish_round`].
+///
+/// Every update is checked before it is folded: same layout as the global model (the error
+/// names the first differing tensor), all values finite (NaN/inf are rejected with the
+/// tensor's name and index), and all updates of a round of one kind. A rejected update
+/// changes nothing, so the round can go on with the others.
+#[derive(Debug, Clone)]
+pub struct Round {
+    sort: &'static str,
+    layout: Layout,
+    update_kind: Option<UpdateKind>,
+    acc: Acc,
+    count: usize,
+    agg_goal: Option<usize>,
+    staleness_weighted: bool,
+}
+
+impl Round {
+    /// Adds a trainer's full weights, trained on `num_samples` samples, `staleness` model
+    /// versions behind the current global (0 for synchronous rounds).
+    ///
+    /// Synchronous rules ignore `staleness`; robust rules ignore `num_samples`. FedBuff
+    /// rejects full weights with `staleness` > 0 (send a delta instead).
+    pub fn add(&mut self, update: &Weights, num_samples: u64, staleness: u32) -> Result<()> {
+        if self.staleness_weighted && staleness > 0 {
+            return Err(Error::StaleWeights { staleness });
+        }
+        self.add_kind(UpdateKind::Weights, update, num_samples, staleness)
+    }
+
+    /// Adds a trainer's delta `w_local - w_start` (see [`Round::add`] for the arguments).
+    pub fn add_delta(&mut self, delta: &Weights, num_samples: u64, staleness: u32) -> Result<()> {
+        self.add_kind(UpdateKind::Delta, delta, num_samples, staleness)
+    }
+
+    fn add_kind(
+        &mut self,
+        kind: UpdateKind,
+        update: &Weights,
+        num_samples: u64,
+        staleness: u32,
+    ) -> Result<()> {
+        if let Some(first) = self.update_kind
+            && first != kind
+        {
+            return Err(Error::MixedUpdateKinds {
+                first: first.name(),
+                got: kind.name(),
+            });
+        }
+        match &mut self.acc {
+            Acc::Mean {
+                mean,
+                total_samples,
+            } => {
+                let n = num_samples as f64;
+                let weight = if self.staleness_weighted {
+                    n / (1.0 + f64::from(staleness)).sqrt()
+                } else {
+                    n
+                };
+                mean.add(update, weight)?;
+                *total_samples += n;
+            }
+            Acc::Collect(updates) => {
+                self.layout.check(update)?;
+                update.check_finite()?;
+                updates.push(update.clone());
+            }
+        }
+        self.update_kind = Some(kind);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Number of updates accepted so far.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether no update was accepted yet.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether the round can be finished: FedBuff once `aggGoal` updates are buffered,
+    /// other rules once it holds at least one update (the role decides when a synchronous
+    /// round ends).
+    pub fn is_ready(&self) -> bool {
+        self.count >= self.agg_goal.unwrap_or(1)
+    }
+
+    /// The kind of the updates accepted so far, if any.
+    pub fn update_kind(&self) -> Option<UpdateKind> {
+        self.update_kind
+    }
+
+    /// The sort of the optimizer that began this round.
+    pub fn sort(&self) -> &'static str {
+        self.sort
+    }
+}
