@@ -10,7 +10,7 @@ use crate::state::JobState;
 
 /// What a user submits to create a job (Flame's `job.json` with the specs inline).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct JobSpec {
     /// Human-readable name.
     pub name: String,
@@ -60,7 +60,7 @@ pub enum Priority {
 
 /// One entry of the data spec: a data-consuming role and its datasets per group label.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct DataSpecEntry {
     /// The data-consuming role.
     pub role: String,
@@ -70,7 +70,7 @@ pub struct DataSpecEntry {
 
 /// The model side of a job (Flame's `modelSpec.json`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
     /// The model to start from; none means the aggregator asks a trainer for initial weights.
     #[serde(default)]
@@ -95,7 +95,7 @@ pub struct ModelSpec {
 
 /// A named, versioned model in the registry.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct BaseModel {
     /// Model name; empty for none.
     #[serde(default)]
@@ -107,7 +107,7 @@ pub struct BaseModel {
 
 /// An algorithm choice: `{"sort": "fedadam", "kwargs": {"lr": 0.01}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Sort {
     /// The algorithm's name.
     pub sort: String,
@@ -120,17 +120,11 @@ pub struct Sort {
 impl Sort {
     /// `{"sort": "fedavg"}`.
     pub fn fedavg() -> Self {
-        Self {
-            sort: "fedavg".to_owned(),
-            kwargs: Default::default(),
-        }
+        Self { sort: "fedavg".to_owned(), kwargs: Default::default() }
     }
     /// `{"sort": "default"}`.
     pub fn default_selector() -> Self {
-        Self {
-            sort: "default".to_owned(),
-            kwargs: Default::default(),
-        }
+        Self { sort: "default".to_owned(), kwargs: Default::default() }
     }
 }
 
@@ -142,7 +136,7 @@ impl Default for Sort {
 
 /// Where a job's models and metrics are recorded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct RegistrySpec {
     /// `local` (a directory) or `mlflow`.
     #[serde(default = "local")]
@@ -158,10 +152,7 @@ fn local() -> String {
 
 impl Default for RegistrySpec {
     fn default() -> Self {
-        Self {
-            sort: local(),
-            uri: String::new(),
-        }
+        Self { sort: local(), uri: String::new() }
     }
 }
 

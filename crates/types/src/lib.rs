@@ -11,13 +11,16 @@
 //! [`task_config::TaskConfig`] (what workers read).
 
 pub mod error;
+pub mod expand;
 pub mod ids;
 pub mod job;
+pub mod json;
 pub mod resources;
 pub mod schema;
 pub mod state;
 pub mod task;
 pub mod task_config;
+pub mod validate;
 
 pub use error::{ApiError, ErrorCode, ErrorDetail};
 pub use ids::{ComputeId, DatasetId, DesignId, JobId, TaskId, UserId};
@@ -28,4 +31,6 @@ pub use resources::{
 pub use schema::{Backend, ChannelSpec, DEFAULT_GROUP, GroupBy, Role, Schema};
 pub use state::{JobState, TaskState};
 pub use task::Task;
-pub use task_config::{BrokerSpec, ControlPlaneRef, DatasetRef, JobRef, MetricRecord, TaskConfig};
+pub use task_config::{
+    BrokerSpec, ControlPlaneRef, DatasetRef, JobRef, MetricRecord, TaskConfig, TaskEnv,
+};

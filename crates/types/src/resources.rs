@@ -29,7 +29,7 @@ pub struct Design {
 
 /// What a user submits to create a design.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct DesignSpec {
     /// The design id to create.
     pub id: DesignId,
@@ -43,7 +43,7 @@ pub struct DesignSpec {
 
 /// Metadata about a dataset; the data itself never leaves its owner.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct DatasetSpec {
     /// Human-readable name, unique per owner.
     pub name: String,
@@ -95,7 +95,7 @@ pub enum Platform {
 
 /// What an admin or deployer submits to register a compute cluster.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ComputeSpec {
     /// Unique id.
     pub compute_id: ComputeId,

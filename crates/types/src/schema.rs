@@ -11,7 +11,7 @@ pub const DEFAULT_GROUP: &str = "default";
 
 /// A design's topology: which roles exist and which channels connect them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Schema {
     /// Human-readable name.
     #[serde(default)]
@@ -27,7 +27,7 @@ pub struct Schema {
 
 /// A role of the topology: trainer, aggregator, coordinator, ...
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Role {
     /// The role's name, unique within the schema.
     pub name: String,
@@ -57,7 +57,7 @@ impl Role {
 
 /// A channel of the topology: an edge between two roles (or a role and itself).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ChannelSpec {
     /// The channel's name, unique within the schema.
     pub name: String,
@@ -106,7 +106,7 @@ impl ChannelSpec {
 
 /// How a channel's ends are grouped.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct GroupBy {
     /// Grouping kind; only `tag` exists.
     #[serde(rename = "type", default = "tag")]

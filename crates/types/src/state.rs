@@ -27,10 +27,7 @@ pub enum JobState {
 impl JobState {
     /// Whether the job can no longer change state.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            JobState::Completed | JobState::Failed | JobState::Terminated
-        )
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Terminated)
     }
 
     /// Whether the job may go from `self` to `next`.
@@ -94,10 +91,7 @@ pub enum TaskState {
 impl TaskState {
     /// Whether the task can no longer change state.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            TaskState::Completed | TaskState::Failed | TaskState::Terminated
-        )
+        matches!(self, TaskState::Completed | TaskState::Failed | TaskState::Terminated)
     }
 
     /// Whether the task may go from `self` to `next` (idempotent repeats are allowed).
@@ -144,14 +138,9 @@ mod tests {
     #[test]
     fn final_job_states_never_move() {
         use JobState::*;
-        let all = [
-            Ready, Starting, Deploying, Running, Stopping, Completed, Failed, Terminated,
-        ];
+        let all = [Ready, Starting, Deploying, Running, Stopping, Completed, Failed, Terminated];
         for from in all.into_iter().filter(|s| s.is_final()) {
-            assert!(
-                all.iter().all(|to| !from.can_transition_to(*to)),
-                "{from} moved"
-            );
+            assert!(all.iter().all(|to| !from.can_transition_to(*to)), "{from} moved");
         }
         assert!(!Running.can_transition_to(Starting));
         assert!(Ready.can_transition_to(Starting));

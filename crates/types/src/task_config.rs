@@ -90,9 +90,7 @@ impl TaskConfig {
         tag: &'a str,
     ) -> impl Iterator<Item = &'a ChannelSpec> + 'a {
         self.channels.iter().filter(move |c| {
-            c.func_tags
-                .get(&self.role)
-                .is_some_and(|tags| tags.iter().any(|t| t == tag))
+            c.func_tags.get(&self.role).is_some_and(|tags| tags.iter().any(|t| t == tag))
         })
     }
 
@@ -102,6 +100,11 @@ impl TaskConfig {
             .get(channel)
             .map(String::as_str)
             .unwrap_or(crate::schema::DEFAULT_GROUP)
+    }
+
+    /// The broker `channel` uses: its `brokerHost` override, else the first configured broker.
+    pub fn broker_for<'a>(&'a self, channel: &'a ChannelSpec) -> Option<&'a str> {
+        channel.broker_host.as_deref().or_else(|| self.brokers.first().map(|b| b.host.as_str()))
     }
 
     /// The backend of `channel`: its own, else the task's default.
@@ -162,7 +165,7 @@ pub struct ControlPlaneRef {
 
 /// One per-round metrics report from a role to the control plane.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct MetricRecord {
     /// Reporting task.
     pub task_id: TaskId,
@@ -175,4 +178,65 @@ pub struct MetricRecord {
     /// When it was measured; the server's time when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// What the deployment adds to a task config beyond the job and its schema.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TaskEnv {
+    /// Brokers for the `mqtt` backend (a channel's `brokerHost` overrides them for it).
+    pub brokers: Vec<BrokerSpec>,
+    /// Apiserver base URL workers report to; `None` for local runs.
+    pub apiserver: Option<String>,
+    /// Metaserver endpoint for the `p2p` backend, if one runs.
+    pub metaserver: Option<String>,
+    /// The registry used when the job's model spec names none (empty `uri`).
+    pub default_registry: RegistrySpec,
+}
+
+/// Builds the config of `task`, a task of `job` expanded from `schema`.
+///
+/// - `channels` are the schema's channels whose pair contains the task's role, whole (a
+///   channel's `brokerHost` and `backend` stay on it; see [`TaskConfig::broker_for`]);
+/// - hyperparameters, optimizer, selector and base model come from the job's model spec;
+/// - the registry is the model spec's when its `uri` is set, else `env.default_registry`;
+/// - `dataset` is passed on for data-consuming roles only (the task's dataset).
+pub fn build(
+    job: &crate::job::Job,
+    schema: &crate::schema::Schema,
+    task: &crate::task::Task,
+    dataset: Option<&crate::resources::Dataset>,
+    env: &TaskEnv,
+) -> TaskConfig {
+    let model = &job.spec.model_spec;
+    let is_data_consumer = schema.roles.iter().any(|r| r.name == task.role && r.is_data_consumer);
+    let registry = if model.registry.uri.is_empty() {
+        env.default_registry.clone()
+    } else {
+        model.registry.clone()
+    };
+    TaskConfig {
+        version: TASK_CONFIG_VERSION,
+        task_id: task.task_id.clone(),
+        role: task.role.clone(),
+        task_index: task.index,
+        job: JobRef { id: job.id.clone(), name: job.spec.name.clone() },
+        backend: job.spec.backend,
+        brokers: env.brokers.clone(),
+        registry,
+        channels: schema.channels.iter().filter(|c| c.pair.contains(&task.role)).cloned().collect(),
+        group_association: task.group_association.clone(),
+        hyperparameters: model.hyperparameters.clone(),
+        optimizer: model.optimizer.clone(),
+        selector: model.selector.clone(),
+        base_model: model.base_model.clone(),
+        dataset: dataset.filter(|_| is_data_consumer).map(|d| DatasetRef {
+            id: d.id.clone(),
+            name: d.spec.name.clone(),
+            url: d.spec.url.clone(),
+            data_format: d.spec.data_format.clone(),
+        }),
+        max_run_time: job.spec.max_run_time,
+        control_plane: env.apiserver.clone().map(|apiserver| ControlPlaneRef { apiserver }),
+        metaserver: env.metaserver.clone(),
+    }
 }

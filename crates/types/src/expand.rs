@@ -1,0 +1,318 @@
+//! Expansion: a job's schema, data spec and datasets become its tasks (DESIGN.md §4).
+//!
+//! - A data-consuming role gets one task per dataset id listed for it in `dataSpec`; its group
+//!   association is the role's `groupAssociation` entry that contains the dataset's group label,
+//!   and its compute is the one whose `region` is the longest path-segment prefix of the
+//!   dataset's `realm` (`default/eu` serves `default/eu/uk`), else compute `default`.
+//! - Every other role gets `replica` tasks (at least 1) per `groupAssociation` entry, on compute
+//!   `default`.
+//! - A channel without `groupBy` has the single group `default`; a role entry that omits such a
+//!   channel is in its `default` group, and a role with no entries at all has one implicit entry.
+//! - Every non-data task must reach a data-consuming task through the task graph (two tasks are
+//!   adjacent when a channel pairs their roles and both are in the same group of it); otherwise
+//!   it would idle and keep the job running forever.
+//!
+//! Task ids are stable ([`task_id`]), so re-expanding a job yields the same ids, and the output
+//! order is deterministic: roles in schema order, then entries, datasets and replicas in order.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::ErrorDetail;
+use crate::ids::{ComputeId, DatasetId, JobId, TaskId};
+use crate::job::JobSpec;
+use crate::resources::{Compute, Dataset};
+use crate::schema::{Role, Schema};
+use crate::state::TaskState;
+use crate::task::Task;
+
+/// The compute id of tasks that no registered compute's region serves (and of non-data tasks).
+pub const DEFAULT_COMPUTE: &str = "default";
+
+/// Expands a job into its tasks, or returns every problem that prevents it.
+///
+/// `datasets` holds (at least) every dataset the data spec names; `computes` are the registered
+/// computes. Problems are reported with paths into the job spec (`dataSpec[0].role`), except
+/// schema-level ones, which are prefixed with `schema.`. The schema is assumed to have passed
+/// [`validate::schema`](crate::validate::schema); an invalid one yields errors, never a panic.
+pub fn expand(
+    job_id: &JobId,
+    spec: &JobSpec,
+    schema: &Schema,
+    datasets: &[Dataset],
+    computes: &[Compute],
+) -> Result<Vec<Task>, Vec<ErrorDetail>> {
+    let mut errors = Vec::new();
+    let datasets_by_id: HashMap<&DatasetId, &Dataset> =
+        datasets.iter().map(|d| (&d.id, d)).collect();
+
+    // Which datasets each data role reads, as (group label, dataset id) in data-spec order.
+    let mut role_data: HashMap<&str, Vec<(&str, &DatasetId)>> = HashMap::new();
+    for (entry_idx, entry) in spec.data_spec.iter().enumerate() {
+        let path = format!("dataSpec[{entry_idx}]");
+        let Some(role) = schema.roles.iter().find(|r| r.name == entry.role) else {
+            errors.push(detail(format!("{path}.role"), format!("unknown role {:?}", entry.role)));
+            continue;
+        };
+        if !role.is_data_consumer {
+            errors.push(detail(
+                format!("{path}.role"),
+                format!("role {:?} does not consume data (isDataConsumer is false)", role.name),
+            ));
+            continue;
+        }
+        let associations = group_associations(schema, role);
+        let listed = role_data.entry(role.name.as_str()).or_default();
+        for (label, ids) in &entry.dataset_groups {
+            let group_path = format!("{path}.datasetGroups.{label}");
+            let matching = associations.iter().filter(|a| a.values().any(|g| g == label)).count();
+            if matching == 0 {
+                errors.push(detail(
+                    group_path.clone(),
+                    format!(
+                        "group {label:?} is in no groupAssociation entry of role {:?}",
+                        role.name
+                    ),
+                ));
+            } else if matching > 1 {
+                errors.push(detail(
+                    group_path.clone(),
+                    format!(
+                        "group {label:?} is in {matching} groupAssociation entries of role {:?}; \
+                         use a label that picks one",
+                        role.name
+                    ),
+                ));
+            }
+            if ids.is_empty() {
+                errors.push(detail(group_path.clone(), "lists no dataset"));
+            }
+            for (id_idx, id) in ids.iter().enumerate() {
+                let id_path = format!("{group_path}[{id_idx}]");
+                if !datasets_by_id.contains_key(id) {
+                    errors.push(detail(id_path, format!("unknown dataset {id}")));
+                } else if listed.iter().any(|(_, seen)| *seen == id) {
+                    errors.push(detail(
+                        id_path,
+                        format!("dataset {id} is listed twice for role {:?}", role.name),
+                    ));
+                } else {
+                    listed.push((label.as_str(), id));
+                }
+            }
+        }
+    }
+    for role in schema.roles.iter().filter(|r| r.is_data_consumer) {
+        if !spec.data_spec.iter().any(|e| e.role == role.name) {
+            errors.push(detail(
+                "dataSpec",
+                format!("data-consuming role {:?} has no datasets", role.name),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    let mut tasks = Vec::new();
+    for role in &schema.roles {
+        let associations = group_associations(schema, role);
+        let mut index: u32 = 0;
+        let mut push = |group_association: BTreeMap<String, String>,
+                        dataset: Option<&Dataset>,
+                        tasks: &mut Vec<Task>| {
+            let compute_id = dataset.map_or_else(
+                || ComputeId::new(DEFAULT_COMPUTE),
+                |d| compute_for_realm(&d.spec.realm, computes),
+            );
+            tasks.push(Task {
+                job_id: job_id.clone(),
+                task_id: task_id(job_id, &role.name, index, &group_association),
+                role: role.name.clone(),
+                index,
+                group_association,
+                dataset_id: dataset.map(|d| d.id.clone()),
+                compute_id,
+                managed: !role.participant_run,
+                state: TaskState::Ready,
+                log: String::new(),
+                updated_at: None,
+                last_heartbeat: None,
+            });
+            index += 1;
+        };
+        if role.is_data_consumer {
+            for (label, id) in role_data.get(role.name.as_str()).into_iter().flatten() {
+                let association = associations
+                    .iter()
+                    .find(|a| a.values().any(|g| g == label))
+                    .expect("labels were checked against the role's entries above");
+                let dataset = datasets_by_id.get(id).expect("dataset ids were checked above");
+                push(association.clone(), Some(dataset), &mut tasks);
+            }
+        } else {
+            for association in &associations {
+                for _ in 0..role.replicas() {
+                    push(association.clone(), None, &mut tasks);
+                }
+            }
+        }
+    }
+
+    let idle = idle_tasks(schema, &tasks);
+    if !idle.is_empty() {
+        return Err(idle);
+    }
+    Ok(tasks)
+}
+
+/// A role's group association entries, completed: a channel the role is in that an entry
+/// omits, and that has a single group, is filled in with that group; a role without entries
+/// gets one implicit entry. Entries naming channels the role is not in are kept as written
+/// (validation reports them).
+pub fn group_associations(schema: &Schema, role: &Role) -> Vec<BTreeMap<String, String>> {
+    let single_groups: Vec<(&str, String)> = schema
+        .channels
+        .iter()
+        .filter(|c| c.pair.iter().any(|r| *r == role.name))
+        .filter_map(|c| match c.group_labels().as_slice() {
+            [only] => Some((c.name.as_str(), only.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut entries = role.group_association.clone();
+    if entries.is_empty() {
+        entries.push(BTreeMap::new());
+    }
+    for entry in &mut entries {
+        for (channel, group) in &single_groups {
+            entry.entry((*channel).to_owned()).or_insert_with(|| group.clone());
+        }
+    }
+    entries
+}
+
+/// The compute that hosts a dataset of `realm`: the one whose region is the longest
+/// path-segment prefix of the realm (ties go to the smallest compute id), else `default`.
+pub fn compute_for_realm(realm: &str, computes: &[Compute]) -> ComputeId {
+    computes
+        .iter()
+        .filter(|c| region_serves(&c.region, realm))
+        .max_by(|a, b| {
+            segments(&a.region)
+                .cmp(&segments(&b.region))
+                .then_with(|| b.compute_id.cmp(&a.compute_id))
+        })
+        .map_or_else(|| ComputeId::new(DEFAULT_COMPUTE), |c| c.compute_id.clone())
+}
+
+/// Whether `region` is a path-segment prefix of `realm` (`default/eu` serves `default/eu/uk`
+/// but not `default/europe`).
+pub fn region_serves(region: &str, realm: &str) -> bool {
+    let region = region.trim_matches('/');
+    let realm = realm.trim_matches('/');
+    !region.is_empty()
+        && (realm == region || realm.strip_prefix(region).is_some_and(|rest| rest.starts_with('/')))
+}
+
+fn segments(region: &str) -> usize {
+    region.trim_matches('/').split('/').count()
+}
+
+/// A task's stable id: the first 16 hex characters of the SHA-256 of the job id, role, index
+/// and (sorted) group association.
+pub fn task_id(
+    job_id: &JobId,
+    role: &str,
+    index: u32,
+    group_association: &BTreeMap<String, String>,
+) -> TaskId {
+    // A JSON array is an unambiguous encoding (strings are quoted and escaped), and a BTreeMap
+    // serialises in key order, so the hash does not depend on insertion order.
+    let canonical = serde_json::json!([job_id.as_str(), role, index, group_association]);
+    let digest = Sha256::digest(canonical.to_string().as_bytes());
+    let mut res = hex::encode(digest);
+    res.truncate(16);
+    TaskId(res)
+}
+
+/// One error per (role, group association) whose tasks reach no data-consuming task.
+fn idle_tasks(schema: &Schema, tasks: &[Task]) -> Vec<ErrorDetail> {
+    let is_data: HashMap<&str, bool> =
+        schema.roles.iter().map(|r| (r.name.as_str(), r.is_data_consumer)).collect();
+    // Bucket tasks by (channel, group, role) so neighbours are found without an O(n²) scan.
+    let mut members: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+    for (idx, task) in tasks.iter().enumerate() {
+        for (channel, group) in &task.group_association {
+            members
+                .entry((channel.as_str(), group.as_str(), task.role.as_str()))
+                .or_default()
+                .push(idx);
+        }
+    }
+    let neighbours = |idx: usize| -> Vec<usize> {
+        let task = &tasks[idx];
+        let mut res = Vec::new();
+        for channel in &schema.channels {
+            let Some(peer) = channel.peer_role(&task.role) else {
+                continue;
+            };
+            let Some(group) = task.group_association.get(&channel.name) else {
+                continue;
+            };
+            if let Some(found) = members.get(&(channel.name.as_str(), group.as_str(), peer)) {
+                res.extend(found.iter().copied().filter(|&other| other != idx));
+            }
+        }
+        res
+    };
+    // Multi-source BFS backwards from every data task: the graph is undirected.
+    let mut reaches = vec![false; tasks.len()];
+    let mut queue: VecDeque<usize> = VecDeque::new();
+    for (idx, task) in tasks.iter().enumerate() {
+        if is_data.get(task.role.as_str()).copied().unwrap_or(false) {
+            reaches[idx] = true;
+            queue.push_back(idx);
+        }
+    }
+    while let Some(idx) = queue.pop_front() {
+        for other in neighbours(idx) {
+            if !reaches[other] {
+                reaches[other] = true;
+                queue.push_back(other);
+            }
+        }
+    }
+    let mut reported = BTreeSet::new();
+    let mut res = Vec::new();
+    for (idx, task) in tasks.iter().enumerate() {
+        if reaches[idx] || !reported.insert((task.role.clone(), task.group_association.clone())) {
+            continue;
+        }
+        let role_idx = schema
+            .roles
+            .iter()
+            .position(|r| r.name == task.role)
+            .expect("tasks are made from schema roles");
+        let groups = task
+            .group_association
+            .iter()
+            .map(|(c, g)| format!("{c}={g}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        res.push(detail(
+            format!("schema.roles[{role_idx}]"),
+            format!(
+                "role {:?} in group {{{groups}}} reaches no data-consuming task; \
+                 list a dataset in one of its groups or remove the entry",
+                task.role
+            ),
+        ));
+    }
+    res
+}
+
+fn detail(path: impl Into<String>, message: impl Into<String>) -> ErrorDetail {
+    ErrorDetail { path: path.into(), message: message.into() }
+}
