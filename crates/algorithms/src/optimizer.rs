@@ -523,3 +523,270 @@ impl Round {
         self.sort
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::weights::Tensor;
+    use crate::weights::tests::model;
+
+    fn opt(v: Value) -> Optimizer {
+        Optimizer::from_config(&v).unwrap()
+    }
+
+    fn vector(v: &[f32]) -> Weights {
+        Weights::from_tensors(vec![Tensor::new("w", vec![v.len()], v.to_vec()).unwrap()]).unwrap()
+    }
+
+    #[test]
+    fn fedavg_of_weights_and_of_deltas() {
+        let mut o = opt(json!({"sort": "fedavg"}));
+        let global = model([1.0; 5]);
+        let mut r = o.begin_round(&global);
+        r.add(&model([1.0, 2.0, 3.0, 4.0, 5.0]), 10, 0).unwrap();
+        r.add(&model([5.0, 6.0, 7.0, 8.0, 9.0]), 30, 7).unwrap();
+        assert!(r.is_ready());
+        assert_eq!(
+            o.finish_round(r, &global).unwrap(),
+            model([4.0, 5.0, 6.0, 7.0, 8.0])
+        );
+
+        let mut r = o.begin_round(&global);
+        r.add_delta(&model([2.0, 0.0, 0.0, 0.0, -4.0]), 1, 0).unwrap();
+        r.add_delta(&model([0.0, 0.0, 0.0, 0.0, 0.0]), 1, 0).unwrap();
+        assert_eq!(r.update_kind(), Some(UpdateKind::Delta));
+        assert_eq!(
+            o.finish_round(r, &global).unwrap(),
+            model([2.0, 1.0, 1.0, 1.0, -1.0])
+        );
+    }
+
+    #[test]
+    fn fedadam_applies_the_server_step_to_the_mean_delta() {
+        let mut o = opt(json!({"sort": "fedadam",
+            "kwargs": {"lr": 0.1, "beta1": 0.5, "beta2": 0.75, "tau": 0.5}}));
+        let global = vector(&[0.0]);
+        let mut r = o.begin_round(&global);
+        r.add(&vector(&[1.0]), 1, 0).unwrap();
+        r.add(&vector(&[3.0]), 1, 0).unwrap();
+        // Δ = 2: m = 1, v = 0.75·0.25 + 0.25·4 = 1.1875, x = 0.1·1/(√1.1875 + 0.5).
+        let x = o.finish_round(r, &global).unwrap();
+        assert!((x.tensors()[0].data()[0] - 0.062_904).abs() < 1e-6, "{x:?}");
+        // The moments persist: a zero delta still moves the model along m.
+        let mut r = o.begin_round(&x);
+        r.add(&x, 1, 0).unwrap();
+        let y = o.finish_round(r, &x).unwrap();
+        assert!(y.tensors()[0].data()[0] > x.tensors()[0].data()[0]);
+
+        for sort in ["fedyogi", "fedadagrad"] {
+            let mut o = opt(json!({ "sort": sort }));
+            let mut r = o.begin_round(&global);
+            r.add(&vector(&[1.0]), 5, 0).unwrap();
+            let x = o.finish_round(r, &global).unwrap();
+            let step = x.tensors()[0].data()[0];
+            assert!(step > 0.0 && step < 0.01 + 1e-6, "{sort}: {step}");
+        }
+    }
+
+    #[test]
+    fn fedbuff_weights_stale_deltas_down_and_waits_for_agg_goal() {
+        let mut o = opt(json!({"sort": "fedbuff", "kwargs": {"aggGoal": 2, "concurrency": 4}}));
+        assert!(o.is_async());
+        assert_eq!(o.agg_goal(), Some(2));
+        let global = vector(&[1.0, 1.0]);
+        let mut r = o.begin_round(&global);
+        r.add_delta(&vector(&[2.0, 0.0]), 1, 0).unwrap();
+        assert!(!r.is_ready());
+        // Staleness 3: s = 1/√4 = 0.5.
+        r.add_delta(&vector(&[0.0, 4.0]), 1, 3).unwrap();
+        assert!(r.is_ready());
+        // (1·1·[2,0] + 1·0.5·[0,4]) / (1 + 1) = [1, 1].
+        assert_eq!(o.finish_round(r, &global).unwrap(), vector(&[2.0, 2.0]));
+
+        let mut r = o.begin_round(&global);
+        assert_eq!(
+            r.add(&vector(&[2.0, 0.0]), 1, 1).unwrap_err(),
+            Error::StaleWeights { staleness: 1 }
+        );
+        // Fresh full weights are fine: the delta is taken against the current model.
+        r.add(&vector(&[3.0, 1.0]), 1, 0).unwrap();
+        let mut o = opt(json!({"sort": "fedbuff", "kwargs": {"lr": 0.5}}));
+        assert_eq!(o.finish_round(r, &global).unwrap(), vector(&[2.0, 1.0]));
+    }
+
+    #[test]
+    fn robust_sorts_through_the_facade() {
+        let global = model([0.0; 5]);
+        let ups = [
+            model([1.0, 0.0, 0.0, 0.0, 0.0]),
+            model([2.0, 0.0, 0.0, 0.0, 0.0]),
+            model([3.0, 0.0, 0.0, 0.0, 0.0]),
+            model([4.0, 0.0, 0.0, 0.0, 0.0]),
+            model([1000.0, 0.0, 0.0, 0.0, 0.0]),
+        ];
+        for (cfg, want) in [
+            (json!({"sort": "median"}), 3.0),
+            (json!({"sort": "trimmedmean", "kwargs": {"beta": 0.2}}), 3.0),
+            (json!({"sort": "krum", "kwargs": {"f": 1, "m": 3}}), 2.0),
+        ] {
+            let mut o = opt(cfg.clone());
+            assert!(o.holds_all_updates());
+            let mut r = o.begin_round(&global);
+            for (i, u) in ups.iter().enumerate() {
+                // Sample counts are ignored by robust rules, even absurd ones.
+                r.add_delta(u, if i == 4 { 1_000_000 } else { 1 }, 0).unwrap();
+            }
+            let got = o.finish_round(r, &model([10.0; 5])).unwrap();
+            assert_eq!(got, model([10.0 + want, 10.0, 10.0, 10.0, 10.0]), "{cfg}");
+        }
+        let mut o = opt(json!({"sort": "krum"}));
+        let mut r = o.begin_round(&global);
+        r.add(&ups[0], 1, 0).unwrap();
+        assert!(matches!(
+            o.finish_round(r, &global),
+            Err(Error::NotEnoughUpdates { sort: "krum", needed: 5, got: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn bad_rounds_are_errors() {
+        let global = model([0.0; 5]);
+        for sort in OPTIMIZER_SORTS {
+            let mut o = opt(json!({ "sort": sort }));
+            let r = o.begin_round(&global);
+            assert_eq!(
+                o.finish_round(r, &global).unwrap_err(),
+                Error::EmptyRound { sort },
+                "{sort}"
+            );
+        }
+        let mut o = Optimizer::default();
+        let mut r = o.begin_round(&global);
+        r.add(&model([1.0; 5]), 0, 0).unwrap();
+        assert_eq!(
+            o.finish_round(r, &global).unwrap_err(),
+            Error::ZeroTotalSamples { sort: "fedavg" }
+        );
+
+        let mut r = o.begin_round(&global);
+        let other = Weights::from_tensors(vec![
+            Tensor::zeros("a", vec![2]),
+            Tensor::zeros("b", vec![3]),
+        ])
+        .unwrap();
+        assert_eq!(
+            r.add(&other, 1, 0).unwrap_err().to_string(),
+            "model layout differs for tensor 'b': expected shape [1, 3], got [3]"
+        );
+        let err = r.add(&model([0.0, f32::NAN, 0.0, 0.0, 0.0]), 1, 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tensor 'a' holds a non-finite value (NaN) at element 1"
+        );
+        r.add(&model([2.0; 5]), 1, 0).unwrap();
+        assert!(matches!(
+            r.add_delta(&model([1.0; 5]), 1, 0),
+            Err(Error::MixedUpdateKinds { .. })
+        ));
+        assert_eq!(r.len(), 1);
+        let mut median = opt(json!({"sort": "median"}));
+        assert!(matches!(
+            median.finish_round(r.clone(), &global),
+            Err(Error::InvalidArgument { name: "round", .. })
+        ));
+        let one_tensor = Weights::from_tensors(vec![Tensor::zeros("a", vec![2])]).unwrap();
+        assert!(matches!(
+            o.finish_round(r.clone(), &one_tensor),
+            Err(Error::TensorCount { .. })
+        ));
+        assert_eq!(o.finish_round(r, &global).unwrap(), model([2.0; 5]));
+    }
+
+    #[test]
+    fn config_parsing_defaults_and_errors() {
+        assert_eq!(Optimizer::from_config(&Value::Null).unwrap().sort(), "fedavg");
+        let o = opt(json!({"sort": "FedAdam", "kwargs": {"lr": 0.01, "beta1": 0.9,
+            "beta2": 0.99, "tau": 1e-3, "//": "comment"}}));
+        assert!(matches!(o.kind(), OptimizerKind::Adaptive { rule: AdaptiveRule::Adam, params }
+            if params.lr == 0.01 && params.tau == 1e-3));
+        let o = opt(json!({"sort": "fedbuff", "kwargs": {"aggGoal": 3, "concurrency": 5}}));
+        assert_eq!(
+            o.kind(),
+            &OptimizerKind::FedBuff { agg_goal: 3, concurrency: 5, lr: 1.0 }
+        );
+        assert_eq!(opt(json!({"sort": "fedprox", "kwargs": {"mu": 0.1}})).proximal_mu(), Some(0.1));
+        assert_eq!(opt(json!({"sort": "fedprox"})).proximal_mu(), Some(0.01));
+        assert_eq!(
+            opt(json!({"sort": "krum", "kwargs": {"f": 2, "m": 3}})).kind(),
+            &OptimizerKind::Krum { f: 2, m: 3 }
+        );
+        assert_eq!(
+            opt(json!({"sort": "trimmedmean", "kwargs": {"beta": 0.1}})).kind(),
+            &OptimizerKind::TrimmedMean { beta: 0.1 }
+        );
+
+        let cases = [
+            (
+                json!({"sort": "fedsgd"}),
+                "unknown optimizer sort 'fedsgd' (valid sorts: fedavg, fedprox, fedadam, \
+                 fedyogi, fedadagrad, fedbuff, median, trimmedmean, krum)",
+            ),
+            (
+                json!({"sort": "fedadam", "kwargs": {"lr": -1}}),
+                "invalid kwarg 'lr' for optimizer sort 'fedadam': must be a finite number > 0, got -1",
+            ),
+            (
+                json!({"sort": "fedadam", "kwargs": {"beta1": "high"}}),
+                "invalid kwarg 'beta1' for optimizer sort 'fedadam': expected a number, got \"high\"",
+            ),
+            (
+                json!({"sort": "fedadam", "kwargs": {"momentum": 0.9}}),
+                "unknown kwarg 'momentum' for optimizer sort 'fedadam' (valid kwargs: lr, beta1, beta2, tau)",
+            ),
+            (
+                json!({"sort": "fedavg", "kwargs": {"lr": 1}}),
+                "unknown kwarg 'lr' for optimizer sort 'fedavg' (valid kwargs: none)",
+            ),
+            (
+                json!({"sort": "fedbuff", "kwargs": {"aggGoal": 0}}),
+                "invalid kwarg 'aggGoal' for optimizer sort 'fedbuff': must be at least 1, got 0",
+            ),
+            (
+                json!({"sort": "fedbuff", "kwargs": {"aggGoal": 2.5}}),
+                "invalid kwarg 'aggGoal' for optimizer sort 'fedbuff': expected a non-negative integer, got 2.5",
+            ),
+            (
+                json!({"sort": "trimmedmean", "kwargs": {"beta": 0.5}}),
+                "invalid kwarg 'beta' for optimizer sort 'trimmedmean': must be in [0, 0.5), got 0.5",
+            ),
+            (
+                json!({"sort": "krum", "kwargs": {"m": 0}}),
+                "invalid kwarg 'm' for optimizer sort 'krum': must be at least 1, got 0",
+            ),
+            (
+                json!({"sort": "fedavg", "kwargs": [1]}),
+                "optimizer.kwargs of sort 'fedavg' must be an object, got [1]",
+            ),
+            (
+                json!({"sort": "fedavg", "kwarg": {}}),
+                "unknown field 'kwarg' in optimizer (expected 'sort' and 'kwargs')",
+            ),
+            (
+                json!({"kwargs": {}}),
+                "optimizer.sort is missing or not a string (valid sorts: fedavg, fedprox, \
+                 fedadam, fedyogi, fedadagrad, fedbuff, median, trimmedmean, krum)",
+            ),
+            (
+                json!("fedavg"),
+                "optimizer must be an object like {\"sort\": \"...\", \"kwargs\": {...}}, got \"fedavg\"",
+            ),
+        ];
+        for (cfg, want) in cases {
+            let err = Optimizer::from_config(&cfg).unwrap_err();
+            assert_eq!(err.to_string(), want, "{cfg}");
+        }
+        assert!(Optimizer::new(OptimizerKind::FedProx { mu: f32::NAN }).is_err());
+    }
+}
