@@ -1,0 +1,109 @@
+//! Clients for the compute side: [`TaskClient`] (a worker's agent, authenticated with its task
+//! key) and [`ComputeClient`] (a deployer, authenticated with its compute's API key).
+
+use bytes::Bytes;
+use reqwest::Method;
+
+use fledge_types::{ComputeId, JobId, MetricRecord, TaskConfig, TaskId, TaskState};
+
+use crate::dto::{DeploymentReport, DeploymentState, TaskStatusUpdate};
+use crate::error::Result;
+use crate::http::{Transport, seg};
+
+/// The agent's view of the API: one task, authenticated with that task's key.
+#[derive(Clone, Debug)]
+pub struct TaskClient {
+    transport: Transport,
+    task: TaskId,
+}
+
+impl TaskClient {
+    /// A client for task `task` at the apiserver `endpoint`, authenticated with `key`.
+    pub fn new(endpoint: &str, task: TaskId, key: &str) -> Result<Self> {
+        Ok(Self { transport: Transport::new(endpoint, Some(key), "task key")?, task })
+    }
+
+    /// The task this client acts for.
+    pub fn task_id(&self) -> &TaskId {
+        &self.task
+    }
+
+    /// The base URL this client talks to.
+    pub fn endpoint(&self) -> &str {
+        self.transport.endpoint()
+    }
+
+    fn path(&self, rest: &str) -> String {
+        format!("/api/v1/tasks/{}{rest}", seg(self.task.as_str()))
+    }
+
+    /// `GET /tasks/{taskId}/config`: the task's manifest.
+    pub async fn config(&self) -> Result<TaskConfig> {
+        self.transport.get_json(&self.path("/config")).await
+    }
+
+    /// `GET /tasks/{taskId}/code`: a zip of the task's role folder (rooted at that folder).
+    pub async fn code(&self) -> Result<Bytes> {
+        let path = self.path("/code");
+        let method = Method::GET;
+        let response = self
+            .transport
+            .send(&method, &path, self.transport.request(method.clone(), &path))
+            .await?;
+        self.transport.bytes(response).await
+    }
+
+    /// `PUT /tasks/{taskId}/status`: reports the task's state and the tail of its log.
+    pub async fn set_status(&self, state: TaskState, log: &str) -> Result<()> {
+        let body = TaskStatusUpdate { state, log: log.to_owned() };
+        self.transport.json_no_content(Method::PUT, &self.path("/status"), Some(&body)).await
+    }
+
+    /// `POST /tasks/{taskId}/heartbeat`: says the agent is alive.
+    pub async fn heartbeat(&self) -> Result<()> {
+        self.transport.json_no_content::<()>(Method::POST, &self.path("/heartbeat"), None).await
+    }
+
+    /// `POST /tasks/{taskId}/metrics`: per-round metrics of this task.
+    pub async fn post_metrics(&self, records: &[MetricRecord]) -> Result<()> {
+        self.transport.json_no_content(Method::POST, &self.path("/metrics"), Some(records)).await
+    }
+}
+
+/// The deployer's view of the API: one compute, authenticated with its API key.
+#[derive(Clone, Debug)]
+pub struct ComputeClient {
+    transport: Transport,
+    compute: ComputeId,
+}
+
+impl ComputeClient {
+    /// A client for compute `compute` at the apiserver `endpoint`, authenticated with `key`.
+    pub fn new(endpoint: &str, compute: ComputeId, key: &str) -> Result<Self> {
+        Ok(Self { transport: Transport::new(endpoint, Some(key), "compute key")?, compute })
+    }
+
+    /// The compute this client acts for.
+    pub fn compute_id(&self) -> &ComputeId {
+        &self.compute
+    }
+
+    /// `PUT /computes/{computeId}/tasks/{taskId}/deployment`: what happened to a task's worker.
+    ///
+    /// `Failed` marks the task failed with `message` as its log.
+    pub async fn report_deployment(
+        &self,
+        job: &JobId,
+        task: &TaskId,
+        state: DeploymentState,
+        message: &str,
+    ) -> Result<()> {
+        let path = format!(
+            "/api/v1/computes/{}/tasks/{}/deployment",
+            seg(self.compute.as_str()),
+            seg(task.as_str())
+        );
+        let body = DeploymentReport { job_id: job.clone(), state, message: message.to_owned() };
+        self.transport.json_no_content(Method::PUT, &path, Some(&body)).await
+    }
+}

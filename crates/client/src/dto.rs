@@ -1,0 +1,114 @@
+//! Small request/response bodies of the REST contract (`docs/api.md`) that are not resources
+//! and therefore not in `fledge-types`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use fledge_types::{JobId, JobState, TaskState, UserId};
+
+/// Answer to a schema upload: the revision it became.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchemaRevision {
+    /// The new revision (`"1"`, `"2"`, ...).
+    pub version: String,
+}
+
+/// Answer to a code upload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CodeRevision {
+    /// The new revision.
+    pub version: String,
+    /// Size of the zip in bytes.
+    pub size: u64,
+    /// Hex SHA-256 of the zip.
+    pub sha256: String,
+}
+
+/// The latest schema of a design with its revision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VersionedSchema {
+    /// The revision, from the `x-fledge-version` header (absent if the server did not send it).
+    pub version: Option<String>,
+    /// The schema.
+    pub schema: fledge_types::Schema,
+}
+
+/// Body of `PUT /users/{user}/jobs/{jobId}/status`: start or stop.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobStateRequest {
+    /// `starting` (start) or `stopping` (stop).
+    pub state: JobState,
+}
+
+/// Answer of `GET /users/{user}/jobs/{jobId}/status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobStatus {
+    /// The job's state.
+    pub state: JobState,
+    /// Why it is in that state, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Task state (`running`, ...) → number of tasks in it.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, u64>,
+}
+
+/// Body of `POST /users`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewUser {
+    /// Login name.
+    pub id: UserId,
+    /// Whether the user is an admin.
+    #[serde(default)]
+    pub is_admin: bool,
+}
+
+/// Answer of `POST /users/{user}/tokens`: the plain token, shown once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewToken {
+    /// The bearer token.
+    pub token: String,
+}
+
+/// Body of `PUT /tasks/{taskId}/status` (agent).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskStatusUpdate {
+    /// The task's new state.
+    pub state: TaskState,
+    /// Tail of the task's log.
+    #[serde(default)]
+    pub log: String,
+}
+
+/// What a deployer reports about one task's worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeploymentState {
+    /// The worker was created.
+    Deployed,
+    /// The worker could not be created; the task is marked failed.
+    Failed,
+    /// The worker was removed.
+    Revoked,
+}
+
+/// Body of `PUT /computes/{computeId}/tasks/{taskId}/deployment` (deployer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentReport {
+    /// The task's job.
+    pub job_id: JobId,
+    /// What happened.
+    pub state: DeploymentState,
+    /// Details (the error when `failed`).
+    #[serde(default)]
+    pub message: String,
+}
