@@ -1,0 +1,112 @@
+//! Transfer measurements for `fledge bench transfer`: a message through channels, and the
+//! loopback TCP bandwidth that bounds it.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use crate::channel::{Backend, Channel, ChannelOptions, Error, Result};
+use crate::wire::{Kind, Message, Tensor};
+
+fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+/// A `Weights` message with one `U8` tensor of `bytes` bytes.
+pub fn payload_message(bytes: usize) -> Message {
+    let data: Bytes = (0..bytes).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+    let tensor = Tensor::from_u8(vec![bytes], data).expect("shape [n] fits n bytes");
+    Message::new(Kind::Weights, 1).with_tensor("payload", tensor)
+}
+
+/// Time for one sender to broadcast a `bytes`-byte message to `n_receivers` ends over
+/// `backend`, until every receiver has decoded it (connection setup excluded).
+pub async fn fanout(backend: Backend, bytes: usize, n_receivers: usize) -> Result<Duration> {
+    let job = format!("bench-{:08x}", rand::random::<u32>());
+    let limit = bytes + (1 << 20);
+    let opts = |me: String, role: &str, peer: &str| {
+        let mut o = ChannelOptions::new(job.as_str(), "bench", "default", me, role, peer);
+        o.max_message_bytes = limit;
+        o
+    };
+    let sender = Channel::open(opts("sender".into(), "aggregator", "trainer"), backend.clone()).await?;
+    let mut receivers = Vec::with_capacity(n_receivers);
+    for i in 0..n_receivers {
+        receivers.push(
+            Channel::open(opts(format!("receiver-{i}"), "trainer", "aggregator"), backend.clone()).await?,
+        );
+    }
+    sender.await_ends(n_receivers, Duration::from_secs(30)).await?;
+    for r in &receivers {
+        r.await_join(Duration::from_secs(30)).await?;
+    }
+    let message = payload_message(bytes);
+    let from = sender.me().clone();
+    let start = Instant::now();
+    let waits = receivers.iter().map(|r| {
+        let from = from.clone();
+        async move { r.recv(&from).await }
+    });
+    let (sent, received) = tokio::join!(sender.broadcast(message), futures::future::join_all(waits));
+    sent?;
+    for r in received {
+        let m = r?;
+        debug_assert_eq!(m.tensors.data_bytes(), bytes);
+    }
+    let elapsed = start.elapsed();
+    for r in &receivers {
+        r.close().await?;
+    }
+    sender.close().await?;
+    Ok(elapsed)
+}
+
+/// [`fanout`] over a fresh embedded broker.
+#[cfg(feature = "broker")]
+pub async fn mqtt_fanout(bytes: usize, n_receivers: usize) -> Result<Duration> {
+    let broker = crate::broker::start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    let config = crate::mqtt::MqttConfig::new("127.0.0.1", broker.addr().port());
+    let res = fanout(Backend::Mqtt(config), bytes, n_receivers).await;
+    drop(broker);
+    res
+}
+
+/// Loopback TCP bandwidth in GB/s (10^9 bytes per second) moving `bytes` bytes one way:
+/// the bound transfer figures are compared with.
+pub async fn loopback_tcp_bandwidth(bytes: usize) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(io("bind loopback"))?;
+    let addr = listener.local_addr().map_err(io("loopback address"))?;
+    let reader = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.map_err(io("accept loopback"))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0usize;
+        loop {
+            let n = stream.read(&mut buf).await.map_err(io("read loopback"))?;
+            if n == 0 {
+                return Ok::<usize, Error>(total);
+            }
+            total += n;
+        }
+    });
+    let block = vec![7u8; 1 << 20];
+    let mut stream = TcpStream::connect(addr).await.map_err(io("connect loopback"))?;
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block.len());
+        stream.write_all(&block[..n]).await.map_err(io("write loopback"))?;
+        left -= n;
+    }
+    stream.shutdown().await.map_err(io("close loopback"))?;
+    let total = reader
+        .await
+        .unwrap_or_else(|e| panic!("loopback reader panicked: {e}"))?;
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    Ok(total as f64 / secs / 1e9)
+}

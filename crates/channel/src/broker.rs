@@ -1,0 +1,234 @@
+//! The embedded MQTT broker (feature `broker`): rumqttd, configured in code, no TLS.
+//!
+//! rumqttd can neither report the port it bound nor stop. So the broker listens on an internal
+//! loopback port, and a small TCP relay owned by [`BrokerHandle`] listens on the address the
+//! caller asked for (port 0 works: [`BrokerHandle::addr`] has the real one). Shutting the handle
+//! down closes the public listener and every relayed connection, which clients see as the broker
+//! going away (their last wills fire); a new broker can then bind the same address. The rumqttd
+//! router threads themselves stay parked until the process exits (a few idle threads per broker).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::thread;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::channel::{Error, Result};
+use crate::mqtt::DEFAULT_CHUNK_SIZE;
+
+/// Broker sizing. The defaults carry [`DEFAULT_CHUNK_SIZE`] chunks with room to spare.
+#[derive(Clone, Debug)]
+pub struct BrokerOptions {
+    /// Largest publish payload accepted, in bytes. Default 2 × 4 MiB + 64 KiB.
+    pub max_payload_size: usize,
+    /// Unacknowledged QoS 1 publishes per connection. Default 1000.
+    pub max_inflight_count: usize,
+    /// Concurrent connections. Default 10 000.
+    pub max_connections: usize,
+    /// Bytes of one commit-log segment per topic filter (must exceed the payload size).
+    /// Default 64 MiB.
+    pub max_segment_size: usize,
+    /// Segments kept per topic filter: a subscriber more than
+    /// `max_segment_size × max_segment_count` bytes behind loses data. Default 16.
+    pub max_segment_count: usize,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        BrokerOptions {
+            max_payload_size: 2 * DEFAULT_CHUNK_SIZE + (64 << 10),
+            max_inflight_count: 1000,
+            max_connections: 10_000,
+            max_segment_size: 64 << 20,
+            max_segment_count: 16,
+        }
+    }
+}
+
+/// A running embedded broker; stops when dropped or shut down.
+#[derive(Debug)]
+pub struct BrokerHandle {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    relay: Option<thread::JoinHandle<()>>,
+}
+
+impl BrokerHandle {
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `mqtt://ip:port` for [`crate::MqttConfig::parse`] and task configs.
+    pub fn url(&self) -> String {
+        format!("mqtt://{}", self.addr)
+    }
+
+    /// Stops accepting, drops every client connection and releases the address.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.cancel.cancel();
+        if let Some(relay) = self.relay.take()
+            && relay.join().is_err()
+        {
+            tracing::warn!("broker relay thread panicked");
+        }
+    }
+}
+
+impl Drop for BrokerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn io(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+fn rumqttd_config(internal: SocketAddr, opts: &BrokerOptions) -> rumqttd::Config {
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: opts.max_payload_size,
+        max_inflight_count: opts.max_inflight_count,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: "fledge-v4".to_owned(),
+        listen: internal,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: opts.max_connections,
+            max_outgoing_packet_count: 200,
+            max_segment_size: opts.max_segment_size.max(opts.max_payload_size * 2),
+            max_segment_count: opts.max_segment_count.max(2),
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("1".to_owned(), server)])),
+        ..Default::default()
+    }
+}
+
+/// Starts a broker with default sizing on `addr` (port 0 picks a free port).
+pub fn start_embedded_broker(addr: SocketAddr) -> Result<BrokerHandle> {
+    start_embedded_broker_with(addr, BrokerOptions::default())
+}
+
+/// Starts a broker with `opts` on `addr` (port 0 picks a free port).
+pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Result<BrokerHandle> {
+    // Bind the public side first so that a busy address fails before anything starts.
+    let public = StdListener::bind(addr).map_err(io("bind broker address"))?;
+    let public_addr = public.local_addr().map_err(io("read broker address"))?;
+    public
+        .set_nonblocking(true)
+        .map_err(io("configure broker listener"))?;
+
+    // rumqttd binds by itself; take a free loopback port and hand it over.
+    let internal = {
+        let probe = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("reserve internal port"))?;
+        probe.local_addr().map_err(io("read internal port"))?
+    };
+    let config = rumqttd_config(internal, &opts);
+    thread::Builder::new()
+        .name("fledge-broker".to_owned())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(io("spawn broker thread"))?;
+    wait_listening(internal)?;
+
+    let cancel = CancellationToken::new();
+    let relay_cancel = cancel.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("build broker relay runtime"))?;
+    let relay = thread::Builder::new()
+        .name("fledge-broker-relay".to_owned())
+        .spawn(move || runtime.block_on(relay(public, internal, relay_cancel)))
+        .map_err(io("spawn broker relay thread"))?;
+    tracing::info!(addr = %public_addr, "embedded mqtt broker started");
+    Ok(BrokerHandle {
+        addr: public_addr,
+        cancel,
+        relay: Some(relay),
+    })
+}
+
+/// Waits until rumqttd accepts connections on `internal` (it binds on its own thread).
+fn wait_listening(internal: SocketAddr) -> Result<()> {
+    let mut last = None;
+    for _ in 0..200 {
+        match std::net::TcpStream::connect_timeout(&internal, Duration::from_millis(100)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    Err(Error::Io {
+        context: format!("embedded broker did not listen on {internal}"),
+        source: last.unwrap_or_else(|| std::io::Error::other("no attempt made")),
+    })
+}
+
+async fn relay(public: StdListener, internal: SocketAddr, cancel: CancellationToken) {
+    let listener = match TcpListener::from_std(public) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "broker relay cannot listen");
+            return;
+        }
+    };
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((client, _)) => {
+                    connections.spawn(pipe(client, internal));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "broker accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+    // Dropping the set aborts every relayed connection: clients see the broker go away.
+    connections.shutdown().await;
+}
+
+async fn pipe(mut client: TcpStream, internal: SocketAddr) {
+    let mut broker = match TcpStream::connect(internal).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "embedded broker unreachable");
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = broker.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut broker, 256 << 10, 256 << 10).await;
+}

@@ -1,0 +1,717 @@
+//! The [`Channel`] handle and the backend-independent state behind it.
+//!
+//! Every backend feeds the same [`Shared`] state: the set of live peer ends with their
+//! announced properties, and one bounded inbound queue per sending end. Each queued message
+//! carries a channel-wide arrival number, so [`Channel::recv_any`] and [`Channel::recv_fifo`]
+//! return messages in the order they arrived across ends. Waiters sleep on a `watch` counter
+//! that is bumped on every state change (message queued or taken, peer joined or left).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::watch;
+
+use fledge_types::{JobId, TaskId};
+
+use crate::local::{LocalEnd, LocalHub};
+use crate::mqtt::{MqttConfig, MqttEnd};
+use crate::wire::{self, Message};
+
+/// Default bound of each per-end inbound queue, in messages.
+pub const DEFAULT_QUEUE_DEPTH: usize = 64;
+
+/// Errors of channels and backends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A message could not be encoded or decoded.
+    #[error("wire format error")]
+    Wire(#[from] wire::Error),
+    /// The end is not a live peer of this channel.
+    #[error("end {end} is not a peer on channel {channel} (group {group})")]
+    UnknownEnd {
+        /// The end asked for.
+        end: TaskId,
+        /// The channel.
+        channel: String,
+        /// The group.
+        group: String,
+    },
+    /// The end left before a message from it arrived.
+    #[error("end {end} left channel {channel} without sending")]
+    EndLeft {
+        /// The end.
+        end: TaskId,
+        /// The channel.
+        channel: String,
+    },
+    /// Another end with the same id is already on this channel and group.
+    #[error("end {end} is already joined to channel {channel} (group {group})")]
+    DuplicateEnd {
+        /// The end.
+        end: TaskId,
+        /// The channel.
+        channel: String,
+        /// The group.
+        group: String,
+    },
+    /// No peer end showed up in time.
+    #[error("no peer joined channel {channel} (group {group}) within {timeout:?}")]
+    JoinTimeout {
+        /// The channel.
+        channel: String,
+        /// The group.
+        group: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The message is larger than the channel's size limit.
+    #[error("message of {size} bytes exceeds channel {channel}'s limit of {limit} bytes")]
+    TooLarge {
+        /// The channel.
+        channel: String,
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The backend is not part of this build.
+    #[error("backend {0} is not built yet (use mqtt or local)")]
+    BackendNotBuilt(String),
+    /// The options are invalid.
+    #[error("invalid channel options: {0}")]
+    InvalidOptions(String),
+    /// The task config does not let us join a channel.
+    #[error("cannot join channel {channel}: {reason}")]
+    Config {
+        /// The channel.
+        channel: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// No channel of this role carries the function tag.
+    #[error("no channel of role {role} has function tag {tag:?}")]
+    NoChannelForTag {
+        /// The role.
+        role: String,
+        /// The tag.
+        tag: String,
+    },
+    /// Could not reach the broker.
+    #[error("failed to connect to mqtt broker {addr} within {timeout:?}: {reason}")]
+    Connect {
+        /// `host:port`.
+        addr: String,
+        /// How long we tried.
+        timeout: Duration,
+        /// The last connection error, or what was still missing.
+        reason: String,
+    },
+    /// The MQTT client refused a request (its event loop is gone).
+    #[error("mqtt client request failed")]
+    Client(#[from] rumqttc::ClientError),
+    /// The channel was closed.
+    #[error("channel {0} is closed")]
+    Closed(String),
+    /// An I/O error (benchmarks, broker).
+    #[error("i/o error: {context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which transport a channel uses, with what it needs to connect.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// In-process, through a hub shared by all ends in the process.
+    Local(LocalHub),
+    /// MQTT through a broker.
+    Mqtt(MqttConfig),
+    /// Peer-to-peer gRPC: not built yet; joining fails with [`Error::BackendNotBuilt`].
+    P2p,
+}
+
+/// Who this end is and where it joins.
+#[derive(Clone, Debug)]
+pub struct ChannelOptions {
+    /// The job (scopes everything).
+    pub job: JobId,
+    /// The channel name.
+    pub channel: String,
+    /// This end's group on the channel.
+    pub group: String,
+    /// This end's id: the task id.
+    pub me: TaskId,
+    /// This end's role.
+    pub role: String,
+    /// The role at the other end of the pair (the same role for a self-loop).
+    pub peer_role: String,
+    /// Properties announced to peers (e.g. `num_samples`).
+    pub props: serde_json::Map<String, serde_json::Value>,
+    /// Largest encoded message sent or accepted, in bytes. Default 1 GiB.
+    pub max_message_bytes: usize,
+    /// Bound of each per-end inbound queue, in messages. Default 64.
+    pub queue_depth: usize,
+}
+
+impl ChannelOptions {
+    /// Options with default limits and no properties.
+    pub fn new(
+        job: impl Into<JobId>,
+        channel: impl Into<String>,
+        group: impl Into<String>,
+        me: impl Into<TaskId>,
+        role: impl Into<String>,
+        peer_role: impl Into<String>,
+    ) -> ChannelOptions {
+        ChannelOptions {
+            job: job.into(),
+            channel: channel.into(),
+            group: group.into(),
+            me: me.into(),
+            role: role.into(),
+            peer_role: peer_role.into(),
+            props: serde_json::Map::new(),
+            max_message_bytes: wire::DEFAULT_MAX_MESSAGE_BYTES,
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+        }
+    }
+
+    /// Announces a property to peers (builder style).
+    pub fn with_prop(mut self, key: &str, value: impl Into<serde_json::Value>) -> ChannelOptions {
+        self.props.insert(key.to_owned(), value.into());
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        for (field, value) in [
+            ("job", self.job.as_str()),
+            ("channel", self.channel.as_str()),
+            ("group", self.group.as_str()),
+            ("me", self.me.as_str()),
+            ("role", self.role.as_str()),
+            ("peer_role", self.peer_role.as_str()),
+        ] {
+            if value.is_empty() {
+                problems.push(format!("{field} is empty"));
+            }
+        }
+        if self.queue_depth == 0 {
+            problems.push("queue_depth is 0".to_owned());
+        }
+        if self.max_message_bytes < 1024 {
+            problems.push(format!(
+                "max_message_bytes {} is below 1024",
+                self.max_message_bytes
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidOptions(problems.join("; ")))
+        }
+    }
+}
+
+/// What a peer end announced when it joined.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EndProps {
+    /// Its role.
+    pub role: String,
+    /// Its task id (= its end id).
+    pub task_id: TaskId,
+    /// Announced properties (e.g. `num_samples`).
+    #[serde(default)]
+    pub props: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Traffic counters of one channel, readable at any time.
+#[derive(Debug, Default)]
+pub struct ChannelMetrics {
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    messages_sent: AtomicU64,
+    messages_received: AtomicU64,
+    messages_dropped: AtomicU64,
+}
+
+/// A copy of [`ChannelMetrics`] at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Encoded bytes sent (a broadcast counts once per publish).
+    pub bytes_sent: u64,
+    /// Encoded bytes received.
+    pub bytes_received: u64,
+    /// Messages sent.
+    pub messages_sent: u64,
+    /// Messages received and queued.
+    pub messages_received: u64,
+    /// Inbound messages dropped as malformed, oversized or spoofed.
+    pub messages_dropped: u64,
+}
+
+impl ChannelMetrics {
+    /// Current values.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            messages_sent: self.messages_sent.load(Ordering::Relaxed),
+            messages_received: self.messages_received.load(Ordering::Relaxed),
+            messages_dropped: self.messages_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn sent(&self, bytes: usize) {
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.messages_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn received(&self, bytes: usize) {
+        self.bytes_received
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.messages_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dropped(&self) {
+        self.messages_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct State {
+    peers: BTreeMap<TaskId, EndProps>,
+    queues: HashMap<TaskId, VecDeque<(u64, Message)>>,
+    next_seq: u64,
+    closed: bool,
+}
+
+/// State shared between a channel handle and its backend's background work.
+pub(crate) struct Shared {
+    pub(crate) opts: ChannelOptions,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+    pub(crate) metrics: ChannelMetrics,
+}
+
+impl Shared {
+    pub(crate) fn new(opts: ChannelOptions) -> Arc<Shared> {
+        Arc::new(Shared {
+            opts,
+            state: Mutex::new(State::default()),
+            changed: watch::channel(0).0,
+            metrics: ChannelMetrics::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves only plain collections behind; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Records a peer end as present (or updates its properties).
+    pub(crate) fn peer_up(&self, props: EndProps) {
+        if props.task_id == self.opts.me {
+            return;
+        }
+        let changed = {
+            let mut state = self.lock();
+            state.peers.insert(props.task_id.clone(), props.clone()) != Some(props)
+        };
+        if changed {
+            self.bump();
+        }
+    }
+
+    /// Records a peer end as gone.
+    pub(crate) fn peer_down(&self, end: &TaskId) {
+        let removed = self.lock().peers.remove(end).is_some();
+        if removed {
+            tracing::debug!(channel = %self.opts.channel, %end, "peer left");
+            self.bump();
+        }
+    }
+
+    /// Marks the channel closed: waiters wake up and fail.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+        self.bump();
+    }
+
+    pub(crate) fn is_peer(&self, end: &TaskId) -> bool {
+        self.lock().peers.contains_key(end)
+    }
+
+    /// Queues `message` from `from`, waiting while that end's queue is full.
+    pub(crate) async fn push(&self, from: TaskId, message: Message) -> Result<()> {
+        let mut rx = self.changed.subscribe();
+        let mut message = Some(message);
+        loop {
+            {
+                let mut state = self.lock();
+                if state.closed {
+                    return Err(Error::Closed(self.opts.channel.clone()));
+                }
+                let seq = state.next_seq;
+                let queue = state.queues.entry(from.clone()).or_default();
+                if queue.len() < self.opts.queue_depth {
+                    queue.push_back((seq, message.take().expect("taken only when queued")));
+                    state.next_seq += 1;
+                    drop(state);
+                    self.bump();
+                    return Ok(());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Closed(self.opts.channel.clone()));
+            }
+        }
+    }
+
+    /// Waits until `check` returns `Some`, re-checking on every state change.
+    async fn wait_for<T>(&self, mut check: impl FnMut(&mut State) -> Option<Result<T>>) -> Result<T> {
+        let mut rx = self.changed.subscribe();
+        loop {
+            let res = {
+                let mut state = self.lock();
+                match check(&mut state) {
+                    Some(res) => Some(res),
+                    None if state.closed => Some(Err(Error::Closed(self.opts.channel.clone()))),
+                    None => None,
+                }
+            };
+            if let Some(res) = res {
+                // Taking a message frees queue space: wake blocked senders.
+                self.bump();
+                return res;
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Closed(self.opts.channel.clone()));
+            }
+        }
+    }
+}
+
+fn pop_oldest(state: &mut State, from: &HashSet<TaskId>) -> Option<(TaskId, Message)> {
+    let end = state
+        .queues
+        .iter()
+        .filter(|(end, q)| from.contains(*end) && !q.is_empty())
+        .min_by_key(|(_, q)| q.front().map(|(seq, _)| *seq))
+        .map(|(end, _)| end.clone())?;
+    let (_, message) = state.queues.get_mut(&end)?.pop_front()?;
+    Some((end, message))
+}
+
+pub(crate) enum Transport {
+    Local(LocalEnd),
+    Mqtt(MqttEnd),
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    transport: Transport,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping the last handle without `close` is a crash from the peers' view: the local
+        // hub forgets the end, the MQTT connection goes away without a clean disconnect.
+        self.shared.close();
+    }
+}
+
+/// One TAG channel as seen from one end: cheap to clone, all clones share the same state.
+#[derive(Clone)]
+pub struct Channel {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let opts = &self.inner.shared.opts;
+        f.debug_struct("Channel")
+            .field("job", &opts.job)
+            .field("channel", &opts.channel)
+            .field("group", &opts.group)
+            .field("me", &opts.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Channel {
+    /// Connects to `backend` and joins the channel: peers see this end in their `ends()`.
+    pub async fn open(opts: ChannelOptions, backend: Backend) -> Result<Channel> {
+        opts.validate()?;
+        let shared = Shared::new(opts);
+        let transport = match backend {
+            Backend::Local(hub) => Transport::Local(hub.join(shared.clone())?),
+            Backend::Mqtt(config) => Transport::Mqtt(MqttEnd::open(shared.clone(), config).await?),
+            Backend::P2p => return Err(Error::BackendNotBuilt("p2p".to_owned())),
+        };
+        Ok(Channel {
+            inner: Arc::new(Inner { shared, transport }),
+        })
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    /// The channel name.
+    pub fn name(&self) -> &str {
+        &self.shared().opts.channel
+    }
+
+    /// This end's group.
+    pub fn group(&self) -> &str {
+        &self.shared().opts.group
+    }
+
+    /// The job.
+    pub fn job(&self) -> &JobId {
+        &self.shared().opts.job
+    }
+
+    /// This end's id (the task id).
+    pub fn me(&self) -> &TaskId {
+        &self.shared().opts.me
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> &str {
+        &self.shared().opts.role
+    }
+
+    /// The role of the ends this channel talks to.
+    pub fn peer_role(&self) -> &str {
+        &self.shared().opts.peer_role
+    }
+
+    /// Traffic counters.
+    pub fn metrics(&self) -> &ChannelMetrics {
+        &self.shared().metrics
+    }
+
+    /// Live peer ends (the other role of the pair, or the same role for a self-loop), sorted,
+    /// never including this end.
+    pub fn ends(&self) -> Vec<TaskId> {
+        self.shared().lock().peers.keys().cloned().collect()
+    }
+
+    /// What `end` announced, if it is a live peer.
+    pub fn end_props(&self, end: &TaskId) -> Option<EndProps> {
+        self.shared().lock().peers.get(end).cloned()
+    }
+
+    fn check_size(&self, message: &Message) -> Result<usize> {
+        let size = wire::encoded_len(message);
+        let limit = self.shared().opts.max_message_bytes;
+        if size > limit {
+            return Err(Error::TooLarge {
+                channel: self.name().to_owned(),
+                size,
+                limit,
+            });
+        }
+        Ok(size)
+    }
+
+    fn stamp(&self, mut message: Message) -> Message {
+        message.sender = self.me().as_str().to_owned();
+        message
+    }
+
+    /// Sends `message` to `end`, which must be a live peer. The sender id is set to `me()`.
+    pub async fn send(&self, end: &TaskId, message: Message) -> Result<()> {
+        if !self.shared().is_peer(end) {
+            return Err(Error::UnknownEnd {
+                end: end.clone(),
+                channel: self.name().to_owned(),
+                group: self.group().to_owned(),
+            });
+        }
+        let message = self.stamp(message);
+        self.check_size(&message)?;
+        match &self.inner.transport {
+            Transport::Local(local) => local.send(end, message).await,
+            Transport::Mqtt(mqtt) => mqtt.send(end, message).await,
+        }
+    }
+
+    /// Sends `message` to every current end; returns the ends it was addressed to.
+    pub async fn broadcast(&self, message: Message) -> Result<Vec<TaskId>> {
+        let message = self.stamp(message);
+        self.check_size(&message)?;
+        let ends = self.ends();
+        match &self.inner.transport {
+            Transport::Local(local) => local.broadcast(&ends, message).await?,
+            Transport::Mqtt(mqtt) => mqtt.broadcast(message).await?,
+        }
+        Ok(ends)
+    }
+
+    /// The next message from `end`. Waits for it; fails if `end` is not (or no longer) a peer
+    /// and nothing from it is queued.
+    pub async fn recv(&self, end: &TaskId) -> Result<Message> {
+        let channel = self.name().to_owned();
+        self.shared()
+            .wait_for(|state| {
+                if let Some((_, message)) = state.queues.get_mut(end).and_then(VecDeque::pop_front) {
+                    return Some(Ok(message));
+                }
+                if !state.peers.contains_key(end) {
+                    return Some(Err(Error::EndLeft {
+                        end: end.clone(),
+                        channel: channel.clone(),
+                    }));
+                }
+                None
+            })
+            .await
+    }
+
+    /// The oldest queued message from any end, waiting for one if none is queued.
+    pub async fn recv_any(&self) -> Result<(TaskId, Message)> {
+        self.shared()
+            .wait_for(|state| {
+                let all: HashSet<TaskId> = state.queues.keys().cloned().collect();
+                pop_oldest(state, &all).map(Ok)
+            })
+            .await
+    }
+
+    /// The next message from `end` without taking it, if one is queued.
+    pub fn peek(&self, end: &TaskId) -> Option<Message> {
+        self.shared()
+            .lock()
+            .queues
+            .get(end)
+            .and_then(|q| q.front())
+            .map(|(_, m)| m.clone())
+    }
+
+    /// One message from each of `ends`, in arrival order, until `first_k` have arrived.
+    ///
+    /// The stream ends early when every end that has not answered yet has left. Items are
+    /// yielded as they arrive, so a consumer can fold them one at a time (memory of one
+    /// message, not of `first_k`).
+    pub fn recv_fifo(
+        &self,
+        ends: &[TaskId],
+        first_k: usize,
+    ) -> impl Stream<Item = Result<(TaskId, Message)>> + Send + 'static {
+        let pending: HashSet<TaskId> = ends.iter().cloned().collect();
+        let channel = self.clone();
+        futures::stream::unfold(
+            (channel, pending, first_k),
+            |(channel, mut pending, left)| async move {
+                if left == 0 || pending.is_empty() {
+                    return None;
+                }
+                let res = channel
+                    .shared()
+                    .wait_for(|state| {
+                        if let Some(found) = pop_oldest(state, &pending) {
+                            return Some(Ok(Some(found)));
+                        }
+                        // Nothing queued: give up on ends that are gone.
+                        let alive = pending.iter().any(|e| state.peers.contains_key(e));
+                        (!alive).then_some(Ok(None))
+                    })
+                    .await;
+                match res {
+                    Ok(Some((end, message))) => {
+                        pending.remove(&end);
+                        Some((Ok((end, message)), (channel, pending, left - 1)))
+                    }
+                    Ok(None) => None,
+                    Err(e) => Some((Err(e), (channel, HashSet::new(), 0))),
+                }
+            },
+        )
+    }
+
+    /// Waits until at least one peer end is present; returns the ends.
+    pub async fn await_join(&self, timeout: Duration) -> Result<Vec<TaskId>> {
+        self.await_ends(1, timeout).await
+    }
+
+    /// Waits until at least `n` peer ends are present; returns the ends.
+    pub async fn await_ends(&self, n: usize, timeout: Duration) -> Result<Vec<TaskId>> {
+        let wait = self.shared().wait_for(|state| {
+            (state.peers.len() >= n).then(|| Ok(state.peers.keys().cloned().collect()))
+        });
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| Error::JoinTimeout {
+                channel: self.name().to_owned(),
+                group: self.group().to_owned(),
+                timeout,
+            })?
+    }
+
+    /// Waits until `end` is no longer a peer.
+    pub async fn await_leave(&self, end: &TaskId, timeout: Duration) -> Result<()> {
+        let wait = self
+            .shared()
+            .wait_for(|state| (!state.peers.contains_key(end)).then_some(Ok(())));
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| Error::JoinTimeout {
+                channel: self.name().to_owned(),
+                group: self.group().to_owned(),
+                timeout,
+            })?
+    }
+
+    /// Announces this end again after [`Channel::leave`].
+    pub async fn join(&self) -> Result<()> {
+        match &self.inner.transport {
+            Transport::Local(local) => local.announce(true),
+            Transport::Mqtt(mqtt) => mqtt.announce(true).await,
+        }
+    }
+
+    /// Withdraws this end: peers stop seeing it in `ends()`. Queued messages stay readable.
+    pub async fn leave(&self) -> Result<()> {
+        match &self.inner.transport {
+            Transport::Local(local) => local.announce(false),
+            Transport::Mqtt(mqtt) => mqtt.announce(false).await,
+        }
+    }
+
+    /// Leaves cleanly and disconnects; every clone of this handle stops working.
+    pub async fn close(&self) -> Result<()> {
+        let res = match &self.inner.transport {
+            Transport::Local(local) => local.announce(false),
+            Transport::Mqtt(mqtt) => mqtt.disconnect().await,
+        };
+        self.shared().close();
+        res
+    }
+
+    /// Test hook: stop all network activity without closing the connection, as a hung or
+    /// partitioned process would. Peers must notice through the liveness timeout.
+    #[doc(hidden)]
+    pub fn simulate_hang(&self) {
+        match &self.inner.transport {
+            Transport::Local(local) => local.announce(false).unwrap_or(()),
+            Transport::Mqtt(mqtt) => mqtt.hang(),
+        }
+    }
+}

@@ -1,0 +1,587 @@
+//! The `mqtt` backend: one rumqttc connection per channel end, QoS 1, no TLS.
+//!
+//! Topics, with every segment percent-escaped (`/`, `+`, `#`, `%`):
+//!
+//! - `fledge/{job}/{channel}/{group}/data/{end}`: unicast to `end`;
+//! - `fledge/{job}/{channel}/{group}/bcast/{role}`: broadcast to every end of `role`
+//!   (the broker fans out, so a sender uploads a broadcast once);
+//! - `fledge/{job}/{channel}/{group}/presence/{role}/{end}`: retained JSON [`EndProps`] while
+//!   `end` is joined, re-published every heartbeat; an empty retained payload (a clean leave or
+//!   the connection's last will) clears it.
+//!
+//! An end subscribes to its own data topic, its role's broadcast topic and the presence topics of
+//! its peer role, so it only ever sees its own job, channel and group. A peer leaves `ends()` when
+//! its presence is cleared (clean leave, or the broker firing its will when the connection drops
+//! or misses keep-alives) or when no heartbeat came for `liveness_timeout`.
+//!
+//! Encoded messages are split into chunks of `chunk_size` bytes ([`crate::chunk`]) and
+//! reassembled with bounded memory on the other side. Order is kept per sender for unicast
+//! messages and, separately, for broadcasts (they travel on different topics).
+//!
+//! The event loop keeps polling after errors, so a restarted broker is reconnected to; on every
+//! ConnAck the end re-subscribes and re-announces itself.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use fledge_types::TaskId;
+
+use crate::channel::{EndProps, Error, Result, Shared};
+use crate::chunk::{self, Reassembler};
+use crate::wire::{self, Message};
+
+/// Default chunk size: 4 MiB.
+pub const DEFAULT_CHUNK_SIZE: usize = 4 << 20;
+/// Room for the topic, the MQTT header and the chunk header on top of a chunk.
+const PACKET_SLACK: usize = 128 << 10;
+/// Encode and decode off the runtime threads above this many bytes.
+const BLOCKING_THRESHOLD: usize = 1 << 20;
+
+/// How to reach the broker and how to pace liveness.
+#[derive(Clone, Debug)]
+pub struct MqttConfig {
+    /// Broker host name or IP.
+    pub host: String,
+    /// Broker port (1883 by default).
+    pub port: u16,
+    /// Largest chunk payload in bytes. Default 4 MiB.
+    pub chunk_size: usize,
+    /// MQTT keep-alive; the broker fires the last will after 1.5× this without traffic.
+    /// At least 1 s. Default 5 s.
+    pub keep_alive: Duration,
+    /// Presence heartbeat period. Default 1 s.
+    pub heartbeat: Duration,
+    /// A peer without a heartbeat for this long leaves `ends()`. Default 10 s.
+    pub liveness_timeout: Duration,
+    /// How long `open` waits for the broker. Default 10 s.
+    pub connect_timeout: Duration,
+}
+
+impl MqttConfig {
+    /// Defaults for a broker at `host:port`.
+    pub fn new(host: impl Into<String>, port: u16) -> MqttConfig {
+        MqttConfig {
+            host: host.into(),
+            port,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            keep_alive: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(1),
+            liveness_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Parses `mqtt://host:port`, `tcp://host:port`, `host:port` or `host` (port 1883).
+    pub fn parse(addr: &str) -> Result<MqttConfig> {
+        let bad = |why: &str| Error::InvalidOptions(format!("broker address {addr:?}: {why}"));
+        let rest = match addr.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => rest,
+            Some((scheme, _)) => return Err(bad(&format!("unsupported scheme {scheme:?} (use mqtt://)"))),
+            None => addr,
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.is_empty() {
+            return Err(bad("no host"));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+                let port: u16 = port.parse().map_err(|_| bad(&format!("bad port {port:?}")))?;
+                (host.trim_start_matches('[').trim_end_matches(']'), port)
+            }
+            _ => (rest, 1883),
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        Ok(MqttConfig::new(host, port))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if self.keep_alive < Duration::from_secs(1) {
+            problems.push(format!("keep_alive {:?} is below 1 s", self.keep_alive));
+        }
+        if self.chunk_size < 1024 {
+            problems.push(format!("chunk_size {} is below 1024", self.chunk_size));
+        }
+        if self.heartbeat.is_zero() {
+            problems.push("heartbeat is 0".to_owned());
+        }
+        if self.liveness_timeout <= self.heartbeat {
+            problems.push(format!(
+                "liveness_timeout {:?} must exceed heartbeat {:?}",
+                self.liveness_timeout, self.heartbeat
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidOptions(problems.join("; ")))
+        }
+    }
+}
+
+/// Escapes a topic segment so that ids cannot add levels or wildcards.
+fn escape(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for c in segment.chars() {
+        match c {
+            '/' | '+' | '#' | '%' | '\0' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn unescape(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    let mut chars = segment.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            let hex: String = chars.by_ref().take(2).collect();
+            match u8::from_str_radix(&hex, 16) {
+                Ok(b) => out.push(b as char),
+                Err(_) => {
+                    out.push('%');
+                    out.push_str(&hex);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The topic names of one end.
+#[derive(Debug)]
+struct Topics {
+    prefix: String,
+    my_data: String,
+    my_bcast: String,
+    peer_bcast: String,
+    my_presence: String,
+    peer_presence_prefix: String,
+}
+
+impl Topics {
+    fn new(shared: &Shared) -> Topics {
+        let o = &shared.opts;
+        let prefix = format!(
+            "fledge/{}/{}/{}",
+            escape(o.job.as_str()),
+            escape(&o.channel),
+            escape(&o.group)
+        );
+        Topics {
+            my_data: format!("{prefix}/data/{}", escape(o.me.as_str())),
+            my_bcast: format!("{prefix}/bcast/{}", escape(&o.role)),
+            peer_bcast: format!("{prefix}/bcast/{}", escape(&o.peer_role)),
+            my_presence: format!(
+                "{prefix}/presence/{}/{}",
+                escape(&o.role),
+                escape(o.me.as_str())
+            ),
+            peer_presence_prefix: format!("{prefix}/presence/{}/", escape(&o.peer_role)),
+            prefix,
+        }
+    }
+
+    fn data(&self, end: &TaskId) -> String {
+        format!("{}/data/{}", self.prefix, escape(end.as_str()))
+    }
+
+    fn filters(&self) -> Vec<SubscribeFilter> {
+        vec![
+            SubscribeFilter::new(self.my_data.clone(), QoS::AtLeastOnce),
+            SubscribeFilter::new(self.my_bcast.clone(), QoS::AtLeastOnce),
+            SubscribeFilter::new(format!("{}+", self.peer_presence_prefix), QoS::AtLeastOnce),
+        ]
+    }
+}
+
+/// State the event loop, the ticker and the handle share.
+struct Ctx {
+    shared: Arc<Shared>,
+    client: AsyncClient,
+    topics: Topics,
+    config: MqttConfig,
+    joined: AtomicBool,
+    hung: CancellationToken,
+    last_seen: Mutex<HashMap<TaskId, Instant>>,
+    /// `Ok(true)` once subscribed and announced; the last connection error otherwise.
+    ready: watch::Sender<std::result::Result<bool, String>>,
+}
+
+impl Ctx {
+    fn presence_payload(&self) -> Vec<u8> {
+        let props = EndProps {
+            role: self.shared.opts.role.clone(),
+            task_id: self.shared.opts.me.clone(),
+            props: self.shared.opts.props.clone(),
+        };
+        serde_json::to_vec(&props).expect("EndProps serializes: plain strings and JSON values")
+    }
+
+    fn publish_presence(&self) {
+        let payload = if self.joined.load(Ordering::SeqCst) {
+            self.presence_payload()
+        } else {
+            Vec::new()
+        };
+        // From the event loop and ticker we must not wait on the request queue (the event loop
+        // is what drains it); a skipped heartbeat is repeated at the next tick.
+        if let Err(e) = self
+            .client
+            .try_publish(&self.topics.my_presence, QoS::AtLeastOnce, true, payload)
+        {
+            tracing::debug!(error = %e, "presence publish skipped");
+        }
+    }
+
+    /// Handles a presence update; returns the end if it left.
+    fn on_presence(&self, end: &str, payload: &[u8]) -> Option<TaskId> {
+        let end = TaskId::new(unescape(end));
+        if end == self.shared.opts.me {
+            return None;
+        }
+        if payload.is_empty() {
+            self.last_seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&end);
+            self.shared.peer_down(&end);
+            return Some(end);
+        }
+        match serde_json::from_slice::<EndProps>(payload) {
+            Ok(props) if props.task_id == end && props.role == self.shared.opts.peer_role => {
+                self.last_seen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(end, Instant::now());
+                self.shared.peer_up(props);
+            }
+            Ok(props) => {
+                tracing::warn!(%end, claimed = %props.task_id, role = %props.role, "presence does not match its topic, ignored");
+            }
+            Err(e) => tracing::warn!(%end, error = %e, "malformed presence, ignored"),
+        }
+        None
+    }
+
+    fn expire_peers(&self) {
+        let now = Instant::now();
+        let expired: Vec<TaskId> = {
+            let mut seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+            let expired: Vec<TaskId> = seen
+                .iter()
+                .filter(|(_, t)| now.duration_since(**t) > self.config.liveness_timeout)
+                .map(|(e, _)| e.clone())
+                .collect();
+            for end in &expired {
+                seen.remove(end);
+            }
+            expired
+        };
+        for end in expired {
+            tracing::info!(channel = %self.shared.opts.channel, %end, "peer missed heartbeats, dropped");
+            self.shared.peer_down(&end);
+        }
+    }
+
+    async fn on_data(&self, reassembler: &mut Reassembler, payload: Bytes) {
+        let chunk = match chunk::parse(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed chunk dropped");
+                self.shared.metrics.dropped();
+                return;
+            }
+        };
+        if chunk.sender == self.shared.opts.me.as_str() {
+            return; // Our own broadcast on a self-loop channel.
+        }
+        let (sender, bytes) = match reassembler.push(chunk) {
+            Ok(Some(done)) => done,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "chunk rejected");
+                self.shared.metrics.dropped();
+                return;
+            }
+        };
+        let size = bytes.len();
+        let limit = self.shared.opts.max_message_bytes;
+        let decoded = if size > BLOCKING_THRESHOLD {
+            tokio::task::spawn_blocking(move || wire::decode_with_limit(bytes, limit))
+                .await
+                .unwrap_or_else(|e| panic!("decode task panicked: {e}"))
+        } else {
+            wire::decode_with_limit(bytes, limit)
+        };
+        let message = match decoded {
+            Ok(m) if m.sender == sender => m,
+            Ok(m) => {
+                tracing::warn!(chunk_sender = %sender, message_sender = %m.sender, "sender mismatch, dropped");
+                self.shared.metrics.dropped();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%sender, error = %e, "undecodable message dropped");
+                self.shared.metrics.dropped();
+                return;
+            }
+        };
+        self.shared.metrics.received(size);
+        // Waits while this sender's queue is full: back-pressure reaches the broker.
+        if let Err(e) = self.shared.push(TaskId::new(sender), message).await {
+            tracing::debug!(error = %e, "message arrived after close");
+        }
+    }
+}
+
+/// One end's MQTT connection.
+pub(crate) struct MqttEnd {
+    ctx: Arc<Ctx>,
+    next_msg_id: AtomicU64,
+    cancel: CancellationToken,
+    event_loop: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl MqttEnd {
+    pub(crate) async fn open(shared: Arc<Shared>, config: MqttConfig) -> Result<MqttEnd> {
+        config.validate()?;
+        let topics = Topics::new(&shared);
+        let client_id = format!("fledge-{:016x}", rand::random::<u64>());
+        let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
+        options
+            .set_keep_alive(config.keep_alive)
+            .set_clean_session(true)
+            .set_max_packet_size(config.chunk_size + PACKET_SLACK, config.chunk_size + PACKET_SLACK)
+            .set_inflight(32)
+            .set_last_will(LastWill::new(topics.my_presence.clone(), Vec::new(), QoS::AtLeastOnce, true));
+        let (client, eventloop) = AsyncClient::new(options, 64);
+        let (ready, mut ready_rx) = watch::channel(Ok(false));
+        let ctx = Arc::new(Ctx {
+            shared,
+            client,
+            topics,
+            config: config.clone(),
+            joined: AtomicBool::new(true),
+            hung: CancellationToken::new(),
+            last_seen: Mutex::new(HashMap::new()),
+            ready,
+        });
+        let cancel = CancellationToken::new();
+        let event_loop = tokio::spawn(run_event_loop(ctx.clone(), eventloop, cancel.clone()));
+        tokio::spawn(run_ticker(ctx.clone(), cancel.clone()));
+        let end = MqttEnd {
+            ctx,
+            next_msg_id: AtomicU64::new(rand::random::<u64>() >> 1),
+            cancel,
+            event_loop: Mutex::new(Some(event_loop)),
+        };
+        let addr = format!("{}:{}", config.host, config.port);
+        let connected = {
+            let wait = ready_rx.wait_for(|r| matches!(r, Ok(true)));
+            matches!(tokio::time::timeout(config.connect_timeout, wait).await, Ok(Ok(_)))
+        };
+        match connected {
+            true => Ok(end),
+            false => {
+                let reason = match &*ready_rx.borrow() {
+                    Err(e) => e.clone(),
+                    Ok(_) => "no subscription acknowledgement".to_owned(),
+                };
+                Err(Error::Connect {
+                    addr,
+                    timeout: config.connect_timeout,
+                    reason,
+                })
+            }
+        }
+    }
+
+    async fn publish_message(&self, topic: String, message: Message) -> Result<()> {
+        let encoded = if message.tensors.data_bytes() > BLOCKING_THRESHOLD {
+            tokio::task::spawn_blocking(move || wire::encode(&message))
+                .await
+                .unwrap_or_else(|e| panic!("encode task panicked: {e}"))?
+        } else {
+            wire::encode(&message)?
+        };
+        let shared = &self.ctx.shared;
+        if encoded.len() > shared.opts.max_message_bytes {
+            return Err(Error::TooLarge {
+                channel: shared.opts.channel.clone(),
+                size: encoded.len(),
+                limit: shared.opts.max_message_bytes,
+            });
+        }
+        let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
+        let chunks = chunk::split(shared.opts.me.as_str(), msg_id, &encoded, self.ctx.config.chunk_size);
+        for payload in chunks {
+            self.ctx
+                .client
+                .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload)
+                .await?;
+        }
+        shared.metrics.sent(encoded.len());
+        Ok(())
+    }
+
+    pub(crate) async fn send(&self, end: &TaskId, message: Message) -> Result<()> {
+        self.publish_message(self.ctx.topics.data(end), message).await
+    }
+
+    pub(crate) async fn broadcast(&self, message: Message) -> Result<()> {
+        self.publish_message(self.ctx.topics.peer_bcast.clone(), message).await
+    }
+
+    pub(crate) async fn announce(&self, present: bool) -> Result<()> {
+        self.ctx.joined.store(present, Ordering::SeqCst);
+        let payload = if present { self.ctx.presence_payload() } else { Vec::new() };
+        self.ctx
+            .client
+            .publish(&self.ctx.topics.my_presence, QoS::AtLeastOnce, true, payload)
+            .await?;
+        Ok(())
+    }
+
+    /// Clean leave: clear presence, disconnect, wait (briefly) for the event loop to flush.
+    pub(crate) async fn disconnect(&self) -> Result<()> {
+        self.announce(false).await?;
+        self.ctx.client.disconnect().await?;
+        let handle = self
+            .event_loop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle
+            && tokio::time::timeout(Duration::from_secs(5), handle).await.is_err()
+        {
+            tracing::warn!("mqtt event loop did not finish after disconnect");
+        }
+        self.cancel.cancel();
+        Ok(())
+    }
+
+    pub(crate) fn hang(&self) {
+        self.ctx.hung.cancel();
+    }
+}
+
+impl Drop for MqttEnd {
+    fn drop(&mut self) {
+        // Ends the event loop without a DISCONNECT: the broker fires our last will.
+        self.cancel.cancel();
+    }
+}
+
+async fn run_event_loop(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: CancellationToken) {
+    let mut reassembler = Reassembler::new(ctx.shared.opts.max_message_bytes);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let event = tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ctx.hung.cancelled() => {
+                // Keep the socket open but silent, as a hung process would.
+                cancel.cancelled().await;
+                break;
+            }
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(50);
+                tracing::debug!(channel = %ctx.shared.opts.channel, "connected to broker");
+                if let Err(e) = ctx.client.try_subscribe_many(ctx.topics.filters()) {
+                    tracing::warn!(error = %e, "subscribe request failed");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                // Announce only once subscribed, so nobody sends to us before we listen.
+                ctx.publish_presence();
+                let _previous = ctx.ready.send_replace(Ok(true));
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let topic = publish.topic.as_str();
+                if let Some(end) = topic.strip_prefix(&ctx.topics.peer_presence_prefix) {
+                    if let Some(gone) = ctx.on_presence(end, &publish.payload) {
+                        // Half-delivered messages from a departed end will never complete.
+                        reassembler.forget(gone.as_str());
+                    }
+                } else if topic == ctx.topics.my_data || topic == ctx.topics.my_bcast {
+                    ctx.on_data(&mut reassembler, publish.payload).await;
+                } else {
+                    tracing::debug!(topic, "publish on unexpected topic ignored");
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, ?backoff, "mqtt connection error, retrying");
+                ctx.ready.send_modify(|r| {
+                    if !matches!(r, Ok(true)) {
+                        *r = Err(e.to_string());
+                    }
+                });
+                let jitter = Duration::from_millis(rand::random::<u64>() % 50);
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn run_ticker(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(ctx.config.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ctx.hung.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if ctx.joined.load(Ordering::SeqCst) && matches!(*ctx.ready.borrow(), Ok(true)) {
+            ctx.publish_presence();
+        }
+        ctx.expire_peers();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        let c = MqttConfig::parse("mqtt://127.0.0.1:18830").expect("valid");
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 18830));
+        let c = MqttConfig::parse("broker.local").expect("valid");
+        assert_eq!((c.host.as_str(), c.port), ("broker.local", 1883));
+        let c = MqttConfig::parse("tcp://[::1]:1884").expect("valid");
+        assert_eq!((c.host.as_str(), c.port), ("::1", 1884));
+        for bad in ["ws://h:1", "mqtt://", "h:notaport", ":1883"] {
+            assert!(MqttConfig::parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn topic_segments_cannot_inject_levels() {
+        for raw in ["a/b", "+", "#", "100%", "plain-id"] {
+            let e = escape(raw);
+            assert!(!e.contains(['/', '+', '#']), "{e}");
+            assert_eq!(unescape(&e), raw);
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! One behavioural suite run against every backend: `local`, the embedded rumqttd broker and,
+//! when `FLEDGE_MOSQUITTO_URL` is set (e.g. `mqtt://127.0.0.1:1883`), a real Mosquitto.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use fledge_channel::{
+    Backend, Channel, ChannelOptions, Error, Kind, LocalHub, Message, MqttConfig, Tensor,
+};
+use fledge_types::TaskId;
+
+/// Generous bound for anything eventual; no assertion depends on speed.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// What a backend under test provides.
+struct Fixture {
+    backend: Backend,
+    /// Keeps the embedded broker alive for the test.
+    #[cfg(feature = "broker")]
+    _broker: Option<fledge_channel::broker::BrokerHandle>,
+    job: String,
+}
+
+impl Fixture {
+    fn local() -> Option<Fixture> {
+        Some(Fixture {
+            backend: Backend::Local(LocalHub::new()),
+            #[cfg(feature = "broker")]
+            _broker: None,
+            job: unique_job(),
+        })
+    }
+
+    #[cfg(feature = "broker")]
+    fn embedded() -> Option<Fixture> {
+        let broker = fledge_channel::broker::start_embedded_broker(
+            (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+        )
+        .expect("embedded broker starts");
+        let config = fast_liveness(MqttConfig::new("127.0.0.1", broker.addr().port()));
+        Some(Fixture {
+            backend: Backend::Mqtt(config),
+            _broker: Some(broker),
+            job: unique_job(),
+        })
+    }
+
+    fn mosquitto() -> Option<Fixture> {
+        let Ok(url) = std::env::var("FLEDGE_MOSQUITTO_URL") else {
+            eprintln!("FLEDGE_MOSQUITTO_URL not set: skipping the Mosquitto conformance test");
+            return None;
+        };
+        let config = MqttConfig::parse(&url).expect("FLEDGE_MOSQUITTO_URL is a broker address");
+        Some(Fixture {
+            backend: Backend::Mqtt(fast_liveness(config)),
+            #[cfg(feature = "broker")]
+            _broker: None,
+            job: unique_job(),
+        })
+    }
+
+    fn is_mqtt(&self) -> bool {
+        matches!(self.backend, Backend::Mqtt(_))
+    }
+
+    fn opts(&self, channel: &str, group: &str, me: &str, role: &str, peer: &str) -> ChannelOptions {
+        ChannelOptions::new(self.job.as_str(), channel, group, me, role, peer)
+    }
+
+    async fn open(&self, opts: ChannelOptions) -> Channel {
+        Channel::open(opts, self.backend.clone())
+            .await
+            .expect("channel opens")
+    }
+
+    /// An aggregator and `n` trainers on channel `param` group `default`.
+    async fn star(&self, n: usize) -> (Channel, Vec<Channel>) {
+        let agg = self
+            .open(self.opts("param", "default", "agg", "aggregator", "trainer"))
+            .await;
+        let mut trainers = Vec::new();
+        for i in 0..n {
+            let opts = self
+                .opts("param", "default", &format!("t{i}"), "trainer", "aggregator")
+                .with_prop("num_samples", 100 + i as u64);
+            trainers.push(self.open(opts).await);
+        }
+        agg.await_ends(n, PATIENCE).await.expect("trainers visible");
+        for t in &trainers {
+            t.await_join(PATIENCE).await.expect("aggregator visible");
+        }
+        (agg, trainers)
+    }
+}
+
+fn fast_liveness(mut config: MqttConfig) -> MqttConfig {
+    config.keep_alive = Duration::from_secs(1);
+    config.heartbeat = Duration::from_millis(200);
+    config.liveness_timeout = Duration::from_secs(2);
+    config
+}
+
+fn unique_job() -> String {
+    format!("job-{:016x}", rand::random::<u64>())
+}
+
+fn id(s: &str) -> TaskId {
+    TaskId::new(s)
+}
+
+fn update(round: u64) -> Message {
+    Message::new(Kind::Update, round)
+        .with_meta("num_samples", 10)
+        .with_tensor("w", Tensor::from_f32(vec![2], &[round as f32, 1.0]).expect("shape"))
+}
+
+/// Polls `check` until it holds (for effects with no event to wait on).
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn join_and_ends(f: Fixture) {
+    let (agg, trainers) = f.star(2).await;
+    assert_eq!(agg.ends(), vec![id("t0"), id("t1")]);
+    assert_eq!(trainers[0].ends(), vec![id("agg")]);
+    assert_eq!(agg.me(), &id("agg"));
+    assert_eq!((agg.name(), agg.group()), ("param", "default"));
+    let props = agg.end_props(&id("t1")).expect("t1 announced");
+    assert_eq!(props.role, "trainer");
+    assert_eq!(props.task_id, id("t1"));
+    assert_eq!(props.props.get("num_samples"), Some(&serde_json::json!(101)));
+    assert!(agg.end_props(&id("nobody")).is_none());
+
+    // Clean leave and re-join.
+    trainers[1].leave().await.expect("leave");
+    agg.await_leave(&id("t1"), PATIENCE).await.expect("t1 gone");
+    assert_eq!(agg.ends(), vec![id("t0")]);
+    trainers[1].join().await.expect("join");
+    agg.await_ends(2, PATIENCE).await.expect("t1 back");
+
+    // A lone end times out waiting for peers.
+    let lonely = f
+        .open(f.opts("other", "default", "solo", "aggregator", "trainer"))
+        .await;
+    assert!(matches!(
+        lonely.await_join(Duration::from_millis(300)).await,
+        Err(Error::JoinTimeout { .. })
+    ));
+}
+
+async fn self_loop(f: Fixture) {
+    let mut peers = Vec::new();
+    for i in 0..3 {
+        peers.push(
+            f.open(f.opts("ring", "default", &format!("p{i}"), "peer", "peer"))
+                .await,
+        );
+    }
+    for p in &peers {
+        p.await_ends(2, PATIENCE).await.expect("both others visible");
+        assert!(!p.ends().contains(p.me()), "an end never sees itself");
+        assert_eq!(p.ends().len(), 2);
+    }
+    let to = peers[0]
+        .broadcast(update(9))
+        .await
+        .expect("broadcast");
+    assert_eq!(to, vec![id("p1"), id("p2")]);
+    for p in &peers[1..] {
+        let m = p.recv(&id("p0")).await.expect("broadcast arrives");
+        assert_eq!((m.round, m.sender.as_str()), (9, "p0"));
+    }
+    peers[1]
+        .send(&id("p2"), update(3))
+        .await
+        .expect("unicast within the role");
+    assert_eq!(peers[2].recv(&id("p1")).await.expect("arrives").round, 3);
+    // The sender got nothing back from its own broadcast.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(peers[0].peek(&id("p0")).is_none());
+}
+
+async fn group_and_job_isolation(f: Fixture) {
+    let agg_a = f
+        .open(f.opts("param", "a", "agg-a", "aggregator", "trainer"))
+        .await;
+    let t_a = f.open(f.opts("param", "a", "t-a", "trainer", "aggregator")).await;
+    let t_b = f.open(f.opts("param", "b", "t-b", "trainer", "aggregator")).await;
+    let other_job = ChannelOptions::new(unique_job(), "param", "a", "t-x", "trainer", "aggregator");
+    let t_x = f.open(other_job).await;
+    let other_channel = f
+        .open(f.opts("metrics", "a", "t-c", "trainer", "aggregator"))
+        .await;
+    let agg_b = f
+        .open(f.opts("param", "b", "agg-b", "aggregator", "trainer"))
+        .await;
+    agg_a.await_join(PATIENCE).await.expect("t-a visible");
+    agg_b.await_join(PATIENCE).await.expect("t-b visible");
+    // Give stray announcements time to (wrongly) arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(agg_a.ends(), vec![id("t-a")]);
+    assert_eq!(agg_b.ends(), vec![id("t-b")]);
+    assert!(t_x.ends().is_empty());
+    assert!(other_channel.ends().is_empty());
+    assert!(matches!(
+        agg_a.send(&id("t-b"), update(1)).await,
+        Err(Error::UnknownEnd { .. })
+    ));
+    agg_a.broadcast(update(2)).await.expect("broadcast");
+    assert_eq!(t_a.recv(&id("agg-a")).await.expect("arrives").round, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(t_b.peek(&id("agg-a")).is_none());
+    assert!(t_x.peek(&id("agg-a")).is_none());
+}
+
+async fn unicast_order_per_sender(f: Fixture) {
+    let (agg, trainers) = f.star(2).await;
+    let n = 40;
+    let sends = trainers.iter().map(|t| async move {
+        for round in 0..n {
+            t.send(&id("agg"), update(round)).await.expect("send");
+        }
+    });
+    futures::future::join_all(sends).await;
+    for t in ["t0", "t1"] {
+        for round in 0..n {
+            let m = agg.recv(&id(t)).await.expect("recv");
+            assert_eq!((m.round, m.sender.as_str()), (round, t));
+            assert_eq!(&*m.tensors.get("w").expect("w").as_f32().expect("f32"), &[round as f32, 1.0]);
+        }
+    }
+    // Unknown peers are refused on send and recv.
+    assert!(matches!(agg.send(&id("ghost"), update(0)).await, Err(Error::UnknownEnd { .. })));
+    assert!(matches!(agg.recv(&id("ghost")).await, Err(Error::EndLeft { .. })));
+    let sent = trainers[0].metrics().snapshot();
+    assert_eq!(sent.messages_sent, n);
+    assert!(sent.bytes_sent > 0);
+    let received = agg.metrics().snapshot();
+    assert_eq!(received.messages_received, 2 * n);
+    assert!(received.bytes_received >= sent.bytes_sent);
+}
+
+async fn broadcast_and_recv_fifo(f: Fixture) {
+    let (agg, trainers) = f.star(3).await;
+    let to = agg
+        .broadcast(Message::new(Kind::Weights, 5).with_meta("lr", 0.1))
+        .await
+        .expect("broadcast");
+    assert_eq!(to, vec![id("t0"), id("t1"), id("t2")]);
+    for t in &trainers {
+        let m = t.recv(&id("agg")).await.expect("weights");
+        assert_eq!((m.kind, m.round, m.sender.as_str()), (Kind::Weights, 5, "agg"));
+        assert_eq!(m.meta.get("lr"), Some(&serde_json::json!(0.1)));
+    }
+    // Arrival order t2, t0, t1: each waits until the previous one is queued.
+    for i in [2, 0, 1] {
+        trainers[i].send(&id("agg"), update(i as u64)).await.expect("send");
+        let from = id(&format!("t{i}"));
+        eventually("update queued", || agg.peek(&from).is_some()).await;
+    }
+    let got: Vec<TaskId> = agg
+        .recv_fifo(&agg.ends(), 2)
+        .map(|r| r.expect("fifo item").0)
+        .collect()
+        .await;
+    assert_eq!(got, vec![id("t2"), id("t0")]);
+    // The one not taken stays queued.
+    assert_eq!(agg.recv(&id("t1")).await.expect("left over").round, 1);
+    // recv_any takes the oldest across ends.
+    trainers[1].send(&id("agg"), update(11)).await.expect("send");
+    eventually("queued", || agg.peek(&id("t1")).is_some()).await;
+    trainers[0].send(&id("agg"), update(10)).await.expect("send");
+    eventually("queued", || agg.peek(&id("t0")).is_some()).await;
+    let (from, m) = agg.recv_any().await.expect("any");
+    assert_eq!((from, m.round), (id("t1"), 11));
+    // A fifo over ends that left yields what is queued, then stops.
+    drop(trainers);
+    agg.await_leave(&id("t2"), PATIENCE).await.expect("t2 gone");
+    let left: Vec<TaskId> = agg
+        .recv_fifo(&[id("t0"), id("t1"), id("t2")], 3)
+        .map(|r| r.expect("item").0)
+        .collect()
+        .await;
+    assert_eq!(left, vec![id("t0")]);
+}
+
+async fn big_message(f: Fixture) {
+    let (agg, trainers) = f.star(1).await;
+    let n = 16 << 20; // 16 Mi floats = 64 MiB.
+    let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.5).collect();
+    let message = Message::new(Kind::Weights, 1)
+        .with_tensor("big", Tensor::from_f32(vec![4096, n / 4096], &values).expect("shape"));
+    let start = tokio::time::Instant::now();
+    let (t0, agg_id) = (id("t0"), id("agg"));
+    let (sent, received) = tokio::join!(agg.send(&t0, message), trainers[0].recv(&agg_id));
+    sent.expect("64 MiB sent");
+    let m = received.expect("64 MiB received");
+    let elapsed = start.elapsed();
+    eprintln!(
+        "64 MiB transfer: {:.3} s ({:.1} MB/s)",
+        elapsed.as_secs_f64(),
+        64.0 * 1.048576 / elapsed.as_secs_f64()
+    );
+    let big = m.tensors.get("big").expect("tensor");
+    assert_eq!(big.shape(), &[4096, n / 4096]);
+    assert!(big.as_f32().expect("f32") == values.as_slice());
+}
+
+async fn peer_death(f: Fixture) {
+    let (agg, mut trainers) = f.star(2).await;
+    // Crash: the handle goes away without leaving.
+    let t1 = trainers.pop().expect("t1");
+    drop(t1);
+    agg.await_leave(&id("t1"), PATIENCE).await.expect("dead peer leaves ends()");
+    assert_eq!(agg.ends(), vec![id("t0")]);
+    assert!(matches!(agg.recv(&id("t1")).await, Err(Error::EndLeft { .. })));
+    if f.is_mqtt() {
+        // Hang: connection open but silent; only the liveness timeout can tell.
+        trainers[0].simulate_hang();
+        agg.await_leave(&id("t0"), PATIENCE).await.expect("hung peer leaves ends()");
+    }
+}
+
+async fn size_limit(f: Fixture) {
+    let mut small = f.opts("param", "default", "agg", "aggregator", "trainer");
+    small.max_message_bytes = 64 << 10;
+    let agg = f.open(small).await;
+    let t0 = f.open(f.opts("param", "default", "t0", "trainer", "aggregator")).await;
+    agg.await_join(PATIENCE).await.expect("joined");
+    t0.await_join(PATIENCE).await.expect("joined");
+    let big = || {
+        Message::new(Kind::Weights, 1)
+            .with_tensor("b", Tensor::from_u8(vec![100 << 10], vec![1u8; 100 << 10].into()).expect("shape"))
+    };
+    // The sender refuses what exceeds its own limit.
+    assert!(matches!(agg.send(&id("t0"), big()).await, Err(Error::TooLarge { .. })));
+    assert!(matches!(agg.broadcast(big()).await, Err(Error::TooLarge { .. })));
+    // The receiver refuses what exceeds its limit: an error locally, a counted drop over MQTT.
+    match t0.send(&id("agg"), big()).await {
+        Err(Error::TooLarge { .. }) => assert!(!f.is_mqtt()),
+        Ok(()) => {
+            assert!(f.is_mqtt());
+            eventually("oversized message dropped", || agg.metrics().snapshot().messages_dropped == 1).await;
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+    // Small messages still flow.
+    t0.send(&id("agg"), update(1)).await.expect("small send");
+    assert_eq!(agg.recv(&id("t0")).await.expect("small arrives").round, 1);
+    // Bad options are named.
+    let mut bad = f.opts("param", "default", "", "trainer", "aggregator");
+    bad.queue_depth = 0;
+    let err = Channel::open(bad, f.backend.clone()).await.expect_err("invalid");
+    assert!(err.to_string().contains("me is empty"), "{err}");
+    assert!(err.to_string().contains("queue_depth is 0"), "{err}");
+}
+
+async fn duplicate_and_p2p(f: Fixture) {
+    let _a = f.open(f.opts("param", "default", "agg", "aggregator", "trainer")).await;
+    if !f.is_mqtt() {
+        // MQTT cannot tell a duplicate id from a restart; the local hub can.
+        let dup = Channel::open(
+            f.opts("param", "default", "agg", "aggregator", "trainer"),
+            f.backend.clone(),
+        )
+        .await;
+        assert!(matches!(dup, Err(Error::DuplicateEnd { .. })));
+    }
+    let p2p = Channel::open(f.opts("param", "default", "x", "trainer", "aggregator"), Backend::P2p).await;
+    assert!(matches!(p2p, Err(Error::BackendNotBuilt(ref b)) if b == "p2p"));
+}
+
+macro_rules! backend_test_suite {
+    ($module:ident, $fixture:expr) => {
+        mod $module {
+            use super::*;
+
+            macro_rules! case {
+                ($name:ident) => {
+                    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+                    async fn $name() {
+                        let Some(fixture) = $fixture else { return };
+                        super::$name(fixture).await;
+                    }
+                };
+            }
+
+            case!(join_and_ends);
+            case!(self_loop);
+            case!(group_and_job_isolation);
+            case!(unicast_order_per_sender);
+            case!(broadcast_and_recv_fifo);
+            case!(big_message);
+            case!(peer_death);
+            case!(size_limit);
+            case!(duplicate_and_p2p);
+        }
+    };
+}
+
+backend_test_suite!(local, Fixture::local());
+#[cfg(feature = "broker")]
+backend_test_suite!(embedded, Fixture::embedded());
+backend_test_suite!(mosquitto, Fixture::mosquitto());
+
+#[cfg(feature = "broker")]
+mod broker_only {
+    use super::*;
+    use fledge_channel::broker::start_embedded_broker;
+
+    /// Clients reconnect, re-subscribe and re-announce after the broker restarts on its address.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn reconnect_after_broker_restart() {
+        let broker = start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into()).expect("start");
+        let addr = broker.addr();
+        assert_ne!(addr.port(), 0, "port 0 resolves to the bound port");
+        let f = Fixture {
+            backend: Backend::Mqtt(fast_liveness(MqttConfig::new("127.0.0.1", addr.port()))),
+            _broker: None,
+            job: unique_job(),
+        };
+        let (agg, trainers) = f.star(1).await;
+        broker.shutdown();
+        // Everyone sees everyone go (their liveness view expires while the broker is down).
+        agg.await_leave(&id("t0"), PATIENCE).await.expect("t0 unseen while broker is down");
+        let broker = start_embedded_broker(addr).expect("restart on the same address");
+        agg.await_join(PATIENCE).await.expect("t0 back after restart");
+        trainers[0].await_join(PATIENCE).await.expect("agg back after restart");
+        trainers[0].send(&id("agg"), update(7)).await.expect("send after restart");
+        assert_eq!(agg.recv(&id("t0")).await.expect("recv after restart").round, 7);
+        drop(broker);
+    }
+
+    #[test]
+    fn busy_address_is_an_error() {
+        let broker = start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into()).expect("start");
+        let err = start_embedded_broker(broker.addr()).expect_err("address in use");
+        assert!(err.to_string().contains("bind broker address"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bench_helpers_run() {
+        let d = fledge_channel::bench::mqtt_fanout(1 << 20, 3).await.expect("fanout");
+        assert!(d > Duration::ZERO);
+        let gbps = fledge_channel::bench::loopback_tcp_bandwidth(64 << 20).await.expect("loopback");
+        assert!(gbps > 0.0);
+        let local = fledge_channel::bench::fanout(Backend::Local(LocalHub::new()), 1 << 20, 3)
+            .await
+            .expect("local fanout");
+        assert!(local > Duration::ZERO);
+    }
+}
