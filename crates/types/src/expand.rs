@@ -316,3 +316,220 @@ fn idle_tasks(schema: &Schema, tasks: &[Task]) -> Vec<ErrorDetail> {
 fn detail(path: impl Into<String>, message: impl Into<String>) -> ErrorDetail {
     ErrorDetail { path: path.into(), message: message.into() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::UserId;
+    use crate::job::DataSpecEntry;
+    use crate::resources::{DatasetSpec, Platform};
+    use crate::schema::{ChannelSpec, DEFAULT_GROUP, GroupBy};
+
+    fn compute(id: &str, region: &str) -> Compute {
+        Compute {
+            compute_id: ComputeId::new(id),
+            region: region.to_owned(),
+            platform: Platform::Process,
+            connected: true,
+        }
+    }
+
+    fn dataset(id: &str, realm: &str) -> Dataset {
+        Dataset {
+            id: DatasetId::new(id),
+            owner: UserId::new("alice"),
+            spec: DatasetSpec {
+                name: id.to_owned(),
+                url: format!("file:///data/{id}"),
+                realm: realm.to_owned(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Trainers and an aggregator on one channel without `groupBy` and without entries.
+    fn two_tier(replica: i64) -> Schema {
+        Schema {
+            roles: vec![
+                Role {
+                    name: "trainer".into(),
+                    is_data_consumer: true,
+                    ..Default::default()
+                },
+                Role {
+                    name: "aggregator".into(),
+                    replica,
+                    ..Default::default()
+                },
+            ],
+            channels: vec![ChannelSpec {
+                name: "param-channel".into(),
+                pair: vec!["trainer".into(), "aggregator".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn job_with(role: &str, group: &str, ids: &[&str]) -> JobSpec {
+        JobSpec {
+            name: "test".into(),
+            data_spec: vec![DataSpecEntry {
+                role: role.into(),
+                dataset_groups: [(
+                    group.to_owned(),
+                    ids.iter().map(|id| DatasetId::new(*id)).collect(),
+                )]
+                .into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn task_ids_are_stable_and_distinct() {
+        let job = JobId::new("job-1");
+        let eu: BTreeMap<String, String> = [("param-channel".to_owned(), "eu".to_owned())].into();
+        let us: BTreeMap<String, String> = [("param-channel".to_owned(), "us".to_owned())].into();
+        let id = task_id(&job, "trainer", 0, &eu);
+        // Pinned: a change here re-keys every stored task, which must be deliberate.
+        assert_eq!(id.as_str(), task_id(&job, "trainer", 0, &eu).as_str());
+        assert_eq!(id.as_str().len(), 16);
+        assert!(id.as_str().chars().all(|c| c.is_ascii_hexdigit()));
+        let others = [
+            task_id(&JobId::new("job-2"), "trainer", 0, &eu),
+            task_id(&job, "aggregator", 0, &eu),
+            task_id(&job, "trainer", 1, &eu),
+            task_id(&job, "trainer", 0, &us),
+        ];
+        for other in &others {
+            assert_ne!(&id, other);
+        }
+        // Field boundaries are unambiguous: ("ab", "c") and ("a", "bc") differ.
+        assert_ne!(
+            task_id(&JobId::new("ab"), "c", 0, &eu),
+            task_id(&JobId::new("a"), "bc", 0, &eu)
+        );
+    }
+
+    #[test]
+    fn reexpanding_yields_the_same_tasks() {
+        let schema = two_tier(1);
+        let job = job_with("trainer", "default", &["d1", "d2"]);
+        let datasets = [dataset("d1", "default"), dataset("d2", "default")];
+        let first = expand(&JobId::new("j"), &job, &schema, &datasets, &[]).expect("valid");
+        let second = expand(&JobId::new("j"), &job, &schema, &datasets, &[]).expect("valid");
+        assert_eq!(first, second);
+        let other_job = expand(&JobId::new("k"), &job, &schema, &datasets, &[]).expect("valid");
+        assert_ne!(first[0].task_id, other_job[0].task_id);
+    }
+
+    #[test]
+    fn compute_is_the_longest_segment_prefix_of_the_realm() {
+        let computes = [
+            compute("root", "default"),
+            compute("eu", "default/eu"),
+            compute("uk", "default/eu/uk/"),
+            compute("europe", "default/europe"),
+            compute("asia", "other/asia"),
+        ];
+        let pick = |realm: &str| compute_for_realm(realm, &computes).0;
+        assert_eq!(pick("default/eu/uk"), "uk");
+        assert_eq!(pick("default/eu/uk/london"), "uk");
+        assert_eq!(pick("default/eu/de"), "eu");
+        assert_eq!(pick("default/eu"), "eu");
+        assert_eq!(pick("default/europe/x"), "europe");
+        assert_eq!(pick("default/us"), "root");
+        assert_eq!(pick("defaults/us"), DEFAULT_COMPUTE);
+        assert_eq!(pick("other"), DEFAULT_COMPUTE);
+        assert_eq!(compute_for_realm("default/eu", &[]).0, DEFAULT_COMPUTE);
+        // Two computes for one region: the smallest id wins, whatever the input order.
+        let tied = [compute("b", "default/eu"), compute("a", "default/eu")];
+        assert_eq!(compute_for_realm("default/eu/uk", &tied).0, "a");
+        assert!(!region_serves("", "default"));
+    }
+
+    #[test]
+    fn replica_below_one_means_one_and_no_group_by_means_default() {
+        for replica in [-3, 0, 1] {
+            let tasks = expand(
+                &JobId::new("j"),
+                &job_with("trainer", "default", &["d1"]),
+                &two_tier(replica),
+                &[dataset("d1", "default")],
+                &[],
+            )
+            .expect("valid");
+            let aggregators: Vec<_> = tasks.iter().filter(|t| t.role == "aggregator").collect();
+            assert_eq!(aggregators.len(), 1, "replica {replica}");
+            let expected: BTreeMap<String, String> =
+                [("param-channel".to_owned(), DEFAULT_GROUP.to_owned())].into();
+            assert_eq!(aggregators[0].group_association, expected);
+            assert_eq!(tasks[0].group_association, expected);
+            assert_eq!(aggregators[0].compute_id.as_str(), DEFAULT_COMPUTE);
+        }
+        let tasks = expand(
+            &JobId::new("j"),
+            &job_with("trainer", "default", &["d1"]),
+            &two_tier(3),
+            &[dataset("d1", "default")],
+            &[],
+        )
+        .expect("valid");
+        let indexes: Vec<u32> = tasks
+            .iter()
+            .filter(|t| t.role == "aggregator")
+            .map(|t| t.index)
+            .collect();
+        assert_eq!(indexes, [0, 1, 2]);
+    }
+
+    #[test]
+    fn participant_run_roles_are_unmanaged_and_data_tasks_carry_their_dataset() {
+        let mut schema = two_tier(1);
+        schema.roles[0].participant_run = true;
+        let tasks = expand(
+            &JobId::new("j"),
+            &job_with("trainer", "default", &["d1"]),
+            &schema,
+            &[dataset("d1", "default/eu/uk")],
+            &[compute("eu", "default/eu")],
+        )
+        .expect("valid");
+        assert!(!tasks[0].managed);
+        assert_eq!(tasks[0].dataset_id, Some(DatasetId::new("d1")));
+        assert_eq!(tasks[0].compute_id.as_str(), "eu");
+        assert_eq!(tasks[0].state, TaskState::Ready);
+        assert!(tasks[1].managed);
+        assert_eq!(tasks[1].dataset_id, None);
+    }
+
+    #[test]
+    fn an_aggregator_without_trainers_in_its_group_is_an_error() {
+        let mut schema = two_tier(1);
+        schema.channels[0].group_by = Some(GroupBy {
+            kind: "tag".into(),
+            value: vec!["eu".into(), "us".into()],
+        });
+        let eu: BTreeMap<String, String> = [("param-channel".to_owned(), "eu".to_owned())].into();
+        let us: BTreeMap<String, String> = [("param-channel".to_owned(), "us".to_owned())].into();
+        schema.roles[0].group_association = vec![eu.clone(), us.clone()];
+        schema.roles[1].group_association = vec![eu, us];
+        let errors = expand(
+            &JobId::new("j"),
+            &job_with("trainer", "eu", &["d1"]),
+            &schema,
+            &[dataset("d1", "default")],
+            &[],
+        )
+        .expect_err("the us aggregator idles");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "schema.roles[1]");
+        assert!(
+            errors[0].message.contains("\"aggregator\"")
+                && errors[0].message.contains("param-channel=us"),
+            "{}",
+            errors[0].message
+        );
+    }
+}

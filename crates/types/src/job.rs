@@ -12,7 +12,9 @@ use crate::state::JobState;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobSpec {
-    /// Human-readable name.
+    /// Human-readable name (required; absent parses as empty so validation reports it with
+    /// every other problem).
+    #[serde(default)]
     pub name: String,
     /// The design to run.
     pub design_id: DesignId,

@@ -1,0 +1,182 @@
+//! Data-driven golden tests of parsing, validation and expansion.
+//!
+//! - `tests/golden/<case>/` holds a valid design (`schema.json`), a job (`job.json`, with its
+//!   data and model specs inline), its datasets (`datasets.json`) and optionally the registered
+//!   computes (`computes.json`); `expected.txt` is the expansion as a table.
+//! - `tests/invalid/<case>/` holds the same files with mistakes; `expected.txt` lists every
+//!   problem reported (`path: message`), or the expansion when the input is valid (comment keys).
+//!
+//! Run with `UPDATE_EXPECT=1` to rewrite the expected files after an intended change.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use expect_test::expect_file;
+use fledge_types::{
+    Compute, Dataset, ErrorDetail, JobId, JobSpec, Schema, Task, expand, json, validate,
+};
+
+#[test]
+fn golden_expansions() {
+    let cases = case_dirs("golden");
+    assert!(cases.len() >= 9, "golden cases missing: {cases:?}");
+    for dir in cases {
+        let report = run_case(&dir);
+        assert!(
+            report.starts_with("job "),
+            "{}: a golden case must be valid:\n{report}",
+            dir.display()
+        );
+        expect_file![dir.join("expected.txt")].assert_eq(&report);
+    }
+}
+
+#[test]
+fn invalid_inputs() {
+    for dir in case_dirs("invalid") {
+        let report = run_case(&dir);
+        expect_file![dir.join("expected.txt")].assert_eq(&report);
+    }
+}
+
+/// The case folders under `tests/<kind>/`, sorted by name.
+fn case_dirs(kind: &str) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(kind);
+    let mut res: Vec<PathBuf> = fs::read_dir(&root)
+        .unwrap_or_else(|err| panic!("read {}: {err}", root.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.is_dir())
+        .collect();
+    res.sort();
+    res
+}
+
+/// Parses, validates and expands one case; renders problems or the expansion.
+fn run_case(dir: &Path) -> String {
+    let mut out = String::new();
+    let schema = parse::<Schema>(dir, "schema.json", &mut out);
+    let job = parse_optional::<JobSpec>(dir, "job.json", &mut out);
+    let datasets = parse_optional::<Vec<Dataset>>(dir, "datasets.json", &mut out);
+    let computes = parse_optional::<Vec<Compute>>(dir, "computes.json", &mut out);
+    if !out.is_empty() {
+        return out;
+    }
+    let schema = schema.expect("parsed without errors");
+    let Some(job) = job else {
+        let problems = validate::schema(&schema);
+        if problems.is_empty() {
+            return "schema valid\n".to_owned();
+        }
+        render_errors(&mut out, "schema validation", &problems);
+        return out;
+    };
+    let datasets = datasets.unwrap_or_default();
+    let computes = computes.unwrap_or_default();
+    let lookup = |id: &fledge_types::DatasetId| datasets.iter().find(|d| &d.id == id).cloned();
+    let problems = validate::job(&job, &schema, &lookup);
+    if !problems.is_empty() {
+        render_errors(&mut out, "validation", &problems);
+        return out;
+    }
+    let case = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("case folder name");
+    let job_id = JobId::new(format!("job-{case}"));
+    match expand::expand(&job_id, &job, &schema, &datasets, &computes) {
+        Ok(tasks) => out.push_str(&render_tasks(&job_id, &tasks)),
+        Err(problems) => render_errors(&mut out, "expansion", &problems),
+    }
+    out
+}
+
+fn parse<T: serde::de::DeserializeOwned>(dir: &Path, file: &str, out: &mut String) -> Option<T> {
+    let path = dir.join(file);
+    let bytes = fs::read(&path).unwrap_or_else(|err| panic!("read {}: {err}", path.display()));
+    match json::from_slice::<T>(&bytes) {
+        Ok(value) => Some(value),
+        Err(problems) => {
+            render_errors(out, &format!("parse {file}"), &problems);
+            None
+        }
+    }
+}
+
+/// Like [`parse`] for a file a case may omit (`None` when absent or unparsable).
+fn parse_optional<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    file: &str,
+    out: &mut String,
+) -> Option<T> {
+    if dir.join(file).exists() {
+        parse(dir, file, out)
+    } else {
+        None
+    }
+}
+
+fn render_errors(out: &mut String, stage: &str, problems: &[ErrorDetail]) {
+    out.push_str(&format!("{stage}: {} error(s)\n", problems.len()));
+    for problem in problems {
+        if problem.path.is_empty() {
+            out.push_str(&format!("  {}\n", problem.message));
+        } else {
+            out.push_str(&format!("  {}: {}\n", problem.path, problem.message));
+        }
+    }
+}
+
+fn render_tasks(job_id: &JobId, tasks: &[Task]) -> String {
+    let header = [
+        "role",
+        "index",
+        "group association",
+        "dataset",
+        "compute",
+        "managed",
+        "task id",
+    ];
+    let rows: Vec<[String; 7]> = tasks
+        .iter()
+        .map(|task| {
+            [
+                task.role.clone(),
+                task.index.to_string(),
+                task.group_association
+                    .iter()
+                    .map(|(channel, group)| format!("{channel}={group}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                task.dataset_id
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |d| d.to_string()),
+                task.compute_id.to_string(),
+                task.managed.to_string(),
+                task.task_id.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: &[&str]| -> String {
+        let mut res = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        res.truncate(res.trim_end().len());
+        res.push('\n');
+        res
+    };
+    let mut out = format!("job {job_id}: {} tasks\n", tasks.len());
+    out.push_str(&line(&header));
+    for row in &rows {
+        out.push_str(&line(&row.iter().map(String::as_str).collect::<Vec<_>>()));
+    }
+    out
+}
