@@ -9,7 +9,8 @@
 //! - A channel without `groupBy` has the single group `default`; a role entry that omits such a
 //!   channel is in its `default` group, and a role with no entries at all has one implicit entry.
 //! - Every non-data task must reach a data-consuming task through the task graph (two tasks are
-//!   adjacent when a channel pairs their roles and both are in the same group of it); otherwise
+//!   adjacent when a channel pairs their roles and both are in the same group of it), and every
+//!   task must have a peer in its group of each channel it is in (self-loops aside); otherwise
 //!   it would idle and keep the job running forever.
 //!
 //! Task ids are stable ([`task_id`]), so re-expanding a job yields the same ids, and the output
@@ -237,7 +238,8 @@ pub fn task_id(
     TaskId(res)
 }
 
-/// One error per (role, group association) whose tasks reach no data-consuming task.
+/// Idle tasks, one error per (role, group association, cause): a task with no peer in its group
+/// of some channel, or one that reaches no data-consuming task at all.
 fn idle_tasks(schema: &Schema, tasks: &[Task]) -> Vec<ErrorDetail> {
     let is_data: HashMap<&str, bool> =
         schema.roles.iter().map(|r| (r.name.as_str(), r.is_data_consumer)).collect();
@@ -287,7 +289,7 @@ fn idle_tasks(schema: &Schema, tasks: &[Task]) -> Vec<ErrorDetail> {
     let mut reported = BTreeSet::new();
     let mut res = Vec::new();
     for (idx, task) in tasks.iter().enumerate() {
-        if reaches[idx] || !reported.insert((task.role.clone(), task.group_association.clone())) {
+        if !reported.insert((task.role.as_str(), &task.group_association)) {
             continue;
         }
         let role_idx = schema
@@ -295,20 +297,46 @@ fn idle_tasks(schema: &Schema, tasks: &[Task]) -> Vec<ErrorDetail> {
             .iter()
             .position(|r| r.name == task.role)
             .expect("tasks are made from schema roles");
+        let path = format!("schema.roles[{role_idx}]");
         let groups = task
             .group_association
             .iter()
             .map(|(c, g)| format!("{c}={g}"))
             .collect::<Vec<_>>()
             .join(", ");
-        res.push(detail(
-            format!("schema.roles[{role_idx}]"),
-            format!(
-                "role {:?} in group {{{groups}}} reaches no data-consuming task; \
-                 list a dataset in one of its groups or remove the entry",
-                task.role
-            ),
-        ));
+        // A task alone in its group of a channel waits for a peer that never comes (an
+        // aggregator whose region has no dataset, or a trainer whose region has no
+        // aggregator), even when it is connected to data some other way.
+        let mut lonely = false;
+        for channel in schema.channels.iter().filter(|c| !c.is_self_loop()) {
+            let (Some(peer), Some(group)) = (
+                channel.peer_role(&task.role),
+                task.group_association.get(&channel.name),
+            ) else {
+                continue;
+            };
+            if !members.contains_key(&(channel.name.as_str(), group.as_str(), peer)) {
+                lonely = true;
+                res.push(detail(
+                    path.clone(),
+                    format!(
+                        "role {:?} in group {{{groups}}} has no {peer:?} task in group {group:?} \
+                         of channel {:?}; list a dataset for that group or remove the entry",
+                        task.role, channel.name
+                    ),
+                ));
+            }
+        }
+        if !lonely && !reaches[idx] {
+            res.push(detail(
+                path,
+                format!(
+                    "role {:?} in group {{{groups}}} reaches no data-consuming task; \
+                     list a dataset in one of its groups or remove the entry",
+                    task.role
+                ),
+            ));
+        }
     }
     res
 }

@@ -44,14 +44,25 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Vec<ErrorDetai
 /// Parses an already decoded JSON value into `T`, as strictly as [`from_slice`].
 pub fn from_value<T: DeserializeOwned>(mut value: Value) -> Result<T, Vec<ErrorDetail>> {
     strip_comments(&mut value);
-    let mut unknown = Vec::new();
-    let mut record = |path: serde_ignored::Path<'_>| unknown.push(path_string(&path));
-    let res: Result<T, _> =
-        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut record));
-    let mut details: Vec<ErrorDetail> = unknown
-        .into_iter()
-        .map(|path| ErrorDetail { path, message: "unknown field".to_owned() })
-        .collect();
+    // (path of the object, unknown key) for every key the target type ignored.
+    let mut unknown: Vec<(String, String)> = Vec::new();
+    let mut record = |path: serde_ignored::Path<'_>| {
+        if let serde_ignored::Path::Map { parent, key } = path {
+            unknown.push((path_string(parent), key));
+        }
+    };
+    let res: Result<T, _> = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
+        value.clone(),
+        &mut record,
+    ));
+    let mut details = Vec::new();
+    if !unknown.is_empty() {
+        let fields = probe::struct_fields::<T>(&value);
+        details.extend(unknown.into_iter().map(|(parent, key)| ErrorDetail {
+            path: join(&parent, &key),
+            message: unknown_field_message(&key, fields.get(&parent).copied()),
+        }));
+    }
     match res {
         Ok(parsed) if details.is_empty() => Ok(parsed),
         Ok(_) => Err(details),
@@ -62,6 +73,47 @@ pub fn from_value<T: DeserializeOwned>(mut value: Value) -> Result<T, Vec<ErrorD
             });
             Err(details)
         }
+    }
+}
+
+/// `unknown field, did you mean `isDataConsumer`? (expected one of: name, ...)`.
+fn unknown_field_message(key: &str, expected: Option<&[&str]>) -> String {
+    let Some(expected) = expected.filter(|e| !e.is_empty()) else {
+        return "unknown field".to_owned();
+    };
+    let closest = expected
+        .iter()
+        .map(|field| (edit_distance(key, field), *field))
+        .min()
+        .filter(|(distance, field)| *distance <= 2.max(field.len() / 4));
+    let list = expected.join(", ");
+    match closest {
+        Some((_, field)) => format!("unknown field, did you mean `{field}`? (expected one of: {list})"),
+        None => format!("unknown field, expected one of: {list}"),
+    }
+}
+
+/// Levenshtein distance, case-insensitive (field names are short).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.to_lowercase().chars().collect();
+    let b: Vec<char> = b.to_lowercase().chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = substitution.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn join(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{parent}.{key}")
     }
 }
 
@@ -106,18 +158,195 @@ fn error_path(path: &serde_path_to_error::Path) -> String {
     if res == "." { String::new() } else { res }
 }
 
-/// `roles[1].isDataConsumr` for a serde_ignored path.
+/// `roles[1].groupBy` for a serde_ignored path.
 fn path_string(path: &serde_ignored::Path<'_>) -> String {
     use serde_ignored::Path;
     match path {
         Path::Root => String::new(),
         Path::Seq { parent, index } => format!("{}[{index}]", path_string(parent)),
-        Path::Map { parent, key } => {
-            let parent = path_string(parent);
-            if parent.is_empty() { key.clone() } else { format!("{parent}.{key}") }
+        Path::Map { parent, key } => join(&path_string(parent), key),
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            path_string(parent)
         }
-        Path::Some { parent }
-        | Path::NewtypeStruct { parent }
-        | Path::NewtypeVariant { parent } => path_string(parent),
+    }
+}
+
+/// Finds the field names a type expects at each path, to list them in unknown-field errors.
+///
+/// serde's derive hands a struct's field names to `Deserializer::deserialize_struct`; this
+/// deserializer walks a JSON value like `serde_json` would and records those names under the
+/// same paths that [`path_string`] prints. Its result is discarded: it only observes.
+mod probe {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use serde::de::value::{Error, StrDeserializer};
+    use serde::de::{self, DeserializeOwned, Deserializer, IntoDeserializer, Visitor};
+    use serde_json::Value;
+
+    type Fields = HashMap<String, &'static [&'static str]>;
+
+    /// Path → the field names of the struct deserialized there.
+    pub(super) fn struct_fields<T: DeserializeOwned>(value: &Value) -> Fields {
+        let fields = RefCell::new(Fields::new());
+        let probe = Probe {
+            value,
+            path: String::new(),
+            fields: &fields,
+        };
+        // Type errors are reported by the real parse; here only the recorded names matter.
+        let _ = T::deserialize(probe);
+        fields.into_inner()
+    }
+
+    struct Probe<'a> {
+        value: &'a Value,
+        path: String,
+        fields: &'a RefCell<Fields>,
+    }
+
+    impl<'de> Deserializer<'de> for Probe<'_> {
+        type Error = Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self.value {
+                Value::Null => visitor.visit_unit(),
+                Value::Bool(b) => visitor.visit_bool(*b),
+                Value::Number(n) => {
+                    if let Some(u) = n.as_u64() {
+                        visitor.visit_u64(u)
+                    } else if let Some(i) = n.as_i64() {
+                        visitor.visit_i64(i)
+                    } else {
+                        visitor.visit_f64(n.as_f64().unwrap_or(f64::NAN))
+                    }
+                }
+                Value::String(s) => visitor.visit_str(s),
+                Value::Array(items) => visitor.visit_seq(Seq {
+                    items: items.iter().enumerate(),
+                    path: self.path,
+                    fields: self.fields,
+                }),
+                Value::Object(map) => visitor.visit_map(Map {
+                    entries: map.iter(),
+                    pending: None,
+                    path: self.path,
+                    fields: self.fields,
+                }),
+            }
+        }
+
+        fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            match self.value {
+                Value::Null => visitor.visit_none(),
+                _ => visitor.visit_some(self),
+            }
+        }
+
+        fn deserialize_newtype_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            visitor: V,
+        ) -> Result<V::Value, Error> {
+            visitor.visit_newtype_struct(self)
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Error> {
+            self.fields.borrow_mut().insert(self.path.clone(), fields);
+            self.deserialize_any(visitor)
+        }
+
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            variants: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, Error> {
+            // Our enums are unit enums (`"mqtt"`); serde_json's own logic is enough here.
+            self.value
+                .clone()
+                .deserialize_enum(name, variants, visitor)
+                .map_err(de::Error::custom)
+        }
+
+        fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
+            visitor.visit_unit()
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf unit unit_struct seq tuple tuple_struct map identifier
+        }
+    }
+
+    struct Seq<'a, I> {
+        items: I,
+        path: String,
+        fields: &'a RefCell<Fields>,
+    }
+
+    impl<'a, 'de, I: Iterator<Item = (usize, &'a Value)>> de::SeqAccess<'de> for Seq<'a, I> {
+        type Error = Error;
+
+        fn next_element_seed<S: de::DeserializeSeed<'de>>(
+            &mut self,
+            seed: S,
+        ) -> Result<Option<S::Value>, Error> {
+            match self.items.next() {
+                Some((index, value)) => seed
+                    .deserialize(Probe {
+                        value,
+                        path: format!("{}[{index}]", self.path),
+                        fields: self.fields,
+                    })
+                    .map(Some),
+                None => Ok(None),
+            }
+        }
+    }
+
+    struct Map<'a, I> {
+        entries: I,
+        pending: Option<(&'a String, &'a Value)>,
+        path: String,
+        fields: &'a RefCell<Fields>,
+    }
+
+    impl<'a, 'de, I: Iterator<Item = (&'a String, &'a Value)>> de::MapAccess<'de> for Map<'a, I> {
+        type Error = Error;
+
+        fn next_key_seed<K: de::DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, Error> {
+            match self.entries.next() {
+                Some((key, value)) => {
+                    self.pending = Some((key, value));
+                    let key: StrDeserializer<'_, Error> = key.as_str().into_deserializer();
+                    seed.deserialize(key).map(Some)
+                }
+                None => Ok(None),
+            }
+        }
+
+        fn next_value_seed<S: de::DeserializeSeed<'de>>(
+            &mut self,
+            seed: S,
+        ) -> Result<S::Value, Error> {
+            let (key, value) = self
+                .pending
+                .take()
+                .ok_or_else(|| de::Error::custom("value requested before its key"))?;
+            seed.deserialize(Probe {
+                value,
+                path: super::join(&self.path, key),
+                fields: self.fields,
+            })
+        }
     }
 }
