@@ -176,7 +176,7 @@ pub fn group_associations(schema: &Schema, role: &Role) -> Vec<BTreeMap<String, 
     let single_groups: Vec<(&str, String)> = schema
         .channels
         .iter()
-        .filter(|c| c.pair.iter().any(|r| *r == role.name))
+        .filter(|c| c.pair.contains(&role.name))
         .filter_map(|c| match c.group_labels().as_slice() {
             [only] => Some((c.name.as_str(), only.clone())),
             _ => None,
@@ -309,10 +309,9 @@ fn idle_tasks(schema: &Schema, tasks: &[Task]) -> Vec<ErrorDetail> {
         // aggregator), even when it is connected to data some other way.
         let mut lonely = false;
         for channel in schema.channels.iter().filter(|c| !c.is_self_loop()) {
-            let (Some(peer), Some(group)) = (
-                channel.peer_role(&task.role),
-                task.group_association.get(&channel.name),
-            ) else {
+            let (Some(peer), Some(group)) =
+                (channel.peer_role(&task.role), task.group_association.get(&channel.name))
+            else {
                 continue;
             };
             if !members.contains_key(&(channel.name.as_str(), group.as_str(), peer)) {
@@ -379,16 +378,8 @@ mod tests {
     fn two_tier(replica: i64) -> Schema {
         Schema {
             roles: vec![
-                Role {
-                    name: "trainer".into(),
-                    is_data_consumer: true,
-                    ..Default::default()
-                },
-                Role {
-                    name: "aggregator".into(),
-                    replica,
-                    ..Default::default()
-                },
+                Role { name: "trainer".into(), is_data_consumer: true, ..Default::default() },
+                Role { name: "aggregator".into(), replica, ..Default::default() },
             ],
             channels: vec![ChannelSpec {
                 name: "param-channel".into(),
@@ -504,11 +495,8 @@ mod tests {
             &[],
         )
         .expect("valid");
-        let indexes: Vec<u32> = tasks
-            .iter()
-            .filter(|t| t.role == "aggregator")
-            .map(|t| t.index)
-            .collect();
+        let indexes: Vec<u32> =
+            tasks.iter().filter(|t| t.role == "aggregator").map(|t| t.index).collect();
         assert_eq!(indexes, [0, 1, 2]);
     }
 
@@ -535,10 +523,8 @@ mod tests {
     #[test]
     fn an_aggregator_without_trainers_in_its_group_is_an_error() {
         let mut schema = two_tier(1);
-        schema.channels[0].group_by = Some(GroupBy {
-            kind: "tag".into(),
-            value: vec!["eu".into(), "us".into()],
-        });
+        schema.channels[0].group_by =
+            Some(GroupBy { kind: "tag".into(), value: vec!["eu".into(), "us".into()] });
         let eu: BTreeMap<String, String> = [("param-channel".to_owned(), "eu".to_owned())].into();
         let us: BTreeMap<String, String> = [("param-channel".to_owned(), "us".to_owned())].into();
         schema.roles[0].group_association = vec![eu.clone(), us.clone()];

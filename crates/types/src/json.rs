@@ -88,7 +88,9 @@ fn unknown_field_message(key: &str, expected: Option<&[&str]>) -> String {
         .filter(|(distance, field)| *distance <= 2.max(field.len() / 4));
     let list = expected.join(", ");
     match closest {
-        Some((_, field)) => format!("unknown field, did you mean `{field}`? (expected one of: {list})"),
+        Some((_, field)) => {
+            format!("unknown field, did you mean `{field}`? (expected one of: {list})")
+        }
         None => format!("unknown field, expected one of: {list}"),
     }
 }
@@ -110,11 +112,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 fn join(parent: &str, key: &str) -> String {
-    if parent.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{parent}.{key}")
-    }
+    if parent.is_empty() { key.to_owned() } else { format!("{parent}.{key}") }
 }
 
 /// Parses JSON bytes into `T`, dropping comment keys and ignoring unknown fields.
@@ -165,9 +163,9 @@ fn path_string(path: &serde_ignored::Path<'_>) -> String {
         Path::Root => String::new(),
         Path::Seq { parent, index } => format!("{}[{index}]", path_string(parent)),
         Path::Map { parent, key } => join(&path_string(parent), key),
-        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
-            path_string(parent)
-        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => path_string(parent),
     }
 }
 
@@ -189,11 +187,7 @@ mod probe {
     /// Path → the field names of the struct deserialized there.
     pub(super) fn struct_fields<T: DeserializeOwned>(value: &Value) -> Fields {
         let fields = RefCell::new(Fields::new());
-        let probe = Probe {
-            value,
-            path: String::new(),
-            fields: &fields,
-        };
+        let probe = Probe { value, path: String::new(), fields: &fields };
         // Type errors are reported by the real parse; here only the recorded names matter.
         let _ = T::deserialize(probe);
         fields.into_inner()
@@ -268,10 +262,7 @@ mod probe {
             visitor: V,
         ) -> Result<V::Value, Error> {
             // Our enums are unit enums (`"mqtt"`); serde_json's own logic is enough here.
-            self.value
-                .clone()
-                .deserialize_enum(name, variants, visitor)
-                .map_err(de::Error::custom)
+            self.value.clone().deserialize_enum(name, variants, visitor).map_err(de::Error::custom)
         }
 
         fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
@@ -348,5 +339,95 @@ mod probe {
                 fields: self.fields,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::job::JobSpec;
+    use crate::schema::Schema;
+    use crate::task_config::TaskConfig;
+
+    #[test]
+    fn comment_keys_are_dropped_at_every_depth() {
+        let mut value = json!({
+            "//": "top",
+            "a": [{"// x": 1, "b": {"//": [1, 2], "c": 3}}],
+            "not/a/comment": 1,
+        });
+        strip_comments(&mut value);
+        assert_eq!(value, json!({"a": [{"b": {"c": 3}}], "not/a/comment": 1}));
+        let schema: Schema = from_slice(
+            br#"{"//": "note", "roles": [{"//": "r", "name": "t", "isDataConsumer": true}],
+                 "channels": []}"#,
+        )
+        .expect("comments parse");
+        assert_eq!(schema.roles[0].name, "t");
+    }
+
+    #[test]
+    fn malformed_json_names_line_and_column() {
+        let errors = from_slice::<Schema>(b"{\n  \"roles\": [,]\n}").expect_err("malformed");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].path, "");
+        assert!(
+            errors[0].message.starts_with("malformed JSON at line 2 column 13"),
+            "{}",
+            errors[0].message
+        );
+    }
+
+    #[test]
+    fn every_unknown_field_and_the_type_error_are_reported_together() {
+        let errors = from_value::<JobSpec>(json!({
+            "name": "j",
+            "designId": "d",
+            "prority": "high",
+            "modelSpec": {"optimizer": {"sort": "fedavg", "kwarg": {}}},
+            "maxRunTime": "soon",
+        }))
+        .expect_err("invalid");
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["prority", "modelSpec.optimizer.kwarg", "maxRunTime"]);
+        assert!(errors[0].message.contains("did you mean `priority`?"));
+        assert!(errors[1].message.contains("expected one of: sort, kwargs"));
+        assert!(errors[2].message.starts_with("invalid type: string \"soon\""));
+        // Free-form maps accept any key.
+        let spec: JobSpec = from_value(json!({
+            "name": "j", "designId": "d",
+            "modelSpec": {"hyperparameters": {"anything": 1}}
+        }))
+        .expect("hyperparameters are free-form");
+        assert_eq!(spec.model_spec.hyperparameters["anything"], 1);
+    }
+
+    #[test]
+    fn task_configs_tolerate_fields_from_newer_writers() {
+        let config = json!({
+            "taskId": "t", "role": "trainer", "job": {"id": "j", "futureField": 1},
+            "channels": [{"name": "c", "pair": ["trainer", "aggregator"], "qos": 2}],
+            "newTopLevel": true,
+        });
+        let bytes = serde_json::to_vec(&config).expect("serialise");
+        let lenient: TaskConfig = from_slice_lenient(&bytes).expect("lenient read");
+        assert_eq!(lenient.channels[0].name, "c");
+        let plain: TaskConfig = serde_json::from_slice(&bytes).expect("plain serde_json read");
+        assert_eq!(plain, lenient);
+        let strict = from_slice::<TaskConfig>(&bytes).expect_err("strict read");
+        assert_eq!(strict.len(), 3, "{strict:?}");
+        let missing = from_slice_lenient::<TaskConfig>(br#"{"role": "trainer"}"#)
+            .expect_err("taskId is required");
+        assert_eq!(missing[0].message, "missing field `taskId`");
+    }
+
+    #[test]
+    fn edit_distance_is_levenshtein() {
+        assert_eq!(edit_distance("pair", "pairs"), 1);
+        assert_eq!(edit_distance("isDataConsumr", "isDataConsumer"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

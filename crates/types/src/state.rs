@@ -33,14 +33,15 @@ impl JobState {
     /// Whether the job may go from `self` to `next`.
     pub fn can_transition_to(self, next: JobState) -> bool {
         use JobState::*;
-        match (self, next) {
-            (Ready, Starting) => true,
-            (Starting, Deploying) | (Deploying, Running) => true,
-            (Starting | Deploying | Running, Stopping) => true,
-            (Starting | Deploying | Running, Completed | Failed | Terminated) => true,
-            (Stopping, Terminated | Failed | Completed) => true,
-            _ => false,
-        }
+        matches!(
+            (self, next),
+            (Ready, Starting)
+                | (Starting, Deploying)
+                | (Deploying, Running)
+                | (Starting | Deploying | Running, Stopping)
+                | (Starting | Deploying | Running, Completed | Failed | Terminated)
+                | (Stopping, Terminated | Failed | Completed)
+        )
     }
 
     /// Lower-case name as on the wire.

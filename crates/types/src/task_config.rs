@@ -240,3 +240,143 @@ pub fn build(
         metaserver: env.metaserver.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::ids::{ComputeId, UserId};
+    use crate::job::{Job, JobSpec, ModelSpec};
+    use crate::resources::{Dataset, DatasetSpec};
+    use crate::schema::{Role, Schema};
+    use crate::state::{JobState, TaskState};
+    use crate::task::Task;
+
+    fn schema() -> Schema {
+        let channel = |name: &str, pair: [&str; 2], broker: Option<&str>| ChannelSpec {
+            name: name.into(),
+            pair: pair.map(str::to_owned).to_vec(),
+            broker_host: broker.map(str::to_owned),
+            backend: broker.map(|_| Backend::Mqtt),
+            ..Default::default()
+        };
+        Schema {
+            roles: vec![
+                Role { name: "trainer".into(), is_data_consumer: true, ..Default::default() },
+                Role { name: "middle".into(), ..Default::default() },
+                Role { name: "top".into(), ..Default::default() },
+            ],
+            channels: vec![
+                channel("param", ["trainer", "middle"], None),
+                channel("global", ["top", "middle"], Some("broker-b:1883")),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn job(registry_uri: &str) -> Job {
+        let mut hyperparameters = serde_json::Map::new();
+        hyperparameters.insert("rounds".into(), 3.into());
+        Job {
+            id: JobId::new("job-1"),
+            owner: UserId::new("alice"),
+            spec: JobSpec {
+                name: "mnist".into(),
+                max_run_time: 600,
+                backend: Backend::Mqtt,
+                model_spec: ModelSpec {
+                    hyperparameters,
+                    optimizer: Sort { sort: "fedadam".into(), kwargs: Default::default() },
+                    registry: RegistrySpec { sort: "mlflow".into(), uri: registry_uri.into() },
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            schema_version: "1".into(),
+            code_version: "1".into(),
+            state: JobState::Starting,
+            reason: None,
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            started_at: None,
+            updated_at: chrono::DateTime::UNIX_EPOCH,
+            ended_at: None,
+        }
+    }
+
+    fn task(role: &str, group_association: &[(&str, &str)]) -> Task {
+        Task {
+            job_id: JobId::new("job-1"),
+            task_id: TaskId::new(format!("{role}-0")),
+            role: role.into(),
+            index: 0,
+            group_association: group_association
+                .iter()
+                .map(|(c, g)| ((*c).to_owned(), (*g).to_owned()))
+                .collect::<BTreeMap<_, _>>(),
+            dataset_id: None,
+            compute_id: ComputeId::new("default"),
+            managed: true,
+            state: TaskState::Ready,
+            log: String::new(),
+            updated_at: None,
+            last_heartbeat: None,
+        }
+    }
+
+    fn env() -> TaskEnv {
+        TaskEnv {
+            brokers: vec![BrokerSpec { sort: "mqtt".into(), host: "broker-a:1883".into() }],
+            apiserver: Some("http://127.0.0.1:10100".into()),
+            metaserver: None,
+            default_registry: RegistrySpec {
+                sort: "local".into(),
+                uri: "/var/lib/fledge/registry".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_middle_aggregator_gets_both_its_channels_whole_and_no_dataset() {
+        let schema = schema();
+        let dataset = Dataset {
+            id: DatasetId::new("d1"),
+            owner: UserId::new("alice"),
+            spec: DatasetSpec {
+                name: "mnist-1".into(),
+                url: "file:///data/d1".into(),
+                ..Default::default()
+            },
+        };
+        let middle = task("middle", &[("param", "eu"), ("global", "default")]);
+        let config = build(&job(""), &schema, &middle, Some(&dataset), &env());
+        assert_eq!(config.channels, schema.channels);
+        assert_eq!(config.group_of("param"), "eu");
+        assert_eq!(config.dataset, None, "non-data roles get no dataset");
+        assert_eq!(config.registry, env().default_registry, "empty uri: default");
+        assert_eq!(config.job.name, "mnist");
+        assert_eq!(config.max_run_time, 600);
+        assert_eq!(config.optimizer.sort, "fedadam");
+        assert_eq!(config.hyperparameters["rounds"], 3);
+        assert_eq!(
+            config.control_plane.as_ref().map(|c| c.apiserver.as_str()),
+            Some("http://127.0.0.1:10100")
+        );
+        let param = config.channel("param").expect("param channel");
+        let global = config.channel("global").expect("global channel");
+        assert_eq!(config.broker_for(param), Some("broker-a:1883"));
+        assert_eq!(config.broker_for(global), Some("broker-b:1883"));
+
+        let trainer = task("trainer", &[("param", "eu")]);
+        let config = build(&job("http://mlflow:5000"), &schema, &trainer, Some(&dataset), &env());
+        assert_eq!(config.channels, schema.channels[..1]);
+        assert_eq!(config.registry.uri, "http://mlflow:5000", "the job's registry wins");
+        assert_eq!(config.registry.sort, "mlflow");
+        let dataset_ref = config.dataset.as_ref().expect("trainers get their dataset");
+        assert_eq!(dataset_ref.url, "file:///data/d1");
+        assert_eq!(dataset_ref.name, "mnist-1");
+        // The config round-trips through JSON unchanged.
+        let json = serde_json::to_string(&config).expect("serialise");
+        assert_eq!(serde_json::from_str::<TaskConfig>(&json).expect("parse"), config);
+    }
+}

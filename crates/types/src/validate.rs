@@ -213,15 +213,11 @@ pub fn job(
     for (key, value) in &model.hyperparameters {
         let path = format!("modelSpec.hyperparameters.{key}");
         match key.as_str() {
-            "rounds" => {
-                if !value.as_u64().is_some_and(|n| n > 0) {
-                    push(&path, format!("must be a positive integer, found {}", show(value)));
-                }
+            "rounds" if !matches!(value.as_u64(), Some(1..)) => {
+                push(&path, format!("must be a positive integer, found {}", show(value)));
             }
-            "epochs" | "batchSize" | "learningRate" => {
-                if !value.as_f64().is_some_and(|x| x > 0.0) {
-                    push(&path, format!("must be a positive number, found {}", show(value)));
-                }
+            "epochs" | "batchSize" | "learningRate" if !value.as_f64().is_some_and(|x| x > 0.0) => {
+                push(&path, format!("must be a positive number, found {}", show(value)));
             }
             _ => {}
         }

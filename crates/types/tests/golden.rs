@@ -78,10 +78,7 @@ fn run_case(dir: &Path) -> String {
         render_errors(&mut out, "validation", &problems);
         return out;
     }
-    let case = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("case folder name");
+    let case = dir.file_name().and_then(|n| n.to_str()).expect("case folder name");
     let job_id = JobId::new(format!("job-{case}"));
     match expand::expand(&job_id, &job, &schema, &datasets, &computes) {
         Ok(tasks) => out.push_str(&render_tasks(&job_id, &tasks)),
@@ -108,11 +105,7 @@ fn parse_optional<T: serde::de::DeserializeOwned>(
     file: &str,
     out: &mut String,
 ) -> Option<T> {
-    if dir.join(file).exists() {
-        parse(dir, file, out)
-    } else {
-        None
-    }
+    if dir.join(file).exists() { parse(dir, file, out) } else { None }
 }
 
 fn render_errors(out: &mut String, stage: &str, problems: &[ErrorDetail]) {
@@ -127,15 +120,7 @@ fn render_errors(out: &mut String, stage: &str, problems: &[ErrorDetail]) {
 }
 
 fn render_tasks(job_id: &JobId, tasks: &[Task]) -> String {
-    let header = [
-        "role",
-        "index",
-        "group association",
-        "dataset",
-        "compute",
-        "managed",
-        "task id",
-    ];
+    let header = ["role", "index", "group association", "dataset", "compute", "managed", "task id"];
     let rows: Vec<[String; 7]> = tasks
         .iter()
         .map(|task| {
@@ -147,9 +132,7 @@ fn render_tasks(job_id: &JobId, tasks: &[Task]) -> String {
                     .map(|(channel, group)| format!("{channel}={group}"))
                     .collect::<Vec<_>>()
                     .join(" "),
-                task.dataset_id
-                    .as_ref()
-                    .map_or_else(|| "-".to_owned(), |d| d.to_string()),
+                task.dataset_id.as_ref().map_or_else(|| "-".to_owned(), |d| d.to_string()),
                 task.compute_id.to_string(),
                 task.managed.to_string(),
                 task.task_id.to_string(),
