@@ -13,6 +13,8 @@
 //! [`controller`] (what happens after `start job`).
 
 pub mod api;
+pub mod config;
 pub mod controller;
 pub mod notifier;
+pub mod service;
 pub mod store;

@@ -1,1 +1,524 @@
 //! The notifier: gRPC server streams that push events to agents and deployers.
+//!
+//! Two kinds of subscriber exist: an agent (fledgelet) subscribes for one task and authenticates
+//! with that task's key; a deployer subscribes for one compute and authenticates with the
+//! compute's API key. Both send `authorization: Bearer <secret>` metadata.
+//!
+//! Delivery is at least once and in order per subscriber:
+//! - every subscriber has a **mailbox** that keeps its most recent events (at most
+//!   [`Options::mailbox_capacity`]), each with a per-subscriber sequence number starting at 1;
+//! - an event published before its subscriber connects waits in the mailbox;
+//! - on every connect the whole mailbox is replayed, then new events follow live, so a client
+//!   that reconnects drops the sequence numbers it has already seen;
+//! - a newer connection for the same subscriber replaces the older one (whose stream ends).
+//!
+//! Bounded-queue policy: a mailbox that is full drops its **oldest** event (logged at `warn`),
+//! because newer events (a stop after a start, a revoke after a deploy) supersede older ones.
+//! A connected client that falls a whole mailbox behind is disconnected (its stream ends) rather
+//! than buffered without bound; on reconnect it gets the mailbox replayed.
+//!
+//! Start at [`Notifier::build`]; publishers use [`Handle`].
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use fledge_proto::v1::notifier_server::NotifierServer;
+use fledge_proto::{
+    ComputeSubscription, DeployEvent, DeployEventKind, TaskEvent, TaskEventKind, TaskSubscription,
+};
+use fledge_types::{ComputeId, JobId, TaskId};
+
+use crate::store::{self, Store};
+
+/// Errors of the notifier.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The options are invalid.
+    #[error("invalid notifier option {field}: {reason}")]
+    InvalidOption {
+        /// The option's name.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The gRPC server failed.
+    #[error("notifier server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Result of notifier calls.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Notifier options.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields, default)]
+pub struct Options {
+    /// Most events kept per subscriber (events, default 256). When full, the oldest is dropped.
+    pub mailbox_capacity: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            mailbox_capacity: 256,
+        }
+    }
+}
+
+impl Options {
+    /// Checks the options.
+    pub fn validate(&self) -> Result<()> {
+        if self.mailbox_capacity == 0 {
+            return Err(Error::InvalidOption {
+                field: "mailbox_capacity",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Builds the notifier over `store` (used to authenticate subscribers).
+    pub fn build(self, store: Arc<dyn Store>) -> Result<Notifier> {
+        self.validate()?;
+        Ok(Notifier {
+            shared: Arc::new(Shared {
+                capacity: self.mailbox_capacity,
+                inner: Mutex::new(Inner::default()),
+            }),
+            store,
+        })
+    }
+}
+
+/// The SHA-256 of `secret`, hex encoded: how keys and tokens are stored.
+pub fn sha256_hex(secret: &str) -> String {
+    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+}
+
+/// An event with a sequence number field.
+trait Sequenced: Clone {
+    fn set_seq(&mut self, seq: u64);
+}
+
+impl Sequenced for TaskEvent {
+    fn set_seq(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+}
+
+impl Sequenced for DeployEvent {
+    fn set_seq(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+}
+
+/// One subscriber's retained events and its live connection, if any.
+struct Mailbox<E> {
+    events: VecDeque<E>,
+    next_seq: u64,
+    /// The current connection: its id and the sender feeding its stream.
+    conn: Option<(u64, mpsc::Sender<E>)>,
+    /// The job a task mailbox belongs to (for [`Handle::forget_job`]).
+    job: Option<JobId>,
+}
+
+impl<E: Sequenced> Mailbox<E> {
+    fn new(job: Option<JobId>) -> Self {
+        Self {
+            events: VecDeque::new(),
+            next_seq: 1,
+            conn: None,
+            job,
+        }
+    }
+
+    /// Appends `event` (assigning its sequence number) and pushes it to the live connection.
+    fn publish(&mut self, mut event: E, capacity: usize, subscriber: &dyn std::fmt::Display) {
+        event.set_seq(self.next_seq);
+        self.next_seq += 1;
+        if self.events.len() >= capacity {
+            self.events.pop_front();
+            tracing::warn!(%subscriber, capacity, "notifier mailbox full; dropped its oldest event");
+        }
+        self.events.push_back(event.clone());
+        if let Some((_, tx)) = &self.conn
+            && tx.try_send(event).is_err()
+        {
+            // Closed (the client left) or full (the client is a whole mailbox behind): end the
+            // stream; the client's reconnect replays the mailbox.
+            tracing::info!(%subscriber, "notifier subscriber gone or too slow; disconnecting it");
+            self.conn = None;
+        }
+    }
+
+    /// Replaces the connection with a new one that first receives every retained event.
+    fn connect(&mut self, conn_id: u64, capacity: usize) -> mpsc::Receiver<E> {
+        let (tx, rx) = mpsc::channel(capacity);
+        for event in &self.events {
+            // Cannot fail: the channel is new and holds `capacity` >= `events.len()` items.
+            let _ = tx.try_send(event.clone());
+        }
+        self.conn = Some((conn_id, tx));
+        rx
+    }
+
+    fn is_connected(&self) -> bool {
+        self.conn.as_ref().is_some_and(|(_, tx)| !tx.is_closed())
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    next_conn: u64,
+    tasks: HashMap<TaskId, Mailbox<TaskEvent>>,
+    computes: HashMap<ComputeId, Mailbox<DeployEvent>>,
+}
+
+struct Shared {
+    capacity: usize,
+    // A std mutex: every critical section is a few map operations and non-blocking sends.
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the maps consistent (no multi-step updates), so
+        // a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A cheap handle to publish events and ask about subscribers.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("notifier::Handle").finish_non_exhaustive()
+    }
+}
+
+impl Handle {
+    /// Queues `kind` for the agent of `task` (delivered now if it is connected, else on connect).
+    pub fn publish_task(&self, job: &JobId, task: &TaskId, kind: TaskEventKind) {
+        let event = TaskEvent {
+            seq: 0,
+            job_id: job.to_string(),
+            task_id: task.to_string(),
+            kind: kind as i32,
+        };
+        let mut inner = self.shared.lock();
+        let mailbox = inner
+            .tasks
+            .entry(task.clone())
+            .or_insert_with(|| Mailbox::new(Some(job.clone())));
+        mailbox.publish(event, self.shared.capacity, task);
+    }
+
+    /// Queues `event` for the deployer of `compute`. Its `seq` is assigned here.
+    pub fn publish_deploy(&self, compute: &ComputeId, event: DeployEvent) {
+        let mut inner = self.shared.lock();
+        let mailbox = inner
+            .computes
+            .entry(compute.clone())
+            .or_insert_with(|| Mailbox::new(None));
+        mailbox.publish(event, self.shared.capacity, compute);
+    }
+
+    /// Whether a deployer for `compute` is connected now.
+    pub fn is_compute_connected(&self, compute: &ComputeId) -> bool {
+        self.shared
+            .lock()
+            .computes
+            .get(compute)
+            .is_some_and(Mailbox::is_connected)
+    }
+
+    /// Whether the agent of `task` is connected now.
+    pub fn is_task_connected(&self, task: &TaskId) -> bool {
+        self.shared
+            .lock()
+            .tasks
+            .get(task)
+            .is_some_and(Mailbox::is_connected)
+    }
+
+    /// Drops the mailboxes of `job`'s tasks (called once the job has ended and its tasks are
+    /// final, so the notifier's memory does not grow with the number of jobs ever run).
+    pub fn forget_job(&self, job: &JobId) {
+        self.shared
+            .lock()
+            .tasks
+            .retain(|_, mailbox| mailbox.job.as_ref() != Some(job));
+    }
+}
+
+/// The notifier service: build with [`Options::build`], then [`Notifier::run`].
+pub struct Notifier {
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+}
+
+impl Notifier {
+    /// A handle to publish events.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` is cancelled; open streams end then too.
+    pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+        let addr = listener.local_addr().ok();
+        tracing::info!(?addr, "notifier listening");
+        let service = Service {
+            shared: self.shared,
+            store: self.store,
+            shutdown: shutdown.clone(),
+        };
+        tonic::transport::Server::builder()
+            .add_service(NotifierServer::new(service))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
+            .await
+            .map_err(Error::Serve)
+    }
+}
+
+struct Service {
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+}
+
+/// The bearer secret of a request, or `Unauthenticated`.
+fn bearer<T>(request: &Request<T>) -> std::result::Result<String, Status> {
+    let value = request
+        .metadata()
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| Status::unauthenticated("authorization metadata is not ASCII"))?;
+    value
+        .strip_prefix("Bearer ")
+        .map(|secret| secret.trim().to_owned())
+        .filter(|secret| !secret.is_empty())
+        .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <secret>`"))
+}
+
+/// The one mapping of store errors to gRPC status for this service.
+fn auth_status(err: store::Error, what: &str) -> Status {
+    match err {
+        store::Error::NotFound { .. } => Status::unauthenticated(format!("unknown {what} or wrong key")),
+        other => {
+            tracing::error!(error = %other, "store failed while authenticating a subscriber");
+            Status::unavailable("store unavailable")
+        }
+    }
+}
+
+type EventStream<E> = Pin<Box<dyn Stream<Item = std::result::Result<E, Status>> + Send>>;
+
+impl Service {
+    fn stream<E: Send + 'static>(&self, rx: mpsc::Receiver<E>) -> EventStream<E> {
+        Box::pin(
+            ReceiverStream::new(rx)
+                .map(Ok)
+                .take_until(self.shutdown.clone().cancelled_owned()),
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl fledge_proto::Notifier for Service {
+    type SubscribeTaskStream = EventStream<TaskEvent>;
+    type SubscribeComputeStream = EventStream<DeployEvent>;
+
+    async fn subscribe_task(
+        &self,
+        request: Request<TaskSubscription>,
+    ) -> std::result::Result<Response<Self::SubscribeTaskStream>, Status> {
+        let key = bearer(&request)?;
+        let sub = request.into_inner();
+        if sub.task_id.is_empty() {
+            return Err(Status::invalid_argument("task_id is empty"));
+        }
+        let task_id = TaskId::new(sub.task_id);
+        let task = self
+            .store
+            .task_by_key(&task_id, &sha256_hex(&key))
+            .await
+            .map_err(|err| auth_status(err, "task"))?;
+        if !sub.job_id.is_empty() && task.job_id.as_str() != sub.job_id {
+            return Err(Status::invalid_argument(format!(
+                "task {task_id} does not belong to job {}",
+                sub.job_id
+            )));
+        }
+        let rx = {
+            let mut inner = self.shared.lock();
+            inner.next_conn += 1;
+            let conn_id = inner.next_conn;
+            inner
+                .tasks
+                .entry(task_id.clone())
+                .or_insert_with(|| Mailbox::new(Some(task.job_id.clone())))
+                .connect(conn_id, self.shared.capacity)
+        };
+        tracing::info!(%task_id, job_id = %task.job_id, "agent subscribed");
+        Ok(Response::new(self.stream(rx)))
+    }
+
+    async fn subscribe_compute(
+        &self,
+        request: Request<ComputeSubscription>,
+    ) -> std::result::Result<Response<Self::SubscribeComputeStream>, Status> {
+        let key = bearer(&request)?;
+        let sub = request.into_inner();
+        if sub.compute_id.is_empty() {
+            return Err(Status::invalid_argument("compute_id is empty"));
+        }
+        let compute_id = ComputeId::new(sub.compute_id);
+        self.store
+            .verify_compute_key(&compute_id, &sha256_hex(&key))
+            .await
+            .map_err(|err| auth_status(err, "compute"))?;
+        let rx = {
+            let mut inner = self.shared.lock();
+            inner.next_conn += 1;
+            let conn_id = inner.next_conn;
+            inner
+                .computes
+                .entry(compute_id.clone())
+                .or_insert_with(|| Mailbox::new(None))
+                .connect(conn_id, self.shared.capacity)
+        };
+        tracing::info!(%compute_id, "deployer subscribed");
+        Ok(Response::new(self.stream(rx)))
+    }
+}
+
+/// A deploy event for `job` (its `seq` is set when published).
+pub fn deploy_event(
+    kind: DeployEventKind,
+    job: &JobId,
+    tasks: Vec<fledge_proto::TaskDeployment>,
+    apiserver: &str,
+    notifier: &str,
+) -> DeployEvent {
+    DeployEvent {
+        seq: 0,
+        kind: kind as i32,
+        job_id: job.to_string(),
+        tasks,
+        apiserver: apiserver.to_owned(),
+        notifier: notifier.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(capacity: usize) -> Handle {
+        Handle {
+            shared: Arc::new(Shared {
+                capacity,
+                inner: Mutex::new(Inner::default()),
+            }),
+        }
+    }
+
+    fn connect_task(handle: &Handle, task: &TaskId) -> mpsc::Receiver<TaskEvent> {
+        let mut inner = handle.shared.lock();
+        inner.next_conn += 1;
+        let conn_id = inner.next_conn;
+        let capacity = handle.shared.capacity;
+        inner
+            .tasks
+            .entry(task.clone())
+            .or_insert_with(|| Mailbox::new(None))
+            .connect(conn_id, capacity)
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<TaskEvent>) -> Vec<(u64, i32)> {
+        let mut res = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            res.push((event.seq, event.kind));
+        }
+        res
+    }
+
+    #[test]
+    fn mailbox_queues_before_connect_replays_on_reconnect_and_drops_oldest_when_full() {
+        let handle = handle(3);
+        let (job, task) = (JobId::new("j"), TaskId::new("t"));
+        let start = TaskEventKind::Start as i32;
+        let stop = TaskEventKind::Stop as i32;
+        handle.publish_task(&job, &task, TaskEventKind::Start);
+        assert!(!handle.is_task_connected(&task));
+
+        let mut first = connect_task(&handle, &task);
+        assert!(handle.is_task_connected(&task));
+        assert_eq!(drain(&mut first), vec![(1, start)]);
+        handle.publish_task(&job, &task, TaskEventKind::Stop);
+        assert_eq!(drain(&mut first), vec![(2, stop)]);
+
+        // A newer connection replaces the old one (whose stream ends) and gets a replay.
+        let mut second = connect_task(&handle, &task);
+        assert_eq!(drain(&mut second), vec![(1, start), (2, stop)]);
+        assert!(first.try_recv().is_err());
+        assert!(first.is_closed() || first.try_recv().is_err());
+
+        // Over capacity: the oldest event goes, sequence numbers keep counting.
+        handle.publish_task(&job, &task, TaskEventKind::Stop);
+        handle.publish_task(&job, &task, TaskEventKind::Stop);
+        drop(second);
+        assert!(!handle.is_task_connected(&task));
+        let mut third = connect_task(&handle, &task);
+        assert_eq!(drain(&mut third), vec![(2, stop), (3, stop), (4, stop)]);
+
+        handle.forget_job(&job);
+        assert!(!handle.is_task_connected(&task));
+    }
+
+    #[test]
+    fn a_client_a_whole_mailbox_behind_is_disconnected() {
+        let handle = handle(2);
+        let (job, task) = (JobId::new("j"), TaskId::new("t"));
+        let _rx = connect_task(&handle, &task);
+        for _ in 0..3 {
+            handle.publish_task(&job, &task, TaskEventKind::Start);
+        }
+        assert!(!handle.is_task_connected(&task));
+    }
+
+    #[test]
+    fn zero_capacity_is_rejected_and_hash_is_sha256() {
+        let err = Options {
+            mailbox_capacity: 0,
+        }
+        .validate()
+        .expect_err("zero capacity must be rejected");
+        assert!(err.to_string().contains("mailbox_capacity"), "{err}");
+        assert_eq!(
+            sha256_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

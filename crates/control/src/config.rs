@@ -1,0 +1,549 @@
+//! Configuration of the control-plane services, parsed once at startup into typed [`Options`].
+//!
+//! Sources are layered, later ones winning: built-in defaults → a TOML file (`--config PATH`) →
+//! `FLEDGE_*` environment variables → command-line overrides. The environment is passed in as a
+//! map ([`Options::load`]), so tests inject one and deep code never reads the process env.
+//!
+//! Environment names are the option's path in upper case with `_` between parts:
+//! `FLEDGE_DATA_DIR`, `FLEDGE_STORE_URL`, `FLEDGE_APISERVER_LISTEN`,
+//! `FLEDGE_CONTROLLER_STOP_GRACE_SECS`, `FLEDGE_SERVICES=apiserver,controller`. `FLEDGE_*`
+//! variables that name no option (`FLEDGE_LOG`, `FLEDGE_CONFIG`, ...) belong to other tools and
+//! are ignored. Command-line overrides use dotted paths (`apiserver.listen`).
+//!
+//! TLS is not configurable yet: every listener speaks plain HTTP/2 or HTTP/1.1, so deploy the
+//! services behind a TLS-terminating proxy when they leave the machine.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{controller, notifier};
+
+/// Errors of configuration loading.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML.
+    #[error("config file {path} is not valid TOML")]
+    Toml {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// An environment variable or flag has a value of the wrong type.
+    #[error("{source_name} sets {key} to {value:?}: {reason}")]
+    BadValue {
+        /// Where it came from (`FLEDGE_X` or `--flag`).
+        source_name: String,
+        /// The option path.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A command-line override names no option.
+    #[error("unknown option {key}")]
+    UnknownKey {
+        /// The option path given.
+        key: String,
+    },
+    /// The merged configuration does not fit the options (unknown field, wrong type, ...).
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Result of configuration calls.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A service `fledge serve` can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// The REST apiserver.
+    Apiserver,
+    /// The job controller.
+    Controller,
+    /// The gRPC notifier.
+    Notifier,
+    /// The embedded MQTT broker.
+    Broker,
+}
+
+impl ServiceKind {
+    /// Every service, in start order.
+    pub const ALL: [ServiceKind; 4] = [
+        ServiceKind::Broker,
+        ServiceKind::Notifier,
+        ServiceKind::Controller,
+        ServiceKind::Apiserver,
+    ];
+
+    /// The service's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceKind::Apiserver => "apiserver",
+            ServiceKind::Controller => "controller",
+            ServiceKind::Notifier => "notifier",
+            ServiceKind::Broker => "broker",
+        }
+    }
+}
+
+impl fmt::Display for ServiceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ServiceKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        ServiceKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s.trim())
+            .ok_or_else(|| {
+                format!(
+                    "unknown service {s:?} (expected one of apiserver, controller, notifier, broker)"
+                )
+            })
+    }
+}
+
+/// Where the store lives, parsed from [`Options::store_url`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// A SQLite file (`sqlite://PATH`; `sqlite:///abs/path` is absolute).
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (`postgres://...` or `postgresql://...`), passed on whole.
+    Postgres(String),
+}
+
+impl FromStr for StoreUrl {
+    type Err = String;
+    fn from_str(url: &str) -> std::result::Result<Self, String> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err("sqlite:// needs a file path, e.g. sqlite:///var/lib/fledge/fledge.db".to_owned());
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(url.to_owned()));
+        }
+        Err(format!(
+            "unsupported store URL {url:?} (expected sqlite://PATH or postgres://...)"
+        ))
+    }
+}
+
+/// A listener: where to bind and what to tell others.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Address to bind, `host:port`; port 0 picks a free one (the bound address is reported).
+    pub listen: SocketAddr,
+    /// Address others use to reach it (URL for HTTP/gRPC, `host:port` for the broker); the
+    /// bound address (with `0.0.0.0` read as `127.0.0.1`) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+}
+
+impl Listen {
+    fn on(port: u16) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            advertise: None,
+        }
+    }
+}
+
+/// Notifier section: listener plus [`notifier::Options`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifierSection {
+    /// Address to bind, `host:port`. Default `127.0.0.1:10101`; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// URL agents and deployers use to reach it; `http://<bound address>` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Most events kept per subscriber (events, default 256).
+    pub mailbox_capacity: usize,
+}
+
+/// Every option of the control-plane services.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// Services to run. Default: all (`broker`, `notifier`, `controller`, `apiserver`).
+    pub services: Vec<ServiceKind>,
+    /// Directory for the SQLite database and code bundles. Default `./fledge-data`.
+    pub data_dir: PathBuf,
+    /// The store: `sqlite://PATH` or `postgres://user:pass@host/db`.
+    /// Default `sqlite://<data_dir>/fledge.db`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_url: Option<String>,
+    /// Directory of code bundles. Default `<data_dir>/blobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob_dir: Option<PathBuf>,
+    /// Largest code bundle accepted, in bytes. Default 104857600 (100 MiB).
+    pub max_code_bytes: u64,
+    /// The REST apiserver. Default listen `127.0.0.1:10100`.
+    pub apiserver: Listen,
+    /// The gRPC notifier. Default listen `127.0.0.1:10101`.
+    pub notifier: NotifierSection,
+    /// The embedded MQTT broker; `advertise` is the `host:port` written into task configs.
+    /// Default listen `127.0.0.1:1883`.
+    pub broker: Listen,
+    /// Controller timers (seconds) and queue size.
+    pub controller: controller::Options,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            services: ServiceKind::ALL.to_vec(),
+            data_dir: PathBuf::from("fledge-data"),
+            store_url: None,
+            blob_dir: None,
+            max_code_bytes: 100 * 1024 * 1024,
+            apiserver: Listen::on(10100),
+            notifier: NotifierSection {
+                listen: SocketAddr::from(([127, 0, 0, 1], 10101)),
+                advertise: None,
+                mailbox_capacity: notifier::Options::default().mailbox_capacity,
+            },
+            broker: Listen::on(1883),
+            controller: controller::Options::default(),
+        }
+    }
+}
+
+/// Options that are absent from the defaults but may be set (`None` by default), with a
+/// template value that gives their type.
+const OPTIONAL_KEYS: &[&str] = &[
+    "store_url",
+    "blob_dir",
+    "apiserver.advertise",
+    "notifier.advertise",
+    "broker.advertise",
+];
+
+/// Sections whose name prefixes environment keys (`FLEDGE_<SECTION>_<KEY>`).
+const SECTIONS: &[&str] = &["apiserver", "notifier", "broker", "controller"];
+
+impl Options {
+    /// Loads options: defaults → `file` → `FLEDGE_*` entries of `env` → `overrides`
+    /// (dotted option path → value, from command-line flags). Validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+        overrides: &[(String, String)],
+    ) -> Result<Options> {
+        let defaults = toml::Value::try_from(Options::default())
+            .map_err(|err| Error::Invalid(format!("cannot render the defaults: {err}")))?;
+        let mut merged = defaults.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let value: toml::Table = toml::from_str(&text).map_err(|source| Error::Toml {
+                path: path.to_owned(),
+                source,
+            })?;
+            merge(&mut merged, toml::Value::Table(value));
+        }
+        let mut env_keys: Vec<(&String, &String)> = env.iter().collect();
+        env_keys.sort();
+        for (name, value) in env_keys {
+            let Some(rest) = name.strip_prefix("FLEDGE_") else {
+                continue;
+            };
+            let Some(key) = env_key(&defaults, &rest.to_ascii_lowercase()) else {
+                continue;
+            };
+            set(&mut merged, &defaults, &key, value, name)?;
+        }
+        for (key, value) in overrides {
+            if lookup(&defaults, key).is_none() && !OPTIONAL_KEYS.contains(&key.as_str()) {
+                return Err(Error::UnknownKey { key: key.clone() });
+            }
+            set(&mut merged, &defaults, key, value, &format!("--{}", key.replace(['.', '_'], "-")))?;
+        }
+        // Through text rather than `Value::try_into`, so that errors quote the offending line
+        // (with its key) of the merged configuration.
+        let text = toml::to_string(&merged)
+            .map_err(|err| Error::Invalid(format!("cannot render the configuration: {err}")))?;
+        let options: Options = toml::from_str(&text)
+            .map_err(|err: toml::de::Error| Error::Invalid(err.to_string().trim().to_owned()))?;
+        options.validate()?;
+        Ok(options)
+    }
+
+    /// Checks every option, naming the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        if self.services.is_empty() {
+            return Err(Error::Invalid("services: name at least one service".to_owned()));
+        }
+        if self.max_code_bytes == 0 {
+            return Err(Error::Invalid("max_code_bytes: must be at least 1".to_owned()));
+        }
+        self.store()
+            .map_err(|reason| Error::Invalid(format!("store_url: {reason}")))?;
+        self.controller
+            .validate()
+            .map_err(|err| Error::Invalid(err.to_string()))?;
+        self.notifier_options()
+            .validate()
+            .map_err(|err| Error::Invalid(err.to_string()))?;
+        Ok(())
+    }
+
+    /// The store to open.
+    pub fn store(&self) -> std::result::Result<StoreUrl, String> {
+        match &self.store_url {
+            Some(url) => url.parse(),
+            None => Ok(StoreUrl::Sqlite(self.data_dir.join("fledge.db"))),
+        }
+    }
+
+    /// The code bundle directory.
+    pub fn blob_dir(&self) -> PathBuf {
+        self.blob_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("blobs"))
+    }
+
+    /// The notifier's own options.
+    pub fn notifier_options(&self) -> notifier::Options {
+        notifier::Options {
+            mailbox_capacity: self.notifier.mailbox_capacity,
+        }
+    }
+
+    /// Whether `service` is to run.
+    pub fn runs(&self, service: ServiceKind) -> bool {
+        self.services.contains(&service)
+    }
+
+    /// The effective configuration as TOML (`--dump-config`).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|err| Error::Invalid(format!("cannot render the configuration: {err}")))
+    }
+}
+
+/// Maps an environment key (lower case, without `FLEDGE_`) to a dotted option path.
+fn env_key(defaults: &toml::Value, key: &str) -> Option<String> {
+    for section in SECTIONS {
+        if let Some(field) = key.strip_prefix(section).and_then(|k| k.strip_prefix('_')) {
+            let path = format!("{section}.{field}");
+            if lookup(defaults, &path).is_some() || OPTIONAL_KEYS.contains(&path.as_str()) {
+                return Some(path);
+            }
+        }
+    }
+    (lookup(defaults, key).is_some_and(|v| !v.is_table()) || OPTIONAL_KEYS.contains(&key))
+        .then(|| key.to_owned())
+}
+
+fn lookup<'a>(value: &'a toml::Value, path: &str) -> Option<&'a toml::Value> {
+    path.split('.')
+        .try_fold(value, |value, part| value.as_table()?.get(part))
+}
+
+/// Sets `path` in `merged` to `raw`, typed like the default at that path.
+fn set(
+    merged: &mut toml::Value,
+    defaults: &toml::Value,
+    path: &str,
+    raw: &str,
+    source_name: &str,
+) -> Result<()> {
+    let bad = |reason: &str| Error::BadValue {
+        source_name: source_name.to_owned(),
+        key: path.to_owned(),
+        value: raw.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let value = match lookup(defaults, path) {
+        Some(toml::Value::Integer(_)) => toml::Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| bad("expected an integer"))?,
+        ),
+        Some(toml::Value::Float(_)) => toml::Value::Float(
+            raw.trim()
+                .parse()
+                .map_err(|_| bad("expected a number"))?,
+        ),
+        Some(toml::Value::Boolean(_)) => toml::Value::Boolean(
+            raw.trim()
+                .parse()
+                .map_err(|_| bad("expected true or false"))?,
+        ),
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
+        Some(toml::Value::Table(_)) => return Err(bad("names a section, not an option")),
+        _ => toml::Value::String(raw.to_owned()),
+    };
+    let mut table = merged
+        .as_table_mut()
+        .expect("the merged configuration is a table");
+    let parts: Vec<&str> = path.split('.').collect();
+    let (last, parents) = parts.split_last().expect("split yields at least one part");
+    for part in parents {
+        table = table
+            .entry((*part).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| bad("its section is not a table"))?;
+    }
+    table.insert((*last).to_owned(), value);
+    Ok(())
+}
+
+/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(base), toml::Value::Table(over)) => {
+            for (key, value) in over {
+                match base.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, over) => *base = over,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("fledge.toml");
+        std::fs::write(
+            &file,
+            r#"
+data_dir = "/srv/fledge"
+max_code_bytes = 1000
+[apiserver]
+listen = "0.0.0.0:9000"
+[controller]
+stop_grace_secs = 5.0
+"#,
+        )
+        .expect("write config");
+        let options = Options::load(
+            Some(&file),
+            &env(&[
+                ("FLEDGE_APISERVER_LISTEN", "127.0.0.1:9100"),
+                ("FLEDGE_CONTROLLER_STOP_GRACE_SECS", "7"),
+                ("FLEDGE_SERVICES", "apiserver, controller"),
+                ("FLEDGE_STORE_URL", "postgres://u@db/fledge"),
+                ("FLEDGE_LOG", "debug"),
+                ("HOME", "/root"),
+            ]),
+            &[("controller.stop_grace_secs".to_owned(), "9".to_owned())],
+        )
+        .expect("valid layers");
+        assert_eq!(options.data_dir, PathBuf::from("/srv/fledge"));
+        assert_eq!(options.max_code_bytes, 1000);
+        assert_eq!(options.apiserver.listen.to_string(), "127.0.0.1:9100");
+        assert_eq!(options.controller.stop_grace_secs, 9.0);
+        assert_eq!(
+            options.services,
+            vec![ServiceKind::Apiserver, ServiceKind::Controller]
+        );
+        assert_eq!(
+            options.store(),
+            Ok(StoreUrl::Postgres("postgres://u@db/fledge".to_owned()))
+        );
+        // Untouched options keep their defaults.
+        assert_eq!(options.notifier.listen.to_string(), "127.0.0.1:10101");
+        assert_eq!(options.blob_dir(), PathBuf::from("/srv/fledge/blobs"));
+
+        // The dump loads back to the same options.
+        let dumped = dir.path().join("dump.toml");
+        std::fs::write(&dumped, options.to_toml().expect("render")).expect("write dump");
+        let reloaded = Options::load(Some(&dumped), &HashMap::new(), &[]).expect("reload");
+        assert_eq!(reloaded, options);
+    }
+
+    #[test]
+    fn defaults_are_valid_and_sqlite_lives_in_the_data_dir() {
+        let options = Options::load(None, &HashMap::new(), &[]).expect("defaults");
+        assert_eq!(options, Options::default());
+        assert_eq!(
+            options.store(),
+            Ok(StoreUrl::Sqlite(PathBuf::from("fledge-data/fledge.db")))
+        );
+        assert_eq!(
+            "sqlite:///var/x.db".parse::<StoreUrl>(),
+            Ok(StoreUrl::Sqlite(PathBuf::from("/var/x.db")))
+        );
+    }
+
+    #[test]
+    fn bad_config_names_what_is_wrong() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let check = |toml_text: &str, env_pairs: &[(&str, &str)], needle: &str| {
+            let file = dir.path().join("c.toml");
+            std::fs::write(&file, toml_text).expect("write");
+            let err = Options::load(Some(&file), &env(env_pairs), &[])
+                .expect_err("must be rejected")
+                .to_string();
+            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        };
+        check("data_dirr = \"x\"", &[], "data_dirr");
+        check("[apiserver]\nlisten = \"nowhere\"", &[], "listen");
+        check("[controller]\nbogus = 1", &[], "bogus");
+        check("store_url = \"mysql://x\"", &[], "store_url");
+        check("services = [\"apiserver\", \"metrics\"]", &[], "metrics");
+        check("services = []", &[], "services");
+        check("[controller]\nstop_grace_secs = -1.0", &[], "stop_grace_secs");
+        check("data_dir = ", &[], "not valid TOML");
+        check("", &[("FLEDGE_MAX_CODE_BYTES", "lots")], "FLEDGE_MAX_CODE_BYTES");
+        check("", &[("FLEDGE_NOTIFIER_MAILBOX_CAPACITY", "0")], "mailbox_capacity");
+
+        let err = Options::load(None, &HashMap::new(), &[("nope".to_owned(), "1".to_owned())])
+            .expect_err("unknown override");
+        assert!(err.to_string().contains("nope"), "{err}");
+        let err = Options::load(Some(&dir.path().join("missing.toml")), &HashMap::new(), &[])
+            .expect_err("missing file");
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+}

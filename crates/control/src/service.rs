@@ -1,0 +1,308 @@
+//! Composes the control-plane services into one process: any subset of the apiserver,
+//! controller, notifier and embedded broker, sharing one store.
+//!
+//! [`start`] opens the store, binds every configured listener first (so a busy port fails before
+//! anything runs; port 0 picks a free port and [`Services::addrs`] reports it), then builds and
+//! spawns each service on a [`TaskTracker`] under a child of the caller's [`CancellationToken`].
+//! When any service fails, the others are shut down and [`Services::wait`] returns the error.
+//! Callers add their own components (the compute-side deployer of `fledge standalone`) with
+//! [`Services::spawn`], so they shut down with the rest.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use fledge_types::task_config::{BrokerSpec, TaskEnv};
+
+use crate::config::{Options, ServiceKind, StoreUrl};
+use crate::controller::{self, Controller, Endpoints};
+use crate::notifier;
+use crate::store::{BlobStore, PostgresStore, SqliteStore, Store};
+
+/// The addresses the services are bound to (present for the services that run).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BoundAddrs {
+    /// The REST apiserver.
+    pub apiserver: Option<SocketAddr>,
+    /// The gRPC notifier.
+    pub notifier: Option<SocketAddr>,
+    /// The embedded MQTT broker.
+    pub broker: Option<SocketAddr>,
+}
+
+/// Running services.
+pub struct Services {
+    /// Where each running service listens.
+    pub addrs: BoundAddrs,
+    /// Where workers and clients reach the control plane (advertised addresses).
+    pub endpoints: Endpoints,
+    /// The brokers written into task configs (`host:port`).
+    pub brokers: Vec<BrokerSpec>,
+    /// The shared store.
+    pub store: Arc<dyn Store>,
+    /// Wakes the controller (a no-op sink when the controller runs elsewhere).
+    pub controller: controller::Handle,
+    /// Publishes notifier events (present when the notifier runs here).
+    pub notifier: Option<notifier::Handle>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    failure: Arc<Mutex<Option<anyhow::Error>>>,
+    broker: Option<fledge_channel::broker::BrokerHandle>,
+}
+
+/// Opens the configured store (creating the SQLite file and blob directory if needed).
+pub async fn open_store(options: &Options) -> anyhow::Result<Arc<dyn Store>> {
+    let blob_dir = options.blob_dir();
+    let blobs = BlobStore::new(&blob_dir, options.max_code_bytes)
+        .with_context(|| format!("cannot open the blob directory {}", blob_dir.display()))?;
+    let store: Arc<dyn Store> = match options
+        .store()
+        .map_err(|reason| anyhow::anyhow!("store_url: {reason}"))?
+    {
+        StoreUrl::Sqlite(path) => Arc::new(
+            SqliteStore::open(&path, blobs)
+                .await
+                .with_context(|| format!("cannot open the SQLite store {}", path.display()))?,
+        ),
+        StoreUrl::Postgres(url) => Arc::new(
+            PostgresStore::connect(&url, blobs)
+                .await
+                .context("cannot connect to the PostgreSQL store")?,
+        ),
+    };
+    Ok(store)
+}
+
+/// `http://addr`, with an unspecified IP (`0.0.0.0`, `::`) read as loopback.
+fn http_url(addr: SocketAddr) -> String {
+    format!("http://{}", reachable(addr))
+}
+
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        let ip = if addr.is_ipv4() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+        };
+        SocketAddr::new(ip, addr.port())
+    } else {
+        addr
+    }
+}
+
+async fn bind(service: ServiceKind, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind the {service} to {addr}"))
+}
+
+/// Starts the services `options.services` over `store`, under `shutdown`.
+pub async fn start(
+    options: &Options,
+    store: Arc<dyn Store>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Services> {
+    options.validate().context("invalid configuration")?;
+    let shutdown = shutdown.child_token();
+
+    // Bind first: a busy port fails before any service starts.
+    let api_listener = match options.runs(ServiceKind::Apiserver) {
+        true => Some(bind(ServiceKind::Apiserver, options.apiserver.listen).await?),
+        false => None,
+    };
+    let notifier_listener = match options.runs(ServiceKind::Notifier) {
+        true => Some(bind(ServiceKind::Notifier, options.notifier.listen).await?),
+        false => None,
+    };
+    let local_addr = |listener: &Option<TcpListener>| -> anyhow::Result<Option<SocketAddr>> {
+        listener
+            .as_ref()
+            .map(|l| l.local_addr().context("cannot read a bound address"))
+            .transpose()
+    };
+    let mut addrs = BoundAddrs {
+        apiserver: local_addr(&api_listener)?,
+        notifier: local_addr(&notifier_listener)?,
+        broker: None,
+    };
+    let broker = if options.runs(ServiceKind::Broker) {
+        let handle = fledge_channel::broker::start_embedded_broker(options.broker.listen)
+            .with_context(|| format!("cannot start the broker on {}", options.broker.listen))?;
+        addrs.broker = Some(handle.addr());
+        tracing::info!(addr = %handle.addr(), "broker listening");
+        Some(handle)
+    } else {
+        None
+    };
+
+    let endpoints = Endpoints {
+        apiserver: options
+            .apiserver
+            .advertise
+            .clone()
+            .unwrap_or_else(|| http_url(addrs.apiserver.unwrap_or(options.apiserver.listen))),
+        notifier: options
+            .notifier
+            .advertise
+            .clone()
+            .unwrap_or_else(|| http_url(addrs.notifier.unwrap_or(options.notifier.listen))),
+    };
+    let brokers = vec![BrokerSpec {
+        sort: "mqtt".to_owned(),
+        host: options.broker.advertise.clone().unwrap_or_else(|| {
+            reachable(addrs.broker.unwrap_or(options.broker.listen)).to_string()
+        }),
+    }];
+
+    let mut services = Services {
+        addrs,
+        endpoints: endpoints.clone(),
+        brokers,
+        store: store.clone(),
+        // Replaced below when the controller runs here; otherwise wake-ups go nowhere and the
+        // remote controller's periodic resync picks changes up.
+        controller: controller::Handle::channel(1).0,
+        notifier: None,
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+        failure: Arc::new(Mutex::new(None)),
+        broker,
+    };
+
+    if let Some(listener) = notifier_listener {
+        let notifier = options
+            .notifier_options()
+            .build(store.clone())
+            .context("cannot build the notifier")?;
+        services.notifier = Some(notifier.handle());
+        let token = shutdown.clone();
+        services.spawn("notifier", async move {
+            notifier.run(listener, token).await.map_err(anyhow::Error::from)
+        });
+    }
+
+    if options.runs(ServiceKind::Controller) {
+        let Some(notifier) = services.notifier.clone() else {
+            anyhow::bail!(
+                "the controller publishes through the notifier: run both in one process (services = [\"controller\", \"notifier\", ...])"
+            );
+        };
+        let controller = Controller::build(
+            options.controller.clone(),
+            store.clone(),
+            notifier,
+            endpoints.clone(),
+        )
+        .context("cannot build the controller")?;
+        services.controller = controller.handle();
+        let token = shutdown.clone();
+        services.spawn("controller", controller.run(token));
+    }
+
+    if let Some(listener) = api_listener {
+        let env = TaskEnv {
+            brokers: services.brokers.clone(),
+            apiserver: Some(endpoints.apiserver.clone()),
+            metaserver: None,
+            default_registry: Default::default(),
+        };
+        start_apiserver(&mut services, listener, env)?;
+    }
+
+    Ok(services)
+}
+
+/// Starts the REST apiserver on `listener`.
+fn start_apiserver(
+    services: &mut Services,
+    listener: TcpListener,
+    env: TaskEnv,
+) -> anyhow::Result<()> {
+    let state = crate::api::ApiState::new(
+        services.store.clone(),
+        services.controller.clone(),
+        services.notifier.clone(),
+        env,
+    );
+    let token = services.shutdown.clone();
+    services.spawn("apiserver", async move {
+        crate::api::serve(listener, state, token).await
+    });
+    Ok(())
+}
+
+impl Services {
+    /// Runs `future` as a named component of these services: it is tracked, and its failure
+    /// shuts every service down and becomes the result of [`Services::wait`].
+    pub fn spawn<F>(&self, name: &'static str, future: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let shutdown = self.shutdown.clone();
+        let failure = self.failure.clone();
+        self.tracker.spawn(async move {
+            match future.await {
+                Ok(()) => tracing::info!(service = name, "service stopped"),
+                Err(err) => {
+                    tracing::error!(service = name, error = format!("{err:#}"), "service failed; shutting down");
+                    let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
+                    slot.get_or_insert(err.context(format!("the {name} failed")));
+                    shutdown.cancel();
+                }
+            }
+        });
+    }
+
+    /// The token that stops these services (a child of the one given to [`start`]).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until shutdown is requested (or a service failed), then for every service to stop.
+    /// Returns the first service failure.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancelled().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+        if let Some(broker) = self.broker.take() {
+            broker.shutdown();
+        }
+        let failure = self.failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM.
+pub fn cancel_on_signal(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("ctrl-c received; shutting down"),
+            () = term => tracing::info!("SIGTERM received; shutting down"),
+        }
+        shutdown.cancel();
+    });
+}
