@@ -1,0 +1,560 @@
+//! The `process` deployer: one per compute, it turns DEPLOY/REVOKE events into `fledgelet`
+//! child processes and reports what happened to each.
+//!
+//! - DEPLOY starts one `fledgelet` per listed task, in `work_root/<job>/<task>`, with the task
+//!   key in its environment (never on its command line, where `ps` would show it). A task whose
+//!   worker runs or waits already is not started twice. At most `max_workers` run at once; the
+//!   rest wait in a FIFO queue.
+//! - Each worker is reported `deployed`, or `failed` with the reason if it could not start.
+//! - A worker that exits without having reported its final state (killed, crashed: its
+//!   `final-state` marker is missing) is reported `failed` with its exit status, as soon as it
+//!   is reaped.
+//! - REVOKE stops the listed workers (all of the job's when the list is empty): SIGTERM to the
+//!   process group, SIGKILL after the grace period; they are reported `revoked`.
+//! - Shutdown stops every worker the same way and waits for them: no orphans. Each worker also
+//!   leads its own process group and gets `SIGKILL` if the deployer dies ([`crate::process`]).
+//!
+//! Reports go out in order through one background reporter that retries while the control
+//! plane is unavailable, so the event loop never waits on the network.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use fledge_client::ComputeClient;
+use fledge_proto::{DeployEvent, DeployEventKind, TaskDeployment};
+use fledge_types::{ComputeId, JobId, TaskId};
+
+use crate::api::{Backoff, DeploymentApi, DeploymentState, retry};
+use crate::process;
+use crate::supervisor::{REPORTED_MARKER, chain};
+
+/// Name of the file, in a worker's work dir, holding the fledgelet's own output.
+pub const WORKER_LOG_FILE: &str = "fledgelet.log";
+
+/// Errors of the deployer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An option is invalid.
+    #[error("invalid deployer option {option}: {message}")]
+    InvalidOption {
+        /// The option's name.
+        option: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The notifier subscription ended for good.
+    #[error("the deployer's notifier subscription ended")]
+    Subscription(#[source] fledge_client::Error),
+    /// The control-plane client could not be built.
+    #[error("invalid deployer endpoint or key")]
+    Client(#[source] fledge_client::Error),
+    /// The notifier subscription closed without a reason.
+    #[error("the deployer's notifier subscription closed")]
+    SubscriptionClosed,
+}
+
+/// Result of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to run a deployer.
+#[derive(Clone, Debug)]
+pub struct DeployerOptions {
+    /// The compute this deployer serves.
+    pub compute_id: ComputeId,
+    /// The compute's API key (authenticates the deployer).
+    pub api_key: String,
+    /// Apiserver base URL, e.g. `http://127.0.0.1:10100`.
+    pub apiserver: String,
+    /// Notifier URL, e.g. `http://127.0.0.1:10101`.
+    pub notifier: String,
+    /// Root of the workers' work dirs (`<work_root>/<job>/<task>`).
+    pub work_root: PathBuf,
+    /// The `fledgelet` binary (see [`default_fledgelet_bin`]).
+    pub fledgelet_bin: PathBuf,
+    /// The `fledge` binary workers use for built-in roles, passed as `FLEDGE_BIN`
+    /// (default: none, each fledgelet finds its own).
+    pub fledge_bin: Option<PathBuf>,
+    /// Maximum number of workers running at once; more wait in a queue (default 64).
+    pub max_workers: usize,
+    /// Time between SIGTERM and SIGKILL when revoking a worker (default 15 s; the fledgelet
+    /// itself gives its child 10 s).
+    pub stop_grace: Duration,
+    /// Retry policy of deployment reports (default: up to 300 s each).
+    pub report_backoff: Backoff,
+    /// Reconnect policy of the notifier subscription.
+    pub reconnect: fledge_client::Reconnect,
+    /// Extra arguments for every fledgelet (e.g. `--heartbeat-interval 1`).
+    pub fledgelet_args: Vec<String>,
+    /// Extra environment for every fledgelet.
+    pub fledgelet_env: Vec<(String, String)>,
+}
+
+impl DeployerOptions {
+    /// Options with defaults for everything but identity, endpoints and paths.
+    pub fn new(
+        compute_id: ComputeId,
+        api_key: impl Into<String>,
+        apiserver: impl Into<String>,
+        notifier: impl Into<String>,
+        work_root: PathBuf,
+        fledgelet_bin: PathBuf,
+    ) -> Self {
+        Self {
+            compute_id,
+            api_key: api_key.into(),
+            apiserver: apiserver.into(),
+            notifier: notifier.into(),
+            work_root,
+            fledgelet_bin,
+            fledge_bin: None,
+            max_workers: 64,
+            stop_grace: Duration::from_secs(15),
+            report_backoff: Backoff::default(),
+            reconnect: fledge_client::Reconnect::default(),
+            fledgelet_args: Vec::new(),
+            fledgelet_env: Vec::new(),
+        }
+    }
+
+    /// Checks the options and builds a deployer that reports to the apiserver with the API key.
+    pub fn build(self) -> Result<Deployer> {
+        self.validate()?;
+        let client = ComputeClient::new(&self.apiserver, self.compute_id.clone(), &self.api_key)
+            .map_err(Error::Client)?;
+        self.build_with(Arc::new(client))
+    }
+
+    /// Checks the options and builds a deployer that reports through `api`.
+    pub fn build_with(self, api: Arc<dyn DeploymentApi>) -> Result<Deployer> {
+        self.validate()?;
+        Ok(Deployer { opts: self, api })
+    }
+
+    fn validate(&self) -> Result<()> {
+        let invalid = |option, message: &str| {
+            Err(Error::InvalidOption { option, message: message.to_owned() })
+        };
+        if self.compute_id.as_str().is_empty() {
+            return invalid("compute_id", "must not be empty");
+        }
+        if self.max_workers == 0 {
+            return invalid("max_workers", "must be at least 1");
+        }
+        if self.apiserver.is_empty() {
+            return invalid("apiserver", "must not be empty");
+        }
+        if self.notifier.is_empty() {
+            return invalid("notifier", "must not be empty");
+        }
+        if self.fledgelet_bin.as_os_str().is_empty() {
+            return invalid("fledgelet_bin", "must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// The `fledgelet` next to the running executable if there is one, else `fledgelet` (on PATH).
+pub fn default_fledgelet_bin() -> PathBuf {
+    sibling_or_path("fledgelet")
+}
+
+/// `name` next to the running executable if it exists there, else `name` (looked up on PATH).
+pub fn sibling_or_path(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .filter(|path| path.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// The compute's notifier events, as `fledge_client::subscribe_compute` yields them.
+pub type DeployEvents = BoxStream<'static, fledge_client::Result<DeployEvent>>;
+
+/// A running deployer; see the module docs.
+pub struct Deployer {
+    opts: DeployerOptions,
+    api: Arc<dyn DeploymentApi>,
+}
+
+/// One report to the control plane.
+struct Report {
+    job: JobId,
+    task: TaskId,
+    state: DeploymentState,
+    message: String,
+}
+
+/// A task waiting for a worker slot.
+struct Pending {
+    job: JobId,
+    task: TaskDeployment,
+    apiserver: String,
+    notifier: String,
+}
+
+/// A running worker.
+struct Worker {
+    job: JobId,
+    kill: CancellationToken,
+}
+
+/// A reaped worker.
+struct Exit {
+    job: JobId,
+    task: TaskId,
+    status: std::io::Result<ExitStatus>,
+    /// Whether the fledgelet reported its final state itself.
+    reported: bool,
+    /// Whether we stopped it.
+    killed: bool,
+    /// The end of the fledgelet's own output, for diagnosis.
+    log_tail: String,
+}
+
+/// The deployer's state, owned by its event loop.
+struct State {
+    workers: HashMap<TaskId, Worker>,
+    queue: VecDeque<Pending>,
+    waiters: JoinSet<Exit>,
+    reports: mpsc::UnboundedSender<Report>,
+}
+
+impl Deployer {
+    /// Subscribes to the notifier as this compute and runs until `shutdown`, then stops every
+    /// worker. Fails if the notifier refuses the subscription for good (e.g. a bad API key).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let events = fledge_client::notifier::subscribe_compute_with(
+            &self.opts.notifier,
+            &self.opts.compute_id,
+            &self.opts.api_key,
+            self.opts.reconnect,
+        );
+        self.run_with_events(events, shutdown).await
+    }
+
+    /// Runs on the given event source (tests use a channel instead of the notifier).
+    pub async fn run_with_events(
+        self,
+        mut events: DeployEvents,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let compute = self.opts.compute_id.clone();
+        tracing::info!(%compute, max_workers = self.opts.max_workers, "deployer running");
+        // Unbounded: at most a few reports per task, and the loop must never wait on the network.
+        let (reports, report_rx) = mpsc::unbounded_channel();
+        let reporter =
+            tokio::spawn(report_loop(self.api.clone(), report_rx, self.opts.report_backoff));
+        let mut state = State {
+            workers: HashMap::new(),
+            queue: VecDeque::new(),
+            waiters: JoinSet::new(),
+            reports,
+        };
+        let res = loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(Ok(event)) => self.on_event(&mut state, event).await,
+                    Some(Err(err)) => break Err(Error::Subscription(err)),
+                    None => break Err(Error::SubscriptionClosed),
+                },
+                Some(joined) = state.waiters.join_next(), if !state.waiters.is_empty() => {
+                    match joined {
+                        Ok(exit) => self.on_exit(&mut state, exit),
+                        Err(err) => tracing::error!(%err, "worker watcher failed"),
+                    }
+                    self.fill(&mut state).await;
+                }
+                () = shutdown.cancelled() => break Ok(()),
+            }
+        };
+
+        // Stop everything and wait: no worker outlives the deployer.
+        tracing::info!(workers = state.workers.len(), "deployer stopping its workers");
+        state.queue.clear();
+        for worker in state.workers.values() {
+            worker.kill.cancel();
+        }
+        while let Some(joined) = state.waiters.join_next().await {
+            if let Ok(exit) = joined {
+                tracing::info!(task = %exit.task, "worker stopped");
+            }
+        }
+        drop(state);
+        // Give queued reports a moment to go out, but do not hang shutdown on a dead server.
+        if tokio::time::timeout(Duration::from_secs(5), reporter).await.is_err() {
+            tracing::warn!("dropping unsent deployment reports at shutdown");
+        }
+        res
+    }
+
+    async fn on_event(&self, state: &mut State, event: DeployEvent) {
+        let job = JobId::new(event.job_id.clone());
+        match DeployEventKind::try_from(event.kind) {
+            Ok(DeployEventKind::Deploy) => {
+                let apiserver = non_empty_or(&event.apiserver, &self.opts.apiserver);
+                let notifier = non_empty_or(&event.notifier, &self.opts.notifier);
+                for task in event.tasks {
+                    let task_id = TaskId::new(task.task_id.clone());
+                    let known = state.workers.contains_key(&task_id)
+                        || state.queue.iter().any(|p| p.task.task_id == task.task_id);
+                    if known {
+                        tracing::debug!(%job, task = %task_id, "already deployed");
+                        continue;
+                    }
+                    state.queue.push_back(Pending {
+                        job: job.clone(),
+                        task,
+                        apiserver: apiserver.clone(),
+                        notifier: notifier.clone(),
+                    });
+                }
+                self.fill(state).await;
+            }
+            Ok(DeployEventKind::Revoke) => {
+                let selected = |task: &str| {
+                    event.tasks.is_empty() || event.tasks.iter().any(|t| t.task_id == task)
+                };
+                let mut revoked_queued = Vec::new();
+                state.queue.retain(|p| {
+                    let hit = p.job == job && selected(&p.task.task_id);
+                    if hit {
+                        revoked_queued.push(TaskId::new(p.task.task_id.clone()));
+                    }
+                    !hit
+                });
+                for task in revoked_queued {
+                    self.report(
+                        state,
+                        &job,
+                        &task,
+                        DeploymentState::Revoked,
+                        "revoked before it started",
+                    );
+                }
+                for (task, worker) in &state.workers {
+                    if worker.job == job && selected(task.as_str()) {
+                        tracing::info!(%job, %task, "revoking worker");
+                        worker.kill.cancel();
+                    }
+                }
+            }
+            Ok(DeployEventKind::Unspecified) | Err(_) => {
+                tracing::warn!(kind = event.kind, %job, "ignoring an unknown deploy event");
+            }
+        }
+    }
+
+    /// Starts queued tasks while there is room.
+    async fn fill(&self, state: &mut State) {
+        while state.workers.len() < self.opts.max_workers {
+            let Some(pending) = state.queue.pop_front() else {
+                break;
+            };
+            self.start(state, pending).await;
+        }
+    }
+
+    async fn start(&self, state: &mut State, pending: Pending) {
+        let job = pending.job;
+        let task = TaskId::new(pending.task.task_id.clone());
+        let fail = |state: &mut State, message: String| {
+            tracing::warn!(%job, %task, message, "worker not started");
+            self.report(state, &job, &task, DeploymentState::Failed, &message);
+        };
+        if let Err(why) = check_path_segment(job.as_str()).and(check_path_segment(task.as_str())) {
+            return fail(state, format!("cannot deploy task {task:?} of job {job:?}: {why}"));
+        }
+        let work_dir = self.opts.work_root.join(job.as_str()).join(task.as_str());
+        let log_path = work_dir.join(WORKER_LOG_FILE);
+        let prepared = async {
+            tokio::fs::create_dir_all(&work_dir).await?;
+            match tokio::fs::remove_file(work_dir.join(REPORTED_MARKER)).await {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+            std::fs::File::create(&log_path)
+        }
+        .await;
+        let log_file = match prepared {
+            Ok(file) => file,
+            Err(err) => {
+                let message = format!("cannot prepare work dir {}: {err}", work_dir.display());
+                return fail(state, message);
+            }
+        };
+        let stderr = match log_file.try_clone() {
+            Ok(file) => Stdio::from(file),
+            Err(_) => Stdio::null(),
+        };
+
+        let mut command = Command::new(&self.opts.fledgelet_bin);
+        command
+            .arg("--task-id")
+            .arg(task.as_str())
+            .arg("--job-id")
+            .arg(job.as_str())
+            .arg("--apiserver")
+            .arg(&pending.apiserver)
+            .arg("--notifier")
+            .arg(&pending.notifier)
+            .arg("--work-dir")
+            .arg(&work_dir)
+            .args(&self.opts.fledgelet_args)
+            .env("FLEDGE_TASK_KEY", &pending.task.task_key)
+            .envs(self.opts.fledgelet_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log_file))
+            .stderr(stderr);
+        if let Some(fledge_bin) = &self.opts.fledge_bin {
+            command.env("FLEDGE_BIN", fledge_bin);
+        }
+        process::isolate(&mut command);
+        let child = match command.spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                let message =
+                    format!("failed to start {}: {err}", self.opts.fledgelet_bin.display());
+                return fail(state, message);
+            }
+        };
+        tracing::info!(%job, %task, pid = ?child.id(), role = %pending.task.role, "worker started");
+        let kill = CancellationToken::new();
+        state.waiters.spawn(watch(
+            child,
+            kill.clone(),
+            self.opts.stop_grace,
+            job.clone(),
+            task.clone(),
+            work_dir,
+        ));
+        state.workers.insert(task.clone(), Worker { job: job.clone(), kill });
+        self.report(state, &job, &task, DeploymentState::Deployed, "");
+    }
+
+    fn on_exit(&self, state: &mut State, exit: Exit) {
+        state.workers.remove(&exit.task);
+        let status = match &exit.status {
+            Ok(status) => process::describe(*status),
+            Err(err) => format!("an unknown status ({err})"),
+        };
+        if exit.killed {
+            tracing::info!(job = %exit.job, task = %exit.task, status, "worker revoked");
+            self.report(state, &exit.job, &exit.task, DeploymentState::Revoked, "worker revoked");
+        } else if exit.reported {
+            tracing::info!(job = %exit.job, task = %exit.task, status, "worker finished");
+        } else {
+            let mut message = format!("worker exited with {status} before reporting");
+            if !exit.log_tail.is_empty() {
+                message.push_str("; its last output:\n");
+                message.push_str(&exit.log_tail);
+            }
+            tracing::warn!(job = %exit.job, task = %exit.task, status, "worker died before reporting");
+            self.report(state, &exit.job, &exit.task, DeploymentState::Failed, &message);
+        }
+    }
+
+    fn report(
+        &self,
+        state: &State,
+        job: &JobId,
+        task: &TaskId,
+        status: DeploymentState,
+        message: &str,
+    ) {
+        let report = Report {
+            job: job.clone(),
+            task: task.clone(),
+            state: status,
+            message: message.to_owned(),
+        };
+        if state.reports.send(report).is_err() {
+            tracing::error!(%job, %task, "deployment reporter is gone");
+        }
+    }
+}
+
+/// Waits for a worker to exit, or stops it when `kill` fires.
+async fn watch(
+    mut child: Child,
+    kill: CancellationToken,
+    grace: Duration,
+    job: JobId,
+    task: TaskId,
+    work_dir: PathBuf,
+) -> Exit {
+    let pid = child.id();
+    let (status, killed) = tokio::select! {
+        status = child.wait() => (status, false),
+        () = kill.cancelled() => (process::stop_group(&mut child, grace).await, true),
+    };
+    if let Some(pid) = pid {
+        // The fledgelet is gone; so must be anything left in its group.
+        let _ = process::signal_group_id(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    let reported = tokio::fs::try_exists(work_dir.join(REPORTED_MARKER)).await.unwrap_or(false);
+    let log_tail = if reported || killed {
+        String::new()
+    } else {
+        read_tail(&work_dir.join(WORKER_LOG_FILE)).await
+    };
+    Exit { job, task, status, reported, killed, log_tail }
+}
+
+/// Sends reports in order, each retried while the control plane is unavailable.
+async fn report_loop(
+    api: Arc<dyn DeploymentApi>,
+    mut reports: mpsc::UnboundedReceiver<Report>,
+    backoff: Backoff,
+) {
+    while let Some(report) = reports.recv().await {
+        let res = retry(backoff, "report deployment", || {
+            api.report(&report.job, &report.task, report.state, &report.message)
+        })
+        .await;
+        if let Err(err) = res {
+            tracing::error!(job = %report.job, task = %report.task, state = ?report.state, error = %chain(&err), "deployment report lost");
+        }
+    }
+}
+
+/// The last 20 lines (at most 4 KiB) of a file; empty if unreadable.
+async fn read_tail(path: &Path) -> String {
+    let Ok(bytes) = tokio::fs::read(path).await else {
+        return String::new();
+    };
+    let mut tail = crate::logtail::LogTail::new(4096, 20);
+    tail.push(&bytes);
+    tail.render().trim_end().to_owned()
+}
+
+fn non_empty_or(value: &str, fallback: &str) -> String {
+    if value.is_empty() { fallback.to_owned() } else { value.to_owned() }
+}
+
+/// Ids become directory names: only plain, short names are accepted.
+fn check_path_segment(id: &str) -> std::result::Result<(), &'static str> {
+    if id.is_empty() {
+        return Err("empty id");
+    }
+    if id.len() > 128 {
+        return Err("id longer than 128 characters");
+    }
+    if id == "." || id == ".." {
+        return Err("id is a relative path");
+    }
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err("id may only contain letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}

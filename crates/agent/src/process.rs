@@ -1,0 +1,165 @@
+//! Child processes the agent starts: each in its own process group, dying with its parent,
+//! stopped group-wide (SIGTERM, a grace period, then SIGKILL).
+//!
+//! A role's code may fork helpers (a Python data loader, a shell pipeline); signalling only the
+//! direct child would orphan them. So every child leads a new process group and every stop
+//! signals the whole group. On Linux the child also asks the kernel for `SIGKILL` when its
+//! parent dies (`PR_SET_PDEATHSIG`), so a `kill -9` of the agent leaves no orphans behind.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// Makes `command` start its child as the leader of a new process group that dies with us.
+pub fn isolate(command: &mut Command) {
+    command.process_group(0).kill_on_drop(true);
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec; it only makes two
+        // async-signal-safe system calls (prctl, getppid) and allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                // The parent may have died between fork and prctl; then nobody would kill us.
+                if nix::unistd::getppid().as_raw() as u32 != parent {
+                    return Err(io::Error::other("parent exited before the child started"));
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// Sends `signal` to the process group led by `child` (if it has not been reaped yet).
+///
+/// A group that no longer exists is not an error.
+pub fn signal_group(child: &Child, signal: Signal) -> io::Result<()> {
+    match child.id() {
+        Some(pid) => signal_group_id(pid, signal),
+        None => Ok(()),
+    }
+}
+
+/// Sends `signal` to the process group `pgid`; a group that no longer exists is not an error.
+pub fn signal_group_id(pgid: u32, signal: Signal) -> io::Result<()> {
+    let pgid = i32::try_from(pgid).map_err(|_| io::Error::other("process id out of range"))?;
+    match killpg(Pid::from_raw(pgid), signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// Stops `child`'s process group: SIGTERM, then SIGKILL if it has not exited after `grace`.
+///
+/// Returns the child's exit status once it is reaped.
+pub async fn stop_group(child: &mut Child, grace: Duration) -> io::Result<ExitStatus> {
+    let pgid = child.id();
+    if let Some(pgid) = pgid {
+        signal_group_id(pgid, Signal::SIGTERM)?;
+    }
+    let status = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status?,
+        Err(_elapsed) => {
+            tracing::warn!(?pgid, ?grace, "child ignored SIGTERM, sending SIGKILL");
+            if let Some(pgid) = pgid {
+                signal_group_id(pgid, Signal::SIGKILL)?;
+            }
+            child.wait().await?
+        }
+    };
+    // The leader is gone; make sure no helper it forked outlives it.
+    if let Some(pgid) = pgid {
+        signal_group_id(pgid, Signal::SIGKILL)?;
+    }
+    Ok(status)
+}
+
+/// A human-readable exit status: `exit code 3`, `signal 9 (SIGKILL)`.
+pub fn describe(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exit code {code}");
+    }
+    if let Some(sig) = status.signal() {
+        return match Signal::try_from(sig) {
+            Ok(name) => format!("signal {sig} ({})", name.as_str()),
+            Err(_) => format!("signal {sig}"),
+        };
+    }
+    status.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Stdio;
+
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script).stdin(Stdio::null()).stdout(Stdio::piped());
+        isolate(&mut command);
+        command
+    }
+
+    fn alive(pid: i32) -> bool {
+        // Signal 0 checks existence; a zombie still counts, so read its state too.
+        if nix::sys::signal::kill(Pid::from_raw(pid), None).is_err() {
+            return false;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        !stat.contains(") Z ")
+    }
+
+    async fn wait_dead(pid: i32) -> bool {
+        for _ in 0..200 {
+            if !alive(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn stop_kills_the_whole_group_including_grandchildren() {
+        use tokio::io::AsyncBufReadExt as _;
+        // The grandchild ignores nothing but would outlive its parent if only the leader died.
+        let mut child = sh("sleep 60 & echo $!; wait").spawn().expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let grandchild: i32 =
+            lines.next_line().await.expect("read").expect("pid line").trim().parse().expect("pid");
+        assert!(alive(grandchild));
+        let status = stop_group(&mut child, Duration::from_secs(5)).await.expect("stop");
+        assert_eq!(describe(status), "signal 15 (SIGTERM)");
+        assert!(wait_dead(grandchild).await, "grandchild {grandchild} survived");
+    }
+
+    #[tokio::test]
+    async fn stop_escalates_to_sigkill_when_term_is_ignored() {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child =
+            sh("trap '' TERM; echo ready; while :; do sleep 0.05; done").spawn().expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        assert_eq!(lines.next_line().await.expect("read").as_deref(), Some("ready"));
+        let status = stop_group(&mut child, Duration::from_millis(300)).await.expect("stop");
+        assert_eq!(describe(status), "signal 9 (SIGKILL)");
+    }
+
+    #[tokio::test]
+    async fn describes_exit_codes_and_tolerates_reaped_groups() {
+        let mut child = sh("exit 3").spawn().expect("spawn");
+        let status = child.wait().await.expect("wait");
+        assert_eq!(describe(status), "exit code 3");
+        // The group is gone; signalling it again is fine.
+        signal_group(&child, Signal::SIGTERM).expect("reaped child");
+        signal_group_id(999_999_999, Signal::SIGTERM).expect("no such group");
+    }
+}

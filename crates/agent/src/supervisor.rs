@@ -1,0 +1,427 @@
+//! Running one task: fetch its manifest, unpack its code, run the entrypoint as a child
+//! process, report `running`, heartbeats and the final state with the tail of the log.
+//!
+//! [`run`] is the whole life of one task and returns its [`Outcome`]; it is driven by a stop
+//! token (a STOP event or a signal to the agent) and talks to the control plane only through
+//! [`TaskApi`], so tests drive it with a fake. The final report is retried while the control
+//! plane is unavailable (bounded by [`SupervisorOptions::report_backoff`]), so a control-plane
+//! restart in the middle of a job does not lose the task's final state.
+//!
+//! Work dir layout: `code/` (the unpacked role folder, the child's cwd), `config.json`,
+//! `task.log` (everything the child wrote) and `final-state` (written once the final state was
+//! accepted; the deployer reads it to tell a clean exit from a crash).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use fledge_types::{ControlPlaneRef, JobId, TaskId, TaskState};
+
+use crate::api::{self, Backoff, TaskApi, retry};
+use crate::bundle::{self, Limits};
+use crate::entrypoint::{self, CommandLine, Entrypoint, Tools};
+use crate::logtail::{self, LogTail};
+use crate::process;
+
+/// File, in the work dir, written once the final state was accepted by the control plane.
+pub const REPORTED_MARKER: &str = "final-state";
+/// File, in the work dir, holding the child's whole output.
+pub const LOG_FILE: &str = "task.log";
+/// File, in the work dir, holding the task config passed to the child.
+pub const CONFIG_FILE: &str = "config.json";
+/// Directory, in the work dir, holding the unpacked role folder.
+pub const CODE_DIR: &str = "code";
+
+/// Errors while preparing a task (everything before its code runs).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Fetching from the control plane failed.
+    #[error("failed to fetch the task's {what}")]
+    Fetch {
+        /// `config` or `code`.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: api::Error,
+    },
+    /// The code bundle was rejected.
+    #[error("failed to unpack the task's code")]
+    Bundle(#[source] bundle::Error),
+    /// The role folder has no usable entrypoint.
+    #[error("cannot run the task's code")]
+    Entrypoint(#[source] entrypoint::Error),
+    /// Local file system trouble.
+    #[error("failed to {what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The entrypoint's program could not be started.
+    #[error("failed to start {program}")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Identity and endpoints of the task, passed to its child as `FLEDGE_*` variables.
+#[derive(Clone, Debug)]
+pub struct TaskEnv {
+    /// `FLEDGE_TASK_ID`.
+    pub task_id: TaskId,
+    /// `FLEDGE_TASK_KEY`.
+    pub task_key: String,
+    /// `FLEDGE_JOB_ID`.
+    pub job_id: JobId,
+    /// `FLEDGE_APISERVER`.
+    pub apiserver: String,
+}
+
+/// How to run a task.
+#[derive(Clone, Debug)]
+pub struct SupervisorOptions {
+    /// The task's private work dir (created with mode 0700).
+    pub work_dir: PathBuf,
+    /// The task's identity, passed to the child.
+    pub task: TaskEnv,
+    /// Interpreters and binaries the entrypoint may need.
+    pub tools: Tools,
+    /// Time between heartbeats while the child runs (default 2 s).
+    pub heartbeat_interval: Duration,
+    /// Time between SIGTERM and SIGKILL when stopping (default 10 s).
+    pub stop_grace: Duration,
+    /// Retry policy of status reports (default: up to 300 s).
+    pub report_backoff: Backoff,
+    /// Retry policy of the config and code fetch (default: up to 300 s).
+    pub fetch_backoff: Backoff,
+    /// Bounds of the code bundle.
+    pub bundle_limits: Limits,
+    /// Bytes of log tail reported with the final state (default 64 KiB).
+    pub tail_max_bytes: usize,
+    /// Lines of log tail reported with the final state (default 200).
+    pub tail_max_lines: usize,
+}
+
+impl SupervisorOptions {
+    /// Options with the defaults for everything but the work dir, identity and tools.
+    pub fn new(work_dir: PathBuf, task: TaskEnv, tools: Tools) -> Self {
+        Self {
+            work_dir,
+            task,
+            tools,
+            heartbeat_interval: Duration::from_secs(2),
+            stop_grace: Duration::from_secs(10),
+            report_backoff: Backoff::default(),
+            fetch_backoff: Backoff::default(),
+            bundle_limits: Limits::default(),
+            tail_max_bytes: logtail::DEFAULT_MAX_BYTES,
+            tail_max_lines: logtail::DEFAULT_MAX_LINES,
+        }
+    }
+}
+
+/// How a task ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The final state.
+    pub state: TaskState,
+    /// The log tail reported with it.
+    pub log: String,
+    /// Whether the control plane accepted the report.
+    pub reported: bool,
+}
+
+/// Runs the task to its end: prepare, run, report. Never panics on bad input; every failure
+/// becomes a `failed` outcome whose log says what went wrong.
+pub async fn run(
+    opts: &SupervisorOptions,
+    api: Arc<dyn TaskApi>,
+    stop: CancellationToken,
+) -> Outcome {
+    let mut tail = LogTail::new(opts.tail_max_bytes, opts.tail_max_lines);
+    let prepared = tokio::select! {
+        res = prepare(opts, api.as_ref()) => res,
+        () = stop.cancelled() => {
+            tail.push_line("[fledgelet] stopped before the task's code started".to_owned());
+            return finish(opts, api.as_ref(), TaskState::Terminated, tail.render()).await;
+        }
+    };
+    let command_line = match prepared {
+        Ok(command_line) => command_line,
+        Err(err) => {
+            tracing::warn!(error = %chain(&err), "task preparation failed");
+            tail.push_line(format!("[fledgelet] {}", chain(&err)));
+            return finish(opts, api.as_ref(), TaskState::Failed, tail.render()).await;
+        }
+    };
+    execute(opts, api, stop, command_line, tail).await
+}
+
+/// Reports a final state without running anything (e.g. STOP before START).
+pub async fn finish(
+    opts: &SupervisorOptions,
+    api: &dyn TaskApi,
+    state: TaskState,
+    log: String,
+) -> Outcome {
+    let res =
+        retry(opts.report_backoff, "report final state", || api.set_status(state, &log)).await;
+    let reported = match res {
+        Ok(()) => {
+            let marker = opts.work_dir.join(REPORTED_MARKER);
+            if let Err(err) = tokio::fs::write(&marker, state.to_string()).await {
+                tracing::warn!(path = %marker.display(), %err, "failed to write the reported marker");
+            }
+            true
+        }
+        Err(err) => {
+            tracing::error!(?state, error = %chain(&err), "final state not reported");
+            false
+        }
+    };
+    Outcome { state, log, reported }
+}
+
+/// Fetches config and code, unpacks, resolves the entrypoint.
+async fn prepare(opts: &SupervisorOptions, api: &dyn TaskApi) -> Result<CommandLine> {
+    let work_dir = &opts.work_dir;
+    create_private_dir(work_dir).await?;
+
+    let mut config = retry(opts.fetch_backoff, "fetch config", || api.config())
+        .await
+        .map_err(|source| Error::Fetch { what: "config", source })?;
+    if config.control_plane.is_none() {
+        config.control_plane = Some(ControlPlaneRef { apiserver: opts.task.apiserver.clone() });
+    }
+    let zip = retry(opts.fetch_backoff, "fetch code", || api.code())
+        .await
+        .map_err(|source| Error::Fetch { what: "code", source })?;
+
+    let code_dir = work_dir.join(CODE_DIR);
+    let limits = opts.bundle_limits;
+    let dir = code_dir.clone();
+    let files = tokio::task::spawn_blocking(move || {
+        if dir.exists() {
+            // Left over from an earlier attempt: start from the bundle alone.
+            std::fs::remove_dir_all(&dir).map_err(|source| {
+                Error::Bundle(bundle::Error::Write { path: dir.clone(), source })
+            })?;
+        }
+        bundle::extract(&zip, &dir, limits).map_err(Error::Bundle)
+    })
+    .await
+    .expect("bundle extraction does not panic")?;
+    tracing::debug!(files, dir = %code_dir.display(), "code unpacked");
+
+    let config_path = work_dir.join(CONFIG_FILE);
+    let json = serde_json::to_vec_pretty(&config).expect("a TaskConfig always serializes");
+    tokio::fs::write(&config_path, json).await.map_err(|source| Error::Io {
+        what: "write",
+        path: config_path.clone(),
+        source,
+    })?;
+
+    let entrypoint = Entrypoint::resolve(&code_dir).map_err(Error::Entrypoint)?;
+    Ok(entrypoint.command_line(&config_path, &opts.tools))
+}
+
+/// Runs the child to its end and reports.
+async fn execute(
+    opts: &SupervisorOptions,
+    api: Arc<dyn TaskApi>,
+    stop: CancellationToken,
+    command_line: CommandLine,
+    tail: LogTail,
+) -> Outcome {
+    let tail = Arc::new(Mutex::new(tail));
+    let code_dir = opts.work_dir.join(CODE_DIR);
+    let log_path = opts.work_dir.join(LOG_FILE);
+    let shown = format!("{} {}", command_line.program.display(), command_line.args.join(" "));
+    push_line(&tail, format!("[fledgelet] running {shown}"));
+
+    let mut command = Command::new(&command_line.program);
+    command
+        .args(&command_line.args)
+        .current_dir(&code_dir)
+        .env("FLEDGE_TASK_ID", opts.task.task_id.as_str())
+        .env("FLEDGE_TASK_KEY", &opts.task.task_key)
+        .env("FLEDGE_JOB_ID", opts.task.job_id.as_str())
+        .env("FLEDGE_APISERVER", &opts.task.apiserver)
+        .envs(command_line.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    process::isolate(&mut command);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(source) => {
+            let err = Error::Spawn { program: command_line.program.clone(), source };
+            tracing::warn!(error = %chain(&err), "task code did not start");
+            push_line(&tail, format!("[fledgelet] {}", chain(&err)));
+            let log = render(&tail);
+            return finish(opts, api.as_ref(), TaskState::Failed, log).await;
+        }
+    };
+    let pid = child.id();
+    tracing::info!(?pid, command = %shown, "task code started");
+
+    let mut pumps = tokio::task::JoinSet::new();
+    if let Some(stdout) = child.stdout.take() {
+        pumps.spawn(pump(stdout, log_path.clone(), tail.clone()));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        pumps.spawn(pump(stderr, log_path.clone(), tail.clone()));
+    }
+
+    // `running` and heartbeats go on beside the child; neither may delay the final report.
+    let running = {
+        let api = api.clone();
+        let backoff = opts.report_backoff;
+        tokio::spawn(async move {
+            if let Err(err) =
+                retry(backoff, "report running", || api.set_status(TaskState::Running, "")).await
+            {
+                tracing::warn!(error = %chain(&err), "state running not reported");
+            }
+        })
+    };
+    let heartbeat = {
+        let api = api.clone();
+        let interval = opts.heartbeat_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if let Err(err) = api.heartbeat().await {
+                    tracing::debug!(error = %chain(&err), "heartbeat failed");
+                }
+            }
+        })
+    };
+
+    let mut stopped = false;
+    let waited = tokio::select! {
+        res = child.wait() => res,
+        () = stop.cancelled() => {
+            stopped = true;
+            tracing::info!(?pid, grace = ?opts.stop_grace, "stopping task code");
+            process::stop_group(&mut child, opts.stop_grace).await
+        }
+    };
+    heartbeat.abort();
+    if let Some(pid) = pid {
+        // Helpers the code forked must not outlive it (and hold its pipes open).
+        if let Err(err) = process::signal_group_id(pid, nix::sys::signal::Signal::SIGKILL) {
+            tracing::debug!(%err, "cleaning up the process group");
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(2), async {
+        while pumps.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        pumps.abort_all();
+    }
+    // Keep `running` before the final state when it is about to land; never wait long for it.
+    let mut running = running;
+    if tokio::time::timeout(Duration::from_secs(1), &mut running).await.is_err() {
+        running.abort();
+    }
+
+    let (state, line) = match waited {
+        Ok(status) if stopped => (
+            TaskState::Terminated,
+            format!(
+                "[fledgelet] stopped on request; {shown} ended with {}",
+                process::describe(status)
+            ),
+        ),
+        Ok(status) if status.success() => (
+            TaskState::Completed,
+            format!("[fledgelet] {shown} exited with {}", process::describe(status)),
+        ),
+        Ok(status) => (
+            TaskState::Failed,
+            format!("[fledgelet] {shown} exited with {}", process::describe(status)),
+        ),
+        Err(err) => (TaskState::Failed, format!("[fledgelet] lost track of {shown}: {err}")),
+    };
+    tracing::info!(%state, "task code ended");
+    push_line(&tail, line);
+    let log = render(&tail);
+    finish(opts, api.as_ref(), state, log).await
+}
+
+/// Copies a child stream into the log file and the tail.
+async fn pump(mut stream: impl AsyncRead + Unpin, log_path: PathBuf, tail: Arc<Mutex<LogTail>>) {
+    let mut file =
+        match tokio::fs::OpenOptions::new().create(true).append(true).open(&log_path).await {
+            Ok(file) => Some(file),
+            Err(err) => {
+                tracing::warn!(path = %log_path.display(), %err, "cannot open the log file");
+                None
+            }
+        };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        tail.lock().unwrap_or_else(PoisonError::into_inner).push(&buf[..n]);
+        if let Some(f) = file.as_mut()
+            && let Err(err) = f.write_all(&buf[..n]).await
+        {
+            tracing::warn!(path = %log_path.display(), %err, "log file write failed; keeping the tail only");
+            file = None;
+        }
+    }
+    if let Some(mut f) = file {
+        let _ = f.flush().await;
+    }
+}
+
+fn push_line(tail: &Mutex<LogTail>, line: String) {
+    tail.lock().unwrap_or_else(PoisonError::into_inner).push_line(line);
+}
+
+fn render(tail: &Mutex<LogTail>) -> String {
+    tail.lock().unwrap_or_else(PoisonError::into_inner).render()
+}
+
+async fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let io = |what, source| Error::Io { what, path: dir.to_owned(), source };
+    tokio::fs::create_dir_all(dir).await.map_err(|source| io("create", source))?;
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .await
+        .map_err(|source| io("restrict permissions of", source))
+}
+
+/// An error and its causes on one line: `a: b: c`.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut res = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        res.push_str(": ");
+        res.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    res
+}
