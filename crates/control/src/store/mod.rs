@@ -2,7 +2,7 @@
 //!
 //! Implementations: SQLite (embedded default) and PostgreSQL, plus code bundles in a
 //! [`BlobStore`] (a directory by default) so a bundle's size is bounded by configuration, not by
-//! a row limit. One behavioural suite (`store::tests::suite`) runs against every implementation.
+//! a row limit. One behavioural suite (`store::suite::run`) runs against every implementation.
 //!
 //! Invariants every implementation keeps:
 //! - every write is atomic: a failed call changes nothing;
@@ -14,10 +14,22 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use fledge_types::ErrorCode;
 use fledge_types::{
     Compute, ComputeId, ComputeSpec, Dataset, DatasetId, DatasetSpec, Design, DesignId, DesignSpec,
     Job, JobId, JobSpec, JobState, MetricRecord, Schema, Task, TaskId, TaskState, User, UserId,
 };
+
+mod blob;
+mod postgres;
+mod sql;
+mod sqlite;
+#[cfg(test)]
+mod suite;
+
+pub use blob::{BlobStore, DEFAULT_MAX_BYTES};
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +88,19 @@ pub enum Error {
     Blob(#[source] std::io::Error),
 }
 
+impl Error {
+    /// The service-edge class of this error (mapped to HTTP status in `api` only).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::NotFound { .. } => ErrorCode::NotFound,
+            Error::AlreadyExists { .. } => ErrorCode::AlreadyExists,
+            Error::Conflict { .. } | Error::InUse { .. } => ErrorCode::Conflict,
+            Error::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Error::Database(_) | Error::Blob(_) => ErrorCode::Internal,
+        }
+    }
+}
+
 /// Result of store calls.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -112,6 +137,9 @@ pub struct JobFilter {
 /// All control-plane state.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The largest code bundle [`Store::put_code`] accepts, in bytes.
+    fn max_code_bytes(&self) -> u64;
+
     // Users and tokens.
     /// Creates a user.
     async fn create_user(&self, user: &User) -> Result<()>;
@@ -134,13 +162,33 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a design, its schemas and code; `InUse` while a non-final job uses it.
     async fn delete_design(&self, owner: Option<&UserId>, id: &DesignId) -> Result<()>;
     /// Stores a new schema revision; returns its version.
-    async fn put_schema(&self, owner: Option<&UserId>, design: &DesignId, schema: &Schema) -> Result<String>;
+    async fn put_schema(
+        &self,
+        owner: Option<&UserId>,
+        design: &DesignId,
+        schema: &Schema,
+    ) -> Result<String>;
     /// A schema revision (`None`: latest) and its version.
-    async fn get_schema(&self, owner: Option<&UserId>, design: &DesignId, version: Option<&str>) -> Result<(String, Schema)>;
+    async fn get_schema(
+        &self,
+        owner: Option<&UserId>,
+        design: &DesignId,
+        version: Option<&str>,
+    ) -> Result<(String, Schema)>;
     /// Stores a new code revision (a zip); `TooLarge` past the configured limit.
-    async fn put_code(&self, owner: Option<&UserId>, design: &DesignId, zip: &[u8]) -> Result<CodeMeta>;
+    async fn put_code(
+        &self,
+        owner: Option<&UserId>,
+        design: &DesignId,
+        zip: &[u8],
+    ) -> Result<CodeMeta>;
     /// A code revision (`None`: latest): metadata and bytes.
-    async fn get_code(&self, owner: Option<&UserId>, design: &DesignId, version: Option<&str>) -> Result<(CodeMeta, Vec<u8>)>;
+    async fn get_code(
+        &self,
+        owner: Option<&UserId>,
+        design: &DesignId,
+        version: Option<&str>,
+    ) -> Result<(CodeMeta, Vec<u8>)>;
 
     // Datasets.
     /// Registers a dataset.
@@ -166,18 +214,38 @@ pub trait Store: Send + Sync + 'static {
 
     // Jobs.
     /// Stores a validated job in state `ready`.
-    async fn create_job(&self, owner: &UserId, spec: &JobSpec, schema_version: &str, code_version: &str) -> Result<Job>;
+    async fn create_job(
+        &self,
+        owner: &UserId,
+        spec: &JobSpec,
+        schema_version: &str,
+        code_version: &str,
+    ) -> Result<Job>;
     /// Gets a job (`None`: any owner).
     async fn get_job(&self, owner: Option<&UserId>, id: &JobId) -> Result<Job>;
     /// Lists jobs.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>>;
-    /// Replaces a `ready` job's spec; `Conflict` in any other state.
-    async fn update_job_spec(&self, owner: Option<&UserId>, id: &JobId, spec: &JobSpec) -> Result<Job>;
+    /// Replaces a `ready` job's spec and the revisions it resolved to; `Conflict` in any other
+    /// state.
+    async fn update_job_spec(
+        &self,
+        owner: Option<&UserId>,
+        id: &JobId,
+        spec: &JobSpec,
+        schema_version: &str,
+        code_version: &str,
+    ) -> Result<Job>;
     /// Deletes a job in a final state or `ready` with its tasks and metrics; `Conflict` otherwise.
     async fn delete_job(&self, owner: Option<&UserId>, id: &JobId) -> Result<()>;
     /// Compare-and-set of a job's state: succeeds only if the state is one of `from`.
     /// Sets `reason`, `started_at` (entering `starting`) and `ended_at` (entering a final state).
-    async fn set_job_state(&self, id: &JobId, from: &[JobState], to: JobState, reason: Option<&str>) -> Result<Job>;
+    async fn set_job_state(
+        &self,
+        id: &JobId,
+        from: &[JobState],
+        to: JobState,
+        reason: Option<&str>,
+    ) -> Result<Job>;
 
     // Tasks.
     /// Inserts a job's tasks; re-inserting the same ids is a no-op (expansion is deterministic).
@@ -191,7 +259,13 @@ pub trait Store: Send + Sync + 'static {
     /// The plain keys of a job's tasks, for deploy events (task id → key).
     async fn task_keys(&self, job: &JobId) -> Result<BTreeMap<TaskId, String>>;
     /// Sets a task's state and log tail if the transition is legal; returns the task.
-    async fn set_task_state(&self, job: &JobId, task: &TaskId, state: TaskState, log: Option<&str>) -> Result<Task>;
+    async fn set_task_state(
+        &self,
+        job: &JobId,
+        task: &TaskId,
+        state: TaskState,
+        log: Option<&str>,
+    ) -> Result<Task>;
     /// Records a heartbeat from a task's agent (sets `Task::last_heartbeat` to now).
     async fn record_heartbeat(&self, task: &TaskId) -> Result<()>;
     /// Pins the key of a participant-run task the first time it is used.

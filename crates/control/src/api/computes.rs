@@ -1,0 +1,168 @@
+//! Computes (admin) and the deployer's deployment reports (compute API key).
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use fledge_types::{Compute, ComputeId, ComputeSpec, ErrorDetail, JobId, TaskId, TaskState};
+
+use super::error::{Error, Result};
+use super::users::check_id;
+use super::{ApiState, body};
+use crate::store;
+
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_compute, list_computes))
+        .routes(routes!(get_compute, delete_compute))
+        .routes(routes!(report_deployment))
+}
+
+/// What a deployer did with a task's worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum DeploymentState {
+    /// The worker exists.
+    Deployed,
+    /// The worker could not be created; the task fails with the message as its log.
+    Failed,
+    /// The worker was removed.
+    Revoked,
+}
+
+/// A deployer's report about one task's worker.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DeploymentReport {
+    /// The task's job.
+    job_id: JobId,
+    /// What happened.
+    state: DeploymentState,
+    /// Details (the failure's cause).
+    #[serde(default)]
+    message: String,
+}
+
+impl ApiState {
+    fn connected(&self, mut compute: Compute) -> Compute {
+        compute.connected =
+            self.notifier.as_ref().is_some_and(|n| n.is_compute_connected(&compute.compute_id));
+        compute
+    }
+}
+
+/// Registers a compute (admin only); its API key is stored hashed.
+#[utoipa::path(post, path = "/computes", tag = "computes", request_body = ComputeSpec,
+    responses((status = 201, body = Compute), (status = 400, body = fledge_types::ApiError)))]
+async fn create_compute(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    request: Body,
+) -> Result<(StatusCode, Json<Compute>)> {
+    state.admin(&headers).await?;
+    let spec: ComputeSpec = body::json(request, state.limits.json_bytes, "compute").await?;
+    let mut details = Vec::new();
+    check_id("computeId", spec.compute_id.as_str(), &mut details);
+    if spec.region.trim().is_empty() || spec.region.split('/').any(str::is_empty) {
+        details.push(ErrorDetail {
+            path: "region".to_owned(),
+            message: "must be a realm prefix such as default/eu".to_owned(),
+        });
+    }
+    if spec.api_key.len() < 16 {
+        details.push(ErrorDetail {
+            path: "apiKey".to_owned(),
+            message: "must be at least 16 characters".to_owned(),
+        });
+    }
+    if !details.is_empty() {
+        return Err(Error::invalid("invalid compute", details));
+    }
+    let compute = state.store.create_compute(&spec).await?;
+    Ok((StatusCode::CREATED, Json(state.connected(compute))))
+}
+
+/// Lists computes (admin only).
+#[utoipa::path(get, path = "/computes", tag = "computes", responses((status = 200, body = [Compute])))]
+async fn list_computes(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<Compute>>> {
+    state.admin(&headers).await?;
+    let computes = state.store.list_computes().await?;
+    Ok(Json(computes.into_iter().map(|c| state.connected(c)).collect()))
+}
+
+/// Gets a compute (admin only).
+#[utoipa::path(get, path = "/computes/{computeId}", tag = "computes",
+    params(("computeId" = String, Path)),
+    responses((status = 200, body = Compute), (status = 404, body = fledge_types::ApiError)))]
+async fn get_compute(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Compute>> {
+    state.admin(&headers).await?;
+    let compute = state.store.get_compute(&ComputeId::new(id)).await?;
+    Ok(Json(state.connected(compute)))
+}
+
+/// Deletes a compute (admin only); 409 while a non-final job has tasks on it.
+#[utoipa::path(delete, path = "/computes/{computeId}", tag = "computes",
+    params(("computeId" = String, Path)),
+    responses((status = 204), (status = 409, body = fledge_types::ApiError)))]
+async fn delete_compute(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    state.admin(&headers).await?;
+    state.store.delete_compute(&ComputeId::new(id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A deployer reports a task's worker (compute API key); `failed` fails the task.
+#[utoipa::path(put, path = "/computes/{computeId}/tasks/{taskId}/deployment", tag = "computes",
+    request_body = DeploymentReport,
+    params(("computeId" = String, Path), ("taskId" = String, Path)),
+    responses((status = 204), (status = 401, body = fledge_types::ApiError),
+        (status = 404, body = fledge_types::ApiError)))]
+async fn report_deployment(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((compute, task)): Path<(String, String)>,
+    request: Body,
+) -> Result<StatusCode> {
+    let compute = ComputeId::new(compute);
+    state.compute(&headers, &compute).await?;
+    let report: DeploymentReport =
+        body::json(request, state.limits.json_bytes, "deployment report").await?;
+    let task_id = TaskId::new(task);
+    let task = state.store.get_task(&report.job_id, &task_id).await?;
+    if task.compute_id != compute {
+        return Err(Error::not_found(format!(
+            "task {task_id} of job {} is not on compute {compute}",
+            report.job_id
+        )));
+    }
+    tracing::info!(job_id = %report.job_id, task_id = %task_id, compute_id = %compute,
+        state = ?report.state, message = %report.message, "deployment report");
+    if report.state == DeploymentState::Failed && !task.state.is_final() {
+        let log = format!("deployment failed: {}", report.message);
+        match state
+            .store
+            .set_task_state(&report.job_id, &task_id, TaskState::Failed, Some(&log))
+            .await
+        {
+            // The task ended meanwhile: its own report wins.
+            Ok(_) | Err(store::Error::Conflict { .. }) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    state.controller.job_changed(report.job_id);
+    Ok(StatusCode::NO_CONTENT)
+}

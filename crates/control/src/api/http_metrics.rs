@@ -1,0 +1,107 @@
+//! Prometheus metrics of the apiserver: request counts by route and status, and latency.
+
+use std::sync::Mutex;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::ApiState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+}
+
+type LatencyFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+/// The apiserver's metric registry.
+pub(super) struct HttpMetrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    latency: LatencyFamily,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~3.3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency: LatencyFamily = Family::new_with_constructor(latency_histogram);
+        let mut registry = Registry::with_prefix("fledge_apiserver");
+        registry.register(
+            "http_requests",
+            "HTTP requests by method, route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by method and route",
+            latency.clone(),
+        );
+        Self { registry: Mutex::new(registry), requests, latency }
+    }
+}
+
+/// Middleware: counts and times every request under its route template (not its raw path, so
+/// ids do not explode the label space).
+pub(super) async fn track(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().to_string();
+    let start = tokio::time::Instant::now();
+    let response = next.run(request).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method: method.clone(),
+            route: route.clone(),
+            status: response.status().as_u16(),
+        })
+        .inc();
+    state.metrics.latency.get_or_create(&RouteLabels { method, route }).observe(elapsed);
+    response
+}
+
+/// `GET /metrics`: the Prometheus text format.
+pub(super) async fn render(State(state): State<ApiState>) -> Response {
+    let mut text = String::new();
+    let encoded = {
+        let registry =
+            state.metrics.registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        prometheus_client::encoding::text::encode(&mut text, &registry)
+    };
+    match encoded {
+        Ok(()) => {
+            ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+                .into_response()
+        }
+        Err(err) => super::Error::new(
+            fledge_types::ErrorCode::Internal,
+            format!("cannot encode metrics: {err}"),
+        )
+        .into_response(),
+    }
+}

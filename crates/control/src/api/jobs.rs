@@ -1,0 +1,383 @@
+//! Jobs: plan, create, update, delete, start/stop, status, tasks and metrics.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use fledge_types::{
+    Dataset, DatasetId, ErrorDetail, Job, JobId, JobSpec, JobState, MetricRecord, Task, TaskId,
+    UserId,
+};
+
+use super::error::{Error, Result};
+use super::{ApiState, body, check_user};
+use crate::store::{self, JobFilter};
+
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(plan_job))
+        .routes(routes!(create_job, list_jobs))
+        .routes(routes!(get_job, update_job, delete_job))
+        .routes(routes!(set_status, get_status))
+        .routes(routes!(list_tasks))
+        .routes(routes!(get_task))
+        .routes(routes!(list_metrics))
+}
+
+/// A start or stop request: `{"state": "starting"}` or `{"state": "stopping"}`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(super) struct StatusRequest {
+    /// `starting` (start) or `stopping` (stop).
+    state: JobState,
+}
+
+/// A job's state with its tasks counted by state.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub(super) struct JobStatus {
+    /// The job's state.
+    state: JobState,
+    /// Why it is in that state, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// Task state → number of tasks.
+    tasks: BTreeMap<String, u64>,
+}
+
+/// `?state=running,failed`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct ListQuery {
+    /// Comma-separated job states to keep.
+    state: Option<String>,
+}
+
+/// What a job spec resolves to: its revisions and its expansion.
+struct Prepared {
+    schema_version: String,
+    code_version: String,
+    tasks: Vec<Task>,
+}
+
+fn detail(path: &str, message: String) -> ErrorDetail {
+    ErrorDetail { path: path.to_owned(), message }
+}
+
+/// Validates `spec` for `owner` and expands it (as job `job_id`): resolves the schema and code
+/// revisions, looks the datasets up, validates, expands. Every problem comes back at once.
+async fn prepare(
+    state: &ApiState,
+    owner: &UserId,
+    spec: &JobSpec,
+    job_id: &JobId,
+) -> Result<Prepared> {
+    let invalid = |details| Error::invalid("invalid job", details);
+    let design = match state.store.get_design(Some(owner), &spec.design_id).await {
+        Ok(design) => design,
+        Err(store::Error::NotFound { .. }) => {
+            return Err(invalid(vec![detail(
+                "designId",
+                format!("design {:?} not found", spec.design_id.as_str()),
+            )]));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let mut details = Vec::new();
+    let code_version = match &spec.code_version {
+        Some(version) if design.code_versions.contains(version) => Some(version.clone()),
+        Some(version) => {
+            details.push(detail(
+                "codeVersion",
+                format!("design {} has no code revision {version:?}", design.id),
+            ));
+            None
+        }
+        None => {
+            let latest = design.code_versions.last().cloned();
+            if latest.is_none() {
+                details.push(detail(
+                    "designId",
+                    format!("design {} has no code; upload a code bundle first", design.id),
+                ));
+            }
+            latest
+        }
+    };
+    let schema =
+        match state.store.get_schema(Some(owner), &design.id, spec.schema_version.as_deref()).await
+        {
+            Ok(found) => Some(found),
+            Err(store::Error::NotFound { .. }) => {
+                details.push(match &spec.schema_version {
+                    Some(version) => detail(
+                        "schemaVersion",
+                        format!("design {} has no schema revision {version:?}", design.id),
+                    ),
+                    None => detail(
+                        "designId",
+                        format!("design {} has no schema; upload one first", design.id),
+                    ),
+                });
+                None
+            }
+            Err(err) => return Err(err.into()),
+        };
+    let Some((schema_version, schema)) = schema else {
+        return Err(invalid(details));
+    };
+
+    let mut datasets: HashMap<DatasetId, Dataset> = HashMap::new();
+    for id in spec.data_spec.iter().flat_map(|entry| entry.dataset_groups.values().flatten()) {
+        if datasets.contains_key(id) {
+            continue;
+        }
+        match state.store.get_dataset(Some(owner), id).await {
+            Ok(dataset) => {
+                datasets.insert(id.clone(), dataset);
+            }
+            Err(store::Error::NotFound { .. }) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    details.extend(fledge_types::validate::job(spec, &schema, &|id| datasets.get(id).cloned()));
+    let Some(code_version) = code_version.filter(|_| details.is_empty()) else {
+        return Err(invalid(details));
+    };
+    let computes = state.store.list_computes().await?;
+    let found: Vec<Dataset> = datasets.into_values().collect();
+    let tasks =
+        fledge_types::expand::expand(job_id, spec, &schema, &found, &computes).map_err(invalid)?;
+    Ok(Prepared { schema_version, code_version, tasks })
+}
+
+/// The expansion of a job spec: its tasks, nothing stored.
+#[utoipa::path(post, path = "/users/{user}/jobs/plan", tag = "jobs", request_body = JobSpec,
+    params(("user" = String, Path)),
+    responses((status = 200, body = [Task]), (status = 400, body = fledge_types::ApiError)))]
+async fn plan_job(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    request: Body,
+) -> Result<Json<Vec<Task>>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let spec: JobSpec = body::json(request, state.limits.json_bytes, "job spec").await?;
+    let prepared = prepare(&state, &user, &spec, &JobId::new("plan")).await?;
+    Ok(Json(prepared.tasks))
+}
+
+/// Creates a job in state `ready` after validating and expanding it.
+#[utoipa::path(post, path = "/users/{user}/jobs", tag = "jobs", request_body = JobSpec,
+    params(("user" = String, Path)),
+    responses((status = 201, body = Job), (status = 400, body = fledge_types::ApiError)))]
+async fn create_job(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    request: Body,
+) -> Result<(StatusCode, Json<Job>)> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let spec: JobSpec = body::json(request, state.limits.json_bytes, "job spec").await?;
+    let prepared = prepare(&state, &user, &spec, &JobId::new("check")).await?;
+    let job = state
+        .store
+        .create_job(&user, &spec, &prepared.schema_version, &prepared.code_version)
+        .await?;
+    tracing::info!(job_id = %job.id, owner = %user, tasks = prepared.tasks.len(), "job created");
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// Lists the user's jobs, optionally only those in some states.
+#[utoipa::path(get, path = "/users/{user}/jobs", tag = "jobs",
+    params(("user" = String, Path), ListQuery), responses((status = 200, body = [Job])))]
+async fn list_jobs(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Vec<Job>>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let mut states = Vec::new();
+    for name in
+        query.state.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty())
+    {
+        states.push(
+            name.parse::<JobState>()
+                .map_err(|err| Error::invalid("invalid query", vec![detail("state", err)]))?,
+        );
+    }
+    let filter = JobFilter { owner: Some(user), states };
+    Ok(Json(state.store.list_jobs(&filter).await?))
+}
+
+/// Gets a job.
+#[utoipa::path(get, path = "/users/{user}/jobs/{jobId}", tag = "jobs",
+    params(("user" = String, Path), ("jobId" = String, Path)),
+    responses((status = 200, body = Job), (status = 404, body = fledge_types::ApiError)))]
+async fn get_job(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+) -> Result<Json<Job>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    Ok(Json(state.store.get_job(Some(&user), &JobId::new(id)).await?))
+}
+
+/// Replaces a `ready` job's spec (validated and expanded again); 409 in any other state.
+#[utoipa::path(put, path = "/users/{user}/jobs/{jobId}", tag = "jobs", request_body = JobSpec,
+    params(("user" = String, Path), ("jobId" = String, Path)),
+    responses((status = 200, body = Job), (status = 409, body = fledge_types::ApiError)))]
+async fn update_job(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+    request: Body,
+) -> Result<Json<Job>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let id = JobId::new(id);
+    let current = state.store.get_job(Some(&user), &id).await?;
+    if current.state != JobState::Ready {
+        return Err(Error::conflict(format!(
+            "job {id} is {}; only a ready job can be changed",
+            current.state
+        )));
+    }
+    let spec: JobSpec = body::json(request, state.limits.json_bytes, "job spec").await?;
+    let prepared = prepare(&state, &user, &spec, &id).await?;
+    let job = state
+        .store
+        .update_job_spec(Some(&user), &id, &spec, &prepared.schema_version, &prepared.code_version)
+        .await?;
+    Ok(Json(job))
+}
+
+/// Deletes a job that is `ready` or final, with its tasks and metrics.
+#[utoipa::path(delete, path = "/users/{user}/jobs/{jobId}", tag = "jobs",
+    params(("user" = String, Path), ("jobId" = String, Path)),
+    responses((status = 204), (status = 409, body = fledge_types::ApiError)))]
+async fn delete_job(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let id = JobId::new(id);
+    match state.store.delete_job(Some(&user), &id).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT),
+        Err(store::Error::Conflict { actual, .. }) => Err(Error::conflict(format!(
+            "job {id} is {actual}; stop it and wait for it to end before deleting it"
+        ))),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Starts (`starting`) or stops (`stopping`) a job; 409 for an illegal transition.
+#[utoipa::path(put, path = "/users/{user}/jobs/{jobId}/status", tag = "jobs",
+    request_body = StatusRequest, params(("user" = String, Path), ("jobId" = String, Path)),
+    responses((status = 200, body = Job), (status = 409, body = fledge_types::ApiError)))]
+async fn set_status(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+    request: Body,
+) -> Result<Json<Job>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let id = JobId::new(id);
+    let request: StatusRequest =
+        body::json(request, state.limits.json_bytes, "status request").await?;
+    // Ownership first: a foreign job is 404 whatever its state.
+    state.store.get_job(Some(&user), &id).await?;
+    let (from, verb, allowed): (&[JobState], &str, &str) = match request.state {
+        JobState::Starting => (&[JobState::Ready], "started", "only a ready job"),
+        JobState::Stopping => (
+            &[JobState::Starting, JobState::Deploying, JobState::Running],
+            "stopped",
+            "only a starting, deploying or running job",
+        ),
+        other => {
+            return Err(Error::invalid(
+                "invalid status request",
+                vec![detail(
+                    "state",
+                    format!("\"{other}\" cannot be requested; use \"starting\" or \"stopping\""),
+                )],
+            ));
+        }
+    };
+    let reason = (request.state == JobState::Stopping).then_some("stop requested by the user");
+    match state.store.set_job_state(&id, from, request.state, reason).await {
+        Ok(job) => {
+            tracing::info!(job_id = %id, state = %job.state, "job state requested");
+            state.controller.job_changed(id);
+            Ok(Json(job))
+        }
+        Err(store::Error::Conflict { actual, .. }) => {
+            Err(Error::conflict(format!("job {id} is {actual}; {allowed} can be {verb}")))
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// A job's state and its tasks counted by state.
+#[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/status", tag = "jobs",
+    params(("user" = String, Path), ("jobId" = String, Path)),
+    responses((status = 200, body = JobStatus), (status = 404, body = fledge_types::ApiError)))]
+async fn get_status(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+) -> Result<Json<JobStatus>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
+    let mut tasks = BTreeMap::new();
+    for task in state.store.list_tasks(&job.id).await? {
+        *tasks.entry(task.state.to_string()).or_insert(0) += 1;
+    }
+    Ok(Json(JobStatus { state: job.state, reason: job.reason, tasks }))
+}
+
+/// A job's tasks in expansion order (never their keys).
+#[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/tasks", tag = "jobs",
+    params(("user" = String, Path), ("jobId" = String, Path)),
+    responses((status = 200, body = [Task]), (status = 404, body = fledge_types::ApiError)))]
+async fn list_tasks(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+) -> Result<Json<Vec<Task>>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
+    Ok(Json(state.store.list_tasks(&job.id).await?))
+}
+
+/// One task with its log tail.
+#[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/tasks/{taskId}", tag = "jobs",
+    params(("user" = String, Path), ("jobId" = String, Path), ("taskId" = String, Path)),
+    responses((status = 200, body = Task), (status = 404, body = fledge_types::ApiError)))]
+async fn get_task(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id, task)): Path<(String, String, String)>,
+) -> Result<Json<Task>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
+    Ok(Json(state.store.get_task(&job.id, &TaskId::new(task)).await?))
+}
+
+/// A job's metric records in the order they arrived.
+#[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/metrics", tag = "jobs",
+    params(("user" = String, Path), ("jobId" = String, Path)),
+    responses((status = 200, body = [MetricRecord]), (status = 404, body = fledge_types::ApiError)))]
+async fn list_metrics(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+) -> Result<Json<Vec<MetricRecord>>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
+    Ok(Json(state.store.list_metrics(&job.id).await?))
+}

@@ -1,0 +1,312 @@
+//! The agent's routes, authenticated with the task key: config, code, status, heartbeat,
+//! metrics.
+
+use std::io::{Cursor, Read as _, Write as _};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use fledge_types::{ErrorCode, ErrorDetail, MetricRecord, TaskConfig, TaskId, TaskState};
+
+use super::error::{Error, Result};
+use super::{ApiState, body};
+use crate::store;
+
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(task_config))
+        .routes(routes!(task_code))
+        .routes(routes!(task_status))
+        .routes(routes!(heartbeat))
+        .routes(routes!(task_metrics))
+}
+
+/// A task's state report.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(super) struct TaskStatusReport {
+    /// `running`, `completed`, `failed` or `terminated`.
+    state: TaskState,
+    /// The tail of the task's log.
+    #[serde(default)]
+    log: Option<String>,
+}
+
+/// Largest log tail kept per task, in bytes.
+const LOG_TAIL_BYTES: usize = 64 * 1024;
+
+fn internal(err: impl std::fmt::Display) -> Error {
+    Error::new(ErrorCode::Internal, err.to_string())
+}
+
+/// The task's config: everything its worker needs to run.
+#[utoipa::path(get, path = "/tasks/{taskId}/config", tag = "tasks",
+    params(("taskId" = String, Path)),
+    responses((status = 200, body = TaskConfig), (status = 401, body = fledge_types::ApiError)))]
+async fn task_config(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+) -> Result<Json<TaskConfig>> {
+    let task = state.task(&headers, &TaskId::new(task)).await?;
+    let job = state.store.get_job(None, &task.job_id).await?;
+    let (_, schema) = state
+        .store
+        .get_schema(Some(&job.owner), &job.spec.design_id, Some(&job.schema_version))
+        .await?;
+    let dataset = match &task.dataset_id {
+        Some(id) => match state.store.get_dataset(None, id).await {
+            Ok(dataset) => Some(dataset),
+            Err(store::Error::NotFound { .. }) => {
+                return Err(Error::conflict(format!(
+                    "dataset {id} of task {} was deleted",
+                    task.task_id
+                )));
+            }
+            Err(err) => return Err(err.into()),
+        },
+        None => None,
+    };
+    Ok(Json(fledge_types::task_config::build(&job, &schema, &task, dataset.as_ref(), &state.env)))
+}
+
+/// The folder of `bundle` holding `role`'s code: `<role>/` at the top, or `<top>/<role>/` when
+/// every entry sits under one top folder (e.g. `code/<role>/`).
+fn role_prefix(names: &[String], role: &str) -> Option<String> {
+    let direct = format!("{role}/");
+    if names.iter().any(|n| n.starts_with(&direct)) {
+        return Some(direct);
+    }
+    let top = names.first()?.split('/').next()?.to_owned();
+    if names.iter().all(|n| n.starts_with(&format!("{top}/"))) {
+        let nested = format!("{top}/{role}/");
+        if names.iter().any(|n| n.starts_with(&nested)) {
+            return Some(nested);
+        }
+    }
+    None
+}
+
+/// Re-zips `role`'s folder of `bundle`, rooted at that folder; `None` when it has none.
+pub(super) fn role_zip(bundle: &[u8], role: &str) -> std::result::Result<Option<Vec<u8>>, String> {
+    let mut archive =
+        zip::ZipArchive::new(Cursor::new(bundle)).map_err(|e| format!("bad stored zip: {e}"))?;
+    let names: Vec<String> = archive.file_names().map(str::to_owned).collect();
+    let Some(prefix) = role_prefix(&names, role) else {
+        return Ok(None);
+    };
+    let mut out = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    for i in 0..archive.len() {
+        let mut entry =
+            archive.by_index(i).map_err(|e| format!("bad stored zip entry {i}: {e}"))?;
+        let Some(rest) = entry.name().strip_prefix(&prefix).map(str::to_owned) else {
+            continue;
+        };
+        if rest.is_empty() || entry.enclosed_name().is_none() {
+            continue;
+        }
+        let mut options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        if let Some(mode) = entry.unix_mode() {
+            options = options.unix_permissions(mode);
+        }
+        if entry.is_dir() {
+            out.add_directory(rest, options).map_err(|e| format!("cannot write zip: {e}"))?;
+            continue;
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(entry.size()).unwrap_or(0));
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read stored zip entry {rest}: {e}"))?;
+        out.start_file(rest, options).map_err(|e| format!("cannot write zip: {e}"))?;
+        out.write_all(&bytes).map_err(|e| format!("cannot write zip: {e}"))?;
+    }
+    let cursor = out.finish().map_err(|e| format!("cannot finish zip: {e}"))?;
+    Ok(Some(cursor.into_inner()))
+}
+
+/// The task's role folder of the job's code bundle, as a zip rooted at that folder.
+#[utoipa::path(get, path = "/tasks/{taskId}/code", tag = "tasks",
+    params(("taskId" = String, Path)),
+    responses((status = 200, content_type = "application/zip", body = Vec<u8>),
+        (status = 401, body = fledge_types::ApiError), (status = 404, body = fledge_types::ApiError)))]
+async fn task_code(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+) -> Result<Response> {
+    let task = state.task(&headers, &TaskId::new(task)).await?;
+    let job = state.store.get_job(None, &task.job_id).await?;
+    let (meta, bundle) = state
+        .store
+        .get_code(Some(&job.owner), &job.spec.design_id, Some(&job.code_version))
+        .await?;
+    let role = task.role.clone();
+    let zipped = tokio::task::spawn_blocking(move || role_zip(&bundle, &role))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    let Some(zipped) = zipped else {
+        return Err(Error::not_found(format!(
+            "code revision {} of design {} has no folder for role {}",
+            meta.version, job.spec.design_id, task.role
+        )));
+    };
+    Ok(([(CONTENT_TYPE, "application/zip")], zipped).into_response())
+}
+
+/// The task reports its state and log tail.
+#[utoipa::path(put, path = "/tasks/{taskId}/status", tag = "tasks", request_body = TaskStatusReport,
+    params(("taskId" = String, Path)),
+    responses((status = 204), (status = 409, body = fledge_types::ApiError)))]
+async fn task_status(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+    request: Body,
+) -> Result<StatusCode> {
+    let task = state.task(&headers, &TaskId::new(task)).await?;
+    let report: TaskStatusReport =
+        body::json(request, state.limits.json_bytes, "status report").await?;
+    if report.state == TaskState::Ready {
+        return Err(Error::invalid(
+            "invalid status report",
+            vec![ErrorDetail {
+                path: "state".to_owned(),
+                message:
+                    "a task cannot report \"ready\"; use running, completed, failed or terminated"
+                        .to_owned(),
+            }],
+        ));
+    }
+    let log = report.log.map(|log| tail(log, LOG_TAIL_BYTES));
+    match state
+        .store
+        .set_task_state(&task.job_id, &task.task_id, report.state, log.as_deref())
+        .await
+    {
+        Ok(_) => {}
+        Err(store::Error::Conflict { actual, .. }) => {
+            return Err(Error::conflict(format!(
+                "task {} is {actual} and cannot become {}",
+                task.task_id, report.state
+            )));
+        }
+        Err(err) => return Err(err.into()),
+    }
+    state.controller.job_changed(task.job_id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The last `max` bytes of `log`, cut at a character boundary.
+fn tail(log: String, max: usize) -> String {
+    if log.len() <= max {
+        return log;
+    }
+    let mut start = log.len() - max;
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    log[start..].to_owned()
+}
+
+/// The task's agent is alive.
+#[utoipa::path(post, path = "/tasks/{taskId}/heartbeat", tag = "tasks",
+    params(("taskId" = String, Path)),
+    responses((status = 204), (status = 401, body = fledge_types::ApiError)))]
+async fn heartbeat(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+) -> Result<StatusCode> {
+    let task = state.task(&headers, &TaskId::new(task)).await?;
+    state.store.record_heartbeat(&task.task_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The task reports per-round metrics.
+#[utoipa::path(post, path = "/tasks/{taskId}/metrics", tag = "tasks", request_body = [MetricRecord],
+    params(("taskId" = String, Path)),
+    responses((status = 204), (status = 400, body = fledge_types::ApiError)))]
+async fn task_metrics(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+    request: Body,
+) -> Result<StatusCode> {
+    let task = state.task(&headers, &TaskId::new(task)).await?;
+    let records: Vec<MetricRecord> =
+        body::json(request, state.limits.json_bytes, "metric records").await?;
+    let mut details = Vec::new();
+    for (i, record) in records.iter().enumerate() {
+        if record.task_id != task.task_id {
+            details.push(ErrorDetail {
+                path: format!("[{i}].taskId"),
+                message: format!("must be this task's id {}", task.task_id),
+            });
+        }
+        if record.role != task.role {
+            details.push(ErrorDetail {
+                path: format!("[{i}].role"),
+                message: format!("must be this task's role {}", task.role),
+            });
+        }
+        for (name, value) in &record.metrics {
+            if !value.is_finite() {
+                details.push(ErrorDetail {
+                    path: format!("[{i}].metrics.{name}"),
+                    message: "must be a finite number".to_owned(),
+                });
+            }
+        }
+    }
+    if !details.is_empty() {
+        return Err(Error::invalid("invalid metric records", details));
+    }
+    state.store.add_metrics(&task.job_id, &records).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(files: &[&str]) -> Vec<u8> {
+        let mut out = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        for name in files {
+            out.start_file(*name, zip::write::SimpleFileOptions::default()).unwrap();
+            out.write_all(name.as_bytes()).unwrap();
+        }
+        out.finish().unwrap().into_inner()
+    }
+
+    fn names(zip: &[u8]) -> Vec<String> {
+        let archive = zip::ZipArchive::new(Cursor::new(zip)).unwrap();
+        archive.file_names().map(str::to_owned).collect::<Vec<_>>()
+    }
+
+    #[test]
+    fn role_folder_is_rezipped_at_its_root() {
+        let flat = bundle(&["trainer/main.py", "trainer/lib/x.py", "aggregator/main.py"]);
+        let mut got = names(&role_zip(&flat, "trainer").unwrap().unwrap());
+        got.sort();
+        assert_eq!(got, ["lib/x.py", "main.py"]);
+        let nested = bundle(&["code/trainer/main.py", "code/aggregator/main.py"]);
+        assert_eq!(names(&role_zip(&nested, "aggregator").unwrap().unwrap()), ["main.py"]);
+        assert_eq!(role_zip(&flat, "coordinator").unwrap(), None);
+        assert!(role_zip(b"not a zip", "trainer").is_err());
+    }
+
+    #[test]
+    fn log_tail_keeps_the_end_on_a_char_boundary() {
+        assert_eq!(tail("abcdef".into(), 3), "def");
+        assert_eq!(tail("aé".into(), 2), "é");
+        assert_eq!(tail("ab".into(), 3), "ab");
+    }
+}

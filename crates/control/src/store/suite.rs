@@ -1,0 +1,492 @@
+//! The behavioural suite every [`Store`] implementation must pass.
+//!
+//! [`run`] takes a factory that returns a fresh, empty store for each case, so the cases are
+//! independent; `sqlite.rs` and `postgres.rs` call it from their tests.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use fledge_types::{
+    ComputeSpec, DataSpecEntry, DatasetSpec, DesignSpec, JobSpec, JobState, MetricRecord, Platform,
+    Schema, Task, TaskId, TaskState, User, UserId,
+};
+
+use super::{BlobStore, Error, JobFilter, NewTask, Store};
+
+/// Runs every case against fresh stores from `factory` (blob limit 1024 bytes).
+pub(crate) async fn run<S, F, Fut>(mut factory: F)
+where
+    S: Store,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = S>,
+{
+    users_and_tokens(&factory().await).await;
+    designs_schemas_and_code(&factory().await).await;
+    datasets(&factory().await).await;
+    computes(&factory().await).await;
+    jobs(&factory().await).await;
+    tasks(&factory().await).await;
+    metrics(&factory().await).await;
+}
+
+fn ann() -> UserId {
+    UserId::new("ann")
+}
+
+fn bob() -> UserId {
+    UserId::new("bob")
+}
+
+async fn with_users(store: &impl Store) {
+    for id in [ann(), bob()] {
+        store.create_user(&User { id, is_admin: false }).await.unwrap();
+    }
+}
+
+fn job_spec(design: &str, datasets: &[&str]) -> JobSpec {
+    JobSpec {
+        name: "job".to_owned(),
+        design_id: design.into(),
+        data_spec: vec![DataSpecEntry {
+            role: "trainer".to_owned(),
+            dataset_groups: BTreeMap::from([(
+                "g".to_owned(),
+                datasets.iter().map(|d| (*d).into()).collect(),
+            )]),
+        }],
+        ..JobSpec::default()
+    }
+}
+
+fn task(job: &fledge_types::JobId, id: &str, index: u32, managed: bool) -> NewTask {
+    NewTask {
+        task: Task {
+            job_id: job.clone(),
+            task_id: TaskId::new(id),
+            role: "trainer".to_owned(),
+            index,
+            group_association: BTreeMap::from([("param".to_owned(), "g".to_owned())]),
+            dataset_id: None,
+            compute_id: "c1".into(),
+            managed,
+            state: TaskState::Ready,
+            log: String::new(),
+            updated_at: None,
+            last_heartbeat: None,
+        },
+        key: format!("key-{id}"),
+    }
+}
+
+fn sha(text: &str) -> String {
+    BlobStore::digest(text.as_bytes())
+}
+
+async fn users_and_tokens(store: &impl Store) {
+    let admin = User { id: "root".into(), is_admin: true };
+    store.create_user(&admin).await.unwrap();
+    assert!(matches!(
+        store.create_user(&admin).await,
+        Err(Error::AlreadyExists { kind: "user", .. })
+    ));
+    with_users(store).await;
+    assert_eq!(store.get_user(&"root".into()).await.unwrap(), admin);
+    let ids: Vec<_> = store.list_users().await.unwrap().into_iter().map(|u| u.id.0).collect();
+    assert_eq!(ids, ["ann", "bob", "root"]);
+    assert!(matches!(
+        store.get_user(&"nobody".into()).await,
+        Err(Error::NotFound { kind: "user", .. })
+    ));
+
+    store.add_token(&ann(), &sha("t1")).await.unwrap();
+    store.add_token(&ann(), &sha("t2")).await.unwrap();
+    assert_eq!(store.user_by_token(&sha("t2")).await.unwrap().id, ann());
+    assert!(matches!(store.user_by_token(&sha("t3")).await, Err(Error::NotFound { .. })));
+    // A token for a missing user fails and is not stored.
+    assert!(matches!(
+        store.add_token(&"nobody".into(), &sha("t4")).await,
+        Err(Error::NotFound { kind: "user", .. })
+    ));
+    assert!(store.user_by_token(&sha("t4")).await.is_err());
+}
+
+async fn designs_schemas_and_code(store: &impl Store) {
+    with_users(store).await;
+    let spec = DesignSpec { id: "mnist".into(), name: String::new(), description: "d".to_owned() };
+    let design = store.create_design(&ann(), &spec).await.unwrap();
+    assert_eq!(design.name, "mnist", "name defaults to the id");
+    assert!(matches!(
+        store.create_design(&ann(), &spec).await,
+        Err(Error::AlreadyExists { kind: "design", .. })
+    ));
+    // Design ids are per owner.
+    store.create_design(&bob(), &spec).await.unwrap();
+    assert!(matches!(
+        store.get_design(Some(&bob()), &"only-ann".into()).await,
+        Err(Error::NotFound { .. })
+    ));
+    store
+        .create_design(&ann(), &DesignSpec { id: "only-ann".into(), ..DesignSpec::default() })
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.get_design(Some(&bob()), &"only-ann".into()).await,
+        Err(Error::NotFound { kind: "design", .. })
+    ));
+    assert_eq!(store.get_design(None, &"only-ann".into()).await.unwrap().owner, ann());
+    assert_eq!(store.list_designs(Some(&ann())).await.unwrap().len(), 2);
+    assert_eq!(store.list_designs(None).await.unwrap().len(), 3);
+
+    let id = &"mnist".into();
+    let mut schema = Schema::default();
+    assert_eq!(store.put_schema(Some(&ann()), id, &schema).await.unwrap(), "1");
+    schema.name = "second".to_owned();
+    assert_eq!(store.put_schema(Some(&ann()), id, &schema).await.unwrap(), "2");
+    assert!(matches!(
+        store.put_schema(Some(&ann()), &"nope".into(), &schema).await,
+        Err(Error::NotFound { kind: "design", .. })
+    ));
+    let (version, latest) = store.get_schema(Some(&ann()), id, None).await.unwrap();
+    assert_eq!((version.as_str(), latest.name.as_str()), ("2", "second"));
+    let (_, first) = store.get_schema(Some(&ann()), id, Some("1")).await.unwrap();
+    assert_eq!(first.name, "");
+    for bad in ["3", "0", "x"] {
+        assert!(matches!(
+            store.get_schema(Some(&ann()), id, Some(bad)).await,
+            Err(Error::NotFound { kind: "schema", .. })
+        ));
+    }
+    // Bob's design of the same id has no schema: revisions do not leak across owners.
+    assert!(matches!(
+        store.get_schema(Some(&bob()), id, None).await,
+        Err(Error::NotFound { kind: "schema", .. })
+    ));
+
+    let meta = store.put_code(Some(&ann()), id, b"zipbytes").await.unwrap();
+    assert_eq!(
+        (meta.version.as_str(), meta.size, meta.sha256.as_str()),
+        ("1", 8, sha("zipbytes").as_str())
+    );
+    // Too large: rejected and nothing recorded.
+    let big = vec![0u8; 1025];
+    assert!(matches!(
+        store.put_code(Some(&ann()), id, &big).await,
+        Err(Error::TooLarge { size: 1025, limit: 1024 })
+    ));
+    store.put_code(Some(&bob()), id, b"zipbytes").await.unwrap();
+    let (meta2, bytes) = store.get_code(Some(&ann()), id, None).await.unwrap();
+    assert_eq!((meta2, bytes.as_slice()), (meta.clone(), &b"zipbytes"[..]));
+    assert!(matches!(
+        store.get_code(Some(&ann()), id, Some("2")).await,
+        Err(Error::NotFound { kind: "code", .. })
+    ));
+    let design = store.get_design(Some(&ann()), id).await.unwrap();
+    assert_eq!(design.schema_versions, ["1", "2"]);
+    assert_eq!(design.code_versions, ["1"]);
+
+    // In use by a ready job: not deletable; deletable once the job is gone.
+    let job = store.create_job(&ann(), &job_spec("mnist", &[]), "2", "1").await.unwrap();
+    let err = store.delete_design(Some(&ann()), id).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::InUse { reason, .. } if reason.contains(job.id.as_str())),
+        "{err:?}"
+    );
+    assert_eq!(
+        store.get_design(Some(&ann()), id).await.unwrap(),
+        design,
+        "failed delete changed nothing"
+    );
+    assert!(matches!(
+        store.delete_design(Some(&bob()), &"only-ann".into()).await,
+        Err(Error::NotFound { .. })
+    ));
+    store.delete_job(Some(&ann()), &job.id).await.unwrap();
+    store.delete_design(Some(&ann()), id).await.unwrap();
+    assert!(matches!(
+        store.get_schema(Some(&ann()), id, None).await,
+        Err(Error::NotFound { kind: "design", .. })
+    ));
+    // Bob's revision shares the blob, which must survive Ann's delete.
+    let (_, bytes) = store.get_code(Some(&bob()), id, None).await.unwrap();
+    assert_eq!(bytes, b"zipbytes");
+}
+
+async fn datasets(store: &impl Store) {
+    with_users(store).await;
+    let spec = DatasetSpec {
+        name: "uk".to_owned(),
+        url: "file:///data/uk.csv".to_owned(),
+        realm: "default/eu/uk".to_owned(),
+        ..DatasetSpec::default()
+    };
+    let own = store.create_dataset(&ann(), &spec).await.unwrap();
+    assert_eq!(own.spec, spec);
+    assert!(matches!(
+        store.create_dataset(&ann(), &spec).await,
+        Err(Error::AlreadyExists { kind: "dataset", .. })
+    ));
+    let public = store
+        .create_dataset(&bob(), &DatasetSpec { is_public: true, ..spec.clone() })
+        .await
+        .unwrap();
+    let private = store
+        .create_dataset(&bob(), &DatasetSpec { name: "secret".to_owned(), ..spec.clone() })
+        .await
+        .unwrap();
+    assert_eq!(store.get_dataset(Some(&ann()), &public.id).await.unwrap(), public);
+    assert!(matches!(
+        store.get_dataset(Some(&ann()), &private.id).await,
+        Err(Error::NotFound { kind: "dataset", .. })
+    ));
+    let visible: Vec<_> =
+        store.list_datasets(Some(&ann())).await.unwrap().into_iter().map(|d| d.id).collect();
+    assert_eq!(visible, [own.id.clone(), public.id.clone()]);
+    assert_eq!(store.list_datasets(None).await.unwrap().len(), 3);
+    // Public does not mean deletable by others.
+    assert!(matches!(
+        store.delete_dataset(Some(&ann()), &public.id).await,
+        Err(Error::NotFound { .. })
+    ));
+
+    let job = store.create_job(&ann(), &job_spec("d", &[own.id.as_str()]), "1", "1").await.unwrap();
+    assert!(matches!(
+        store.delete_dataset(Some(&ann()), &own.id).await,
+        Err(Error::InUse { kind: "dataset", .. })
+    ));
+    store.set_job_state(&job.id, &[JobState::Ready], JobState::Starting, None).await.unwrap();
+    store.set_job_state(&job.id, &[JobState::Starting], JobState::Failed, Some("x")).await.unwrap();
+    store.delete_dataset(Some(&ann()), &own.id).await.unwrap();
+    assert!(store.get_dataset(None, &own.id).await.is_err());
+}
+
+async fn computes(store: &impl Store) {
+    with_users(store).await;
+    let spec = ComputeSpec {
+        compute_id: "c1".into(),
+        region: "default/eu".to_owned(),
+        api_key: "secret".to_owned(),
+        platform: Platform::Docker,
+    };
+    let compute = store.create_compute(&spec).await.unwrap();
+    assert_eq!(compute.platform, Platform::Docker);
+    assert!(matches!(
+        store.create_compute(&spec).await,
+        Err(Error::AlreadyExists { kind: "compute", .. })
+    ));
+    assert_eq!(store.get_compute(&"c1".into()).await.unwrap(), compute);
+    assert_eq!(store.list_computes().await.unwrap(), [compute.clone()]);
+    store.verify_compute_key(&"c1".into(), &sha("secret")).await.unwrap();
+    assert!(matches!(
+        store.verify_compute_key(&"c1".into(), &sha("wrong")).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.verify_compute_key(&"c2".into(), &sha("secret")).await,
+        Err(Error::NotFound { .. })
+    ));
+
+    let job = store.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
+    store.insert_tasks(&[task(&job.id, "t1", 0, true)]).await.unwrap();
+    assert!(matches!(
+        store.delete_compute(&"c1".into()).await,
+        Err(Error::InUse { kind: "compute", .. })
+    ));
+    store.delete_job(None, &job.id).await.unwrap();
+    store.delete_compute(&"c1".into()).await.unwrap();
+    assert!(matches!(store.delete_compute(&"c1".into()).await, Err(Error::NotFound { .. })));
+}
+
+async fn jobs(store: &impl Store) {
+    with_users(store).await;
+    let spec = job_spec("mnist", &["d1", "d2"]);
+    let job = store.create_job(&ann(), &spec, "1", "1").await.unwrap();
+    assert_eq!(job.state, JobState::Ready);
+    assert_eq!(store.get_job(Some(&ann()), &job.id).await.unwrap(), job);
+    assert!(matches!(
+        store.get_job(Some(&bob()), &job.id).await,
+        Err(Error::NotFound { kind: "job", .. })
+    ));
+    let other = store.create_job(&bob(), &spec, "1", "1").await.unwrap();
+    let list = |owner: Option<UserId>, states: Vec<JobState>| {
+        let filter = JobFilter { owner, states };
+        async move {
+            store.list_jobs(&filter).await.unwrap().into_iter().map(|j| j.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(list(Some(ann()), vec![]).await, [job.id.clone()]);
+    assert_eq!(list(None, vec![]).await, [job.id.clone(), other.id.clone()]);
+
+    // Paths given to the CLI are never stored.
+    let mut with_paths = spec.clone();
+    with_paths.name = "renamed".to_owned();
+    with_paths.data_spec_path = Some("dataSpec.json".to_owned());
+    let updated =
+        store.update_job_spec(Some(&ann()), &job.id, &with_paths, "2", "3").await.unwrap();
+    assert_eq!(updated.spec.name, "renamed");
+    assert_eq!(updated.spec.data_spec_path, None);
+    assert_eq!((updated.schema_version.as_str(), updated.code_version.as_str()), ("2", "3"));
+    assert!(matches!(
+        store.update_job_spec(Some(&bob()), &job.id, &spec, "1", "1").await,
+        Err(Error::NotFound { .. })
+    ));
+
+    // Compare-and-set.
+    let started =
+        store.set_job_state(&job.id, &[JobState::Ready], JobState::Starting, None).await.unwrap();
+    assert_eq!(started.state, JobState::Starting);
+    assert!(started.started_at.is_some() && started.ended_at.is_none());
+    let err = store
+        .set_job_state(&job.id, &[JobState::Ready], JobState::Starting, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Conflict { expected, actual, .. } if expected == "ready" && actual == "starting"),
+        "{err:?}"
+    );
+    assert!(matches!(
+        store.set_job_state(&"nope".into(), &[JobState::Ready], JobState::Starting, None).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(list(None, vec![JobState::Starting]).await, [job.id.clone()]);
+    assert_eq!(list(None, vec![JobState::Ready, JobState::Starting]).await.len(), 2);
+
+    // Not ready: no spec change, no delete, and nothing changed.
+    let before = store.get_job(None, &job.id).await.unwrap();
+    assert!(matches!(
+        store.update_job_spec(None, &job.id, &spec, "1", "1").await,
+        Err(Error::Conflict { .. })
+    ));
+    assert!(matches!(store.delete_job(None, &job.id).await, Err(Error::Conflict { .. })));
+    assert_eq!(store.get_job(None, &job.id).await.unwrap(), before);
+
+    let stopping = store
+        .set_job_state(
+            &job.id,
+            &[JobState::Starting, JobState::Deploying, JobState::Running],
+            JobState::Stopping,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stopping.state, JobState::Stopping);
+    let ended = store
+        .set_job_state(
+            &job.id,
+            &[JobState::Stopping],
+            JobState::Terminated,
+            Some("stopped by the user"),
+        )
+        .await
+        .unwrap();
+    assert!(ended.ended_at.is_some());
+    assert_eq!(ended.reason.as_deref(), Some("stopped by the user"));
+    assert_eq!(ended.started_at, started.started_at);
+
+    store.insert_tasks(&[task(&job.id, "t1", 0, true)]).await.unwrap();
+    store.delete_job(Some(&ann()), &job.id).await.unwrap();
+    assert!(matches!(store.get_job(None, &job.id).await, Err(Error::NotFound { .. })));
+    assert!(matches!(store.get_task(&job.id, &"t1".into()).await, Err(Error::NotFound { .. })));
+    assert!(matches!(store.delete_job(None, &job.id).await, Err(Error::NotFound { .. })));
+}
+
+async fn tasks(store: &impl Store) {
+    with_users(store).await;
+    let job = store.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
+    let batch = vec![
+        task(&job.id, "tz", 0, true),
+        task(&job.id, "ta", 1, true),
+        task(&job.id, "tp", 2, false),
+    ];
+    store.insert_tasks(&batch).await.unwrap();
+    store.insert_tasks(&batch).await.unwrap();
+    let ids: Vec<_> =
+        store.list_tasks(&job.id).await.unwrap().into_iter().map(|t| t.task_id.0).collect();
+    assert_eq!(ids, ["tz", "ta", "tp"], "expansion order, no duplicates");
+    assert!(matches!(
+        store.list_tasks(&"nope".into()).await,
+        Err(Error::NotFound { kind: "job", .. })
+    ));
+
+    // A batch with one bad task inserts nothing.
+    let other = store.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
+    let bad = vec![task(&other.id, "o1", 0, true), task(&"nope".into(), "o2", 1, true)];
+    assert!(store.insert_tasks(&bad).await.is_err());
+    assert!(store.list_tasks(&other.id).await.unwrap().is_empty());
+
+    let keys = store.task_keys(&job.id).await.unwrap();
+    assert_eq!(keys.len(), 3);
+    assert_eq!(keys[&TaskId::new("ta")], "key-ta");
+    let found = store.task_by_key(&"ta".into(), &sha("key-ta")).await.unwrap();
+    assert_eq!(found.task_id.as_str(), "ta");
+    assert!(matches!(
+        store.task_by_key(&"ta".into(), &sha("key-tz")).await,
+        Err(Error::NotFound { .. })
+    ));
+
+    let running = store
+        .set_task_state(&job.id, &"ta".into(), TaskState::Running, Some("started"))
+        .await
+        .unwrap();
+    assert_eq!((running.state, running.log.as_str()), (TaskState::Running, "started"));
+    let done =
+        store.set_task_state(&job.id, &"ta".into(), TaskState::Completed, None).await.unwrap();
+    assert_eq!(done.log, "started", "no log keeps the old one");
+    assert!(matches!(
+        store.set_task_state(&job.id, &"ta".into(), TaskState::Running, Some("again")).await,
+        Err(Error::Conflict { .. })
+    ));
+    assert_eq!(store.get_task(&job.id, &"ta".into()).await.unwrap(), done);
+    assert!(matches!(
+        store.set_task_state(&other.id, &"ta".into(), TaskState::Failed, None).await,
+        Err(Error::NotFound { .. })
+    ));
+
+    assert!(done.last_heartbeat.is_none());
+    store.record_heartbeat(&"ta".into()).await.unwrap();
+    let beat = store.get_task(&job.id, &"ta".into()).await.unwrap();
+    assert!(beat.last_heartbeat.is_some());
+    assert!(matches!(store.record_heartbeat(&"nope".into()).await, Err(Error::NotFound { .. })));
+
+    // Participant-run tasks pin the first key; managed ones never pin.
+    store.pin_task_key(&"tp".into(), &sha("mine")).await.unwrap();
+    store.pin_task_key(&"tp".into(), &sha("mine")).await.unwrap();
+    assert!(matches!(
+        store.pin_task_key(&"tp".into(), &sha("theirs")).await,
+        Err(Error::Conflict { .. })
+    ));
+    assert_eq!(store.task_by_key(&"tp".into(), &sha("mine")).await.unwrap().task_id.as_str(), "tp");
+    assert!(store.task_by_key(&"tp".into(), &sha("theirs")).await.is_err());
+    assert!(matches!(
+        store.pin_task_key(&"tz".into(), &sha("mine")).await,
+        Err(Error::Conflict { .. })
+    ));
+    assert!(store.task_by_key(&"tz".into(), &sha("mine")).await.is_err());
+    assert!(matches!(
+        store.pin_task_key(&"nope".into(), &sha("mine")).await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+async fn metrics(store: &impl Store) {
+    with_users(store).await;
+    let job = store.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
+    let record = |round: u64, loss: f64| MetricRecord {
+        task_id: "t1".into(),
+        role: "trainer".to_owned(),
+        round,
+        metrics: BTreeMap::from([("loss".to_owned(), loss)]),
+        timestamp: None,
+    };
+    store.add_metrics(&job.id, &[record(2, 0.5), record(1, 0.9)]).await.unwrap();
+    store.add_metrics(&job.id, &[record(3, 0.1)]).await.unwrap();
+    let listed = store.list_metrics(&job.id).await.unwrap();
+    let rounds: Vec<_> = listed.iter().map(|m| m.round).collect();
+    assert_eq!(rounds, [2, 1, 3], "insertion order");
+    assert!(listed.iter().all(|m| m.timestamp.is_some()));
+    assert_eq!(listed[1].metrics["loss"], 0.9);
+    assert!(matches!(
+        store.add_metrics(&"nope".into(), &[record(1, 1.0)]).await,
+        Err(Error::NotFound { kind: "job", .. })
+    ));
+    assert!(matches!(store.list_metrics(&"nope".into()).await, Err(Error::NotFound { .. })));
+}

@@ -1,0 +1,703 @@
+//! Component tests of the controller and the notifier: the real notifier on an ephemeral
+//! loopback port, the real controller over a SQLite store, and in-process gRPC subscribers
+//! standing in for a deployer (compute `default`) and for each task's agent.
+//!
+//! Task reports are written to the store and followed by a controller wake-up, exactly as the
+//! apiserver does. Waits poll with a generous deadline; nothing asserts on timing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+
+use fledge_control::controller::{self, Controller, Endpoints};
+use fledge_control::notifier;
+use fledge_control::store::{BlobStore, SqliteStore, Store};
+use fledge_proto::{
+    ComputeSubscription, DeployEvent, DeployEventKind, NotifierClient, TaskEvent, TaskEventKind,
+    TaskSubscription,
+};
+use fledge_types::{
+    ComputeId, ComputeSpec, DatasetSpec, DesignId, DesignSpec, Job, JobId, JobSpec, JobState,
+    Platform, Schema, Task, TaskId, TaskState, User, UserId,
+};
+
+const COMPUTE_KEY: &str = "compute-secret";
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Everything a test drives.
+struct Plane {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    notifier_url: String,
+    notifier: notifier::Handle,
+    controller: controller::Handle,
+    controller_token: CancellationToken,
+    controller_task: JoinHandle<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+    owner: UserId,
+    design: DesignId,
+    datasets: Vec<fledge_types::DatasetId>,
+}
+
+fn options(heartbeat_secs: f64, stop_grace_secs: f64) -> controller::Options {
+    controller::Options {
+        resync_interval_secs: 0.05,
+        heartbeat_timeout_secs: heartbeat_secs,
+        stop_grace_secs,
+        queue_capacity: 64,
+    }
+}
+
+fn endpoints(notifier_url: &str) -> Endpoints {
+    Endpoints {
+        apiserver: "http://127.0.0.1:1".to_owned(),
+        notifier: notifier_url.to_owned(),
+    }
+}
+
+async fn plane(controller_options: controller::Options) -> Plane {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blobs = BlobStore::new(dir.path().join("blobs"), 1 << 20).expect("blob dir");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(dir.path().join("fledge.db"), blobs)
+            .await
+            .expect("sqlite store"),
+    );
+    let owner = UserId::new("alice");
+    store
+        .create_user(&User {
+            id: owner.clone(),
+            is_admin: false,
+        })
+        .await
+        .expect("user");
+    let design = DesignId::new("mnist");
+    store
+        .create_design(
+            &owner,
+            &DesignSpec {
+                id: design.clone(),
+                name: "mnist".to_owned(),
+                description: String::new(),
+            },
+        )
+        .await
+        .expect("design");
+    let schema: Schema = serde_json::from_value(serde_json::json!({
+        "name": "two tier",
+        "roles": [
+            {"name": "trainer", "isDataConsumer": true,
+             "groupAssociation": [{"param-channel": "default"}]},
+            {"name": "aggregator", "groupAssociation": [{"param-channel": "default"}]}
+        ],
+        "channels": [
+            {"name": "param-channel", "pair": ["trainer", "aggregator"],
+             "groupBy": {"type": "tag", "value": ["default"]},
+             "funcTags": {"trainer": ["fetch", "upload"], "aggregator": ["distribute", "aggregate"]}}
+        ]
+    }))
+    .expect("schema json");
+    store
+        .put_schema(Some(&owner), &design, &schema)
+        .await
+        .expect("schema");
+    let mut datasets = Vec::new();
+    for name in ["part-a", "part-b"] {
+        let dataset = store
+            .create_dataset(
+                &owner,
+                &DatasetSpec {
+                    name: name.to_owned(),
+                    url: format!("file:///data/{name}"),
+                    realm: "default".to_owned(),
+                    ..DatasetSpec::default()
+                },
+            )
+            .await
+            .expect("dataset");
+        datasets.push(dataset.id);
+    }
+    store
+        .create_compute(&ComputeSpec {
+            compute_id: ComputeId::new("default"),
+            region: "default".to_owned(),
+            api_key: COMPUTE_KEY.to_owned(),
+            platform: Platform::Process,
+        })
+        .await
+        .expect("compute");
+
+    let shutdown = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let notifier_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let service = notifier::Options::default()
+        .build(store.clone())
+        .expect("notifier");
+    let notifier = service.handle();
+    tokio::spawn(service.run(listener, shutdown.clone()));
+
+    let controller_token = shutdown.child_token();
+    let built = Controller::build(
+        controller_options,
+        store.clone(),
+        notifier.clone(),
+        endpoints(&notifier_url),
+    )
+    .expect("controller");
+    let controller = built.handle();
+    let controller_task = tokio::spawn(built.run(controller_token.clone()));
+    Plane {
+        _dir: dir,
+        store,
+        notifier_url,
+        notifier,
+        controller,
+        controller_token,
+        controller_task,
+        shutdown,
+        owner,
+        design,
+        datasets,
+    }
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Plane {
+    async fn create_job(&self, max_run_time: u64) -> JobId {
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "job",
+            "designId": self.design,
+            "maxRunTime": max_run_time,
+            "dataSpec": [{"role": "trainer", "datasetGroups": {"default": self.datasets}}],
+        }))
+        .expect("job spec");
+        let job = self
+            .store
+            .create_job(&self.owner, &spec, "1", "1")
+            .await
+            .expect("create job");
+        job.id
+    }
+
+    async fn set_job(&self, job: &JobId, from: &[JobState], to: JobState) {
+        self.store
+            .set_job_state(job, from, to, None)
+            .await
+            .expect("job transition");
+        self.controller.job_changed(job.clone());
+    }
+
+    /// What an agent's status report does through the apiserver.
+    async fn report(&self, job: &JobId, task: &TaskId, state: TaskState) {
+        self.store
+            .set_task_state(job, task, state, Some("reported"))
+            .await
+            .expect("task report");
+        self.controller.job_changed(job.clone());
+    }
+
+    async fn job(&self, job: &JobId) -> Job {
+        self.store.get_job(None, job).await.expect("job")
+    }
+
+    async fn tasks(&self, job: &JobId) -> Vec<Task> {
+        self.store.list_tasks(job).await.expect("tasks")
+    }
+
+    async fn wait_job(&self, job: &JobId, state: JobState) -> Job {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let current = self.job(job).await;
+            if current.state == state {
+                return current;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job stayed {} (reason {:?}), expected {state}",
+                current.state,
+                current.reason
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Polls `probe` until it returns `Some`.
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn bearer<T>(message: T, secret: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {secret}")).expect("ascii"),
+    );
+    request
+}
+
+/// A subscriber that records every event it receives.
+#[derive(Clone, Default)]
+struct Recorder<E> {
+    events: Arc<Mutex<Vec<E>>>,
+}
+
+impl<E: Clone> Recorder<E> {
+    fn snapshot(&self) -> Vec<E> {
+        self.events.lock().expect("recorder lock").clone()
+    }
+}
+
+async fn deployer(url: &str) -> Recorder<DeployEvent> {
+    let mut client = NotifierClient::connect(url.to_owned())
+        .await
+        .expect("connect");
+    let mut stream = client
+        .subscribe_compute(bearer(
+            ComputeSubscription {
+                compute_id: "default".to_owned(),
+            },
+            COMPUTE_KEY,
+        ))
+        .await
+        .expect("deployer subscribes")
+        .into_inner();
+    let recorder = Recorder::<DeployEvent>::default();
+    let events = recorder.events.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(event)) = stream.message().await {
+            events.lock().expect("recorder lock").push(event);
+        }
+    });
+    recorder
+}
+
+async fn agent(url: &str, job: &JobId, task: &TaskId, key: &str) -> Recorder<TaskEvent> {
+    let mut client = NotifierClient::connect(url.to_owned())
+        .await
+        .expect("connect");
+    let mut stream = client
+        .subscribe_task(bearer(
+            TaskSubscription {
+                job_id: job.to_string(),
+                task_id: task.to_string(),
+            },
+            key,
+        ))
+        .await
+        .expect("agent subscribes")
+        .into_inner();
+    let recorder = Recorder::<TaskEvent>::default();
+    let events = recorder.events.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(event)) = stream.message().await {
+            events.lock().expect("recorder lock").push(event);
+        }
+    });
+    recorder
+}
+
+fn kinds(events: &[TaskEvent]) -> Vec<TaskEventKind> {
+    events
+        .iter()
+        .map(|e| TaskEventKind::try_from(e.kind).expect("known kind"))
+        .collect()
+}
+
+fn deploy_kinds(events: &[DeployEvent]) -> Vec<DeployEventKind> {
+    events
+        .iter()
+        .map(|e| DeployEventKind::try_from(e.kind).expect("known kind"))
+        .collect()
+}
+
+/// Starts a job and waits for it to be deployed; returns the deployer and every task's agent.
+async fn start_and_deploy(
+    plane: &Plane,
+    job: &JobId,
+) -> (
+    Recorder<DeployEvent>,
+    BTreeMap<TaskId, Recorder<TaskEvent>>,
+) {
+    let deployer = deployer(&plane.notifier_url).await;
+    plane.set_job(job, &[JobState::Ready], JobState::Starting).await;
+    plane.wait_job(job, JobState::Deploying).await;
+
+    let tasks = plane.tasks(job).await;
+    assert_eq!(tasks.len(), 3, "two trainers and one aggregator: {tasks:?}");
+    let keys = plane.store.task_keys(job).await.expect("keys");
+    let deploy = eventually("a deploy event", || {
+        let deployer = deployer.clone();
+        async move { deployer.snapshot().into_iter().next() }
+    })
+    .await;
+    assert_eq!(deploy.kind, DeployEventKind::Deploy as i32);
+    assert_eq!(deploy.job_id, job.as_str());
+    assert_eq!(deploy.notifier, plane.notifier_url);
+    assert_eq!(deploy.apiserver, "http://127.0.0.1:1");
+    let deployed: BTreeMap<String, (String, String)> = deploy
+        .tasks
+        .iter()
+        .map(|t| (t.task_id.clone(), (t.task_key.clone(), t.role.clone())))
+        .collect();
+    for task in &tasks {
+        let (key, role) = &deployed[task.task_id.as_str()];
+        assert_eq!(key, &keys[&task.task_id], "deploy carries the stored key");
+        assert_eq!(key.len(), 64, "32 random bytes, hex");
+        assert_eq!(role, &task.role);
+    }
+
+    let mut agents = BTreeMap::new();
+    for task in &tasks {
+        let recorder = agent(
+            &plane.notifier_url,
+            job,
+            &task.task_id,
+            &keys[&task.task_id],
+        )
+        .await;
+        // The start event was published before the agent connected.
+        eventually("a start event", || {
+            let recorder = recorder.clone();
+            async move { (kinds(&recorder.snapshot()) == [TaskEventKind::Start]).then_some(()) }
+        })
+        .await;
+        agents.insert(task.task_id.clone(), recorder);
+    }
+    (deployer, agents)
+}
+
+async fn run_all(plane: &Plane, job: &JobId) {
+    for task in plane.tasks(job).await {
+        plane.report(job, &task.task_id, TaskState::Running).await;
+    }
+    plane.wait_job(job, JobState::Running).await;
+}
+
+async fn wait_revoke(deployer: &Recorder<DeployEvent>) {
+    eventually("a revoke event", || {
+        let deployer = deployer.clone();
+        async move {
+            deploy_kinds(&deployer.snapshot())
+                .contains(&DeployEventKind::Revoke)
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+async fn wait_stop(agent: &Recorder<TaskEvent>) {
+    eventually("a stop event", || {
+        let agent = agent.clone();
+        async move {
+            kinds(&agent.snapshot())
+                .contains(&TaskEventKind::Stop)
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_job_runs_from_start_to_completed() {
+    let plane = plane(options(3600.0, 30.0)).await;
+    let job = plane.create_job(0).await;
+    let (deployer, agents) = start_and_deploy(&plane, &job).await;
+    assert!(plane.notifier.is_compute_connected(&ComputeId::new("default")));
+    run_all(&plane, &job).await;
+
+    for task in plane.tasks(&job).await {
+        plane.report(&job, &task.task_id, TaskState::Completed).await;
+    }
+    let done = plane.wait_job(&job, JobState::Completed).await;
+    assert!(done.ended_at.is_some());
+    wait_revoke(&deployer).await;
+    assert_eq!(
+        deploy_kinds(&deployer.snapshot()),
+        [DeployEventKind::Deploy, DeployEventKind::Revoke]
+    );
+    // Nothing was left to stop.
+    for agent in agents.values() {
+        assert_eq!(kinds(&agent.snapshot()), [TaskEventKind::Start]);
+    }
+}
+
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_user_stop_stops_revokes_and_terminates() {
+    let plane = plane(options(3600.0, 30.0)).await;
+    let job = plane.create_job(0).await;
+    let (deployer, agents) = start_and_deploy(&plane, &job).await;
+    run_all(&plane, &job).await;
+
+    plane
+        .set_job(&job, &[JobState::Running], JobState::Stopping)
+        .await;
+    wait_revoke(&deployer).await;
+    for (task, agent) in &agents {
+        wait_stop(agent).await;
+        plane.report(&job, task, TaskState::Terminated).await;
+    }
+    let job = plane.wait_job(&job, JobState::Terminated).await;
+    assert_eq!(job.reason.as_deref(), Some("stopped by user"));
+}
+
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn max_run_time_stops_the_job_and_the_grace_terminates_stragglers() {
+    let plane = plane(options(3600.0, 0.2)).await;
+    let job = plane.create_job(1).await;
+    let (deployer, agents) = start_and_deploy(&plane, &job).await;
+    run_all(&plane, &job).await;
+
+    // Nobody reports: the limit stops the job, the grace marks the tasks terminated.
+    let ended = plane.wait_job(&job, JobState::Terminated).await;
+    assert_eq!(ended.reason.as_deref(), Some("maxRunTime"));
+    wait_revoke(&deployer).await;
+    for agent in agents.values() {
+        wait_stop(agent).await;
+    }
+    for task in plane.tasks(&job).await {
+        assert_eq!(task.state, TaskState::Terminated, "{task:?}");
+        assert!(task.log.contains("stop grace"), "{}", task.log);
+    }
+}
+
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_role_whose_tasks_all_failed_fails_the_job() {
+    let plane = plane(options(3600.0, 30.0)).await;
+    let job = plane.create_job(0).await;
+    let (deployer, agents) = start_and_deploy(&plane, &job).await;
+    run_all(&plane, &job).await;
+
+    let tasks = plane.tasks(&job).await;
+    let trainers: Vec<&Task> = tasks.iter().filter(|t| t.role == "trainer").collect();
+    let aggregator = tasks
+        .iter()
+        .find(|t| t.role == "aggregator")
+        .expect("aggregator");
+    plane
+        .report(&job, &trainers[0].task_id, TaskState::Failed)
+        .await;
+    // One trainer failing is not enough.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(plane.job(&job).await.state, JobState::Running);
+    plane
+        .report(&job, &trainers[1].task_id, TaskState::Failed)
+        .await;
+
+    let failed = plane.wait_job(&job, JobState::Failed).await;
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("all tasks of role trainer failed")
+    );
+    wait_revoke(&deployer).await;
+    wait_stop(&agents[&aggregator.task_id]).await;
+    let aggregator = plane
+        .store
+        .get_task(&job, &aggregator.task_id)
+        .await
+        .expect("task");
+    assert_eq!(aggregator.state, TaskState::Terminated);
+}
+
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn silent_agents_are_failed_as_lost() {
+    let plane = plane(options(0.5, 30.0)).await;
+    let job = plane.create_job(0).await;
+    let (deployer, _agents) = start_and_deploy(&plane, &job).await;
+    for task in plane.tasks(&job).await {
+        plane.report(&job, &task.task_id, TaskState::Running).await;
+    }
+    // No heartbeats: every task is lost, so every role failed.
+    let failed = plane.wait_job(&job, JobState::Failed).await;
+    let reason = failed.reason.expect("a reason");
+    assert!(reason.starts_with("all tasks of role"), "{reason}");
+    wait_revoke(&deployer).await;
+    let logs: Vec<String> = plane
+        .tasks(&job)
+        .await
+        .into_iter()
+        .map(|t| t.log)
+        .collect();
+    assert!(
+        logs.iter().any(|log| log.contains("agent lost")),
+        "{logs:?}"
+    );
+}
+
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_restarted_controller_resumes_the_job() {
+    let mut plane = plane(options(3600.0, 30.0)).await;
+    let job = plane.create_job(0).await;
+    let (deployer, _agents) = start_and_deploy(&plane, &job).await;
+    let keys_before = plane.store.task_keys(&job).await.expect("keys");
+
+    // Stop the controller mid-job (deploying) and build a new one on the same store.
+    plane.controller_token.cancel();
+    (&mut plane.controller_task)
+        .await
+        .expect("controller joins")
+        .expect("controller stops cleanly");
+    let token = plane.shutdown.child_token();
+    let built = Controller::build(
+        options(3600.0, 30.0),
+        plane.store.clone(),
+        plane.notifier.clone(),
+        endpoints(&plane.notifier_url),
+    )
+    .expect("controller");
+    plane.controller = built.handle();
+    plane.controller_task = tokio::spawn(built.run(token.clone()));
+    plane.controller_token = token;
+
+    // The new controller re-sends the deploy event with the same tasks and keys.
+    let redeploy = eventually("a second deploy event", || {
+        let deployer = deployer.clone();
+        async move { deployer.snapshot().get(1).cloned() }
+    })
+    .await;
+    assert_eq!(redeploy.kind, DeployEventKind::Deploy as i32);
+    assert!(redeploy.seq > 1, "sequence numbers keep counting");
+    for deployment in &redeploy.tasks {
+        assert_eq!(
+            deployment.task_key,
+            keys_before[&TaskId::new(deployment.task_id.clone())]
+        );
+    }
+    assert_eq!(plane.store.task_keys(&job).await.expect("keys"), keys_before);
+
+    run_all(&plane, &job).await;
+    for task in plane.tasks(&job).await {
+        plane.report(&job, &task.task_id, TaskState::Completed).await;
+    }
+    plane.wait_job(&job, JobState::Completed).await;
+}
+
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_job_that_cannot_expand_fails_with_the_problem_named() {
+    let plane = plane(options(3600.0, 30.0)).await;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "job",
+        "designId": plane.design,
+        "dataSpec": [{"role": "trainer", "datasetGroups": {"default": ["no-such-dataset"]}}],
+    }))
+    .expect("job spec");
+    let job = plane
+        .store
+        .create_job(&plane.owner, &spec, "1", "1")
+        .await
+        .expect("create job")
+        .id;
+    plane
+        .set_job(&job, &[JobState::Ready], JobState::Starting)
+        .await;
+    let failed = plane.wait_job(&job, JobState::Failed).await;
+    let reason = failed.reason.expect("a reason");
+    assert!(
+        reason.starts_with("expansion failed") && reason.contains("no-such-dataset"),
+        "{reason}"
+    );
+    assert!(plane.tasks(&job).await.is_empty());
+}
+
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn notifier_queues_before_connect_replays_on_reconnect_and_checks_keys() {
+    let plane = plane(options(3600.0, 30.0)).await;
+    let compute = ComputeId::new("default");
+    let job = JobId::new("j-notify");
+    let event = |kind| notifier::deploy_event(kind, &job, Vec::new(), "a", "n");
+    plane
+        .notifier
+        .publish_deploy(&compute, event(DeployEventKind::Deploy));
+    assert!(!plane.notifier.is_compute_connected(&compute));
+
+    let first = deployer(&plane.notifier_url).await;
+    eventually("the queued event", || {
+        let first = first.clone();
+        async move { (first.snapshot().len() == 1).then_some(()) }
+    })
+    .await;
+    plane
+        .notifier
+        .publish_deploy(&compute, event(DeployEventKind::Revoke));
+    eventually("the live event", || {
+        let first = first.clone();
+        async move { (first.snapshot().len() == 2).then_some(()) }
+    })
+    .await;
+
+    // A reconnect replays both with the same sequence numbers; the client drops duplicates.
+    let second = deployer(&plane.notifier_url).await;
+    let replayed = eventually("the replay", || {
+        let second = second.clone();
+        async move {
+            let events = second.snapshot();
+            (events.len() == 2).then_some(events)
+        }
+    })
+    .await;
+    assert_eq!(replayed, first.snapshot());
+    assert_eq!(
+        replayed.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert!(plane.notifier.is_compute_connected(&compute));
+
+    // Wrong or missing secrets are refused.
+    let mut client = NotifierClient::connect(plane.notifier_url.clone())
+        .await
+        .expect("connect");
+    let status = client
+        .subscribe_compute(bearer(
+            ComputeSubscription {
+                compute_id: "default".to_owned(),
+            },
+            "wrong",
+        ))
+        .await
+        .expect_err("wrong key");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let status = client
+        .subscribe_task(tonic::Request::new(TaskSubscription {
+            job_id: String::new(),
+            task_id: "t".to_owned(),
+        }))
+        .await
+        .expect_err("no key");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(status.message().contains("authorization"), "{status:?}");
+    let status = client
+        .subscribe_task(bearer(
+            TaskSubscription {
+                job_id: String::new(),
+                task_id: "no-such-task".to_owned(),
+            },
+            "k",
+        ))
+        .await
+        .expect_err("unknown task");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+}
