@@ -1,1 +1,135 @@
-fn main() {}
+//! `fledgectl`: every user action against the Fledge REST API.
+//!
+//! A thin layer over `fledge-client`: [`args`] is the clap command tree, `commands/<noun>.rs`
+//! hold the verbs, [`output`] renders tables/JSON/YAML. Data goes to stdout, progress and errors
+//! to stderr. Exit codes: 0 success (also when stdout is closed early), 1 a watched job ended
+//! other than `completed`, 2 a runtime failure (API error, unreachable server), 64 bad usage or
+//! bad local input (a malformed file, an unknown field, a missing file).
+//!
+//! The endpoint and token come from `--endpoint`/`--token`, then `FLEDGE_ENDPOINT`/`FLEDGE_TOKEN`,
+//! then the config file (`--config`, `$FLEDGE_CONFIG` or `~/.fledge/config.yaml`).
+
+mod args;
+mod bundle;
+mod commands;
+mod input;
+mod jobfile;
+mod output;
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+use fledge_client::ClientConfig;
+use fledge_client::config::Overrides;
+
+use crate::args::Cli;
+use crate::commands::Ctx;
+
+/// Exit code of bad usage or bad local input (BSD `EX_USAGE`).
+const EXIT_USAGE: u8 = 64;
+/// Exit code of a runtime failure.
+const EXIT_RUNTIME: u8 = 2;
+/// Exit code of a watched job that did not complete.
+const EXIT_JOB_NOT_COMPLETED: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let code = if err.use_stderr() { EXIT_USAGE } else { 0 };
+            // Printing help to a closed pipe is not worth a panic.
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("fledgectl: error: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("fledgectl: error: {}", message(&err));
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let overrides = Overrides {
+        config: cli.global.config.clone(),
+        endpoint: cli.global.endpoint.clone(),
+        token: cli.global.token.clone(),
+    };
+    let config = ClientConfig::load(&env, &overrides)?;
+    let client = config.client()?;
+    let ctx = Ctx {
+        client,
+        format: cli.global.output,
+    };
+    commands::dispatch(&ctx, cli.command).await
+}
+
+/// The error chain, with a hint for missing credentials.
+fn message(err: &anyhow::Error) -> String {
+    let mut text = format!("{err:#}");
+    if let Some(client_err) = err.downcast_ref::<fledge_client::Error>() {
+        if client_err.status() == Some(401) {
+            text.push_str(
+                "\nhint: no valid token; pass --token, set FLEDGE_TOKEN, or put `token:` in ~/.fledge/config.yaml",
+            );
+        }
+    }
+    text
+}
+
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.is::<input::InputError>() || cause.is::<fledge_client::config::Error>() {
+            return EXIT_USAGE;
+        }
+        if let Some(client_err) = cause.downcast_ref::<fledge_client::Error>() {
+            if matches!(client_err, fledge_client::Error::InvalidEndpoint { .. }
+                | fledge_client::Error::InvalidSecret { .. })
+            {
+                return EXIT_USAGE;
+            }
+        }
+        if cause.is::<commands::watch::NotCompleted>() {
+            return EXIT_JOB_NOT_COMPLETED;
+        }
+    }
+    EXIT_RUNTIME
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Logs to stderr, filtered by `FLEDGE_LOG` (default `warn`).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEDGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

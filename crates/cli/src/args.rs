@@ -1,0 +1,304 @@
+//! The raw command line (clap derive). `main` resolves it into a client and an output format,
+//! then hands each subcommand to its module under `commands/`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Command-line client of the Fledge federated-learning control plane.
+#[derive(Debug, Parser)]
+#[command(name = "fledgectl", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Connection flags (override the config file and environment).
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags accepted by every subcommand.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Apiserver URL (default: $FLEDGE_ENDPOINT, the config file, or http://127.0.0.1:10100).
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// User token (default: $FLEDGE_TOKEN or the config file).
+    #[arg(long, global = true, value_name = "TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Config file (default: $FLEDGE_CONFIG or ~/.fledge/config.yaml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Output format of data written to stdout.
+    #[arg(short, long, global = true, value_enum)]
+    pub output: Option<Format>,
+}
+
+/// How data is printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns (the default for get/list).
+    Table,
+    /// Pretty JSON.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+/// The command tree.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register a resource.
+    #[command(subcommand)]
+    Create(CreateCmd),
+    /// Show one resource or list them.
+    #[command(subcommand)]
+    Get(GetCmd),
+    /// Change a resource (a new revision for schemas and code).
+    #[command(subcommand)]
+    Update(UpdateCmd),
+    /// Delete a resource.
+    #[command(subcommand, alias = "delete")]
+    Remove(RemoveCmd),
+    /// Start a job.
+    #[command(subcommand)]
+    Start(JobRefCmd),
+    /// Stop a job.
+    #[command(subcommand)]
+    Stop(JobRefCmd),
+    /// Job tools: plan (dry-run expansion), watch.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Print a task's log tail.
+    Logs {
+        /// Job id.
+        job: String,
+        /// Task id.
+        task: String,
+    },
+    /// Register everything in a job directory, then create, start and watch the job.
+    Run(RunArgs),
+    /// Show the user the token belongs to.
+    Whoami,
+}
+
+/// `fledgectl create ...`
+#[derive(Debug, Subcommand)]
+pub enum CreateCmd {
+    /// A design (a named topology plus code).
+    Design {
+        /// Design id.
+        id: String,
+        /// Human-readable name (default: the id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// A schema revision of a design from a schema.json file.
+    Schema(SchemaArgs),
+    /// A code revision of a design from a zip file or a directory (one folder per role).
+    Code(CodeArgs),
+    /// A dataset from a dataset JSON file.
+    Dataset {
+        /// Dataset file (name, url, dataFormat, realm, ...).
+        file: PathBuf,
+    },
+    /// A job from job.json (dataSpecPath/modelSpecPath resolved beside it).
+    Job {
+        /// job.json.
+        file: PathBuf,
+    },
+    /// A compute cluster from a JSON file (computeId, region, apiKey, platform); admin only.
+    Compute {
+        /// Compute file.
+        file: PathBuf,
+    },
+}
+
+/// Arguments of schema uploads.
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// schema.json.
+    pub file: PathBuf,
+    /// The design it belongs to.
+    #[arg(long, short = 'd')]
+    pub design: String,
+}
+
+/// Arguments of code uploads.
+#[derive(Debug, Args)]
+pub struct CodeArgs {
+    /// A .zip file or a directory (zipped on the fly, skipping __pycache__, .git, target).
+    pub path: PathBuf,
+    /// The design it belongs to.
+    #[arg(long, short = 'd')]
+    pub design: String,
+}
+
+/// `fledgectl get ...`
+#[derive(Debug, Subcommand)]
+pub enum GetCmd {
+    /// One design.
+    Design {
+        /// Design id.
+        id: String,
+    },
+    /// Every design.
+    Designs,
+    /// A design's schema (latest unless --version).
+    Schema {
+        /// Design id.
+        #[arg(long, short = 'd')]
+        design: String,
+        /// Revision.
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// A design's code zip, written to a file (latest unless --version).
+    Code {
+        /// Design id.
+        #[arg(long, short = 'd')]
+        design: String,
+        /// Revision.
+        #[arg(long)]
+        version: Option<String>,
+        /// Output file (default: <design>-code.zip).
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+    },
+    /// One dataset.
+    Dataset {
+        /// Dataset id.
+        id: String,
+    },
+    /// Own and public datasets.
+    Datasets,
+    /// One job.
+    Job {
+        /// Job id.
+        id: String,
+    },
+    /// Every job.
+    Jobs {
+        /// Only jobs in this state.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// A job's tasks.
+    Tasks {
+        /// Job id.
+        job: String,
+    },
+    /// One task.
+    Task {
+        /// Job id.
+        job: String,
+        /// Task id.
+        task: String,
+    },
+    /// A job's per-round metrics.
+    Metrics {
+        /// Job id.
+        job: String,
+    },
+    /// A job's state and task counts.
+    Status {
+        /// Job id.
+        job: String,
+    },
+    /// One compute (admin).
+    Compute {
+        /// Compute id.
+        id: String,
+    },
+    /// Every compute (admin).
+    Computes,
+}
+
+/// `fledgectl update ...`
+#[derive(Debug, Subcommand)]
+pub enum UpdateCmd {
+    /// Upload a new schema revision.
+    Schema(SchemaArgs),
+    /// Upload a new code revision.
+    Code(CodeArgs),
+    /// Replace the spec of a job that has not started.
+    Job {
+        /// Job id.
+        id: String,
+        /// job.json.
+        file: PathBuf,
+    },
+}
+
+/// `fledgectl remove ...`
+#[derive(Debug, Subcommand)]
+pub enum RemoveCmd {
+    /// A design.
+    Design {
+        /// Design id.
+        id: String,
+    },
+    /// A dataset.
+    Dataset {
+        /// Dataset id.
+        id: String,
+    },
+    /// A job (not while it runs).
+    Job {
+        /// Job id.
+        id: String,
+    },
+    /// A compute (admin).
+    Compute {
+        /// Compute id.
+        id: String,
+    },
+}
+
+/// `fledgectl start|stop job ID`
+#[derive(Debug, Subcommand)]
+pub enum JobRefCmd {
+    /// A job.
+    Job {
+        /// Job id.
+        id: String,
+    },
+}
+
+/// `fledgectl job ...`
+#[derive(Debug, Subcommand)]
+pub enum JobCmd {
+    /// Show the tasks a job.json expands to; creates nothing.
+    Plan {
+        /// job.json.
+        file: PathBuf,
+    },
+    /// Follow a job until it ends; exits 0 iff it completed.
+    Watch(WatchArgs),
+}
+
+/// Arguments of `job watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Job id.
+    pub id: String,
+    /// Poll interval in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub interval_ms: u64,
+}
+
+/// Arguments of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Job directory: schema.json, job.json, dataSpec.json, modelSpec.json, dataset*.json, code/<role>/.
+    pub dir: PathBuf,
+    /// Create and start the job, but do not watch it.
+    #[arg(long)]
+    pub no_watch: bool,
+    /// Poll interval of the watch in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub interval_ms: u64,
+}

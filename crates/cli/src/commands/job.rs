@@ -1,0 +1,160 @@
+//! Jobs: `create|get|update|remove job`, `get jobs|tasks|task|metrics|status`, `start|stop job`,
+//! `job plan`, `logs`.
+
+use std::path::Path;
+
+use fledge_types::{JobId, JobState, TaskId};
+
+use super::Ctx;
+use super::dataset::Registrar;
+use crate::input::InputError;
+use crate::jobfile::{self, JobFile};
+use crate::output;
+
+/// Reads job.json and registers the dataset files it names (reusing datasets by name).
+pub async fn load_and_register(
+    ctx: &Ctx,
+    file: &Path,
+    defaults_dir: Option<&Path>,
+) -> anyhow::Result<JobFile> {
+    let mut job_file = jobfile::load(file, defaults_dir)?;
+    let mut registrar = Registrar::new(&ctx.client);
+    for file_ref in job_file.dataset_files.clone() {
+        let id = registrar.ensure(&file_ref.spec, &file_ref.path).await?;
+        job_file.resolve(&file_ref, id);
+    }
+    Ok(job_file)
+}
+
+/// `create job FILE`.
+pub async fn create(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
+    let job_file = load_and_register(ctx, file, None).await?;
+    let job = ctx.client.create_job(&job_file.spec).await?;
+    eprintln!("created job {} ({})", job.id, job.spec.name);
+    ctx.created(&job, job.id.as_str(), || {
+        output::jobs(std::slice::from_ref(&job))
+    })
+}
+
+/// `update job ID FILE`.
+pub async fn update(ctx: &Ctx, id: &str, file: &Path) -> anyhow::Result<()> {
+    let job_file = load_and_register(ctx, file, None).await?;
+    let job = ctx
+        .client
+        .update_job(&JobId::new(id), &job_file.spec)
+        .await?;
+    eprintln!("updated job {}", job.id);
+    ctx.created(&job, job.id.as_str(), || {
+        output::jobs(std::slice::from_ref(&job))
+    })
+}
+
+/// `job plan FILE`: prints the expansion; creates nothing (dataset files must be registered).
+pub async fn plan(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
+    let mut job_file = jobfile::load(file, None)?;
+    let mut registrar = Registrar::new(&ctx.client);
+    for file_ref in job_file.dataset_files.clone() {
+        match registrar.lookup(&file_ref.spec, &file_ref.path).await? {
+            Some(id) => job_file.resolve(&file_ref, id),
+            None => {
+                return Err(InputError::Other(format!(
+                    "dataset file {} ({:?}) is not registered yet; `job plan` creates nothing, so register it first (`fledgectl create dataset {}`)",
+                    file_ref.path.display(),
+                    file_ref.spec.name,
+                    file_ref.path.display()
+                ))
+                .into());
+            }
+        }
+    }
+    let tasks = ctx.client.plan_job(&job_file.spec).await?;
+    eprintln!(
+        "job {:?} expands to {} tasks ({})",
+        job_file.spec.name,
+        tasks.len(),
+        output::role_counts(&tasks)
+    );
+    ctx.show(&tasks, || output::plan(&tasks))
+}
+
+/// `get job ID`.
+pub async fn get(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let job = ctx.client.get_job(&JobId::new(id)).await?;
+    ctx.show(&job, || output::jobs(std::slice::from_ref(&job)))
+}
+
+/// `get jobs [--state S]`.
+pub async fn list(ctx: &Ctx, state: Option<&str>) -> anyhow::Result<()> {
+    let state = state
+        .map(|s| s.parse::<JobState>())
+        .transpose()
+        .map_err(|err| InputError::Other(format!("--state: {err}")))?;
+    let jobs = ctx.client.list_jobs(state).await?;
+    ctx.show(&jobs, || output::jobs(&jobs))
+}
+
+/// `remove job ID`.
+pub async fn remove(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    ctx.client.delete_job(&JobId::new(id)).await?;
+    eprintln!("removed job {id}");
+    Ok(())
+}
+
+/// `start job ID`.
+pub async fn start(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let job = ctx.client.start_job(&JobId::new(id)).await?;
+    eprintln!("job {} is {}", job.id, job.state);
+    ctx.created(&job, job.id.as_str(), || {
+        output::jobs(std::slice::from_ref(&job))
+    })
+}
+
+/// `stop job ID`.
+pub async fn stop(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let job = ctx.client.stop_job(&JobId::new(id)).await?;
+    eprintln!("job {} is {}", job.id, job.state);
+    ctx.created(&job, job.id.as_str(), || {
+        output::jobs(std::slice::from_ref(&job))
+    })
+}
+
+/// `get status JOB`.
+pub async fn status(ctx: &Ctx, job: &str) -> anyhow::Result<()> {
+    let status = ctx.client.job_status(&JobId::new(job)).await?;
+    ctx.show(&status, || output::status(&status))
+}
+
+/// `get tasks JOB`.
+pub async fn tasks(ctx: &Ctx, job: &str) -> anyhow::Result<()> {
+    let tasks = ctx.client.list_tasks(&JobId::new(job)).await?;
+    ctx.show(&tasks, || output::tasks(&tasks))
+}
+
+/// `get task JOB TASK`.
+pub async fn task(ctx: &Ctx, job: &str, task: &str) -> anyhow::Result<()> {
+    let task = ctx
+        .client
+        .get_task(&JobId::new(job), &TaskId::new(task))
+        .await?;
+    ctx.show(&task, || output::tasks(std::slice::from_ref(&task)))
+}
+
+/// `get metrics JOB`.
+pub async fn metrics(ctx: &Ctx, job: &str) -> anyhow::Result<()> {
+    let records = ctx.client.job_metrics(&JobId::new(job)).await?;
+    ctx.show(&records, || output::metrics(&records))
+}
+
+/// `logs JOB TASK`: the task's log tail, raw.
+pub async fn logs(ctx: &Ctx, job: &str, task: &str) -> anyhow::Result<()> {
+    let task = ctx
+        .client
+        .get_task(&JobId::new(job), &TaskId::new(task))
+        .await?;
+    if task.log.is_empty() {
+        eprintln!("task {} ({}) has no log yet", task.task_id, task.state);
+        return Ok(());
+    }
+    output::emit(&task.log)?;
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! One module per noun; each function is one verb. [`dispatch`] maps the parsed command line
+//! onto them. Commands print data to stdout through [`Ctx`] and everything else to stderr.
+
+pub mod code;
+pub mod compute;
+pub mod dataset;
+pub mod design;
+pub mod job;
+pub mod run;
+pub mod schema;
+pub mod watch;
+
+use serde::Serialize;
+
+use fledge_client::Client;
+
+use crate::args::{
+    Command, CreateCmd, Format, GetCmd, JobCmd, JobRefCmd, RemoveCmd, UpdateCmd,
+};
+use crate::output;
+
+/// What every command needs: the client and the chosen output format.
+pub struct Ctx {
+    /// REST client.
+    pub client: Client,
+    /// `-o`, if given.
+    pub format: Option<Format>,
+}
+
+impl Ctx {
+    /// Prints data: a table unless `-o json|yaml`.
+    pub fn show<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        table: impl FnOnce() -> String,
+    ) -> anyhow::Result<()> {
+        let text = output::render(value, self.format.unwrap_or(Format::Table), table)?;
+        output::emit(&text)?;
+        Ok(())
+    }
+
+    /// Prints a created or changed resource: its id unless `-o` asks for a format.
+    pub fn created<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        id: &str,
+        table: impl FnOnce() -> String,
+    ) -> anyhow::Result<()> {
+        match self.format {
+            None => output::emit(id)?,
+            Some(format) => output::emit(&output::render(value, format, table)?)?,
+        }
+        Ok(())
+    }
+}
+
+/// Runs one command.
+pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Create(create) => match create {
+            CreateCmd::Design {
+                id,
+                name,
+                description,
+            } => design::create(ctx, id, name, description).await,
+            CreateCmd::Schema(args) => schema::upload(ctx, &args.design, &args.file).await,
+            CreateCmd::Code(args) => code::upload(ctx, &args.design, &args.path).await,
+            CreateCmd::Dataset { file } => dataset::create(ctx, &file).await,
+            CreateCmd::Job { file } => job::create(ctx, &file).await,
+            CreateCmd::Compute { file } => compute::create(ctx, &file).await,
+        },
+        Command::Get(get) => match get {
+            GetCmd::Design { id } => design::get(ctx, &id).await,
+            GetCmd::Designs => design::list(ctx).await,
+            GetCmd::Schema { design, version } => {
+                schema::get(ctx, &design, version.as_deref()).await
+            }
+            GetCmd::Code {
+                design,
+                version,
+                file,
+            } => code::download(ctx, &design, version.as_deref(), file).await,
+            GetCmd::Dataset { id } => dataset::get(ctx, &id).await,
+            GetCmd::Datasets => dataset::list(ctx).await,
+            GetCmd::Job { id } => job::get(ctx, &id).await,
+            GetCmd::Jobs { state } => job::list(ctx, state.as_deref()).await,
+            GetCmd::Tasks { job } => job::tasks(ctx, &job).await,
+            GetCmd::Task { job, task } => job::task(ctx, &job, &task).await,
+            GetCmd::Metrics { job } => job::metrics(ctx, &job).await,
+            GetCmd::Status { job } => job::status(ctx, &job).await,
+            GetCmd::Compute { id } => compute::get(ctx, &id).await,
+            GetCmd::Computes => compute::list(ctx).await,
+        },
+        Command::Update(update) => match update {
+            UpdateCmd::Schema(args) => schema::upload(ctx, &args.design, &args.file).await,
+            UpdateCmd::Code(args) => code::upload(ctx, &args.design, &args.path).await,
+            UpdateCmd::Job { id, file } => job::update(ctx, &id, &file).await,
+        },
+        Command::Remove(remove) => match remove {
+            RemoveCmd::Design { id } => design::remove(ctx, &id).await,
+            RemoveCmd::Dataset { id } => dataset::remove(ctx, &id).await,
+            RemoveCmd::Job { id } => job::remove(ctx, &id).await,
+            RemoveCmd::Compute { id } => compute::remove(ctx, &id).await,
+        },
+        Command::Start(JobRefCmd::Job { id }) => job::start(ctx, &id).await,
+        Command::Stop(JobRefCmd::Job { id }) => job::stop(ctx, &id).await,
+        Command::Job(JobCmd::Plan { file }) => job::plan(ctx, &file).await,
+        Command::Job(JobCmd::Watch(args)) => {
+            watch::watch_and_report(ctx, &args.id.into(), args.interval_ms).await
+        }
+        Command::Logs { job, task } => job::logs(ctx, &job, &task).await,
+        Command::Run(args) => run::run(ctx, &args).await,
+        Command::Whoami => {
+            let user = ctx.client.whoami().await?;
+            ctx.show(&user, || output::users(std::slice::from_ref(&user)))
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! `job watch ID`: follows a job until it ends, with a per-round progress bar (from the job's
+//! metrics and its `rounds` hyperparameter), the latest loss/accuracy and task state counts.
+//! On a terminal it draws an indicatif bar on stderr; otherwise it prints a line per change.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use fledge_client::JobStatus;
+use fledge_types::{Job, JobId, JobState, MetricRecord};
+
+use super::Ctx;
+use crate::output;
+
+/// Consecutive failed polls tolerated before the watch gives up.
+const MAX_POLL_FAILURES: u32 = 5;
+
+/// The job ended in a state other than `completed`.
+#[derive(Debug, thiserror::Error)]
+#[error("job {id} ended {state}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+pub struct NotCompleted {
+    /// The job.
+    pub id: JobId,
+    /// Its final state.
+    pub state: JobState,
+    /// Why, if the control plane said.
+    pub reason: Option<String>,
+}
+
+/// Progress distilled from a job's metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Progress {
+    /// Highest round any task reported.
+    pub round: u64,
+    /// Mean loss over the records of the latest round that has one.
+    pub loss: Option<f64>,
+    /// Mean accuracy over the records of the latest round that has one.
+    pub accuracy: Option<f64>,
+}
+
+/// Summarises metric records into the latest round and its loss and accuracy.
+pub fn summarize(records: &[MetricRecord]) -> Progress {
+    let latest_mean = |name: &str| -> Option<f64> {
+        let round = records
+            .iter()
+            .filter(|r| r.metrics.contains_key(name))
+            .map(|r| r.round)
+            .max()?;
+        let values: Vec<f64> = records
+            .iter()
+            .filter(|r| r.round == round)
+            .filter_map(|r| r.metrics.get(name).copied())
+            .collect();
+        Some(values.iter().sum::<f64>() / values.len() as f64)
+    };
+    Progress {
+        round: records.iter().map(|r| r.round).max().unwrap_or(0),
+        loss: latest_mean("loss"),
+        accuracy: latest_mean("accuracy"),
+    }
+}
+
+/// The `rounds` hyperparameter of a job, if it has a positive integer one.
+pub fn total_rounds(job: &Job) -> Option<u64> {
+    job.spec
+        .model_spec
+        .hyperparameters
+        .get("rounds")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|n| *n > 0)
+}
+
+/// One status line: state, task counts, loss and accuracy.
+pub fn describe(status: &JobStatus, progress: &Progress) -> String {
+    let mut res = status.state.to_string();
+    let counts: Vec<String> = status
+        .tasks
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(state, n)| format!("{state} {n}"))
+        .collect();
+    if !counts.is_empty() {
+        res.push_str(&format!(" | tasks: {}", counts.join(", ")));
+    }
+    if let Some(loss) = progress.loss {
+        res.push_str(&format!(" | loss {}", output::format_metric(loss)));
+    }
+    if let Some(accuracy) = progress.accuracy {
+        res.push_str(&format!(" | accuracy {}", output::format_metric(accuracy)));
+    }
+    res
+}
+
+/// Follows `id` until it ends and returns the final job.
+pub async fn watch(ctx: &Ctx, id: &JobId, interval_ms: u64) -> anyhow::Result<Job> {
+    let job = ctx.client.get_job(id).await?;
+    let rounds = total_rounds(&job);
+    let tty = std::io::stderr().is_terminal();
+    let bar = ProgressBar::with_draw_target(rounds, ProgressDrawTarget::stderr());
+    if tty {
+        let template = match rounds {
+            Some(_) => "{spinner} round {pos}/{len} [{bar:30}] {elapsed} {msg}",
+            None => "{spinner} round {pos} {elapsed} {msg}",
+        };
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.enable_steady_tick(Duration::from_millis(200));
+    } else {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let mut last_line = String::new();
+    let mut failures = 0;
+    let final_state = loop {
+        let polled = async {
+            let status = ctx.client.job_status(id).await?;
+            let metrics = ctx.client.job_metrics(id).await?;
+            Ok::<_, fledge_client::Error>((status, metrics))
+        }
+        .await;
+        let (status, metrics) = match polled {
+            Ok(polled) => {
+                failures = 0;
+                polled
+            }
+            Err(err @ fledge_client::Error::Connect { .. }) if failures < MAX_POLL_FAILURES => {
+                failures += 1;
+                bar.suspend(|| eprintln!("warning: {err}; retrying"));
+                tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+                continue;
+            }
+            Err(err) => {
+                bar.abandon();
+                return Err(err.into());
+            }
+        };
+        let progress = summarize(&metrics);
+        let line = describe(&status, &progress);
+        bar.set_position(progress.round);
+        bar.set_message(line.clone());
+        if !tty && line != last_line {
+            let round = match rounds {
+                Some(total) => format!("round {}/{total}", progress.round),
+                None => format!("round {}", progress.round),
+            };
+            eprintln!("job {id}: {round} | {line}");
+        }
+        last_line = line;
+        if status.state.is_final() {
+            break status.state;
+        }
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+    };
+    bar.finish();
+    let job = ctx.client.get_job(id).await?;
+    tracing::debug!(%id, state = %final_state, "job ended");
+    Ok(job)
+}
+
+/// Watches, prints the final job, and fails unless it completed.
+pub async fn watch_and_report(ctx: &Ctx, id: &JobId, interval_ms: u64) -> anyhow::Result<()> {
+    let job = watch(ctx, id, interval_ms).await?;
+    eprintln!("job {} ended {}", job.id, job.state);
+    ctx.show(&job, || output::jobs(std::slice::from_ref(&job)))?;
+    if job.state == JobState::Completed {
+        Ok(())
+    } else {
+        Err(NotCompleted {
+            id: job.id.clone(),
+            state: job.state,
+            reason: job.reason.clone(),
+        }
+        .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn record(round: u64, metrics: &[(&str, f64)]) -> MetricRecord {
+        MetricRecord {
+            task_id: "t".into(),
+            role: "trainer".into(),
+            round,
+            metrics: metrics
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect::<BTreeMap<_, _>>(),
+            timestamp: None,
+        }
+    }
+
+    #[test]
+    fn progress_uses_the_latest_round_with_each_metric() {
+        assert_eq!(summarize(&[]), Progress::default());
+        let records = [
+            record(1, &[("loss", 1.0), ("accuracy", 0.5)]),
+            record(2, &[("loss", 0.5)]),
+            record(2, &[("loss", 0.25)]),
+            record(3, &[("bytesSent", 10.0)]),
+        ];
+        let progress = summarize(&records);
+        assert_eq!(progress.round, 3);
+        assert_eq!(progress.loss, Some(0.375));
+        assert_eq!(progress.accuracy, Some(0.5));
+
+        let status = JobStatus {
+            state: JobState::Running,
+            reason: None,
+            tasks: [("running".to_owned(), 3), ("failed".to_owned(), 0)]
+                .into_iter()
+                .collect(),
+        };
+        assert_eq!(
+            describe(&status, &progress),
+            "running | tasks: running 3 | loss 0.3750 | accuracy 0.5000"
+        );
+    }
+}

@@ -1,0 +1,428 @@
+//! Rendering data for stdout: tables (comfy-table, no terminal-width dependence so output is
+//! stable in pipes and snapshots), JSON and YAML.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+
+use comfy_table::{ContentArrangement, Table, presets};
+use serde::Serialize;
+
+use fledge_client::JobStatus;
+use fledge_types::{Compute, Dataset, Design, Job, MetricRecord, Task, User};
+
+use crate::args::Format;
+
+/// Writes `text` to stdout (a broken pipe surfaces as an `io::Error` that `main` treats as success).
+pub fn emit(text: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    if !text.ends_with('\n') {
+        stdout.write_all(b"\n")?;
+    }
+    stdout.flush()
+}
+
+/// Renders `value` in `format` (`table` uses `table`).
+pub fn render<T: Serialize + ?Sized>(
+    value: &T,
+    format: Format,
+    table: impl FnOnce() -> String,
+) -> anyhow::Result<String> {
+    Ok(match format {
+        Format::Table => table(),
+        Format::Json => serde_json::to_string_pretty(value)?,
+        Format::Yaml => serde_norway::to_string(value)?,
+    })
+}
+
+/// A borderless, left-aligned table like kubectl's.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().map(|h| h.to_string()));
+    for row in rows {
+        table.add_row(row);
+    }
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    let text = table.to_string();
+    let mut res: String = text
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join("\n");
+    res.push('\n');
+    res
+}
+
+fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() { "-".to_owned() } else { s.to_owned() }
+}
+
+/// Designs.
+pub fn designs(items: &[Design]) -> String {
+    let rows = items
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.to_string(),
+                d.name.clone(),
+                or_dash(d.schema_versions.last().map(String::as_str).unwrap_or("")),
+                or_dash(d.code_versions.last().map(String::as_str).unwrap_or("")),
+                time(&d.created_at),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "SCHEMA", "CODE", "CREATED"], rows)
+}
+
+/// Datasets.
+pub fn datasets(items: &[Dataset]) -> String {
+    let rows = items
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.to_string(),
+                d.spec.name.clone(),
+                d.spec.realm.clone(),
+                or_dash(&d.spec.data_format),
+                if d.spec.is_public { "yes" } else { "no" }.to_owned(),
+                d.spec.url.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "REALM", "FORMAT", "PUBLIC", "URL"], rows)
+}
+
+/// Jobs.
+pub fn jobs(items: &[Job]) -> String {
+    let rows = items
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.to_string(),
+                j.spec.name.clone(),
+                j.spec.design_id.to_string(),
+                j.state.to_string(),
+                time(&j.created_at),
+                or_dash(j.reason.as_deref().unwrap_or("")),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "DESIGN", "STATE", "CREATED", "REASON"], rows)
+}
+
+fn groups(task: &Task) -> String {
+    task.group_association
+        .iter()
+        .map(|(channel, group)| format!("{channel}={group}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Tasks (with their states).
+pub fn tasks(items: &[Task]) -> String {
+    let rows = items
+        .iter()
+        .map(|t| {
+            vec![
+                t.task_id.to_string(),
+                t.role.clone(),
+                t.index.to_string(),
+                groups(t),
+                or_dash(t.dataset_id.as_ref().map(|d| d.as_str()).unwrap_or("")),
+                t.compute_id.to_string(),
+                t.state.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["TASK", "ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "STATE"],
+        rows,
+    )
+}
+
+/// The expansion of a job (`job plan`): tasks without states, then a per-role count.
+pub fn plan(items: &[Task]) -> String {
+    let rows = items
+        .iter()
+        .map(|t| {
+            vec![
+                t.role.clone(),
+                t.index.to_string(),
+                groups(t),
+                or_dash(t.dataset_id.as_ref().map(|d| d.as_str()).unwrap_or("")),
+                t.compute_id.to_string(),
+                t.task_id.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "TASK"],
+        rows,
+    )
+}
+
+/// `trainer: 4, middle-aggregator: 2, ...` in order of first appearance.
+pub fn role_counts(items: &[Task]) -> String {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for task in items {
+        match counts.iter_mut().find(|(role, _)| *role == task.role) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((task.role.clone(), 1)),
+        }
+    }
+    counts
+        .iter()
+        .map(|(role, n)| format!("{role}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Metrics: one row per record, one column per metric name seen.
+pub fn metrics(items: &[MetricRecord]) -> String {
+    let names: BTreeSet<&str> = items
+        .iter()
+        .flat_map(|r| r.metrics.keys().map(String::as_str))
+        .collect();
+    let mut header = vec!["ROUND", "ROLE", "TASK"];
+    let upper: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    header.extend(upper.iter().map(String::as_str));
+    let rows = items
+        .iter()
+        .map(|r| {
+            let mut row = vec![r.round.to_string(), r.role.clone(), r.task_id.to_string()];
+            row.extend(names.iter().map(|name| match r.metrics.get(*name) {
+                Some(v) => format_metric(*v),
+                None => "-".to_owned(),
+            }));
+            row
+        })
+        .collect();
+    table(&header, rows)
+}
+
+/// A metric value with 4 significant decimals, integers without decimals.
+pub fn format_metric(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// A job's status.
+pub fn status(status: &JobStatus) -> String {
+    let counts = status
+        .tasks
+        .iter()
+        .map(|(state, n)| format!("{state}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    table(
+        &["STATE", "TASKS", "REASON"],
+        vec![vec![
+            status.state.to_string(),
+            or_dash(&counts),
+            or_dash(status.reason.as_deref().unwrap_or("")),
+        ]],
+    )
+}
+
+/// Computes.
+pub fn computes(items: &[Compute]) -> String {
+    let rows = items
+        .iter()
+        .map(|c| {
+            vec![
+                c.compute_id.to_string(),
+                c.region.clone(),
+                serde_json::to_value(c.platform)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                if c.connected { "yes" } else { "no" }.to_owned(),
+            ]
+        })
+        .collect();
+    table(&["ID", "REGION", "PLATFORM", "CONNECTED"], rows)
+}
+
+/// Users.
+pub fn users(items: &[User]) -> String {
+    let rows = items
+        .iter()
+        .map(|u| vec![u.id.to_string(), if u.is_admin { "yes" } else { "no" }.to_owned()])
+        .collect();
+    table(&["ID", "ADMIN"], rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use expect_test::{Expect, expect};
+    use fledge_types::{ComputeId, DatasetSpec, JobSpec, JobState, TaskId, TaskState};
+
+    use super::*;
+
+    fn check(actual: String, expect: Expect) {
+        expect.assert_eq(&actual);
+    }
+
+    fn at() -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
+            .unwrap()
+            .to_utc()
+    }
+
+    fn task(role: &str, index: u32, groups: &[(&str, &str)], dataset: Option<&str>) -> Task {
+        Task {
+            job_id: "job-1".into(),
+            task_id: TaskId::new(format!("{role}-{index}")),
+            role: role.to_owned(),
+            index,
+            group_association: groups
+                .iter()
+                .map(|(c, g)| ((*c).to_owned(), (*g).to_owned()))
+                .collect(),
+            dataset_id: dataset.map(Into::into),
+            compute_id: ComputeId::new("default"),
+            managed: true,
+            state: TaskState::Ready,
+            log: String::new(),
+            updated_at: None,
+            last_heartbeat: None,
+        }
+    }
+
+    #[test]
+    fn plan_and_task_tables() {
+        let tasks = vec![
+            task("trainer", 0, &[("param-channel", "eu")], Some("ds-uk")),
+            task("middle-aggregator", 0, &[("param-channel", "eu"), ("global-channel", "default")], None),
+            task("top-aggregator", 0, &[("global-channel", "default")], None),
+        ];
+        check(
+            plan(&tasks),
+            expect![[r#"
+                ROLE               INDEX  GROUPS                                   DATASET  COMPUTE  TASK
+                trainer            0      param-channel=eu                         ds-uk    default  trainer-0
+                middle-aggregator  0      global-channel=default,param-channel=eu  -        default  middle-aggregator-0
+                top-aggregator     0      global-channel=default                   -        default  top-aggregator-0
+            "#]],
+        );
+        check(
+            role_counts(&tasks),
+            expect!["trainer: 1, middle-aggregator: 1, top-aggregator: 1"],
+        );
+        check(
+            super::tasks(&tasks[..1]),
+            expect![[r#"
+                TASK       ROLE     INDEX  GROUPS            DATASET  COMPUTE  STATE
+                trainer-0  trainer  0      param-channel=eu  ds-uk    default  ready
+            "#]],
+        );
+    }
+
+    #[test]
+    fn job_dataset_and_metric_tables() {
+        let job = Job {
+            id: "job-1".into(),
+            owner: "alice".into(),
+            spec: JobSpec {
+                name: "mnist".into(),
+                design_id: "hier".into(),
+                ..Default::default()
+            },
+            schema_version: "1".into(),
+            code_version: "1".into(),
+            state: JobState::Failed,
+            reason: Some("all trainer tasks failed".into()),
+            created_at: at(),
+            started_at: None,
+            updated_at: at(),
+            ended_at: None,
+        };
+        check(
+            jobs(&[job]),
+            expect![[r#"
+                ID     NAME   DESIGN  STATE   CREATED              REASON
+                job-1  mnist  hier    failed  2026-01-02 03:04:05  all trainer tasks failed
+            "#]],
+        );
+        let dataset = Dataset {
+            id: "ds-1".into(),
+            owner: "alice".into(),
+            spec: DatasetSpec {
+                name: "uk".into(),
+                url: "file:///d/uk.csv".into(),
+                realm: "default/eu/uk".into(),
+                ..Default::default()
+            },
+        };
+        check(
+            datasets(&[dataset]),
+            expect![[r#"
+                ID    NAME  REALM          FORMAT  PUBLIC  URL
+                ds-1  uk    default/eu/uk  -       no      file:///d/uk.csv
+            "#]],
+        );
+        let record = |round, role: &str, metrics: &[(&str, f64)]| MetricRecord {
+            task_id: TaskId::new(format!("{role}-0")),
+            role: role.to_owned(),
+            round,
+            metrics: metrics
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect::<BTreeMap<_, _>>(),
+            timestamp: None,
+        };
+        check(
+            metrics(&[
+                record(1, "trainer", &[("loss", 0.53125), ("bytesSent", 4096.0)]),
+                record(1, "top-aggregator", &[("accuracy", 0.9)]),
+            ]),
+            expect![[r#"
+                ROUND  ROLE            TASK              accuracy  bytesSent  loss
+                1      trainer         trainer-0         -         4096       0.5312
+                1      top-aggregator  top-aggregator-0  0.9000    -          -
+            "#]],
+        );
+    }
+
+    #[test]
+    fn json_and_yaml_are_the_dtos() {
+        let status = JobStatus {
+            state: JobState::Running,
+            reason: None,
+            tasks: [("running".to_owned(), 7)].into_iter().collect(),
+        };
+        let json = render(&status, Format::Json, || unreachable!()).unwrap();
+        let back: JobStatus = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, status);
+        let yaml = render(&status, Format::Yaml, || unreachable!()).unwrap();
+        check(
+            yaml,
+            expect![[r#"
+                state: running
+                tasks:
+                  running: 7
+            "#]],
+        );
+        check(
+            super::status(&status),
+            expect![[r#"
+                STATE    TASKS      REASON
+                running  running=7  -
+            "#]],
+        );
+    }
+}
