@@ -51,10 +51,8 @@ pub fn from_value<T: DeserializeOwned>(mut value: Value) -> Result<T, Vec<ErrorD
             unknown.push((path_string(parent), key));
         }
     };
-    let res: Result<T, _> = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
-        value.clone(),
-        &mut record,
-    ));
+    let res: Result<T, _> =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&value, &mut record));
     let mut details = Vec::new();
     if !unknown.is_empty() {
         let fields = probe::struct_fields::<T>(&value);
