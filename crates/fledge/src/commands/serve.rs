@@ -1,10 +1,108 @@
-//! `fledge serve` (being built; see the issue tracker).
+//! `fledge serve`: runs a chosen set of control-plane services from one configuration.
+//!
+//! Configuration is layered: defaults → `--config FILE` (TOML) → `FLEDGE_*` environment →
+//! the flags below. `--dump-config` prints the effective configuration and exits.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use fledge_control::config::Options;
+use fledge_control::service;
+
+use super::UsageError;
 
 /// Arguments of `fledge serve`.
-#[derive(clap::Args)]
-pub struct Args {}
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Services to run, comma-separated: apiserver, controller, notifier, broker (default: all).
+    #[arg(long, value_name = "LIST")]
+    pub services: Option<String>,
+    /// Directory of the SQLite store and code bundles.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Store URL: `sqlite://PATH` or `postgres://...`.
+    #[arg(long, value_name = "URL")]
+    pub store_url: Option<String>,
+    /// Apiserver listen address (`host:port`; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub apiserver_listen: Option<String>,
+    /// Notifier listen address.
+    #[arg(long, value_name = "ADDR")]
+    pub notifier_listen: Option<String>,
+    /// Embedded broker listen address.
+    #[arg(long, value_name = "ADDR")]
+    pub broker_listen: Option<String>,
+    /// Broker `host:port` written into task configs (e.g. an external Mosquitto).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub broker_advertise: Option<String>,
+    /// Print the effective configuration (TOML) and exit.
+    #[arg(long)]
+    pub dump_config: bool,
+}
+
+impl Args {
+    /// The flags as dotted option overrides, in layer order.
+    fn overrides(&self) -> Vec<(String, String)> {
+        let mut res = Vec::new();
+        let mut push = |key: &str, value: Option<String>| {
+            if let Some(value) = value {
+                res.push((key.to_owned(), value));
+            }
+        };
+        push("services", self.services.clone());
+        push(
+            "data_dir",
+            self.data_dir.as_ref().map(|p| p.display().to_string()),
+        );
+        push("store_url", self.store_url.clone());
+        push("apiserver.listen", self.apiserver_listen.clone());
+        push("notifier.listen", self.notifier_listen.clone());
+        push("broker.listen", self.broker_listen.clone());
+        push("broker.advertise", self.broker_advertise.clone());
+        res
+    }
+}
+
+/// Loads the layered configuration; any problem is a [`UsageError`] (exit 64).
+pub fn load_options(
+    config: Option<&Path>,
+    env: &HashMap<String, String>,
+    overrides: &[(String, String)],
+) -> anyhow::Result<Options> {
+    Options::load(config, env, overrides)
+        .map_err(|err| anyhow::Error::new(UsageError(format!("{:#}", anyhow::Error::new(err)))))
+}
 
 /// Runs the subcommand.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`fledge serve` is not built yet")
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let options = load_options(args.config.as_deref(), &env, &args.overrides())?;
+    if args.dump_config {
+        #[allow(clippy::print_stdout)]
+        {
+            print!("{}", options.to_toml()?);
+        }
+        return Ok(());
+    }
+    let shutdown = CancellationToken::new();
+    service::cancel_on_signal(shutdown.clone());
+    let store = service::open_store(&options).await?;
+    let services = service::start(&options, store, &shutdown)
+        .await
+        .context("cannot start the services")?;
+    let names: Vec<String> = options.services.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        services = names.join(","),
+        apiserver = ?services.addrs.apiserver,
+        notifier = ?services.addrs.notifier,
+        broker = ?services.addrs.broker,
+        "fledge serving"
+    );
+    services.wait().await
 }

@@ -1,10 +1,252 @@
-//! `fledge standalone` (being built; see the issue tracker).
+//! `fledge standalone`: every service in one process on loopback, a SQLite store in one data
+//! directory, an embedded broker and a compute `default`: zero external services.
+//!
+//! On start it creates an admin token and writes it with the apiserver's endpoint into
+//! `fledgectl`'s config file (`$FLEDGE_CONFIG`, else `~/.fledge/config.yaml`; other keys of the
+//! file are kept), prints both, then prints `ready` once every listener is up.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use fledge_control::service::{self, Services};
+use fledge_control::store;
+use fledge_types::{ComputeId, ComputeSpec, Platform};
+
+use super::UsageError;
+
+/// The compute standalone registers for its own deployer.
+pub const DEFAULT_COMPUTE: &str = "default";
 
 /// Arguments of `fledge standalone`.
-#[derive(clap::Args)]
-pub struct Args {}
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Directory for the SQLite store, code bundles and workers' files.
+    #[arg(long, value_name = "DIR", default_value = "fledge-data")]
+    pub data_dir: PathBuf,
+    /// Apiserver port; the notifier takes PORT+1 and the broker PORT+2. 0 picks free ports.
+    #[arg(long, value_name = "N", default_value_t = 10100)]
+    pub port: u16,
+    /// Extra configuration file (TOML); the data directory, store and listeners above win.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// `fledgectl` config file to write (default `$FLEDGE_CONFIG`, else `~/.fledge/config.yaml`).
+    #[arg(long, value_name = "PATH")]
+    pub cli_config: Option<PathBuf>,
+    /// Do not run the process deployer (workers are then started by hand).
+    #[arg(long)]
+    pub no_deployer: bool,
+    /// Print the effective configuration (TOML) and exit.
+    #[arg(long)]
+    pub dump_config: bool,
+}
+
+impl Args {
+    fn overrides(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let port = |offset: u16| -> anyhow::Result<String> {
+            let port = if self.port == 0 {
+                0
+            } else {
+                self.port.checked_add(offset).ok_or_else(|| {
+                    UsageError(format!("--port {} leaves no room for PORT+2", self.port))
+                })?
+            };
+            Ok(format!("127.0.0.1:{port}"))
+        };
+        // Absolute, so that workers started in other directories find the same files.
+        let data_dir = std::path::absolute(&self.data_dir).map_err(|err| {
+            UsageError(format!("--data-dir {}: {err}", self.data_dir.display()))
+        })?;
+        let store_url = format!("sqlite://{}", data_dir.join("fledge.db").display());
+        let data_dir = data_dir.display().to_string();
+        Ok(vec![
+            (
+                "services".to_owned(),
+                "broker,notifier,controller,apiserver".to_owned(),
+            ),
+            ("data_dir".to_owned(), data_dir.clone()),
+            ("store_url".to_owned(), store_url),
+            ("apiserver.listen".to_owned(), port(0)?),
+            ("notifier.listen".to_owned(), port(1)?),
+            ("broker.listen".to_owned(), port(2)?),
+        ])
+    }
+}
 
 /// Runs the subcommand.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`fledge standalone` is not built yet")
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let options = super::serve::load_options(args.config.as_deref(), &env, &args.overrides()?)?;
+    if args.dump_config {
+        #[allow(clippy::print_stdout)]
+        {
+            print!("{}", options.to_toml()?);
+        }
+        return Ok(());
+    }
+    let cli_config = match &args.cli_config {
+        Some(path) => path.clone(),
+        None => fledge_client::config::ClientConfig::default_path(&env)
+            .map_err(|err| UsageError(format!("{err}; pass --cli-config PATH")))?,
+    };
+
+    let shutdown = CancellationToken::new();
+    service::cancel_on_signal(shutdown.clone());
+    let store = service::open_store(&options).await?;
+    let services = service::start(&options, store.clone(), &shutdown)
+        .await
+        .context("cannot start the services")?;
+    let endpoint = services.endpoints.apiserver.clone();
+
+    let token = fledge_control::api::bootstrap_admin(store.as_ref())
+        .await
+        .context("cannot create the admin token")?;
+    write_cli_config(&cli_config, &endpoint, &token)?;
+    let api_key = register_default_compute(store.as_ref()).await?;
+    if args.no_deployer {
+        tracing::info!("--no-deployer: workers must be started by hand");
+    } else {
+        start_deployer(&services, &options.data_dir, api_key)?;
+    }
+
+    #[allow(clippy::print_stdout)]
+    {
+        println!("endpoint: {endpoint}");
+        println!("token: {token}");
+        println!("fledgectl config: {}", cli_config.display());
+        println!("ready");
+    }
+    services.wait().await
+}
+
+/// Registers compute `default` (serving every realm) with a fresh API key; an existing one is
+/// replaced, since its key is stored hashed and cannot be recovered.
+async fn register_default_compute(store: &dyn store::Store) -> anyhow::Result<String> {
+    let id = ComputeId::new(DEFAULT_COMPUTE);
+    match store.delete_compute(&id).await {
+        Ok(()) | Err(store::Error::NotFound { .. }) => {}
+        Err(err) => return Err(err).context("cannot replace compute default"),
+    }
+    let api_key = fledge_control::api::new_secret();
+    store
+        .create_compute(&ComputeSpec {
+            compute_id: id,
+            region: "default".to_owned(),
+            api_key: api_key.clone(),
+            platform: Platform::Process,
+        })
+        .await
+        .context("cannot register compute default")?;
+    Ok(api_key)
+}
+
+/// Runs the `process` deployer of compute `default` as one more service: one `fledgelet` child
+/// process per task, under `<data_dir>/work`. `FLEDGE_BIN` tells workers where the `fledge`
+/// binary (built-in roles) is: this very executable.
+fn start_deployer(services: &Services, data_dir: &Path, api_key: String) -> anyhow::Result<()> {
+    use fledge_agent::deployer::{DeployerOptions, default_fledgelet_bin};
+    let fledgelet = default_fledgelet_bin();
+    let mut options = DeployerOptions::new(
+        ComputeId::new(DEFAULT_COMPUTE),
+        api_key,
+        services.endpoints.apiserver.clone(),
+        services.endpoints.notifier.clone(),
+        data_dir.join("work"),
+        fledgelet.clone(),
+    );
+    options.fledge_bin = std::env::current_exe().ok();
+    let deployer = options.build().context("cannot build the process deployer")?;
+    tracing::info!(fledgelet = %fledgelet.display(), "process deployer of compute default starting");
+    let token = services.shutdown_token();
+    services.spawn("deployer", async move {
+        deployer.run(token).await.map_err(anyhow::Error::from)
+    });
+    Ok(())
+}
+
+/// Sets `endpoint` and `token` in the YAML file at `path`, keeping its other keys.
+pub fn write_cli_config(path: &Path, endpoint: &str, token: &str) -> anyhow::Result<()> {
+    let mut doc = match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => serde_norway::from_str::<serde_norway::Value>(&text)
+            .with_context(|| format!("{} is not valid YAML", path.display()))?,
+        Ok(_) => serde_norway::Value::Mapping(Default::default()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            serde_norway::Value::Mapping(Default::default())
+        }
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let map = doc
+        .as_mapping_mut()
+        .with_context(|| format!("{} is not a YAML mapping", path.display()))?;
+    map.insert("endpoint".into(), endpoint.into());
+    map.insert("token".into(), token.into());
+    let text = serde_norway::to_string(&doc).context("cannot render the fledgectl config")?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        // The file holds an admin token.
+        use std::os::unix::fs::OpenOptionsExt as _;
+        open.mode(0o600);
+    }
+    let mut file = open
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_config_keeps_other_keys_and_rejects_non_mappings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub").join("config.yaml");
+        write_cli_config(&path, "http://127.0.0.1:1", "t1").expect("fresh file");
+        std::fs::write(&path, "output: json\nendpoint: old\n").expect("seed");
+        write_cli_config(&path, "http://127.0.0.1:2", "t2").expect("update");
+        let doc: serde_norway::Value =
+            serde_norway::from_str(&std::fs::read_to_string(&path).expect("read")).expect("yaml");
+        assert_eq!(doc["output"].as_str(), Some("json"));
+        assert_eq!(doc["endpoint"].as_str(), Some("http://127.0.0.1:2"));
+        assert_eq!(doc["token"].as_str(), Some("t2"));
+
+        std::fs::write(&path, "- a\n- b\n").expect("seed list");
+        let err = write_cli_config(&path, "e", "t").expect_err("a list is not a config");
+        assert!(err.to_string().contains("not a YAML mapping"), "{err}");
+    }
+
+    #[test]
+    fn ports_follow_the_base_port() {
+        let args = Args {
+            data_dir: PathBuf::from("/d"),
+            port: 20000,
+            config: None,
+            cli_config: None,
+            no_deployer: true,
+            dump_config: false,
+        };
+        let overrides = args.overrides().expect("valid port");
+        let get = |key: &str| {
+            overrides
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("notifier.listen").as_deref(), Some("127.0.0.1:20001"));
+        assert_eq!(get("broker.listen").as_deref(), Some("127.0.0.1:20002"));
+        assert_eq!(get("store_url").as_deref(), Some("sqlite:///d/fledge.db"));
+        let too_high = Args {
+            port: u16::MAX,
+            ..args
+        };
+        assert!(too_high.overrides().is_err());
+    }
 }
