@@ -1,0 +1,90 @@
+//! Typed access to the task config's free-form `hyperparameters`.
+//!
+//! Names follow Flame's examples (`rounds`, `epochs`, `batchSize`, `learningRate`). A value
+//! of the wrong type or range is an error naming the hyperparameter; an absent one takes the
+//! documented default.
+
+use serde_json::{Map, Value};
+
+use crate::{Error, Result};
+
+/// Hyperparameters the built-in roles read, with their defaults.
+pub mod names {
+    /// Rounds of training (default 1).
+    pub const ROUNDS: &str = "rounds";
+    /// Least number of trainers a round needs to finish (default 1).
+    pub const MIN_TRAINERS: &str = "minTrainers";
+    /// Trainers to wait for before the first round (default `minTrainers`).
+    pub const EXPECTED_TRAINERS: &str = "expectedTrainers";
+    /// Seconds to wait for peers to join (default 120).
+    pub const JOIN_TIMEOUT: &str = "joinTimeout";
+}
+
+fn bad(name: &str, reason: impl Into<String>) -> Error {
+    Error::Hyperparameter {
+        name: name.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// A non-negative integer hyperparameter, at least `min`.
+pub fn uint(map: &Map<String, Value>, name: &str, default: u64, min: u64) -> Result<u64> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => {
+            let n = v
+                .as_u64()
+                .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64))
+                .ok_or_else(|| bad(name, format!("{v} is not a non-negative integer")))?;
+            if n < min {
+                return Err(bad(name, format!("{n} is below the minimum {min}")));
+            }
+            Ok(n)
+        }
+    }
+}
+
+/// A positive finite number hyperparameter.
+pub fn positive(map: &Map<String, Value>, name: &str, default: f64) -> Result<f64> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .filter(|f| f.is_finite() && *f > 0.0)
+            .ok_or_else(|| bad(name, format!("{v} is not a positive number"))),
+    }
+}
+
+/// A string hyperparameter.
+pub fn string(map: &Map<String, Value>, name: &str) -> Result<Option<String>> {
+    match map.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(bad(name, format!("{v} is not a string"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn typed_values_defaults_and_errors() {
+        let map = json!({"rounds": 5, "lr": 0.1, "bad": "x", "neg": -1, "f": 3.0})
+            .as_object()
+            .cloned()
+            .expect("object");
+        assert_eq!(uint(&map, "rounds", 1, 1).expect("ok"), 5);
+        assert_eq!(uint(&map, "f", 1, 1).expect("ok"), 3);
+        assert_eq!(uint(&map, "absent", 7, 1).expect("ok"), 7);
+        assert!(uint(&map, "bad", 1, 1).unwrap_err().to_string().contains("\"bad\""));
+        assert!(uint(&map, "neg", 1, 0).is_err());
+        assert!(uint(&map, "rounds", 1, 6).unwrap_err().to_string().contains("minimum"));
+        assert_eq!(positive(&map, "lr", 1.0).expect("ok"), 0.1);
+        assert!(positive(&map, "neg", 1.0).is_err());
+        assert_eq!(string(&map, "bad").expect("ok").as_deref(), Some("x"));
+        assert!(string(&map, "rounds").is_err());
+    }
+}

@@ -1,0 +1,265 @@
+//! Per-round metrics and the reporter that posts them to the control plane.
+//!
+//! Each role builds one [`fledge_types::MetricRecord`] per round: user metrics (loss,
+//! accuracy, ...), traffic from the channel counters (`bytesSent`, `bytesReceived`), and the
+//! seconds spent in each tasklet (`seconds.<alias>`) plus `roundSeconds`. Records go to the
+//! registry's `metrics.jsonl` and, when the task config names a control plane, to
+//! `POST {apiserver}/api/v1/tasks/{taskId}/metrics` (body: a JSON array of records, bearer =
+//! the task key).
+//!
+//! The [`Reporter`] never blocks training: records go through a bounded queue to a background
+//! task that batches them (up to [`MAX_BATCH`] or every [`BATCH_INTERVAL`]); when the queue is
+//! full or the control plane does not answer, records are dropped with a warning.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fledge_channel::MetricsSnapshot;
+use fledge_types::{MetricRecord, TaskId};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Largest batch per POST.
+pub const MAX_BATCH: usize = 64;
+/// Longest a record waits for its batch to fill.
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Queue bound: records beyond it are dropped.
+pub const QUEUE_DEPTH: usize = 1024;
+/// Timeout of one POST.
+pub const POST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Metrics of one round being gathered.
+#[derive(Clone, Debug, Default)]
+pub struct RoundMetrics {
+    /// Name → value.
+    pub values: BTreeMap<String, f64>,
+    traffic_start: MetricsSnapshot,
+}
+
+impl RoundMetrics {
+    /// Starts a round with the channel counters as they are now.
+    pub fn start(traffic: MetricsSnapshot) -> RoundMetrics {
+        RoundMetrics {
+            values: BTreeMap::new(),
+            traffic_start: traffic,
+        }
+    }
+
+    /// Sets a value.
+    pub fn set(&mut self, name: impl Into<String>, value: f64) {
+        self.values.insert(name.into(), value);
+    }
+
+    /// Adds to a value (tasklet seconds sum when a tasklet runs twice in a round).
+    pub fn add(&mut self, name: impl Into<String>, value: f64) {
+        *self.values.entry(name.into()).or_default() += value;
+    }
+
+    /// Sets `prefix` + each user metric.
+    pub fn extend(&mut self, prefix: &str, metrics: &BTreeMap<String, f64>) {
+        for (k, v) in metrics {
+            self.values.insert(format!("{prefix}{k}"), *v);
+        }
+    }
+
+    /// Finishes the round: traffic since `start`, into a record.
+    pub fn finish(mut self, task_id: &TaskId, role: &str, round: u64, traffic: MetricsSnapshot) -> MetricRecord {
+        self.set(
+            "bytesSent",
+            traffic.bytes_sent.saturating_sub(self.traffic_start.bytes_sent) as f64,
+        );
+        self.set(
+            "bytesReceived",
+            traffic
+                .bytes_received
+                .saturating_sub(self.traffic_start.bytes_received) as f64,
+        );
+        MetricRecord {
+            task_id: task_id.clone(),
+            role: role.to_owned(),
+            round,
+            metrics: self.values,
+            timestamp: Some(chrono::Utc::now()),
+        }
+    }
+}
+
+/// Sums the counters of several channels.
+pub fn total_traffic(snapshots: impl IntoIterator<Item = MetricsSnapshot>) -> MetricsSnapshot {
+    snapshots.into_iter().fold(MetricsSnapshot::default(), |mut acc, s| {
+        acc.bytes_sent += s.bytes_sent;
+        acc.bytes_received += s.bytes_received;
+        acc.messages_sent += s.messages_sent;
+        acc.messages_received += s.messages_received;
+        acc.messages_dropped += s.messages_dropped;
+        acc
+    })
+}
+
+/// Sends metric records to the control plane in the background.
+#[derive(Debug)]
+pub struct Reporter {
+    tx: Option<mpsc::Sender<MetricRecord>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Reporter {
+    /// A reporter that reports nowhere (local runs).
+    pub fn disabled() -> Reporter {
+        Reporter { tx: None, task: None }
+    }
+
+    /// Starts posting to `{apiserver}/api/v1/tasks/{task_id}/metrics` with bearer `key`.
+    pub fn start(apiserver: &str, task_id: &TaskId, key: Option<String>) -> Reporter {
+        let url = format!(
+            "{}/api/v1/tasks/{}/metrics",
+            apiserver.trim_end_matches('/'),
+            task_id
+        );
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let task = tokio::spawn(post_loop(url, key, rx));
+        Reporter {
+            tx: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Queues a record; drops it with a warning when the queue is full. Never waits.
+    pub fn report(&self, record: MetricRecord) {
+        if let Some(tx) = &self.tx
+            && let Err(e) = tx.try_send(record)
+        {
+            tracing::warn!(error = %e, "metrics queue full or closed; record dropped");
+        }
+    }
+
+    /// Flushes what is queued (waiting at most `timeout`) and stops.
+    pub async fn shutdown(mut self, timeout: Duration) {
+        self.tx.take();
+        if let Some(task) = self.task.take()
+            && tokio::time::timeout(timeout, task).await.is_err()
+        {
+            tracing::warn!("metrics reporter did not flush in time; remaining records dropped");
+        }
+    }
+}
+
+async fn post_loop(url: String, key: Option<String>, mut rx: mpsc::Receiver<MetricRecord>) {
+    let client = match reqwest::Client::builder().timeout(POST_TIMEOUT).build() {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build an http client; metrics will not be posted");
+            while rx.recv().await.is_some() {}
+            return;
+        }
+    };
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + BATCH_INTERVAL;
+        while batch.len() < MAX_BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(record)) => batch.push(record),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let mut request = client.post(&url).json(&batch);
+        if let Some(key) = &key {
+            request = request.bearer_auth(key);
+        }
+        match request.send().await {
+            Ok(resp) if resp.status().is_success() => {
+                tracing::debug!(records = batch.len(), "metrics posted");
+            }
+            Ok(resp) => tracing::warn!(
+                status = %resp.status(),
+                records = batch.len(),
+                %url,
+                "control plane refused metrics; dropped"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                records = batch.len(),
+                %url,
+                "control plane unreachable; metrics dropped"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn record(round: u64) -> MetricRecord {
+        let mut m = RoundMetrics::start(MetricsSnapshot {
+            bytes_sent: 10,
+            ..Default::default()
+        });
+        m.set("accuracy", 0.9);
+        m.add("seconds.train", 1.0);
+        m.add("seconds.train", 0.5);
+        m.finish(
+            &TaskId::from("t1"),
+            "trainer",
+            round,
+            MetricsSnapshot {
+                bytes_sent: 110,
+                bytes_received: 7,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn round_metrics_carry_traffic_deltas_and_tasklet_times() {
+        let r = record(2);
+        assert_eq!(r.metrics["bytesSent"], 100.0);
+        assert_eq!(r.metrics["bytesReceived"], 7.0);
+        assert_eq!(r.metrics["seconds.train"], 1.5);
+        assert_eq!(r.round, 2);
+    }
+
+    #[tokio::test]
+    async fn posts_batches_with_the_task_key() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read until the JSON body's closing bracket arrives.
+            while !buf.ends_with(b"]") {
+                let n = sock.read(&mut chunk).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            sock.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            String::from_utf8(buf).expect("utf8")
+        });
+        let reporter = Reporter::start(&format!("http://{addr}"), &TaskId::from("t1"), Some("k3y".into()));
+        reporter.report(record(1));
+        reporter.report(record(2));
+        reporter.shutdown(Duration::from_secs(10)).await;
+        let request = server.await.expect("server");
+        assert!(request.starts_with("POST /api/v1/tasks/t1/metrics"), "{request}");
+        assert!(request.to_lowercase().contains("authorization: bearer k3y"));
+        let body = &request[request.find("\r\n\r\n").expect("body") + 4..];
+        let records: Vec<MetricRecord> = serde_json::from_str(body).expect("json array");
+        assert_eq!(records.iter().map(|r| r.round).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn unreachable_control_plane_only_drops() {
+        // Port 9 (discard) on loopback is closed here: the POST fails fast.
+        let reporter = Reporter::start("http://127.0.0.1:9", &TaskId::from("t1"), None);
+        reporter.report(record(1));
+        reporter.shutdown(Duration::from_secs(10)).await;
+        Reporter::disabled().report(record(1));
+    }
+}

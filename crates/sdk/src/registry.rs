@@ -1,0 +1,296 @@
+//! The model registry: base models, round checkpoints, metrics and final models.
+//!
+//! [`Registry`] is the interface; [`LocalRegistry`] keeps everything in a directory:
+//!
+//! ```text
+//! {root}/models/{name}/{version}.safetensors     base models (load_model / save_model)
+//! {root}/jobs/{jobId}/rounds/round-00001.safetensors   global model after each round
+//! {root}/jobs/{jobId}/final.safetensors          the final global model
+//! {root}/jobs/{jobId}/metrics.jsonl              one MetricRecord (JSON) per line
+//! ```
+//!
+//! Models are safetensors files (never pickle); the tensor order is kept in the metadata key
+//! `fledge.order` because safetensors itself sorts tensors. Files are written to a temporary
+//! name and renamed, so a reader never sees half a checkpoint.
+//!
+//! The registry of a task comes from its config's `registry` {sort, uri}: sort `local` (the
+//! default) with `uri` a directory path (`file://` prefix allowed); an empty uri means
+//! `./registry` under the working directory. `mlflow` is not built yet and is rejected.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fledge_algorithms::{Tensor, Weights};
+use fledge_types::{JobId, MetricRecord, RegistrySpec};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::{Error, Result};
+
+/// Metadata key holding the comma-separated tensor order.
+const ORDER_KEY: &str = "fledge.order";
+
+/// Where models and metrics are kept.
+pub trait Registry: Send + Sync {
+    /// The base model `name` at `version`, or `None` if the registry does not have it.
+    fn load_model(&self, name: &str, version: i64) -> Result<Option<Weights>>;
+    /// Stores a model as `name` at `version`.
+    fn save_model(&self, name: &str, version: i64, weights: &Weights) -> Result<PathBuf>;
+    /// Stores the global model after `round`.
+    fn save_round(&self, job: &JobId, round: u64, weights: &Weights) -> Result<PathBuf>;
+    /// Stores the final global model.
+    fn save_final(&self, job: &JobId, weights: &Weights) -> Result<PathBuf>;
+    /// Appends metric records.
+    fn append_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<()>;
+}
+
+/// A registry in a local directory.
+#[derive(Clone, Debug)]
+pub struct LocalRegistry {
+    root: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Registry {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Checks a path component that comes from config (job id, model name).
+fn component(kind: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value != "."
+        && value != ".."
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{kind} {value:?} cannot be used as a registry path component (letters, digits, - _ . only)"
+        )))
+    }
+}
+
+impl LocalRegistry {
+    /// A registry rooted at `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> LocalRegistry {
+        LocalRegistry { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of `job`.
+    pub fn job_dir(&self, job: &JobId) -> Result<PathBuf> {
+        component("job id", job.as_str())?;
+        Ok(self.root.join("jobs").join(job.as_str()))
+    }
+
+    fn model_path(&self, name: &str, version: i64) -> Result<PathBuf> {
+        component("model name", name)?;
+        Ok(self
+            .root
+            .join("models")
+            .join(name)
+            .join(format!("{version}.safetensors")))
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file + rename), creating parent directories.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("registry paths have a parent");
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// Encodes weights as a safetensors file body.
+pub fn to_safetensors(weights: &Weights) -> Result<Vec<u8>> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = weights
+        .tensors()
+        .iter()
+        .map(|t| {
+            let data = t.data().iter().flat_map(|v| v.to_le_bytes()).collect();
+            (t.name().to_owned(), t.shape().to_vec(), data)
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(name, shape, data)| {
+            TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Tensors(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let order: Vec<&str> = weights.tensors().iter().map(Tensor::name).collect();
+    let meta = HashMap::from([(ORDER_KEY.to_owned(), order.join(","))]);
+    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Tensors(e.to_string()))
+}
+
+/// Decodes a safetensors file body (`f32` tensors; order from the metadata when present).
+pub fn from_safetensors(path: &str, bytes: &[u8]) -> Result<Weights> {
+    let bad = |reason: String| Error::Safetensors {
+        path: path.to_owned(),
+        reason,
+    };
+    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+    names.sort();
+    if let Some(order) = meta.metadata().as_ref().and_then(|m| m.get(ORDER_KEY)) {
+        let listed: Vec<String> = order.split(',').map(str::to_owned).collect();
+        let mut sorted = listed.clone();
+        sorted.sort();
+        if sorted == names {
+            names = listed;
+        }
+    }
+    let mut res = Weights::new();
+    for name in names {
+        let view = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
+        if view.dtype() != Dtype::F32 {
+            return Err(bad(format!("tensor {name} is {:?}, only F32 is supported", view.dtype())));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let t = Tensor::new(&name, view.shape().to_vec(), data).map_err(|e| bad(e.to_string()))?;
+        res.push(t).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(res)
+}
+
+impl Registry for LocalRegistry {
+    fn load_model(&self, name: &str, version: i64) -> Result<Option<Weights>> {
+        let path = self.model_path(name, version)?;
+        match std::fs::read(&path) {
+            Ok(bytes) => from_safetensors(&path.display().to_string(), &bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    fn save_model(&self, name: &str, version: i64, weights: &Weights) -> Result<PathBuf> {
+        let path = self.model_path(name, version)?;
+        write_atomic(&path, &to_safetensors(weights)?)?;
+        Ok(path)
+    }
+
+    fn save_round(&self, job: &JobId, round: u64, weights: &Weights) -> Result<PathBuf> {
+        let path = self
+            .job_dir(job)?
+            .join("rounds")
+            .join(format!("round-{round:05}.safetensors"));
+        write_atomic(&path, &to_safetensors(weights)?)?;
+        Ok(path)
+    }
+
+    fn save_final(&self, job: &JobId, weights: &Weights) -> Result<PathBuf> {
+        let path = self.job_dir(job)?.join("final.safetensors");
+        write_atomic(&path, &to_safetensors(weights)?)?;
+        Ok(path)
+    }
+
+    fn append_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<()> {
+        let dir = self.job_dir(job)?;
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = dir.join("metrics.jsonl");
+        let mut text = String::new();
+        for r in records {
+            text.push_str(&serde_json::to_string(r).expect("metric records serialise"));
+            text.push('\n');
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        file.write_all(text.as_bytes()).map_err(io_err(&path))
+    }
+}
+
+/// The registry named by a task config's `registry` spec, relative paths under `workdir`.
+pub fn from_spec(spec: &RegistrySpec, workdir: &Path) -> Result<Arc<dyn Registry>> {
+    match spec.sort.as_str() {
+        "" | "local" => {
+            let uri = spec.uri.strip_prefix("file://").unwrap_or(&spec.uri);
+            let root = if uri.is_empty() {
+                workdir.join("registry")
+            } else {
+                workdir.join(uri)
+            };
+            Ok(Arc::new(LocalRegistry::new(root)))
+        }
+        other => Err(Error::Config(format!(
+            "registry.sort {other:?} is not supported (use local)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn model(v: f32) -> Weights {
+        Weights::from_tensors(vec![
+            Tensor::new("z.weight", vec![2, 2], vec![v, 2.0, 3.0, 4.0]).expect("t"),
+            Tensor::new("a.bias", vec![2], vec![0.5, v]).expect("t"),
+        ])
+        .expect("w")
+    }
+
+    #[test]
+    fn writes_and_reads_checkpoints_models_and_metrics() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let reg = LocalRegistry::new(dir.path());
+        let job = JobId::from("job-1");
+        let p = reg.save_round(&job, 3, &model(1.0)).expect("save");
+        assert!(p.ends_with("jobs/job-1/rounds/round-00003.safetensors"));
+        let back = from_safetensors("x", &std::fs::read(&p).expect("read")).expect("decode");
+        assert_eq!(back, model(1.0), "order and values survive");
+        reg.save_final(&job, &model(2.0)).expect("final");
+        assert!(dir.path().join("jobs/job-1/final.safetensors").exists());
+        assert_eq!(reg.load_model("mnist", 1).expect("ok"), None);
+        reg.save_model("mnist", 1, &model(5.0)).expect("save");
+        assert_eq!(reg.load_model("mnist", 1).expect("ok"), Some(model(5.0)));
+        let rec = MetricRecord {
+            task_id: "t1".into(),
+            role: "aggregator".into(),
+            round: 1,
+            metrics: BTreeMap::from([("accuracy".to_owned(), 0.5)]),
+            timestamp: None,
+        };
+        reg.append_metrics(&job, &[rec.clone()]).expect("append");
+        reg.append_metrics(&job, &[rec.clone()]).expect("append");
+        let text = std::fs::read_to_string(dir.path().join("jobs/job-1/metrics.jsonl")).expect("read");
+        let lines: Vec<MetricRecord> =
+            text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+        assert_eq!(lines, vec![rec.clone(), rec]);
+    }
+
+    #[test]
+    fn rejects_bad_specs_paths_and_files() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let reg = LocalRegistry::new(dir.path());
+        assert!(reg.save_round(&JobId::from("../x"), 1, &model(1.0)).is_err());
+        assert!(reg.load_model("a/b", 1).unwrap_err().to_string().contains("a/b"));
+        let err = from_safetensors("f.safetensors", b"garbage").unwrap_err().to_string();
+        assert!(err.contains("f.safetensors"), "{err}");
+        let spec = RegistrySpec { sort: "mlflow".into(), uri: String::new() };
+        let err = from_spec(&spec, dir.path()).err().expect("mlflow rejected").to_string();
+        assert!(err.contains("mlflow"), "{err}");
+        let spec = RegistrySpec { sort: "local".into(), uri: String::new() };
+        assert!(from_spec(&spec, dir.path()).is_ok());
+    }
+}

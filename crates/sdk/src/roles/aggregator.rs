@@ -1,0 +1,616 @@
+//! The aggregator roles: top (root of the tree) and middle (inner node of a three-tier job).
+//!
+//! Top program ([`top_program`]):
+//!
+//! ```text
+//! load_base, await_trainers, init_model,
+//! loop rounds until done { select, distribute, aggregate, evaluate, checkpoint, report },
+//! finish
+//! ```
+//!
+//! Middle program ([`middle_program`]): a trainer towards the top, an aggregator towards its
+//! own trainers:
+//!
+//! ```text
+//! join_up, await_trainers,
+//! loop rounds until end-of-training { fetch, select, distribute, aggregate, upload, report },
+//! finish
+//! ```
+//!
+//! Rounds are synchronous. Each update is folded into the optimizer's accumulator as it
+//! arrives (FedAvg/FedOpt memory is one model, whatever the number of trainers); the message
+//! is dropped right after. A round waits for every selected trainer, except that a trainer
+//! that leaves the channel (`ends()`; over MQTT after the liveness timeout) is dropped: the
+//! round then finishes with the others if at least `minTrainers` answered, and fails
+//! otherwise. Updates for another round, without `num_samples` or with a wrong layout are
+//! rejected with a warning and do not count.
+//!
+//! A middle aggregator always averages its trainers with FedAvg and forwards the mean with
+//! the summed sample count, so that the job's server optimizer (FedAdam, ...) runs once, at
+//! the top.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fledge_algorithms::{EndReport, Optimizer, Selector};
+use fledge_channel::{Channel, ChannelManager, Kind, Message};
+use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::app::Evaluator;
+use crate::composer::{Composer, Context, async_tasklet, boxed};
+use crate::convert::{tensors_to_weights, weights_message};
+use crate::hyper::{self, names};
+use crate::metrics::{Reporter, RoundMetrics};
+use crate::registry::Registry;
+use crate::roles::trainer::{COMMAND, INIT_MODEL};
+use crate::roles::{Common, tags};
+use crate::{Error, Result, Weights};
+
+/// Which aggregator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// The root.
+    Top,
+    /// An inner node.
+    Middle,
+}
+
+/// State of an aggregator task.
+pub struct AggregatorCtx {
+    /// The task config.
+    pub config: TaskConfig,
+    tier: Tier,
+    common: Common,
+    channels: ChannelManager,
+    distribute: Channel,
+    aggregate: Channel,
+    up: Option<(Channel, Channel)>,
+    top: Option<TaskId>,
+    /// The global model.
+    pub global: Option<Weights>,
+    /// Current round (0 before the first).
+    pub round: u64,
+    /// Model version (rounds aggregated so far at the top).
+    pub model_version: u64,
+    /// Rounds to run (top only).
+    pub rounds: u64,
+    /// The loop is over.
+    pub done: bool,
+    optimizer: Option<Optimizer>,
+    selector: Selector,
+    min_trainers: usize,
+    expected_trainers: usize,
+    selected: Vec<TaskId>,
+    round_samples: u64,
+    registry: Arc<dyn Registry>,
+    evaluator: Option<Arc<Mutex<Box<dyn Evaluator>>>>,
+    metrics: RoundMetrics,
+    reporter: Option<Reporter>,
+    /// Every round's record.
+    pub history: Vec<MetricRecord>,
+}
+
+impl Context for AggregatorCtx {
+    fn record_time(&mut self, alias: &str, seconds: f64) {
+        self.metrics.add(format!("seconds.{alias}"), seconds);
+    }
+}
+
+/// Unwraps an `Option` field that a previous tasklet must have set.
+fn needs<'a, T>(value: &'a Option<T>, what: &str) -> Result<&'a T> {
+    value
+        .as_ref()
+        .ok_or_else(|| Error::Config(format!("aggregator program has no {what} at this step")))
+}
+
+impl AggregatorCtx {
+    /// An aggregator of `tier` over joined `channels`.
+    pub fn new(
+        config: TaskConfig,
+        tier: Tier,
+        channels: ChannelManager,
+        registry: Arc<dyn Registry>,
+        evaluator: Option<Box<dyn Evaluator>>,
+        reporter: Reporter,
+    ) -> Result<AggregatorCtx> {
+        let common = Common::from_config(&config)?;
+        let h = &config.hyperparameters;
+        let rounds = hyper::uint(h, names::ROUNDS, 1, 1)?;
+        let min_trainers = hyper::uint(h, names::MIN_TRAINERS, 1, 1)? as usize;
+        let expected_trainers =
+            hyper::uint(h, names::EXPECTED_TRAINERS, min_trainers as u64, 1)? as usize;
+        let optimizer = match tier {
+            Tier::Top => Optimizer::from_config(&serde_json::to_value(&config.optimizer).expect("sort serialises"))?,
+            Tier::Middle => Optimizer::default(),
+        };
+        if optimizer.is_async() {
+            return Err(Error::Config(format!(
+                "optimizer {} is asynchronous; the synchronous aggregators cannot run it",
+                optimizer.sort()
+            )));
+        }
+        let selector = Selector::from_config(&serde_json::to_value(&config.selector).expect("sort serialises"))?;
+        let distribute = channels.by_tag(tags::DISTRIBUTE)?.clone();
+        let aggregate = channels.by_tag(tags::AGGREGATE)?.clone();
+        let up = match tier {
+            Tier::Top => None,
+            Tier::Middle => Some((
+                channels.by_tag(tags::FETCH)?.clone(),
+                channels.by_tag(tags::UPLOAD)?.clone(),
+            )),
+        };
+        Ok(AggregatorCtx {
+            config,
+            tier,
+            common,
+            channels,
+            distribute,
+            aggregate,
+            up,
+            top: None,
+            global: None,
+            round: 0,
+            model_version: 0,
+            rounds,
+            done: false,
+            optimizer: Some(optimizer),
+            selector,
+            min_trainers,
+            expected_trainers,
+            selected: Vec::new(),
+            round_samples: 0,
+            registry,
+            evaluator: evaluator.map(|e| Arc::new(Mutex::new(e))),
+            metrics: RoundMetrics::default(),
+            reporter: Some(reporter),
+            history: Vec::new(),
+        })
+    }
+
+    fn traffic(&self) -> fledge_channel::MetricsSnapshot {
+        crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        tokio::task::spawn_blocking(f).await?
+    }
+}
+
+async fn load_base(ctx: &mut AggregatorCtx) -> Result<()> {
+    let base = ctx.config.base_model.clone();
+    if base.name.is_empty() {
+        return Ok(());
+    }
+    let registry = ctx.registry.clone();
+    let (name, version) = (base.name.clone(), base.version);
+    let model = ctx
+        .blocking(move || registry.load_model(&name, version))
+        .await?
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "baseModel {} version {} is not in the registry",
+                base.name, base.version
+            ))
+        })?;
+    tracing::info!(name = %base.name, version = base.version, params = model.num_params(), "loaded base model");
+    ctx.global = Some(model);
+    Ok(())
+}
+
+async fn await_trainers(ctx: &mut AggregatorCtx) -> Result<()> {
+    let want = ctx.expected_trainers.max(ctx.min_trainers);
+    match ctx.distribute.await_ends(want, ctx.common.join_timeout).await {
+        Ok(ends) => {
+            tracing::info!(task_id = %ctx.config.task_id, trainers = ends.len(), "trainers joined");
+            Ok(())
+        }
+        Err(fledge_channel::Error::JoinTimeout { .. }) => {
+            let have = ctx.distribute.ends().len();
+            if have >= ctx.min_trainers {
+                tracing::warn!(have, want, "join timeout; starting with the trainers present");
+                Ok(())
+            } else {
+                Err(Error::Quorum {
+                    round: 0,
+                    got: have,
+                    need: ctx.min_trainers,
+                })
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Asks trainers, one at a time, for their initial weights.
+async fn request_model(ctx: &AggregatorCtx) -> Result<Weights> {
+    for end in ctx.distribute.ends() {
+        let request = Message::new(Kind::Control, 0).with_meta(COMMAND, INIT_MODEL);
+        if let Err(e) = ctx.distribute.send(&end, request).await {
+            tracing::warn!(%end, error = %e, "cannot ask trainer for the initial model");
+            continue;
+        }
+        loop {
+            match ctx.aggregate.recv(&end).await {
+                Ok(m) if m.kind == Kind::Weights && m.round == 0 => {
+                    tracing::info!(%end, "initial model received from trainer");
+                    return tensors_to_weights(&m.tensors);
+                }
+                Ok(m) => tracing::warn!(%end, kind = ?m.kind, "ignored while waiting for the initial model"),
+                Err(e) => {
+                    tracing::warn!(%end, error = %e, "trainer left before sending the initial model");
+                    break;
+                }
+            }
+        }
+    }
+    Err(Error::Quorum {
+        round: 0,
+        got: 0,
+        need: 1,
+    })
+}
+
+async fn init_model(ctx: &mut AggregatorCtx) -> Result<()> {
+    if ctx.global.is_none() {
+        ctx.global = Some(request_model(ctx).await?);
+    }
+    Ok(())
+}
+
+async fn select(ctx: &mut AggregatorCtx) -> Result<()> {
+    if ctx.tier == Tier::Top {
+        ctx.round += 1;
+        let metrics = RoundMetrics::start(ctx.traffic());
+        ctx.metrics = metrics;
+    }
+    let ends = ctx.distribute.ends();
+    let names: Vec<&str> = ends.iter().map(TaskId::as_str).collect();
+    ctx.selected = ctx
+        .selector
+        .select(&names, ctx.round)
+        .into_iter()
+        .map(TaskId::from)
+        .collect();
+    if ctx.selected.len() < ctx.min_trainers {
+        return Err(Error::Quorum {
+            round: ctx.round,
+            got: ctx.selected.len(),
+            need: ctx.min_trainers,
+        });
+    }
+    ctx.metrics.set("trainersAlive", ends.len() as f64);
+    ctx.metrics.set("trainersSelected", ctx.selected.len() as f64);
+    Ok(())
+}
+
+async fn distribute(ctx: &mut AggregatorCtx) -> Result<()> {
+    let global = needs(&ctx.global, "global model")?.clone();
+    let (round, version) = (ctx.round, ctx.model_version);
+    let message = ctx
+        .blocking(move || weights_message(Kind::Weights, round, version, &global))
+        .await?;
+    let all = ctx.distribute.ends();
+    if all == ctx.selected {
+        ctx.distribute.broadcast(message).await?;
+        return Ok(());
+    }
+    let mut reached = Vec::with_capacity(ctx.selected.len());
+    for end in std::mem::take(&mut ctx.selected) {
+        match ctx.distribute.send(&end, message.clone()).await {
+            Ok(()) => reached.push(end),
+            Err(fledge_channel::Error::UnknownEnd { .. }) => {
+                tracing::warn!(%end, round, "selected trainer left before distribution; dropped");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    ctx.selected = reached;
+    Ok(())
+}
+
+/// Weighted sums of the metrics trainers sent with their updates.
+#[derive(Default)]
+struct TrainerMetrics {
+    sums: BTreeMap<String, (f64, f64)>,
+}
+
+impl TrainerMetrics {
+    fn add(&mut self, message: &Message, weight: f64) {
+        if let Some(Value::Object(map)) = message.meta.get("metrics") {
+            for (k, v) in map {
+                if let Some(v) = v.as_f64() {
+                    let e = self.sums.entry(k.clone()).or_default();
+                    e.0 += v * weight;
+                    e.1 += weight;
+                }
+            }
+        }
+    }
+}
+
+async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
+    // Taken out (not cloned) to keep one copy of the model; put back after the round.
+    let global = ctx
+        .global
+        .take()
+        .ok_or_else(|| Error::Config("aggregator program has no global model at this step".to_owned()))?;
+    let optimizer = ctx.optimizer.as_ref().expect("optimizer is put back after every round");
+    let mut acc = optimizer.begin_round(&global);
+    let mut pending: BTreeSet<TaskId> = ctx.selected.iter().cloned().collect();
+    let mut received = 0usize;
+    let mut samples = 0u64;
+    let mut rejected = 0usize;
+    let mut trainer_metrics = TrainerMetrics::default();
+    let round = ctx.round;
+    while !pending.is_empty() {
+        let ends: Vec<TaskId> = pending.iter().cloned().collect();
+        let mut stream = Box::pin(ctx.aggregate.recv_fifo(&ends, 1));
+        let Some(item) = stream.next().await else {
+            // Every trainer still pending has left the channel.
+            break;
+        };
+        let (end, message) = item?;
+        if message.kind != Kind::Update || message.round != round {
+            tracing::warn!(%end, kind = ?message.kind, got = message.round, round, "stale or unexpected message ignored");
+            continue;
+        }
+        pending.remove(&end);
+        let Some(num_samples) = message.num_samples().filter(|n| *n > 0) else {
+            tracing::warn!(%end, round, "update without num_samples rejected");
+            rejected += 1;
+            continue;
+        };
+        trainer_metrics.add(&message, num_samples as f64);
+        let started = tokio::time::Instant::now();
+        let (back, res) = tokio::task::spawn_blocking(move || {
+            let res = tensors_to_weights(&message.tensors).and_then(|w| {
+                // The wire copy is no longer needed once decoded.
+                drop(message);
+                acc.add(&w, num_samples, 0).map_err(Error::from)
+            });
+            (acc, res)
+        })
+        .await?;
+        acc = back;
+        match res {
+            Ok(()) => {
+                received += 1;
+                samples += num_samples;
+                let report = EndReport {
+                    num_samples,
+                    mean_squared_loss: 0.0,
+                    duration_secs: started.elapsed().as_secs_f64(),
+                };
+                ctx.selector.report(end.as_str(), &report);
+            }
+            Err(e) => {
+                rejected += 1;
+                tracing::warn!(%end, round, error = %e, "update rejected");
+            }
+        }
+    }
+    for end in &pending {
+        tracing::warn!(%end, round, "trainer left during the round; dropped");
+        ctx.selector.remove(end.as_str());
+    }
+    if received < ctx.min_trainers {
+        ctx.global = Some(global);
+        return Err(Error::Quorum {
+            round,
+            got: received,
+            need: ctx.min_trainers,
+        });
+    }
+    let mut optimizer = ctx.optimizer.take().expect("optimizer present between rounds");
+    let (optimizer, new_global) = tokio::task::spawn_blocking(move || {
+        let mut global = global;
+        let res = optimizer.finish_round(acc, &mut global).map(|()| global);
+        (optimizer, res)
+    })
+    .await?;
+    ctx.optimizer = Some(optimizer);
+    ctx.global = Some(new_global?);
+    if ctx.tier == Tier::Top {
+        ctx.model_version += 1;
+    }
+    ctx.round_samples = samples;
+    ctx.metrics.set("updates", received as f64);
+    ctx.metrics.set("trainersDropped", pending.len() as f64);
+    ctx.metrics.set("updatesRejected", rejected as f64);
+    ctx.metrics.set("numSamples", samples as f64);
+    for (k, (sum, weight)) in trainer_metrics.sums {
+        if weight > 0.0 {
+            ctx.metrics.set(format!("trainer.{k}"), sum / weight);
+        }
+    }
+    Ok(())
+}
+
+async fn evaluate(ctx: &mut AggregatorCtx) -> Result<()> {
+    let Some(evaluator) = ctx.evaluator.clone() else {
+        return Ok(());
+    };
+    let global = needs(&ctx.global, "global model")?.clone();
+    let metrics = tokio::task::spawn_blocking(move || {
+        let mut e = evaluator.lock().unwrap_or_else(|e| e.into_inner());
+        e.evaluate(&global)
+    })
+    .await?
+    .map_err(|source| Error::App {
+        step: "evaluate",
+        source,
+    })?;
+    ctx.metrics.extend("", &metrics);
+    Ok(())
+}
+
+async fn checkpoint(ctx: &mut AggregatorCtx) -> Result<()> {
+    let global = needs(&ctx.global, "global model")?.clone();
+    let (registry, job, round) = (ctx.registry.clone(), ctx.config.job.id.clone(), ctx.round);
+    ctx.blocking(move || registry.save_round(&job, round, &global).map(|_| ()))
+        .await
+}
+
+async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
+    let record = std::mem::take(&mut ctx.metrics).finish(
+        &ctx.config.task_id,
+        &ctx.config.role,
+        ctx.round,
+        ctx.traffic(),
+    );
+    tracing::info!(
+        task_id = %ctx.config.task_id,
+        round = ctx.round,
+        updates = record.metrics.get("updates").copied().unwrap_or(0.0),
+        accuracy = record.metrics.get("accuracy").or(record.metrics.get("trainer.accuracy")).copied(),
+        "round aggregated"
+    );
+    if ctx.tier == Tier::Top {
+        let (registry, job, rec) = (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
+        ctx.blocking(move || registry.append_metrics(&job, &[rec])).await?;
+        ctx.done = ctx.round >= ctx.rounds;
+    }
+    if let Some(reporter) = &ctx.reporter {
+        reporter.report(record.clone());
+    }
+    ctx.history.push(record);
+    Ok(())
+}
+
+async fn finish(ctx: &mut AggregatorCtx) -> Result<()> {
+    let mut end = Message::new(Kind::EndOfTraining, ctx.round);
+    end.model_version = ctx.model_version;
+    if let Some(global) = &ctx.global {
+        end.tensors = crate::convert::weights_to_tensors(global)?;
+        if ctx.tier == Tier::Top {
+            let (registry, job, global) = (ctx.registry.clone(), ctx.config.job.id.clone(), global.clone());
+            let path = ctx.blocking(move || registry.save_final(&job, &global)).await?;
+            tracing::info!(path = %path.display(), "final model saved");
+        }
+    }
+    if !ctx.distribute.ends().is_empty() {
+        ctx.distribute.broadcast(end).await?;
+    }
+    // Give the broker a moment to deliver end-of-training before our connection goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ctx.channels.close().await?;
+    if let Some(reporter) = ctx.reporter.take() {
+        reporter.shutdown(Duration::from_secs(5)).await;
+    }
+    Ok(())
+}
+
+async fn join_up(ctx: &mut AggregatorCtx) -> Result<()> {
+    let (fetch, _) = needs(&ctx.up, "upward channels")?;
+    let ends = fetch.await_join(ctx.common.join_timeout).await?;
+    ctx.top = ends.into_iter().next();
+    Ok(())
+}
+
+async fn fetch_up(ctx: &mut AggregatorCtx) -> Result<()> {
+    let (fetch, upload) = needs(&ctx.up, "upward channels")?.clone();
+    let top = needs(&ctx.top, "top aggregator")?.clone();
+    loop {
+        let message = match fetch.recv(&top).await {
+            Ok(m) => m,
+            Err(fledge_channel::Error::EndLeft { end, channel }) => {
+                return Err(Error::PeerLeft { peer: end, channel });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match message.kind {
+            Kind::Control
+                if message.meta.get(COMMAND).and_then(Value::as_str) == Some(INIT_MODEL) =>
+            {
+                let weights = request_model(ctx).await?;
+                upload
+                    .send(&top, weights_message(Kind::Weights, 0, 0, &weights)?)
+                    .await?;
+            }
+            Kind::Weights => {
+                ctx.global = Some(tensors_to_weights(&message.tensors)?);
+                ctx.round = message.round;
+                ctx.model_version = message.model_version;
+                let mut metrics = RoundMetrics::start(ctx.traffic());
+                metrics.values = std::mem::take(&mut ctx.metrics.values);
+                ctx.metrics = metrics;
+                return Ok(());
+            }
+            Kind::EndOfTraining => {
+                if !message.tensors.is_empty() {
+                    ctx.global = Some(tensors_to_weights(&message.tensors)?);
+                }
+                ctx.round = message.round;
+                ctx.model_version = message.model_version;
+                ctx.done = true;
+                return Ok(());
+            }
+            other => tracing::warn!(kind = ?other, "unexpected message from top ignored"),
+        }
+    }
+}
+
+async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
+    let (_, upload) = needs(&ctx.up, "upward channels")?.clone();
+    let top = needs(&ctx.top, "top aggregator")?.clone();
+    let global = needs(&ctx.global, "global model")?.clone();
+    let mut metrics = serde_json::Map::new();
+    for (k, v) in &ctx.metrics.values {
+        if let Some(name) = k.strip_prefix("trainer.") {
+            metrics.insert(name.to_owned(), Value::from(*v));
+        }
+    }
+    let message = weights_message(Kind::Update, ctx.round, ctx.model_version, &global)?
+        .with_meta("num_samples", ctx.round_samples)
+        .with_meta("metrics", Value::Object(metrics));
+    upload.send(&top, message).await.map_err(|e| match e {
+        fledge_channel::Error::UnknownEnd { end, channel, .. } => Error::PeerLeft { peer: end, channel },
+        e => e.into(),
+    })
+}
+
+/// The standard top aggregator program.
+pub fn top_program() -> Composer<AggregatorCtx> {
+    Composer::new()
+        .tasklet("load_base", async_tasklet(|c| boxed(load_base(c))))
+        .tasklet("await_trainers", async_tasklet(|c| boxed(await_trainers(c))))
+        .tasklet("init_model", async_tasklet(|c| boxed(init_model(c))))
+        .loop_until(
+            "rounds",
+            |c: &AggregatorCtx| c.done,
+            Composer::new()
+                .tasklet("select", async_tasklet(|c| boxed(select(c))))
+                .tasklet("distribute", async_tasklet(|c| boxed(distribute(c))))
+                .tasklet("aggregate", async_tasklet(|c| boxed(aggregate(c))))
+                .tasklet("evaluate", async_tasklet(|c| boxed(evaluate(c))))
+                .tasklet("checkpoint", async_tasklet(|c| boxed(checkpoint(c))))
+                .tasklet("report", async_tasklet(|c| boxed(report(c)))),
+        )
+        .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
+}
+
+/// The standard middle aggregator program.
+pub fn middle_program() -> Composer<AggregatorCtx> {
+    Composer::new()
+        .tasklet("join_up", async_tasklet(|c| boxed(join_up(c))))
+        .tasklet("await_trainers", async_tasklet(|c| boxed(await_trainers(c))))
+        .loop_until(
+            "rounds",
+            |c: &AggregatorCtx| c.done,
+            Composer::new()
+                .tasklet("fetch", async_tasklet(|c| boxed(fetch_up(c))))
+                .tasklet("select", async_tasklet(|c| boxed(select(c))))
+                .tasklet("distribute", async_tasklet(|c| boxed(distribute(c))))
+                .tasklet("aggregate", async_tasklet(|c| boxed(aggregate(c))))
+                .tasklet("upload", async_tasklet(|c| boxed(upload_up(c))))
+                .tasklet("report", async_tasklet(|c| boxed(report(c)))),
+        )
+        .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
+}

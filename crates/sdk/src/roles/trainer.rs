@@ -1,0 +1,271 @@
+//! The trainer role: fetch the global model, train with user code, upload the update.
+//!
+//! Program ([`program`]):
+//!
+//! ```text
+//! initialize, load_data, join,
+//! loop rounds until end-of-training { fetch, train, evaluate, upload, report },
+//! finish
+//! ```
+//!
+//! `fetch` also answers the aggregator's `init_model` request (when the job has no base model
+//! the aggregator asks one trainer for its initial weights) and ends the loop on
+//! end-of-training, after loading the final model.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fledge_channel::{Channel, ChannelManager, Kind, Message};
+use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use serde_json::Value;
+
+use crate::app::{TrainOutcome, TrainerApp};
+use crate::composer::{Composer, Context, async_tasklet, boxed};
+use crate::convert::{tensors_to_weights, weights_message};
+use crate::metrics::{Reporter, RoundMetrics};
+use crate::roles::{Common, tags};
+use crate::{Error, Result, Weights};
+
+/// Meta key of control commands.
+pub const COMMAND: &str = "command";
+/// The aggregator asks for the trainer's initial weights.
+pub const INIT_MODEL: &str = "init_model";
+
+/// State of a trainer task.
+pub struct TrainerCtx {
+    /// The task config.
+    pub config: TaskConfig,
+    app: Arc<Mutex<Box<dyn TrainerApp>>>,
+    channels: ChannelManager,
+    fetch: Channel,
+    upload: Channel,
+    common: Common,
+    /// The aggregator end this trainer talks to.
+    pub aggregator: Option<TaskId>,
+    /// Current round (0 before the first model arrives).
+    pub round: u64,
+    /// Version of the model being trained.
+    pub model_version: u64,
+    /// End of training received.
+    pub done: bool,
+    /// Outcome of the last `train`.
+    pub outcome: TrainOutcome,
+    /// Metrics of the last `evaluate`.
+    pub evaluation: BTreeMap<String, f64>,
+    metrics: RoundMetrics,
+    reporter: Option<Reporter>,
+    /// Every round's record.
+    pub history: Vec<MetricRecord>,
+}
+
+impl Context for TrainerCtx {
+    fn record_time(&mut self, alias: &str, seconds: f64) {
+        self.metrics.add(format!("seconds.{alias}"), seconds);
+    }
+}
+
+impl TrainerCtx {
+    /// A trainer over joined `channels` running `app`.
+    pub fn new(
+        config: TaskConfig,
+        channels: ChannelManager,
+        app: Box<dyn TrainerApp>,
+        reporter: Reporter,
+    ) -> Result<TrainerCtx> {
+        let fetch = channels.by_tag(tags::FETCH)?.clone();
+        let upload = channels.by_tag(tags::UPLOAD)?.clone();
+        let common = Common::from_config(&config)?;
+        Ok(TrainerCtx {
+            config,
+            app: Arc::new(Mutex::new(app)),
+            channels,
+            fetch,
+            upload,
+            common,
+            aggregator: None,
+            round: 0,
+            model_version: 0,
+            done: false,
+            outcome: TrainOutcome::default(),
+            evaluation: BTreeMap::new(),
+            metrics: RoundMetrics::default(),
+            reporter: Some(reporter),
+            history: Vec::new(),
+        })
+    }
+
+    fn traffic(&self) -> fledge_channel::MetricsSnapshot {
+        crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
+    }
+
+    /// Runs `f` on the app on a blocking thread.
+    async fn with_app<T, F>(&self, step: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn TrainerApp) -> anyhow::Result<T> + Send + 'static,
+    {
+        let app = self.app.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = app.lock().unwrap_or_else(|e| e.into_inner());
+            f(guard.as_mut())
+        })
+        .await?
+        .map_err(|source| Error::App { step, source })
+    }
+
+    fn aggregator(&self) -> Result<TaskId> {
+        self.aggregator
+            .clone()
+            .ok_or_else(|| Error::Config("trainer has not joined an aggregator".to_owned()))
+    }
+}
+
+async fn initialize(ctx: &mut TrainerCtx) -> Result<()> {
+    let config = ctx.config.clone();
+    ctx.with_app("initialize", move |app| app.initialize(&config)).await
+}
+
+async fn load_data(ctx: &mut TrainerCtx) -> Result<()> {
+    ctx.with_app("load_data", |app| app.load_data()).await
+}
+
+async fn join(ctx: &mut TrainerCtx) -> Result<()> {
+    let ends = ctx.fetch.await_join(ctx.common.join_timeout).await?;
+    let aggregator = ends.into_iter().next().expect("await_join returns at least one end");
+    tracing::info!(task_id = %ctx.config.task_id, %aggregator, "joined aggregator");
+    ctx.aggregator = Some(aggregator);
+    Ok(())
+}
+
+async fn fetch(ctx: &mut TrainerCtx) -> Result<()> {
+    let aggregator = ctx.aggregator()?;
+    loop {
+        let message = match ctx.fetch.recv(&aggregator).await {
+            Ok(m) => m,
+            Err(fledge_channel::Error::EndLeft { end, channel }) => {
+                return Err(Error::PeerLeft { peer: end, channel });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match message.kind {
+            Kind::Control
+                if message.meta.get(COMMAND).and_then(Value::as_str) == Some(INIT_MODEL) =>
+            {
+                let weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
+                let reply = weights_message(Kind::Weights, 0, 0, &weights)?;
+                ctx.upload.send(&aggregator, reply).await?;
+                tracing::info!(task_id = %ctx.config.task_id, "sent initial model to aggregator");
+            }
+            Kind::Weights => {
+                let weights = tensors_to_weights(&message.tensors)?;
+                ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
+                ctx.round = message.round;
+                ctx.model_version = message.model_version;
+                let mut metrics = RoundMetrics::start(ctx.traffic());
+                // Keep the time spent waiting for this model.
+                metrics.values = std::mem::take(&mut ctx.metrics.values);
+                ctx.metrics = metrics;
+                return Ok(());
+            }
+            Kind::EndOfTraining => {
+                if !message.tensors.is_empty() {
+                    let weights = tensors_to_weights(&message.tensors)?;
+                    ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
+                }
+                tracing::info!(task_id = %ctx.config.task_id, round = message.round, "end of training");
+                ctx.done = true;
+                return Ok(());
+            }
+            other => {
+                tracing::warn!(task_id = %ctx.config.task_id, kind = ?other, "unexpected message ignored");
+            }
+        }
+    }
+}
+
+async fn train(ctx: &mut TrainerCtx) -> Result<()> {
+    let round = ctx.round;
+    ctx.outcome = ctx.with_app("train", move |app| app.train(round)).await?;
+    if ctx.outcome.num_samples == 0 {
+        return Err(Error::App {
+            step: "train",
+            source: anyhow::anyhow!("train returned num_samples = 0; FedAvg needs the sample count"),
+        });
+    }
+    Ok(())
+}
+
+async fn evaluate(ctx: &mut TrainerCtx) -> Result<()> {
+    ctx.evaluation = ctx.with_app("evaluate", |app| app.evaluate()).await?;
+    Ok(())
+}
+
+async fn upload(ctx: &mut TrainerCtx) -> Result<()> {
+    let aggregator = ctx.aggregator()?;
+    let weights: Weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
+    let mut metrics = serde_json::Map::new();
+    for (k, v) in &ctx.outcome.metrics {
+        metrics.insert(format!("train_{k}"), Value::from(*v));
+    }
+    for (k, v) in &ctx.evaluation {
+        metrics.insert(k.clone(), Value::from(*v));
+    }
+    let message: Message = weights_message(Kind::Update, ctx.round, ctx.model_version, &weights)?
+        .with_meta("num_samples", ctx.outcome.num_samples)
+        .with_meta("metrics", Value::Object(metrics));
+    match ctx.upload.send(&aggregator, message).await {
+        Ok(()) => Ok(()),
+        Err(fledge_channel::Error::UnknownEnd { end, channel, .. }) => {
+            Err(Error::PeerLeft { peer: end, channel })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn report(ctx: &mut TrainerCtx) -> Result<()> {
+    let mut metrics = std::mem::take(&mut ctx.metrics);
+    metrics.set("numSamples", ctx.outcome.num_samples as f64);
+    metrics.extend("train_", &ctx.outcome.metrics);
+    metrics.extend("", &ctx.evaluation);
+    let record = metrics.finish(&ctx.config.task_id, &ctx.config.role, ctx.round, ctx.traffic());
+    tracing::info!(
+        task_id = %ctx.config.task_id,
+        round = ctx.round,
+        samples = ctx.outcome.num_samples,
+        metrics = ?ctx.evaluation,
+        "round trained"
+    );
+    if let Some(reporter) = &ctx.reporter {
+        reporter.report(record.clone());
+    }
+    ctx.history.push(record);
+    Ok(())
+}
+
+async fn finish(ctx: &mut TrainerCtx) -> Result<()> {
+    ctx.channels.close().await?;
+    if let Some(reporter) = ctx.reporter.take() {
+        reporter.shutdown(Duration::from_secs(5)).await;
+    }
+    Ok(())
+}
+
+/// The standard trainer program.
+pub fn program() -> Composer<TrainerCtx> {
+    Composer::new()
+        .tasklet("initialize", async_tasklet(|c| boxed(initialize(c))))
+        .tasklet("load_data", async_tasklet(|c| boxed(load_data(c))))
+        .tasklet("join", async_tasklet(|c| boxed(join(c))))
+        .loop_until(
+            "rounds",
+            |c: &TrainerCtx| c.done,
+            Composer::new()
+                .tasklet("fetch", async_tasklet(|c| boxed(fetch(c))))
+                .tasklet("train", async_tasklet(|c| boxed(train(c))))
+                .tasklet("evaluate", async_tasklet(|c| boxed(evaluate(c))))
+                .tasklet("upload", async_tasklet(|c| boxed(upload(c))))
+                .tasklet("report", async_tasklet(|c| boxed(report(c)))),
+        )
+        .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
+}
