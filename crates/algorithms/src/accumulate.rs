@@ -26,12 +26,7 @@ pub struct WeightedMean {
 impl WeightedMean {
     /// An empty accumulator for models with `layout`'s layout (its values are not used).
     pub fn new(layout: &Weights) -> Self {
-        Self {
-            layout: Layout::of(layout),
-            acc: None,
-            total_weight: 0.0,
-            count: 0,
-        }
+        Self { layout: Layout::of(layout), acc: None, total_weight: 0.0, count: 0 }
     }
 
     /// Folds `update` with weight `weight` (≥ 0, finite).
@@ -89,6 +84,7 @@ impl WeightedMean {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
     use crate::weights::tests::model;
@@ -110,9 +106,7 @@ mod tests {
     fn rejected_updates_leave_the_accumulator_unchanged() {
         let mut acc = WeightedMean::new(&model([0.0; 5]));
         acc.add(&model([1.0; 5]), 2.0).unwrap();
-        let err = acc
-            .add(&model([1.0, 1.0, 1.0, 1.0, f32::INFINITY]), 1.0)
-            .unwrap_err();
+        let err = acc.add(&model([1.0, 1.0, 1.0, 1.0, f32::INFINITY]), 1.0).unwrap_err();
         assert!(matches!(err, Error::NonFinite { ref tensor, index: 2, .. } if tensor == "b"));
         assert!(acc.add(&model([1.0; 5]), -1.0).is_err());
         assert!(acc.add(&model([1.0; 5]), f64::NAN).is_err());
@@ -129,9 +123,6 @@ mod tests {
         );
         let mut acc = WeightedMean::new(&model([0.0; 5]));
         acc.add(&model([1.0; 5]), 0.0).unwrap();
-        assert_eq!(
-            acc.finish("fedavg").unwrap_err(),
-            Error::ZeroTotalSamples { sort: "fedavg" }
-        );
+        assert_eq!(acc.finish("fedavg").unwrap_err(), Error::ZeroTotalSamples { sort: "fedavg" });
     }
 }

@@ -27,11 +27,9 @@ pub const FOLD_BYTES_PER_PARAM: usize = 12;
 pub fn fold_throughput(params: usize, iters: usize) -> f64 {
     let update = sample_model(params, 1.0);
     let mut acc = WeightedMean::new(&update);
-    acc.add(&sample_model(params, 2.0), 1.0)
-        .expect("bench models share a layout and are finite");
+    acc.add(&sample_model(params, 2.0), 1.0).expect("bench models share a layout and are finite");
     let times = time_passes(iters, || {
-        acc.add(black_box(&update), 1.0)
-            .expect("bench models share a layout and are finite");
+        acc.add(black_box(&update), 1.0).expect("bench models share a layout and are finite");
     });
     black_box(&acc);
     gb_per_s(params * ADD_BYTES_PER_PARAM, median(times))
@@ -78,9 +76,7 @@ pub fn memory_read_bandwidth(bytes: usize) -> f64 {
 
 /// A one-tensor model of `params` finite values.
 fn sample_model(params: usize, offset: f32) -> Weights {
-    let data = (0..params)
-        .map(|i| offset + (i % 1000) as f32 * 1e-3)
-        .collect();
+    let data = (0..params).map(|i| offset + (i % 1000) as f32 * 1e-3).collect();
     let tensor = Tensor::new("w", vec![params], data).expect("shape matches data");
     Weights::from_tensors(vec![tensor]).expect("one tensor has a unique name")
 }
@@ -107,6 +103,7 @@ fn gb_per_s(bytes: usize, t: Duration) -> f64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
 

@@ -90,33 +90,20 @@ pub(crate) fn parse_sort(
     what: &'static str,
     valid: &'static [&'static str],
 ) -> Result<Kwargs> {
-    let obj = value.as_object().ok_or_else(|| Error::NotAnObject {
-        what,
-        got: value.to_string(),
-    })?;
+    let obj =
+        value.as_object().ok_or_else(|| Error::NotAnObject { what, got: value.to_string() })?;
     for key in obj.keys() {
         if key != "sort" && key != "kwargs" && !key.starts_with("//") {
-            return Err(Error::UnknownField {
-                what,
-                field: key.clone(),
-            });
+            return Err(Error::UnknownField { what, field: key.clone() });
         }
     }
     let given = obj
         .get("sort")
         .and_then(Value::as_str)
-        .ok_or_else(|| Error::MissingSort {
-            what,
-            valid: valid.join(", "),
-        })?;
-    let sort = valid
-        .iter()
-        .copied()
-        .find(|s| s.eq_ignore_ascii_case(given.trim()))
-        .ok_or_else(|| Error::UnknownSort {
-            what,
-            sort: given.to_owned(),
-            valid: valid.join(", "),
+        .ok_or_else(|| Error::MissingSort { what, valid: valid.join(", ") })?;
+    let sort =
+        valid.iter().copied().find(|s| s.eq_ignore_ascii_case(given.trim())).ok_or_else(|| {
+            Error::UnknownSort { what, sort: given.to_owned(), valid: valid.join(", ") }
         })?;
     let map = match obj.get("kwargs") {
         None | Some(Value::Null) => Map::new(),
@@ -126,11 +113,7 @@ pub(crate) fn parse_sort(
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         Some(other) => {
-            return Err(Error::KwargsNotObject {
-                what,
-                sort,
-                got: other.to_string(),
-            });
+            return Err(Error::KwargsNotObject { what, sort, got: other.to_string() });
         }
     };
     Ok(Kwargs { what, sort, map })
@@ -147,12 +130,7 @@ pub(crate) struct Kwargs {
 
 impl Kwargs {
     fn bad(&self, name: &'static str, reason: impl Into<String>) -> Error {
-        Error::BadKwarg {
-            what: self.what,
-            sort: self.sort,
-            name,
-            reason: reason.into(),
-        }
+        Error::BadKwarg { what: self.what, sort: self.sort, name, reason: reason.into() }
     }
 
     /// A number (`default` when absent) that `check` accepts (it returns the reason otherwise).
@@ -164,9 +142,9 @@ impl Kwargs {
     ) -> Result<f64> {
         let v = match self.map.remove(name) {
             None | Some(Value::Null) => default,
-            Some(Value::Number(n)) => n
-                .as_f64()
-                .ok_or_else(|| self.bad(name, format!("{n} is not representable")))?,
+            Some(Value::Number(n)) => {
+                n.as_f64().ok_or_else(|| self.bad(name, format!("{n} is not representable")))?
+            }
             Some(other) => return Err(self.bad(name, format!("expected a number, got {other}"))),
         };
         match check(v) {
@@ -183,10 +161,7 @@ impl Kwargs {
                 self.bad(name, format!("expected a non-negative integer, got {n}"))
             })?,
             Some(other) => {
-                return Err(self.bad(
-                    name,
-                    format!("expected a non-negative integer, got {other}"),
-                ));
+                return Err(self.bad(name, format!("expected a non-negative integer, got {other}")));
             }
         };
         if v < min {
@@ -209,11 +184,7 @@ impl Kwargs {
                 what: self.what,
                 sort: self.sort,
                 name: name.clone(),
-                valid: if valid.is_empty() {
-                    "none".to_owned()
-                } else {
-                    valid.join(", ")
-                },
+                valid: if valid.is_empty() { "none".to_owned() } else { valid.join(", ") },
             }),
         }
     }

@@ -45,12 +45,7 @@ pub fn add_proximal_grad_weights(
     check_mu(mu)?;
     w_global.check_same_layout(w)?;
     w_global.check_same_layout(grads)?;
-    for ((g, w), wg) in grads
-        .tensors_mut()
-        .iter_mut()
-        .zip(w.tensors())
-        .zip(w_global.tensors())
-    {
+    for ((g, w), wg) in grads.tensors_mut().iter_mut().zip(w.tensors()).zip(w_global.tensors()) {
         add_proximal_grad(g.data_mut(), w.data(), wg.data(), mu);
     }
     Ok(())
@@ -80,6 +75,7 @@ pub(crate) fn check_mu(mu: f32) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
     use crate::weights::tests::model;

@@ -18,15 +18,15 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut optimizer = Optimizer::from_config(&json!({"sort": "fedavg"}))?;
-//! let global = Weights::from_tensors(vec![Tensor::new("w", vec![2], vec![0.0, 0.0])?])?;
+//! let mut global = Weights::from_tensors(vec![Tensor::new("w", vec![2], vec![0.0, 0.0])?])?;
 //!
 //! let mut round = optimizer.begin_round(&global);
 //! let a = Weights::from_tensors(vec![Tensor::new("w", vec![2], vec![1.0, 2.0])?])?;
 //! let b = Weights::from_tensors(vec![Tensor::new("w", vec![2], vec![4.0, 8.0])?])?;
 //! round.add(&a, 100, 0)?; // update, num_samples, staleness
 //! round.add(&b, 300, 0)?;
-//! let new_global = optimizer.finish_round(round, &global)?;
-//! assert_eq!(new_global.tensors()[0].data(), &[3.25, 6.5]);
+//! optimizer.finish_round(round, &mut global)?; // global is now the new model
+//! assert_eq!(global.tensors()[0].data(), &[3.25, 6.5]);
 //! # Ok(())
 //! # }
 //! ```

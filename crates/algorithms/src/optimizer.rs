@@ -9,7 +9,7 @@
 //!         round.add(&update, num_samples, staleness)?;   // or add_delta(..)
 //!         if optimizer.is_async() && round.is_ready() { break; }   // FedBuff: aggGoal reached
 //!     }
-//!     global = optimizer.finish_round(round, &global)?;
+//!     optimizer.finish_round(round, &mut global)?;   // updates global in place
 //! }
 //! ```
 //!
@@ -107,11 +107,7 @@ impl OptimizerKind {
         match self {
             Self::FedProx { mu } => fedprox::check_mu(*mu),
             Self::Adaptive { params, .. } => fedopt::check_params(params),
-            Self::FedBuff {
-                agg_goal,
-                concurrency,
-                lr,
-            } => {
+            Self::FedBuff { agg_goal, concurrency, lr } => {
                 if *agg_goal == 0 {
                     return Err(invalid("aggGoal", "must be at least 1"));
                 }
@@ -131,10 +127,7 @@ impl OptimizerKind {
 }
 
 fn invalid(name: &'static str, reason: &str) -> Error {
-    Error::InvalidArgument {
-        name,
-        reason: reason.to_owned(),
-    }
+    Error::InvalidArgument { name, reason: reason.to_owned() }
 }
 
 /// Whether a round holds full model weights or deltas from the model the trainer started
@@ -166,10 +159,7 @@ pub struct Optimizer {
 impl Default for Optimizer {
     /// FedAvg, the default when a job names no optimizer.
     fn default() -> Self {
-        Self {
-            kind: OptimizerKind::FedAvg,
-            server: None,
-        }
+        Self { kind: OptimizerKind::FedAvg, server: None }
     }
 }
 
@@ -198,9 +188,7 @@ impl Optimizer {
         let (kind, valid): (OptimizerKind, &[&str]) = match kw.sort {
             "fedavg" => (OptimizerKind::FedAvg, &[]),
             "fedprox" => (
-                OptimizerKind::FedProx {
-                    mu: kw.number("mu", 0.01, non_negative)? as f32,
-                },
+                OptimizerKind::FedProx { mu: kw.number("mu", 0.01, non_negative)? as f32 },
                 &["mu"],
             ),
             "fedadam" | "fedyogi" | "fedadagrad" => {
@@ -216,10 +204,7 @@ impl Optimizer {
                     beta2: kw.number("beta2", f64::from(d.beta2), unit_open)? as f32,
                     tau: kw.number("tau", f64::from(d.tau), positive)? as f32,
                 };
-                (
-                    OptimizerKind::Adaptive { rule, params },
-                    &["lr", "beta1", "beta2", "tau"],
-                )
+                (OptimizerKind::Adaptive { rule, params }, &["lr", "beta1", "beta2", "tau"])
             }
             "fedbuff" => (
                 OptimizerKind::FedBuff {
@@ -239,10 +224,7 @@ impl Optimizer {
                 &["beta"],
             ),
             "krum" => (
-                OptimizerKind::Krum {
-                    f: kw.count("f", 1, 0)?,
-                    m: kw.count("m", 1, 1)?,
-                },
+                OptimizerKind::Krum { f: kw.count("f", 1, 0)?, m: kw.count("m", 1, 1)? },
                 &["f", "m"],
             ),
             other => unreachable!("parse_sort returned unlisted sort {other}"),
@@ -309,10 +291,7 @@ impl Optimizer {
         let acc = if self.holds_all_updates() {
             Acc::Collect(Vec::new())
         } else {
-            Acc::Mean {
-                mean: WeightedMean::new(global),
-                total_samples: 0.0,
-            }
+            Acc::Mean { mean: WeightedMean::new(global), total_samples: 0.0 }
         };
         Round {
             sort: self.sort(),
@@ -325,13 +304,15 @@ impl Optimizer {
         }
     }
 
-    /// Aggregates the round and returns the new global model.
+    /// Aggregates the round into `global`, which becomes the new global model.
     ///
-    /// `global` must be the model the round began with (same layout; for FedBuff, the
-    /// current model to which the buffered deltas apply). Fails on an empty round, a round
-    /// whose samples sum to zero (mean-based rules), too few updates for a robust rule, or a
-    /// round begun by an optimizer of another sort.
-    pub fn finish_round(&mut self, round: Round, global: &Weights) -> Result<Weights> {
+    /// Updating in place avoids a second model-sized buffer (and, for big models, the page
+    /// faults of allocating one). `global` must be the model the round began with (same
+    /// layout; for FedBuff, the current model to which the buffered deltas apply). Fails on an
+    /// empty round, a round whose samples sum to zero (mean-based rules), too few updates for
+    /// a robust rule, or a round begun by an optimizer of another sort; on error `global` is
+    /// unchanged.
+    pub fn finish_round(&mut self, round: Round, global: &mut Weights) -> Result<()> {
         if round.sort != self.sort() {
             return Err(Error::InvalidArgument {
                 name: "round",
@@ -345,64 +326,53 @@ impl Optimizer {
         round.layout.check(global)?;
         let sort = self.sort();
         let kind = round.update_kind.ok_or(Error::EmptyRound { sort })?;
-        let to_model = |agg: Weights| -> Result<Weights> {
+        // Turns the round's aggregate into the new model, in place.
+        let apply = |global: &mut Weights, agg: Weights| -> Result<()> {
             match kind {
-                UpdateKind::Weights => Ok(agg),
-                UpdateKind::Delta => {
-                    let mut res = global.clone();
-                    res.add_scaled(&agg, 1.0)?;
-                    Ok(res)
-                }
+                UpdateKind::Weights => *global = agg,
+                UpdateKind::Delta => global.add_scaled(&agg, 1.0)?,
             }
+            Ok(())
         };
-        let to_delta = |agg: Weights| -> Result<Weights> {
-            match kind {
-                UpdateKind::Weights => agg.delta_from(global),
-                UpdateKind::Delta => Ok(agg),
+        // Turns the round's aggregate into a delta from `global`, reusing its buffer.
+        let into_delta = |mut agg: Weights, global: &Weights| -> Result<Weights> {
+            if kind == UpdateKind::Weights {
+                agg.add_scaled(global, -1.0)?;
             }
+            Ok(agg)
         };
         match (round.acc, &self.kind) {
             (Acc::Mean { mean, .. }, OptimizerKind::FedAvg | OptimizerKind::FedProx { .. }) => {
-                to_model(mean.finish(sort)?)
+                apply(global, mean.finish(sort)?)
             }
             (Acc::Mean { mean, .. }, OptimizerKind::Adaptive { .. }) => {
-                let delta = to_delta(mean.finish(sort)?)?;
-                let server = self
-                    .server
-                    .as_mut()
-                    .expect("adaptive optimizers are built with server state");
+                let delta = into_delta(mean.finish(sort)?, global)?;
+                let server =
+                    self.server.as_mut().expect("adaptive optimizers are built with server state");
                 server.step(global, &delta)
             }
-            (
-                Acc::Mean {
-                    mean,
-                    total_samples,
-                },
-                OptimizerKind::FedBuff { lr, .. },
-            ) => {
+            (Acc::Mean { mean, total_samples }, OptimizerKind::FedBuff { lr, .. }) => {
                 // The mean is Σ nᵢsᵢΔᵢ / Σ nᵢsᵢ; rescale to Σ nᵢsᵢΔᵢ / Σ nᵢ so that stale
                 // updates shrink the step instead of being renormalised away.
                 let staleness_mass = mean.total_weight();
-                let delta = to_delta(mean.finish(sort)?)?;
+                let delta = into_delta(mean.finish(sort)?, global)?;
                 let scale = (f64::from(*lr) * staleness_mass / total_samples) as f32;
-                let mut res = global.clone();
-                res.add_scaled(&delta, scale)?;
-                Ok(res)
+                global.add_scaled(&delta, scale)
             }
             (Acc::Collect(updates), OptimizerKind::Median) => {
                 if updates.is_empty() {
                     return Err(Error::EmptyRound { sort });
                 }
-                to_model(robust::median_unchecked(&updates))
+                apply(global, robust::median_unchecked(&updates))
             }
             (Acc::Collect(updates), OptimizerKind::TrimmedMean { beta }) => {
                 if updates.is_empty() {
                     return Err(Error::EmptyRound { sort });
                 }
-                to_model(robust::trimmed_mean_unchecked(&updates, *beta)?)
+                apply(global, robust::trimmed_mean_unchecked(&updates, *beta)?)
             }
             (Acc::Collect(updates), OptimizerKind::Krum { f, m }) => {
-                to_model(robust::krum_unchecked(&updates, *f, *m)?.aggregate)
+                apply(global, robust::krum_unchecked(&updates, *f, *m)?.aggregate)
             }
             _ => unreachable!("begin_round builds the accumulator matching the optimizer kind"),
         }
@@ -466,16 +436,10 @@ impl Round {
         if let Some(first) = self.update_kind
             && first != kind
         {
-            return Err(Error::MixedUpdateKinds {
-                first: first.name(),
-                got: kind.name(),
-            });
+            return Err(Error::MixedUpdateKinds { first: first.name(), got: kind.name() });
         }
         match &mut self.acc {
-            Acc::Mean {
-                mean,
-                total_samples,
-            } => {
+            Acc::Mean { mean, total_samples } => {
                 let n = num_samples as f64;
                 let weight = if self.staleness_weighted {
                     n / (1.0 + f64::from(staleness)).sqrt()
@@ -525,12 +489,20 @@ impl Round {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use serde_json::json;
 
     use super::*;
     use crate::weights::Tensor;
     use crate::weights::tests::model;
+
+    /// Runs `finish_round` on a copy of `global` and returns the new model.
+    fn finish(o: &mut Optimizer, r: Round, global: &Weights) -> Result<Weights> {
+        let mut g = global.clone();
+        o.finish_round(r, &mut g)?;
+        Ok(g)
+    }
 
     fn opt(v: Value) -> Optimizer {
         Optimizer::from_config(&v).unwrap()
@@ -548,19 +520,13 @@ mod tests {
         r.add(&model([1.0, 2.0, 3.0, 4.0, 5.0]), 10, 0).unwrap();
         r.add(&model([5.0, 6.0, 7.0, 8.0, 9.0]), 30, 7).unwrap();
         assert!(r.is_ready());
-        assert_eq!(
-            o.finish_round(r, &global).unwrap(),
-            model([4.0, 5.0, 6.0, 7.0, 8.0])
-        );
+        assert_eq!(finish(&mut o, r, &global).unwrap(), model([4.0, 5.0, 6.0, 7.0, 8.0]));
 
         let mut r = o.begin_round(&global);
         r.add_delta(&model([2.0, 0.0, 0.0, 0.0, -4.0]), 1, 0).unwrap();
         r.add_delta(&model([0.0, 0.0, 0.0, 0.0, 0.0]), 1, 0).unwrap();
         assert_eq!(r.update_kind(), Some(UpdateKind::Delta));
-        assert_eq!(
-            o.finish_round(r, &global).unwrap(),
-            model([2.0, 1.0, 1.0, 1.0, -1.0])
-        );
+        assert_eq!(finish(&mut o, r, &global).unwrap(), model([2.0, 1.0, 1.0, 1.0, -1.0]));
     }
 
     #[test]
@@ -572,19 +538,19 @@ mod tests {
         r.add(&vector(&[1.0]), 1, 0).unwrap();
         r.add(&vector(&[3.0]), 1, 0).unwrap();
         // Δ = 2: m = 1, v = 0.75·0.25 + 0.25·4 = 1.1875, x = 0.1·1/(√1.1875 + 0.5).
-        let x = o.finish_round(r, &global).unwrap();
+        let x = finish(&mut o, r, &global).unwrap();
         assert!((x.tensors()[0].data()[0] - 0.062_904).abs() < 1e-6, "{x:?}");
         // The moments persist: a zero delta still moves the model along m.
         let mut r = o.begin_round(&x);
         r.add(&x, 1, 0).unwrap();
-        let y = o.finish_round(r, &x).unwrap();
+        let y = finish(&mut o, r, &x).unwrap();
         assert!(y.tensors()[0].data()[0] > x.tensors()[0].data()[0]);
 
         for sort in ["fedyogi", "fedadagrad"] {
             let mut o = opt(json!({ "sort": sort }));
             let mut r = o.begin_round(&global);
             r.add(&vector(&[1.0]), 5, 0).unwrap();
-            let x = o.finish_round(r, &global).unwrap();
+            let x = finish(&mut o, r, &global).unwrap();
             let step = x.tensors()[0].data()[0];
             assert!(step > 0.0 && step < 0.01 + 1e-6, "{sort}: {step}");
         }
@@ -603,7 +569,7 @@ mod tests {
         r.add_delta(&vector(&[0.0, 4.0]), 1, 3).unwrap();
         assert!(r.is_ready());
         // (1·1·[2,0] + 1·0.5·[0,4]) / (1 + 1) = [1, 1].
-        assert_eq!(o.finish_round(r, &global).unwrap(), vector(&[2.0, 2.0]));
+        assert_eq!(finish(&mut o, r, &global).unwrap(), vector(&[2.0, 2.0]));
 
         let mut r = o.begin_round(&global);
         assert_eq!(
@@ -613,7 +579,7 @@ mod tests {
         // Fresh full weights are fine: the delta is taken against the current model.
         r.add(&vector(&[3.0, 1.0]), 1, 0).unwrap();
         let mut o = opt(json!({"sort": "fedbuff", "kwargs": {"lr": 0.5}}));
-        assert_eq!(o.finish_round(r, &global).unwrap(), vector(&[2.0, 1.0]));
+        assert_eq!(finish(&mut o, r, &global).unwrap(), vector(&[2.0, 1.0]));
     }
 
     #[test]
@@ -638,14 +604,14 @@ mod tests {
                 // Sample counts are ignored by robust rules, even absurd ones.
                 r.add_delta(u, if i == 4 { 1_000_000 } else { 1 }, 0).unwrap();
             }
-            let got = o.finish_round(r, &model([10.0; 5])).unwrap();
+            let got = finish(&mut o, r, &model([10.0; 5])).unwrap();
             assert_eq!(got, model([10.0 + want, 10.0, 10.0, 10.0, 10.0]), "{cfg}");
         }
         let mut o = opt(json!({"sort": "krum"}));
         let mut r = o.begin_round(&global);
         r.add(&ups[0], 1, 0).unwrap();
         assert!(matches!(
-            o.finish_round(r, &global),
+            finish(&mut o, r, &global),
             Err(Error::NotEnoughUpdates { sort: "krum", needed: 5, got: 1, .. })
         ));
     }
@@ -657,51 +623,48 @@ mod tests {
             let mut o = opt(json!({ "sort": sort }));
             let r = o.begin_round(&global);
             assert_eq!(
-                o.finish_round(r, &global).unwrap_err(),
+                finish(&mut o, r, &global).unwrap_err(),
                 Error::EmptyRound { sort },
                 "{sort}"
             );
         }
+        // On error the global model is left as it was.
+        let mut o = opt(json!({"sort": "krum"}));
+        let mut r = o.begin_round(&global);
+        r.add(&model([1.0; 5]), 1, 0).unwrap();
+        let mut g = global.clone();
+        assert!(o.finish_round(r, &mut g).is_err());
+        assert_eq!(g, global);
+
         let mut o = Optimizer::default();
         let mut r = o.begin_round(&global);
         r.add(&model([1.0; 5]), 0, 0).unwrap();
         assert_eq!(
-            o.finish_round(r, &global).unwrap_err(),
+            finish(&mut o, r, &global).unwrap_err(),
             Error::ZeroTotalSamples { sort: "fedavg" }
         );
 
         let mut r = o.begin_round(&global);
-        let other = Weights::from_tensors(vec![
-            Tensor::zeros("a", vec![2]),
-            Tensor::zeros("b", vec![3]),
-        ])
-        .unwrap();
+        let other =
+            Weights::from_tensors(vec![Tensor::zeros("a", vec![2]), Tensor::zeros("b", vec![3])])
+                .unwrap();
         assert_eq!(
             r.add(&other, 1, 0).unwrap_err().to_string(),
             "model layout differs for tensor 'b': expected shape [1, 3], got [3]"
         );
         let err = r.add(&model([0.0, f32::NAN, 0.0, 0.0, 0.0]), 1, 0).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "tensor 'a' holds a non-finite value (NaN) at element 1"
-        );
+        assert_eq!(err.to_string(), "tensor 'a' holds a non-finite value (NaN) at element 1");
         r.add(&model([2.0; 5]), 1, 0).unwrap();
-        assert!(matches!(
-            r.add_delta(&model([1.0; 5]), 1, 0),
-            Err(Error::MixedUpdateKinds { .. })
-        ));
+        assert!(matches!(r.add_delta(&model([1.0; 5]), 1, 0), Err(Error::MixedUpdateKinds { .. })));
         assert_eq!(r.len(), 1);
         let mut median = opt(json!({"sort": "median"}));
         assert!(matches!(
-            median.finish_round(r.clone(), &global),
+            finish(&mut median, r.clone(), &global),
             Err(Error::InvalidArgument { name: "round", .. })
         ));
         let one_tensor = Weights::from_tensors(vec![Tensor::zeros("a", vec![2])]).unwrap();
-        assert!(matches!(
-            o.finish_round(r.clone(), &one_tensor),
-            Err(Error::TensorCount { .. })
-        ));
-        assert_eq!(o.finish_round(r, &global).unwrap(), model([2.0; 5]));
+        assert!(matches!(finish(&mut o, r.clone(), &one_tensor), Err(Error::TensorCount { .. })));
+        assert_eq!(finish(&mut o, r, &global).unwrap(), model([2.0; 5]));
     }
 
     #[test]
@@ -712,10 +675,7 @@ mod tests {
         assert!(matches!(o.kind(), OptimizerKind::Adaptive { rule: AdaptiveRule::Adam, params }
             if params.lr == 0.01 && params.tau == 1e-3));
         let o = opt(json!({"sort": "fedbuff", "kwargs": {"aggGoal": 3, "concurrency": 5}}));
-        assert_eq!(
-            o.kind(),
-            &OptimizerKind::FedBuff { agg_goal: 3, concurrency: 5, lr: 1.0 }
-        );
+        assert_eq!(o.kind(), &OptimizerKind::FedBuff { agg_goal: 3, concurrency: 5, lr: 1.0 });
         assert_eq!(opt(json!({"sort": "fedprox", "kwargs": {"mu": 0.1}})).proximal_mu(), Some(0.1));
         assert_eq!(opt(json!({"sort": "fedprox"})).proximal_mu(), Some(0.01));
         assert_eq!(

@@ -45,11 +45,7 @@ impl EndReport {
         let sum_sq: f64 = losses.iter().map(|&l| f64::from(l) * f64::from(l)).sum();
         Self {
             num_samples: losses.len() as u64,
-            mean_squared_loss: if losses.is_empty() {
-                0.0
-            } else {
-                sum_sq / losses.len() as f64
-            },
+            mean_squared_loss: if losses.is_empty() { 0.0 } else { sum_sq / losses.len() as f64 },
             duration_secs,
         }
     }
@@ -152,11 +148,7 @@ impl Default for Selector {
 impl Selector {
     /// A selector of `kind` with no history.
     pub fn new(kind: SelectorKind) -> Self {
-        Self {
-            kind,
-            in_flight: BTreeSet::new(),
-            stats: HashMap::new(),
-        }
+        Self { kind, in_flight: BTreeSet::new(), stats: HashMap::new() }
     }
 
     /// Parses the job's `selector` object, e.g. `{"sort": "random", "kwargs": {"k": 2}}`.
@@ -171,17 +163,11 @@ impl Selector {
         let (kind, valid): (SelectorKind, &[&str]) = match kw.sort {
             "default" => (SelectorKind::Default, &[]),
             "random" => (
-                SelectorKind::Random {
-                    k: kw.count("k", 1, 1)?,
-                    seed: kw.integer("seed", 0, 0)?,
-                },
+                SelectorKind::Random { k: kw.count("k", 1, 1)?, seed: kw.integer("seed", 0, 0)? },
                 &["k", "seed"],
             ),
             "fedbuff" => (
-                SelectorKind::FedBuff {
-                    c: kw.count("c", 10, 1)?,
-                    seed: kw.integer("seed", 0, 0)?,
-                },
+                SelectorKind::FedBuff { c: kw.count("c", 10, 1)?, seed: kw.integer("seed", 0, 0)? },
                 &["c", "seed"],
             ),
             "oort" => {
@@ -255,13 +241,9 @@ impl Selector {
             SelectorKind::Random { k, .. } => sample(&ends, *k, &mut rng),
             SelectorKind::FedBuff { c, .. } => {
                 // Ends that left the channel no longer count as busy.
-                self.in_flight
-                    .retain(|e| ends.binary_search(&e.as_str()).is_ok());
-                let idle: Vec<&str> = ends
-                    .iter()
-                    .copied()
-                    .filter(|e| !self.in_flight.contains(*e))
-                    .collect();
+                self.in_flight.retain(|e| ends.binary_search(&e.as_str()).is_ok());
+                let idle: Vec<&str> =
+                    ends.iter().copied().filter(|e| !self.in_flight.contains(*e)).collect();
                 let need = c.saturating_sub(self.in_flight.len());
                 let chosen = sample(&idle, need, &mut rng);
                 self.in_flight.extend(chosen.iter().cloned());
@@ -341,19 +323,15 @@ fn oort_select(
     rng: &mut StdRng,
 ) -> Vec<String> {
     let target = ((p.k as f64 * p.overcommit).ceil() as usize).min(ends.len());
-    let (explored, unexplored): (Vec<&str>, Vec<&str>) = ends
-        .iter()
-        .partition(|e| stats.get(**e).is_some_and(|s| s.utility.is_some()));
+    let (explored, unexplored): (Vec<&str>, Vec<&str>) =
+        ends.iter().partition(|e| stats.get(**e).is_some_and(|s| s.utility.is_some()));
     let epsilon = (p.epsilon * p.epsilon_decay.powf(round as f64)).max(p.min_epsilon);
     let mut n_explore = ((epsilon * target as f64).round() as usize).min(unexplored.len());
     let n_exploit = (target - n_explore).min(explored.len());
     // Not enough explored ends to exploit: explore more instead.
     n_explore = (target - n_exploit).min(unexplored.len());
 
-    let max_util = explored
-        .iter()
-        .filter_map(|e| stats[*e].utility)
-        .fold(0.0f64, f64::max);
+    let max_util = explored.iter().filter_map(|e| stats[*e].utility).fold(0.0f64, f64::max);
     let ln_round = (round.max(1) as f64).ln();
     let mut scored: Vec<(&str, f64)> = explored
         .iter()
@@ -373,11 +351,8 @@ fn oort_select(
     let mut res = Vec::with_capacity(target);
     if n_exploit > 0 {
         let threshold = p.cutoff * scored[n_exploit - 1].1;
-        let mut pool: Vec<(&str, f64)> = scored
-            .iter()
-            .copied()
-            .filter(|(_, s)| *s >= threshold)
-            .collect();
+        let mut pool: Vec<(&str, f64)> =
+            scored.iter().copied().filter(|(_, s)| *s >= threshold).collect();
         for _ in 0..n_exploit {
             let total: f64 = pool.iter().map(|(_, s)| s).sum();
             let idx = if total > 0.0 {
@@ -399,6 +374,7 @@ fn oort_select(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
     use serde_json::json;
@@ -477,11 +453,8 @@ mod tests {
         assert_eq!(s.select(&e, 2), vec!["t03", "t05"]);
 
         // A slow end is penalised when a preferred duration is set.
-        let mut s = Selector::new(SelectorKind::Oort(OortParams {
-            k: 1,
-            round_duration: 10.0,
-            ..params
-        }));
+        let mut s =
+            Selector::new(SelectorKind::Oort(OortParams { k: 1, round_duration: 10.0, ..params }));
         s.report("fast", &EndReport::from_losses(&[1.0; 100], 5.0));
         s.report("slow", &EndReport::from_losses(&[1.2; 100], 100.0));
         assert_eq!(s.select(&["fast", "slow"], 2), vec!["fast"]);
@@ -513,14 +486,14 @@ mod tests {
             err.to_string(),
             "unknown selector sort 'greedy' (valid sorts: default, random, fedbuff, oort)"
         );
-        let err = Selector::from_config(&json!({"sort": "random", "kwargs": {"k": 0}}))
-            .unwrap_err();
+        let err =
+            Selector::from_config(&json!({"sort": "random", "kwargs": {"k": 0}})).unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid kwarg 'k' for selector sort 'random': must be at least 1, got 0"
         );
-        let err = Selector::from_config(&json!({"sort": "fedbuff", "kwargs": {"k": 2}}))
-            .unwrap_err();
+        let err =
+            Selector::from_config(&json!({"sort": "fedbuff", "kwargs": {"k": 2}})).unwrap_err();
         assert_eq!(
             err.to_string(),
             "unknown kwarg 'k' for selector sort 'fedbuff' (valid kwargs: c, seed)"

@@ -40,11 +40,7 @@ impl Tensor {
     /// A tensor of zeros.
     pub fn zeros(name: impl Into<String>, shape: Vec<usize>) -> Self {
         let len = shape.iter().product();
-        Self {
-            name: name.into(),
-            shape,
-            data: vec![0.0; len],
-        }
+        Self { name: name.into(), shape, data: vec![0.0; len] }
     }
 
     /// The tensor's name.
@@ -100,9 +96,7 @@ impl Weights {
 
     /// Builds a model from tensors, rejecting duplicate names.
     pub fn from_tensors(tensors: Vec<Tensor>) -> Result<Self> {
-        let mut res = Self {
-            tensors: Vec::with_capacity(tensors.len()),
-        };
+        let mut res = Self { tensors: Vec::with_capacity(tensors.len()) };
         for tensor in tensors {
             res.push(tensor)?;
         }
@@ -112,9 +106,7 @@ impl Weights {
     /// Appends a tensor, rejecting a duplicate name.
     pub fn push(&mut self, tensor: Tensor) -> Result<()> {
         if self.get(&tensor.name).is_some() {
-            return Err(Error::DuplicateTensor {
-                tensor: tensor.name,
-            });
+            return Err(Error::DuplicateTensor { tensor: tensor.name });
         }
         self.tensors.push(tensor);
         Ok(())
@@ -218,11 +210,7 @@ pub(crate) struct Layout {
 impl Layout {
     pub(crate) fn of(weights: &Weights) -> Self {
         Self {
-            entries: weights
-                .tensors
-                .iter()
-                .map(|t| (t.name.clone(), t.shape.clone()))
-                .collect(),
+            entries: weights.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
         }
     }
 
@@ -254,6 +242,7 @@ impl Layout {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 pub(crate) mod tests {
     use super::*;
 
@@ -269,10 +258,7 @@ pub(crate) mod tests {
     #[test]
     fn construction_rejects_bad_shapes_and_duplicate_names() {
         let err = Tensor::new("w", vec![2, 3], vec![0.0; 5]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "tensor 'w' has shape [2, 3] (6 elements) but 5 values"
-        );
+        assert_eq!(err.to_string(), "tensor 'w' has shape [2, 3] (6 elements) but 5 values");
         let scalar = Tensor::new("s", vec![], vec![1.5]).unwrap();
         assert_eq!(scalar.len(), 1);
         let err = Weights::from_tensors(vec![scalar.clone(), scalar]).unwrap_err();
@@ -291,10 +277,7 @@ pub(crate) mod tests {
         ])
         .unwrap();
         let err = m.check_same_layout(&renamed).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "model layout differs at tensor #1: expected 'b', got 'c'"
-        );
+        assert_eq!(err.to_string(), "model layout differs at tensor #1: expected 'b', got 'c'");
 
         let reshaped = Weights::from_tensors(vec![
             Tensor::new("a", vec![2], vec![0.0; 2]).unwrap(),
@@ -310,10 +293,7 @@ pub(crate) mod tests {
         let short = Weights::from_tensors(vec![Tensor::zeros("a", vec![2])]).unwrap();
         assert_eq!(
             m.check_same_layout(&short).unwrap_err(),
-            Error::TensorCount {
-                expected: 2,
-                got: 1
-            }
+            Error::TensorCount { expected: 2, got: 1 }
         );
     }
 
