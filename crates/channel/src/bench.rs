@@ -12,10 +12,7 @@ use crate::channel::{Backend, Channel, ChannelOptions, Error, Result};
 use crate::wire::{Kind, Message, Tensor};
 
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> Error {
-    move |source| Error::Io {
-        context: context.to_owned(),
-        source,
-    }
+    move |source| Error::Io { context: context.to_owned(), source }
 }
 
 /// A `Weights` message with one `U8` tensor of `bytes` bytes.
@@ -35,11 +32,13 @@ pub async fn fanout(backend: Backend, bytes: usize, n_receivers: usize) -> Resul
         o.max_message_bytes = limit;
         o
     };
-    let sender = Channel::open(opts("sender".into(), "aggregator", "trainer"), backend.clone()).await?;
+    let sender =
+        Channel::open(opts("sender".into(), "aggregator", "trainer"), backend.clone()).await?;
     let mut receivers = Vec::with_capacity(n_receivers);
     for i in 0..n_receivers {
         receivers.push(
-            Channel::open(opts(format!("receiver-{i}"), "trainer", "aggregator"), backend.clone()).await?,
+            Channel::open(opts(format!("receiver-{i}"), "trainer", "aggregator"), backend.clone())
+                .await?,
         );
     }
     sender.await_ends(n_receivers, Duration::from_secs(30)).await?;
@@ -53,7 +52,8 @@ pub async fn fanout(backend: Backend, bytes: usize, n_receivers: usize) -> Resul
         let from = from.clone();
         async move { r.recv(&from).await }
     });
-    let (sent, received) = tokio::join!(sender.broadcast(message), futures::future::join_all(waits));
+    let (sent, received) =
+        tokio::join!(sender.broadcast(message), futures::future::join_all(waits));
     sent?;
     for r in received {
         let m = r?;
@@ -104,9 +104,7 @@ pub async fn loopback_tcp_bandwidth(bytes: usize) -> Result<f64> {
         left -= n;
     }
     stream.shutdown().await.map_err(io("close loopback"))?;
-    let total = reader
-        .await
-        .unwrap_or_else(|e| panic!("loopback reader panicked: {e}"))?;
+    let total = reader.await.unwrap_or_else(|e| panic!("loopback reader panicked: {e}"))?;
     let secs = start.elapsed().as_secs_f64().max(1e-9);
     Ok(total as f64 / secs / 1e9)
 }

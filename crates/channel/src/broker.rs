@@ -89,10 +89,7 @@ impl Drop for BrokerHandle {
 }
 
 fn io(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        context: context.to_owned(),
-        source,
-    }
+    move |source| Error::Io { context: context.to_owned(), source }
 }
 
 fn rumqttd_config(internal: SocketAddr, opts: &BrokerOptions) -> rumqttd::Config {
@@ -137,13 +134,12 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
     // Bind the public side first so that a busy address fails before anything starts.
     let public = StdListener::bind(addr).map_err(io("bind broker address"))?;
     let public_addr = public.local_addr().map_err(io("read broker address"))?;
-    public
-        .set_nonblocking(true)
-        .map_err(io("configure broker listener"))?;
+    public.set_nonblocking(true).map_err(io("configure broker listener"))?;
 
     // rumqttd binds by itself; take a free loopback port and hand it over.
     let internal = {
-        let probe = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("reserve internal port"))?;
+        let probe =
+            StdListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("reserve internal port"))?;
         probe.local_addr().map_err(io("read internal port"))?
     };
     let config = rumqttd_config(internal, &opts);
@@ -169,11 +165,7 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
         .spawn(move || runtime.block_on(relay(public, internal, relay_cancel)))
         .map_err(io("spawn broker relay thread"))?;
     tracing::info!(addr = %public_addr, "embedded mqtt broker started");
-    Ok(BrokerHandle {
-        addr: public_addr,
-        cancel,
-        relay: Some(relay),
-    })
+    Ok(BrokerHandle { addr: public_addr, cancel, relay: Some(relay) })
 }
 
 /// Waits until rumqttd accepts connections on `internal` (it binds on its own thread).
@@ -230,5 +222,7 @@ async fn pipe(mut client: TcpStream, internal: SocketAddr) {
     };
     let _ = client.set_nodelay(true);
     let _ = broker.set_nodelay(true);
-    let _ = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut broker, 256 << 10, 256 << 10).await;
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut broker, 256 << 10, 256 << 10)
+            .await;
 }

@@ -1,6 +1,6 @@
 //! The [`Channel`] handle and the backend-independent state behind it.
 //!
-//! Every backend feeds the same [`Shared`] state: the set of live peer ends with their
+//! Every backend feeds the same shared state: the set of live peer ends with their
 //! announced properties, and one bounded inbound queue per sending end. Each queued message
 //! carries a channel-wide arrival number, so [`Channel::recv_any`] and [`Channel::recv_fifo`]
 //! return messages in the order they arrived across ends. Waiters sleep on a `watch` counter
@@ -210,16 +210,9 @@ impl ChannelOptions {
             problems.push("queue_depth is 0".to_owned());
         }
         if self.max_message_bytes < 1024 {
-            problems.push(format!(
-                "max_message_bytes {} is below 1024",
-                self.max_message_bytes
-            ));
+            problems.push(format!("max_message_bytes {} is below 1024", self.max_message_bytes));
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::InvalidOptions(problems.join("; ")))
-        }
+        if problems.is_empty() { Ok(()) } else { Err(Error::InvalidOptions(problems.join("; "))) }
     }
 }
 
@@ -278,8 +271,7 @@ impl ChannelMetrics {
     }
 
     pub(crate) fn received(&self, bytes: usize) {
-        self.bytes_received
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
         self.messages_received.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -383,7 +375,10 @@ impl Shared {
     }
 
     /// Waits until `check` returns `Some`, re-checking on every state change.
-    async fn wait_for<T>(&self, mut check: impl FnMut(&mut State) -> Option<Result<T>>) -> Result<T> {
+    async fn wait_for<T>(
+        &self,
+        mut check: impl FnMut(&mut State) -> Option<Result<T>>,
+    ) -> Result<T> {
         let mut rx = self.changed.subscribe();
         loop {
             let res = {
@@ -463,9 +458,7 @@ impl Channel {
             Backend::Mqtt(config) => Transport::Mqtt(MqttEnd::open(shared.clone(), config).await?),
             Backend::P2p => return Err(Error::BackendNotBuilt("p2p".to_owned())),
         };
-        Ok(Channel {
-            inner: Arc::new(Inner { shared, transport }),
-        })
+        Ok(Channel { inner: Arc::new(Inner { shared, transport }) })
     }
 
     fn shared(&self) -> &Shared {
@@ -522,11 +515,7 @@ impl Channel {
         let size = wire::encoded_len(message);
         let limit = self.shared().opts.max_message_bytes;
         if size > limit {
-            return Err(Error::TooLarge {
-                channel: self.name().to_owned(),
-                size,
-                limit,
-            });
+            return Err(Error::TooLarge { channel: self.name().to_owned(), size, limit });
         }
         Ok(size)
     }
@@ -571,7 +560,8 @@ impl Channel {
         let channel = self.name().to_owned();
         self.shared()
             .wait_for(|state| {
-                if let Some((_, message)) = state.queues.get_mut(end).and_then(VecDeque::pop_front) {
+                if let Some((_, message)) = state.queues.get_mut(end).and_then(VecDeque::pop_front)
+                {
                     return Some(Ok(message));
                 }
                 if !state.peers.contains_key(end) {
@@ -597,12 +587,7 @@ impl Channel {
 
     /// The next message from `end` without taking it, if one is queued.
     pub fn peek(&self, end: &TaskId) -> Option<Message> {
-        self.shared()
-            .lock()
-            .queues
-            .get(end)
-            .and_then(|q| q.front())
-            .map(|(_, m)| m.clone())
+        self.shared().lock().queues.get(end).and_then(|q| q.front()).map(|(_, m)| m.clone())
     }
 
     /// One message from each of `ends`, in arrival order, until `first_k` have arrived.
@@ -656,27 +641,22 @@ impl Channel {
         let wait = self.shared().wait_for(|state| {
             (state.peers.len() >= n).then(|| Ok(state.peers.keys().cloned().collect()))
         });
-        tokio::time::timeout(timeout, wait)
-            .await
-            .map_err(|_| Error::JoinTimeout {
-                channel: self.name().to_owned(),
-                group: self.group().to_owned(),
-                timeout,
-            })?
+        tokio::time::timeout(timeout, wait).await.map_err(|_| Error::JoinTimeout {
+            channel: self.name().to_owned(),
+            group: self.group().to_owned(),
+            timeout,
+        })?
     }
 
     /// Waits until `end` is no longer a peer.
     pub async fn await_leave(&self, end: &TaskId, timeout: Duration) -> Result<()> {
-        let wait = self
-            .shared()
-            .wait_for(|state| (!state.peers.contains_key(end)).then_some(Ok(())));
-        tokio::time::timeout(timeout, wait)
-            .await
-            .map_err(|_| Error::JoinTimeout {
-                channel: self.name().to_owned(),
-                group: self.group().to_owned(),
-                timeout,
-            })?
+        let wait =
+            self.shared().wait_for(|state| (!state.peers.contains_key(end)).then_some(Ok(())));
+        tokio::time::timeout(timeout, wait).await.map_err(|_| Error::JoinTimeout {
+            channel: self.name().to_owned(),
+            group: self.group().to_owned(),
+            timeout,
+        })?
     }
 
     /// Announces this end again after [`Channel::leave`].

@@ -101,9 +101,7 @@ pub(crate) fn parse(mut buf: Bytes) -> Result<Chunk, ChunkError> {
         return Err(ChunkError::Truncated("sender"));
     }
     let sender = buf.split_to(sender_len);
-    let sender = std::str::from_utf8(&sender)
-        .map_err(|_| ChunkError::Sender)?
-        .to_owned();
+    let sender = std::str::from_utf8(&sender).map_err(|_| ChunkError::Sender)?.to_owned();
     let msg_id = u64::from_le_bytes(take::<8>(&mut buf, "message id")?);
     let index = u32::from_le_bytes(take::<4>(&mut buf, "index")?);
     let count = u32::from_le_bytes(take::<4>(&mut buf, "count")?);
@@ -111,14 +109,7 @@ pub(crate) fn parse(mut buf: Bytes) -> Result<Chunk, ChunkError> {
     if index >= count {
         return Err(ChunkError::Index { index, count });
     }
-    Ok(Chunk {
-        sender,
-        msg_id,
-        index,
-        count,
-        total,
-        data: buf,
-    })
+    Ok(Chunk { sender, msg_id, index, count, total, data: buf })
 }
 
 struct Partial {
@@ -142,20 +133,13 @@ pub(crate) struct Reassembler {
 
 impl Reassembler {
     pub(crate) fn new(limit: usize) -> Reassembler {
-        Reassembler {
-            limit,
-            senders: HashMap::new(),
-        }
+        Reassembler { limit, senders: HashMap::new() }
     }
 
     /// Bytes currently held in partial messages.
     #[cfg(test)]
     pub(crate) fn buffered(&self) -> u64 {
-        self.senders
-            .values()
-            .flat_map(|s| s.partials.values())
-            .map(|p| p.bytes)
-            .sum()
+        self.senders.values().flat_map(|s| s.partials.values()).map(|p| p.bytes).sum()
     }
 
     /// Forgets everything from `sender` (it left).
@@ -166,10 +150,7 @@ impl Reassembler {
     /// Adds a chunk; returns the whole message once its last chunk is in.
     pub(crate) fn push(&mut self, chunk: Chunk) -> Result<Option<(String, Bytes)>, ChunkError> {
         if chunk.total > self.limit as u64 {
-            return Err(ChunkError::TooLarge {
-                size: chunk.total,
-                limit: self.limit,
-            });
+            return Err(ChunkError::TooLarge { size: chunk.total, limit: self.limit });
         }
         if chunk.data.len() as u64 > chunk.total {
             return Err(ChunkError::Overflow { total: chunk.total });
@@ -185,7 +166,8 @@ impl Reassembler {
             remember(state, chunk.msg_id);
             return Ok(Some((chunk.sender, chunk.data)));
         }
-        if !state.partials.contains_key(&chunk.msg_id) && state.partials.len() >= MAX_PARTIALS_PER_SENDER
+        if !state.partials.contains_key(&chunk.msg_id)
+            && state.partials.len() >= MAX_PARTIALS_PER_SENDER
         {
             // Drop the oldest half-delivered message of this sender to stay bounded.
             if let Some((&oldest, _)) = state.partials.iter().next() {
@@ -216,10 +198,7 @@ impl Reassembler {
         if partial.chunks.len() as u64 != u64::from(partial.count) {
             return Ok(None);
         }
-        let partial = state
-            .partials
-            .remove(&chunk.msg_id)
-            .expect("present: just inserted into");
+        let partial = state.partials.remove(&chunk.msg_id).expect("present: just inserted into");
         if partial.bytes != partial.total {
             return Err(ChunkError::Inconsistent);
         }
@@ -287,7 +266,7 @@ mod tests {
         let mut r = Reassembler::new(4096);
         let big = split("a", 1, &message(5000), 1000);
         assert_eq!(
-            r.push(parse(big[0].clone()).expect("valid")).unwrap_err(),
+            r.push(parse(big[0].clone()).expect("valid")).expect_err("too large"),
             ChunkError::TooLarge { size: 5000, limit: 4096 }
         );
         // A tiny chunk that claims a huge count allocates nothing up front.

@@ -40,11 +40,7 @@ impl std::fmt::Debug for LocalHub {
 
 fn room_key(shared: &Shared) -> RoomKey {
     let o = &shared.opts;
-    (
-        o.job.as_str().to_owned(),
-        o.channel.clone(),
-        o.group.clone(),
-    )
+    (o.job.as_str().to_owned(), o.channel.clone(), o.group.clone())
 }
 
 fn props_of(shared: &Shared) -> EndProps {
@@ -87,19 +83,9 @@ impl LocalHub {
                 group: shared.opts.group.clone(),
             });
         }
-        room.insert(
-            shared.opts.me.clone(),
-            Member {
-                shared: shared.clone(),
-                present: false,
-            },
-        );
+        room.insert(shared.opts.me.clone(), Member { shared: shared.clone(), present: false });
         drop(rooms);
-        let end = LocalEnd {
-            hub: self.clone(),
-            key,
-            shared,
-        };
+        let end = LocalEnd { hub: self.clone(), key, shared };
         end.announce(true)?;
         Ok(end)
     }

@@ -60,19 +60,20 @@ fn broker_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> Resul
         })
         .ok_or_else(|| Error::Config {
             channel: spec.name.clone(),
-            reason: "backend mqtt but the task config names no mqtt broker (brokers[] or brokerHost)"
-                .to_owned(),
+            reason:
+                "backend mqtt but the task config names no mqtt broker (brokers[] or brokerHost)"
+                    .to_owned(),
         })?;
     let parsed = MqttConfig::parse(&host)?;
-    Ok(MqttConfig {
-        host: parsed.host,
-        port: parsed.port,
-        ..env.mqtt.clone()
-    })
+    Ok(MqttConfig { host: parsed.host, port: parsed.port, ..env.mqtt.clone() })
 }
 
 /// The options and backend for one channel of `config`.
-pub fn plan(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> Result<(ChannelOptions, Backend)> {
+pub fn plan(
+    config: &TaskConfig,
+    spec: &ChannelSpec,
+    env: &BackendEnv,
+) -> Result<(ChannelOptions, Backend)> {
     let peer_role = spec.peer_role(&config.role).ok_or_else(|| Error::Config {
         channel: spec.name.clone(),
         reason: format!("role {} is not in the channel's pair {:?}", config.role, spec.pair),
@@ -110,11 +111,7 @@ impl ChannelManager {
             );
             channels.insert(spec.name.clone(), channel);
         }
-        Ok(ChannelManager {
-            role: config.role.clone(),
-            channels,
-            tags,
-        })
+        Ok(ChannelManager { role: config.role.clone(), channels, tags })
     }
 
     /// The channel called `name`.
@@ -129,10 +126,9 @@ impl ChannelManager {
 
     /// The channel on which this role carries function tag `tag` (the first by name if several).
     pub fn by_tag<'a>(&'a self, tag: &'a str) -> Result<&'a Channel> {
-        self.all_by_tag(tag).next().ok_or_else(|| Error::NoChannelForTag {
-            role: self.role.clone(),
-            tag: tag.to_owned(),
-        })
+        self.all_by_tag(tag)
+            .next()
+            .ok_or_else(|| Error::NoChannelForTag { role: self.role.clone(), tag: tag.to_owned() })
     }
 
     /// Every channel on which this role carries `tag`.

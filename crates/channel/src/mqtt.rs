@@ -14,7 +14,7 @@
 //! its presence is cleared (clean leave, or the broker firing its will when the connection drops
 //! or misses keep-alives) or when no heartbeat came for `liveness_timeout`.
 //!
-//! Encoded messages are split into chunks of `chunk_size` bytes ([`crate::chunk`]) and
+//! Encoded messages are split into chunks of `chunk_size` bytes (see the `chunk` module) and
 //! reassembled with bounded memory on the other side. Order is kept per sender for unicast
 //! messages and, separately, for broadcasts (they travel on different topics).
 //!
@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -85,7 +87,9 @@ impl MqttConfig {
         let bad = |why: &str| Error::InvalidOptions(format!("broker address {addr:?}: {why}"));
         let rest = match addr.split_once("://") {
             Some(("mqtt" | "tcp", rest)) => rest,
-            Some((scheme, _)) => return Err(bad(&format!("unsupported scheme {scheme:?} (use mqtt://)"))),
+            Some((scheme, _)) => {
+                return Err(bad(&format!("unsupported scheme {scheme:?} (use mqtt://)")));
+            }
             None => addr,
         };
         let rest = rest.trim_end_matches('/');
@@ -122,11 +126,7 @@ impl MqttConfig {
                 self.liveness_timeout, self.heartbeat
             ));
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::InvalidOptions(problems.join("; ")))
-        }
+        if problems.is_empty() { Ok(()) } else { Err(Error::InvalidOptions(problems.join("; "))) }
     }
 }
 
@@ -186,11 +186,7 @@ impl Topics {
             my_data: format!("{prefix}/data/{}", escape(o.me.as_str())),
             my_bcast: format!("{prefix}/bcast/{}", escape(&o.role)),
             peer_bcast: format!("{prefix}/bcast/{}", escape(&o.peer_role)),
-            my_presence: format!(
-                "{prefix}/presence/{}/{}",
-                escape(&o.role),
-                escape(o.me.as_str())
-            ),
+            my_presence: format!("{prefix}/presence/{}/{}", escape(&o.role), escape(o.me.as_str())),
             peer_presence_prefix: format!("{prefix}/presence/{}/", escape(&o.peer_role)),
             prefix,
         }
@@ -233,16 +229,12 @@ impl Ctx {
     }
 
     fn publish_presence(&self) {
-        let payload = if self.joined.load(Ordering::SeqCst) {
-            self.presence_payload()
-        } else {
-            Vec::new()
-        };
+        let payload =
+            if self.joined.load(Ordering::SeqCst) { self.presence_payload() } else { Vec::new() };
         // From the event loop and ticker we must not wait on the request queue (the event loop
         // is what drains it); a skipped heartbeat is repeated at the next tick.
-        if let Err(e) = self
-            .client
-            .try_publish(&self.topics.my_presence, QoS::AtLeastOnce, true, payload)
+        if let Err(e) =
+            self.client.try_publish(&self.topics.my_presence, QoS::AtLeastOnce, true, payload)
         {
             tracing::debug!(error = %e, "presence publish skipped");
         }
@@ -365,7 +357,12 @@ impl MqttEnd {
             .set_clean_session(true)
             .set_max_packet_size(config.chunk_size + PACKET_SLACK, config.chunk_size + PACKET_SLACK)
             .set_inflight(32)
-            .set_last_will(LastWill::new(topics.my_presence.clone(), Vec::new(), QoS::AtLeastOnce, true));
+            .set_last_will(LastWill::new(
+                topics.my_presence.clone(),
+                Vec::new(),
+                QoS::AtLeastOnce,
+                true,
+            ));
         let (client, eventloop) = AsyncClient::new(options, 64);
         let (ready, mut ready_rx) = watch::channel(Ok(false));
         let ctx = Arc::new(Ctx {
@@ -399,11 +396,7 @@ impl MqttEnd {
                     Err(e) => e.clone(),
                     Ok(_) => "no subscription acknowledgement".to_owned(),
                 };
-                Err(Error::Connect {
-                    addr,
-                    timeout: config.connect_timeout,
-                    reason,
-                })
+                Err(Error::Connect { addr, timeout: config.connect_timeout, reason })
             }
         }
     }
@@ -425,12 +418,10 @@ impl MqttEnd {
             });
         }
         let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
-        let chunks = chunk::split(shared.opts.me.as_str(), msg_id, &encoded, self.ctx.config.chunk_size);
+        let chunks =
+            chunk::split(shared.opts.me.as_str(), msg_id, &encoded, self.ctx.config.chunk_size);
         for payload in chunks {
-            self.ctx
-                .client
-                .publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload)
-                .await?;
+            self.ctx.client.publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload).await?;
         }
         shared.metrics.sent(encoded.len());
         Ok(())
@@ -458,11 +449,7 @@ impl MqttEnd {
     pub(crate) async fn disconnect(&self) -> Result<()> {
         self.announce(false).await?;
         self.ctx.client.disconnect().await?;
-        let handle = self
-            .event_loop
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let handle = self.event_loop.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(handle) = handle
             && tokio::time::timeout(Duration::from_secs(5), handle).await.is_err()
         {

@@ -247,9 +247,7 @@ pub struct Tensor {
 }
 
 fn checked_len(shape: &[usize], dtype: Dtype) -> Option<u64> {
-    shape
-        .iter()
-        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
+    shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
 }
 
 impl Tensor {
@@ -362,10 +360,7 @@ impl Tensor {
                 })
                 .collect(),
             other => {
-                return Err(Error::WrongDtype {
-                    expected: Dtype::F32,
-                    actual: other,
-                });
+                return Err(Error::WrongDtype { expected: Dtype::F32, actual: other });
             }
         })
     }
@@ -388,10 +383,7 @@ impl Tensor {
         if self.dtype == expected {
             Ok(())
         } else {
-            Err(Error::WrongDtype {
-                expected,
-                actual: self.dtype,
-            })
+            Err(Error::WrongDtype { expected, actual: self.dtype })
         }
     }
 }
@@ -532,20 +524,17 @@ pub fn encode(message: &Message) -> Result<Bytes> {
     let sender_len = u16::try_from(sender.len())
         .map_err(|_| Error::Sender(format!("{} bytes is longer than 65535", sender.len())))?;
     let meta = serde_json::to_vec(&message.meta).map_err(Error::Meta)?;
-    let meta_len = u32::try_from(meta.len()).map_err(|_| Error::TooLarge {
-        size: meta.len() as u64,
-        limit: u32::MAX as usize,
-    })?;
+    let meta_len = u32::try_from(meta.len())
+        .map_err(|_| Error::TooLarge { size: meta.len() as u64, limit: u32::MAX as usize })?;
     let order: Vec<&str> = message.tensors.names().collect();
     let order_json = serde_json::to_string(&order).map_err(Error::Meta)?;
     let info = HashMap::from([(ORDER_KEY.to_owned(), order_json)]);
-    let payload = safetensors::serialize(message.tensors.iter().map(|(n, t)| (n, t)), Some(info))
+    let payload = safetensors::serialize(message.tensors.iter(), Some(info))
         .map_err(Error::Safetensors)?;
     let tensor_count =
         u32::try_from(message.tensors.len()).expect("tensor count fits u32: each has a name");
 
-    let mut buf =
-        BytesMut::with_capacity(FIXED_HEADER + sender.len() + meta.len() + payload.len());
+    let mut buf = BytesMut::with_capacity(FIXED_HEADER + sender.len() + meta.len() + payload.len());
     buf.put_slice(&MAGIC);
     buf.put_u16_le(FORMAT_VERSION);
     buf.put_u8(message.kind as u8);
@@ -568,11 +557,8 @@ pub fn encoded_len(message: &Message) -> usize {
     let meta = serde_json::to_vec(&message.meta).map(|v| v.len()).unwrap_or(0);
     // The safetensors header is JSON with one entry per tensor; estimate it generously but
     // deterministically: name + dtype + shape + offsets.
-    let st_header: usize = message
-        .tensors
-        .iter()
-        .map(|(n, t)| n.len() * 2 + 64 + t.shape.len() * 21)
-        .sum();
+    let st_header: usize =
+        message.tensors.iter().map(|(n, t)| n.len() * 2 + 64 + t.shape.len() * 21).sum();
     FIXED_HEADER + message.sender.len() + meta + 8 + st_header + message.tensors.data_bytes()
 }
 
@@ -588,11 +574,7 @@ struct Reader {
 impl Reader {
     fn need(&self, field: &'static str, n: u64) -> Result<()> {
         if (self.buf.remaining() as u64) < n {
-            return Err(Error::Truncated {
-                field,
-                needed: n,
-                available: self.buf.remaining(),
-            });
+            return Err(Error::Truncated { field, needed: n, available: self.buf.remaining() });
         }
         Ok(())
     }
@@ -622,10 +604,7 @@ impl Reader {
 /// Decodes a message, rejecting input larger than `limit` bytes.
 pub fn decode_with_limit(input: Bytes, limit: usize) -> Result<Message> {
     if input.len() > limit {
-        return Err(Error::TooLarge {
-            size: input.len() as u64,
-            limit,
-        });
+        return Err(Error::TooLarge { size: input.len() as u64, limit });
     }
     let mut r = Reader { buf: input };
     let magic = r.bytes("magic", 4)?;
@@ -663,26 +642,13 @@ pub fn decode_with_limit(input: Bytes, limit: usize) -> Result<Message> {
     }
     let actual_crc = crc32fast::hash(&payload);
     if actual_crc != expected_crc {
-        return Err(Error::Checksum {
-            expected: expected_crc,
-            actual: actual_crc,
-        });
+        return Err(Error::Checksum { expected: expected_crc, actual: actual_crc });
     }
     let tensors = decode_tensors(&payload)?;
     if tensors.len() != tensor_count as usize {
-        return Err(Error::TensorCount {
-            header: tensor_count,
-            payload: tensors.len(),
-        });
+        return Err(Error::TensorCount { header: tensor_count, payload: tensors.len() });
     }
-    Ok(Message {
-        kind,
-        round,
-        model_version,
-        sender,
-        meta,
-        tensors,
-    })
+    Ok(Message { kind, round, model_version, sender, meta, tensors })
 }
 
 fn decode_tensors(payload: &Bytes) -> Result<Tensors> {
@@ -731,9 +697,8 @@ mod tests {
     use super::*;
 
     fn sample() -> Message {
-        let mut m = Message::new(Kind::Update, 7)
-            .with_meta("num_samples", 120)
-            .with_meta("loss", 0.25);
+        let mut m =
+            Message::new(Kind::Update, 7).with_meta("num_samples", 120).with_meta("loss", 0.25);
         m.model_version = 3;
         m.sender = "trainer-1".into();
         m.tensors.insert(
@@ -744,8 +709,7 @@ mod tests {
             "a.bias",
             Tensor::from_f16(vec![2], &[half::f16::from_f32(0.5), half::f16::ONE]).expect("shape"),
         );
-        m.tensors
-            .insert("steps", Tensor::from_i64(vec![1], &[42]).expect("shape"));
+        m.tensors.insert("steps", Tensor::from_i64(vec![1], &[42]).expect("shape"));
         m.tensors.insert(
             "mask",
             Tensor::from_u8(vec![3], Bytes::from_static(&[1, 0, 1])).expect("shape"),
@@ -768,7 +732,10 @@ mod tests {
             back.tensors.get("a.bias").expect("present").to_f32_vec().expect("f16"),
             vec![0.5, 1.0]
         );
-        assert_eq!(back.tensors.get("steps").expect("present").to_i64_vec().expect("i64"), vec![42]);
+        assert_eq!(
+            back.tensors.get("steps").expect("present").to_i64_vec().expect("i64"),
+            vec![42]
+        );
         assert_eq!(back.num_samples(), Some(120));
     }
 

@@ -39,11 +39,7 @@ impl Fixture {
         )
         .expect("embedded broker starts");
         let config = fast_liveness(MqttConfig::new("127.0.0.1", broker.addr().port()));
-        Some(Fixture {
-            backend: Backend::Mqtt(config),
-            _broker: Some(broker),
-            job: unique_job(),
-        })
+        Some(Fixture { backend: Backend::Mqtt(config), _broker: Some(broker), job: unique_job() })
     }
 
     fn mosquitto() -> Option<Fixture> {
@@ -69,16 +65,12 @@ impl Fixture {
     }
 
     async fn open(&self, opts: ChannelOptions) -> Channel {
-        Channel::open(opts, self.backend.clone())
-            .await
-            .expect("channel opens")
+        Channel::open(opts, self.backend.clone()).await.expect("channel opens")
     }
 
     /// An aggregator and `n` trainers on channel `param` group `default`.
     async fn star(&self, n: usize) -> (Channel, Vec<Channel>) {
-        let agg = self
-            .open(self.opts("param", "default", "agg", "aggregator", "trainer"))
-            .await;
+        let agg = self.open(self.opts("param", "default", "agg", "aggregator", "trainer")).await;
         let mut trainers = Vec::new();
         for i in 0..n {
             let opts = self
@@ -144,9 +136,7 @@ async fn join_and_ends(f: Fixture) {
     agg.await_ends(2, PATIENCE).await.expect("t1 back");
 
     // A lone end times out waiting for peers.
-    let lonely = f
-        .open(f.opts("other", "default", "solo", "aggregator", "trainer"))
-        .await;
+    let lonely = f.open(f.opts("other", "default", "solo", "aggregator", "trainer")).await;
     assert!(matches!(
         lonely.await_join(Duration::from_millis(300)).await,
         Err(Error::JoinTimeout { .. })
@@ -156,29 +146,20 @@ async fn join_and_ends(f: Fixture) {
 async fn self_loop(f: Fixture) {
     let mut peers = Vec::new();
     for i in 0..3 {
-        peers.push(
-            f.open(f.opts("ring", "default", &format!("p{i}"), "peer", "peer"))
-                .await,
-        );
+        peers.push(f.open(f.opts("ring", "default", &format!("p{i}"), "peer", "peer")).await);
     }
     for p in &peers {
         p.await_ends(2, PATIENCE).await.expect("both others visible");
         assert!(!p.ends().contains(p.me()), "an end never sees itself");
         assert_eq!(p.ends().len(), 2);
     }
-    let to = peers[0]
-        .broadcast(update(9))
-        .await
-        .expect("broadcast");
+    let to = peers[0].broadcast(update(9)).await.expect("broadcast");
     assert_eq!(to, vec![id("p1"), id("p2")]);
     for p in &peers[1..] {
         let m = p.recv(&id("p0")).await.expect("broadcast arrives");
         assert_eq!((m.round, m.sender.as_str()), (9, "p0"));
     }
-    peers[1]
-        .send(&id("p2"), update(3))
-        .await
-        .expect("unicast within the role");
+    peers[1].send(&id("p2"), update(3)).await.expect("unicast within the role");
     assert_eq!(peers[2].recv(&id("p1")).await.expect("arrives").round, 3);
     // The sender got nothing back from its own broadcast.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -186,19 +167,13 @@ async fn self_loop(f: Fixture) {
 }
 
 async fn group_and_job_isolation(f: Fixture) {
-    let agg_a = f
-        .open(f.opts("param", "a", "agg-a", "aggregator", "trainer"))
-        .await;
+    let agg_a = f.open(f.opts("param", "a", "agg-a", "aggregator", "trainer")).await;
     let t_a = f.open(f.opts("param", "a", "t-a", "trainer", "aggregator")).await;
     let t_b = f.open(f.opts("param", "b", "t-b", "trainer", "aggregator")).await;
     let other_job = ChannelOptions::new(unique_job(), "param", "a", "t-x", "trainer", "aggregator");
     let t_x = f.open(other_job).await;
-    let other_channel = f
-        .open(f.opts("metrics", "a", "t-c", "trainer", "aggregator"))
-        .await;
-    let agg_b = f
-        .open(f.opts("param", "b", "agg-b", "aggregator", "trainer"))
-        .await;
+    let other_channel = f.open(f.opts("metrics", "a", "t-c", "trainer", "aggregator")).await;
+    let agg_b = f.open(f.opts("param", "b", "agg-b", "aggregator", "trainer")).await;
     agg_a.await_join(PATIENCE).await.expect("t-a visible");
     agg_b.await_join(PATIENCE).await.expect("t-b visible");
     // Give stray announcements time to (wrongly) arrive.
@@ -207,10 +182,7 @@ async fn group_and_job_isolation(f: Fixture) {
     assert_eq!(agg_b.ends(), vec![id("t-b")]);
     assert!(t_x.ends().is_empty());
     assert!(other_channel.ends().is_empty());
-    assert!(matches!(
-        agg_a.send(&id("t-b"), update(1)).await,
-        Err(Error::UnknownEnd { .. })
-    ));
+    assert!(matches!(agg_a.send(&id("t-b"), update(1)).await, Err(Error::UnknownEnd { .. })));
     agg_a.broadcast(update(2)).await.expect("broadcast");
     assert_eq!(t_a.recv(&id("agg-a")).await.expect("arrives").round, 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -231,7 +203,10 @@ async fn unicast_order_per_sender(f: Fixture) {
         for round in 0..n {
             let m = agg.recv(&id(t)).await.expect("recv");
             assert_eq!((m.round, m.sender.as_str()), (round, t));
-            assert_eq!(&*m.tensors.get("w").expect("w").as_f32().expect("f32"), &[round as f32, 1.0]);
+            assert_eq!(
+                &*m.tensors.get("w").expect("w").as_f32().expect("f32"),
+                &[round as f32, 1.0]
+            );
         }
     }
     // Unknown peers are refused on send and recv.
@@ -263,11 +238,8 @@ async fn broadcast_and_recv_fifo(f: Fixture) {
         let from = id(&format!("t{i}"));
         eventually("update queued", || agg.peek(&from).is_some()).await;
     }
-    let got: Vec<TaskId> = agg
-        .recv_fifo(&agg.ends(), 2)
-        .map(|r| r.expect("fifo item").0)
-        .collect()
-        .await;
+    let got: Vec<TaskId> =
+        agg.recv_fifo(&agg.ends(), 2).map(|r| r.expect("fifo item").0).collect().await;
     assert_eq!(got, vec![id("t2"), id("t0")]);
     // The one not taken stays queued.
     assert_eq!(agg.recv(&id("t1")).await.expect("left over").round, 1);
@@ -334,8 +306,10 @@ async fn size_limit(f: Fixture) {
     agg.await_join(PATIENCE).await.expect("joined");
     t0.await_join(PATIENCE).await.expect("joined");
     let big = || {
-        Message::new(Kind::Weights, 1)
-            .with_tensor("b", Tensor::from_u8(vec![100 << 10], vec![1u8; 100 << 10].into()).expect("shape"))
+        Message::new(Kind::Weights, 1).with_tensor(
+            "b",
+            Tensor::from_u8(vec![100 << 10], vec![1u8; 100 << 10].into()).expect("shape"),
+        )
     };
     // The sender refuses what exceeds its own limit.
     assert!(matches!(agg.send(&id("t0"), big()).await, Err(Error::TooLarge { .. })));
@@ -345,7 +319,10 @@ async fn size_limit(f: Fixture) {
         Err(Error::TooLarge { .. }) => assert!(!f.is_mqtt()),
         Ok(()) => {
             assert!(f.is_mqtt());
-            eventually("oversized message dropped", || agg.metrics().snapshot().messages_dropped == 1).await;
+            eventually("oversized message dropped", || {
+                agg.metrics().snapshot().messages_dropped == 1
+            })
+            .await;
         }
         Err(e) => panic!("unexpected error {e}"),
     }
@@ -371,7 +348,8 @@ async fn duplicate_and_p2p(f: Fixture) {
         .await;
         assert!(matches!(dup, Err(Error::DuplicateEnd { .. })));
     }
-    let p2p = Channel::open(f.opts("param", "default", "x", "trainer", "aggregator"), Backend::P2p).await;
+    let p2p =
+        Channel::open(f.opts("param", "default", "x", "trainer", "aggregator"), Backend::P2p).await;
     assert!(matches!(p2p, Err(Error::BackendNotBuilt(ref b)) if b == "p2p"));
 }
 
@@ -416,7 +394,8 @@ mod broker_only {
     /// Clients reconnect, re-subscribe and re-announce after the broker restarts on its address.
     #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
     async fn reconnect_after_broker_restart() {
-        let broker = start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into()).expect("start");
+        let broker =
+            start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into()).expect("start");
         let addr = broker.addr();
         assert_ne!(addr.port(), 0, "port 0 resolves to the bound port");
         let f = Fixture {
@@ -438,7 +417,8 @@ mod broker_only {
 
     #[test]
     fn busy_address_is_an_error() {
-        let broker = start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into()).expect("start");
+        let broker =
+            start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into()).expect("start");
         let err = start_embedded_broker(broker.addr()).expect_err("address in use");
         assert!(err.to_string().contains("bind broker address"), "{err}");
     }
