@@ -54,28 +54,17 @@ fn options(heartbeat_secs: f64, stop_grace_secs: f64) -> controller::Options {
 }
 
 fn endpoints(notifier_url: &str) -> Endpoints {
-    Endpoints {
-        apiserver: "http://127.0.0.1:1".to_owned(),
-        notifier: notifier_url.to_owned(),
-    }
+    Endpoints { apiserver: "http://127.0.0.1:1".to_owned(), notifier: notifier_url.to_owned() }
 }
 
 async fn plane(controller_options: controller::Options) -> Plane {
     let dir = tempfile::tempdir().expect("tempdir");
     let blobs = BlobStore::new(dir.path().join("blobs"), 1 << 20).expect("blob dir");
     let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(dir.path().join("fledge.db"), blobs)
-            .await
-            .expect("sqlite store"),
+        SqliteStore::open(dir.path().join("fledge.db"), blobs).await.expect("sqlite store"),
     );
     let owner = UserId::new("alice");
-    store
-        .create_user(&User {
-            id: owner.clone(),
-            is_admin: false,
-        })
-        .await
-        .expect("user");
+    store.create_user(&User { id: owner.clone(), is_admin: false }).await.expect("user");
     let design = DesignId::new("mnist");
     store
         .create_design(
@@ -102,10 +91,7 @@ async fn plane(controller_options: controller::Options) -> Plane {
         ]
     }))
     .expect("schema json");
-    store
-        .put_schema(Some(&owner), &design, &schema)
-        .await
-        .expect("schema");
+    store.put_schema(Some(&owner), &design, &schema).await.expect("schema");
     let mut datasets = Vec::new();
     for name in ["part-a", "part-b"] {
         let dataset = store
@@ -135,9 +121,7 @@ async fn plane(controller_options: controller::Options) -> Plane {
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let notifier_url = format!("http://{}", listener.local_addr().expect("addr"));
-    let service = notifier::Options::default()
-        .build(store.clone())
-        .expect("notifier");
+    let service = notifier::Options::default().build(store.clone()).expect("notifier");
     let notifier = service.handle();
     tokio::spawn(service.run(listener, shutdown.clone()));
 
@@ -181,28 +165,18 @@ impl Plane {
             "dataSpec": [{"role": "trainer", "datasetGroups": {"default": self.datasets}}],
         }))
         .expect("job spec");
-        let job = self
-            .store
-            .create_job(&self.owner, &spec, "1", "1")
-            .await
-            .expect("create job");
+        let job = self.store.create_job(&self.owner, &spec, "1", "1").await.expect("create job");
         job.id
     }
 
     async fn set_job(&self, job: &JobId, from: &[JobState], to: JobState) {
-        self.store
-            .set_job_state(job, from, to, None)
-            .await
-            .expect("job transition");
+        self.store.set_job_state(job, from, to, None).await.expect("job transition");
         self.controller.job_changed(job.clone());
     }
 
     /// What an agent's status report does through the apiserver.
     async fn report(&self, job: &JobId, task: &TaskId, state: TaskState) {
-        self.store
-            .set_task_state(job, task, state, Some("reported"))
-            .await
-            .expect("task report");
+        self.store.set_task_state(job, task, state, Some("reported")).await.expect("task report");
         self.controller.job_changed(job.clone());
     }
 
@@ -243,10 +217,7 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -273,14 +244,10 @@ impl<E: Clone> Recorder<E> {
 }
 
 async fn deployer(url: &str) -> Recorder<DeployEvent> {
-    let mut client = NotifierClient::connect(url.to_owned())
-        .await
-        .expect("connect");
+    let mut client = NotifierClient::connect(url.to_owned()).await.expect("connect");
     let mut stream = client
         .subscribe_compute(bearer(
-            ComputeSubscription {
-                compute_id: "default".to_owned(),
-            },
+            ComputeSubscription { compute_id: "default".to_owned() },
             COMPUTE_KEY,
         ))
         .await
@@ -297,15 +264,10 @@ async fn deployer(url: &str) -> Recorder<DeployEvent> {
 }
 
 async fn agent(url: &str, job: &JobId, task: &TaskId, key: &str) -> Recorder<TaskEvent> {
-    let mut client = NotifierClient::connect(url.to_owned())
-        .await
-        .expect("connect");
+    let mut client = NotifierClient::connect(url.to_owned()).await.expect("connect");
     let mut stream = client
         .subscribe_task(bearer(
-            TaskSubscription {
-                job_id: job.to_string(),
-                task_id: task.to_string(),
-            },
+            TaskSubscription { job_id: job.to_string(), task_id: task.to_string() },
             key,
         ))
         .await
@@ -322,27 +284,18 @@ async fn agent(url: &str, job: &JobId, task: &TaskId, key: &str) -> Recorder<Tas
 }
 
 fn kinds(events: &[TaskEvent]) -> Vec<TaskEventKind> {
-    events
-        .iter()
-        .map(|e| TaskEventKind::try_from(e.kind).expect("known kind"))
-        .collect()
+    events.iter().map(|e| TaskEventKind::try_from(e.kind).expect("known kind")).collect()
 }
 
 fn deploy_kinds(events: &[DeployEvent]) -> Vec<DeployEventKind> {
-    events
-        .iter()
-        .map(|e| DeployEventKind::try_from(e.kind).expect("known kind"))
-        .collect()
+    events.iter().map(|e| DeployEventKind::try_from(e.kind).expect("known kind")).collect()
 }
 
 /// Starts a job and waits for it to be deployed; returns the deployer and every task's agent.
 async fn start_and_deploy(
     plane: &Plane,
     job: &JobId,
-) -> (
-    Recorder<DeployEvent>,
-    BTreeMap<TaskId, Recorder<TaskEvent>>,
-) {
+) -> (Recorder<DeployEvent>, BTreeMap<TaskId, Recorder<TaskEvent>>) {
     let deployer = deployer(&plane.notifier_url).await;
     plane.set_job(job, &[JobState::Ready], JobState::Starting).await;
     plane.wait_job(job, JobState::Deploying).await;
@@ -373,13 +326,7 @@ async fn start_and_deploy(
 
     let mut agents = BTreeMap::new();
     for task in &tasks {
-        let recorder = agent(
-            &plane.notifier_url,
-            job,
-            &task.task_id,
-            &keys[&task.task_id],
-        )
-        .await;
+        let recorder = agent(&plane.notifier_url, job, &task.task_id, &keys[&task.task_id]).await;
         // The start event was published before the agent connected.
         eventually("a start event", || {
             let recorder = recorder.clone();
@@ -402,9 +349,7 @@ async fn wait_revoke(deployer: &Recorder<DeployEvent>) {
     eventually("a revoke event", || {
         let deployer = deployer.clone();
         async move {
-            deploy_kinds(&deployer.snapshot())
-                .contains(&DeployEventKind::Revoke)
-                .then_some(())
+            deploy_kinds(&deployer.snapshot()).contains(&DeployEventKind::Revoke).then_some(())
         }
     })
     .await;
@@ -413,11 +358,7 @@ async fn wait_revoke(deployer: &Recorder<DeployEvent>) {
 async fn wait_stop(agent: &Recorder<TaskEvent>) {
     eventually("a stop event", || {
         let agent = agent.clone();
-        async move {
-            kinds(&agent.snapshot())
-                .contains(&TaskEventKind::Stop)
-                .then_some(())
-        }
+        async move { kinds(&agent.snapshot()).contains(&TaskEventKind::Stop).then_some(()) }
     })
     .await;
 }
@@ -453,9 +394,7 @@ async fn a_user_stop_stops_revokes_and_terminates() {
     let (deployer, agents) = start_and_deploy(&plane, &job).await;
     run_all(&plane, &job).await;
 
-    plane
-        .set_job(&job, &[JobState::Running], JobState::Stopping)
-        .await;
+    plane.set_job(&job, &[JobState::Running], JobState::Stopping).await;
     wait_revoke(&deployer).await;
     for (task, agent) in &agents {
         wait_stop(agent).await;
@@ -494,32 +433,18 @@ async fn a_role_whose_tasks_all_failed_fails_the_job() {
 
     let tasks = plane.tasks(&job).await;
     let trainers: Vec<&Task> = tasks.iter().filter(|t| t.role == "trainer").collect();
-    let aggregator = tasks
-        .iter()
-        .find(|t| t.role == "aggregator")
-        .expect("aggregator");
-    plane
-        .report(&job, &trainers[0].task_id, TaskState::Failed)
-        .await;
+    let aggregator = tasks.iter().find(|t| t.role == "aggregator").expect("aggregator");
+    plane.report(&job, &trainers[0].task_id, TaskState::Failed).await;
     // One trainer failing is not enough.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(plane.job(&job).await.state, JobState::Running);
-    plane
-        .report(&job, &trainers[1].task_id, TaskState::Failed)
-        .await;
+    plane.report(&job, &trainers[1].task_id, TaskState::Failed).await;
 
     let failed = plane.wait_job(&job, JobState::Failed).await;
-    assert_eq!(
-        failed.reason.as_deref(),
-        Some("all tasks of role trainer failed")
-    );
+    assert_eq!(failed.reason.as_deref(), Some("all tasks of role trainer failed"));
     wait_revoke(&deployer).await;
     wait_stop(&agents[&aggregator.task_id]).await;
-    let aggregator = plane
-        .store
-        .get_task(&job, &aggregator.task_id)
-        .await
-        .expect("task");
+    let aggregator = plane.store.get_task(&job, &aggregator.task_id).await.expect("task");
     assert_eq!(aggregator.state, TaskState::Terminated);
 }
 
@@ -536,16 +461,8 @@ async fn silent_agents_are_failed_as_lost() {
     let reason = failed.reason.expect("a reason");
     assert!(reason.starts_with("all tasks of role"), "{reason}");
     wait_revoke(&deployer).await;
-    let logs: Vec<String> = plane
-        .tasks(&job)
-        .await
-        .into_iter()
-        .map(|t| t.log)
-        .collect();
-    assert!(
-        logs.iter().any(|log| log.contains("agent lost")),
-        "{logs:?}"
-    );
+    let logs: Vec<String> = plane.tasks(&job).await.into_iter().map(|t| t.log).collect();
+    assert!(logs.iter().any(|log| log.contains("agent lost")), "{logs:?}");
 }
 
 #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
@@ -582,10 +499,7 @@ async fn a_restarted_controller_resumes_the_job() {
     assert_eq!(redeploy.kind, DeployEventKind::Deploy as i32);
     assert!(redeploy.seq > 1, "sequence numbers keep counting");
     for deployment in &redeploy.tasks {
-        assert_eq!(
-            deployment.task_key,
-            keys_before[&TaskId::new(deployment.task_id.clone())]
-        );
+        assert_eq!(deployment.task_key, keys_before[&TaskId::new(deployment.task_id.clone())]);
     }
     assert_eq!(plane.store.task_keys(&job).await.expect("keys"), keys_before);
 
@@ -605,15 +519,8 @@ async fn a_job_that_cannot_expand_fails_with_the_problem_named() {
         "dataSpec": [{"role": "trainer", "datasetGroups": {"default": ["no-such-dataset"]}}],
     }))
     .expect("job spec");
-    let job = plane
-        .store
-        .create_job(&plane.owner, &spec, "1", "1")
-        .await
-        .expect("create job")
-        .id;
-    plane
-        .set_job(&job, &[JobState::Ready], JobState::Starting)
-        .await;
+    let job = plane.store.create_job(&plane.owner, &spec, "1", "1").await.expect("create job").id;
+    plane.set_job(&job, &[JobState::Ready], JobState::Starting).await;
     let failed = plane.wait_job(&job, JobState::Failed).await;
     let reason = failed.reason.expect("a reason");
     assert!(
@@ -629,9 +536,7 @@ async fn notifier_queues_before_connect_replays_on_reconnect_and_checks_keys() {
     let compute = ComputeId::new("default");
     let job = JobId::new("j-notify");
     let event = |kind| notifier::deploy_event(kind, &job, Vec::new(), "a", "n");
-    plane
-        .notifier
-        .publish_deploy(&compute, event(DeployEventKind::Deploy));
+    plane.notifier.publish_deploy(&compute, event(DeployEventKind::Deploy));
     assert!(!plane.notifier.is_compute_connected(&compute));
 
     let first = deployer(&plane.notifier_url).await;
@@ -640,9 +545,7 @@ async fn notifier_queues_before_connect_replays_on_reconnect_and_checks_keys() {
         async move { (first.snapshot().len() == 1).then_some(()) }
     })
     .await;
-    plane
-        .notifier
-        .publish_deploy(&compute, event(DeployEventKind::Revoke));
+    plane.notifier.publish_deploy(&compute, event(DeployEventKind::Revoke));
     eventually("the live event", || {
         let first = first.clone();
         async move { (first.snapshot().len() == 2).then_some(()) }
@@ -660,21 +563,14 @@ async fn notifier_queues_before_connect_replays_on_reconnect_and_checks_keys() {
     })
     .await;
     assert_eq!(replayed, first.snapshot());
-    assert_eq!(
-        replayed.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        [1, 2]
-    );
+    assert_eq!(replayed.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
     assert!(plane.notifier.is_compute_connected(&compute));
 
     // Wrong or missing secrets are refused.
-    let mut client = NotifierClient::connect(plane.notifier_url.clone())
-        .await
-        .expect("connect");
+    let mut client = NotifierClient::connect(plane.notifier_url.clone()).await.expect("connect");
     let status = client
         .subscribe_compute(bearer(
-            ComputeSubscription {
-                compute_id: "default".to_owned(),
-            },
+            ComputeSubscription { compute_id: "default".to_owned() },
             "wrong",
         ))
         .await
@@ -691,10 +587,7 @@ async fn notifier_queues_before_connect_replays_on_reconnect_and_checks_keys() {
     assert!(status.message().contains("authorization"), "{status:?}");
     let status = client
         .subscribe_task(bearer(
-            TaskSubscription {
-                job_id: String::new(),
-                task_id: "no-such-task".to_owned(),
-            },
+            TaskSubscription { job_id: String::new(), task_id: "no-such-task".to_owned() },
             "k",
         ))
         .await

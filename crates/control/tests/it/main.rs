@@ -1,1 +1,8 @@
-//! Integration tests of the control plane.
+//! Integration tests of the apiserver: a real router on a loopback port over a temp-dir SQLite
+//! store, driven with raw HTTP.
+//!
+//! No controller runs: tests that need tasks insert them as the controller would (expansion
+//! plus one key per task), and the controller's wake-ups are read from its queue.
+
+mod api;
+mod support;

@@ -1,0 +1,710 @@
+//! The REST API end to end: lifecycle, auth and ownership, bad input, restart.
+
+use std::collections::BTreeMap;
+use std::io::{Cursor, Read as _};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use fledge_control::store::NewTask;
+use fledge_types::{Dataset, Job, JobId, Task};
+
+use crate::support::{CODE_LIMIT, Client, Server, hier_job, setup_hier, zip_of};
+
+/// Stores the tasks of `job` as the controller does on start: the expansion, one key each.
+async fn insert_tasks(server: &Server, job: &str) -> Vec<(Task, String)> {
+    let store = &server.store;
+    let job: Job = store.get_job(None, &JobId::new(job)).await.unwrap();
+    let (_, schema) = store
+        .get_schema(Some(&job.owner), &job.spec.design_id, Some(&job.schema_version))
+        .await
+        .unwrap();
+    let datasets: Vec<Dataset> = store.list_datasets(Some(&job.owner)).await.unwrap();
+    let computes = store.list_computes().await.unwrap();
+    let tasks =
+        fledge_types::expand::expand(&job.id, &job.spec, &schema, &datasets, &computes).unwrap();
+    let new: Vec<NewTask> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, task)| NewTask { task: task.clone(), key: format!("task-key-{i}-{}", job.id) })
+        .collect();
+    store.insert_tasks(&new).await.unwrap();
+    new.into_iter().map(|n| (n.task, n.key)).collect()
+}
+
+fn roles(tasks: &Value) -> BTreeMap<String, usize> {
+    let mut count = BTreeMap::new();
+    for task in tasks.as_array().unwrap() {
+        *count.entry(task["role"].as_str().unwrap().to_owned()).or_insert(0) += 1;
+    }
+    count
+}
+
+fn zip_names(bytes: &[u8]) -> Vec<String> {
+    let archive = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
+    let mut names: Vec<_> = archive.file_names().map(str::to_owned).collect();
+    names.sort();
+    names
+}
+
+#[test_log::test(tokio::test)]
+async fn three_tier_job_lifecycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path()).await;
+    let ann = server.user("ann").await;
+    // Computes per region: the eu datasets land on compute eu.
+    for (id, region) in [("eu", "default/eu"), ("us", "default/us")] {
+        let (status, body) = server
+            .admin
+            .post(
+                "/computes",
+                &json!({"computeId": id, "region": region,
+                                       "apiKey": format!("{id}-key-0123456789abcdef")}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert!(body.get("apiKey").is_none(), "keys are never listed: {body}");
+    }
+    let datasets = setup_hier(&ann, "ann").await;
+
+    // The design shows both revisions.
+    let (status, design) = ann.get("/users/ann/designs/hier").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (design["schemaVersions"].clone(), design["codeVersions"].clone()),
+        (json!(["1"]), json!(["1"]))
+    );
+    let (status, code) = ann.get_bytes("/users/ann/designs/hier/code").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(zip_names(&code).len(), 4);
+
+    // Plan: 4 trainers, 2 middle aggregators, 1 top aggregator; nothing stored.
+    let before = server.snapshot().await;
+    let (status, plan) = ann.post("/users/ann/jobs/plan", &hier_job(&datasets)).await;
+    assert_eq!(status, StatusCode::OK, "{plan}");
+    assert_eq!(
+        roles(&plan),
+        BTreeMap::from([
+            ("middle-aggregator".into(), 2),
+            ("top-aggregator".into(), 1),
+            ("trainer".into(), 4)
+        ])
+    );
+    let trainer_computes: Vec<_> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["role"] == "trainer")
+        .map(|t| t["computeId"].clone())
+        .collect();
+    assert_eq!(trainer_computes, [json!("eu"), json!("eu"), json!("us"), json!("us")]);
+    assert!(plan.as_array().unwrap().iter().all(|t| t.get("key").is_none()));
+    assert_eq!(server.snapshot().await, before, "plan stores nothing");
+
+    // Create: state ready, versions pinned.
+    let (status, job) = ann.post("/users/ann/jobs", &hier_job(&datasets)).await;
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    assert_eq!(
+        (job["state"].clone(), job["schemaVersion"].clone(), job["codeVersion"].clone()),
+        (json!("ready"), json!("1"), json!("1"))
+    );
+    let id = job["id"].as_str().unwrap().to_owned();
+    let (_, jobs) = ann.get("/users/ann/jobs?state=ready").await;
+    assert_eq!(jobs.as_array().unwrap().len(), 1);
+    let (_, jobs) = ann.get("/users/ann/jobs?state=running").await;
+    assert_eq!(jobs, json!([]));
+
+    // A ready job's spec may change.
+    let mut changed = hier_job(&datasets);
+    changed["name"] = json!("renamed");
+    let (status, body) = ann.put(&format!("/users/ann/jobs/{id}"), &changed).await;
+    assert_eq!((status, &body["name"]), (StatusCode::OK, &Value::Null), "{body}");
+    assert_eq!(body["spec"]["name"], "renamed");
+
+    // Start → starting, and the controller is woken; start again → 409.
+    let (status, body) =
+        ann.put(&format!("/users/ann/jobs/{id}/status"), &json!({"state": "starting"})).await;
+    assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("starting")), "{body}");
+    assert_eq!(server.woken.try_recv().unwrap().as_str(), id);
+    let (status, body) =
+        ann.put(&format!("/users/ann/jobs/{id}/status"), &json!({"state": "starting"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "CONFLICT");
+    assert_eq!(body["message"], format!("job {id} is starting; only a ready job can be started"));
+    let (status, _) = ann.put(&format!("/users/ann/jobs/{id}"), &changed).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a started job's spec is frozen");
+
+    // The controller stores the tasks; agents fetch their config and code with their key.
+    let tasks = insert_tasks(&server, &id).await;
+    assert_eq!(tasks.len(), 7);
+    let (trainer, trainer_key) = tasks.iter().find(|(t, _)| t.role == "trainer").unwrap();
+    let agent = Client::new(&server.base, trainer_key);
+    let (status, config) = agent.get(&format!("/tasks/{}/config", trainer.task_id)).await;
+    assert_eq!(status, StatusCode::OK, "{config}");
+    assert_eq!(config["role"], "trainer");
+    assert_eq!(config["job"]["id"], id.as_str());
+    assert_eq!(config["dataset"]["url"], "file:///data/uk.csv");
+    assert_eq!(config["channels"].as_array().unwrap().len(), 1);
+    assert_eq!(config["groupAssociation"]["param-channel"], "eu");
+    assert_eq!(config["hyperparameters"]["rounds"], 3);
+    assert_eq!(config["brokers"][0]["host"], "127.0.0.1:1883");
+    let (status, code) = agent.get_bytes(&format!("/tasks/{}/code", trainer.task_id)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(zip_names(&code), ["main.py", "util/data.py"]);
+    let mut main = String::new();
+    zip::ZipArchive::new(Cursor::new(&code))
+        .unwrap()
+        .by_name("main.py")
+        .unwrap()
+        .read_to_string(&mut main)
+        .unwrap();
+    assert_eq!(main, "print('train')\n");
+    let (top, top_key) = tasks.iter().find(|(t, _)| t.role == "top-aggregator").unwrap();
+    let (status, config) =
+        Client::new(&server.base, top_key).get(&format!("/tasks/{}/config", top.task_id)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(config.get("dataset").is_none(), "{config}");
+
+    // Agent reports: running, heartbeat, metrics.
+    let task_path = format!("/tasks/{}", trainer.task_id);
+    let (status, body) =
+        agent.put(&format!("{task_path}/status"), &json!({"state": "running", "log": "up"})).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(server.woken.try_recv().unwrap().as_str(), id);
+    let (status, _) = agent.post(&format!("{task_path}/heartbeat"), &json!(null)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let record = |round: u64| {
+        json!({"taskId": trainer.task_id, "role": "trainer", "round": round,
+                                     "metrics": {"loss": 0.5, "accuracy": 0.9}})
+    };
+    let (status, body) =
+        agent.post(&format!("{task_path}/metrics"), &json!([record(1), record(2)])).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, metrics) = ann.get(&format!("/users/ann/jobs/{id}/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        metrics.as_array().unwrap().iter().map(|m| m["round"].clone()).collect::<Vec<_>>(),
+        [json!(1), json!(2)]
+    );
+    let (_, task) = ann.get(&format!("/users/ann/jobs/{id}/tasks/{}", trainer.task_id)).await;
+    assert_eq!((task["state"].clone(), task["log"].clone()), (json!("running"), json!("up")));
+    assert!(task["lastHeartbeat"].is_string(), "{task}");
+    let (_, listed) = ann.get(&format!("/users/ann/jobs/{id}/tasks")).await;
+    assert_eq!(listed.as_array().unwrap().len(), 7);
+    assert!(listed.as_array().unwrap().iter().all(|t| t.get("key").is_none()));
+
+    // A deployer reports a failed worker with its compute key (the second eu trainer).
+    let (failed, _) = tasks.iter().filter(|(t, _)| t.role == "trainer").nth(1).unwrap();
+    assert_eq!(failed.compute_id.as_str(), "eu");
+    let deployer = Client::new(&server.base, "eu-key-0123456789abcdef");
+    let report = json!({"jobId": id, "state": "failed", "message": "image pull failed"});
+    let path = format!("/computes/eu/tasks/{}/deployment", failed.task_id);
+    let (status, body) = deployer.put(&path, &report).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(server.woken.try_recv().unwrap().as_str(), id);
+    let (_, task) = ann.get(&format!("/users/ann/jobs/{id}/tasks/{}", failed.task_id)).await;
+    assert_eq!(
+        (task["state"].clone(), task["log"].clone()),
+        (json!("failed"), json!("deployment failed: image pull failed"))
+    );
+    let (status, _) = Client::new(&server.base, "wrong-key").put(&path, &report).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The us deployer's key is not the eu compute's; a task of another compute is 404.
+    let us = Client::new(&server.base, "us-key-0123456789abcdef");
+    let (status, _) = us.put(&path, &report).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) =
+        us.put(&format!("/computes/us/tasks/{}/deployment", failed.task_id), &report).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, job_status) = ann.get(&format!("/users/ann/jobs/{id}/status")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(job_status["state"], "starting");
+    let counts = job_status["tasks"].as_object().unwrap();
+    assert_eq!(counts.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 7);
+    assert_eq!(
+        (counts["running"].clone(), counts["failed"].clone(), counts["ready"].clone()),
+        (json!(1), json!(1), json!(5))
+    );
+
+    // Stop → stopping; stop again → 409; delete while stopping → 409.
+    let (status, body) =
+        ann.put(&format!("/users/ann/jobs/{id}/status"), &json!({"state": "stopping"})).await;
+    assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("stopping")), "{body}");
+    let (status, _) =
+        ann.put(&format!("/users/ann/jobs/{id}/status"), &json!({"state": "stopping"})).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, body) = ann.delete(&format!("/users/ann/jobs/{id}")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = ann.delete("/users/ann/designs/hier").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["message"].as_str().unwrap().contains(&id), "{body}");
+    server.stop().await;
+}
+
+#[test_log::test(tokio::test)]
+async fn auth_and_ownership() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let ann = server.user("ann").await;
+    let bob = server.user("bob").await;
+    let datasets = setup_hier(&ann, "ann").await;
+    let (_, job) = ann.post("/users/ann/jobs", &hier_job(&datasets)).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+
+    // No token, a bad token, a malformed header: 401 with an ApiError body.
+    let (status, body) = Client::anonymous(&server.base).get("/users/ann/jobs").await;
+    assert_eq!((status, &body["code"]), (StatusCode::UNAUTHORIZED, &json!("UNAUTHENTICATED")));
+    let (status, _) = Client::new(&server.base, "not-a-token").get("/whoami").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, who) = ann.get("/whoami").await;
+    assert_eq!((status, who), (StatusCode::OK, json!({"id": "ann", "isAdmin": false})));
+
+    let before = server.snapshot().await;
+    // Bob under his own name: Ann's ids do not exist for him.
+    for path in [
+        format!("/users/bob/jobs/{id}"),
+        format!("/users/bob/jobs/{id}/status"),
+        format!("/users/bob/jobs/{id}/tasks"),
+        "/users/bob/designs/hier".to_owned(),
+        format!("/users/bob/datasets/{}", datasets[0]),
+    ] {
+        let (status, body) = bob.get(&path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
+    for state in ["starting", "stopping"] {
+        let (status, _) =
+            bob.put(&format!("/users/bob/jobs/{id}/status"), &json!({"state": state})).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+    let (status, _) = bob.delete(&format!("/users/bob/jobs/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = bob.delete(&format!("/users/bob/datasets/{}", datasets[0])).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Bob under Ann's name: forbidden.
+    let (status, body) = bob.get(&format!("/users/ann/jobs/{id}")).await;
+    assert_eq!((status, &body["code"]), (StatusCode::FORBIDDEN, &json!("PERMISSION_DENIED")));
+    let (status, _) =
+        bob.put(&format!("/users/ann/jobs/{id}/status"), &json!({"state": "starting"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Bob cannot use Ann's private datasets in his jobs either.
+    let (status, _) = bob.post("/users/bob/designs", &json!({"id": "hier"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = bob.post("/users/bob/jobs/plan", &hier_job(&datasets)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // Admin-only routes.
+    let (status, _) = bob.post("/users", &json!({"id": "eve"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = bob.get("/computes").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = bob.post("/users/ann/tokens", &json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Bob's design creation above is the only change.
+    let mut after = server.snapshot().await;
+    after["designs"].as_array_mut().unwrap().retain(|d| d["owner"] != "bob");
+    assert_eq!(after, before);
+
+    // The admin sees Ann's job under her name.
+    let (status, body) = server.admin.get(&format!("/users/ann/jobs/{id}")).await;
+    assert_eq!((status, &body["owner"]), (StatusCode::OK, &json!("ann")));
+
+    // Task keys: a wrong key or another task's key cannot fetch.
+    let (status, _) =
+        ann.put(&format!("/users/ann/jobs/{id}/status"), &json!({"state": "starting"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let tasks = insert_tasks(&server, &id).await;
+    let (first, _) = &tasks[0];
+    let (_, other_key) = &tasks[1];
+    for key in ["wrong", other_key.as_str()] {
+        let agent = Client::new(&server.base, key);
+        let (status, _) = agent.get(&format!("/tasks/{}/config", first.task_id)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = agent.get_bytes(&format!("/tasks/{}/code", first.task_id)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = agent
+            .put(&format!("/tasks/{}/status", first.task_id), &json!({"state": "failed"}))
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // A user token is no task key.
+    let (status, _) = ann.get(&format!("/tasks/{}/config", first.task_id)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = Client::new(&server.base, "x").get("/tasks/unknown/config").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    server.stop().await;
+}
+
+#[test_log::test(tokio::test)]
+async fn bad_input_is_rejected_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let ann = server.user("ann").await;
+    let datasets = setup_hier(&ann, "ann").await;
+    let (_, job) = ann.post("/users/ann/jobs", &hier_job(&datasets)).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let before = server.snapshot().await;
+
+    /// Expects `status` and every `paths` among the details, with the store unchanged.
+    async fn check(
+        server: &Server,
+        before: &Value,
+        what: &str,
+        got: (StatusCode, Value),
+        status: StatusCode,
+        paths: &[&str],
+    ) {
+        let (got_status, body) = got;
+        assert_eq!(got_status, status, "{what}: {body}");
+        assert!(body["message"].is_string(), "{what}: not an ApiError: {body}");
+        let details: Vec<String> = body["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["path"].as_str().unwrap().to_owned())
+            .collect();
+        for path in paths {
+            assert!(details.iter().any(|d| d == path), "{what}: no detail at {path}: {body}");
+        }
+        assert_eq!(&server.snapshot().await, before, "{what} changed the store");
+    }
+    let raw = |path: &str, body: &str| {
+        let ann = ann.clone();
+        let path = path.to_owned();
+        let body = body.as_bytes().to_vec();
+        async move { ann.post_raw(&path, "application/json", body).await }
+    };
+    let bad = StatusCode::BAD_REQUEST;
+
+    check(
+        &server,
+        &before,
+        "malformed JSON",
+        raw("/users/ann/designs", "{\"id\": ").await,
+        bad,
+        &[""],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "unknown fields",
+        ann.post(
+            "/users/ann/datasets",
+            &json!({"name": "x", "url": "file:///x", "realmm": "a", "colour": 1}),
+        )
+        .await,
+        bad,
+        &["realmm", "colour"],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "dataset rules",
+        ann.post("/users/ann/datasets", &json!({"name": " ", "url": "nowhere", "realm": "a//b"}))
+            .await,
+        bad,
+        &["name", "url", "realm"],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "design id",
+        ann.post("/users/ann/designs", &json!({"id": "../etc"})).await,
+        bad,
+        &["id"],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "duplicate design",
+        ann.post("/users/ann/designs", &json!({"id": "hier"})).await,
+        StatusCode::CONFLICT,
+        &[],
+    )
+    .await;
+    let schema = json!({"roles": [{"name": "a"}, {"name": "a"}],
+                        "channels": [{"name": "c", "pair": ["a", "ghost"]}]});
+    check(
+        &server,
+        &before,
+        "schema rules",
+        ann.post("/users/ann/designs/hier/schemas", &schema).await,
+        bad,
+        &["roles", "roles[1].name", "channels[0].pair[1]"],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "schema of an unknown design",
+        ann.post("/users/ann/designs/nope/schemas", &crate::support::hier_schema()).await,
+        StatusCode::NOT_FOUND,
+        &[],
+    )
+    .await;
+
+    let mut job = hier_job(&datasets);
+    job["name"] = json!("");
+    job["maxRunTime"] = json!(100_000_000u64);
+    job["dataSpec"][0]["datasetGroups"]["eu"][0] = json!("no-such-dataset");
+    job["dataSpec"][0]["role"] = json!("trainer");
+    check(
+        &server,
+        &before,
+        "job rules",
+        ann.post("/users/ann/jobs", &job).await,
+        bad,
+        &["name", "maxRunTime"],
+    )
+    .await;
+    let (_, body) = ann.post("/users/ann/jobs", &job).await;
+    assert!(body.to_string().contains("no-such-dataset"), "{body}");
+    let mut job = hier_job(&datasets);
+    job["designId"] = json!("nope");
+    check(
+        &server,
+        &before,
+        "unknown design",
+        ann.post("/users/ann/jobs", &job).await,
+        bad,
+        &["designId"],
+    )
+    .await;
+    let mut job = hier_job(&datasets);
+    job["schemaVersion"] = json!("7");
+    job["codeVersion"] = json!("9");
+    check(
+        &server,
+        &before,
+        "unknown revisions",
+        ann.post("/users/ann/jobs/plan", &job).await,
+        bad,
+        &["schemaVersion", "codeVersion"],
+    )
+    .await;
+    let mut job = hier_job(&datasets);
+    job["modelSpec"]["optimiser"] = json!({"sort": "fedavg"});
+    check(
+        &server,
+        &before,
+        "unknown job field",
+        ann.post("/users/ann/jobs", &job).await,
+        bad,
+        &["modelSpec.optimiser"],
+    )
+    .await;
+
+    // Code bundles.
+    let code = "/users/ann/designs/hier/codes";
+    check(
+        &server,
+        &before,
+        "not a zip",
+        ann.post_raw(code, "application/zip", b"PK but not really".to_vec()).await,
+        bad,
+        &[],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "wrong content type",
+        ann.post_raw(code, "application/octet-stream", crate::support::hier_code()).await,
+        bad,
+        &[],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "empty zip",
+        ann.post_raw(code, "application/zip", zip_of(&[])).await,
+        bad,
+        &[],
+    )
+    .await;
+    let big: String = (0..CODE_LIMIT).map(|i| char::from(b'a' + (i * 7919 % 26) as u8)).collect();
+    let mut big_zip = zip_of(&[("trainer/blob.txt", &big)]);
+    big_zip.resize(CODE_LIMIT as usize + 1, 0);
+    let got = ann.post_raw(code, "application/zip", big_zip).await;
+    assert!(got.1["message"].as_str().unwrap().contains(&CODE_LIMIT.to_string()), "{}", got.1);
+    check(&server, &before, "oversize bundle", got, StatusCode::PAYLOAD_TOO_LARGE, &[]).await;
+    let huge_json = format!("{{\"id\": \"{}\"}}", "x".repeat(9 * 1024 * 1024));
+    let got = raw("/users/ann/designs", &huge_json).await;
+    assert!(got.1["message"].as_str().unwrap().contains("8388608"), "{}", got.1);
+    check(&server, &before, "oversize JSON", got, StatusCode::PAYLOAD_TOO_LARGE, &[]).await;
+
+    // Unknown ids.
+    let not_found = StatusCode::NOT_FOUND;
+    for path in [
+        "/users/ann/jobs/nope",
+        "/users/ann/jobs/nope/status",
+        "/users/ann/designs/nope",
+        "/users/ann/designs/hier/schemas/9",
+        "/users/ann/designs/hier/schemas/x",
+        "/users/ann/designs/hier/codes/2",
+        "/users/ann/datasets/nope",
+        "/computes/nope",
+        "/no/such/route",
+    ] {
+        let client = if path.starts_with("/computes") { &server.admin } else { &ann };
+        check(&server, &before, path, client.get(path).await, not_found, &[]).await;
+    }
+    check(
+        &server,
+        &before,
+        "start unknown job",
+        ann.put("/users/ann/jobs/nope/status", &json!({"state": "starting"})).await,
+        not_found,
+        &[],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "delete unknown dataset",
+        ann.delete("/users/ann/datasets/nope").await,
+        not_found,
+        &[],
+    )
+    .await;
+
+    // Illegal transitions and bad status requests.
+    let status_path = format!("/users/ann/jobs/{id}/status");
+    check(
+        &server,
+        &before,
+        "stop a ready job",
+        ann.put(&status_path, &json!({"state": "stopping"})).await,
+        StatusCode::CONFLICT,
+        &[],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "request running",
+        ann.put(&status_path, &json!({"state": "running"})).await,
+        bad,
+        &["state"],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "unknown state",
+        ann.put(&status_path, &json!({"state": "flying"})).await,
+        bad,
+        &["state"],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "delete a dataset in use",
+        ann.delete(&format!("/users/ann/datasets/{}", datasets[0])).await,
+        StatusCode::CONFLICT,
+        &[],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "duplicate user",
+        server.admin.post("/users", &json!({"id": "ann"})).await,
+        StatusCode::CONFLICT,
+        &[],
+    )
+    .await;
+    check(
+        &server,
+        &before,
+        "compute rules",
+        server
+            .admin
+            .post("/computes", &json!({"computeId": "", "region": "", "apiKey": "short"}))
+            .await,
+        bad,
+        &["computeId", "region", "apiKey"],
+    )
+    .await;
+    server.stop().await;
+}
+
+#[test_log::test(tokio::test)]
+async fn everything_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let ann = server.user("ann").await;
+    let datasets = setup_hier(&ann, "ann").await;
+    let (_, job) = ann.post("/users/ann/jobs", &hier_job(&datasets)).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let (status, _) =
+        ann.put(&format!("/users/ann/jobs/{id}/status"), &json!({"state": "starting"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let tasks = insert_tasks(&server, &id).await;
+    let before = server.snapshot().await;
+    let (_, code_before) = ann.get_bytes("/users/ann/designs/hier/code").await;
+    server.stop().await;
+
+    let server = Server::start(dir.path()).await;
+    assert_eq!(server.snapshot().await, before);
+    // Old tokens and task keys still work; the code bytes are the same.
+    let ann = ann.at(&server.base);
+    let ann = Client::new(&server.base, &ann_token(&ann).await);
+    let (status, body) = ann.get(&format!("/users/ann/jobs/{id}")).await;
+    assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("starting")));
+    let (_, code_after) = ann.get_bytes("/users/ann/designs/hier/code").await;
+    assert_eq!(code_after, code_before);
+    let (task, key) = &tasks[0];
+    let (status, _) =
+        Client::new(&server.base, key).get(&format!("/tasks/{}/config", task.task_id)).await;
+    assert_eq!(status, StatusCode::OK);
+    server.stop().await;
+}
+
+/// A fresh token for Ann, asked for with the token `ann` holds (which must still be valid).
+async fn ann_token(ann: &Client) -> String {
+    let (status, body) = ann.post("/users/ann/tokens", &json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+#[test_log::test(tokio::test)]
+async fn openapi_health_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let anonymous = Client::anonymous(&server.base);
+    let (status, body) = anonymous.get("/healthz").await;
+    assert_eq!((status, body), (StatusCode::OK, json!("ok")));
+    let (status, doc) = anonymous.get("/api/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
+    let paths = doc["paths"].as_object().unwrap();
+    for path in [
+        "/api/v1/users/{user}/jobs",
+        "/api/v1/users/{user}/jobs/{jobId}/status",
+        "/api/v1/tasks/{taskId}/config",
+        "/api/v1/computes/{computeId}/tasks/{taskId}/deployment",
+        "/api/v1/users/{user}/designs/{designId}/codes",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from {:?}",
+            paths.keys().collect::<Vec<_>>()
+        );
+    }
+    assert!(paths["/api/v1/users/{user}/jobs/{jobId}/status"].get("put").is_some());
+    let (status, _) = server.admin.get("/users/admin/jobs").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, text) = anonymous.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = text.as_str().unwrap();
+    assert!(text.contains("fledge_apiserver_http_requests_total{method=\"GET\",route=\"/api/v1/users/{user}/jobs\",status=\"200\"} 1"),
+            "{text}");
+    assert!(text.contains("fledge_apiserver_http_request_duration_seconds_bucket"), "{text}");
+    server.stop().await;
+}
