@@ -46,12 +46,7 @@ impl FakeTaskApi {
     }
 
     pub fn states(&self) -> Vec<TaskState> {
-        self.statuses
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|(s, _)| *s)
-            .collect()
+        self.statuses.lock().expect("lock").iter().map(|(s, _)| *s).collect()
     }
 
     /// Waits until `check` holds for the recorded statuses.
@@ -88,10 +83,7 @@ impl TaskApi for FakeTaskApi {
             {
                 return Err(api::Error::Unavailable(anyhow::anyhow!("restarting")));
             }
-            self.statuses
-                .lock()
-                .expect("lock")
-                .push((state, log.to_owned()));
+            self.statuses.lock().expect("lock").push((state, log.to_owned()));
             self.changed.notify_waiters();
             Ok(())
         })
@@ -144,10 +136,7 @@ impl FakeDeploymentApi {
                 return message;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                panic!(
-                    "timed out waiting for {task} {state:?}; reports: {:?}",
-                    self.reports()
-                );
+                panic!("timed out waiting for {task} {state:?}; reports: {:?}", self.reports());
             }
         }
     }
@@ -178,9 +167,7 @@ impl DeploymentApi for FakeDeploymentApi {
 pub fn zip_of(entries: &[(&str, &str)]) -> Vec<u8> {
     let mut writer = zip::ZipWriter::new(Cursor::new(Vec::new()));
     for (name, content) in entries {
-        writer
-            .start_file(*name, zip::write::SimpleFileOptions::default())
-            .expect("start file");
+        writer.start_file(*name, zip::write::SimpleFileOptions::default()).expect("start file");
         writer.write_all(content.as_bytes()).expect("write");
     }
     writer.finish().expect("finish").into_inner()
@@ -195,11 +182,7 @@ pub async fn wait_for_file(path: &Path) -> String {
         {
             return text;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {}",
-            path.display()
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {}", path.display());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -216,19 +199,13 @@ pub fn alive(pid: i32) -> bool {
 pub async fn wait_dead(pid: i32) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while alive(pid) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "process {pid} still alive"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "process {pid} still alive");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Sends SIGKILL to `pid`.
 pub fn kill9(pid: i32) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill -9");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill -9");
 }
