@@ -18,6 +18,9 @@ use crate::schema::Schema;
 /// The longest `maxRunTime` accepted, in seconds (30 days).
 pub const MAX_RUN_TIME_LIMIT: u64 = 30 * 24 * 3600;
 
+/// The largest `replica` accepted: each replica is a worker to deploy.
+pub const MAX_REPLICA: i64 = 1000;
+
 /// Registry sorts the data plane implements.
 pub const REGISTRY_SORTS: &[&str] = &["local", "mlflow"];
 
@@ -110,6 +113,19 @@ pub fn schema(schema: &Schema) -> Vec<ErrorDetail> {
         let path = format!("roles[{idx}]");
         let role_channels: Vec<_> =
             schema.channels.iter().filter(|c| c.pair.contains(&role.name)).collect();
+        if role.replica > MAX_REPLICA {
+            push(
+                format!("{path}.replica"),
+                format!("{} exceeds the limit of {MAX_REPLICA}", role.replica),
+            );
+        } else if role.is_data_consumer && role.replica > 1 {
+            push(
+                format!("{path}.replica"),
+                "has no effect on a data-consuming role, which gets one task per dataset; \
+                 list more datasets instead"
+                    .into(),
+            );
+        }
         if role_channels.is_empty() && !role.name.trim().is_empty() {
             push(path.clone(), format!("role {:?} is in no channel", role.name));
         }
