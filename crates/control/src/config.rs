@@ -113,14 +113,11 @@ impl fmt::Display for ServiceKind {
 impl FromStr for ServiceKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        ServiceKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s.trim())
-            .ok_or_else(|| {
-                format!(
-                    "unknown service {s:?} (expected one of apiserver, controller, notifier, broker)"
-                )
-            })
+        ServiceKind::ALL.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
+            format!(
+                "unknown service {s:?} (expected one of apiserver, controller, notifier, broker)"
+            )
+        })
     }
 }
 
@@ -138,16 +135,15 @@ impl FromStr for StoreUrl {
     fn from_str(url: &str) -> std::result::Result<Self, String> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
-                return Err("sqlite:// needs a file path, e.g. sqlite:///var/lib/fledge/fledge.db".to_owned());
+                return Err("sqlite:// needs a file path, e.g. sqlite:///var/lib/fledge/fledge.db"
+                    .to_owned());
             }
             return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(StoreUrl::Postgres(url.to_owned()));
         }
-        Err(format!(
-            "unsupported store URL {url:?} (expected sqlite://PATH or postgres://...)"
-        ))
+        Err(format!("unsupported store URL {url:?} (expected sqlite://PATH or postgres://...)"))
     }
 }
 
@@ -165,10 +161,7 @@ pub struct Listen {
 
 impl Listen {
     fn on(port: u16) -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], port)),
-            advertise: None,
-        }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], port)), advertise: None }
     }
 }
 
@@ -235,13 +228,8 @@ impl Default for Options {
 
 /// Options that are absent from the defaults but may be set (`None` by default), with a
 /// template value that gives their type.
-const OPTIONAL_KEYS: &[&str] = &[
-    "store_url",
-    "blob_dir",
-    "apiserver.advertise",
-    "notifier.advertise",
-    "broker.advertise",
-];
+const OPTIONAL_KEYS: &[&str] =
+    &["store_url", "blob_dir", "apiserver.advertise", "notifier.advertise", "broker.advertise"];
 
 /// Sections whose name prefixes environment keys (`FLEDGE_<SECTION>_<KEY>`).
 const SECTIONS: &[&str] = &["apiserver", "notifier", "broker", "controller"];
@@ -258,14 +246,10 @@ impl Options {
             .map_err(|err| Error::Invalid(format!("cannot render the defaults: {err}")))?;
         let mut merged = defaults.clone();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-            let value: toml::Table = toml::from_str(&text).map_err(|source| Error::Toml {
-                path: path.to_owned(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| Error::Read { path: path.to_owned(), source })?;
+            let value: toml::Table = toml::from_str(&text)
+                .map_err(|source| Error::Toml { path: path.to_owned(), source })?;
             merge(&mut merged, toml::Value::Table(value));
         }
         let mut env_keys: Vec<(&String, &String)> = env.iter().collect();
@@ -283,7 +267,13 @@ impl Options {
             if lookup(&defaults, key).is_none() && !OPTIONAL_KEYS.contains(&key.as_str()) {
                 return Err(Error::UnknownKey { key: key.clone() });
             }
-            set(&mut merged, &defaults, key, value, &format!("--{}", key.replace(['.', '_'], "-")))?;
+            set(
+                &mut merged,
+                &defaults,
+                key,
+                value,
+                &format!("--{}", key.replace(['.', '_'], "-")),
+            )?;
         }
         // Through text rather than `Value::try_into`, so that errors quote the offending line
         // (with its key) of the merged configuration.
@@ -303,14 +293,9 @@ impl Options {
         if self.max_code_bytes == 0 {
             return Err(Error::Invalid("max_code_bytes: must be at least 1".to_owned()));
         }
-        self.store()
-            .map_err(|reason| Error::Invalid(format!("store_url: {reason}")))?;
-        self.controller
-            .validate()
-            .map_err(|err| Error::Invalid(err.to_string()))?;
-        self.notifier_options()
-            .validate()
-            .map_err(|err| Error::Invalid(err.to_string()))?;
+        self.store().map_err(|reason| Error::Invalid(format!("store_url: {reason}")))?;
+        self.controller.validate().map_err(|err| Error::Invalid(err.to_string()))?;
+        self.notifier_options().validate().map_err(|err| Error::Invalid(err.to_string()))?;
         Ok(())
     }
 
@@ -324,16 +309,12 @@ impl Options {
 
     /// The code bundle directory.
     pub fn blob_dir(&self) -> PathBuf {
-        self.blob_dir
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("blobs"))
+        self.blob_dir.clone().unwrap_or_else(|| self.data_dir.join("blobs"))
     }
 
     /// The notifier's own options.
     pub fn notifier_options(&self) -> notifier::Options {
-        notifier::Options {
-            mailbox_capacity: self.notifier.mailbox_capacity,
-        }
+        notifier::Options { mailbox_capacity: self.notifier.mailbox_capacity }
     }
 
     /// Whether `service` is to run.
@@ -363,8 +344,7 @@ fn env_key(defaults: &toml::Value, key: &str) -> Option<String> {
 }
 
 fn lookup<'a>(value: &'a toml::Value, path: &str) -> Option<&'a toml::Value> {
-    path.split('.')
-        .try_fold(value, |value, part| value.as_table()?.get(part))
+    path.split('.').try_fold(value, |value, part| value.as_table()?.get(part))
 }
 
 /// Sets `path` in `merged` to `raw`, typed like the default at that path.
@@ -382,21 +362,15 @@ fn set(
         reason: reason.to_owned(),
     };
     let value = match lookup(defaults, path) {
-        Some(toml::Value::Integer(_)) => toml::Value::Integer(
-            raw.trim()
-                .parse()
-                .map_err(|_| bad("expected an integer"))?,
-        ),
-        Some(toml::Value::Float(_)) => toml::Value::Float(
-            raw.trim()
-                .parse()
-                .map_err(|_| bad("expected a number"))?,
-        ),
-        Some(toml::Value::Boolean(_)) => toml::Value::Boolean(
-            raw.trim()
-                .parse()
-                .map_err(|_| bad("expected true or false"))?,
-        ),
+        Some(toml::Value::Integer(_)) => {
+            toml::Value::Integer(raw.trim().parse().map_err(|_| bad("expected an integer"))?)
+        }
+        Some(toml::Value::Float(_)) => {
+            toml::Value::Float(raw.trim().parse().map_err(|_| bad("expected a number"))?)
+        }
+        Some(toml::Value::Boolean(_)) => {
+            toml::Value::Boolean(raw.trim().parse().map_err(|_| bad("expected true or false"))?)
+        }
         Some(toml::Value::Array(_)) => toml::Value::Array(
             raw.split(',')
                 .map(str::trim)
@@ -407,9 +381,7 @@ fn set(
         Some(toml::Value::Table(_)) => return Err(bad("names a section, not an option")),
         _ => toml::Value::String(raw.to_owned()),
     };
-    let mut table = merged
-        .as_table_mut()
-        .expect("the merged configuration is a table");
+    let mut table = merged.as_table_mut().expect("the merged configuration is a table");
     let parts: Vec<&str> = path.split('.').collect();
     let (last, parents) = parts.split_last().expect("split yields at least one part");
     for part in parents {
@@ -445,10 +417,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
@@ -484,14 +453,8 @@ stop_grace_secs = 5.0
         assert_eq!(options.max_code_bytes, 1000);
         assert_eq!(options.apiserver.listen.to_string(), "127.0.0.1:9100");
         assert_eq!(options.controller.stop_grace_secs, 9.0);
-        assert_eq!(
-            options.services,
-            vec![ServiceKind::Apiserver, ServiceKind::Controller]
-        );
-        assert_eq!(
-            options.store(),
-            Ok(StoreUrl::Postgres("postgres://u@db/fledge".to_owned()))
-        );
+        assert_eq!(options.services, vec![ServiceKind::Apiserver, ServiceKind::Controller]);
+        assert_eq!(options.store(), Ok(StoreUrl::Postgres("postgres://u@db/fledge".to_owned())));
         // Untouched options keep their defaults.
         assert_eq!(options.notifier.listen.to_string(), "127.0.0.1:10101");
         assert_eq!(options.blob_dir(), PathBuf::from("/srv/fledge/blobs"));
@@ -507,10 +470,7 @@ stop_grace_secs = 5.0
     fn defaults_are_valid_and_sqlite_lives_in_the_data_dir() {
         let options = Options::load(None, &HashMap::new(), &[]).expect("defaults");
         assert_eq!(options, Options::default());
-        assert_eq!(
-            options.store(),
-            Ok(StoreUrl::Sqlite(PathBuf::from("fledge-data/fledge.db")))
-        );
+        assert_eq!(options.store(), Ok(StoreUrl::Sqlite(PathBuf::from("fledge-data/fledge.db"))));
         assert_eq!(
             "sqlite:///var/x.db".parse::<StoreUrl>(),
             Ok(StoreUrl::Sqlite(PathBuf::from("/var/x.db")))

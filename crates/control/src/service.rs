@@ -60,21 +60,19 @@ pub async fn open_store(options: &Options) -> anyhow::Result<Arc<dyn Store>> {
     let blob_dir = options.blob_dir();
     let blobs = BlobStore::new(&blob_dir, options.max_code_bytes)
         .with_context(|| format!("cannot open the blob directory {}", blob_dir.display()))?;
-    let store: Arc<dyn Store> = match options
-        .store()
-        .map_err(|reason| anyhow::anyhow!("store_url: {reason}"))?
-    {
-        StoreUrl::Sqlite(path) => Arc::new(
-            SqliteStore::open(&path, blobs)
-                .await
-                .with_context(|| format!("cannot open the SQLite store {}", path.display()))?,
-        ),
-        StoreUrl::Postgres(url) => Arc::new(
-            PostgresStore::connect(&url, blobs)
-                .await
-                .context("cannot connect to the PostgreSQL store")?,
-        ),
-    };
+    let store: Arc<dyn Store> =
+        match options.store().map_err(|reason| anyhow::anyhow!("store_url: {reason}"))? {
+            StoreUrl::Sqlite(path) => Arc::new(
+                SqliteStore::open(&path, blobs)
+                    .await
+                    .with_context(|| format!("cannot open the SQLite store {}", path.display()))?,
+            ),
+            StoreUrl::Postgres(url) => Arc::new(
+                PostgresStore::connect(&url, blobs)
+                    .await
+                    .context("cannot connect to the PostgreSQL store")?,
+            ),
+        };
     Ok(store)
 }
 
@@ -97,9 +95,7 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 }
 
 async fn bind(service: ServiceKind, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot bind the {service} to {addr}"))
+    TcpListener::bind(addr).await.with_context(|| format!("cannot bind the {service} to {addr}"))
 }
 
 /// Starts the services `options.services` over `store`, under `shutdown`.
@@ -121,10 +117,7 @@ pub async fn start(
         false => None,
     };
     let local_addr = |listener: &Option<TcpListener>| -> anyhow::Result<Option<SocketAddr>> {
-        listener
-            .as_ref()
-            .map(|l| l.local_addr().context("cannot read a bound address"))
-            .transpose()
+        listener.as_ref().map(|l| l.local_addr().context("cannot read a bound address")).transpose()
     };
     let mut addrs = BoundAddrs {
         apiserver: local_addr(&api_listener)?,
@@ -176,10 +169,8 @@ pub async fn start(
     };
 
     if let Some(listener) = notifier_listener {
-        let notifier = options
-            .notifier_options()
-            .build(store.clone())
-            .context("cannot build the notifier")?;
+        let notifier =
+            options.notifier_options().build(store.clone()).context("cannot build the notifier")?;
         services.notifier = Some(notifier.handle());
         let token = shutdown.clone();
         services.spawn("notifier", async move {
@@ -231,9 +222,7 @@ fn start_apiserver(
         env,
     );
     let token = services.shutdown.clone();
-    services.spawn("apiserver", async move {
-        crate::api::serve(listener, state, token).await
-    });
+    services.spawn("apiserver", async move { crate::api::serve(listener, state, token).await });
     Ok(())
 }
 
@@ -250,7 +239,11 @@ impl Services {
             match future.await {
                 Ok(()) => tracing::info!(service = name, "service stopped"),
                 Err(err) => {
-                    tracing::error!(service = name, error = format!("{err:#}"), "service failed; shutting down");
+                    tracing::error!(
+                        service = name,
+                        error = format!("{err:#}"),
+                        "service failed; shutting down"
+                    );
                     let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
                     slot.get_or_insert(err.context(format!("the {name} failed")));
                     shutdown.cancel();

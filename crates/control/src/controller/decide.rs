@@ -91,10 +91,7 @@ pub struct Decision {
 
 impl Decision {
     fn now(effects: Vec<Effect>) -> Self {
-        Self {
-            effects,
-            action: Action::Requeue(Duration::ZERO),
-        }
+        Self { effects, action: Action::Requeue(Duration::ZERO) }
     }
 }
 
@@ -108,10 +105,7 @@ pub fn decide(
 ) -> Decision {
     let state = job.state;
     match state {
-        JobState::Ready => Decision {
-            effects: Vec::new(),
-            action: Action::AwaitChange,
-        },
+        JobState::Ready => Decision { effects: Vec::new(), action: Action::AwaitChange },
         JobState::Completed | JobState::Failed | JobState::Terminated => {
             // A final job keeps no live tasks: finish a cleanup an earlier run did not complete.
             let live = non_final(tasks);
@@ -128,18 +122,11 @@ pub fn decide(
                     Effect::Forget,
                 ]
             };
-            Decision {
-                effects,
-                action: Action::AwaitChange,
-            }
+            Decision { effects, action: Action::AwaitChange }
         }
         JobState::Starting => Decision::now(vec![
             Effect::Expand,
-            Effect::Transition {
-                from: JobState::Starting,
-                to: JobState::Deploying,
-                reason: None,
-            },
+            Effect::Transition { from: JobState::Starting, to: JobState::Deploying, reason: None },
             Effect::Deploy,
         ]),
         JobState::Stopping => decide_stopping(job, tasks, memory, policy, now),
@@ -193,10 +180,7 @@ fn decide_active(
         if !memory.deployed {
             effects.push(Effect::Deploy);
         }
-        let all_up = tasks
-            .iter()
-            .filter(|t| t.managed)
-            .all(|t| t.state != TaskState::Ready);
+        let all_up = tasks.iter().filter(|t| t.managed).all(|t| t.state != TaskState::Ready);
         if all_up {
             effects.push(Effect::Transition {
                 from: JobState::Deploying,
@@ -229,11 +213,7 @@ fn decide_stopping(
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> Decision {
-    let reason = Some(
-        job.reason
-            .clone()
-            .unwrap_or_else(|| REASON_USER_STOP.to_owned()),
-    );
+    let reason = Some(job.reason.clone().unwrap_or_else(|| REASON_USER_STOP.to_owned()));
     let live = non_final(tasks);
     let mut effects = Vec::new();
     if !memory.revoked {
@@ -242,11 +222,8 @@ fn decide_stopping(
         }
         effects.push(Effect::Revoke);
     }
-    let terminate = Effect::Transition {
-        from: JobState::Stopping,
-        to: JobState::Terminated,
-        reason,
-    };
+    let terminate =
+        Effect::Transition { from: JobState::Stopping, to: JobState::Terminated, reason };
     // The job entered `stopping` at its last state change.
     let grace_end = job.updated_at + policy.stop_grace;
     if live.is_empty() {
@@ -268,10 +245,7 @@ fn decide_stopping(
         ]);
         return Decision::now(effects);
     }
-    Decision {
-        effects,
-        action: Action::Requeue(policy.resync_interval.min(until(now, grace_end))),
-    }
+    Decision { effects, action: Action::Requeue(policy.resync_interval.min(until(now, grace_end))) }
 }
 
 /// The effects that end a job in `to`: persist, stop what still runs, revoke the workers,
@@ -305,17 +279,11 @@ pub fn outcome(tasks: &[Task]) -> Option<(JobState, Option<String>)> {
     for role in &roles {
         let mut of_role = tasks.iter().filter(|t| &t.role == role);
         if of_role.all(|t| t.state == TaskState::Failed) {
-            return Some((
-                JobState::Failed,
-                Some(format!("all tasks of role {role} failed")),
-            ));
+            return Some((JobState::Failed, Some(format!("all tasks of role {role} failed"))));
         }
     }
-    let completed = |role: &String| {
-        tasks
-            .iter()
-            .any(|t| &t.role == role && t.state == TaskState::Completed)
-    };
+    let completed =
+        |role: &String| tasks.iter().any(|t| &t.role == role && t.state == TaskState::Completed);
     let any_running = tasks.iter().any(|t| t.state == TaskState::Running);
     if !any_running && roles.iter().all(completed) {
         return Some((JobState::Completed, None));
@@ -345,11 +313,7 @@ fn roles(tasks: &[Task]) -> Vec<String> {
 }
 
 fn non_final(tasks: &[Task]) -> Vec<TaskId> {
-    tasks
-        .iter()
-        .filter(|t| !t.state.is_final())
-        .map(|t| t.task_id.clone())
-        .collect()
+    tasks.iter().filter(|t| !t.state.is_final()).map(|t| t.task_id.clone()).collect()
 }
 
 /// The last sign of life of a running task: its heartbeat, else its last state change.
@@ -464,21 +428,12 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        Policy {
-            resync_interval: RESYNC,
-            heartbeat_timeout: HB,
-            stop_grace: GRACE,
-        }
+        Policy { resync_interval: RESYNC, heartbeat_timeout: HB, stop_grace: GRACE }
     }
 
     /// Renders a decision compactly: effects joined by `; `, then the action.
     fn render(decision: &Decision) -> String {
-        let ids = |ids: &[TaskId]| {
-            ids.iter()
-                .map(TaskId::as_str)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let ids = |ids: &[TaskId]| ids.iter().map(TaskId::as_str).collect::<Vec<_>>().join(",");
         let mut parts: Vec<String> = decision
             .effects
             .iter()
@@ -514,18 +469,9 @@ mod tests {
         expect: &'static str,
     }
 
-    const FRESH: Memory = Memory {
-        deployed: false,
-        revoked: false,
-    };
-    const SENT: Memory = Memory {
-        deployed: true,
-        revoked: false,
-    };
-    const REVOKED: Memory = Memory {
-        deployed: true,
-        revoked: true,
-    };
+    const FRESH: Memory = Memory { deployed: false, revoked: false };
+    const SENT: Memory = Memory { deployed: true, revoked: false };
+    const REVOKED: Memory = Memory { deployed: true, revoked: true };
 
     #[test]
     fn every_transition_as_a_table() {
@@ -754,10 +700,7 @@ mod tests {
         let mut stopping = job(JobState::Stopping, 30);
         stopping.reason = Some(REASON_MAX_RUN_TIME.to_owned());
         let decision = decide(&stopping, &tasks(&["a:failed"]), REVOKED, &policy(), at(1));
-        assert_eq!(
-            render(&decision),
-            "stopping->terminated (maxRunTime); forget; requeue 0s"
-        );
+        assert_eq!(render(&decision), "stopping->terminated (maxRunTime); forget; requeue 0s");
 
         // A recent heartbeat keeps a task alive past its last state change.
         let mut running = tasks(&["agg:running", "trainer:running"]);
@@ -770,10 +713,7 @@ mod tests {
         assert!(render(&decision).starts_with("mark[t0,t1]=failed"));
 
         // A zero timeout disables the heartbeat check.
-        let no_hb = Policy {
-            heartbeat_timeout: Duration::ZERO,
-            ..policy()
-        };
+        let no_hb = Policy { heartbeat_timeout: Duration::ZERO, ..policy() };
         let decision = decide(&job(JobState::Running, 0), &running, SENT, &no_hb, at(10_000));
         assert_eq!(render(&decision), "requeue 10s");
     }

@@ -254,12 +254,8 @@ impl Controller {
     /// Reconciles every job whose time has come.
     async fn reconcile_due(&mut self) {
         let now = Instant::now();
-        let ready: Vec<JobId> = self
-            .due
-            .iter()
-            .filter(|(_, when)| **when <= now)
-            .map(|(job, _)| job.clone())
-            .collect();
+        let ready: Vec<JobId> =
+            self.due.iter().filter(|(_, when)| **when <= now).map(|(job, _)| job.clone()).collect();
         for job_id in ready {
             self.due.remove(&job_id);
             let span = tracing::info_span!("reconcile", job_id = %job_id);
@@ -290,10 +286,7 @@ impl Controller {
     }
 
     async fn reconcile(&mut self, job_id: &JobId) -> Result<Action> {
-        let store_err = |source| Error::Store {
-            job: job_id.clone(),
-            source,
-        };
+        let store_err = |source| Error::Store { job: job_id.clone(), source };
         let job = match self.store.get_job(None, job_id).await {
             Ok(job) => job,
             Err(store::Error::NotFound { .. }) => {
@@ -316,10 +309,7 @@ impl Controller {
     }
 
     async fn execute(&mut self, job: &Job, effects: Vec<Effect>) -> Result<Executed> {
-        let store_err = |source| Error::Store {
-            job: job.id.clone(),
-            source,
-        };
+        let store_err = |source| Error::Store { job: job.id.clone(), source };
         for effect in effects {
             match effect {
                 Effect::Expand => {
@@ -344,8 +334,7 @@ impl Controller {
                 }
                 Effect::Stop(tasks) => {
                     for task in &tasks {
-                        self.notifier
-                            .publish_task(&job.id, task, TaskEventKind::Stop);
+                        self.notifier.publish_task(&job.id, task, TaskEventKind::Stop);
                     }
                     if !tasks.is_empty() {
                         tracing::info!(n_tasks = tasks.len(), "stop events sent");
@@ -358,11 +347,7 @@ impl Controller {
                 }
                 Effect::MarkTasks { tasks, state, log } => {
                     for task in &tasks {
-                        match self
-                            .store
-                            .set_task_state(&job.id, task, state, Some(&log))
-                            .await
-                        {
+                        match self.store.set_task_state(&job.id, task, state, Some(&log)).await {
                             Ok(_) => tracing::info!(task_id = %task, %state, %log, "task marked"),
                             // The agent reported a final state meanwhile: that one stands.
                             Err(store::Error::Conflict { .. }) => {}
@@ -386,11 +371,7 @@ impl Controller {
         to: JobState,
         reason: Option<String>,
     ) -> Result<Executed> {
-        match self
-            .store
-            .set_job_state(&job.id, &[from], to, reason.as_deref())
-            .await
-        {
+        match self.store.set_job_state(&job.id, &[from], to, reason.as_deref()).await {
             Ok(_) => {
                 tracing::info!(%from, %to, reason = reason.as_deref().unwrap_or(""), "job state changed");
                 Ok(Executed::Done)
@@ -399,26 +380,16 @@ impl Controller {
                 tracing::debug!(%from, %to, %actual, "job changed meanwhile; reconciling again");
                 Ok(Executed::Raced)
             }
-            Err(source) => Err(Error::Store {
-                job: job.id.clone(),
-                source,
-            }),
+            Err(source) => Err(Error::Store { job: job.id.clone(), source }),
         }
     }
 
     /// Expands `job` and stores its tasks with fresh keys. `Ok(Err(reason))` when the job's
     /// own spec (or what it references) cannot be expanded.
     async fn expand(&self, job: &Job) -> Result<std::result::Result<(), String>> {
-        let store_err = |source| Error::Store {
-            job: job.id.clone(),
-            source,
-        };
+        let store_err = |source| Error::Store { job: job.id.clone(), source };
         let design = &job.spec.design_id;
-        let schema = match self
-            .store
-            .get_schema(None, design, Some(&job.schema_version))
-            .await
-        {
+        let schema = match self.store.get_schema(None, design, Some(&job.schema_version)).await {
             Ok((_, schema)) => schema,
             Err(store::Error::NotFound { kind, id }) => {
                 return Ok(Err(format!(
@@ -428,11 +399,8 @@ impl Controller {
             Err(err) => return Err(store_err(err)),
         };
         let mut datasets: Vec<Dataset> = Vec::new();
-        for id in job
-            .spec
-            .data_spec
-            .iter()
-            .flat_map(|entry| entry.dataset_groups.values().flatten())
+        for id in
+            job.spec.data_spec.iter().flat_map(|entry| entry.dataset_groups.values().flatten())
         {
             if datasets.iter().any(|d| &d.id == id) {
                 continue;
@@ -449,21 +417,14 @@ impl Controller {
             match fledge_types::expand::expand(&job.id, &job.spec, &schema, &datasets, &computes) {
                 Ok(tasks) => tasks,
                 Err(details) => {
-                    let problems: Vec<String> = details
-                        .iter()
-                        .map(|d| format!("{}: {}", d.path, d.message))
-                        .collect();
+                    let problems: Vec<String> =
+                        details.iter().map(|d| format!("{}: {}", d.path, d.message)).collect();
                     return Ok(Err(format!("expansion failed: {}", problems.join("; "))));
                 }
             };
-        let new_tasks: Vec<NewTask> = tasks
-            .into_iter()
-            .map(|task| NewTask { task, key: new_key() })
-            .collect();
-        self.store
-            .insert_tasks(&new_tasks)
-            .await
-            .map_err(store_err)?;
+        let new_tasks: Vec<NewTask> =
+            tasks.into_iter().map(|task| NewTask { task, key: new_key() }).collect();
+        self.store.insert_tasks(&new_tasks).await.map_err(store_err)?;
         tracing::info!(n_tasks = new_tasks.len(), "job expanded into tasks");
         Ok(Ok(()))
     }
@@ -477,17 +438,13 @@ impl Controller {
                     tracing::error!(task_id = %task.task_id, "task has no stored key; not deployed");
                     continue;
                 };
-                per_compute
-                    .entry(&task.compute_id)
-                    .or_default()
-                    .push(TaskDeployment {
-                        task_id: task.task_id.to_string(),
-                        task_key: key.clone(),
-                        role: task.role.clone(),
-                    });
+                per_compute.entry(&task.compute_id).or_default().push(TaskDeployment {
+                    task_id: task.task_id.to_string(),
+                    task_key: key.clone(),
+                    role: task.role.clone(),
+                });
             }
-            self.notifier
-                .publish_task(&job.id, &task.task_id, TaskEventKind::Start);
+            self.notifier.publish_task(&job.id, &task.task_id, TaskEventKind::Start);
         }
         for (compute, deployments) in per_compute {
             if !self.notifier.is_compute_connected(compute) {
@@ -508,11 +465,8 @@ impl Controller {
 
     /// A revoke event (all of the job's workers) to every compute hosting managed tasks.
     fn revoke(&self, job: &Job, tasks: &[Task]) {
-        let mut computes: Vec<&ComputeId> = tasks
-            .iter()
-            .filter(|t| t.managed)
-            .map(|t| &t.compute_id)
-            .collect();
+        let mut computes: Vec<&ComputeId> =
+            tasks.iter().filter(|t| t.managed).map(|t| &t.compute_id).collect();
         computes.sort();
         computes.dedup();
         for compute in computes {
@@ -554,19 +508,13 @@ mod tests {
 
     #[test]
     fn options_reject_bad_durations_and_keys_are_random_hex() {
-        let err = Options {
-            resync_interval_secs: 0.0,
-            ..Options::default()
-        }
-        .validate()
-        .expect_err("zero resync must be rejected");
+        let err = Options { resync_interval_secs: 0.0, ..Options::default() }
+            .validate()
+            .expect_err("zero resync must be rejected");
         assert!(err.to_string().contains("resync_interval_secs"), "{err}");
-        let err = Options {
-            stop_grace_secs: f64::NAN,
-            ..Options::default()
-        }
-        .validate()
-        .expect_err("NaN must be rejected");
+        let err = Options { stop_grace_secs: f64::NAN, ..Options::default() }
+            .validate()
+            .expect_err("NaN must be rejected");
         assert!(err.to_string().contains("stop_grace_secs"), "{err}");
         Options::default().validate().expect("defaults are valid");
 

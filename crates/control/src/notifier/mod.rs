@@ -69,9 +69,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            mailbox_capacity: 256,
-        }
+        Self { mailbox_capacity: 256 }
     }
 }
 
@@ -134,12 +132,7 @@ struct Mailbox<E> {
 
 impl<E: Sequenced> Mailbox<E> {
     fn new(job: Option<JobId>) -> Self {
-        Self {
-            events: VecDeque::new(),
-            next_seq: 1,
-            conn: None,
-            job,
-        }
+        Self { events: VecDeque::new(), next_seq: 1, conn: None, job }
     }
 
     /// Appends `event` (assigning its sequence number) and pushes it to the live connection.
@@ -220,48 +213,32 @@ impl Handle {
             kind: kind as i32,
         };
         let mut inner = self.shared.lock();
-        let mailbox = inner
-            .tasks
-            .entry(task.clone())
-            .or_insert_with(|| Mailbox::new(Some(job.clone())));
+        let mailbox =
+            inner.tasks.entry(task.clone()).or_insert_with(|| Mailbox::new(Some(job.clone())));
         mailbox.publish(event, self.shared.capacity, task);
     }
 
     /// Queues `event` for the deployer of `compute`. Its `seq` is assigned here.
     pub fn publish_deploy(&self, compute: &ComputeId, event: DeployEvent) {
         let mut inner = self.shared.lock();
-        let mailbox = inner
-            .computes
-            .entry(compute.clone())
-            .or_insert_with(|| Mailbox::new(None));
+        let mailbox = inner.computes.entry(compute.clone()).or_insert_with(|| Mailbox::new(None));
         mailbox.publish(event, self.shared.capacity, compute);
     }
 
     /// Whether a deployer for `compute` is connected now.
     pub fn is_compute_connected(&self, compute: &ComputeId) -> bool {
-        self.shared
-            .lock()
-            .computes
-            .get(compute)
-            .is_some_and(Mailbox::is_connected)
+        self.shared.lock().computes.get(compute).is_some_and(Mailbox::is_connected)
     }
 
     /// Whether the agent of `task` is connected now.
     pub fn is_task_connected(&self, task: &TaskId) -> bool {
-        self.shared
-            .lock()
-            .tasks
-            .get(task)
-            .is_some_and(Mailbox::is_connected)
+        self.shared.lock().tasks.get(task).is_some_and(Mailbox::is_connected)
     }
 
     /// Drops the mailboxes of `job`'s tasks (called once the job has ended and its tasks are
     /// final, so the notifier's memory does not grow with the number of jobs ever run).
     pub fn forget_job(&self, job: &JobId) {
-        self.shared
-            .lock()
-            .tasks
-            .retain(|_, mailbox| mailbox.job.as_ref() != Some(job));
+        self.shared.lock().tasks.retain(|_, mailbox| mailbox.job.as_ref() != Some(job));
     }
 }
 
@@ -274,20 +251,15 @@ pub struct Notifier {
 impl Notifier {
     /// A handle to publish events.
     pub fn handle(&self) -> Handle {
-        Handle {
-            shared: self.shared.clone(),
-        }
+        Handle { shared: self.shared.clone() }
     }
 
     /// Serves gRPC on `listener` until `shutdown` is cancelled; open streams end then too.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
         let addr = listener.local_addr().ok();
         tracing::info!(?addr, "notifier listening");
-        let service = Service {
-            shared: self.shared,
-            store: self.store,
-            shutdown: shutdown.clone(),
-        };
+        let service =
+            Service { shared: self.shared, store: self.store, shutdown: shutdown.clone() };
         tonic::transport::Server::builder()
             .add_service(NotifierServer::new(service))
             .serve_with_incoming_shutdown(
@@ -324,7 +296,9 @@ fn bearer<T>(request: &Request<T>) -> std::result::Result<String, Status> {
 /// The one mapping of store errors to gRPC status for this service.
 fn auth_status(err: store::Error, what: &str) -> Status {
     match err {
-        store::Error::NotFound { .. } => Status::unauthenticated(format!("unknown {what} or wrong key")),
+        store::Error::NotFound { .. } => {
+            Status::unauthenticated(format!("unknown {what} or wrong key"))
+        }
         other => {
             tracing::error!(error = %other, "store failed while authenticating a subscriber");
             Status::unavailable("store unavailable")
@@ -337,9 +311,7 @@ type EventStream<E> = Pin<Box<dyn Stream<Item = std::result::Result<E, Status>> 
 impl Service {
     fn stream<E: Send + 'static>(&self, rx: mpsc::Receiver<E>) -> EventStream<E> {
         Box::pin(
-            ReceiverStream::new(rx)
-                .map(Ok)
-                .take_until(self.shutdown.clone().cancelled_owned()),
+            ReceiverStream::new(rx).map(Ok).take_until(self.shutdown.clone().cancelled_owned()),
         )
     }
 }
@@ -436,12 +408,7 @@ mod tests {
     use super::*;
 
     fn handle(capacity: usize) -> Handle {
-        Handle {
-            shared: Arc::new(Shared {
-                capacity,
-                inner: Mutex::new(Inner::default()),
-            }),
-        }
+        Handle { shared: Arc::new(Shared { capacity, inner: Mutex::new(Inner::default()) }) }
     }
 
     fn connect_task(handle: &Handle, task: &TaskId) -> mpsc::Receiver<TaskEvent> {
@@ -510,11 +477,8 @@ mod tests {
 
     #[test]
     fn zero_capacity_is_rejected_and_hash_is_sha256() {
-        let err = Options {
-            mailbox_capacity: 0,
-        }
-        .validate()
-        .expect_err("zero capacity must be rejected");
+        let err =
+            Options { mailbox_capacity: 0 }.validate().expect_err("zero capacity must be rejected");
         assert!(err.to_string().contains("mailbox_capacity"), "{err}");
         assert_eq!(
             sha256_hex("abc"),

@@ -56,10 +56,7 @@ impl Args {
             }
         };
         push("services", self.services.clone());
-        push(
-            "data_dir",
-            self.data_dir.as_ref().map(|p| p.display().to_string()),
-        );
+        push("data_dir", self.data_dir.as_ref().map(|p| p.display().to_string()));
         push("store_url", self.store_url.clone());
         push("apiserver.listen", self.apiserver_listen.clone());
         push("notifier.listen", self.notifier_listen.clone());
@@ -93,9 +90,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     service::cancel_on_signal(shutdown.clone());
     let store = service::open_store(&options).await?;
-    let services = service::start(&options, store, &shutdown)
-        .await
-        .context("cannot start the services")?;
+    let services =
+        service::start(&options, store, &shutdown).await.context("cannot start the services")?;
     let names: Vec<String> = options.services.iter().map(ToString::to_string).collect();
     tracing::info!(
         services = names.join(","),

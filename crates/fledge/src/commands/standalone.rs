@@ -56,16 +56,12 @@ impl Args {
             Ok(format!("127.0.0.1:{port}"))
         };
         // Absolute, so that workers started in other directories find the same files.
-        let data_dir = std::path::absolute(&self.data_dir).map_err(|err| {
-            UsageError(format!("--data-dir {}: {err}", self.data_dir.display()))
-        })?;
+        let data_dir = std::path::absolute(&self.data_dir)
+            .map_err(|err| UsageError(format!("--data-dir {}: {err}", self.data_dir.display())))?;
         let store_url = format!("sqlite://{}", data_dir.join("fledge.db").display());
         let data_dir = data_dir.display().to_string();
         Ok(vec![
-            (
-                "services".to_owned(),
-                "broker,notifier,controller,apiserver".to_owned(),
-            ),
+            ("services".to_owned(), "broker,notifier,controller,apiserver".to_owned()),
             ("data_dir".to_owned(), data_dir.clone()),
             ("store_url".to_owned(), store_url),
             ("apiserver.listen".to_owned(), port(0)?),
@@ -160,9 +156,8 @@ fn start_deployer(services: &Services, data_dir: &Path, api_key: String) -> anyh
     let deployer = options.build().context("cannot build the process deployer")?;
     tracing::info!(fledgelet = %fledgelet.display(), "process deployer of compute default starting");
     let token = services.shutdown_token();
-    services.spawn("deployer", async move {
-        deployer.run(token).await.map_err(anyhow::Error::from)
-    });
+    services
+        .spawn("deployer", async move { deployer.run(token).await.map_err(anyhow::Error::from) });
     Ok(())
 }
 
@@ -194,9 +189,7 @@ pub fn write_cli_config(path: &Path, endpoint: &str, token: &str) -> anyhow::Res
         use std::os::unix::fs::OpenOptionsExt as _;
         open.mode(0o600);
     }
-    let mut file = open
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let mut file = open.open(path).with_context(|| format!("cannot write {}", path.display()))?;
     std::io::Write::write_all(&mut file, text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))
 }
@@ -234,19 +227,11 @@ mod tests {
             dump_config: false,
         };
         let overrides = args.overrides().expect("valid port");
-        let get = |key: &str| {
-            overrides
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.clone())
-        };
+        let get = |key: &str| overrides.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
         assert_eq!(get("notifier.listen").as_deref(), Some("127.0.0.1:20001"));
         assert_eq!(get("broker.listen").as_deref(), Some("127.0.0.1:20002"));
         assert_eq!(get("store_url").as_deref(), Some("sqlite:///d/fledge.db"));
-        let too_high = Args {
-            port: u16::MAX,
-            ..args
-        };
+        let too_high = Args { port: u16::MAX, ..args };
         assert!(too_high.overrides().is_err());
     }
 }
