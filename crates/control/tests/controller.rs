@@ -57,18 +57,17 @@ fn endpoints(notifier_url: &str) -> Endpoints {
     Endpoints { apiserver: "http://127.0.0.1:1".to_owned(), notifier: notifier_url.to_owned() }
 }
 
-async fn plane(controller_options: controller::Options) -> Plane {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let blobs = BlobStore::new(dir.path().join("blobs"), 1 << 20).expect("blob dir");
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(dir.path().join("fledge.db"), blobs).await.expect("sqlite store"),
-    );
-    let owner = UserId::new("alice");
-    store.create_user(&User { id: owner.clone(), is_admin: false }).await.expect("user");
+/// Registers a two-tier design (trainer + aggregator), two datasets and compute `default` for
+/// `owner` (created unless it exists).
+async fn seed(store: &dyn Store, owner: &UserId) -> (DesignId, Vec<fledge_types::DatasetId>) {
+    match store.create_user(&User { id: owner.clone(), is_admin: false }).await {
+        Ok(()) | Err(fledge_control::store::Error::AlreadyExists { .. }) => {}
+        Err(err) => panic!("cannot create user: {err}"),
+    }
     let design = DesignId::new("mnist");
     store
         .create_design(
-            &owner,
+            owner,
             &DesignSpec {
                 id: design.clone(),
                 name: "mnist".to_owned(),
@@ -91,12 +90,12 @@ async fn plane(controller_options: controller::Options) -> Plane {
         ]
     }))
     .expect("schema json");
-    store.put_schema(Some(&owner), &design, &schema).await.expect("schema");
+    store.put_schema(Some(owner), &design, &schema).await.expect("schema");
     let mut datasets = Vec::new();
     for name in ["part-a", "part-b"] {
         let dataset = store
             .create_dataset(
-                &owner,
+                owner,
                 &DatasetSpec {
                     name: name.to_owned(),
                     url: format!("file:///data/{name}"),
@@ -117,7 +116,17 @@ async fn plane(controller_options: controller::Options) -> Plane {
         })
         .await
         .expect("compute");
+    (design, datasets)
+}
 
+async fn plane(controller_options: controller::Options) -> Plane {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blobs = BlobStore::new(dir.path().join("blobs"), 1 << 20).expect("blob dir");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(dir.path().join("fledge.db"), blobs).await.expect("sqlite store"),
+    );
+    let owner = UserId::new("alice");
+    let (design, datasets) = seed(store.as_ref(), &owner).await;
     let shutdown = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let notifier_url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -593,4 +602,112 @@ async fn notifier_queues_before_connect_replays_on_reconnect_and_checks_keys() {
         .await
         .expect_err("unknown task");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
+}
+
+/// `service::start` composes every service on ephemeral ports; a job started over REST runs to
+/// completion with task reports made over REST with the task keys (the apiserver wakes the
+/// controller), and shutdown is clean.
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn composed_services_run_a_job_over_rest() {
+    use fledge_control::config::{Options, ServiceKind};
+    use fledge_control::service;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = Options { data_dir: dir.path().to_owned(), ..Options::default() };
+    options.apiserver.listen = "127.0.0.1:0".parse().expect("addr");
+    options.notifier.listen = "127.0.0.1:0".parse().expect("addr");
+    options.broker.listen = "127.0.0.1:0".parse().expect("addr");
+    options.controller.resync_interval_secs = 0.05;
+    assert_eq!(options.services, ServiceKind::ALL);
+
+    let store = service::open_store(&options).await.expect("store");
+    let shutdown = CancellationToken::new();
+    let services = service::start(&options, store.clone(), &shutdown).await.expect("services");
+    let api_addr = services.addrs.apiserver.expect("apiserver runs");
+    let notifier_addr = services.addrs.notifier.expect("notifier runs");
+    let broker_addr = services.addrs.broker.expect("broker runs");
+    assert!(api_addr.port() != 0 && notifier_addr.port() != 0 && broker_addr.port() != 0);
+    assert_eq!(services.endpoints.apiserver, format!("http://{api_addr}"));
+    assert_eq!(services.endpoints.notifier, format!("http://{notifier_addr}"));
+    assert_eq!(services.brokers[0].host, broker_addr.to_string());
+
+    let token = fledge_control::api::bootstrap_admin(store.as_ref()).await.expect("admin");
+    let admin = UserId::new("admin");
+    let (design, datasets) = seed(store.as_ref(), &admin).await;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "job",
+        "designId": design,
+        "dataSpec": [{"role": "trainer", "datasetGroups": {"default": datasets}}],
+    }))
+    .expect("job spec");
+    let job = store.create_job(&admin, &spec, "1", "1").await.expect("job").id;
+    let deployer = deployer(&services.endpoints.notifier).await;
+
+    let http = reqwest::Client::new();
+    let api = format!("http://{api_addr}/api/v1");
+    let job_state = || {
+        let (http, api, token, job) = (http.clone(), api.clone(), token.clone(), job.clone());
+        async move {
+            let job: Job = http
+                .get(format!("{api}/users/admin/jobs/{job}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("get job")
+                .json()
+                .await
+                .expect("job json");
+            job.state
+        }
+    };
+    let started = http
+        .put(format!("{api}/users/admin/jobs/{job}/status"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"state": "starting"}))
+        .send()
+        .await
+        .expect("start job");
+    assert!(started.status().is_success(), "{:?}", started.text().await);
+    let deploy = eventually("a deploy event", || {
+        let deployer = deployer.clone();
+        async move { deployer.snapshot().into_iter().next() }
+    })
+    .await;
+    assert_eq!(deploy.apiserver, services.endpoints.apiserver);
+
+    // Each task's agent: fetch the config, report running, then completed.
+    for state in ["running", "completed"] {
+        for task in &deploy.tasks {
+            if state == "running" {
+                let config: serde_json::Value = http
+                    .get(format!("{api}/tasks/{}/config", task.task_id))
+                    .bearer_auth(&task.task_key)
+                    .send()
+                    .await
+                    .expect("task config")
+                    .json()
+                    .await
+                    .expect("config json");
+                assert_eq!(config["brokers"][0]["host"], broker_addr.to_string());
+            }
+            let reported = http
+                .put(format!("{api}/tasks/{}/status", task.task_id))
+                .bearer_auth(&task.task_key)
+                .json(&serde_json::json!({"state": state, "log": ""}))
+                .send()
+                .await
+                .expect("report");
+            assert!(reported.status().is_success(), "{:?}", reported.text().await);
+        }
+        let want = if state == "running" { JobState::Running } else { JobState::Completed };
+        eventually("the job state", || {
+            let job_state = job_state.clone();
+            async move { (job_state().await == want).then_some(()) }
+        })
+        .await;
+    }
+    wait_revoke(&deployer).await;
+
+    shutdown.cancel();
+    services.wait().await.expect("clean shutdown");
 }
