@@ -677,12 +677,12 @@ impl Channel {
 
     /// Leaves cleanly and disconnects; every clone of this handle stops working.
     pub async fn close(&self) -> Result<()> {
-        let res = match &self.inner.transport {
+        // Close first: a backend blocked on a full inbound queue wakes up and stops.
+        self.shared().close();
+        match &self.inner.transport {
             Transport::Local(local) => local.announce(false),
             Transport::Mqtt(mqtt) => mqtt.disconnect().await,
-        };
-        self.shared().close();
-        res
+        }
     }
 
     /// Test hook: stop all network activity without closing the connection, as a hung or

@@ -46,25 +46,17 @@ pub struct ChannelManager {
     tags: BTreeMap<String, Vec<String>>,
 }
 
-/// Where an `mqtt` channel's broker is: the channel's `brokerHost`, else the first `mqtt` broker.
+/// Where an `mqtt` channel's broker is: the channel's `brokerHost`, else the first broker.
 fn broker_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> Result<MqttConfig> {
-    let host = spec
-        .broker_host
-        .clone()
-        .or_else(|| {
-            config
-                .brokers
-                .iter()
-                .find(|b| b.sort.eq_ignore_ascii_case("mqtt"))
-                .map(|b| b.host.clone())
-        })
+    let host = config
+        .broker_for(spec)
         .ok_or_else(|| Error::Config {
             channel: spec.name.clone(),
             reason:
                 "backend mqtt but the task config names no mqtt broker (brokers[] or brokerHost)"
                     .to_owned(),
         })?;
-    let parsed = MqttConfig::parse(&host)?;
+    let parsed = MqttConfig::parse(host)?;
     Ok(MqttConfig { host: parsed.host, port: parsed.port, ..env.mqtt.clone() })
 }
 
@@ -153,5 +145,101 @@ impl ChannelManager {
             channel.close().await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(task: &str, role: &str, group: &str, backend: &str) -> TaskConfig {
+        serde_json::from_value(serde_json::json!({
+            "taskId": task,
+            "role": role,
+            "job": {"id": "job-1", "name": "mnist"},
+            "backend": backend,
+            "channels": [{
+                "name": "param",
+                "pair": ["trainer", "aggregator"],
+                "groupBy": {"type": "tag", "value": ["eu", "us"]},
+                "funcTags": {"trainer": ["fetch", "upload"], "aggregator": ["distribute", "aggregate"]}
+            }],
+            "groupAssociation": {"param": group}
+        }))
+        .expect("valid task config")
+    }
+
+    fn env(hub: &LocalHub) -> BackendEnv {
+        BackendEnv {
+            local_hub: hub.clone(),
+            ..BackendEnv::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn joins_by_config_and_finds_by_tag() {
+        let hub = LocalHub::new();
+        let agg = ChannelManager::join_all(&config("agg-eu", "aggregator", "eu", "local"), &env(&hub))
+            .await
+            .expect("aggregator joins");
+        let mut trainer_env = env(&hub);
+        trainer_env.props.insert("num_samples".into(), 640.into());
+        let t1 = ChannelManager::join_all(&config("t1", "trainer", "eu", "local"), &trainer_env)
+            .await
+            .expect("trainer joins");
+        let t2 = ChannelManager::join_all(&config("t2", "trainer", "us", "local"), &trainer_env)
+            .await
+            .expect("trainer joins");
+        let fetch = t1.by_tag("fetch").expect("trainer fetches on param");
+        assert_eq!((fetch.name(), fetch.group(), fetch.me().as_str()), ("param", "eu", "t1"));
+        let distribute = agg.by_tag("distribute").expect("aggregator distributes on param");
+        assert_eq!(distribute.ends(), vec![fledge_types::TaskId::new("t1")]);
+        let props = distribute.end_props(&"t1".into()).expect("t1 announced");
+        assert_eq!(props.props.get("num_samples"), Some(&640.into()));
+        assert!(t2.by_tag("upload").expect("upload").ends().is_empty(), "us sees no eu aggregator");
+        assert!(matches!(
+            agg.by_tag("fetch"),
+            Err(Error::NoChannelForTag { ref role, ref tag }) if role == "aggregator" && tag == "fetch"
+        ));
+        assert_eq!(agg.all_by_tag("aggregate").count(), 1);
+        agg.await_all_joined(Duration::from_secs(1)).await.expect("peer present");
+        t1.close().await.expect("close");
+        assert!(distribute.ends().is_empty());
+    }
+
+    #[tokio::test]
+    async fn bad_configs_are_named() {
+        let hub = LocalHub::new();
+        let err = ChannelManager::join_all(&config("t1", "coordinator", "eu", "local"), &env(&hub))
+            .await
+            .expect_err("role not in pair");
+        assert!(err.to_string().contains("role coordinator is not in the channel's pair"), "{err}");
+        let err = ChannelManager::join_all(&config("t1", "trainer", "eu", "mqtt"), &env(&hub))
+            .await
+            .expect_err("no broker");
+        assert!(err.to_string().contains("names no mqtt broker"), "{err}");
+        let err = ChannelManager::join_all(&config("t1", "trainer", "eu", "p2p"), &env(&hub))
+            .await
+            .expect_err("p2p");
+        assert!(matches!(err, Error::BackendNotBuilt(_)), "{err}");
+        let mut bad_broker = config("t1", "trainer", "eu", "mqtt");
+        bad_broker.channels[0].broker_host = Some("ws://nowhere:1".into());
+        let err = ChannelManager::join_all(&bad_broker, &env(&hub)).await.expect_err("scheme");
+        assert!(err.to_string().contains("unsupported scheme"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn unreachable_broker_times_out_with_reason() {
+        // A port nobody listens on: bind, read, release.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut mqtt = MqttConfig::new("127.0.0.1", port);
+        mqtt.connect_timeout = Duration::from_millis(500);
+        let opts = ChannelOptions::new("j", "c", "g", "me", "trainer", "aggregator");
+        let err = Channel::open(opts, Backend::Mqtt(mqtt)).await.expect_err("nobody listens");
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
     }
 }

@@ -65,6 +65,9 @@ pub enum Error {
         /// The version in the header.
         found: u16,
     },
+    /// Reserved flag bits are set (a newer writer).
+    #[error("unsupported header flags {0:#04x}")]
+    UnsupportedFlags(u8),
     /// Unknown message kind byte.
     #[error("unknown message kind {0}")]
     UnknownKind(u8),
@@ -618,7 +621,10 @@ pub fn decode_with_limit(input: Bytes, limit: usize) -> Result<Message> {
         return Err(Error::UnsupportedVersion { found: version });
     }
     let kind = Kind::from_u8(r.u8("kind")?)?;
-    let _flags = r.u8("flags")?;
+    let flags = r.u8("flags")?;
+    if flags != 0 {
+        return Err(Error::UnsupportedFlags(flags));
+    }
     let round = r.u64("round")?;
     let model_version = r.u64("model version")?;
     let sender_len = r.u16("sender length")?;
