@@ -5,5 +5,6 @@
 //! something happened.
 
 mod deployer;
+mod e2e;
 mod fakes;
 mod supervisor;
