@@ -290,6 +290,13 @@ impl Options {
         if self.services.is_empty() {
             return Err(Error::Invalid("services: name at least one service".to_owned()));
         }
+        if self.runs(ServiceKind::Controller) && !self.runs(ServiceKind::Notifier) {
+            // The controller publishes into the notifier's in-process mailboxes.
+            return Err(Error::Invalid(
+                "services: the controller needs the notifier in the same process; add notifier"
+                    .to_owned(),
+            ));
+        }
         if self.max_code_bytes == 0 {
             return Err(Error::Invalid("max_code_bytes: must be at least 1".to_owned()));
         }
@@ -441,7 +448,7 @@ stop_grace_secs = 5.0
             &env(&[
                 ("FLEDGE_APISERVER_LISTEN", "127.0.0.1:9100"),
                 ("FLEDGE_CONTROLLER_STOP_GRACE_SECS", "7"),
-                ("FLEDGE_SERVICES", "apiserver, controller"),
+                ("FLEDGE_SERVICES", "apiserver, controller,notifier"),
                 ("FLEDGE_STORE_URL", "postgres://u@db/fledge"),
                 ("FLEDGE_LOG", "debug"),
                 ("HOME", "/root"),
@@ -453,7 +460,10 @@ stop_grace_secs = 5.0
         assert_eq!(options.max_code_bytes, 1000);
         assert_eq!(options.apiserver.listen.to_string(), "127.0.0.1:9100");
         assert_eq!(options.controller.stop_grace_secs, 9.0);
-        assert_eq!(options.services, vec![ServiceKind::Apiserver, ServiceKind::Controller]);
+        assert_eq!(
+            options.services,
+            vec![ServiceKind::Apiserver, ServiceKind::Controller, ServiceKind::Notifier]
+        );
         assert_eq!(options.store(), Ok(StoreUrl::Postgres("postgres://u@db/fledge".to_owned())));
         // Untouched options keep their defaults.
         assert_eq!(options.notifier.listen.to_string(), "127.0.0.1:10101");
@@ -494,6 +504,7 @@ stop_grace_secs = 5.0
         check("store_url = \"mysql://x\"", &[], "store_url");
         check("services = [\"apiserver\", \"metrics\"]", &[], "metrics");
         check("services = []", &[], "services");
+        check("services = [\"controller\", \"apiserver\"]", &[], "needs the notifier");
         check("[controller]\nstop_grace_secs = -1.0", &[], "stop_grace_secs");
         check("data_dir = ", &[], "not valid TOML");
         check("", &[("FLEDGE_MAX_CODE_BYTES", "lots")], "FLEDGE_MAX_CODE_BYTES");

@@ -179,11 +179,10 @@ pub async fn start(
     }
 
     if options.runs(ServiceKind::Controller) {
-        let Some(notifier) = services.notifier.clone() else {
-            anyhow::bail!(
-                "the controller publishes through the notifier: run both in one process (services = [\"controller\", \"notifier\", ...])"
-            );
-        };
+        let notifier = services
+            .notifier
+            .clone()
+            .context("the controller needs the notifier in the same process")?;
         let controller = Controller::build(
             options.controller.clone(),
             store.clone(),

@@ -700,11 +700,7 @@ async fn composed_services_run_a_job_over_rest() {
             assert!(reported.status().is_success(), "{:?}", reported.text().await);
         }
         let want = if state == "running" { JobState::Running } else { JobState::Completed };
-        eventually("the job state", || {
-            let job_state = job_state.clone();
-            async move { (job_state().await == want).then_some(()) }
-        })
-        .await;
+        eventually("the job state", || async { (job_state().await == want).then_some(()) }).await;
     }
     wait_revoke(&deployer).await;
 
