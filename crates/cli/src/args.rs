@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Command-line client of the Fledge federated-learning control plane.
 #[derive(Debug, Parser)]
-#[command(name = "fledgectl", version, about, propagate_version = true)]
+#[command(name = "fledgectl", version, about)]
 pub struct Cli {
     /// Connection flags (override the config file and environment).
     #[command(flatten)]
@@ -301,4 +301,40 @@ pub struct RunArgs {
     /// Poll interval of the watch in milliseconds.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
     pub interval_ms: u64,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn command_tree_is_consistent_and_parses_typical_lines() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "fledgectl",
+            "get",
+            "schema",
+            "-d",
+            "mnist",
+            "--version",
+            "2",
+            "-o",
+            "yaml",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.output, Some(Format::Yaml));
+        assert!(matches!(
+            cli.command,
+            Command::Get(GetCmd::Schema { ref design, version: Some(ref v) }) if design == "mnist" && v == "2"
+        ));
+        let cli = Cli::try_parse_from(["fledgectl", "--token", "t", "start", "job", "j1"]).unwrap();
+        assert_eq!(cli.global.token.as_deref(), Some("t"));
+        assert!(matches!(cli.command, Command::Start(JobRefCmd::Job { ref id }) if id == "j1"));
+        assert!(
+            Cli::try_parse_from(["fledgectl", "job", "watch", "j", "--interval-ms", "1"]).is_err()
+        );
+    }
 }

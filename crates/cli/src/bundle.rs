@@ -15,10 +15,8 @@ pub const SKIPPED: &[&str] = &["__pycache__", ".git", "target"];
 /// The zip bytes of `path`: a zip file read as is (after checking it is one), or a directory
 /// zipped with deterministic order and timestamps.
 pub fn load(path: &Path) -> Result<Vec<u8>, InputError> {
-    let meta = std::fs::metadata(path).map_err(|source| InputError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let meta = std::fs::metadata(path)
+        .map_err(|source| InputError::Read { path: path.to_owned(), source })?;
     if meta.is_dir() {
         return zip_dir(path);
     }
@@ -38,13 +36,11 @@ pub fn zip_dir(dir: &Path) -> Result<Vec<u8>, InputError> {
     let mut files = Vec::new();
     collect(dir, "", &mut files)?;
     if files.is_empty() {
-        return Err(InputError::Other(format!(
-            "{} holds no files to upload",
-            dir.display()
-        )));
+        return Err(InputError::Other(format!("{} holds no files to upload", dir.display())));
     }
     let mut writer = zip::ZipWriter::new(Cursor::new(Vec::new()));
-    let zip_error = |err: zip::result::ZipError| InputError::Other(format!("cannot build the zip: {err}"));
+    let zip_error =
+        |err: zip::result::ZipError| InputError::Other(format!("cannot build the zip: {err}"));
     for (name, full) in files {
         let data = input::read(&full)?;
         let mut options = SimpleFileOptions::default()
@@ -72,10 +68,7 @@ fn collect(
     prefix: &str,
     out: &mut Vec<(String, std::path::PathBuf)>,
 ) -> Result<(), InputError> {
-    let read_dir = |source| InputError::Read {
-        path: dir.to_owned(),
-        source,
-    };
+    let read_dir = |source| InputError::Read { path: dir.to_owned(), source };
     let mut entries = std::fs::read_dir(dir)
         .map_err(read_dir)?
         .collect::<Result<Vec<_>, _>>()
@@ -90,10 +83,8 @@ fn collect(
             )));
         };
         let path = entry.path();
-        let file_type = entry.file_type().map_err(|source| InputError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let file_type =
+            entry.file_type().map_err(|source| InputError::Read { path: path.clone(), source })?;
         let zip_name = format!("{prefix}{name}");
         if file_type.is_dir() {
             if !SKIPPED.contains(&name) {
@@ -103,7 +94,9 @@ fn collect(
             // Follow links to files; links to directories could loop, so they are skipped.
             match std::fs::metadata(&path) {
                 Ok(meta) if meta.is_file() => out.push((zip_name, path)),
-                _ => tracing::warn!(path = %path.display(), "skipping a symlink that is not a file"),
+                _ => {
+                    tracing::warn!(path = %path.display(), "skipping a symlink that is not a file")
+                }
             }
         } else if file_type.is_file() {
             out.push((zip_name, path));
@@ -137,6 +130,7 @@ pub fn same_contents(a: &[u8], b: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
 
@@ -162,11 +156,7 @@ mod tests {
         let names: Vec<&str> = files.keys().map(String::as_str).collect();
         assert_eq!(
             names,
-            [
-                "aggregator/fledge-role.toml",
-                "trainer/lib/util.py",
-                "trainer/main.py"
-            ]
+            ["aggregator/fledge-role.toml", "trainer/lib/util.py", "trainer/main.py"]
         );
         assert_eq!(files["trainer/main.py"], b"print('train')");
         // Same tree, same bytes: uploads can be compared.

@@ -47,22 +47,18 @@ fn list(details: &[ErrorDetail]) -> String {
 
 /// Reads a file's bytes.
 pub fn read(path: &Path) -> Result<Vec<u8>, InputError> {
-    std::fs::read(path).map_err(|source| InputError::Read {
-        path: path.to_owned(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| InputError::Read { path: path.to_owned(), source })
 }
 
 /// Reads and strictly parses a JSON file (see `fledge_types::json::from_slice`).
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, InputError> {
     let bytes = read(path)?;
-    fledge_types::json::from_slice(&bytes).map_err(|details| InputError::Invalid {
-        path: path.to_owned(),
-        details,
-    })
+    fledge_types::json::from_slice(&bytes)
+        .map_err(|details| InputError::Invalid { path: path.to_owned(), details })
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
 

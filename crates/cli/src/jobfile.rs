@@ -96,10 +96,7 @@ pub fn load(path: &Path, defaults_dir: Option<&Path>) -> Result<JobFile, InputEr
             }
         }
     }
-    Ok(JobFile {
-        spec,
-        dataset_files,
-    })
+    Ok(JobFile { spec, dataset_files })
 }
 
 /// Whether a data spec id names a dataset file rather than a registered dataset.
@@ -123,6 +120,7 @@ impl JobFile {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
 
@@ -151,11 +149,7 @@ mod tests {
             r#"[{"role": "trainer", "datasetGroups": {"eu": ["ds-1", "data/uk.json"]}}]"#,
         );
         write(root, "specs/data/uk.json", DATASET);
-        write(
-            root,
-            "job/modelSpec.json",
-            r#"{"hyperparameters": {"rounds": 3}}"#,
-        );
+        write(root, "job/modelSpec.json", r#"{"hyperparameters": {"rounds": 3}}"#);
 
         let mut file = load(&job, None).unwrap();
         assert_eq!(file.spec.data_spec_path, None);

@@ -45,17 +45,14 @@ fn main() -> ExitCode {
         }
     };
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("fledgectl: error: cannot start the async runtime: {err}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
-    };
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                eprintln!("fledgectl: error: cannot start the async runtime: {err}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -77,22 +74,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let config = ClientConfig::load(&env, &overrides)?;
     let client = config.client()?;
-    let ctx = Ctx {
-        client,
-        format: cli.global.output,
-    };
+    let ctx = Ctx { client, format: cli.global.output };
     commands::dispatch(&ctx, cli.command).await
 }
 
 /// The error chain, with a hint for missing credentials.
 fn message(err: &anyhow::Error) -> String {
     let mut text = format!("{err:#}");
-    if let Some(client_err) = err.downcast_ref::<fledge_client::Error>() {
-        if client_err.status() == Some(401) {
-            text.push_str(
-                "\nhint: no valid token; pass --token, set FLEDGE_TOKEN, or put `token:` in ~/.fledge/config.yaml",
-            );
-        }
+    let unauthenticated = err
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<fledge_client::Error>())
+        .any(|client_err| client_err.status() == Some(401));
+    if unauthenticated {
+        text.push_str(
+            "\nhint: no valid token; pass --token, set FLEDGE_TOKEN, or put `token:` in ~/.fledge/config.yaml",
+        );
     }
     text
 }
@@ -102,12 +98,12 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if cause.is::<input::InputError>() || cause.is::<fledge_client::config::Error>() {
             return EXIT_USAGE;
         }
-        if let Some(client_err) = cause.downcast_ref::<fledge_client::Error>() {
-            if matches!(client_err, fledge_client::Error::InvalidEndpoint { .. }
-                | fledge_client::Error::InvalidSecret { .. })
-            {
-                return EXIT_USAGE;
-            }
+        if let Some(
+            fledge_client::Error::InvalidEndpoint { .. }
+            | fledge_client::Error::InvalidSecret { .. },
+        ) = cause.downcast_ref::<fledge_client::Error>()
+        {
+            return EXIT_USAGE;
         }
         if cause.is::<commands::watch::NotCompleted>() {
             return EXIT_JOB_NOT_COMPLETED;
@@ -128,8 +124,5 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLEDGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

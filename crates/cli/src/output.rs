@@ -49,11 +49,7 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         column.set_padding((0, 2));
     }
     let text = table.to_string();
-    let mut res: String = text
-        .lines()
-        .map(str::trim_end)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let mut res: String = text.lines().map(str::trim_end).collect::<Vec<_>>().join("\n");
     res.push('\n');
     res
 }
@@ -143,10 +139,7 @@ pub fn tasks(items: &[Task]) -> String {
             ]
         })
         .collect();
-    table(
-        &["TASK", "ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "STATE"],
-        rows,
-    )
+    table(&["TASK", "ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "STATE"], rows)
 }
 
 /// The expansion of a job (`job plan`): tasks without states, then a per-role count.
@@ -164,10 +157,7 @@ pub fn plan(items: &[Task]) -> String {
             ]
         })
         .collect();
-    table(
-        &["ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "TASK"],
-        rows,
-    )
+    table(&["ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "TASK"], rows)
 }
 
 /// `trainer: 4, middle-aggregator: 2, ...` in order of first appearance.
@@ -179,19 +169,13 @@ pub fn role_counts(items: &[Task]) -> String {
             None => counts.push((task.role.clone(), 1)),
         }
     }
-    counts
-        .iter()
-        .map(|(role, n)| format!("{role}: {n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    counts.iter().map(|(role, n)| format!("{role}: {n}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Metrics: one row per record, one column per metric name seen.
 pub fn metrics(items: &[MetricRecord]) -> String {
-    let names: BTreeSet<&str> = items
-        .iter()
-        .flat_map(|r| r.metrics.keys().map(String::as_str))
-        .collect();
+    let names: BTreeSet<&str> =
+        items.iter().flat_map(|r| r.metrics.keys().map(String::as_str)).collect();
     let mut header = vec!["ROUND", "ROLE", "TASK"];
     let upper: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     header.extend(upper.iter().map(String::as_str));
@@ -211,21 +195,13 @@ pub fn metrics(items: &[MetricRecord]) -> String {
 
 /// A metric value with 4 significant decimals, integers without decimals.
 pub fn format_metric(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.4}")
-    }
+    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{v:.0}") } else { format!("{v:.4}") }
 }
 
 /// A job's status.
 pub fn status(status: &JobStatus) -> String {
-    let counts = status
-        .tasks
-        .iter()
-        .map(|(state, n)| format!("{state}={n}"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let counts =
+        status.tasks.iter().map(|(state, n)| format!("{state}={n}")).collect::<Vec<_>>().join(" ");
     table(
         &["STATE", "TASKS", "REASON"],
         vec![vec![
@@ -265,6 +241,7 @@ pub fn users(items: &[User]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use std::collections::BTreeMap;
 
@@ -278,9 +255,7 @@ mod tests {
     }
 
     fn at() -> chrono::DateTime<chrono::Utc> {
-        chrono::DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
-            .unwrap()
-            .to_utc()
+        chrono::DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap().to_utc()
     }
 
     fn task(role: &str, index: u32, groups: &[(&str, &str)], dataset: Option<&str>) -> Task {
@@ -307,7 +282,12 @@ mod tests {
     fn plan_and_task_tables() {
         let tasks = vec![
             task("trainer", 0, &[("param-channel", "eu")], Some("ds-uk")),
-            task("middle-aggregator", 0, &[("param-channel", "eu"), ("global-channel", "default")], None),
+            task(
+                "middle-aggregator",
+                0,
+                &[("param-channel", "eu"), ("global-channel", "default")],
+                None,
+            ),
             task("top-aggregator", 0, &[("global-channel", "default")], None),
         ];
         check(
@@ -319,10 +299,7 @@ mod tests {
                 top-aggregator     0      global-channel=default                   -        default  top-aggregator-0
             "#]],
         );
-        check(
-            role_counts(&tasks),
-            expect!["trainer: 1, middle-aggregator: 1, top-aggregator: 1"],
-        );
+        check(role_counts(&tasks), expect!["trainer: 1, middle-aggregator: 1, top-aggregator: 1"]);
         check(
             super::tasks(&tasks[..1]),
             expect![[r#"
@@ -337,11 +314,7 @@ mod tests {
         let job = Job {
             id: "job-1".into(),
             owner: "alice".into(),
-            spec: JobSpec {
-                name: "mnist".into(),
-                design_id: "hier".into(),
-                ..Default::default()
-            },
+            spec: JobSpec { name: "mnist".into(), design_id: "hier".into(), ..Default::default() },
             schema_version: "1".into(),
             code_version: "1".into(),
             state: JobState::Failed,
@@ -379,10 +352,7 @@ mod tests {
             task_id: TaskId::new(format!("{role}-0")),
             role: role.to_owned(),
             round,
-            metrics: metrics
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect::<BTreeMap<_, _>>(),
+            metrics: metrics.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect::<BTreeMap<_, _>>(),
             timestamp: None,
         };
         check(

@@ -190,6 +190,7 @@ pub(crate) fn seg(segment: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
 

@@ -286,6 +286,7 @@ fn refused(url: &str, status: &Status) -> Error {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
 

@@ -2,6 +2,8 @@
 //! sent, a dropped stream is reopened, repeated events are dropped, and a refused subscription
 //! ends the stream with an error.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

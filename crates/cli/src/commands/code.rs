@@ -11,14 +11,8 @@ use crate::{bundle, output};
 pub async fn upload(ctx: &Ctx, design: &str, path: &Path) -> anyhow::Result<()> {
     let zip = bundle::load(path)?;
     let size = zip.len();
-    let revision = ctx
-        .client
-        .upload_code(&DesignId::new(design), zip.into())
-        .await?;
-    eprintln!(
-        "stored code version {} of design {design} ({size} bytes)",
-        revision.version
-    );
+    let revision = ctx.client.upload_code(&DesignId::new(design), zip.into()).await?;
+    eprintln!("stored code version {} of design {design} ({size} bytes)", revision.version);
     ctx.created(&revision, &revision.version, || {
         output::table(
             &["VERSION", "SIZE", "SHA256"],

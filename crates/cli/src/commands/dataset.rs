@@ -13,9 +13,7 @@ pub async fn create(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
     let spec: DatasetSpec = input::read_json(file)?;
     let dataset = ctx.client.create_dataset(&spec).await?;
     eprintln!("created dataset {} ({})", dataset.id, dataset.spec.name);
-    ctx.created(&dataset, dataset.id.as_str(), || {
-        output::datasets(std::slice::from_ref(&dataset))
-    })
+    ctx.created(&dataset, dataset.id.as_str(), || output::datasets(std::slice::from_ref(&dataset)))
 }
 
 /// `get dataset ID`.
@@ -42,15 +40,14 @@ pub async fn remove(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
 pub struct Registrar<'a> {
     client: &'a Client,
     known: Option<Vec<Dataset>>,
+    /// Datasets already reported in this command (one message per dataset).
+    announced: std::collections::HashSet<DatasetId>,
 }
 
 impl<'a> Registrar<'a> {
     /// A registrar over `client`.
     pub fn new(client: &'a Client) -> Self {
-        Self {
-            client,
-            known: None,
-        }
+        Self { client, known: None, announced: Default::default() }
     }
 
     /// The id of the user's dataset named `spec.name`, created from `spec` if absent.
@@ -61,7 +58,11 @@ impl<'a> Registrar<'a> {
     }
 
     /// The id of the user's dataset named `spec.name`, if registered; creates nothing.
-    pub async fn lookup(&mut self, spec: &DatasetSpec, source: &Path) -> anyhow::Result<Option<DatasetId>> {
+    pub async fn lookup(
+        &mut self,
+        spec: &DatasetSpec,
+        source: &Path,
+    ) -> anyhow::Result<Option<DatasetId>> {
         self.ensure_or_lookup(spec, source, false).await
     }
 
@@ -73,17 +74,15 @@ impl<'a> Registrar<'a> {
     ) -> anyhow::Result<Option<DatasetId>> {
         if self.known.is_none() {
             let me = self.client.user().await?;
-            let mine = self
-                .client
-                .list_datasets()
-                .await?
-                .into_iter()
-                .filter(|d| d.owner == me)
-                .collect();
+            let mine =
+                self.client.list_datasets().await?.into_iter().filter(|d| d.owner == me).collect();
             self.known = Some(mine);
         }
         let known = self.known.get_or_insert_with(Vec::new);
         if let Some(existing) = known.iter().find(|d| d.spec.name == spec.name) {
+            if !self.announced.insert(existing.id.clone()) {
+                return Ok(Some(existing.id.clone()));
+            }
             if existing.spec != *spec {
                 eprintln!(
                     "warning: dataset {:?} exists with different metadata; reusing {} (remove it to register {})",
@@ -102,6 +101,7 @@ impl<'a> Registrar<'a> {
         let dataset = self.client.create_dataset(spec).await?;
         eprintln!("created dataset {} ({}) from {}", dataset.id, spec.name, source.display());
         let id = dataset.id.clone();
+        self.announced.insert(id.clone());
         known.push(dataset);
         Ok(Some(id))
     }

@@ -12,16 +12,11 @@ pub async fn create(
     name: Option<String>,
     description: String,
 ) -> anyhow::Result<()> {
-    let spec = DesignSpec {
-        name: name.unwrap_or_else(|| id.clone()),
-        id: DesignId::new(id),
-        description,
-    };
+    let spec =
+        DesignSpec { name: name.unwrap_or_else(|| id.clone()), id: DesignId::new(id), description };
     let design = ctx.client.create_design(&spec).await?;
     eprintln!("created design {}", design.id);
-    ctx.created(&design, design.id.as_str(), || {
-        output::designs(std::slice::from_ref(&design))
-    })
+    ctx.created(&design, design.id.as_str(), || output::designs(std::slice::from_ref(&design)))
 }
 
 /// `get design ID`.

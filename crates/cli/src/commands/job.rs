@@ -31,22 +31,15 @@ pub async fn create(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
     let job_file = load_and_register(ctx, file, None).await?;
     let job = ctx.client.create_job(&job_file.spec).await?;
     eprintln!("created job {} ({})", job.id, job.spec.name);
-    ctx.created(&job, job.id.as_str(), || {
-        output::jobs(std::slice::from_ref(&job))
-    })
+    ctx.created(&job, job.id.as_str(), || output::jobs(std::slice::from_ref(&job)))
 }
 
 /// `update job ID FILE`.
 pub async fn update(ctx: &Ctx, id: &str, file: &Path) -> anyhow::Result<()> {
     let job_file = load_and_register(ctx, file, None).await?;
-    let job = ctx
-        .client
-        .update_job(&JobId::new(id), &job_file.spec)
-        .await?;
+    let job = ctx.client.update_job(&JobId::new(id), &job_file.spec).await?;
     eprintln!("updated job {}", job.id);
-    ctx.created(&job, job.id.as_str(), || {
-        output::jobs(std::slice::from_ref(&job))
-    })
+    ctx.created(&job, job.id.as_str(), || output::jobs(std::slice::from_ref(&job)))
 }
 
 /// `job plan FILE`: prints the expansion; creates nothing (dataset files must be registered).
@@ -104,18 +97,14 @@ pub async fn remove(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
 pub async fn start(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let job = ctx.client.start_job(&JobId::new(id)).await?;
     eprintln!("job {} is {}", job.id, job.state);
-    ctx.created(&job, job.id.as_str(), || {
-        output::jobs(std::slice::from_ref(&job))
-    })
+    ctx.created(&job, job.id.as_str(), || output::jobs(std::slice::from_ref(&job)))
 }
 
 /// `stop job ID`.
 pub async fn stop(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let job = ctx.client.stop_job(&JobId::new(id)).await?;
     eprintln!("job {} is {}", job.id, job.state);
-    ctx.created(&job, job.id.as_str(), || {
-        output::jobs(std::slice::from_ref(&job))
-    })
+    ctx.created(&job, job.id.as_str(), || output::jobs(std::slice::from_ref(&job)))
 }
 
 /// `get status JOB`.
@@ -132,10 +121,7 @@ pub async fn tasks(ctx: &Ctx, job: &str) -> anyhow::Result<()> {
 
 /// `get task JOB TASK`.
 pub async fn task(ctx: &Ctx, job: &str, task: &str) -> anyhow::Result<()> {
-    let task = ctx
-        .client
-        .get_task(&JobId::new(job), &TaskId::new(task))
-        .await?;
+    let task = ctx.client.get_task(&JobId::new(job), &TaskId::new(task)).await?;
     ctx.show(&task, || output::tasks(std::slice::from_ref(&task)))
 }
 
@@ -147,10 +133,7 @@ pub async fn metrics(ctx: &Ctx, job: &str) -> anyhow::Result<()> {
 
 /// `logs JOB TASK`: the task's log tail, raw.
 pub async fn logs(ctx: &Ctx, job: &str, task: &str) -> anyhow::Result<()> {
-    let task = ctx
-        .client
-        .get_task(&JobId::new(job), &TaskId::new(task))
-        .await?;
+    let task = ctx.client.get_task(&JobId::new(job), &TaskId::new(task)).await?;
     if task.log.is_empty() {
         eprintln!("task {} ({}) has no log yet", task.task_id, task.state);
         return Ok(());

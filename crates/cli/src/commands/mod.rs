@@ -14,9 +14,7 @@ use serde::Serialize;
 
 use fledge_client::Client;
 
-use crate::args::{
-    Command, CreateCmd, Format, GetCmd, JobCmd, JobRefCmd, RemoveCmd, UpdateCmd,
-};
+use crate::args::{Command, CreateCmd, Format, GetCmd, JobCmd, JobRefCmd, RemoveCmd, UpdateCmd};
 use crate::output;
 
 /// What every command needs: the client and the chosen output format.
@@ -58,11 +56,9 @@ impl Ctx {
 pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Create(create) => match create {
-            CreateCmd::Design {
-                id,
-                name,
-                description,
-            } => design::create(ctx, id, name, description).await,
+            CreateCmd::Design { id, name, description } => {
+                design::create(ctx, id, name, description).await
+            }
             CreateCmd::Schema(args) => schema::upload(ctx, &args.design, &args.file).await,
             CreateCmd::Code(args) => code::upload(ctx, &args.design, &args.path).await,
             CreateCmd::Dataset { file } => dataset::create(ctx, &file).await,
@@ -75,11 +71,9 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
             GetCmd::Schema { design, version } => {
                 schema::get(ctx, &design, version.as_deref()).await
             }
-            GetCmd::Code {
-                design,
-                version,
-                file,
-            } => code::download(ctx, &design, version.as_deref(), file).await,
+            GetCmd::Code { design, version, file } => {
+                code::download(ctx, &design, version.as_deref(), file).await
+            }
             GetCmd::Dataset { id } => dataset::get(ctx, &id).await,
             GetCmd::Datasets => dataset::list(ctx).await,
             GetCmd::Job { id } => job::get(ctx, &id).await,

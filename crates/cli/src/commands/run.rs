@@ -35,20 +35,14 @@ pub struct JobDir {
 /// Reads and checks a job directory.
 pub fn read_dir(dir: &Path) -> Result<JobDir, InputError> {
     if !dir.is_dir() {
-        return Err(InputError::Other(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
+        return Err(InputError::Other(format!("{} is not a directory", dir.display())));
     }
     let require = |name: &str| -> Result<PathBuf, InputError> {
         let path = dir.join(name);
         if path.exists() {
             Ok(path)
         } else {
-            Err(InputError::Other(format!(
-                "{} has no {name}",
-                dir.display()
-            )))
+            Err(InputError::Other(format!("{} has no {name}", dir.display())))
         }
     };
     let schema = input::read_json(&require("schema.json")?)?;
@@ -60,10 +54,7 @@ pub fn read_dir(dir: &Path) -> Result<JobDir, InputError> {
         )));
     }
     let mut dataset_paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| InputError::Read {
-            path: dir.to_owned(),
-            source,
-        })?
+        .map_err(|source| InputError::Read { path: dir.to_owned(), source })?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| {
             path.file_name()
@@ -79,33 +70,20 @@ pub fn read_dir(dir: &Path) -> Result<JobDir, InputError> {
         datasets.push((path, spec));
     }
     let code = bundle::load(&require("code")?)?;
-    Ok(JobDir {
-        schema,
-        job,
-        datasets,
-        code,
-    })
+    Ok(JobDir { schema, job, datasets, code })
 }
 
 /// `run DIR`.
 pub async fn run(ctx: &Ctx, args: &RunArgs) -> anyhow::Result<()> {
-    let JobDir {
-        schema,
-        mut job,
-        datasets,
-        code,
-    } = read_dir(&args.dir)?;
+    let JobDir { schema, mut job, datasets, code } = read_dir(&args.dir)?;
     let client = &ctx.client;
     let design_id: DesignId = job.spec.design_id.clone();
 
     match client.get_design(&design_id).await {
         Ok(_) => eprintln!("design {design_id} exists"),
         Err(err) if err.is_not_found() => {
-            let name = if schema.name.is_empty() {
-                design_id.to_string()
-            } else {
-                schema.name.clone()
-            };
+            let name =
+                if schema.name.is_empty() { design_id.to_string() } else { schema.name.clone() };
             client
                 .create_design(&DesignSpec {
                     id: design_id.clone(),
@@ -177,6 +155,7 @@ pub async fn run(ctx: &Ctx, args: &RunArgs) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
 
@@ -199,11 +178,8 @@ mod tests {
         )
         .unwrap();
         for name in ["dataset-b.json", "dataset-a.json"] {
-            std::fs::write(
-                root.join(name),
-                format!(r#"{{"name": "{name}", "url": "file:///x"}}"#),
-            )
-            .unwrap();
+            std::fs::write(root.join(name), format!(r#"{{"name": "{name}", "url": "file:///x"}}"#))
+                .unwrap();
         }
         let err = read_dir(root).unwrap_err().to_string();
         assert!(err.contains("has no code"), "{err}");
@@ -211,11 +187,8 @@ mod tests {
         std::fs::create_dir_all(root.join("code/trainer")).unwrap();
         std::fs::write(root.join("code/trainer/main.py"), "pass").unwrap();
         let job_dir = read_dir(root).unwrap();
-        let names: Vec<&str> = job_dir
-            .datasets
-            .iter()
-            .map(|(_, spec)| spec.name.as_str())
-            .collect();
+        let names: Vec<&str> =
+            job_dir.datasets.iter().map(|(_, spec)| spec.name.as_str()).collect();
         assert_eq!(names, ["dataset-a.json", "dataset-b.json"]);
         assert_eq!(job_dir.job.dataset_files.len(), 1);
         assert!(bundle::contents(&job_dir.code).unwrap().contains_key("trainer/main.py"));

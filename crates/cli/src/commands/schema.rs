@@ -10,10 +10,7 @@ use crate::input;
 /// Uploads `file` as the next schema revision of `design`.
 pub async fn upload(ctx: &Ctx, design: &str, file: &Path) -> anyhow::Result<()> {
     let schema: Schema = input::read_json(file)?;
-    let version = ctx
-        .client
-        .create_schema(&DesignId::new(design), &schema)
-        .await?;
+    let version = ctx.client.create_schema(&DesignId::new(design), &schema).await?;
     eprintln!("stored schema version {version} of design {design}");
     let answer = serde_json::json!({ "designId": design, "version": version });
     ctx.created(&answer, &version, || format!("{version}\n"))
@@ -32,7 +29,5 @@ pub async fn get(ctx: &Ctx, design: &str, version: Option<&str>) -> anyhow::Resu
             latest.schema
         }
     };
-    ctx.show(&schema, || {
-        serde_json::to_string_pretty(&schema).unwrap_or_default()
-    })
+    ctx.show(&schema, || serde_json::to_string_pretty(&schema).unwrap_or_default())
 }

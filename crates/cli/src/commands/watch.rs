@@ -42,11 +42,8 @@ pub struct Progress {
 /// Summarises metric records into the latest round and its loss and accuracy.
 pub fn summarize(records: &[MetricRecord]) -> Progress {
     let latest_mean = |name: &str| -> Option<f64> {
-        let round = records
-            .iter()
-            .filter(|r| r.metrics.contains_key(name))
-            .map(|r| r.round)
-            .max()?;
+        let round =
+            records.iter().filter(|r| r.metrics.contains_key(name)).map(|r| r.round).max()?;
         let values: Vec<f64> = records
             .iter()
             .filter(|r| r.round == round)
@@ -166,16 +163,13 @@ pub async fn watch_and_report(ctx: &Ctx, id: &JobId, interval_ms: u64) -> anyhow
     if job.state == JobState::Completed {
         Ok(())
     } else {
-        Err(NotCompleted {
-            id: job.id.clone(),
-            state: job.state,
-            reason: job.reason.clone(),
-        }
-        .into())
+        Err(NotCompleted { id: job.id.clone(), state: job.state, reason: job.reason.clone() }
+            .into())
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use std::collections::BTreeMap;
 
@@ -186,10 +180,7 @@ mod tests {
             task_id: "t".into(),
             role: "trainer".into(),
             round,
-            metrics: metrics
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect::<BTreeMap<_, _>>(),
+            metrics: metrics.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect::<BTreeMap<_, _>>(),
             timestamp: None,
         }
     }
@@ -211,9 +202,7 @@ mod tests {
         let status = JobStatus {
             state: JobState::Running,
             reason: None,
-            tasks: [("running".to_owned(), 3), ("failed".to_owned(), 0)]
-                .into_iter()
-                .collect(),
+            tasks: [("running".to_owned(), 3), ("failed".to_owned(), 0)].into_iter().collect(),
         };
         assert_eq!(
             describe(&status, &progress),
