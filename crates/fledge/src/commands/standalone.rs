@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use fledge_control::service::{self, Services};
+use fledge_control::service::{self, BoundAddrs, Services};
 use fledge_control::store;
-use fledge_types::{ComputeId, ComputeSpec, Platform};
+use fledge_types::{ComputeId, ComputeSpec};
 
 use super::UsageError;
 
@@ -71,11 +71,78 @@ impl Args {
     }
 }
 
-/// Runs the subcommand.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+impl Args {
+    /// Arguments for a throw-away platform in `data_dir`: free ports, a process deployer,
+    /// no configuration file (used by `fledge quickstart`).
+    pub fn ephemeral(data_dir: PathBuf) -> Args {
+        Args {
+            data_dir,
+            port: 0,
+            config: None,
+            cli_config: None,
+            no_deployer: false,
+            dump_config: false,
+        }
+    }
+}
+
+/// A running standalone platform.
+pub struct Platform {
+    /// The apiserver's base URL.
+    pub endpoint: String,
+    /// An admin token for it.
+    pub token: String,
+    /// Where each service listens.
+    pub addrs: BoundAddrs,
+    services: Services,
+}
+
+impl Platform {
+    /// Waits until the platform is shut down (signal or service failure); returns the first
+    /// service failure.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.services.wait().await
+    }
+
+    /// Stops every service and waits for them; a service failure is logged.
+    pub async fn shutdown(self) {
+        self.services.shutdown_token().cancel();
+        if let Err(err) = self.services.wait().await {
+            tracing::warn!(error = format!("{err:#}"), "a service failed during the run");
+        }
+    }
+}
+
+/// Starts every service, the admin token, compute `default` and (unless `--no-deployer`) its
+/// process deployer. Writes the endpoint and token into `cli_config` when given.
+pub async fn launch(args: &Args, cli_config: Option<&Path>) -> anyhow::Result<Platform> {
     let env: HashMap<String, String> = std::env::vars().collect();
     let options = super::serve::load_options(args.config.as_deref(), &env, &args.overrides()?)?;
+    let store = service::open_store(&options).await?;
+    let services = service::start(&options, store.clone(), &CancellationToken::new())
+        .await
+        .context("cannot start the services")?;
+    let endpoint = services.endpoints.apiserver.clone();
+    let token = fledge_control::api::bootstrap_admin(store.as_ref())
+        .await
+        .context("cannot create the admin token")?;
+    if let Some(path) = cli_config {
+        write_cli_config(path, &endpoint, &token)?;
+    }
+    let api_key = register_default_compute(store.as_ref()).await?;
+    if args.no_deployer {
+        tracing::info!("--no-deployer: workers must be started by hand");
+    } else {
+        start_deployer(&services, &options.data_dir, api_key)?;
+    }
+    Ok(Platform { endpoint, token, addrs: services.addrs.clone(), services })
+}
+
+/// Runs the subcommand.
+pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.dump_config {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let options = super::serve::load_options(args.config.as_deref(), &env, &args.overrides()?)?;
         #[allow(clippy::print_stdout)]
         {
             print!("{}", options.to_toml()?);
@@ -84,37 +151,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let cli_config = match &args.cli_config {
         Some(path) => path.clone(),
-        None => fledge_client::config::ClientConfig::default_path(&env)
-            .map_err(|err| UsageError(format!("{err}; pass --cli-config PATH")))?,
+        None => {
+            let env: HashMap<String, String> = std::env::vars().collect();
+            fledge_client::config::ClientConfig::default_path(&env)
+                .map_err(|err| UsageError(format!("{err}; pass --cli-config PATH")))?
+        }
     };
-
-    let shutdown = CancellationToken::new();
-    service::cancel_on_signal(shutdown.clone());
-    let store = service::open_store(&options).await?;
-    let services = service::start(&options, store.clone(), &shutdown)
-        .await
-        .context("cannot start the services")?;
-    let endpoint = services.endpoints.apiserver.clone();
-
-    let token = fledge_control::api::bootstrap_admin(store.as_ref())
-        .await
-        .context("cannot create the admin token")?;
-    write_cli_config(&cli_config, &endpoint, &token)?;
-    let api_key = register_default_compute(store.as_ref()).await?;
-    if args.no_deployer {
-        tracing::info!("--no-deployer: workers must be started by hand");
-    } else {
-        start_deployer(&services, &options.data_dir, api_key)?;
-    }
-
+    let platform = launch(&args, Some(&cli_config)).await?;
+    service::cancel_on_signal(platform.services.shutdown_token());
     #[allow(clippy::print_stdout)]
     {
-        println!("endpoint: {endpoint}");
-        println!("token: {token}");
+        println!("endpoint: {}", platform.endpoint);
+        println!("token: {}", platform.token);
         println!("fledgectl config: {}", cli_config.display());
         println!("ready");
     }
-    services.wait().await
+    platform.wait().await
 }
 
 /// Registers compute `default` (serving every realm) with a fresh API key; an existing one is
@@ -131,7 +183,7 @@ async fn register_default_compute(store: &dyn store::Store) -> anyhow::Result<St
             compute_id: id,
             region: "default".to_owned(),
             api_key: api_key.clone(),
-            platform: Platform::Process,
+            platform: fledge_types::Platform::Process,
         })
         .await
         .context("cannot register compute default")?;
