@@ -80,6 +80,18 @@ pub enum Command {
     Run(RunArgs),
     /// Show the user the token belongs to.
     Whoami,
+    /// Show or save the client configuration (endpoint and token).
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+/// `fledgectl config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the effective configuration (token masked) and where it was read from.
+    View,
+    /// Write the effective configuration (e.g. from --endpoint/--token) to the config file.
+    Save,
 }
 
 /// `fledgectl create ...`

@@ -73,6 +73,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         token: cli.global.token.clone(),
     };
     let config = ClientConfig::load(&env, &overrides)?;
+    if let args::Command::Config(command) = &cli.command {
+        return commands::config::run(command, &config, &env, &overrides, cli.global.output);
+    }
     let client = config.client()?;
     let ctx = Ctx { client, format: cli.global.output };
     commands::dispatch(&ctx, cli.command).await

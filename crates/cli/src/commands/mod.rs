@@ -3,6 +3,7 @@
 
 pub mod code;
 pub mod compute;
+pub mod config;
 pub mod dataset;
 pub mod design;
 pub mod job;
@@ -104,6 +105,9 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         }
         Command::Logs { job, task } => job::logs(ctx, &job, &task).await,
         Command::Run(args) => run::run(ctx, &args).await,
+        Command::Config(command) => {
+            Err(anyhow::anyhow!("config {command:?} is handled before connecting"))
+        }
         Command::Whoami => {
             let user = ctx.client.whoami().await?;
             ctx.show(&user, || output::users(std::slice::from_ref(&user)))

@@ -109,3 +109,42 @@ async fn server_rejections_and_connection_failures_exit_2_with_the_reason() {
         .to_owned();
     assert!(stderr.contains("cannot reach the control plane at http://127.0.0.1:1"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_is_not_an_error() {
+    let server = Server::start().await;
+    server.ctl(&["create", "design", "d"]).await.ok();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fledgectl"))
+        .args(["get", "designs", "-o", "json"])
+        .env_clear()
+        .env("HOME", server.path("home"))
+        .env("FLEDGE_ENDPOINT", &server.base)
+        .env("FLEDGE_TOKEN", &server.token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before fledgectl has its answer, like `fledgectl ... | head -0`.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_save_then_view_without_flags() {
+    let server = Server::start().await;
+    let flags = ["--endpoint", server.base.as_str(), "--token", server.token.as_str()];
+    let mut save = flags.to_vec();
+    save.extend(["config", "save"]);
+    let run = server.ctl_with(&save, &[]).await;
+    run.ok();
+    assert!(run.stderr.contains(".fledge/config.yaml"), "{}", run.stderr);
+    let view = server.ctl_with(&["config", "view", "-o", "json"], &[]).await.json();
+    assert_eq!(view["endpoint"], server.base.as_str());
+    assert_eq!(view["fileExists"], true);
+    assert!(!view["token"].as_str().unwrap().contains(&server.token), "{view}");
+    // The saved file is what later commands use.
+    assert_eq!(server.ctl_with(&["get", "jobs", "-o", "json"], &[]).await.ok(), "[]");
+}
