@@ -209,3 +209,12 @@ pub fn kill9(pid: i32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
         .expect("kill -9");
 }
+
+/// Waits until `path` exists.
+pub async fn wait_for_path(path: &Path) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !path.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {}", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
