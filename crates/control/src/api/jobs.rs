@@ -1,6 +1,6 @@
 //! Jobs: plan, create, update, delete, start/stop, status, tasks and metrics.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use axum::Json;
 use axum::body::Body;
@@ -130,19 +130,18 @@ async fn prepare(
         return Err(invalid(details));
     };
 
-    let mut datasets: HashMap<DatasetId, Dataset> = HashMap::new();
-    for id in spec.data_spec.iter().flat_map(|entry| entry.dataset_groups.values().flatten()) {
-        if datasets.contains_key(id) {
-            continue;
-        }
-        match state.store.get_dataset(Some(owner), id).await {
-            Ok(dataset) => {
-                datasets.insert(id.clone(), dataset);
-            }
-            Err(store::Error::NotFound { .. }) => {}
-            Err(err) => return Err(err.into()),
-        }
-    }
+    // One query for every dataset the owner may use, not one per id: a 1,000-trainer job names
+    // 1,000 datasets.
+    let named: HashSet<&DatasetId> =
+        spec.data_spec.iter().flat_map(|entry| entry.dataset_groups.values().flatten()).collect();
+    let datasets: HashMap<DatasetId, Dataset> = state
+        .store
+        .list_datasets(Some(owner))
+        .await?
+        .into_iter()
+        .filter(|d| named.contains(&d.id))
+        .map(|d| (d.id.clone(), d))
+        .collect();
     details.extend(fledge_types::validate::job(spec, &schema, &|id| datasets.get(id).cloned()));
     let Some(code_version) = code_version.filter(|_| details.is_empty()) else {
         return Err(invalid(details));
@@ -333,10 +332,13 @@ async fn get_status(
 ) -> Result<Json<JobStatus>> {
     let user = check_user(&state.user(&headers).await?, &user)?;
     let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
-    let mut tasks = BTreeMap::new();
-    for task in state.store.list_tasks(&job.id).await? {
-        *tasks.entry(task.state.to_string()).or_insert(0) += 1;
-    }
+    let tasks = state
+        .store
+        .count_tasks(&job.id)
+        .await?
+        .into_iter()
+        .map(|(task_state, n)| (task_state.to_string(), n))
+        .collect();
     Ok(Json(JobStatus { state: job.state, reason: job.reason, tasks }))
 }
 

@@ -11,7 +11,7 @@
 //! - state changes go through compare-and-set ([`Store::set_job_state`]) so the controller and
 //!   the apiserver never overwrite each other's transitions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 use fledge_types::ErrorCode;
@@ -252,6 +252,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_tasks(&self, tasks: &[NewTask]) -> Result<()>;
     /// A job's tasks in expansion order.
     async fn list_tasks(&self, job: &JobId) -> Result<Vec<Task>>;
+    /// How many tasks of a job are in each state (states without tasks are absent).
+    async fn count_tasks(&self, job: &JobId) -> Result<HashMap<TaskState, u64>>;
     /// One task.
     async fn get_task(&self, job: &JobId, task: &TaskId) -> Result<Task>;
     /// Finds a task by id alone and checks its key hash; `NotFound` when either is wrong.

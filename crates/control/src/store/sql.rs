@@ -113,7 +113,7 @@ pub(super) fn revision(kind: &'static str, design: &str, version: &str) -> Resul
 /// fields) whose rows are `$row`; `$begin` starts a write transaction.
 macro_rules! impl_sql_store {
     ($store:ty, $row:ty, $begin:expr) => {
-        use std::collections::{BTreeMap, BTreeSet};
+        use std::collections::{BTreeMap, BTreeSet, HashMap};
 
         use fledge_types::{
             Compute, ComputeId, ComputeSpec, Dataset, DatasetId, DatasetSpec, Design, DesignId,
@@ -1133,6 +1133,23 @@ macro_rules! impl_sql_store {
                 .await
                 .map_err(db)?;
                 rows.iter().map(task_from_row).collect()
+            }
+
+            async fn count_tasks(&self, job: &JobId) -> Result<HashMap<TaskState, u64>> {
+                self.fetch_job(None, job).await?;
+                let rows = sqlx::query(
+                    "SELECT state, COUNT(*) AS n FROM tasks WHERE job_id = $1 GROUP BY state",
+                )
+                .bind(job.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter()
+                    .map(|row| {
+                        let n: i64 = get(row, "n")?;
+                        Ok((task_state(&get::<String>(row, "state")?)?, u64::try_from(n).unwrap_or(0)))
+                    })
+                    .collect()
             }
 
             async fn get_task(&self, job: &JobId, task: &TaskId) -> Result<Task> {

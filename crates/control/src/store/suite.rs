@@ -3,7 +3,7 @@
 //! [`run`] takes a factory that returns a fresh, empty store for each case, so the cases are
 //! independent; `sqlite.rs` and `postgres.rs` call it from their tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 
 use fledge_types::{
@@ -402,6 +402,8 @@ async fn tasks(store: &impl Store) {
     let ids: Vec<_> =
         store.list_tasks(&job.id).await.unwrap().into_iter().map(|t| t.task_id.0).collect();
     assert_eq!(ids, ["tz", "ta", "tp"], "expansion order, no duplicates");
+    assert_eq!(store.count_tasks(&job.id).await.unwrap(), HashMap::from([(TaskState::Ready, 3)]));
+    assert!(matches!(store.count_tasks(&"nope".into()).await, Err(Error::NotFound { .. })));
     assert!(matches!(
         store.list_tasks(&"nope".into()).await,
         Err(Error::NotFound { kind: "job", .. })
@@ -436,6 +438,10 @@ async fn tasks(store: &impl Store) {
         Err(Error::Conflict { .. })
     ));
     assert_eq!(store.get_task(&job.id, &"ta".into()).await.unwrap(), done);
+    assert_eq!(
+        store.count_tasks(&job.id).await.unwrap(),
+        HashMap::from([(TaskState::Ready, 2), (TaskState::Completed, 1)])
+    );
     assert!(matches!(
         store.set_task_state(&other.id, &"ta".into(), TaskState::Failed, None).await,
         Err(Error::NotFound { .. })

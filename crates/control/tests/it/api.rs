@@ -708,3 +708,40 @@ async fn openapi_health_and_metrics() {
     assert!(text.contains("fledge_apiserver_http_request_duration_seconds_bucket"), "{text}");
     server.stop().await;
 }
+
+#[test_log::test(tokio::test)]
+async fn participant_run_tasks_pin_the_first_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let ann = server.user("ann").await;
+    let datasets = setup_hier(&ann, "ann").await;
+    let (_, job) = ann.post("/users/ann/jobs", &hier_job(&datasets)).await;
+    let id = JobId::new(job["id"].as_str().unwrap());
+    let store = &server.store;
+    let (_, schema) = store.get_schema(None, &"hier".into(), None).await.unwrap();
+    let datasets = store.list_datasets(None).await.unwrap();
+    let job = store.get_job(None, &id).await.unwrap();
+    let mut tasks = fledge_types::expand::expand(&id, &job.spec, &schema, &datasets, &[]).unwrap();
+    // The data owner runs the first trainer: the control plane never hands out its key.
+    tasks[0].managed = false;
+    let new: Vec<NewTask> = tasks
+        .iter()
+        .map(|task| NewTask { task: task.clone(), key: fledge_control::api::new_secret() })
+        .collect();
+    store.insert_tasks(&new).await.unwrap();
+    let config = format!("/tasks/{}/config", tasks[0].task_id);
+
+    let owner = Client::new(&server.base, "the-data-owner's-own-key");
+    let (status, body) = owner.get(&config).await;
+    assert_eq!(status, StatusCode::OK, "the first key is pinned: {body}");
+    let (status, _) = owner.get(&config).await;
+    assert_eq!(status, StatusCode::OK, "and keeps working");
+    let (status, _) = Client::new(&server.base, "someone-else").get(&config).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a second key is refused");
+    // Managed tasks never pin: a made-up key is refused.
+    let (status, _) = Client::new(&server.base, "made-up")
+        .get(&format!("/tasks/{}/config", tasks[1].task_id))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    server.stop().await;
+}
