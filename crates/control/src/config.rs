@@ -82,6 +82,9 @@ pub enum ServiceKind {
     Notifier,
     /// The embedded MQTT broker.
     Broker,
+    /// The compute-side `process` deployer of one compute (see [`DeployerSection`]); not part
+    /// of the default set, and it needs no store.
+    Deployer,
 }
 
 impl ServiceKind {
@@ -93,6 +96,20 @@ impl ServiceKind {
         ServiceKind::Apiserver,
     ];
 
+    /// Every service name `--services` accepts.
+    pub const KNOWN: [ServiceKind; 5] = [
+        ServiceKind::Broker,
+        ServiceKind::Notifier,
+        ServiceKind::Controller,
+        ServiceKind::Apiserver,
+        ServiceKind::Deployer,
+    ];
+
+    /// Whether this is a control-plane service (they share the store).
+    pub fn is_control_plane(self) -> bool {
+        !matches!(self, ServiceKind::Deployer)
+    }
+
     /// The service's name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -100,6 +117,7 @@ impl ServiceKind {
             ServiceKind::Controller => "controller",
             ServiceKind::Notifier => "notifier",
             ServiceKind::Broker => "broker",
+            ServiceKind::Deployer => "deployer",
         }
     }
 }
@@ -113,9 +131,9 @@ impl fmt::Display for ServiceKind {
 impl FromStr for ServiceKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        ServiceKind::ALL.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
+        ServiceKind::KNOWN.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
             format!(
-                "unknown service {s:?} (expected one of apiserver, controller, notifier, broker)"
+                "unknown service {s:?} (expected one of apiserver, controller, notifier, broker, deployer)"
             )
         })
     }
@@ -178,6 +196,42 @@ pub struct NotifierSection {
     pub mailbox_capacity: usize,
 }
 
+/// The compute-side deployer run by `fledge serve --services deployer`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployerSection {
+    /// The compute this deployer serves. Default `default`.
+    pub compute_id: String,
+    /// The compute's API key (as registered with `POST /computes`); required when the deployer
+    /// runs. Set it through `FLEDGE_DEPLOYER_API_KEY` rather than a file. Never dumped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    /// Apiserver URL for the deployer and its workers. Default: this process's apiserver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apiserver: Option<String>,
+    /// Notifier URL for the deployer and its workers. Default: this process's notifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifier: Option<String>,
+    /// Root of the workers' directories. Default `<data_dir>/work`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_root: Option<PathBuf>,
+    /// Most workers running at once; more wait in a queue. Default 64.
+    pub max_workers: usize,
+}
+
+impl Default for DeployerSection {
+    fn default() -> Self {
+        Self {
+            compute_id: "default".to_owned(),
+            api_key: None,
+            apiserver: None,
+            notifier: None,
+            work_root: None,
+            max_workers: 64,
+        }
+    }
+}
+
 /// Every option of the control-plane services.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -204,6 +258,8 @@ pub struct Options {
     pub broker: Listen,
     /// Controller timers (seconds) and queue size.
     pub controller: controller::Options,
+    /// The compute-side deployer (service `deployer`).
+    pub deployer: DeployerSection,
 }
 
 impl Default for Options {
@@ -222,17 +278,27 @@ impl Default for Options {
             },
             broker: Listen::on(1883),
             controller: controller::Options::default(),
+            deployer: DeployerSection::default(),
         }
     }
 }
 
 /// Options that are absent from the defaults but may be set (`None` by default), with a
 /// template value that gives their type.
-const OPTIONAL_KEYS: &[&str] =
-    &["store_url", "blob_dir", "apiserver.advertise", "notifier.advertise", "broker.advertise"];
+const OPTIONAL_KEYS: &[&str] = &[
+    "store_url",
+    "blob_dir",
+    "apiserver.advertise",
+    "notifier.advertise",
+    "broker.advertise",
+    "deployer.api_key",
+    "deployer.apiserver",
+    "deployer.notifier",
+    "deployer.work_root",
+];
 
 /// Sections whose name prefixes environment keys (`FLEDGE_<SECTION>_<KEY>`).
-const SECTIONS: &[&str] = &["apiserver", "notifier", "broker", "controller"];
+const SECTIONS: &[&str] = &["apiserver", "notifier", "broker", "controller", "deployer"];
 
 impl Options {
     /// Loads options: defaults → `file` → `FLEDGE_*` entries of `env` → `overrides`
@@ -297,6 +363,31 @@ impl Options {
                     .to_owned(),
             ));
         }
+        if self.runs(ServiceKind::Deployer) {
+            let deployer = &self.deployer;
+            if deployer.compute_id.trim().is_empty() {
+                return Err(Error::Invalid("deployer.compute_id: must not be empty".to_owned()));
+            }
+            if deployer.api_key.as_deref().is_none_or(|k| k.trim().is_empty()) {
+                return Err(Error::Invalid(
+                    "deployer.api_key: required when the deployer runs (FLEDGE_DEPLOYER_API_KEY)"
+                        .to_owned(),
+                ));
+            }
+            if deployer.max_workers == 0 {
+                return Err(Error::Invalid("deployer.max_workers: must be at least 1".to_owned()));
+            }
+            for (field, url, local) in [
+                ("apiserver", &deployer.apiserver, ServiceKind::Apiserver),
+                ("notifier", &deployer.notifier, ServiceKind::Notifier),
+            ] {
+                if url.is_none() && !self.runs(local) {
+                    return Err(Error::Invalid(format!(
+                        "deployer.{field}: set the {field} URL, or run the {field} in this process"
+                    )));
+                }
+            }
+        }
         if self.max_code_bytes == 0 {
             return Err(Error::Invalid("max_code_bytes: must be at least 1".to_owned()));
         }
@@ -329,9 +420,18 @@ impl Options {
         self.services.contains(&service)
     }
 
-    /// The effective configuration as TOML (`--dump-config`).
+    /// Whether any control-plane service (which needs the store) is to run.
+    pub fn runs_control_plane(&self) -> bool {
+        self.services.iter().any(|s| s.is_control_plane())
+    }
+
+    /// The effective configuration as TOML (`--dump-config`), with secrets redacted.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string_pretty(self)
+        let mut shown = self.clone();
+        if shown.deployer.api_key.is_some() {
+            shown.deployer.api_key = Some("<redacted>".to_owned());
+        }
+        toml::to_string_pretty(&shown)
             .map_err(|err| Error::Invalid(format!("cannot render the configuration: {err}")))
     }
 }
@@ -488,6 +588,27 @@ stop_grace_secs = 5.0
     }
 
     #[test]
+    fn a_deployer_only_process_needs_its_key_and_urls_and_never_dumps_the_key() {
+        let options = Options::load(
+            None,
+            &env(&[
+                ("FLEDGE_SERVICES", "deployer"),
+                ("FLEDGE_DEPLOYER_API_KEY", "s3cret"),
+                ("FLEDGE_DEPLOYER_COMPUTE_ID", "eu"),
+                ("FLEDGE_DEPLOYER_APISERVER", "http://cp:10100"),
+                ("FLEDGE_DEPLOYER_NOTIFIER", "http://cp:10101"),
+            ]),
+            &[],
+        )
+        .expect("valid deployer config");
+        assert!(!options.runs_control_plane());
+        assert_eq!(options.deployer.compute_id, "eu");
+        assert_eq!(options.deployer.api_key.as_deref(), Some("s3cret"));
+        let dump = options.to_toml().expect("render");
+        assert!(!dump.contains("s3cret") && dump.contains("<redacted>"), "{dump}");
+    }
+
+    #[test]
     fn bad_config_names_what_is_wrong() {
         let dir = tempfile::tempdir().expect("tempdir");
         let check = |toml_text: &str, env_pairs: &[(&str, &str)], needle: &str| {
@@ -505,6 +626,8 @@ stop_grace_secs = 5.0
         check("services = [\"apiserver\", \"metrics\"]", &[], "metrics");
         check("services = []", &[], "services");
         check("services = [\"controller\", \"apiserver\"]", &[], "needs the notifier");
+        check("services = [\"deployer\"]", &[], "deployer.api_key");
+        check("services = [\"deployer\"]\n[deployer]\napi_key = \"k\"", &[], "deployer.apiserver");
         check("[controller]\nstop_grace_secs = -1.0", &[], "stop_grace_secs");
         check("data_dir = ", &[], "not valid TOML");
         check("", &[("FLEDGE_MAX_CODE_BYTES", "lots")], "FLEDGE_MAX_CODE_BYTES");
