@@ -176,7 +176,7 @@ pub enum GetCmd {
         /// Revision.
         #[arg(long)]
         version: Option<String>,
-        /// Output file (default: <design>-code.zip).
+        /// Output file (default: DESIGN-code.zip).
         #[arg(long, short = 'f')]
         file: Option<PathBuf>,
     },
@@ -305,7 +305,7 @@ pub struct WatchArgs {
 /// Arguments of `run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Job directory: schema.json, job.json, dataSpec.json, modelSpec.json, dataset*.json, code/<role>/.
+    /// Job directory: schema.json, job.json, dataSpec.json, modelSpec.json, dataset*.json, code/ROLE/.
     pub dir: PathBuf,
     /// Create and start the job, but do not watch it.
     #[arg(long)]
