@@ -1,0 +1,392 @@
+"""The user-facing API: trainer and evaluator base classes, ``run`` and ``simulate``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+import numpy as np
+
+from . import _fledge
+from ._fledge import ConfigError, TaskError, WeightsError
+
+Weights = Dict[str, np.ndarray]
+"""A model: tensor name -> float32 array, in a fixed order (the dict's)."""
+
+Metrics = Dict[str, float]
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a task knows about itself: identity, hyperparameters and its dataset.
+
+    ``raw`` is the whole task config (Flame's field names, camelCase).
+    """
+
+    task_id: str
+    job_id: str
+    job_name: str
+    role: str
+    task_index: int
+    hyperparameters: Dict[str, Any]
+    dataset_url: Optional[str]
+    dataset: Optional[Dict[str, Any]]
+    raw: Dict[str, Any] = field(repr=False)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The hyperparameter ``name``, or ``default`` when the job does not set it."""
+        return self.hyperparameters.get(name, default)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        """Parses and validates a task config (JSON text); raises ``ConfigError``."""
+        raw = json.loads(_fledge.parse_config(text))
+        dataset = raw.get("dataset")
+        job = raw.get("job") or {}
+        return cls(
+            task_id=raw["taskId"],
+            job_id=job.get("id", ""),
+            job_name=job.get("name", ""),
+            role=raw.get("role", ""),
+            task_index=int(raw.get("taskIndex", 0)),
+            hyperparameters=dict(raw.get("hyperparameters") or {}),
+            dataset_url=dataset.get("url") if dataset else None,
+            dataset=dataset,
+            raw=raw,
+        )
+
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike]) -> "Config":
+        """Reads and validates the task config at ``path``."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+
+def parse_config(path_or_json: Union[str, os.PathLike]) -> Config:
+    """A :class:`Config` from a task config file path or its JSON text."""
+    text = str(path_or_json)
+    if text.lstrip().startswith("{"):
+        return Config.from_json(text)
+    return Config.from_file(path_or_json)
+
+
+def _to_array(name: str, value: Any) -> np.ndarray:
+    """``value`` as a C-contiguous float32 array (no copy when it already is one)."""
+    if not isinstance(value, np.ndarray) and hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()  # a torch.Tensor
+    try:
+        return np.asarray(value, dtype=np.float32, order="C")
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"weight {name!r} cannot become a float32 array: {e}") from e
+
+
+def to_weights(weights: Mapping[str, Any]) -> Weights:
+    """Normalises a model to ``dict[str, float32 C-contiguous ndarray]``.
+
+    Accepts numpy arrays of any dtype and layout, nested lists and PyTorch tensors (a
+    ``state_dict()``); arrays that already fit are passed through without a copy.
+    """
+    if not isinstance(weights, Mapping):
+        raise WeightsError(
+            f"weights must be a dict of name -> array, not {type(weights).__name__}"
+        )
+    res: Weights = {}
+    for name, value in weights.items():
+        if not isinstance(name, str):
+            raise WeightsError(f"weight names must be str, not {type(name).__name__}")
+        res[name] = _to_array(name, value)
+    return res
+
+
+def _to_metrics(value: Any, what: str) -> Metrics:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must return a dict of metric name -> number, not {type(value).__name__}")
+    res = {}
+    for k, v in value.items():
+        try:
+            res[str(k)] = float(v)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{what}: metric {k!r} must be a number, not {type(v).__name__}") from e
+    return res
+
+
+class Trainer:
+    """Base class of user trainers.
+
+    The trainer role calls, in order: :meth:`initialize` and :meth:`load_data` once; then
+    each round :meth:`set_weights` (the global model), :meth:`train`, :meth:`evaluate` and
+    :meth:`get_weights` (the update it uploads). By default the model is ``self.weights``,
+    a ``dict[str, numpy.ndarray]`` of float32 arrays; override :meth:`get_weights` and
+    :meth:`set_weights` when it lives elsewhere (e.g. a PyTorch module's ``state_dict``).
+
+    Attributes available to subclasses: ``self.config`` (a :class:`Config`, set before
+    :meth:`initialize`), ``self.round`` (1-based, set before :meth:`train`) and
+    ``self.weights``. Create the model in :meth:`initialize`, not ``__init__``: the class
+    is instantiated with no arguments.
+    """
+
+    config: Config
+    weights: Weights
+    round: int = 0
+
+    # -- user hooks -------------------------------------------------------------------
+
+    def initialize(self) -> None:
+        """Reads hyperparameters (``self.config``) and builds the model."""
+
+    def load_data(self) -> None:
+        """Loads this task's data, e.g. from ``self.config.dataset_url``."""
+
+    def train(self) -> Union[int, Tuple[int, Mapping[str, float]]]:
+        """Trains locally for round ``self.round`` from the current weights.
+
+        Returns the number of samples trained on (the FedAvg weight), or
+        ``(num_samples, metrics)``; metrics are reported with a ``train_`` prefix.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement train()")
+
+    def evaluate(self) -> Mapping[str, float]:
+        """Evaluates the current weights, e.g. ``{"loss": ..., "accuracy": ...}``."""
+        return {}
+
+    def get_weights(self) -> Mapping[str, Any]:
+        """The current model (default: ``self.weights``)."""
+        return self.weights
+
+    def set_weights(self, weights: Weights) -> None:
+        """Replaces the model with ``weights`` (default: ``self.weights = weights``).
+
+        The arrays are fresh, writable and owned by this trainer.
+        """
+        self.weights = weights
+
+    def update_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Adds metrics to this round's report (sent with the round's update)."""
+        pending = self.__dict__.setdefault("_fledge_metrics", {})
+        pending.update(_to_metrics(metrics, "update_metrics()"))
+
+    # -- protocol called by the Rust trainer role ---------------------------------------
+
+    def _fledge_initialize(self, config_json: str) -> None:
+        self.config = Config.from_json(config_json)
+        if "weights" not in self.__dict__:
+            self.weights = {}
+        self.initialize()
+
+    def _fledge_load_data(self) -> None:
+        self.load_data()
+
+    def _fledge_train(self, round: int) -> Tuple[int, Metrics]:
+        self.round = round
+        res = self.train()
+        if isinstance(res, tuple):
+            if len(res) != 2:
+                raise TypeError("train() must return num_samples or (num_samples, metrics)")
+            num_samples, metrics = res
+        else:
+            num_samples, metrics = res, None
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 0:
+            raise TypeError(
+                f"train() must return a non-negative int number of samples, not {num_samples!r}"
+            )
+        out = self.__dict__.pop("_fledge_metrics", {})
+        out.update(_to_metrics(metrics, "train()"))
+        return int(num_samples), out
+
+    def _fledge_evaluate(self) -> Metrics:
+        return _to_metrics(self.evaluate(), "evaluate()")
+
+    def _fledge_get_weights(self) -> Weights:
+        return to_weights(self.get_weights())
+
+    def _fledge_set_weights(self, weights: Weights) -> None:
+        self.set_weights(weights)
+
+
+class Evaluator:
+    """Base class of server-side evaluation for the built-in aggregators.
+
+    After each round the aggregator calls :meth:`evaluate` with the new global model; the
+    metrics go into the round's record (e.g. ``accuracy`` on a held-out test set).
+    """
+
+    config: Config
+
+    def initialize(self) -> None:
+        """Reads hyperparameters (``self.config``) and loads evaluation data."""
+
+    def evaluate(self, weights: Weights) -> Mapping[str, float]:
+        """Metrics of the global model ``weights``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement evaluate()")
+
+    def _fledge_initialize(self, config_json: str) -> None:
+        self.config = Config.from_json(config_json)
+        self.initialize()
+
+    def _fledge_evaluate(self, weights: Weights) -> Metrics:
+        return _to_metrics(self.evaluate(weights), "Evaluator.evaluate()")
+
+
+@dataclass
+class RunSummary:
+    """What one task did: its role program, rounds and per-round metric records."""
+
+    kind: str
+    rounds: int
+    history: List[Dict[str, Any]]
+    final_model: Optional[Weights] = None
+
+    def metric(self, name: str) -> List[float]:
+        """The values of metric ``name`` over the rounds that reported it."""
+        return [r["metrics"][name] for r in self.history if name in r.get("metrics", {})]
+
+    @classmethod
+    def _from_json(cls, text_or_obj: Any, final_model: Optional[Weights] = None) -> "RunSummary":
+        obj = json.loads(text_or_obj) if isinstance(text_or_obj, str) else text_or_obj
+        return cls(obj["kind"], obj["rounds"], obj["history"], final_model)
+
+
+@dataclass
+class SimReport:
+    """Result of :func:`simulate`."""
+
+    top: RunSummary
+    """The top aggregator's run; ``top.final_model`` is the trained global model."""
+    tasks: Dict[str, RunSummary]
+    """Every other task that succeeded, by task id."""
+    failures: Dict[str, str]
+    """Every other task that failed, by task id: its error chain."""
+    workdir: str
+    """Where the registry (checkpoints, metrics) was written."""
+
+    @property
+    def final_model(self) -> Optional[Weights]:
+        """The trained global model."""
+        return self.top.final_model
+
+
+def _factory(obj: Any, base: type, what: str, single: bool) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, base):
+        if not single:
+            raise ConfigError(f"{what} must be a class (one instance is made per task), not an instance")
+        return lambda: obj
+    if not callable(obj):
+        raise ConfigError(f"{what} must be a {base.__name__} subclass, not {type(obj).__name__}")
+    return obj
+
+
+def run(
+    trainer: Optional[Union[Type[Trainer], Trainer]] = None,
+    evaluator: Optional[Union[Type[Evaluator], Evaluator]] = None,
+    *,
+    config_path: Optional[Union[str, os.PathLike]] = None,
+    exit_on_error: bool = True,
+) -> RunSummary:
+    """Runs this process's task: the entry point of a role folder's ``main.py``.
+
+    The task config path is ``config_path`` or ``sys.argv[1]`` (the agent runs
+    ``python3 main.py config.json``); the task key comes from ``FLEDGE_TASK_KEY``. The role
+    program follows from the config's channels: a trainer runs ``trainer``; an aggregator
+    runs the built-in aggregation with ``evaluator`` (optional) on each new global model.
+
+    The GIL is released while Rust waits on the network or aggregates. On failure the
+    error (with the traceback of user code) goes to stderr and the process exits with code
+    2 (64 for a bad config or usage), unless ``exit_on_error`` is false, in which case the
+    ``TaskError``/``ConfigError`` propagates.
+    """
+    try:
+        if config_path is None:
+            if len(sys.argv) < 2:
+                raise ConfigError(f"usage: {sys.argv[0] if sys.argv else 'main.py'} CONFIG.json")
+            config_path = sys.argv[1]
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read task config {config_path}: {e}") from e
+        summary, model = _fledge.run_task(
+            text,
+            _factory(trainer, Trainer, "trainer", True),
+            _factory(evaluator, Evaluator, "evaluator", True),
+        )
+    except ConfigError as e:
+        if not exit_on_error:
+            raise
+        print(f"fledge: {e}", file=sys.stderr, flush=True)
+        sys.exit(64)
+    except TaskError as e:
+        if not exit_on_error:
+            raise
+        print(f"fledge: task failed: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return RunSummary._from_json(summary, model)
+
+
+def _sort(name: str, kwargs: Optional[Mapping[str, Any]]) -> str:
+    return json.dumps({"sort": name, "kwargs": dict(kwargs or {})})
+
+
+def simulate(
+    trainer: Type[Trainer],
+    datasets: Sequence[str],
+    *,
+    rounds: Optional[int] = None,
+    hyperparameters: Optional[Mapping[str, Any]] = None,
+    middle: int = 0,
+    optimizer: str = "fedavg",
+    optimizer_kwargs: Optional[Mapping[str, Any]] = None,
+    selector: str = "default",
+    selector_kwargs: Optional[Mapping[str, Any]] = None,
+    evaluator: Optional[Type[Evaluator]] = None,
+    workdir: Optional[Union[str, os.PathLike]] = None,
+    job_id: str = "sim",
+    timeout: Optional[float] = None,
+) -> SimReport:
+    """Runs a whole job in this process, without a control plane.
+
+    One trainer task per entry of ``datasets`` (each a dataset URL, given to the trainer as
+    ``self.config.dataset_url``), the built-in top aggregator and, with ``middle`` > 0, that
+    many middle aggregators (a three-tier job), all over the in-process channel backend.
+    ``rounds`` is a shortcut for ``hyperparameters["rounds"]``. The registry goes to
+    ``workdir`` (a new temporary directory by default). ``timeout`` (seconds) bounds the run.
+
+    Raises ``TaskError`` when the job fails (the message includes every failed task's
+    error, with the traceback of user code), ``ConfigError`` for bad arguments.
+    """
+    if isinstance(datasets, (str, bytes)):
+        raise ConfigError("datasets must be a list of dataset URLs, not a single string")
+    hyper = dict(hyperparameters or {})
+    if rounds is not None:
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ConfigError(f"rounds must be a positive int, not {rounds!r}")
+        hyper["rounds"] = rounds
+    if workdir is None:
+        workdir = tempfile.mkdtemp(prefix="fledge-sim-")
+    top, model, others = _fledge.simulate(
+        _factory(trainer, Trainer, "trainer", False),
+        [str(d) for d in datasets],
+        json.dumps(hyper),
+        middle,
+        _sort(optimizer, optimizer_kwargs),
+        _sort(selector, selector_kwargs),
+        os.fspath(workdir),
+        _factory(evaluator, Evaluator, "evaluator", False),
+        job_id,
+        float(timeout or 0.0),
+    )
+    tasks: Dict[str, RunSummary] = {}
+    failures: Dict[str, str] = {}
+    for task_id, res in json.loads(others).items():
+        if "ok" in res:
+            tasks[task_id] = RunSummary._from_json(res["ok"])
+        else:
+            failures[task_id] = res["error"]
+    return SimReport(RunSummary._from_json(top, model), tasks, failures, os.fspath(workdir))

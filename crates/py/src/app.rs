@@ -1,0 +1,144 @@
+//! Python objects behind the SDK's user-code traits.
+//!
+//! The roles call [`TrainerApp`] and [`Evaluator`] methods on blocking threads while the
+//! GIL is released; each method here attaches to the interpreter only for the call into the
+//! user's object and converts the result before detaching again.
+//!
+//! The Python base classes (`fledge.Trainer`, `fledge.Evaluator`) define the private
+//! protocol called here (`_fledge_initialize`, `_fledge_train`, ...) and normalise what
+//! user code returns, so this side only checks types.
+
+use std::collections::BTreeMap;
+
+use fledge_algorithms::Weights;
+use fledge_sdk::{AppFactory, Evaluator, TaskConfig, TrainOutcome, TrainerApp};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::convert::{self, py_err_to_anyhow};
+
+/// Calls `f` with the GIL held and turns a Python exception into an error with its traceback.
+fn with_py<T>(f: impl FnOnce(Python<'_>) -> PyResult<T>) -> anyhow::Result<T> {
+    Python::attach(|py| f(py).map_err(|e| py_err_to_anyhow(py, e)))
+}
+
+/// The task config as JSON text, for the Python side's `Config`.
+fn config_json(config: &TaskConfig) -> anyhow::Result<String> {
+    Ok(serde_json::to_string(config)?)
+}
+
+/// A `fledge.Trainer` instance driven by the trainer role.
+pub struct PyTrainer {
+    obj: Py<PyAny>,
+}
+
+impl TrainerApp for PyTrainer {
+    fn initialize(&mut self, config: &TaskConfig) -> anyhow::Result<()> {
+        let json = config_json(config)?;
+        with_py(|py| self.obj.bind(py).call_method1("_fledge_initialize", (json,)).map(drop))
+    }
+
+    fn load_data(&mut self) -> anyhow::Result<()> {
+        with_py(|py| self.obj.bind(py).call_method0("_fledge_load_data").map(drop))
+    }
+
+    fn train(&mut self, round: u64) -> anyhow::Result<TrainOutcome> {
+        with_py(|py| {
+            let res = self.obj.bind(py).call_method1("_fledge_train", (round,))?;
+            let pair = res.cast::<PyTuple>().map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err(
+                    "Trainer._fledge_train must return (num_samples, metrics)",
+                )
+            })?;
+            if pair.len() != 2 {
+                return Err(pyo3::exceptions::PyTypeError::new_err(
+                    "Trainer._fledge_train must return (num_samples, metrics)",
+                ));
+            }
+            let num_samples: u64 = pair.get_item(0)?.extract().map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err(format!(
+                    "train() must return a non-negative int number of samples, not {}",
+                    convert::type_name(&pair.get_item(0).expect("checked length"))
+                ))
+            })?;
+            let metrics = convert::metrics_from_py(&pair.get_item(1)?, "train()")?;
+            Ok(TrainOutcome { num_samples, metrics })
+        })
+    }
+
+    fn evaluate(&mut self) -> anyhow::Result<BTreeMap<String, f64>> {
+        with_py(|py| {
+            let res = self.obj.bind(py).call_method0("_fledge_evaluate")?;
+            convert::metrics_from_py(&res, "evaluate()")
+        })
+    }
+
+    fn get_weights(&self) -> anyhow::Result<Weights> {
+        with_py(|py| {
+            let res = self.obj.bind(py).call_method0("_fledge_get_weights")?;
+            convert::weights_from_py(&res)
+        })
+    }
+
+    fn set_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
+        // The trait lends the weights, so this is the one copy on the way in; the arrays
+        // then own their buffers.
+        let owned = weights.clone();
+        with_py(|py| {
+            let dict = convert::weights_into_py(py, owned)?;
+            self.obj.bind(py).call_method1("_fledge_set_weights", (dict,)).map(drop)
+        })
+    }
+}
+
+/// A `fledge.Evaluator` instance driven by an aggregator role.
+pub struct PyEvaluator {
+    obj: Py<PyAny>,
+}
+
+impl Evaluator for PyEvaluator {
+    fn evaluate(&mut self, weights: &Weights) -> anyhow::Result<BTreeMap<String, f64>> {
+        let owned = weights.clone();
+        with_py(|py| {
+            let dict = convert::weights_into_py(py, owned)?;
+            let res = self.obj.bind(py).call_method1("_fledge_evaluate", (dict,))?;
+            convert::metrics_from_py(&res, "Evaluator.evaluate()")
+        })
+    }
+}
+
+/// Builds user objects from the Python classes (or any zero-argument callables) given to
+/// `run`/`simulate`.
+pub struct PyFactory {
+    /// Makes a `fledge.Trainer`.
+    pub trainer: Option<Py<PyAny>>,
+    /// Makes a `fledge.Evaluator`.
+    pub evaluator: Option<Py<PyAny>>,
+}
+
+impl AppFactory for PyFactory {
+    fn trainer(&self, config: &TaskConfig) -> anyhow::Result<Box<dyn TrainerApp>> {
+        let Some(class) = &self.trainer else {
+            anyhow::bail!(
+                "task {} (role {:?}) is a trainer but no Trainer class was given to fledge.run",
+                config.task_id,
+                config.role
+            );
+        };
+        let obj = with_py(|py| class.bind(py).call0().map(Bound::unbind))?;
+        Ok(Box::new(PyTrainer { obj }))
+    }
+
+    fn evaluator(&self, config: &TaskConfig) -> anyhow::Result<Option<Box<dyn Evaluator>>> {
+        let Some(class) = &self.evaluator else {
+            return Ok(None);
+        };
+        let json = config_json(config)?;
+        let obj = with_py(|py| {
+            let obj = class.bind(py).call0()?;
+            obj.call_method1("_fledge_initialize", (json,))?;
+            Ok(obj.unbind())
+        })?;
+        Ok(Some(Box::new(PyEvaluator { obj })))
+    }
+}

@@ -1,0 +1,288 @@
+//! Running user code on the Rust runtime: one task ([`run_task`]) or a whole job
+//! ([`simulate`]).
+//!
+//! Both build a tokio runtime, release the GIL for as long as it runs and poll Python's
+//! signal handlers every 200 ms (with the GIL, briefly) so that Ctrl-C interrupts a run.
+//! Results come back as JSON text (summaries, metric history) plus the final model as numpy
+//! arrays; the Python side wraps them in dataclasses.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fledge_channel::{BackendEnv, LocalHub};
+use fledge_sdk::AppFactory;
+use fledge_sdk::runner::{self, JobPlan, RunOptions, RunSummary};
+use fledge_types::{Sort, TaskConfig};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use crate::app::PyFactory;
+use crate::convert::weights_into_py;
+use crate::{ConfigError, TaskError};
+
+/// How often a run checks Python's signal handlers.
+const SIGNAL_POLL: Duration = Duration::from_millis(200);
+
+/// How long the other tasks of a simulation may take to finish once the top aggregator has.
+const WIND_DOWN: Duration = Duration::from_secs(10);
+
+/// Why a run did not produce its result.
+enum Stop {
+    /// The run failed: the error chain.
+    Failed(String),
+    /// A signal handler raised (e.g. `KeyboardInterrupt`).
+    Interrupted(PyErr),
+}
+
+/// Starts the tracing subscriber once per process: `FLEDGE_LOG` (default `info`) to stderr.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEDGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A second call (another run in the same process) finds the subscriber set: fine.
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs `fut` on a new runtime with the GIL released, checking for signals meanwhile.
+fn block_on_detached<T, F>(py: Python<'_>, fut: F) -> PyResult<Result<T, String>>
+where
+    T: Send,
+    F: Future<Output = Result<T, String>> + Send,
+{
+    let res = py.detach(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("fledge-runtime")
+            .build()
+            .map_err(|e| Stop::Failed(format!("cannot start the tokio runtime: {e}")))?;
+        rt.block_on(async {
+            tokio::pin!(fut);
+            loop {
+                tokio::select! {
+                    res = &mut fut => return res.map_err(Stop::Failed),
+                    () = tokio::time::sleep(SIGNAL_POLL) => {
+                        Python::attach(|py| py.check_signals()).map_err(Stop::Interrupted)?;
+                    }
+                }
+            }
+        })
+    });
+    match res {
+        Ok(v) => Ok(Ok(v)),
+        Err(Stop::Failed(msg)) => Ok(Err(msg)),
+        Err(Stop::Interrupted(e)) => Err(e),
+    }
+}
+
+/// A run summary as JSON (`kind`, `rounds`, `history`).
+fn summary_json(summary: &RunSummary) -> Value {
+    json!({
+        "kind": summary.kind.name(),
+        "rounds": summary.rounds,
+        "history": summary.history,
+    })
+}
+
+/// Parses and validates a task config (JSON text); returns it normalised as JSON text.
+///
+/// Raises `ConfigError` naming the field when it is invalid.
+#[pyfunction]
+pub fn parse_config(config_json: &str) -> PyResult<String> {
+    let config = read_config(config_json)?;
+    serde_json::to_string(&config)
+        .map_err(|e| ConfigError::new_err(format!("cannot serialise the task config: {e}")))
+}
+
+fn read_config(config_json: &str) -> PyResult<TaskConfig> {
+    let de = &mut serde_json::Deserializer::from_str(config_json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError::new_err(format!("task config is invalid at {path}: {}", e.into_inner()))
+    })
+}
+
+/// Runs one task from its config (JSON text) with the given user classes.
+///
+/// Returns `(summary_json, final_model)`: the final model is the aggregated global model of
+/// an aggregator task, `None` for a trainer. Raises `TaskError` with the error chain (and
+/// the traceback of user code) when the task fails.
+#[pyfunction]
+#[pyo3(signature = (config_json, trainer=None, evaluator=None, workdir=None))]
+pub fn run_task<'py>(
+    py: Python<'py>,
+    config_json: &str,
+    trainer: Option<Py<PyAny>>,
+    evaluator: Option<Py<PyAny>>,
+    workdir: Option<PathBuf>,
+) -> PyResult<(String, Option<Bound<'py, PyDict>>)> {
+    init_tracing();
+    let config = read_config(config_json)?;
+    let mut opts = RunOptions::from_env();
+    if let Some(dir) = workdir {
+        opts.workdir = dir;
+    }
+    let liveness = fledge_sdk::hyper::uint(&config.hyperparameters, "livenessTimeout", 10, 1)
+        .map_err(|e| ConfigError::new_err(e.to_string()))?;
+    opts.backend_env.mqtt.liveness_timeout = Duration::from_secs(liveness);
+    let factory = Arc::new(PyFactory { trainer, evaluator });
+    tracing::info!(task_id = %config.task_id, role = %config.role, "running python task");
+    let res = block_on_detached(py, async move {
+        runner::run_task_with(config, factory, opts).await.map_err(|e| runner::error_chain(&e))
+    })?;
+    let summary = res.map_err(TaskError::new_err)?;
+    let text = summary_json(&summary).to_string();
+    let model = summary.final_model.map(|w| weights_into_py(py, w)).transpose()?;
+    Ok((text, model))
+}
+
+/// Runs a whole job in this process over the local backend: one aggregator (plus `middle`
+/// middle aggregators) and one trainer per dataset URL.
+///
+/// Returns `(top_json, final_model, others_json)`; `others_json` maps each other task id to
+/// `{"ok": summary}` or `{"error": chain}`. Raises `TaskError` when the top aggregator fails,
+/// with the failures of the other tasks appended (they usually explain it).
+#[pyfunction]
+#[pyo3(signature = (
+    trainer, datasets, hyperparameters_json="{}", middle=0, optimizer_json=None,
+    selector_json=None, workdir=None, evaluator=None, job_id="sim", timeout=0.0
+))]
+#[allow(clippy::too_many_arguments)]
+pub fn simulate<'py>(
+    py: Python<'py>,
+    trainer: Py<PyAny>,
+    datasets: Vec<String>,
+    hyperparameters_json: &str,
+    middle: usize,
+    optimizer_json: Option<&str>,
+    selector_json: Option<&str>,
+    workdir: Option<PathBuf>,
+    evaluator: Option<Py<PyAny>>,
+    job_id: &str,
+    timeout: f64,
+) -> PyResult<(String, Option<Bound<'py, PyDict>>, String)> {
+    init_tracing();
+    let mut plan = JobPlan::local(job_id, datasets);
+    plan.middle = middle;
+    plan.hyperparameters = serde_json::from_str(hyperparameters_json)
+        .map_err(|e| ConfigError::new_err(format!("hyperparameters must be a JSON object: {e}")))?;
+    if let Some(text) = optimizer_json {
+        plan.optimizer = parse_sort(text, "optimizer")?;
+    }
+    if let Some(text) = selector_json {
+        plan.selector = parse_sort(text, "selector")?;
+    }
+    // Reject a bad plan before starting anything.
+    plan.configs().map_err(|e| ConfigError::new_err(runner::error_chain(&e)))?;
+    if !timeout.is_finite() || timeout < 0.0 {
+        return Err(ConfigError::new_err(format!("timeout must be >= 0 seconds, not {timeout}")));
+    }
+    let workdir = match workdir {
+        Some(dir) => dir,
+        None => std::env::current_dir()
+            .map_err(|e| ConfigError::new_err(format!("no working directory: {e}")))?,
+    };
+    let factory: Arc<dyn AppFactory> = Arc::new(PyFactory { trainer: Some(trainer), evaluator });
+    let res = block_on_detached(py, async move {
+        let deadline =
+            (timeout > 0.0).then(|| tokio::time::Instant::now() + Duration::from_secs_f64(timeout));
+        run_all(&plan, factory, workdir, deadline).await
+    })?;
+    let (mut top, others) = res.map_err(TaskError::new_err)?;
+    let others: BTreeMap<String, Value> = others
+        .iter()
+        .map(|(id, res)| {
+            let v = match res {
+                Ok(summary) => json!({ "ok": summary_json(summary) }),
+                Err(chain) => json!({ "error": chain }),
+            };
+            (id.clone(), v)
+        })
+        .collect();
+    let model = top.final_model.take().map(|w| weights_into_py(py, w)).transpose()?;
+    let top = summary_json(&top).to_string();
+    let others = serde_json::to_string(&others).map_err(|e| TaskError::new_err(e.to_string()))?;
+    Ok((top, model, others))
+}
+
+/// Runs every task of `plan` concurrently over a private local hub, like
+/// `fledge_sdk::runner::simulate`, but keeps the other tasks' results when the top
+/// aggregator fails so that the error can say why (usually a trainer's user code).
+async fn run_all(
+    plan: &JobPlan,
+    factory: Arc<dyn AppFactory>,
+    workdir: PathBuf,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<(RunSummary, BTreeMap<String, Result<RunSummary, String>>), String> {
+    let configs = plan.configs().map_err(|e| runner::error_chain(&e))?;
+    let opts = RunOptions {
+        workdir,
+        task_key: None,
+        backend_env: BackendEnv { local_hub: LocalHub::new(), ..BackendEnv::default() },
+        role: None,
+    };
+    let top_id = configs.first().map(|c| c.task_id.as_str().to_owned()).unwrap_or_default();
+    let mut set = JoinSet::new();
+    for config in configs {
+        let (factory, opts) = (factory.clone(), opts.clone());
+        set.spawn(async move {
+            let id = config.task_id.as_str().to_owned();
+            let res = runner::run_task_with(config, factory, opts)
+                .await
+                .map_err(|e| runner::error_chain(&e));
+            (id, res)
+        });
+    }
+    let mut top: Option<Result<RunSummary, String>> = None;
+    let mut others = BTreeMap::new();
+    let mut deadline = deadline;
+    loop {
+        let next = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, set.join_next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    set.abort_all();
+                    if top.is_none() {
+                        top = Some(Err(
+                            "the simulation did not finish within its timeout".to_owned()
+                        ));
+                    }
+                    break;
+                }
+            },
+            None => set.join_next().await,
+        };
+        let Some(joined) = next else { break };
+        let (id, res) =
+            joined.map_err(|e| format!("a simulated task panicked or was cancelled: {e}"))?;
+        if id == top_id {
+            top = Some(res);
+            // The job is decided: the others only have to wind down.
+            let grace = tokio::time::Instant::now() + WIND_DOWN;
+            deadline = Some(deadline.map_or(grace, |at| at.min(grace)));
+        } else {
+            others.insert(id, res);
+        }
+    }
+    match top {
+        Some(Ok(summary)) => Ok((summary, others)),
+        Some(Err(chain)) => {
+            let mut msg = format!("task {top_id} failed: {chain}");
+            for (id, res) in &others {
+                if let Err(e) = res {
+                    msg.push_str(&format!("\ntask {id} failed: {e}"));
+                }
+            }
+            Err(msg)
+        }
+        None => Err("the plan has no top aggregator".to_owned()),
+    }
+}
+
+fn parse_sort(text: &str, what: &str) -> PyResult<Sort> {
+    serde_json::from_str(text).map_err(|e| ConfigError::new_err(format!("{what} is invalid: {e}")))
+}
