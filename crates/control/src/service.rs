@@ -200,7 +200,12 @@ pub async fn start(
             brokers: services.brokers.clone(),
             apiserver: Some(endpoints.apiserver.clone()),
             metaserver: None,
-            default_registry: Default::default(),
+            // Jobs that name no registry keep their models and metrics under the data
+            // directory, where `fledge quickstart` and users look for them.
+            default_registry: fledge_types::RegistrySpec {
+                sort: "local".to_owned(),
+                uri: options.data_dir.join("registry").display().to_string(),
+            },
         };
         start_apiserver(&mut services, listener, env)?;
     }

@@ -51,7 +51,12 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    commands::init_tracing();
+    // The quickstart shows its own progress; services log at info.
+    let default_filter = match cli.command {
+        Command::Quickstart(_) => "warn,rumqttd=off",
+        _ => "info,rumqttd=off",
+    };
+    commands::init_tracing(default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -12,9 +12,13 @@ pub mod standalone;
 pub struct UsageError(pub String);
 
 /// Initialises logging from `FLEDGE_LOG` (filter) and `FLEDGE_LOG_FORMAT` (`plain` or `json`).
-pub fn init_tracing() {
+///
+/// Without `FLEDGE_LOG`, `default_filter` applies. The embedded broker (rumqttd) logs every
+/// ordinary disconnect as an error, so it is silenced unless `FLEDGE_LOG` asks for it.
+pub fn init_tracing(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FLEDGE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("FLEDGE_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = std::env::var("FLEDGE_LOG_FORMAT").is_ok_and(|f| f == "json");
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {

@@ -1,10 +1,384 @@
-//! `fledge quickstart` (being built; see the issue tracker).
+//! `fledge quickstart`: a real two-tier FL job on MNIST, end to end, in one command.
+//!
+//! It starts the whole platform in this process (as `fledge standalone` does, on free loopback
+//! ports, in a temporary data directory), registers the `examples/mnist` design — its schema,
+//! code (built-in aggregator and reference MLP trainer), one dataset per trainer (an IID shard
+//! of the MNIST training digits) and a job — through the same REST API that `fledgectl` uses,
+//! starts the job, shows live progress, and ends with a summary: test accuracy, rounds, wall
+//! time, and where the model and metrics are.
+//!
+//! The example's files and the MNIST data are compiled into the binary, so the quickstart runs
+//! from any directory. Its job is the `examples/mnist` job directory; `fledgectl run
+//! examples/mnist` submits the same job by hand.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use fledge_client::Client;
+use fledge_types::{
+    DataSpecEntry, DatasetId, DatasetSpec, DesignId, DesignSpec, JobId, JobSpec, JobState,
+    MetricRecord, ModelSpec, Schema, TaskState,
+};
+
+use super::UsageError;
+use super::standalone;
+
+/// The example's files, compiled in (`examples/mnist`).
+const SCHEMA: &str = include_str!("../../../../examples/mnist/schema.json");
+const JOB: &str = include_str!("../../../../examples/mnist/job.json");
+const MODEL_SPEC: &str = include_str!("../../../../examples/mnist/modelSpec.json");
+const TRAINER_ROLE: &str = include_str!("../../../../examples/mnist/code/trainer/fledge-role.toml");
+const AGGREGATOR_ROLE: &str =
+    include_str!("../../../../examples/mnist/code/aggregator/fledge-role.toml");
+
+/// The MNIST files (8,000 train and 2,000 test digits, IDX format, gzip), compiled in.
+const MNIST: [(&str, &[u8]); 4] = [
+    (
+        "mnist10k-train-images-idx3-ubyte.gz",
+        include_bytes!("../../../../examples/data/mnist10k-train-images-idx3-ubyte.gz"),
+    ),
+    (
+        "mnist10k-train-labels-idx1-ubyte.gz",
+        include_bytes!("../../../../examples/data/mnist10k-train-labels-idx1-ubyte.gz"),
+    ),
+    (
+        "mnist10k-test-images-idx3-ubyte.gz",
+        include_bytes!("../../../../examples/data/mnist10k-test-images-idx3-ubyte.gz"),
+    ),
+    (
+        "mnist10k-test-labels-idx1-ubyte.gz",
+        include_bytes!("../../../../examples/data/mnist10k-test-labels-idx1-ubyte.gz"),
+    ),
+];
 
 /// Arguments of `fledge quickstart`.
-#[derive(clap::Args)]
-pub struct Args {}
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Keep the platform's files (store, workers' logs, models) in DIR instead of a
+    /// temporary directory removed at exit.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Number of trainers (one IID shard of the training set each).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub trainers: u32,
+    /// Number of FL rounds [default: the example's modelSpec.json].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rounds: Option<u32>,
+    /// Give up (and stop the job) after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+}
+
+/// What the quickstart measured, for the summary.
+struct Summary {
+    job: JobId,
+    state: JobState,
+    reason: Option<String>,
+    rounds: u64,
+    accuracy: Option<f64>,
+    loss: Option<f64>,
+    wall: Duration,
+    data_dir: PathBuf,
+}
 
 /// Runs the subcommand.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`fledge quickstart` is not built yet")
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
+    let temp;
+    let data_dir = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("fledge-quickstart-")
+                .tempdir()
+                .context("cannot create a temporary data directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let data_dir = std::path::absolute(&data_dir)
+        .map_err(|err| UsageError(format!("--data-dir {}: {err}", data_dir.display())))?;
+    let mnist_dir = write_mnist(&data_dir)?;
+
+    eprintln!("fledge quickstart: starting the platform in {}", data_dir.display());
+    let platform = standalone::launch(&standalone::Args::ephemeral(data_dir.clone()), None)
+        .await
+        .context("cannot start the platform")?;
+    let client = Client::new(&platform.endpoint, Some(&platform.token))
+        .context("cannot build the REST client")?;
+
+    let result = submit_and_watch(&client, &args, &mnist_dir, &data_dir, started).await;
+    platform.shutdown().await;
+    let summary = result?;
+    print_summary(&summary);
+    if summary.state != JobState::Completed {
+        anyhow::bail!(
+            "job {} ended {}{}",
+            summary.job,
+            summary.state,
+            summary.reason.map(|r| format!(": {r}")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Writes the compiled-in MNIST files to `<data_dir>/mnist` and returns that directory.
+fn write_mnist(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let dir = data_dir.join("mnist");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (name, bytes) in MNIST {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(dir)
+}
+
+/// Registers the example through the REST API, starts the job and follows it to its end.
+async fn submit_and_watch(
+    client: &Client,
+    args: &Args,
+    mnist_dir: &Path,
+    data_dir: &Path,
+    started: tokio::time::Instant,
+) -> anyhow::Result<Summary> {
+    let (spec, rounds) = register(client, args, mnist_dir).await?;
+    let job = client.create_job(&spec).await.context("cannot create the job")?;
+    eprintln!("job {} created: {} trainers, {} rounds", job.id, args.trainers, rounds);
+    client.start_job(&job.id).await.context("cannot start the job")?;
+
+    let bar = ProgressBar::new(rounds);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} round {pos}/{len} [{bar:30}] {elapsed} {msg}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let mut stop_sent = false;
+    let job = loop {
+        let job = client.get_job(&job.id).await.context("cannot read the job")?;
+        let metrics = client.job_metrics(&job.id).await.context("cannot read metrics")?;
+        let tasks = client.list_tasks(&job.id).await.context("cannot read tasks")?;
+        let progress = latest(&metrics);
+        bar.set_position(progress.round.min(rounds));
+        bar.set_message(status_line(job.state, &tasks, &progress));
+        if job.state.is_final() {
+            break job;
+        }
+        if tokio::time::Instant::now() >= deadline && !stop_sent {
+            bar.println(format!("timeout of {} s reached: stopping the job", args.timeout));
+            client.stop_job(&job.id).await.context("cannot stop the job")?;
+            stop_sent = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    bar.finish_and_clear();
+
+    let metrics = client.job_metrics(&job.id).await.context("cannot read metrics")?;
+    let progress = latest(&metrics);
+    if job.state != JobState::Completed {
+        for task in client.list_tasks(&job.id).await.unwrap_or_default() {
+            if task.state == TaskState::Failed {
+                eprintln!("task {} ({}) failed; log tail:\n{}", task.task_id, task.role, task.log);
+            }
+        }
+    }
+    Ok(Summary {
+        job: job.id,
+        state: job.state,
+        reason: job.reason,
+        rounds: progress.round,
+        accuracy: progress.accuracy,
+        loss: progress.loss,
+        wall: started.elapsed(),
+        data_dir: data_dir.to_path_buf(),
+    })
+}
+
+/// Registers the design, schema, code and datasets; returns the job spec and its rounds.
+async fn register(
+    client: &Client,
+    args: &Args,
+    mnist_dir: &Path,
+) -> anyhow::Result<(JobSpec, u64)> {
+    let schema: Schema = parse("examples/mnist/schema.json", SCHEMA)?;
+    let mut spec: JobSpec = parse("examples/mnist/job.json", JOB)?;
+    let mut model_spec: ModelSpec = parse("examples/mnist/modelSpec.json", MODEL_SPEC)?;
+    if let Some(rounds) = args.rounds {
+        model_spec.hyperparameters.insert("rounds".to_owned(), rounds.into());
+    }
+    let rounds = model_spec.hyperparameters.get("rounds").and_then(|r| r.as_u64()).unwrap_or(1);
+
+    let design = DesignId::new("mnist");
+    client
+        .create_design(&DesignSpec {
+            id: design.clone(),
+            name: "MNIST two-tier".to_owned(),
+            description: "quickstart: built-in aggregator, reference MLP trainers".to_owned(),
+        })
+        .await
+        .context("cannot create the design")?;
+    client.create_schema(&design, &schema).await.context("cannot store the schema")?;
+    client.upload_code(&design, code_zip()?.into()).await.context("cannot upload the code")?;
+
+    let mut ids: Vec<DatasetId> = Vec::new();
+    for shard in 0..args.trainers {
+        let url = format!(
+            "file://{}?shard={shard}&shards={}&partition=iid&seed=0",
+            mnist_dir.display(),
+            args.trainers
+        );
+        let dataset = client
+            .create_dataset(&DatasetSpec {
+                name: format!("mnist10k shard {shard} of {}", args.trainers),
+                description: "IID shard of the 8,000 MNIST training digits".to_owned(),
+                url,
+                data_format: "mnist-idx".to_owned(),
+                realm: "default".to_owned(),
+                is_public: false,
+            })
+            .await
+            .with_context(|| format!("cannot register dataset {shard}"))?;
+        ids.push(dataset.id);
+    }
+    spec.data_spec = vec![DataSpecEntry {
+        role: "trainer".to_owned(),
+        dataset_groups: BTreeMap::from([("default".to_owned(), ids)]),
+    }];
+    spec.model_spec = model_spec;
+    spec.data_spec_path = None;
+    spec.model_spec_path = None;
+    Ok((spec, rounds))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> anyhow::Result<T> {
+    fledge_types::json::from_slice(text.as_bytes()).map_err(|details| {
+        let lines: Vec<String> =
+            details.iter().map(|d| format!("{}: {}", d.path, d.message)).collect();
+        anyhow::anyhow!("the compiled-in {name} is invalid: {}", lines.join("; "))
+    })
+}
+
+/// The design's code bundle: one folder per role, each naming its built-in role.
+fn code_zip() -> anyhow::Result<Vec<u8>> {
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default();
+    for (path, text) in [
+        ("trainer/fledge-role.toml", TRAINER_ROLE),
+        ("aggregator/fledge-role.toml", AGGREGATOR_ROLE),
+    ] {
+        zip.start_file(path, options).context("cannot build the code zip")?;
+        zip.write_all(text.as_bytes()).context("cannot build the code zip")?;
+    }
+    Ok(zip.finish().context("cannot build the code zip")?.into_inner())
+}
+
+/// The latest round seen in the metrics, with its loss and accuracy.
+#[derive(Debug, Default, PartialEq)]
+struct Progress {
+    round: u64,
+    loss: Option<f64>,
+    accuracy: Option<f64>,
+}
+
+/// Latest round and its figures: the aggregator's record when it has them (the global model),
+/// else the mean over the trainers' records of that round.
+fn latest(records: &[MetricRecord]) -> Progress {
+    let Some(round) = records.iter().map(|r| r.round).max() else {
+        return Progress::default();
+    };
+    let of_round: Vec<&MetricRecord> = records.iter().filter(|r| r.round == round).collect();
+    let figure = |name: &str| -> Option<f64> {
+        let aggregator = of_round
+            .iter()
+            .filter(|r| r.role != "trainer")
+            .find_map(|r| r.metrics.get(name).copied());
+        aggregator.or_else(|| {
+            let values: Vec<f64> =
+                of_round.iter().filter_map(|r| r.metrics.get(name).copied()).collect();
+            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+        })
+    };
+    Progress { round, loss: figure("loss"), accuracy: figure("accuracy") }
+}
+
+fn status_line(state: JobState, tasks: &[fledge_types::Task], progress: &Progress) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for task in tasks {
+        *counts.entry(task.state.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    let mut res = format!("{state} | tasks: {}", counts.join(", "));
+    if let Some(loss) = progress.loss {
+        res.push_str(&format!(" | loss {loss:.4}"));
+    }
+    if let Some(accuracy) = progress.accuracy {
+        res.push_str(&format!(" | accuracy {accuracy:.4}"));
+    }
+    res
+}
+
+fn print_summary(summary: &Summary) {
+    let registry = summary.data_dir.join("registry").join("jobs").join(summary.job.as_str());
+    let accuracy = summary.accuracy.map(|a| format!("{a:.4}")).unwrap_or_else(|| "-".to_owned());
+    let loss = summary.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".to_owned());
+    #[allow(clippy::print_stdout)]
+    {
+        println!("job:            {} ({})", summary.job, summary.state);
+        println!("rounds:         {}", summary.rounds);
+        println!("test accuracy:  {accuracy}");
+        println!("test loss:      {loss}");
+        println!("wall time:      {:.1} s", summary.wall.as_secs_f64());
+        println!("model:          {}", registry.join("final.safetensors").display());
+        println!("metrics:        {}", registry.join("metrics.jsonl").display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(role: &str, round: u64, metrics: &[(&str, f64)]) -> MetricRecord {
+        MetricRecord {
+            task_id: fledge_types::TaskId::new(format!("{role}-{round}")),
+            role: role.to_owned(),
+            round,
+            metrics: metrics.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            timestamp: None,
+        }
+    }
+
+    #[test]
+    fn latest_prefers_the_aggregator_and_falls_back_to_the_trainers_mean() {
+        assert_eq!(latest(&[]), Progress::default());
+        let trainers_only = [
+            record("trainer", 1, &[("accuracy", 0.5)]),
+            record("trainer", 2, &[("accuracy", 0.6), ("loss", 1.0)]),
+            record("trainer", 2, &[("accuracy", 0.8), ("loss", 3.0)]),
+        ];
+        assert_eq!(
+            latest(&trainers_only),
+            Progress { round: 2, loss: Some(2.0), accuracy: Some(0.7) }
+        );
+        let mut with_aggregator = trainers_only.to_vec();
+        with_aggregator.push(record("aggregator", 2, &[("accuracy", 0.9)]));
+        let progress = latest(&with_aggregator);
+        assert_eq!(progress.accuracy, Some(0.9));
+        assert_eq!(progress.loss, Some(2.0), "the aggregator has no loss: trainers' mean");
+    }
+
+    #[test]
+    fn compiled_in_example_parses_and_names_its_builtin_roles() {
+        let schema: Schema = parse("schema", SCHEMA).expect("schema parses");
+        assert!(fledge_types::validate::schema(&schema).is_empty());
+        let _: JobSpec = parse("job", JOB).expect("job parses");
+        let _: ModelSpec = parse("modelSpec", MODEL_SPEC).expect("model spec parses");
+        assert!(TRAINER_ROLE.contains("mnist-mlp-trainer"));
+        assert!(AGGREGATOR_ROLE.contains("top-aggregator"));
+        assert!(code_zip().expect("zip").len() > 100);
+    }
 }
