@@ -93,7 +93,10 @@ pub struct DeployerOptions {
     pub report_backoff: Backoff,
     /// Reconnect policy of the notifier subscription.
     pub reconnect: fledge_client::Reconnect,
-    /// Extra arguments for every fledgelet (e.g. `--heartbeat-interval 1`).
+    /// Arguments before the fledgelet's own flags, e.g. `["fledgelet"]` when `fledgelet_bin`
+    /// is a binary that embeds the agent as a subcommand (see [`crate::cli`]). Default none.
+    pub fledgelet_prefix_args: Vec<String>,
+    /// Extra arguments after the fledgelet's own flags (e.g. `--heartbeat-interval 1`).
     pub fledgelet_args: Vec<String>,
     /// Extra environment for every fledgelet.
     pub fledgelet_env: Vec<(String, String)>,
@@ -121,6 +124,7 @@ impl DeployerOptions {
             stop_grace: Duration::from_secs(15),
             report_backoff: Backoff::default(),
             reconnect: fledge_client::Reconnect::default(),
+            fledgelet_prefix_args: Vec::new(),
             fledgelet_args: Vec::new(),
             fledgelet_env: Vec::new(),
         }
@@ -400,6 +404,7 @@ impl Deployer {
 
         let mut command = Command::new(&self.opts.fledgelet_bin);
         command
+            .args(&self.opts.fledgelet_prefix_args)
             .arg("--task-id")
             .arg(task.as_str())
             .arg("--job-id")

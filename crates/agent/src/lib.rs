@@ -7,6 +7,9 @@
 //! - [`deployer`]: one per compute. It receives DEPLOY/REVOKE events and starts or kills one
 //!   `fledgelet` child process per task, reporting each worker's deployment.
 //!
+//! [`cli`] holds the `fledgelet` flags and entry point, shared by the `fledgelet` binary and
+//! any binary that embeds it as a subcommand.
+//!
 //! Supporting modules: [`bundle`] (zip-slip-safe unpacking), [`entrypoint`] (`main.py` or
 //! `fledge-role.toml`), [`logtail`] (bounded log tail), [`process`] (process groups, group
 //! kill, parent-death signal), [`api`] (the control-plane calls as traits, with retry).
@@ -17,6 +20,7 @@
 
 pub mod api;
 pub mod bundle;
+pub mod cli;
 pub mod deployer;
 pub mod entrypoint;
 pub mod fledgelet;

@@ -19,6 +19,7 @@ use crate::fakes::{FakeDeploymentApi, alive, kill9, wait_dead, wait_for_file};
 /// Behaves by task id prefix: `ok*` reports (writes the marker) and exits 0, `broken*` exits 2
 /// without reporting, anything else runs until killed.
 const FAKE_FLEDGELET: &str = r#"#!/bin/sh
+first="$1"
 while [ $# -gt 0 ]; do
   case "$1" in
     --work-dir) wd="$2"; shift;;
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-echo "key=$FLEDGE_TASK_KEY api=$api bin=$FLEDGE_BIN" > "$wd/args"
+echo "first=$first key=$FLEDGE_TASK_KEY api=$api bin=$FLEDGE_BIN" > "$wd/args"
 echo $$ > "$wd/pid"
 case "$tid" in
   ok*) echo completed > "$wd/final-state"; exit 0;;
@@ -65,6 +66,7 @@ impl Harness {
         opts.max_workers = max_workers;
         opts.stop_grace = Duration::from_secs(5);
         opts.fledge_bin = Some("/opt/fledge".into());
+        opts.fledgelet_prefix_args = vec!["fledgelet".into()];
         let api = Arc::new(FakeDeploymentApi::default());
         let deployer = opts.build_with(api.clone()).expect("valid options");
         let (events, rx) = mpsc::channel(16);
@@ -128,7 +130,10 @@ async fn deploys_once_per_task_and_reports_a_worker_killed_before_reporting() {
     let ok1: Vec<_> = h.api.of("ok1").into_iter().map(|(s, _)| s).collect();
     assert_eq!(ok1, [DeploymentState::Deployed]);
     let args = wait_for_file(&h.work_dir("j1", "long1").join("args")).await;
-    assert_eq!(args.trim(), "key=key-of-long1 api=http://127.0.0.1:9 bin=/opt/fledge");
+    assert_eq!(
+        args.trim(),
+        "first=fledgelet key=key-of-long1 api=http://127.0.0.1:9 bin=/opt/fledge"
+    );
 
     let pid = h.pid("j1", "long1").await;
     kill9(pid);

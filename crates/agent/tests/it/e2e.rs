@@ -316,3 +316,59 @@ async fn final_states_reported_while_the_control_plane_restarts_are_not_lost() {
     deployer.await.expect("join").expect("deployer stops cleanly");
     control.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_fledgelet_fails_its_task_promptly_and_takes_its_child_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let go = dir.path().join("go");
+    let control = Control::start(dir.path(), loopback(), loopback()).await;
+    register_compute(&control).await;
+    let shutdown = CancellationToken::new();
+    let deployer = start_deployer(&control, dir.path().join("workers"), shutdown.clone());
+
+    // Each task's code records its own pid and its fledgelet's, then waits for `go`.
+    let wait_go = format!(
+        "echo $$ > self.pid\necho $PPID > agent.pid\nwhile [ ! -f '{}' ]; do sleep 0.05; done\n",
+        go.display()
+    );
+    let job = start_job(
+        &control,
+        &format!("{wait_go}{TRAINER_SH}"),
+        &format!("{wait_go}{AGGREGATOR_SH}"),
+    )
+    .await;
+    let tasks = wait_tasks(control.store.as_ref(), &job, "all tasks running", |tasks| {
+        tasks.iter().all(|t| t.state == TaskState::Running)
+    })
+    .await;
+    let victim = tasks.iter().find(|t| t.role == "trainer").expect("a trainer");
+    let code_dir =
+        dir.path().join("workers").join(job.as_str()).join(victim.task_id.as_str()).join("code");
+    let agent: i32 =
+        crate::fakes::wait_for_file(&code_dir.join("agent.pid")).await.trim().parse().expect("pid");
+    let child: i32 =
+        crate::fakes::wait_for_file(&code_dir.join("self.pid")).await.trim().parse().expect("pid");
+
+    crate::fakes::kill9(agent);
+    let tasks = wait_tasks(control.store.as_ref(), &job, "the victim failed", |tasks| {
+        tasks.iter().any(|t| t.task_id == victim.task_id && t.state == TaskState::Failed)
+    })
+    .await;
+    let failed = tasks.iter().find(|t| t.task_id == victim.task_id).expect("victim");
+    assert!(
+        failed.log.contains("worker exited with signal 9 (SIGKILL) before reporting"),
+        "{}",
+        failed.log
+    );
+    // The code died with its agent (parent-death signal), not orphaned.
+    crate::fakes::wait_dead(child).await;
+
+    // The others finish; one trainer completed is enough for the job.
+    std::fs::write(&go, "").expect("write go");
+    let done = wait_job_final(control.store.as_ref(), &job, &dir.path().join("workers")).await;
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.reason);
+
+    shutdown.cancel();
+    deployer.await.expect("join").expect("deployer stops cleanly");
+    control.stop().await;
+}

@@ -1,0 +1,183 @@
+//! The `fledgelet` command line as a library, so the `fledge` binary can embed it as a
+//! subcommand (`fledge fledgelet ...`) as well as the standalone `fledgelet` binary.
+//!
+//! [`FledgeletArgs`] are the flags (each also read from a `FLEDGE_*` variable); [`run`] turns
+//! them into a task client, a notifier subscription and [`SupervisorOptions`], and runs
+//! [`fledgelet::run`] until the task ended. Signals and logging belong to the caller.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use fledge_types::{JobId, TaskId, TaskState};
+
+use crate::api::{Backoff, TaskApi};
+use crate::bundle::Limits;
+use crate::deployer::sibling_or_path;
+use crate::entrypoint::Tools;
+use crate::fledgelet;
+use crate::supervisor::{Outcome, SupervisorOptions, TaskEnv};
+
+/// Errors before the task could be run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The apiserver URL or the task key is unusable.
+    #[error("invalid --apiserver or --task-key")]
+    Client(#[source] fledge_client::Error),
+}
+
+/// Flags of `fledgelet` (each also read from its `FLEDGE_*` variable).
+#[derive(Clone, Debug, clap::Args)]
+pub struct FledgeletArgs {
+    /// The task to run.
+    #[arg(long, env = "FLEDGE_TASK_ID")]
+    pub task_id: String,
+    /// The task's key (authenticates this agent; prefer the environment variable).
+    #[arg(long, env = "FLEDGE_TASK_KEY", hide_env_values = true)]
+    pub task_key: String,
+    /// The task's job.
+    #[arg(long, env = "FLEDGE_JOB_ID")]
+    pub job_id: String,
+    /// Apiserver base URL, e.g. http://127.0.0.1:10100.
+    #[arg(long, env = "FLEDGE_APISERVER")]
+    pub apiserver: String,
+    /// Notifier URL, e.g. http://127.0.0.1:10101.
+    #[arg(long, env = "FLEDGE_NOTIFIER")]
+    pub notifier: String,
+    /// Private work dir for the task's code, config and log (created if missing).
+    #[arg(long, env = "FLEDGE_WORK_DIR")]
+    pub work_dir: PathBuf,
+    /// The `fledge` binary that runs built-in roles [default: `fledge` next to this
+    /// executable, else on PATH].
+    #[arg(long, env = "FLEDGE_BIN")]
+    pub fledge_bin: Option<PathBuf>,
+    /// Python interpreter for `main.py` roles.
+    #[arg(long, env = "FLEDGE_PYTHON", default_value = "python3")]
+    pub python: PathBuf,
+    /// Seconds between heartbeats while the task runs.
+    #[arg(long, env = "FLEDGE_HEARTBEAT_INTERVAL", default_value_t = 2.0, value_parser = seconds)]
+    pub heartbeat_interval: f64,
+    /// Seconds between SIGTERM and SIGKILL when stopping the task's code.
+    #[arg(long, env = "FLEDGE_STOP_GRACE", default_value_t = 10.0, value_parser = seconds)]
+    pub stop_grace: f64,
+    /// Seconds to keep retrying a status report or a fetch while the control plane is down.
+    #[arg(long, env = "FLEDGE_REPORT_TIMEOUT", default_value_t = 300.0, value_parser = seconds)]
+    pub report_timeout: f64,
+    /// Largest code bundle accepted, in bytes once unpacked.
+    #[arg(long, env = "FLEDGE_MAX_CODE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_code_bytes: u64,
+}
+
+fn seconds(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(value.is_finite() && value > 0.0 && value < 1e9) {
+        return Err(format!("{text} must be a positive number of seconds"));
+    }
+    Ok(value)
+}
+
+impl FledgeletArgs {
+    /// The supervisor options these flags describe.
+    pub fn supervisor_options(&self) -> SupervisorOptions {
+        let tools = Tools {
+            python: self.python.clone(),
+            fledge_bin: self.fledge_bin.clone().unwrap_or_else(|| sibling_or_path("fledge")),
+        };
+        let env = TaskEnv {
+            task_id: TaskId::new(self.task_id.clone()),
+            task_key: self.task_key.clone(),
+            job_id: JobId::new(self.job_id.clone()),
+            apiserver: self.apiserver.clone(),
+        };
+        let mut opts = SupervisorOptions::new(self.work_dir.clone(), env, tools);
+        opts.heartbeat_interval = Duration::from_secs_f64(self.heartbeat_interval);
+        opts.stop_grace = Duration::from_secs_f64(self.stop_grace);
+        let backoff = Backoff {
+            max_elapsed: Duration::from_secs_f64(self.report_timeout),
+            ..Backoff::default()
+        };
+        opts.report_backoff = backoff;
+        opts.fetch_backoff = backoff;
+        opts.bundle_limits = Limits { max_total_bytes: self.max_code_bytes, ..Limits::default() };
+        opts
+    }
+}
+
+/// Runs the agent for one task until the task ended; `shutdown` (wire it to SIGTERM/SIGINT)
+/// stops the task like a STOP event.
+pub async fn run(args: FledgeletArgs, shutdown: CancellationToken) -> Result<Outcome, Error> {
+    let opts = args.supervisor_options();
+    let task_id = opts.task.task_id.clone();
+    let job_id = opts.task.job_id.clone();
+    let client = fledge_client::TaskClient::new(&args.apiserver, task_id.clone(), &args.task_key)
+        .map_err(Error::Client)?;
+    let api: Arc<dyn TaskApi> = Arc::new(client);
+    let events = fledge_client::subscribe_task(&args.notifier, &job_id, &task_id, &args.task_key);
+    let span = tracing::info_span!("task", %job_id, %task_id);
+    let outcome = fledgelet::run(&opts, api, events, shutdown).instrument(span).await;
+    tracing::info!(state = %outcome.state, reported = outcome.reported, "fledgelet done");
+    Ok(outcome)
+}
+
+/// The process exit code for a task's final state: 0 when completed, 1 otherwise.
+pub fn exit_code(state: TaskState) -> ExitCode {
+    if state == TaskState::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FledgeletArgs,
+    }
+
+    const REQUIRED: [&str; 13] = [
+        "fledgelet",
+        "--task-id",
+        "t1",
+        "--task-key",
+        "k",
+        "--job-id",
+        "j1",
+        "--apiserver",
+        "http://127.0.0.1:1",
+        "--notifier",
+        "http://127.0.0.1:2",
+        "--work-dir",
+        "/w",
+    ];
+
+    #[test]
+    fn flags_become_supervisor_options_with_defaults() {
+        let mut argv = REQUIRED.to_vec();
+        argv.extend(["--heartbeat-interval", "0.5", "--fledge-bin", "/opt/fledge"]);
+        let cli = Cli::try_parse_from(argv).expect("valid flags");
+        let opts = cli.args.supervisor_options();
+        assert_eq!(opts.task.task_id.as_str(), "t1");
+        assert_eq!(opts.task.task_key, "k");
+        assert_eq!(opts.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(opts.stop_grace, Duration::from_secs(10));
+        assert_eq!(opts.tools.fledge_bin, PathBuf::from("/opt/fledge"));
+        assert_eq!(opts.tools.python, PathBuf::from("python3"));
+        assert_eq!(opts.report_backoff.max_elapsed, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        let mut argv = REQUIRED.to_vec();
+        argv.extend(["--stop-grace=0"]);
+        let err = Cli::try_parse_from(argv).err().expect("negative grace");
+        assert!(err.to_string().contains("--stop-grace"), "{err}");
+        let err = Cli::try_parse_from(&REQUIRED[..11]).err().expect("no work dir");
+        assert!(err.to_string().contains("--work-dir"), "{err}");
+    }
+}
