@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
+mod controller;
 mod errors;
 mod lifecycle;
 mod run;

@@ -43,6 +43,32 @@ impl Server {
         Server { base, store, token, dir, shutdown }
     }
 
+    /// Runs the apiserver, the controller and the notifier (`fledge serve` minus the broker)
+    /// over a fresh store on free loopback ports, with short controller timers.
+    pub async fn start_with_controller() -> Server {
+        use fledge_control::config::{Options, ServiceKind};
+        use fledge_control::service;
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = Options {
+            services: vec![ServiceKind::Notifier, ServiceKind::Controller, ServiceKind::Apiserver],
+            data_dir: dir.path().join("data"),
+            ..Options::default()
+        };
+        options.apiserver.listen = "127.0.0.1:0".parse().unwrap();
+        options.notifier.listen = "127.0.0.1:0".parse().unwrap();
+        options.controller.resync_interval_secs = 0.2;
+        options.controller.stop_grace_secs = 0.5;
+        let store = service::open_store(&options).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let services = service::start(&options, store.clone(), &shutdown).await.unwrap();
+        let base = format!("http://{}", services.addrs.apiserver.unwrap());
+        tokio::spawn(services.wait());
+        let token = api::bootstrap_admin(store.as_ref()).await.unwrap();
+        std::fs::create_dir_all(dir.path().join("home")).unwrap();
+        Server { base, store, token, dir, shutdown }
+    }
+
     /// A path in the scratch directory.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
