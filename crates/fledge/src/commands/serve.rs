@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use fledge_control::config::Options;
+use fledge_agent::deployer::{Deployer, DeployerOptions, default_fledgelet_bin};
+use fledge_control::config::{DeployerSection, Options, ServiceKind};
+use fledge_control::controller::Endpoints;
 use fledge_control::service;
+use fledge_types::ComputeId;
 
 use super::UsageError;
 
@@ -20,7 +23,8 @@ pub struct Args {
     /// Configuration file (TOML).
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Services to run, comma-separated: apiserver, controller, notifier, broker (default: all).
+    /// Services to run, comma-separated: apiserver, controller, notifier, broker, deployer
+    /// (default: all but deployer; the deployer reads its `[deployer]` section / `FLEDGE_DEPLOYER_*`).
     #[arg(long, value_name = "LIST")]
     pub services: Option<String>,
     /// Directory of the SQLite store and code bundles.
@@ -76,6 +80,44 @@ pub fn load_options(
         .map_err(|err| anyhow::Error::new(UsageError(format!("{:#}", anyhow::Error::new(err)))))
 }
 
+/// Builds the `process` deployer described by `section`. URLs it leaves unset come from
+/// `local` (the services of this process); workers' data goes under `<data_dir>/work` unless
+/// `section.work_root` says otherwise. Workers get this executable as `FLEDGE_BIN`.
+pub fn build_deployer(
+    section: &DeployerSection,
+    data_dir: &Path,
+    local: Option<&Endpoints>,
+) -> anyhow::Result<Deployer> {
+    let url = |given: &Option<String>, field: &str, pick: fn(&Endpoints) -> &String| {
+        given.clone().or_else(|| local.map(|e| pick(e).clone())).ok_or_else(|| {
+            anyhow::Error::new(UsageError(format!(
+                "deployer.{field}: set the {field} URL, or run the {field} in this process"
+            )))
+        })
+    };
+    let apiserver = url(&section.apiserver, "apiserver", |e| &e.apiserver)?;
+    let notifier = url(&section.notifier, "notifier", |e| &e.notifier)?;
+    let api_key = section.api_key.clone().ok_or_else(|| {
+        UsageError("deployer.api_key: required when the deployer runs".to_owned())
+    })?;
+    let mut options = DeployerOptions::new(
+        ComputeId::new(section.compute_id.clone()),
+        api_key,
+        apiserver,
+        notifier,
+        section.work_root.clone().unwrap_or_else(|| data_dir.join("work")),
+        default_fledgelet_bin(),
+    );
+    options.max_workers = section.max_workers;
+    options.fledge_bin = std::env::current_exe().ok();
+    tracing::info!(
+        compute_id = %section.compute_id,
+        fledgelet = %options.fledgelet_bin.display(),
+        "process deployer starting"
+    );
+    options.build().context("cannot build the process deployer")
+}
+
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
@@ -89,9 +131,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     service::cancel_on_signal(shutdown.clone());
+    if !options.runs_control_plane() {
+        // A compute-side process: the deployer alone, no store.
+        let deployer = build_deployer(&options.deployer, &options.data_dir, None)?;
+        return deployer.run(shutdown).await.context("the deployer failed");
+    }
     let store = service::open_store(&options).await?;
     let services =
         service::start(&options, store, &shutdown).await.context("cannot start the services")?;
+    if options.runs(ServiceKind::Deployer) {
+        let deployer =
+            build_deployer(&options.deployer, &options.data_dir, Some(&services.endpoints))?;
+        let token = services.shutdown_token();
+        services.spawn("deployer", async move {
+            deployer.run(token).await.map_err(anyhow::Error::from)
+        });
+    }
     let names: Vec<String> = options.services.iter().map(ToString::to_string).collect();
     tracing::info!(
         services = names.join(","),

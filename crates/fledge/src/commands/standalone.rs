@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
+use fledge_control::config::DeployerSection;
 use fledge_control::service::{self, BoundAddrs, Services};
 use fledge_control::store;
 use fledge_types::{ComputeId, ComputeSpec};
@@ -159,6 +160,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let platform = launch(&args, Some(&cli_config)).await?;
     service::cancel_on_signal(platform.services.shutdown_token());
+    tracing::info!(
+        apiserver = ?platform.addrs.apiserver,
+        notifier = ?platform.addrs.notifier,
+        broker = ?platform.addrs.broker,
+        "standalone listening"
+    );
     #[allow(clippy::print_stdout)]
     {
         println!("endpoint: {}", platform.endpoint);
@@ -191,22 +198,14 @@ async fn register_default_compute(store: &dyn store::Store) -> anyhow::Result<St
 }
 
 /// Runs the `process` deployer of compute `default` as one more service: one `fledgelet` child
-/// process per task, under `<data_dir>/work`. `FLEDGE_BIN` tells workers where the `fledge`
-/// binary (built-in roles) is: this very executable.
+/// process per task, under `<data_dir>/work`.
 fn start_deployer(services: &Services, data_dir: &Path, api_key: String) -> anyhow::Result<()> {
-    use fledge_agent::deployer::{DeployerOptions, default_fledgelet_bin};
-    let fledgelet = default_fledgelet_bin();
-    let mut options = DeployerOptions::new(
-        ComputeId::new(DEFAULT_COMPUTE),
-        api_key,
-        services.endpoints.apiserver.clone(),
-        services.endpoints.notifier.clone(),
-        data_dir.join("work"),
-        fledgelet.clone(),
-    );
-    options.fledge_bin = std::env::current_exe().ok();
-    let deployer = options.build().context("cannot build the process deployer")?;
-    tracing::info!(fledgelet = %fledgelet.display(), "process deployer of compute default starting");
+    let section = DeployerSection {
+        compute_id: DEFAULT_COMPUTE.to_owned(),
+        api_key: Some(api_key),
+        ..DeployerSection::default()
+    };
+    let deployer = super::serve::build_deployer(&section, data_dir, Some(&services.endpoints))?;
     let token = services.shutdown_token();
     services
         .spawn("deployer", async move { deployer.run(token).await.map_err(anyhow::Error::from) });
