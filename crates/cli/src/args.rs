@@ -127,6 +127,19 @@ pub enum CreateCmd {
         /// Compute file.
         file: PathBuf,
     },
+    /// A user (admin only); prints a first token for them.
+    User {
+        /// Login name.
+        id: String,
+        /// Make the user an admin.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// A new token for a user (admin, or yourself); printed once.
+    Token {
+        /// Login name.
+        user: String,
+    },
 }
 
 /// Arguments of schema uploads.
@@ -227,6 +240,8 @@ pub enum GetCmd {
     },
     /// Every compute (admin).
     Computes,
+    /// Every user (admin).
+    Users,
 }
 
 /// `fledgectl update ...`

@@ -9,6 +9,7 @@ pub mod design;
 pub mod job;
 pub mod run;
 pub mod schema;
+pub mod user;
 pub mod watch;
 
 use serde::Serialize;
@@ -65,6 +66,8 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
             CreateCmd::Dataset { file } => dataset::create(ctx, &file).await,
             CreateCmd::Job { file } => job::create(ctx, &file).await,
             CreateCmd::Compute { file } => compute::create(ctx, &file).await,
+            CreateCmd::User { id, admin } => user::create(ctx, &id, admin).await,
+            CreateCmd::Token { user } => user::token(ctx, &user).await,
         },
         Command::Get(get) => match get {
             GetCmd::Design { id } => design::get(ctx, &id).await,
@@ -85,6 +88,7 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
             GetCmd::Status { job } => job::status(ctx, &job).await,
             GetCmd::Compute { id } => compute::get(ctx, &id).await,
             GetCmd::Computes => compute::list(ctx).await,
+            GetCmd::Users => user::list(ctx).await,
         },
         Command::Update(update) => match update {
             UpdateCmd::Schema(args) => schema::upload(ctx, &args.design, &args.file).await,

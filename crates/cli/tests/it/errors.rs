@@ -148,3 +148,31 @@ async fn config_save_then_view_without_flags() {
     // The saved file is what later commands use.
     assert_eq!(server.ctl_with(&["get", "jobs", "-o", "json"], &[]).await.ok(), "[]");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_see_only_their_own_resources() {
+    let server = Server::start().await;
+    let bob_token = server.ctl(&["create", "user", "bob"]).await.ok();
+    let bob = [("FLEDGE_ENDPOINT", server.base.as_str()), ("FLEDGE_TOKEN", bob_token.as_str())];
+    let users = server.ctl(&["get", "users"]).await.ok();
+    assert!(users.contains("bob") && users.contains("admin"), "{users}");
+
+    server.ctl(&["create", "design", "admins-design"]).await.ok();
+    assert_eq!(server.ctl_with(&["get", "designs", "-o", "json"], &bob).await.ok(), "[]");
+    let stderr =
+        server.ctl_with(&["get", "design", "admins-design"], &bob).await.fails(2).to_owned();
+    assert!(stderr.contains("404"), "{stderr}");
+    // Only admins manage users; a user may mint their own tokens.
+    let stderr = server.ctl_with(&["create", "user", "eve"], &bob).await.fails(2).to_owned();
+    assert!(stderr.contains("403"), "{stderr}");
+    let second = server.ctl_with(&["create", "token", "bob"], &bob).await.ok();
+    assert_ne!(second, bob_token);
+    let who = server
+        .ctl_with(
+            &["whoami", "-o", "json"],
+            &[("FLEDGE_ENDPOINT", server.base.as_str()), ("FLEDGE_TOKEN", second.as_str())],
+        )
+        .await
+        .json();
+    assert_eq!(who["id"], "bob");
+}
