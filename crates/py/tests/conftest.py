@@ -5,6 +5,10 @@ import json
 import os
 import pathlib
 
+# Several trainers share this process: one BLAS thread each (set before numpy is imported).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[3]

@@ -16,10 +16,16 @@ import argparse
 import os
 import sys
 
-import numpy as np
+# One BLAS thread per trainer: several trainers share the machine (and, in a simulation, the
+# process); letting each spawn a BLAS thread per core oversubscribes it about 30 times over
+# for these small matrices. Must be set before numpy is imported.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-import fledge
-from fledge.data import load_mnist
+import numpy as np  # noqa: E402
+
+import fledge  # noqa: E402
+from fledge.data import load_mnist  # noqa: E402
 
 
 def init_mlp(hidden: int, seed: int) -> dict:
