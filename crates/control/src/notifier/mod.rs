@@ -103,6 +103,20 @@ pub fn sha256_hex(secret: &str) -> String {
     hex::encode(sha2::Sha256::digest(secret.as_bytes()))
 }
 
+/// The first sequence number of a new mailbox: the wall clock in microseconds.
+///
+/// Clients drop events whose number is not above the last one they saw. Mailboxes live in
+/// memory, so a restarted notifier (or a mailbox re-created after [`Handle::forget_job`]) must
+/// not count from 1 again; starting from the clock keeps numbers increasing across restarts
+/// as long as a mailbox publishes fewer than a million events per second of uptime.
+fn first_seq() -> u64 {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+        .unwrap_or(0);
+    micros.max(1)
+}
+
 /// An event with a sequence number field.
 trait Sequenced: Clone {
     fn set_seq(&mut self, seq: u64);
@@ -131,13 +145,20 @@ struct Mailbox<E> {
 }
 
 impl<E: Sequenced> Mailbox<E> {
-    fn new(job: Option<JobId>) -> Self {
-        Self { events: VecDeque::new(), next_seq: 1, conn: None, job }
+    fn new(job: Option<JobId>, first_seq: u64) -> Self {
+        Self { events: VecDeque::new(), next_seq: first_seq, conn: None, job }
     }
 
-    /// Appends `event` (assigning its sequence number) and pushes it to the live connection.
-    fn publish(&mut self, mut event: E, capacity: usize, subscriber: &dyn std::fmt::Display) {
-        event.set_seq(self.next_seq);
+    /// Appends `event` (assigning its sequence number, returned) and pushes it to the live
+    /// connection.
+    fn publish(
+        &mut self,
+        mut event: E,
+        capacity: usize,
+        subscriber: &dyn std::fmt::Display,
+    ) -> u64 {
+        let seq = self.next_seq;
+        event.set_seq(seq);
         self.next_seq += 1;
         if self.events.len() >= capacity {
             self.events.pop_front();
@@ -152,6 +173,7 @@ impl<E: Sequenced> Mailbox<E> {
             tracing::info!(%subscriber, "notifier subscriber gone or too slow; disconnecting it");
             self.conn = None;
         }
+        seq
     }
 
     /// Replaces the connection with a new one that first receives every retained event.
@@ -173,8 +195,18 @@ impl<E: Sequenced> Mailbox<E> {
 #[derive(Default)]
 struct Inner {
     next_conn: u64,
+    /// The highest sequence number assigned so far, so that a re-created mailbox continues
+    /// above it.
+    max_seq: u64,
     tasks: HashMap<TaskId, Mailbox<TaskEvent>>,
     computes: HashMap<ComputeId, Mailbox<DeployEvent>>,
+}
+
+impl Inner {
+    /// The first sequence number of a mailbox created now.
+    fn first_seq(&self) -> u64 {
+        first_seq().max(self.max_seq + 1)
+    }
 }
 
 struct Shared {
@@ -212,17 +244,26 @@ impl Handle {
             task_id: task.to_string(),
             kind: kind as i32,
         };
-        let mut inner = self.shared.lock();
-        let mailbox =
-            inner.tasks.entry(task.clone()).or_insert_with(|| Mailbox::new(Some(job.clone())));
-        mailbox.publish(event, self.shared.capacity, task);
+        let mut guard = self.shared.lock();
+        let inner = &mut *guard;
+        let first = inner.first_seq();
+        let mailbox = inner
+            .tasks
+            .entry(task.clone())
+            .or_insert_with(|| Mailbox::new(Some(job.clone()), first));
+        let seq = mailbox.publish(event, self.shared.capacity, task);
+        inner.max_seq = inner.max_seq.max(seq);
     }
 
     /// Queues `event` for the deployer of `compute`. Its `seq` is assigned here.
     pub fn publish_deploy(&self, compute: &ComputeId, event: DeployEvent) {
         let mut inner = self.shared.lock();
-        let mailbox = inner.computes.entry(compute.clone()).or_insert_with(|| Mailbox::new(None));
-        mailbox.publish(event, self.shared.capacity, compute);
+        let inner = &mut *inner;
+        let first = inner.first_seq();
+        let mailbox =
+            inner.computes.entry(compute.clone()).or_insert_with(|| Mailbox::new(None, first));
+        let seq = mailbox.publish(event, self.shared.capacity, compute);
+        inner.max_seq = inner.max_seq.max(seq);
     }
 
     /// Whether a deployer for `compute` is connected now.
@@ -346,10 +387,11 @@ impl fledge_proto::Notifier for Service {
             let mut inner = self.shared.lock();
             inner.next_conn += 1;
             let conn_id = inner.next_conn;
+            let first = inner.first_seq();
             inner
                 .tasks
                 .entry(task_id.clone())
-                .or_insert_with(|| Mailbox::new(Some(task.job_id.clone())))
+                .or_insert_with(|| Mailbox::new(Some(task.job_id.clone()), first))
                 .connect(conn_id, self.shared.capacity)
         };
         tracing::info!(%task_id, job_id = %task.job_id, "agent subscribed");
@@ -374,10 +416,11 @@ impl fledge_proto::Notifier for Service {
             let mut inner = self.shared.lock();
             inner.next_conn += 1;
             let conn_id = inner.next_conn;
+            let first = inner.first_seq();
             inner
                 .computes
                 .entry(compute_id.clone())
-                .or_insert_with(|| Mailbox::new(None))
+                .or_insert_with(|| Mailbox::new(None, first))
                 .connect(conn_id, self.shared.capacity)
         };
         tracing::info!(%compute_id, "deployer subscribed");
@@ -415,18 +458,20 @@ mod tests {
         let mut inner = handle.shared.lock();
         inner.next_conn += 1;
         let conn_id = inner.next_conn;
+        let first = inner.first_seq();
         let capacity = handle.shared.capacity;
         inner
             .tasks
             .entry(task.clone())
-            .or_insert_with(|| Mailbox::new(None))
+            .or_insert_with(|| Mailbox::new(None, first))
             .connect(conn_id, capacity)
     }
 
-    fn drain(rx: &mut mpsc::Receiver<TaskEvent>) -> Vec<(u64, i32)> {
+    /// Drained events as (sequence number relative to `base`, kind).
+    fn drain(rx: &mut mpsc::Receiver<TaskEvent>, base: u64) -> Vec<(u64, i32)> {
         let mut res = Vec::new();
         while let Ok(event) = rx.try_recv() {
-            res.push((event.seq, event.kind));
+            res.push((event.seq - base + 1, event.kind));
         }
         res
     }
@@ -440,15 +485,18 @@ mod tests {
         handle.publish_task(&job, &task, TaskEventKind::Start);
         assert!(!handle.is_task_connected(&task));
 
+        let before = first_seq();
+        let base = handle.shared.lock().tasks[&task].events[0].seq;
+        assert!(base > 1_000_000 && base <= before, "sequence numbers start at the clock");
         let mut first = connect_task(&handle, &task);
         assert!(handle.is_task_connected(&task));
-        assert_eq!(drain(&mut first), vec![(1, start)]);
+        assert_eq!(drain(&mut first, base), vec![(1, start)]);
         handle.publish_task(&job, &task, TaskEventKind::Stop);
-        assert_eq!(drain(&mut first), vec![(2, stop)]);
+        assert_eq!(drain(&mut first, base), vec![(2, stop)]);
 
         // A newer connection replaces the old one (whose stream ends) and gets a replay.
         let mut second = connect_task(&handle, &task);
-        assert_eq!(drain(&mut second), vec![(1, start), (2, stop)]);
+        assert_eq!(drain(&mut second, base), vec![(1, start), (2, stop)]);
         assert!(first.try_recv().is_err());
         assert!(first.is_closed() || first.try_recv().is_err());
 
@@ -458,10 +506,14 @@ mod tests {
         drop(second);
         assert!(!handle.is_task_connected(&task));
         let mut third = connect_task(&handle, &task);
-        assert_eq!(drain(&mut third), vec![(2, stop), (3, stop), (4, stop)]);
+        assert_eq!(drain(&mut third, base), vec![(2, stop), (3, stop), (4, stop)]);
 
         handle.forget_job(&job);
         assert!(!handle.is_task_connected(&task));
+        // A re-created mailbox continues above every number handed out before.
+        handle.publish_task(&job, &task, TaskEventKind::Start);
+        let again = handle.shared.lock().tasks[&task].events[0].seq;
+        assert!(again > base + 3, "{again} after {base}+3");
     }
 
     #[test]
