@@ -155,10 +155,44 @@ pub async fn watch(ctx: &Ctx, id: &JobId, interval_ms: u64) -> anyhow::Result<Jo
     Ok(job)
 }
 
+/// Lines of each failed task's log shown when a job did not complete.
+const LOG_TAIL_LINES: usize = 10;
+
+/// The last `n` lines of `log`.
+fn tail(log: &str, n: usize) -> Vec<&str> {
+    let lines: Vec<&str> = log.trim_end().lines().collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+/// Tells the user which tasks failed and why (the tail of their logs), on stderr.
+async fn explain_failure(ctx: &Ctx, id: &JobId) {
+    let tasks = match ctx.client.list_tasks(id).await {
+        Ok(tasks) => tasks,
+        Err(err) => {
+            eprintln!("cannot list the job's tasks: {err}");
+            return;
+        }
+    };
+    for task in tasks.iter().filter(|t| t.state == fledge_types::TaskState::Failed) {
+        // The listing may omit logs; the task itself carries the tail.
+        let log = match ctx.client.get_task(id, &task.task_id).await {
+            Ok(full) => full.log,
+            Err(_) => task.log.clone(),
+        };
+        eprintln!("task {} ({}) failed", task.task_id, task.role);
+        for line in tail(&log, LOG_TAIL_LINES) {
+            eprintln!("  | {line}");
+        }
+    }
+}
+
 /// Watches, prints the final job, and fails unless it completed.
 pub async fn watch_and_report(ctx: &Ctx, id: &JobId, interval_ms: u64) -> anyhow::Result<()> {
     let job = watch(ctx, id, interval_ms).await?;
     eprintln!("job {} ended {}", job.id, job.state);
+    if job.state != JobState::Completed {
+        explain_failure(ctx, &job.id).await;
+    }
     ctx.show(&job, || output::jobs(std::slice::from_ref(&job)))?;
     if job.state == JobState::Completed {
         Ok(())
@@ -183,6 +217,13 @@ mod tests {
             metrics: metrics.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect::<BTreeMap<_, _>>(),
             timestamp: None,
         }
+    }
+
+    #[test]
+    fn log_tails_keep_the_last_lines() {
+        assert_eq!(tail("a\nb\nc\n", 2), ["b", "c"]);
+        assert_eq!(tail("a", 5), ["a"]);
+        assert!(tail("", 3).is_empty());
     }
 
     #[test]

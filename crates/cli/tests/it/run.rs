@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fledge_control::store::JobFilter;
-use fledge_types::{Job, JobState, MetricRecord, TaskId};
+use fledge_control::store::{JobFilter, NewTask};
+use fledge_types::{ComputeId, Job, JobState, MetricRecord, Task, TaskId, TaskState};
 
 use crate::support::{Server, fixture, s};
 
@@ -35,6 +35,28 @@ async fn play_controller(server: &Server, end: JobState) -> Job {
         };
         store.add_metrics(&job.id, &[record]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    if end == JobState::Failed {
+        let task = Task {
+            job_id: job.id.clone(),
+            task_id: TaskId::new("t-failed"),
+            role: "trainer".into(),
+            index: 0,
+            group_association: BTreeMap::from([("param-channel".to_owned(), "eu".to_owned())]),
+            dataset_id: None,
+            compute_id: ComputeId::new("default"),
+            managed: true,
+            state: TaskState::Ready,
+            log: String::new(),
+            updated_at: None,
+            last_heartbeat: None,
+        };
+        store.insert_tasks(&[NewTask { task, key: "k".into() }]).await.unwrap();
+        let log = "loading data\nTraceback (most recent call last):\nValueError: bad shard";
+        store
+            .set_task_state(&job.id, &TaskId::new("t-failed"), TaskState::Failed, Some(log))
+            .await
+            .unwrap();
     }
     let reason = (end != JobState::Completed).then_some("all trainer tasks failed");
     store.set_job_state(&job.id, &[JobState::Running], end, reason).await.unwrap()
@@ -91,6 +113,9 @@ async fn run_registers_once_and_exits_by_the_job_outcome() {
         stderr.contains(&format!("job {} ended failed: all trainer tasks failed", job.id)),
         "{stderr}"
     );
+    // Which task failed, and the tail of its log.
+    assert!(stderr.contains("task t-failed (trainer) failed"), "{stderr}");
+    assert!(stderr.contains("  | ValueError: bad shard"), "{stderr}");
     let watch = server.ctl(&["job", "watch", job.id.as_str(), "-o", "json"]).await;
     assert_eq!(watch.code, 1, "{watch:?}");
     let watched: serde_json::Value = serde_json::from_str(&watch.stdout).unwrap();
