@@ -77,7 +77,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            if err.downcast_ref::<commands::UsageError>().is_some() {
+            // Anywhere in the chain: a usage error may be wrapped in context.
+            if err.chain().any(|cause| cause.is::<commands::UsageError>()) {
                 ExitCode::from(EX_USAGE)
             } else {
                 ExitCode::from(EX_RUNTIME)

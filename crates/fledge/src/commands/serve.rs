@@ -157,3 +157,40 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     services.wait().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_config_is_a_usage_error_and_the_deployer_needs_urls() {
+        let env = HashMap::from([("FLEDGE_MAX_CODE_BYTES".to_owned(), "many".to_owned())]);
+        let err = load_options(None, &env, &[]).expect_err("bad env value");
+        assert!(err.is::<UsageError>(), "{err:#}");
+        assert!(format!("{err:#}").contains("FLEDGE_MAX_CODE_BYTES"), "{err:#}");
+
+        let args = Args {
+            config: None,
+            services: Some("apiserver,bogus".to_owned()),
+            data_dir: None,
+            store_url: None,
+            apiserver_listen: None,
+            notifier_listen: None,
+            broker_listen: None,
+            broker_advertise: None,
+            dump_config: false,
+        };
+        let err = load_options(None, &HashMap::new(), &args.overrides()).expect_err("bad flag");
+        assert!(format!("{err:#}").contains("bogus"), "{err:#}");
+
+        let section = DeployerSection { api_key: Some("k".to_owned()), ..Default::default() };
+        let err = build_deployer(&section, Path::new("/tmp"), None).err().expect("no URLs");
+        assert!(err.is::<UsageError>());
+        assert!(err.to_string().contains("deployer.apiserver"), "{err}");
+        let local = Endpoints {
+            apiserver: "http://127.0.0.1:1".to_owned(),
+            notifier: "http://127.0.0.1:2".to_owned(),
+        };
+        build_deployer(&section, Path::new("/tmp"), Some(&local)).expect("local URLs suffice");
+    }
+}
