@@ -104,8 +104,21 @@ pub async fn start(
     store: Arc<dyn Store>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Services> {
-    options.validate().context("invalid configuration")?;
     let shutdown = shutdown.child_token();
+    let res = start_under(options, store, shutdown.clone()).await;
+    if res.is_err() {
+        // Stop whatever already started rather than leaving it running detached.
+        shutdown.cancel();
+    }
+    res
+}
+
+async fn start_under(
+    options: &Options,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Services> {
+    options.validate().context("invalid configuration")?;
 
     // Bind first: a busy port fails before any service starts.
     let api_listener = match options.runs(ServiceKind::Apiserver) {

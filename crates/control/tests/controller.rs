@@ -707,3 +707,26 @@ async fn composed_services_run_a_job_over_rest() {
     shutdown.cancel();
     services.wait().await.expect("clean shutdown");
 }
+
+/// A busy port fails `service::start` with the service and address named, before anything runs.
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_busy_port_is_reported_with_the_service_named() {
+    use fledge_control::config::{Options, ServiceKind};
+    use fledge_control::service;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = taken.local_addr().expect("addr");
+    let mut options = Options {
+        data_dir: dir.path().to_owned(),
+        services: vec![ServiceKind::Notifier, ServiceKind::Controller, ServiceKind::Apiserver],
+        ..Options::default()
+    };
+    options.apiserver.listen = "127.0.0.1:0".parse().expect("addr");
+    options.notifier.listen = busy;
+    let store = service::open_store(&options).await.expect("store");
+    let shutdown = CancellationToken::new();
+    let err = service::start(&options, store, &shutdown).await.err().expect("port is busy");
+    let message = format!("{err:#}");
+    assert!(message.contains(&format!("cannot bind the notifier to {busy}")), "{message}");
+}
