@@ -57,10 +57,57 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, InputError> {
         .map_err(|details| InputError::Invalid { path: path.to_owned(), details })
 }
 
+/// Reads a dataset file; a relative `file:` URL (`file:../data?shard=0`) is resolved against
+/// the file's directory into an absolute one (`file:///abs/data?shard=0`), since the worker
+/// that reads it does not know where the dataset file was.
+pub fn read_dataset(path: &Path) -> Result<fledge_types::DatasetSpec, InputError> {
+    let mut spec: fledge_types::DatasetSpec = read_json(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    spec.url = resolve_file_url(&spec.url, dir);
+    Ok(spec)
+}
+
+/// `file:REL[?query]` → `file:///ABS[?query]` with `REL` taken relative to `dir`; any other URL
+/// (absolute `file:///...`, `https://...`) is returned unchanged.
+pub fn resolve_file_url(url: &str, dir: &Path) -> String {
+    let Some(rest) = url.strip_prefix("file:") else {
+        return url.to_owned();
+    };
+    if rest.starts_with('/') || rest.is_empty() {
+        return url.to_owned();
+    }
+    let (rel, query) = match rest.find('?') {
+        Some(pos) => rest.split_at(pos),
+        None => (rest, ""),
+    };
+    let joined = dir.join(rel);
+    let absolute =
+        std::fs::canonicalize(&joined).or_else(|_| std::path::absolute(&joined)).unwrap_or(joined);
+    format!("file://{}{query}", absolute.display())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
+
+    #[test]
+    fn relative_file_urls_resolve_against_the_dataset_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::fs::create_dir_all(root.join("job")).unwrap();
+        let job = root.join("job");
+        assert_eq!(
+            resolve_file_url("file:../data?shard=0&shards=4", &job),
+            format!("file://{}/data?shard=0&shards=4", root.display())
+        );
+        assert_eq!(resolve_file_url("file:///abs/x.csv", &job), "file:///abs/x.csv");
+        assert_eq!(resolve_file_url("https://h/x?y", &job), "https://h/x?y");
+        let path = job.join("dataset.json");
+        std::fs::write(&path, r#"{"name": "d", "url": "file:../data"}"#).unwrap();
+        assert_eq!(read_dataset(&path).unwrap().url, format!("file://{}/data", root.display()));
+    }
 
     #[test]
     fn errors_name_the_file_and_every_field() {

@@ -84,7 +84,7 @@ pub fn load(path: &Path, defaults_dir: Option<&Path>) -> Result<JobFile, InputEr
             for (index, id) in ids.iter().enumerate() {
                 if is_file_ref(id) {
                     let file = data_spec_base.join(id.as_str());
-                    let dataset = input::read_json(&file)?;
+                    let dataset = input::read_dataset(&file)?;
                     dataset_files.push(DatasetFileRef {
                         path: file,
                         spec: dataset,

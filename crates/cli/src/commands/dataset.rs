@@ -10,7 +10,7 @@ use crate::{input, output};
 
 /// `create dataset FILE`.
 pub async fn create(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
-    let spec: DatasetSpec = input::read_json(file)?;
+    let spec: DatasetSpec = input::read_dataset(file)?;
     let dataset = ctx.client.create_dataset(&spec).await?;
     eprintln!("created dataset {} ({})", dataset.id, dataset.spec.name);
     ctx.created(&dataset, dataset.id.as_str(), || output::datasets(std::slice::from_ref(&dataset)))

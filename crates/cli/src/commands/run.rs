@@ -66,7 +66,7 @@ pub fn read_dir(dir: &Path) -> Result<JobDir, InputError> {
     dataset_paths.sort();
     let mut datasets = Vec::new();
     for path in dataset_paths {
-        let spec = input::read_json(&path)?;
+        let spec = input::read_dataset(&path)?;
         datasets.push((path, spec));
     }
     let code = bundle::load(&require("code")?)?;

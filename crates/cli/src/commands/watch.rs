@@ -40,6 +40,10 @@ pub struct Progress {
 }
 
 /// Summarises metric records into the latest round and its loss and accuracy.
+///
+/// Aggregators report the round's weighted trainer averages (`trainer.loss`,
+/// `trainer.accuracy`) once the round is complete; those are preferred. Without them the mean
+/// of the trainers' own `loss` / `accuracy` at the latest round that has one is used.
 pub fn summarize(records: &[MetricRecord]) -> Progress {
     let latest_mean = |name: &str| -> Option<f64> {
         let round =
@@ -53,8 +57,8 @@ pub fn summarize(records: &[MetricRecord]) -> Progress {
     };
     Progress {
         round: records.iter().map(|r| r.round).max().unwrap_or(0),
-        loss: latest_mean("loss"),
-        accuracy: latest_mean("accuracy"),
+        loss: latest_mean("trainer.loss").or_else(|| latest_mean("loss")),
+        accuracy: latest_mean("trainer.accuracy").or_else(|| latest_mean("accuracy")),
     }
 }
 
@@ -249,5 +253,12 @@ mod tests {
             describe(&status, &progress),
             "running | tasks: running 3 | loss 0.3750 | accuracy 0.5000"
         );
+
+        // An aggregator's round averages win over trainers' partial reports.
+        let mut with_aggregate = records.to_vec();
+        with_aggregate.push(record(2, &[("trainer.loss", 0.4), ("trainer.accuracy", 0.8)]));
+        with_aggregate.push(record(3, &[("loss", 9.0), ("accuracy", 0.1)]));
+        let progress = summarize(&with_aggregate);
+        assert_eq!((progress.round, progress.loss, progress.accuracy), (3, Some(0.4), Some(0.8)));
     }
 }
