@@ -9,6 +9,8 @@
 //!   tensor's `Vec<f32>`.
 //! - [`app`]: Python objects behind the SDK's `TrainerApp`, `Evaluator` and `AppFactory`
 //!   traits. Each call re-acquires the GIL only for the user's method.
+//! - [`channels`]: direct channel access (`join_channels`, `Channel.send/recv/broadcast`)
+//!   for custom roles.
 //! - [`run`]: `run_task` (one task from its config) and `simulate` (a whole job in this
 //!   process over the local backend). Both release the GIL while the Rust runtime works.
 //!
@@ -17,6 +19,7 @@
 use pyo3::prelude::*;
 
 pub mod app;
+pub mod channels;
 pub mod convert;
 pub mod run;
 
@@ -40,6 +43,12 @@ pyo3::create_exception!(
 );
 pyo3::create_exception!(
     _fledge,
+    ChannelError,
+    FledgeError,
+    "A channel operation failed (the peer left, the broker is unreachable, ...)."
+);
+pyo3::create_exception!(
+    _fledge,
     WeightsError,
     FledgeError,
     "Weights could not cross between Python and Rust (bad dtype, name or shape)."
@@ -53,6 +62,11 @@ fn _fledge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("TaskError", py.get_type::<TaskError>())?;
     m.add("WeightsError", py.get_type::<WeightsError>())?;
+    m.add("ChannelError", py.get_type::<ChannelError>())?;
+    m.add_class::<channels::PyChannelSet>()?;
+    m.add_class::<channels::PyChannel>()?;
+    m.add_class::<channels::PyMessage>()?;
+    m.add_function(wrap_pyfunction!(channels::join_channels, m)?)?;
     m.add_function(wrap_pyfunction!(run::run_task, m)?)?;
     m.add_function(wrap_pyfunction!(run::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(run::parse_config, m)?)?;

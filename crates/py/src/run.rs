@@ -31,10 +31,12 @@ const SIGNAL_POLL: Duration = Duration::from_millis(200);
 /// How long the other tasks of a simulation may take to finish once the top aggregator has.
 const WIND_DOWN: Duration = Duration::from_secs(10);
 
-/// Why a run did not produce its result.
-enum Stop {
-    /// The run failed: the error chain.
+/// Why a blocking call did not produce its result.
+pub(crate) enum Stop {
+    /// The operation failed: the error chain.
     Failed(String),
+    /// The operation did not finish in time.
+    TimedOut,
     /// A signal handler raised (e.g. `KeyboardInterrupt`).
     Interrupted(PyErr),
 }
@@ -48,33 +50,50 @@ fn init_tracing() {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// Runs `fut` on a new runtime with the GIL released, checking for signals meanwhile.
-fn block_on_detached<T, F>(py: Python<'_>, fut: F) -> PyResult<Result<T, String>>
+/// Runs `fut` on `rt` with the GIL released, checking Python's signal handlers every
+/// [`SIGNAL_POLL`] so that Ctrl-C interrupts it.
+pub(crate) fn block_on_detached_with<T, F>(
+    py: Python<'_>,
+    rt: &tokio::runtime::Runtime,
+    fut: F,
+) -> Result<T, Stop>
 where
     T: Send,
-    F: Future<Output = Result<T, String>> + Send,
+    F: Future<Output = Result<T, Stop>> + Send,
 {
-    let res = py.detach(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("fledge-runtime")
-            .build()
-            .map_err(|e| Stop::Failed(format!("cannot start the tokio runtime: {e}")))?;
+    py.detach(|| {
         rt.block_on(async {
             tokio::pin!(fut);
             loop {
                 tokio::select! {
-                    res = &mut fut => return res.map_err(Stop::Failed),
+                    res = &mut fut => return res,
                     () = tokio::time::sleep(SIGNAL_POLL) => {
                         Python::attach(|py| py.check_signals()).map_err(Stop::Interrupted)?;
                     }
                 }
             }
         })
-    });
+    })
+}
+
+/// Runs `fut` on a new runtime with the GIL released (see [`block_on_detached_with`]).
+fn block_on_detached<T, F>(py: Python<'_>, fut: F) -> PyResult<Result<T, String>>
+where
+    T: Send,
+    F: Future<Output = Result<T, String>> + Send,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fledge-runtime")
+        .build()
+        .map_err(|e| TaskError::new_err(format!("cannot start the tokio runtime: {e}")))?;
+    let res = block_on_detached_with(py, &rt, async move { fut.await.map_err(Stop::Failed) });
+    // Tasks still running (e.g. a simulation's stragglers) end with the runtime, GIL released.
+    py.detach(move || drop(rt));
     match res {
         Ok(v) => Ok(Ok(v)),
         Err(Stop::Failed(msg)) => Ok(Err(msg)),
+        Err(Stop::TimedOut) => Ok(Err("timed out".to_owned())),
         Err(Stop::Interrupted(e)) => Err(e),
     }
 }

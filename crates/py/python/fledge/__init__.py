@@ -23,13 +23,24 @@ does the rest (channels, aggregation, rounds, metrics, the registry)::
     report = fledge.simulate(MyTrainer, datasets=[url0, url1, url2], rounds=5)
 """
 
-from ._fledge import ConfigError, FledgeError, TaskError, WeightsError, __version__
+from ._fledge import (
+    Channel,
+    ChannelError,
+    ChannelSet,
+    ConfigError,
+    FledgeError,
+    Message,
+    TaskError,
+    WeightsError,
+    __version__,
+)
 from ._api import (
     Config,
     Evaluator,
     RunSummary,
     SimReport,
     Trainer,
+    join_channels,
     parse_config,
     run,
     simulate,
@@ -37,10 +48,14 @@ from ._api import (
 from . import data
 
 __all__ = [
+    "Channel",
+    "ChannelError",
+    "ChannelSet",
     "Config",
     "ConfigError",
     "Evaluator",
     "FledgeError",
+    "Message",
     "RunSummary",
     "SimReport",
     "TaskError",
@@ -48,6 +63,7 @@ __all__ = [
     "WeightsError",
     "__version__",
     "data",
+    "join_channels",
     "parse_config",
     "run",
     "simulate",

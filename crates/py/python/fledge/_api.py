@@ -74,6 +74,28 @@ def parse_config(path_or_json: Union[str, os.PathLike]) -> Config:
     return Config.from_file(path_or_json)
 
 
+def join_channels(config: Union[Config, str, os.PathLike]) -> "_fledge.ChannelSet":
+    """Joins every channel of a task config (a :class:`Config`, a path or JSON text).
+
+    For custom roles that exchange messages themselves instead of using :class:`Trainer`::
+
+        channels = fledge.join_channels(sys.argv[1])
+        ch = channels.by_tag("fetch")
+        [aggregator] = ch.await_ends(1, timeout=60)
+        ch.send(aggregator, tensors={"w": w}, meta={"num_samples": 10}, kind="update", round=1)
+        msg = ch.recv(aggregator, timeout=60)     # msg.tensors, msg.meta, msg.kind, msg.round
+        channels.close()
+    """
+    if isinstance(config, Config):
+        text = json.dumps(config.raw)
+    else:
+        text = str(config)
+        if not text.lstrip().startswith("{"):
+            with open(config, encoding="utf-8") as f:
+                text = f.read()
+    return _fledge.join_channels(text)
+
+
 def _to_array(name: str, value: Any) -> np.ndarray:
     """``value`` as a C-contiguous float32 array (no copy when it already is one)."""
     if not isinstance(value, np.ndarray) and hasattr(value, "detach") and hasattr(value, "cpu"):

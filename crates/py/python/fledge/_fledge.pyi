@@ -49,3 +49,71 @@ def roundtrip_weights(
     weights: Dict[str, npt.NDArray[np.float32]],
 ) -> Dict[str, npt.NDArray[np.float32]]:
     """Copies weights into Rust and moves them back out (no copy on the way out)."""
+
+class ChannelError(FledgeError):
+    """A channel operation failed (the peer left, the broker is unreachable, ...)."""
+
+class Message:
+    """A message received from a channel."""
+
+    kind: str
+    """``weights``, ``update``, ``control``, ``end_of_training``, ``ack`` or ``metrics``."""
+    round: int
+    model_version: int
+    sender: str
+    """The sending end's task id."""
+    meta: Dict[str, Any]
+    tensors: Dict[str, npt.NDArray[Any]]
+    """float32 arrays (int64/uint8 tensors keep their dtype)."""
+
+class Channel:
+    """One channel as seen from this task's end."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def group(self) -> str: ...
+    @property
+    def me(self) -> str: ...
+    @property
+    def peer_role(self) -> str: ...
+    def ends(self) -> List[str]:
+        """Live peer ends, sorted."""
+    def await_ends(self, n: int = 1, timeout: float = 30.0) -> List[str]:
+        """Waits until at least ``n`` peers are present; returns them."""
+    def send(
+        self,
+        end: str,
+        tensors: Optional[Dict[str, npt.NDArray[np.float32]]] = None,
+        meta: Optional[Dict[str, Any]] = None,
+        kind: str = "weights",
+        round: int = 0,
+    ) -> None:
+        """Sends a message to the peer ``end``."""
+    def broadcast(
+        self,
+        tensors: Optional[Dict[str, npt.NDArray[np.float32]]] = None,
+        meta: Optional[Dict[str, Any]] = None,
+        kind: str = "weights",
+        round: int = 0,
+    ) -> List[str]:
+        """Sends a message to every current peer; returns their ids."""
+    def recv(self, end: str, timeout: Optional[float] = None) -> Message:
+        """The next message from ``end``; ``TimeoutError`` after ``timeout`` seconds."""
+    def recv_any(self, timeout: Optional[float] = None) -> Tuple[str, Message]:
+        """The oldest message from any peer as ``(end, message)``."""
+
+class ChannelSet:
+    """The channels of one task."""
+
+    @property
+    def role(self) -> str: ...
+    def names(self) -> List[str]: ...
+    def get(self, name: str) -> Channel: ...
+    def by_tag(self, tag: str) -> Channel:
+        """The channel whose function tags for this role include ``tag``."""
+    def close(self) -> None:
+        """Leaves every channel cleanly and disconnects."""
+
+def join_channels(config_json: str) -> ChannelSet:
+    """Joins every channel of the task config (JSON text)."""
