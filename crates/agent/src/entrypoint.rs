@@ -7,7 +7,8 @@
 //! ```toml
 //! # Either a command; `{config}` becomes the path of the task's config.json.
 //! command = ["python3", "train.py", "--config", "{config}"]
-//! # Or a role built into the `fledge` binary, run as `fledge run-task config.json`.
+//! # Or a role built into the `fledge` binary, run as
+//! # `fledge run-task config.json --role-kind top-aggregator`.
 //! builtin = "top-aggregator"
 //! ```
 
@@ -21,8 +22,6 @@ pub const MANIFEST_FILE: &str = "fledge-role.toml";
 pub const PYTHON_MAIN: &str = "main.py";
 /// Placeholder substituted with the config path in `command`.
 pub const CONFIG_PLACEHOLDER: &str = "{config}";
-/// Environment variable naming the built-in role for `fledge run-task`.
-pub const BUILTIN_ROLE_ENV: &str = "FLEDGE_BUILTIN_ROLE";
 
 /// Errors while resolving the entrypoint.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +74,7 @@ pub enum Entrypoint {
     Python,
     /// A user command; `{config}` not yet substituted.
     Command(Vec<String>),
-    /// A role built into the `fledge` binary.
+    /// A role built into the `fledge` binary (`fledge run-task <config> --role-kind <name>`).
     Builtin(String),
 }
 
@@ -161,8 +160,13 @@ impl Entrypoint {
             }
             Entrypoint::Builtin(name) => CommandLine {
                 program: tools.fledge_bin.clone(),
-                args: vec!["run-task".to_owned(), config_arg],
-                env: vec![(BUILTIN_ROLE_ENV.to_owned(), name.clone())],
+                args: vec![
+                    "run-task".to_owned(),
+                    config_arg,
+                    "--role-kind".to_owned(),
+                    name.clone(),
+                ],
+                env: Vec::new(),
             },
         }
     }
@@ -217,8 +221,8 @@ mod tests {
         assert_eq!(ep, Entrypoint::Builtin("top-aggregator".into()));
         let cl = ep.command_line(Path::new("/w/config.json"), &tools());
         assert_eq!(cl.program, PathBuf::from("/opt/fledge/bin/fledge"));
-        assert_eq!(cl.args, ["run-task", "/w/config.json"]);
-        assert_eq!(cl.env, [(BUILTIN_ROLE_ENV.to_owned(), "top-aggregator".to_owned())]);
+        assert_eq!(cl.args, ["run-task", "/w/config.json", "--role-kind", "top-aggregator"]);
+        assert!(cl.env.is_empty());
     }
 
     #[test]

@@ -256,7 +256,21 @@ async fn a_job_runs_through_deployer_and_fledgelets_to_completed() {
     register_compute(&control).await;
     let deployer = start_deployer(&control, dir.path().join("workers"), shutdown.clone());
 
-    let job = start_job(&control, TRAINER_SH, AGGREGATOR_SH).await;
+    // The tasks wait for each other (as real roles do over their channels): the controller
+    // may end a job whose finished roles are all done while another task has not started yet.
+    let go = dir.path().join("go");
+    let wait_go = format!("while [ ! -f '{}' ]; do sleep 0.05; done\n", go.display());
+    let job = start_job(
+        &control,
+        &format!("{wait_go}{TRAINER_SH}"),
+        &format!("{wait_go}{AGGREGATOR_SH}"),
+    )
+    .await;
+    wait_tasks(control.store.as_ref(), &job, "all tasks running", |tasks| {
+        tasks.iter().all(|t| t.state == TaskState::Running)
+    })
+    .await;
+    std::fs::write(&go, "").expect("write go");
     let done = wait_job_final(control.store.as_ref(), &job, &dir.path().join("workers")).await;
     let tasks = control.store.list_tasks(&job).await.expect("tasks");
     assert_completed_with_output(&done, &tasks);
