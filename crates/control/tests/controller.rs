@@ -730,3 +730,41 @@ async fn a_busy_port_is_reported_with_the_service_named() {
     let message = format!("{err:#}");
     assert!(message.contains(&format!("cannot bind the notifier to {busy}")), "{message}");
 }
+
+/// A controller that died right after persisting a final state (before stopping and revoking)
+/// is succeeded by one that finishes the cleanup: revoke, stop, tasks terminated.
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_restarted_controller_finishes_an_interrupted_ending() {
+    let mut plane = plane(options(3600.0, 30.0)).await;
+    let job = plane.create_job(0).await;
+    let (deployer, agents) = start_and_deploy(&plane, &job).await;
+    run_all(&plane, &job).await;
+
+    plane.controller_token.cancel();
+    (&mut plane.controller_task).await.expect("joins").expect("stops cleanly");
+    // What the dead controller persisted last: the final state, nothing else.
+    plane
+        .store
+        .set_job_state(&job, &[JobState::Running], JobState::Failed, Some("crash test"))
+        .await
+        .expect("final state");
+
+    let built = Controller::build(
+        options(3600.0, 30.0),
+        plane.store.clone(),
+        plane.notifier.clone(),
+        endpoints(&plane.notifier_url),
+    )
+    .expect("controller");
+    plane.controller_task = tokio::spawn(built.run(plane.shutdown.child_token()));
+
+    wait_revoke(&deployer).await;
+    for agent in agents.values() {
+        wait_stop(agent).await;
+    }
+    eventually("every task terminated", || async {
+        plane.tasks(&job).await.iter().all(|t| t.state == TaskState::Terminated).then_some(())
+    })
+    .await;
+    assert_eq!(plane.job(&job).await.reason.as_deref(), Some("crash test"));
+}

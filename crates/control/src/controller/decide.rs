@@ -107,13 +107,15 @@ pub fn decide(
     match state {
         JobState::Ready => Decision { effects: Vec::new(), action: Action::AwaitChange },
         JobState::Completed | JobState::Failed | JobState::Terminated => {
-            // A final job keeps no live tasks: finish a cleanup an earlier run did not complete.
+            // A final job keeps no live tasks: finish a cleanup an earlier run did not complete
+            // (ending marks the tasks last, so live tasks mean the stop and revoke may be lost).
             let live = non_final(tasks);
             let effects = if live.is_empty() {
                 Vec::new()
             } else {
                 vec![
                     Effect::Stop(live.clone()),
+                    Effect::Revoke,
                     Effect::MarkTasks {
                         tasks: live,
                         state: TaskState::Terminated,
@@ -654,7 +656,7 @@ mod tests {
                 tasks: &["agg:running", "trainer:failed"],
                 memory: FRESH,
                 now: 1,
-                expect: "stop[t0]; mark[t0]=terminated (job failed); forget; await",
+                expect: "stop[t0]; revoke; mark[t0]=terminated (job failed); forget; await",
             },
             Case {
                 name: "a final job with final tasks needs nothing",

@@ -9,7 +9,9 @@
 //! Reconciling is level-triggered: on startup and every `resync_interval` the controller lists
 //! every non-final job and reconciles it, so a lost wake-up or a restart only delays work. What
 //! the controller sent (deploy, stop, revoke) is remembered in memory only, so a restarted
-//! controller re-sends them; deployers and agents treat duplicates idempotently.
+//! controller re-sends them; deployers and agents treat duplicates idempotently. Ending a job
+//! marks its remaining tasks terminated last, so a job that ended in the last day with live
+//! tasks has an unfinished cleanup, which a starting controller finishes.
 
 pub mod decide;
 
@@ -30,6 +32,9 @@ use fledge_types::{ComputeId, Dataset, Job, JobId, JobState, Task, TaskState};
 use crate::notifier;
 use crate::store::{self, JobFilter, NewTask, Store};
 use decide::{Action, Effect, Memory, Policy};
+
+/// How far back a starting controller looks for ended jobs whose cleanup may be unfinished.
+const ENDED_LOOKBACK: chrono::Duration = chrono::Duration::hours(24);
 
 /// Errors of the controller.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +209,7 @@ impl Controller {
     /// reconciles jobs as they are woken, come due, or at every resync.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(?self.policy, "controller started");
+        self.resume_ended().await;
         let mut resync = tokio::time::interval(self.policy.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -227,6 +233,26 @@ impl Controller {
         }
         tracing::info!("controller stopped");
         Ok(())
+    }
+
+    /// At startup: marks jobs that ended within [`ENDED_LOOKBACK`] due, so that a cleanup an
+    /// earlier controller did not finish (stop, revoke, mark tasks) is finished; jobs whose
+    /// tasks are all final need nothing.
+    async fn resume_ended(&mut self) {
+        let filter = JobFilter {
+            owner: None,
+            states: vec![JobState::Completed, JobState::Failed, JobState::Terminated],
+        };
+        let since = chrono::Utc::now() - ENDED_LOOKBACK;
+        match self.store.list_jobs(&filter).await {
+            Ok(jobs) => {
+                let now = Instant::now();
+                for job in jobs.into_iter().filter(|j| j.ended_at.is_none_or(|t| t >= since)) {
+                    self.due.entry(job.id).or_insert(now);
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "controller failed to list ended jobs"),
+        }
     }
 
     /// Marks every non-final, started job due now.
