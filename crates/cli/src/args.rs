@@ -227,6 +227,15 @@ pub enum GetCmd {
     Metrics {
         /// Job id.
         job: String,
+        /// Only records of this role.
+        #[arg(long)]
+        role: Option<String>,
+        /// Only records of this round.
+        #[arg(long)]
+        round: Option<u64>,
+        /// Only these metrics (comma-separated names, e.g. loss,accuracy).
+        #[arg(long, value_delimiter = ',')]
+        names: Vec<String>,
     },
     /// A job's state and task counts.
     Status {

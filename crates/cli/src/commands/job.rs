@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use fledge_types::{JobId, JobState, TaskId};
+use fledge_types::{JobId, JobState, MetricRecord, TaskId};
 
 use super::Ctx;
 use super::dataset::Registrar;
@@ -125,9 +125,40 @@ pub async fn task(ctx: &Ctx, job: &str, task: &str) -> anyhow::Result<()> {
     ctx.show(&task, || output::tasks(std::slice::from_ref(&task)))
 }
 
-/// `get metrics JOB`.
-pub async fn metrics(ctx: &Ctx, job: &str) -> anyhow::Result<()> {
-    let records = ctx.client.job_metrics(&JobId::new(job)).await?;
+/// Which metric records and names `get metrics` shows.
+#[derive(Debug, Default)]
+pub struct MetricFilter {
+    /// Only this role's records.
+    pub role: Option<String>,
+    /// Only this round's records.
+    pub round: Option<u64>,
+    /// Only these metric names (all when empty); records left with none are dropped.
+    pub names: Vec<String>,
+}
+
+impl MetricFilter {
+    /// Applies the filter.
+    pub fn apply(&self, records: Vec<MetricRecord>) -> Vec<MetricRecord> {
+        records
+            .into_iter()
+            .filter(|r| self.role.as_ref().is_none_or(|role| r.role == *role))
+            .filter(|r| self.round.is_none_or(|round| r.round == round))
+            .filter_map(|mut r| {
+                if !self.names.is_empty() {
+                    r.metrics.retain(|name, _| self.names.contains(name));
+                    if r.metrics.is_empty() {
+                        return None;
+                    }
+                }
+                Some(r)
+            })
+            .collect()
+    }
+}
+
+/// `get metrics JOB [--role R] [--round N] [--names a,b]`.
+pub async fn metrics(ctx: &Ctx, job: &str, filter: &MetricFilter) -> anyhow::Result<()> {
+    let records = filter.apply(ctx.client.job_metrics(&JobId::new(job)).await?);
     ctx.show(&records, || output::metrics(&records))
 }
 
@@ -140,4 +171,39 @@ pub async fn logs(ctx: &Ctx, job: &str, task: &str) -> anyhow::Result<()> {
     }
     output::emit(&task.log)?;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn record(role: &str, round: u64, names: &[&str]) -> MetricRecord {
+        MetricRecord {
+            task_id: TaskId::new(format!("{role}-{round}")),
+            role: role.to_owned(),
+            round,
+            metrics: names.iter().map(|n| ((*n).to_owned(), 1.0)).collect::<BTreeMap<_, _>>(),
+            timestamp: None,
+        }
+    }
+
+    #[test]
+    fn metric_filters_combine() {
+        let records = vec![
+            record("trainer", 1, &["loss", "bytesSent"]),
+            record("trainer", 2, &["loss"]),
+            record("aggregator", 2, &["updates"]),
+        ];
+        let all = MetricFilter::default().apply(records.clone());
+        assert_eq!(all, records);
+        let filter = MetricFilter { names: vec!["loss".into()], ..Default::default() };
+        let loss = filter.apply(records.clone());
+        assert_eq!(loss.len(), 2);
+        assert!(loss.iter().all(|r| r.metrics.keys().eq(["loss"])));
+        let filter = MetricFilter { role: Some("trainer".into()), round: Some(2), names: vec![] };
+        assert_eq!(filter.apply(records), vec![record("trainer", 2, &["loss"])]);
+    }
 }

@@ -84,7 +84,10 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
             GetCmd::Jobs { state } => job::list(ctx, state.as_deref()).await,
             GetCmd::Tasks { job } => job::tasks(ctx, &job).await,
             GetCmd::Task { job, task } => job::task(ctx, &job, &task).await,
-            GetCmd::Metrics { job } => job::metrics(ctx, &job).await,
+            GetCmd::Metrics { job, role, round, names } => {
+                let filter = job::MetricFilter { role, round, names };
+                job::metrics(ctx, &job, &filter).await
+            }
             GetCmd::Status { job } => job::status(ctx, &job).await,
             GetCmd::Compute { id } => compute::get(ctx, &id).await,
             GetCmd::Computes => compute::list(ctx).await,

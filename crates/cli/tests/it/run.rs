@@ -86,6 +86,23 @@ async fn run_registers_once_and_exits_by_the_job_outcome() {
     let tasks = server.ctl(&["get", "metrics", job.id.as_str()]).await.ok();
     assert_eq!(tasks.lines().count(), 4, "{tasks}");
 
+    let accuracy = server
+        .ctl(&[
+            "get",
+            "metrics",
+            job.id.as_str(),
+            "--names",
+            "accuracy",
+            "--round",
+            "2",
+            "-o",
+            "json",
+        ])
+        .await
+        .json();
+    assert_eq!(accuracy.as_array().unwrap().len(), 1, "{accuracy}");
+    assert_eq!(accuracy[0]["metrics"], serde_json::json!({"accuracy": 0.6}));
+
     // Again, without watching: nothing is registered twice, a second job starts.
     let again = server.ctl(&["run", s(&dir), "--no-watch"]).await;
     let second = again.ok();
