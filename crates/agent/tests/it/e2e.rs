@@ -386,3 +386,61 @@ async fn a_killed_fledgelet_fails_its_task_promptly_and_takes_its_child_with_it(
     deployer.await.expect("join").expect("deployer stops cleanly");
     control.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_stop_terminates_every_task_and_its_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = Control::start(dir.path(), loopback(), loopback()).await;
+    register_compute(&control).await;
+    let shutdown = CancellationToken::new();
+    let deployer = start_deployer(&control, dir.path().join("workers"), shutdown.clone());
+
+    // Code that never ends on its own.
+    let forever = "echo $$ > self.pid\ntrap 'echo stopping on TERM; exit 0' TERM\nwhile :; do sleep 0.05; done\n";
+    let job = start_job(&control, forever, forever).await;
+    let tasks = wait_tasks(control.store.as_ref(), &job, "all tasks running", |tasks| {
+        tasks.iter().all(|t| t.state == TaskState::Running)
+    })
+    .await;
+    let mut pids = Vec::new();
+    for task in &tasks {
+        let pid_file = dir
+            .path()
+            .join("workers")
+            .join(job.as_str())
+            .join(task.task_id.as_str())
+            .join("code/self.pid");
+        let pid: i32 = crate::fakes::wait_for_file(&pid_file).await.trim().parse().expect("pid");
+        pids.push(pid);
+    }
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while control.store.get_job(None, &job).await.expect("job").state != JobState::Running {
+        assert!(tokio::time::Instant::now() < deadline, "job never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    control
+        .store
+        .set_job_state(&job, &[JobState::Running], JobState::Stopping, None)
+        .await
+        .expect("stop");
+    control.services.controller.job_changed(job.clone());
+
+    let done = wait_job_final(control.store.as_ref(), &job, &dir.path().join("workers")).await;
+    assert_eq!(done.state, JobState::Terminated, "{:?}", done.reason);
+    let tasks = wait_tasks(control.store.as_ref(), &job, "all tasks final", |tasks| {
+        tasks.iter().all(|t| t.state.is_final())
+    })
+    .await;
+    for task in &tasks {
+        assert_eq!(task.state, TaskState::Terminated, "{task:#?}");
+        assert!(task.log.contains("stopping on TERM"), "{}", task.log);
+    }
+    for pid in pids {
+        crate::fakes::wait_dead(pid).await;
+    }
+
+    shutdown.cancel();
+    deployer.await.expect("join").expect("deployer stops cleanly");
+    control.stop().await;
+}
