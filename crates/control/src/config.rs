@@ -412,7 +412,10 @@ impl Options {
 
     /// The notifier's own options.
     pub fn notifier_options(&self) -> notifier::Options {
-        notifier::Options { mailbox_capacity: self.notifier.mailbox_capacity }
+        notifier::Options {
+            mailbox_capacity: self.notifier.mailbox_capacity,
+            ..notifier::Options::default()
+        }
     }
 
     /// Whether `service` is to run.

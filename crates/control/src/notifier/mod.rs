@@ -65,11 +65,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Options {
     /// Most events kept per subscriber (events, default 256). When full, the oldest is dropped.
     pub mailbox_capacity: usize,
+    /// Interval of HTTP/2 keepalive pings on every connection, in seconds (default 20; 0
+    /// disables). A subscriber that does not answer within the same time is dropped, so a
+    /// vanished deployer stops counting as connected.
+    pub keepalive_secs: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { mailbox_capacity: 256 }
+        Self { mailbox_capacity: 256, keepalive_secs: 20 }
     }
 }
 
@@ -94,6 +98,8 @@ impl Options {
                 inner: Mutex::new(Inner::default()),
             }),
             store,
+            keepalive: (self.keepalive_secs > 0)
+                .then(|| std::time::Duration::from_secs(self.keepalive_secs)),
         })
     }
 }
@@ -287,6 +293,7 @@ impl Handle {
 pub struct Notifier {
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
+    keepalive: Option<std::time::Duration>,
 }
 
 impl Notifier {
@@ -302,6 +309,8 @@ impl Notifier {
         let service =
             Service { shared: self.shared, store: self.store, shutdown: shutdown.clone() };
         tonic::transport::Server::builder()
+            .http2_keepalive_interval(self.keepalive)
+            .http2_keepalive_timeout(self.keepalive)
             .add_service(NotifierServer::new(service))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
@@ -529,8 +538,9 @@ mod tests {
 
     #[test]
     fn zero_capacity_is_rejected_and_hash_is_sha256() {
-        let err =
-            Options { mailbox_capacity: 0 }.validate().expect_err("zero capacity must be rejected");
+        let err = Options { mailbox_capacity: 0, ..Options::default() }
+            .validate()
+            .expect_err("zero capacity must be rejected");
         assert!(err.to_string().contains("mailbox_capacity"), "{err}");
         assert_eq!(
             sha256_hex("abc"),
