@@ -75,6 +75,12 @@ pub enum Command {
         job: String,
         /// Task id.
         task: String,
+        /// Keep printing new log lines until the task ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Poll interval of --follow in milliseconds.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+        interval_ms: u64,
     },
     /// Register everything in a job directory, then create, start and watch the job.
     Run(RunArgs),

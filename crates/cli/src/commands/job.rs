@@ -173,6 +173,38 @@ pub async fn logs(ctx: &Ctx, job: &str, task: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The lines of `new` that follow what `old` already showed.
+///
+/// The server keeps only a log's tail, so `new` may have lost lines from the front: the
+/// longest suffix of `old` that is a prefix of `new` is the overlap. Without any overlap the
+/// whole of `new` is new (more lines arrived than the tail holds).
+pub fn new_lines<'a>(old: &str, new: &'a str) -> Vec<&'a str> {
+    let old: Vec<&str> = old.lines().collect();
+    let new: Vec<&'a str> = new.lines().collect();
+    let longest = old.len().min(new.len());
+    let overlap = (0..=longest).rev().find(|&k| old[old.len() - k..] == new[..k]).unwrap_or(0);
+    new[overlap..].to_vec()
+}
+
+/// `logs -f JOB TASK`: prints the log as it grows until the task ends.
+pub async fn follow_logs(ctx: &Ctx, job: &str, task: &str, interval_ms: u64) -> anyhow::Result<()> {
+    let (job, task) = (JobId::new(job), TaskId::new(task));
+    let mut shown = String::new();
+    loop {
+        let current = ctx.client.get_task(&job, &task).await?;
+        let lines = new_lines(&shown, &current.log);
+        if !lines.is_empty() {
+            output::emit(&lines.join("\n"))?;
+        }
+        shown = current.log;
+        if current.state.is_final() {
+            eprintln!("task {} ended {}", current.task_id, current.state);
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(interval_ms)).await;
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
@@ -188,6 +220,17 @@ mod tests {
             metrics: names.iter().map(|n| ((*n).to_owned(), 1.0)).collect::<BTreeMap<_, _>>(),
             timestamp: None,
         }
+    }
+
+    #[test]
+    fn followed_logs_print_only_what_is_new() {
+        assert_eq!(new_lines("", "a\nb"), ["a", "b"]);
+        assert_eq!(new_lines("a\nb", "a\nb\nc"), ["c"]);
+        assert!(new_lines("a\nb", "a\nb").is_empty());
+        // The tail dropped "a" from the front.
+        assert_eq!(new_lines("a\nb\nc", "b\nc\nd\ne"), ["d", "e"]);
+        // Nothing in common: everything is new.
+        assert_eq!(new_lines("a\nb", "x\ny"), ["x", "y"]);
     }
 
     #[test]

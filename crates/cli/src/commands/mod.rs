@@ -110,7 +110,10 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Job(JobCmd::Watch(args)) => {
             watch::watch_and_report(ctx, &args.id.into(), args.interval_ms).await
         }
-        Command::Logs { job, task } => job::logs(ctx, &job, &task).await,
+        Command::Logs { job, task, follow: false, .. } => job::logs(ctx, &job, &task).await,
+        Command::Logs { job, task, follow: true, interval_ms } => {
+            job::follow_logs(ctx, &job, &task, interval_ms).await
+        }
         Command::Run(args) => run::run(ctx, &args).await,
         Command::Config(command) => {
             Err(anyhow::anyhow!("config {command:?} is handled before connecting"))

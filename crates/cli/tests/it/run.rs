@@ -133,6 +133,10 @@ async fn run_registers_once_and_exits_by_the_job_outcome() {
     // Which task failed, and the tail of its log.
     assert!(stderr.contains("task t-failed (trainer) failed"), "{stderr}");
     assert!(stderr.contains("  | ValueError: bad shard"), "{stderr}");
+    let logs =
+        server.ctl(&["logs", "-f", job.id.as_str(), "t-failed", "--interval-ms", "20"]).await;
+    assert!(logs.ok().ends_with("ValueError: bad shard"), "{logs:?}");
+    assert!(logs.stderr.contains("task t-failed ended failed"), "{}", logs.stderr);
     let watch = server.ctl(&["job", "watch", job.id.as_str(), "-o", "json"]).await;
     assert_eq!(watch.code, 1, "{watch:?}");
     let watched: serde_json::Value = serde_json::from_str(&watch.stdout).unwrap();
