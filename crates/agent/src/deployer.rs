@@ -4,7 +4,8 @@
 //! - DEPLOY starts one `fledgelet` per listed task, in `work_root/<job>/<task>`, with the task
 //!   key in its environment (never on its command line, where `ps` would show it). A task whose
 //!   worker runs or waits already is not started twice. At most `max_workers` run at once; the
-//!   rest wait in a FIFO queue.
+//!   rest wait in a FIFO queue. A task whose worker already ran is not started again either
+//!   (its state is final), until the whole job is revoked.
 //! - Each worker is reported `deployed`, or `failed` with the reason if it could not start.
 //! - A worker that exits without having reported its final state (killed, crashed: its
 //!   `final-state` marker is missing) is reported `failed` with its exit status, as soon as it
@@ -17,7 +18,7 @@
 //! Reports go out in order through one background reporter that retries while the control
 //! plane is unavailable, so the event loop never waits on the network.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -228,6 +229,10 @@ struct Exit {
 /// The deployer's state, owned by its event loop.
 struct State {
     workers: HashMap<TaskId, Worker>,
+    /// Tasks whose worker already ran and exited, per job: their state is final, so a repeated
+    /// DEPLOY (a controller resync, a redelivery) must not start them again. Forgotten when the
+    /// whole job is revoked.
+    finished: HashMap<JobId, HashSet<TaskId>>,
     queue: VecDeque<Pending>,
     waiters: JoinSet<Exit>,
     reports: mpsc::UnboundedSender<Report>,
@@ -260,6 +265,7 @@ impl Deployer {
             tokio::spawn(report_loop(self.api.clone(), report_rx, self.opts.report_backoff));
         let mut state = State {
             workers: HashMap::new(),
+            finished: HashMap::new(),
             queue: VecDeque::new(),
             waiters: JoinSet::new(),
             reports,
@@ -315,6 +321,10 @@ impl Deployer {
                         tracing::debug!(%job, task = %task_id, "already deployed");
                         continue;
                     }
+                    if state.finished.get(&job).is_some_and(|done| done.contains(&task_id)) {
+                        tracing::debug!(%job, task = %task_id, "already ran; not deploying again");
+                        continue;
+                    }
                     state.queue.push_back(Pending {
                         job: job.clone(),
                         task,
@@ -325,6 +335,9 @@ impl Deployer {
                 self.fill(state).await;
             }
             Ok(DeployEventKind::Revoke) => {
+                if event.tasks.is_empty() {
+                    state.finished.remove(&job);
+                }
                 let selected = |task: &str| {
                     event.tasks.is_empty() || event.tasks.iter().any(|t| t.task_id == task)
                 };
@@ -449,6 +462,7 @@ impl Deployer {
 
     fn on_exit(&self, state: &mut State, exit: Exit) {
         state.workers.remove(&exit.task);
+        state.finished.entry(exit.job.clone()).or_default().insert(exit.task.clone());
         let status = match &exit.status {
             Ok(status) => process::describe(*status),
             Err(err) => format!("an unknown status ({err})"),

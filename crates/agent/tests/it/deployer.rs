@@ -144,6 +144,15 @@ async fn deploys_once_per_task_and_reports_a_worker_killed_before_reporting() {
     );
     let long1: Vec<_> = h.api.of("long1").into_iter().map(|(s, _)| s).collect();
     assert_eq!(long1, [DeploymentState::Deployed, DeploymentState::Failed]);
+
+    // Tasks that already ran are not deployed again by a repeated event; `marker` is handled
+    // after the repeats, so once it is deployed the repeats were seen.
+    h.send(DeployEventKind::Deploy, "j1", &["ok1", "long1"]).await;
+    h.send(DeployEventKind::Deploy, "j1", &["marker"]).await;
+    h.api.wait_for("marker", DeploymentState::Deployed).await;
+    let deployed =
+        |task| h.api.of(task).iter().filter(|(s, _)| *s == DeploymentState::Deployed).count();
+    assert_eq!((deployed("ok1"), deployed("long1")), (1, 1));
     h.stop().await;
 }
 
