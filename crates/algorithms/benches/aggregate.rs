@@ -35,8 +35,24 @@ fn mean_step_f64(acc: &mut [f64], x: &[f32], r: f64) {
 }
 
 fn fold(c: &mut Criterion) {
-    let bw = bench::memory_read_bandwidth(256 << 20);
-    eprintln!("single-thread memory read bandwidth: {bw:.2} GB/s");
+    // The bench-table figures, as `fledge bench aggregate` will compute them, on buffers far
+    // larger than any last-level cache (servers ship with up to ~256 MiB of L3, where a
+    // 10M-parameter fold, 80 MB, would run from cache).
+    let bw = bench::memory_read_bandwidth(bench::DRAM_BENCH_BYTES);
+    let params = bench::DRAM_BENCH_PARAMS;
+    let add = bench::fold_throughput(params, 5);
+    let serial = bench::fold_kernel_throughput(params, 5, false);
+    let parallel = bench::fold_kernel_throughput(params, 5, true);
+    eprintln!("single-thread memory read bandwidth (1 GiB):  {bw:.2} GB/s");
+    eprintln!("WeightedMean::add, 100M params (16 B/param):  {add:.2} GB/s = {:.2}x", add / bw);
+    eprintln!(
+        "fold kernel 1 thread, 100M (12 B/param):      {serial:.2} GB/s = {:.2}x",
+        serial / bw
+    );
+    eprintln!(
+        "fold kernel rayon, 100M (12 B/param):         {parallel:.2} GB/s = {:.2}x",
+        parallel / bw
+    );
 
     let update = model(PARAMS, 1);
     let mut group = c.benchmark_group("fedavg_fold_10M");

@@ -4,6 +4,10 @@
 //! Both functions allocate their buffers, touch them once so page faults are not timed, and
 //! report the median of several timed passes in GB/s (10⁹ bytes per second). Build in
 //! release mode: debug numbers are meaningless.
+//!
+//! Size the buffers well beyond the last-level cache, or the "memory" figures are cache
+//! figures: server CPUs carry up to a few hundred MiB of L3 (the machine this was written on
+//! has 260 MiB), so use [`DRAM_BENCH_BYTES`] and [`DRAM_BENCH_PARAMS`].
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -11,6 +15,13 @@ use std::time::{Duration, Instant};
 use crate::accumulate::WeightedMean;
 use crate::kernels;
 use crate::weights::{Tensor, Weights};
+
+/// Buffer size for [`memory_read_bandwidth`] that no current cache holds: 1 GiB.
+pub const DRAM_BENCH_BYTES: usize = 1 << 30;
+
+/// Model size for [`fold_throughput`] whose fold (update + accumulator, 800 MB) runs from
+/// DRAM: 100M parameters.
+pub const DRAM_BENCH_PARAMS: usize = 100_000_000;
 
 /// Memory traffic of one [`WeightedMean::add`] per parameter: the finiteness scan reads the
 /// update (4 B), the fold reads it again (4 B) and reads and writes the accumulator (8 B).
@@ -54,7 +65,8 @@ pub fn fold_kernel_throughput(params: usize, iters: usize, parallel: bool) -> f6
 
 /// Single-threaded memory read bandwidth: a plain sum over a `bytes`-byte buffer (rounded
 /// down to whole `u64`s, at least one), which `black_box` keeps the compiler from eliding.
-/// Use a buffer much larger than the last-level cache (e.g. 256 MiB). Median of 5 passes.
+/// Use a buffer much larger than the last-level cache ([`DRAM_BENCH_BYTES`]). Median of 5
+/// passes.
 pub fn memory_read_bandwidth(bytes: usize) -> f64 {
     let words = (bytes / 8).max(1);
     let buf: Vec<u64> = (0..words as u64).collect();

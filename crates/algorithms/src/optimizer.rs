@@ -513,6 +513,15 @@ mod tests {
     }
 
     #[test]
+    fn rounds_can_move_across_threads() {
+        // The roles move a Round into spawn_blocking and back.
+        fn assert_send_static<T: Send + Sync + 'static>() {}
+        assert_send_static::<Round>();
+        assert_send_static::<Optimizer>();
+        assert_send_static::<crate::Selector>();
+    }
+
+    #[test]
     fn fedavg_of_weights_and_of_deltas() {
         let mut o = opt(json!({"sort": "fedavg"}));
         let global = model([1.0; 5]);
