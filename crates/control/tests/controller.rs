@@ -50,6 +50,7 @@ fn options(heartbeat_secs: f64, stop_grace_secs: f64) -> controller::Options {
         heartbeat_timeout_secs: heartbeat_secs,
         stop_grace_secs,
         queue_capacity: 64,
+        ..controller::Options::default()
     }
 }
 
@@ -767,4 +768,17 @@ async fn a_restarted_controller_finishes_an_interrupted_ending() {
     })
     .await;
     assert_eq!(plane.job(&job).await.reason.as_deref(), Some("crash test"));
+}
+
+/// A job whose compute never starts its workers fails after the deploy timeout, naming it.
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_job_without_a_working_deployer_fails_after_the_deploy_timeout() {
+    let plane =
+        plane(controller::Options { deploy_timeout_secs: 0.3, ..options(3600.0, 30.0) }).await;
+    let job = plane.create_job(0).await;
+    plane.set_job(&job, &[JobState::Ready], JobState::Starting).await;
+    let failed = plane.wait_job(&job, JobState::Failed).await;
+    let reason = failed.reason.expect("a reason");
+    assert!(reason.contains("not started within") && reason.contains("default"), "{reason}");
+    assert!(plane.tasks(&job).await.iter().all(|t| t.state == TaskState::Terminated));
 }

@@ -26,6 +26,9 @@ pub struct Policy {
     pub heartbeat_timeout: Duration,
     /// How long a stopping job waits for its tasks before marking them terminated.
     pub stop_grace: Duration,
+    /// A deploying job whose managed tasks have not all started after this long fails, naming
+    /// the computes that did not start them; zero disables.
+    pub deploy_timeout: Duration,
 }
 
 /// What this controller has already sent for a job (lost on restart, which re-sends).
@@ -176,7 +179,27 @@ fn decide_active(
         }]);
     }
 
-    // 4. Progress: deploy, then wait until every managed task runs (or has ended).
+    // 4. Progress: deploy, then wait until every managed task runs (or has ended), but not
+    // forever: a compute without a working deployer would keep the job deploying.
+    let deploy_deadline = (state == JobState::Deploying && !policy.deploy_timeout.is_zero())
+        .then(|| job.updated_at + policy.deploy_timeout);
+    if deploy_deadline.is_some_and(|deadline| now >= deadline) {
+        let mut computes: Vec<&str> = tasks
+            .iter()
+            .filter(|t| t.managed && t.state == TaskState::Ready)
+            .map(|t| t.compute_id.as_str())
+            .collect();
+        computes.sort_unstable();
+        computes.dedup();
+        if !computes.is_empty() {
+            let reason = format!(
+                "tasks not started within {}s on compute {} (is its deployer running?)",
+                policy.deploy_timeout.as_secs(),
+                computes.join(", ")
+            );
+            return Decision::now(end(state, JobState::Failed, Some(reason), tasks));
+        }
+    }
     let mut effects = Vec::new();
     if state == JobState::Deploying {
         if !memory.deployed {
@@ -199,6 +222,9 @@ fn decide_active(
     }
     if let Some(expiry) = next_heartbeat_expiry(tasks, policy.heartbeat_timeout) {
         wait = wait.min(until(now, expiry));
+    }
+    if let Some(deadline) = deploy_deadline {
+        wait = wait.min(until(now, deadline));
     }
     let action = if effects.iter().any(|e| matches!(e, Effect::Transition { .. })) {
         Action::Requeue(Duration::ZERO)
@@ -372,6 +398,7 @@ mod tests {
     const HB: Duration = Duration::from_secs(60);
     const GRACE: Duration = Duration::from_secs(30);
     const RESYNC: Duration = Duration::from_secs(10);
+    const DEPLOY: Duration = Duration::from_secs(300);
 
     fn t0() -> DateTime<Utc> {
         DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
@@ -430,7 +457,12 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        Policy { resync_interval: RESYNC, heartbeat_timeout: HB, stop_grace: GRACE }
+        Policy {
+            resync_interval: RESYNC,
+            heartbeat_timeout: HB,
+            stop_grace: GRACE,
+            deploy_timeout: DEPLOY,
+        }
     }
 
     /// Renders a decision compactly: effects joined by `; `, then the action.
@@ -513,6 +545,24 @@ mod tests {
                 memory: SENT,
                 now: 1,
                 expect: "requeue 10s",
+            },
+            Case {
+                name: "deploying near the deploy timeout comes back at it",
+                state: JobState::Deploying,
+                max_run_time: 0,
+                tasks: &["agg:ready", "trainer:ready"],
+                memory: SENT,
+                now: 295,
+                expect: "requeue 5s",
+            },
+            Case {
+                name: "deploying past the deploy timeout fails naming the compute",
+                state: JobState::Deploying,
+                max_run_time: 0,
+                tasks: &["agg:ready", "trainer:ready"],
+                memory: SENT,
+                now: 300,
+                expect: "deploying->failed (tasks not started within 300s on compute default (is its deployer running?)); stop[t0,t1]; revoke; mark[t0,t1]=terminated (job failed); forget; requeue 0s",
             },
             Case {
                 name: "deploying becomes running once every task runs or ended",

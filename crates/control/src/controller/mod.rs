@@ -98,6 +98,9 @@ pub struct Options {
     pub stop_grace_secs: f64,
     /// Wake-ups queued before extra ones are dropped (the resync covers them; default 1024).
     pub queue_capacity: usize,
+    /// A deploying job whose managed tasks have not all started after this long fails, naming
+    /// the computes without a working deployer, in seconds (default 600; 0 disables).
+    pub deploy_timeout_secs: f64,
 }
 
 impl Default for Options {
@@ -107,6 +110,7 @@ impl Default for Options {
             heartbeat_timeout_secs: 90.0,
             stop_grace_secs: 30.0,
             queue_capacity: 1024,
+            deploy_timeout_secs: 600.0,
         }
     }
 }
@@ -128,6 +132,7 @@ impl Options {
             resync_interval: secs("resync_interval_secs", self.resync_interval_secs, 0.01)?,
             heartbeat_timeout: secs("heartbeat_timeout_secs", self.heartbeat_timeout_secs, 0.0)?,
             stop_grace: secs("stop_grace_secs", self.stop_grace_secs, 0.0)?,
+            deploy_timeout: secs("deploy_timeout_secs", self.deploy_timeout_secs, 0.0)?,
         })
     }
 
