@@ -263,6 +263,8 @@ async fn execute(
         .env("FLEDGE_TASK_KEY", &opts.task.task_key)
         .env("FLEDGE_JOB_ID", opts.task.job_id.as_str())
         .env("FLEDGE_APISERVER", &opts.task.apiserver)
+        // Its output goes to a log file and the status report, not a terminal.
+        .env("NO_COLOR", "1")
         .envs(command_line.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

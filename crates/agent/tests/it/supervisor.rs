@@ -56,7 +56,7 @@ async fn completed_task_reports_running_then_completed_with_its_output() {
 test -f "$1" || { echo "no config at $1" >&2; exit 9; }
 grep -q '"taskId": "t1"' "$1" || exit 8
 grep -q '"apiserver": "http://127.0.0.1:9"' "$1" || exit 7
-echo "hello from $FLEDGE_TASK_ID of $FLEDGE_JOB_ID key=$FLEDGE_TASK_KEY api=$FLEDGE_APISERVER"
+echo "hello from $FLEDGE_TASK_ID of $FLEDGE_JOB_ID key=$FLEDGE_TASK_KEY api=$FLEDGE_APISERVER no_color=$NO_COLOR"
 echo "to stderr" >&2
 "#;
     let api = Arc::new(FakeTaskApi::new(sh_role(script)));
@@ -70,7 +70,10 @@ echo "to stderr" >&2
     assert_eq!(api.states(), [TaskState::Running, TaskState::Completed]);
     let statuses = api.statuses.lock().expect("lock").clone();
     let log = &statuses[1].1;
-    assert!(log.contains("hello from t1 of j1 key=secret-key api=http://127.0.0.1:9"), "{log}");
+    assert!(
+        log.contains("hello from t1 of j1 key=secret-key api=http://127.0.0.1:9 no_color=1"),
+        "{log}"
+    );
     assert!(log.contains("to stderr"), "{log}");
     assert!(log.contains("exited with exit code 0"), "{log}");
     let file = std::fs::read_to_string(work.path().join(supervisor::LOG_FILE)).expect("log");
