@@ -15,12 +15,13 @@
 //! - Shutdown stops every worker the same way and waits for them: no orphans. Each worker also
 //!   leads its own process group and gets `SIGKILL` if the deployer dies ([`crate::process`]).
 //!
-//! Reports go out in order through one background reporter that retries while the control
+//! The rules live in a pure state machine (`plan::Plan::step`: inputs in, effects out); the
+//! event loop here only does the I/O. Reports go out in order through one background reporter that retries while the control
 //! plane is unavailable, so the event loop never waits on the network.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,12 +33,16 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use fledge_client::ComputeClient;
-use fledge_proto::{DeployEvent, DeployEventKind, TaskDeployment};
+use fledge_proto::{DeployEvent, DeployEventKind};
 use fledge_types::{ComputeId, JobId, TaskId};
 
 use crate::api::{Backoff, DeploymentApi, DeploymentState, retry};
 use crate::process;
 use crate::supervisor::{REPORTED_MARKER, chain};
+
+mod plan;
+
+use plan::{Effect, Ended, Input, Pending, Plan};
 
 /// Name of the file, in a worker's work dir, holding the fledgelet's own output.
 pub const WORKER_LOG_FILE: &str = "fledgelet.log";
@@ -199,48 +204,25 @@ struct Report {
     message: String,
 }
 
-/// A task waiting for a worker slot.
-struct Pending {
-    job: JobId,
-    task: TaskDeployment,
-    apiserver: String,
-    notifier: String,
-}
-
-/// A running worker.
-struct Worker {
-    job: JobId,
-    kill: CancellationToken,
-}
-
-/// A reaped worker.
+/// A reaped worker, as its watcher returns it.
 struct Exit {
     job: JobId,
     task: TaskId,
-    status: std::io::Result<ExitStatus>,
-    /// Whether the fledgelet reported its final state itself.
-    reported: bool,
-    /// Whether we stopped it.
-    killed: bool,
-    /// The end of the fledgelet's own output, for diagnosis.
-    log_tail: String,
+    ended: Ended,
 }
 
-/// The deployer's state, owned by its event loop.
-struct State {
-    workers: HashMap<TaskId, Worker>,
-    /// Tasks whose worker already ran and exited, per job: their state is final, so a repeated
-    /// DEPLOY (a controller resync, a redelivery) must not start them again. Forgotten when the
-    /// whole job is revoked.
-    finished: HashMap<JobId, HashSet<TaskId>>,
-    queue: VecDeque<Pending>,
+/// What the event loop owns besides the [`Plan`]: the live workers and the report queue.
+struct Runtime {
+    /// Kill switches of the live workers.
+    workers: HashMap<TaskId, CancellationToken>,
     waiters: JoinSet<Exit>,
     reports: mpsc::UnboundedSender<Report>,
 }
 
 impl Deployer {
     /// Subscribes to the notifier as this compute and runs until `shutdown`, then stops every
-    /// worker. Fails if the notifier refuses the subscription for good (e.g. a bad API key).
+    /// worker. Fails if the notifier refuses the subscription for good (e.g. a bad API key or a
+    /// compute that is not registered yet: register it before starting its deployer).
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let events = fledge_client::notifier::subscribe_compute_with(
             &self.opts.notifier,
@@ -263,43 +245,45 @@ impl Deployer {
         let (reports, report_rx) = mpsc::unbounded_channel();
         let reporter =
             tokio::spawn(report_loop(self.api.clone(), report_rx, self.opts.report_backoff));
-        let mut state = State {
-            workers: HashMap::new(),
-            finished: HashMap::new(),
-            queue: VecDeque::new(),
-            waiters: JoinSet::new(),
-            reports,
-        };
+        let mut plan = Plan::new(self.opts.max_workers);
+        let mut rt = Runtime { workers: HashMap::new(), waiters: JoinSet::new(), reports };
         let res = loop {
-            tokio::select! {
+            let input = tokio::select! {
                 event = events.next() => match event {
-                    Some(Ok(event)) => self.on_event(&mut state, event).await,
+                    Some(Ok(event)) => match self.input_of(event) {
+                        Some(input) => input,
+                        None => continue,
+                    },
                     Some(Err(err)) => break Err(Error::Subscription(err)),
                     None => break Err(Error::SubscriptionClosed),
                 },
-                Some(joined) = state.waiters.join_next(), if !state.waiters.is_empty() => {
-                    match joined {
-                        Ok(exit) => self.on_exit(&mut state, exit),
-                        Err(err) => tracing::error!(%err, "worker watcher failed"),
+                Some(joined) = rt.waiters.join_next(), if !rt.waiters.is_empty() => match joined {
+                    Ok(exit) => {
+                        rt.workers.remove(&exit.task);
+                        log_exit(&exit);
+                        Input::Exited { job: exit.job, task: exit.task, ended: exit.ended }
                     }
-                    self.fill(&mut state).await;
-                }
+                    Err(err) => {
+                        tracing::error!(%err, "worker watcher failed");
+                        continue;
+                    }
+                },
                 () = shutdown.cancelled() => break Ok(()),
-            }
+            };
+            self.execute(&mut plan, &mut rt, input).await;
         };
 
         // Stop everything and wait: no worker outlives the deployer.
-        tracing::info!(workers = state.workers.len(), "deployer stopping its workers");
-        state.queue.clear();
-        for worker in state.workers.values() {
-            worker.kill.cancel();
+        tracing::info!(workers = plan.active(), "deployer stopping its workers");
+        for kill in rt.workers.values() {
+            kill.cancel();
         }
-        while let Some(joined) = state.waiters.join_next().await {
+        while let Some(joined) = rt.waiters.join_next().await {
             if let Ok(exit) = joined {
                 tracing::info!(task = %exit.task, "worker stopped");
             }
         }
-        drop(state);
+        drop(rt);
         // Give queued reports a moment to go out, but do not hang shutdown on a dead server.
         if tokio::time::timeout(Duration::from_secs(5), reporter).await.is_err() {
             tracing::warn!("dropping unsent deployment reports at shutdown");
@@ -307,90 +291,80 @@ impl Deployer {
         res
     }
 
-    async fn on_event(&self, state: &mut State, event: DeployEvent) {
+    /// The plan's input for a notifier event (`None`: ignored).
+    fn input_of(&self, event: DeployEvent) -> Option<Input> {
         let job = JobId::new(event.job_id.clone());
         match DeployEventKind::try_from(event.kind) {
             Ok(DeployEventKind::Deploy) => {
                 let apiserver = non_empty_or(&event.apiserver, &self.opts.apiserver);
                 let notifier = non_empty_or(&event.notifier, &self.opts.notifier);
-                for task in event.tasks {
-                    let task_id = TaskId::new(task.task_id.clone());
-                    let known = state.workers.contains_key(&task_id)
-                        || state.queue.iter().any(|p| p.task.task_id == task.task_id);
-                    if known {
-                        tracing::debug!(%job, task = %task_id, "already deployed");
-                        continue;
-                    }
-                    if state.finished.get(&job).is_some_and(|done| done.contains(&task_id)) {
-                        tracing::debug!(%job, task = %task_id, "already ran; not deploying again");
-                        continue;
-                    }
-                    state.queue.push_back(Pending {
+                let tasks = event
+                    .tasks
+                    .into_iter()
+                    .map(|task| Pending {
                         job: job.clone(),
                         task,
                         apiserver: apiserver.clone(),
                         notifier: notifier.clone(),
-                    });
-                }
-                self.fill(state).await;
+                    })
+                    .collect();
+                Some(Input::Deploy(tasks))
             }
             Ok(DeployEventKind::Revoke) => {
-                if event.tasks.is_empty() {
-                    state.finished.remove(&job);
-                }
-                let selected = |task: &str| {
-                    event.tasks.is_empty() || event.tasks.iter().any(|t| t.task_id == task)
-                };
-                let mut revoked_queued = Vec::new();
-                state.queue.retain(|p| {
-                    let hit = p.job == job && selected(&p.task.task_id);
-                    if hit {
-                        revoked_queued.push(TaskId::new(p.task.task_id.clone()));
-                    }
-                    !hit
-                });
-                for task in revoked_queued {
-                    self.report(
-                        state,
-                        &job,
-                        &task,
-                        DeploymentState::Revoked,
-                        "revoked before it started",
-                    );
-                }
-                for (task, worker) in &state.workers {
-                    if worker.job == job && selected(task.as_str()) {
-                        tracing::info!(%job, %task, "revoking worker");
-                        worker.kill.cancel();
-                    }
-                }
+                let tasks = event.tasks.into_iter().map(|t| TaskId::new(t.task_id)).collect();
+                Some(Input::Revoke { job, tasks })
             }
             Ok(DeployEventKind::Unspecified) | Err(_) => {
                 tracing::warn!(kind = event.kind, %job, "ignoring an unknown deploy event");
+                None
             }
         }
     }
 
-    /// Starts queued tasks while there is room.
-    async fn fill(&self, state: &mut State) {
-        while state.workers.len() < self.opts.max_workers {
-            let Some(pending) = state.queue.pop_front() else {
-                break;
-            };
-            self.start(state, pending).await;
+    /// Feeds `input` to the plan and carries out its effects (starting a worker feeds back
+    /// `Started` or `StartFailed`).
+    async fn execute(&self, plan: &mut Plan, rt: &mut Runtime, input: Input) {
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            for effect in plan.step(input) {
+                match effect {
+                    Effect::Start(pending) => inputs.push_back(self.start(rt, pending).await),
+                    Effect::Kill(task) => {
+                        if let Some(kill) = rt.workers.get(&task) {
+                            tracing::info!(%task, "revoking worker");
+                            kill.cancel();
+                        }
+                    }
+                    Effect::Report { job, task, state, message } => {
+                        let report = Report { job, task, state, message };
+                        if rt.reports.send(report).is_err() {
+                            tracing::error!("deployment reporter is gone");
+                        }
+                    }
+                }
+            }
         }
     }
 
-    async fn start(&self, state: &mut State, pending: Pending) {
-        let job = pending.job;
-        let task = TaskId::new(pending.task.task_id.clone());
-        let fail = |state: &mut State, message: String| {
-            tracing::warn!(%job, %task, message, "worker not started");
-            self.report(state, &job, &task, DeploymentState::Failed, &message);
-        };
-        if let Err(why) = check_path_segment(job.as_str()).and(check_path_segment(task.as_str())) {
-            return fail(state, format!("cannot deploy task {task:?} of job {job:?}: {why}"));
+    /// Starts one fledgelet; returns `Started` or `StartFailed` for the plan.
+    async fn start(&self, rt: &mut Runtime, pending: Pending) -> Input {
+        let job = pending.job.clone();
+        let task = pending.task_id();
+        match self.spawn_worker(rt, &pending).await {
+            Ok(()) => Input::Started { job, task },
+            Err(message) => {
+                tracing::warn!(%job, %task, message, "worker not started");
+                Input::StartFailed { job, task, message }
+            }
         }
+    }
+
+    async fn spawn_worker(&self, rt: &mut Runtime, pending: &Pending) -> Result<(), String> {
+        let job = &pending.job;
+        let task = pending.task_id();
+        check_path_segment(job.as_str())
+            .and(check_path_segment(task.as_str()))
+            .map_err(|why| format!("cannot deploy task {task:?} of job {job:?}: {why}"))?;
         let work_dir = self.opts.work_root.join(job.as_str()).join(task.as_str());
         let log_path = work_dir.join(WORKER_LOG_FILE);
         let prepared = async {
@@ -403,13 +377,8 @@ impl Deployer {
             std::fs::File::create(&log_path)
         }
         .await;
-        let log_file = match prepared {
-            Ok(file) => file,
-            Err(err) => {
-                let message = format!("cannot prepare work dir {}: {err}", work_dir.display());
-                return fail(state, message);
-            }
-        };
+        let log_file = prepared
+            .map_err(|err| format!("cannot prepare work dir {}: {err}", work_dir.display()))?;
         let stderr = match log_file.try_clone() {
             Ok(file) => Stdio::from(file),
             Err(_) => Stdio::null(),
@@ -438,17 +407,12 @@ impl Deployer {
             command.env("FLEDGE_BIN", fledge_bin);
         }
         process::isolate(&mut command);
-        let child = match command.spawn() {
-            Ok(child) => child,
-            Err(err) => {
-                let message =
-                    format!("failed to start {}: {err}", self.opts.fledgelet_bin.display());
-                return fail(state, message);
-            }
-        };
+        let child = command.spawn().map_err(|err| {
+            format!("failed to start {}: {err}", self.opts.fledgelet_bin.display())
+        })?;
         tracing::info!(%job, %task, pid = ?child.id(), role = %pending.task.role, "worker started");
         let kill = CancellationToken::new();
-        state.waiters.spawn(watch(
+        rt.waiters.spawn(watch(
             child,
             kill.clone(),
             self.opts.stop_grace,
@@ -456,50 +420,19 @@ impl Deployer {
             task.clone(),
             work_dir,
         ));
-        state.workers.insert(task.clone(), Worker { job: job.clone(), kill });
-        self.report(state, &job, &task, DeploymentState::Deployed, "");
+        rt.workers.insert(task, kill);
+        Ok(())
     }
+}
 
-    fn on_exit(&self, state: &mut State, exit: Exit) {
-        state.workers.remove(&exit.task);
-        state.finished.entry(exit.job.clone()).or_default().insert(exit.task.clone());
-        let status = match &exit.status {
-            Ok(status) => process::describe(*status),
-            Err(err) => format!("an unknown status ({err})"),
-        };
-        if exit.killed {
-            tracing::info!(job = %exit.job, task = %exit.task, status, "worker revoked");
-            self.report(state, &exit.job, &exit.task, DeploymentState::Revoked, "worker revoked");
-        } else if exit.reported {
-            tracing::info!(job = %exit.job, task = %exit.task, status, "worker finished");
-        } else {
-            let mut message = format!("worker exited with {status} before reporting");
-            if !exit.log_tail.is_empty() {
-                message.push_str("; its last output:\n");
-                message.push_str(&exit.log_tail);
-            }
-            tracing::warn!(job = %exit.job, task = %exit.task, status, "worker died before reporting");
-            self.report(state, &exit.job, &exit.task, DeploymentState::Failed, &message);
-        }
-    }
-
-    fn report(
-        &self,
-        state: &State,
-        job: &JobId,
-        task: &TaskId,
-        status: DeploymentState,
-        message: &str,
-    ) {
-        let report = Report {
-            job: job.clone(),
-            task: task.clone(),
-            state: status,
-            message: message.to_owned(),
-        };
-        if state.reports.send(report).is_err() {
-            tracing::error!(%job, %task, "deployment reporter is gone");
-        }
+fn log_exit(exit: &Exit) {
+    let (job, task, ended) = (&exit.job, &exit.task, &exit.ended);
+    if ended.killed {
+        tracing::info!(%job, %task, status = ended.status, "worker revoked");
+    } else if ended.reported {
+        tracing::info!(%job, %task, status = ended.status, "worker finished");
+    } else {
+        tracing::warn!(%job, %task, status = ended.status, "worker died before reporting");
     }
 }
 
@@ -527,7 +460,11 @@ async fn watch(
     } else {
         read_tail(&work_dir.join(WORKER_LOG_FILE)).await
     };
-    Exit { job, task, status, reported, killed, log_tail }
+    let status = match status {
+        Ok(status) => process::describe(status),
+        Err(err) => format!("an unknown status ({err})"),
+    };
+    Exit { job, task, ended: Ended { status, reported, killed, log_tail } }
 }
 
 /// Sends reports in order, each retried while the control plane is unavailable.

@@ -1,0 +1,324 @@
+//! The deployer's decisions as a pure state machine: [`Plan::step`] takes an [`Input`] and
+//! returns the [`Effect`]s to carry out, without I/O, so every rule (one worker per task, the
+//! worker limit and its FIFO queue, what to report when a worker ends) is unit-tested here and
+//! the event loop in the parent module only executes effects.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use fledge_proto::TaskDeployment;
+use fledge_types::{JobId, TaskId};
+
+use crate::api::DeploymentState;
+
+/// A task waiting for, or getting, a worker.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Pending {
+    pub(crate) job: JobId,
+    pub(crate) task: TaskDeployment,
+    pub(crate) apiserver: String,
+    pub(crate) notifier: String,
+}
+
+impl Pending {
+    pub(crate) fn task_id(&self) -> TaskId {
+        TaskId::new(self.task.task_id.clone())
+    }
+}
+
+/// How a worker ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Ended {
+    /// Its exit status, described (`exit code 2`, `signal 9 (SIGKILL)`).
+    pub(crate) status: String,
+    /// Whether the fledgelet reported the task's final state itself.
+    pub(crate) reported: bool,
+    /// Whether the deployer stopped it (revoke).
+    pub(crate) killed: bool,
+    /// The end of the fledgelet's own output.
+    pub(crate) log_tail: String,
+}
+
+/// Something that happened.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// Tasks to deploy.
+    Deploy(Vec<Pending>),
+    /// Stop the job's workers (the listed tasks, or all when empty).
+    Revoke { job: JobId, tasks: Vec<TaskId> },
+    /// A worker was started.
+    Started { job: JobId, task: TaskId },
+    /// A worker could not be started.
+    StartFailed { job: JobId, task: TaskId, message: String },
+    /// A worker exited and was reaped.
+    Exited { job: JobId, task: TaskId, ended: Ended },
+}
+
+/// Something to do.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Effect {
+    /// Start a worker for this task (answer with `Started` or `StartFailed`).
+    Start(Pending),
+    /// Stop this task's worker (it will come back as `Exited` with `killed`).
+    Kill(TaskId),
+    /// Tell the control plane.
+    Report { job: JobId, task: TaskId, state: DeploymentState, message: String },
+}
+
+/// The deployer's bookkeeping.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    max_workers: usize,
+    /// Tasks with a worker (starting or running) → their job.
+    active: HashMap<TaskId, JobId>,
+    queue: VecDeque<Pending>,
+    /// Tasks whose worker already ran, per job: their state is final, so a repeated DEPLOY (a
+    /// controller resync, a redelivery) must not start them again. Forgotten when the whole
+    /// job is revoked.
+    finished: HashMap<JobId, HashSet<TaskId>>,
+}
+
+impl Plan {
+    pub(crate) fn new(max_workers: usize) -> Self {
+        Self {
+            max_workers: max_workers.max(1),
+            active: HashMap::new(),
+            queue: VecDeque::new(),
+            finished: HashMap::new(),
+        }
+    }
+
+    /// Number of tasks with a worker.
+    pub(crate) fn active(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Decides what to do about `input`.
+    pub(crate) fn step(&mut self, input: Input) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        match input {
+            Input::Deploy(tasks) => {
+                for pending in tasks {
+                    let task = pending.task_id();
+                    let known = self.active.contains_key(&task)
+                        || self.queue.iter().any(|p| p.task.task_id == pending.task.task_id);
+                    let ran =
+                        self.finished.get(&pending.job).is_some_and(|done| done.contains(&task));
+                    if known || ran {
+                        tracing::debug!(job = %pending.job, %task, ran, "not deploying again");
+                        continue;
+                    }
+                    self.queue.push_back(pending);
+                }
+            }
+            Input::Revoke { job, tasks } => {
+                let all = tasks.is_empty();
+                let selected = |task: &TaskId| all || tasks.contains(task);
+                if all {
+                    self.finished.remove(&job);
+                }
+                let mut kept = VecDeque::with_capacity(self.queue.len());
+                for pending in self.queue.drain(..) {
+                    let task = pending.task_id();
+                    if pending.job == job && selected(&task) {
+                        effects.push(report(
+                            &job,
+                            &task,
+                            DeploymentState::Revoked,
+                            "revoked before it started",
+                        ));
+                    } else {
+                        kept.push_back(pending);
+                    }
+                }
+                self.queue = kept;
+                let mut doomed: Vec<&TaskId> = self
+                    .active
+                    .iter()
+                    .filter(|(task, owner)| **owner == job && selected(task))
+                    .map(|(task, _)| task)
+                    .collect();
+                doomed.sort();
+                effects.extend(doomed.into_iter().map(|task| Effect::Kill(task.clone())));
+            }
+            Input::Started { job, task } => {
+                effects.push(report(&job, &task, DeploymentState::Deployed, ""));
+            }
+            Input::StartFailed { job, task, message } => {
+                self.retire(&job, &task);
+                effects.push(report(&job, &task, DeploymentState::Failed, &message));
+            }
+            Input::Exited { job, task, ended } => {
+                self.retire(&job, &task);
+                if ended.killed {
+                    effects.push(report(&job, &task, DeploymentState::Revoked, "worker revoked"));
+                } else if !ended.reported {
+                    let mut message =
+                        format!("worker exited with {} before reporting", ended.status);
+                    if !ended.log_tail.is_empty() {
+                        message.push_str("; its last output:\n");
+                        message.push_str(&ended.log_tail);
+                    }
+                    effects.push(report(&job, &task, DeploymentState::Failed, &message));
+                }
+            }
+        }
+        // Fill free slots in arrival order.
+        while self.active.len() < self.max_workers {
+            let Some(pending) = self.queue.pop_front() else {
+                break;
+            };
+            self.active.insert(pending.task_id(), pending.job.clone());
+            effects.push(Effect::Start(pending));
+        }
+        effects
+    }
+
+    fn retire(&mut self, job: &JobId, task: &TaskId) {
+        self.active.remove(task);
+        self.finished.entry(job.clone()).or_default().insert(task.clone());
+    }
+}
+
+fn report(job: &JobId, task: &TaskId, state: DeploymentState, message: &str) -> Effect {
+    Effect::Report { job: job.clone(), task: task.clone(), state, message: message.to_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(job: &str, task: &str) -> Pending {
+        Pending {
+            job: JobId::new(job),
+            task: TaskDeployment {
+                task_id: task.into(),
+                task_key: format!("key-{task}"),
+                role: "trainer".into(),
+            },
+            apiserver: "http://api".into(),
+            notifier: "http://notifier".into(),
+        }
+    }
+
+    /// The effects as short strings: `start t1`, `kill t1`, `report t1 Failed: message`.
+    fn show(effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .map(|effect| match effect {
+                Effect::Start(p) => format!("start {}", p.task.task_id),
+                Effect::Kill(task) => format!("kill {task}"),
+                Effect::Report { task, state, message, .. } if message.is_empty() => {
+                    format!("report {task} {state:?}")
+                }
+                Effect::Report { task, state, message, .. } => {
+                    format!("report {task} {state:?}: {message}")
+                }
+            })
+            .collect()
+    }
+
+    fn exited(job: &str, task: &str, reported: bool, killed: bool) -> Input {
+        Input::Exited {
+            job: JobId::new(job),
+            task: TaskId::new(task),
+            ended: Ended {
+                status: "signal 9 (SIGKILL)".into(),
+                reported,
+                killed,
+                log_tail: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn deploys_each_task_once_within_the_limit_in_arrival_order() {
+        let mut plan = Plan::new(2);
+        let effects = plan.step(Input::Deploy(vec![
+            pending("j", "a"),
+            pending("j", "b"),
+            pending("j", "c"),
+            pending("j", "a"),
+        ]));
+        assert_eq!(show(&effects), ["start a", "start b"]);
+        // Repeats of running and queued tasks change nothing.
+        let effects = plan.step(Input::Deploy(vec![pending("j", "b"), pending("j", "c")]));
+        assert!(effects.is_empty(), "{effects:?}");
+        let effects = plan.step(Input::Started { job: JobId::new("j"), task: TaskId::new("a") });
+        assert_eq!(show(&effects), ["report a Deployed"]);
+        // A clean exit frees the slot for the queued task and reports nothing itself.
+        let effects = plan.step(exited("j", "a", true, false));
+        assert_eq!(show(&effects), ["start c"]);
+        // A task that already ran is not started again.
+        let effects = plan.step(Input::Deploy(vec![pending("j", "a")]));
+        assert!(effects.is_empty(), "{effects:?}");
+        assert_eq!(plan.active(), 2);
+    }
+
+    #[test]
+    fn reports_workers_that_died_or_failed_to_start() {
+        let mut plan = Plan::new(1);
+        plan.step(Input::Deploy(vec![pending("j", "a"), pending("j", "b")]));
+        let effects = plan.step(Input::Exited {
+            job: JobId::new("j"),
+            task: TaskId::new("a"),
+            ended: Ended {
+                status: "signal 9 (SIGKILL)".into(),
+                reported: false,
+                killed: false,
+                log_tail: "last words".into(),
+            },
+        });
+        assert_eq!(
+            show(&effects),
+            [
+                "report a Failed: worker exited with signal 9 (SIGKILL) before reporting; its last output:\nlast words",
+                "start b",
+            ]
+        );
+        let effects = plan.step(Input::StartFailed {
+            job: JobId::new("j"),
+            task: TaskId::new("b"),
+            message: "failed to start fledgelet".into(),
+        });
+        assert_eq!(show(&effects), ["report b Failed: failed to start fledgelet"]);
+        assert_eq!(plan.active(), 0);
+    }
+
+    #[test]
+    fn revoke_drops_queued_tasks_and_kills_running_ones_of_that_job_only() {
+        let mut plan = Plan::new(2);
+        plan.step(Input::Deploy(vec![
+            pending("j1", "a"),
+            pending("j2", "x"),
+            pending("j1", "b"),
+            pending("j1", "c"),
+            pending("j2", "y"),
+        ]));
+        let effects = plan.step(Input::Revoke { job: JobId::new("j1"), tasks: Vec::new() });
+        assert_eq!(
+            show(&effects),
+            [
+                "report b Revoked: revoked before it started",
+                "report c Revoked: revoked before it started",
+                "kill a",
+            ]
+        );
+        // The killed worker's exit is reported as revoked and frees its slot for j2's task.
+        let effects = plan.step(exited("j1", "a", false, true));
+        assert_eq!(show(&effects), ["report a Revoked: worker revoked", "start y"]);
+        // Revoking by name touches only the named task.
+        let effects =
+            plan.step(Input::Revoke { job: JobId::new("j2"), tasks: vec![TaskId::new("y")] });
+        assert_eq!(show(&effects), ["kill y"]);
+    }
+
+    #[test]
+    fn revoking_a_whole_job_forgets_which_of_its_tasks_ran() {
+        let mut plan = Plan::new(1);
+        plan.step(Input::Deploy(vec![pending("j", "a")]));
+        plan.step(exited("j", "a", true, false));
+        assert!(plan.step(Input::Deploy(vec![pending("j", "a")])).is_empty());
+        plan.step(Input::Revoke { job: JobId::new("j"), tasks: Vec::new() });
+        assert_eq!(show(&plan.step(Input::Deploy(vec![pending("j", "a")]))), ["start a"]);
+    }
+}
