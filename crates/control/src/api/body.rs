@@ -1,30 +1,31 @@
 //! Request bodies: read with an explicit limit (413 names it), JSON parsed strictly.
 
 use axum::body::{Body, Bytes};
+use bytes::BytesMut;
+use futures::StreamExt as _;
 use serde::de::DeserializeOwned;
 
 use fledge_types::ErrorCode;
 
 use super::error::{Error, Result};
 
-/// Reads a body of at most `limit` bytes.
+/// Reads a body of at most `limit` bytes, chunk by chunk, so an oversize body is refused as
+/// soon as it passes the limit rather than after it has been buffered.
 pub(super) async fn read(body: Body, limit: u64, what: &str) -> Result<Bytes> {
-    let capped = usize::try_from(limit).unwrap_or(usize::MAX);
-    match axum::body::to_bytes(body, capped).await {
-        Ok(bytes) => Ok(bytes),
-        Err(err) => {
-            let too_large = std::error::Error::source(&err)
-                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                Err(Error::new(
-                    ErrorCode::PayloadTooLarge,
-                    format!("{what} exceeds the limit of {limit} bytes"),
-                ))
-            } else {
-                Err(Error::bad_request(format!("cannot read the {what}: {err}")))
-            }
+    let mut stream = body.into_data_stream();
+    let mut buffer = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|err| Error::bad_request(format!("cannot read the {what}: {err}")))?;
+        if (buffer.len() + chunk.len()) as u64 > limit {
+            return Err(Error::new(
+                ErrorCode::PayloadTooLarge,
+                format!("{what} exceeds the limit of {limit} bytes"),
+            ));
         }
+        buffer.extend_from_slice(&chunk);
     }
+    Ok(buffer.freeze())
 }
 
 /// Parses a JSON body into `T`: comment keys (`//...`) are ignored, unknown fields are errors,

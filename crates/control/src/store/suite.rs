@@ -274,7 +274,7 @@ async fn computes(store: &impl Store) {
         Err(Error::AlreadyExists { kind: "compute", .. })
     ));
     assert_eq!(store.get_compute(&"c1".into()).await.unwrap(), compute);
-    assert_eq!(store.list_computes().await.unwrap(), [compute.clone()]);
+    assert_eq!(store.list_computes().await.unwrap(), vec![compute.clone()]);
     store.verify_compute_key(&"c1".into(), &sha("secret")).await.unwrap();
     assert!(matches!(
         store.verify_compute_key(&"c1".into(), &sha("wrong")).await,
@@ -313,7 +313,7 @@ async fn jobs(store: &impl Store) {
             store.list_jobs(&filter).await.unwrap().into_iter().map(|j| j.id).collect::<Vec<_>>()
         }
     };
-    assert_eq!(list(Some(ann()), vec![]).await, [job.id.clone()]);
+    assert_eq!(list(Some(ann()), vec![]).await, vec![job.id.clone()]);
     assert_eq!(list(None, vec![]).await, [job.id.clone(), other.id.clone()]);
 
     // Paths given to the CLI are never stored.
@@ -347,7 +347,7 @@ async fn jobs(store: &impl Store) {
         store.set_job_state(&"nope".into(), &[JobState::Ready], JobState::Starting, None).await,
         Err(Error::NotFound { .. })
     ));
-    assert_eq!(list(None, vec![JobState::Starting]).await, [job.id.clone()]);
+    assert_eq!(list(None, vec![JobState::Starting]).await, vec![job.id.clone()]);
     assert_eq!(list(None, vec![JobState::Ready, JobState::Starting]).await.len(), 2);
 
     // Not ready: no spec change, no delete, and nothing changed.
