@@ -36,6 +36,8 @@ enum Command {
     Standalone(commands::standalone::Args),
     /// Run a real two-tier MNIST job end to end and print a summary.
     Quickstart(commands::quickstart::Args),
+    /// Run the worker agent of one task (what deployers start; same as the `fledgelet` binary).
+    Fledgelet(commands::fledgelet::Args),
     /// Run one task from its task config file (built-in roles and reference trainers).
     RunTask(commands::run_task::Args),
     /// Measure performance against bounds measured in the same run and print a table.
@@ -69,12 +71,17 @@ fn main() -> ExitCode {
             Command::Serve(args) => commands::serve::run(args).await,
             Command::Standalone(args) => commands::standalone::run(args).await,
             Command::Quickstart(args) => commands::quickstart::run(args).await,
+            Command::Fledgelet(args) => commands::fledgelet::run(args).await,
             Command::RunTask(args) => commands::run_task::run(args).await,
             Command::Bench(args) => commands::bench::run(args).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<commands::Exit>().is_some() => {
+            let code = err.downcast_ref::<commands::Exit>().map_or(EX_RUNTIME, |exit| exit.0);
+            ExitCode::from(code)
+        }
         Err(err) => {
             eprintln!("error: {err:#}");
             // Anywhere in the chain: a usage error may be wrapped in context.

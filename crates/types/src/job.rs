@@ -71,7 +71,7 @@ pub struct DataSpecEntry {
 }
 
 /// The model side of a job (Flame's `modelSpec.json`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSpec {
     /// The model to start from; none means the aggregator asks a trainer for initial weights.
@@ -93,6 +93,21 @@ pub struct ModelSpec {
     /// Packages the code needs (informational; e.g. `numpy >= 1.2.0`).
     #[serde(default)]
     pub dependencies: Vec<String>,
+}
+
+impl Default for ModelSpec {
+    /// The same values as an empty `modelSpec` object parses to (the derived default would
+    /// give the selector `fedavg`, an optimizer's name).
+    fn default() -> Self {
+        Self {
+            base_model: BaseModel::default(),
+            optimizer: Sort::fedavg(),
+            selector: Sort::default_selector(),
+            hyperparameters: Default::default(),
+            registry: RegistrySpec::default(),
+            dependencies: Vec::new(),
+        }
+    }
 }
 
 /// A named, versioned model in the registry.
@@ -187,4 +202,17 @@ pub struct Job {
     /// When the job reached a final state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_model_spec_equals_an_empty_one() {
+        let parsed: ModelSpec = serde_json::from_str("{}").expect("empty model spec parses");
+        assert_eq!(ModelSpec::default(), parsed);
+        assert_eq!(ModelSpec::default().selector.sort, "default");
+        assert_eq!(ModelSpec::default().optimizer.sort, "fedavg");
+    }
 }

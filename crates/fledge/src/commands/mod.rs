@@ -1,10 +1,16 @@
 //! One module per `fledge` subcommand.
 
 pub mod bench;
+pub mod fledgelet;
 pub mod quickstart;
 pub mod run_task;
 pub mod serve;
 pub mod standalone;
+
+/// Ends the process with this exit code and no further message (the command has said why).
+#[derive(Debug, thiserror::Error)]
+#[error("exit code {0}")]
+pub struct Exit(pub u8);
 
 /// An error in the user's arguments or configuration: exits with code 64.
 #[derive(Debug, thiserror::Error)]

@@ -84,6 +84,8 @@ struct Summary {
     loss: Option<f64>,
     wall: Duration,
     data_dir: PathBuf,
+    /// Whether `data_dir` outlives the command (`--data-dir`), or is removed at exit.
+    kept: bool,
 }
 
 /// Runs the subcommand.
@@ -113,7 +115,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let result = submit_and_watch(&client, &args, &mnist_dir, &data_dir, started).await;
     platform.shutdown().await;
-    let summary = result?;
+    let mut summary = result?;
+    summary.kept = args.data_dir.is_some();
     print_summary(&summary);
     if summary.state != JobState::Completed {
         anyhow::bail!(
@@ -196,6 +199,7 @@ async fn submit_and_watch(
         loss: progress.loss,
         wall: started.elapsed(),
         data_dir: data_dir.to_path_buf(),
+        kept: false,
     })
 }
 
@@ -335,6 +339,9 @@ fn print_summary(summary: &Summary) {
         println!("wall time:      {:.1} s", summary.wall.as_secs_f64());
         println!("model:          {}", registry.join("final.safetensors").display());
         println!("metrics:        {}", registry.join("metrics.jsonl").display());
+        if !summary.kept {
+            println!("(a temporary directory, removed now: pass --data-dir DIR to keep the files)");
+        }
     }
 }
 

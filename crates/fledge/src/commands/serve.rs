@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
-use fledge_agent::deployer::{Deployer, DeployerOptions, default_fledgelet_bin};
+use fledge_agent::deployer::{Deployer, DeployerOptions};
 use fledge_control::config::{DeployerSection, Options, ServiceKind};
 use fledge_control::controller::Endpoints;
 use fledge_control::service;
@@ -106,8 +106,11 @@ pub fn build_deployer(
         apiserver,
         notifier,
         section.work_root.clone().unwrap_or_else(|| data_dir.join("work")),
-        default_fledgelet_bin(),
+        PathBuf::new(),
     );
+    // Workers run this very executable's `fledgelet` subcommand: one build, no second binary
+    // to find.
+    (options.fledgelet_bin, options.fledgelet_prefix_args) = super::fledgelet::agent_command()?;
     options.max_workers = section.max_workers;
     options.fledge_bin = std::env::current_exe().ok();
     tracing::info!(

@@ -1,0 +1,52 @@
+//! `fledge fledgelet`: the worker agent, exactly as the `fledgelet` binary runs it.
+//!
+//! Deployers started by this binary (`standalone`, `serve --services deployer`) launch their
+//! workers as `<this executable> fledgelet ...`, so one `fledge` binary is all a machine needs:
+//! the agent, the built-in roles (`run-task`) and the services come from the same build. The
+//! separate `fledgelet` binary (crate `fledge-agent`) is the same agent for images that ship
+//! only the agent.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use fledge_types::TaskState;
+
+use super::Exit;
+
+/// Arguments of `fledge fledgelet` (each also read from its `FLEDGE_*` variable).
+pub type Args = fledge_agent::cli::FledgeletArgs;
+
+/// Runs one task's agent; exits 0 when the task completed and 1 otherwise.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    stop_on_signal(shutdown.clone())?;
+    let outcome = fledge_agent::cli::run(args, shutdown).await?;
+    match outcome.state {
+        TaskState::Completed => Ok(()),
+        _ => Err(Exit(1).into()),
+    }
+}
+
+/// The program and leading arguments that start an agent: this executable's `fledgelet`
+/// subcommand.
+pub fn agent_command() -> anyhow::Result<(PathBuf, Vec<String>)> {
+    let exe = std::env::current_exe().context("cannot locate the running fledge executable")?;
+    Ok((exe, vec!["fledgelet".to_owned()]))
+}
+
+/// SIGTERM and SIGINT stop the task, as a STOP event does.
+fn stop_on_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
