@@ -31,13 +31,15 @@ pub enum Error {
 }
 
 /// Flags of `fledgelet` (each also read from its `FLEDGE_*` variable).
-#[derive(Clone, Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct FledgeletArgs {
     /// The task to run.
     #[arg(long, env = "FLEDGE_TASK_ID")]
     pub task_id: String,
     /// The task's key (authenticates this agent; prefer the environment variable).
     #[arg(long, env = "FLEDGE_TASK_KEY", hide_env_values = true)]
+    #[serde(skip_serializing)]
     pub task_key: String,
     /// The task's job.
     #[arg(long, env = "FLEDGE_JOB_ID")]
@@ -81,6 +83,11 @@ fn seconds(text: &str) -> Result<f64, String> {
 }
 
 impl FledgeletArgs {
+    /// The effective configuration as TOML, without the task key (for `--dump-config`).
+    pub fn dump(&self) -> String {
+        toml::to_string(self).expect("flags always serialize to TOML")
+    }
+
     /// The supervisor options these flags describe.
     pub fn supervisor_options(&self) -> SupervisorOptions {
         let tools = Tools {
@@ -169,6 +176,12 @@ mod tests {
         assert_eq!(opts.tools.fledge_bin, PathBuf::from("/opt/fledge"));
         assert_eq!(opts.tools.python, PathBuf::from("python3"));
         assert_eq!(opts.report_backoff.max_elapsed, Duration::from_secs(300));
+        let dump = cli.args.dump();
+        assert!(
+            dump.contains("task-id = \"t1\"") && dump.contains("heartbeat-interval = 0.5"),
+            "{dump}"
+        );
+        assert!(!dump.contains("task-key"), "{dump}");
     }
 
     #[test]

@@ -22,6 +22,9 @@ use fledge_agent::cli::{self, FledgeletArgs};
 struct Cli {
     #[command(flatten)]
     args: FledgeletArgs,
+    /// Print the effective configuration (TOML, without the task key) and exit.
+    #[arg(long)]
+    dump_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,10 @@ fn main() -> ExitCode {
             return if usage { ExitCode::from(64) } else { ExitCode::SUCCESS };
         }
     };
+    if cli.dump_config {
+        print!("{}", cli.args.dump());
+        return ExitCode::SUCCESS;
+    }
     init_tracing();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
