@@ -67,3 +67,27 @@ def test_channel_errors_are_python_exceptions():
     finally:
         agg_set.close()
         trainer_set.close()
+
+
+def test_the_gil_is_released_while_rust_waits():
+    import threading
+    import time
+
+    agg_set, trainer_set = pair()
+    trainer = trainer_set.get("param-channel")
+
+    def send_later():
+        time.sleep(0.3)  # main is inside recv by then
+        trainer.send("agg-0", meta={"from": "worker"})
+
+    try:
+        worker = threading.Thread(target=send_later)
+        worker.start()
+        # The worker's Python code can only run, and send what recv waits for, if recv
+        # released the GIL; holding it would end in TimeoutError.
+        msg = agg_set.get("param-channel").recv("trainer-0", timeout=30)
+        assert msg.meta == {"from": "worker"}
+        worker.join()
+    finally:
+        agg_set.close()
+        trainer_set.close()
