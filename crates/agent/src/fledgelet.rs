@@ -68,7 +68,7 @@ pub async fn run(
                 }
                 None => tracing::warn!(kind = event.kind, "ignoring an unknown task event"),
             },
-            Some(Err(err)) => return lost_notifier(opts, api, &err.to_string()).await,
+            Some(Err(err)) => return lost_notifier(opts, api, &supervisor::chain(&err)).await,
             None => return lost_notifier(opts, api, "the notifier subscription ended").await,
         }
     }

@@ -16,6 +16,11 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 /// Makes `command` start its child as the leader of a new process group that dies with us.
+///
+/// Linux delivers the parent-death signal when the *thread* that spawned the child exits, not
+/// the process. Spawn from the main thread or a runtime worker thread (they live as long as
+/// the runtime), never from a `spawn_blocking` or `block_in_place` thread, which tokio retires
+/// when idle and which would take the child with it.
 pub fn isolate(command: &mut Command) {
     command.process_group(0).kill_on_drop(true);
     #[cfg(target_os = "linux")]

@@ -238,3 +238,27 @@ async fn fledgelet_stop_before_start_and_shutdown_report_terminated_without_runn
     assert_eq!(api.states(), [TaskState::Terminated]);
     assert!(!work.path().join("code").exists());
 }
+
+#[tokio::test]
+async fn fledgelet_whose_subscription_is_refused_fails_with_the_reason() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let api = Arc::new(FakeTaskApi::new(sh_role("echo ran > ran.txt\n")));
+    let (tx, rx) = events();
+    tx.send(Err(fledge_client::Error::Notifier {
+        endpoint: "http://127.0.0.1:10".into(),
+        code: "Unauthenticated".into(),
+        message: "unknown task or wrong key".into(),
+    }))
+    .await
+    .expect("send");
+    let outcome =
+        fledgelet::run(&options(work.path()), api.clone(), rx, CancellationToken::new()).await;
+    assert_eq!(outcome.state, TaskState::Failed);
+    assert!(
+        outcome.log.contains("cannot receive task events")
+            && outcome.log.contains("unknown task or wrong key"),
+        "{}",
+        outcome.log
+    );
+    assert!(!work.path().join("code").exists());
+}
