@@ -1,0 +1,681 @@
+//! The asynchronous (FedBuff) top aggregator, built-in name `async-aggregator`, and the
+//! straggler wrapper used to show why it matters.
+//!
+//! Program ([`program`]):
+//!
+//! ```text
+//! load_base, await_trainers, init_model,
+//! loop until `rounds` server steps { collect, aggregate, evaluate, checkpoint, report },
+//! finish
+//! ```
+//!
+//! `collect` keeps `concurrency` trainers busy (the optimizer's kwarg): every idle trainer
+//! gets the current global model at once, and every update that arrives is folded into the
+//! FedBuff buffer and its sender immediately gets the newest model again. Nobody waits for
+//! the slowest trainer. Once `aggGoal` updates are buffered, `aggregate` steps the global
+//! model (one "round" is one server step, i.e. one model version).
+//!
+//! Trainers are the standard [`crate::roles::trainer`] role and upload their full local
+//! weights. FedBuff needs deltas for stale updates, so the aggregator keeps every model
+//! version that some busy trainer is still training on (at most `concurrency` + 1 models)
+//! and computes `delta = local − sent model` itself; the staleness is the number of server
+//! steps since that model was sent. The header's `model_version` is checked against the
+//! version the aggregator recorded for the trainer.
+//!
+//! At the end, idle trainers get end-of-training with the final model at once; busy ones get
+//! it as soon as their last (discarded) update arrives, so no trainer fails uploading to an
+//! aggregator that has gone.
+//!
+//! [`StragglerFactory`] wraps any [`AppFactory`] so that the trainers named in the
+//! hyperparameter `slowTrainers` (`{"<taskIndex>": factor}`) take `factor` times as long to
+//! train (they sleep `(factor − 1) ×` the measured training time): a reproducible straggler
+//! for comparing asynchronous and synchronous aggregation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fledge_algorithms::{Optimizer, OptimizerKind, Round};
+use fledge_channel::{Channel, ChannelManager, Kind, Message};
+use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::app::{AppFactory, Evaluator, TrainOutcome, TrainerApp};
+use crate::composer::{Composer, Context, async_tasklet, boxed};
+use crate::convert::{tensors_to_weights, weights_message};
+use crate::hyper::{self, names};
+use crate::metrics::{Reporter, RoundMetrics};
+use crate::registry::{self, Registry};
+use crate::roles::trainer::{COMMAND, INIT_MODEL};
+use crate::roles::{Common, RoleKind, tags};
+use crate::runner::{RunOptions, RunSummary};
+use crate::{Error, Result, Weights};
+
+/// The built-in name of the asynchronous aggregator.
+pub const BUILTIN_NAME: &str = "async-aggregator";
+
+/// The built-in name of the standard trainer role whose user code is wrapped in a
+/// [`StragglerFactory`].
+pub const STRAGGLER_TRAINER: &str = "straggler-trainer";
+
+/// Hyperparameter naming the slow trainers: `{"<taskIndex>": factor}`, factor ≥ 1.
+pub const SLOW_TRAINERS: &str = "slowTrainers";
+
+/// How often a waiting aggregator re-checks which trainers are still alive.
+const LIVENESS_POLL: Duration = Duration::from_millis(500);
+
+/// Statistics of the buffer being filled.
+#[derive(Default)]
+struct BufferStats {
+    samples: u64,
+    staleness_sum: u64,
+    staleness_max: u64,
+    rejected: usize,
+    trainer_metrics: BTreeMap<String, (f64, f64)>,
+}
+
+/// State of an asynchronous aggregator task.
+pub struct AsyncAggregatorCtx {
+    /// The task config.
+    pub config: TaskConfig,
+    common: Common,
+    channels: ChannelManager,
+    distribute: Channel,
+    aggregate: Channel,
+    /// The global model.
+    pub global: Option<Weights>,
+    /// Server steps taken so far (the model version).
+    pub model_version: u64,
+    /// Server steps to take.
+    pub rounds: u64,
+    /// The loop is over.
+    pub done: bool,
+    optimizer: Option<Optimizer>,
+    concurrency: usize,
+    min_trainers: usize,
+    expected_trainers: usize,
+    /// Busy trainers and the model version each trains on.
+    in_flight: BTreeMap<TaskId, u64>,
+    /// Models some busy trainer started from, by version.
+    versions: BTreeMap<u64, Arc<Weights>>,
+    /// The current model as a message, encoded once per version.
+    current_message: Option<(u64, Message)>,
+    /// Models handed out per trainer (idle trainers with fewer go first).
+    dispatched: BTreeMap<TaskId, u64>,
+    buffer: Option<Round>,
+    stats: BufferStats,
+    registry: Arc<dyn Registry>,
+    evaluator: Option<Arc<Mutex<Box<dyn Evaluator>>>>,
+    metrics: RoundMetrics,
+    reporter: Option<Reporter>,
+    started: Instant,
+    /// Every server step's record.
+    pub history: Vec<MetricRecord>,
+}
+
+impl Context for AsyncAggregatorCtx {
+    fn record_time(&mut self, alias: &str, seconds: f64) {
+        self.metrics.add(format!("seconds.{alias}"), seconds);
+    }
+}
+
+impl AsyncAggregatorCtx {
+    /// An asynchronous aggregator over joined `channels`; the job's optimizer must be
+    /// `fedbuff`.
+    pub fn new(
+        config: TaskConfig,
+        channels: ChannelManager,
+        registry: Arc<dyn Registry>,
+        evaluator: Option<Box<dyn Evaluator>>,
+        reporter: Reporter,
+    ) -> Result<AsyncAggregatorCtx> {
+        let common = Common::from_config(&config)?;
+        let h = &config.hyperparameters;
+        let rounds = hyper::uint(h, names::ROUNDS, 1, 1)?;
+        let min_trainers = hyper::uint(h, names::MIN_TRAINERS, 1, 1)? as usize;
+        let expected_trainers =
+            hyper::uint(h, names::EXPECTED_TRAINERS, min_trainers as u64, 1)? as usize;
+        let optimizer = Optimizer::from_config(
+            &serde_json::to_value(&config.optimizer).expect("sort serialises"),
+        )?;
+        let OptimizerKind::FedBuff { concurrency, .. } = *optimizer.kind() else {
+            return Err(Error::Config(format!(
+                "the async aggregator needs optimizer sort \"fedbuff\", not {:?}",
+                optimizer.sort()
+            )));
+        };
+        let distribute = channels.by_tag(tags::DISTRIBUTE)?.clone();
+        let aggregate = channels.by_tag(tags::AGGREGATE)?.clone();
+        Ok(AsyncAggregatorCtx {
+            config,
+            common,
+            channels,
+            distribute,
+            aggregate,
+            global: None,
+            model_version: 0,
+            rounds,
+            done: false,
+            optimizer: Some(optimizer),
+            concurrency,
+            min_trainers,
+            expected_trainers,
+            in_flight: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            current_message: None,
+            dispatched: BTreeMap::new(),
+            buffer: None,
+            stats: BufferStats::default(),
+            registry,
+            evaluator: evaluator.map(|e| Arc::new(Mutex::new(e))),
+            metrics: RoundMetrics::default(),
+            reporter: Some(reporter),
+            started: Instant::now(),
+            history: Vec::new(),
+        })
+    }
+
+    fn traffic(&self) -> fledge_channel::MetricsSnapshot {
+        crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
+    }
+
+    fn global(&self) -> Result<&Weights> {
+        self.global
+            .as_ref()
+            .ok_or_else(|| Error::Config("async aggregator has no global model at this step".to_owned()))
+    }
+
+    /// Forgets busy trainers that left, and model versions nobody trains on any more.
+    fn prune(&mut self) {
+        let alive: BTreeSet<TaskId> = self.distribute.ends().into_iter().collect();
+        let before = self.in_flight.len();
+        self.in_flight.retain(|end, version| {
+            let keep = alive.contains(end);
+            if !keep {
+                tracing::warn!(%end, version = *version, "busy trainer left; its update is lost");
+            }
+            keep
+        });
+        if before != self.in_flight.len() {
+            self.metrics.add("trainersDropped", (before - self.in_flight.len()) as f64);
+        }
+        let used: BTreeSet<u64> = self.in_flight.values().copied().collect();
+        let current = self.model_version;
+        self.versions.retain(|v, _| *v == current || used.contains(v));
+    }
+
+    /// Sends the current model to idle trainers until `concurrency` are busy.
+    async fn dispatch(&mut self) -> Result<()> {
+        self.prune();
+        let free = self.concurrency.saturating_sub(self.in_flight.len());
+        if free == 0 {
+            return Ok(());
+        }
+        let mut idle: Vec<TaskId> =
+            self.distribute.ends().into_iter().filter(|e| !self.in_flight.contains_key(e)).collect();
+        if idle.is_empty() {
+            return Ok(());
+        }
+        idle.sort_by_key(|e| self.dispatched.get(e).copied().unwrap_or(0));
+        let version = self.model_version;
+        let message = match &self.current_message {
+            Some((v, m)) if *v == version => m.clone(),
+            _ => {
+                let global = self.global()?.clone();
+                let m = tokio::task::spawn_blocking(move || {
+                    weights_message(Kind::Weights, version + 1, version, &global)
+                })
+                .await??;
+                self.current_message = Some((version, m.clone()));
+                m
+            }
+        };
+        if !self.versions.contains_key(&version) {
+            self.versions.insert(version, Arc::new(self.global()?.clone()));
+        }
+        for end in idle.into_iter().take(free) {
+            match self.distribute.send(&end, message.clone()).await {
+                Ok(()) => {
+                    self.in_flight.insert(end.clone(), version);
+                    *self.dispatched.entry(end).or_default() += 1;
+                }
+                Err(fledge_channel::Error::UnknownEnd { .. }) => {
+                    tracing::warn!(%end, "trainer left before dispatch");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The next message on the aggregate channel, or `None` after [`LIVENESS_POLL`].
+    async fn next_message(&self) -> Result<Option<(TaskId, Message)>> {
+        match tokio::time::timeout(LIVENESS_POLL, self.aggregate.recv_any()).await {
+            Ok(res) => Ok(Some(res?)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Folds one update into the buffer (or rejects it with a warning).
+    async fn fold(&mut self, end: TaskId, message: Message) -> Result<()> {
+        if message.kind != Kind::Update {
+            tracing::warn!(%end, kind = ?message.kind, "unexpected message ignored");
+            return Ok(());
+        }
+        let Some(base_version) = self.in_flight.remove(&end) else {
+            tracing::warn!(%end, "update from a trainer that was not sent a model ignored");
+            return Ok(());
+        };
+        if message.model_version != base_version {
+            tracing::warn!(%end, header = message.model_version, sent = base_version, "update names another model version than was sent; using the one sent");
+        }
+        let Some(num_samples) = message.num_samples().filter(|n| *n > 0) else {
+            tracing::warn!(%end, "update without num_samples rejected");
+            self.stats.rejected += 1;
+            return Ok(());
+        };
+        let base = self
+            .versions
+            .get(&base_version)
+            .cloned()
+            .expect("the model of every busy trainer is kept until its update arrives");
+        let staleness = self.model_version - base_version;
+        if let Some(Value::Object(map)) = message.meta.get("metrics") {
+            for (k, v) in map {
+                if let Some(v) = v.as_f64() {
+                    let e = self.stats.trainer_metrics.entry(k.clone()).or_default();
+                    e.0 += v * num_samples as f64;
+                    e.1 += num_samples as f64;
+                }
+            }
+        }
+        let mut buffer = self.buffer.take().expect("a buffer is open while collecting");
+        let (back, res) = tokio::task::spawn_blocking(move || {
+            let res = tensors_to_weights(&message.tensors).and_then(|w| {
+                drop(message);
+                let delta = w.delta_from(&base)?;
+                buffer
+                    .add_delta(&delta, num_samples, u32::try_from(staleness).unwrap_or(u32::MAX))
+                    .map_err(Error::from)
+            });
+            (buffer, res)
+        })
+        .await?;
+        self.buffer = Some(back);
+        match res {
+            Ok(()) => {
+                self.stats.samples += num_samples;
+                self.stats.staleness_sum += staleness;
+                self.stats.staleness_max = self.stats.staleness_max.max(staleness);
+            }
+            Err(e) => {
+                self.stats.rejected += 1;
+                tracing::warn!(%end, error = %e, "update rejected");
+            }
+        }
+        self.prune();
+        Ok(())
+    }
+}
+
+async fn load_base(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let base = ctx.config.base_model.clone();
+    if base.name.is_empty() {
+        return Ok(());
+    }
+    let registry = ctx.registry.clone();
+    let (name, version) = (base.name.clone(), base.version);
+    let model = tokio::task::spawn_blocking(move || registry.load_model(&name, version))
+        .await??
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "baseModel {} version {} is not in the registry",
+                base.name, base.version
+            ))
+        })?;
+    ctx.global = Some(model);
+    Ok(())
+}
+
+async fn await_trainers(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let want = ctx.expected_trainers.max(ctx.min_trainers);
+    match ctx.distribute.await_ends(want, ctx.common.join_timeout).await {
+        Ok(ends) => {
+            tracing::info!(trainers = ends.len(), "trainers joined");
+            Ok(())
+        }
+        Err(fledge_channel::Error::JoinTimeout { .. }) => {
+            let have = ctx.distribute.ends().len();
+            if have >= ctx.min_trainers {
+                tracing::warn!(have, want, "join timeout; starting with the trainers present");
+                Ok(())
+            } else {
+                Err(Error::Quorum { round: 0, got: have, need: ctx.min_trainers })
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn init_model(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    if ctx.global.is_none() {
+        for end in ctx.distribute.ends() {
+            let request = Message::new(Kind::Control, 0).with_meta(COMMAND, INIT_MODEL);
+            if let Err(e) = ctx.distribute.send(&end, request).await {
+                tracing::warn!(%end, error = %e, "cannot ask trainer for the initial model");
+                continue;
+            }
+            match ctx.aggregate.recv(&end).await {
+                Ok(m) if m.kind == Kind::Weights && m.round == 0 => {
+                    ctx.global = Some(tensors_to_weights(&m.tensors)?);
+                    break;
+                }
+                Ok(m) => tracing::warn!(%end, kind = ?m.kind, "unexpected reply to init_model"),
+                Err(e) => tracing::warn!(%end, error = %e, "trainer left before sending the initial model"),
+            }
+        }
+    }
+    let global = ctx.global()?;
+    ctx.buffer = Some(ctx.optimizer.as_ref().expect("optimizer present").begin_round(global));
+    ctx.metrics = RoundMetrics::start(ctx.traffic());
+    ctx.started = Instant::now();
+    Ok(())
+}
+
+async fn collect(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let mut idle_since = Instant::now();
+    while !ctx.buffer.as_ref().is_some_and(Round::is_ready) {
+        ctx.dispatch().await?;
+        if ctx.in_flight.is_empty() {
+            // Nobody to wait for: every trainer left.
+            if idle_since.elapsed() > ctx.common.join_timeout {
+                return Err(Error::Quorum {
+                    round: ctx.model_version + 1,
+                    got: ctx.buffer.as_ref().map_or(0, Round::len),
+                    need: ctx.optimizer.as_ref().and_then(Optimizer::agg_goal).unwrap_or(1),
+                });
+            }
+            tokio::time::sleep(LIVENESS_POLL).await;
+            continue;
+        }
+        idle_since = Instant::now();
+        if let Some((end, message)) = ctx.next_message().await? {
+            ctx.fold(end, message).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn aggregate(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let buffer = ctx.buffer.take().expect("collect leaves a full buffer");
+    let updates = buffer.len();
+    let mut optimizer = ctx.optimizer.take().expect("optimizer present between steps");
+    let global = ctx.global.take().expect("global model present between steps");
+    let (optimizer, res) = tokio::task::spawn_blocking(move || {
+        let mut global = global;
+        let res = optimizer.finish_round(buffer, &mut global).map(|()| global);
+        (optimizer, res)
+    })
+    .await?;
+    let global = res?;
+    ctx.buffer = Some(optimizer.begin_round(&global));
+    ctx.optimizer = Some(optimizer);
+    ctx.global = Some(global);
+    ctx.model_version += 1;
+    let stats = std::mem::take(&mut ctx.stats);
+    let m = &mut ctx.metrics;
+    m.set("updates", updates as f64);
+    m.set("numSamples", stats.samples as f64);
+    m.set("updatesRejected", stats.rejected as f64);
+    m.set("staleness.mean", stats.staleness_sum as f64 / updates.max(1) as f64);
+    m.set("staleness.max", stats.staleness_max as f64);
+    m.set("modelVersion", ctx.model_version as f64);
+    m.set("elapsedSeconds", ctx.started.elapsed().as_secs_f64());
+    for (k, (sum, weight)) in stats.trainer_metrics {
+        if weight > 0.0 {
+            m.set(format!("trainer.{k}"), sum / weight);
+        }
+    }
+    ctx.prune();
+    Ok(())
+}
+
+async fn evaluate(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let Some(evaluator) = ctx.evaluator.clone() else {
+        return Ok(());
+    };
+    let global = ctx.global()?.clone();
+    let metrics = tokio::task::spawn_blocking(move || {
+        let mut e = evaluator.lock().unwrap_or_else(|e| e.into_inner());
+        e.evaluate(&global)
+    })
+    .await?
+    .map_err(|source| Error::App { step: "evaluate", source })?;
+    ctx.metrics.extend("", &metrics);
+    Ok(())
+}
+
+async fn checkpoint(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let global = ctx.global()?.clone();
+    let (registry, job, round) = (ctx.registry.clone(), ctx.config.job.id.clone(), ctx.model_version);
+    tokio::task::spawn_blocking(move || registry.save_round(&job, round, &global).map(|_| ())).await?
+}
+
+async fn report(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let traffic = ctx.traffic();
+    let next = RoundMetrics::start(traffic);
+    let record = std::mem::replace(&mut ctx.metrics, next).finish(
+        &ctx.config.task_id,
+        &ctx.config.role,
+        ctx.model_version,
+        traffic,
+    );
+    tracing::info!(
+        task_id = %ctx.config.task_id,
+        round = ctx.model_version,
+        staleness = record.metrics.get("staleness.mean").copied(),
+        accuracy = record.metrics.get("accuracy").or(record.metrics.get("trainer.accuracy")).copied(),
+        "server step"
+    );
+    let (registry, job, rec) = (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
+    tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
+    if let Some(reporter) = &ctx.reporter {
+        reporter.report(record.clone());
+    }
+    ctx.history.push(record);
+    ctx.done = ctx.model_version >= ctx.rounds;
+    Ok(())
+}
+
+async fn finish(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let global = ctx.global()?.clone();
+    let mut end = Message::new(Kind::EndOfTraining, ctx.model_version);
+    end.model_version = ctx.model_version;
+    end.tensors = crate::convert::weights_to_tensors(&global)?;
+    let (registry, job) = (ctx.registry.clone(), ctx.config.job.id.clone());
+    let path = tokio::task::spawn_blocking(move || registry.save_final(&job, &global)).await??;
+    tracing::info!(path = %path.display(), "final model saved");
+    // Idle trainers stop now; busy ones once their last update (discarded) arrives.
+    for trainer in ctx.distribute.ends() {
+        if !ctx.in_flight.contains_key(&trainer) {
+            let _ = ctx.distribute.send(&trainer, end.clone()).await;
+        }
+    }
+    let deadline = Instant::now() + ctx.common.join_timeout;
+    while !ctx.in_flight.is_empty() && Instant::now() < deadline {
+        ctx.prune();
+        if let Some((trainer, _)) = ctx.next_message().await?
+            && ctx.in_flight.remove(&trainer).is_some()
+        {
+            let _ = ctx.distribute.send(&trainer, end.clone()).await;
+        }
+    }
+    // Give the broker a moment to deliver end-of-training before our connection goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ctx.channels.close().await?;
+    if let Some(reporter) = ctx.reporter.take() {
+        reporter.shutdown(Duration::from_secs(5)).await;
+    }
+    Ok(())
+}
+
+/// The asynchronous aggregator program.
+pub fn program() -> Composer<AsyncAggregatorCtx> {
+    Composer::new()
+        .tasklet("load_base", async_tasklet(|c| boxed(load_base(c))))
+        .tasklet("await_trainers", async_tasklet(|c| boxed(await_trainers(c))))
+        .tasklet("init_model", async_tasklet(|c| boxed(init_model(c))))
+        .loop_until(
+            "rounds",
+            |c: &AsyncAggregatorCtx| c.done,
+            Composer::new()
+                .tasklet("collect", async_tasklet(|c| boxed(collect(c))))
+                .tasklet("aggregate", async_tasklet(|c| boxed(aggregate(c))))
+                .tasklet("evaluate", async_tasklet(|c| boxed(evaluate(c))))
+                .tasklet("checkpoint", async_tasklet(|c| boxed(checkpoint(c))))
+                .tasklet("report", async_tasklet(|c| boxed(report(c)))),
+        )
+        .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
+}
+
+/// Runs the asynchronous aggregator task `config` (evaluator from `factory`), bounded by
+/// `maxRunTime`. The summary's kind is [`RoleKind::TopAggregator`]; its rounds are server steps.
+pub async fn run(config: TaskConfig, factory: Arc<dyn AppFactory>, opts: RunOptions) -> Result<RunSummary> {
+    let max_run_time = config.max_run_time;
+    let run = async move {
+        let reporter = match &config.control_plane {
+            Some(cp) => Reporter::start(&cp.apiserver, &config.task_id, opts.task_key.clone()),
+            None => Reporter::disabled(),
+        };
+        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let evaluator =
+            factory.evaluator(&config).map_err(|source| Error::App { step: "create", source })?;
+        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let mut ctx = AsyncAggregatorCtx::new(config, channels, registry, evaluator, reporter)?;
+        program().run(&mut ctx).await?;
+        Ok(RunSummary {
+            kind: RoleKind::TopAggregator,
+            rounds: ctx.model_version,
+            history: ctx.history,
+            final_model: ctx.global,
+        })
+    };
+    if max_run_time == 0 {
+        return run.await;
+    }
+    tokio::time::timeout(Duration::from_secs(max_run_time), run)
+        .await
+        .map_err(|_| Error::Timeout(max_run_time))?
+}
+
+/// The slow-down factor of the trainer task `config` from [`SLOW_TRAINERS`] (1 when absent).
+pub fn slow_factor(config: &TaskConfig) -> Result<f64> {
+    let bad = |reason: String| Error::Hyperparameter { name: SLOW_TRAINERS.to_owned(), reason };
+    let map = match config.hyperparameters.get(SLOW_TRAINERS) {
+        None | Some(Value::Null) => return Ok(1.0),
+        Some(Value::Object(map)) => map,
+        Some(v) => return Err(bad(format!("{v} is not an object of taskIndex → factor"))),
+    };
+    let mut res = 1.0;
+    for (key, value) in map {
+        let index: u32 = key
+            .parse()
+            .map_err(|_| bad(format!("key {key:?} is not a task index")))?;
+        let factor = value
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 1.0)
+            .ok_or_else(|| bad(format!("factor {value} of trainer {key} is not a number ≥ 1")))?;
+        if index == config.task_index {
+            res = factor;
+        }
+    }
+    Ok(res)
+}
+
+/// An [`AppFactory`] whose trainers named in [`SLOW_TRAINERS`] train `factor` times slower.
+pub struct StragglerFactory {
+    inner: Arc<dyn AppFactory>,
+}
+
+impl StragglerFactory {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn AppFactory>) -> StragglerFactory {
+        StragglerFactory { inner }
+    }
+}
+
+impl AppFactory for StragglerFactory {
+    fn trainer(&self, config: &TaskConfig) -> anyhow::Result<Box<dyn TrainerApp>> {
+        let factor = slow_factor(config)?;
+        let app = self.inner.trainer(config)?;
+        if factor > 1.0 {
+            tracing::info!(task_id = %config.task_id, factor, "this trainer is an artificial straggler");
+            return Ok(Box::new(Straggler { inner: app, factor }));
+        }
+        Ok(app)
+    }
+
+    fn evaluator(&self, config: &TaskConfig) -> anyhow::Result<Option<Box<dyn Evaluator>>> {
+        self.inner.evaluator(config)
+    }
+}
+
+/// A trainer app that takes `factor` times as long to train.
+struct Straggler {
+    inner: Box<dyn TrainerApp>,
+    factor: f64,
+}
+
+impl TrainerApp for Straggler {
+    fn initialize(&mut self, config: &TaskConfig) -> anyhow::Result<()> {
+        self.inner.initialize(config)
+    }
+
+    fn load_data(&mut self) -> anyhow::Result<()> {
+        self.inner.load_data()
+    }
+
+    fn train(&mut self, round: u64) -> anyhow::Result<TrainOutcome> {
+        // Runs on a blocking thread (the trainer role's contract), so sleeping here is fine.
+        let started = std::time::Instant::now();
+        let res = self.inner.train(round)?;
+        std::thread::sleep(started.elapsed().mul_f64(self.factor - 1.0));
+        Ok(res)
+    }
+
+    fn evaluate(&mut self) -> anyhow::Result<BTreeMap<String, f64>> {
+        self.inner.evaluate()
+    }
+
+    fn get_weights(&self) -> anyhow::Result<Weights> {
+        self.inner.get_weights()
+    }
+
+    fn set_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
+        self.inner.set_weights(weights)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::runner::JobPlan;
+
+    #[test]
+    fn slow_factor_reads_the_task_index_and_rejects_bad_values() {
+        let plan = JobPlan::local("j", vec!["/a".into(), "/b".into()]);
+        let mut trainer = plan.configs().expect("configs")[2].clone();
+        assert_eq!(trainer.task_index, 1);
+        assert_eq!(slow_factor(&trainer).expect("absent"), 1.0);
+        trainer.hyperparameters.insert(SLOW_TRAINERS.into(), json!({"1": 5, "0": 2}));
+        assert_eq!(slow_factor(&trainer).expect("set"), 5.0);
+        for bad in [json!({"x": 2}), json!({"1": 0.5}), json!([1])] {
+            trainer.hyperparameters.insert(SLOW_TRAINERS.into(), bad);
+            let err = slow_factor(&trainer).unwrap_err().to_string();
+            assert!(err.contains(SLOW_TRAINERS), "{err}");
+        }
+    }
+}

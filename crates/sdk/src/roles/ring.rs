@@ -1,0 +1,593 @@
+//! The distributed trainer (built-in name `ring-trainer`): training without an aggregator.
+//!
+//! Trainers share one self-loop channel (a channel whose `pair` is the trainer role twice).
+//! Each round every member trains locally, then the group replaces its weights by their
+//! sample-weighted mean, computed by ring all-reduce over the members ordered by task id:
+//! `n − 1` reduce-scatter steps then `n − 1` all-gather steps, each sending one `1/n` chunk
+//! of the model to the next member. Every member sends and receives about `2 × model` bytes
+//! per round whatever `n` is. The weighting is exact: each member contributes
+//! `num_samples × weights` plus its `num_samples` as a last element, and divides by the
+//! reduced sample count.
+//!
+//! Program ([`program`]):
+//!
+//! ```text
+//! initialize, load_data, bootstrap,
+//! loop rounds until done { membership, train, allreduce, evaluate, report },
+//! finish
+//! ```
+//!
+//! **Membership.** The leader is the lowest task id among the trainers present at bootstrap
+//! (after waiting up to `joinTimeout` for `expectedTrainers`). Before each round the other
+//! members tell the leader they are ready (`Control` `ready`, round r); a trainer that has
+//! no model yet says `ready` for round 0. The leader sends such a newcomer the current
+//! weights (`Weights`, round r) so that a late joiner never trains from random weights, then
+//! sends every member the round's member list (`Control` `members`). Members that leave
+//! between rounds are dropped; a member that leaves during an all-reduce fails the round
+//! for the others (the ring is broken), which is reported as a peer-left error.
+//!
+//! After the last round the leader saves the final model to the registry, and tells
+//! trainers still waiting to join that training is over (`EndOfTraining`).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fledge_algorithms::{Tensor, Weights};
+use fledge_channel::{Channel, ChannelManager, Kind, Message};
+use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use serde_json::Value;
+
+use crate::app::{AppFactory, TrainOutcome, TrainerApp};
+use crate::composer::{Composer, Context, async_tasklet, boxed};
+use crate::convert::{tensors_to_weights, weights_message};
+use crate::hyper::{self, names};
+use crate::metrics::{Reporter, RoundMetrics};
+use crate::registry::{self, Registry};
+use crate::roles::trainer::COMMAND;
+use crate::roles::{Common, RoleKind};
+use crate::runner::{RunOptions, RunSummary};
+use crate::{Error, Result};
+
+/// The built-in name of the distributed trainer.
+pub const BUILTIN_NAME: &str = "ring-trainer";
+
+/// `command` of a member's ready message.
+pub const READY: &str = "ready";
+/// `command` of the leader's member list.
+pub const MEMBERS: &str = "members";
+
+/// How often a waiting trainer re-checks which peers are still alive.
+const LIVENESS_POLL: Duration = Duration::from_millis(500);
+
+/// Messages taken from the channel but not consumed yet (the ring and the membership
+/// protocol share one channel, so a member may receive a peer's next message early).
+struct Mailbox {
+    channel: Channel,
+    stash: VecDeque<(TaskId, Message)>,
+}
+
+impl Mailbox {
+    /// The first message matching `pred`, waiting at most [`LIVENESS_POLL`] for one.
+    async fn poll<P>(&mut self, pred: P) -> Result<Option<(TaskId, Message)>>
+    where
+        P: Fn(&TaskId, &Message) -> bool,
+    {
+        loop {
+            if let Some(pos) = self.stash.iter().position(|(e, m)| pred(e, m)) {
+                return Ok(self.stash.remove(pos));
+            }
+            match tokio::time::timeout(LIVENESS_POLL, self.channel.recv_any()).await {
+                Ok(res) => self.stash.push_back(res?),
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// The first message from `from` matching `pred`; fails when `from` has left.
+    async fn take<P>(&mut self, from: &TaskId, pred: P) -> Result<Message>
+    where
+        P: Fn(&Message) -> bool,
+    {
+        loop {
+            if let Some((_, m)) = self.poll(|e, m| e == from && pred(m)).await? {
+                return Ok(m);
+            }
+            if !self.channel.ends().contains(from) {
+                return Err(Error::PeerLeft { peer: from.clone(), channel: self.channel.name().to_owned() });
+            }
+        }
+    }
+}
+
+fn is_command(message: &Message, command: &str) -> bool {
+    message.kind == Kind::Control && message.meta.get(COMMAND).and_then(Value::as_str) == Some(command)
+}
+
+/// State of a distributed trainer task.
+pub struct RingCtx {
+    /// The task config.
+    pub config: TaskConfig,
+    app: Arc<Mutex<Box<dyn TrainerApp>>>,
+    channels: ChannelManager,
+    mailbox: Mailbox,
+    common: Common,
+    expected: usize,
+    /// Rounds to run.
+    pub rounds: u64,
+    /// The round being run (0 before the first).
+    pub round: u64,
+    /// Training is over.
+    pub done: bool,
+    /// The leader (lowest id at bootstrap).
+    pub leader: Option<TaskId>,
+    /// This round's members, sorted (this task included).
+    pub members: Vec<TaskId>,
+    /// Whether this task holds the group's model.
+    synced: bool,
+    /// Members of the previous round (the leader waits for them).
+    previous: Vec<TaskId>,
+    outcome: TrainOutcome,
+    /// Metrics of the last `evaluate`.
+    pub evaluation: BTreeMap<String, f64>,
+    registry: Arc<dyn Registry>,
+    metrics: RoundMetrics,
+    reporter: Option<Reporter>,
+    /// Every round's record.
+    pub history: Vec<MetricRecord>,
+}
+
+impl Context for RingCtx {
+    fn record_time(&mut self, alias: &str, seconds: f64) {
+        self.metrics.add(format!("seconds.{alias}"), seconds);
+    }
+}
+
+impl RingCtx {
+    /// A distributed trainer over joined `channels` (one must be a self-loop) running `app`.
+    pub fn new(
+        config: TaskConfig,
+        channels: ChannelManager,
+        app: Box<dyn TrainerApp>,
+        registry: Arc<dyn Registry>,
+        reporter: Reporter,
+    ) -> Result<RingCtx> {
+        let spec = config.channels.iter().find(|c| c.is_self_loop()).ok_or_else(|| {
+            Error::Config(format!(
+                "role {:?} has no self-loop channel (pair [{0:?}, {0:?}]) for ring all-reduce",
+                config.role
+            ))
+        })?;
+        let channel = channels
+            .get(&spec.name)
+            .ok_or_else(|| Error::Config(format!("channel {} was not joined", spec.name)))?
+            .clone();
+        let common = Common::from_config(&config)?;
+        let h = &config.hyperparameters;
+        let rounds = hyper::uint(h, names::ROUNDS, 1, 1)?;
+        let expected = hyper::uint(h, names::EXPECTED_TRAINERS, 1, 1)? as usize;
+        Ok(RingCtx {
+            config,
+            app: Arc::new(Mutex::new(app)),
+            channels,
+            mailbox: Mailbox { channel, stash: VecDeque::new() },
+            common,
+            expected,
+            rounds,
+            round: 0,
+            done: false,
+            leader: None,
+            members: Vec::new(),
+            synced: false,
+            previous: Vec::new(),
+            outcome: TrainOutcome::default(),
+            evaluation: BTreeMap::new(),
+            registry,
+            metrics: RoundMetrics::default(),
+            reporter: Some(reporter),
+            history: Vec::new(),
+        })
+    }
+
+    fn me(&self) -> &TaskId {
+        &self.config.task_id
+    }
+
+    fn channel(&self) -> &Channel {
+        &self.mailbox.channel
+    }
+
+    fn is_leader(&self) -> bool {
+        self.leader.as_ref() == Some(self.me())
+    }
+
+    fn traffic(&self) -> fledge_channel::MetricsSnapshot {
+        crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
+    }
+
+    async fn with_app<T, F>(&self, step: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn TrainerApp) -> anyhow::Result<T> + Send + 'static,
+    {
+        let app = self.app.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = app.lock().unwrap_or_else(|e| e.into_inner());
+            f(guard.as_mut())
+        })
+        .await?
+        .map_err(|source| Error::App { step, source })
+    }
+
+    async fn send(&self, end: &TaskId, message: Message) -> Result<()> {
+        self.channel().send(end, message).await.map_err(|e| match e {
+            fledge_channel::Error::UnknownEnd { end, channel, .. } => Error::PeerLeft { peer: end, channel },
+            e => e.into(),
+        })
+    }
+}
+
+async fn initialize(ctx: &mut RingCtx) -> Result<()> {
+    let config = ctx.config.clone();
+    ctx.with_app("initialize", move |app| app.initialize(&config)).await
+}
+
+async fn load_data(ctx: &mut RingCtx) -> Result<()> {
+    ctx.with_app("load_data", |app| app.load_data()).await
+}
+
+async fn bootstrap(ctx: &mut RingCtx) -> Result<()> {
+    let want = ctx.expected.saturating_sub(1);
+    let ends = if want == 0 {
+        ctx.channel().ends()
+    } else {
+        match ctx.channel().await_ends(want, ctx.common.join_timeout).await {
+            Ok(ends) => ends,
+            Err(fledge_channel::Error::JoinTimeout { .. }) => {
+                let ends = ctx.channel().ends();
+                tracing::warn!(have = ends.len() + 1, want = ctx.expected, "join timeout; starting with the trainers present");
+                ends
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let leader = ends.iter().chain(std::iter::once(ctx.me())).min().expect("at least this task").clone();
+    tracing::info!(task_id = %ctx.me(), %leader, peers = ends.len(), "ring bootstrap");
+    if &leader == ctx.me() {
+        // The leader's model is the group's model; everyone present joins through round 0.
+        ctx.synced = true;
+        ctx.previous = ends;
+    }
+    ctx.leader = Some(leader);
+    Ok(())
+}
+
+/// Leader: waits for every previous member's `ready`, admits newcomers with the current
+/// weights, and announces the members. Others: say `ready` and wait for the member list.
+async fn membership(ctx: &mut RingCtx) -> Result<()> {
+    let round = ctx.round + 1;
+    ctx.metrics = RoundMetrics::start(ctx.traffic());
+    let leader = ctx.leader.clone().expect("bootstrap sets the leader");
+    if ctx.is_leader() {
+        let mut waiting: BTreeSet<TaskId> = ctx.previous.iter().filter(|e| *e != ctx.me()).cloned().collect();
+        let mut ready: BTreeSet<TaskId> = BTreeSet::new();
+        let mut newcomers: BTreeSet<TaskId> = BTreeSet::new();
+        loop {
+            // Newcomers that asked already are admitted without waiting for them.
+            let got = ctx.mailbox.poll(|_, m| is_command(m, READY)).await?;
+            match got {
+                Some((end, m)) if m.round == 0 => {
+                    waiting.remove(&end);
+                    newcomers.insert(end);
+                }
+                Some((end, m)) if m.round == round => {
+                    waiting.remove(&end);
+                    ready.insert(end);
+                }
+                Some((end, m)) => {
+                    tracing::warn!(%end, got = m.round, round, "ready for another round ignored");
+                }
+                None => {
+                    let alive: BTreeSet<TaskId> = ctx.channel().ends().into_iter().collect();
+                    for gone in waiting.iter().filter(|e| !alive.contains(*e)) {
+                        tracing::warn!(end = %gone, round, "member left before the round; dropped");
+                    }
+                    waiting.retain(|e| alive.contains(e));
+                }
+            }
+            if waiting.is_empty() {
+                break;
+            }
+        }
+        if !newcomers.is_empty() {
+            let weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
+            let message = weights_message(Kind::Weights, round, round - 1, &weights)?;
+            for end in &newcomers {
+                tracing::info!(%end, round, "sending the current model to a joining trainer");
+                ctx.send(end, message.clone()).await?;
+            }
+        }
+        let mut members: Vec<TaskId> = ready.into_iter().chain(newcomers).collect();
+        members.push(ctx.me().clone());
+        members.sort();
+        let list = Value::from(members.iter().map(|e| Value::from(e.as_str())).collect::<Vec<_>>());
+        let message = Message::new(Kind::Control, round).with_meta(COMMAND, MEMBERS).with_meta(MEMBERS, list);
+        for end in members.iter().filter(|e| *e != ctx.me()) {
+            ctx.send(end, message.clone()).await?;
+        }
+        ctx.members = members;
+    } else {
+        let asked = if ctx.synced { round } else { 0 };
+        ctx.send(&leader, Message::new(Kind::Control, asked).with_meta(COMMAND, READY)).await?;
+        if !ctx.synced {
+            let m = ctx
+                .mailbox
+                .take(&leader, |m| m.kind == Kind::Weights || m.kind == Kind::EndOfTraining)
+                .await?;
+            if m.kind == Kind::EndOfTraining {
+                tracing::info!(task_id = %ctx.me(), "joined after the last round; nothing to do");
+                ctx.done = true;
+                return Ok(());
+            }
+            let weights = tensors_to_weights(&m.tensors)?;
+            ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
+            ctx.synced = true;
+            ctx.round = m.round - 1;
+            tracing::info!(task_id = %ctx.me(), round = m.round, "received the group's model");
+        }
+        let round = ctx.round + 1;
+        let m = ctx.mailbox.take(&leader, |m| is_command(m, MEMBERS) && m.round == round).await?;
+        let members = m
+            .meta
+            .get(MEMBERS)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(TaskId::from).collect::<Vec<_>>())
+            .filter(|m| m.contains(ctx.me()))
+            .ok_or_else(|| Error::Protocol {
+                peer: leader.clone(),
+                reason: format!("round {round} member list is missing or leaves this trainer out"),
+            })?;
+        ctx.members = members;
+    }
+    ctx.round = round;
+    ctx.previous = ctx.members.clone();
+    ctx.metrics.set("members", ctx.members.len() as f64);
+    Ok(())
+}
+
+async fn train(ctx: &mut RingCtx) -> Result<()> {
+    let round = ctx.round;
+    ctx.outcome = ctx.with_app("train", move |app| app.train(round)).await?;
+    if ctx.outcome.num_samples == 0 {
+        return Err(Error::App {
+            step: "train",
+            source: anyhow::anyhow!("train returned num_samples = 0; the weighted mean needs the sample count"),
+        });
+    }
+    Ok(())
+}
+
+/// `[start, end)` of chunk `c` of `n` over `len` values.
+fn chunk_range(len: usize, n: usize, c: usize) -> std::ops::Range<usize> {
+    (c * len / n)..((c + 1) * len / n)
+}
+
+fn chunk_message(round: u64, phase: &str, step: usize, data: &[f32]) -> Result<Message> {
+    let tensor = fledge_channel::Tensor::from_f32(vec![data.len()], data)
+        .map_err(|e| Error::Tensors(format!("ring chunk: {e}")))?;
+    Ok(Message::new(Kind::Update, round)
+        .with_meta("phase", phase)
+        .with_meta("step", step as u64)
+        .with_tensor("chunk", tensor))
+}
+
+/// Ring all-reduce (sum) of `values` over `members` (sorted; this task is `me`).
+async fn ring_allreduce(ctx: &mut RingCtx, values: &mut [f32]) -> Result<()> {
+    let n = ctx.members.len();
+    if n < 2 {
+        return Ok(());
+    }
+    let me = ctx.members.iter().position(|e| e == ctx.me()).expect("members include this task");
+    let next = ctx.members[(me + 1) % n].clone();
+    let prev = ctx.members[(me + n - 1) % n].clone();
+    let round = ctx.round;
+    let len = values.len();
+    for phase in ["reduce-scatter", "all-gather"] {
+        let gather = phase == "all-gather";
+        for step in 0..n - 1 {
+            // Reduce-scatter sends chunk (me − step), all-gather chunk (me + 1 − step).
+            let send_chunk = (me + n + usize::from(gather) - step % n) % n;
+            let recv_chunk = (me + 2 * n - 1 + usize::from(gather) - step % n) % n;
+            let range = chunk_range(len, n, send_chunk);
+            ctx.send(&next, chunk_message(round, phase, step, &values[range])?).await?;
+            let m = ctx
+                .mailbox
+                .take(&prev, |m| {
+                    m.kind == Kind::Update
+                        && m.round == round
+                        && m.meta.get("phase").and_then(Value::as_str) == Some(phase)
+                        && m.meta.get("step").and_then(Value::as_u64) == Some(step as u64)
+                })
+                .await?;
+            let range = chunk_range(len, n, recv_chunk);
+            let data = m
+                .tensors
+                .get("chunk")
+                .ok_or_else(|| Error::Protocol { peer: prev.clone(), reason: "ring message without chunk".to_owned() })?
+                .to_f32_vec()
+                .map_err(|e| Error::Tensors(format!("ring chunk: {e}")))?;
+            if data.len() != range.len() {
+                return Err(Error::Protocol {
+                    peer: prev.clone(),
+                    reason: format!("{phase} step {step}: chunk of {} values, expected {}", data.len(), range.len()),
+                });
+            }
+            let target = &mut values[range];
+            if gather {
+                target.copy_from_slice(&data);
+            } else {
+                for (t, d) in target.iter_mut().zip(&data) {
+                    *t += d;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `weights × scale` flattened, with `scale` appended.
+fn flatten(weights: &Weights, scale: f32) -> Vec<f32> {
+    let mut res = Vec::with_capacity(weights.num_params() + 1);
+    for t in weights.tensors() {
+        res.extend(t.data().iter().map(|v| v * scale));
+    }
+    res.push(scale);
+    res
+}
+
+/// The inverse of [`flatten`] after a sum: divides by the summed scale.
+fn unflatten(layout: &Weights, values: &[f32]) -> Result<Weights> {
+    let (total, values) = values.split_last().expect("flatten appends the scale");
+    if *total <= 0.0 || values.len() != layout.num_params() {
+        return Err(Error::Tensors(format!("all-reduce result is malformed (total weight {total})")));
+    }
+    let mut res = Weights::new();
+    let mut at = 0;
+    for t in layout.tensors() {
+        let data = values[at..at + t.len()].iter().map(|v| v / total).collect();
+        at += t.len();
+        res.push(Tensor::new(t.name(), t.shape().to_vec(), data)?)?;
+    }
+    Ok(res)
+}
+
+async fn allreduce(ctx: &mut RingCtx) -> Result<()> {
+    let local = ctx.with_app("get_weights", |app| app.get_weights()).await?;
+    let mut values = flatten(&local, ctx.outcome.num_samples as f32);
+    ring_allreduce(ctx, &mut values).await?;
+    let mean = unflatten(&local, &values)?;
+    ctx.metrics.set("numSamples", f64::from(values[values.len() - 1]));
+    ctx.with_app("set_weights", move |app| app.set_weights(&mean)).await
+}
+
+async fn evaluate(ctx: &mut RingCtx) -> Result<()> {
+    ctx.evaluation = ctx.with_app("evaluate", |app| app.evaluate()).await?;
+    Ok(())
+}
+
+async fn report(ctx: &mut RingCtx) -> Result<()> {
+    let mut metrics = std::mem::take(&mut ctx.metrics);
+    metrics.set("localSamples", ctx.outcome.num_samples as f64);
+    metrics.extend("train_", &ctx.outcome.metrics);
+    metrics.extend("", &ctx.evaluation);
+    let record = metrics.finish(ctx.me(), &ctx.config.role, ctx.round, ctx.traffic());
+    tracing::info!(task_id = %ctx.me(), round = ctx.round, members = ctx.members.len(), metrics = ?ctx.evaluation, "ring round done");
+    if ctx.is_leader() {
+        let (registry, job, rec) = (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
+        tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
+    }
+    if let Some(reporter) = &ctx.reporter {
+        reporter.report(record.clone());
+    }
+    ctx.history.push(record);
+    ctx.done = ctx.round >= ctx.rounds;
+    Ok(())
+}
+
+async fn finish(ctx: &mut RingCtx) -> Result<()> {
+    if ctx.is_leader() {
+        let weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
+        let (registry, job) = (ctx.registry.clone(), ctx.config.job.id.clone());
+        let path = tokio::task::spawn_blocking(move || registry.save_final(&job, &weights)).await??;
+        tracing::info!(path = %path.display(), "final model saved");
+        // Trainers that asked to join too late are told to stop.
+        while let Some((end, _)) = ctx.mailbox.poll(|_, m| is_command(m, READY) && m.round == 0).await? {
+            let _ = ctx.send(&end, Message::new(Kind::EndOfTraining, ctx.round)).await;
+        }
+    }
+    // Give the transport a moment to deliver our last chunks before the connection goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ctx.channels.close().await?;
+    if let Some(reporter) = ctx.reporter.take() {
+        reporter.shutdown(Duration::from_secs(5)).await;
+    }
+    Ok(())
+}
+
+/// The distributed trainer program.
+pub fn program() -> Composer<RingCtx> {
+    Composer::new()
+        .tasklet("initialize", async_tasklet(|c| boxed(initialize(c))))
+        .tasklet("load_data", async_tasklet(|c| boxed(load_data(c))))
+        .tasklet("bootstrap", async_tasklet(|c| boxed(bootstrap(c))))
+        .loop_until(
+            "rounds",
+            |c: &RingCtx| c.done,
+            Composer::new()
+                .tasklet("membership", async_tasklet(|c| boxed(membership(c))))
+                .tasklet("train", async_tasklet(|c| boxed(train(c))))
+                .tasklet("allreduce", async_tasklet(|c| boxed(allreduce(c))))
+                .tasklet("evaluate", async_tasklet(|c| boxed(evaluate(c))))
+                .tasklet("report", async_tasklet(|c| boxed(report(c)))),
+        )
+        .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
+}
+
+/// Runs the distributed trainer task `config` with user code from `factory`, bounded by
+/// `maxRunTime`. The summary's kind is [`RoleKind::Trainer`].
+pub async fn run(config: TaskConfig, factory: Arc<dyn AppFactory>, opts: RunOptions) -> Result<RunSummary> {
+    let max_run_time = config.max_run_time;
+    let run = async move {
+        let reporter = match &config.control_plane {
+            Some(cp) => Reporter::start(&cp.apiserver, &config.task_id, opts.task_key.clone()),
+            None => Reporter::disabled(),
+        };
+        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let app = factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
+        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let mut ctx = RingCtx::new(config, channels, app, registry, reporter)?;
+        program().run(&mut ctx).await?;
+        let final_model = ctx.with_app("get_weights", |app| app.get_weights()).await.ok();
+        Ok(RunSummary { kind: RoleKind::Trainer, rounds: ctx.round, history: ctx.history, final_model })
+    };
+    if max_run_time == 0 {
+        return run.await;
+    }
+    tokio::time::timeout(Duration::from_secs(max_run_time), run)
+        .await
+        .map_err(|_| Error::Timeout(max_run_time))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_vector_once() {
+        for (len, n) in [(10, 3), (3, 4), (101, 7)] {
+            let mut covered = vec![0; len];
+            for c in 0..n {
+                for i in chunk_range(len, n, c) {
+                    covered[i] += 1;
+                }
+            }
+            assert!(covered.iter().all(|c| *c == 1), "len {len} n {n}");
+        }
+    }
+
+    #[test]
+    fn flatten_and_unflatten_give_the_weighted_mean() {
+        let w = |v: Vec<f32>| {
+            Weights::from_tensors(vec![
+                Tensor::new("a", vec![2], v[..2].to_vec()).expect("t"),
+                Tensor::new("b", vec![1], v[2..].to_vec()).expect("t"),
+            ])
+            .expect("w")
+        };
+        let (x, y) = (w(vec![1.0, 2.0, 3.0]), w(vec![5.0, 6.0, 7.0]));
+        let sum: Vec<f32> = flatten(&x, 1.0).iter().zip(flatten(&y, 3.0)).map(|(a, b)| a + b).collect();
+        let mean = unflatten(&x, &sum).expect("mean");
+        assert_eq!(mean, w(vec![4.0, 5.0, 6.0]));
+        assert!(unflatten(&x, &[1.0, 0.0]).is_err());
+    }
+}
