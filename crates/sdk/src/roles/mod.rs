@@ -18,6 +18,8 @@ use crate::hyper::{self, names};
 use crate::{Error, Result};
 
 pub mod aggregator;
+pub mod fedbuff;
+pub mod ring;
 pub mod trainer;
 
 /// Function tags of the built-in roles.
