@@ -413,6 +413,11 @@ async fn a_user_stop_terminates_every_task_and_its_code() {
         let pid: i32 = crate::fakes::wait_for_file(&pid_file).await.trim().parse().expect("pid");
         pids.push(pid);
     }
+    // Agents beat while their code runs (every 0.5 s here).
+    wait_tasks(control.store.as_ref(), &job, "heartbeats from every agent", |tasks| {
+        tasks.iter().all(|t| t.last_heartbeat.is_some())
+    })
+    .await;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while control.store.get_job(None, &job).await.expect("job").state != JobState::Running {
         assert!(tokio::time::Instant::now() < deadline, "job never ran");
