@@ -41,10 +41,10 @@ pub(crate) enum Stop {
     Interrupted(PyErr),
 }
 
-/// Starts the tracing subscriber once per process: `FLEDGE_LOG` (default `info`) to stderr.
-fn init_tracing() {
+/// Starts the tracing subscriber once per process: `FLEDGE_LOG` (else `default`) to stderr.
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLEDGE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // A second call (another run in the same process) finds the subscriber set: fine.
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
@@ -139,7 +139,8 @@ pub fn run_task<'py>(
     evaluator: Option<Py<PyAny>>,
     workdir: Option<PathBuf>,
 ) -> PyResult<(String, Option<Bound<'py, PyDict>>)> {
-    init_tracing();
+    // A task's log tail is its record: progress belongs there.
+    init_tracing("info");
     let config = read_config(config_json)?;
     let mut opts = RunOptions::from_env();
     if let Some(dir) = workdir {
@@ -184,7 +185,8 @@ pub fn simulate<'py>(
     job_id: &str,
     timeout: f64,
 ) -> PyResult<(String, Option<Bound<'py, PyDict>>, String)> {
-    init_tracing();
+    // Every task of a simulation logs to this terminal: only problems by default.
+    init_tracing("warn");
     let mut plan = JobPlan::local(job_id, datasets);
     plan.middle = middle;
     plan.hyperparameters = serde_json::from_str(hyperparameters_json)
