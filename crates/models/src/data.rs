@@ -346,7 +346,7 @@ mod tests {
         // Every digit is present in a real MNIST sample of this size, roughly balanced.
         let counts = train.class_counts();
         assert!(counts.iter().all(|&c| c > 600 && c < 1000), "{counts:?}");
-        assert!(train.features.iter().any(|&v| v == 1.0));
+        assert!(train.features.contains(&1.0));
     }
 
     #[test]

@@ -26,6 +26,8 @@
 //! | that trainer → aggregator | `Weights` | 0 | its initial weights | |
 //! | aggregator → trainers | `EndOfTraining` | last | final model | |
 
+#![deny(missing_docs)]
+
 pub mod app;
 pub mod composer;
 pub mod convert;

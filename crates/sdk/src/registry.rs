@@ -271,8 +271,8 @@ mod tests {
             metrics: BTreeMap::from([("accuracy".to_owned(), 0.5)]),
             timestamp: None,
         };
-        reg.append_metrics(&job, &[rec.clone()]).expect("append");
-        reg.append_metrics(&job, &[rec.clone()]).expect("append");
+        reg.append_metrics(&job, std::slice::from_ref(&rec)).expect("append");
+        reg.append_metrics(&job, std::slice::from_ref(&rec)).expect("append");
         let text = std::fs::read_to_string(dir.path().join("jobs/job-1/metrics.jsonl")).expect("read");
         let lines: Vec<MetricRecord> =
             text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();

@@ -1,10 +1,391 @@
-//! `fledge bench` (being built; see the issue tracker).
+//! `fledge bench [aggregate|transfer|memory|round|all]`: performance against bounds measured
+//! in the same run.
+//!
+//! Every row is `name | value | unit | bound | ratio`:
+//!
+//! - **aggregate**: FedAvg fold throughput on a 100 MB model (fledge-algorithms' public fold
+//!   path) against single-thread memory read bandwidth.
+//! - **transfer**: a 100 MB model from an aggregator to 10 trainers through the embedded MQTT
+//!   broker, as delivered GB/s, against loopback TCP bandwidth.
+//! - **memory**: peak RSS (`VmHWM`) of a real top aggregator process running one round of a
+//!   10M-parameter model with 10 and with 100 trainers, as a multiple of the model size
+//!   (target ≤ 3×). The aggregator runs as a child process (`fledge bench memory-child`);
+//!   this process hosts the broker and the trainers, which echo the model back.
+//! - **round**: overhead of a 10-trainer MNIST round over MQTT in one process: aggregator round
+//!   wall time minus the slowest trainer's compute, against that compute.
+//!
+//! Build with `--release`: debug figures are meaningless.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fledge_channel::{BackendEnv, Channel, Kind, Message, MqttConfig};
+use fledge_models::MnistFactory;
+use fledge_models::url::{DatasetUrl, Partition};
+use fledge_sdk::runner::{JobPlan, RunOptions, simulate_with};
+use fledge_types::{Backend, TaskConfig};
+
+/// Which benchmark.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    /// FedAvg fold vs memory bandwidth.
+    Aggregate,
+    /// MQTT fan-out vs loopback TCP.
+    Transfer,
+    /// Aggregator peak RSS, 10 vs 100 trainers.
+    Memory,
+    /// MNIST round overhead.
+    Round,
+    /// Everything.
+    All,
+    /// Internal: the aggregator process of the memory benchmark.
+    #[value(hide = true)]
+    MemoryChild,
+}
 
 /// Arguments of `fledge bench`.
-#[derive(clap::Args)]
-pub struct Args {}
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Which benchmark.
+    #[arg(value_enum, default_value = "all")]
+    which: Which,
+    /// Model size of the memory benchmark, in parameters.
+    #[arg(long, default_value_t = 10_000_000)]
+    params: usize,
+    /// Internal (memory-child): broker address.
+    #[arg(long, hide = true)]
+    broker: Option<String>,
+    /// Internal (memory-child): trainers to wait for.
+    #[arg(long, hide = true, default_value_t = 10)]
+    trainers: usize,
+    /// Internal (memory-child): job id.
+    #[arg(long, hide = true, default_value = "bench-memory")]
+    job: String,
+}
+
+struct Row {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    bound: f64,
+    ratio: f64,
+}
+
+fn print_table(rows: &[Row]) {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::ASCII_MARKDOWN);
+    table.set_header(["name", "value", "unit", "bound", "ratio"]);
+    for r in rows {
+        table.add_row([
+            r.name.clone(),
+            format!("{:.3}", r.value),
+            r.unit.to_owned(),
+            format!("{:.3}", r.bound),
+            format!("{:.3}", r.ratio),
+        ]);
+    }
+    println!("{table}");
+}
 
 /// Runs the subcommand.
-pub async fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`fledge bench` is not built yet")
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.which == Which::MemoryChild {
+        return memory_child(&args).await;
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("warning: debug build; build with --release for meaningful figures");
+    }
+    let all = args.which == Which::All;
+    let mut rows = Vec::new();
+    if all || args.which == Which::Aggregate {
+        rows.extend(aggregate().await?);
+    }
+    if all || args.which == Which::Transfer {
+        rows.extend(transfer().await?);
+    }
+    if all || args.which == Which::Memory {
+        rows.extend(memory(args.params).await?);
+    }
+    if all || args.which == Which::Round {
+        rows.extend(round().await?);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+async fn aggregate() -> anyhow::Result<Vec<Row>> {
+    eprintln!("aggregate: folding a 100 MB model ...");
+    let params = 25_000_000;
+    let (fold, kernel, bw) = tokio::task::spawn_blocking(move || {
+        let bw = fledge_algorithms::bench::memory_read_bandwidth(256 << 20);
+        let fold = fledge_algorithms::bench::fold_throughput(params, 5);
+        let kernel = fledge_algorithms::bench::fold_kernel_throughput(params, 5, false);
+        (fold, kernel, bw)
+    })
+    .await?;
+    Ok(vec![
+        Row {
+            name: "fedavg fold, 100 MB model (checked add)".to_owned(),
+            value: fold,
+            unit: "GB/s",
+            bound: bw,
+            ratio: fold / bw,
+        },
+        Row {
+            name: "fedavg fold kernel, single thread".to_owned(),
+            value: kernel,
+            unit: "GB/s",
+            bound: bw,
+            ratio: kernel / bw,
+        },
+    ])
+}
+
+async fn transfer() -> anyhow::Result<Vec<Row>> {
+    eprintln!("transfer: 100 MB to 10 trainers through the embedded broker ...");
+    let bytes = 100_000_000;
+    let receivers = 10;
+    let loopback = fledge_channel::bench::loopback_tcp_bandwidth(1 << 30).await?;
+    let elapsed = fledge_channel::bench::mqtt_fanout(bytes, receivers).await?;
+    let delivered = (bytes * receivers) as f64 / elapsed.as_secs_f64() / 1e9;
+    Ok(vec![
+        Row {
+            name: "mqtt fan-out 100 MB → 10 trainers (delivered)".to_owned(),
+            value: delivered,
+            unit: "GB/s",
+            bound: loopback,
+            ratio: delivered / loopback,
+        },
+        Row {
+            name: "mqtt fan-out 100 MB → 10 trainers (time)".to_owned(),
+            value: elapsed.as_secs_f64(),
+            unit: "s",
+            bound: (bytes * receivers) as f64 / loopback / 1e9,
+            ratio: elapsed.as_secs_f64() / ((bytes * receivers) as f64 / loopback / 1e9),
+        },
+    ])
+}
+
+/// Peak resident set of this process in bytes (Linux `VmHWM`).
+fn vm_hwm() -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/self/status")?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .context("cannot parse VmHWM")?;
+    Ok(kb * 1024)
+}
+
+fn bench_plan(job: &str, trainers: usize, broker: &str) -> JobPlan {
+    let mut plan = JobPlan::local(job, (0..trainers).map(|i| format!("bench:{i}")).collect());
+    plan.backend = Backend::Mqtt;
+    plan.brokers = vec![broker.to_owned()];
+    plan.hyperparameters =
+        serde_json::json!({"rounds": 1, "minTrainers": trainers, "joinTimeout": 120})
+            .as_object()
+            .cloned()
+            .expect("literal object");
+    plan
+}
+
+/// The aggregator side of the memory benchmark, in a child process: runs the real top
+/// aggregator for one round, then prints its peak RSS.
+async fn memory_child(args: &Args) -> anyhow::Result<()> {
+    let broker = args.broker.clone().context("memory-child needs --broker")?;
+    let plan = bench_plan(&args.job, args.trainers, &broker);
+    let config = plan.configs()?.remove(0);
+    let dir = tempfile::tempdir()?;
+    let mut opts = RunOptions { workdir: dir.path().to_path_buf(), ..RunOptions::default() };
+    opts.backend_env.max_message_bytes = 1 << 30;
+    fledge_sdk::runner::run_task_with(config, MnistFactory::shared(), opts)
+        .await
+        .map_err(|e| anyhow::anyhow!(fledge_sdk::runner::error_chain(&e)))?;
+    println!("{{\"vmHwm\": {}}}", vm_hwm()?);
+    Ok(())
+}
+
+/// A trainer that echoes the model it gets (shared bytes: no copy per trainer).
+async fn echo_trainer(
+    config: TaskConfig,
+    env: BackendEnv,
+    model: fledge_channel::Tensors,
+) -> anyhow::Result<()> {
+    let spec = &config.channels[0];
+    let (opts, backend) = fledge_channel::manager::plan(&config, spec, &env)?;
+    let channel = Channel::open(opts, backend).await?;
+    let aggregator = channel
+        .await_join(Duration::from_secs(120))
+        .await?
+        .into_iter()
+        .next()
+        .context("no aggregator")?;
+    loop {
+        let m = match channel.recv(&aggregator).await {
+            Ok(m) => m,
+            Err(_) => return Ok(()),
+        };
+        match m.kind {
+            Kind::Control => {
+                let mut reply = Message::new(Kind::Weights, 0);
+                reply.tensors = model.clone();
+                channel.send(&aggregator, reply).await?;
+            }
+            Kind::Weights => {
+                let mut reply = Message::new(Kind::Update, m.round).with_meta("num_samples", 1);
+                reply.model_version = m.model_version;
+                reply.tensors = m.tensors;
+                channel.send(&aggregator, reply).await?;
+            }
+            Kind::EndOfTraining => {
+                channel.close().await?;
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn memory_run(params: usize, trainers: usize) -> anyhow::Result<u64> {
+    let broker =
+        fledge_channel::broker::start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    let job = format!("bench-memory-{trainers}");
+    let plan = bench_plan(&job, trainers, &broker.addr().to_string());
+    let configs = plan.configs()?;
+    let exe = std::env::current_exe()?;
+    let child = tokio::process::Command::new(exe)
+        .args(["bench", "memory-child", "--broker", &broker.addr().to_string()])
+        .args(["--trainers", &trainers.to_string(), "--job", &job])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let values: Vec<f32> = (0..params).map(|i| (i % 1000) as f32 * 1e-3).collect();
+    let mut model = fledge_channel::Tensors::new();
+    model.insert("w", fledge_channel::Tensor::from_f32(vec![params], &values)?);
+    drop(values);
+    let env = BackendEnv {
+        mqtt: MqttConfig::new("127.0.0.1", broker.addr().port()),
+        max_message_bytes: 1 << 30,
+        ..BackendEnv::default()
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for config in configs.into_iter().skip(1) {
+        set.spawn(echo_trainer(config, env.clone(), model.clone()));
+    }
+    let output = tokio::time::timeout(Duration::from_secs(600), child.wait_with_output())
+        .await
+        .context("memory benchmark aggregator did not finish in 600 s")??;
+    while let Some(res) = set.join_next().await {
+        res??;
+    }
+    if !output.status.success() {
+        bail!("memory benchmark aggregator failed with {}", output.status);
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("bad child output {line:?}"))?;
+    v["vmHwm"].as_u64().context("child printed no vmHwm")
+}
+
+async fn memory(params: usize) -> anyhow::Result<Vec<Row>> {
+    let model_bytes = (params * 4) as f64;
+    let mut rows = Vec::new();
+    for trainers in [10, 100] {
+        eprintln!("memory: aggregator peak RSS, {params} parameters, {trainers} trainers ...");
+        let hwm = memory_run(params, trainers).await? as f64;
+        rows.push(Row {
+            name: format!(
+                "aggregator peak RSS, {trainers} trainers, {} M params",
+                params / 1_000_000
+            ),
+            value: hwm / 1e6,
+            unit: "MB",
+            bound: model_bytes / 1e6,
+            ratio: hwm / model_bytes,
+        });
+    }
+    Ok(rows)
+}
+
+fn data_dir() -> anyhow::Result<PathBuf> {
+    let here = PathBuf::from("examples/data");
+    let dir = if here.is_dir() {
+        here
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/data")
+    };
+    std::fs::canonicalize(&dir)
+        .with_context(|| format!("MNIST data not found at {}", dir.display()))
+}
+
+async fn round() -> anyhow::Result<Vec<Row>> {
+    eprintln!("round: 10-trainer MNIST job over MQTT, 3 rounds x 1 epoch ...");
+    let broker =
+        fledge_channel::broker::start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    let data = data_dir()?;
+    let trainers = 10;
+    let mut plan = JobPlan::local(
+        "bench-round",
+        (0..trainers)
+            .map(|i| DatasetUrl::for_shard(&data, i, trainers, Partition::Iid, 0))
+            .collect(),
+    );
+    plan.backend = Backend::Mqtt;
+    plan.brokers = vec![broker.addr().to_string()];
+    plan.hyperparameters = serde_json::json!({"rounds": 3, "epochs": 1, "minTrainers": trainers})
+        .as_object()
+        .cloned()
+        .expect("literal object");
+    let dir = tempfile::tempdir()?;
+    let opts = RunOptions {
+        workdir: dir.path().to_path_buf(),
+        backend_env: BackendEnv {
+            mqtt: MqttConfig::new("127.0.0.1", broker.addr().port()),
+            ..BackendEnv::default()
+        },
+        ..RunOptions::default()
+    };
+    let report = simulate_with(&plan, MnistFactory::shared(), opts)
+        .await
+        .map_err(|e| anyhow::anyhow!(fledge_sdk::runner::error_chain(&e)))?;
+    // Per round: aggregator wall time (its tasklets) and the slowest trainer's train time.
+    let mut slowest: BTreeMap<u64, f64> = BTreeMap::new();
+    for run in report.others.values().flatten() {
+        for r in &run.history {
+            let t = r.metrics.get("seconds.train").copied().unwrap_or(0.0);
+            let e = slowest.entry(r.round).or_default();
+            *e = e.max(t);
+        }
+    }
+    let mut overhead = Vec::new();
+    let mut compute = Vec::new();
+    for r in &report.top.history {
+        let wall: f64 = ["select", "distribute", "aggregate"]
+            .iter()
+            .map(|k| r.metrics.get(&format!("seconds.{k}")).copied().unwrap_or(0.0))
+            .sum();
+        let c = slowest.get(&r.round).copied().unwrap_or(0.0);
+        overhead.push(wall - c);
+        compute.push(c);
+    }
+    // Round 1 includes the trainers' start-up; report the steady rounds.
+    let steady = overhead.len().saturating_sub(1).max(1);
+    let skip = overhead.len() - steady;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (o, c) = (mean(&overhead[skip..]), mean(&compute[skip..]));
+    Ok(vec![Row {
+        name: "mnist round overhead, 10 trainers (wall - slowest compute)".to_owned(),
+        value: o,
+        unit: "s",
+        bound: c,
+        ratio: o / c.max(1e-9),
+    }])
 }
