@@ -155,7 +155,9 @@ pub trait Store: Send + Sync + 'static {
     // Designs, schemas, code.
     /// Creates a design owned by `owner`.
     async fn create_design(&self, owner: &UserId, spec: &DesignSpec) -> Result<Design>;
-    /// Gets a design of `owner` (`None`: any owner).
+    /// Gets a design of `owner` (`None`: any owner; design ids are unique per owner, so when
+    /// several owners use the id, the first owner in name order wins: callers that know the
+    /// owner, such as the controller with `job.owner`, should pass it).
     async fn get_design(&self, owner: Option<&UserId>, id: &DesignId) -> Result<Design>;
     /// Lists designs (`None`: all).
     async fn list_designs(&self, owner: Option<&UserId>) -> Result<Vec<Design>>;
