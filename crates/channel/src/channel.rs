@@ -229,6 +229,9 @@ pub struct EndProps {
 }
 
 /// Traffic counters of one channel, readable at any time.
+///
+/// Over `mqtt` the byte counts are exact encoded sizes; over `local`, where nothing is encoded,
+/// they are the size the encoding would have (an upper-bound estimate of the header).
 #[derive(Debug, Default)]
 pub struct ChannelMetrics {
     bytes_sent: AtomicU64,
@@ -526,6 +529,9 @@ impl Channel {
     }
 
     /// Sends `message` to `end`, which must be a live peer. The sender id is set to `me()`.
+    ///
+    /// Returns once the backend has taken the message (for `mqtt`: queued to the connection,
+    /// in order); [`Channel::close`] flushes what is queued, dropping the handle does not.
     pub async fn send(&self, end: &TaskId, message: Message) -> Result<()> {
         if !self.shared().is_peer(end) {
             return Err(Error::UnknownEnd {
@@ -575,7 +581,8 @@ impl Channel {
             .await
     }
 
-    /// The oldest queued message from any end, waiting for one if none is queued.
+    /// The oldest queued message from any end, waiting for one if none is queued (with no
+    /// peers this waits until one joins and sends; wrap it in a timeout if that can happen).
     pub async fn recv_any(&self) -> Result<(TaskId, Message)> {
         self.shared()
             .wait_for(|state| {

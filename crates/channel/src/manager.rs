@@ -48,14 +48,11 @@ pub struct ChannelManager {
 
 /// Where an `mqtt` channel's broker is: the channel's `brokerHost`, else the first broker.
 fn broker_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> Result<MqttConfig> {
-    let host = config
-        .broker_for(spec)
-        .ok_or_else(|| Error::Config {
-            channel: spec.name.clone(),
-            reason:
-                "backend mqtt but the task config names no mqtt broker (brokers[] or brokerHost)"
-                    .to_owned(),
-        })?;
+    let host = config.broker_for(spec).ok_or_else(|| Error::Config {
+        channel: spec.name.clone(),
+        reason: "backend mqtt but the task config names no mqtt broker (brokers[] or brokerHost)"
+            .to_owned(),
+    })?;
     let parsed = MqttConfig::parse(host)?;
     Ok(MqttConfig { host: parsed.host, port: parsed.port, ..env.mqtt.clone() })
 }
@@ -90,6 +87,24 @@ pub fn plan(
 }
 
 impl ChannelManager {
+    /// An empty manager for `role`; add channels with [`ChannelManager::insert`]
+    /// (simulations that open channels by hand).
+    pub fn new(role: impl Into<String>) -> ChannelManager {
+        ChannelManager { role: role.into(), channels: BTreeMap::new(), tags: BTreeMap::new() }
+    }
+
+    /// Adds (or replaces) a channel with the function tags this role carries on it.
+    pub fn insert(&mut self, channel: Channel, tags: Vec<String>) {
+        let name = channel.name().to_owned();
+        self.tags.insert(name.clone(), tags);
+        self.channels.insert(name, channel);
+    }
+
+    /// The role whose channels these are.
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+
     /// Joins every channel of `config`'s role (all of them, or none on error).
     pub async fn join_all(config: &TaskConfig, env: &BackendEnv) -> Result<ChannelManager> {
         let mut channels = BTreeMap::new();
@@ -170,18 +185,16 @@ mod tests {
     }
 
     fn env(hub: &LocalHub) -> BackendEnv {
-        BackendEnv {
-            local_hub: hub.clone(),
-            ..BackendEnv::default()
-        }
+        BackendEnv { local_hub: hub.clone(), ..BackendEnv::default() }
     }
 
     #[tokio::test]
     async fn joins_by_config_and_finds_by_tag() {
         let hub = LocalHub::new();
-        let agg = ChannelManager::join_all(&config("agg-eu", "aggregator", "eu", "local"), &env(&hub))
-            .await
-            .expect("aggregator joins");
+        let agg =
+            ChannelManager::join_all(&config("agg-eu", "aggregator", "eu", "local"), &env(&hub))
+                .await
+                .expect("aggregator joins");
         let mut trainer_env = env(&hub);
         trainer_env.props.insert("num_samples".into(), 640.into());
         let t1 = ChannelManager::join_all(&config("t1", "trainer", "eu", "local"), &trainer_env)

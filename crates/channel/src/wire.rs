@@ -532,8 +532,8 @@ pub fn encode(message: &Message) -> Result<Bytes> {
     let order: Vec<&str> = message.tensors.names().collect();
     let order_json = serde_json::to_string(&order).map_err(Error::Meta)?;
     let info = HashMap::from([(ORDER_KEY.to_owned(), order_json)]);
-    let payload = safetensors::serialize(message.tensors.iter(), Some(info))
-        .map_err(Error::Safetensors)?;
+    let payload =
+        safetensors::serialize(message.tensors.iter(), Some(info)).map_err(Error::Safetensors)?;
     let tensor_count =
         u32::try_from(message.tensors.len()).expect("tensor count fits u32: each has a name");
 
