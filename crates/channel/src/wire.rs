@@ -529,15 +529,20 @@ pub fn encode(message: &Message) -> Result<Bytes> {
     let meta = serde_json::to_vec(&message.meta).map_err(Error::Meta)?;
     let meta_len = u32::try_from(meta.len())
         .map_err(|_| Error::TooLarge { size: meta.len() as u64, limit: u32::MAX as usize })?;
-    let order: Vec<&str> = message.tensors.names().collect();
-    let order_json = serde_json::to_string(&order).map_err(Error::Meta)?;
-    let info = HashMap::from([(ORDER_KEY.to_owned(), order_json)]);
-    let payload =
-        safetensors::serialize(message.tensors.iter(), Some(info)).map_err(Error::Safetensors)?;
+    let (st_header, ordered) = safetensors_header(&message.tensors)?;
+    let data_len: usize = ordered.iter().map(|t| t.data.len()).sum();
+    let payload_len = 8 + st_header.len() + data_len;
     let tensor_count =
         u32::try_from(message.tensors.len()).expect("tensor count fits u32: each has a name");
+    // One pass over the tensor data: checksum, then a single copy into the output.
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&(st_header.len() as u64).to_le_bytes());
+    crc.update(&st_header);
+    for tensor in &ordered {
+        crc.update(&tensor.data);
+    }
 
-    let mut buf = BytesMut::with_capacity(FIXED_HEADER + sender.len() + meta.len() + payload.len());
+    let mut buf = BytesMut::with_capacity(FIXED_HEADER + sender.len() + meta.len() + payload_len);
     buf.put_slice(&MAGIC);
     buf.put_u16_le(FORMAT_VERSION);
     buf.put_u8(message.kind as u8);
@@ -549,10 +554,45 @@ pub fn encode(message: &Message) -> Result<Bytes> {
     buf.put_u32_le(meta_len);
     buf.put_slice(&meta);
     buf.put_u32_le(tensor_count);
-    buf.put_u64_le(payload.len() as u64);
-    buf.put_u32_le(crc32fast::hash(&payload));
-    buf.put_slice(&payload);
+    buf.put_u64_le(payload_len as u64);
+    buf.put_u32_le(crc.finalize());
+    buf.put_u64_le(st_header.len() as u64);
+    buf.put_slice(&st_header);
+    for tensor in &ordered {
+        buf.put_slice(&tensor.data);
+    }
     Ok(buf.freeze())
+}
+
+/// The safetensors header for `tensors` and the tensors in payload order, exactly as
+/// `safetensors::serialize` lays them out (descending dtype alignment, then name; header padded
+/// to 8 bytes), so the payload can be written with one copy of the data.
+fn safetensors_header(tensors: &Tensors) -> Result<(Vec<u8>, Vec<&Tensor>)> {
+    let mut ordered: Vec<(&str, &Tensor)> = tensors.iter().collect();
+    ordered
+        .sort_by(|(ln, l), (rn, r)| r.dtype.to_st().cmp(&l.dtype.to_st()).then_with(|| ln.cmp(rn)));
+    let mut offset = 0;
+    let mut infos = Vec::with_capacity(ordered.len());
+    for (name, tensor) in &ordered {
+        let n = tensor.data.len();
+        infos.push((
+            (*name).to_owned(),
+            safetensors::tensor::TensorInfo {
+                dtype: tensor.dtype.to_st(),
+                shape: tensor.shape.clone(),
+                data_offsets: (offset, offset + n),
+            },
+        ));
+        offset += n;
+    }
+    let order: Vec<&str> = tensors.names().collect();
+    let order_json = serde_json::to_string(&order).map_err(Error::Meta)?;
+    let info = HashMap::from([(ORDER_KEY.to_owned(), order_json)]);
+    let metadata =
+        safetensors::tensor::Metadata::new(Some(info), infos).map_err(Error::Safetensors)?;
+    let mut header = serde_json::to_vec(&metadata).map_err(Error::Meta)?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    Ok((header, ordered.into_iter().map(|(_, t)| t).collect()))
 }
 
 /// Size `encode` would produce, without encoding the tensor data (metadata is serialized).
@@ -743,6 +783,17 @@ mod tests {
             vec![42]
         );
         assert_eq!(back.num_samples(), Some(120));
+    }
+
+    #[test]
+    fn payload_is_byte_identical_to_safetensors_serialize() {
+        let m = sample();
+        let bytes = encode(&m).expect("encode");
+        let order: Vec<&str> = m.tensors.names().collect();
+        let info =
+            HashMap::from([(ORDER_KEY.to_owned(), serde_json::to_string(&order).expect("json"))]);
+        let reference = safetensors::serialize(m.tensors.iter(), Some(info)).expect("serialize");
+        assert_eq!(&bytes[bytes.len() - reference.len()..], &reference[..]);
     }
 
     #[test]
