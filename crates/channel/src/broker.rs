@@ -28,11 +28,12 @@ pub struct BrokerOptions {
     pub max_inflight_count: usize,
     /// Concurrent connections. Default 10 000.
     pub max_connections: usize,
-    /// Bytes of one commit-log segment per topic filter (must exceed the payload size).
-    /// Default 64 MiB.
+    /// Bytes of one commit-log segment per topic filter (raised to twice the payload size if
+    /// smaller). Default 32 MiB.
     pub max_segment_size: usize,
-    /// Segments kept per topic filter: a subscriber more than
-    /// `max_segment_size × max_segment_count` bytes behind loses data. Default 16.
+    /// Segments kept per topic filter. rumqttd keeps up to `max_segment_size ×
+    /// max_segment_count` bytes per active topic in memory (256 MiB by default), and a
+    /// subscriber further behind than that loses data. Default 8.
     pub max_segment_count: usize,
 }
 
@@ -42,8 +43,8 @@ impl Default for BrokerOptions {
             max_payload_size: 2 * DEFAULT_CHUNK_SIZE + (64 << 10),
             max_inflight_count: 1000,
             max_connections: 10_000,
-            max_segment_size: 64 << 20,
-            max_segment_count: 16,
+            max_segment_size: 32 << 20,
+            max_segment_count: 8,
         }
     }
 }
@@ -168,20 +169,42 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
     Ok(BrokerHandle { addr: public_addr, cancel, relay: Some(relay) })
 }
 
-/// Waits until rumqttd accepts connections on `internal` (it binds on its own thread).
+/// Waits until rumqttd answers an MQTT CONNECT on `internal` (it binds on its own thread).
+/// A full CONNECT/CONNACK/DISCONNECT exchange checks the router too, and unlike a bare TCP
+/// probe it does not make rumqttd log a connect error.
 fn wait_listening(internal: SocketAddr) -> Result<()> {
     let mut last = None;
     for _ in 0..200 {
-        match std::net::TcpStream::connect_timeout(&internal, Duration::from_millis(100)) {
-            Ok(_) => return Ok(()),
+        match probe(internal) {
+            Ok(()) => return Ok(()),
             Err(e) => last = Some(e),
         }
         thread::sleep(Duration::from_millis(25));
     }
     Err(Error::Io {
-        context: format!("embedded broker did not listen on {internal}"),
+        context: format!("embedded broker did not answer on {internal}"),
         source: last.unwrap_or_else(|| std::io::Error::other("no attempt made")),
     })
+}
+
+fn probe(internal: SocketAddr) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    const CLIENT_ID: &[u8] = b"fledge-probe";
+    let mut connect = vec![0x10, (10 + 2 + CLIENT_ID.len()) as u8];
+    // Protocol "MQTT" level 4, clean session, keep-alive 10 s.
+    connect.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x0a]);
+    connect.extend_from_slice(&(CLIENT_ID.len() as u16).to_be_bytes());
+    connect.extend_from_slice(CLIENT_ID);
+    let mut stream = std::net::TcpStream::connect_timeout(&internal, Duration::from_millis(200))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(&connect)?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack)?;
+    if connack != [0x20, 0x02, 0x00, 0x00] {
+        return Err(std::io::Error::other(format!("unexpected CONNACK {connack:02x?}")));
+    }
+    stream.write_all(&[0xe0, 0x00])?;
+    Ok(())
 }
 
 async fn relay(public: StdListener, internal: SocketAddr, cancel: CancellationToken) {
