@@ -283,6 +283,32 @@ async fn big_message(f: Fixture) {
     assert!(big.as_f32().expect("f32") == values.as_slice());
 }
 
+async fn concurrent_chunked_senders(mut f: Fixture) {
+    // Small chunks so that both senders' chunks interleave at the receiver.
+    if let Backend::Mqtt(config) = &mut f.backend {
+        config.chunk_size = 64 << 10;
+    }
+    let (agg, trainers) = f.star(2).await;
+    let n = 1 << 20; // 4 MiB of f32 each, 64 chunks each.
+    let sends = trainers.iter().enumerate().map(|(i, t)| {
+        let values: Vec<f32> = (0..n).map(|v| (v + i) as f32).collect();
+        let message = Message::new(Kind::Update, i as u64)
+            .with_tensor("w", Tensor::from_f32(vec![n], &values).expect("shape"));
+        async move { t.send(&id("agg"), message).await }
+    });
+    for res in futures::future::join_all(sends).await {
+        res.expect("send");
+    }
+    for i in 0..2 {
+        let m = agg.recv(&id(&format!("t{i}"))).await.expect("reassembled");
+        let w = m.tensors.get("w").expect("w");
+        let w = w.as_f32().expect("f32");
+        assert_eq!(w.len(), n);
+        assert!(w.iter().enumerate().all(|(v, x)| *x == (v + i) as f32));
+    }
+    assert_eq!(agg.metrics().snapshot().messages_dropped, 0);
+}
+
 async fn peer_death(f: Fixture) {
     let (agg, mut trainers) = f.star(2).await;
     // Crash: the handle goes away without leaving.
@@ -374,6 +400,7 @@ macro_rules! backend_test_suite {
             case!(unicast_order_per_sender);
             case!(broadcast_and_recv_fifo);
             case!(big_message);
+            case!(concurrent_chunked_senders);
             case!(peer_death);
             case!(size_limit);
             case!(duplicate_and_p2p);
