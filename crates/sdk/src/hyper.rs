@@ -18,6 +18,10 @@ pub mod names {
     pub const EXPECTED_TRAINERS: &str = "expectedTrainers";
     /// Seconds to wait for peers to join (default 120).
     pub const JOIN_TIMEOUT: &str = "joinTimeout";
+    /// Updates an aggregator lets arrive at once (0, the default: no limit). With a limit,
+    /// a trainer announces `ready` after training and uploads only when granted, so the
+    /// aggregator's inbound buffers hold at most this many updates.
+    pub const MAX_CONCURRENT_UPLOADS: &str = "maxConcurrentUploads";
 }
 
 fn bad(name: &str, reason: impl Into<String>) -> Error {

@@ -164,3 +164,15 @@ fn roles_are_customisable_by_alias() {
     let top = fledge_sdk::roles::aggregator::top_program();
     assert!(top.aliases().contains(&"checkpoint".to_owned()));
 }
+
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn upload_grants_bound_concurrency_and_survive_a_dead_trainer() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut plan = plan("grants", &["1:10", "1:10", "1:10:2", "1:10"], 3, 2);
+    plan.hyperparameters.insert("maxConcurrentUploads".to_owned(), 1.into());
+    let report = simulate(&plan, Arc::new(Factory), dir.path().to_path_buf()).await.expect("job completes");
+    let h = &report.top.history;
+    assert_eq!(h[0].metrics["updates"], 4.0);
+    assert_eq!(h[1].metrics["updates"], 3.0);
+    assert_close(&final_w(&report), &[0.875]);
+}

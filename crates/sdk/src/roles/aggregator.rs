@@ -29,7 +29,7 @@
 //! the summed sample count, so that the job's server optimizer (FedAdam, ...) runs once, at
 //! the top.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +45,7 @@ use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
 use crate::metrics::{Reporter, RoundMetrics};
 use crate::registry::Registry;
-use crate::roles::trainer::{COMMAND, INIT_MODEL};
+use crate::roles::trainer::{COMMAND, INIT_MODEL, READY, UPLOAD, await_upload_permit};
 use crate::roles::{Common, tags};
 use crate::{Error, Result, Weights};
 
@@ -83,6 +83,7 @@ pub struct AggregatorCtx {
     selector: Selector,
     min_trainers: usize,
     expected_trainers: usize,
+    max_uploads: usize,
     selected: Vec<TaskId>,
     round_samples: u64,
     registry: Arc<dyn Registry>,
@@ -122,6 +123,7 @@ impl AggregatorCtx {
         let min_trainers = hyper::uint(h, names::MIN_TRAINERS, 1, 1)? as usize;
         let expected_trainers =
             hyper::uint(h, names::EXPECTED_TRAINERS, min_trainers as u64, 1)? as usize;
+        let max_uploads = hyper::uint(h, names::MAX_CONCURRENT_UPLOADS, 0, 0)? as usize;
         let optimizer = match tier {
             Tier::Top => Optimizer::from_config(&serde_json::to_value(&config.optimizer).expect("sort serialises"))?,
             Tier::Middle => Optimizer::default(),
@@ -160,6 +162,7 @@ impl AggregatorCtx {
             selector,
             min_trainers,
             expected_trainers,
+            max_uploads,
             selected: Vec::new(),
             round_samples: 0,
             registry,
@@ -349,18 +352,52 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
     let mut rejected = 0usize;
     let mut trainer_metrics = TrainerMetrics::default();
     let round = ctx.round;
+    // Upload grants (with maxConcurrentUploads): ends granted and not yet uploaded, and
+    // ends ready and waiting for a grant.
+    let mut granted: BTreeSet<TaskId> = BTreeSet::new();
+    let mut waiting: VecDeque<TaskId> = VecDeque::new();
     while !pending.is_empty() {
+        if ctx.max_uploads > 0 {
+            // A granted end that died frees its slot.
+            let alive: BTreeSet<TaskId> = ctx.aggregate.ends().into_iter().collect();
+            granted.retain(|e| alive.contains(e));
+            while granted.len() < ctx.max_uploads
+                && let Some(next) = waiting.pop_front()
+            {
+                let grant = Message::new(Kind::Control, round).with_meta(COMMAND, UPLOAD);
+                if ctx.distribute.send(&next, grant).await.is_ok() {
+                    granted.insert(next);
+                }
+            }
+        }
         let ends: Vec<TaskId> = pending.iter().cloned().collect();
         let mut stream = Box::pin(ctx.aggregate.recv_fifo(&ends, 1));
-        let Some(item) = stream.next().await else {
+        let next = if ctx.max_uploads > 0 {
+            // Wake up now and then to notice granted ends that died.
+            match tokio::time::timeout(Duration::from_secs(1), stream.next()).await {
+                Ok(next) => next,
+                Err(_) => continue,
+            }
+        } else {
+            stream.next().await
+        };
+        let Some(item) = next else {
             // Every trainer still pending has left the channel.
             break;
         };
         let (end, message) = item?;
+        if message.kind == Kind::Control
+            && message.round == round
+            && message.meta.get(COMMAND).and_then(Value::as_str) == Some(READY)
+        {
+            waiting.push_back(end);
+            continue;
+        }
         if message.kind != Kind::Update || message.round != round {
             tracing::warn!(%end, kind = ?message.kind, got = message.round, round, "stale or unexpected message ignored");
             continue;
         }
+        granted.remove(&end);
         pending.remove(&end);
         let Some(num_samples) = message.num_samples().filter(|n| *n > 0) else {
             tracing::warn!(%end, round, "update without num_samples rejected");
@@ -561,6 +598,8 @@ async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
     let (_, upload) = needs(&ctx.up, "upward channels")?.clone();
     let top = needs(&ctx.top, "top aggregator")?.clone();
     let global = needs(&ctx.global, "global model")?.clone();
+    let (fetch, _) = needs(&ctx.up, "upward channels")?.clone();
+    await_upload_permit(&ctx.config, &fetch, &upload, &top, ctx.round).await?;
     let mut metrics = serde_json::Map::new();
     for (k, v) in &ctx.metrics.values {
         if let Some(name) = k.strip_prefix("trainer.") {

@@ -31,6 +31,43 @@ use crate::{Error, Result, Weights};
 pub const COMMAND: &str = "command";
 /// The aggregator asks for the trainer's initial weights.
 pub const INIT_MODEL: &str = "init_model";
+/// A trainer tells the aggregator its update is ready (with `maxConcurrentUploads`).
+pub const READY: &str = "ready";
+/// The aggregator lets a trainer upload now (with `maxConcurrentUploads`).
+pub const UPLOAD: &str = "upload";
+
+/// With `maxConcurrentUploads`, announces `ready` for `round` to `peer` on `upload` and waits
+/// on `fetch` for its `upload` grant; returns at once without a limit.
+pub(crate) async fn await_upload_permit(
+    config: &TaskConfig,
+    fetch: &Channel,
+    upload: &Channel,
+    peer: &TaskId,
+    round: u64,
+) -> Result<()> {
+    let limit = crate::hyper::uint(&config.hyperparameters, crate::hyper::names::MAX_CONCURRENT_UPLOADS, 0, 0)?;
+    if limit == 0 {
+        return Ok(());
+    }
+    let ready = Message::new(Kind::Control, round).with_meta(COMMAND, READY);
+    upload.send(peer, ready).await?;
+    loop {
+        let message = match fetch.recv(peer).await {
+            Ok(m) => m,
+            Err(fledge_channel::Error::EndLeft { end, channel }) => {
+                return Err(Error::PeerLeft { peer: end, channel });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if message.kind == Kind::Control
+            && message.round == round
+            && message.meta.get(COMMAND).and_then(Value::as_str) == Some(UPLOAD)
+        {
+            return Ok(());
+        }
+        tracing::warn!(kind = ?message.kind, round = message.round, "ignored while waiting for the upload grant");
+    }
+}
 
 /// State of a trainer task.
 pub struct TrainerCtx {
@@ -203,6 +240,7 @@ async fn evaluate(ctx: &mut TrainerCtx) -> Result<()> {
 
 async fn upload(ctx: &mut TrainerCtx) -> Result<()> {
     let aggregator = ctx.aggregator()?;
+    await_upload_permit(&ctx.config, &ctx.fetch, &ctx.upload, &aggregator, ctx.round).await?;
     let weights: Weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
     let mut metrics = serde_json::Map::new();
     for (k, v) in &ctx.outcome.metrics {
