@@ -659,10 +659,80 @@ impl TrainerApp for Straggler {
 
 #[cfg(test)]
 mod tests {
+    use fledge_channel::{BackendEnv, LocalHub};
+    use fledge_types::Sort;
     use serde_json::json;
 
     use super::*;
-    use crate::runner::JobPlan;
+    use crate::roles::ring::tests::MeanFactory;
+    use crate::runner::{JobPlan, run_task_with};
+
+    fn fedbuff_plan(job: &str, sort: &str) -> JobPlan {
+        let mut plan = JobPlan::local(job, vec!["1:10".into(), "3:10".into(), "8:20".into()]);
+        plan.optimizer = Sort {
+            sort: sort.to_owned(),
+            kwargs: match sort {
+                "fedbuff" => json!({"aggGoal": 2, "concurrency": 3}).as_object().cloned().expect("object"),
+                _ => serde_json::Map::new(),
+            },
+        };
+        plan.hyperparameters = json!({"rounds": 5, "joinTimeout": 20, "slowTrainers": {"2": 4}})
+            .as_object()
+            .cloned()
+            .expect("object");
+        plan
+    }
+
+    fn opts(hub: &LocalHub, dir: &std::path::Path) -> RunOptions {
+        RunOptions {
+            workdir: dir.to_owned(),
+            task_key: None,
+            backend_env: BackendEnv { local_hub: hub.clone(), ..BackendEnv::default() },
+            role: None,
+        }
+    }
+
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn steps_every_agg_goal_updates_and_every_trainer_ends_cleanly() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let hub = LocalHub::new();
+        let factory: Arc<dyn AppFactory> = Arc::new(StragglerFactory::new(Arc::new(MeanFactory::default())));
+        let mut configs = fedbuff_plan("async", "fedbuff").configs().expect("configs");
+        let aggregator = configs.remove(0);
+        let mut trainers = tokio::task::JoinSet::new();
+        for config in configs {
+            let mut opts = opts(&hub, dir.path());
+            opts.role = Some(RoleKind::Trainer);
+            trainers.spawn(run_task_with(config, factory.clone(), opts));
+        }
+        let summary = run(aggregator, factory.clone(), opts(&hub, dir.path())).await.expect("aggregator runs");
+        while let Some(res) = trainers.join_next().await {
+            res.expect("join").expect("every trainer gets end-of-training and completes");
+        }
+        assert_eq!(summary.rounds, 5);
+        assert_eq!(summary.history.len(), 5);
+        for (i, r) in summary.history.iter().enumerate() {
+            assert_eq!(r.round, i as u64 + 1);
+            assert_eq!(r.metrics["updates"], 2.0);
+            assert_eq!(r.metrics["modelVersion"], i as f64 + 1.0);
+            assert!(r.metrics.contains_key("staleness.mean") && r.metrics.contains_key("trainer.w"));
+        }
+        // Every step moves the model towards the targets (1, 3 and 8), never past them.
+        let w = summary.final_model.as_ref().expect("final").get("w").expect("w").data()[0];
+        assert!(w > 0.5 && w < 8.0, "final w {w}");
+        let job = dir.path().join("registry/jobs/async");
+        assert!(job.join("final.safetensors").is_file() && job.join("rounds/round-00005.safetensors").is_file());
+    }
+
+    #[tokio::test]
+    async fn a_synchronous_optimizer_is_rejected_with_its_name() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let config = fedbuff_plan("sync", "fedavg").configs().expect("configs").remove(0);
+        let err = run(config, Arc::new(MeanFactory::default()), opts(&LocalHub::new(), dir.path()))
+            .await
+            .expect_err("fedavg is not asynchronous");
+        assert!(err.to_string().contains("\"fedbuff\"") && err.to_string().contains("fedavg"), "{err}");
+    }
 
     #[test]
     fn slow_factor_reads_the_task_index_and_rejects_bad_values() {

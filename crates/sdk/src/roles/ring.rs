@@ -316,6 +316,7 @@ async fn membership(ctx: &mut RingCtx) -> Result<()> {
             ctx.send(end, message.clone()).await?;
         }
         ctx.members = members;
+        ctx.round = round;
     } else {
         let asked = if ctx.synced { round } else { 0 };
         ctx.send(&leader, Message::new(Kind::Control, asked).with_meta(COMMAND, READY)).await?;
@@ -348,8 +349,8 @@ async fn membership(ctx: &mut RingCtx) -> Result<()> {
                 reason: format!("round {round} member list is missing or leaves this trainer out"),
             })?;
         ctx.members = members;
+        ctx.round = round;
     }
-    ctx.round = round;
     ctx.previous = ctx.members.clone();
     ctx.metrics.set("members", ctx.members.len() as f64);
     Ok(())
@@ -559,8 +560,158 @@ pub async fn run(config: TaskConfig, factory: Arc<dyn AppFactory>, opts: RunOpti
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use fledge_channel::{BackendEnv, LocalHub};
+    use fledge_types::{ChannelSpec, DatasetRef, GroupBy};
+
     use super::*;
+    use crate::runner::JobPlan;
+
+    /// Exact toy app. Dataset url `target:num_samples[:w0]`; each round pulls the weight
+    /// halfway to the target; `trained` counts rounds trained by every app of a factory.
+    pub(crate) struct MeanApp {
+        w: f32,
+        target: f32,
+        n: u64,
+        trained: Arc<AtomicU64>,
+    }
+
+    impl TrainerApp for MeanApp {
+        fn initialize(&mut self, config: &TaskConfig) -> anyhow::Result<()> {
+            let url = &config.dataset.as_ref().expect("trainers have a dataset").url;
+            let parts: Vec<&str> = url.split(':').collect();
+            self.target = parts[0].parse()?;
+            self.n = parts[1].parse()?;
+            self.w = parts.get(2).map(|v| v.parse()).transpose()?.unwrap_or(0.0);
+            Ok(())
+        }
+        fn load_data(&mut self) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn train(&mut self, _round: u64) -> anyhow::Result<TrainOutcome> {
+            self.w += 0.5 * (self.target - self.w);
+            self.trained.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(TrainOutcome { num_samples: self.n, metrics: BTreeMap::new() })
+        }
+        fn evaluate(&mut self) -> anyhow::Result<BTreeMap<String, f64>> {
+            Ok(BTreeMap::from([("w".to_owned(), f64::from(self.w))]))
+        }
+        fn get_weights(&self) -> anyhow::Result<Weights> {
+            Ok(Weights::from_tensors(vec![Tensor::new("w", vec![1], vec![self.w])?])?)
+        }
+        fn set_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
+            self.w = weights.get("w").expect("w").data()[0];
+            Ok(())
+        }
+    }
+
+    /// Builds [`MeanApp`]s sharing one round counter.
+    #[derive(Default)]
+    pub(crate) struct MeanFactory {
+        pub(crate) trained: Arc<AtomicU64>,
+    }
+
+    impl AppFactory for MeanFactory {
+        fn trainer(&self, _config: &TaskConfig) -> anyhow::Result<Box<dyn TrainerApp>> {
+            Ok(Box::new(MeanApp { w: 0.0, target: 0.0, n: 0, trained: self.trained.clone() }))
+        }
+    }
+
+    /// Ring trainer configs over a self-loop channel, one per dataset url.
+    fn ring_configs(job: &str, datasets: &[&str], h: serde_json::Value) -> Vec<TaskConfig> {
+        let plan = JobPlan::local(job, datasets.iter().map(|d| d.to_string()).collect());
+        let ring = ChannelSpec {
+            name: "ring-channel".to_owned(),
+            description: String::new(),
+            pair: vec!["trainer".to_owned(), "trainer".to_owned()],
+            group_by: Some(GroupBy { kind: "tag".to_owned(), value: vec!["default".to_owned()] }),
+            func_tags: BTreeMap::from([("trainer".to_owned(), vec!["ring_allreduce".to_owned()])]),
+            backend: None,
+            broker_host: None,
+        };
+        let configs = plan.configs().expect("configs");
+        configs
+            .into_iter()
+            .filter(|c| c.role == "trainer")
+            .map(|mut c| {
+                c.channels = vec![ring.clone()];
+                c.group_association = BTreeMap::from([("ring-channel".to_owned(), "default".to_owned())]);
+                c.hyperparameters = h.as_object().cloned().expect("object");
+                let url = c.dataset.as_ref().map(|d| d.url.clone()).expect("dataset");
+                c.dataset = Some(DatasetRef { url, ..c.dataset.clone().expect("dataset") });
+                c
+            })
+            .collect()
+    }
+
+    fn opts(hub: &LocalHub, dir: &std::path::Path) -> RunOptions {
+        RunOptions {
+            workdir: dir.to_owned(),
+            task_key: None,
+            backend_env: BackendEnv { local_hub: hub.clone(), ..BackendEnv::default() },
+            role: None,
+        }
+    }
+
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn ring_averages_exactly_and_a_late_joiner_starts_from_the_group_model() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let hub = LocalHub::new();
+        let factory = Arc::new(MeanFactory::default());
+        // Trainer 2 would start from w = 100 if it trained on its own weights.
+        let mut configs = ring_configs(
+            "ring",
+            &["1:10", "3:10", "8:20:100"],
+            serde_json::json!({"rounds": 6, "expectedTrainers": 2, "joinTimeout": 20}),
+        );
+        let late = configs.pop().expect("three configs");
+        let mut set = tokio::task::JoinSet::new();
+        for config in configs {
+            let (factory, opts) = (factory.clone(), opts(&hub, dir.path()));
+            set.spawn(async move { run(config, factory, opts).await });
+        }
+        // Join once the first two have trained two rounds each.
+        while factory.trained.load(Ordering::SeqCst) < 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let late_run = tokio::spawn(run(late, factory.clone(), opts(&hub, dir.path())));
+        let mut runs: Vec<RunSummary> = Vec::new();
+        while let Some(res) = set.join_next().await {
+            runs.push(res.expect("join").expect("early trainer runs"));
+        }
+        let late_run = late_run.await.expect("join").expect("late trainer runs");
+        let first = late_run.history.first().expect("the late trainer trained").round;
+        assert!(first >= 3 && first <= 6, "late trainer's first round {first}");
+        assert_eq!(late_run.history.len() as u64, 7 - first);
+        // The exact group model: halfway to the members' weighted mean target each round.
+        let mut w = 0.0f32;
+        for round in 1..=6 {
+            let target = if round < first { (10.0 + 30.0) / 20.0 } else { (10.0 + 30.0 + 160.0) / 40.0 };
+            w += 0.5 * (target - w);
+        }
+        for r in runs.iter().chain(std::iter::once(&late_run)) {
+            assert_eq!(r.rounds, 6);
+            let got = r.final_model.as_ref().expect("final").get("w").expect("w").data()[0];
+            assert!((got - w).abs() < 1e-4, "got {got}, want {w}");
+        }
+        let members: Vec<f64> = runs[0].history.iter().map(|h| h.metrics["members"]).collect();
+        assert_eq!(members.iter().filter(|m| **m == 3.0).count() as u64, 7 - first, "{members:?}");
+        assert!(dir.path().join("registry/jobs/ring/final.safetensors").is_file());
+    }
+
+    #[tokio::test]
+    async fn a_role_without_a_self_loop_channel_is_rejected() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let plan = JobPlan::local("no-ring", vec!["1:1".to_owned()]);
+        let config = plan.configs().expect("configs").remove(1);
+        let err = run(config, Arc::new(MeanFactory::default()), opts(&LocalHub::new(), dir.path()))
+            .await
+            .expect_err("no self-loop");
+        assert!(err.to_string().contains("self-loop"), "{err}");
+    }
 
     #[test]
     fn chunks_cover_the_vector_once() {
