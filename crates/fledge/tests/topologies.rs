@@ -143,7 +143,8 @@ async fn async_two_tier_and_distributed_ring_complete_through_the_platform() {
     assert_eq!(state, JobState::Completed);
     let rounds = last_of(&records, "trainer");
     assert_eq!(rounds.len(), 3 * 8, "3 trainers × 8 rounds: {rounds:?}");
-    let finals: Vec<f64> = rounds.iter().filter(|r| r.round == 8).map(|r| r.metrics["accuracy"]).collect();
+    let finals: Vec<f64> =
+        rounds.iter().filter(|r| r.round == 8).map(|r| r.metrics["accuracy"]).collect();
     assert_eq!(finals.len(), 3);
     assert!(finals.iter().all(|a| *a > 0.85), "ring accuracies {finals:?}");
     // All members evaluate the same weights on the same test set after the all-reduce.
@@ -152,7 +153,11 @@ async fn async_two_tier_and_distributed_ring_complete_through_the_platform() {
 }
 
 /// Seconds from `start` to the first record with `accuracy` ≥ `target`.
-fn time_to(records: &[MetricRecord], start: chrono::DateTime<chrono::Utc>, target: f64) -> Option<f64> {
+fn time_to(
+    records: &[MetricRecord],
+    start: chrono::DateTime<chrono::Utc>,
+    target: f64,
+) -> Option<f64> {
     records
         .iter()
         .filter(|r| r.metrics.get("accuracy").is_some_and(|a| *a >= target))
@@ -163,7 +168,11 @@ fn time_to(records: &[MetricRecord], start: chrono::DateTime<chrono::Utc>, targe
 
 /// Runs one job of 4 trainers (trainer 3 five times slower) in this process over the local
 /// backend: the FedBuff aggregator when `optimizer` is fedbuff, else the synchronous one.
-async fn run_in_process(optimizer: Sort, rounds: u64, workdir: &Path) -> (RunSummary, chrono::DateTime<chrono::Utc>) {
+async fn run_in_process(
+    optimizer: Sort,
+    rounds: u64,
+    workdir: &Path,
+) -> (RunSummary, chrono::DateTime<chrono::Utc>) {
     let data = repo_root().join("examples/data").canonicalize().unwrap();
     let datasets = (0..4).map(|i| DatasetUrl::for_shard(&data, i, 4, Partition::Iid, 0)).collect();
     let is_async = optimizer.sort == "fedbuff";
@@ -206,7 +215,8 @@ async fn run_in_process(optimizer: Sort, rounds: u64, workdir: &Path) -> (RunSum
     let mut top = None;
     while let Some(joined) = set.join_next().await {
         let (i, res) = joined.unwrap();
-        let summary = res.unwrap_or_else(|e| panic!("task {i}: {}", fledge_sdk::runner::error_chain(&e)));
+        let summary =
+            res.unwrap_or_else(|e| panic!("task {i}: {}", fledge_sdk::runner::error_chain(&e)));
         if i == 0 {
             top = Some(summary);
         }
@@ -228,7 +238,10 @@ async fn fedbuff_and_fedavg_reach_the_target_with_a_5x_straggler() {
     let sync_secs = time_to(&sync_run.history, sync_start, TARGET);
     let finish = |r: &RunSummary, start: chrono::DateTime<chrono::Utc>| {
         let last = r.history.last().unwrap();
-        (last.metrics["accuracy"], (last.timestamp.unwrap() - start).num_milliseconds() as f64 / 1000.0)
+        (
+            last.metrics["accuracy"],
+            (last.timestamp.unwrap() - start).num_milliseconds() as f64 / 1000.0,
+        )
     };
     let (async_acc, async_total) = finish(&async_run, async_start);
     let (sync_acc, sync_total) = finish(&sync_run, sync_start);

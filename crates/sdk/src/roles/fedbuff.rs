@@ -181,9 +181,9 @@ impl AsyncAggregatorCtx {
     }
 
     fn global(&self) -> Result<&Weights> {
-        self.global
-            .as_ref()
-            .ok_or_else(|| Error::Config("async aggregator has no global model at this step".to_owned()))
+        self.global.as_ref().ok_or_else(|| {
+            Error::Config("async aggregator has no global model at this step".to_owned())
+        })
     }
 
     /// Forgets busy trainers that left, and model versions nobody trains on any more.
@@ -212,8 +212,12 @@ impl AsyncAggregatorCtx {
         if free == 0 {
             return Ok(());
         }
-        let mut idle: Vec<TaskId> =
-            self.distribute.ends().into_iter().filter(|e| !self.in_flight.contains_key(e)).collect();
+        let mut idle: Vec<TaskId> = self
+            .distribute
+            .ends()
+            .into_iter()
+            .filter(|e| !self.in_flight.contains_key(e))
+            .collect();
         if idle.is_empty() {
             return Ok(());
         }
@@ -372,7 +376,9 @@ async fn init_model(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
                     break;
                 }
                 Ok(m) => tracing::warn!(%end, kind = ?m.kind, "unexpected reply to init_model"),
-                Err(e) => tracing::warn!(%end, error = %e, "trainer left before sending the initial model"),
+                Err(e) => {
+                    tracing::warn!(%end, error = %e, "trainer left before sending the initial model")
+                }
             }
         }
     }
@@ -458,8 +464,10 @@ async fn evaluate(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
 
 async fn checkpoint(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     let global = ctx.global()?.clone();
-    let (registry, job, round) = (ctx.registry.clone(), ctx.config.job.id.clone(), ctx.model_version);
-    tokio::task::spawn_blocking(move || registry.save_round(&job, round, &global).map(|_| ())).await?
+    let (registry, job, round) =
+        (ctx.registry.clone(), ctx.config.job.id.clone(), ctx.model_version);
+    tokio::task::spawn_blocking(move || registry.save_round(&job, round, &global).map(|_| ()))
+        .await?
 }
 
 async fn report(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
@@ -541,7 +549,11 @@ pub fn program() -> Composer<AsyncAggregatorCtx> {
 
 /// Runs the asynchronous aggregator task `config` (evaluator from `factory`), bounded by
 /// `maxRunTime`. The summary's kind is [`RoleKind::TopAggregator`]; its rounds are server steps.
-pub async fn run(config: TaskConfig, factory: Arc<dyn AppFactory>, opts: RunOptions) -> Result<RunSummary> {
+pub async fn run(
+    config: TaskConfig,
+    factory: Arc<dyn AppFactory>,
+    opts: RunOptions,
+) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
         let reporter = match &config.control_plane {
@@ -579,9 +591,8 @@ pub fn slow_factor(config: &TaskConfig) -> Result<f64> {
     };
     let mut res = 1.0;
     for (key, value) in map {
-        let index: u32 = key
-            .parse()
-            .map_err(|_| bad(format!("key {key:?} is not a task index")))?;
+        let index: u32 =
+            key.parse().map_err(|_| bad(format!("key {key:?} is not a task index")))?;
         let factor = value
             .as_f64()
             .filter(|f| f.is_finite() && *f >= 1.0)
@@ -672,7 +683,9 @@ mod tests {
         plan.optimizer = Sort {
             sort: sort.to_owned(),
             kwargs: match sort {
-                "fedbuff" => json!({"aggGoal": 2, "concurrency": 3}).as_object().cloned().expect("object"),
+                "fedbuff" => {
+                    json!({"aggGoal": 2, "concurrency": 3}).as_object().cloned().expect("object")
+                }
                 _ => serde_json::Map::new(),
             },
         };
@@ -696,7 +709,8 @@ mod tests {
     async fn steps_every_agg_goal_updates_and_every_trainer_ends_cleanly() {
         let dir = tempfile::tempdir().expect("tmp");
         let hub = LocalHub::new();
-        let factory: Arc<dyn AppFactory> = Arc::new(StragglerFactory::new(Arc::new(MeanFactory::default())));
+        let factory: Arc<dyn AppFactory> =
+            Arc::new(StragglerFactory::new(Arc::new(MeanFactory::default())));
         let mut configs = fedbuff_plan("async", "fedbuff").configs().expect("configs");
         let aggregator = configs.remove(0);
         let mut trainers = tokio::task::JoinSet::new();
@@ -705,7 +719,9 @@ mod tests {
             opts.role = Some(RoleKind::Trainer);
             trainers.spawn(run_task_with(config, factory.clone(), opts));
         }
-        let summary = run(aggregator, factory.clone(), opts(&hub, dir.path())).await.expect("aggregator runs");
+        let summary = run(aggregator, factory.clone(), opts(&hub, dir.path()))
+            .await
+            .expect("aggregator runs");
         while let Some(res) = trainers.join_next().await {
             res.expect("join").expect("every trainer gets end-of-training and completes");
         }
@@ -715,13 +731,18 @@ mod tests {
             assert_eq!(r.round, i as u64 + 1);
             assert_eq!(r.metrics["updates"], 2.0);
             assert_eq!(r.metrics["modelVersion"], i as f64 + 1.0);
-            assert!(r.metrics.contains_key("staleness.mean") && r.metrics.contains_key("trainer.w"));
+            assert!(
+                r.metrics.contains_key("staleness.mean") && r.metrics.contains_key("trainer.w")
+            );
         }
         // Every step moves the model towards the targets (1, 3 and 8), never past them.
         let w = summary.final_model.as_ref().expect("final").get("w").expect("w").data()[0];
         assert!(w > 0.5 && w < 8.0, "final w {w}");
         let job = dir.path().join("registry/jobs/async");
-        assert!(job.join("final.safetensors").is_file() && job.join("rounds/round-00005.safetensors").is_file());
+        assert!(
+            job.join("final.safetensors").is_file()
+                && job.join("rounds/round-00005.safetensors").is_file()
+        );
     }
 
     #[tokio::test]
@@ -731,7 +752,10 @@ mod tests {
         let err = run(config, Arc::new(MeanFactory::default()), opts(&LocalHub::new(), dir.path()))
             .await
             .expect_err("fedavg is not asynchronous");
-        assert!(err.to_string().contains("\"fedbuff\"") && err.to_string().contains("fedavg"), "{err}");
+        assert!(
+            err.to_string().contains("\"fedbuff\"") && err.to_string().contains("fedavg"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -94,14 +94,18 @@ impl Mailbox {
                 return Ok(m);
             }
             if !self.channel.ends().contains(from) {
-                return Err(Error::PeerLeft { peer: from.clone(), channel: self.channel.name().to_owned() });
+                return Err(Error::PeerLeft {
+                    peer: from.clone(),
+                    channel: self.channel.name().to_owned(),
+                });
             }
         }
     }
 }
 
 fn is_command(message: &Message, command: &str) -> bool {
-    message.kind == Kind::Control && message.meta.get(COMMAND).and_then(Value::as_str) == Some(command)
+    message.kind == Kind::Control
+        && message.meta.get(COMMAND).and_then(Value::as_str) == Some(command)
 }
 
 /// State of a distributed trainer task.
@@ -221,7 +225,9 @@ impl RingCtx {
 
     async fn send(&self, end: &TaskId, message: Message) -> Result<()> {
         self.channel().send(end, message).await.map_err(|e| match e {
-            fledge_channel::Error::UnknownEnd { end, channel, .. } => Error::PeerLeft { peer: end, channel },
+            fledge_channel::Error::UnknownEnd { end, channel, .. } => {
+                Error::PeerLeft { peer: end, channel }
+            }
             e => e.into(),
         })
     }
@@ -245,13 +251,18 @@ async fn bootstrap(ctx: &mut RingCtx) -> Result<()> {
             Ok(ends) => ends,
             Err(fledge_channel::Error::JoinTimeout { .. }) => {
                 let ends = ctx.channel().ends();
-                tracing::warn!(have = ends.len() + 1, want = ctx.expected, "join timeout; starting with the trainers present");
+                tracing::warn!(
+                    have = ends.len() + 1,
+                    want = ctx.expected,
+                    "join timeout; starting with the trainers present"
+                );
                 ends
             }
             Err(e) => return Err(e.into()),
         }
     };
-    let leader = ends.iter().chain(std::iter::once(ctx.me())).min().expect("at least this task").clone();
+    let leader =
+        ends.iter().chain(std::iter::once(ctx.me())).min().expect("at least this task").clone();
     tracing::info!(task_id = %ctx.me(), %leader, peers = ends.len(), "ring bootstrap");
     if &leader == ctx.me() {
         // The leader's model is the group's model; everyone present joins through round 0.
@@ -269,7 +280,8 @@ async fn membership(ctx: &mut RingCtx) -> Result<()> {
     ctx.metrics = RoundMetrics::start(ctx.traffic());
     let leader = ctx.leader.clone().expect("bootstrap sets the leader");
     if ctx.is_leader() {
-        let mut waiting: BTreeSet<TaskId> = ctx.previous.iter().filter(|e| *e != ctx.me()).cloned().collect();
+        let mut waiting: BTreeSet<TaskId> =
+            ctx.previous.iter().filter(|e| *e != ctx.me()).cloned().collect();
         let mut ready: BTreeSet<TaskId> = BTreeSet::new();
         let mut newcomers: BTreeSet<TaskId> = BTreeSet::new();
         loop {
@@ -311,7 +323,8 @@ async fn membership(ctx: &mut RingCtx) -> Result<()> {
         members.push(ctx.me().clone());
         members.sort();
         let list = Value::from(members.iter().map(|e| Value::from(e.as_str())).collect::<Vec<_>>());
-        let message = Message::new(Kind::Control, round).with_meta(COMMAND, MEMBERS).with_meta(MEMBERS, list);
+        let message =
+            Message::new(Kind::Control, round).with_meta(COMMAND, MEMBERS).with_meta(MEMBERS, list);
         for end in members.iter().filter(|e| *e != ctx.me()) {
             ctx.send(end, message.clone()).await?;
         }
@@ -362,7 +375,9 @@ async fn train(ctx: &mut RingCtx) -> Result<()> {
     if ctx.outcome.num_samples == 0 {
         return Err(Error::App {
             step: "train",
-            source: anyhow::anyhow!("train returned num_samples = 0; the weighted mean needs the sample count"),
+            source: anyhow::anyhow!(
+                "train returned num_samples = 0; the weighted mean needs the sample count"
+            ),
         });
     }
     Ok(())
@@ -414,13 +429,20 @@ async fn ring_allreduce(ctx: &mut RingCtx, values: &mut [f32]) -> Result<()> {
             let data = m
                 .tensors
                 .get("chunk")
-                .ok_or_else(|| Error::Protocol { peer: prev.clone(), reason: "ring message without chunk".to_owned() })?
+                .ok_or_else(|| Error::Protocol {
+                    peer: prev.clone(),
+                    reason: "ring message without chunk".to_owned(),
+                })?
                 .to_f32_vec()
                 .map_err(|e| Error::Tensors(format!("ring chunk: {e}")))?;
             if data.len() != range.len() {
                 return Err(Error::Protocol {
                     peer: prev.clone(),
-                    reason: format!("{phase} step {step}: chunk of {} values, expected {}", data.len(), range.len()),
+                    reason: format!(
+                        "{phase} step {step}: chunk of {} values, expected {}",
+                        data.len(),
+                        range.len()
+                    ),
                 });
             }
             let target = &mut values[range];
@@ -450,7 +472,9 @@ fn flatten(weights: &Weights, scale: f32) -> Vec<f32> {
 fn unflatten(layout: &Weights, values: &[f32]) -> Result<Weights> {
     let (total, values) = values.split_last().expect("flatten appends the scale");
     if *total <= 0.0 || values.len() != layout.num_params() {
-        return Err(Error::Tensors(format!("all-reduce result is malformed (total weight {total})")));
+        return Err(Error::Tensors(format!(
+            "all-reduce result is malformed (total weight {total})"
+        )));
     }
     let mut res = Weights::new();
     let mut at = 0;
@@ -484,7 +508,8 @@ async fn report(ctx: &mut RingCtx) -> Result<()> {
     let record = metrics.finish(ctx.me(), &ctx.config.role, ctx.round, ctx.traffic());
     tracing::info!(task_id = %ctx.me(), round = ctx.round, members = ctx.members.len(), metrics = ?ctx.evaluation, "ring round done");
     if ctx.is_leader() {
-        let (registry, job, rec) = (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
+        let (registry, job, rec) =
+            (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
         tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
     }
     if let Some(reporter) = &ctx.reporter {
@@ -499,10 +524,13 @@ async fn finish(ctx: &mut RingCtx) -> Result<()> {
     if ctx.is_leader() {
         let weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
         let (registry, job) = (ctx.registry.clone(), ctx.config.job.id.clone());
-        let path = tokio::task::spawn_blocking(move || registry.save_final(&job, &weights)).await??;
+        let path =
+            tokio::task::spawn_blocking(move || registry.save_final(&job, &weights)).await??;
         tracing::info!(path = %path.display(), "final model saved");
         // Trainers that asked to join too late are told to stop.
-        while let Some((end, _)) = ctx.mailbox.poll(|_, m| is_command(m, READY) && m.round == 0).await? {
+        while let Some((end, _)) =
+            ctx.mailbox.poll(|_, m| is_command(m, READY) && m.round == 0).await?
+        {
             let _ = ctx.send(&end, Message::new(Kind::EndOfTraining, ctx.round)).await;
         }
     }
@@ -536,7 +564,11 @@ pub fn program() -> Composer<RingCtx> {
 
 /// Runs the distributed trainer task `config` with user code from `factory`, bounded by
 /// `maxRunTime`. The summary's kind is [`RoleKind::Trainer`].
-pub async fn run(config: TaskConfig, factory: Arc<dyn AppFactory>, opts: RunOptions) -> Result<RunSummary> {
+pub async fn run(
+    config: TaskConfig,
+    factory: Arc<dyn AppFactory>,
+    opts: RunOptions,
+) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
         let reporter = match &config.control_plane {
@@ -544,12 +576,18 @@ pub async fn run(config: TaskConfig, factory: Arc<dyn AppFactory>, opts: RunOpti
             None => Reporter::disabled(),
         };
         let registry = registry::from_spec(&config.registry, &opts.workdir)?;
-        let app = factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
+        let app =
+            factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
         let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
         let mut ctx = RingCtx::new(config, channels, app, registry, reporter)?;
         program().run(&mut ctx).await?;
         let final_model = ctx.with_app("get_weights", |app| app.get_weights()).await.ok();
-        Ok(RunSummary { kind: RoleKind::Trainer, rounds: ctx.round, history: ctx.history, final_model })
+        Ok(RunSummary {
+            kind: RoleKind::Trainer,
+            rounds: ctx.round,
+            history: ctx.history,
+            final_model,
+        })
     };
     if max_run_time == 0 {
         return run.await;
@@ -593,7 +631,7 @@ pub(crate) mod tests {
         fn train(&mut self, _round: u64) -> anyhow::Result<TrainOutcome> {
             self.w += 0.5 * (self.target - self.w);
             self.trained.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(50));
             Ok(TrainOutcome { num_samples: self.n, metrics: BTreeMap::new() })
         }
         fn evaluate(&mut self) -> anyhow::Result<BTreeMap<String, f64>> {
@@ -638,7 +676,8 @@ pub(crate) mod tests {
             .filter(|c| c.role == "trainer")
             .map(|mut c| {
                 c.channels = vec![ring.clone()];
-                c.group_association = BTreeMap::from([("ring-channel".to_owned(), "default".to_owned())]);
+                c.group_association =
+                    BTreeMap::from([("ring-channel".to_owned(), "default".to_owned())]);
                 c.hyperparameters = h.as_object().cloned().expect("object");
                 let url = c.dataset.as_ref().map(|d| d.url.clone()).expect("dataset");
                 c.dataset = Some(DatasetRef { url, ..c.dataset.clone().expect("dataset") });
@@ -684,12 +723,13 @@ pub(crate) mod tests {
         }
         let late_run = late_run.await.expect("join").expect("late trainer runs");
         let first = late_run.history.first().expect("the late trainer trained").round;
-        assert!(first >= 3 && first <= 6, "late trainer's first round {first}");
+        assert!((3..=6).contains(&first), "late trainer's first round {first}");
         assert_eq!(late_run.history.len() as u64, 7 - first);
         // The exact group model: halfway to the members' weighted mean target each round.
         let mut w = 0.0f32;
         for round in 1..=6 {
-            let target = if round < first { (10.0 + 30.0) / 20.0 } else { (10.0 + 30.0 + 160.0) / 40.0 };
+            let target =
+                if round < first { (10.0 + 30.0) / 20.0 } else { (10.0 + 30.0 + 160.0) / 40.0 };
             w += 0.5 * (target - w);
         }
         for r in runs.iter().chain(std::iter::once(&late_run)) {
@@ -736,7 +776,8 @@ pub(crate) mod tests {
             .expect("w")
         };
         let (x, y) = (w(vec![1.0, 2.0, 3.0]), w(vec![5.0, 6.0, 7.0]));
-        let sum: Vec<f32> = flatten(&x, 1.0).iter().zip(flatten(&y, 3.0)).map(|(a, b)| a + b).collect();
+        let sum: Vec<f32> =
+            flatten(&x, 1.0).iter().zip(flatten(&y, 3.0)).map(|(a, b)| a + b).collect();
         let mean = unflatten(&x, &sum).expect("mean");
         assert_eq!(mean, w(vec![4.0, 5.0, 6.0]));
         assert!(unflatten(&x, &[1.0, 0.0]).is_err());
