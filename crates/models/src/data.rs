@@ -65,12 +65,7 @@ impl Dataset {
             features.extend_from_slice(&self.features[i * self.dim..(i + 1) * self.dim]);
             labels.push(self.labels[i]);
         }
-        Dataset {
-            features,
-            labels,
-            dim: self.dim,
-            classes: self.classes,
-        }
+        Dataset { features, labels, dim: self.dim, classes: self.classes }
     }
 
     /// The first `n` rows (all when `n >= len()`).
@@ -91,18 +86,13 @@ impl Dataset {
 
 /// Reads a whole file, un-gzipping it when it starts with the gzip magic.
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let raw = std::fs::read(path)
+        .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut res = Vec::new();
         flate2::read::GzDecoder::new(raw.as_slice())
             .read_to_end(&mut res)
-            .map_err(|source| Error::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
         Ok(res)
     } else {
         Ok(raw)
@@ -115,16 +105,13 @@ fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
 }
 
 fn idx_error(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Format {
-        path: path.display().to_string(),
-        format: "IDX",
-        reason: reason.into(),
-    }
+    Error::Format { path: path.display().to_string(), format: "IDX", reason: reason.into() }
 }
 
 /// Parses an IDX images file: returns (count, rows, cols, pixels).
 pub fn parse_idx_images(path: &Path, bytes: &[u8]) -> Result<(usize, usize, usize, Vec<u8>)> {
-    let header = |at| be_u32(bytes, at).ok_or_else(|| idx_error(path, "file shorter than its header"));
+    let header =
+        |at| be_u32(bytes, at).ok_or_else(|| idx_error(path, "file shorter than its header"));
     let magic = header(0)?;
     if magic != IDX_IMAGES_MAGIC {
         return Err(idx_error(
@@ -149,7 +136,8 @@ pub fn parse_idx_images(path: &Path, bytes: &[u8]) -> Result<(usize, usize, usiz
 
 /// Parses an IDX labels file.
 pub fn parse_idx_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
-    let header = |at| be_u32(bytes, at).ok_or_else(|| idx_error(path, "file shorter than its header"));
+    let header =
+        |at| be_u32(bytes, at).ok_or_else(|| idx_error(path, "file shorter than its header"));
     let magic = header(0)?;
     if magic != IDX_LABELS_MAGIC {
         return Err(idx_error(
@@ -173,10 +161,8 @@ pub fn parse_idx_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
 
 /// Finds `{dir}/{prefix}-{split}-{kind}-idx?-ubyte[.gz]`.
 fn find_idx(dir: &Path, split: Split, kind: &str) -> Result<PathBuf> {
-    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
-        path: dir.display().to_string(),
-        source,
-    })?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|source| Error::Io { path: dir.display().to_string(), source })?;
     let needle = format!("-{}-{kind}-idx", split.word());
     let mut found: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
@@ -205,11 +191,7 @@ pub fn load_mnist(dir: &Path, split: Split) -> Result<Dataset> {
     if labels.len() != count {
         return Err(idx_error(
             &labels_path,
-            format!(
-                "{} labels for {count} images in {}",
-                labels.len(),
-                images_path.display()
-            ),
+            format!("{} labels for {count} images in {}", labels.len(), images_path.display()),
         ));
     }
     Ok(Dataset {
@@ -259,11 +241,7 @@ fn rows_to_dataset(
         }
         let label = row[dim];
         if label.fract() != 0.0 || label < 0.0 || label as usize >= classes {
-            return Err(csv_error(
-                path,
-                line_no,
-                format!("label {label} is not in 0..{classes}"),
-            ));
+            return Err(csv_error(path, line_no, format!("label {label} is not in 0..{classes}")));
         }
         features.extend(row[..dim].iter().map(|v| v / scale));
         labels.push(label as u8);
@@ -271,12 +249,7 @@ fn rows_to_dataset(
     if labels.is_empty() {
         return Err(csv_error(path, 0, "no data rows"));
     }
-    Ok(Dataset {
-        features,
-        labels,
-        dim,
-        classes,
-    })
+    Ok(Dataset { features, labels, dim, classes })
 }
 
 /// Loads the UCI optical digits CSV (`digits.csv[.gz]`: 64 values 0–16 and a label 0–9 per
@@ -299,18 +272,16 @@ pub fn load_breast_cancer(path: &Path) -> Result<Dataset> {
     let text = String::from_utf8(read_maybe_gz(path)?)
         .map_err(|_| csv_error(path, 0, "not UTF-8 text"))?;
     let mut lines = text.lines().enumerate();
-    let (_, header) = lines
-        .next()
-        .ok_or_else(|| csv_error(path, 1, "empty file"))?;
+    let (_, header) = lines.next().ok_or_else(|| csv_error(path, 1, "empty file"))?;
     let fields: Vec<&str> = header.split(',').collect();
     let (n_rows, dim) = match fields.as_slice() {
         [rows, dim, ..] => (
             rows.trim()
                 .parse::<usize>()
                 .map_err(|_| csv_error(path, 1, format!("row count {rows:?} is not a number")))?,
-            dim.trim()
-                .parse::<usize>()
-                .map_err(|_| csv_error(path, 1, format!("feature count {dim:?} is not a number")))?,
+            dim.trim().parse::<usize>().map_err(|_| {
+                csv_error(path, 1, format!("feature count {dim:?} is not a number"))
+            })?,
         ),
         _ => return Err(csv_error(path, 1, "header must be rows,features,names...")),
     };
@@ -380,10 +351,7 @@ mod tests {
         let csv = dir.join("bad.csv");
         std::fs::write(&csv, "1,2,x\n").expect("write");
         let err = load_digits(&csv).unwrap_err();
-        assert!(
-            matches!(&err, Error::Format { reason, .. } if reason.contains("line 1")),
-            "{err}"
-        );
+        assert!(matches!(&err, Error::Format { reason, .. } if reason.contains("line 1")), "{err}");
         let err = load_mnist(&dir.join("missing"), Split::Test).unwrap_err();
         assert!(matches!(err, Error::Io { .. }));
         std::fs::remove_dir_all(&dir).expect("cleanup");

@@ -38,12 +38,7 @@ pub struct MlpConfig {
 impl MlpConfig {
     /// The 784-128-10 MNIST model.
     pub fn mnist(seed: u64) -> MlpConfig {
-        MlpConfig {
-            input: 784,
-            hidden: 128,
-            classes: 10,
-            seed,
-        }
+        MlpConfig { input: 784, hidden: 128, classes: 10, seed }
     }
 
     fn shapes(&self) -> [Vec<usize>; 4] {
@@ -120,11 +115,7 @@ impl Mlp {
                 Var::from_vec(values, shape, &device)
             })
             .collect::<candle_core::Result<Vec<Var>>>()?;
-        Ok(Mlp {
-            config,
-            vars,
-            device,
-        })
+        Ok(Mlp { config, vars, device })
     }
 
     /// The model's shape.
@@ -142,9 +133,7 @@ impl Mlp {
             .matmul(&self.vars[0].as_tensor().t()?)?
             .broadcast_add(self.vars[1].as_tensor())?
             .relu()?;
-        hidden
-            .matmul(&self.vars[2].as_tensor().t()?)?
-            .broadcast_add(self.vars[3].as_tensor())
+        hidden.matmul(&self.vars[2].as_tensor().t()?)?.broadcast_add(self.vars[3].as_tensor())
     }
 
     fn check_data(&self, data: &Dataset) -> Result<()> {
@@ -205,10 +194,7 @@ impl Mlp {
                 "training diverged (loss {last_loss}); lower the learning rate"
             )));
         }
-        Ok(TrainStats {
-            loss: last_loss,
-            num_samples: data.len(),
-        })
+        Ok(TrainStats { loss: last_loss, num_samples: data.len() })
     }
 
     /// Mean loss and accuracy on `data`.
@@ -221,15 +207,8 @@ impl Mlp {
         let logits = self.logits(&x)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
         let predicted = logits.argmax(D::Minus1)?;
-        let correct = predicted
-            .eq(&y)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()?;
-        Ok(EvalStats {
-            loss: f64::from(loss),
-            accuracy: f64::from(correct) / data.len() as f64,
-        })
+        let correct = predicted.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(EvalStats { loss: f64::from(loss), accuracy: f64::from(correct) / data.len() as f64 })
     }
 
     /// The weights as named tensors ([`PARAM_NAMES`]).
@@ -291,7 +270,8 @@ mod tests {
         let a = Mlp::new(MlpConfig::mnist(3)).expect("model");
         let b = Mlp::new(MlpConfig::mnist(3)).expect("model");
         let c = Mlp::new(MlpConfig::mnist(4)).expect("model");
-        let (wa, wb, wc) = (a.weights().expect("w"), b.weights().expect("w"), c.weights().expect("w"));
+        let (wa, wb, wc) =
+            (a.weights().expect("w"), b.weights().expect("w"), c.weights().expect("w"));
         assert_eq!(wa, wb);
         assert_ne!(wa, wc);
         assert_eq!(a.num_params(), 784 * 128 + 128 + 128 * 10 + 10);
@@ -313,13 +293,8 @@ mod tests {
         let data = load_digits(&data_dir().join("digits.csv.gz")).expect("digits");
         let train = data.subset(&(0..1400).collect::<Vec<_>>());
         let test = data.subset(&(1400..data.len()).collect::<Vec<_>>());
-        let mut model = Mlp::new(MlpConfig {
-            input: 64,
-            hidden: 32,
-            classes: 10,
-            seed: 0,
-        })
-        .expect("model");
+        let mut model =
+            Mlp::new(MlpConfig { input: 64, hidden: 32, classes: 10, seed: 0 }).expect("model");
         let before = model.evaluate(&test).expect("eval");
         let sgd = SgdConfig { lr: 0.1, batch_size: 32, epochs: 10, seed: 0 };
         let stats = model.train(&train, sgd).expect("train");

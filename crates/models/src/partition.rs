@@ -48,19 +48,16 @@ pub fn iid(n_rows: usize, shards: usize, seed: u64) -> Result<Vec<Vec<usize>>> {
 pub fn dirichlet(labels: &[u8], shards: usize, alpha: f64, seed: u64) -> Result<Vec<Vec<usize>>> {
     check(labels.len(), shards)?;
     if !(alpha.is_finite() && alpha > 0.0) {
-        return Err(Error::Partition(format!(
-            "alpha must be a positive number, got {alpha}"
-        )));
+        return Err(Error::Partition(format!("alpha must be a positive number, got {alpha}")));
     }
     let mut rng = StdRng::seed_from_u64(seed);
-    let gamma = Gamma::new(alpha, 1.0)
-        .map_err(|e| Error::Partition(format!("alpha {alpha}: {e}")))?;
+    let gamma =
+        Gamma::new(alpha, 1.0).map_err(|e| Error::Partition(format!("alpha {alpha}: {e}")))?;
     let n_classes = labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
     let mut res: Vec<Vec<usize>> = vec![Vec::new(); shards];
     for class in 0..n_classes {
-        let mut rows: Vec<usize> = (0..labels.len())
-            .filter(|&i| labels[i] as usize == class)
-            .collect();
+        let mut rows: Vec<usize> =
+            (0..labels.len()).filter(|&i| labels[i] as usize == class).collect();
         if rows.is_empty() {
             continue;
         }
@@ -85,9 +82,7 @@ pub fn dirichlet(labels: &[u8], shards: usize, alpha: f64, seed: u64) -> Result<
     // No empty shard: move one row from the largest shard into each empty one.
     for i in 0..shards {
         if res[i].is_empty() {
-            let largest = (0..shards)
-                .max_by_key(|&j| res[j].len())
-                .expect("shards >= 1");
+            let largest = (0..shards).max_by_key(|&j| res[j].len()).expect("shards >= 1");
             let row = res[largest].pop().expect("n_rows >= shards leaves a non-empty shard");
             res[i].push(row);
         }

@@ -34,19 +34,16 @@ pub struct TrainSettings {
 }
 
 fn hp_uint(h: &Map<String, Value>, name: &str, default: u64, min: u64) -> Result<u64> {
-    fledge_sdk::hyper::uint(h, name, default, min).map_err(|e| Error::Hyperparameter {
-        name: name.to_owned(),
-        reason: e.to_string(),
-    })
+    fledge_sdk::hyper::uint(h, name, default, min)
+        .map_err(|e| Error::Hyperparameter { name: name.to_owned(), reason: e.to_string() })
 }
 
 impl TrainSettings {
     /// Reads the hyperparameters.
     pub fn from_hyperparameters(h: &Map<String, Value>) -> Result<TrainSettings> {
         let lr_name = if h.contains_key("learningRate") { "learningRate" } else { "lr" };
-        let lr = fledge_sdk::hyper::positive(h, lr_name, 0.1).map_err(|e| Error::Hyperparameter {
-            name: lr_name.to_owned(),
-            reason: e.to_string(),
+        let lr = fledge_sdk::hyper::positive(h, lr_name, 0.1).map_err(|e| {
+            Error::Hyperparameter { name: lr_name.to_owned(), reason: e.to_string() }
         })?;
         let seed = hp_uint(h, "seed", 0, 0)?;
         Ok(TrainSettings {
@@ -73,7 +70,9 @@ pub fn load_shard(url: &DatasetUrl) -> Result<Dataset> {
     };
     let parts = match url.partition {
         Partition::Iid => partition::iid(train.len(), shards, url.seed)?,
-        Partition::Dirichlet { alpha } => partition::dirichlet(&train.labels, shards, alpha, url.seed)?,
+        Partition::Dirichlet { alpha } => {
+            partition::dirichlet(&train.labels, shards, alpha, url.seed)?
+        }
     };
     Ok(train.subset(&parts[shard]))
 }
@@ -95,9 +94,7 @@ impl MnistTrainer {
     }
 
     fn model(&mut self) -> anyhow::Result<&mut Mlp> {
-        self.model
-            .as_mut()
-            .ok_or_else(|| anyhow::anyhow!("initialize was not called"))
+        self.model.as_mut().ok_or_else(|| anyhow::anyhow!("initialize was not called"))
     }
 }
 
@@ -105,7 +102,10 @@ impl TrainerApp for MnistTrainer {
     fn initialize(&mut self, config: &TaskConfig) -> anyhow::Result<()> {
         let settings = TrainSettings::from_hyperparameters(&config.hyperparameters)?;
         let dataset = config.dataset.as_ref().ok_or_else(|| {
-            anyhow::anyhow!("task {} has no dataset; the MNIST trainer needs dataset.url", config.task_id)
+            anyhow::anyhow!(
+                "task {} has no dataset; the MNIST trainer needs dataset.url",
+                config.task_id
+            )
         })?;
         self.url = Some(DatasetUrl::parse(&dataset.url)?);
         self.model = Some(Mlp::new(MlpConfig {
@@ -117,10 +117,7 @@ impl TrainerApp for MnistTrainer {
     }
 
     fn load_data(&mut self) -> anyhow::Result<()> {
-        let url = self
-            .url
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("initialize was not called"))?;
+        let url = self.url.as_ref().ok_or_else(|| anyhow::anyhow!("initialize was not called"))?;
         let train = load_shard(url)?;
         tracing::info!(rows = train.len(), classes = ?train.class_counts(), "training shard loaded");
         self.test = Some(load_mnist(&url.dir, Split::Test)?);
@@ -129,13 +126,8 @@ impl TrainerApp for MnistTrainer {
     }
 
     fn train(&mut self, round: u64) -> anyhow::Result<TrainOutcome> {
-        let settings = self
-            .settings
-            .ok_or_else(|| anyhow::anyhow!("initialize was not called"))?;
-        let train = self
-            .train
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("load_data was not called"))?;
+        let settings = self.settings.ok_or_else(|| anyhow::anyhow!("initialize was not called"))?;
+        let train = self.train.take().ok_or_else(|| anyhow::anyhow!("load_data was not called"))?;
         // A different shuffle every round, reproducible from the seed.
         let sgd = SgdConfig {
             seed: settings.sgd.seed.wrapping_mul(1_000_003).wrapping_add(round),
@@ -151,10 +143,7 @@ impl TrainerApp for MnistTrainer {
     }
 
     fn evaluate(&mut self) -> anyhow::Result<BTreeMap<String, f64>> {
-        let test = self
-            .test
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("load_data was not called"))?;
+        let test = self.test.take().ok_or_else(|| anyhow::anyhow!("load_data was not called"))?;
         let res = self.model().and_then(|m| Ok(m.evaluate(&test)?));
         self.test = Some(test);
         let stats = res?;
@@ -165,10 +154,8 @@ impl TrainerApp for MnistTrainer {
     }
 
     fn get_weights(&self) -> anyhow::Result<Weights> {
-        let model = self
-            .model
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("initialize was not called"))?;
+        let model =
+            self.model.as_ref().ok_or_else(|| anyhow::anyhow!("initialize was not called"))?;
         Ok(model.weights()?)
     }
 
@@ -189,10 +176,7 @@ impl MnistEvaluator {
     pub fn new(url: &str, hidden: usize) -> Result<MnistEvaluator> {
         let url = DatasetUrl::parse(url)?;
         Ok(MnistEvaluator {
-            model: Mlp::new(MlpConfig {
-                hidden,
-                ..MlpConfig::mnist(0)
-            })?,
+            model: Mlp::new(MlpConfig { hidden, ..MlpConfig::mnist(0) })?,
             test: load_mnist(&url.dir, Split::Test)?,
         })
     }

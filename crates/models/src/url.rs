@@ -48,10 +48,7 @@ pub struct DatasetUrl {
 impl DatasetUrl {
     /// Parses `url`; every problem names the offending part.
     pub fn parse(url: &str) -> Result<DatasetUrl> {
-        let bad = |reason: String| Error::Url {
-            url: url.to_owned(),
-            reason,
-        };
+        let bad = |reason: String| Error::Url { url: url.to_owned(), reason };
         let (path, query) = match url.split_once('?') {
             Some((p, q)) => (p, q),
             None => (url, ""),
@@ -114,30 +111,25 @@ impl DatasetUrl {
             "iid" => Partition::Iid,
             "dirichlet" => Partition::Dirichlet { alpha },
             other => {
-                return Err(bad(format!(
-                    "partition={other:?} is not iid or dirichlet"
-                )));
+                return Err(bad(format!("partition={other:?} is not iid or dirichlet")));
             }
         };
-        Ok(DatasetUrl {
-            dir: PathBuf::from(path),
-            shard,
-            partition,
-            seed,
-            limit,
-        })
+        Ok(DatasetUrl { dir: PathBuf::from(path), shard, partition, seed, limit })
     }
 
     /// The URL of shard `shard` of `shards` of `dir` (the form the simulators generate).
-    pub fn for_shard(dir: &std::path::Path, shard: usize, shards: usize, partition: Partition, seed: u64) -> String {
+    pub fn for_shard(
+        dir: &std::path::Path,
+        shard: usize,
+        shards: usize,
+        partition: Partition,
+        seed: u64,
+    ) -> String {
         let part = match partition {
             Partition::Iid => "partition=iid".to_owned(),
             Partition::Dirichlet { alpha } => format!("partition=dirichlet&alpha={alpha}"),
         };
-        format!(
-            "file://{}?shard={shard}&shards={shards}&{part}&seed={seed}",
-            dir.display()
-        )
+        format!("file://{}?shard={shard}&shards={shards}&{part}&seed={seed}", dir.display())
     }
 }
 
@@ -147,8 +139,10 @@ mod tests {
 
     #[test]
     fn parses_the_documented_forms() {
-        let u = DatasetUrl::parse("file:///data/mnist?shard=2&shards=10&partition=dirichlet&alpha=0.3&seed=4")
-            .expect("valid");
+        let u = DatasetUrl::parse(
+            "file:///data/mnist?shard=2&shards=10&partition=dirichlet&alpha=0.3&seed=4",
+        )
+        .expect("valid");
         assert_eq!(u.dir, PathBuf::from("/data/mnist"));
         assert_eq!(u.shard, Some((2, 10)));
         assert_eq!(u.partition, Partition::Dirichlet { alpha: 0.3 });

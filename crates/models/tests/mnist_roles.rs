@@ -16,7 +16,9 @@ fn plan(job: &str, trainers: usize, middle: usize) -> JobPlan {
     let data = data_dir();
     // The first 2,000 training rows, split IID.
     let datasets = (0..trainers)
-        .map(|i| format!("{}&limit=2000", DatasetUrl::for_shard(&data, i, trainers, Partition::Iid, 0)))
+        .map(|i| {
+            format!("{}&limit=2000", DatasetUrl::for_shard(&data, i, trainers, Partition::Iid, 0))
+        })
         .collect();
     let mut plan = JobPlan::local(job, datasets);
     plan.middle = middle;

@@ -179,10 +179,7 @@ impl<C: Context + 'static> Composer<C> {
     /// Appends a tasklet (builder style). Panics on a duplicate alias: role programs are
     /// written by developers, and a duplicate is a bug in the program text.
     pub fn tasklet(mut self, alias: &str, run: TaskletFn<C>) -> Self {
-        self.push(Node::Tasklet {
-            alias: alias.to_owned(),
-            run,
-        });
+        self.push(Node::Tasklet { alias: alias.to_owned(), run });
         self
     }
 
@@ -193,11 +190,7 @@ impl<C: Context + 'static> Composer<C> {
         until: impl Fn(&C) -> bool + Send + Sync + 'static,
         body: Composer<C>,
     ) -> Self {
-        self.push(Node::Loop {
-            alias: alias.to_owned(),
-            until: Arc::new(until),
-            body: body.nodes,
-        });
+        self.push(Node::Loop { alias: alias.to_owned(), until: Arc::new(until), body: body.nodes });
         self
     }
 
@@ -342,10 +335,13 @@ mod tests {
             |c: &Ctx| c.n >= 2,
             Composer::new()
                 .tasklet("b", step("b"))
-                .tasklet("count", tasklet(|c: &mut Ctx| {
-                    c.n += 1;
-                    Ok(())
-                }))
+                .tasklet(
+                    "count",
+                    tasklet(|c: &mut Ctx| {
+                        c.n += 1;
+                        Ok(())
+                    }),
+                )
                 .tasklet("c", step("c")),
         )
     }

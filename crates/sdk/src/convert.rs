@@ -23,19 +23,22 @@ pub fn weights_to_tensors(weights: &Weights) -> Result<Tensors> {
 pub fn tensors_to_weights(tensors: &Tensors) -> Result<Weights> {
     let mut res = Weights::new();
     for (name, tensor) in tensors.iter() {
-        let data = tensor
-            .to_f32_vec()
-            .map_err(|e| Error::Tensors(format!("tensor {name}: {e}")))?;
+        let data =
+            tensor.to_f32_vec().map_err(|e| Error::Tensors(format!("tensor {name}: {e}")))?;
         let t = Tensor::new(name, tensor.shape().to_vec(), data)
             .map_err(|e| Error::Tensors(format!("tensor {name}: {e}")))?;
-        res.push(t)
-            .map_err(|e| Error::Tensors(format!("tensor {name}: {e}")))?;
+        res.push(t).map_err(|e| Error::Tensors(format!("tensor {name}: {e}")))?;
     }
     Ok(res)
 }
 
 /// A message of `kind` for `round` carrying `weights`, with `model_version` in the header.
-pub fn weights_message(kind: Kind, round: u64, model_version: u64, weights: &Weights) -> Result<Message> {
+pub fn weights_message(
+    kind: Kind,
+    round: u64,
+    model_version: u64,
+    weights: &Weights,
+) -> Result<Message> {
     let mut message = Message::new(kind, round);
     message.model_version = model_version;
     message.tensors = weights_to_tensors(weights)?;

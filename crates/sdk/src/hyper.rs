@@ -25,10 +25,7 @@ pub mod names {
 }
 
 fn bad(name: &str, reason: impl Into<String>) -> Error {
-    Error::Hyperparameter {
-        name: name.to_owned(),
-        reason: reason.into(),
-    }
+    Error::Hyperparameter { name: name.to_owned(), reason: reason.into() }
 }
 
 /// A non-negative integer hyperparameter, at least `min`.

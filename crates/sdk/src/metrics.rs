@@ -39,10 +39,7 @@ pub struct RoundMetrics {
 impl RoundMetrics {
     /// Starts a round with the channel counters as they are now.
     pub fn start(traffic: MetricsSnapshot) -> RoundMetrics {
-        RoundMetrics {
-            values: BTreeMap::new(),
-            traffic_start: traffic,
-        }
+        RoundMetrics { values: BTreeMap::new(), traffic_start: traffic }
     }
 
     /// Sets a value.
@@ -63,16 +60,20 @@ impl RoundMetrics {
     }
 
     /// Finishes the round: traffic since `start`, into a record.
-    pub fn finish(mut self, task_id: &TaskId, role: &str, round: u64, traffic: MetricsSnapshot) -> MetricRecord {
+    pub fn finish(
+        mut self,
+        task_id: &TaskId,
+        role: &str,
+        round: u64,
+        traffic: MetricsSnapshot,
+    ) -> MetricRecord {
         self.set(
             "bytesSent",
             traffic.bytes_sent.saturating_sub(self.traffic_start.bytes_sent) as f64,
         );
         self.set(
             "bytesReceived",
-            traffic
-                .bytes_received
-                .saturating_sub(self.traffic_start.bytes_received) as f64,
+            traffic.bytes_received.saturating_sub(self.traffic_start.bytes_received) as f64,
         );
         MetricRecord {
             task_id: task_id.clone(),
@@ -111,17 +112,10 @@ impl Reporter {
 
     /// Starts posting to `{apiserver}/api/v1/tasks/{task_id}/metrics` with bearer `key`.
     pub fn start(apiserver: &str, task_id: &TaskId, key: Option<String>) -> Reporter {
-        let url = format!(
-            "{}/api/v1/tasks/{}/metrics",
-            apiserver.trim_end_matches('/'),
-            task_id
-        );
+        let url = format!("{}/api/v1/tasks/{}/metrics", apiserver.trim_end_matches('/'), task_id);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let task = tokio::spawn(post_loop(url, key, rx));
-        Reporter {
-            tx: Some(tx),
-            task: Some(task),
-        }
+        Reporter { tx: Some(tx), task: Some(task) }
     }
 
     /// Queues a record; drops it with a warning when the queue is full. Never waits.
@@ -193,10 +187,7 @@ mod tests {
     use super::*;
 
     fn record(round: u64) -> MetricRecord {
-        let mut m = RoundMetrics::start(MetricsSnapshot {
-            bytes_sent: 10,
-            ..Default::default()
-        });
+        let mut m = RoundMetrics::start(MetricsSnapshot { bytes_sent: 10, ..Default::default() });
         m.set("accuracy", 0.9);
         m.add("seconds.train", 1.0);
         m.add("seconds.train", 0.5);
@@ -204,11 +195,7 @@ mod tests {
             &TaskId::from("t1"),
             "trainer",
             round,
-            MetricsSnapshot {
-                bytes_sent: 110,
-                bytes_received: 7,
-                ..Default::default()
-            },
+            MetricsSnapshot { bytes_sent: 110, bytes_received: 7, ..Default::default() },
         )
     }
 
@@ -242,7 +229,8 @@ mod tests {
                 .expect("write");
             String::from_utf8(buf).expect("utf8")
         });
-        let reporter = Reporter::start(&format!("http://{addr}"), &TaskId::from("t1"), Some("k3y".into()));
+        let reporter =
+            Reporter::start(&format!("http://{addr}"), &TaskId::from("t1"), Some("k3y".into()));
         reporter.report(record(1));
         reporter.report(record(2));
         reporter.shutdown(Duration::from_secs(10)).await;

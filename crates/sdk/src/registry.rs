@@ -52,10 +52,7 @@ pub struct LocalRegistry {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Registry {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| Error::Registry { path: path.display().to_string(), source }
 }
 
 /// Checks a path component that comes from config (job id, model name).
@@ -63,9 +60,7 @@ fn component(kind: &str, value: &str) -> Result<()> {
     let ok = !value.is_empty()
         && value != "."
         && value != ".."
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(())
     } else {
@@ -94,11 +89,7 @@ impl LocalRegistry {
 
     fn model_path(&self, name: &str, version: i64) -> Result<PathBuf> {
         component("model name", name)?;
-        Ok(self
-            .root
-            .join("models")
-            .join(name)
-            .join(format!("{version}.safetensors")))
+        Ok(self.root.join("models").join(name).join(format!("{version}.safetensors")))
     }
 }
 
@@ -136,10 +127,7 @@ pub fn to_safetensors(weights: &Weights) -> Result<Vec<u8>> {
 
 /// Decodes a safetensors file body (`f32` tensors; order from the metadata when present).
 pub fn from_safetensors(path: &str, bytes: &[u8]) -> Result<Weights> {
-    let bad = |reason: String| Error::Safetensors {
-        path: path.to_owned(),
-        reason,
-    };
+    let bad = |reason: String| Error::Safetensors { path: path.to_owned(), reason };
     let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
     let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
@@ -186,10 +174,7 @@ impl Registry for LocalRegistry {
     }
 
     fn save_round(&self, job: &JobId, round: u64, weights: &Weights) -> Result<PathBuf> {
-        let path = self
-            .job_dir(job)?
-            .join("rounds")
-            .join(format!("round-{round:05}.safetensors"));
+        let path = self.job_dir(job)?.join("rounds").join(format!("round-{round:05}.safetensors"));
         write_atomic(&path, &to_safetensors(weights)?)?;
         Ok(path)
     }
@@ -223,16 +208,12 @@ pub fn from_spec(spec: &RegistrySpec, workdir: &Path) -> Result<Arc<dyn Registry
     match spec.sort.as_str() {
         "" | "local" => {
             let uri = spec.uri.strip_prefix("file://").unwrap_or(&spec.uri);
-            let root = if uri.is_empty() {
-                workdir.join("registry")
-            } else {
-                workdir.join(uri)
-            };
+            let root = if uri.is_empty() { workdir.join("registry") } else { workdir.join(uri) };
             Ok(Arc::new(LocalRegistry::new(root)))
         }
-        other => Err(Error::Config(format!(
-            "registry.sort {other:?} is not supported (use local)"
-        ))),
+        other => {
+            Err(Error::Config(format!("registry.sort {other:?} is not supported (use local)")))
+        }
     }
 }
 
@@ -273,7 +254,8 @@ mod tests {
         };
         reg.append_metrics(&job, std::slice::from_ref(&rec)).expect("append");
         reg.append_metrics(&job, std::slice::from_ref(&rec)).expect("append");
-        let text = std::fs::read_to_string(dir.path().join("jobs/job-1/metrics.jsonl")).expect("read");
+        let text =
+            std::fs::read_to_string(dir.path().join("jobs/job-1/metrics.jsonl")).expect("read");
         let lines: Vec<MetricRecord> =
             text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
         assert_eq!(lines, vec![rec.clone(), rec]);

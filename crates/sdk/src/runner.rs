@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use fledge_channel::{BackendEnv, ChannelManager, LocalHub};
 use fledge_types::{
-    Backend, BrokerSpec, ChannelSpec, DatasetRef, GroupBy, JobRef, MetricRecord, RegistrySpec, Sort,
-    TaskConfig,
+    Backend, BrokerSpec, ChannelSpec, DatasetRef, GroupBy, JobRef, MetricRecord, RegistrySpec,
+    Sort, TaskConfig,
 };
 use tokio::task::JoinSet;
 
@@ -98,7 +98,11 @@ pub async fn run_task_with(
         .map_err(|_| Error::Timeout(max_run_time))?
 }
 
-async fn run_inner(config: TaskConfig, factory: Arc<dyn AppFactory>, opts: RunOptions) -> Result<RunSummary> {
+async fn run_inner(
+    config: TaskConfig,
+    factory: Arc<dyn AppFactory>,
+    opts: RunOptions,
+) -> Result<RunSummary> {
     let kind = match opts.role {
         Some(kind) => kind,
         None => RoleKind::infer(&config)?,
@@ -112,18 +116,12 @@ async fn run_inner(config: TaskConfig, factory: Arc<dyn AppFactory>, opts: RunOp
     };
     match kind {
         RoleKind::Trainer => {
-            let app = factory
-                .trainer(&config)
-                .map_err(|source| Error::App { step: "create", source })?;
+            let app =
+                factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
             let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
             let mut ctx = TrainerCtx::new(config, channels, app, reporter)?;
             trainer::program().run(&mut ctx).await?;
-            Ok(RunSummary {
-                kind,
-                rounds: ctx.round,
-                history: ctx.history,
-                final_model: None,
-            })
+            Ok(RunSummary { kind, rounds: ctx.round, history: ctx.history, final_model: None })
         }
         RoleKind::TopAggregator | RoleKind::MiddleAggregator => {
             let tier = if kind == RoleKind::TopAggregator { Tier::Top } else { Tier::Middle };
@@ -132,7 +130,8 @@ async fn run_inner(config: TaskConfig, factory: Arc<dyn AppFactory>, opts: RunOp
                 .evaluator(&config)
                 .map_err(|source| Error::App { step: "create", source })?;
             let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
-            let mut ctx = AggregatorCtx::new(config, tier, channels, registry, evaluator, reporter)?;
+            let mut ctx =
+                AggregatorCtx::new(config, tier, channels, registry, evaluator, reporter)?;
             let program = match tier {
                 Tier::Top => aggregator::top_program(),
                 Tier::Middle => aggregator::middle_program(),
@@ -192,10 +191,7 @@ impl JobPlan {
             name: name.to_owned(),
             description: String::new(),
             pair: vec![upper.to_owned(), lower.to_owned()],
-            group_by: groups.map(|value| GroupBy {
-                kind: "tag".to_owned(),
-                value,
-            }),
+            group_by: groups.map(|value| GroupBy { kind: "tag".to_owned(), value }),
             func_tags: BTreeMap::from([
                 (upper.to_owned(), vec![tags::DISTRIBUTE.to_owned(), tags::AGGREGATE.to_owned()]),
                 (lower.to_owned(), vec![tags::FETCH.to_owned(), tags::UPLOAD.to_owned()]),
@@ -222,23 +218,14 @@ impl JobPlan {
             task_id: "".into(),
             role: String::new(),
             task_index: 0,
-            job: JobRef {
-                id: self.job_id.as_str().into(),
-                name: self.job_id.clone(),
-            },
+            job: JobRef { id: self.job_id.as_str().into(), name: self.job_id.clone() },
             backend: self.backend,
             brokers: self
                 .brokers
                 .iter()
-                .map(|host| BrokerSpec {
-                    sort: "mqtt".to_owned(),
-                    host: host.clone(),
-                })
+                .map(|host| BrokerSpec { sort: "mqtt".to_owned(), host: host.clone() })
                 .collect(),
-            registry: RegistrySpec {
-                sort: "local".to_owned(),
-                uri: self.registry_uri.clone(),
-            },
+            registry: RegistrySpec { sort: "local".to_owned(), uri: self.registry_uri.clone() },
             channels: Vec::new(),
             group_association: BTreeMap::new(),
             hyperparameters: self.hyperparameters.clone(),
@@ -250,7 +237,10 @@ impl JobPlan {
             control_plane: None,
             metaserver: None,
         };
-        let task = |role: &str, index: usize, channels: Vec<ChannelSpec>, groups: BTreeMap<String, String>| {
+        let task = |role: &str,
+                    index: usize,
+                    channels: Vec<ChannelSpec>,
+                    groups: BTreeMap<String, String>| {
             let mut c = base.clone();
             c.task_id = format!("{}-{role}-{index}", self.job_id).into();
             c.role = role.to_owned();
@@ -279,8 +269,14 @@ impl JobPlan {
             }
         } else {
             let groups: Vec<String> = (0..self.middle).map(|g| format!("g{g}")).collect();
-            let global = Self::channel("global-channel", "top-aggregator", "middle-aggregator", None);
-            let param = Self::channel("param-channel", "middle-aggregator", "trainer", Some(groups.clone()));
+            let global =
+                Self::channel("global-channel", "top-aggregator", "middle-aggregator", None);
+            let param = Self::channel(
+                "param-channel",
+                "middle-aggregator",
+                "trainer",
+                Some(groups.clone()),
+            );
             let mut top = task("top-aggregator", 0, vec![global.clone()], BTreeMap::new());
             set_children(&mut top, self.middle);
             res.push(top);
@@ -333,16 +329,17 @@ pub struct SimReport {
 ///
 /// The job succeeds when the top aggregator does; failures of other tasks are reported in
 /// [`SimReport::others`] (a dead trainer is dropped by the quorum rule, not fatal).
-pub async fn simulate(plan: &JobPlan, factory: Arc<dyn AppFactory>, workdir: PathBuf) -> Result<SimReport> {
+pub async fn simulate(
+    plan: &JobPlan,
+    factory: Arc<dyn AppFactory>,
+    workdir: PathBuf,
+) -> Result<SimReport> {
     let mut plan = plan.clone();
     plan.backend = Backend::Local;
     let opts = RunOptions {
         workdir,
         task_key: None,
-        backend_env: BackendEnv {
-            local_hub: LocalHub::new(),
-            ..BackendEnv::default()
-        },
+        backend_env: BackendEnv { local_hub: LocalHub::new(), ..BackendEnv::default() },
         role: None,
     };
     simulate_with(&plan, factory, opts).await
@@ -350,7 +347,11 @@ pub async fn simulate(plan: &JobPlan, factory: Arc<dyn AppFactory>, workdir: Pat
 
 /// Runs every task of `plan` concurrently in this process on the plan's own backend (e.g.
 /// MQTT through a broker the caller started), with `opts` for every task.
-pub async fn simulate_with(plan: &JobPlan, factory: Arc<dyn AppFactory>, opts: RunOptions) -> Result<SimReport> {
+pub async fn simulate_with(
+    plan: &JobPlan,
+    factory: Arc<dyn AppFactory>,
+    opts: RunOptions,
+) -> Result<SimReport> {
     let configs = plan.configs()?;
     let mut set = JoinSet::new();
     for config in configs {
@@ -361,7 +362,11 @@ pub async fn simulate_with(plan: &JobPlan, factory: Arc<dyn AppFactory>, opts: R
             (id, res)
         });
     }
-    let top_id = format!("{}-{}-0", plan.job_id, if plan.middle == 0 { "aggregator" } else { "top-aggregator" });
+    let top_id = format!(
+        "{}-{}-0",
+        plan.job_id,
+        if plan.middle == 0 { "aggregator" } else { "top-aggregator" }
+    );
     let mut top = None;
     let mut others = BTreeMap::new();
     while let Some(joined) = set.join_next().await {

@@ -64,10 +64,11 @@ impl AppFactory for Factory {
 
 fn plan(job: &str, datasets: &[&str], rounds: u64, min_trainers: u64) -> JobPlan {
     let mut plan = JobPlan::local(job, datasets.iter().map(|s| s.to_string()).collect());
-    plan.hyperparameters = serde_json::json!({"rounds": rounds, "minTrainers": min_trainers, "joinTimeout": 20})
-        .as_object()
-        .cloned()
-        .expect("object");
+    plan.hyperparameters =
+        serde_json::json!({"rounds": rounds, "minTrainers": min_trainers, "joinTimeout": 20})
+            .as_object()
+            .cloned()
+            .expect("object");
     plan
 }
 
@@ -87,7 +88,8 @@ async fn two_tier_fedavg_is_exact_and_writes_the_registry() {
     let dir = tempfile::tempdir().expect("tmp");
     // Weighted mean of targets: (1*10 + 4*30) / 40 = 3.25; (2*10 + 0*30) / 40 = 0.5.
     let plan = plan("two-tier", &["1,2:10", "4,0:30"], 3, 2);
-    let report = simulate(&plan, Arc::new(Factory), dir.path().to_path_buf()).await.expect("job runs");
+    let report =
+        simulate(&plan, Arc::new(Factory), dir.path().to_path_buf()).await.expect("job runs");
     let shrink = 1.0 - 0.125; // w0 = 0 (a trainer's initial weights), three halvings.
     assert_close(&final_w(&report), &[3.25 * shrink, 0.5 * shrink]);
     assert_eq!(report.top.rounds, 3);
@@ -102,7 +104,9 @@ async fn two_tier_fedavg_is_exact_and_writes_the_registry() {
         assert_eq!(run.history.len(), 3, "{id} trained every round");
     }
     let job = dir.path().join("registry/jobs/two-tier");
-    for f in ["rounds/round-00001.safetensors", "rounds/round-00003.safetensors", "final.safetensors"] {
+    for f in
+        ["rounds/round-00001.safetensors", "rounds/round-00003.safetensors", "final.safetensors"]
+    {
         assert!(job.join(f).is_file(), "{f} written");
     }
     let metrics = std::fs::read_to_string(job.join("metrics.jsonl")).expect("metrics");
@@ -114,7 +118,8 @@ async fn three_tier_matches_the_flat_weighted_mean() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut plan = plan("three-tier", &["1:10", "3:10", "5:20", "7:40"], 2, 1);
     plan.middle = 2;
-    let report = simulate(&plan, Arc::new(Factory), dir.path().to_path_buf()).await.expect("job runs");
+    let report =
+        simulate(&plan, Arc::new(Factory), dir.path().to_path_buf()).await.expect("job runs");
     // (10 + 30 + 100 + 280) / 80 = 5.25 after two halvings from 0.
     assert_close(&final_w(&report), &[5.25 * 0.75]);
     assert_eq!(report.others.len(), 6);
@@ -127,7 +132,8 @@ async fn three_tier_matches_the_flat_weighted_mean() {
 async fn a_dead_trainer_is_dropped_and_the_job_completes() {
     let dir = tempfile::tempdir().expect("tmp");
     let plan = plan("dropout", &["1:10", "1:10", "1:10:2"], 3, 2);
-    let report = simulate(&plan, Arc::new(Factory), dir.path().to_path_buf()).await.expect("job completes");
+    let report =
+        simulate(&plan, Arc::new(Factory), dir.path().to_path_buf()).await.expect("job completes");
     let h = &report.top.history;
     assert_eq!(h.len(), 3);
     assert_eq!(h[0].metrics["updates"], 3.0);
@@ -142,7 +148,9 @@ async fn a_dead_trainer_is_dropped_and_the_job_completes() {
 async fn too_few_trainers_fail_the_round_with_a_quorum_error() {
     let dir = tempfile::tempdir().expect("tmp");
     let plan = plan("quorum", &["1:10", "1:10:2"], 3, 2);
-    let err = simulate(&plan, Arc::new(Factory), dir.path().to_path_buf()).await.expect_err("quorum lost");
+    let err = simulate(&plan, Arc::new(Factory), dir.path().to_path_buf())
+        .await
+        .expect_err("quorum lost");
     assert!(matches!(err, Error::Quorum { round: 2, got: 1, need: 2 }), "{err}");
 }
 
@@ -159,7 +167,18 @@ fn roles_are_customisable_by_alias() {
     program.remove("evaluate").expect("evaluate exists");
     assert_eq!(
         program.aliases(),
-        ["initialize", "load_data", "join", "rounds", "fetch", "train", "clip", "upload", "report", "finish"]
+        [
+            "initialize",
+            "load_data",
+            "join",
+            "rounds",
+            "fetch",
+            "train",
+            "clip",
+            "upload",
+            "report",
+            "finish"
+        ]
     );
     let top = fledge_sdk::roles::aggregator::top_program();
     assert!(top.aliases().contains(&"checkpoint".to_owned()));
@@ -170,7 +189,8 @@ async fn upload_grants_bound_concurrency_and_survive_a_dead_trainer() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut plan = plan("grants", &["1:10", "1:10", "1:10:2", "1:10"], 3, 2);
     plan.hyperparameters.insert("maxConcurrentUploads".to_owned(), 1.into());
-    let report = simulate(&plan, Arc::new(Factory), dir.path().to_path_buf()).await.expect("job completes");
+    let report =
+        simulate(&plan, Arc::new(Factory), dir.path().to_path_buf()).await.expect("job completes");
     let h = &report.top.history;
     assert_eq!(h[0].metrics["updates"], 4.0);
     assert_eq!(h[1].metrics["updates"], 3.0);

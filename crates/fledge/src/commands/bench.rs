@@ -60,6 +60,9 @@ pub struct Args {
     /// Internal (memory-child): trainers to wait for.
     #[arg(long, hide = true, default_value_t = 10)]
     trainers: usize,
+    /// Internal (memory-child): maxConcurrentUploads (0: unlimited).
+    #[arg(long, hide = true, default_value_t = 0)]
+    max_uploads: u64,
     /// Internal (memory-child): job id.
     #[arg(long, hide = true, default_value = "bench-memory")]
     job: String,
@@ -195,12 +198,12 @@ fn vm_hwm() -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-fn bench_plan(job: &str, trainers: usize, broker: &str) -> JobPlan {
+fn bench_plan(job: &str, trainers: usize, broker: &str, max_uploads: u64) -> JobPlan {
     let mut plan = JobPlan::local(job, (0..trainers).map(|i| format!("bench:{i}")).collect());
     plan.backend = Backend::Mqtt;
     plan.brokers = vec![broker.to_owned()];
     plan.hyperparameters =
-        serde_json::json!({"rounds": 1, "minTrainers": trainers, "joinTimeout": 120})
+        serde_json::json!({"rounds": 1, "minTrainers": trainers, "joinTimeout": 120, "maxConcurrentUploads": max_uploads})
             .as_object()
             .cloned()
             .expect("literal object");
@@ -211,7 +214,7 @@ fn bench_plan(job: &str, trainers: usize, broker: &str) -> JobPlan {
 /// aggregator for one round, then prints its peak RSS.
 async fn memory_child(args: &Args) -> anyhow::Result<()> {
     let broker = args.broker.clone().context("memory-child needs --broker")?;
-    let plan = bench_plan(&args.job, args.trainers, &broker);
+    let plan = bench_plan(&args.job, args.trainers, &broker, args.max_uploads);
     let config = plan.configs()?.remove(0);
     let dir = tempfile::tempdir()?;
     let mut opts = RunOptions { workdir: dir.path().to_path_buf(), ..RunOptions::default() };
@@ -241,6 +244,9 @@ async fn echo_trainer(
     env: BackendEnv,
     model: fledge_channel::Tensors,
 ) -> anyhow::Result<()> {
+    let grants =
+        config.hyperparameters.get("maxConcurrentUploads").and_then(|v| v.as_u64()).unwrap_or(0)
+            > 0;
     let spec = &config.channels[0];
     let (opts, backend) = fledge_channel::manager::plan(&config, spec, &env)?;
     let channel = Channel::open(opts, backend).await?;
@@ -262,6 +268,18 @@ async fn echo_trainer(
                 channel.send(&aggregator, reply).await?;
             }
             Kind::Weights => {
+                if grants {
+                    let ready = Message::new(Kind::Control, m.round).with_meta("command", "ready");
+                    channel.send(&aggregator, ready).await?;
+                    loop {
+                        let g = channel.recv(&aggregator).await?;
+                        if g.kind == Kind::Control
+                            && g.meta.get("command").and_then(|v| v.as_str()) == Some("upload")
+                        {
+                            break;
+                        }
+                    }
+                }
                 let mut reply = Message::new(Kind::Update, m.round).with_meta("num_samples", 1);
                 reply.model_version = m.model_version;
                 reply.tensors = m.tensors;
@@ -276,16 +294,17 @@ async fn echo_trainer(
     }
 }
 
-async fn memory_run(params: usize, trainers: usize) -> anyhow::Result<u64> {
+async fn memory_run(params: usize, trainers: usize, max_uploads: u64) -> anyhow::Result<u64> {
     let broker =
         fledge_channel::broker::start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
     let job = format!("bench-memory-{trainers}");
-    let plan = bench_plan(&job, trainers, &broker.addr().to_string());
+    let plan = bench_plan(&job, trainers, &broker.addr().to_string(), max_uploads);
     let configs = plan.configs()?;
     let exe = std::env::current_exe()?;
     let child = tokio::process::Command::new(exe)
         .args(["bench", "memory-child", "--broker", &broker.addr().to_string()])
         .args(["--trainers", &trainers.to_string(), "--job", &job])
+        .args(["--max-uploads", &max_uploads.to_string()])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
@@ -321,10 +340,20 @@ async fn memory_run(params: usize, trainers: usize) -> anyhow::Result<u64> {
 async fn memory(params: usize) -> anyhow::Result<Vec<Row>> {
     let model_bytes = (params * 4) as f64;
     let mut rows = Vec::new();
-    for trainers in [10, 100] {
-        eprintln!("memory: aggregator peak RSS, {params} parameters, {trainers} trainers ...");
-        let name = format!("aggregator peak RSS, {trainers} trainers, {} M params", params / 1_000_000);
-        let res = tokio::time::timeout(Duration::from_secs(300), memory_run(params, trainers)).await;
+    for (trainers, max_uploads) in [(10, 0), (10, 2), (100, 2)] {
+        eprintln!(
+            "memory: aggregator peak RSS, {params} parameters, {trainers} trainers, maxConcurrentUploads {max_uploads} ..."
+        );
+        let limit = if max_uploads == 0 { "unlimited".to_owned() } else { max_uploads.to_string() };
+        let name = format!(
+            "aggregator peak RSS, {trainers} trainers, {} M params, uploads {limit}",
+            params / 1_000_000
+        );
+        let res = tokio::time::timeout(
+            Duration::from_secs(300),
+            memory_run(params, trainers, max_uploads),
+        )
+        .await;
         let hwm = match res {
             Ok(Ok(hwm)) => hwm as f64,
             Ok(Err(e)) => {

@@ -125,7 +125,9 @@ impl AggregatorCtx {
             hyper::uint(h, names::EXPECTED_TRAINERS, min_trainers as u64, 1)? as usize;
         let max_uploads = hyper::uint(h, names::MAX_CONCURRENT_UPLOADS, 0, 0)? as usize;
         let optimizer = match tier {
-            Tier::Top => Optimizer::from_config(&serde_json::to_value(&config.optimizer).expect("sort serialises"))?,
+            Tier::Top => Optimizer::from_config(
+                &serde_json::to_value(&config.optimizer).expect("sort serialises"),
+            )?,
             Tier::Middle => Optimizer::default(),
         };
         if optimizer.is_async() {
@@ -134,7 +136,9 @@ impl AggregatorCtx {
                 optimizer.sort()
             )));
         }
-        let selector = Selector::from_config(&serde_json::to_value(&config.selector).expect("sort serialises"))?;
+        let selector = Selector::from_config(
+            &serde_json::to_value(&config.selector).expect("sort serialises"),
+        )?;
         let distribute = channels.by_tag(tags::DISTRIBUTE)?.clone();
         let aggregate = channels.by_tag(tags::AGGREGATE)?.clone();
         let up = match tier {
@@ -193,10 +197,8 @@ async fn load_base(ctx: &mut AggregatorCtx) -> Result<()> {
     }
     let registry = ctx.registry.clone();
     let (name, version) = (base.name.clone(), base.version);
-    let model = ctx
-        .blocking(move || registry.load_model(&name, version))
-        .await?
-        .ok_or_else(|| {
+    let model =
+        ctx.blocking(move || registry.load_model(&name, version)).await?.ok_or_else(|| {
             Error::Config(format!(
                 "baseModel {} version {} is not in the registry",
                 base.name, base.version
@@ -220,11 +222,7 @@ async fn await_trainers(ctx: &mut AggregatorCtx) -> Result<()> {
                 tracing::warn!(have, want, "join timeout; starting with the trainers present");
                 Ok(())
             } else {
-                Err(Error::Quorum {
-                    round: 0,
-                    got: have,
-                    need: ctx.min_trainers,
-                })
+                Err(Error::Quorum { round: 0, got: have, need: ctx.min_trainers })
             }
         }
         Err(e) => Err(e.into()),
@@ -245,7 +243,9 @@ async fn request_model(ctx: &AggregatorCtx) -> Result<Weights> {
                     tracing::info!(%end, "initial model received from trainer");
                     return tensors_to_weights(&m.tensors);
                 }
-                Ok(m) => tracing::warn!(%end, kind = ?m.kind, "ignored while waiting for the initial model"),
+                Ok(m) => {
+                    tracing::warn!(%end, kind = ?m.kind, "ignored while waiting for the initial model")
+                }
                 Err(e) => {
                     tracing::warn!(%end, error = %e, "trainer left before sending the initial model");
                     break;
@@ -253,11 +253,7 @@ async fn request_model(ctx: &AggregatorCtx) -> Result<Weights> {
             }
         }
     }
-    Err(Error::Quorum {
-        round: 0,
-        got: 0,
-        need: 1,
-    })
+    Err(Error::Quorum { round: 0, got: 0, need: 1 })
 }
 
 async fn init_model(ctx: &mut AggregatorCtx) -> Result<()> {
@@ -275,12 +271,7 @@ async fn select(ctx: &mut AggregatorCtx) -> Result<()> {
     }
     let ends = ctx.distribute.ends();
     let names: Vec<&str> = ends.iter().map(TaskId::as_str).collect();
-    ctx.selected = ctx
-        .selector
-        .select(&names, ctx.round)
-        .into_iter()
-        .map(TaskId::from)
-        .collect();
+    ctx.selected = ctx.selector.select(&names, ctx.round).into_iter().map(TaskId::from).collect();
     if ctx.selected.len() < ctx.min_trainers {
         return Err(Error::Quorum {
             round: ctx.round,
@@ -296,9 +287,8 @@ async fn select(ctx: &mut AggregatorCtx) -> Result<()> {
 async fn distribute(ctx: &mut AggregatorCtx) -> Result<()> {
     let global = needs(&ctx.global, "global model")?.clone();
     let (round, version) = (ctx.round, ctx.model_version);
-    let message = ctx
-        .blocking(move || weights_message(Kind::Weights, round, version, &global))
-        .await?;
+    let message =
+        ctx.blocking(move || weights_message(Kind::Weights, round, version, &global)).await?;
     let all = ctx.distribute.ends();
     if all == ctx.selected {
         ctx.distribute.broadcast(message).await?;
@@ -340,10 +330,9 @@ impl TrainerMetrics {
 
 async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
     // Taken out (not cloned) to keep one copy of the model; put back after the round.
-    let global = ctx
-        .global
-        .take()
-        .ok_or_else(|| Error::Config("aggregator program has no global model at this step".to_owned()))?;
+    let global = ctx.global.take().ok_or_else(|| {
+        Error::Config("aggregator program has no global model at this step".to_owned())
+    })?;
     let optimizer = ctx.optimizer.as_ref().expect("optimizer is put back after every round");
     let mut acc = optimizer.begin_round(&global);
     let mut pending: BTreeSet<TaskId> = ctx.selected.iter().cloned().collect();
@@ -439,11 +428,7 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
     }
     if received < ctx.min_trainers {
         ctx.global = Some(global);
-        return Err(Error::Quorum {
-            round,
-            got: received,
-            need: ctx.min_trainers,
-        });
+        return Err(Error::Quorum { round, got: received, need: ctx.min_trainers });
     }
     let mut optimizer = ctx.optimizer.take().expect("optimizer present between rounds");
     let (optimizer, new_global) = tokio::task::spawn_blocking(move || {
@@ -480,10 +465,7 @@ async fn evaluate(ctx: &mut AggregatorCtx) -> Result<()> {
         e.evaluate(&global)
     })
     .await?
-    .map_err(|source| Error::App {
-        step: "evaluate",
-        source,
-    })?;
+    .map_err(|source| Error::App { step: "evaluate", source })?;
     ctx.metrics.extend("", &metrics);
     Ok(())
 }
@@ -491,8 +473,7 @@ async fn evaluate(ctx: &mut AggregatorCtx) -> Result<()> {
 async fn checkpoint(ctx: &mut AggregatorCtx) -> Result<()> {
     let global = needs(&ctx.global, "global model")?.clone();
     let (registry, job, round) = (ctx.registry.clone(), ctx.config.job.id.clone(), ctx.round);
-    ctx.blocking(move || registry.save_round(&job, round, &global).map(|_| ()))
-        .await
+    ctx.blocking(move || registry.save_round(&job, round, &global).map(|_| ())).await
 }
 
 async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
@@ -510,7 +491,8 @@ async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
         "round aggregated"
     );
     if ctx.tier == Tier::Top {
-        let (registry, job, rec) = (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
+        let (registry, job, rec) =
+            (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
         ctx.blocking(move || registry.append_metrics(&job, &[rec])).await?;
         ctx.done = ctx.round >= ctx.rounds;
     }
@@ -527,7 +509,8 @@ async fn finish(ctx: &mut AggregatorCtx) -> Result<()> {
     if let Some(global) = &ctx.global {
         end.tensors = crate::convert::weights_to_tensors(global)?;
         if ctx.tier == Tier::Top {
-            let (registry, job, global) = (ctx.registry.clone(), ctx.config.job.id.clone(), global.clone());
+            let (registry, job, global) =
+                (ctx.registry.clone(), ctx.config.job.id.clone(), global.clone());
             let path = ctx.blocking(move || registry.save_final(&job, &global)).await?;
             tracing::info!(path = %path.display(), "final model saved");
         }
@@ -567,9 +550,7 @@ async fn fetch_up(ctx: &mut AggregatorCtx) -> Result<()> {
                 if message.meta.get(COMMAND).and_then(Value::as_str) == Some(INIT_MODEL) =>
             {
                 let weights = request_model(ctx).await?;
-                upload
-                    .send(&top, weights_message(Kind::Weights, 0, 0, &weights)?)
-                    .await?;
+                upload.send(&top, weights_message(Kind::Weights, 0, 0, &weights)?).await?;
             }
             Kind::Weights => {
                 ctx.global = Some(tensors_to_weights(&message.tensors)?);
@@ -610,7 +591,9 @@ async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
         .with_meta("num_samples", ctx.round_samples)
         .with_meta("metrics", Value::Object(metrics));
     upload.send(&top, message).await.map_err(|e| match e {
-        fledge_channel::Error::UnknownEnd { end, channel, .. } => Error::PeerLeft { peer: end, channel },
+        fledge_channel::Error::UnknownEnd { end, channel, .. } => {
+            Error::PeerLeft { peer: end, channel }
+        }
         e => e.into(),
     })
 }

@@ -83,8 +83,6 @@ impl Common {
     /// Reads them from `config`.
     pub fn from_config(config: &TaskConfig) -> Result<Common> {
         let secs = hyper::uint(&config.hyperparameters, names::JOIN_TIMEOUT, 120, 1)?;
-        Ok(Common {
-            join_timeout: Duration::from_secs(secs),
-        })
+        Ok(Common { join_timeout: Duration::from_secs(secs) })
     }
 }

@@ -45,7 +45,12 @@ pub(crate) async fn await_upload_permit(
     peer: &TaskId,
     round: u64,
 ) -> Result<()> {
-    let limit = crate::hyper::uint(&config.hyperparameters, crate::hyper::names::MAX_CONCURRENT_UPLOADS, 0, 0)?;
+    let limit = crate::hyper::uint(
+        &config.hyperparameters,
+        crate::hyper::names::MAX_CONCURRENT_UPLOADS,
+        0,
+        0,
+    )?;
     if limit == 0 {
         return Ok(());
     }
@@ -227,7 +232,9 @@ async fn train(ctx: &mut TrainerCtx) -> Result<()> {
     if ctx.outcome.num_samples == 0 {
         return Err(Error::App {
             step: "train",
-            source: anyhow::anyhow!("train returned num_samples = 0; FedAvg needs the sample count"),
+            source: anyhow::anyhow!(
+                "train returned num_samples = 0; FedAvg needs the sample count"
+            ),
         });
     }
     Ok(())
