@@ -6,6 +6,9 @@
 //! time each takes to reach a target test accuracy (printed, not asserted: the machine is
 //! shared and noisy).
 
+// Helpers outside #[test] functions too: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
