@@ -25,6 +25,11 @@
 //! otherwise. Updates for another round, without `num_samples` or with a wrong layout are
 //! rejected with a warning and do not count.
 //!
+//! With hyperparameter `maxConcurrentUploads` = k > 0, trainers send a small `ready` control
+//! message after training and upload only when granted; at most k grants are outstanding, and
+//! a granted trainer that dies frees its grant. Without it, every selected trainer uploads as
+//! soon as it is done, and the channel buffers whatever arrives faster than the fold.
+//!
 //! A middle aggregator always averages its trainers with FedAvg and forwards the mean with
 //! the summed sample count, so that the job's server optimizer (FedAdam, ...) runs once, at
 //! the top.
