@@ -9,9 +9,7 @@
 // Helpers outside #[test] functions too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use fledge_channel::{BackendEnv, LocalHub};
@@ -24,103 +22,9 @@ use fledge_sdk::runner::{JobPlan, RunOptions, RunSummary, run_task_with};
 use fledge_types::{JobState, MetricRecord, Sort};
 use serde_json::json;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod support;
 
-/// A running `fledge standalone`, killed on drop.
-struct Platform {
-    child: Child,
-    endpoint: String,
-    token: String,
-    cli_config: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Platform {
-    fn start() -> Platform {
-        let dir = tempfile::tempdir().unwrap();
-        let cli_config = dir.path().join("cli.yaml");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fledge"))
-            .args(["standalone", "--port", "0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .arg("--cli-config")
-            .arg(&cli_config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.path().join("standalone.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (mut endpoint, mut token) = (None, None);
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            if let Some(v) = line.strip_prefix("endpoint: ") {
-                endpoint = Some(v.to_owned());
-            } else if let Some(v) = line.strip_prefix("token: ") {
-                token = Some(v.to_owned());
-            } else if line == "ready" {
-                break;
-            }
-        }
-        Platform {
-            child,
-            endpoint: endpoint.expect("standalone prints its endpoint"),
-            token: token.expect("standalone prints its token"),
-            cli_config,
-            _dir: dir,
-        }
-    }
-
-    /// `fledgectl run DIR`; returns the job id.
-    fn run(&self, example: &str) -> String {
-        let fledgectl = Path::new(env!("CARGO_BIN_EXE_fledge")).with_file_name("fledgectl");
-        assert!(
-            fledgectl.exists(),
-            "{} is missing: build it first (cargo build -p fledge-cli)",
-            fledgectl.display()
-        );
-        let out = Command::new(&fledgectl)
-            .arg("run")
-            .arg(repo_root().join("examples").join(example))
-            .env("FLEDGE_CONFIG", &self.cli_config)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "fledgectl run {example} failed:\n{text}");
-        text.lines()
-            .find_map(|l| l.strip_prefix("created job "))
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no job id in fledgectl output:\n{text}"))
-            .to_owned()
-    }
-
-    /// The job's state and metric records, through the REST API.
-    async fn job(&self, id: &str) -> (JobState, Vec<MetricRecord>) {
-        let client = fledge_client::Client::new(&self.endpoint, Some(&self.token)).unwrap();
-        let id = id.into();
-        let job = client.get_job(&id).await.unwrap();
-        let metrics = client.job_metrics(&id).await.unwrap();
-        (job.state, metrics)
-    }
-}
-
-impl Drop for Platform {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn last_of(records: &[MetricRecord], role: &str) -> Vec<MetricRecord> {
-    let mut res: Vec<MetricRecord> = records.iter().filter(|r| r.role == role).cloned().collect();
-    res.sort_by_key(|r| r.round);
-    res
-}
+use support::{Platform, records_of as last_of, repo_root};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn async_two_tier_and_distributed_ring_complete_through_the_platform() {
@@ -128,8 +32,8 @@ async fn async_two_tier_and_distributed_ring_complete_through_the_platform() {
 
     // FedBuff: 16 server steps of 2 updates, trainer 3 five times slower.
     let job = platform.run("async-two-tier");
-    let (state, records) = platform.job(&job).await;
-    assert_eq!(state, JobState::Completed);
+    let (job, _, records) = platform.job(&job).await;
+    assert_eq!(job.state, JobState::Completed);
     let steps = last_of(&records, "aggregator");
     assert_eq!(steps.len(), 16, "one record per server step: {steps:?}");
     let last = &steps[15];
@@ -142,8 +46,8 @@ async fn async_two_tier_and_distributed_ring_complete_through_the_platform() {
 
     // Ring all-reduce: 3 trainers, 8 rounds, every trainer holds the same averaged model.
     let job = platform.run("distributed-ring");
-    let (state, records) = platform.job(&job).await;
-    assert_eq!(state, JobState::Completed);
+    let (job, _, records) = platform.job(&job).await;
+    assert_eq!(job.state, JobState::Completed);
     let rounds = last_of(&records, "trainer");
     assert_eq!(rounds.len(), 3 * 8, "3 trainers × 8 rounds: {rounds:?}");
     let finals: Vec<f64> =

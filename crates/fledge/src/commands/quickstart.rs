@@ -289,19 +289,22 @@ struct Progress {
     accuracy: Option<f64>,
 }
 
-/// Latest round and its figures: the aggregator's record when it has them (the global model),
-/// else the mean over the trainers' records of that round.
+/// Latest round and its figures: the aggregator's own (a server-side evaluation of the global
+/// model), else the aggregator's sample-weighted mean of its trainers' (`trainer.<name>`), else
+/// the plain mean over the trainers' records of that round.
 fn latest(records: &[MetricRecord]) -> Progress {
     let Some(round) = records.iter().map(|r| r.round).max() else {
         return Progress::default();
     };
     let of_round: Vec<&MetricRecord> = records.iter().filter(|r| r.round == round).collect();
     let figure = |name: &str| -> Option<f64> {
-        let aggregator = of_round
-            .iter()
-            .filter(|r| r.role != "trainer")
-            .find_map(|r| r.metrics.get(name).copied());
-        aggregator.or_else(|| {
+        let aggregators = || of_round.iter().filter(|r| r.role != "trainer");
+        let own = aggregators().find_map(|r| r.metrics.get(name).copied());
+        let weighted = || {
+            let key = format!("trainer.{name}");
+            aggregators().find_map(|r| r.metrics.get(&key).copied())
+        };
+        own.or_else(weighted).or_else(|| {
             let values: Vec<f64> =
                 of_round.iter().filter_map(|r| r.metrics.get(name).copied()).collect();
             (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
@@ -371,10 +374,13 @@ mod tests {
             latest(&trainers_only),
             Progress { round: 2, loss: Some(2.0), accuracy: Some(0.7) }
         );
-        let mut with_aggregator = trainers_only.to_vec();
+        let mut weighted = trainers_only.to_vec();
+        weighted.push(record("aggregator", 2, &[("trainer.accuracy", 0.75)]));
+        assert_eq!(latest(&weighted).accuracy, Some(0.75), "the aggregator's weighted mean");
+        let mut with_aggregator = weighted.clone();
         with_aggregator.push(record("aggregator", 2, &[("accuracy", 0.9)]));
         let progress = latest(&with_aggregator);
-        assert_eq!(progress.accuracy, Some(0.9));
+        assert_eq!(progress.accuracy, Some(0.9), "the global model's own evaluation wins");
         assert_eq!(progress.loss, Some(2.0), "the aggregator has no loss: trainers' mean");
     }
 

@@ -1,0 +1,111 @@
+//! End-to-end tests of the platform through its real binaries (issue 4): `fledge standalone`
+//! (every service, the process deployer), workers as `fledge fledgelet` processes running the
+//! built-in roles, and jobs submitted with `fledgectl run`.
+//!
+//! Covered: the two-tier and three-tier MNIST examples complete with a sensible accuracy; a
+//! trainer whose code exits non-zero fails the job with its log tail visible through the API;
+//! a job past its `maxRunTime` is terminated with every worker.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use fledge_types::{JobState, TaskState};
+
+use support::{Platform, copy_dir, records_of, repo_root};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_tier_and_three_tier_mnist_complete_through_the_platform() {
+    let platform = Platform::start();
+
+    let job = platform.run("mnist");
+    let (job, tasks, records) = platform.job(&job).await;
+    assert_eq!(job.state, JobState::Completed, "{job:?}");
+    assert_eq!(tasks.len(), 5, "4 trainers and 1 aggregator");
+    assert!(tasks.iter().all(|t| t.state == TaskState::Completed), "{tasks:?}");
+    let rounds = records_of(&records, "aggregator");
+    assert_eq!(rounds.len(), 20, "one aggregator record per round");
+    let accuracy = rounds[19].metrics["trainer.accuracy"];
+    assert!(accuracy > 0.9, "two-tier accuracy after 20 rounds: {accuracy}");
+
+    let job = platform.run("hierarchical-mnist");
+    let (job, tasks, records) = platform.job(&job).await;
+    assert_eq!(job.state, JobState::Completed, "{job:?}");
+    let count = |role: &str| tasks.iter().filter(|t| t.role == role).count();
+    assert_eq!((count("trainer"), count("middle-aggregator"), count("top-aggregator")), (4, 2, 1));
+    // The two regions' trainers land in their own groups.
+    let mut groups: Vec<&str> = tasks
+        .iter()
+        .filter(|t| t.role == "trainer")
+        .map(|t| t.group_association["param-channel"].as_str())
+        .collect();
+    groups.sort_unstable();
+    assert_eq!(groups, ["eu", "eu", "us", "us"]);
+    let top = records_of(&records, "top-aggregator");
+    assert_eq!(top.len(), 10, "one top-aggregator record per round");
+    let accuracy = top[9].metrics["trainer.accuracy"];
+    assert!(accuracy > 0.85, "three-tier accuracy after 10 rounds: {accuracy}");
+}
+
+/// Writes `code/<role>/fledge-role.toml` of a copy of `examples/mnist` to run `command`.
+fn mnist_with_command(dir: &std::path::Path, role: &str, command: &str) {
+    copy_dir(&repo_root().join("examples/mnist"), dir);
+    // The copy's relative dataset URLs must still reach examples/data.
+    let data = repo_root().join("examples/data").canonicalize().unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("dataset-") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text.replace("file:../data", &format!("file://{}", data.display()));
+            std::fs::write(&path, text).unwrap();
+        }
+    }
+    std::fs::write(dir.join("code").join(role).join("fledge-role.toml"), command).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_trainer_fails_the_job_and_max_run_time_terminates_one() {
+    let platform = Platform::start();
+
+    // Every trainer exits 3 after writing to stderr: the role fails, and so does the job.
+    let failing = platform.scratch().join("failing");
+    mnist_with_command(
+        &failing,
+        "trainer",
+        r#"command = ["sh", "-c", "echo trainer-broke-here >&2; exit 3"]"#,
+    );
+    let outcome = platform.run_dir(&failing);
+    assert!(!outcome.success, "fledgectl run must fail:\n{}", outcome.output);
+    let (job, tasks, _) = platform.job(&outcome.job).await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job.reason.as_deref().unwrap_or("").contains("trainer"), "{job:?}");
+    let trainer = tasks.iter().find(|t| t.role == "trainer").unwrap();
+    assert_eq!(trainer.state, TaskState::Failed);
+    assert!(trainer.log.contains("trainer-broke-here"), "log tail: {}", trainer.log);
+    // The same tail through the CLI.
+    let out = platform
+        .fledgectl()
+        .args(["get", "task", &outcome.job, trainer.task_id.as_str(), "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("trainer-broke-here"));
+
+    // Workers that never finish: maxRunTime ends the job and every task.
+    let endless = platform.scratch().join("endless");
+    mnist_with_command(&endless, "trainer", r#"command = ["sleep", "600"]"#);
+    mnist_with_command(&endless, "aggregator", r#"command = ["sleep", "600"]"#);
+    let job_json = endless.join("job.json");
+    let text = std::fs::read_to_string(&job_json).unwrap();
+    let text = text
+        .replace("\"maxRunTime\": 900", "\"maxRunTime\": 3")
+        .replace("\"designId\": \"mnist\"", "\"designId\": \"mnist-endless\"");
+    std::fs::write(&job_json, text).unwrap();
+    let outcome = platform.run_dir(&endless);
+    assert!(!outcome.success, "a terminated job is not a success:\n{}", outcome.output);
+    let (job, tasks, _) = platform.job(&outcome.job).await;
+    assert_eq!(job.state, JobState::Terminated, "{job:?}");
+    assert!(job.reason.as_deref().unwrap_or("").contains("maxRunTime"), "{job:?}");
+    assert!(tasks.iter().all(|t| t.state == TaskState::Terminated), "{tasks:?}");
+}

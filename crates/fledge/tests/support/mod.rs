@@ -1,0 +1,152 @@
+//! A real platform for end-to-end tests: `fledge standalone` as a child process on free
+//! loopback ports in a temporary data directory, driven with the `fledgectl` binary built next
+//! to it and read back through `fledge_client`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use fledge_types::{Job, MetricRecord, Task};
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A running `fledge standalone`, killed on drop.
+pub struct Platform {
+    child: Child,
+    pub endpoint: String,
+    pub token: String,
+    pub cli_config: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+/// What `fledgectl run DIR` did.
+pub struct RunOutcome {
+    /// Whether it exited 0 (the job completed).
+    pub success: bool,
+    /// The job it created.
+    pub job: String,
+    /// Its stdout and stderr.
+    pub output: String,
+}
+
+impl Platform {
+    /// Starts `fledge standalone --port 0` and waits until it prints `ready`.
+    pub fn start() -> Platform {
+        let dir = tempfile::tempdir().unwrap();
+        let cli_config = dir.path().join("cli.yaml");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fledge"))
+            .args(["standalone", "--port", "0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .arg("--cli-config")
+            .arg(&cli_config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("standalone.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (mut endpoint, mut token) = (None, None);
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(v) = line.strip_prefix("endpoint: ") {
+                endpoint = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("token: ") {
+                token = Some(v.to_owned());
+            } else if line == "ready" {
+                break;
+            }
+        }
+        Platform {
+            child,
+            endpoint: endpoint.expect("standalone prints its endpoint"),
+            token: token.expect("standalone prints its token"),
+            cli_config,
+            dir,
+        }
+    }
+
+    /// A scratch directory that lives as long as the platform.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `fledgectl run examples/<example>`, which must complete; returns the job id.
+    pub fn run(&self, example: &str) -> String {
+        let outcome = self.run_dir(&repo_root().join("examples").join(example));
+        assert!(outcome.success, "fledgectl run {example} failed:\n{}", outcome.output);
+        outcome.job
+    }
+
+    /// `fledgectl run DIR`, whatever its outcome.
+    pub fn run_dir(&self, dir: &Path) -> RunOutcome {
+        let out = self.fledgectl().arg("run").arg(dir).output().unwrap();
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let job = output
+            .lines()
+            .find_map(|l| l.strip_prefix("created job "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no job id in fledgectl output:\n{output}"))
+            .to_owned();
+        RunOutcome { success: out.status.success(), job, output }
+    }
+
+    /// A `fledgectl` command configured for this platform.
+    pub fn fledgectl(&self) -> Command {
+        let fledgectl = Path::new(env!("CARGO_BIN_EXE_fledge")).with_file_name("fledgectl");
+        assert!(
+            fledgectl.exists(),
+            "{} is missing: build it first (cargo build -p fledge-cli)",
+            fledgectl.display()
+        );
+        let mut command = Command::new(fledgectl);
+        command.env("FLEDGE_CONFIG", &self.cli_config);
+        command
+    }
+
+    /// The job, its tasks and its metric records, through the REST API.
+    pub async fn job(&self, id: &str) -> (Job, Vec<Task>, Vec<MetricRecord>) {
+        let client = fledge_client::Client::new(&self.endpoint, Some(&self.token)).unwrap();
+        let id = id.into();
+        let job = client.get_job(&id).await.unwrap();
+        let tasks = client.list_tasks(&id).await.unwrap();
+        let metrics = client.job_metrics(&id).await.unwrap();
+        (job, tasks, metrics)
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The records of `role`, ordered by round.
+pub fn records_of(records: &[MetricRecord], role: &str) -> Vec<MetricRecord> {
+    let mut res: Vec<MetricRecord> = records.iter().filter(|r| r.role == role).cloned().collect();
+    res.sort_by_key(|r| r.round);
+    res
+}
+
+/// Copies a directory tree (a job directory to vary in a test).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
