@@ -135,6 +135,22 @@ pub fn exit_code(state: TaskState) -> ExitCode {
     if state == TaskState::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
+/// Cancels `shutdown` on SIGTERM or SIGINT, so a signal stops the task as a STOP event does.
+/// Call it from inside the runtime that runs the agent.
+pub fn stop_on_signal(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;

@@ -9,7 +9,7 @@
 // Helpers outside #[test] functions too: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use fledge_channel::{BackendEnv, LocalHub};

@@ -59,24 +59,9 @@ fn main() -> ExitCode {
 
 async fn run(args: FledgeletArgs) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
+    cli::stop_on_signal(shutdown.clone()).context("cannot watch SIGTERM and SIGINT")?;
     let outcome = cli::run(args, shutdown).await?;
     Ok(cli::exit_code(outcome.state))
-}
-
-/// SIGTERM and SIGINT stop the task (like a STOP event).
-fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-        shutdown.cancel();
-    });
-    Ok(())
 }
 
 fn init_tracing() {

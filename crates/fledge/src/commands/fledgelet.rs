@@ -21,7 +21,8 @@ pub type Args = fledge_agent::cli::FledgeletArgs;
 /// Runs one task's agent; exits 0 when the task completed and 1 otherwise.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    stop_on_signal(shutdown.clone())?;
+    fledge_agent::cli::stop_on_signal(shutdown.clone())
+        .context("cannot watch SIGTERM and SIGINT")?;
     let outcome = fledge_agent::cli::run(args, shutdown).await?;
     match outcome.state {
         TaskState::Completed => Ok(()),
@@ -34,19 +35,4 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 pub fn agent_command() -> anyhow::Result<(PathBuf, Vec<String>)> {
     let exe = std::env::current_exe().context("cannot locate the running fledge executable")?;
     Ok((exe, vec!["fledgelet".to_owned()]))
-}
-
-/// SIGTERM and SIGINT stop the task, as a STOP event does.
-fn stop_on_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-        shutdown.cancel();
-    });
-    Ok(())
 }
