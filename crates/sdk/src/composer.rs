@@ -23,7 +23,10 @@
 //! let mut ctx = Ctx::default();
 //! let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
 //! rt.block_on(role.run(&mut ctx)).expect("runs");
-//! assert_eq!(ctx.log, ["init", "round 1", "round 2"]);
+//! // The loop exits as soon as its condition holds, right after the `train` step that made
+//! // round 2: the rest of the body (the audit of round 2) is skipped.
+//! assert_eq!(ctx.log, ["init", "round 1"]);
+//! assert_eq!(ctx.round, 2);
 //! ```
 //!
 //! Semantics: nodes run in order. A loop checks its condition before its first step and
