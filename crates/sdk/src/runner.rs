@@ -88,14 +88,29 @@ pub async fn run_task_with(
     factory: Arc<dyn AppFactory>,
     opts: RunOptions,
 ) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = run_inner(config, factory, opts);
+    bounded(config.max_run_time, run_inner(config, factory, opts)).await
+}
+
+/// Runs `role` within the task's `maxRunTime` in seconds (0: no limit); every role's entry
+/// point goes through here.
+pub(crate) async fn bounded<F>(max_run_time: u64, role: F) -> Result<RunSummary>
+where
+    F: std::future::Future<Output = Result<RunSummary>>,
+{
     if max_run_time == 0 {
-        return run.await;
+        return role.await;
     }
-    tokio::time::timeout(std::time::Duration::from_secs(max_run_time), run)
+    tokio::time::timeout(std::time::Duration::from_secs(max_run_time), role)
         .await
         .map_err(|_| Error::Timeout(max_run_time))?
+}
+
+/// The task's metrics reporter: to the control plane when the config names one, else none.
+pub(crate) fn reporter_for(config: &TaskConfig, opts: &RunOptions) -> Reporter {
+    match &config.control_plane {
+        Some(cp) => Reporter::start(&cp.apiserver, &config.task_id, opts.task_key.clone()),
+        None => Reporter::disabled(),
+    }
 }
 
 async fn run_inner(
@@ -110,10 +125,7 @@ async fn run_inner(
     let span = tracing::info_span!("task", task_id = %config.task_id, role = %config.role, job_id = %config.job.id);
     let _guard = span.enter();
     drop(_guard);
-    let reporter = match &config.control_plane {
-        Some(cp) => Reporter::start(&cp.apiserver, &config.task_id, opts.task_key.clone()),
-        None => Reporter::disabled(),
-    };
+    let reporter = reporter_for(&config, &opts);
     match kind {
         RoleKind::Trainer => {
             let app =

@@ -49,7 +49,7 @@ use crate::metrics::{Reporter, RoundMetrics};
 use crate::registry::{self, Registry};
 use crate::roles::trainer::{COMMAND, INIT_MODEL};
 use crate::roles::{Common, RoleKind, tags};
-use crate::runner::{RunOptions, RunSummary};
+use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result, Weights};
 
 /// The built-in name of the asynchronous aggregator.
@@ -556,10 +556,7 @@ pub async fn run(
 ) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = match &config.control_plane {
-            Some(cp) => Reporter::start(&cp.apiserver, &config.task_id, opts.task_key.clone()),
-            None => Reporter::disabled(),
-        };
+        let reporter = runner::reporter_for(&config, &opts);
         let registry = registry::from_spec(&config.registry, &opts.workdir)?;
         let evaluator =
             factory.evaluator(&config).map_err(|source| Error::App { step: "create", source })?;
@@ -573,12 +570,7 @@ pub async fn run(
             final_model: ctx.global,
         })
     };
-    if max_run_time == 0 {
-        return run.await;
-    }
-    tokio::time::timeout(Duration::from_secs(max_run_time), run)
-        .await
-        .map_err(|_| Error::Timeout(max_run_time))?
+    runner::bounded(max_run_time, run).await
 }
 
 /// The slow-down factor of the trainer task `config` from [`SLOW_TRAINERS`] (1 when absent).

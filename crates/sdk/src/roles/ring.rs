@@ -46,7 +46,7 @@ use crate::metrics::{Reporter, RoundMetrics};
 use crate::registry::{self, Registry};
 use crate::roles::trainer::COMMAND;
 use crate::roles::{Common, RoleKind};
-use crate::runner::{RunOptions, RunSummary};
+use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result};
 
 /// The built-in name of the distributed trainer.
@@ -571,10 +571,7 @@ pub async fn run(
 ) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = match &config.control_plane {
-            Some(cp) => Reporter::start(&cp.apiserver, &config.task_id, opts.task_key.clone()),
-            None => Reporter::disabled(),
-        };
+        let reporter = runner::reporter_for(&config, &opts);
         let registry = registry::from_spec(&config.registry, &opts.workdir)?;
         let app =
             factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
@@ -589,12 +586,7 @@ pub async fn run(
             final_model,
         })
     };
-    if max_run_time == 0 {
-        return run.await;
-    }
-    tokio::time::timeout(Duration::from_secs(max_run_time), run)
-        .await
-        .map_err(|_| Error::Timeout(max_run_time))?
+    runner::bounded(max_run_time, run).await
 }
 
 #[cfg(test)]
