@@ -298,7 +298,8 @@ macro_rules! impl_sql_store {
 
             /// A non-final job matching `condition` (with `$1` bound to `id`), as an `InUse`
             /// reason.
-            async fn active_job_using(&self, condition: &str, id: &str) -> Result<Option<String>> {
+            /// `InUse` when a non-final job matches `condition` (bound to `id`), naming the job.
+            async fn ensure_unused(&self, kind: &'static str, id: &str, condition: &str) -> Result<()> {
                 let row = sqlx::query(&format!(
                     "SELECT j.id AS id, j.state AS state FROM jobs j WHERE {condition} \
                      AND j.state NOT IN {FINAL_STATES_SQL} ORDER BY j.id LIMIT 1"
@@ -307,14 +308,18 @@ macro_rules! impl_sql_store {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(db)?;
-                row.map(|row| {
-                    Ok(format!(
-                        "job {} is {}",
-                        get::<String>(&row, "id")?,
-                        get::<String>(&row, "state")?
-                    ))
-                })
-                .transpose()
+                match row {
+                    None => Ok(()),
+                    Some(row) => Err(Error::InUse {
+                        kind,
+                        id: id.to_owned(),
+                        reason: format!(
+                            "job {} is {}",
+                            get::<String>(&row, "id")?,
+                            get::<String>(&row, "state")?
+                        ),
+                    }),
+                }
             }
         }
 
@@ -768,19 +773,12 @@ macro_rules! impl_sql_store {
                 if exists.is_none() {
                     return Err(not_found("dataset", id));
                 }
-                if let Some(reason) = self
-                    .active_job_using(
-                        "j.id IN (SELECT job_id FROM job_datasets WHERE dataset_id = $1)",
-                        id.as_str(),
-                    )
-                    .await?
-                {
-                    return Err(Error::InUse {
-                        kind: "dataset",
-                        id: id.to_string(),
-                        reason,
-                    });
-                }
+                self.ensure_unused(
+                    "dataset",
+                    id.as_str(),
+                    "j.id IN (SELECT job_id FROM job_datasets WHERE dataset_id = $1)",
+                )
+                .await?;
                 sqlx::query("DELETE FROM datasets WHERE id = $1")
                     .bind(id.as_str())
                     .execute(&self.pool)
@@ -839,19 +837,12 @@ macro_rules! impl_sql_store {
 
             async fn delete_compute(&self, id: &ComputeId) -> Result<()> {
                 self.get_compute(id).await?;
-                if let Some(reason) = self
-                    .active_job_using(
-                        "j.id IN (SELECT job_id FROM tasks WHERE compute_id = $1)",
-                        id.as_str(),
-                    )
-                    .await?
-                {
-                    return Err(Error::InUse {
-                        kind: "compute",
-                        id: id.to_string(),
-                        reason,
-                    });
-                }
+                self.ensure_unused(
+                    "compute",
+                    id.as_str(),
+                    "j.id IN (SELECT job_id FROM tasks WHERE compute_id = $1)",
+                )
+                .await?;
                 sqlx::query("DELETE FROM computes WHERE id = $1")
                     .bind(id.as_str())
                     .execute(&self.pool)
