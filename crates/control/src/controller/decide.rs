@@ -259,8 +259,10 @@ fn decide_stopping(
         return Decision::now(effects);
     }
     if now >= grace_end {
+        // Stop and revoke went out on entering `stopping`, so both writes here only record:
+        // the tasks first, so that a job read as final never shows live tasks. A restart
+        // between the two finds no live task and terminates the job above.
         effects.extend([
-            terminate,
             Effect::MarkTasks {
                 tasks: live,
                 state: TaskState::Terminated,
@@ -269,6 +271,7 @@ fn decide_stopping(
                     policy.stop_grace.as_secs()
                 ),
             },
+            terminate,
             Effect::Forget,
         ]);
         return Decision::now(effects);
@@ -688,7 +691,7 @@ mod tests {
                 tasks: &["agg:running", "trainer:completed"],
                 memory: REVOKED,
                 now: 30,
-                expect: "stopping->terminated (stopped by user); mark[t0]=terminated (not stopped within the stop grace of 30s); forget; requeue 0s",
+                expect: "mark[t0]=terminated (not stopped within the stop grace of 30s); stopping->terminated (stopped by user); forget; requeue 0s",
             },
             Case {
                 name: "stopping after a restart re-sends and may end at once",
