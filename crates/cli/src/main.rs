@@ -12,6 +12,8 @@
 mod args;
 mod bundle;
 mod commands;
+#[cfg(test)]
+mod examples;
 mod input;
 mod jobfile;
 mod output;

@@ -344,6 +344,53 @@ fn detail(path: impl Into<String>, message: impl Into<String>) -> ErrorDetail {
     ErrorDetail { path: path.into(), message: message.into() }
 }
 
+/// The expansion as a plain-text table (role, index, group association, dataset, compute,
+/// managed, task id), one line per task: the golden files and the examples' `expansion.txt`.
+pub fn table(job_id: &JobId, tasks: &[Task]) -> String {
+    let header = ["role", "index", "group association", "dataset", "compute", "managed", "task id"];
+    let rows: Vec<[String; 7]> = tasks
+        .iter()
+        .map(|task| {
+            [
+                task.role.clone(),
+                task.index.to_string(),
+                task.group_association
+                    .iter()
+                    .map(|(channel, group)| format!("{channel}={group}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                task.dataset_id.as_ref().map_or_else(|| "-".to_owned(), |d| d.to_string()),
+                task.compute_id.to_string(),
+                task.managed.to_string(),
+                task.task_id.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: &[&str]| -> String {
+        let mut res = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        res.truncate(res.trim_end().len());
+        res.push('\n');
+        res
+    };
+    let mut out = format!("job {job_id}: {} tasks\n", tasks.len());
+    out.push_str(&line(&header));
+    for row in &rows {
+        out.push_str(&line(&row.iter().map(String::as_str).collect::<Vec<_>>()));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use expect_test::expect_file;
 use fledge_types::{
-    Compute, Dataset, ErrorDetail, JobId, JobSpec, Schema, Task, expand, json, validate,
+    Compute, Dataset, ErrorDetail, JobId, JobSpec, Schema, expand, json, validate,
 };
 
 #[test]
@@ -81,7 +81,7 @@ fn run_case(dir: &Path) -> String {
     let case = dir.file_name().and_then(|n| n.to_str()).expect("case folder name");
     let job_id = JobId::new(format!("job-{case}"));
     match expand::expand(&job_id, &job, &schema, &datasets, &computes) {
-        Ok(tasks) => out.push_str(&render_tasks(&job_id, &tasks)),
+        Ok(tasks) => out.push_str(&expand::table(&job_id, &tasks)),
         Err(problems) => render_errors(&mut out, "expansion", &problems),
     }
     out
@@ -117,49 +117,4 @@ fn render_errors(out: &mut String, stage: &str, problems: &[ErrorDetail]) {
             out.push_str(&format!("  {}: {}\n", problem.path, problem.message));
         }
     }
-}
-
-fn render_tasks(job_id: &JobId, tasks: &[Task]) -> String {
-    let header = ["role", "index", "group association", "dataset", "compute", "managed", "task id"];
-    let rows: Vec<[String; 7]> = tasks
-        .iter()
-        .map(|task| {
-            [
-                task.role.clone(),
-                task.index.to_string(),
-                task.group_association
-                    .iter()
-                    .map(|(channel, group)| format!("{channel}={group}"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                task.dataset_id.as_ref().map_or_else(|| "-".to_owned(), |d| d.to_string()),
-                task.compute_id.to_string(),
-                task.managed.to_string(),
-                task.task_id.to_string(),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
-        }
-    }
-    let line = |cells: &[&str]| -> String {
-        let mut res = cells
-            .iter()
-            .zip(widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        res.truncate(res.trim_end().len());
-        res.push('\n');
-        res
-    };
-    let mut out = format!("job {job_id}: {} tasks\n", tasks.len());
-    out.push_str(&line(&header));
-    for row in &rows {
-        out.push_str(&line(&row.iter().map(String::as_str).collect::<Vec<_>>()));
-    }
-    out
 }
