@@ -420,11 +420,17 @@ pub const TOPOLOGY_ROLES: &[&str] = &[
     fledge_sdk::roles::fedbuff::BUILTIN_NAME,
     fledge_sdk::roles::fedbuff::STRAGGLER_TRAINER,
     fledge_sdk::roles::ring::BUILTIN_NAME,
+    fledge_sdk::roles::fedbuff::MIDDLE_BUILTIN_NAME,
+    fledge_sdk::roles::follow::BUILTIN_NAME,
+    fledge_sdk::roles::coordinator::BUILTIN_NAME,
+    fledge_sdk::roles::coordinated::TOP_BUILTIN_NAME,
+    fledge_sdk::roles::coordinated::MIDDLE_BUILTIN_NAME,
+    fledge_sdk::roles::coordinated::TRAINER_BUILTIN_NAME,
 ];
 
 /// Runs one of [`TOPOLOGY_ROLES`] with the MNIST user code (stragglers per `slowTrainers`).
 async fn run_topology_role(name: &str, config: TaskConfig) -> anyhow::Result<()> {
-    use fledge_sdk::roles::{fedbuff, ring};
+    use fledge_sdk::roles::{coordinated, coordinator, fedbuff, follow, ring};
     let factory: std::sync::Arc<dyn fledge_sdk::AppFactory> =
         std::sync::Arc::new(fedbuff::StragglerFactory::new(MnistFactory::shared()));
     let mut opts = RunOptions::from_env();
@@ -438,6 +444,12 @@ async fn run_topology_role(name: &str, config: TaskConfig) -> anyhow::Result<()>
     let res = match name {
         fedbuff::BUILTIN_NAME => fedbuff::run(config, factory, opts).await,
         ring::BUILTIN_NAME => ring::run(config, factory, opts).await,
+        fedbuff::MIDDLE_BUILTIN_NAME => fedbuff::run_middle(config, opts).await,
+        follow::BUILTIN_NAME => follow::run(config, factory, opts).await,
+        coordinator::BUILTIN_NAME => coordinator::run(config, opts).await,
+        coordinated::TOP_BUILTIN_NAME => coordinated::run_top(config, factory, opts).await,
+        coordinated::MIDDLE_BUILTIN_NAME => coordinated::run_middle(config, opts).await,
+        coordinated::TRAINER_BUILTIN_NAME => coordinated::run_trainer(config, factory, opts).await,
         _ => {
             opts.role = Some(RoleKind::Trainer);
             fledge_sdk::runner::run_task_with(config, factory, opts).await

@@ -186,6 +186,28 @@ impl AggregatorCtx {
         crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
     }
 
+    /// The children selected for the current round.
+    pub fn selected(&self) -> &[TaskId] {
+        &self.selected
+    }
+
+    /// Replaces the current round's selection (a coordinator's plan or assignment) and
+    /// records its size as `trainersSelected`.
+    pub(crate) fn set_selected(&mut self, selected: Vec<TaskId>) {
+        self.metrics.set("trainersSelected", selected.len() as f64);
+        self.selected = selected;
+    }
+
+    /// The channel to the children (trainers, or middle aggregators at the top).
+    pub(crate) fn children(&self) -> &Channel {
+        &self.distribute
+    }
+
+    /// Sets the sample count a middle aggregator reports up for this round.
+    pub(crate) fn set_round_samples(&mut self, samples: u64) {
+        self.round_samples = samples;
+    }
+
     async fn blocking<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -236,7 +258,10 @@ async fn await_trainers(ctx: &mut AggregatorCtx) -> Result<()> {
 
 /// Asks trainers, one at a time, for their initial weights.
 async fn request_model(ctx: &AggregatorCtx) -> Result<Weights> {
-    for end in ctx.distribute.ends() {
+    // A coordinated round selects before the model exists: ask only the selected children,
+    // the others may be listening to someone else.
+    let ends = if ctx.selected.is_empty() { ctx.distribute.ends() } else { ctx.selected.clone() };
+    for end in ends {
         let request = Message::new(Kind::Control, 0).with_meta(COMMAND, INIT_MODEL);
         if let Err(e) = ctx.distribute.send(&end, request).await {
             tracing::warn!(%end, error = %e, "cannot ask trainer for the initial model");

@@ -55,6 +55,9 @@ use crate::{Error, Result, Weights};
 /// The built-in name of the asynchronous aggregator.
 pub const BUILTIN_NAME: &str = "async-aggregator";
 
+/// The built-in name of the asynchronous middle aggregator ([`middle_program`]).
+pub const MIDDLE_BUILTIN_NAME: &str = "async-middle-aggregator";
+
 /// The built-in name of the standard trainer role whose user code is wrapped in a
 /// [`StragglerFactory`].
 pub const STRAGGLER_TRAINER: &str = "straggler-trainer";
@@ -75,6 +78,17 @@ struct BufferStats {
     trainer_metrics: BTreeMap<String, (f64, f64)>,
 }
 
+/// A middle aggregator's side towards the top aggregator.
+struct Upward {
+    fetch: Channel,
+    upload: Channel,
+    top: Option<TaskId>,
+    /// The round of the top's last model (echoed in the update).
+    top_round: u64,
+    /// Updates sent to the top so far (the middle's record numbers).
+    uploads: u64,
+}
+
 /// State of an asynchronous aggregator task.
 pub struct AsyncAggregatorCtx {
     /// The task config.
@@ -83,9 +97,12 @@ pub struct AsyncAggregatorCtx {
     channels: ChannelManager,
     distribute: Channel,
     aggregate: Channel,
-    /// The global model.
+    /// A middle aggregator's link to the top ([`middle_program`]); `None` at the top.
+    up: Option<Upward>,
+    /// The global model (a middle aggregator's: the newest model the top sent it).
     pub global: Option<Weights>,
-    /// Server steps taken so far (the model version).
+    /// Server steps taken so far (the model version); in a middle aggregator, the version
+    /// of the top's model it holds.
     pub model_version: u64,
     /// Server steps to take.
     pub rounds: u64,
@@ -153,6 +170,7 @@ impl AsyncAggregatorCtx {
             channels,
             distribute,
             aggregate,
+            up: None,
             global: None,
             model_version: 0,
             rounds,
@@ -174,6 +192,21 @@ impl AsyncAggregatorCtx {
             started: Instant::now(),
             history: Vec::new(),
         })
+    }
+
+    /// An asynchronous middle aggregator ([`middle_program`]): a trainer towards the top
+    /// on its `fetch`/`upload` channels, a FedBuff buffer towards its trainers.
+    pub fn new_middle(
+        config: TaskConfig,
+        channels: ChannelManager,
+        registry: Arc<dyn Registry>,
+        reporter: Reporter,
+    ) -> Result<AsyncAggregatorCtx> {
+        let fetch = channels.by_tag(tags::FETCH)?.clone();
+        let upload = channels.by_tag(tags::UPLOAD)?.clone();
+        let mut ctx = AsyncAggregatorCtx::new(config, channels, registry, None, reporter)?;
+        ctx.up = Some(Upward { fetch, upload, top: None, top_round: 0, uploads: 0 });
+        Ok(ctx)
     }
 
     fn traffic(&self) -> fledge_channel::MetricsSnapshot {
@@ -362,25 +395,30 @@ async fn await_trainers(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     }
 }
 
-async fn init_model(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
-    if ctx.global.is_none() {
-        for end in ctx.distribute.ends() {
-            let request = Message::new(Kind::Control, 0).with_meta(COMMAND, INIT_MODEL);
-            if let Err(e) = ctx.distribute.send(&end, request).await {
-                tracing::warn!(%end, error = %e, "cannot ask trainer for the initial model");
-                continue;
+/// Asks trainers, one at a time, for their initial weights.
+async fn request_model(ctx: &AsyncAggregatorCtx) -> Result<Weights> {
+    for end in ctx.distribute.ends() {
+        let request = Message::new(Kind::Control, 0).with_meta(COMMAND, INIT_MODEL);
+        if let Err(e) = ctx.distribute.send(&end, request).await {
+            tracing::warn!(%end, error = %e, "cannot ask trainer for the initial model");
+            continue;
+        }
+        match ctx.aggregate.recv(&end).await {
+            Ok(m) if m.kind == Kind::Weights && m.round == 0 => {
+                return tensors_to_weights(&m.tensors);
             }
-            match ctx.aggregate.recv(&end).await {
-                Ok(m) if m.kind == Kind::Weights && m.round == 0 => {
-                    ctx.global = Some(tensors_to_weights(&m.tensors)?);
-                    break;
-                }
-                Ok(m) => tracing::warn!(%end, kind = ?m.kind, "unexpected reply to init_model"),
-                Err(e) => {
-                    tracing::warn!(%end, error = %e, "trainer left before sending the initial model")
-                }
+            Ok(m) => tracing::warn!(%end, kind = ?m.kind, "unexpected reply to init_model"),
+            Err(e) => {
+                tracing::warn!(%end, error = %e, "trainer left before sending the initial model")
             }
         }
+    }
+    Err(Error::Quorum { round: 0, got: 0, need: 1 })
+}
+
+async fn init_model(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    if ctx.global.is_none() {
+        ctx.global = Some(request_model(ctx).await?);
     }
     let global = ctx.global()?;
     ctx.buffer = Some(ctx.optimizer.as_ref().expect("optimizer present").begin_round(global));
@@ -473,26 +511,31 @@ async fn checkpoint(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
 async fn report(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     let traffic = ctx.traffic();
     let next = RoundMetrics::start(traffic);
+    // A middle aggregator numbers its records by uploads; the top by server steps.
+    let round = ctx.up.as_ref().map_or(ctx.model_version, |up| up.uploads);
     let record = std::mem::replace(&mut ctx.metrics, next).finish(
         &ctx.config.task_id,
         &ctx.config.role,
-        ctx.model_version,
+        round,
         traffic,
     );
     tracing::info!(
         task_id = %ctx.config.task_id,
-        round = ctx.model_version,
+        round,
         staleness = record.metrics.get("staleness.mean").copied(),
         accuracy = record.metrics.get("accuracy").or(record.metrics.get("trainer.accuracy")).copied(),
         "server step"
     );
-    let (registry, job, rec) = (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
-    tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
+    if ctx.up.is_none() {
+        let (registry, job, rec) =
+            (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
+        tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
+        ctx.done = ctx.model_version >= ctx.rounds;
+    }
     if let Some(reporter) = &ctx.reporter {
         reporter.report(record.clone());
     }
     ctx.history.push(record);
-    ctx.done = ctx.model_version >= ctx.rounds;
     Ok(())
 }
 
@@ -501,9 +544,12 @@ async fn finish(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     let mut end = Message::new(Kind::EndOfTraining, ctx.model_version);
     end.model_version = ctx.model_version;
     end.tensors = crate::convert::weights_to_tensors(&global)?;
-    let (registry, job) = (ctx.registry.clone(), ctx.config.job.id.clone());
-    let path = tokio::task::spawn_blocking(move || registry.save_final(&job, &global)).await??;
-    tracing::info!(path = %path.display(), "final model saved");
+    if ctx.up.is_none() {
+        let (registry, job) = (ctx.registry.clone(), ctx.config.job.id.clone());
+        let path =
+            tokio::task::spawn_blocking(move || registry.save_final(&job, &global)).await??;
+        tracing::info!(path = %path.display(), "final model saved");
+    }
     // Idle trainers stop now; busy ones once their last update (discarded) arrives.
     for trainer in ctx.distribute.ends() {
         if !ctx.in_flight.contains_key(&trainer) {
@@ -545,6 +591,154 @@ pub fn program() -> Composer<AsyncAggregatorCtx> {
                 .tasklet("report", async_tasklet(|c| boxed(report(c)))),
         )
         .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
+}
+
+fn upward(ctx: &mut AsyncAggregatorCtx) -> Result<&mut Upward> {
+    ctx.up
+        .as_mut()
+        .ok_or_else(|| Error::Config("async aggregator has no upward channels".to_owned()))
+}
+
+async fn join_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let timeout = ctx.common.join_timeout;
+    let up = upward(ctx)?;
+    up.top = up.fetch.await_join(timeout).await?.into_iter().next();
+    Ok(())
+}
+
+/// Waits for the top's next model (answering its `init_model` request on the way), or its
+/// end-of-training.
+async fn fetch_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let up = upward(ctx)?;
+    let (fetch, upload) = (up.fetch.clone(), up.upload.clone());
+    let top = up.top.clone().ok_or_else(|| Error::Config("no top aggregator joined".to_owned()))?;
+    loop {
+        let message = match fetch.recv(&top).await {
+            Ok(m) => m,
+            Err(fledge_channel::Error::EndLeft { end, channel }) => {
+                return Err(Error::PeerLeft { peer: end, channel });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match message.kind {
+            Kind::Control
+                if message.meta.get(COMMAND).and_then(Value::as_str) == Some(INIT_MODEL) =>
+            {
+                let weights = request_model(ctx).await?;
+                upload.send(&top, weights_message(Kind::Weights, 0, 0, &weights)?).await?;
+            }
+            Kind::Weights => {
+                let global = tensors_to_weights(&message.tensors)?;
+                if ctx.buffer.is_none() {
+                    let optimizer = ctx.optimizer.as_ref().expect("optimizer present");
+                    ctx.buffer = Some(optimizer.begin_round(&global));
+                    ctx.started = Instant::now();
+                }
+                ctx.global = Some(global);
+                ctx.model_version = message.model_version;
+                upward(ctx)?.top_round = message.round;
+                return Ok(());
+            }
+            Kind::EndOfTraining => {
+                if !message.tensors.is_empty() {
+                    ctx.global = Some(tensors_to_weights(&message.tensors)?);
+                }
+                ctx.model_version = message.model_version;
+                ctx.done = true;
+                return Ok(());
+            }
+            other => tracing::warn!(kind = ?other, "unexpected message from top ignored"),
+        }
+    }
+}
+
+/// Applies the full buffer to the top's model and sends the result up as this middle
+/// aggregator's update; the top computes the delta against the model it sent.
+async fn upload_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let buffer = ctx.buffer.take().expect("collect leaves a full buffer");
+    let updates = buffer.len();
+    let mut optimizer = ctx.optimizer.take().expect("optimizer present between steps");
+    let global = ctx.global()?.clone();
+    let (optimizer, res) = tokio::task::spawn_blocking(move || {
+        let mut model = global;
+        let res = optimizer.finish_round(buffer, &mut model).map(|()| model);
+        (optimizer, res)
+    })
+    .await?;
+    let model = res?;
+    ctx.buffer = Some(optimizer.begin_round(&model));
+    ctx.optimizer = Some(optimizer);
+    let stats = std::mem::take(&mut ctx.stats);
+    let mut trainer_metrics = serde_json::Map::new();
+    let m = &mut ctx.metrics;
+    m.set("updates", updates as f64);
+    m.set("numSamples", stats.samples as f64);
+    m.set("updatesRejected", stats.rejected as f64);
+    m.set("staleness.mean", stats.staleness_sum as f64 / updates.max(1) as f64);
+    m.set("staleness.max", stats.staleness_max as f64);
+    m.set("modelVersion", ctx.model_version as f64);
+    m.set("elapsedSeconds", ctx.started.elapsed().as_secs_f64());
+    for (k, (sum, weight)) in stats.trainer_metrics {
+        if weight > 0.0 {
+            m.set(format!("trainer.{k}"), sum / weight);
+            trainer_metrics.insert(k, Value::from(sum / weight));
+        }
+    }
+    let version = ctx.model_version;
+    let up = upward(ctx)?;
+    up.uploads += 1;
+    let top = up.top.clone().ok_or_else(|| Error::Config("no top aggregator joined".to_owned()))?;
+    let (upload, round) = (up.upload.clone(), up.top_round);
+    let message =
+        tokio::task::spawn_blocking(move || weights_message(Kind::Update, round, version, &model))
+            .await??
+            .with_meta("num_samples", stats.samples)
+            .with_meta("metrics", Value::Object(trainer_metrics));
+    upload.send(&top, message).await.map_err(|e| match e {
+        fledge_channel::Error::UnknownEnd { end, channel, .. } => {
+            Error::PeerLeft { peer: end, channel }
+        }
+        e => e.into(),
+    })?;
+    ctx.prune();
+    Ok(())
+}
+
+/// The asynchronous middle aggregator program.
+pub fn middle_program() -> Composer<AsyncAggregatorCtx> {
+    Composer::new()
+        .tasklet("join_up", async_tasklet(|c| boxed(join_up(c))))
+        .tasklet("await_trainers", async_tasklet(|c| boxed(await_trainers(c))))
+        .loop_until(
+            "rounds",
+            |c: &AsyncAggregatorCtx| c.done,
+            Composer::new()
+                .tasklet("fetch", async_tasklet(|c| boxed(fetch_up(c))))
+                .tasklet("collect", async_tasklet(|c| boxed(collect(c))))
+                .tasklet("upload", async_tasklet(|c| boxed(upload_up(c))))
+                .tasklet("report", async_tasklet(|c| boxed(report(c)))),
+        )
+        .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
+}
+
+/// Runs the asynchronous middle aggregator task `config`, bounded by `maxRunTime`. The
+/// summary's kind is [`RoleKind::MiddleAggregator`]; its rounds are updates sent up.
+pub async fn run_middle(config: TaskConfig, opts: RunOptions) -> Result<RunSummary> {
+    let max_run_time = config.max_run_time;
+    let run = async move {
+        let reporter = runner::reporter_for(&config, &opts);
+        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let mut ctx = AsyncAggregatorCtx::new_middle(config, channels, registry, reporter)?;
+        middle_program().run(&mut ctx).await?;
+        Ok(RunSummary {
+            kind: RoleKind::MiddleAggregator,
+            rounds: ctx.up.as_ref().map_or(0, |up| up.uploads),
+            history: ctx.history,
+            final_model: ctx.global,
+        })
+    };
+    runner::bounded(max_run_time, run).await
 }
 
 /// Runs the asynchronous aggregator task `config` (evaluator from `factory`), bounded by
@@ -735,6 +929,86 @@ mod tests {
             job.join("final.safetensors").is_file()
                 && job.join("rounds/round-00005.safetensors").is_file()
         );
+    }
+
+    /// Three tiers: the FedBuff top aggregator over two asynchronous middle aggregators that
+    /// share one group of four trainers (which follow whichever middle aggregator sent them a
+    /// model), one of them 4× slower.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn three_tiers_step_asynchronously_and_replicated_middles_share_the_trainers() {
+        use crate::roles::coordinated::tests::{chan, opts as hub_opts, task};
+        let dir = tempfile::tempdir().expect("tmp");
+        let hub = LocalHub::new();
+        let factory: Arc<dyn AppFactory> =
+            Arc::new(StragglerFactory::new(Arc::new(MeanFactory::default())));
+        let all = vec![
+            chan(
+                "global-channel",
+                "top-aggregator",
+                &["distribute", "aggregate"],
+                "middle-aggregator",
+                &["fetch", "upload"],
+            ),
+            chan(
+                "param-channel",
+                "middle-aggregator",
+                &["distribute", "aggregate"],
+                "trainer",
+                &["fetch", "upload"],
+            ),
+        ];
+        let h = json!({"rounds": 6, "joinTimeout": 20, "slowTrainers": {"3": 4}});
+        let fedbuff = Sort {
+            sort: "fedbuff".to_owned(),
+            kwargs: json!({"aggGoal": 2, "concurrency": 4}).as_object().cloned().expect("object"),
+        };
+        let job = "async3";
+        let mut trainers = tokio::task::JoinSet::new();
+        for (i, data) in ["1:10", "2:10", "3:20", "4:20"].into_iter().enumerate() {
+            let mut t = task(job, "trainer", i as u32, &all, Some(data), &h);
+            t.optimizer = fedbuff.clone();
+            trainers.spawn(crate::roles::follow::run(
+                t,
+                factory.clone(),
+                hub_opts(&hub, dir.path()),
+            ));
+        }
+        let mut middles = tokio::task::JoinSet::new();
+        for i in 0..2 {
+            let mut m = task(job, "middle-aggregator", i, &all, None, &h);
+            m.optimizer = fedbuff.clone();
+            middles.spawn(run_middle(m, hub_opts(&hub, dir.path())));
+        }
+        let mut top = task(job, "top-aggregator", 0, &all, None, &h);
+        top.optimizer = fedbuff.clone();
+        // Both middle aggregators are present before the first step.
+        top.hyperparameters.insert("expectedTrainers".into(), json!(2));
+        let summary =
+            run(top, factory.clone(), hub_opts(&hub, dir.path())).await.expect("top runs");
+        let mut uploads = Vec::new();
+        while let Some(res) = middles.join_next().await {
+            let middle = res.expect("join").expect("every middle aggregator ends cleanly");
+            assert_eq!(middle.kind, RoleKind::MiddleAggregator);
+            uploads.push(middle.rounds);
+            for r in &middle.history {
+                assert_eq!(r.metrics["updates"], 2.0, "{r:?}");
+                assert!(
+                    r.metrics.contains_key("staleness.max") && r.metrics.contains_key("trainer.w")
+                );
+            }
+        }
+        let mut served = 0;
+        while let Some(res) = trainers.join_next().await {
+            served += res.expect("join").expect("every trainer gets end-of-training").rounds;
+        }
+        assert_eq!(summary.rounds, 6);
+        assert!(summary.history.iter().all(|r| r.metrics["updates"] == 2.0));
+        // 6 steps × 2 middle updates; each middle update folds 2 trainer updates.
+        assert!(uploads.iter().sum::<u64>() >= 12, "{uploads:?}");
+        assert!(uploads.iter().all(|n| *n >= 1), "both replicas take part: {uploads:?}");
+        assert!(served >= 24, "{served} trainer rounds");
+        let w = summary.final_model.as_ref().expect("final").get("w").expect("w").data()[0];
+        assert!(w > 0.5 && w < 4.0, "final w {w}");
     }
 
     #[tokio::test]

@@ -18,7 +18,10 @@ use crate::hyper::{self, names};
 use crate::{Error, Result};
 
 pub mod aggregator;
+pub mod coordinated;
+pub mod coordinator;
 pub mod fedbuff;
+pub mod follow;
 pub mod ring;
 pub mod trainer;
 
