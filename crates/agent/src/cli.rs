@@ -15,7 +15,7 @@ use tracing::Instrument as _;
 
 use fledge_types::{JobId, TaskId, TaskState};
 
-use crate::api::{Backoff, TaskApi};
+use crate::api::{Backoff, TaskApi, retry};
 use crate::bundle::Limits;
 use crate::deployer::sibling_or_path;
 use crate::entrypoint::Tools;
@@ -28,6 +28,32 @@ pub enum Error {
     /// The apiserver URL or the task key is unusable.
     #[error("invalid --apiserver or --task-key")]
     Client(#[source] fledge_client::Error),
+    /// The apiserver refused to let this agent join its task (a wrong key, most often).
+    #[error("the apiserver refused task {task} with this key")]
+    Refused {
+        /// The task.
+        task: TaskId,
+        /// The apiserver's answer.
+        #[source]
+        source: anyhow::Error,
+    },
+    /// The apiserver could not be reached while joining.
+    #[error("cannot reach the apiserver to join task {task}")]
+    Unreachable {
+        /// The task.
+        task: TaskId,
+        /// The last failure.
+        #[source]
+        source: anyhow::Error,
+    },
+    /// The flags contradict what the apiserver says, or something needed is missing.
+    #[error("cannot run task {task}: {reason}")]
+    Join {
+        /// The task.
+        task: TaskId,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Flags of `fledgelet` (each also read from its `FLEDGE_*` variable).
@@ -41,15 +67,15 @@ pub struct FledgeletArgs {
     #[arg(long, env = "FLEDGE_TASK_KEY", hide_env_values = true)]
     #[serde(skip_serializing)]
     pub task_key: String,
-    /// The task's job.
+    /// The task's job [default: as the apiserver says].
     #[arg(long, env = "FLEDGE_JOB_ID")]
-    pub job_id: String,
+    pub job_id: Option<String>,
     /// Apiserver base URL, e.g. http://127.0.0.1:10100.
     #[arg(long, env = "FLEDGE_APISERVER")]
     pub apiserver: String,
-    /// Notifier URL, e.g. http://127.0.0.1:10101.
+    /// Notifier URL, e.g. http://127.0.0.1:10101 [default: as the apiserver says].
     #[arg(long, env = "FLEDGE_NOTIFIER")]
-    pub notifier: String,
+    pub notifier: Option<String>,
     /// Private work dir for the task's code, config and log (created if missing).
     #[arg(long, env = "FLEDGE_WORK_DIR")]
     pub work_dir: PathBuf,
@@ -88,8 +114,8 @@ impl FledgeletArgs {
         toml::to_string(self).expect("flags always serialize to TOML")
     }
 
-    /// The supervisor options these flags describe.
-    pub fn supervisor_options(&self) -> SupervisorOptions {
+    /// The supervisor options these flags describe, for a task of job `job_id`.
+    pub fn supervisor_options(&self, job_id: JobId) -> SupervisorOptions {
         let tools = Tools {
             python: self.python.clone(),
             fledge_bin: self.fledge_bin.clone().unwrap_or_else(|| sibling_or_path("fledge")),
@@ -97,7 +123,7 @@ impl FledgeletArgs {
         let env = TaskEnv {
             task_id: TaskId::new(self.task_id.clone()),
             task_key: self.task_key.clone(),
-            job_id: JobId::new(self.job_id.clone()),
+            job_id,
             apiserver: self.apiserver.clone(),
         };
         let mut opts = SupervisorOptions::new(self.work_dir.clone(), env, tools);
@@ -116,14 +142,60 @@ impl FledgeletArgs {
 
 /// Runs the agent for one task until the task ended; `shutdown` (wire it to SIGTERM/SIGINT)
 /// stops the task like a STOP event.
+///
+/// The agent first joins (`GET /tasks/{taskId}`): a wrong key fails here, before anything
+/// waits; a participant-run task's first key is pinned; the job id and the notifier URL come
+/// from the apiserver unless given.
 pub async fn run(args: FledgeletArgs, shutdown: CancellationToken) -> Result<Outcome, Error> {
-    let opts = args.supervisor_options();
-    let task_id = opts.task.task_id.clone();
-    let job_id = opts.task.job_id.clone();
+    let task_id = TaskId::new(args.task_id.clone());
     let client = fledge_client::TaskClient::new(&args.apiserver, task_id.clone(), &args.task_key)
         .map_err(Error::Client)?;
+    let join_backoff =
+        Backoff { max_elapsed: Duration::from_secs_f64(args.report_timeout), ..Backoff::default() };
+    let joined = tokio::select! {
+        res = retry(join_backoff, "join", || async {
+            client.join().await.map_err(crate::api::Error::from)
+        }) => res,
+        () = shutdown.cancelled() => {
+            return Err(Error::Join { task: task_id, reason: "shut down while joining".to_owned() });
+        }
+    };
+    let joined = match joined {
+        Ok(joined) => joined,
+        Err(err) if err.is_transient() => {
+            return Err(Error::Unreachable { task: task_id, source: err.into() });
+        }
+        Err(err) => return Err(Error::Refused { task: task_id, source: err.into() }),
+    };
+    let task = joined.task;
+    let job_id = match &args.job_id {
+        Some(given) if given != task.job_id.as_str() => {
+            return Err(Error::Join {
+                task: task_id,
+                reason: format!("it belongs to job {}, not to --job-id {given}", task.job_id),
+            });
+        }
+        _ => task.job_id.clone(),
+    };
+    if task.state.is_final() {
+        return Err(Error::Join {
+            task: task_id,
+            reason: format!("it is {} already (job {job_id})", task.state),
+        });
+    }
+    let Some(notifier) = args.notifier.clone().or(joined.notifier) else {
+        return Err(Error::Join {
+            task: task_id,
+            reason: "the apiserver does not say where its notifier is; pass --notifier".to_owned(),
+        });
+    };
+    if !task.managed {
+        tracing::info!(%task_id, %job_id, role = %task.role, "joined participant-run task");
+    }
+    let mut opts = args.supervisor_options(job_id.clone());
+    opts.participant_run = !task.managed;
     let api: Arc<dyn TaskApi> = Arc::new(client);
-    let events = fledge_client::subscribe_task(&args.notifier, &job_id, &task_id, &args.task_key);
+    let events = fledge_client::subscribe_task(&notifier, &job_id, &task_id, &args.task_key);
     let span = tracing::info_span!("task", %job_id, %task_id);
     let outcome = fledgelet::run(&opts, api, events, shutdown).instrument(span).await;
     tracing::info!(state = %outcome.state, reported = outcome.reported, "fledgelet done");
@@ -184,7 +256,7 @@ mod tests {
         let mut argv = REQUIRED.to_vec();
         argv.extend(["--heartbeat-interval", "0.5", "--fledge-bin", "/opt/fledge"]);
         let cli = Cli::try_parse_from(argv).expect("valid flags");
-        let opts = cli.args.supervisor_options();
+        let opts = cli.args.supervisor_options(JobId::new("j1"));
         assert_eq!(opts.task.task_id.as_str(), "t1");
         assert_eq!(opts.task.task_key, "k");
         assert_eq!(opts.heartbeat_interval, Duration::from_millis(500));

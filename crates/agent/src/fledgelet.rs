@@ -4,6 +4,12 @@
 //! drives [`supervisor::run`]. Duplicate STARTs (a redelivery after a reconnect, a controller
 //! that re-sends) are ignored; a STOP before START reports `terminated` without running
 //! anything; a shutdown (SIGTERM from the deployer) stops the child like a STOP does.
+//!
+//! The agent beats from the moment it runs, also while it waits for START: the controller
+//! holds the start of a job until the data owners' agents of its participant-run tasks beat,
+//! and tells a managed worker that came up from one that never did. A participant-run task's
+//! agent that is shut down locally (its data owner pressed Ctrl-C, or restarts the machine)
+//! leaves the task without a final state, so that the same key can rejoin it.
 
 use std::sync::Arc;
 
@@ -47,12 +53,30 @@ pub async fn run(
     mut events: TaskEvents,
     shutdown: CancellationToken,
 ) -> Outcome {
-    // Phase 1: wait for START.
+    // Phase 1: wait for START, beating.
+    let beating = {
+        let api = api.clone();
+        let interval = opts.heartbeat_interval;
+        tokio::spawn(async move {
+            loop {
+                if let Err(err) = api.heartbeat().await {
+                    tracing::debug!(error = %supervisor::chain(&err), "heartbeat failed");
+                }
+                tokio::time::sleep(interval).await;
+            }
+        })
+    };
+    let _stop_beating = AbortOnDrop(beating);
     loop {
         let event = tokio::select! {
             event = events.next() => event,
             () = shutdown.cancelled() => {
                 tracing::info!("shut down before the task started");
+                if opts.participant_run {
+                    tracing::info!("left the participant-run task before it started; the same key rejoins it");
+                    let log = "[fledgelet] shut down before the task started; the same key rejoins it".to_owned();
+                    return Outcome { state: TaskState::Ready, log, reported: false };
+                }
                 let log = "[fledgelet] worker shut down before the task started".to_owned();
                 return supervisor::finish(opts, api.as_ref(), TaskState::Terminated, log).await;
             }
@@ -73,7 +97,8 @@ pub async fn run(
         }
     }
 
-    // Phase 2: run, with STOP and shutdown both cancelling `stop`.
+    // Phase 2: run, with STOP and shutdown both cancelling `stop`; the supervisor beats.
+    drop(_stop_beating);
     tracing::info!("task starting");
     let stop = shutdown.child_token();
     let forward = {
@@ -91,9 +116,20 @@ pub async fn run(
             }
         })
     };
-    let outcome = supervisor::run(opts, api, stop).await;
+    // A local shutdown of a participant-run task's agent leaves the task to be rejoined.
+    let leave = if opts.participant_run { shutdown.clone() } else { CancellationToken::new() };
+    let outcome = supervisor::run_or_leave(opts, api, stop, leave).await;
     forward.abort();
     outcome
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn lost_notifier(opts: &SupervisorOptions, api: Arc<dyn TaskApi>, why: &str) -> Outcome {

@@ -116,6 +116,9 @@ pub struct SupervisorOptions {
     pub tail_max_bytes: usize,
     /// Lines of log tail reported with the final state (default 200).
     pub tail_max_lines: usize,
+    /// The task is participant-run: its data owner started this agent and may restart it, so
+    /// a local shutdown leaves the task without a final state (see [`run_or_leave`]).
+    pub participant_run: bool,
 }
 
 impl SupervisorOptions {
@@ -132,6 +135,7 @@ impl SupervisorOptions {
             bundle_limits: Limits::default(),
             tail_max_bytes: logtail::DEFAULT_MAX_BYTES,
             tail_max_lines: logtail::DEFAULT_MAX_LINES,
+            participant_run: false,
         }
     }
 }
@@ -154,11 +158,27 @@ pub async fn run(
     api: Arc<dyn TaskApi>,
     stop: CancellationToken,
 ) -> Outcome {
+    run_or_leave(opts, api, stop, CancellationToken::new()).await
+}
+
+/// [`run`], except that a stop while `leave` is cancelled (a participant-run task's agent shut
+/// down by its data owner) ends the code without a final state: the task stays `running`,
+/// the log says so, and an agent started again with the same key rejoins it. If none does,
+/// the controller fails the task once its heartbeats have been missing for its timeout.
+pub async fn run_or_leave(
+    opts: &SupervisorOptions,
+    api: Arc<dyn TaskApi>,
+    stop: CancellationToken,
+    leave: CancellationToken,
+) -> Outcome {
     let mut tail = LogTail::new(opts.tail_max_bytes, opts.tail_max_lines);
     let prepared = tokio::select! {
         res = prepare(opts, api.as_ref()) => res,
         () = stop.cancelled() => {
             tail.push_line("[fledgelet] stopped before the task's code started".to_owned());
+            if leave.is_cancelled() {
+                return left(api.as_ref(), tail.render()).await;
+            }
             return finish(opts, api.as_ref(), TaskState::Terminated, tail.render()).await;
         }
     };
@@ -170,7 +190,26 @@ pub async fn run(
             return finish(opts, api.as_ref(), TaskState::Failed, tail.render()).await;
         }
     };
-    execute(opts, api, stop, command_line, tail).await
+    execute(opts, api, stop, leave, command_line, tail).await
+}
+
+/// The agent leaves a participant-run task that keeps running: the log (reported with state
+/// `running`, best effort) says how to rejoin.
+async fn left(api: &dyn TaskApi, log: String) -> Outcome {
+    let mut log = log;
+    if !log.is_empty() && !log.ends_with('\n') {
+        log.push('\n');
+    }
+    log.push_str(
+        "[fledgelet] the agent was shut down by its data owner; the task stays running: start \
+         the agent again with the same task id and key to rejoin\n",
+    );
+    let res = api.set_status(TaskState::Running, &log).await;
+    if let Err(err) = &res {
+        tracing::warn!(error = %chain(err), "the leave was not reported");
+    }
+    tracing::info!("left the participant-run task; it can be rejoined with the same key");
+    Outcome { state: TaskState::Running, log, reported: res.is_ok() }
 }
 
 /// Reports a final state without running anything (e.g. STOP before START).
@@ -246,6 +285,7 @@ async fn execute(
     opts: &SupervisorOptions,
     api: Arc<dyn TaskApi>,
     stop: CancellationToken,
+    leave: CancellationToken,
     command_line: CommandLine,
     tail: LogTail,
 ) -> Outcome {
@@ -346,6 +386,16 @@ async fn execute(
         running.abort();
     }
 
+    if stopped && leave.is_cancelled() {
+        if let Ok(status) = &waited {
+            push_line(
+                &tail,
+                format!("[fledgelet] {shown} stopped, {}", process::describe(*status)),
+            );
+        }
+        let log = render(&tail);
+        return left(api.as_ref(), log).await;
+    }
     let (state, line) = match waited {
         Ok(status) if stopped => (
             TaskState::Terminated,

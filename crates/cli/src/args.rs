@@ -320,6 +320,12 @@ pub enum JobCmd {
     },
     /// Follow a job until it ends; exits 0 iff it completed.
     Watch(WatchArgs),
+    /// Print, for each participant-run task of a started job, the command its data owner runs
+    /// to join it with a key of their choosing.
+    Join {
+        /// Job id.
+        id: String,
+    },
 }
 
 /// Arguments of `job watch`.

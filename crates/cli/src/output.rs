@@ -123,6 +123,12 @@ fn groups(task: &Task) -> String {
         .join(",")
 }
 
+/// Who runs a task: `platform` (managed: a deployer starts its worker) or `participant` (its
+/// data owner starts the agent; see `fledgectl job join`).
+pub fn run_by(task: &Task) -> &'static str {
+    if task.managed { "platform" } else { "participant" }
+}
+
 /// Tasks (with their states).
 pub fn tasks(items: &[Task]) -> String {
     let rows = items
@@ -135,11 +141,86 @@ pub fn tasks(items: &[Task]) -> String {
                 groups(t),
                 or_dash(t.dataset_id.as_ref().map(|d| d.as_str()).unwrap_or("")),
                 t.compute_id.to_string(),
+                run_by(t).to_owned(),
                 t.state.to_string(),
             ]
         })
         .collect();
-    table(&["TASK", "ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "STATE"], rows)
+    table(&["TASK", "ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "RUN BY", "STATE"], rows)
+}
+
+/// What `fledgectl job join` says to the data owner of one participant-run task.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinCommand {
+    /// The task.
+    pub task_id: String,
+    /// Its role.
+    pub role: String,
+    /// Its index among the role's tasks.
+    pub index: u32,
+    /// The dataset it trains on, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset_id: Option<String>,
+    /// Where it stands: waiting for its data owner, joined, or its task state.
+    pub status: String,
+    /// The shell command its data owner runs (the key is theirs to choose).
+    pub command: String,
+}
+
+/// Placeholder for the key in a join command.
+pub const KEY_PLACEHOLDER: &str = "<a-secret-of-your-choosing>";
+
+/// What data owners need to know about their join command.
+pub const JOIN_TIP: &str = "Give each data owner the line of their task. They choose the key \
+     (FLEDGE_TASK_KEY): the first key a task sees is pinned to it, the same key rejoins the task \
+     after a restart, any other key is refused.";
+
+/// The join command of each participant-run task in `info`; the apiserver's advertised URL, else
+/// `endpoint` (the one this CLI uses).
+pub fn join_commands(info: &fledge_client::JoinInfo, endpoint: &str) -> Vec<JoinCommand> {
+    let apiserver = info.apiserver.as_deref().unwrap_or(endpoint);
+    info.tasks
+        .iter()
+        .map(|task| {
+            let status = match task.state {
+                fledge_types::TaskState::Ready if task.last_heartbeat.is_none() => {
+                    "waiting for its data owner".to_owned()
+                }
+                fledge_types::TaskState::Ready => "joined; starts with the job".to_owned(),
+                state => state.to_string(),
+            };
+            JoinCommand {
+                task_id: task.task_id.to_string(),
+                role: task.role.clone(),
+                index: task.index,
+                dataset_id: task.dataset_id.as_ref().map(ToString::to_string),
+                status,
+                command: format!(
+                    "FLEDGE_TASK_KEY={KEY_PLACEHOLDER} fledge fledgelet --apiserver {apiserver} \
+                     --task-id {id} --work-dir fledge-{id}",
+                    id = task.task_id
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Join commands as text: a comment line per task, then its command.
+pub fn join_table(commands: &[JoinCommand]) -> String {
+    let mut res = String::new();
+    for command in commands {
+        res.push_str(&format!(
+            "# task {} ({} {}{}): {}\n{}\n",
+            command.task_id,
+            command.role,
+            command.index,
+            command.dataset_id.as_deref().map(|d| format!(", dataset {d}")).unwrap_or_default(),
+            command.status,
+            command.command
+        ));
+    }
+    res
 }
 
 /// The expansion of a job (`job plan`): tasks without states, then a per-role count.
@@ -300,12 +381,42 @@ mod tests {
             "#]],
         );
         check(role_counts(&tasks), expect!["trainer: 1, middle-aggregator: 1, top-aggregator: 1"]);
+        let mut owned = tasks[0].clone();
+        owned.task_id = "trainer-1".into();
+        owned.index = 1;
+        owned.managed = false;
         check(
-            super::tasks(&tasks[..1]),
+            super::tasks(&[tasks[0].clone(), owned.clone()]),
             expect![[r#"
-                TASK       ROLE     INDEX  GROUPS            DATASET  COMPUTE  STATE
-                trainer-0  trainer  0      param-channel=eu  ds-uk    default  ready
+                TASK       ROLE     INDEX  GROUPS            DATASET  COMPUTE  RUN BY       STATE
+                trainer-0  trainer  0      param-channel=eu  ds-uk    default  platform     ready
+                trainer-1  trainer  1      param-channel=eu  ds-uk    default  participant  ready
             "#]],
+        );
+
+        // The join commands of participant-run tasks: the advertised apiserver wins.
+        let mut joined = owned.clone();
+        joined.task_id = "trainer-2".into();
+        joined.last_heartbeat = Some(at());
+        let info = fledge_client::JoinInfo {
+            apiserver: Some("http://10.0.0.1:10100".into()),
+            notifier: None,
+            tasks: vec![owned, joined],
+        };
+        check(
+            join_table(&join_commands(&info, "http://127.0.0.1:1")),
+            expect![[r#"
+                # task trainer-1 (trainer 1, dataset ds-uk): waiting for its data owner
+                FLEDGE_TASK_KEY=<a-secret-of-your-choosing> fledge fledgelet --apiserver http://10.0.0.1:10100 --task-id trainer-1 --work-dir fledge-trainer-1
+                # task trainer-2 (trainer 1, dataset ds-uk): joined; starts with the job
+                FLEDGE_TASK_KEY=<a-secret-of-your-choosing> fledge fledgelet --apiserver http://10.0.0.1:10100 --task-id trainer-2 --work-dir fledge-trainer-2
+            "#]],
+        );
+        let info = fledge_client::JoinInfo { apiserver: None, ..info };
+        assert!(
+            join_commands(&info, "http://127.0.0.1:1")[0]
+                .command
+                .contains("--apiserver http://127.0.0.1:1 ")
         );
     }
 

@@ -6,7 +6,7 @@ use reqwest::Method;
 
 use fledge_types::{ComputeId, JobId, MetricRecord, TaskConfig, TaskId, TaskState};
 
-use crate::dto::{DeploymentReport, DeploymentState, TaskStatusUpdate};
+use crate::dto::{DeploymentReport, DeploymentState, TaskJoin, TaskStatusUpdate};
 use crate::error::Result;
 use crate::http::{Transport, seg};
 
@@ -35,6 +35,12 @@ impl TaskClient {
 
     fn path(&self, rest: &str) -> String {
         format!("/api/v1/tasks/{}{rest}", seg(self.task.as_str()))
+    }
+
+    /// `GET /tasks/{taskId}`: the task and the notifier URL. An agent's first call: it pins
+    /// the key of a participant-run task, and a wrong key fails here (`Unauthenticated`).
+    pub async fn join(&self) -> Result<TaskJoin> {
+        self.transport.get_json(&self.path("")).await
     }
 
     /// `GET /tasks/{taskId}/config`: the task's manifest.

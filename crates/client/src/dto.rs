@@ -112,3 +112,30 @@ pub struct DeploymentReport {
     #[serde(default)]
     pub message: String,
 }
+
+/// Answer of `GET /tasks/{taskId}` (task key): what an agent learns when it joins.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskJoin {
+    /// The task: its job, role, state, and whether the platform manages it.
+    pub task: fledge_types::Task,
+    /// The notifier URL to subscribe to, if the apiserver knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifier: Option<String>,
+}
+
+/// Answer of `GET /users/{user}/jobs/{jobId}/join`: what the data owners of a job's
+/// participant-run tasks need to start their agents.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinInfo {
+    /// The apiserver URL agents use, if the apiserver knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apiserver: Option<String>,
+    /// The notifier URL agents use, if the apiserver knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifier: Option<String>,
+    /// The participant-run tasks, in expansion order (empty until the job is expanded).
+    #[serde(default)]
+    pub tasks: Vec<fledge_types::Task>,
+}

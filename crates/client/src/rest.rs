@@ -12,7 +12,8 @@ use fledge_types::{
 };
 
 use crate::dto::{
-    CodeRevision, JobStateRequest, JobStatus, NewToken, NewUser, SchemaRevision, VersionedSchema,
+    CodeRevision, JobStateRequest, JobStatus, JoinInfo, NewToken, NewUser, SchemaRevision,
+    VersionedSchema,
 };
 use crate::error::Result;
 use crate::http::{Transport, seg};
@@ -292,6 +293,13 @@ impl Client {
     /// `GET /users/{user}/jobs/{jobId}/tasks/{taskId}` (with the log tail).
     pub async fn get_task(&self, job: &JobId, task: &TaskId) -> Result<Task> {
         let path = self.job_path(job, &format!("/tasks/{}", seg(task.as_str()))).await?;
+        self.transport.get_json(&path).await
+    }
+
+    /// `GET /users/{user}/jobs/{jobId}/join`: the participant-run tasks and the endpoints
+    /// their data owners' agents join.
+    pub async fn join_info(&self, job: &JobId) -> Result<JoinInfo> {
+        let path = self.job_path(job, "/join").await?;
         self.transport.get_json(&path).await
     }
 

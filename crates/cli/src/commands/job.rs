@@ -1,5 +1,5 @@
 //! Jobs: `create|get|update|remove job`, `get jobs|tasks|task|metrics|status`, `start|stop job`,
-//! `job plan`, `logs`.
+//! `job plan`, `job join`, `logs`.
 
 use std::path::Path;
 
@@ -68,6 +68,51 @@ pub async fn plan(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
         output::role_counts(&tasks)
     );
     ctx.show(&tasks, || output::plan(&tasks))
+}
+
+/// `job join ID`: the command each data owner of a participant-run task runs.
+pub async fn join(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+    let job = JobId::new(id);
+    let info = ctx.client.join_info(&job).await?;
+    let commands = output::join_commands(&info, ctx.client.endpoint());
+    if commands.is_empty() {
+        let state = ctx.client.get_job(&job).await?.state;
+        if state == JobState::Ready || state == JobState::Starting {
+            eprintln!("job {id} is {state}: its tasks exist once it has started");
+        } else {
+            eprintln!("job {id} has no participant-run tasks: the platform runs all of them");
+        }
+    } else {
+        eprintln!("{}", output::JOIN_TIP);
+    }
+    ctx.show(&commands, || output::join_table(&commands))
+}
+
+/// Prints the join commands of `job`'s participant-run tasks on stderr, if it has any; waits
+/// (briefly) for the controller to expand a job that has just started.
+pub async fn announce_join_commands(ctx: &Ctx, job: &JobId) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        // The state first: once it is past `starting`, the tasks listed next are all there.
+        let state = ctx.client.get_job(job).await?.state;
+        let info = ctx.client.join_info(job).await?;
+        if !info.tasks.is_empty() {
+            let commands = output::join_commands(&info, ctx.client.endpoint());
+            eprintln!(
+                "job {job} has {} participant-run task(s); it starts once their data owners have joined.",
+                commands.len()
+            );
+            eprintln!("{}", output::JOIN_TIP);
+            eprint!("{}", output::join_table(&commands));
+            eprintln!("(`fledgectl job join {job}` prints these commands again)");
+            return Ok(());
+        }
+        if state != JobState::Starting {
+            // Expanded (no participant-run task) or ended.
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// `get job ID`.

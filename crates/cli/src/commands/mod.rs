@@ -107,6 +107,7 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Start(JobRefCmd::Job { id }) => job::start(ctx, &id).await,
         Command::Stop(JobRefCmd::Job { id }) => job::stop(ctx, &id).await,
         Command::Job(JobCmd::Plan { file }) => job::plan(ctx, &file).await,
+        Command::Job(JobCmd::Join { id }) => job::join(ctx, &id).await,
         Command::Job(JobCmd::Watch(args)) => {
             watch::watch_and_report(ctx, &args.id.into(), args.interval_ms).await
         }

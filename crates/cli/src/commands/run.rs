@@ -146,6 +146,9 @@ pub async fn run(ctx: &Ctx, args: &RunArgs) -> anyhow::Result<()> {
     eprintln!("created job {} ({})", created.id, created.spec.name);
     let started = client.start_job(&created.id).await?;
     eprintln!("job {} is {}", started.id, started.state);
+    if schema.roles.iter().any(|role| role.participant_run) {
+        super::job::announce_join_commands(ctx, &started.id).await?;
+    }
     if args.no_watch {
         return ctx.created(&started, started.id.as_str(), || {
             output::jobs(std::slice::from_ref(&started))

@@ -90,6 +90,10 @@ pub fn describe(status: &JobStatus, progress: &Progress) -> String {
     if let Some(accuracy) = progress.accuracy {
         res.push_str(&format!(" | accuracy {}", output::format_metric(accuracy)));
     }
+    // Why a live job waits (e.g. for the data owners of participant-run tasks).
+    if let Some(reason) = status.reason.as_deref().filter(|_| !status.state.is_final()) {
+        res.push_str(&format!(" | {reason}"));
+    }
     res
 }
 

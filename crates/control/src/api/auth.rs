@@ -87,7 +87,14 @@ impl ApiState {
     /// first key it is presented with and pins it.
     pub(super) async fn task(&self, headers: &HeaderMap, task: &TaskId) -> Result<Task> {
         let hash = secret_hash(bearer(headers)?);
-        let invalid = || Error::unauthenticated(format!("invalid key for task {task}"));
+        // The same words whatever the cause (unknown task, wrong key, a key pinned already),
+        // so that probing learns nothing.
+        let invalid = || {
+            Error::unauthenticated(format!(
+                "invalid key for task {task}: a platform-run task takes the key its deployer was \
+                 given; a participant-run task takes only the key it first joined with"
+            ))
+        };
         match self.store.task_by_key(task, &hash).await {
             Ok(found) => return Ok(found),
             Err(store::Error::NotFound { .. }) => {}

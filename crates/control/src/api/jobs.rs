@@ -27,6 +27,7 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(set_status, get_status))
         .routes(routes!(list_tasks))
         .routes(routes!(get_task))
+        .routes(routes!(join_info))
         .routes(routes!(list_metrics))
 }
 
@@ -368,6 +369,40 @@ async fn get_task(
     let user = check_user(&state.user(&headers).await?, &user)?;
     let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
     Ok(Json(state.store.get_task(&job.id, &TaskId::new(task)).await?))
+}
+
+/// What the data owners of a job's participant-run tasks need to start their agents.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct JoinInfo {
+    /// The apiserver URL agents use, if this apiserver knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    apiserver: Option<String>,
+    /// The notifier URL agents use, if this apiserver knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    notifier: Option<String>,
+    /// The job's participant-run tasks in expansion order (empty until the job is expanded,
+    /// i.e. started).
+    tasks: Vec<Task>,
+}
+
+/// The participant-run tasks of a job and the endpoints their agents join.
+#[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/join", tag = "jobs",
+    params(("user" = String, Path), ("jobId" = String, Path)),
+    responses((status = 200, body = JoinInfo), (status = 404, body = fledge_types::ApiError)))]
+async fn join_info(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+) -> Result<Json<JoinInfo>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
+    let tasks = state.store.list_tasks(&job.id).await?.into_iter().filter(|t| !t.managed).collect();
+    Ok(Json(JoinInfo {
+        apiserver: state.env.apiserver.clone(),
+        notifier: state.notifier_url.clone(),
+        tasks,
+    }))
 }
 
 /// A job's metric records in the order they arrived.

@@ -66,6 +66,9 @@ pub struct ApiState {
     pub env: TaskEnv,
     /// Request size limits.
     pub limits: Limits,
+    /// The notifier's URL as agents reach it, told to agents when they join (`GET
+    /// /tasks/{taskId}`) and shown in the join commands of participant-run tasks.
+    pub notifier_url: Option<String>,
     metrics: Arc<http_metrics::HttpMetrics>,
 }
 
@@ -93,8 +96,15 @@ impl ApiState {
             notifier,
             env,
             limits,
+            notifier_url: None,
             metrics: Arc::new(http_metrics::HttpMetrics::default()),
         }
+    }
+
+    /// Sets the notifier URL agents are told.
+    pub fn with_notifier_url(mut self, url: impl Into<String>) -> Self {
+        self.notifier_url = Some(url.into());
+        self
     }
 
     /// Replaces the limits.

@@ -1,5 +1,5 @@
-//! The agent's routes, authenticated with the task key: config, code, status, heartbeat,
-//! metrics.
+//! The agent's routes, authenticated with the task key: the task itself (the agent's first
+//! call, which pins a participant-run task's key), config, code, status, heartbeat, metrics.
 
 use std::io::{Cursor, Read as _, Write as _};
 
@@ -9,11 +9,11 @@ use axum::extract::{Path, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use fledge_types::{ErrorCode, ErrorDetail, MetricRecord, TaskConfig, TaskId, TaskState};
+use fledge_types::{ErrorCode, ErrorDetail, MetricRecord, Task, TaskConfig, TaskId, TaskState};
 
 use super::error::{Error, Result};
 use super::{ApiState, body};
@@ -21,6 +21,7 @@ use crate::store;
 
 pub(super) fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
+        .routes(routes!(task_join))
         .routes(routes!(task_config))
         .routes(routes!(task_code))
         .routes(routes!(task_status))
@@ -43,6 +44,31 @@ const LOG_TAIL_BYTES: usize = 64 * 1024;
 
 fn internal(err: impl std::fmt::Display) -> Error {
     Error::new(ErrorCode::Internal, err.to_string())
+}
+
+/// What an agent learns when it joins: its task and where to subscribe to its events.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct TaskJoin {
+    /// The task (its job, role, state, and whether the platform manages it).
+    task: Task,
+    /// The notifier's URL, if this apiserver knows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notifier: Option<String>,
+}
+
+/// The task this key belongs to. An agent calls it first: a participant-run task's first key
+/// is pinned here, and a wrong key is refused before the agent waits for anything.
+#[utoipa::path(get, path = "/tasks/{taskId}", tag = "tasks",
+    params(("taskId" = String, Path)),
+    responses((status = 200, body = TaskJoin), (status = 401, body = fledge_types::ApiError)))]
+async fn task_join(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+) -> Result<Json<TaskJoin>> {
+    let task = state.task(&headers, &TaskId::new(task)).await?;
+    Ok(Json(TaskJoin { task, notifier: state.notifier_url.clone() }))
 }
 
 /// The task's config: everything its worker needs to run.
@@ -227,6 +253,10 @@ async fn heartbeat(
 ) -> Result<StatusCode> {
     let task = state.task(&headers, &TaskId::new(task)).await?;
     state.store.record_heartbeat(&task.task_id).await?;
+    if !task.managed && task.state == TaskState::Ready {
+        // A data owner's agent is up: the job may be waiting for it to start.
+        state.controller.job_changed(task.job_id);
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

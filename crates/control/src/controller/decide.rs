@@ -26,16 +26,18 @@ pub struct Policy {
     pub heartbeat_timeout: Duration,
     /// How long a stopping job waits for its tasks before marking them terminated.
     pub stop_grace: Duration,
-    /// A deploying job whose managed tasks have not all started after this long fails, naming
-    /// the computes that did not start them; zero disables.
+    /// A deploying job with a managed task whose agent never beat after this long fails,
+    /// naming the computes that did not start them; zero disables.
     pub deploy_timeout: Duration,
 }
 
 /// What this controller has already sent for a job (lost on restart, which re-sends).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Memory {
-    /// Deploy and start events were published.
+    /// Deploy events were published.
     pub deployed: bool,
+    /// Start events were published.
+    pub started: bool,
     /// Stop and revoke events were published.
     pub revoked: bool,
 }
@@ -54,9 +56,18 @@ pub enum Effect {
         /// Reason recorded on the job.
         reason: Option<String>,
     },
-    /// Send a deploy event per compute for its managed `ready` tasks and a start event to
-    /// every `ready` task.
+    /// Send a deploy event per compute for its managed `ready` tasks (their workers come up
+    /// and wait for their start event).
     Deploy,
+    /// Send a start event to every `ready` task.
+    Start,
+    /// Record why the job waits, without changing its state (compare-and-set on the state).
+    Note {
+        /// The job's current state.
+        state: JobState,
+        /// The reason recorded.
+        reason: String,
+    },
     /// Send stop events to these tasks.
     Stop(Vec<TaskId>),
     /// Send a revoke event (all of the job's workers) to every compute hosting managed tasks.
@@ -179,14 +190,16 @@ fn decide_active(
         }]);
     }
 
-    // 4. Progress: deploy, then wait until every managed task runs (or has ended), but not
-    // forever: a compute without a working deployer would keep the job deploying.
+    // 4. Progress: deploy the managed tasks; once every participant-run task has joined (its
+    // data owner's agent beats), start every task; `running` once no task is `ready`. The
+    // deploy timeout catches managed workers that never came up (no agent ever beat), e.g. a
+    // compute without a working deployer; waiting for data owners is bounded by maxRunTime.
     let deploy_deadline = (state == JobState::Deploying && !policy.deploy_timeout.is_zero())
         .then(|| job.updated_at + policy.deploy_timeout);
     if deploy_deadline.is_some_and(|deadline| now >= deadline) {
         let mut computes: Vec<&str> = tasks
             .iter()
-            .filter(|t| t.managed && t.state == TaskState::Ready)
+            .filter(|t| t.managed && t.state == TaskState::Ready && t.last_heartbeat.is_none())
             .map(|t| t.compute_id.as_str())
             .collect();
         computes.sort_unstable();
@@ -205,7 +218,18 @@ fn decide_active(
         if !memory.deployed {
             effects.push(Effect::Deploy);
         }
-        let all_up = tasks.iter().filter(|t| t.managed).all(|t| t.state != TaskState::Ready);
+        let waiting = waiting_for_owners(tasks, policy.heartbeat_timeout, now);
+        if waiting.is_empty() {
+            if !memory.started {
+                effects.push(Effect::Start);
+            }
+        } else {
+            let reason = waiting_reason(&waiting);
+            if job.reason.as_deref() != Some(reason.as_str()) {
+                effects.push(Effect::Note { state, reason });
+            }
+        }
+        let all_up = tasks.iter().all(|t| t.state != TaskState::Ready);
         if all_up {
             effects.push(Effect::Transition {
                 from: JobState::Deploying,
@@ -223,7 +247,8 @@ fn decide_active(
     if let Some(expiry) = next_heartbeat_expiry(tasks, policy.heartbeat_timeout) {
         wait = wait.min(until(now, expiry));
     }
-    if let Some(deadline) = deploy_deadline {
+    // Past the deploy deadline with every managed worker up, only the resync remains.
+    if let Some(deadline) = deploy_deadline.filter(|deadline| now < *deadline) {
         wait = wait.min(until(now, deadline));
     }
     let action = if effects.iter().any(|e| matches!(e, Effect::Transition { .. })) {
@@ -347,9 +372,39 @@ fn non_final(tasks: &[Task]) -> Vec<TaskId> {
     tasks.iter().filter(|t| !t.state.is_final()).map(|t| t.task_id.clone()).collect()
 }
 
-/// The last sign of life of a running task: its heartbeat, else its last state change.
+/// The last sign of life of a task: its latest heartbeat or state change. (An agent beats
+/// while it waits for its start event, so a heartbeat may predate the `running` report.)
 fn last_seen(task: &Task) -> Option<DateTime<Utc>> {
-    task.last_heartbeat.or(task.updated_at)
+    task.last_heartbeat.max(task.updated_at)
+}
+
+/// The participant-run tasks still `ready` whose data owner's agent is not (or no longer)
+/// connected: no heartbeat within `timeout` (with a zero timeout: no heartbeat ever).
+fn waiting_for_owners<'a>(
+    tasks: &'a [Task],
+    timeout: Duration,
+    now: DateTime<Utc>,
+) -> Vec<&'a Task> {
+    tasks
+        .iter()
+        .filter(|t| !t.managed && t.state == TaskState::Ready)
+        .filter(|t| match t.last_heartbeat {
+            None => true,
+            Some(beat) => !timeout.is_zero() && now >= beat + timeout,
+        })
+        .collect()
+}
+
+/// The reason a job records while it waits for participant-run tasks.
+pub fn waiting_reason(waiting: &[&Task]) -> String {
+    let names: Vec<String> =
+        waiting.iter().map(|t| format!("{} ({} {})", t.task_id, t.role, t.index)).collect();
+    format!(
+        "waiting for {} participant-run task{} to join: {}; `fledgectl job join JOB` prints the command for each data owner",
+        waiting.len(),
+        if waiting.len() == 1 { "" } else { "s" },
+        names.join(", ")
+    )
 }
 
 fn lost_tasks(tasks: &[Task], timeout: Duration, now: DateTime<Utc>) -> Vec<TaskId> {
@@ -481,6 +536,8 @@ mod tests {
                     None => format!("{from}->{to}"),
                 },
                 Effect::Deploy => "deploy".to_owned(),
+                Effect::Start => "start".to_owned(),
+                Effect::Note { state, reason } => format!("note {state} ({reason})"),
                 Effect::Stop(tasks) => format!("stop[{}]", ids(tasks)),
                 Effect::Revoke => "revoke".to_owned(),
                 Effect::MarkTasks { tasks, state, log } => {
@@ -506,9 +563,9 @@ mod tests {
         expect: &'static str,
     }
 
-    const FRESH: Memory = Memory { deployed: false, revoked: false };
-    const SENT: Memory = Memory { deployed: true, revoked: false };
-    const REVOKED: Memory = Memory { deployed: true, revoked: true };
+    const FRESH: Memory = Memory { deployed: false, started: false, revoked: false };
+    const SENT: Memory = Memory { deployed: true, started: true, revoked: false };
+    const REVOKED: Memory = Memory { deployed: true, started: true, revoked: true };
 
     #[test]
     fn every_transition_as_a_table() {
@@ -532,13 +589,13 @@ mod tests {
                 expect: "expand; starting->deploying; deploy; requeue 0s",
             },
             Case {
-                name: "deploying after a restart re-sends deploy events",
+                name: "deploying after a restart re-sends deploy and start events",
                 state: JobState::Deploying,
                 max_run_time: 0,
                 tasks: &["agg:ready", "trainer:ready"],
                 memory: FRESH,
                 now: 1,
-                expect: "deploy; requeue 10s",
+                expect: "deploy; start; requeue 10s",
             },
             Case {
                 name: "deploying waits for workers without re-sending",
@@ -774,10 +831,43 @@ mod tests {
     }
 
     #[test]
-    fn participant_run_tasks_do_not_hold_deploying() {
-        let mut list = tasks(&["agg:running", "trainer:ready"]);
+    fn participant_run_tasks_hold_the_start_until_their_owners_join() {
+        // The owner's agent has not beaten yet: managed workers are deployed, nobody starts,
+        // the job says whom it waits for.
+        let deployed = Memory { deployed: true, started: false, revoked: false };
+        let mut list = tasks(&["agg:ready", "trainer:ready"]);
         list[1].managed = false;
-        let decision = decide(&job(JobState::Deploying, 0), &list, SENT, &policy(), at(1));
+        let decision = decide(&job(JobState::Deploying, 0), &list, FRESH, &policy(), at(1));
+        assert_eq!(
+            render(&decision),
+            "deploy; note deploying (waiting for 1 participant-run task to join: t1 (trainer 1); `fledgectl job join JOB` prints the command for each data owner); requeue 10s"
+        );
+        // Noted already: nothing to write again. Past the deploy timeout, the managed worker
+        // that beats is up; only maxRunTime bounds the wait for the owner.
+        let mut noted = job(JobState::Deploying, 0);
+        noted.reason = Some(waiting_reason(&[&list[1]]));
+        list[0].last_heartbeat = Some(at(1));
+        let decision = decide(&noted, &list, deployed, &policy(), at(400));
+        assert_eq!(render(&decision), "requeue 10s");
+        let decision = decide(&job(JobState::Deploying, 500), &list, deployed, &policy(), at(500));
+        assert_eq!(render(&decision), "deploying->stopping (maxRunTime); requeue 0s");
+
+        // The owner's agent beats: every task starts; `running` once none is `ready`.
+        list[1].last_heartbeat = Some(at(399));
+        let decision = decide(&noted, &list, deployed, &policy(), at(400));
+        assert_eq!(render(&decision), "start; requeue 10s");
+        for task in &mut list {
+            task.state = TaskState::Running;
+            task.updated_at = Some(at(400));
+        }
+        let decision = decide(&noted, &list, SENT, &policy(), at(401));
         assert_eq!(render(&decision), "deploying->running; requeue 0s");
+
+        // An agent that stopped beating before the start no longer counts as joined.
+        for task in &mut list {
+            task.state = TaskState::Ready;
+        }
+        let decision = decide(&noted, &list, deployed, &policy(), at(399 + 60));
+        assert_eq!(render(&decision), "requeue 10s");
     }
 }

@@ -98,8 +98,9 @@ pub struct Options {
     pub stop_grace_secs: f64,
     /// Wake-ups queued before extra ones are dropped (the resync covers them; default 1024).
     pub queue_capacity: usize,
-    /// A deploying job whose managed tasks have not all started after this long fails, naming
-    /// the computes without a working deployer, in seconds (default 600; 0 disables).
+    /// A deploying job with a managed task whose worker never came up (its agent never beat)
+    /// after this long fails, naming the computes without a working deployer, in seconds
+    /// (default 600; 0 disables). Waiting for participant-run tasks is bounded by maxRunTime.
     pub deploy_timeout_secs: f64,
 }
 
@@ -363,6 +364,23 @@ impl Controller {
                     self.deploy(job, &tasks, &keys);
                     self.memory.entry(job.id.clone()).or_default().deployed = true;
                 }
+                Effect::Start => {
+                    let tasks = self.store.list_tasks(&job.id).await.map_err(store_err)?;
+                    let ready: Vec<&Task> =
+                        tasks.iter().filter(|t| t.state == TaskState::Ready).collect();
+                    for task in &ready {
+                        self.notifier.publish_task(&job.id, &task.task_id, TaskEventKind::Start);
+                    }
+                    tracing::info!(n_tasks = ready.len(), "start events sent");
+                    self.memory.entry(job.id.clone()).or_default().started = true;
+                }
+                Effect::Note { state, reason } => {
+                    match self.store.set_job_reason(&job.id, state, &reason).await {
+                        Ok(()) => tracing::info!(%reason, "job waits"),
+                        Err(store::Error::Conflict { .. }) => return Ok(Executed::Raced),
+                        Err(err) => return Err(store_err(err)),
+                    }
+                }
                 Effect::Stop(tasks) => {
                     for task in &tasks {
                         self.notifier.publish_task(&job.id, task, TaskEventKind::Stop);
@@ -460,22 +478,20 @@ impl Controller {
         Ok(Ok(()))
     }
 
-    /// One deploy event per compute for its managed `ready` tasks; a start event per `ready` task.
+    /// One deploy event per compute for its managed `ready` tasks (participant-run tasks are
+    /// never deployed: their data owners start their agents).
     fn deploy(&self, job: &Job, tasks: &[Task], keys: &BTreeMap<fledge_types::TaskId, String>) {
         let mut per_compute: BTreeMap<&ComputeId, Vec<TaskDeployment>> = BTreeMap::new();
-        for task in tasks.iter().filter(|t| t.state == TaskState::Ready) {
-            if task.managed {
-                let Some(key) = keys.get(&task.task_id) else {
-                    tracing::error!(task_id = %task.task_id, "task has no stored key; not deployed");
-                    continue;
-                };
-                per_compute.entry(&task.compute_id).or_default().push(TaskDeployment {
-                    task_id: task.task_id.to_string(),
-                    task_key: key.clone(),
-                    role: task.role.clone(),
-                });
-            }
-            self.notifier.publish_task(&job.id, &task.task_id, TaskEventKind::Start);
+        for task in tasks.iter().filter(|t| t.managed && t.state == TaskState::Ready) {
+            let Some(key) = keys.get(&task.task_id) else {
+                tracing::error!(task_id = %task.task_id, "task has no stored key; not deployed");
+                continue;
+            };
+            per_compute.entry(&task.compute_id).or_default().push(TaskDeployment {
+                task_id: task.task_id.to_string(),
+                task_key: key.clone(),
+                role: task.role.clone(),
+            });
         }
         for (compute, deployments) in per_compute {
             if !self.notifier.is_compute_connected(compute) {

@@ -248,6 +248,9 @@ pub trait Store: Send + Sync + 'static {
         to: JobState,
         reason: Option<&str>,
     ) -> Result<Job>;
+    /// Records why a job in `state` waits, leaving its state and `updated_at` alone (the
+    /// controller's timers count from the last state change); `Conflict` in another state.
+    async fn set_job_reason(&self, id: &JobId, state: JobState, reason: &str) -> Result<()>;
 
     // Tasks.
     /// Inserts a job's tasks; re-inserting the same ids is a no-op (expansion is deterministic).

@@ -1076,6 +1076,26 @@ macro_rules! impl_sql_store {
                 Ok(job)
             }
 
+            async fn set_job_reason(&self, id: &JobId, state: JobState, reason: &str) -> Result<()> {
+                let done = sqlx::query("UPDATE jobs SET reason = $1 WHERE id = $2 AND state = $3")
+                    .bind(reason)
+                    .bind(id.as_str())
+                    .bind(state.as_str())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                if done.rows_affected() == 0 {
+                    let job = self.fetch_job(None, id).await?;
+                    return Err(Error::Conflict {
+                        kind: "job",
+                        id: id.to_string(),
+                        expected: state.to_string(),
+                        actual: job.state.to_string(),
+                    });
+                }
+                Ok(())
+            }
+
             async fn insert_tasks(&self, tasks: &[NewTask]) -> Result<()> {
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
                 for new in tasks {

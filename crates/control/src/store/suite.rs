@@ -347,6 +347,19 @@ async fn jobs(store: &impl Store) {
         store.set_job_state(&"nope".into(), &[JobState::Ready], JobState::Starting, None).await,
         Err(Error::NotFound { .. })
     ));
+    // A reason without a state change keeps `updated_at`; another state is a conflict.
+    store.set_job_reason(&job.id, JobState::Starting, "waiting for owners").await.unwrap();
+    let noted = store.get_job(None, &job.id).await.unwrap();
+    assert_eq!(noted.reason.as_deref(), Some("waiting for owners"));
+    assert_eq!((noted.state, noted.updated_at), (started.state, started.updated_at));
+    assert!(matches!(
+        store.set_job_reason(&job.id, JobState::Running, "x").await,
+        Err(Error::Conflict { .. })
+    ));
+    assert!(matches!(
+        store.set_job_reason(&"nope".into(), JobState::Running, "x").await,
+        Err(Error::NotFound { .. })
+    ));
     assert_eq!(list(None, vec![JobState::Starting]).await, vec![job.id.clone()]);
     assert_eq!(list(None, vec![JobState::Ready, JobState::Starting]).await.len(), 2);
 
