@@ -126,7 +126,11 @@ impl FledgeletArgs {
             job_id,
             apiserver: self.apiserver.clone(),
         };
-        let mut opts = SupervisorOptions::new(self.work_dir.clone(), env, tools);
+        // Absolute: the child runs in the code dir and is handed paths inside the work dir
+        // (a data owner typically passes a relative one).
+        let work_dir =
+            std::path::absolute(&self.work_dir).unwrap_or_else(|_| self.work_dir.clone());
+        let mut opts = SupervisorOptions::new(work_dir, env, tools);
         opts.heartbeat_interval = Duration::from_secs_f64(self.heartbeat_interval);
         opts.stop_grace = Duration::from_secs_f64(self.stop_grace);
         let backoff = Backoff {
@@ -263,6 +267,10 @@ mod tests {
         assert_eq!(opts.stop_grace, Duration::from_secs(10));
         assert_eq!(opts.tools.fledge_bin, PathBuf::from("/opt/fledge"));
         assert_eq!(opts.tools.python, PathBuf::from("python3"));
+        let mut relative = cli.args.clone();
+        relative.work_dir = PathBuf::from("work");
+        let opts = relative.supervisor_options(JobId::new("j1"));
+        assert!(opts.work_dir.is_absolute() && opts.work_dir.ends_with("work"), "{opts:?}");
         assert_eq!(opts.report_backoff.max_elapsed, Duration::from_secs(300));
         let dump = cli.args.dump();
         assert!(

@@ -224,7 +224,7 @@ fn decide_active(
                 effects.push(Effect::Start);
             }
         } else {
-            let reason = waiting_reason(&waiting);
+            let reason = waiting_reason(&job.id, &waiting);
             if job.reason.as_deref() != Some(reason.as_str()) {
                 effects.push(Effect::Note { state, reason });
             }
@@ -396,11 +396,11 @@ fn waiting_for_owners<'a>(
 }
 
 /// The reason a job records while it waits for participant-run tasks.
-pub fn waiting_reason(waiting: &[&Task]) -> String {
+pub fn waiting_reason(job: &fledge_types::JobId, waiting: &[&Task]) -> String {
     let names: Vec<String> =
         waiting.iter().map(|t| format!("{} ({} {})", t.task_id, t.role, t.index)).collect();
     format!(
-        "waiting for {} participant-run task{} to join: {}; `fledgectl job join JOB` prints the command for each data owner",
+        "waiting for {} participant-run task{} to join: {}; `fledgectl job join {job}` prints the command for each data owner",
         waiting.len(),
         if waiting.len() == 1 { "" } else { "s" },
         names.join(", ")
@@ -840,12 +840,12 @@ mod tests {
         let decision = decide(&job(JobState::Deploying, 0), &list, FRESH, &policy(), at(1));
         assert_eq!(
             render(&decision),
-            "deploy; note deploying (waiting for 1 participant-run task to join: t1 (trainer 1); `fledgectl job join JOB` prints the command for each data owner); requeue 10s"
+            "deploy; note deploying (waiting for 1 participant-run task to join: t1 (trainer 1); `fledgectl job join j1` prints the command for each data owner); requeue 10s"
         );
         // Noted already: nothing to write again. Past the deploy timeout, the managed worker
         // that beats is up; only maxRunTime bounds the wait for the owner.
         let mut noted = job(JobState::Deploying, 0);
-        noted.reason = Some(waiting_reason(&[&list[1]]));
+        noted.reason = Some(waiting_reason(&noted.id, &[&list[1]]));
         list[0].last_heartbeat = Some(at(1));
         let decision = decide(&noted, &list, deployed, &policy(), at(400));
         assert_eq!(render(&decision), "requeue 10s");
