@@ -24,6 +24,7 @@ pub mod fedbuff;
 pub mod follow;
 pub mod ring;
 pub mod trainer;
+pub mod vertical;
 
 /// Function tags of the built-in roles.
 pub mod tags {

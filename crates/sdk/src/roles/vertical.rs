@@ -1,0 +1,1195 @@
+//! Vertical federated learning by split learning: the feature party (built-in name
+//! `vertical-feature-party`) and the label party (`vertical-label-party`).
+//!
+//! The parties hold different columns of the same samples, each in its own file that carries
+//! the sample ids. Each feature party owns a *bottom model* over its columns; the label party
+//! holds the labels (and maybe columns of its own) and the *top model*. Raw features and labels
+//! never leave their party: only embeddings (forward) and their gradients (backward) travel.
+//!
+//! **Alignment.** Every feature party sends the label party its sample ids. The label party
+//! keeps the ids every party holds (the intersection, sorted), splits them into train and test
+//! with a seeded shuffle (`testFraction`, `seed`), and sends both lists back. From then on a
+//! row is an index into those lists, the same at every party whatever the order of its file.
+//! Parties standardise their own columns with their own train statistics.
+//!
+//! **Training.** One round is one epoch over the aligned train rows, in batches the label party
+//! draws (`batchSize`, shuffled per round from `seed`). For each batch the label party asks every
+//! feature party for the embeddings of those rows, runs the top model and the loss, steps the top
+//! model, and sends each party the gradient of the loss with respect to its embedding; the party
+//! back-propagates it through its bottom model and steps. After each round the label party asks
+//! for the test rows' embeddings and evaluates (`accuracy`, `loss`).
+//!
+//! # Wire protocol (one channel; the feature party's `upload` channel is the label party's
+//! `aggregate` channel)
+//!
+//! | from → to | kind | round | meta | tensors |
+//! |---|---|---|---|---|
+//! | feature → label | `Control` | 0 | `command: "ids"`, `ids` [string], `embeddingDim` | |
+//! | label → feature | `Control` | 0 | `command: "align"`, `train` [string], `test` [string] | |
+//! | label → feature | `Control` | 0 | `command: "abort"`, `reason` (alignment failed) | |
+//! | label → feature | `Control` | r | `command: "embed"`, `split` (`train`/`test`), `step` | `rows` i64 `[b]` |
+//! | feature → label | `Update` | r | `split`, `step` | `embedding` f32 `[b, embeddingDim]` |
+//! | label → feature | `Control` | r | `command: "gradient"`, `step` | `gradient` f32 `[b, embeddingDim]` |
+//! | label → feature | `EndOfTraining` | last | | |
+//!
+//! User code plugs in through [`FeatureApp`] (bottom model and the party's table) and
+//! [`LabelApp`] (labels, top model, loss); the candle implementations live in
+//! `fledge-models` (`vertical`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fledge_algorithms::Weights;
+use fledge_channel::{Channel, ChannelManager, Kind, Message};
+use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde_json::Value;
+
+use crate::composer::{Composer, Context, async_tasklet, boxed};
+use crate::hyper;
+use crate::metrics::{Reporter, RoundMetrics};
+use crate::registry::{self, Registry};
+use crate::roles::trainer::COMMAND;
+use crate::roles::{Common, RoleKind, tags};
+use crate::runner::{self, RunOptions, RunSummary};
+use crate::{Error, Result};
+
+/// The built-in name of the feature party.
+pub const FEATURE_PARTY: &str = "vertical-feature-party";
+/// The built-in name of the label party.
+pub const LABEL_PARTY: &str = "vertical-label-party";
+
+/// Hyperparameters of the label party (the feature parties read theirs in user code).
+pub mod names {
+    /// Feature parties the label party waits for (default 1).
+    pub const FEATURE_PARTIES: &str = "featureParties";
+    /// Fraction of the aligned samples held out for testing (default 0.2).
+    pub const TEST_FRACTION: &str = "testFraction";
+    /// Rows per training step (default 32).
+    pub const BATCH_SIZE: &str = "batchSize";
+    /// Seed of the train/test split and the batch order (default 0).
+    pub const SEED: &str = "seed";
+}
+
+const IDS: &str = "ids";
+const ALIGN: &str = "align";
+const ABORT: &str = "abort";
+const EMBED: &str = "embed";
+const GRADIENT: &str = "gradient";
+
+/// Which aligned rows a request is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Training rows (the party keeps what its backward pass needs).
+    Train,
+    /// Held-out rows (no backward pass follows).
+    Test,
+}
+
+impl Split {
+    fn word(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        }
+    }
+
+    fn parse(word: &str) -> Option<Split> {
+        match word {
+            "train" => Some(Split::Train),
+            "test" => Some(Split::Test),
+            _ => None,
+        }
+    }
+}
+
+/// A batch of embeddings (or of their gradients): `rows × dim` values, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embedding {
+    /// Values per row.
+    pub dim: usize,
+    /// `rows * dim` values.
+    pub values: Vec<f32>,
+}
+
+impl Embedding {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.values.len().checked_div(self.dim).unwrap_or(0)
+    }
+}
+
+/// User code of a feature party: its table and its bottom model. Methods are synchronous;
+/// the role calls them on a blocking thread.
+pub trait FeatureApp: Send + 'static {
+    /// Reads hyperparameters, loads this party's table (`config.dataset`), builds the bottom
+    /// model; returns the sample ids the table holds.
+    fn load(&mut self, config: &TaskConfig) -> anyhow::Result<Vec<String>>;
+    /// Values per embedding row.
+    fn embedding_dim(&self) -> usize;
+    /// Keeps the rows of `train` then `test` (every id is in the table), in that order, and
+    /// standardises the columns with statistics of the `train` rows only.
+    fn align(&mut self, train: &[String], test: &[String]) -> anyhow::Result<()>;
+    /// Embeddings of aligned rows `rows` of `split`. For [`Split::Train`] the app keeps what
+    /// [`FeatureApp::backward`] needs.
+    fn embed(&mut self, split: Split, rows: &[usize]) -> anyhow::Result<Embedding>;
+    /// Back-propagates the gradient of the loss with respect to the last train embedding and
+    /// steps the bottom model.
+    fn backward(&mut self, gradient: &Embedding) -> anyhow::Result<()>;
+    /// The bottom model's weights.
+    fn weights(&self) -> anyhow::Result<Weights>;
+}
+
+/// What one training step of the label party produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// Mean loss of the batch.
+    pub loss: f64,
+    /// Gradient of that loss with respect to each party's embedding, in the order given.
+    pub gradients: Vec<Embedding>,
+}
+
+/// User code of the label party: its labelled table (maybe with columns of its own), the top
+/// model and the loss. Methods are synchronous; the role calls them on a blocking thread.
+pub trait LabelApp: Send + 'static {
+    /// Reads hyperparameters and loads this party's labelled table; returns its sample ids.
+    fn load(&mut self, config: &TaskConfig) -> anyhow::Result<Vec<String>>;
+    /// Keeps the rows of `train` then `test` in that order, and builds the top model over
+    /// embeddings of `dims` values from the feature parties (in the order of later calls).
+    fn align(&mut self, train: &[String], test: &[String], dims: &[usize]) -> anyhow::Result<()>;
+    /// One optimisation step on train rows `rows` given the parties' embeddings of them.
+    fn train_step(
+        &mut self,
+        rows: &[usize],
+        embeddings: &[Embedding],
+    ) -> anyhow::Result<StepOutcome>;
+    /// Metrics (e.g. `loss`, `accuracy`) on test rows `rows` given their embeddings.
+    fn evaluate(
+        &mut self,
+        rows: &[usize],
+        embeddings: &[Embedding],
+    ) -> anyhow::Result<BTreeMap<String, f64>>;
+    /// The top model's weights (and those of the party's own bottom model, if any).
+    fn weights(&self) -> anyhow::Result<Weights>;
+}
+
+/// The ids held by the label party and by every feature party, sorted. Fails when a list has
+/// a duplicate or when fewer than two ids are shared (nothing to train and test on), naming
+/// each party's count and an example id.
+pub fn align_ids(label: &[String], parties: &[(TaskId, Vec<String>)]) -> Result<Vec<String>> {
+    let as_set = |who: &str, ids: &[String]| -> Result<BTreeSet<String>> {
+        let mut set = BTreeSet::new();
+        for id in ids {
+            if !set.insert(id.clone()) {
+                return Err(Error::Config(format!("{who} lists sample id {id:?} twice")));
+            }
+        }
+        Ok(set)
+    };
+    let mut common = as_set("the label party", label)?;
+    for (party, ids) in parties {
+        let set = as_set(&format!("feature party {party}"), ids)?;
+        common.retain(|id| set.contains(id));
+    }
+    if common.len() < 2 {
+        let example =
+            |ids: &[String]| ids.first().map(|i| format!(", e.g. {i:?}")).unwrap_or_default();
+        let mut held = vec![format!("the label party {} ids{}", label.len(), example(label))];
+        held.extend(
+            parties.iter().map(|(p, ids)| format!("{p} {} ids{}", ids.len(), example(ids))),
+        );
+        return Err(Error::Config(format!(
+            "the parties share {} sample ids, need at least 2 to align (held: {}); do their \
+             dataset files use the same ids?",
+            common.len(),
+            held.join("; ")
+        )));
+    }
+    Ok(common.into_iter().collect())
+}
+
+/// Splits aligned `ids` into (train, test) by a shuffle seeded with `seed`: `test_fraction`
+/// of them (rounded, at least one, at most all but one) are test ids. Both lists keep the
+/// shuffled order, which is the row order every party uses.
+pub fn split_ids(ids: &[String], test_fraction: f64, seed: u64) -> (Vec<String>, Vec<String>) {
+    let mut shuffled = ids.to_vec();
+    shuffled.shuffle(&mut StdRng::seed_from_u64(seed));
+    let n_test = ((ids.len() as f64 * test_fraction).round() as usize).clamp(1, ids.len() - 1);
+    let train = shuffled.split_off(n_test);
+    (train, shuffled)
+}
+
+fn strings(m: &Message, key: &str) -> Option<Vec<String>> {
+    m.meta.get(key)?.as_array()?.iter().map(|v| v.as_str().map(str::to_owned)).collect()
+}
+
+fn strings_value(ids: &[String]) -> Value {
+    Value::from(ids.iter().map(|i| Value::from(i.as_str())).collect::<Vec<_>>())
+}
+
+fn is_command(m: &Message, command: &str) -> bool {
+    m.kind == Kind::Control && m.meta.get(COMMAND).and_then(Value::as_str) == Some(command)
+}
+
+fn tensor_of(e: &Embedding) -> Result<fledge_channel::Tensor> {
+    fledge_channel::Tensor::from_f32(vec![e.rows(), e.dim], &e.values)
+        .map_err(|err| Error::Tensors(format!("embedding: {err}")))
+}
+
+/// The `[rows, dim]` f32 tensor `name` of `m` from `peer`, checked.
+fn embedding_of(
+    peer: &TaskId,
+    m: &Message,
+    name: &str,
+    rows: usize,
+    dim: usize,
+) -> Result<Embedding> {
+    let bad = |reason: String| Error::Protocol { peer: peer.clone(), reason };
+    let tensor = m.tensors.get(name).ok_or_else(|| bad(format!("message without {name}")))?;
+    if tensor.shape() != [rows, dim] {
+        return Err(bad(format!("{name} of shape {:?}, expected [{rows}, {dim}]", tensor.shape())));
+    }
+    let values = tensor.to_f32_vec().map_err(|e| bad(format!("{name}: {e}")))?;
+    if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+        return Err(bad(format!("{name} holds {v}")));
+    }
+    Ok(Embedding { dim, values })
+}
+
+async fn blocking<A, T, F>(app: &Arc<Mutex<Box<A>>>, step: &'static str, f: F) -> Result<T>
+where
+    A: ?Sized + Send + 'static,
+    T: Send + 'static,
+    F: FnOnce(&mut A) -> anyhow::Result<T> + Send + 'static,
+{
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = app.lock().unwrap_or_else(|e| e.into_inner());
+        f(guard.as_mut())
+    })
+    .await?
+    .map_err(|source| Error::App { step, source })
+}
+
+/// The channel on which `config`'s role carries `tag`.
+fn channel_by_tag(channels: &ChannelManager, config: &TaskConfig, tag: &str) -> Result<Channel> {
+    channels.by_tag(tag).cloned().map_err(|_| {
+        Error::Config(format!(
+            "role {:?} has no channel with function tag {tag:?} (the vertical parties talk on \
+             the channel where the feature party has `upload` and the label party `aggregate`)",
+            config.role
+        ))
+    })
+}
+
+fn traffic(channels: &ChannelManager) -> fledge_channel::MetricsSnapshot {
+    crate::metrics::total_traffic(channels.channels().map(|c| c.metrics().snapshot()))
+}
+
+/// State of a feature party task.
+pub struct FeatureCtx {
+    /// The task config.
+    pub config: TaskConfig,
+    app: Arc<Mutex<Box<dyn FeatureApp>>>,
+    channels: ChannelManager,
+    channel: Channel,
+    common: Common,
+    label: Option<TaskId>,
+    ids: Vec<String>,
+    /// The round being served (an epoch of the label party).
+    pub round: u64,
+    /// Training is over.
+    pub done: bool,
+    steps: u64,
+    rows: u64,
+    metrics: RoundMetrics,
+    reporter: Option<Reporter>,
+    /// Every round's record.
+    pub history: Vec<MetricRecord>,
+}
+
+impl Context for FeatureCtx {
+    fn record_time(&mut self, alias: &str, seconds: f64) {
+        self.metrics.add(format!("seconds.{alias}"), seconds);
+    }
+}
+
+impl FeatureCtx {
+    /// A feature party over joined `channels` running `app`.
+    pub fn new(
+        config: TaskConfig,
+        channels: ChannelManager,
+        app: Box<dyn FeatureApp>,
+        reporter: Reporter,
+    ) -> Result<FeatureCtx> {
+        let channel = channel_by_tag(&channels, &config, tags::UPLOAD)?;
+        let common = Common::from_config(&config)?;
+        let metrics = RoundMetrics::start(traffic(&channels));
+        Ok(FeatureCtx {
+            config,
+            app: Arc::new(Mutex::new(app)),
+            channels,
+            channel,
+            common,
+            label: None,
+            ids: Vec::new(),
+            round: 0,
+            done: false,
+            steps: 0,
+            rows: 0,
+            metrics,
+            reporter: Some(reporter),
+            history: Vec::new(),
+        })
+    }
+
+    fn label(&self) -> &TaskId {
+        self.label.as_ref().expect("hello sets the label party")
+    }
+
+    /// The next message from the label party; its leaving is an error.
+    async fn recv(&self) -> Result<Message> {
+        self.channel.recv(self.label()).await.map_err(|e| match e {
+            fledge_channel::Error::EndLeft { end, channel } => {
+                Error::PeerLeft { peer: end, channel }
+            }
+            e => e.into(),
+        })
+    }
+
+    fn protocol(&self, reason: String) -> Error {
+        Error::Protocol { peer: self.label().clone(), reason }
+    }
+}
+
+async fn feature_load(ctx: &mut FeatureCtx) -> Result<()> {
+    let config = ctx.config.clone();
+    ctx.ids = blocking(&ctx.app, "load", move |app| app.load(&config)).await?;
+    tracing::info!(task_id = %ctx.config.task_id, samples = ctx.ids.len(), "party table loaded");
+    Ok(())
+}
+
+/// Finds the label party and sends it this party's ids.
+async fn feature_hello(ctx: &mut FeatureCtx) -> Result<()> {
+    let ends = ctx.channel.await_join(ctx.common.join_timeout).await?;
+    let [label] = ends.as_slice() else {
+        return Err(Error::Config(format!(
+            "channel {} has {} label parties in this group ({}), expected exactly one",
+            ctx.channel.name(),
+            ends.len(),
+            ends.iter().map(TaskId::as_str).collect::<Vec<_>>().join(", ")
+        )));
+    };
+    ctx.label = Some(label.clone());
+    let dim = { ctx.app.lock().unwrap_or_else(|e| e.into_inner()).embedding_dim() };
+    let message = Message::new(Kind::Control, 0)
+        .with_meta(COMMAND, IDS)
+        .with_meta(IDS, strings_value(&ctx.ids))
+        .with_meta("embeddingDim", dim as u64);
+    ctx.channel.send(label, message).await?;
+    Ok(())
+}
+
+async fn feature_align(ctx: &mut FeatureCtx) -> Result<()> {
+    let m = ctx.recv().await?;
+    if is_command(&m, ABORT) {
+        let reason = m.meta.get("reason").and_then(Value::as_str).unwrap_or("no reason given");
+        return Err(Error::Config(format!(
+            "the label party {} could not align the samples: {reason}",
+            ctx.label()
+        )));
+    }
+    if m.kind == Kind::EndOfTraining {
+        return Err(ctx.protocol(
+            "training ended before this party was aligned (it joined after the label party \
+             had started; check featureParties)"
+                .to_owned(),
+        ));
+    }
+    if !is_command(&m, ALIGN) {
+        return Err(ctx.protocol(format!("expected the alignment, got {:?}", m.kind)));
+    }
+    let (Some(train), Some(test)) = (strings(&m, "train"), strings(&m, "test")) else {
+        return Err(ctx.protocol("alignment without train and test id lists".to_owned()));
+    };
+    let held: BTreeSet<&String> = ctx.ids.iter().collect();
+    if let Some(id) = train.iter().chain(&test).find(|id| !held.contains(id)) {
+        return Err(
+            ctx.protocol(format!("alignment names sample id {id:?}, which this party lacks"))
+        );
+    }
+    tracing::info!(train = train.len(), test = test.len(), "aligned");
+    blocking(&ctx.app, "align", move |app| app.align(&train, &test)).await
+}
+
+fn rows_of(m: &Message, peer: &TaskId) -> Result<Vec<usize>> {
+    let bad = |reason: String| Error::Protocol { peer: peer.clone(), reason };
+    let tensor =
+        m.tensors.get("rows").ok_or_else(|| bad("embed request without rows".to_owned()))?;
+    let rows = tensor.to_i64_vec().map_err(|e| bad(format!("rows: {e}")))?;
+    rows.into_iter()
+        .map(|r| usize::try_from(r).map_err(|_| bad(format!("row {r} is negative"))))
+        .collect()
+}
+
+/// Serves the label party's requests for one round: train steps, then the test embeddings.
+async fn feature_serve(ctx: &mut FeatureCtx) -> Result<()> {
+    ctx.metrics = RoundMetrics::start(traffic(&ctx.channels));
+    loop {
+        let m = ctx.recv().await?;
+        if m.kind == Kind::EndOfTraining {
+            ctx.done = true;
+            return Ok(());
+        }
+        if !is_command(&m, EMBED) {
+            return Err(ctx.protocol(format!("expected an embed request, got {:?}", m.kind)));
+        }
+        let split = m
+            .meta
+            .get("split")
+            .and_then(Value::as_str)
+            .and_then(Split::parse)
+            .ok_or_else(|| ctx.protocol("embed request without split train|test".to_owned()))?;
+        let step = m.meta.get("step").and_then(Value::as_u64).unwrap_or(0);
+        let rows = rows_of(&m, ctx.label())?;
+        let n_rows = rows.len();
+        ctx.round = m.round;
+        let embedding = blocking(&ctx.app, "embed", move |app| app.embed(split, &rows)).await?;
+        let reply = Message::new(Kind::Update, m.round)
+            .with_meta("split", split.word())
+            .with_meta("step", step)
+            .with_tensor("embedding", tensor_of(&embedding)?);
+        ctx.channel.send(ctx.label(), reply).await?;
+        ctx.rows += n_rows as u64;
+        if split == Split::Test {
+            // The evaluation closes the round.
+            return Ok(());
+        }
+        let g = ctx.recv().await?;
+        if !is_command(&g, GRADIENT)
+            || g.round != m.round
+            || g.meta.get("step").and_then(Value::as_u64) != Some(step)
+        {
+            return Err(ctx.protocol(format!(
+                "expected the gradient of round {} step {step}, got {:?} of round {}",
+                m.round, g.kind, g.round
+            )));
+        }
+        let gradient = embedding_of(ctx.label(), &g, GRADIENT, n_rows, embedding.dim)?;
+        blocking(&ctx.app, "backward", move |app| app.backward(&gradient)).await?;
+        ctx.steps += 1;
+    }
+}
+
+async fn feature_report(ctx: &mut FeatureCtx) -> Result<()> {
+    let mut metrics = std::mem::take(&mut ctx.metrics);
+    metrics.set("steps", std::mem::take(&mut ctx.steps) as f64);
+    metrics.set("embeddedRows", std::mem::take(&mut ctx.rows) as f64);
+    let record =
+        metrics.finish(&ctx.config.task_id, &ctx.config.role, ctx.round, traffic(&ctx.channels));
+    if let Some(reporter) = &ctx.reporter {
+        reporter.report(record.clone());
+    }
+    ctx.history.push(record);
+    Ok(())
+}
+
+async fn feature_finish(ctx: &mut FeatureCtx) -> Result<()> {
+    ctx.channels.close().await?;
+    if let Some(reporter) = ctx.reporter.take() {
+        reporter.shutdown(Duration::from_secs(5)).await;
+    }
+    Ok(())
+}
+
+/// The feature party program.
+pub fn feature_program() -> Composer<FeatureCtx> {
+    Composer::new()
+        .tasklet("load", async_tasklet(|c| boxed(feature_load(c))))
+        .tasklet("hello", async_tasklet(|c| boxed(feature_hello(c))))
+        .tasklet("align", async_tasklet(|c| boxed(feature_align(c))))
+        .loop_until(
+            "rounds",
+            |c: &FeatureCtx| c.done,
+            Composer::new()
+                .tasklet("serve", async_tasklet(|c| boxed(feature_serve(c))))
+                .tasklet("report", async_tasklet(|c| boxed(feature_report(c)))),
+        )
+        .tasklet("finish", async_tasklet(|c| boxed(feature_finish(c))))
+}
+
+/// State of a label party task.
+pub struct LabelCtx {
+    /// The task config.
+    pub config: TaskConfig,
+    app: Arc<Mutex<Box<dyn LabelApp>>>,
+    channels: ChannelManager,
+    channel: Channel,
+    common: Common,
+    expected: usize,
+    test_fraction: f64,
+    batch_size: usize,
+    seed: u64,
+    ids: Vec<String>,
+    /// The feature parties, sorted by task id (the order of embeddings).
+    pub parties: Vec<TaskId>,
+    dims: Vec<usize>,
+    n_train: usize,
+    n_test: usize,
+    /// Rounds (epochs) to run.
+    pub rounds: u64,
+    /// The round being run (0 before the first).
+    pub round: u64,
+    /// Training is over.
+    pub done: bool,
+    train_loss: f64,
+    steps: u64,
+    /// Metrics of the last evaluation.
+    pub evaluation: BTreeMap<String, f64>,
+    registry: Arc<dyn Registry>,
+    metrics: RoundMetrics,
+    reporter: Option<Reporter>,
+    /// Every round's record.
+    pub history: Vec<MetricRecord>,
+}
+
+impl Context for LabelCtx {
+    fn record_time(&mut self, alias: &str, seconds: f64) {
+        self.metrics.add(format!("seconds.{alias}"), seconds);
+    }
+}
+
+impl LabelCtx {
+    /// A label party over joined `channels` running `app`.
+    pub fn new(
+        config: TaskConfig,
+        channels: ChannelManager,
+        app: Box<dyn LabelApp>,
+        registry: Arc<dyn Registry>,
+        reporter: Reporter,
+    ) -> Result<LabelCtx> {
+        let channel = channel_by_tag(&channels, &config, tags::AGGREGATE)?;
+        let common = Common::from_config(&config)?;
+        let h = &config.hyperparameters;
+        let test_fraction = match h.get(names::TEST_FRACTION) {
+            None | Some(Value::Null) => 0.2,
+            Some(v) => v.as_f64().filter(|f| *f > 0.0 && *f < 1.0).ok_or_else(|| {
+                Error::Hyperparameter {
+                    name: names::TEST_FRACTION.to_owned(),
+                    reason: format!("{v} is not a number strictly between 0 and 1"),
+                }
+            })?,
+        };
+        let metrics = RoundMetrics::start(traffic(&channels));
+        Ok(LabelCtx {
+            expected: hyper::uint(h, names::FEATURE_PARTIES, 1, 1)? as usize,
+            batch_size: hyper::uint(h, names::BATCH_SIZE, 32, 1)? as usize,
+            seed: hyper::uint(h, names::SEED, 0, 0)?,
+            rounds: hyper::uint(h, hyper::names::ROUNDS, 1, 1)?,
+            test_fraction,
+            config,
+            app: Arc::new(Mutex::new(app)),
+            channels,
+            channel,
+            common,
+            ids: Vec::new(),
+            parties: Vec::new(),
+            dims: Vec::new(),
+            n_train: 0,
+            n_test: 0,
+            round: 0,
+            done: false,
+            train_loss: 0.0,
+            steps: 0,
+            evaluation: BTreeMap::new(),
+            registry,
+            metrics,
+            reporter: Some(reporter),
+            history: Vec::new(),
+        })
+    }
+
+    async fn recv(&self, party: &TaskId) -> Result<Message> {
+        self.channel.recv(party).await.map_err(|e| match e {
+            fledge_channel::Error::EndLeft { end, channel } => {
+                Error::PeerLeft { peer: end, channel }
+            }
+            e => e.into(),
+        })
+    }
+
+    async fn send(&self, party: &TaskId, message: Message) -> Result<()> {
+        self.channel.send(party, message).await.map_err(|e| match e {
+            fledge_channel::Error::UnknownEnd { end, channel, .. } => {
+                Error::PeerLeft { peer: end, channel }
+            }
+            e => e.into(),
+        })
+    }
+
+    /// Asks every party for the embeddings of `rows` of `split`; returns them in party order.
+    async fn embeddings(&self, split: Split, step: u64, rows: &[usize]) -> Result<Vec<Embedding>> {
+        let as_i64: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let tensor = fledge_channel::Tensor::from_i64(vec![rows.len()], &as_i64)
+            .map_err(|e| Error::Tensors(format!("rows: {e}")))?;
+        let request = Message::new(Kind::Control, self.round)
+            .with_meta(COMMAND, EMBED)
+            .with_meta("split", split.word())
+            .with_meta("step", step)
+            .with_tensor("rows", tensor);
+        for party in &self.parties {
+            self.send(party, request.clone()).await?;
+        }
+        let mut res = Vec::with_capacity(self.parties.len());
+        for (party, &dim) in self.parties.iter().zip(&self.dims) {
+            let m = self.recv(party).await?;
+            let matches = m.kind == Kind::Update
+                && m.round == self.round
+                && m.meta.get("step").and_then(Value::as_u64) == Some(step)
+                && m.meta.get("split").and_then(Value::as_str) == Some(split.word());
+            if !matches {
+                return Err(Error::Protocol {
+                    peer: party.clone(),
+                    reason: format!(
+                        "expected the {} embedding of round {} step {step}, got {:?} of round {}",
+                        split.word(),
+                        self.round,
+                        m.kind,
+                        m.round
+                    ),
+                });
+            }
+            res.push(embedding_of(party, &m, "embedding", rows.len(), dim)?);
+        }
+        Ok(res)
+    }
+}
+
+async fn label_load(ctx: &mut LabelCtx) -> Result<()> {
+    let config = ctx.config.clone();
+    ctx.ids = blocking(&ctx.app, "load", move |app| app.load(&config)).await?;
+    tracing::info!(task_id = %ctx.config.task_id, samples = ctx.ids.len(), "labelled table loaded");
+    Ok(())
+}
+
+/// Waits for the feature parties, aligns their ids with ours and tells them the split.
+async fn label_align(ctx: &mut LabelCtx) -> Result<()> {
+    let mut parties = ctx.channel.await_ends(ctx.expected, ctx.common.join_timeout).await.map_err(
+        |e| match e {
+            fledge_channel::Error::JoinTimeout { timeout, .. } => Error::Config(format!(
+                "only {} of featureParties = {} feature parties joined within {} s",
+                ctx.channel.ends().len(),
+                ctx.expected,
+                timeout.as_secs()
+            )),
+            e => e.into(),
+        },
+    )?;
+    parties.sort();
+    let mut held = Vec::with_capacity(parties.len());
+    for party in &parties {
+        let m = ctx.recv(party).await?;
+        let bad = |reason: &str| Error::Protocol { peer: party.clone(), reason: reason.to_owned() };
+        if !is_command(&m, IDS) {
+            return Err(bad("expected its sample ids first"));
+        }
+        let ids = strings(&m, IDS).ok_or_else(|| bad("ids is not a list of strings"))?;
+        let dim = m
+            .meta
+            .get("embeddingDim")
+            .and_then(Value::as_u64)
+            .filter(|d| *d > 0)
+            .ok_or_else(|| bad("embeddingDim is missing or 0"))?;
+        ctx.dims.push(dim as usize);
+        held.push((party.clone(), ids));
+    }
+    ctx.parties = parties;
+    let aligned = match align_ids(&ctx.ids, &held) {
+        Ok(aligned) => aligned,
+        Err(e) => {
+            let abort = Message::new(Kind::Control, 0)
+                .with_meta(COMMAND, ABORT)
+                .with_meta("reason", e.to_string());
+            for party in &ctx.parties {
+                let _ = ctx.send(party, abort.clone()).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Err(e);
+        }
+    };
+    let (train, test) = split_ids(&aligned, ctx.test_fraction, ctx.seed);
+    tracing::info!(
+        aligned = aligned.len(),
+        label_party = ctx.ids.len(),
+        train = train.len(),
+        test = test.len(),
+        "samples aligned"
+    );
+    let message = Message::new(Kind::Control, 0)
+        .with_meta(COMMAND, ALIGN)
+        .with_meta("train", strings_value(&train))
+        .with_meta("test", strings_value(&test));
+    for party in &ctx.parties {
+        ctx.send(party, message.clone()).await?;
+    }
+    (ctx.n_train, ctx.n_test) = (train.len(), test.len());
+    let dims = ctx.dims.clone();
+    blocking(&ctx.app, "align", move |app| app.align(&train, &test, &dims)).await
+}
+
+/// One epoch over the train rows in seeded random batches.
+async fn label_train(ctx: &mut LabelCtx) -> Result<()> {
+    ctx.round += 1;
+    ctx.metrics = RoundMetrics::start(traffic(&ctx.channels));
+    let mut order: Vec<usize> = (0..ctx.n_train).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(
+        ctx.seed.wrapping_mul(1_000_003).wrapping_add(ctx.round),
+    ));
+    let mut loss_sum = 0.0;
+    let mut steps = 0;
+    for (step, batch) in order.chunks(ctx.batch_size).enumerate() {
+        let step = step as u64;
+        let embeddings = ctx.embeddings(Split::Train, step, batch).await?;
+        let rows = batch.to_vec();
+        let outcome =
+            blocking(&ctx.app, "train_step", move |app| app.train_step(&rows, &embeddings)).await?;
+        if outcome.gradients.len() != ctx.parties.len() {
+            return Err(Error::App {
+                step: "train_step",
+                source: anyhow::anyhow!(
+                    "{} gradients for {} feature parties",
+                    outcome.gradients.len(),
+                    ctx.parties.len()
+                ),
+            });
+        }
+        for (party, gradient) in ctx.parties.iter().zip(&outcome.gradients) {
+            let message = Message::new(Kind::Control, ctx.round)
+                .with_meta(COMMAND, GRADIENT)
+                .with_meta("step", step)
+                .with_tensor(GRADIENT, tensor_of(gradient)?);
+            ctx.send(party, message).await?;
+        }
+        loss_sum += outcome.loss * batch.len() as f64;
+        steps += 1;
+    }
+    ctx.train_loss = loss_sum / ctx.n_train as f64;
+    ctx.steps = steps;
+    if !ctx.train_loss.is_finite() {
+        return Err(Error::App {
+            step: "train_step",
+            source: anyhow::anyhow!(
+                "training diverged in round {} (loss {}); lower the learning rate",
+                ctx.round,
+                ctx.train_loss
+            ),
+        });
+    }
+    Ok(())
+}
+
+async fn label_evaluate(ctx: &mut LabelCtx) -> Result<()> {
+    let rows: Vec<usize> = (0..ctx.n_test).collect();
+    let embeddings = ctx.embeddings(Split::Test, 0, &rows).await?;
+    ctx.evaluation =
+        blocking(&ctx.app, "evaluate", move |app| app.evaluate(&rows, &embeddings)).await?;
+    Ok(())
+}
+
+async fn label_report(ctx: &mut LabelCtx) -> Result<()> {
+    let mut metrics = std::mem::take(&mut ctx.metrics);
+    metrics.set("train_loss", ctx.train_loss);
+    metrics.set("steps", ctx.steps as f64);
+    metrics.set("trainSamples", ctx.n_train as f64);
+    metrics.set("testSamples", ctx.n_test as f64);
+    metrics.set("featureParties", ctx.parties.len() as f64);
+    metrics.extend("", &ctx.evaluation);
+    let record =
+        metrics.finish(&ctx.config.task_id, &ctx.config.role, ctx.round, traffic(&ctx.channels));
+    tracing::info!(round = ctx.round, train_loss = ctx.train_loss, metrics = ?ctx.evaluation, "vertical round done");
+    let (registry, job, rec) = (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
+    tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
+    if let Some(reporter) = &ctx.reporter {
+        reporter.report(record.clone());
+    }
+    ctx.history.push(record);
+    ctx.done = ctx.round >= ctx.rounds;
+    Ok(())
+}
+
+async fn label_finish(ctx: &mut LabelCtx) -> Result<()> {
+    // Every end, so that a party that joined too late stops too.
+    for party in ctx.channel.ends() {
+        let _ = ctx.send(&party, Message::new(Kind::EndOfTraining, ctx.round)).await;
+    }
+    let weights = blocking(&ctx.app, "weights", |app| app.weights()).await?;
+    let (registry, job) = (ctx.registry.clone(), ctx.config.job.id.clone());
+    let path = tokio::task::spawn_blocking(move || registry.save_final(&job, &weights)).await??;
+    tracing::info!(path = %path.display(), "final top model saved");
+    // Give the transport a moment to deliver the end of training before the connection goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ctx.channels.close().await?;
+    if let Some(reporter) = ctx.reporter.take() {
+        reporter.shutdown(Duration::from_secs(5)).await;
+    }
+    Ok(())
+}
+
+/// The label party program.
+pub fn label_program() -> Composer<LabelCtx> {
+    Composer::new()
+        .tasklet("load", async_tasklet(|c| boxed(label_load(c))))
+        .tasklet("align", async_tasklet(|c| boxed(label_align(c))))
+        .loop_until(
+            "rounds",
+            |c: &LabelCtx| c.done,
+            Composer::new()
+                .tasklet("train", async_tasklet(|c| boxed(label_train(c))))
+                .tasklet("evaluate", async_tasklet(|c| boxed(label_evaluate(c))))
+                .tasklet("report", async_tasklet(|c| boxed(label_report(c)))),
+        )
+        .tasklet("finish", async_tasklet(|c| boxed(label_finish(c))))
+}
+
+/// Runs the feature party task `config` with `app`, bounded by `maxRunTime`. The summary's
+/// kind is [`RoleKind::Trainer`] and its final model the bottom model.
+pub async fn run_feature_party(
+    config: TaskConfig,
+    app: Box<dyn FeatureApp>,
+    opts: RunOptions,
+) -> Result<RunSummary> {
+    let max_run_time = config.max_run_time;
+    let run = async move {
+        let reporter = runner::reporter_for(&config, &opts);
+        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let mut ctx = FeatureCtx::new(config, channels, app, reporter)?;
+        let res = feature_program().run(&mut ctx).await;
+        if res.is_err() {
+            let _ = ctx.channels.close().await;
+        }
+        res?;
+        let final_model = blocking(&ctx.app, "weights", |app| app.weights()).await.ok();
+        Ok(RunSummary {
+            kind: RoleKind::Trainer,
+            rounds: ctx.round,
+            history: ctx.history,
+            final_model,
+        })
+    };
+    runner::bounded(max_run_time, run).await
+}
+
+/// Runs the label party task `config` with `app`, bounded by `maxRunTime`. The summary's kind
+/// is [`RoleKind::TopAggregator`] and its final model the top model.
+pub async fn run_label_party(
+    config: TaskConfig,
+    app: Box<dyn LabelApp>,
+    opts: RunOptions,
+) -> Result<RunSummary> {
+    let max_run_time = config.max_run_time;
+    let run = async move {
+        let reporter = runner::reporter_for(&config, &opts);
+        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let mut ctx = LabelCtx::new(config, channels, app, registry, reporter)?;
+        let res = label_program().run(&mut ctx).await;
+        if res.is_err() {
+            let _ = ctx.channels.close().await;
+        }
+        res?;
+        let final_model = blocking(&ctx.app, "weights", |app| app.weights()).await.ok();
+        Ok(RunSummary {
+            kind: RoleKind::TopAggregator,
+            rounds: ctx.round,
+            history: ctx.history,
+            final_model,
+        })
+    };
+    runner::bounded(max_run_time, run).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use fledge_channel::{BackendEnv, LocalHub};
+    use serde_json::json;
+
+    use super::*;
+
+    fn ids(v: &[u32]) -> Vec<String> {
+        v.iter().map(|i| format!("s{i}")).collect()
+    }
+
+    fn number(id: &str) -> f32 {
+        id[1..].parse().expect("toy ids are s<number>")
+    }
+
+    /// Feature toy: the embedding of a row is `[id number + offset]`; checks that each
+    /// gradient is twice the embedding it answers.
+    struct ToyFeature {
+        offset: f32,
+        ids: Vec<String>,
+        train: Vec<String>,
+        test: Vec<String>,
+        last: Option<Embedding>,
+        backwards: Arc<AtomicU64>,
+    }
+
+    /// The dataset url of a toy party: `toy:<offset>:<id>,<id>,...`.
+    fn parse_url(config: &TaskConfig) -> (f32, Vec<String>) {
+        let url = &config.dataset.as_ref().expect("toy parties have a dataset").url;
+        let mut parts = url.splitn(3, ':').skip(1);
+        let offset = parts.next().expect("offset").parse().expect("number");
+        let ids = parts.next().expect("ids").split(',').map(str::to_owned).collect();
+        (offset, ids)
+    }
+
+    impl FeatureApp for ToyFeature {
+        fn load(&mut self, config: &TaskConfig) -> anyhow::Result<Vec<String>> {
+            (self.offset, self.ids) = parse_url(config);
+            Ok(self.ids.clone())
+        }
+        fn embedding_dim(&self) -> usize {
+            1
+        }
+        fn align(&mut self, train: &[String], test: &[String]) -> anyhow::Result<()> {
+            (self.train, self.test) = (train.to_vec(), test.to_vec());
+            Ok(())
+        }
+        fn embed(&mut self, split: Split, rows: &[usize]) -> anyhow::Result<Embedding> {
+            let ids = if split == Split::Train { &self.train } else { &self.test };
+            let values = rows.iter().map(|&r| number(&ids[r]) + self.offset).collect();
+            let e = Embedding { dim: 1, values };
+            if split == Split::Train {
+                self.last = Some(e.clone());
+            }
+            Ok(e)
+        }
+        fn backward(&mut self, gradient: &Embedding) -> anyhow::Result<()> {
+            let last = self.last.take().ok_or_else(|| anyhow::anyhow!("no embedding"))?;
+            let want: Vec<f32> = last.values.iter().map(|v| 2.0 * v).collect();
+            anyhow::ensure!(gradient.values == want, "gradient {gradient:?} for {last:?}");
+            self.backwards.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn weights(&self) -> anyhow::Result<Weights> {
+            Ok(Weights::new())
+        }
+    }
+
+    /// Label toy: checks that every party's embedding is the one of the requested ids
+    /// (alignment and row order agree) and answers with twice the embedding.
+    struct ToyLabel {
+        offsets: Vec<f32>,
+        train: Vec<String>,
+        test: Vec<String>,
+        rows_seen: Arc<AtomicU64>,
+    }
+
+    impl ToyLabel {
+        fn check(
+            &self,
+            ids: &[String],
+            rows: &[usize],
+            embeddings: &[Embedding],
+        ) -> anyhow::Result<()> {
+            anyhow::ensure!(
+                embeddings.len() == self.offsets.len(),
+                "{} embeddings",
+                embeddings.len()
+            );
+            for (e, offset) in embeddings.iter().zip(&self.offsets) {
+                let want: Vec<f32> = rows.iter().map(|&r| number(&ids[r]) + offset).collect();
+                anyhow::ensure!(
+                    e.values == want,
+                    "misaligned embedding {:?}, want {want:?}",
+                    e.values
+                );
+            }
+            self.rows_seen.fetch_add(rows.len() as u64, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl LabelApp for ToyLabel {
+        fn load(&mut self, config: &TaskConfig) -> anyhow::Result<Vec<String>> {
+            Ok(parse_url(config).1)
+        }
+        fn align(
+            &mut self,
+            train: &[String],
+            test: &[String],
+            dims: &[usize],
+        ) -> anyhow::Result<()> {
+            anyhow::ensure!(dims.iter().all(|d| *d == 1), "dims {dims:?}");
+            (self.train, self.test) = (train.to_vec(), test.to_vec());
+            Ok(())
+        }
+        fn train_step(
+            &mut self,
+            rows: &[usize],
+            embeddings: &[Embedding],
+        ) -> anyhow::Result<StepOutcome> {
+            self.check(&self.train, rows, embeddings)?;
+            let gradients = embeddings
+                .iter()
+                .map(|e| Embedding { dim: 1, values: e.values.iter().map(|v| 2.0 * v).collect() })
+                .collect();
+            Ok(StepOutcome { loss: 1.0, gradients })
+        }
+        fn evaluate(
+            &mut self,
+            rows: &[usize],
+            embeddings: &[Embedding],
+        ) -> anyhow::Result<BTreeMap<String, f64>> {
+            self.check(&self.test, rows, embeddings)?;
+            Ok(BTreeMap::from([("accuracy".to_owned(), 1.0)]))
+        }
+        fn weights(&self) -> anyhow::Result<Weights> {
+            Ok(Weights::new())
+        }
+    }
+
+    fn config(task: &str, role: &str, url: &str, h: &Value) -> TaskConfig {
+        let tags = if role == "label" {
+            json!(["aggregate", "distribute"])
+        } else {
+            json!(["upload", "fetch"])
+        };
+        serde_json::from_value(json!({
+            "taskId": task,
+            "role": role,
+            "job": {"id": "vfl-toy", "name": "vfl-toy"},
+            "backend": "local",
+            "channels": [{"name": "vfl", "pair": ["feature", "label"], "funcTags": {role: tags}}],
+            "groupAssociation": {"vfl": "default"},
+            "hyperparameters": h,
+            "dataset": {"id": task, "url": url}
+        }))
+        .expect("valid task config")
+    }
+
+    fn url(offset: u32, ids: &[String]) -> String {
+        format!("toy:{offset}:{}", ids.join(","))
+    }
+
+    /// Runs two toy feature parties and a toy label party; returns their results.
+    async fn run_toy(
+        parties: [Vec<String>; 2],
+        label: Vec<String>,
+        rows_seen: Arc<AtomicU64>,
+        backwards: Arc<AtomicU64>,
+    ) -> (Result<RunSummary>, Vec<Result<RunSummary>>) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let h =
+            json!({"rounds": 3, "batchSize": 4, "featureParties": 2, "seed": 7, "joinTimeout": 10});
+        let opts = RunOptions {
+            workdir: dir.path().to_owned(),
+            backend_env: BackendEnv { local_hub: LocalHub::new(), ..BackendEnv::default() },
+            ..RunOptions::default()
+        };
+        let mut set = tokio::task::JoinSet::new();
+        for (i, ids) in parties.iter().enumerate() {
+            let offset = 1000 * (i as u32 + 1);
+            let app = ToyFeature {
+                offset: 0.0,
+                ids: Vec::new(),
+                train: Vec::new(),
+                test: Vec::new(),
+                last: None,
+                backwards: backwards.clone(),
+            };
+            let c = config(&format!("f{i}"), "feature", &url(offset, ids), &h);
+            set.spawn(run_feature_party(c, Box::new(app), opts.clone()));
+        }
+        let app = ToyLabel {
+            offsets: vec![1000.0, 2000.0],
+            train: Vec::new(),
+            test: Vec::new(),
+            rows_seen,
+        };
+        let label =
+            run_label_party(config("l", "label", &url(0, &label), &h), Box::new(app), opts).await;
+        let mut features = Vec::new();
+        while let Some(res) = set.join_next().await {
+            features.push(res.expect("join"));
+        }
+        (label, features)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parties_align_by_id_whatever_their_row_order() {
+        let all: Vec<u32> = (0..30).collect();
+        let mut a = ids(&all[1..]);
+        a.reverse();
+        let mut b = ids(&all[..28]);
+        b.rotate_left(11);
+        let mut l: Vec<String> = ids(&all[2..]);
+        l.extend(ids(&[100, 101]));
+        l.rotate_left(5);
+        // Shared: s2..s27 = 26 ids; 5 test, 21 train in batches of 4 (6 steps per round).
+        let (rows_seen, backwards) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (label, features) = run_toy([a, b], l, rows_seen.clone(), backwards.clone()).await;
+        let label = label.expect("label party runs");
+        assert_eq!(label.rounds, 3);
+        let last = &label.history[2].metrics;
+        assert_eq!((last["trainSamples"], last["testSamples"], last["steps"]), (21.0, 5.0, 6.0));
+        assert_eq!(rows_seen.load(Ordering::SeqCst), 3 * (21 + 5));
+        assert_eq!(backwards.load(Ordering::SeqCst), 2 * 3 * 6);
+        for f in features {
+            let f = f.expect("feature party runs");
+            assert_eq!(f.history.len(), 3);
+            assert!(
+                f.history
+                    .iter()
+                    .all(|r| r.metrics["steps"] == 6.0 && r.metrics["embeddedRows"] == 26.0)
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn disjoint_ids_fail_every_party_with_the_reason() {
+        let none = Arc::new(AtomicU64::new(0));
+        let (label, features) =
+            run_toy([ids(&[1, 2, 3]), ids(&[2, 3, 4])], ids(&[7, 8, 9]), none.clone(), none).await;
+        let err = label.expect_err("nothing to align").to_string();
+        assert!(err.contains("share 0 sample ids") && err.contains("\"s7\""), "{err}");
+        for f in features {
+            let err = crate::runner::error_chain(&f.expect_err("aborted by the label party"));
+            assert!(err.contains("could not align") && err.contains("share 0 sample ids"), "{err}");
+        }
+    }
+
+    #[test]
+    fn align_ids_intersects_and_names_duplicates() {
+        let parties =
+            vec![(TaskId::from("a"), ids(&[5, 1, 2, 3])), (TaskId::from("b"), ids(&[3, 2, 9, 1]))];
+        assert_eq!(align_ids(&ids(&[2, 3, 1, 8]), &parties).expect("aligned"), ids(&[1, 2, 3]));
+        let dup = vec![(TaskId::from("b"), ids(&[1, 2, 1]))];
+        let err = align_ids(&ids(&[1, 2]), &dup).unwrap_err().to_string();
+        assert!(err.contains("feature party b lists sample id \"s1\" twice"), "{err}");
+        let err = align_ids(&ids(&[1, 9]), &parties).unwrap_err().to_string();
+        assert!(err.contains("share 1 sample ids") && err.contains("a 4 ids"), "{err}");
+    }
+
+    #[test]
+    fn split_ids_is_seeded_and_covers_every_id_once() {
+        let all = ids(&(0..50).collect::<Vec<_>>());
+        let (train, test) = split_ids(&all, 0.2, 3);
+        assert_eq!((train.len(), test.len()), (40, 10));
+        assert_eq!(split_ids(&all, 0.2, 3), (train.clone(), test.clone()));
+        assert_ne!(split_ids(&all, 0.2, 4).1, test);
+        let mut both: Vec<String> = train.into_iter().chain(test).collect();
+        both.sort();
+        let mut sorted = all.clone();
+        sorted.sort();
+        assert_eq!(both, sorted);
+        // At least one of each, whatever the fraction.
+        let (train, test) = split_ids(&ids(&[1, 2]), 0.01, 0);
+        assert_eq!((train.len(), test.len()), (1, 1));
+    }
+}
