@@ -9,6 +9,8 @@
 //!   autodiff, with weights exposed as named `f32` tensors (`fc1.weight`, ...).
 //! - [`trainer`]: [`trainer::MnistTrainer`], the reference [`fledge_sdk::TrainerApp`]
 //!   (built-in name `mnist-mlp-trainer`) and [`trainer::MnistEvaluator`] for aggregators.
+//! - [`vertical`], [`vertical_data`]: split learning for vertical FL (bottom and top models on
+//!   candle, the parties' id-keyed CSV tables) and its centralised comparison.
 //!
 //! This crate does no networking: roles, channels and aggregation live in `fledge-sdk`.
 
@@ -17,6 +19,8 @@ pub mod mlp;
 pub mod partition;
 pub mod trainer;
 pub mod url;
+pub mod vertical;
+pub mod vertical_data;
 
 pub use data::{Dataset, Split};
 pub use mlp::{Mlp, MlpConfig};

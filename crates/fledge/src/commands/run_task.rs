@@ -420,6 +420,8 @@ pub const TOPOLOGY_ROLES: &[&str] = &[
     fledge_sdk::roles::fedbuff::BUILTIN_NAME,
     fledge_sdk::roles::fedbuff::STRAGGLER_TRAINER,
     fledge_sdk::roles::ring::BUILTIN_NAME,
+    fledge_sdk::roles::vertical::FEATURE_PARTY,
+    fledge_sdk::roles::vertical::LABEL_PARTY,
     fledge_sdk::roles::fedbuff::MIDDLE_BUILTIN_NAME,
     fledge_sdk::roles::follow::BUILTIN_NAME,
     fledge_sdk::roles::coordinator::BUILTIN_NAME,
@@ -444,6 +446,15 @@ async fn run_topology_role(name: &str, config: TaskConfig) -> anyhow::Result<()>
     let res = match name {
         fedbuff::BUILTIN_NAME => fedbuff::run(config, factory, opts).await,
         ring::BUILTIN_NAME => ring::run(config, factory, opts).await,
+        // Vertical FL: split learning with the candle bottom and top models of fledge-models.
+        fledge_sdk::roles::vertical::FEATURE_PARTY => {
+            let app = Box::new(fledge_models::vertical::FeatureParty::new());
+            fledge_sdk::roles::vertical::run_feature_party(config, app, opts).await
+        }
+        fledge_sdk::roles::vertical::LABEL_PARTY => {
+            let app = Box::new(fledge_models::vertical::LabelParty::new());
+            fledge_sdk::roles::vertical::run_label_party(config, app, opts).await
+        }
         fedbuff::MIDDLE_BUILTIN_NAME => fedbuff::run_middle(config, opts).await,
         follow::BUILTIN_NAME => follow::run(config, factory, opts).await,
         coordinator::BUILTIN_NAME => coordinator::run(config, opts).await,
