@@ -7,6 +7,13 @@
 //! The Python base classes (`fledge.Trainer`, `fledge.Evaluator`) define the private
 //! protocol called here (`_fledge_initialize`, `_fledge_train`, ...) and normalise what
 //! user code returns, so this side only checks types.
+//!
+//! Under `fledge.run` (one task per process, [`OnUserError::Exit`]) a failure of user code
+//! ends the process at once: the traceback goes to stderr and the process exits with code 2
+//! before the role leaves its channels. Its peers then learn of the failure from the closed
+//! connection only after the agent has seen the exit code, so the task ends `failed` with
+//! the traceback in its log tail; leaving first would let the aggregator fail the job and
+//! the agent stop this task (`terminated`) while it was still exiting.
 
 use std::collections::BTreeMap;
 
@@ -17,9 +24,46 @@ use pyo3::types::PyTuple;
 
 use crate::convert::{self, py_err_to_anyhow};
 
-/// Calls `f` with the GIL held and turns a Python exception into an error with its traceback.
-fn with_py<T>(f: impl FnOnce(Python<'_>) -> PyResult<T>) -> anyhow::Result<T> {
-    Python::attach(|py| f(py).map_err(|e| py_err_to_anyhow(py, e)))
+/// What a failure of user code does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUserError {
+    /// Return the error (with the traceback) to the role, which fails the task or the run.
+    Raise,
+    /// Write the error to stderr and exit the process with code 2 at once (`fledge.run`).
+    Exit,
+}
+
+/// Calls user code `f` (at `step`) with the GIL held; a Python exception becomes an error
+/// with its traceback, or ends the process under [`OnUserError::Exit`].
+fn user_call<T>(
+    on_error: OnUserError,
+    step: &str,
+    f: impl FnOnce(Python<'_>) -> PyResult<T>,
+) -> anyhow::Result<T> {
+    Python::attach(|py| {
+        f(py).map_err(|e| {
+            let err = py_err_to_anyhow(py, e);
+            if on_error == OnUserError::Exit {
+                exit_now(py, step, &err);
+            }
+            err
+        })
+    })
+}
+
+/// Ends the process with exit code 2 after writing `err` (the traceback) to stderr, in the
+/// format of `fledge.run`'s failure message.
+fn exit_now(py: Python<'_>, step: &str, err: &anyhow::Error) -> ! {
+    // What Python buffered so far goes first, in order.
+    if let Ok(sys) = py.import("sys") {
+        for stream in ["stdout", "stderr"] {
+            if let Ok(stream) = sys.getattr(stream) {
+                let _ = stream.call_method0("flush");
+            }
+        }
+    }
+    eprintln!("fledge: task failed: user code failed in {step}: {err:#}");
+    std::process::exit(2)
 }
 
 /// The task config as JSON text, for the Python side's `Config`.
@@ -30,20 +74,25 @@ fn config_json(config: &TaskConfig) -> anyhow::Result<String> {
 /// A `fledge.Trainer` instance driven by the trainer role.
 pub struct PyTrainer {
     obj: Py<PyAny>,
+    on_error: OnUserError,
 }
 
 impl TrainerApp for PyTrainer {
     fn initialize(&mut self, config: &TaskConfig) -> anyhow::Result<()> {
         let json = config_json(config)?;
-        with_py(|py| self.obj.bind(py).call_method1("_fledge_initialize", (json,)).map(drop))
+        user_call(self.on_error, "initialize", |py| {
+            self.obj.bind(py).call_method1("_fledge_initialize", (json,)).map(drop)
+        })
     }
 
     fn load_data(&mut self) -> anyhow::Result<()> {
-        with_py(|py| self.obj.bind(py).call_method0("_fledge_load_data").map(drop))
+        user_call(self.on_error, "load_data", |py| {
+            self.obj.bind(py).call_method0("_fledge_load_data").map(drop)
+        })
     }
 
     fn train(&mut self, round: u64) -> anyhow::Result<TrainOutcome> {
-        with_py(|py| {
+        user_call(self.on_error, "train", |py| {
             let res = self.obj.bind(py).call_method1("_fledge_train", (round,))?;
             let pair = res.cast::<PyTuple>().map_err(|_| {
                 pyo3::exceptions::PyTypeError::new_err(
@@ -67,14 +116,14 @@ impl TrainerApp for PyTrainer {
     }
 
     fn evaluate(&mut self) -> anyhow::Result<BTreeMap<String, f64>> {
-        with_py(|py| {
+        user_call(self.on_error, "evaluate", |py| {
             let res = self.obj.bind(py).call_method0("_fledge_evaluate")?;
             convert::metrics_from_py(&res, "evaluate()")
         })
     }
 
     fn get_weights(&self) -> anyhow::Result<Weights> {
-        with_py(|py| {
+        user_call(self.on_error, "get_weights", |py| {
             let res = self.obj.bind(py).call_method0("_fledge_get_weights")?;
             convert::weights_from_py(&res)
         })
@@ -84,7 +133,7 @@ impl TrainerApp for PyTrainer {
         // The trait lends the weights, so this is the one copy on the way in; the arrays
         // then own their buffers.
         let owned = weights.clone();
-        with_py(|py| {
+        user_call(self.on_error, "set_weights", |py| {
             let dict = convert::weights_into_py(py, owned)?;
             self.obj.bind(py).call_method1("_fledge_set_weights", (dict,)).map(drop)
         })
@@ -94,12 +143,13 @@ impl TrainerApp for PyTrainer {
 /// A `fledge.Evaluator` instance driven by an aggregator role.
 pub struct PyEvaluator {
     obj: Py<PyAny>,
+    on_error: OnUserError,
 }
 
 impl Evaluator for PyEvaluator {
     fn evaluate(&mut self, weights: &Weights) -> anyhow::Result<BTreeMap<String, f64>> {
         let owned = weights.clone();
-        with_py(|py| {
+        user_call(self.on_error, "evaluate", |py| {
             let dict = convert::weights_into_py(py, owned)?;
             let res = self.obj.bind(py).call_method1("_fledge_evaluate", (dict,))?;
             convert::metrics_from_py(&res, "Evaluator.evaluate()")
@@ -114,6 +164,8 @@ pub struct PyFactory {
     pub trainer: Option<Py<PyAny>>,
     /// Makes a `fledge.Evaluator`.
     pub evaluator: Option<Py<PyAny>>,
+    /// What a failure of user code does.
+    pub on_error: OnUserError,
 }
 
 impl AppFactory for PyFactory {
@@ -125,8 +177,9 @@ impl AppFactory for PyFactory {
                 config.role
             );
         };
-        let obj = with_py(|py| class.bind(py).call0().map(Bound::unbind))?;
-        Ok(Box::new(PyTrainer { obj }))
+        let obj =
+            user_call(self.on_error, "Trainer()", |py| class.bind(py).call0().map(Bound::unbind))?;
+        Ok(Box::new(PyTrainer { obj, on_error: self.on_error }))
     }
 
     fn evaluator(&self, config: &TaskConfig) -> anyhow::Result<Option<Box<dyn Evaluator>>> {
@@ -134,11 +187,11 @@ impl AppFactory for PyFactory {
             return Ok(None);
         };
         let json = config_json(config)?;
-        let obj = with_py(|py| {
+        let obj = user_call(self.on_error, "Evaluator.initialize", |py| {
             let obj = class.bind(py).call0()?;
             obj.call_method1("_fledge_initialize", (json,))?;
             Ok(obj.unbind())
         })?;
-        Ok(Some(Box::new(PyEvaluator { obj })))
+        Ok(Some(Box::new(PyEvaluator { obj, on_error: self.on_error })))
     }
 }

@@ -21,7 +21,7 @@ use pyo3::types::PyDict;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
-use crate::app::PyFactory;
+use crate::app::{OnUserError, PyFactory};
 use crate::convert::weights_into_py;
 use crate::{ConfigError, TaskError};
 
@@ -129,15 +129,18 @@ fn read_config(config_json: &str) -> PyResult<TaskConfig> {
 ///
 /// Returns `(summary_json, final_model)`: the final model is the aggregated global model of
 /// an aggregator task, `None` for a trainer. Raises `TaskError` with the error chain (and
-/// the traceback of user code) when the task fails.
+/// the traceback of user code) when the task fails; with `exit_on_user_error`, a failure of
+/// user code instead writes the traceback to stderr and exits the process with code 2 at
+/// once, before the role leaves its channels (see [`OnUserError::Exit`]).
 #[pyfunction]
-#[pyo3(signature = (config_json, trainer=None, evaluator=None, workdir=None))]
+#[pyo3(signature = (config_json, trainer=None, evaluator=None, workdir=None, exit_on_user_error=false))]
 pub fn run_task<'py>(
     py: Python<'py>,
     config_json: &str,
     trainer: Option<Py<PyAny>>,
     evaluator: Option<Py<PyAny>>,
     workdir: Option<PathBuf>,
+    exit_on_user_error: bool,
 ) -> PyResult<(String, Option<Bound<'py, PyDict>>)> {
     // A task's log tail is its record: progress belongs there.
     init_tracing("info");
@@ -149,7 +152,8 @@ pub fn run_task<'py>(
     let liveness = fledge_sdk::hyper::uint(&config.hyperparameters, "livenessTimeout", 10, 1)
         .map_err(|e| ConfigError::new_err(e.to_string()))?;
     opts.backend_env.mqtt.liveness_timeout = Duration::from_secs(liveness);
-    let factory = Arc::new(PyFactory { trainer, evaluator });
+    let on_error = if exit_on_user_error { OnUserError::Exit } else { OnUserError::Raise };
+    let factory = Arc::new(PyFactory { trainer, evaluator, on_error });
     tracing::info!(task_id = %config.task_id, role = %config.role, "running python task");
     let res = block_on_detached(py, async move {
         runner::run_task_with(config, factory, opts).await.map_err(|e| runner::error_chain(&e))
@@ -207,7 +211,8 @@ pub fn simulate<'py>(
         None => std::env::current_dir()
             .map_err(|e| ConfigError::new_err(format!("no working directory: {e}")))?,
     };
-    let factory: Arc<dyn AppFactory> = Arc::new(PyFactory { trainer: Some(trainer), evaluator });
+    let factory: Arc<dyn AppFactory> =
+        Arc::new(PyFactory { trainer: Some(trainer), evaluator, on_error: OnUserError::Raise });
     let res = block_on_detached(py, async move {
         let deadline =
             (timeout > 0.0).then(|| tokio::time::Instant::now() + Duration::from_secs_f64(timeout));

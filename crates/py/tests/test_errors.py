@@ -97,3 +97,25 @@ def test_run_with_a_bad_config_exits_64(tmp_path):
     res = run_main(tmp_path, "import fledge\nfledge.run(fledge.Trainer)\n", '{"role": 1}')
     assert res.returncode == 64, res
     assert "task config is invalid" in res.stderr, res.stderr
+
+
+def test_run_without_exit_on_error_raises_task_error_instead(tmp_path):
+    res = run_main(
+        tmp_path,
+        """
+        import fledge
+
+        class Broken(fledge.Trainer):
+            def initialize(self):
+                raise RuntimeError("cannot build model")
+
+        try:
+            fledge.run(Broken, exit_on_error=False)
+        except fledge.TaskError as e:
+            print("caught:", "RuntimeError: cannot build model" in str(e))
+        """,
+        json.dumps(task_config()),
+    )
+    # The process went on after the failure: user code decides what to do with it.
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "caught: True", res

@@ -323,6 +323,11 @@ def run(
     error (with the traceback of user code) goes to stderr and the process exits with code
     2 (64 for a bad config or usage), unless ``exit_on_error`` is false, in which case the
     ``TaskError``/``ConfigError`` propagates.
+
+    An exception in user code ends the process right away (exit code 2, traceback on
+    stderr), before the task leaves its channels: the agent sees the exit before its peers
+    see it leave, so the task ends ``failed`` instead of being stopped as a consequence of
+    its own departure.
     """
     try:
         if config_path is None:
@@ -338,6 +343,7 @@ def run(
             text,
             _factory(trainer, Trainer, "trainer", True),
             _factory(evaluator, Evaluator, "evaluator", True),
+            exit_on_user_error=exit_on_error,
         )
     except ConfigError as e:
         if not exit_on_error:

@@ -28,8 +28,13 @@ def run_task(
     trainer: Optional[Callable[[], Any]] = None,
     evaluator: Optional[Callable[[], Any]] = None,
     workdir: Optional[Union[str, PathLike[str]]] = None,
+    exit_on_user_error: bool = False,
 ) -> Tuple[str, Optional[Dict[str, npt.NDArray[np.float32]]]]:
-    """Runs one task with the GIL released; returns (summary JSON, final model or None)."""
+    """Runs one task with the GIL released; returns (summary JSON, final model or None).
+
+    With ``exit_on_user_error``, an exception in user code writes its traceback to stderr
+    and exits the process with code 2 at once, before the role leaves its channels.
+    """
 
 def simulate(
     trainer: Callable[[], Any],
