@@ -4,6 +4,7 @@
 //! Channel handles live on one process-wide tokio runtime (MQTT connections need it running
 //! between calls). Every blocking call releases the GIL and polls Python's signal handlers.
 //! Message tensors cross as float32 numpy arrays (`int64`/`uint8` tensors keep their dtype);
+//! float32 PyTorch tensors are accepted on the way out (read through their numpy view);
 //! `meta` crosses as JSON-compatible Python values.
 
 use std::sync::OnceLock;
@@ -16,7 +17,7 @@ use numpy::{PyArray, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use crate::convert::type_name;
+use crate::convert::{torch_as_numpy, type_name};
 use crate::run::{Stop, block_on_detached_with};
 use crate::{ChannelError, ConfigError, WeightsError};
 
@@ -149,6 +150,7 @@ fn tensors_from_py(value: &Bound<'_, PyAny>) -> PyResult<Tensors> {
             )));
         }
         let name: String = key.extract()?;
+        let array = torch_as_numpy(&name, array)?;
         let array = array.cast::<PyArrayDyn<f32>>().map_err(|_| {
             WeightsError::new_err(format!(
                 "tensor {name:?} must be a float32 numpy.ndarray, not {}",

@@ -5,6 +5,8 @@
 //!   `base` is the Rust container. Python → Rust copies each array once into a new `Vec<f32>`
 //!   (the tensor owns its data); arrays must be float32 and C-contiguous, which the Python
 //!   side ensures with `numpy.ascontiguousarray` (a no-op when they already are).
+//!   A PyTorch tensor (a `state_dict()` value) is read through the numpy array that shares
+//!   its memory ([`torch_as_numpy`]), so a float32 CPU tensor is copied only that once too.
 //! - Metrics: `dict[str, float]` ↔ `BTreeMap<String, f64>`.
 //! - Errors: a Python exception becomes an `anyhow::Error` whose message is the formatted
 //!   traceback, so it shows in the task's error chain and log tail.
@@ -53,6 +55,7 @@ pub fn weights_from_py(value: &Bound<'_, PyAny>) -> PyResult<Weights> {
             )));
         }
         let name: String = key.extract()?;
+        let array = torch_as_numpy(&name, array)?;
         let array = array.cast::<PyArrayDyn<f32>>().map_err(|_| {
             WeightsError::new_err(format!(
                 "weight {name:?} must be a float32 numpy.ndarray, not {}",
@@ -71,6 +74,31 @@ pub fn weights_from_py(value: &Bound<'_, PyAny>) -> PyResult<Weights> {
         res.push(tensor).map_err(|e| WeightsError::new_err(format!("weight {name:?}: {e}")))?;
     }
     Ok(res)
+}
+
+/// A PyTorch tensor as the numpy array that shares its memory
+/// (`tensor.detach().cpu().numpy()`: no copy for a CPU tensor), anything else unchanged.
+///
+/// Tensors are recognised by their type's module (`torch`, `torch.nn.parameter`, ...) so
+/// that torch stays an optional dependency that this module never imports.
+pub fn torch_as_numpy<'py>(name: &str, value: Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    if value.cast::<numpy::PyUntypedArray>().is_ok() || !is_torch_tensor(&value) {
+        return Ok(value);
+    }
+    value.call_method0("detach")?.call_method0("cpu")?.call_method0("numpy").map_err(|e| {
+        WeightsError::new_err(format!(
+            "torch tensor {name:?} has no numpy view ({e}); convert it first, e.g. tensor.float()"
+        ))
+    })
+}
+
+/// Whether `value` is a `torch.Tensor` (or a subclass such as `torch.nn.Parameter`).
+fn is_torch_tensor(value: &Bound<'_, PyAny>) -> bool {
+    let from_torch = value
+        .get_type()
+        .module()
+        .is_ok_and(|m| m.to_cow().is_ok_and(|m| m == "torch" || m.starts_with("torch.")));
+    from_torch && value.hasattr("numpy").unwrap_or(false)
 }
 
 /// `float32[3, 4]` for an array, the type name otherwise.

@@ -4,7 +4,8 @@ them back.
 
 - ``examples/mnist-numpy`` (4 numpy trainers, the built-in aggregator, 5 rounds over the
   embedded MQTT broker) must end ``completed`` with a test accuracy of at least 0.85.
-- The same job with a trainer whose ``train()`` raises must end ``failed``, with the Python
+- ``examples/mnist-torch`` likewise, where torch is installed.
+- The numpy job with a trainer whose ``train()`` raises must end ``failed``, with the Python
   traceback in the failed tasks' log tails.
 
 The binaries come from the cargo build (``cargo build -p fledge -p fledge-cli``, or the
@@ -215,3 +216,16 @@ def test_exception_in_a_python_trainer_fails_the_job_with_its_traceback(platform
     res = platform.fledgectl("logs", job, failed[0]["taskId"])
     assert res.returncode == 0, res.stderr
     assert "RuntimeError: deliberate failure in round 1" in res.stdout, res.stdout
+
+
+def test_torch_mnist_job_completes_through_the_platform(platform):
+    pytest.importorskip("torch", reason="torch is not installed (pip install torch)")
+    job, code, output = platform.run(REPO / "examples" / "mnist-torch")
+    assert code == 0, output
+    assert platform.json("get", "job", job)["state"] == "completed"
+    records = platform.json("get", "metrics", job)
+    rounds = sorted((r for r in records if r["role"] == "aggregator"), key=lambda r: r["round"])
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5], rounds
+    accuracy = rounds[-1]["metrics"]["trainer.accuracy"]
+    assert accuracy >= 0.85, rounds
+    print(f"mnist-torch through the platform: accuracy {accuracy:.4f} after 5 rounds")

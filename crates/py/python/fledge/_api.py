@@ -96,10 +96,32 @@ def join_channels(config: Union[Config, str, os.PathLike]) -> "_fledge.ChannelSe
     return _fledge.join_channels(text)
 
 
+def _is_torch_tensor(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.Tensor`` (or a subclass), without importing torch."""
+    module = type(value).__module__ or ""
+    return (module == "torch" or module.startswith("torch.")) and hasattr(value, "numpy")
+
+
+def _torch_to_numpy(value: Any) -> np.ndarray:
+    """A CPU view of a torch tensor as a numpy array sharing its memory (no copy).
+
+    Dtypes numpy lacks (bfloat16, ...) are converted to float32 first.
+    """
+    tensor = value.detach().cpu().resolve_conj().resolve_neg()
+    try:
+        return tensor.numpy()
+    except TypeError:  # e.g. "Got unsupported ScalarType BFloat16"
+        return tensor.float().numpy()
+
+
 def _to_array(name: str, value: Any) -> np.ndarray:
-    """``value`` as a C-contiguous float32 array (no copy when it already is one)."""
-    if not isinstance(value, np.ndarray) and hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu().numpy()  # a torch.Tensor
+    """``value`` as a C-contiguous float32 array (no copy when it already is one).
+
+    A float32 CPU torch tensor becomes a numpy view of its memory, so it is not copied
+    either: the only copy is the one into the Rust tensor.
+    """
+    if not isinstance(value, np.ndarray) and _is_torch_tensor(value):
+        value = _torch_to_numpy(value)
     try:
         return np.asarray(value, dtype=np.float32, order="C")
     except (TypeError, ValueError) as e:
@@ -110,7 +132,8 @@ def to_weights(weights: Mapping[str, Any]) -> Weights:
     """Normalises a model to ``dict[str, float32 C-contiguous ndarray]``.
 
     Accepts numpy arrays of any dtype and layout, nested lists and PyTorch tensors (a
-    ``state_dict()``); arrays that already fit are passed through without a copy.
+    ``state_dict()``); arrays that already fit are passed through without a copy, and so
+    are float32 contiguous CPU tensors (as numpy views of their memory).
     """
     if not isinstance(weights, Mapping):
         raise WeightsError(
