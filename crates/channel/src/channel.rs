@@ -18,6 +18,7 @@ use fledge_types::{JobId, TaskId};
 
 use crate::local::{LocalEnd, LocalHub};
 use crate::mqtt::{MqttConfig, MqttEnd};
+use crate::p2p::{P2pConfig, P2pEnd};
 use crate::wire::{self, Message};
 
 /// Default bound of each per-end inbound queue, in messages.
@@ -112,6 +113,14 @@ pub enum Error {
     /// The MQTT client refused a request (its event loop is gone).
     #[error("mqtt client request failed")]
     Client(#[from] rumqttc::ClientError),
+    /// A peer-to-peer request failed: the metaserver or a peer is unreachable or refused.
+    #[error("p2p: {what} failed: {reason}")]
+    P2p {
+        /// What was being done (with the address).
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
     /// The channel was closed.
     #[error("channel {0} is closed")]
     Closed(String),
@@ -136,8 +145,8 @@ pub enum Backend {
     Local(LocalHub),
     /// MQTT through a broker.
     Mqtt(MqttConfig),
-    /// Peer-to-peer gRPC: not built yet; joining fails with [`Error::BackendNotBuilt`].
-    P2p,
+    /// Peer-to-peer gRPC streams, found through a metaserver.
+    P2p(P2pConfig),
 }
 
 /// Who this end is and where it joins.
@@ -418,6 +427,7 @@ fn pop_oldest(state: &mut State, from: &HashSet<TaskId>) -> Option<(TaskId, Mess
 pub(crate) enum Transport {
     Local(LocalEnd),
     Mqtt(MqttEnd),
+    P2p(P2pEnd),
 }
 
 struct Inner {
@@ -459,7 +469,7 @@ impl Channel {
         let transport = match backend {
             Backend::Local(hub) => Transport::Local(hub.join(shared.clone())?),
             Backend::Mqtt(config) => Transport::Mqtt(MqttEnd::open(shared.clone(), config).await?),
-            Backend::P2p => return Err(Error::BackendNotBuilt("p2p".to_owned())),
+            Backend::P2p(config) => Transport::P2p(P2pEnd::open(shared.clone(), config).await?),
         };
         Ok(Channel { inner: Arc::new(Inner { shared, transport }) })
     }
@@ -545,6 +555,7 @@ impl Channel {
         match &self.inner.transport {
             Transport::Local(local) => local.send(end, message).await,
             Transport::Mqtt(mqtt) => mqtt.send(end, message).await,
+            Transport::P2p(p2p) => p2p.send(end, message).await,
         }
     }
 
@@ -556,6 +567,7 @@ impl Channel {
         match &self.inner.transport {
             Transport::Local(local) => local.broadcast(&ends, message).await?,
             Transport::Mqtt(mqtt) => mqtt.broadcast(message).await?,
+            Transport::P2p(p2p) => p2p.broadcast(&ends, message).await?,
         }
         Ok(ends)
     }
@@ -671,6 +683,7 @@ impl Channel {
         match &self.inner.transport {
             Transport::Local(local) => local.announce(true),
             Transport::Mqtt(mqtt) => mqtt.announce(true).await,
+            Transport::P2p(p2p) => p2p.announce(true).await,
         }
     }
 
@@ -679,6 +692,7 @@ impl Channel {
         match &self.inner.transport {
             Transport::Local(local) => local.announce(false),
             Transport::Mqtt(mqtt) => mqtt.announce(false).await,
+            Transport::P2p(p2p) => p2p.announce(false).await,
         }
     }
 
@@ -689,6 +703,7 @@ impl Channel {
         match &self.inner.transport {
             Transport::Local(local) => local.announce(false),
             Transport::Mqtt(mqtt) => mqtt.disconnect().await,
+            Transport::P2p(p2p) => p2p.disconnect().await,
         }
     }
 
@@ -699,6 +714,7 @@ impl Channel {
         match &self.inner.transport {
             Transport::Local(local) => local.announce(false).unwrap_or(()),
             Transport::Mqtt(mqtt) => mqtt.hang(),
+            Transport::P2p(p2p) => p2p.hang(),
         }
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! Backends ([`Backend`]): `local` (in-process [`LocalHub`], for simulation and tests) and
 //! `mqtt` (rumqttc against an external broker or the embedded one of [`broker`], feature
-//! `broker`). `p2p` is not built yet and is rejected at join time.
+//! `broker`) and `p2p` (gRPC streams between ends, found through the metaserver; see [`p2p`]).
 //!
 //! Messages travel in [`wire`]'s format: a checksummed header plus safetensors; decoding is safe
 //! on untrusted input. This crate does not aggregate, select trainers or know about rounds
@@ -24,6 +24,7 @@ mod chunk;
 pub mod local;
 pub mod manager;
 pub mod mqtt;
+pub mod p2p;
 pub mod wire;
 
 pub use channel::{
@@ -32,4 +33,5 @@ pub use channel::{
 pub use local::LocalHub;
 pub use manager::{BackendEnv, ChannelManager};
 pub use mqtt::MqttConfig;
+pub use p2p::P2pConfig;
 pub use wire::{Dtype, Kind, Message, Tensor, Tensors};

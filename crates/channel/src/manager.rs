@@ -8,6 +8,7 @@ use fledge_types::{Backend as BackendKind, ChannelSpec, TaskConfig};
 use crate::channel::{Backend, Channel, ChannelOptions, Error, Result};
 use crate::local::LocalHub;
 use crate::mqtt::MqttConfig;
+use crate::p2p::P2pConfig;
 use crate::wire;
 
 /// Process-level settings the task config does not carry.
@@ -18,6 +19,9 @@ pub struct BackendEnv {
     /// MQTT tuning (chunk size, keep-alive, heartbeat, liveness); host and port come from the
     /// task config.
     pub mqtt: MqttConfig,
+    /// p2p tuning (listen host, chunk size, heartbeat, lease); the metaserver comes from the
+    /// task config.
+    pub p2p: P2pConfig,
     /// Largest message in bytes. Default 1 GiB.
     pub max_message_bytes: usize,
     /// Per-end inbound queue bound.
@@ -31,6 +35,7 @@ impl Default for BackendEnv {
         BackendEnv {
             local_hub: LocalHub::global(),
             mqtt: MqttConfig::new("127.0.0.1", 1883),
+            p2p: P2pConfig::default(),
             max_message_bytes: wire::DEFAULT_MAX_MESSAGE_BYTES,
             queue_depth: crate::channel::DEFAULT_QUEUE_DEPTH,
             props: serde_json::Map::new(),
@@ -57,6 +62,15 @@ fn broker_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> Resul
     Ok(MqttConfig { host: parsed.host, port: parsed.port, ..env.mqtt.clone() })
 }
 
+/// Where a `p2p` channel's metaserver is: the task config's `metaserver`.
+fn metaserver_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> Result<P2pConfig> {
+    let addr = config.metaserver.as_deref().ok_or_else(|| Error::Config {
+        channel: spec.name.clone(),
+        reason: "backend p2p but the task config names no metaserver (metaserver)".to_owned(),
+    })?;
+    Ok(P2pConfig { metaserver: P2pConfig::parse_metaserver(addr)?, ..env.p2p.clone() })
+}
+
 /// The options and backend for one channel of `config`.
 pub fn plan(
     config: &TaskConfig,
@@ -81,7 +95,7 @@ pub fn plan(
     let backend = match config.backend_of(spec) {
         BackendKind::Local => Backend::Local(env.local_hub.clone()),
         BackendKind::Mqtt => Backend::Mqtt(broker_of(config, spec, env)?),
-        BackendKind::P2p => Backend::P2p,
+        BackendKind::P2p => Backend::P2p(metaserver_of(config, spec, env)?),
     };
     Ok((opts, backend))
 }
@@ -233,8 +247,12 @@ mod tests {
         assert!(err.to_string().contains("names no mqtt broker"), "{err}");
         let err = ChannelManager::join_all(&config("t1", "trainer", "eu", "p2p"), &env(&hub))
             .await
-            .expect_err("p2p");
-        assert!(matches!(err, Error::BackendNotBuilt(_)), "{err}");
+            .expect_err("p2p without a metaserver");
+        assert!(err.to_string().contains("names no metaserver"), "{err}");
+        let mut bad_metaserver = config("t1", "trainer", "eu", "p2p");
+        bad_metaserver.metaserver = Some("mqtt://nowhere:1".into());
+        let err = ChannelManager::join_all(&bad_metaserver, &env(&hub)).await.expect_err("scheme");
+        assert!(err.to_string().contains("metaserver address"), "{err}");
         let mut bad_broker = config("t1", "trainer", "eu", "mqtt");
         bad_broker.channels[0].broker_host = Some("ws://nowhere:1".into());
         let err = ChannelManager::join_all(&bad_broker, &env(&hub)).await.expect_err("scheme");

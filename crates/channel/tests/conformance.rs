@@ -1,12 +1,13 @@
-//! One behavioural suite run against every backend: `local`, the embedded rumqttd broker and,
-//! when `FLEDGE_MOSQUITTO_URL` is set (e.g. `mqtt://127.0.0.1:1883`), a real Mosquitto.
+//! One behavioural suite run against every backend: `local`, the embedded rumqttd broker,
+//! `p2p` against the real metaserver of `fledge-control` and, when `FLEDGE_MOSQUITTO_URL` is set
+//! (e.g. `mqtt://127.0.0.1:1883`), a real Mosquitto.
 
 use std::time::Duration;
 
 use futures::StreamExt;
 
 use fledge_channel::{
-    Backend, Channel, ChannelOptions, Error, Kind, LocalHub, Message, MqttConfig, Tensor,
+    Backend, Channel, ChannelOptions, Error, Kind, LocalHub, Message, MqttConfig, P2pConfig, Tensor,
 };
 use fledge_types::TaskId;
 
@@ -19,6 +20,8 @@ struct Fixture {
     /// Keeps the embedded broker alive for the test.
     #[cfg(feature = "broker")]
     _broker: Option<fledge_channel::broker::BrokerHandle>,
+    /// Stops the metaserver of a p2p fixture when dropped.
+    _metaserver: Option<tokio_util::sync::DropGuard>,
     job: String,
 }
 
@@ -28,6 +31,29 @@ impl Fixture {
             backend: Backend::Local(LocalHub::new()),
             #[cfg(feature = "broker")]
             _broker: None,
+            _metaserver: None,
+            job: unique_job(),
+        })
+    }
+
+    /// `p2p` ends registering with a real metaserver on a free port.
+    fn p2p() -> Option<Fixture> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("bound address");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        let metaserver =
+            fledge_control::metaserver::Options::default().build().expect("default options");
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(metaserver.run(listener, stop.clone()));
+        let mut config = P2pConfig::new(format!("http://{addr}"));
+        config.heartbeat = Duration::from_millis(200);
+        config.liveness_timeout = Duration::from_secs(2);
+        Some(Fixture {
+            backend: Backend::P2p(config),
+            #[cfg(feature = "broker")]
+            _broker: None,
+            _metaserver: Some(stop.drop_guard()),
             job: unique_job(),
         })
     }
@@ -39,7 +65,12 @@ impl Fixture {
         )
         .expect("embedded broker starts");
         let config = fast_liveness(MqttConfig::new("127.0.0.1", broker.addr().port()));
-        Some(Fixture { backend: Backend::Mqtt(config), _broker: Some(broker), job: unique_job() })
+        Some(Fixture {
+            backend: Backend::Mqtt(config),
+            _broker: Some(broker),
+            _metaserver: None,
+            job: unique_job(),
+        })
     }
 
     fn mosquitto() -> Option<Fixture> {
@@ -52,12 +83,14 @@ impl Fixture {
             backend: Backend::Mqtt(fast_liveness(config)),
             #[cfg(feature = "broker")]
             _broker: None,
+            _metaserver: None,
             job: unique_job(),
         })
     }
 
-    fn is_mqtt(&self) -> bool {
-        matches!(self.backend, Backend::Mqtt(_))
+    /// Whether messages cross a network (encoded, checked by the receiver on arrival).
+    fn is_networked(&self) -> bool {
+        !matches!(self.backend, Backend::Local(_))
     }
 
     fn opts(&self, channel: &str, group: &str, me: &str, role: &str, peer: &str) -> ChannelOptions {
@@ -285,8 +318,10 @@ async fn big_message(f: Fixture) {
 
 async fn concurrent_chunked_senders(mut f: Fixture) {
     // Small chunks so that both senders' chunks interleave at the receiver.
-    if let Backend::Mqtt(config) = &mut f.backend {
-        config.chunk_size = 64 << 10;
+    match &mut f.backend {
+        Backend::Mqtt(config) => config.chunk_size = 64 << 10,
+        Backend::P2p(config) => config.chunk_size = 64 << 10,
+        Backend::Local(_) => {}
     }
     let (agg, trainers) = f.star(2).await;
     let n = 1 << 20; // 4 MiB of f32 each, 64 chunks each.
@@ -317,7 +352,7 @@ async fn peer_death(f: Fixture) {
     agg.await_leave(&id("t1"), PATIENCE).await.expect("dead peer leaves ends()");
     assert_eq!(agg.ends(), vec![id("t0")]);
     assert!(matches!(agg.recv(&id("t1")).await, Err(Error::EndLeft { .. })));
-    if f.is_mqtt() {
+    if f.is_networked() {
         // Hang: connection open but silent; only the liveness timeout can tell.
         trainers[0].simulate_hang();
         agg.await_leave(&id("t0"), PATIENCE).await.expect("hung peer leaves ends()");
@@ -340,11 +375,12 @@ async fn size_limit(f: Fixture) {
     // The sender refuses what exceeds its own limit.
     assert!(matches!(agg.send(&id("t0"), big()).await, Err(Error::TooLarge { .. })));
     assert!(matches!(agg.broadcast(big()).await, Err(Error::TooLarge { .. })));
-    // The receiver refuses what exceeds its limit: an error locally, a counted drop over MQTT.
+    // The receiver refuses what exceeds its limit: an error locally, a counted drop over a
+    // network.
     match t0.send(&id("agg"), big()).await {
-        Err(Error::TooLarge { .. }) => assert!(!f.is_mqtt()),
+        Err(Error::TooLarge { .. }) => assert!(!f.is_networked()),
         Ok(()) => {
-            assert!(f.is_mqtt());
+            assert!(f.is_networked());
             eventually("oversized message dropped", || {
                 agg.metrics().snapshot().messages_dropped == 1
             })
@@ -365,8 +401,8 @@ async fn size_limit(f: Fixture) {
 
 async fn duplicate_and_p2p(f: Fixture) {
     let _a = f.open(f.opts("param", "default", "agg", "aggregator", "trainer")).await;
-    if !f.is_mqtt() {
-        // MQTT cannot tell a duplicate id from a restart; the local hub can.
+    if !f.is_networked() {
+        // MQTT and p2p cannot tell a duplicate id from a restart; the local hub can.
         let dup = Channel::open(
             f.opts("param", "default", "agg", "aggregator", "trainer"),
             f.backend.clone(),
@@ -374,9 +410,26 @@ async fn duplicate_and_p2p(f: Fixture) {
         .await;
         assert!(matches!(dup, Err(Error::DuplicateEnd { .. })));
     }
-    let p2p =
-        Channel::open(f.opts("param", "default", "x", "trainer", "aggregator"), Backend::P2p).await;
-    assert!(matches!(p2p, Err(Error::BackendNotBuilt(ref b)) if b == "p2p"));
+    // A p2p end whose metaserver is unreachable fails to open, naming the address.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let nowhere = P2pConfig::new(format!("http://127.0.0.1:{port}"));
+    let p2p = Channel::open(
+        f.opts("param", "default", "x", "trainer", "aggregator"),
+        Backend::P2p(nowhere),
+    )
+    .await;
+    match p2p {
+        Err(err @ Error::P2p { .. }) => {
+            assert!(
+                err.to_string().contains(&format!("metaserver http://127.0.0.1:{port}")),
+                "{err}"
+            );
+        }
+        other => panic!("expected a p2p connect error, got {other:?}"),
+    }
 }
 
 macro_rules! backend_test_suite {
@@ -409,6 +462,7 @@ macro_rules! backend_test_suite {
 }
 
 backend_test_suite!(local, Fixture::local());
+backend_test_suite!(p2p, Fixture::p2p());
 #[cfg(feature = "broker")]
 backend_test_suite!(embedded, Fixture::embedded());
 backend_test_suite!(mosquitto, Fixture::mosquitto());
@@ -428,6 +482,7 @@ mod broker_only {
         let f = Fixture {
             backend: Backend::Mqtt(fast_liveness(MqttConfig::new("127.0.0.1", addr.port()))),
             _broker: None,
+            _metaserver: None,
             job: unique_job(),
         };
         let (agg, trainers) = f.star(1).await;

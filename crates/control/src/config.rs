@@ -82,6 +82,8 @@ pub enum ServiceKind {
     Notifier,
     /// The embedded MQTT broker.
     Broker,
+    /// The rendezvous of the `p2p` channel backend (see [`crate::metaserver`]).
+    Metaserver,
     /// The compute-side `process` deployer of one compute (see [`DeployerSection`]); not part
     /// of the default set, and it needs no store.
     Deployer,
@@ -89,16 +91,18 @@ pub enum ServiceKind {
 
 impl ServiceKind {
     /// Every service, in start order.
-    pub const ALL: [ServiceKind; 4] = [
+    pub const ALL: [ServiceKind; 5] = [
         ServiceKind::Broker,
+        ServiceKind::Metaserver,
         ServiceKind::Notifier,
         ServiceKind::Controller,
         ServiceKind::Apiserver,
     ];
 
     /// Every service name `--services` accepts.
-    pub const KNOWN: [ServiceKind; 5] = [
+    pub const KNOWN: [ServiceKind; 6] = [
         ServiceKind::Broker,
+        ServiceKind::Metaserver,
         ServiceKind::Notifier,
         ServiceKind::Controller,
         ServiceKind::Apiserver,
@@ -117,6 +121,7 @@ impl ServiceKind {
             ServiceKind::Controller => "controller",
             ServiceKind::Notifier => "notifier",
             ServiceKind::Broker => "broker",
+            ServiceKind::Metaserver => "metaserver",
             ServiceKind::Deployer => "deployer",
         }
     }
@@ -133,7 +138,7 @@ impl FromStr for ServiceKind {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         ServiceKind::KNOWN.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
             format!(
-                "unknown service {s:?} (expected one of apiserver, controller, notifier, broker, deployer)"
+                "unknown service {s:?} (expected one of apiserver, controller, notifier, broker, metaserver, deployer)"
             )
         })
     }
@@ -256,6 +261,9 @@ pub struct Options {
     /// The embedded MQTT broker; `advertise` is the `host:port` written into task configs.
     /// Default listen `127.0.0.1:1883`.
     pub broker: Listen,
+    /// The metaserver (rendezvous of the `p2p` backend); `advertise` is the URL written into
+    /// task configs. Default listen `127.0.0.1:10104`.
+    pub metaserver: Listen,
     /// Controller timers (seconds) and queue size.
     pub controller: controller::Options,
     /// The compute-side deployer (service `deployer`).
@@ -277,6 +285,7 @@ impl Default for Options {
                 mailbox_capacity: notifier::Options::default().mailbox_capacity,
             },
             broker: Listen::on(1883),
+            metaserver: Listen::on(10104),
             controller: controller::Options::default(),
             deployer: DeployerSection::default(),
         }
@@ -291,6 +300,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "apiserver.advertise",
     "notifier.advertise",
     "broker.advertise",
+    "metaserver.advertise",
     "deployer.api_key",
     "deployer.apiserver",
     "deployer.notifier",
@@ -298,7 +308,8 @@ const OPTIONAL_KEYS: &[&str] = &[
 ];
 
 /// Sections whose name prefixes environment keys (`FLEDGE_<SECTION>_<KEY>`).
-const SECTIONS: &[&str] = &["apiserver", "notifier", "broker", "controller", "deployer"];
+const SECTIONS: &[&str] =
+    &["apiserver", "notifier", "broker", "metaserver", "controller", "deployer"];
 
 impl Options {
     /// Loads options: defaults → `file` → `FLEDGE_*` entries of `env` → `overrides`

@@ -1,5 +1,6 @@
 //! Fledge's control plane as libraries: the apiserver (REST), the controller (job lifecycle),
-//! the notifier (event streams to agents and deployers), the store, and the configuration that
+//! the notifier (event streams to agents and deployers), the metaserver (rendezvous of the
+//! peer-to-peer channel backend), the store, and the configuration that
 //! composes them into services.
 //!
 //! The `fledge` binary (crate `crates/fledge`) runs any subset of these services in one process
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod config;
 pub mod controller;
+pub mod metaserver;
 pub mod notifier;
 pub mod service;
 pub mod store;

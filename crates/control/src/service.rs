@@ -1,5 +1,5 @@
 //! Composes the control-plane services into one process: any subset of the apiserver,
-//! controller, notifier and embedded broker, sharing one store.
+//! controller, notifier, metaserver and embedded broker, sharing one store.
 //!
 //! [`start`] opens the store, binds every configured listener first (so a busy port fails before
 //! anything runs; port 0 picks a free port and [`Services::addrs`] reports it), then builds and
@@ -33,6 +33,8 @@ pub struct BoundAddrs {
     pub notifier: Option<SocketAddr>,
     /// The embedded MQTT broker.
     pub broker: Option<SocketAddr>,
+    /// The metaserver.
+    pub metaserver: Option<SocketAddr>,
 }
 
 /// Running services.
@@ -129,6 +131,10 @@ async fn start_under(
         true => Some(bind(ServiceKind::Notifier, options.notifier.listen).await?),
         false => None,
     };
+    let metaserver_listener = match options.runs(ServiceKind::Metaserver) {
+        true => Some(bind(ServiceKind::Metaserver, options.metaserver.listen).await?),
+        false => None,
+    };
     let local_addr = |listener: &Option<TcpListener>| -> anyhow::Result<Option<SocketAddr>> {
         listener.as_ref().map(|l| l.local_addr().context("cannot read a bound address")).transpose()
     };
@@ -136,6 +142,7 @@ async fn start_under(
         apiserver: local_addr(&api_listener)?,
         notifier: local_addr(&notifier_listener)?,
         broker: None,
+        metaserver: local_addr(&metaserver_listener)?,
     };
     let broker = if options.runs(ServiceKind::Broker) {
         let handle = fledge_channel::broker::start_embedded_broker(options.broker.listen)
@@ -181,6 +188,18 @@ async fn start_under(
         broker,
     };
 
+    // Task configs name the metaserver when one runs here or is configured elsewhere.
+    let metaserver_url =
+        options.metaserver.advertise.clone().or_else(|| services.addrs.metaserver.map(http_url));
+    if let Some(listener) = metaserver_listener {
+        let metaserver =
+            crate::metaserver::Options::default().build().context("cannot build the metaserver")?;
+        let token = shutdown.clone();
+        services.spawn("metaserver", async move {
+            metaserver.run(listener, token).await.map_err(anyhow::Error::from)
+        });
+    }
+
     if let Some(listener) = notifier_listener {
         let notifier =
             options.notifier_options().build(store.clone()).context("cannot build the notifier")?;
@@ -212,7 +231,7 @@ async fn start_under(
         let env = TaskEnv {
             brokers: services.brokers.clone(),
             apiserver: Some(endpoints.apiserver.clone()),
-            metaserver: None,
+            metaserver: metaserver_url,
             // Jobs that name no registry keep their models and metrics under the data
             // directory, where `fledge quickstart` and users look for them.
             default_registry: fledge_types::RegistrySpec {
@@ -237,7 +256,8 @@ fn start_apiserver(
         services.controller.clone(),
         services.notifier.clone(),
         env,
-    );
+    )
+    .with_notifier_url(services.endpoints.notifier.clone());
     let token = services.shutdown.clone();
     services.spawn("apiserver", async move { crate::api::serve(listener, state, token).await });
     Ok(())

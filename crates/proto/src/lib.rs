@@ -10,8 +10,12 @@ pub mod v1 {
     tonic::include_proto!("fledge.v1");
 }
 
+pub use v1::metaserver_client::MetaserverClient;
+pub use v1::metaserver_server::{Metaserver, MetaserverServer};
 pub use v1::notifier_client::NotifierClient;
 pub use v1::notifier_server::{Notifier, NotifierServer};
+pub use v1::p2p_client::P2pClient;
+pub use v1::p2p_server::{P2p, P2pServer};
 pub use v1::{
     ComputeSubscription, DeployEvent, DeployEventKind, TaskDeployment, TaskEvent, TaskEventKind,
     TaskSubscription,

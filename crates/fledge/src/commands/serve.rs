@@ -23,7 +23,8 @@ pub struct Args {
     /// Configuration file (TOML).
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Services to run, comma-separated: apiserver, controller, notifier, broker, deployer
+    /// Services to run, comma-separated: apiserver, controller, notifier, broker, metaserver,
+    /// deployer
     /// (default: all but deployer; the deployer reads its `[deployer]` section / `FLEDGE_DEPLOYER_*`).
     #[arg(long, value_name = "LIST")]
     pub services: Option<String>,
@@ -45,6 +46,12 @@ pub struct Args {
     /// Broker `host:port` written into task configs (e.g. an external Mosquitto).
     #[arg(long, value_name = "HOST:PORT")]
     pub broker_advertise: Option<String>,
+    /// Metaserver (rendezvous of the `p2p` channel backend) listen address.
+    #[arg(long, value_name = "ADDR")]
+    pub metaserver_listen: Option<String>,
+    /// Metaserver URL written into task configs (e.g. one run by another `fledge serve`).
+    #[arg(long, value_name = "URL")]
+    pub metaserver_advertise: Option<String>,
     /// Print the effective configuration (TOML) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -66,6 +73,8 @@ impl Args {
         push("notifier.listen", self.notifier_listen.clone());
         push("broker.listen", self.broker_listen.clone());
         push("broker.advertise", self.broker_advertise.clone());
+        push("metaserver.listen", self.metaserver_listen.clone());
+        push("metaserver.advertise", self.metaserver_advertise.clone());
         res
     }
 }
@@ -156,6 +165,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         apiserver = ?services.addrs.apiserver,
         notifier = ?services.addrs.notifier,
         broker = ?services.addrs.broker,
+        metaserver = ?services.addrs.metaserver,
         "fledge serving"
     );
     services.wait().await
@@ -181,6 +191,8 @@ mod tests {
             notifier_listen: None,
             broker_listen: None,
             broker_advertise: None,
+            metaserver_listen: None,
+            metaserver_advertise: None,
             dump_config: false,
         };
         let err = load_options(None, &HashMap::new(), &args.overrides()).expect_err("bad flag");

@@ -27,7 +27,8 @@ pub struct Args {
     /// Directory for the SQLite store, code bundles and workers' files.
     #[arg(long, value_name = "DIR", default_value = "fledge-data")]
     pub data_dir: PathBuf,
-    /// Apiserver port; the notifier takes PORT+1 and the broker PORT+2. 0 picks free ports.
+    /// Apiserver port; the notifier takes PORT+1, the broker PORT+2 and the metaserver PORT+3.
+    /// 0 picks free ports.
     #[arg(long, value_name = "N", default_value_t = 10100)]
     pub port: u16,
     /// Extra configuration file (TOML); the data directory, store and listeners above win.
@@ -51,7 +52,7 @@ impl Args {
                 0
             } else {
                 self.port.checked_add(offset).ok_or_else(|| {
-                    UsageError(format!("--port {} leaves no room for PORT+2", self.port))
+                    UsageError(format!("--port {} leaves no room for PORT+{offset}", self.port))
                 })?
             };
             Ok(format!("127.0.0.1:{port}"))
@@ -62,12 +63,13 @@ impl Args {
         let store_url = format!("sqlite://{}", data_dir.join("fledge.db").display());
         let data_dir = data_dir.display().to_string();
         Ok(vec![
-            ("services".to_owned(), "broker,notifier,controller,apiserver".to_owned()),
+            ("services".to_owned(), "broker,metaserver,notifier,controller,apiserver".to_owned()),
             ("data_dir".to_owned(), data_dir.clone()),
             ("store_url".to_owned(), store_url),
             ("apiserver.listen".to_owned(), port(0)?),
             ("notifier.listen".to_owned(), port(1)?),
             ("broker.listen".to_owned(), port(2)?),
+            ("metaserver.listen".to_owned(), port(3)?),
         ])
     }
 }
@@ -164,6 +166,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         apiserver = ?platform.addrs.apiserver,
         notifier = ?platform.addrs.notifier,
         broker = ?platform.addrs.broker,
+        metaserver = ?platform.addrs.metaserver,
         "standalone listening"
     );
     #[allow(clippy::print_stdout)]
@@ -281,6 +284,7 @@ mod tests {
         let get = |key: &str| overrides.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
         assert_eq!(get("notifier.listen").as_deref(), Some("127.0.0.1:20001"));
         assert_eq!(get("broker.listen").as_deref(), Some("127.0.0.1:20002"));
+        assert_eq!(get("metaserver.listen").as_deref(), Some("127.0.0.1:20003"));
         assert_eq!(get("store_url").as_deref(), Some("sqlite:///d/fledge.db"));
         let too_high = Args { port: u16::MAX, ..args };
         assert!(too_high.overrides().is_err());
