@@ -713,5 +713,74 @@ mod tests {
         assert!(split_acc >= 0.93, "split learning accuracy {split_acc}");
         assert!(central.accuracy >= 0.93, "centralised accuracy {}", central.accuracy);
         assert!(workdir.path().join("registry/jobs/vfl/final.safetensors").is_file());
+        assert!(workdir.path().join("registry/models/vfl-vfl-a-bottom/1.safetensors").is_file());
+    }
+
+    /// Three ways: two feature parties with ten columns each, and a label party that holds
+    /// the last ten columns besides the labels (its own bottom model feeds the top model).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_label_party_with_columns_of_its_own_trains_them_too() {
+        let source =
+            crate::data::load_breast_cancer(&data_dir().join("../../data/breast_cancer.csv"))
+                .expect("source");
+        let dir = tempfile::tempdir().expect("tmp");
+        let write = |name: &str, columns: std::ops::Range<usize>, labels: bool| {
+            let mut text = String::from("id");
+            for c in columns.clone() {
+                text.push_str(&format!(",c{c}"));
+            }
+            text.push_str(if labels { ",label\n" } else { "\n" });
+            // Each file in its own order: reversed for the label party.
+            let order: Vec<usize> = if labels {
+                (0..source.len()).rev().collect()
+            } else {
+                (0..source.len()).collect()
+            };
+            for i in order {
+                text.push_str(&crate::vertical_data::sample_id(i));
+                for c in columns.clone() {
+                    text.push_str(&format!(",{}", source.features[i * 30 + c]));
+                }
+                if labels {
+                    text.push_str(&format!(",{}", source.labels[i]));
+                }
+                text.push('\n');
+            }
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path.display().to_string()
+        };
+        let (a, b, l) = (
+            write("a.csv", 0..10, false),
+            write("b.csv", 10..20, false),
+            write("l.csv", 20..30, true),
+        );
+        let h = json!({"rounds": 8, "batchSize": 32, "learningRate": 0.1, "embeddingDim": 8,
+                       "featureParties": 2, "joinTimeout": 30});
+        let opts = RunOptions { workdir: dir.path().to_owned(), ..RunOptions::default() };
+        let fa = vertical::run_feature_party(
+            config("a", "feature-party", 0, &a, &h),
+            Box::new(FeatureParty::new()),
+            opts.clone(),
+        );
+        let fb = vertical::run_feature_party(
+            config("b", "feature-party", 1, &b, &h),
+            Box::new(FeatureParty::new()),
+            opts.clone(),
+        );
+        let lp = vertical::run_label_party(
+            config("l", "label-party", 0, &l, &h),
+            Box::new(LabelParty::new()),
+            opts,
+        );
+        let (fa, fb, lp) = tokio::join!(fa, fb, lp);
+        let (lp, _, _) = (lp.expect("label"), fa.expect("a"), fb.expect("b"));
+        let last = &lp.history[7].metrics;
+        assert_eq!((last["trainSamples"], last["testSamples"]), (455.0, 114.0));
+        assert!(last["accuracy"] >= 0.93, "accuracy {}", last["accuracy"]);
+        let top = lp.final_model.expect("top model");
+        // The top model sees 8 + 8 embedding values from the parties and 8 of its own.
+        assert_eq!(top.get("top.weight").expect("top").shape(), [2, 24]);
+        assert_eq!(top.get("bottom.weight").expect("own bottom").shape(), [8, 10]);
     }
 }

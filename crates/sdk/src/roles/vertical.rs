@@ -19,6 +19,10 @@
 //! back-propagates it through its bottom model and steps. After each round the label party asks
 //! for the test rows' embeddings and evaluates (`accuracy`, `loss`).
 //!
+//! **Models.** At the end the label party saves its top model as the job's final model in its
+//! registry; each feature party saves its bottom model in its own registry as the model
+//! `{jobId}-{taskId}-bottom`, version 1. Nobody holds the whole network: that is the point.
+//!
 //! # Wire protocol (one channel; the feature party's `upload` channel is the label party's
 //! `aggregate` channel)
 //!
@@ -297,6 +301,7 @@ pub struct FeatureCtx {
     channels: ChannelManager,
     channel: Channel,
     common: Common,
+    registry: Arc<dyn Registry>,
     label: Option<TaskId>,
     ids: Vec<String>,
     /// The round being served (an epoch of the label party).
@@ -323,6 +328,7 @@ impl FeatureCtx {
         config: TaskConfig,
         channels: ChannelManager,
         app: Box<dyn FeatureApp>,
+        registry: Arc<dyn Registry>,
         reporter: Reporter,
     ) -> Result<FeatureCtx> {
         let channel = channel_by_tag(&channels, &config, tags::UPLOAD)?;
@@ -334,6 +340,7 @@ impl FeatureCtx {
             channels,
             channel,
             common,
+            registry,
             label: None,
             ids: Vec::new(),
             round: 0,
@@ -499,6 +506,12 @@ async fn feature_report(ctx: &mut FeatureCtx) -> Result<()> {
 
 async fn feature_finish(ctx: &mut FeatureCtx) -> Result<()> {
     ctx.channels.close().await?;
+    let weights = blocking(&ctx.app, "weights", |app| app.weights()).await?;
+    let name = format!("{}-{}-bottom", ctx.config.job.id, ctx.config.task_id);
+    let registry = ctx.registry.clone();
+    let path =
+        tokio::task::spawn_blocking(move || registry.save_model(&name, 1, &weights)).await??;
+    tracing::info!(path = %path.display(), "bottom model saved");
     if let Some(reporter) = ctx.reporter.take() {
         reporter.shutdown(Duration::from_secs(5)).await;
     }
@@ -864,8 +877,9 @@ pub async fn run_feature_party(
     let max_run_time = config.max_run_time;
     let run = async move {
         let reporter = runner::reporter_for(&config, &opts);
+        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
         let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
-        let mut ctx = FeatureCtx::new(config, channels, app, reporter)?;
+        let mut ctx = FeatureCtx::new(config, channels, app, registry, reporter)?;
         let res = feature_program().run(&mut ctx).await;
         if res.is_err() {
             let _ = ctx.channels.close().await;
