@@ -6,8 +6,7 @@
 //! accumulator untouched.
 
 use crate::error::{Error, Result};
-use crate::kernels;
-use crate::weights::{Layout, Weights};
+use crate::weights::{Layout, Weights, WeightsView};
 
 /// A running weighted mean of models: `sum(w_i * x_i) / sum(w_i)`.
 ///
@@ -35,13 +34,19 @@ impl WeightedMean {
     /// infinite, or the weight is negative or not finite. A zero weight is accepted and counted
     /// but contributes nothing.
     pub fn add(&mut self, update: &Weights, weight: f64) -> Result<()> {
+        self.add_view(&update.view(), weight)
+    }
+
+    /// [`WeightedMean::add`] for a borrowed update (for example the little-endian bytes of a
+    /// received message): the same checks, all done before anything is folded.
+    pub fn add_view(&mut self, update: &WeightsView<'_>, weight: f64) -> Result<()> {
         if !weight.is_finite() || weight < 0.0 {
             return Err(Error::InvalidArgument {
                 name: "weight",
                 reason: format!("must be finite and non-negative, got {weight}"),
             });
         }
-        self.layout.check(update)?;
+        self.layout.check_view(update)?;
         update.check_finite()?;
         self.count += 1;
         if weight == 0.0 {
@@ -49,13 +54,11 @@ impl WeightedMean {
         }
         self.total_weight += weight;
         match &mut self.acc {
-            None => self.acc = Some(update.clone()),
+            None => self.acc = Some(update.to_weights()),
             Some(acc) => {
                 // The ratio is computed in f64 and rounded once; it lies in (0, 1].
                 let ratio = (weight / self.total_weight) as f32;
-                for (a, x) in acc.tensors_mut().iter_mut().zip(update.tensors()) {
-                    kernels::mean_step(a.data_mut(), x.data(), ratio);
-                }
+                update.mean_step_into(acc, ratio);
             }
         }
         Ok(())
@@ -88,6 +91,7 @@ impl WeightedMean {
 mod tests {
     use super::*;
     use crate::weights::tests::model;
+    use crate::weights::{Tensor, TensorView};
 
     #[test]
     fn weighted_mean_matches_hand_computation() {
@@ -112,6 +116,83 @@ mod tests {
         assert!(acc.add(&model([1.0; 5]), f64::NAN).is_err());
         assert_eq!(acc.count(), 1);
         assert_eq!(acc.finish("fedavg").unwrap(), model([1.0; 5]));
+    }
+
+    /// `values` as little-endian bytes starting one byte into the buffer (misaligned).
+    fn misaligned_le(values: &[f32]) -> Vec<u8> {
+        let mut raw = vec![0u8];
+        raw.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        raw
+    }
+
+    #[test]
+    fn folding_wire_bytes_matches_folding_weights_bit_for_bit() {
+        let a = model([1.0, 2.0, 3.0, 4.0, 5.0]);
+        let b = model([4.0, 8.0, 0.0, -4.0, 0.1]);
+        let mut owned = WeightedMean::new(&a);
+        owned.add(&a, 1.0).unwrap();
+        owned.add(&b, 3.0).unwrap();
+
+        let mut viewed = WeightedMean::new(&a);
+        for (m, w) in [(&a, 1.0), (&b, 3.0)] {
+            let raw: Vec<Vec<u8>> = m.tensors().iter().map(|t| misaligned_le(t.data())).collect();
+            let mut view = WeightsView::new();
+            for (t, bytes) in m.tensors().iter().zip(&raw) {
+                view.push(TensorView::from_le_bytes(t.name(), t.shape(), &bytes[1..]).unwrap())
+                    .unwrap();
+            }
+            viewed.add_view(&view, w).unwrap();
+        }
+        assert_eq!(viewed.finish("fedavg").unwrap(), owned.finish("fedavg").unwrap());
+
+        // Large enough for the parallel, block-decoding path.
+        let n = crate::kernels::PAR_THRESHOLD + 4097;
+        let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.5).collect();
+        let y: Vec<f32> = (0..n).map(|i| (i % 77) as f32 - 3.0).collect();
+        let big = |v: &[f32]| {
+            Weights::from_tensors(vec![Tensor::new("w", vec![n], v.to_vec()).unwrap()]).unwrap()
+        };
+        let mut owned = WeightedMean::new(&big(&x));
+        owned.add(&big(&x), 2.0).unwrap();
+        owned.add(&big(&y), 5.0).unwrap();
+        let mut viewed = WeightedMean::new(&big(&x));
+        for (v, w) in [(&x, 2.0), (&y, 5.0)] {
+            let raw = misaligned_le(v);
+            let shape = [n];
+            let mut view = WeightsView::new();
+            view.push(TensorView::from_le_bytes("w", &shape, &raw[1..]).unwrap()).unwrap();
+            viewed.add_view(&view, w).unwrap();
+        }
+        assert_eq!(viewed.finish("fedavg").unwrap(), owned.finish("fedavg").unwrap());
+    }
+
+    #[test]
+    fn rejected_wire_updates_leave_the_accumulator_unchanged() {
+        let base = model([1.0; 5]);
+        let mut acc = WeightedMean::new(&base);
+        acc.add(&base, 2.0).unwrap();
+        // A non-finite value in the last element of the last tensor: found before any fold.
+        let a = misaligned_le(&[7.0, 7.0]);
+        let b = misaligned_le(&[7.0, 7.0, f32::NAN]);
+        let (sa, sb) = ([2usize], [1usize, 3]);
+        let mut view = WeightsView::new();
+        view.push(TensorView::from_le_bytes("a", &sa, &a[1..]).unwrap()).unwrap();
+        view.push(TensorView::from_le_bytes("b", &sb, &b[1..]).unwrap()).unwrap();
+        let err = acc.add_view(&view, 1.0).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { ref tensor, index: 2, .. } if tensor == "b"));
+        // Another layout.
+        let mut short = WeightsView::new();
+        short.push(TensorView::from_le_bytes("a", &sa, &a[1..]).unwrap()).unwrap();
+        assert_eq!(
+            acc.add_view(&short, 1.0).unwrap_err(),
+            Error::TensorCount { expected: 2, got: 1 }
+        );
+        // Bytes that do not fit the shape never make a view.
+        assert!(TensorView::from_le_bytes("b", &sb, &b[1..9]).is_err());
+        assert!(TensorView::from_le_bytes("b", &sb, &b[1..12]).is_err());
+        assert!(view.push(TensorView::from_le_bytes("a", &sa, &a[1..]).unwrap()).is_err());
+        assert_eq!(acc.count(), 1);
+        assert_eq!(acc.finish("fedavg").unwrap(), base);
     }
 
     #[test]

@@ -65,4 +65,4 @@ pub mod weights;
 pub use error::{Error, Result};
 pub use optimizer::{OPTIMIZER_SORTS, Optimizer, OptimizerKind, Round, UpdateKind};
 pub use selector::{EndReport, SELECTOR_SORTS, Selector, SelectorKind};
-pub use weights::{Tensor, Weights};
+pub use weights::{Tensor, TensorView, Weights, WeightsView};

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::fedopt::{self, AdaptiveOptimizer, AdaptiveParams, AdaptiveRule};
 use crate::fedprox;
 use crate::robust;
-use crate::weights::{Layout, Weights};
+use crate::weights::{Layout, Weights, WeightsView};
 
 /// The optimizer sorts [`Optimizer::from_config`] accepts.
 pub const OPTIMIZER_SORTS: &[&str] = &[
@@ -418,18 +418,33 @@ impl Round {
         if self.staleness_weighted && staleness > 0 {
             return Err(Error::StaleWeights { staleness });
         }
+        self.add_kind(UpdateKind::Weights, &update.view(), num_samples, staleness)
+    }
+
+    /// [`Round::add`] for a borrowed update, such as the little-endian `f32` bytes of a
+    /// received message: folded without decoding it into [`Weights`] first (robust rules,
+    /// which keep every update, copy it).
+    pub fn add_view(
+        &mut self,
+        update: &WeightsView<'_>,
+        num_samples: u64,
+        staleness: u32,
+    ) -> Result<()> {
+        if self.staleness_weighted && staleness > 0 {
+            return Err(Error::StaleWeights { staleness });
+        }
         self.add_kind(UpdateKind::Weights, update, num_samples, staleness)
     }
 
     /// Adds a trainer's delta `w_local - w_start` (see [`Round::add`] for the arguments).
     pub fn add_delta(&mut self, delta: &Weights, num_samples: u64, staleness: u32) -> Result<()> {
-        self.add_kind(UpdateKind::Delta, delta, num_samples, staleness)
+        self.add_kind(UpdateKind::Delta, &delta.view(), num_samples, staleness)
     }
 
     fn add_kind(
         &mut self,
         kind: UpdateKind,
-        update: &Weights,
+        update: &WeightsView<'_>,
         num_samples: u64,
         staleness: u32,
     ) -> Result<()> {
@@ -446,13 +461,13 @@ impl Round {
                 } else {
                     n
                 };
-                mean.add(update, weight)?;
+                mean.add_view(update, weight)?;
                 *total_samples += n;
             }
             Acc::Collect(updates) => {
-                self.layout.check(update)?;
+                self.layout.check_view(update)?;
                 update.check_finite()?;
-                updates.push(update.clone());
+                updates.push(update.to_weights());
             }
         }
         self.update_kind = Some(kind);

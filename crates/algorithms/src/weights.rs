@@ -200,6 +200,224 @@ impl Weights {
     }
 }
 
+impl Weights {
+    /// This model as a [`WeightsView`] (borrows, copies nothing).
+    pub fn view(&self) -> WeightsView<'_> {
+        WeightsView {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| TensorView {
+                    name: &t.name,
+                    shape: &t.shape,
+                    values: Values::F32(&t.data),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Values of a [`TensorView`]: `f32`s in memory, or little-endian `f32` bytes as they
+/// arrived on the wire (any alignment).
+#[derive(Debug, Clone, Copy)]
+enum Values<'a> {
+    F32(&'a [f32]),
+    Le(&'a [u8]),
+}
+
+/// Elements decoded at a time from little-endian bytes (16 KiB on the stack).
+const DECODE_BLOCK: usize = 4096;
+
+/// Decodes little-endian `f32` bytes (`bytes.len() == 4 * out.len()`) into `out`.
+fn decode_le(bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), out.len() * 4);
+    for (v, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+/// One borrowed tensor: a name, a shape and values that stay where they are.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    name: &'a str,
+    shape: &'a [usize],
+    values: Values<'a>,
+}
+
+impl<'a> TensorView<'a> {
+    /// A view of `f32` values; the shape's element count must equal `values.len()`.
+    pub fn from_f32(name: &'a str, shape: &'a [usize], values: &'a [f32]) -> Result<Self> {
+        Self::checked(name, shape, values.len(), Values::F32(values))
+    }
+
+    /// A view of little-endian `f32` bytes (the safetensors `F32` layout), at any alignment;
+    /// the shape's element count times 4 must equal `bytes.len()`.
+    pub fn from_le_bytes(name: &'a str, shape: &'a [usize], bytes: &'a [u8]) -> Result<Self> {
+        if !bytes.len().is_multiple_of(4) {
+            return Err(Error::ShapeDataMismatch {
+                tensor: name.to_owned(),
+                shape: shape.to_vec(),
+                expected: shape.iter().product(),
+                len: bytes.len() / 4,
+            });
+        }
+        Self::checked(name, shape, bytes.len() / 4, Values::Le(bytes))
+    }
+
+    fn checked(name: &'a str, shape: &'a [usize], len: usize, values: Values<'a>) -> Result<Self> {
+        let expected = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if expected != Some(len) {
+            return Err(Error::ShapeDataMismatch {
+                tensor: name.to_owned(),
+                shape: shape.to_vec(),
+                expected: expected.unwrap_or(usize::MAX),
+                len,
+            });
+        }
+        Ok(Self { name, shape, values })
+    }
+
+    /// The tensor's name.
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+
+    /// The tensor's shape.
+    pub fn shape(&self) -> &'a [usize] {
+        self.shape
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self.values {
+            Values::F32(v) => v.len(),
+            Values::Le(b) => b.len() / 4,
+        }
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first non-finite element, as (index, value).
+    fn first_non_finite(&self) -> Option<(usize, f32)> {
+        match self.values {
+            Values::F32(v) => kernels::first_non_finite(v).map(|i| (i, v[i])),
+            Values::Le(bytes) => {
+                let mut buf = [0f32; DECODE_BLOCK];
+                for (bi, block) in bytes.chunks(DECODE_BLOCK * 4).enumerate() {
+                    let out = &mut buf[..block.len() / 4];
+                    decode_le(block, out);
+                    if let Some(j) = kernels::first_non_finite(out) {
+                        return Some((bi * DECODE_BLOCK + j, out[j]));
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// `acc += r * (self - acc)` (see [`kernels::mean_step`]); lengths are equal.
+    fn mean_step_into(&self, acc: &mut [f32], r: f32) {
+        match self.values {
+            Values::F32(v) => kernels::mean_step(acc, v, r),
+            Values::Le(bytes) => {
+                use rayon::prelude::*;
+                assert_eq!(acc.len() * 4, bytes.len(), "mean_step: lengths differ");
+                let step = |a: &mut [f32], b: &[u8]| {
+                    let mut buf = [0f32; DECODE_BLOCK];
+                    for (a, b) in a.chunks_mut(DECODE_BLOCK).zip(b.chunks(DECODE_BLOCK * 4)) {
+                        let x = &mut buf[..a.len()];
+                        decode_le(b, x);
+                        kernels::mean_step_serial(a, x, r);
+                    }
+                };
+                if acc.len() >= kernels::PAR_THRESHOLD {
+                    acc.par_chunks_mut(kernels::PAR_CHUNK)
+                        .zip(bytes.par_chunks(kernels::PAR_CHUNK * 4))
+                        .for_each(|(a, b)| step(a, b));
+                } else {
+                    step(acc, bytes);
+                }
+            }
+        }
+    }
+
+    /// The values, copied into a new vector.
+    fn to_vec(self) -> Vec<f32> {
+        match self.values {
+            Values::F32(v) => v.to_vec(),
+            Values::Le(bytes) => {
+                let mut out = vec![0f32; bytes.len() / 4];
+                decode_le(bytes, &mut out);
+                out
+            }
+        }
+    }
+}
+
+/// A borrowed model: named tensors in a fixed order whose values stay where they are, for
+/// example in a received message. Folding a view instead of a decoded [`Weights`] saves one
+/// model-sized copy per update in flight.
+#[derive(Debug, Clone, Default)]
+pub struct WeightsView<'a> {
+    tensors: Vec<TensorView<'a>>,
+}
+
+impl<'a> WeightsView<'a> {
+    /// An empty view; add tensors with [`WeightsView::push`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a tensor, rejecting a duplicate name.
+    pub fn push(&mut self, tensor: TensorView<'a>) -> Result<()> {
+        if self.tensors.iter().any(|t| t.name == tensor.name) {
+            return Err(Error::DuplicateTensor { tensor: tensor.name.to_owned() });
+        }
+        self.tensors.push(tensor);
+        Ok(())
+    }
+
+    /// The tensors, in order.
+    pub fn tensors(&self) -> &[TensorView<'a>] {
+        &self.tensors
+    }
+
+    /// Checks that every value is finite (see [`Weights::check_finite`]).
+    pub fn check_finite(&self) -> Result<()> {
+        for t in &self.tensors {
+            if let Some((index, value)) = t.first_non_finite() {
+                return Err(Error::NonFinite { tensor: t.name.to_owned(), index, value });
+            }
+        }
+        Ok(())
+    }
+
+    /// The model, copied into owned [`Weights`].
+    pub fn to_weights(&self) -> Weights {
+        Weights {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| Tensor {
+                    name: t.name.to_owned(),
+                    shape: t.shape.to_vec(),
+                    data: t.to_vec(),
+                })
+                .collect(),
+        }
+    }
+
+    /// `acc += r * (self - acc)` tensor by tensor; `acc` has this view's layout.
+    pub(crate) fn mean_step_into(&self, acc: &mut Weights, r: f32) {
+        for (a, x) in acc.tensors.iter_mut().zip(&self.tensors) {
+            x.mean_step_into(&mut a.data, r);
+        }
+    }
+}
+
 /// The layout of a model (names and shapes, no values): what a round checks updates against
 /// without holding a copy of the model.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,6 +433,10 @@ impl Layout {
     }
 
     pub(crate) fn check(&self, other: &Weights) -> Result<()> {
+        self.check_view(&other.view())
+    }
+
+    pub(crate) fn check_view(&self, other: &WeightsView<'_>) -> Result<()> {
         if self.entries.len() != other.tensors.len() {
             return Err(Error::TensorCount {
                 expected: self.entries.len(),
@@ -222,18 +444,18 @@ impl Layout {
             });
         }
         for (index, ((name, shape), t)) in self.entries.iter().zip(&other.tensors).enumerate() {
-            if *name != t.name {
+            if name != t.name {
                 return Err(Error::TensorName {
                     index,
                     expected: name.clone(),
-                    got: t.name.clone(),
+                    got: t.name.to_owned(),
                 });
             }
-            if *shape != t.shape {
+            if shape != t.shape {
                 return Err(Error::TensorShape {
                     tensor: name.clone(),
                     expected: shape.clone(),
-                    got: t.shape.clone(),
+                    got: t.shape.to_vec(),
                 });
             }
         }
