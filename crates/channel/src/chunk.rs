@@ -54,15 +54,28 @@ pub(crate) struct Chunk {
 
 /// Splits `message` into chunk payloads of at most `chunk_size` data bytes each.
 pub(crate) fn split(sender: &str, msg_id: u64, message: &Bytes, chunk_size: usize) -> Vec<Bytes> {
+    split_parts(sender, msg_id, std::slice::from_ref(message), chunk_size)
+}
+
+/// Splits the concatenation of `parts` (an encoded message in pieces, see
+/// `wire::Encoded`) into chunk payloads of at most `chunk_size` data bytes each, copying
+/// every byte once, into its chunk.
+pub(crate) fn split_parts(
+    sender: &str,
+    msg_id: u64,
+    parts: &[Bytes],
+    chunk_size: usize,
+) -> Vec<Bytes> {
     let chunk_size = chunk_size.max(1);
-    let count = message.len().div_ceil(chunk_size).max(1);
+    let total: usize = parts.iter().map(Bytes::len).sum();
+    let count = total.div_ceil(chunk_size).max(1);
     let count32 = u32::try_from(count).expect("chunk count fits u32 for messages under 4 PiB");
+    let mut rest = parts.iter().map(|p| p.as_ref());
+    let mut current: &[u8] = &[];
     (0..count)
         .map(|i| {
-            let start = i * chunk_size;
-            let end = (start + chunk_size).min(message.len());
-            let data = &message[start..end];
-            let mut buf = BytesMut::with_capacity(32 + sender.len() + data.len());
+            let len = chunk_size.min(total - i * chunk_size);
+            let mut buf = BytesMut::with_capacity(32 + sender.len() + len);
             buf.put_slice(&MAGIC);
             buf.put_u8(VERSION);
             let sender_len = u16::try_from(sender.len()).unwrap_or(u16::MAX);
@@ -71,8 +84,18 @@ pub(crate) fn split(sender: &str, msg_id: u64, message: &Bytes, chunk_size: usiz
             buf.put_u64_le(msg_id);
             buf.put_u32_le(u32::try_from(i).expect("i < count fits u32"));
             buf.put_u32_le(count32);
-            buf.put_u64_le(message.len() as u64);
-            buf.put_slice(data);
+            buf.put_u64_le(total as u64);
+            let mut need = len;
+            while need > 0 {
+                if current.is_empty() {
+                    current = rest.next().expect("parts hold `total` bytes");
+                    continue;
+                }
+                let n = need.min(current.len());
+                buf.put_slice(&current[..n]);
+                current = &current[n..];
+                need -= n;
+            }
             buf.freeze()
         })
         .collect()
@@ -112,11 +135,37 @@ pub(crate) fn parse(mut buf: Bytes) -> Result<Chunk, ChunkError> {
     Ok(Chunk { sender, msg_id, index, count, total, data: buf })
 }
 
+/// A message being reassembled. Chunks that arrive in order (the usual case: MQTT keeps
+/// the order of one publisher's messages on a topic) are appended straight to `whole`, so a
+/// message costs its own size once, not twice (chunk buffers plus a final copy); a chunk that
+/// arrives ahead of a gap waits in `parked` until the gap is filled.
 struct Partial {
     count: u32,
     total: u64,
+    /// Bytes received so far (in `whole` and `parked`).
     bytes: u64,
-    chunks: BTreeMap<u32, Bytes>,
+    /// Index of the next chunk `whole` needs.
+    next: u32,
+    whole: BytesMut,
+    parked: BTreeMap<u32, Bytes>,
+}
+
+impl Partial {
+    /// Appends an in-order chunk, then every parked chunk that now follows.
+    fn append(&mut self, data: &[u8]) {
+        if self.whole.capacity() == 0 {
+            // Reserve the whole message once: no reallocation copies while it grows. The
+            // claimed total was checked against the limit; a large reservation is address
+            // space, its pages are only committed as chunks are written.
+            self.whole.reserve(usize::try_from(self.total).expect("total <= limit fits usize"));
+        }
+        self.whole.extend_from_slice(data);
+        self.next += 1;
+        while let Some(data) = self.parked.remove(&self.next) {
+            self.whole.extend_from_slice(&data);
+            self.next += 1;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -179,12 +228,14 @@ impl Reassembler {
             count: chunk.count,
             total: chunk.total,
             bytes: 0,
-            chunks: BTreeMap::new(),
+            next: 0,
+            whole: BytesMut::new(),
+            parked: BTreeMap::new(),
         });
         if partial.count != chunk.count || partial.total != chunk.total {
             return Err(ChunkError::Inconsistent);
         }
-        if partial.chunks.contains_key(&chunk.index) {
+        if chunk.index < partial.next || partial.parked.contains_key(&chunk.index) {
             return Ok(None);
         }
         let bytes = partial.bytes + chunk.data.len() as u64;
@@ -194,8 +245,12 @@ impl Reassembler {
             return Err(ChunkError::Overflow { total });
         }
         partial.bytes = bytes;
-        partial.chunks.insert(chunk.index, chunk.data);
-        if partial.chunks.len() as u64 != u64::from(partial.count) {
+        if chunk.index == partial.next {
+            partial.append(&chunk.data);
+        } else {
+            partial.parked.insert(chunk.index, chunk.data);
+        }
+        if partial.next != partial.count {
             return Ok(None);
         }
         let partial = state.partials.remove(&chunk.msg_id).expect("present: just inserted into");
@@ -203,11 +258,7 @@ impl Reassembler {
             return Err(ChunkError::Inconsistent);
         }
         remember(state, chunk.msg_id);
-        let mut whole = BytesMut::with_capacity(partial.total as usize);
-        for data in partial.chunks.values() {
-            whole.put_slice(data);
-        }
-        Ok(Some((chunk.sender, whole.freeze())))
+        Ok(Some((chunk.sender, partial.whole.freeze())))
     }
 }
 
@@ -292,7 +343,77 @@ mod tests {
         assert!(matches!(parse(Bytes::from_static(b"XXXXX")), Err(ChunkError::BadMagic)));
     }
 
+    /// A real encoded update, in chunks.
+    fn update_chunks(chunk_size: usize) -> (crate::wire::Message, Vec<Bytes>) {
+        let values: Vec<f32> = (0..5000).map(|i| i as f32 * 0.5).collect();
+        let mut m = crate::wire::Message::new(crate::wire::Kind::Update, 1)
+            .with_meta("num_samples", 10)
+            .with_tensor("w", crate::wire::Tensor::from_f32(vec![5000], &values).expect("shape"));
+        m.sender = "t".into();
+        let encoded = crate::wire::encode_parts(&m).expect("encode");
+        let parts: Vec<Bytes> = encoded.parts().cloned().collect();
+        (m, split_parts("t", 3, &parts, chunk_size))
+    }
+
+    #[test]
+    fn truncated_or_corrupted_chunk_streams_never_deliver_a_message() {
+        let (m, chunks) = update_chunks(4096);
+        assert!(chunks.len() > 3);
+        let deliver = |chunks: Vec<Bytes>| -> Vec<Result<Option<(String, Bytes)>, ChunkError>> {
+            let mut r = Reassembler::new(1 << 20);
+            chunks.into_iter().filter_map(|c| parse(c).ok()).map(|c| r.push(c)).collect()
+        };
+        // Intact, out of order: one message, equal to what was sent.
+        let mut shuffled = chunks.clone();
+        shuffled.swap(0, 2);
+        let done: Vec<_> = deliver(shuffled).into_iter().filter_map(|r| r.expect("ok")).collect();
+        assert_eq!(done.len(), 1);
+        assert_eq!(crate::wire::decode(done[0].1.clone()).expect("decode"), m);
+
+        // The last chunk never comes (the sender died): nothing is delivered, and what was
+        // buffered goes when the sender is forgotten.
+        let mut r = Reassembler::new(1 << 20);
+        for c in &chunks[..chunks.len() - 1] {
+            assert_eq!(r.push(parse(c.clone()).expect("valid")).expect("held"), None);
+        }
+        assert!(r.buffered() > 0);
+        r.forget("t");
+        assert_eq!(r.buffered(), 0);
+
+        // A chunk cut short: the message is inconsistent, not delivered.
+        let mut cut = chunks.clone();
+        let last = cut.len() - 1;
+        cut[1] = cut[1].slice(..cut[1].len() - 4);
+        let res = deliver(cut);
+        assert!(res[..last].iter().all(|r| matches!(r, Ok(None))));
+        assert_eq!(res[last], Err(ChunkError::Inconsistent));
+
+        // One flipped bit in a tensor byte: reassembled, then refused by the checksum.
+        let mut flipped = chunks.clone();
+        let mut v = flipped[2].to_vec();
+        let at = v.len() - 100;
+        v[at] ^= 0x10;
+        flipped[2] = v.into();
+        let done: Vec<_> = deliver(flipped).into_iter().filter_map(|r| r.expect("ok")).collect();
+        assert!(matches!(
+            crate::wire::decode(done[0].1.clone()),
+            Err(crate::wire::Error::Checksum { .. })
+        ));
+    }
+
     proptest! {
+        #[test]
+        fn split_parts_equals_split_of_the_concatenation(
+            lens in proptest::collection::vec(0usize..900, 0..6),
+            chunk in 1usize..700,
+        ) {
+            let parts: Vec<Bytes> = lens.iter().enumerate().map(|(i, &n)| {
+                (0..n).map(|j| ((i * 31 + j) % 251) as u8).collect::<Vec<u8>>().into()
+            }).collect();
+            let whole: Bytes = parts.iter().flat_map(|p| p.iter().copied()).collect::<Vec<u8>>().into();
+            prop_assert_eq!(split_parts("s", 9, &parts, chunk), split("s", 9, &whole, chunk));
+        }
+
         #[test]
         fn any_order_reassembles(len in 0usize..5000, chunk in 1usize..700, seed in any::<u64>()) {
             let m = message(len);

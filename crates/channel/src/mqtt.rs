@@ -402,28 +402,46 @@ impl MqttEnd {
     }
 
     async fn publish_message(&self, topic: String, message: Message) -> Result<()> {
-        let encoded = if message.tensors.data_bytes() > BLOCKING_THRESHOLD {
-            tokio::task::spawn_blocking(move || wire::encode(&message))
+        let shared = &self.ctx.shared;
+        let large = message.tensors.data_bytes() > BLOCKING_THRESHOLD;
+        let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
+        let (me, chunk_size, limit) = (
+            shared.opts.me.as_str().to_owned(),
+            self.ctx.config.chunk_size,
+            shared.opts.max_message_bytes,
+        );
+        // The tensor data is copied once, straight into the chunks (no whole encoded copy);
+        // the message, and with it any buffer its tensors share, is released before the chunks
+        // are queued.
+        let encode = move || -> Result<(usize, Vec<Bytes>)> {
+            let encoded = wire::encode_parts(&message)?;
+            drop(message);
+            let size = encoded.len();
+            if size > limit {
+                return Ok((size, Vec::new()));
+            }
+            let parts: Vec<Bytes> = encoded.parts().cloned().collect();
+            drop(encoded);
+            Ok((size, chunk::split_parts(&me, msg_id, &parts, chunk_size)))
+        };
+        let (size, chunks) = if large {
+            tokio::task::spawn_blocking(encode)
                 .await
                 .unwrap_or_else(|e| panic!("encode task panicked: {e}"))?
         } else {
-            wire::encode(&message)?
+            encode()?
         };
-        let shared = &self.ctx.shared;
-        if encoded.len() > shared.opts.max_message_bytes {
+        if size > shared.opts.max_message_bytes {
             return Err(Error::TooLarge {
                 channel: shared.opts.channel.clone(),
-                size: encoded.len(),
+                size,
                 limit: shared.opts.max_message_bytes,
             });
         }
-        let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
-        let chunks =
-            chunk::split(shared.opts.me.as_str(), msg_id, &encoded, self.ctx.config.chunk_size);
         for payload in chunks {
             self.ctx.client.publish_bytes(topic.clone(), QoS::AtLeastOnce, false, payload).await?;
         }
-        shared.metrics.sent(encoded.len());
+        shared.metrics.sent(size);
         Ok(())
     }
 

@@ -277,6 +277,20 @@ impl Tensor {
         Tensor::from_raw(Dtype::F32, shape, buf.freeze())
     }
 
+    /// An `F32` tensor over values owned by `owner`, which the tensor keeps alive: on
+    /// little-endian targets nothing is copied (a model can be sent without a wire copy of
+    /// it); elsewhere the values are copied as by [`Tensor::from_f32`].
+    pub fn from_f32_owner<T>(shape: Vec<usize>, owner: T) -> Result<Tensor>
+    where
+        T: AsRef<[f32]> + Send + 'static,
+    {
+        if cfg!(target_endian = "little") {
+            Tensor::from_raw(Dtype::F32, shape, Bytes::from_owner(F32Bytes(owner)))
+        } else {
+            Tensor::from_f32(shape, owner.as_ref())
+        }
+    }
+
     /// An `F16` tensor.
     pub fn from_f16(shape: Vec<usize>, values: &[half::f16]) -> Result<Tensor> {
         let mut buf = BytesMut::with_capacity(values.len() * 2);
@@ -387,6 +401,21 @@ impl Tensor {
             Ok(())
         } else {
             Err(Error::WrongDtype { expected, actual: self.dtype })
+        }
+    }
+}
+
+/// `f32` values seen as their in-memory (on little-endian targets: wire) bytes.
+struct F32Bytes<T>(T);
+
+impl<T: AsRef<[f32]>> AsRef<[u8]> for F32Bytes<T> {
+    fn as_ref(&self) -> &[u8] {
+        let values = self.0.as_ref();
+        // SAFETY: `f32` has no padding and every byte of it is initialised; `u8` has alignment
+        // 1; the slice covers exactly `size_of_val(values)` bytes of `values` and borrows
+        // `self`, so it cannot outlive the values.
+        unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
         }
     }
 }
@@ -521,8 +550,49 @@ impl Message {
     }
 }
 
+/// An encoded message in parts: the header (everything before the tensor data, including the
+/// safetensors header) and each tensor's data in payload order, shared with the message's
+/// tensors (not copied). Concatenated, the parts are [`encode`]'s output; a backend that
+/// chunks messages copies each byte once, into its chunk.
+#[derive(Clone, Debug)]
+pub(crate) struct Encoded {
+    /// The header bytes.
+    pub(crate) head: Bytes,
+    /// Tensor data, in payload order.
+    pub(crate) data: Vec<Bytes>,
+}
+
+impl Encoded {
+    /// Total encoded length.
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.data.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// The parts, in order.
+    pub(crate) fn parts(&self) -> impl Iterator<Item = &Bytes> {
+        std::iter::once(&self.head).chain(&self.data)
+    }
+
+    /// The whole encoding in one buffer.
+    pub(crate) fn concat(self) -> Bytes {
+        if self.data.iter().all(Bytes::is_empty) {
+            return self.head;
+        }
+        let mut buf = BytesMut::with_capacity(self.len());
+        for part in self.parts() {
+            buf.put_slice(part);
+        }
+        buf.freeze()
+    }
+}
+
 /// Encodes a message. Fails only on a sender id longer than 65535 bytes.
 pub fn encode(message: &Message) -> Result<Bytes> {
+    encode_parts(message).map(Encoded::concat)
+}
+
+/// Encodes a message as [`Encoded`] parts, without copying the tensor data.
+pub(crate) fn encode_parts(message: &Message) -> Result<Encoded> {
     let sender = message.sender.as_bytes();
     let sender_len = u16::try_from(sender.len())
         .map_err(|_| Error::Sender(format!("{} bytes is longer than 65535", sender.len())))?;
@@ -534,7 +604,7 @@ pub fn encode(message: &Message) -> Result<Bytes> {
     let payload_len = 8 + st_header.len() + data_len;
     let tensor_count =
         u32::try_from(message.tensors.len()).expect("tensor count fits u32: each has a name");
-    // One pass over the tensor data: checksum, then a single copy into the output.
+    // One pass over the tensor data for the checksum; the data itself is shared, not copied.
     let mut crc = crc32fast::Hasher::new();
     crc.update(&(st_header.len() as u64).to_le_bytes());
     crc.update(&st_header);
@@ -542,7 +612,8 @@ pub fn encode(message: &Message) -> Result<Bytes> {
         crc.update(&tensor.data);
     }
 
-    let mut buf = BytesMut::with_capacity(FIXED_HEADER + sender.len() + meta.len() + payload_len);
+    let mut buf =
+        BytesMut::with_capacity(FIXED_HEADER + sender.len() + meta.len() + 8 + st_header.len());
     buf.put_slice(&MAGIC);
     buf.put_u16_le(FORMAT_VERSION);
     buf.put_u8(message.kind as u8);
@@ -558,10 +629,7 @@ pub fn encode(message: &Message) -> Result<Bytes> {
     buf.put_u32_le(crc.finalize());
     buf.put_u64_le(st_header.len() as u64);
     buf.put_slice(&st_header);
-    for tensor in &ordered {
-        buf.put_slice(&tensor.data);
-    }
-    Ok(buf.freeze())
+    Ok(Encoded { head: buf.freeze(), data: ordered.iter().map(|t| t.data.clone()).collect() })
 }
 
 /// The safetensors header for `tensors` and the tensors in payload order, exactly as
@@ -827,6 +895,35 @@ mod tests {
         ));
         let t = Tensor::from_i64(vec![1], &[1]).expect("shape");
         assert!(matches!(t.as_f32(), Err(Error::WrongDtype { .. })));
+    }
+
+    #[test]
+    fn parts_share_tensor_data_and_owned_f32_is_not_copied() {
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.25).collect();
+        let owner = std::sync::Arc::new(values.clone());
+        struct Shared(std::sync::Arc<Vec<f32>>);
+        impl AsRef<[f32]> for Shared {
+            fn as_ref(&self) -> &[f32] {
+                &self.0
+            }
+        }
+        let t = Tensor::from_f32_owner(vec![10, 100], Shared(owner.clone())).expect("shape");
+        assert_eq!(t, Tensor::from_f32(vec![10, 100], &values).expect("shape"));
+        if cfg!(target_endian = "little") {
+            assert_eq!(t.data().as_ptr(), owner.as_ptr().cast::<u8>());
+        }
+        assert!(Tensor::from_f32_owner(vec![3], Shared(owner.clone())).is_err());
+        let mut m = Message::new(Kind::Weights, 2).with_tensor("w", t);
+        m.sender = "agg".into();
+        let parts = encode_parts(&m).expect("encode");
+        assert_eq!(parts.data.len(), 1);
+        assert_eq!(parts.data[0].as_ptr(), m.tensors.get("w").expect("w").data().as_ptr());
+        let whole = parts.clone().concat();
+        assert_eq!(whole.len(), parts.len());
+        assert_eq!(decode(whole).expect("decode"), m);
+        drop((m, parts));
+        // Every tensor and part released its share of the owner.
+        assert_eq!(std::sync::Arc::strong_count(&owner), 1);
     }
 
     #[test]

@@ -8,9 +8,9 @@
 //! - **transfer**: a 100 MB model from an aggregator to 10 trainers through the embedded MQTT
 //!   broker, as delivered GB/s, against loopback TCP bandwidth.
 //! - **memory**: peak RSS (`VmHWM`) of a real top aggregator process running one round of a
-//!   10M-parameter model with 10 and with 100 trainers, as a multiple of the model size
-//!   (target ≤ 3×). The aggregator runs as a child process (`fledge bench memory-child`);
-//!   this process hosts the broker and the trainers, which echo the model back.
+//!   10M-parameter model with 10 and with 100 trainers; the bound is the target, 3× the model
+//!   size, so a ratio ≤ 1 meets it. The aggregator runs as a child process (`fledge bench
+//!   memory-child`); this process hosts the broker and the trainers, which echo the model back.
 //! - **round**: overhead of a 10-trainer MNIST round over MQTT in one process: aggregator round
 //!   wall time minus the slowest trainer's compute, against that compute.
 //!
@@ -337,6 +337,9 @@ async fn memory_run(params: usize, trainers: usize, max_uploads: u64) -> anyhow:
     v["vmHwm"].as_u64().context("child printed no vmHwm")
 }
 
+/// The memory target: aggregator peak RSS at most this many model sizes.
+const MEMORY_BOUND_MODELS: f64 = 3.0;
+
 async fn memory(params: usize) -> anyhow::Result<Vec<Row>> {
     let model_bytes = (params * 4) as f64;
     let mut rows = Vec::new();
@@ -365,13 +368,15 @@ async fn memory(params: usize) -> anyhow::Result<Vec<Row>> {
                 f64::NAN
             }
         };
-        eprintln!("  peak RSS {:.1} MB", hwm / 1e6);
+        eprintln!("  peak RSS {:.1} MB = {:.2}x the model", hwm / 1e6, hwm / model_bytes);
+        // The bound is the target, 3x the model size: a ratio <= 1 meets it.
+        let bound = MEMORY_BOUND_MODELS * model_bytes;
         rows.push(Row {
             name,
             value: hwm / 1e6,
             unit: "MB",
-            bound: model_bytes / 1e6,
-            ratio: hwm / model_bytes,
+            bound: bound / 1e6,
+            ratio: hwm / bound,
         });
     }
     Ok(rows)

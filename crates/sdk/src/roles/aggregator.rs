@@ -314,11 +314,56 @@ async fn select(ctx: &mut AggregatorCtx) -> Result<()> {
     Ok(())
 }
 
+/// One tensor of a shared global model, as the values of a wire tensor: a message carrying
+/// the model borrows it instead of copying it.
+struct GlobalTensor(Arc<Weights>, usize);
+
+impl AsRef<[f32]> for GlobalTensor {
+    fn as_ref(&self) -> &[f32] {
+        self.0.tensors()[self.1].data()
+    }
+}
+
+/// A message of `kind` carrying `global` without copying it (see [`GlobalTensor`]).
+fn shared_weights_message(
+    kind: Kind,
+    round: u64,
+    model_version: u64,
+    global: &Arc<Weights>,
+) -> Result<Message> {
+    let mut message = Message::new(kind, round);
+    message.model_version = model_version;
+    for (i, t) in global.tensors().iter().enumerate() {
+        let tensor = fledge_channel::Tensor::from_f32_owner(
+            t.shape().to_vec(),
+            GlobalTensor(global.clone(), i),
+        )
+        .map_err(|e| Error::Tensors(format!("tensor {}: {e}", t.name())))?;
+        message.tensors.insert(t.name(), tensor);
+    }
+    Ok(message)
+}
+
+/// The global model back from sharing. Messages sent over `mqtt` release it once encoded;
+/// over `local`, receivers may still hold it, and then it is copied.
+fn unshare(global: Arc<Weights>) -> Weights {
+    Arc::try_unwrap(global).unwrap_or_else(|shared| (*shared).clone())
+}
+
 async fn distribute(ctx: &mut AggregatorCtx) -> Result<()> {
-    let global = needs(&ctx.global, "global model")?.clone();
-    let (round, version) = (ctx.round, ctx.model_version);
-    let message =
-        ctx.blocking(move || weights_message(Kind::Weights, round, version, &global)).await?;
+    // The message shares the global model (no wire copy of it); the backend copies it once,
+    // into its chunks.
+    let global = Arc::new(ctx.global.take().ok_or_else(|| {
+        Error::Config("aggregator program has no global model at this step".to_owned())
+    })?);
+    let res = distribute_shared(ctx, &global).await;
+    ctx.global = Some(unshare(global));
+    res
+}
+
+async fn distribute_shared(ctx: &mut AggregatorCtx, global: &Arc<Weights>) -> Result<()> {
+    let round = ctx.round;
+    let message = shared_weights_message(Kind::Weights, round, ctx.model_version, global)?;
     let all = ctx.distribute.ends();
     if all == ctx.selected {
         ctx.distribute.broadcast(message).await?;
@@ -336,6 +381,29 @@ async fn distribute(ctx: &mut AggregatorCtx) -> Result<()> {
     }
     ctx.selected = reached;
     Ok(())
+}
+
+/// Folds a received update into the round straight from the message's bytes: `F32`
+/// tensors are read in place (no decoded copy of the update); other float dtypes are
+/// converted first. The message was checksummed whole when it was decoded, and the round
+/// checks layout and finiteness before folding anything, so a rejected update leaves the
+/// round untouched.
+fn fold_update(
+    acc: &mut fledge_algorithms::Round,
+    tensors: &fledge_channel::Tensors,
+    num_samples: u64,
+) -> Result<()> {
+    if tensors.iter().any(|(_, t)| t.dtype() != fledge_channel::Dtype::F32) {
+        let weights = tensors_to_weights(tensors)?;
+        return acc.add(&weights, num_samples, 0).map_err(Error::from);
+    }
+    let mut view = fledge_algorithms::WeightsView::new();
+    for (name, t) in tensors.iter() {
+        let tensor = fledge_algorithms::TensorView::from_le_bytes(name, t.shape(), t.data())
+            .map_err(|e| Error::Tensors(format!("tensor {name}: {e}")))?;
+        view.push(tensor).map_err(|e| Error::Tensors(format!("tensor {name}: {e}")))?;
+    }
+    acc.add_view(&view, num_samples, 0).map_err(Error::from)
 }
 
 /// Weighted sums of the metrics trainers sent with their updates.
@@ -426,11 +494,7 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
         trainer_metrics.add(&message, num_samples as f64);
         let started = tokio::time::Instant::now();
         let (back, res) = tokio::task::spawn_blocking(move || {
-            let res = tensors_to_weights(&message.tensors).and_then(|w| {
-                // The wire copy is no longer needed once decoded.
-                drop(message);
-                acc.add(&w, num_samples, 0).map_err(Error::from)
-            });
+            let res = fold_update(&mut acc, &message.tensors, num_samples);
             (acc, res)
         })
         .await?;
@@ -501,9 +565,15 @@ async fn evaluate(ctx: &mut AggregatorCtx) -> Result<()> {
 }
 
 async fn checkpoint(ctx: &mut AggregatorCtx) -> Result<()> {
-    let global = needs(&ctx.global, "global model")?.clone();
+    // Shared with the blocking writer, not copied.
+    let global = Arc::new(ctx.global.take().ok_or_else(|| {
+        Error::Config("aggregator program has no global model at this step".to_owned())
+    })?);
     let (registry, job, round) = (ctx.registry.clone(), ctx.config.job.id.clone(), ctx.round);
-    ctx.blocking(move || registry.save_round(&job, round, &global).map(|_| ())).await
+    let shared = global.clone();
+    let res = ctx.blocking(move || registry.save_round(&job, round, &shared).map(|_| ())).await;
+    ctx.global = Some(unshare(global));
+    res
 }
 
 async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
@@ -534,25 +604,39 @@ async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
 }
 
 async fn finish(ctx: &mut AggregatorCtx) -> Result<()> {
-    let mut end = Message::new(Kind::EndOfTraining, ctx.round);
-    end.model_version = ctx.model_version;
-    if let Some(global) = &ctx.global {
-        end.tensors = crate::convert::weights_to_tensors(global)?;
-        if ctx.tier == Tier::Top {
-            let (registry, job, global) =
-                (ctx.registry.clone(), ctx.config.job.id.clone(), global.clone());
-            let path = ctx.blocking(move || registry.save_final(&job, &global)).await?;
-            tracing::info!(path = %path.display(), "final model saved");
-        }
-    }
-    if !ctx.distribute.ends().is_empty() {
-        ctx.distribute.broadcast(end).await?;
-    }
+    let global = ctx.global.take().map(Arc::new);
+    let res = finish_shared(ctx, global.as_ref()).await;
+    ctx.global = global.map(unshare);
+    res?;
     // Give the broker a moment to deliver end-of-training before our connection goes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     ctx.channels.close().await?;
     if let Some(reporter) = ctx.reporter.take() {
         reporter.shutdown(Duration::from_secs(5)).await;
+    }
+    Ok(())
+}
+
+/// Saves (top) and broadcasts the final model, shared rather than copied.
+async fn finish_shared(ctx: &mut AggregatorCtx, global: Option<&Arc<Weights>>) -> Result<()> {
+    let end = match global {
+        Some(global) => {
+            if ctx.tier == Tier::Top {
+                let (registry, job, global) =
+                    (ctx.registry.clone(), ctx.config.job.id.clone(), global.clone());
+                let path = ctx.blocking(move || registry.save_final(&job, &global)).await?;
+                tracing::info!(path = %path.display(), "final model saved");
+            }
+            shared_weights_message(Kind::EndOfTraining, ctx.round, ctx.model_version, global)?
+        }
+        None => {
+            let mut end = Message::new(Kind::EndOfTraining, ctx.round);
+            end.model_version = ctx.model_version;
+            end
+        }
+    };
+    if !ctx.distribute.ends().is_empty() {
+        ctx.distribute.broadcast(end).await?;
     }
     Ok(())
 }
@@ -665,4 +749,82 @@ pub fn middle_program() -> Composer<AggregatorCtx> {
                 .tasklet("report", async_tasklet(|c| boxed(report(c)))),
         )
         .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod fold_tests {
+    use fledge_algorithms::{Optimizer, Tensor};
+    use fledge_channel::Tensors;
+
+    use super::*;
+
+    fn weights(a: [f32; 2], b: [f32; 3]) -> Weights {
+        Weights::from_tensors(vec![
+            Tensor::new("a", vec![2], a.to_vec()).unwrap(),
+            Tensor::new("b", vec![1, 3], b.to_vec()).unwrap(),
+        ])
+        .unwrap()
+    }
+
+    /// The update as it arrives: decoded from the wire, tensors pointing into one buffer.
+    fn received(w: &Weights) -> Tensors {
+        let mut m = crate::convert::weights_message(Kind::Update, 1, 0, w).unwrap();
+        m.sender = "t".into();
+        fledge_channel::wire::decode(fledge_channel::wire::encode(&m).unwrap()).unwrap().tensors
+    }
+
+    fn finish(round: fledge_algorithms::Round, global: &Weights) -> Weights {
+        let mut out = global.clone();
+        Optimizer::default().finish_round(round, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn bad_updates_are_rejected_before_anything_is_folded() {
+        let global = weights([0.0; 2], [0.0; 3]);
+        let good = weights([1.0, 2.0], [3.0, 4.0, 5.0]);
+        let other = weights([3.0, 2.0], [1.0, 0.0, -1.0]);
+        let mut acc = Optimizer::default().begin_round(&global);
+        fold_update(&mut acc, &received(&good), 10).unwrap();
+        let before = acc.clone();
+
+        // A NaN in the last value of the last tensor, a truncated tensor, another layout.
+        let nan = received(&weights([9.0, 9.0], [9.0, 9.0, f32::NAN]));
+        assert!(matches!(
+            fold_update(&mut acc, &nan, 5),
+            Err(Error::Aggregation(fledge_algorithms::Error::NonFinite { index: 2, .. }))
+        ));
+        let mut short = Tensors::new();
+        short.insert("a", fledge_channel::Tensor::from_f32(vec![2], &[9.0, 9.0]).unwrap());
+        short.insert("b", fledge_channel::Tensor::from_f32(vec![1, 2], &[9.0, 9.0]).unwrap());
+        assert!(fold_update(&mut acc, &short, 5).is_err());
+        let mut one = Tensors::new();
+        one.insert("a", fledge_channel::Tensor::from_f32(vec![2], &[9.0, 9.0]).unwrap());
+        assert!(fold_update(&mut acc, &one, 5).is_err());
+        assert_eq!(acc.len(), before.len());
+        assert_eq!(finish(acc.clone(), &global), finish(before, &global));
+
+        // The same round as folding decoded weights, bit for bit.
+        fold_update(&mut acc, &received(&other), 30).unwrap();
+        let mut reference = Optimizer::default().begin_round(&global);
+        reference.add(&good, 10, 0).unwrap();
+        reference.add(&other, 30, 0).unwrap();
+        assert_eq!(finish(acc, &global), finish(reference, &global));
+    }
+
+    #[test]
+    fn shared_messages_borrow_the_global_model_and_give_it_back() {
+        let global = Arc::new(weights([1.0, 2.0], [3.0, 4.0, 5.0]));
+        let m = shared_weights_message(Kind::Weights, 3, 2, &global).unwrap();
+        assert_eq!((m.round, m.model_version), (3, 2));
+        assert_eq!(tensors_to_weights(&m.tensors).unwrap(), *global);
+        // While a message holds it, taking it back copies; once released, it moves.
+        let copy = unshare(global.clone());
+        assert_eq!(copy, *global);
+        drop(m);
+        let ptr = global.tensors()[0].data().as_ptr();
+        let back = unshare(global);
+        assert_eq!(back.tensors()[0].data().as_ptr(), ptr);
+    }
 }
