@@ -21,6 +21,10 @@ does the rest (channels, aggregation, rounds, metrics, the registry)::
 
     # or, without a control plane:
     report = fledge.simulate(MyTrainer, datasets=[url0, url1, url2], rounds=5)
+
+PyTorch models: subclass ``fledge.pytorch.TorchTrainer`` and set ``self.model``; its
+``state_dict()`` tensors are the weights (``fledge.pytorch`` is the only module that imports
+torch).
 """
 
 from ._fledge import (
