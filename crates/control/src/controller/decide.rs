@@ -380,11 +380,7 @@ fn last_seen(task: &Task) -> Option<DateTime<Utc>> {
 
 /// The participant-run tasks still `ready` whose data owner's agent is not (or no longer)
 /// connected: no heartbeat within `timeout` (with a zero timeout: no heartbeat ever).
-fn waiting_for_owners<'a>(
-    tasks: &'a [Task],
-    timeout: Duration,
-    now: DateTime<Utc>,
-) -> Vec<&'a Task> {
+fn waiting_for_owners(tasks: &[Task], timeout: Duration, now: DateTime<Utc>) -> Vec<&Task> {
     tasks
         .iter()
         .filter(|t| !t.managed && t.state == TaskState::Ready)
