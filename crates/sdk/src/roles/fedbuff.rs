@@ -26,6 +26,27 @@
 //! it as soon as their last (discarded) update arrives, so no trainer fails uploading to an
 //! aggregator that has gone.
 //!
+//! **Three tiers** ([`middle_program`], built-in `async-middle-aggregator`): a middle
+//! aggregator is this aggregator with a link up. To the top (this program over middle
+//! aggregators) it looks like a trainer; towards its trainers it is FedBuff with the top's
+//! newest model as the global one:
+//!
+//! ```text
+//! join_up, await_trainers,
+//! loop until the top's end-of-training { fetch, collect, upload, report },
+//! finish
+//! ```
+//!
+//! `fetch` takes the top's next model (answering its `init_model` by asking a trainer);
+//! `collect` keeps `concurrency` trainers busy with it and buffers `aggGoal` updates, stale
+//! ones (staleness in top model versions) weighted down; `upload` applies the buffer to the
+//! top's model and sends the result with the summed sample count, and the top takes the
+//! delta against the model it sent. Trainers that are still busy keep training while the
+//! middle aggregator waits for the top; their updates go into the next buffer. Replicas of a
+//! middle aggregator in one group share its trainers through
+//! [`crate::roles::follow::follow_sender`] (built-in trainer `async-trainer`): each trainer
+//! trains for whichever replica sent it a model, least recently served first.
+//!
 //! [`StragglerFactory`] wraps any [`AppFactory`] so that the trainers named in the
 //! hyperparameter `slowTrainers` (`{"<taskIndex>": factor}`) take `factor` times as long to
 //! train (they sleep `(factor − 1) ×` the measured training time): a reproducible straggler
