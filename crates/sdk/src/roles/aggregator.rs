@@ -18,8 +18,9 @@
 //! ```
 //!
 //! Rounds are synchronous. Each update is folded into the optimizer's accumulator as it
-//! arrives (FedAvg/FedOpt memory is one model, whatever the number of trainers); the message
-//! is dropped right after. A round waits for every selected trainer, except that a trainer
+//! arrives (FedAvg/FedOpt memory is one model, whatever the number of trainers), read in place
+//! from the received message's bytes (no decoded copy); the message is dropped right after.
+//! Messages carrying the global model share it instead of copying it. A round waits for every selected trainer, except that a trainer
 //! that leaves the channel (`ends()`; over MQTT after the liveness timeout) is dropped: the
 //! round then finishes with the others if at least `minTrainers` answered, and fails
 //! otherwise. Updates for another round, without `num_samples` or with a wrong layout are
@@ -692,7 +693,7 @@ async fn fetch_up(ctx: &mut AggregatorCtx) -> Result<()> {
 async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
     let (_, upload) = needs(&ctx.up, "upward channels")?.clone();
     let top = needs(&ctx.top, "top aggregator")?.clone();
-    let global = needs(&ctx.global, "global model")?.clone();
+    needs(&ctx.global, "global model")?;
     let (fetch, _) = needs(&ctx.up, "upward channels")?.clone();
     await_upload_permit(&ctx.config, &fetch, &upload, &top, ctx.round).await?;
     let mut metrics = serde_json::Map::new();
@@ -701,15 +702,24 @@ async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
             metrics.insert(name.to_owned(), Value::from(*v));
         }
     }
-    let message = weights_message(Kind::Update, ctx.round, ctx.model_version, &global)?
-        .with_meta("num_samples", ctx.round_samples)
-        .with_meta("metrics", Value::Object(metrics));
-    upload.send(&top, message).await.map_err(|e| match e {
-        fledge_channel::Error::UnknownEnd { end, channel, .. } => {
-            Error::PeerLeft { peer: end, channel }
-        }
-        e => e.into(),
-    })
+    // The round's mean is sent shared, not copied (see `distribute`).
+    let global = Arc::new(ctx.global.take().expect("checked above"));
+    let message =
+        shared_weights_message(Kind::Update, ctx.round, ctx.model_version, &global).map(|m| {
+            m.with_meta("num_samples", ctx.round_samples)
+                .with_meta("metrics", Value::Object(metrics))
+        });
+    let res = match message {
+        Ok(message) => upload.send(&top, message).await.map_err(|e| match e {
+            fledge_channel::Error::UnknownEnd { end, channel, .. } => {
+                Error::PeerLeft { peer: end, channel }
+            }
+            e => e.into(),
+        }),
+        Err(e) => Err(e),
+    };
+    ctx.global = Some(unshare(global));
+    res
 }
 
 /// The standard top aggregator program.
