@@ -262,3 +262,56 @@ async fn fledgelet_whose_subscription_is_refused_fails_with_the_reason() {
     );
     assert!(!work.path().join("code").exists());
 }
+
+#[tokio::test]
+async fn participant_run_agent_beats_while_waiting_and_leaves_its_task_on_shutdown() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let script = "echo $$ > self.pid\nwhile :; do sleep 0.05; done\n";
+    let api = Arc::new(FakeTaskApi::new(sh_role(script)));
+    let (tx, rx) = events();
+    let mut opts = options(work.path());
+    opts.participant_run = true;
+    let shutdown = CancellationToken::new();
+    let agent = {
+        let (api, shutdown) = (api.clone(), shutdown.clone());
+        tokio::spawn(async move { fledgelet::run(&opts, api, rx, shutdown).await })
+    };
+    // It beats before START, so that the controller knows its data owner joined.
+    for _ in 0..600 {
+        if api.heartbeats.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(api.heartbeats.load(Ordering::SeqCst) > 0);
+    assert!(api.states().is_empty());
+
+    tx.send(event(TaskEventKind::Start, 1)).await.expect("send");
+    wait_for_file(&work.path().join("code/self.pid")).await;
+    api.wait_until("running", |api| api.states().contains(&TaskState::Running)).await;
+    // The data owner stops the agent: the code stops, the task stays running to be rejoined.
+    shutdown.cancel();
+    let outcome = agent.await.expect("join");
+    assert_eq!(outcome.state, TaskState::Running, "{}", outcome.log);
+    assert!(api.states().iter().all(|s| *s == TaskState::Running), "{:?}", api.states());
+    let statuses = api.statuses.lock().expect("lock").clone();
+    let (_, log) = statuses.last().expect("the leave is reported");
+    assert!(log.contains("same task id and key to rejoin"), "{log}");
+    let pid: i32 = std::fs::read_to_string(work.path().join("code/self.pid"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid number");
+    assert!(!crate::fakes::alive(pid), "the task's code was stopped");
+
+    // Before START, a shutdown leaves without any report.
+    let api = Arc::new(FakeTaskApi::new(sh_role("echo ran > ran.txt\n")));
+    let (_tx, rx) = events();
+    let mut opts = options(work.path());
+    opts.participant_run = true;
+    let shutdown = CancellationToken::new();
+    shutdown.cancel();
+    let outcome = fledgelet::run(&opts, api.clone(), rx, shutdown).await;
+    assert_eq!(outcome.state, TaskState::Ready);
+    assert!(!outcome.reported && api.states().is_empty());
+}
