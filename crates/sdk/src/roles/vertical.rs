@@ -28,8 +28,8 @@
 //!
 //! | from → to | kind | round | meta | tensors |
 //! |---|---|---|---|---|
-//! | feature → label | `Control` | 0 | `command: "ids"`, `ids` [string], `embeddingDim` | |
-//! | label → feature | `Control` | 0 | `command: "align"`, `train` [string], `test` [string] | |
+//! | feature → label | `Control` | 0 | `command: "ids"`, `ids` (strings), `embeddingDim` | |
+//! | label → feature | `Control` | 0 | `command: "align"`, `train`, `test` (strings) | |
 //! | label → feature | `Control` | 0 | `command: "abort"`, `reason` (alignment failed) | |
 //! | label → feature | `Control` | r | `command: "embed"`, `split` (`train`/`test`), `step` | `rows` i64 `[b]` |
 //! | feature → label | `Update` | r | `split`, `step` | `embedding` f32 `[b, embeddingDim]` |
