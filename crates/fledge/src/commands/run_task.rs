@@ -420,6 +420,7 @@ pub const TOPOLOGY_ROLES: &[&str] = &[
     fledge_sdk::roles::fedbuff::BUILTIN_NAME,
     fledge_sdk::roles::fedbuff::STRAGGLER_TRAINER,
     fledge_sdk::roles::ring::BUILTIN_NAME,
+    fledge_sdk::roles::hybrid::BUILTIN_NAME,
     fledge_sdk::roles::vertical::FEATURE_PARTY,
     fledge_sdk::roles::vertical::LABEL_PARTY,
     fledge_sdk::roles::fedbuff::MIDDLE_BUILTIN_NAME,
@@ -446,6 +447,9 @@ async fn run_topology_role(name: &str, config: TaskConfig) -> anyhow::Result<()>
     let res = match name {
         fedbuff::BUILTIN_NAME => fedbuff::run(config, factory, opts).await,
         ring::BUILTIN_NAME => ring::run(config, factory, opts).await,
+        fledge_sdk::roles::hybrid::BUILTIN_NAME => {
+            fledge_sdk::roles::hybrid::run(config, factory, opts).await
+        }
         // Vertical FL: split learning with the candle bottom and top models of fledge-models.
         fledge_sdk::roles::vertical::FEATURE_PARTY => {
             let app = Box::new(fledge_models::vertical::FeatureParty::new());

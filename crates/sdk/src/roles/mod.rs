@@ -22,6 +22,7 @@ pub mod coordinated;
 pub mod coordinator;
 pub mod fedbuff;
 pub mod follow;
+pub mod hybrid;
 pub mod ring;
 pub mod trainer;
 pub mod vertical;

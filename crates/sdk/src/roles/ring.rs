@@ -113,10 +113,11 @@ pub struct RingCtx {
     /// The task config.
     pub config: TaskConfig,
     app: Arc<Mutex<Box<dyn TrainerApp>>>,
-    channels: ChannelManager,
+    pub(crate) channels: ChannelManager,
     mailbox: Mailbox,
     common: Common,
-    expected: usize,
+    /// Trainers waited for at bootstrap (this one included).
+    pub(crate) expected: usize,
     /// Rounds to run.
     pub rounds: u64,
     /// The round being run (0 before the first).
@@ -131,12 +132,12 @@ pub struct RingCtx {
     synced: bool,
     /// Members of the previous round (the leader waits for them).
     previous: Vec<TaskId>,
-    outcome: TrainOutcome,
+    pub(crate) outcome: TrainOutcome,
     /// Metrics of the last `evaluate`.
     pub evaluation: BTreeMap<String, f64>,
     registry: Arc<dyn Registry>,
-    metrics: RoundMetrics,
-    reporter: Option<Reporter>,
+    pub(crate) metrics: RoundMetrics,
+    pub(crate) reporter: Option<Reporter>,
     /// Every round's record.
     pub history: Vec<MetricRecord>,
 }
@@ -205,11 +206,11 @@ impl RingCtx {
         self.leader.as_ref() == Some(self.me())
     }
 
-    fn traffic(&self) -> fledge_channel::MetricsSnapshot {
+    pub(crate) fn traffic(&self) -> fledge_channel::MetricsSnapshot {
         crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
     }
 
-    async fn with_app<T, F>(&self, step: &'static str, f: F) -> Result<T>
+    pub(crate) async fn with_app<T, F>(&self, step: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut dyn TrainerApp) -> anyhow::Result<T> + Send + 'static,
@@ -233,16 +234,16 @@ impl RingCtx {
     }
 }
 
-async fn initialize(ctx: &mut RingCtx) -> Result<()> {
+pub(crate) async fn initialize(ctx: &mut RingCtx) -> Result<()> {
     let config = ctx.config.clone();
     ctx.with_app("initialize", move |app| app.initialize(&config)).await
 }
 
-async fn load_data(ctx: &mut RingCtx) -> Result<()> {
+pub(crate) async fn load_data(ctx: &mut RingCtx) -> Result<()> {
     ctx.with_app("load_data", |app| app.load_data()).await
 }
 
-async fn bootstrap(ctx: &mut RingCtx) -> Result<()> {
+pub(crate) async fn bootstrap(ctx: &mut RingCtx) -> Result<()> {
     let want = ctx.expected.saturating_sub(1);
     let ends = if want == 0 {
         ctx.channel().ends()
@@ -275,7 +276,7 @@ async fn bootstrap(ctx: &mut RingCtx) -> Result<()> {
 
 /// Leader: waits for every previous member's `ready`, admits newcomers with the current
 /// weights, and announces the members. Others: say `ready` and wait for the member list.
-async fn membership(ctx: &mut RingCtx) -> Result<()> {
+pub(crate) async fn membership(ctx: &mut RingCtx) -> Result<()> {
     let round = ctx.round + 1;
     ctx.metrics = RoundMetrics::start(ctx.traffic());
     let leader = ctx.leader.clone().expect("bootstrap sets the leader");
@@ -369,7 +370,7 @@ async fn membership(ctx: &mut RingCtx) -> Result<()> {
     Ok(())
 }
 
-async fn train(ctx: &mut RingCtx) -> Result<()> {
+pub(crate) async fn train(ctx: &mut RingCtx) -> Result<()> {
     let round = ctx.round;
     ctx.outcome = ctx.with_app("train", move |app| app.train(round)).await?;
     if ctx.outcome.num_samples == 0 {
@@ -486,7 +487,7 @@ fn unflatten(layout: &Weights, values: &[f32]) -> Result<Weights> {
     Ok(res)
 }
 
-async fn allreduce(ctx: &mut RingCtx) -> Result<()> {
+pub(crate) async fn allreduce(ctx: &mut RingCtx) -> Result<()> {
     let local = ctx.with_app("get_weights", |app| app.get_weights()).await?;
     let mut values = flatten(&local, ctx.outcome.num_samples as f32);
     ring_allreduce(ctx, &mut values).await?;
@@ -495,7 +496,7 @@ async fn allreduce(ctx: &mut RingCtx) -> Result<()> {
     ctx.with_app("set_weights", move |app| app.set_weights(&mean)).await
 }
 
-async fn evaluate(ctx: &mut RingCtx) -> Result<()> {
+pub(crate) async fn evaluate(ctx: &mut RingCtx) -> Result<()> {
     ctx.evaluation = ctx.with_app("evaluate", |app| app.evaluate()).await?;
     Ok(())
 }

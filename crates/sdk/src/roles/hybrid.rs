@@ -1,0 +1,302 @@
+//! The hybrid trainer (built-in name `hybrid-trainer`): ring all-reduce inside a group, FL
+//! across groups.
+//!
+//! Trainers of one group share a self-loop channel (function tag `ring_allreduce`, typically
+//! on the `p2p` backend, so weights go straight from trainer to trainer); every trainer is
+//! also on a `fetch`/`upload` channel with an ordinary aggregator (typically `mqtt`). Each round
+//! every trainer fetches the global model, trains locally, and the group replaces its weights
+//! by their sample-weighted mean with the ring all-reduce of [`crate::roles::ring`]
+//! (including its per-round membership, led by the lowest task id of the group). Every member
+//! then uploads the group's model with its own sample count, so the aggregator's FedAvg over
+//! all trainers is exactly the sample-weighted mean over every group. The aggregator is the
+//! stock one: it ends training, keeps the final model and saves it.
+//!
+//! Program ([`program`]):
+//!
+//! ```text
+//! initialize, load_data, join, bootstrap,
+//! loop rounds until end-of-training { fetch, membership, train, allreduce, evaluate, upload, report },
+//! finish
+//! ```
+//!
+//! Hyperparameters: those of the trainer and the ring, plus `groupSize`, the trainers waited
+//! for in this task's group at bootstrap (default: `expectedTrainers` divided by the number of
+//! groups of the ring channel, rounded up).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fledge_channel::{Channel, ChannelManager, Kind};
+use fledge_types::{TaskConfig, TaskId};
+use serde_json::Value;
+
+use crate::app::AppFactory;
+use crate::composer::{Composer, Context, async_tasklet, boxed};
+use crate::convert::{tensors_to_weights, weights_message};
+use crate::hyper::{self, names};
+use crate::metrics::Reporter;
+use crate::registry::{self, Registry};
+use crate::roles::ring::{self, RingCtx};
+use crate::roles::trainer::{COMMAND, INIT_MODEL, await_upload_permit};
+use crate::roles::{Common, RoleKind, tags};
+use crate::runner::{self, RunOptions, RunSummary};
+use crate::{Error, Result, Weights};
+
+/// The built-in name of the hybrid trainer.
+pub const BUILTIN_NAME: &str = "hybrid-trainer";
+/// Hyperparameter: trainers of this task's group waited for at bootstrap.
+pub const GROUP_SIZE: &str = "groupSize";
+
+/// State of a hybrid trainer task: the ring part (group channel, user code, metrics) and the
+/// aggregator part.
+pub struct HybridCtx {
+    /// The in-group ring all-reduce state (user code, group channel, metrics, history).
+    pub ring: RingCtx,
+    fetch: Channel,
+    upload: Channel,
+    common: Common,
+    /// The aggregator this trainer fetches from and uploads to.
+    pub aggregator: Option<TaskId>,
+    /// The aggregator's round being run.
+    pub round: u64,
+    model_version: u64,
+    /// Training is over (the aggregator said so).
+    pub done: bool,
+}
+
+impl Context for HybridCtx {
+    fn record_time(&mut self, alias: &str, seconds: f64) {
+        self.ring.record_time(alias, seconds);
+    }
+}
+
+/// Trainers of `config`'s group on its ring channel: `groupSize`, else `expectedTrainers` over
+/// the channel's groups, rounded up.
+fn group_size(config: &TaskConfig) -> Result<usize> {
+    let h = &config.hyperparameters;
+    if h.contains_key(GROUP_SIZE) {
+        return Ok(hyper::uint(h, GROUP_SIZE, 1, 1)? as usize);
+    }
+    let expected = hyper::uint(h, names::EXPECTED_TRAINERS, 1, 1)? as usize;
+    let groups = config
+        .channels
+        .iter()
+        .find(|c| c.is_self_loop())
+        .and_then(|c| c.group_by.as_ref())
+        .map_or(1, |g| g.value.len().max(1));
+    Ok(expected.div_ceil(groups))
+}
+
+impl HybridCtx {
+    /// A hybrid trainer over joined `channels`: a self-loop channel for the group and a
+    /// `fetch`/`upload` channel to the aggregator.
+    pub fn new(
+        config: TaskConfig,
+        channels: ChannelManager,
+        app: Box<dyn crate::app::TrainerApp>,
+        registry: Arc<dyn Registry>,
+        reporter: Reporter,
+    ) -> Result<HybridCtx> {
+        let fetch = channels.by_tag(tags::FETCH)?.clone();
+        let upload = channels.by_tag(tags::UPLOAD)?.clone();
+        let common = Common::from_config(&config)?;
+        let expected = group_size(&config)?;
+        let mut ring = RingCtx::new(config, channels, app, registry, reporter)?;
+        ring.expected = expected;
+        Ok(HybridCtx {
+            ring,
+            fetch,
+            upload,
+            common,
+            aggregator: None,
+            round: 0,
+            model_version: 0,
+            done: false,
+        })
+    }
+
+    fn config(&self) -> &TaskConfig {
+        &self.ring.config
+    }
+
+    fn aggregator(&self) -> Result<TaskId> {
+        self.aggregator
+            .clone()
+            .ok_or_else(|| Error::Config("trainer has not joined an aggregator".to_owned()))
+    }
+}
+
+fn peer_left(e: fledge_channel::Error) -> Error {
+    match e {
+        fledge_channel::Error::EndLeft { end, channel }
+        | fledge_channel::Error::UnknownEnd { end, channel, .. } => {
+            Error::PeerLeft { peer: end, channel }
+        }
+        e => e.into(),
+    }
+}
+
+async fn join(ctx: &mut HybridCtx) -> Result<()> {
+    let ends = ctx.fetch.await_join(ctx.common.join_timeout).await?;
+    let aggregator = ends.into_iter().next().expect("await_join returns at least one end");
+    tracing::info!(task_id = %ctx.config().task_id, %aggregator, "joined aggregator");
+    ctx.aggregator = Some(aggregator);
+    Ok(())
+}
+
+/// Receives the round's global model (answering the aggregator's `init_model` request on the
+/// way), or the end of training.
+async fn fetch(ctx: &mut HybridCtx) -> Result<()> {
+    let aggregator = ctx.aggregator()?;
+    loop {
+        let message = ctx.fetch.recv(&aggregator).await.map_err(peer_left)?;
+        match message.kind {
+            Kind::Control
+                if message.meta.get(COMMAND).and_then(Value::as_str) == Some(INIT_MODEL) =>
+            {
+                let weights = ctx.ring.with_app("get_weights", |app| app.get_weights()).await?;
+                let reply = weights_message(Kind::Weights, 0, 0, &weights)?;
+                ctx.upload.send(&aggregator, reply).await.map_err(peer_left)?;
+                tracing::info!(task_id = %ctx.config().task_id, "sent initial model to aggregator");
+            }
+            Kind::Weights => {
+                let weights = tensors_to_weights(&message.tensors)?;
+                ctx.ring.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
+                ctx.round = message.round;
+                ctx.model_version = message.model_version;
+                return Ok(());
+            }
+            Kind::EndOfTraining => {
+                if !message.tensors.is_empty() {
+                    let weights = tensors_to_weights(&message.tensors)?;
+                    ctx.ring.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
+                }
+                tracing::info!(task_id = %ctx.config().task_id, round = message.round, "end of training");
+                ctx.done = true;
+                return Ok(());
+            }
+            other => {
+                tracing::warn!(task_id = %ctx.config().task_id, kind = ?other, "unexpected message ignored");
+            }
+        }
+    }
+}
+
+/// Uploads the group's model with this trainer's own sample count.
+async fn upload(ctx: &mut HybridCtx) -> Result<()> {
+    let aggregator = ctx.aggregator()?;
+    await_upload_permit(ctx.config(), &ctx.fetch, &ctx.upload, &aggregator, ctx.round).await?;
+    let weights: Weights = ctx.ring.with_app("get_weights", |app| app.get_weights()).await?;
+    let mut metrics = serde_json::Map::new();
+    for (k, v) in &ctx.ring.outcome.metrics {
+        metrics.insert(format!("train_{k}"), Value::from(*v));
+    }
+    for (k, v) in &ctx.ring.evaluation {
+        metrics.insert(k.clone(), Value::from(*v));
+    }
+    let message = weights_message(Kind::Update, ctx.round, ctx.model_version, &weights)?
+        .with_meta("num_samples", ctx.ring.outcome.num_samples)
+        .with_meta("metrics", Value::Object(metrics));
+    ctx.upload.send(&aggregator, message).await.map_err(peer_left)
+}
+
+async fn report(ctx: &mut HybridCtx) -> Result<()> {
+    let ring = &mut ctx.ring;
+    let mut metrics = std::mem::take(&mut ring.metrics);
+    metrics.set("localSamples", ring.outcome.num_samples as f64);
+    metrics.extend("train_", &ring.outcome.metrics);
+    metrics.extend("", &ring.evaluation);
+    let record = metrics.finish(&ring.config.task_id, &ring.config.role, ctx.round, ring.traffic());
+    tracing::info!(
+        task_id = %ring.config.task_id,
+        round = ctx.round,
+        members = ring.members.len(),
+        metrics = ?ring.evaluation,
+        "hybrid round done"
+    );
+    if let Some(reporter) = &ring.reporter {
+        reporter.report(record.clone());
+    }
+    ring.history.push(record);
+    Ok(())
+}
+
+async fn finish(ctx: &mut HybridCtx) -> Result<()> {
+    // Give the transports a moment to deliver our last chunks before the connections go.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ctx.ring.channels.close().await?;
+    if let Some(reporter) = ctx.ring.reporter.take() {
+        reporter.shutdown(Duration::from_secs(5)).await;
+    }
+    Ok(())
+}
+
+/// The hybrid trainer program.
+pub fn program() -> Composer<HybridCtx> {
+    Composer::new()
+        .tasklet(
+            "initialize",
+            async_tasklet(|c: &mut HybridCtx| boxed(ring::initialize(&mut c.ring))),
+        )
+        .tasklet(
+            "load_data",
+            async_tasklet(|c: &mut HybridCtx| boxed(ring::load_data(&mut c.ring))),
+        )
+        .tasklet("join", async_tasklet(|c| boxed(join(c))))
+        .tasklet(
+            "bootstrap",
+            async_tasklet(|c: &mut HybridCtx| boxed(ring::bootstrap(&mut c.ring))),
+        )
+        .loop_until(
+            "rounds",
+            |c: &HybridCtx| c.done,
+            Composer::new()
+                .tasklet("fetch", async_tasklet(|c| boxed(fetch(c))))
+                .tasklet(
+                    "membership",
+                    async_tasklet(|c: &mut HybridCtx| boxed(ring::membership(&mut c.ring))),
+                )
+                .tasklet(
+                    "train",
+                    async_tasklet(|c: &mut HybridCtx| boxed(ring::train(&mut c.ring))),
+                )
+                .tasklet(
+                    "allreduce",
+                    async_tasklet(|c: &mut HybridCtx| boxed(ring::allreduce(&mut c.ring))),
+                )
+                .tasklet(
+                    "evaluate",
+                    async_tasklet(|c: &mut HybridCtx| boxed(ring::evaluate(&mut c.ring))),
+                )
+                .tasklet("upload", async_tasklet(|c| boxed(upload(c))))
+                .tasklet("report", async_tasklet(|c| boxed(report(c)))),
+        )
+        .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
+}
+
+/// Runs the hybrid trainer task `config` with user code from `factory`, bounded by
+/// `maxRunTime`. The summary's kind is [`RoleKind::Trainer`].
+pub async fn run(
+    config: TaskConfig,
+    factory: Arc<dyn AppFactory>,
+    opts: RunOptions,
+) -> Result<RunSummary> {
+    let max_run_time = config.max_run_time;
+    let run = async move {
+        let reporter = runner::reporter_for(&config, &opts);
+        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let app =
+            factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
+        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let mut ctx = HybridCtx::new(config, channels, app, registry, reporter)?;
+        program().run(&mut ctx).await?;
+        let final_model = ctx.ring.with_app("get_weights", |app| app.get_weights()).await.ok();
+        Ok(RunSummary {
+            kind: RoleKind::Trainer,
+            rounds: ctx.round,
+            history: ctx.ring.history,
+            final_model,
+        })
+    };
+    runner::bounded(max_run_time, run).await
+}
