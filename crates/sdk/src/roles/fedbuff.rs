@@ -952,16 +952,26 @@ mod tests {
         );
     }
 
-    /// Three tiers: the FedBuff top aggregator over two asynchronous middle aggregators that
-    /// share one group of four trainers (which follow whichever middle aggregator sent them a
-    /// model), one of them 4× slower.
-    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
-    async fn three_tiers_step_asynchronously_and_replicated_middles_share_the_trainers() {
+    /// What a three-tier run did: the top's summary, the middle aggregators' uploads (the
+    /// surviving ones), and the trainer rounds delivered.
+    struct ThreeTiers {
+        top: RunSummary,
+        uploads: Vec<u64>,
+        served: u64,
+    }
+
+    /// Three tiers: the FedBuff top aggregator (6 steps) over two asynchronous middle
+    /// aggregators that share one group of four trainers (which follow whichever middle
+    /// aggregator sent them a model), trainer 3 4× slower. With `kill_after`, middle
+    /// aggregator 1 is aborted (its channels vanish as in a crash) once the trainers have
+    /// trained that many times.
+    async fn three_tiers(job: &str, kill_after: Option<u64>) -> ThreeTiers {
         use crate::roles::coordinated::tests::{chan, opts as hub_opts, task};
         let dir = tempfile::tempdir().expect("tmp");
         let hub = LocalHub::new();
-        let factory: Arc<dyn AppFactory> =
-            Arc::new(StragglerFactory::new(Arc::new(MeanFactory::default())));
+        let mean = MeanFactory::default();
+        let trained = mean.trained.clone();
+        let factory: Arc<dyn AppFactory> = Arc::new(StragglerFactory::new(Arc::new(mean)));
         let all = vec![
             chan(
                 "global-channel",
@@ -983,7 +993,6 @@ mod tests {
             sort: "fedbuff".to_owned(),
             kwargs: json!({"aggGoal": 2, "concurrency": 4}).as_object().cloned().expect("object"),
         };
-        let job = "async3";
         let mut trainers = tokio::task::JoinSet::new();
         for (i, data) in ["1:10", "2:10", "3:20", "4:20"].into_iter().enumerate() {
             let mut t = task(job, "trainer", i as u32, &all, Some(data), &h);
@@ -994,18 +1003,28 @@ mod tests {
                 hub_opts(&hub, dir.path()),
             ));
         }
-        let mut middles = tokio::task::JoinSet::new();
-        for i in 0..2 {
+        let middle = |i: u32| {
             let mut m = task(job, "middle-aggregator", i, &all, None, &h);
             m.optimizer = fedbuff.clone();
-            middles.spawn(run_middle(m, hub_opts(&hub, dir.path())));
-        }
+            run_middle(m, hub_opts(&hub, dir.path()))
+        };
+        let mut middles = tokio::task::JoinSet::new();
+        middles.spawn(middle(0));
+        let victim = tokio::spawn(middle(1));
         let mut top = task(job, "top-aggregator", 0, &all, None, &h);
         top.optimizer = fedbuff.clone();
         // Both middle aggregators are present before the first step.
         top.hyperparameters.insert("expectedTrainers".into(), json!(2));
-        let summary =
-            run(top, factory.clone(), hub_opts(&hub, dir.path())).await.expect("top runs");
+        let top = tokio::spawn(run(top, factory.clone(), hub_opts(&hub, dir.path())));
+        if let Some(n) = kill_after {
+            while trained.load(std::sync::atomic::Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            victim.abort();
+        } else {
+            middles.spawn(async move { victim.await.expect("join") });
+        }
+        let top = top.await.expect("join").expect("the top aggregator completes");
         let mut uploads = Vec::new();
         while let Some(res) = middles.join_next().await {
             let middle = res.expect("join").expect("every middle aggregator ends cleanly");
@@ -1022,14 +1041,29 @@ mod tests {
         while let Some(res) = trainers.join_next().await {
             served += res.expect("join").expect("every trainer gets end-of-training").rounds;
         }
-        assert_eq!(summary.rounds, 6);
-        assert!(summary.history.iter().all(|r| r.metrics["updates"] == 2.0));
-        // 6 steps × 2 middle updates; each middle update folds 2 trainer updates.
-        assert!(uploads.iter().sum::<u64>() >= 12, "{uploads:?}");
-        assert!(uploads.iter().all(|n| *n >= 1), "both replicas take part: {uploads:?}");
-        assert!(served >= 24, "{served} trainer rounds");
-        let w = summary.final_model.as_ref().expect("final").get("w").expect("w").data()[0];
+        assert_eq!(top.rounds, 6);
+        assert!(top.history.iter().all(|r| r.metrics["updates"] == 2.0));
+        let w = top.final_model.as_ref().expect("final").get("w").expect("w").data()[0];
         assert!(w > 0.5 && w < 4.0, "final w {w}");
+        ThreeTiers { top, uploads, served }
+    }
+
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn three_tiers_step_asynchronously_and_replicated_middles_share_the_trainers() {
+        let run = three_tiers("async3", None).await;
+        // 6 steps × 2 middle updates; each middle update folds 2 trainer updates.
+        assert!(run.uploads.iter().sum::<u64>() >= 12, "{:?}", run.uploads);
+        assert!(run.uploads.iter().all(|n| *n >= 1), "both replicas take part: {:?}", run.uploads);
+        assert!(run.served >= 24, "{} trainer rounds", run.served);
+        assert!(run.top.history.iter().any(|r| r.metrics["staleness.max"] >= 1.0));
+    }
+
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn a_crashed_replica_leaves_its_trainers_to_the_other_and_the_job_completes() {
+        // Round trips of the 4 trainers: the crash lands after the first steps.
+        let run = three_tiers("async3-crash", Some(10)).await;
+        assert_eq!(run.uploads.len(), 1, "only the survivor reports back");
+        assert!(run.uploads[0] >= 6, "the survivor carries the rest: {:?}", run.uploads);
     }
 
     #[tokio::test]
