@@ -30,7 +30,13 @@
 //! Trainer ([`trainer_program`], built-in `coordinated-trainer`): the
 //! [`crate::roles::follow`] program whose `pick` waits for the coordinator's assignment. If
 //! its middle aggregator dies during a round, the round is abandoned and the coordinator
-//! assigns the trainer elsewhere in the next one.
+//! assigns the trainer elsewhere in the next one. Training ends with the coordinator's
+//! end-of-training, so coordinated trainers do not receive the final model (it is in the
+//! registry).
+//!
+//! Failures: a dead trainer or middle aggregator is dropped from the round it dies in (the
+//! synchronous aggregators' liveness rule) and left out of the next plan. The coordinator and
+//! the top aggregator are single points of failure: the other roles fail when either leaves.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
