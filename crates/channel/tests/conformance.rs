@@ -517,3 +517,59 @@ mod broker_only {
         assert!(local > Duration::ZERO);
     }
 }
+
+mod p2p_only {
+    use fledge_proto::v1::{Frame, Hello, PeersRequest, frame::Body};
+    use fledge_proto::{MetaserverClient, P2pClient};
+
+    use super::*;
+
+    /// A stream into an end is refused unless its hello names that end's job, channel, group
+    /// and id and comes from a registered peer: nothing of a refused stream is queued.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn forged_streams_are_refused() {
+        let f = Fixture::p2p().expect("p2p fixture");
+        let (agg, trainers) = f.star(1).await;
+        let Backend::P2p(config) = &f.backend else { unreachable!("a p2p fixture") };
+        let mut meta = MetaserverClient::connect(config.metaserver.clone()).await.expect("meta");
+        let request = PeersRequest {
+            job_id: f.job.clone(),
+            channel: "param".to_owned(),
+            group: "default".to_owned(),
+            role: "aggregator".to_owned(),
+        };
+        let listed = meta.peers(request).await.expect("peers").into_inner().peers;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let mut client = P2pClient::connect(listed[0].endpoint.clone()).await.expect("connects");
+        let hello = |job: &str, group: &str, from: &str, to: &str| Hello {
+            job_id: job.to_owned(),
+            channel: "param".to_owned(),
+            group: group.to_owned(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+        };
+        let job = f.job.as_str();
+        for (forged, why) in [
+            (hello("another-job", "default", "t0", "agg"), "another job"),
+            (hello(job, "other-group", "t0", "agg"), "another group"),
+            (hello(job, "default", "intruder", "agg"), "not a registered trainer"),
+            (hello(job, "default", "agg", "agg"), "not of the peer role"),
+            (hello(job, "default", "t0", "someone-else"), "for another end"),
+        ] {
+            let frames = vec![
+                Frame { body: Some(Body::Hello(forged)) },
+                Frame { body: Some(Body::Chunk(bytes::Bytes::from_static(b"FLDC"))) },
+            ];
+            let status = client.deliver(futures::stream::iter(frames)).await.expect_err(why);
+            assert_eq!(status.code(), tonic::Code::PermissionDenied, "{why}: {status:?}");
+        }
+        let no_hello = vec![Frame { body: Some(Body::Chunk(bytes::Bytes::from_static(b"x"))) }];
+        let status = client.deliver(futures::stream::iter(no_hello)).await.expect_err("no hello");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(agg.peek(&id("t0")).is_none());
+        assert_eq!(agg.metrics().snapshot().messages_received, 0);
+        // The real peer still gets through.
+        trainers[0].send(&id("agg"), update(4)).await.expect("send");
+        assert_eq!(agg.recv(&id("t0")).await.expect("arrives").round, 4);
+    }
+}

@@ -529,6 +529,44 @@ mod tests {
         assert_eq!(Status::from(err).code(), tonic::Code::InvalidArgument);
     }
 
+    /// Over gRPC: bad requests fail with `InvalidArgument` naming the fields, and a peer of
+    /// another job is never returned.
+    #[tokio::test]
+    async fn grpc_requests_are_checked_and_scoped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let stop = CancellationToken::new();
+        let server = Options::default().build().expect("valid").run(listener, stop.clone());
+        let server = tokio::spawn(server);
+        let mut client = fledge_proto::MetaserverClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connects");
+        let mut bad = register("j1", "eu", "a", "trainer", 1_000);
+        bad.endpoint = "127.0.0.1:9".to_owned();
+        bad.props_json = "not json".to_owned();
+        let status = client.register(bad).await.expect_err("invalid");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("endpoint \"127.0.0.1:9\""), "{status:?}");
+        assert!(status.message().contains("props_json is not a JSON object"), "{status:?}");
+        let status = client.peers(peers("", "eu", "trainer")).await.expect_err("invalid");
+        assert_eq!(status.message(), "invalid request: job_id is empty");
+
+        for (job, end) in [("j1", "a"), ("j1", "b"), ("j2", "a"), ("j2", "z")] {
+            let granted = client.register(register(job, "eu", end, "trainer", 5_000)).await;
+            assert_eq!(granted.expect("valid").into_inner().lease_ms, 5_000);
+        }
+        let found = client.peers(peers("j1", "eu", "trainer")).await.expect("valid").into_inner();
+        assert_eq!(ids(&found.peers), ["a", "b"]);
+        let gone = client.deregister(key("j2", "ring", "eu", "a")).await.expect("valid");
+        assert!(gone.into_inner().removed);
+        let found = client.peers(peers("j1", "eu", "trainer")).await.expect("valid").into_inner();
+        assert_eq!(ids(&found.peers), ["a", "b"], "j2's a leaving does not touch j1's a");
+        let found = client.peers(peers("j2", "eu", "trainer")).await.expect("valid").into_inner();
+        assert_eq!(ids(&found.peers), ["z"]);
+        stop.cancel();
+        server.await.expect("joins").expect("serves until stopped");
+    }
+
     #[test]
     fn bounded_number_of_ends() {
         let mut registry = Registry::new(Options { max_ends: 2, ..Options::default() });

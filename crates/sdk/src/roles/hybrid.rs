@@ -300,3 +300,37 @@ pub async fn run(
     };
     runner::bounded(max_run_time, run).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(hyperparameters: Value, groups: &[&str]) -> TaskConfig {
+        serde_json::from_value(serde_json::json!({
+            "taskId": "t0",
+            "role": "trainer",
+            "job": {"id": "j"},
+            "channels": [{
+                "name": "group-channel",
+                "pair": ["trainer", "trainer"],
+                "groupBy": {"type": "tag", "value": groups},
+                "funcTags": {"trainer": ["ring_allreduce"]}
+            }],
+            "hyperparameters": hyperparameters
+        }))
+        .expect("valid task config")
+    }
+
+    #[test]
+    fn group_size_defaults_to_an_even_split() {
+        let even = config(serde_json::json!({"expectedTrainers": 4}), &["eu", "us"]);
+        assert_eq!(group_size(&even).expect("valid"), 2);
+        let uneven = config(serde_json::json!({"expectedTrainers": 5}), &["eu", "us"]);
+        assert_eq!(group_size(&uneven).expect("valid"), 3);
+        let set = config(serde_json::json!({"expectedTrainers": 5, "groupSize": 1}), &["eu"]);
+        assert_eq!(group_size(&set).expect("valid"), 1);
+        let bad = config(serde_json::json!({"groupSize": 0}), &["eu"]);
+        let err = group_size(&bad).expect_err("below 1").to_string();
+        assert!(err.contains("groupSize"), "{err}");
+    }
+}
