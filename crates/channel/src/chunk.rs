@@ -4,8 +4,9 @@
 //! message id u64 (per sender, increasing), chunk index u32, chunk count u32, total message
 //! length u64, then the chunk's bytes.
 //!
-//! Reassembly is bounded: a message may not claim more than the size limit, chunks are kept
-//! only as they arrive (a bogus count allocates nothing), each sender has at most
+//! Reassembly is bounded: a message may not claim more than the size limit, in-order chunks
+//! are written straight into one buffer reserved for the claimed total (address space: pages
+//! are committed only as bytes arrive; a bogus count allocates nothing), each sender has at most
 //! [`MAX_PARTIALS_PER_SENDER`] messages in flight, and duplicate chunks (QoS 1 redelivery) are
 //! ignored. Chunks of different senders and messages may interleave freely.
 
