@@ -53,7 +53,9 @@ pub(crate) struct Chunk {
     pub data: Bytes,
 }
 
-/// Splits `message` into chunk payloads of at most `chunk_size` data bytes each.
+/// Splits `message` into chunk payloads of at most `chunk_size` data bytes each (tests: the
+/// backends encode straight into chunks with [`split_parts`]).
+#[cfg(test)]
 pub(crate) fn split(sender: &str, msg_id: u64, message: &Bytes, chunk_size: usize) -> Vec<Bytes> {
     split_parts(sender, msg_id, std::slice::from_ref(message), chunk_size)
 }

@@ -558,55 +558,69 @@ impl P2pEnd {
         Ok(link)
     }
 
-    async fn encode(&self, message: Message) -> Result<Bytes> {
-        let encoded = if message.tensors.data_bytes() > BLOCKING_THRESHOLD {
-            tokio::task::spawn_blocking(move || wire::encode(&message))
+    /// Encodes `message` straight into chunks: the tensor data is copied once, into the
+    /// chunks, with no whole encoded copy; a broadcast shares the same chunks for every peer.
+    async fn encode_chunks(&self, message: Message) -> Result<(usize, Vec<Bytes>)> {
+        let shared = &self.ctx.shared;
+        let large = message.tensors.data_bytes() > BLOCKING_THRESHOLD;
+        let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
+        let (me, chunk_size, limit) = (
+            shared.opts.me.as_str().to_owned(),
+            self.ctx.config.chunk_size,
+            shared.opts.max_message_bytes,
+        );
+        let encode = move || -> Result<(usize, Vec<Bytes>)> {
+            let encoded = wire::encode_parts(&message)?;
+            drop(message);
+            let size = encoded.len();
+            if size > limit {
+                return Ok((size, Vec::new()));
+            }
+            let parts: Vec<Bytes> = encoded.parts().cloned().collect();
+            drop(encoded);
+            Ok((size, chunk::split_parts(&me, msg_id, &parts, chunk_size)))
+        };
+        let (size, chunks) = if large {
+            tokio::task::spawn_blocking(encode)
                 .await
                 .unwrap_or_else(|e| panic!("encode task panicked: {e}"))?
         } else {
-            wire::encode(&message)?
+            encode()?
         };
-        let shared = &self.ctx.shared;
-        if encoded.len() > shared.opts.max_message_bytes {
-            return Err(Error::TooLarge {
-                channel: shared.opts.channel.clone(),
-                size: encoded.len(),
-                limit: shared.opts.max_message_bytes,
-            });
+        if size > limit {
+            return Err(Error::TooLarge { channel: shared.opts.channel.clone(), size, limit });
         }
-        Ok(encoded)
+        Ok((size, chunks))
     }
 
-    async fn send_encoded(&self, end: &TaskId, encoded: &Bytes) -> Result<()> {
+    async fn send_chunks(&self, end: &TaskId, size: usize, chunks: &[Bytes]) -> Result<()> {
         let link = self.link(end).await?;
-        let me = self.ctx.shared.opts.me.as_str();
-        let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
         let _one_at_a_time = link.sending.lock().await;
-        for data in chunk::split(me, msg_id, encoded, self.ctx.config.chunk_size) {
-            link.tx.send(Frame { body: Some(Body::Chunk(data)) }).await.map_err(|_| {
+        for data in chunks {
+            link.tx.send(Frame { body: Some(Body::Chunk(data.clone())) }).await.map_err(|_| {
                 p2p_error(
                     format!("send to end {end} at {}", link.endpoint),
                     "the stream closed (the end left, or refused this end)",
                 )
             })?;
         }
-        self.ctx.shared.metrics.sent(encoded.len());
+        self.ctx.shared.metrics.sent(size);
         Ok(())
     }
 
     pub(crate) async fn send(&self, end: &TaskId, message: Message) -> Result<()> {
-        let encoded = self.encode(message).await?;
-        self.send_encoded(end, &encoded).await
+        let (size, chunks) = self.encode_chunks(message).await?;
+        self.send_chunks(end, size, &chunks).await
     }
 
     /// Sends to every end in `ends`, encoding once. An end that left meanwhile is skipped, as on
     /// a broker; one that cannot be reached is logged and skipped, and its lapsing lease removes
     /// it from `ends()`.
     pub(crate) async fn broadcast(&self, ends: &[TaskId], message: Message) -> Result<()> {
-        let encoded = self.encode(message).await?;
+        let (size, chunks) = self.encode_chunks(message).await?;
         let sends = ends.iter().map(|end| {
-            let encoded = &encoded;
-            async move { (end, self.send_encoded(end, encoded).await) }
+            let chunks = &chunks;
+            async move { (end, self.send_chunks(end, size, chunks).await) }
         });
         for (end, res) in futures::future::join_all(sends).await {
             match res {
