@@ -235,6 +235,10 @@ pub struct EndProps {
     /// Announced properties (e.g. `num_samples`).
     #[serde(default)]
     pub props: serde_json::Map<String, serde_json::Value>,
+    /// Tells one run of the end from the next: a worker that restarts under the same task id
+    /// announces another instance (empty when the backend cannot tell).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
 }
 
 /// Traffic counters of one channel, readable at any time.
@@ -295,6 +299,11 @@ impl ChannelMetrics {
 #[derive(Default)]
 struct State {
     peers: BTreeMap<TaskId, EndProps>,
+    /// How many times each end has joined: a worker that crashes and rejoins under the same
+    /// task id is a new incarnation, even when its leave and join fall between two checks.
+    incarnations: HashMap<TaskId, u64>,
+    /// The incarnation of each end when this end last sent to it.
+    sent_to: HashMap<TaskId, u64>,
     queues: HashMap<TaskId, VecDeque<(u64, Message)>>,
     next_seq: u64,
     closed: bool,
@@ -303,6 +312,8 @@ struct State {
 /// State shared between a channel handle and its backend's background work.
 pub(crate) struct Shared {
     pub(crate) opts: ChannelOptions,
+    /// This run of the end (see [`EndProps::instance`]).
+    pub(crate) instance: String,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     pub(crate) metrics: ChannelMetrics,
@@ -312,6 +323,7 @@ impl Shared {
     pub(crate) fn new(opts: ChannelOptions) -> Arc<Shared> {
         Arc::new(Shared {
             opts,
+            instance: format!("{:016x}", rand::random::<u64>()),
             state: Mutex::new(State::default()),
             changed: watch::channel(0).0,
             metrics: ChannelMetrics::default(),
@@ -334,7 +346,11 @@ impl Shared {
         }
         let changed = {
             let mut state = self.lock();
-            state.peers.insert(props.task_id.clone(), props.clone()) != Some(props)
+            let previous = state.peers.insert(props.task_id.clone(), props.clone());
+            if previous.as_ref().is_none_or(|p| p.instance != props.instance) {
+                *state.incarnations.entry(props.task_id.clone()).or_default() += 1;
+            }
+            previous != Some(props)
         };
         if changed {
             self.bump();
@@ -358,6 +374,15 @@ impl Shared {
 
     pub(crate) fn is_peer(&self, end: &TaskId) -> bool {
         self.lock().peers.contains_key(end)
+    }
+
+    /// Records that a message went to each of `ends` as they are now.
+    fn sent_to(&self, ends: &[TaskId]) {
+        let mut state = self.lock();
+        for end in ends {
+            let incarnation = state.incarnations.get(end).copied().unwrap_or_default();
+            state.sent_to.insert(end.clone(), incarnation);
+        }
     }
 
     /// Queues `message` from `from`, waiting while that end's queue is full.
@@ -410,6 +435,14 @@ impl Shared {
                 return Err(Error::Closed(self.opts.channel.clone()));
             }
         }
+    }
+}
+
+impl State {
+    /// Whether `end` is present as the incarnation this end last sent to (if it sent at all).
+    fn can_answer(&self, end: &TaskId) -> bool {
+        self.peers.contains_key(end)
+            && self.sent_to.get(end).is_none_or(|sent| self.incarnations.get(end) == Some(sent))
     }
 }
 
@@ -552,6 +585,7 @@ impl Channel {
         }
         let message = self.stamp(message);
         self.check_size(&message)?;
+        self.shared().sent_to(std::slice::from_ref(end));
         match &self.inner.transport {
             Transport::Local(local) => local.send(end, message).await,
             Transport::Mqtt(mqtt) => mqtt.send(end, message).await,
@@ -564,6 +598,7 @@ impl Channel {
         let message = self.stamp(message);
         self.check_size(&message)?;
         let ends = self.ends();
+        self.shared().sent_to(&ends);
         match &self.inner.transport {
             Transport::Local(local) => local.broadcast(&ends, message).await?,
             Transport::Mqtt(mqtt) => mqtt.broadcast(message).await?,
@@ -611,7 +646,9 @@ impl Channel {
 
     /// One message from each of `ends`, in arrival order, until `first_k` have arrived.
     ///
-    /// The stream ends early when every end that has not answered yet has left. Items are
+    /// The stream ends early when every end that has not answered yet has left, or has left
+    /// and rejoined since this end last sent to it (a restarted worker never got the request
+    /// it would be answering, so it is not waited for; its queued messages still count). Items are
     /// yielded as they arrive, so a consumer can fold them one at a time (memory of one
     /// message, not of `first_k`).
     pub fn recv_fifo(
@@ -633,8 +670,8 @@ impl Channel {
                         if let Some(found) = pop_oldest(state, &pending) {
                             return Some(Ok(Some(found)));
                         }
-                        // Nothing queued: give up on ends that are gone.
-                        let alive = pending.iter().any(|e| state.peers.contains_key(e));
+                        // Nothing queued: give up on ends that are gone or restarted.
+                        let alive = pending.iter().any(|e| state.can_answer(e));
                         (!alive).then_some(Ok(None))
                     })
                     .await;

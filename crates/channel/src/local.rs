@@ -48,6 +48,7 @@ fn props_of(shared: &Shared) -> EndProps {
         role: shared.opts.role.clone(),
         task_id: shared.opts.me.clone(),
         props: shared.opts.props.clone(),
+        instance: shared.instance.clone(),
     }
 }
 

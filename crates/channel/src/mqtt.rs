@@ -224,6 +224,7 @@ impl Ctx {
             role: self.shared.opts.role.clone(),
             task_id: self.shared.opts.me.clone(),
             props: self.shared.opts.props.clone(),
+            instance: self.shared.instance.clone(),
         };
         serde_json::to_vec(&props).expect("EndProps serializes: plain strings and JSON values")
     }

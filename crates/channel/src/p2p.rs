@@ -250,8 +250,10 @@ impl Ctx {
                     continue;
                 }
             };
+            // Every run of an end listens on a port of its own: a new endpoint is a restart.
+            let instance = peer.endpoint.clone();
             seen.insert(end.clone(), peer.endpoint);
-            up.push(EndProps { role: peer.role, task_id: end, props });
+            up.push(EndProps { role: peer.role, task_id: end, props, instance });
         }
         // Endpoints first: once an end shows in `ends()`, `send` must know where it listens.
         let gone: Vec<TaskId> = {

@@ -359,6 +359,42 @@ async fn peer_death(f: Fixture) {
     }
 }
 
+/// A worker that crashes and rejoins under the same id between a request and its answer never
+/// got the request: a fifo over the old incarnation stops waiting for it (it would otherwise
+/// wait forever), and the new incarnation is served from the next request on.
+async fn restarted_peer(f: Fixture) {
+    let (agg, mut trainers) = f.star(2).await;
+    agg.broadcast(Message::new(Kind::Weights, 1)).await.expect("broadcast");
+    for t in &trainers {
+        t.recv(&id("agg")).await.expect("weights");
+    }
+    // t1 crashes and comes back at once, before anyone looks.
+    drop(trainers.pop().expect("t1"));
+    let t1 = f.open(f.opts("param", "default", "t1", "trainer", "aggregator")).await;
+    t1.await_join(PATIENCE).await.expect("t1 rejoined");
+    trainers[0].send(&id("agg"), update(1)).await.expect("send");
+    let answered: Vec<TaskId> = tokio::time::timeout(
+        PATIENCE,
+        agg.recv_fifo(&[id("t0"), id("t1")], 2).map(|r| r.expect("item").0).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the fifo does not wait for the restarted end");
+    assert_eq!(answered, vec![id("t0")]);
+    // The next request reaches the new incarnation, whose answer is waited for.
+    agg.await_join(PATIENCE).await.expect("peers");
+    eventually("t1 back in ends()", || agg.ends().contains(&id("t1"))).await;
+    agg.send(&id("t1"), Message::new(Kind::Weights, 2)).await.expect("send to new t1");
+    assert_eq!(t1.recv(&id("agg")).await.expect("weights").round, 2);
+    t1.send(&id("agg"), update(2)).await.expect("send");
+    let answered: Vec<TaskId> = tokio::time::timeout(
+        PATIENCE,
+        agg.recv_fifo(&[id("t1")], 1).map(|r| r.expect("item").0).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the new incarnation answers");
+    assert_eq!(answered, vec![id("t1")]);
+}
+
 async fn size_limit(f: Fixture) {
     let mut small = f.opts("param", "default", "agg", "aggregator", "trainer");
     small.max_message_bytes = 64 << 10;
@@ -455,6 +491,7 @@ macro_rules! backend_test_suite {
             case!(big_message);
             case!(concurrent_chunked_senders);
             case!(peer_death);
+            case!(restarted_peer);
             case!(size_limit);
             case!(duplicate_and_p2p);
         }
