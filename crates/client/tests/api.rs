@@ -119,6 +119,7 @@ async fn user_agent_and_deployer_calls_round_trip() {
         data_spec: vec![DataSpecEntry {
             role: "trainer".into(),
             dataset_groups: BTreeMap::from([("default".to_owned(), vec![dataset.id.clone()])]),
+            participant_run: false,
         }],
         ..Default::default()
     };

@@ -1,7 +1,8 @@
 //! End-to-end tests of issue 6, items 7 and 5, through the real binaries (`fledge standalone`
 //! as a child process, `fledgectl`, and `fledge fledgelet` started by hand):
-//! - non-orchestration: the platform runs the aggregator, the data owners run the trainers
-//!   (`participantRun`). The job waits for them, `fledgectl run` prints each owner's command,
+//! - non-orchestration mixed with orchestration: the platform runs the aggregator and one
+//!   trainer, two clinics run theirs (a data spec entry with `participantRun`). The job waits
+//!   for the clinics, `fledgectl run` prints each owner's command,
 //!   the test runs those commands as the owners would, kills one agent mid-job and restarts it
 //!   with the same key (it rejoins), and checks that any other key is refused;
 //! - parallel experiments: one aggregator per region in one job, each with its own rounds and
@@ -103,19 +104,25 @@ async fn participant_run_trainers_join_leave_rejoin_and_the_job_completes() {
     assert_eq!(commands.len(), 2, "one command per clinic: {commands:?}");
 
     // Nothing runs before the data owners join: the job says whom it waits for.
-    let (state, _, _) = platform.job(&job).await;
-    assert_eq!(state.state, JobState::Deploying);
-    let reason = state.reason.clone().unwrap_or_default();
-    assert!(reason.contains("waiting for 2 participant-run tasks to join"), "{reason}");
+    // (The controller records whom it waits for once the managed tasks are deployed.)
+    until("the job to say whom it waits for", async || {
+        let (state, _, _) = platform.job(&job).await;
+        assert_eq!(state.state, JobState::Deploying);
+        let reason = state.reason.clone().unwrap_or_default();
+        reason.contains("waiting for 2 participant-run tasks to join")
+    })
+    .await;
     let table = platform.fledgectl().args(["get", "tasks", &job]).output().unwrap();
     let table = String::from_utf8(table.stdout).unwrap();
     assert_eq!(table.matches(" participant ").count(), 2, "{table}");
-    assert_eq!(table.matches(" platform ").count(), 1, "{table}");
+    assert_eq!(table.matches(" platform ").count(), 2, "{table}");
     let (_, tasks, _) = platform.job(&job).await;
     assert!(tasks.iter().all(|t| t.state == TaskState::Ready), "{tasks:?}");
     let aggregator = tasks.iter().find(|t| t.role == "aggregator").unwrap().task_id.clone();
-    let task_a =
-        tasks.iter().find(|t| t.role == "trainer" && t.index == 0).unwrap().task_id.clone();
+    let clinics: Vec<_> = tasks.iter().filter(|t| !t.managed).collect();
+    assert_eq!(clinics.len(), 2, "{tasks:?}");
+    assert!(clinics.iter().all(|t| t.role == "trainer"), "{tasks:?}");
+    let task_a = clinics[0].task_id.clone();
     let command_a = commands.iter().find(|c| c.contains(task_a.as_str())).unwrap().clone();
     let command_b = commands.iter().find(|c| !c.contains(task_a.as_str())).unwrap().clone();
 

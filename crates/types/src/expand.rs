@@ -49,7 +49,7 @@ pub fn expand(
         datasets.iter().map(|d| (&d.id, d)).collect();
 
     // Which datasets each data role reads, as (group label, dataset id) in data-spec order.
-    let mut role_data: HashMap<&str, Vec<(&str, &DatasetId)>> = HashMap::new();
+    let mut role_data: HashMap<&str, Vec<(&str, &DatasetId, bool)>> = HashMap::new();
     for (entry_idx, entry) in spec.data_spec.iter().enumerate() {
         let path = format!("dataSpec[{entry_idx}]");
         let Some(role) = schema.roles.iter().find(|r| r.name == entry.role) else {
@@ -93,13 +93,13 @@ pub fn expand(
                 let id_path = format!("{group_path}[{id_idx}]");
                 if !datasets_by_id.contains_key(id) {
                     errors.push(detail(id_path, format!("unknown dataset {id}")));
-                } else if listed.iter().any(|(_, seen)| *seen == id) {
+                } else if listed.iter().any(|(_, seen, _)| *seen == id) {
                     errors.push(detail(
                         id_path,
                         format!("dataset {id} is listed twice for role {:?}", role.name),
                     ));
                 } else {
-                    listed.push((label.as_str(), id));
+                    listed.push((label.as_str(), id, entry.participant_run));
                 }
             }
         }
@@ -122,6 +122,7 @@ pub fn expand(
         let mut index: u32 = 0;
         let mut push = |group_association: BTreeMap<String, String>,
                         dataset: Option<&Dataset>,
+                        participant_run: bool,
                         tasks: &mut Vec<Task>| {
             let compute_id = dataset.map_or_else(
                 || ComputeId::new(DEFAULT_COMPUTE),
@@ -135,7 +136,7 @@ pub fn expand(
                 group_association,
                 dataset_id: dataset.map(|d| d.id.clone()),
                 compute_id,
-                managed: !role.participant_run,
+                managed: !(role.participant_run || participant_run),
                 state: TaskState::Ready,
                 log: String::new(),
                 updated_at: None,
@@ -144,18 +145,20 @@ pub fn expand(
             index += 1;
         };
         if role.is_data_consumer {
-            for (label, id) in role_data.get(role.name.as_str()).into_iter().flatten() {
+            for (label, id, participant_run) in
+                role_data.get(role.name.as_str()).into_iter().flatten()
+            {
                 let association = associations
                     .iter()
                     .find(|a| a.values().any(|g| g == label))
                     .expect("labels were checked against the role's entries above");
                 let dataset = datasets_by_id.get(id).expect("dataset ids were checked above");
-                push(association.clone(), Some(dataset), &mut tasks);
+                push(association.clone(), Some(dataset), *participant_run, &mut tasks);
             }
         } else {
             for association in &associations {
                 for _ in 0..role.replicas() {
-                    push(association.clone(), None, &mut tasks);
+                    push(association.clone(), None, false, &mut tasks);
                 }
             }
         }
@@ -447,6 +450,7 @@ mod tests {
                     ids.iter().map(|id| DatasetId::new(*id)).collect(),
                 )]
                 .into(),
+                participant_run: false,
             }],
             ..Default::default()
         }
@@ -565,6 +569,32 @@ mod tests {
         assert_eq!(tasks[0].state, TaskState::Ready);
         assert!(tasks[1].managed);
         assert_eq!(tasks[1].dataset_id, None);
+    }
+
+    #[test]
+    fn a_data_spec_entry_makes_only_its_datasets_participant_run() {
+        let schema = two_tier(1);
+        let mut job = job_with("trainer", "default", &["d1", "d2"]);
+        let mut owners = job.data_spec[0].clone();
+        owners.dataset_groups = [("default".to_owned(), vec![DatasetId::new("d3")])].into();
+        owners.participant_run = true;
+        job.data_spec.push(owners);
+        let datasets = ["d1", "d2", "d3"].map(|id| dataset(id, "default"));
+        let tasks = expand(&JobId::new("j"), &job, &schema, &datasets, &[]).expect("valid");
+        let managed: Vec<(Option<&str>, bool)> = tasks
+            .iter()
+            .map(|t| (t.dataset_id.as_ref().map(DatasetId::as_str), t.managed))
+            .collect();
+        assert_eq!(
+            managed,
+            [(Some("d1"), true), (Some("d2"), true), (Some("d3"), false), (None, true)]
+        );
+        // A dataset listed by both entries is still reported once as listed twice.
+        job.data_spec[1].dataset_groups =
+            [("default".to_owned(), vec![DatasetId::new("d2")])].into();
+        let errors = expand(&JobId::new("j"), &job, &schema, &datasets, &[]).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].message.contains("listed twice"), "{errors:?}");
     }
 
     #[test]

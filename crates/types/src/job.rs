@@ -68,6 +68,11 @@ pub struct DataSpecEntry {
     pub role: String,
     /// Group label → dataset ids; one task per dataset id.
     pub dataset_groups: BTreeMap<String, Vec<DatasetId>>,
+    /// Set when the data owners of these datasets run their tasks themselves (non-orchestration
+    /// mode), although the role's other tasks are deployed by the platform: one job may mix
+    /// both. A role with `participantRun` in the schema has all its tasks participant-run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub participant_run: bool,
 }
 
 /// The model side of a job (Flame's `modelSpec.json`).

@@ -70,7 +70,11 @@ fn hierarchical(datasets: &[usize], replica: i64) -> (Schema, JobSpec, Vec<Datas
     let job = JobSpec {
         name: "prop".into(),
         design_id: "d".into(),
-        data_spec: vec![DataSpecEntry { role: "trainer".into(), dataset_groups: groups }],
+        data_spec: vec![DataSpecEntry {
+            role: "trainer".into(),
+            dataset_groups: groups,
+            participant_run: false,
+        }],
         ..Default::default()
     };
     (schema, job, all)

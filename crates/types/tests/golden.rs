@@ -12,9 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use expect_test::expect_file;
-use fledge_types::{
-    Compute, Dataset, ErrorDetail, JobId, JobSpec, Schema, expand, json, validate,
-};
+use fledge_types::{Compute, Dataset, ErrorDetail, JobId, JobSpec, Schema, expand, json, validate};
 
 #[test]
 fn golden_expansions() {

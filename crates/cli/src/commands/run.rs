@@ -146,7 +146,9 @@ pub async fn run(ctx: &Ctx, args: &RunArgs) -> anyhow::Result<()> {
     eprintln!("created job {} ({})", created.id, created.spec.name);
     let started = client.start_job(&created.id).await?;
     eprintln!("job {} is {}", started.id, started.state);
-    if schema.roles.iter().any(|role| role.participant_run) {
+    let participant_run = schema.roles.iter().any(|role| role.participant_run)
+        || job.spec.data_spec.iter().any(|entry| entry.participant_run);
+    if participant_run {
         super::job::announce_join_commands(ctx, &started.id).await?;
     }
     if args.no_watch {

@@ -53,6 +53,7 @@ fn job_spec(design: &str, datasets: &[&str]) -> JobSpec {
                 "g".to_owned(),
                 datasets.iter().map(|d| (*d).into()).collect(),
             )]),
+            participant_run: false,
         }],
         ..JobSpec::default()
     }

@@ -252,6 +252,7 @@ async fn register(
     spec.data_spec = vec![DataSpecEntry {
         role: "trainer".to_owned(),
         dataset_groups: BTreeMap::from([("default".to_owned(), ids)]),
+        participant_run: false,
     }];
     spec.model_spec = model_spec;
     spec.data_spec_path = None;
