@@ -216,9 +216,11 @@ async fn parallel_experiments_train_one_model_per_region_in_one_job() {
         .collect();
     let expected: BTreeSet<String> = aggregators.iter().map(|t| t.task_id.to_string()).collect();
     assert_eq!(ids, expected);
-    // FIXME(issue 6): the regional aggregators save their rounds and final model to the same
-    // registry paths (jobs/<job>/final.safetensors), so the last one to finish wins; the
-    // registry needs a path per aggregator (task id or group) before parallel experiments
-    // keep three models.
-    assert!(metrics.with_file_name("final.safetensors").exists());
+    // Each region keeps its own model: jobs/<job>/<region>/final.safetensors, and its rounds.
+    let job_dir = metrics.parent().unwrap();
+    for region in ["asia", "eu", "us"] {
+        assert!(job_dir.join(region).join("final.safetensors").is_file(), "{region}");
+        assert!(job_dir.join(region).join("rounds/round-00005.safetensors").is_file(), "{region}");
+    }
+    assert!(!job_dir.join("final.safetensors").exists(), "no region overwrites a shared model");
 }

@@ -7,7 +7,15 @@
 //! {root}/jobs/{jobId}/rounds/round-00001.safetensors   global model after each round
 //! {root}/jobs/{jobId}/final.safetensors          the final global model
 //! {root}/jobs/{jobId}/metrics.jsonl              one MetricRecord (JSON) per line
+//! {root}/jobs/{jobId}/{group}/rounds/…, …/final.safetensors
+//!                                                the models of a task in a named group
 //! ```
+//!
+//! A job can hold several independent models (parallel experiments: one aggregator per
+//! region). [`for_task`] scopes a task's model files by the groups it is in other than
+//! `default`, so each regional aggregator keeps its own rounds and final model; a task only in
+//! `default` groups (the usual two-tier or hierarchical top aggregator) writes to the job
+//! directory itself. Metrics stay in one file per job, told apart by task id.
 //!
 //! Models are safetensors files (never pickle); the tensor order is kept in the metadata key
 //! `fledge.order` because safetensors itself sorts tensors. Files are written to a temporary
@@ -23,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fledge_algorithms::{Tensor, Weights};
-use fledge_types::{JobId, MetricRecord, RegistrySpec};
+use fledge_types::{JobId, MetricRecord, RegistrySpec, TaskConfig};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::{Error, Result};
@@ -49,6 +57,8 @@ pub trait Registry: Send + Sync {
 #[derive(Clone, Debug)]
 pub struct LocalRegistry {
     root: PathBuf,
+    /// Sub-directory of the job directory for model files (see [`for_task`]).
+    scope: Option<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -73,7 +83,23 @@ fn component(kind: &str, value: &str) -> Result<()> {
 impl LocalRegistry {
     /// A registry rooted at `root` (created on first write).
     pub fn new(root: impl Into<PathBuf>) -> LocalRegistry {
-        LocalRegistry { root: root.into() }
+        LocalRegistry { root: root.into(), scope: None }
+    }
+
+    /// The same registry with model files (rounds, final) in `scope` under the job directory.
+    pub fn scoped(mut self, scope: &str) -> Result<LocalRegistry> {
+        component("model scope", scope)?;
+        self.scope = Some(scope.to_owned());
+        Ok(self)
+    }
+
+    /// Directory of `job`'s model files: the job directory, or its scope below it.
+    pub fn models_dir(&self, job: &JobId) -> Result<PathBuf> {
+        let dir = self.job_dir(job)?;
+        Ok(match &self.scope {
+            Some(scope) => dir.join(scope),
+            None => dir,
+        })
     }
 
     /// The root directory.
@@ -174,13 +200,14 @@ impl Registry for LocalRegistry {
     }
 
     fn save_round(&self, job: &JobId, round: u64, weights: &Weights) -> Result<PathBuf> {
-        let path = self.job_dir(job)?.join("rounds").join(format!("round-{round:05}.safetensors"));
+        let path =
+            self.models_dir(job)?.join("rounds").join(format!("round-{round:05}.safetensors"));
         write_atomic(&path, &to_safetensors(weights)?)?;
         Ok(path)
     }
 
     fn save_final(&self, job: &JobId, weights: &Weights) -> Result<PathBuf> {
-        let path = self.job_dir(job)?.join("final.safetensors");
+        let path = self.models_dir(job)?.join("final.safetensors");
         write_atomic(&path, &to_safetensors(weights)?)?;
         Ok(path)
     }
@@ -205,11 +232,33 @@ impl Registry for LocalRegistry {
 
 /// The registry named by a task config's `registry` spec, relative paths under `workdir`.
 pub fn from_spec(spec: &RegistrySpec, workdir: &Path) -> Result<Arc<dyn Registry>> {
+    Ok(Arc::new(local_from_spec(spec, workdir)?))
+}
+
+/// The registry of one task: [`from_spec`], with the task's model files scoped by the groups
+/// it is in other than `default` (sorted, joined with `+`), so independent models of one job
+/// do not overwrite each other.
+pub fn for_task(config: &TaskConfig, workdir: &Path) -> Result<Arc<dyn Registry>> {
+    let registry = local_from_spec(&config.registry, workdir)?;
+    let groups: std::collections::BTreeSet<&str> = config
+        .group_association
+        .values()
+        .map(String::as_str)
+        .filter(|group| *group != fledge_types::DEFAULT_GROUP)
+        .collect();
+    if groups.is_empty() {
+        return Ok(Arc::new(registry));
+    }
+    let scope = groups.into_iter().collect::<Vec<_>>().join("+");
+    Ok(Arc::new(registry.scoped(&scope)?))
+}
+
+fn local_from_spec(spec: &RegistrySpec, workdir: &Path) -> Result<LocalRegistry> {
     match spec.sort.as_str() {
         "" | "local" => {
             let uri = spec.uri.strip_prefix("file://").unwrap_or(&spec.uri);
             let root = if uri.is_empty() { workdir.join("registry") } else { workdir.join(uri) };
-            Ok(Arc::new(LocalRegistry::new(root)))
+            Ok(LocalRegistry::new(root))
         }
         other => {
             Err(Error::Config(format!("registry.sort {other:?} is not supported (use local)")))
@@ -259,6 +308,30 @@ mod tests {
         let lines: Vec<MetricRecord> =
             text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
         assert_eq!(lines, vec![rec.clone(), rec]);
+    }
+
+    #[test]
+    fn task_models_are_scoped_by_their_named_groups() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let job = JobId::from("job-1");
+        let plan = crate::runner::JobPlan::local("job-1", vec!["/d".to_owned()]);
+        let mut config = plan.configs().expect("configs").remove(0);
+        config.registry = RegistrySpec { sort: "local".into(), uri: "reg".into() };
+        // Only default groups: the job directory itself.
+        let reg = for_task(&config, dir.path()).expect("registry");
+        let p = reg.save_final(&job, &model(1.0)).expect("final");
+        assert!(p.ends_with("reg/jobs/job-1/final.safetensors"), "{}", p.display());
+        // A regional aggregator: its own directory, metrics still shared.
+        config.group_association.insert("param-channel".to_owned(), "eu".to_owned());
+        config.group_association.insert("global-channel".to_owned(), "default".to_owned());
+        let reg = for_task(&config, dir.path()).expect("registry");
+        let p = reg.save_final(&job, &model(2.0)).expect("final");
+        assert!(p.ends_with("reg/jobs/job-1/eu/final.safetensors"), "{}", p.display());
+        let p = reg.save_round(&job, 1, &model(2.0)).expect("round");
+        assert!(p.ends_with("reg/jobs/job-1/eu/rounds/round-00001.safetensors"));
+        // A group name that is not a path component is refused, not used.
+        config.group_association.insert("param-channel".to_owned(), "../x".to_owned());
+        assert!(for_task(&config, dir.path()).is_err());
     }
 
     #[test]

@@ -137,7 +137,7 @@ async fn run_inner(
         }
         RoleKind::TopAggregator | RoleKind::MiddleAggregator => {
             let tier = if kind == RoleKind::TopAggregator { Tier::Top } else { Tier::Middle };
-            let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+            let registry = registry::for_task(&config, &opts.workdir)?;
             let evaluator = factory
                 .evaluator(&config)
                 .map_err(|source| Error::App { step: "create", source })?;

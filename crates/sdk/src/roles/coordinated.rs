@@ -391,7 +391,7 @@ pub async fn run_top(
     let max_run_time = config.max_run_time;
     let run = async move {
         let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let registry = registry::for_task(&config, &opts.workdir)?;
         let evaluator =
             factory.evaluator(&config).map_err(|source| Error::App { step: "create", source })?;
         let common = Common::from_config(&config)?;
@@ -416,7 +416,7 @@ pub async fn run_middle(config: TaskConfig, mut opts: RunOptions) -> Result<RunS
     let run = async move {
         announce_group(&config, tags::DISTRIBUTE, &mut opts);
         let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let registry = registry::for_task(&config, &opts.workdir)?;
         let common = Common::from_config(&config)?;
         let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
         let coordinator = channels.by_tag(coord_tags::COORDINATE)?.clone();

@@ -748,7 +748,7 @@ pub async fn run_middle(config: TaskConfig, opts: RunOptions) -> Result<RunSumma
     let max_run_time = config.max_run_time;
     let run = async move {
         let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let registry = registry::for_task(&config, &opts.workdir)?;
         let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
         let mut ctx = AsyncAggregatorCtx::new_middle(config, channels, registry, reporter)?;
         middle_program().run(&mut ctx).await?;
@@ -772,7 +772,7 @@ pub async fn run(
     let max_run_time = config.max_run_time;
     let run = async move {
         let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let registry = registry::for_task(&config, &opts.workdir)?;
         let evaluator =
             factory.evaluator(&config).map_err(|source| Error::App { step: "create", source })?;
         let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;

@@ -573,7 +573,7 @@ pub async fn run(
     let max_run_time = config.max_run_time;
     let run = async move {
         let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let registry = registry::for_task(&config, &opts.workdir)?;
         let app =
             factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
         let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;

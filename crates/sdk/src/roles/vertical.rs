@@ -877,7 +877,7 @@ pub async fn run_feature_party(
     let max_run_time = config.max_run_time;
     let run = async move {
         let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let registry = registry::for_task(&config, &opts.workdir)?;
         let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
         let mut ctx = FeatureCtx::new(config, channels, app, registry, reporter)?;
         let res = feature_program().run(&mut ctx).await;
@@ -906,7 +906,7 @@ pub async fn run_label_party(
     let max_run_time = config.max_run_time;
     let run = async move {
         let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::from_spec(&config.registry, &opts.workdir)?;
+        let registry = registry::for_task(&config, &opts.workdir)?;
         let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
         let mut ctx = LabelCtx::new(config, channels, app, registry, reporter)?;
         let res = label_program().run(&mut ctx).await;
