@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use fledge_algorithms::{Tensor, Weights};
 use fledge_types::{JobId, MetricRecord, RegistrySpec, TaskConfig};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo};
 
 use crate::{Error, Result};
 
@@ -87,19 +87,22 @@ impl LocalRegistry {
     }
 
     /// The same registry with model files (rounds, final) in `scope` under the job directory.
-    pub fn scoped(mut self, scope: &str) -> Result<LocalRegistry> {
-        component("model scope", scope)?;
+    /// The scope is checked when a model is written: a task that writes none never fails on it.
+    pub fn scoped(mut self, scope: &str) -> LocalRegistry {
         self.scope = Some(scope.to_owned());
-        Ok(self)
+        self
     }
 
     /// Directory of `job`'s model files: the job directory, or its scope below it.
     pub fn models_dir(&self, job: &JobId) -> Result<PathBuf> {
         let dir = self.job_dir(job)?;
-        Ok(match &self.scope {
-            Some(scope) => dir.join(scope),
-            None => dir,
-        })
+        match &self.scope {
+            Some(scope) => {
+                component("model scope (the task's group names)", scope)?;
+                Ok(dir.join(scope))
+            }
+            None => Ok(dir),
+        }
     }
 
     /// The root directory.
@@ -119,36 +122,76 @@ impl LocalRegistry {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temp file + rename), creating parent directories.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `weights` as a safetensors file at `path` atomically (temp file + rename), creating
+/// parent directories. The file is streamed ([`write_safetensors`]): no copy of the model or
+/// of the file is held in memory, which for a large model is what bounds an aggregator's
+/// peak while it checkpoints.
+fn save_atomic(path: &Path, weights: &Weights) -> Result<()> {
     let dir = path.parent().expect("registry paths have a parent");
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+    let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    write_safetensors(&mut out, weights).and_then(|()| out.flush()).map_err(io_err(&tmp))?;
+    drop(out);
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-/// Encodes weights as a safetensors file body.
-pub fn to_safetensors(weights: &Weights) -> Result<Vec<u8>> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = weights
-        .tensors()
+/// Buffer of a streamed model file, in bytes.
+const WRITE_BUFFER: usize = 1 << 16;
+
+/// Values encoded at a time while streaming a tensor (a 16 KiB stack buffer).
+const ENCODE_VALUES: usize = 4096;
+
+/// Writes `weights` in the safetensors format to `out`: the header, then each tensor's
+/// values as little-endian bytes, encoded a few kilobytes at a time.
+///
+/// The bytes are exactly those of `safetensors::serialize` (the header is the crate's own
+/// [`Metadata`]; tensors are laid out in its order, by name since all are `F32`), so any
+/// safetensors reader loads the file.
+pub fn write_safetensors(out: &mut impl Write, weights: &Weights) -> std::io::Result<()> {
+    let mut sorted: Vec<&Tensor> = weights.tensors().iter().collect();
+    sorted.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut offset = 0;
+    let infos = sorted
         .iter()
         .map(|t| {
-            let data = t.data().iter().flat_map(|v| v.to_le_bytes()).collect();
-            (t.name().to_owned(), t.shape().to_vec(), data)
+            let len = t.data().len() * 4;
+            let info = TensorInfo {
+                dtype: Dtype::F32,
+                shape: t.shape().to_vec(),
+                data_offsets: (offset, offset + len),
+            };
+            offset += len;
+            (t.name().to_owned(), info)
         })
         .collect();
-    let views = bytes
-        .iter()
-        .map(|(name, shape, data)| {
-            TensorView::new(Dtype::F32, shape.clone(), data)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::Tensors(format!("tensor {name}: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
     let order: Vec<&str> = weights.tensors().iter().map(Tensor::name).collect();
     let meta = HashMap::from([(ORDER_KEY.to_owned(), order.join(","))]);
-    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Tensors(e.to_string()))
+    let header = Metadata::new(Some(meta), infos).map_err(std::io::Error::other)?;
+    let mut header = serde_json::to_string(&header).map_err(std::io::Error::other)?.into_bytes();
+    // The header is padded with spaces to a multiple of 8 bytes, as the crate does.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    let mut buf = [0u8; ENCODE_VALUES * 4];
+    for t in sorted {
+        for values in t.data().chunks(ENCODE_VALUES) {
+            for (bytes, v) in buf.chunks_exact_mut(4).zip(values) {
+                bytes.copy_from_slice(&v.to_le_bytes());
+            }
+            out.write_all(&buf[..values.len() * 4])?;
+        }
+    }
+    Ok(())
+}
+
+/// Encodes weights as a safetensors file body in memory (see [`write_safetensors`]; the
+/// registry streams its files instead).
+pub fn to_safetensors(weights: &Weights) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    write_safetensors(&mut bytes, weights).map_err(|e| Error::Tensors(e.to_string()))?;
+    Ok(bytes)
 }
 
 /// Decodes a safetensors file body (`f32` tensors; order from the metadata when present).
@@ -195,20 +238,20 @@ impl Registry for LocalRegistry {
 
     fn save_model(&self, name: &str, version: i64, weights: &Weights) -> Result<PathBuf> {
         let path = self.model_path(name, version)?;
-        write_atomic(&path, &to_safetensors(weights)?)?;
+        save_atomic(&path, weights)?;
         Ok(path)
     }
 
     fn save_round(&self, job: &JobId, round: u64, weights: &Weights) -> Result<PathBuf> {
         let path =
             self.models_dir(job)?.join("rounds").join(format!("round-{round:05}.safetensors"));
-        write_atomic(&path, &to_safetensors(weights)?)?;
+        save_atomic(&path, weights)?;
         Ok(path)
     }
 
     fn save_final(&self, job: &JobId, weights: &Weights) -> Result<PathBuf> {
         let path = self.models_dir(job)?.join("final.safetensors");
-        write_atomic(&path, &to_safetensors(weights)?)?;
+        save_atomic(&path, weights)?;
         Ok(path)
     }
 
@@ -250,7 +293,7 @@ pub fn for_task(config: &TaskConfig, workdir: &Path) -> Result<Arc<dyn Registry>
         return Ok(Arc::new(registry));
     }
     let scope = groups.into_iter().collect::<Vec<_>>().join("+");
-    Ok(Arc::new(registry.scoped(&scope)?))
+    Ok(Arc::new(registry.scoped(&scope)))
 }
 
 fn local_from_spec(spec: &RegistrySpec, workdir: &Path) -> Result<LocalRegistry> {
@@ -310,6 +353,51 @@ mod tests {
         assert_eq!(lines, vec![rec.clone(), rec]);
     }
 
+    /// The crate's own in-memory serialisation, as the registry wrote files before it
+    /// streamed them.
+    fn reference_bytes(weights: &Weights) -> Vec<u8> {
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> = weights
+            .tensors()
+            .iter()
+            .map(|t| {
+                let bytes = t.data().iter().flat_map(|v| v.to_le_bytes()).collect();
+                (t.name().to_owned(), t.shape().to_vec(), bytes)
+            })
+            .collect();
+        let views = data.iter().map(|(name, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes);
+            (name.clone(), view.expect("view"))
+        });
+        let order: Vec<&str> = weights.tensors().iter().map(Tensor::name).collect();
+        let meta = HashMap::from([(ORDER_KEY.to_owned(), order.join(","))]);
+        safetensors::serialize(views, Some(meta)).expect("serialize")
+    }
+
+    #[test]
+    fn streamed_files_are_byte_identical_to_safetensors_serialize() {
+        // Tensors out of name order, one longer than an encoding batch and not a multiple
+        // of it, one empty.
+        let long: Vec<f32> = (0..(ENCODE_VALUES * 2 + 7)).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let weights = Weights::from_tensors(vec![
+            Tensor::new("z.weight", vec![2, 2], vec![1.0, -2.0, f32::MIN_POSITIVE, 4.5])
+                .expect("t"),
+            Tensor::new("m.long", vec![long.len()], long).expect("t"),
+            Tensor::new("a.empty", vec![0], vec![]).expect("t"),
+            Tensor::new("b.bias", vec![3], vec![0.5, 0.0, -0.0]).expect("t"),
+        ])
+        .expect("w");
+        let dir = tempfile::tempdir().expect("tmp");
+        let reg = LocalRegistry::new(dir.path());
+        let path = reg.save_round(&JobId::from("job-1"), 1, &weights).expect("save");
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(bytes, reference_bytes(&weights));
+        assert_eq!(to_safetensors(&weights).expect("encode"), bytes);
+        let st = SafeTensors::deserialize(&bytes).expect("safetensors parses it");
+        assert_eq!(st.len(), 4);
+        assert_eq!(from_safetensors("x", &bytes).expect("decode"), weights);
+        assert!(!path.with_extension("tmp").exists(), "the temporary file was renamed");
+    }
+
     #[test]
     fn task_models_are_scoped_by_their_named_groups() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -331,7 +419,9 @@ mod tests {
         assert!(p.ends_with("reg/jobs/job-1/eu/rounds/round-00001.safetensors"));
         // A group name that is not a path component is refused, not used.
         config.group_association.insert("param-channel".to_owned(), "../x".to_owned());
-        assert!(for_task(&config, dir.path()).is_err());
+        let reg = for_task(&config, dir.path()).expect("a registry that refuses the scope");
+        let err = reg.save_final(&job, &model(3.0)).unwrap_err().to_string();
+        assert!(err.contains("model scope"), "{err}");
     }
 
     #[test]
