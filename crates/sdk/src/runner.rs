@@ -113,6 +113,24 @@ pub(crate) fn reporter_for(config: &TaskConfig, opts: &RunOptions) -> Reporter {
     }
 }
 
+/// What every role's entry point opens before its program runs: the task's metrics reporter,
+/// its registry ([`registry::for_task`]) and its channels, joined.
+pub(crate) struct TaskIo {
+    pub(crate) reporter: Reporter,
+    pub(crate) registry: Arc<dyn registry::Registry>,
+    pub(crate) channels: ChannelManager,
+}
+
+impl TaskIo {
+    /// Opens the reporter and the registry, then joins every channel of `config`.
+    pub(crate) async fn open(config: &TaskConfig, opts: &RunOptions) -> Result<TaskIo> {
+        let reporter = reporter_for(config, opts);
+        let registry = registry::for_task(config, &opts.workdir)?;
+        let channels = ChannelManager::join_all(config, &opts.backend_env).await?;
+        Ok(TaskIo { reporter, registry, channels })
+    }
+}
+
 async fn run_inner(
     config: TaskConfig,
     factory: Arc<dyn AppFactory>,
@@ -125,23 +143,21 @@ async fn run_inner(
     let span = tracing::info_span!("task", task_id = %config.task_id, role = %config.role, job_id = %config.job.id);
     let _guard = span.enter();
     drop(_guard);
-    let reporter = reporter_for(&config, &opts);
     match kind {
         RoleKind::Trainer => {
             let app =
                 factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
-            let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+            let TaskIo { reporter, channels, .. } = TaskIo::open(&config, &opts).await?;
             let mut ctx = TrainerCtx::new(config, channels, app, reporter)?;
             trainer::program().run(&mut ctx).await?;
             Ok(RunSummary { kind, rounds: ctx.round, history: ctx.history, final_model: None })
         }
         RoleKind::TopAggregator | RoleKind::MiddleAggregator => {
             let tier = if kind == RoleKind::TopAggregator { Tier::Top } else { Tier::Middle };
-            let registry = registry::for_task(&config, &opts.workdir)?;
             let evaluator = factory
                 .evaluator(&config)
                 .map_err(|source| Error::App { step: "create", source })?;
-            let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+            let TaskIo { reporter, registry, channels } = TaskIo::open(&config, &opts).await?;
             let mut ctx =
                 AggregatorCtx::new(config, tier, channels, registry, evaluator, reporter)?;
             let program = match tier {

@@ -41,14 +41,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fledge_channel::{Channel, ChannelManager, Kind, Message};
+use fledge_channel::{Channel, Kind, Message};
 use fledge_types::{TaskConfig, TaskId};
 use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::app::AppFactory;
 use crate::composer::{Composer, TaskletFn};
-use crate::registry;
 use crate::roles::aggregator::{self, AggregatorCtx, Tier};
 use crate::roles::coordinator::{
     ACTIVE, AGGREGATOR, ASSIGN, PLAN, TRAINERS, announce_group, tags as coord_tags,
@@ -390,12 +389,11 @@ pub async fn run_top(
 ) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::for_task(&config, &opts.workdir)?;
         let evaluator =
             factory.evaluator(&config).map_err(|source| Error::App { step: "create", source })?;
         let common = Common::from_config(&config)?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, registry, channels } =
+            runner::TaskIo::open(&config, &opts).await?;
         let coordinator = channels.by_tag(coord_tags::COORDINATE)?.clone();
         let mut ctx =
             AggregatorCtx::new(config, Tier::Top, channels, registry, evaluator, reporter)?;
@@ -415,10 +413,9 @@ pub async fn run_middle(config: TaskConfig, mut opts: RunOptions) -> Result<RunS
     let max_run_time = config.max_run_time;
     let run = async move {
         announce_group(&config, tags::DISTRIBUTE, &mut opts);
-        let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::for_task(&config, &opts.workdir)?;
         let common = Common::from_config(&config)?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, registry, channels } =
+            runner::TaskIo::open(&config, &opts).await?;
         let coordinator = channels.by_tag(coord_tags::COORDINATE)?.clone();
         let mut ctx = AggregatorCtx::new(config, Tier::Middle, channels, registry, None, reporter)?;
         middle_program(coordinator, common.join_timeout)?.run(&mut ctx).await?;
@@ -442,11 +439,11 @@ pub async fn run_trainer(
     let max_run_time = config.max_run_time;
     let run = async move {
         announce_group(&config, tags::FETCH, &mut opts);
-        let reporter = runner::reporter_for(&config, &opts);
         let app =
             factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
         let common = Common::from_config(&config)?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, channels, .. } =
+            runner::TaskIo::open(&config, &opts).await?;
         let coordinator = channels.by_tag(coord_tags::COORDINATE)?.clone();
         let fetch = channels.by_tag(tags::FETCH)?.clone();
         let mut ctx = TrainerCtx::new(config, channels, app, reporter)?;

@@ -465,8 +465,8 @@ pub fn program() -> Composer<CoordinatorCtx> {
 pub async fn run(config: TaskConfig, opts: RunOptions) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = runner::reporter_for(&config, &opts);
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, channels, .. } =
+            runner::TaskIo::open(&config, &opts).await?;
         let mut ctx = CoordinatorCtx::new(config, channels, reporter)?;
         program().run(&mut ctx).await?;
         Ok(RunSummary {

@@ -67,7 +67,7 @@ use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
 use crate::metrics::{Reporter, RoundMetrics};
-use crate::registry::{self, Registry};
+use crate::registry::Registry;
 use crate::roles::trainer::{COMMAND, INIT_MODEL};
 use crate::roles::{Common, RoleKind, tags};
 use crate::runner::{self, RunOptions, RunSummary};
@@ -747,9 +747,8 @@ pub fn middle_program() -> Composer<AsyncAggregatorCtx> {
 pub async fn run_middle(config: TaskConfig, opts: RunOptions) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::for_task(&config, &opts.workdir)?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, registry, channels } =
+            runner::TaskIo::open(&config, &opts).await?;
         let mut ctx = AsyncAggregatorCtx::new_middle(config, channels, registry, reporter)?;
         middle_program().run(&mut ctx).await?;
         Ok(RunSummary {
@@ -771,11 +770,10 @@ pub async fn run(
 ) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::for_task(&config, &opts.workdir)?;
         let evaluator =
             factory.evaluator(&config).map_err(|source| Error::App { step: "create", source })?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, registry, channels } =
+            runner::TaskIo::open(&config, &opts).await?;
         let mut ctx = AsyncAggregatorCtx::new(config, channels, registry, evaluator, reporter)?;
         program().run(&mut ctx).await?;
         Ok(RunSummary {

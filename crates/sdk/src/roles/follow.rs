@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fledge_channel::{Channel, ChannelManager};
+use fledge_channel::Channel;
 use fledge_types::{TaskConfig, TaskId};
 use tokio::time::Instant;
 
@@ -161,11 +161,11 @@ pub async fn run(
 ) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = runner::reporter_for(&config, &opts);
         let app =
             factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
         let common = Common::from_config(&config)?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, channels, .. } =
+            runner::TaskIo::open(&config, &opts).await?;
         let fetch = channels.by_tag(tags::FETCH)?.clone();
         let mut ctx = TrainerCtx::new(config, channels, app, reporter)?;
         program(follow_sender(fetch, common.join_timeout))?.run(&mut ctx).await?;

@@ -35,7 +35,7 @@ use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
 use crate::metrics::Reporter;
-use crate::registry::{self, Registry};
+use crate::registry::Registry;
 use crate::roles::ring::{self, RingCtx};
 use crate::roles::trainer::{COMMAND, INIT_MODEL, await_upload_permit};
 use crate::roles::{Common, RoleKind, tags};
@@ -283,11 +283,10 @@ pub async fn run(
 ) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::for_task(&config, &opts.workdir)?;
         let app =
             factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, registry, channels } =
+            runner::TaskIo::open(&config, &opts).await?;
         let mut ctx = HybridCtx::new(config, channels, app, registry, reporter)?;
         program().run(&mut ctx).await?;
         let final_model = ctx.ring.with_app("get_weights", |app| app.get_weights()).await.ok();

@@ -43,7 +43,7 @@ use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
 use crate::metrics::{Reporter, RoundMetrics};
-use crate::registry::{self, Registry};
+use crate::registry::Registry;
 use crate::roles::trainer::COMMAND;
 use crate::roles::{Common, RoleKind};
 use crate::runner::{self, RunOptions, RunSummary};
@@ -572,11 +572,10 @@ pub async fn run(
 ) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::for_task(&config, &opts.workdir)?;
         let app =
             factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, registry, channels } =
+            runner::TaskIo::open(&config, &opts).await?;
         let mut ctx = RingCtx::new(config, channels, app, registry, reporter)?;
         program().run(&mut ctx).await?;
         let final_model = ctx.with_app("get_weights", |app| app.get_weights()).await.ok();

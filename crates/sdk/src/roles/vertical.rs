@@ -55,7 +55,7 @@ use serde_json::Value;
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::hyper;
 use crate::metrics::{Reporter, RoundMetrics};
-use crate::registry::{self, Registry};
+use crate::registry::Registry;
 use crate::roles::trainer::COMMAND;
 use crate::roles::{Common, RoleKind, tags};
 use crate::runner::{self, RunOptions, RunSummary};
@@ -876,9 +876,8 @@ pub async fn run_feature_party(
 ) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::for_task(&config, &opts.workdir)?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, registry, channels } =
+            runner::TaskIo::open(&config, &opts).await?;
         let mut ctx = FeatureCtx::new(config, channels, app, registry, reporter)?;
         let res = feature_program().run(&mut ctx).await;
         if res.is_err() {
@@ -905,9 +904,8 @@ pub async fn run_label_party(
 ) -> Result<RunSummary> {
     let max_run_time = config.max_run_time;
     let run = async move {
-        let reporter = runner::reporter_for(&config, &opts);
-        let registry = registry::for_task(&config, &opts.workdir)?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        let runner::TaskIo { reporter, registry, channels } =
+            runner::TaskIo::open(&config, &opts).await?;
         let mut ctx = LabelCtx::new(config, channels, app, registry, reporter)?;
         let res = label_program().run(&mut ctx).await;
         if res.is_err() {
