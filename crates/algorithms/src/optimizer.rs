@@ -304,15 +304,38 @@ impl Optimizer {
         }
     }
 
-    /// Aggregates the round into `global`, which becomes the new global model.
+    /// Whether the new model of a round of full weights is the round's aggregate alone.
     ///
-    /// Updating in place avoids a second model-sized buffer (and, for big models, the page
-    /// faults of allocating one). `global` must be the model the round began with (same
-    /// layout; for FedBuff, the current model to which the buffered deltas apply). Fails on an
-    /// empty round, a round whose samples sum to zero (mean-based rules), too few updates for
-    /// a robust rule, or a round begun by an optimizer of another sort; on error `global` is
-    /// unchanged.
-    pub fn finish_round(&mut self, round: Round, global: &mut Weights) -> Result<()> {
+    /// FedAvg, FedProx and the robust rules (median, trimmed mean, Krum) replace the global
+    /// model, so [`Optimizer::finish_round_replacing`] finishes their rounds without the
+    /// previous model, and an aggregator can free it while updates arrive. FedAdam, FedYogi
+    /// and FedAdaGrad step from the previous model (their delta is the mean minus it), and
+    /// FedBuff applies its deltas to it: they need it until the round is finished.
+    pub fn replaces_global(&self) -> bool {
+        !matches!(self.kind, OptimizerKind::Adaptive { .. } | OptimizerKind::FedBuff { .. })
+    }
+
+    /// [`Optimizer::finish_round`] without the previous global model, for a rule that
+    /// [replaces it](Optimizer::replaces_global) and a round of full weights: returns the new
+    /// global model. Fails as `finish_round` does, and also when the rule needs the previous
+    /// model or the round holds deltas (which apply to it).
+    pub fn finish_round_replacing(&mut self, round: Round) -> Result<Weights> {
+        self.check_round_sort(&round)?;
+        let sort = self.sort();
+        let kind = round.update_kind.ok_or(Error::EmptyRound { sort })?;
+        if !self.replaces_global() || kind == UpdateKind::Delta {
+            return Err(Error::InvalidArgument {
+                name: "round",
+                reason: format!(
+                    "a '{sort}' round of {} needs the previous global model (use finish_round)",
+                    kind.name()
+                ),
+            });
+        }
+        self.aggregate_replacing(round.acc)
+    }
+
+    fn check_round_sort(&self, round: &Round) -> Result<()> {
         if round.sort != self.sort() {
             return Err(Error::InvalidArgument {
                 name: "round",
@@ -323,6 +346,43 @@ impl Optimizer {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// The aggregate of a round under a rule that [replaces](Optimizer::replaces_global) the
+    /// global model.
+    fn aggregate_replacing(&self, acc: Acc) -> Result<Weights> {
+        let sort = self.sort();
+        match (acc, &self.kind) {
+            (Acc::Mean { mean, .. }, OptimizerKind::FedAvg | OptimizerKind::FedProx { .. }) => {
+                mean.finish(sort)
+            }
+            (Acc::Collect(updates), _) if updates.is_empty() => Err(Error::EmptyRound { sort }),
+            (Acc::Collect(updates), OptimizerKind::Median) => {
+                Ok(robust::median_unchecked(&updates))
+            }
+            (Acc::Collect(updates), OptimizerKind::TrimmedMean { beta }) => {
+                robust::trimmed_mean_unchecked(&updates, *beta)
+            }
+            (Acc::Collect(updates), OptimizerKind::Krum { f, m }) => {
+                Ok(robust::krum_unchecked(&updates, *f, *m)?.aggregate)
+            }
+            _ => unreachable!(
+                "begin_round builds the accumulator matching the optimizer kind, and callers check replaces_global"
+            ),
+        }
+    }
+
+    /// Aggregates the round into `global`, which becomes the new global model.
+    ///
+    /// Updating in place avoids a second model-sized buffer (and, for big models, the page
+    /// faults of allocating one). `global` must be the model the round began with (same
+    /// layout; for FedBuff, the current model to which the buffered deltas apply). Fails on an
+    /// empty round, a round whose samples sum to zero (mean-based rules), too few updates for
+    /// a robust rule, or a round begun by an optimizer of another sort; on error `global` is
+    /// unchanged.
+    pub fn finish_round(&mut self, round: Round, global: &mut Weights) -> Result<()> {
+        self.check_round_sort(&round)?;
         round.layout.check(global)?;
         let sort = self.sort();
         let kind = round.update_kind.ok_or(Error::EmptyRound { sort })?;
@@ -341,10 +401,10 @@ impl Optimizer {
             }
             Ok(agg)
         };
+        if self.replaces_global() {
+            return apply(global, self.aggregate_replacing(round.acc)?);
+        }
         match (round.acc, &self.kind) {
-            (Acc::Mean { mean, .. }, OptimizerKind::FedAvg | OptimizerKind::FedProx { .. }) => {
-                apply(global, mean.finish(sort)?)
-            }
             (Acc::Mean { mean, .. }, OptimizerKind::Adaptive { .. }) => {
                 let delta = into_delta(mean.finish(sort)?, global)?;
                 let server =
@@ -358,21 +418,6 @@ impl Optimizer {
                 let delta = into_delta(mean.finish(sort)?, global)?;
                 let scale = (f64::from(*lr) * staleness_mass / total_samples) as f32;
                 global.add_scaled(&delta, scale)
-            }
-            (Acc::Collect(updates), OptimizerKind::Median) => {
-                if updates.is_empty() {
-                    return Err(Error::EmptyRound { sort });
-                }
-                apply(global, robust::median_unchecked(&updates))
-            }
-            (Acc::Collect(updates), OptimizerKind::TrimmedMean { beta }) => {
-                if updates.is_empty() {
-                    return Err(Error::EmptyRound { sort });
-                }
-                apply(global, robust::trimmed_mean_unchecked(&updates, *beta)?)
-            }
-            (Acc::Collect(updates), OptimizerKind::Krum { f, m }) => {
-                apply(global, robust::krum_unchecked(&updates, *f, *m)?.aggregate)
             }
             _ => unreachable!("begin_round builds the accumulator matching the optimizer kind"),
         }
@@ -551,6 +596,53 @@ mod tests {
         r.add_delta(&model([0.0, 0.0, 0.0, 0.0, 0.0]), 1, 0).unwrap();
         assert_eq!(r.update_kind(), Some(UpdateKind::Delta));
         assert_eq!(finish(&mut o, r, &global).unwrap(), model([2.0, 1.0, 1.0, 1.0, -1.0]));
+    }
+
+    #[test]
+    fn replacing_rules_finish_without_the_previous_global_bit_for_bit() {
+        let global = model([1.0; 5]);
+        let updates = [
+            model([1.0, 2.0, 3.0, 4.0, 5.0]),
+            model([5.0, 6.0, 7.0, 8.0, 9.0]),
+            model([0.5, -6.0, 7.5, 1.0, 2.0]),
+            model([2.0, 2.0, 2.0, 2.0, 2.0]),
+            model([9.0, 0.0, -1.0, 3.0, 4.0]),
+        ];
+        for config in [
+            json!({"sort": "fedavg"}),
+            json!({"sort": "fedprox"}),
+            json!({"sort": "median"}),
+            json!({"sort": "trimmedmean", "kwargs": {"beta": 0.2}}),
+            json!({"sort": "krum", "kwargs": {"f": 1, "m": 2}}),
+        ] {
+            let mut o = opt(config.clone());
+            assert!(o.replaces_global(), "{config}");
+            let mut r = o.begin_round(&global);
+            for (i, u) in updates.iter().enumerate() {
+                r.add(u, 10 * (i as u64 + 1), 0).unwrap();
+            }
+            let expected = finish(&mut o, r.clone(), &global).unwrap();
+            assert_eq!(o.finish_round_replacing(r).unwrap(), expected, "{config}");
+            // An empty round fails as finish_round does.
+            let empty = o.begin_round(&global);
+            assert!(matches!(o.finish_round_replacing(empty), Err(Error::EmptyRound { .. })));
+        }
+
+        // Deltas apply to the previous model: refused, not silently averaged.
+        let mut o = opt(json!({"sort": "fedavg"}));
+        let mut r = o.begin_round(&global);
+        r.add_delta(&model([1.0; 5]), 1, 0).unwrap();
+        let err = o.finish_round_replacing(r).unwrap_err().to_string();
+        assert!(err.contains("previous global model"), "{err}");
+
+        // Server optimizers step from the previous model.
+        for sort in ["fedadam", "fedyogi", "fedadagrad", "fedbuff"] {
+            let mut o = opt(json!({ "sort": sort }));
+            assert!(!o.replaces_global(), "{sort}");
+            let mut r = o.begin_round(&global);
+            r.add_delta(&model([1.0; 5]), 1, 0).unwrap();
+            assert!(o.finish_round_replacing(r).is_err(), "{sort}");
+        }
     }
 
     #[test]
