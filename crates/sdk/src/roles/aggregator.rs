@@ -20,7 +20,13 @@
 //! Rounds are synchronous. Each update is folded into the optimizer's accumulator as it
 //! arrives (FedAvg/FedOpt memory is one model, whatever the number of trainers), read in place
 //! from the received message's bytes (no decoded copy); the message is dropped right after.
-//! Messages carrying the global model share it instead of copying it. A round waits for every selected trainer, except that a trainer
+//! Messages carrying the global model share it instead of copying it. Under a rule that
+//! replaces the global model (FedAvg, FedProx, median, trimmed mean, Krum) the previous one is
+//! freed once aggregation begins (it was distributed, and from round 2 on it is the previous
+//! round's checkpoint), so a round holds the accumulator and the updates in flight, not the old model as well; the
+//! server optimizers (FedAdam, FedYogi, FedAdaGrad) keep it, since they step from it.
+//!
+//! A round waits for every selected trainer, except that a trainer
 //! that leaves the channel (`ends()`; over MQTT after the liveness timeout) is dropped: the
 //! round then finishes with the others if at least `minTrainers` answered, and fails
 //! otherwise. Updates for another round, without `num_samples` or with a wrong layout are
@@ -434,6 +440,18 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
     })?;
     let optimizer = ctx.optimizer.as_ref().expect("optimizer is put back after every round");
     let mut acc = optimizer.begin_round(&global);
+    // A rule that replaces the global model (FedAvg, FedProx, robust rules) builds the new
+    // one from the accumulator alone, and the previous one was already distributed (and,
+    // from round 2 on at the top, checkpointed): it is freed now, a model-sized buffer less
+    // while updates arrive. FedAdam/FedYogi/FedAdaGrad step from it, so they keep it.
+    // A round that misses its quorum fails the task either way: nothing reads the previous
+    // model after that error.
+    let global = if optimizer.replaces_global() {
+        drop(global);
+        None
+    } else {
+        Some(global)
+    };
     let mut pending: BTreeSet<TaskId> = ctx.selected.iter().cloned().collect();
     let mut received = 0usize;
     let mut samples = 0u64;
@@ -522,13 +540,15 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
         ctx.selector.remove(end.as_str());
     }
     if received < ctx.min_trainers {
-        ctx.global = Some(global);
+        ctx.global = global;
         return Err(Error::Quorum { round, got: received, need: ctx.min_trainers });
     }
     let mut optimizer = ctx.optimizer.take().expect("optimizer present between rounds");
     let (optimizer, new_global) = tokio::task::spawn_blocking(move || {
-        let mut global = global;
-        let res = optimizer.finish_round(acc, &mut global).map(|()| global);
+        let res = match global {
+            Some(mut global) => optimizer.finish_round(acc, &mut global).map(|()| global),
+            None => optimizer.finish_round_replacing(acc),
+        };
         (optimizer, res)
     })
     .await?;
