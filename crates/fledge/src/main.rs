@@ -44,7 +44,28 @@ enum Command {
     Bench(commands::bench::Args),
 }
 
+/// Pins glibc's mmap threshold at 1 MiB.
+///
+/// glibc serves allocations above the threshold with `mmap`, and `free` unmaps them: the
+/// memory goes back to the OS at once. But its threshold is dynamic: each freed mmapped block
+/// raises it to that block's size (up to 32 MiB on 64-bit), after which buffers below it
+/// (message chunks, tensors of models up to that size) come from the heap and can stay
+/// resident after they are freed (the heap is only trimmed from its top). An aggregator
+/// allocates and frees such buffers every round; setting the threshold explicitly disables
+/// the dynamic adjustment, so its resident set follows what it holds, not what it once freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn pin_mmap_threshold() {
+    // SAFETY: mallopt only changes allocator parameters; it is called before any thread
+    // is started.
+    let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
+    debug_assert_eq!(ok, 1, "mallopt(M_MMAP_THRESHOLD) accepts 1 MiB");
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn pin_mmap_threshold() {}
+
 fn main() -> ExitCode {
+    pin_mmap_threshold();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => {
