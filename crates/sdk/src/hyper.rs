@@ -18,9 +18,12 @@ pub mod names {
     pub const EXPECTED_TRAINERS: &str = "expectedTrainers";
     /// Seconds to wait for peers to join (default 120).
     pub const JOIN_TIMEOUT: &str = "joinTimeout";
-    /// Updates an aggregator lets arrive at once (0, the default: no limit). With a limit,
-    /// a trainer announces `ready` after training and uploads only when granted, so the
-    /// aggregator's inbound buffers hold at most this many updates.
+    /// Updates an aggregator lets arrive at once (0: no limit). With a limit, a trainer
+    /// announces `ready` after training and uploads only when granted, so the aggregator's
+    /// inbound buffers hold at most this many updates. Unset, the aggregator picks the limit
+    /// each round from the model size: as many uploads as fit in
+    /// [`DEFAULT_UPLOAD_BUDGET_BYTES`](crate::roles::aggregator::DEFAULT_UPLOAD_BUDGET_BYTES)
+    /// (at least 1), and no grants at all when that covers every selected trainer.
     pub const MAX_CONCURRENT_UPLOADS: &str = "maxConcurrentUploads";
 }
 

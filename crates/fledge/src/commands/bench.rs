@@ -9,7 +9,9 @@
 //!   broker, as delivered GB/s, against loopback TCP bandwidth.
 //! - **memory**: peak RSS (`VmHWM`) of a real top aggregator process (FedAvg) running one
 //!   round of a 10M-parameter model with 10 and with 100 trainers; the bound is the target, 3×
-//!   the model size, so a ratio ≤ 1 meets it. The target setting is `maxConcurrentUploads` 1:
+//!   the model size, so a ratio ≤ 1 meets it. The target setting is `maxConcurrentUploads` 1,
+//!   which is also what an aggregator picks by itself for this model when the hyperparameter
+//!   is unset (a 64 MiB budget of updates in flight, at least one):
 //!   the aggregator then holds the accumulator and one upload (plus the global model while it
 //!   distributes); with 2 it holds two uploads at once, and without grants as many as arrive.
 //!   Those rows are measured too, as the price of each setting. Uploads are serialized at the
@@ -356,7 +358,7 @@ async fn memory(params: usize) -> anyhow::Result<Vec<Row>> {
         );
         let limit = match max_uploads {
             0 => "unlimited".to_owned(),
-            1 => "1 (target setting)".to_owned(),
+            1 => "1 (target setting; the default for this model)".to_owned(),
             n => n.to_string(),
         };
         let name = format!(

@@ -32,10 +32,14 @@
 //! otherwise. Updates for another round, without `num_samples` or with a wrong layout are
 //! rejected with a warning and do not count.
 //!
-//! With hyperparameter `maxConcurrentUploads` = k > 0, trainers send a small `ready` control
-//! message after training and upload only when granted; at most k grants are outstanding, and
-//! a granted trainer that dies frees its grant. Without it, every selected trainer uploads as
-//! soon as it is done, and the channel buffers whatever arrives faster than the fold.
+//! Upload grants bound the updates in flight: the aggregator announces `uploadGrants` = k
+//! with each round's model; with k > 0, trainers send a small `ready` control message after
+//! training and upload only when granted; at most k grants are outstanding, and a granted
+//! trainer that dies frees its grant. With k = 0 every selected trainer uploads as soon as it
+//! is done. k is hyperparameter `maxConcurrentUploads` when set (0: no limit); unset, it is
+//! picked each round from the model size so that the updates in flight fit in
+//! [`DEFAULT_UPLOAD_BUDGET_BYTES`] (at least 1), and 0 when that covers every selected trainer
+//! (small models pay no grant round trips; large ones keep the aggregator's memory flat).
 //!
 //! A middle aggregator always averages its trainers with FedAvg and forwards the mean with
 //! the summed sample count, so that the job's server optimizer (FedAdam, ...) runs once, at
@@ -57,7 +61,9 @@ use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
 use crate::metrics::{Reporter, RoundMetrics};
 use crate::registry::Registry;
-use crate::roles::trainer::{COMMAND, INIT_MODEL, READY, UPLOAD, await_upload_permit};
+use crate::roles::trainer::{
+    COMMAND, INIT_MODEL, READY, UPLOAD, UPLOAD_GRANTS, await_upload_permit, upload_grants,
+};
 use crate::roles::{Common, tags};
 use crate::{Error, Result, Weights};
 
@@ -95,7 +101,12 @@ pub struct AggregatorCtx {
     selector: Selector,
     min_trainers: usize,
     expected_trainers: usize,
-    max_uploads: usize,
+    /// `maxConcurrentUploads` when set.
+    max_uploads: Option<usize>,
+    /// The grants of the current round (0: none), announced with its model.
+    round_grants: usize,
+    /// The grants the top announced with the model this middle aggregator averages for.
+    up_grants: u64,
     selected: Vec<TaskId>,
     round_samples: u64,
     registry: Arc<dyn Registry>,
@@ -135,7 +146,10 @@ impl AggregatorCtx {
         let min_trainers = hyper::uint(h, names::MIN_TRAINERS, 1, 1)? as usize;
         let expected_trainers =
             hyper::uint(h, names::EXPECTED_TRAINERS, min_trainers as u64, 1)? as usize;
-        let max_uploads = hyper::uint(h, names::MAX_CONCURRENT_UPLOADS, 0, 0)? as usize;
+        let max_uploads = match h.get(names::MAX_CONCURRENT_UPLOADS) {
+            None => None,
+            Some(_) => Some(hyper::uint(h, names::MAX_CONCURRENT_UPLOADS, 0, 0)? as usize),
+        };
         let optimizer = match tier {
             Tier::Top => Optimizer::from_config(
                 &serde_json::to_value(&config.optimizer).expect("sort serialises"),
@@ -179,6 +193,8 @@ impl AggregatorCtx {
             min_trainers,
             expected_trainers,
             max_uploads,
+            round_grants: 0,
+            up_grants: 0,
             selected: Vec::new(),
             round_samples: 0,
             registry,
@@ -368,9 +384,25 @@ async fn distribute(ctx: &mut AggregatorCtx) -> Result<()> {
     res
 }
 
+/// Bytes of updates an aggregator lets be in flight at once when `maxConcurrentUploads` is
+/// not set (see the module docs).
+pub const DEFAULT_UPLOAD_BUDGET_BYTES: usize = 64 << 20;
+
+/// The upload grants of a round: `maxConcurrentUploads` when set, else as many model-sized
+/// updates as fit in the budget (at least 1); 0 (no grants) when that covers every trainer.
+fn round_grants(max_uploads: Option<usize>, model_bytes: usize, selected: usize) -> usize {
+    let limit = match max_uploads {
+        Some(limit) => limit,
+        None => (DEFAULT_UPLOAD_BUDGET_BYTES / model_bytes.max(1)).max(1),
+    };
+    if limit >= selected { 0 } else { limit }
+}
+
 async fn distribute_shared(ctx: &mut AggregatorCtx, global: &Arc<Weights>) -> Result<()> {
     let round = ctx.round;
-    let message = shared_weights_message(Kind::Weights, round, ctx.model_version, global)?;
+    ctx.round_grants = round_grants(ctx.max_uploads, global.num_params() * 4, ctx.selected.len());
+    let message = shared_weights_message(Kind::Weights, round, ctx.model_version, global)?
+        .with_meta(UPLOAD_GRANTS, ctx.round_grants);
     let all = ctx.distribute.ends();
     if all == ctx.selected {
         ctx.distribute.broadcast(message).await?;
@@ -463,11 +495,11 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
     let mut granted: BTreeSet<TaskId> = BTreeSet::new();
     let mut waiting: VecDeque<TaskId> = VecDeque::new();
     while !pending.is_empty() {
-        if ctx.max_uploads > 0 {
+        if ctx.round_grants > 0 {
             // A granted end that died frees its slot.
             let alive: BTreeSet<TaskId> = ctx.aggregate.ends().into_iter().collect();
             granted.retain(|e| alive.contains(e));
-            while granted.len() < ctx.max_uploads
+            while granted.len() < ctx.round_grants
                 && let Some(next) = waiting.pop_front()
             {
                 let grant = Message::new(Kind::Control, round).with_meta(COMMAND, UPLOAD);
@@ -478,7 +510,7 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
         }
         let ends: Vec<TaskId> = pending.iter().cloned().collect();
         let mut stream = Box::pin(ctx.aggregate.recv_fifo(&ends, 1));
-        let next = if ctx.max_uploads > 0 {
+        let next = if ctx.round_grants > 0 {
             // Wake up now and then to notice granted ends that died.
             match tokio::time::timeout(Duration::from_secs(1), stream.next()).await {
                 Ok(next) => next,
@@ -691,6 +723,7 @@ async fn fetch_up(ctx: &mut AggregatorCtx) -> Result<()> {
                 ctx.global = Some(tensors_to_weights(&message.tensors)?);
                 ctx.round = message.round;
                 ctx.model_version = message.model_version;
+                ctx.up_grants = upload_grants(&message);
                 let mut metrics = RoundMetrics::start(ctx.traffic());
                 metrics.values = std::mem::take(&mut ctx.metrics.values);
                 ctx.metrics = metrics;
@@ -715,7 +748,7 @@ async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
     let top = needs(&ctx.top, "top aggregator")?.clone();
     needs(&ctx.global, "global model")?;
     let (fetch, _) = needs(&ctx.up, "upward channels")?.clone();
-    await_upload_permit(&ctx.config, &fetch, &upload, &top, ctx.round).await?;
+    await_upload_permit(ctx.up_grants, &fetch, &upload, &top, ctx.round).await?;
     let mut metrics = serde_json::Map::new();
     for (k, v) in &ctx.metrics.values {
         if let Some(name) = k.strip_prefix("trainer.") {
@@ -779,6 +812,27 @@ pub fn middle_program() -> Composer<AggregatorCtx> {
                 .tasklet("report", async_tasklet(|c| boxed(report(c)))),
         )
         .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
+}
+
+#[cfg(test)]
+mod grant_tests {
+    use super::{DEFAULT_UPLOAD_BUDGET_BYTES, round_grants};
+
+    #[test]
+    fn grants_follow_the_setting_else_the_model_size() {
+        let mb = 1 << 20;
+        // Set: as given, and no grants once they cover every trainer.
+        assert_eq!(round_grants(Some(2), 40 * mb, 10), 2);
+        assert_eq!(round_grants(Some(0), 40 * mb, 10), 0);
+        assert_eq!(round_grants(Some(10), 40 * mb, 10), 0);
+        // Unset: what fits in the budget, at least one.
+        assert_eq!(round_grants(None, 40 * mb, 100), 1);
+        assert_eq!(round_grants(None, 400 * mb, 100), 1);
+        assert_eq!(round_grants(None, 16 * mb, 100), DEFAULT_UPLOAD_BUDGET_BYTES / (16 * mb));
+        // A small model: the budget covers every trainer, so no grant round trips.
+        assert_eq!(round_grants(None, 400 << 10, 50), 0);
+        assert_eq!(round_grants(None, 0, 3), 0);
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! finish
 //! ```
 //!
-//! `pick` is the topology's rule. It points [`TrainerCtx::aggregator`] at this round's
+//! `pick` is the topology's rule. It points `TrainerCtx::aggregator` at this round's
 //! aggregator, sets it to `None` to sit the round out, or sets [`TrainerCtx::done`] to stop.
 //! The starred steps are the standard trainer's, skipped when there is no aggregator this
 //! round. When the aggregator leaves during the round (fetch or upload fails with

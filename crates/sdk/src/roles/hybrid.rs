@@ -37,7 +37,7 @@ use crate::hyper::{self, names};
 use crate::metrics::Reporter;
 use crate::registry::Registry;
 use crate::roles::ring::{self, RingCtx};
-use crate::roles::trainer::{COMMAND, INIT_MODEL, await_upload_permit};
+use crate::roles::trainer::{COMMAND, INIT_MODEL, await_upload_permit, upload_grants};
 use crate::roles::{Common, RoleKind, tags};
 use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result, Weights};
@@ -59,6 +59,8 @@ pub struct HybridCtx {
     pub aggregator: Option<TaskId>,
     /// The aggregator's round being run.
     pub round: u64,
+    /// Upload grants the aggregator announced with this round's model.
+    upload_grants: u64,
     model_version: u64,
     /// Training is over (the aggregator said so).
     pub done: bool,
@@ -110,6 +112,7 @@ impl HybridCtx {
             common,
             aggregator: None,
             round: 0,
+            upload_grants: 0,
             model_version: 0,
             done: false,
         })
@@ -164,6 +167,7 @@ async fn fetch(ctx: &mut HybridCtx) -> Result<()> {
                 ctx.ring.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
                 ctx.round = message.round;
                 ctx.model_version = message.model_version;
+                ctx.upload_grants = upload_grants(&message);
                 return Ok(());
             }
             Kind::EndOfTraining => {
@@ -185,7 +189,7 @@ async fn fetch(ctx: &mut HybridCtx) -> Result<()> {
 /// Uploads the group's model with this trainer's own sample count.
 async fn upload(ctx: &mut HybridCtx) -> Result<()> {
     let aggregator = ctx.aggregator()?;
-    await_upload_permit(ctx.config(), &ctx.fetch, &ctx.upload, &aggregator, ctx.round).await?;
+    await_upload_permit(ctx.upload_grants, &ctx.fetch, &ctx.upload, &aggregator, ctx.round).await?;
     let weights: Weights = ctx.ring.with_app("get_weights", |app| app.get_weights()).await?;
     let mut metrics = serde_json::Map::new();
     for (k, v) in &ctx.ring.outcome.metrics {

@@ -36,22 +36,26 @@ pub const READY: &str = "ready";
 /// The aggregator lets a trainer upload now (with `maxConcurrentUploads`).
 pub const UPLOAD: &str = "upload";
 
-/// With `maxConcurrentUploads`, announces `ready` for `round` to `peer` on `upload` and waits
-/// on `fetch` for its `upload` grant; returns at once without a limit.
+/// Meta key of a `Weights` message: how many uploads its sender grants at once this round;
+/// 0 or absent means no grants (upload as soon as trained).
+pub const UPLOAD_GRANTS: &str = "uploadGrants";
+
+/// The upload grants a `Weights` message announces (see [`UPLOAD_GRANTS`]).
+pub(crate) fn upload_grants(message: &Message) -> u64 {
+    message.meta.get(UPLOAD_GRANTS).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// When the aggregator grants uploads (`grants` > 0, from its last `Weights` message),
+/// announces `ready` for `round` to `peer` on `upload` and waits on `fetch` for its `upload`
+/// grant; returns at once otherwise.
 pub(crate) async fn await_upload_permit(
-    config: &TaskConfig,
+    grants: u64,
     fetch: &Channel,
     upload: &Channel,
     peer: &TaskId,
     round: u64,
 ) -> Result<()> {
-    let limit = crate::hyper::uint(
-        &config.hyperparameters,
-        crate::hyper::names::MAX_CONCURRENT_UPLOADS,
-        0,
-        0,
-    )?;
-    if limit == 0 {
+    if grants == 0 {
         return Ok(());
     }
     let ready = Message::new(Kind::Control, round).with_meta(COMMAND, READY);
@@ -95,6 +99,8 @@ pub struct TrainerCtx {
     pub outcome: TrainOutcome,
     /// Metrics of the last `evaluate`.
     pub evaluation: BTreeMap<String, f64>,
+    /// Upload grants the aggregator announced with the model being trained.
+    upload_grants: u64,
     metrics: RoundMetrics,
     reporter: Option<Reporter>,
     /// Every round's record.
@@ -131,6 +137,7 @@ impl TrainerCtx {
             done: false,
             outcome: TrainOutcome::default(),
             evaluation: BTreeMap::new(),
+            upload_grants: 0,
             metrics: RoundMetrics::default(),
             reporter: Some(reporter),
             history: Vec::new(),
@@ -204,6 +211,7 @@ async fn fetch(ctx: &mut TrainerCtx) -> Result<()> {
                 ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
                 ctx.round = message.round;
                 ctx.model_version = message.model_version;
+                ctx.upload_grants = upload_grants(&message);
                 let mut metrics = RoundMetrics::start(ctx.traffic());
                 // Keep the time spent waiting for this model.
                 metrics.values = std::mem::take(&mut ctx.metrics.values);
@@ -247,7 +255,7 @@ async fn evaluate(ctx: &mut TrainerCtx) -> Result<()> {
 
 async fn upload(ctx: &mut TrainerCtx) -> Result<()> {
     let aggregator = ctx.aggregator()?;
-    await_upload_permit(&ctx.config, &ctx.fetch, &ctx.upload, &aggregator, ctx.round).await?;
+    await_upload_permit(ctx.upload_grants, &ctx.fetch, &ctx.upload, &aggregator, ctx.round).await?;
     let weights: Weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
     let mut metrics = serde_json::Map::new();
     for (k, v) in &ctx.outcome.metrics {
