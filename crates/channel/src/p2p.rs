@@ -10,7 +10,7 @@
 //!
 //! To send, an end keeps one client stream per receiver (opened on first use): a `Hello` frame
 //! naming job, channel, group, sender and receiver, then chunks of encoded messages in the
-//! [`crate::chunk`] layout. The receiver accepts a stream only when the hello is for itself and
+//! `chunk` layout. The receiver accepts a stream only when the hello is for itself and
 //! comes from a registered end of its peer role on the same job, channel and group, so a channel
 //! still only ever sees its own peers. Chunks are reassembled with bounded memory, decoded (never
 //! panicking on untrusted bytes) and queued; a full inbound queue stops reading the stream, and

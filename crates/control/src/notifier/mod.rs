@@ -17,7 +17,7 @@
 //! A connected client that falls a whole mailbox behind is disconnected (its stream ends) rather
 //! than buffered without bound; on reconnect it gets the mailbox replayed.
 //!
-//! Start at [`Notifier::build`]; publishers use [`Handle`].
+//! Start at [`Options::build`]; publishers use [`Handle`].
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
