@@ -131,6 +131,24 @@ impl TaskIo {
     }
 }
 
+/// Ends a task's I/O once its program is done. With `linger`, first gives the transport a
+/// moment to deliver what was just sent (the end of training) before the connection goes;
+/// then closes every channel and flushes the metrics reporter.
+pub(crate) async fn close_io(
+    channels: &ChannelManager,
+    reporter: Option<Reporter>,
+    linger: bool,
+) -> Result<()> {
+    if linger {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    channels.close().await?;
+    if let Some(reporter) = reporter {
+        reporter.shutdown(std::time::Duration::from_secs(5)).await;
+    }
+    Ok(())
+}
+
 async fn run_inner(
     config: TaskConfig,
     factory: Arc<dyn AppFactory>,

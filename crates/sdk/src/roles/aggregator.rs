@@ -661,12 +661,7 @@ async fn finish(ctx: &mut AggregatorCtx) -> Result<()> {
     let res = finish_shared(ctx, global.as_ref()).await;
     ctx.global = global.map(unshare);
     res?;
-    // Give the broker a moment to deliver end-of-training before our connection goes.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    ctx.channels.close().await?;
-    if let Some(reporter) = ctx.reporter.take() {
-        reporter.shutdown(Duration::from_secs(5)).await;
-    }
+    crate::runner::close_io(&ctx.channels, ctx.reporter.take(), true).await?;
     Ok(())
 }
 

@@ -535,12 +535,7 @@ async fn finish(ctx: &mut RingCtx) -> Result<()> {
             let _ = ctx.send(&end, Message::new(Kind::EndOfTraining, ctx.round)).await;
         }
     }
-    // Give the transport a moment to deliver our last chunks before the connection goes.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    ctx.channels.close().await?;
-    if let Some(reporter) = ctx.reporter.take() {
-        reporter.shutdown(Duration::from_secs(5)).await;
-    }
+    crate::runner::close_io(&ctx.channels, ctx.reporter.take(), true).await?;
     Ok(())
 }
 

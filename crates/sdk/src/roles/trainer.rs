@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use fledge_channel::{Channel, ChannelManager, Kind, Message};
 use fledge_types::{MetricRecord, TaskConfig, TaskId};
@@ -297,10 +296,7 @@ async fn report(ctx: &mut TrainerCtx) -> Result<()> {
 }
 
 async fn finish(ctx: &mut TrainerCtx) -> Result<()> {
-    ctx.channels.close().await?;
-    if let Some(reporter) = ctx.reporter.take() {
-        reporter.shutdown(Duration::from_secs(5)).await;
-    }
+    crate::runner::close_io(&ctx.channels, ctx.reporter.take(), false).await?;
     Ok(())
 }
 

@@ -842,12 +842,7 @@ async fn label_finish(ctx: &mut LabelCtx) -> Result<()> {
     let (registry, job) = (ctx.registry.clone(), ctx.config.job.id.clone());
     let path = tokio::task::spawn_blocking(move || registry.save_final(&job, &weights)).await??;
     tracing::info!(path = %path.display(), "final top model saved");
-    // Give the transport a moment to deliver the end of training before the connection goes.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    ctx.channels.close().await?;
-    if let Some(reporter) = ctx.reporter.take() {
-        reporter.shutdown(Duration::from_secs(5)).await;
-    }
+    crate::runner::close_io(&ctx.channels, ctx.reporter.take(), true).await?;
     Ok(())
 }
 
