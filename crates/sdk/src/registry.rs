@@ -273,6 +273,28 @@ impl Registry for LocalRegistry {
     }
 }
 
+/// The job's base model (`modelSpec.baseModel`) read from `registry` off the async runtime;
+/// `None` when the job names none, an error naming it when the registry does not hold it.
+pub async fn load_base_model(
+    registry: Arc<dyn Registry>,
+    base: &fledge_types::BaseModel,
+) -> Result<Option<Weights>> {
+    if base.name.is_empty() {
+        return Ok(None);
+    }
+    let (name, version) = (base.name.clone(), base.version);
+    let model = tokio::task::spawn_blocking(move || registry.load_model(&name, version))
+        .await??
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "baseModel {} version {} is not in the registry",
+                base.name, base.version
+            ))
+        })?;
+    tracing::info!(name = %base.name, version = base.version, params = model.num_params(), "loaded base model");
+    Ok(Some(model))
+}
+
 /// The registry named by a task config's `registry` spec, relative paths under `workdir`.
 pub fn from_spec(spec: &RegistrySpec, workdir: &Path) -> Result<Arc<dyn Registry>> {
     Ok(Arc::new(local_from_spec(spec, workdir)?))

@@ -241,57 +241,75 @@ impl AggregatorCtx {
 }
 
 async fn load_base(ctx: &mut AggregatorCtx) -> Result<()> {
-    let base = ctx.config.base_model.clone();
-    if base.name.is_empty() {
-        return Ok(());
+    if let Some(model) =
+        crate::registry::load_base_model(ctx.registry.clone(), &ctx.config.base_model).await?
+    {
+        ctx.global = Some(model);
     }
-    let registry = ctx.registry.clone();
-    let (name, version) = (base.name.clone(), base.version);
-    let model =
-        ctx.blocking(move || registry.load_model(&name, version)).await?.ok_or_else(|| {
-            Error::Config(format!(
-                "baseModel {} version {} is not in the registry",
-                base.name, base.version
-            ))
-        })?;
-    tracing::info!(name = %base.name, version = base.version, params = model.num_params(), "loaded base model");
-    ctx.global = Some(model);
     Ok(())
 }
 
 async fn await_trainers(ctx: &mut AggregatorCtx) -> Result<()> {
-    let want = ctx.expected_trainers.max(ctx.min_trainers);
-    match ctx.distribute.await_ends(want, ctx.common.join_timeout).await {
+    await_children(
+        &ctx.distribute,
+        ctx.expected_trainers,
+        ctx.min_trainers,
+        ctx.common.join_timeout,
+    )
+    .await
+}
+
+/// Waits until `expected` children (at least `min`) joined `distribute`; past `join_timeout`
+/// it starts with those present if they are at least `min`, and fails the quorum otherwise.
+/// Every aggregator (synchronous or FedBuff, top or middle) starts this way.
+pub(crate) async fn await_children(
+    distribute: &Channel,
+    expected: usize,
+    min: usize,
+    join_timeout: Duration,
+) -> Result<()> {
+    let want = expected.max(min);
+    match distribute.await_ends(want, join_timeout).await {
         Ok(ends) => {
-            tracing::info!(task_id = %ctx.config.task_id, trainers = ends.len(), "trainers joined");
+            tracing::info!(task_id = %distribute.me(), trainers = ends.len(), "trainers joined");
             Ok(())
         }
         Err(fledge_channel::Error::JoinTimeout { .. }) => {
-            let have = ctx.distribute.ends().len();
-            if have >= ctx.min_trainers {
+            let have = distribute.ends().len();
+            if have >= min {
                 tracing::warn!(have, want, "join timeout; starting with the trainers present");
                 Ok(())
             } else {
-                Err(Error::Quorum { round: 0, got: have, need: ctx.min_trainers })
+                Err(Error::Quorum { round: 0, got: have, need: min })
             }
         }
         Err(e) => Err(e.into()),
     }
 }
 
-/// Asks trainers, one at a time, for their initial weights.
 async fn request_model(ctx: &AggregatorCtx) -> Result<Weights> {
     // A coordinated round selects before the model exists: ask only the selected children,
     // the others may be listening to someone else.
     let ends = if ctx.selected.is_empty() { ctx.distribute.ends() } else { ctx.selected.clone() };
+    request_initial_model(&ctx.distribute, &ctx.aggregate, ends).await
+}
+
+/// Asks `ends`, one at a time, for their initial weights (on `distribute`, the reply on
+/// `aggregate`): the first that answers gives the model. Other messages from an end are
+/// ignored while it is asked; an end that leaves is skipped.
+pub(crate) async fn request_initial_model(
+    distribute: &Channel,
+    aggregate: &Channel,
+    ends: Vec<TaskId>,
+) -> Result<Weights> {
     for end in ends {
         let request = Message::new(Kind::Control, 0).with_meta(COMMAND, INIT_MODEL);
-        if let Err(e) = ctx.distribute.send(&end, request).await {
+        if let Err(e) = distribute.send(&end, request).await {
             tracing::warn!(%end, error = %e, "cannot ask trainer for the initial model");
             continue;
         }
         loop {
-            match ctx.aggregate.recv(&end).await {
+            match aggregate.recv(&end).await {
                 Ok(m) if m.kind == Kind::Weights && m.round == 0 => {
                     tracing::info!(%end, "initial model received from trainer");
                     return tensors_to_weights(&m.tensors);

@@ -69,7 +69,7 @@ use crate::hyper::{self, names};
 use crate::metrics::{Reporter, RoundMetrics};
 use crate::registry::Registry;
 use crate::roles::trainer::{COMMAND, INIT_MODEL};
-use crate::roles::{Common, RoleKind, tags};
+use crate::roles::{Common, RoleKind, aggregator, tags};
 use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result, Weights};
 
@@ -378,63 +378,26 @@ impl AsyncAggregatorCtx {
 }
 
 async fn load_base(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
-    let base = ctx.config.base_model.clone();
-    if base.name.is_empty() {
-        return Ok(());
+    if let Some(model) =
+        crate::registry::load_base_model(ctx.registry.clone(), &ctx.config.base_model).await?
+    {
+        ctx.global = Some(model);
     }
-    let registry = ctx.registry.clone();
-    let (name, version) = (base.name.clone(), base.version);
-    let model = tokio::task::spawn_blocking(move || registry.load_model(&name, version))
-        .await??
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "baseModel {} version {} is not in the registry",
-                base.name, base.version
-            ))
-        })?;
-    ctx.global = Some(model);
     Ok(())
 }
 
 async fn await_trainers(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
-    let want = ctx.expected_trainers.max(ctx.min_trainers);
-    match ctx.distribute.await_ends(want, ctx.common.join_timeout).await {
-        Ok(ends) => {
-            tracing::info!(trainers = ends.len(), "trainers joined");
-            Ok(())
-        }
-        Err(fledge_channel::Error::JoinTimeout { .. }) => {
-            let have = ctx.distribute.ends().len();
-            if have >= ctx.min_trainers {
-                tracing::warn!(have, want, "join timeout; starting with the trainers present");
-                Ok(())
-            } else {
-                Err(Error::Quorum { round: 0, got: have, need: ctx.min_trainers })
-            }
-        }
-        Err(e) => Err(e.into()),
-    }
+    aggregator::await_children(
+        &ctx.distribute,
+        ctx.expected_trainers,
+        ctx.min_trainers,
+        ctx.common.join_timeout,
+    )
+    .await
 }
 
-/// Asks trainers, one at a time, for their initial weights.
 async fn request_model(ctx: &AsyncAggregatorCtx) -> Result<Weights> {
-    for end in ctx.distribute.ends() {
-        let request = Message::new(Kind::Control, 0).with_meta(COMMAND, INIT_MODEL);
-        if let Err(e) = ctx.distribute.send(&end, request).await {
-            tracing::warn!(%end, error = %e, "cannot ask trainer for the initial model");
-            continue;
-        }
-        match ctx.aggregate.recv(&end).await {
-            Ok(m) if m.kind == Kind::Weights && m.round == 0 => {
-                return tensors_to_weights(&m.tensors);
-            }
-            Ok(m) => tracing::warn!(%end, kind = ?m.kind, "unexpected reply to init_model"),
-            Err(e) => {
-                tracing::warn!(%end, error = %e, "trainer left before sending the initial model")
-            }
-        }
-    }
-    Err(Error::Quorum { round: 0, got: 0, need: 1 })
+    aggregator::request_initial_model(&ctx.distribute, &ctx.aggregate, ctx.distribute.ends()).await
 }
 
 async fn init_model(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
