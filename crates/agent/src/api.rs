@@ -11,7 +11,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use rand::Rng as _;
 
 use fledge_client::{ComputeClient, TaskClient};
 use fledge_types::{JobId, TaskConfig, TaskId, TaskState};
@@ -141,40 +140,48 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// The delay before attempt `attempt + 1` (0-based `attempt`), with ±25 % jitter.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let base = self.initial.saturating_mul(2u32.saturating_pow(attempt.min(16))).min(self.max);
-        let jitter = rand::rng().random_range(0.75..1.25);
-        base.mul_f64(jitter)
+    /// The delays between attempts: doubling from `initial` up to `max`, each with "equal
+    /// jitter" (uniform in `[d/2, d)`, so agents that lost the same control plane do not retry
+    /// in lockstep), summing to at most `max_elapsed`.
+    pub fn builder(&self) -> backon::ExponentialBuilder {
+        let min = (self.initial / 2).max(Duration::from_millis(1));
+        backon::ExponentialBuilder::default()
+            .with_min_delay(min)
+            .with_max_delay((self.max / 2).max(min))
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(self.max_elapsed))
     }
 }
 
 /// Runs `call` until it succeeds, fails for good, or `backoff.max_elapsed` passes.
 ///
 /// `what` names the call in logs.
-pub async fn retry<T, F, Fut>(backoff: Backoff, what: &str, mut call: F) -> Result<T>
+pub async fn retry<T, F, Fut>(backoff: Backoff, what: &str, call: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
 {
+    use backon::Retryable as _;
     let start = tokio::time::Instant::now();
-    let mut attempt = 0;
-    loop {
-        match call().await {
-            Ok(value) => return Ok(value),
-            Err(err) if err.is_transient() => {
-                let delay = backoff.delay(attempt);
-                if start.elapsed() + delay > backoff.max_elapsed {
-                    tracing::warn!(what, attempts = attempt + 1, error = %format!("{err:#}"), "giving up");
-                    return Err(err);
-                }
-                tracing::debug!(what, attempt, ?delay, error = %format!("{err:#}"), "retrying");
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-            }
-            Err(err) => return Err(err),
-        }
+    let attempts = std::sync::atomic::AtomicU32::new(1);
+    let count = || attempts.load(std::sync::atomic::Ordering::Relaxed);
+    let res = call
+        .retry(backoff.builder())
+        .sleep(tokio::time::sleep)
+        .when(|err: &Error| err.is_transient() && start.elapsed() < backoff.max_elapsed)
+        .notify(|err: &Error, delay: Duration| {
+            tracing::debug!(what, attempt = count(), ?delay, error = %format!("{err:#}"), "retrying");
+            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .await;
+    if let Err(err) = &res
+        && err.is_transient()
+    {
+        tracing::warn!(what, attempts = count(), error = %format!("{err:#}"), "giving up");
     }
+    res
 }
 
 #[cfg(test)]

@@ -1,5 +1,11 @@
 //! Code bundles: a directory zipped on the fly (one folder per role), or a zip file as is, and
 //! a content comparison so `run` uploads a new revision only when the code changed.
+//!
+//! The directory walk (the `ignore` crate) honours `.gitignore` files (in the directory, below
+//! it and in its parents, whether or not it is in a git repository), `.git/info/exclude` and
+//! `.ignore` files, and skips caches, VCS and build output ([`SKIPPED`]) and Python virtual
+//! environments (a directory holding `pyvenv.cfg`, or `conda-meta/` for conda), so a role folder
+//! with a `.venv` uploads only its code.
 
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read, Write};
@@ -31,10 +37,10 @@ pub fn load(path: &Path) -> Result<Vec<u8>, InputError> {
     Ok(bytes)
 }
 
-/// Zips the files under `dir` (paths relative to it), skipping [`SKIPPED`] directories.
+/// Zips the files under `dir` (paths relative to it) that the walk keeps (see the module doc).
 pub fn zip_dir(dir: &Path) -> Result<Vec<u8>, InputError> {
     let mut files = Vec::new();
-    collect(dir, "", &mut files)?;
+    collect(dir, &mut files)?;
     if files.is_empty() {
         return Err(InputError::Other(format!("{} holds no files to upload", dir.display())));
     }
@@ -62,35 +68,56 @@ pub fn zip_dir(dir: &Path) -> Result<Vec<u8>, InputError> {
     Ok(cursor.into_inner())
 }
 
+/// Whether `dir` is a Python virtual environment (venv/virtualenv write `pyvenv.cfg`, conda
+/// environments hold `conda-meta/`).
+fn is_virtual_env(dir: &Path) -> bool {
+    dir.join("pyvenv.cfg").is_file() || dir.join("conda-meta").is_dir()
+}
+
 /// Files under `dir` in sorted order as (zip name, path on disk).
-fn collect(
-    dir: &Path,
-    prefix: &str,
-    out: &mut Vec<(String, std::path::PathBuf)>,
-) -> Result<(), InputError> {
-    let read_dir = |source| InputError::Read { path: dir.to_owned(), source };
-    let mut entries = std::fs::read_dir(dir)
-        .map_err(read_dir)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(read_dir)?;
-    entries.sort_by_key(|entry| entry.file_name());
-    for entry in entries {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else {
+fn collect(dir: &Path, out: &mut Vec<(String, std::path::PathBuf)>) -> Result<(), InputError> {
+    let walk = ignore::WalkBuilder::new(dir)
+        .hidden(false)
+        .parents(true)
+        .ignore(true)
+        .git_ignore(true)
+        .git_exclude(true)
+        .git_global(false)
+        .require_git(false)
+        .follow_links(false)
+        .sort_by_file_name(|a, b| a.cmp(b))
+        .filter_entry(|entry| {
+            let is_dir = entry.file_type().is_some_and(|t| t.is_dir());
+            let skipped = entry.depth() > 0
+                && is_dir
+                && (entry.file_name().to_str().is_some_and(|name| SKIPPED.contains(&name))
+                    || is_virtual_env(entry.path()));
+            if skipped {
+                tracing::debug!(path = %entry.path().display(), "left out of the bundle");
+            }
+            !skipped
+        })
+        .build();
+    for entry in walk {
+        let entry = entry.map_err(|err| {
+            InputError::Other(format!("cannot read {} for the bundle: {err}", dir.display()))
+        })?;
+        if entry.depth() == 0 {
+            continue;
+        }
+        let path = entry.path().to_owned();
+        let rel = path.strip_prefix(dir).map_err(|_| {
+            InputError::Other(format!("{} is outside {}", path.display(), dir.display()))
+        })?;
+        let Some(zip_name) = rel.to_str().map(|name| name.replace(std::path::MAIN_SEPARATOR, "/"))
+        else {
             return Err(InputError::Other(format!(
                 "{} has a file name that is not UTF-8",
-                entry.path().display()
+                path.display()
             )));
         };
-        let path = entry.path();
-        let file_type =
-            entry.file_type().map_err(|source| InputError::Read { path: path.clone(), source })?;
-        let zip_name = format!("{prefix}{name}");
-        if file_type.is_dir() {
-            if !SKIPPED.contains(&name) {
-                collect(&path, &format!("{zip_name}/"), out)?;
-            }
-        } else if file_type.is_symlink() {
+        let Some(file_type) = entry.file_type() else { continue };
+        if file_type.is_symlink() {
             // Follow links to files; links to directories could loop, so they are skipped.
             match std::fs::metadata(&path) {
                 Ok(meta) if meta.is_file() => out.push((zip_name, path)),
@@ -102,6 +129,8 @@ fn collect(
             out.push((zip_name, path));
         }
     }
+    // The walk sorts siblings by name; zip names sort the same way, so order is deterministic.
+    out.sort();
     Ok(())
 }
 
@@ -169,6 +198,36 @@ mod tests {
 
         write(root, "trainer/main.py", "print('changed')");
         assert!(!same_contents(&load(root).unwrap(), &zip));
+    }
+
+    #[test]
+    fn gitignored_files_and_virtual_environments_stay_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(root, ".gitignore", "*.log\n/trainer/data/\n");
+        write(root, "trainer/main.py", "print('train')");
+        write(root, "trainer/run.log", "noise");
+        write(root, "trainer/data/big.npz", "weights");
+        write(root, "trainer/.gitignore", "secrets.txt\n");
+        write(root, "trainer/secrets.txt", "key");
+        write(root, "trainer/.venv/pyvenv.cfg", "home = /usr/bin");
+        write(root, "trainer/.venv/lib/site.py", "x");
+        write(root, "trainer/env2/pyvenv.cfg", "home = /usr/bin");
+        write(root, "trainer/env2/bin/python", "x");
+        write(root, "trainer/conda/conda-meta/history", "x");
+        write(root, "trainer/conda/bin/python", "x");
+        write(root, "trainer/venv_notes/readme.txt", "kept: not an environment");
+
+        let names: Vec<String> = contents(&load(root).unwrap()).unwrap().into_keys().collect();
+        assert_eq!(
+            names,
+            [
+                ".gitignore",
+                "trainer/.gitignore",
+                "trainer/main.py",
+                "trainer/venv_notes/readme.txt"
+            ]
+        );
     }
 
     #[test]

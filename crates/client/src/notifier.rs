@@ -15,7 +15,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
-use rand::Rng;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
@@ -43,35 +42,40 @@ impl Default for Reconnect {
     }
 }
 
-/// Exponential backoff with a cap and "equal jitter": each delay is uniform in
-/// `[d/2, d]` where `d` doubles per attempt up to the cap, so many clients that lost the same
-/// notifier do not reconnect in lockstep.
-#[derive(Clone, Debug)]
+/// The reconnect delays of one subscription: exponential with a cap and "equal jitter"
+/// (backon's exponential backoff): each delay is uniform in `[d/2, d)` where `d` doubles per
+/// attempt from `initial` up to `max`, so many clients that lost the same notifier do not
+/// reconnect in lockstep.
+#[derive(Debug)]
 pub struct Backoff {
-    policy: Reconnect,
-    current: Duration,
+    builder: backon::ExponentialBuilder,
+    delays: backon::ExponentialBackoff,
+    max: Duration,
 }
 
 impl Backoff {
     /// A backoff that starts at `policy.initial`.
     pub fn new(policy: Reconnect) -> Self {
-        let initial = policy.initial.max(Duration::from_millis(1));
-        let policy = Reconnect { initial, max: policy.max.max(initial) };
-        Self { policy, current: initial }
+        let initial = policy.initial.max(Duration::from_millis(2));
+        let max = policy.max.max(initial);
+        let builder = backon::ExponentialBuilder::default()
+            .with_min_delay(initial / 2)
+            .with_max_delay(max / 2)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times();
+        Self { builder, delays: backon::BackoffBuilder::build(builder), max }
     }
 
     /// The next delay to wait; each call doubles the base up to the cap.
     pub fn next_delay(&mut self) -> Duration {
-        let base = self.current;
-        self.current = (self.current * 2).min(self.policy.max);
-        let half = base / 2;
-        let jitter_nanos = u64::try_from((base - half).as_nanos()).unwrap_or(u64::MAX);
-        half + Duration::from_nanos(rand::rng().random_range(0..=jitter_nanos))
+        // Without a cap on attempts the delays never end; the cap is the fallback.
+        self.delays.next().unwrap_or(self.max)
     }
 
     /// Back to the initial delay (after a success).
     pub fn reset(&mut self) {
-        self.current = self.policy.initial;
+        self.delays = backon::BackoffBuilder::build(self.builder);
     }
 }
 

@@ -210,21 +210,52 @@ fn csv_error(path: &Path, line: usize, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Parses comma-separated numbers of one line.
-fn parse_row(path: &Path, line_no: usize, line: &str) -> Result<Vec<f32>> {
-    line.split(',')
-        .map(|v| {
-            v.trim()
-                .parse::<f32>()
-                .map_err(|_| csv_error(path, line_no, format!("{v:?} is not a number")))
-        })
-        .collect()
+/// Numeric CSV rows, each with its line number.
+type Rows = Vec<(usize, Vec<f32>)>;
+
+/// Reads CSV `bytes` (the `csv` crate: quoting, CRLF, blank lines skipped, fields trimmed):
+/// the header record when `has_header`, and every row as (line number, numbers).
+fn read_csv(
+    path: &Path,
+    bytes: &[u8],
+    has_header: bool,
+) -> Result<(Option<csv::StringRecord>, Rows)> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(bytes);
+    let line_of = |record: &csv::StringRecord| {
+        record.position().map_or(0, |p| usize::try_from(p.line()).unwrap_or(usize::MAX))
+    };
+    let mut header = None;
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|err| {
+            let line = err.position().map_or(0, |p| usize::try_from(p.line()).unwrap_or(0));
+            csv_error(path, line, err.to_string())
+        })?;
+        let line_no = line_of(&record);
+        if has_header && header.is_none() {
+            header = Some(record);
+            continue;
+        }
+        let row = record
+            .iter()
+            .map(|v| {
+                v.parse::<f32>()
+                    .map_err(|_| csv_error(path, line_no, format!("{v:?} is not a number")))
+            })
+            .collect::<Result<Vec<f32>>>()?;
+        rows.push((line_no, row));
+    }
+    Ok((header, rows))
 }
 
 /// Splits rows of `dim` features + 1 label into a dataset.
 fn rows_to_dataset(
     path: &Path,
-    rows: Vec<(usize, Vec<f32>)>,
+    rows: Rows,
     dim: usize,
     classes: usize,
     scale: f32,
@@ -255,40 +286,25 @@ fn rows_to_dataset(
 /// Loads the UCI optical digits CSV (`digits.csv[.gz]`: 64 values 0–16 and a label 0–9 per
 /// row, no header). Features are scaled to `[0, 1]`.
 pub fn load_digits(path: &Path) -> Result<Dataset> {
-    let text = String::from_utf8(read_maybe_gz(path)?)
-        .map_err(|_| csv_error(path, 0, "not UTF-8 text"))?;
-    let rows = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| parse_row(path, i + 1, l).map(|r| (i + 1, r)))
-        .collect::<Result<Vec<_>>>()?;
+    let (_, rows) = read_csv(path, &read_maybe_gz(path)?, false)?;
     rows_to_dataset(path, rows, 64, 10, 16.0)
 }
 
 /// Loads the breast-cancer CSV (first line `rows,features,name0,name1`, then rows of 30
 /// features and a label 0 = malignant, 1 = benign). Features are not rescaled.
 pub fn load_breast_cancer(path: &Path) -> Result<Dataset> {
-    let text = String::from_utf8(read_maybe_gz(path)?)
-        .map_err(|_| csv_error(path, 0, "not UTF-8 text"))?;
-    let mut lines = text.lines().enumerate();
-    let (_, header) = lines.next().ok_or_else(|| csv_error(path, 1, "empty file"))?;
-    let fields: Vec<&str> = header.split(',').collect();
-    let (n_rows, dim) = match fields.as_slice() {
-        [rows, dim, ..] => (
-            rows.trim()
-                .parse::<usize>()
+    let (header, rows) = read_csv(path, &read_maybe_gz(path)?, true)?;
+    let header = header.ok_or_else(|| csv_error(path, 1, "empty file"))?;
+    let (n_rows, dim) = match (header.get(0), header.get(1)) {
+        (Some(rows), Some(dim)) => (
+            rows.parse::<usize>()
                 .map_err(|_| csv_error(path, 1, format!("row count {rows:?} is not a number")))?,
-            dim.trim().parse::<usize>().map_err(|_| {
+            dim.parse::<usize>().map_err(|_| {
                 csv_error(path, 1, format!("feature count {dim:?} is not a number"))
             })?,
         ),
         _ => return Err(csv_error(path, 1, "header must be rows,features,names...")),
     };
-    let rows = lines
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| parse_row(path, i + 1, l).map(|r| (i + 1, r)))
-        .collect::<Result<Vec<_>>>()?;
     if rows.len() != n_rows {
         return Err(csv_error(
             path,
@@ -350,6 +366,15 @@ mod tests {
         );
         let csv = dir.join("bad.csv");
         std::fs::write(&csv, "1,2,x\n").expect("write");
+        let quoted = dir.join("quoted.csv");
+        let row = (0..64).map(|i| format!("\"{}\"", i % 17)).collect::<Vec<_>>().join(",");
+        std::fs::write(&quoted, format!("{row},3\r\n\r\n{row},4\r\n")).expect("write");
+        let parsed = load_digits(&quoted).expect("quoted fields, CRLF and blank lines parse");
+        assert_eq!(parsed.labels, [3, 4]);
+        let short = dir.join("short.csv");
+        std::fs::write(&short, format!("{row},3\n1,2\n")).expect("write");
+        let err = load_digits(&short).unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("2 values"), "{err}");
         let err = load_digits(&csv).unwrap_err();
         assert!(matches!(&err, Error::Format { reason, .. } if reason.contains("line 1")), "{err}");
         let err = load_mnist(&dir.join("missing"), Split::Test).unwrap_err();

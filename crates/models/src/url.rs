@@ -13,6 +13,8 @@
 //!   same seed so that the shards are disjoint.
 //! - `limit` keeps only the first `m` training rows before partitioning (quick tests).
 //! - The test set (`*-test-*`) is used for evaluation, whole.
+//! - The path and every query key and value are percent-decoded (`my%20data` is `my data`); a
+//!   key given twice is an error.
 
 use std::path::PathBuf;
 
@@ -53,6 +55,12 @@ impl DatasetUrl {
             Some((p, q)) => (p, q),
             None => (url, ""),
         };
+        let decode = |part: &str, what: &str| {
+            percent_encoding::percent_decode_str(part)
+                .decode_utf8()
+                .map(|text| text.into_owned())
+                .map_err(|_| bad(format!("{what} {part:?} is not UTF-8 once percent-decoded")))
+        };
         let path = match path.split_once("://") {
             Some(("file", rest)) => rest,
             Some((scheme, _)) => {
@@ -62,9 +70,11 @@ impl DatasetUrl {
             }
             None => path,
         };
+        let path = decode(path, "path")?;
         if !path.starts_with('/') {
             return Err(bad(format!("path {path:?} is not absolute")));
         }
+        let mut seen = std::collections::HashSet::new();
         let mut shard = None;
         let mut shards = None;
         let mut partition = "iid".to_owned();
@@ -75,6 +85,11 @@ impl DatasetUrl {
             let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| bad(format!("query part {pair:?} is not key=value")))?;
+            let (key, value) = (decode(key, "query key")?, decode(value, "query value")?);
+            let (key, value) = (key.as_str(), value.as_str());
+            if !seen.insert(key.to_owned()) {
+                return Err(bad(format!("query key {key:?} is given twice")));
+            }
             let int = |v: &str| {
                 v.parse::<u64>()
                     .map_err(|_| bad(format!("{key}={v:?} is not a non-negative integer")))
@@ -129,7 +144,11 @@ impl DatasetUrl {
             Partition::Iid => "partition=iid".to_owned(),
             Partition::Dirichlet { alpha } => format!("partition=dirichlet&alpha={alpha}"),
         };
-        format!("file://{}?shard={shard}&shards={shards}&{part}&seed={seed}", dir.display())
+        // Encode what the parser decodes, so any directory name round-trips.
+        const PATH: &percent_encoding::AsciiSet =
+            &percent_encoding::CONTROLS.add(b' ').add(b'%').add(b'?').add(b'#').add(b'&');
+        let dir = percent_encoding::utf8_percent_encode(&dir.to_string_lossy(), PATH).to_string();
+        format!("file://{dir}?shard={shard}&shards={shards}&{part}&seed={seed}")
     }
 }
 
@@ -151,6 +170,21 @@ mod tests {
         assert_eq!((whole.shard, whole.partition), (None, Partition::Iid));
         let url = DatasetUrl::for_shard(&PathBuf::from("/d"), 1, 3, Partition::Iid, 0);
         assert_eq!(DatasetUrl::parse(&url).expect("round trip").shard, Some((1, 3)));
+    }
+
+    #[test]
+    fn paths_and_queries_are_percent_decoded() {
+        let u = DatasetUrl::parse("file:///data/my%20mnist%3F?shard=1&shards=%32&see%64=7")
+            .expect("valid once decoded");
+        assert_eq!(u.dir, PathBuf::from("/data/my mnist?"));
+        assert_eq!((u.shard, u.seed), (Some((1, 2)), 7));
+        let odd = PathBuf::from("/data/a b%c?d#e&f");
+        let url = DatasetUrl::for_shard(&odd, 0, 2, Partition::Iid, 0);
+        assert_eq!(DatasetUrl::parse(&url).expect("round trip").dir, odd);
+        let err = DatasetUrl::parse("/d?seed=1&seed=2").unwrap_err().to_string();
+        assert!(err.contains("given twice"), "{err}");
+        let err = DatasetUrl::parse("/d%ff").unwrap_err().to_string();
+        assert!(err.contains("not UTF-8"), "{err}");
     }
 
     #[test]

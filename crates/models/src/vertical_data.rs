@@ -91,7 +91,8 @@ fn format_error(path: &Path, reason: impl Into<String>) -> Error {
     Error::Format { path: path.display().to_string(), format: "CSV", reason: reason.into() }
 }
 
-/// The file a party's dataset URL names: `file:///abs/file.csv` or `/abs/file.csv`.
+/// The file a party's dataset URL names: `file:///abs/file.csv` or `/abs/file.csv`
+/// (percent-decoded: `my%20party.csv` is `my party.csv`).
 pub fn table_path(url: &str) -> Result<PathBuf> {
     let bad = |reason: String| Error::Url { url: url.to_owned(), reason };
     if url.contains('?') {
@@ -106,10 +107,13 @@ pub fn table_path(url: &str) -> Result<PathBuf> {
         }
         None => url,
     };
+    let path = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .map_err(|_| bad(format!("path {path:?} is not UTF-8 once percent-decoded")))?;
     if !path.starts_with('/') {
         return Err(bad(format!("path {path:?} is not absolute")));
     }
-    Ok(PathBuf::from(path))
+    Ok(PathBuf::from(path.as_ref()))
 }
 
 impl PartyTable {
@@ -134,9 +138,22 @@ impl PartyTable {
         label_column: Option<&str>,
         classes: usize,
     ) -> Result<PartyTable> {
-        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        // The `csv` crate: quoted fields, CRLF, blank lines skipped, fields trimmed.
+        let mut records = Vec::new();
+        for record in csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .trim(csv::Trim::All)
+            .from_reader(text.as_bytes())
+            .into_records()
+        {
+            let record = record.map_err(|err| format_error(path, err.to_string()))?;
+            let line = record.position().map_or(0, |p| usize::try_from(p.line()).unwrap_or(0));
+            records.push((line, record));
+        }
+        let mut lines = records.iter().map(|(line, record)| (*line, record));
         let (_, header) = lines.next().ok_or_else(|| format_error(path, "empty file"))?;
-        let header: Vec<&str> = header.split(',').map(str::trim).collect();
+        let header: Vec<&str> = header.iter().collect();
         let listed = || header.join(", ");
         let id_at = header.iter().position(|c| *c == id_column).ok_or_else(|| {
             format_error(
@@ -170,10 +187,9 @@ impl PartyTable {
             labels: label_at.map(|_| Vec::new()),
         };
         let mut seen: HashMap<String, usize> = HashMap::new();
-        for (i, line) in lines {
-            let line_no = i + 1;
+        for (line_no, record) in lines {
             let at = |reason: String| format_error(path, format!("line {line_no}: {reason}"));
-            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            let fields: Vec<&str> = record.iter().collect();
             if fields.len() != header.len() {
                 return Err(at(format!(
                     "{} fields, the header has {}",

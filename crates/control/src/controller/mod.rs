@@ -171,7 +171,7 @@ pub struct Controller {
     /// When each job is due for its next reconcile.
     due: HashMap<JobId, Instant>,
     /// Consecutive failed reconciles per job, for the backoff.
-    failures: HashMap<JobId, u32>,
+    failures: HashMap<JobId, (u32, backon::ExponentialBackoff)>,
 }
 
 /// The outcome of running a decision's effects.
@@ -305,14 +305,25 @@ impl Controller {
     }
 
     /// Backoff after a failed reconcile: doubling from 0.5 s, capped at the resync interval,
-    /// with ±20% jitter so that many failing jobs do not retry in lockstep.
+    /// with "equal jitter" (uniform in `[d/2, d)`) so that many failing jobs do not retry in
+    /// lockstep. A success forgets the job's failures.
     fn error_policy(&mut self, job: &JobId, err: &Error) -> Action {
-        let attempts = self.failures.entry(job.clone()).or_insert(0);
+        let resync = self.policy.resync_interval;
+        let (attempts, backoff) = self.failures.entry(job.clone()).or_insert_with(|| {
+            let min = Duration::from_millis(250).min(resync / 2).max(Duration::from_millis(1));
+            let backoff = backon::BackoffBuilder::build(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(min)
+                    .with_max_delay((resync / 2).max(min))
+                    .with_factor(2.0)
+                    .with_jitter()
+                    .without_max_times(),
+            );
+            (0, backoff)
+        });
         *attempts = attempts.saturating_add(1);
-        let base = Duration::from_millis(500).saturating_mul(1 << (*attempts - 1).min(16));
-        let capped = base.min(self.policy.resync_interval);
-        let jitter = 0.8 + 0.4 * rand::random::<f64>();
-        let wait = capped.mul_f64(jitter);
+        // Without a cap on attempts the iterator never ends; the resync interval is the fallback.
+        let wait = backoff.next().unwrap_or(resync);
         tracing::warn!(error = %anyhow_chain(err), attempts = *attempts, ?wait, "reconcile failed; retrying");
         Action::Requeue(wait)
     }

@@ -10,13 +10,12 @@ use sqlx::postgres::PgPoolOptions;
 
 use super::sql::impl_sql_store;
 
-/// Migrations in order; the version table records how many are applied.
-const MIGRATIONS: &[&str] = &[
-    include_str!("../../migrations/postgres/0001_init.sql"),
-    include_str!("../../migrations/postgres/0002_dataset_names_not_unique.sql"),
-];
+/// The migrations in `migrations/postgres/`, embedded and checksummed; applied ones are
+/// recorded in `_sqlx_migrations` (under sqlx's advisory lock), and a changed migration file is
+/// refused at connect.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
-/// Arbitrary constant naming Fledge's migration lock.
+/// Arbitrary constant naming the lock under which a database of the old migrator is adopted.
 const MIGRATION_LOCK: i64 = 0x0f1e_d9e0;
 
 /// A [`Store`](super::Store) in a PostgreSQL database.
@@ -51,7 +50,6 @@ impl PostgresStore {
 }
 
 async fn migrate(pool: &PgPool) -> super::Result<()> {
-    use sqlx::Row as _;
     let db = super::sql::db;
     let mut tx = pool.begin().await.map_err(db)?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -59,31 +57,16 @@ async fn migrate(pool: &PgPool) -> super::Result<()> {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS fledge_schema_version \
-         (version BIGINT NOT NULL, applied_at TEXT NOT NULL)",
-    )
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?;
-    let applied: i64 =
-        sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM fledge_schema_version")
+    let legacy: bool =
+        sqlx::query_scalar("SELECT to_regclass('fledge_schema_version') IS NOT NULL")
             .fetch_one(&mut *tx)
             .await
-            .map_err(db)?
-            .try_get("v")
             .map_err(db)?;
-    super::sqlite::check_known(applied, MIGRATIONS.len())?;
-    for (version, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
-        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
-        sqlx::query("INSERT INTO fledge_schema_version (version, applied_at) VALUES ($1, $2)")
-            .bind(version as i64 + 1)
-            .bind(super::sql::now())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+    if legacy {
+        super::sql::adopt_legacy_migrations!(&mut *tx, &MIGRATOR);
     }
-    tx.commit().await.map_err(db)
+    tx.commit().await.map_err(db)?;
+    MIGRATOR.run(pool).await.map_err(super::sql::migrate_error)
 }
 
 impl_sql_store!(PostgresStore, sqlx::postgres::PgRow, "BEGIN");
@@ -99,6 +82,7 @@ mod tests {
             eprintln!("skipping the PostgreSQL store suite: FLEDGE_POSTGRES_URL is not set");
             return;
         };
+        let _guard = SERIAL.lock().await;
         let dir = tempfile::tempdir().unwrap();
         let counter = std::sync::atomic::AtomicUsize::new(0);
         crate::store::suite::run(|| {
@@ -114,12 +98,61 @@ mod tests {
         .await;
     }
 
+    /// A database of the old migrator (`fledge_schema_version`, 0001 applied) connects, keeps
+    /// its data and is upgraded (0002 drops the unique dataset names).
+    #[tokio::test]
+    async fn a_database_of_the_old_migrator_connects_and_upgrades() {
+        use crate::store::Store as _;
+        let Ok(url) = std::env::var("FLEDGE_POSTGRES_URL") else {
+            eprintln!("skipping the PostgreSQL upgrade test: FLEDGE_POSTGRES_URL is not set");
+            return;
+        };
+        // Shares the database with `suite`: both reset it, so they must not interleave.
+        let _guard = SERIAL.lock().await;
+        reset(&url).await;
+        let pool = PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+        sqlx::raw_sql(include_str!("../../migrations/postgres/0001_init.sql"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE fledge_schema_version \
+             (version BIGINT NOT NULL, applied_at TEXT NOT NULL); \
+             INSERT INTO fledge_schema_version VALUES (1, 'then'); \
+             INSERT INTO users (id, is_admin, created_at) VALUES ('ann', FALSE, 'then'); \
+             INSERT INTO datasets (id, owner, name, description, url, data_format, realm, \
+             is_public, created_at) VALUES ('d1', 'ann', 'MNIST dataset', '', 'file:///d1', \
+             'npy', 'default/eu', FALSE, 'then')",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::new(dir.path().join("blobs"), 1024).unwrap();
+        let store =
+            PostgresStore::connect(&url, blobs.clone()).await.expect("old database connects");
+        let spec = fledge_types::DatasetSpec {
+            name: "MNIST dataset".into(),
+            url: "file:///d2".into(),
+            realm: "default/us".into(),
+            ..Default::default()
+        };
+        store.create_dataset(&"ann".into(), &spec).await.expect("names need not be unique");
+        assert_eq!(store.list_datasets(None).await.unwrap().len(), 2);
+        let store = PostgresStore::connect(&url, blobs).await.expect("reconnects");
+        assert_eq!(store.list_datasets(None).await.unwrap().len(), 2);
+    }
+
+    /// Serialises the tests that reset the shared database.
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     /// Drops every Fledge table so each suite case starts from an empty database.
     async fn reset(url: &str) {
         let pool = PgPoolOptions::new().max_connections(1).connect(url).await.unwrap();
         sqlx::raw_sql(
             "DROP TABLE IF EXISTS metrics, tasks, job_datasets, jobs, computes, datasets, codes, \
-             schemas, designs, tokens, users, fledge_schema_version CASCADE",
+             schemas, designs, tokens, users, fledge_schema_version, _sqlx_migrations CASCADE",
         )
         .execute(&pool)
         .await

@@ -80,6 +80,58 @@ pub(super) fn db(err: sqlx::Error) -> Error {
     Error::Database(anyhow::Error::new(err))
 }
 
+/// A failed migration, or a database whose applied migrations this build does not know.
+pub(super) fn migrate_error(err: sqlx::migrate::MigrateError) -> Error {
+    let message = match &err {
+        sqlx::migrate::MigrateError::VersionMissing(version) => {
+            format!("database schema version {version} is newer than this build supports")
+        }
+        _ => "failed to migrate the database".to_owned(),
+    };
+    Error::Database(anyhow::Error::new(err).context(message))
+}
+
+/// Adopts a database of the hand-written migrator that came before `sqlx::migrate!`: the
+/// migrations its `fledge_schema_version` table counts are recorded as applied in
+/// `_sqlx_migrations` with the embedded checksums (their files are unchanged), and the old table
+/// is dropped. A database that claims more migrations than the migrator knows was written by a
+/// newer Fledge and is refused. `$conn` is a connection inside the caller's transaction.
+macro_rules! adopt_legacy_migrations {
+    ($conn:expr, $migrator:expr) => {{
+        use sqlx::migrate::Migrate as _;
+        let db = super::sql::db;
+        let conn = $conn;
+        let migrator: &sqlx::migrate::Migrator = $migrator;
+        let applied: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM fledge_schema_version")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db)?;
+        let known = migrator.iter().count();
+        if applied < 0 || applied as usize > known {
+            return Err(super::Error::Database(anyhow::anyhow!(
+                "database schema version {applied} is newer than this build supports ({known})"
+            )));
+        }
+        conn.ensure_migrations_table().await.map_err(super::sql::migrate_error)?;
+        for migration in migrator.iter().filter(|m| m.version <= applied) {
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations \
+                 (version, description, success, checksum, execution_time) \
+                 VALUES ($1, $2, TRUE, $3, 0) ON CONFLICT (version) DO NOTHING",
+            )
+            .bind(migration.version)
+            .bind(migration.description.to_string())
+            .bind(migration.checksum.to_vec())
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        }
+        sqlx::query("DROP TABLE fledge_schema_version").execute(&mut *conn).await.map_err(db)?;
+    }};
+}
+pub(super) use adopt_legacy_migrations;
+
 /// Whether a database error is a unique-key violation.
 pub(super) fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(e) if e.is_unique_violation())

@@ -12,11 +12,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 use super::sql::impl_sql_store;
 
-/// Migrations in order; the version table records how many are applied.
-const MIGRATIONS: &[&str] = &[
-    include_str!("../../migrations/sqlite/0001_init.sql"),
-    include_str!("../../migrations/sqlite/0002_dataset_names_not_unique.sql"),
-];
+/// The migrations in `migrations/sqlite/`, embedded and checksummed; applied ones are recorded
+/// in `_sqlx_migrations`, and a changed migration file is refused at open.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 /// A [`Store`](super::Store) in a SQLite file.
 #[derive(Clone, Debug)]
@@ -61,44 +59,19 @@ impl SqliteStore {
 }
 
 async fn migrate(pool: &SqlitePool) -> super::Result<()> {
-    use sqlx::Row as _;
     let db = super::sql::db;
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS fledge_schema_version \
-         (version INTEGER NOT NULL, applied_at TEXT NOT NULL)",
+    let legacy: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'fledge_schema_version'",
     )
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await
     .map_err(db)?;
-    let applied: i64 =
-        sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM fledge_schema_version")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?
-            .try_get("v")
-            .map_err(db)?;
-    check_known(applied, MIGRATIONS.len())?;
-    for (version, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
-        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
-        sqlx::query("INSERT INTO fledge_schema_version (version, applied_at) VALUES ($1, $2)")
-            .bind(version as i64 + 1)
-            .bind(super::sql::now())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+    if legacy.is_some() {
+        super::sql::adopt_legacy_migrations!(&mut *tx, &MIGRATOR);
     }
-    tx.commit().await.map_err(db)
-}
-
-/// Refuses a database written by a newer Fledge (more migrations than this build knows).
-pub(super) fn check_known(applied: i64, known: usize) -> super::Result<()> {
-    if applied < 0 || applied as usize > known {
-        return Err(super::Error::Database(anyhow::anyhow!(
-            "database schema version {applied} is newer than this build supports ({known})"
-        )));
-    }
-    Ok(())
+    tx.commit().await.map_err(db)?;
+    MIGRATOR.run(pool).await.map_err(super::sql::migrate_error)
 }
 
 impl_sql_store!(SqliteStore, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE");
@@ -120,6 +93,75 @@ mod tests {
             }
         })
         .await;
+    }
+
+    /// A database written by the hand-written migrator that came before `sqlx::migrate!`
+    /// (version table `fledge_schema_version`, migration 0001 applied) opens, keeps its data and
+    /// is upgraded; a database claiming more migrations than this build knows is refused.
+    #[tokio::test]
+    async fn a_database_of_the_old_migrator_opens_and_upgrades() {
+        use crate::store::Store as _;
+        let dir = tempfile::tempdir().unwrap();
+        let old = |path: std::path::PathBuf, applied: i64| async move {
+            let options = SqliteConnectOptions::from_str("sqlite:")
+                .unwrap()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new().connect_with(options).await.unwrap();
+            sqlx::raw_sql(include_str!("../../migrations/sqlite/0001_init.sql"))
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::raw_sql(
+                "CREATE TABLE fledge_schema_version \
+                 (version INTEGER NOT NULL, applied_at TEXT NOT NULL); \
+                 INSERT INTO users (id, is_admin, created_at) VALUES ('ann', 0, 'then'); \
+                 INSERT INTO datasets (id, owner, name, description, url, data_format, realm, \
+                 is_public, created_at) VALUES ('d1', 'ann', 'MNIST dataset', '', \
+                 'file:///d1', 'npy', 'default/eu', 0, 'then')",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("INSERT INTO fledge_schema_version VALUES ($1, 'then')")
+                .bind(applied)
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        };
+        let path = dir.path().join("old.db");
+        old(path.clone(), 1).await;
+        let blobs = BlobStore::new(dir.path().join("blobs"), 1024).unwrap();
+        let store = SqliteStore::open(&path, blobs.clone()).await.expect("old database opens");
+        let ann = fledge_types::UserId::new("ann");
+        let kept = store.get_dataset(None, &"d1".into()).await.unwrap();
+        assert_eq!(kept.spec.name, "MNIST dataset");
+        // Migration 0002 ran: a second dataset of the same name is accepted.
+        let spec = fledge_types::DatasetSpec {
+            name: "MNIST dataset".into(),
+            url: "file:///d2".into(),
+            realm: "default/us".into(),
+            ..Default::default()
+        };
+        store.create_dataset(&ann, &spec).await.expect("names need not be unique");
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(applied, MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>());
+        drop(store);
+        // Reopening is a no-op.
+        let store = SqliteStore::open(&path, blobs.clone()).await.expect("reopens");
+        assert_eq!(store.list_datasets(None).await.unwrap().len(), 2);
+        drop(store);
+
+        let newer = dir.path().join("newer.db");
+        old(newer.clone(), 99).await;
+        let err = SqliteStore::open(&newer, blobs).await.expect_err("a newer database is refused");
+        let chain = format!("{:#}", anyhow::Error::new(err));
+        assert!(chain.contains("newer than this build supports"), "{chain}");
     }
 
     #[tokio::test]
