@@ -82,7 +82,6 @@ mod tests {
             eprintln!("skipping the PostgreSQL store suite: FLEDGE_POSTGRES_URL is not set");
             return;
         };
-        let _guard = SERIAL.lock().await;
         let dir = tempfile::tempdir().unwrap();
         let counter = std::sync::atomic::AtomicUsize::new(0);
         crate::store::suite::run(|| {
@@ -96,19 +95,16 @@ mod tests {
             }
         })
         .await;
+        a_database_of_the_old_migrator_connects_and_upgrades(&url).await;
     }
 
     /// A database of the old migrator (`fledge_schema_version`, 0001 applied) connects, keeps
-    /// its data and is upgraded (0002 drops the unique dataset names).
-    #[tokio::test]
-    async fn a_database_of_the_old_migrator_connects_and_upgrades() {
+    /// its data and is upgraded (0002 drops the unique dataset names). Run by `suite` after the
+    /// behavioural suite: both reset the one database, and nextest runs tests in parallel
+    /// processes.
+    async fn a_database_of_the_old_migrator_connects_and_upgrades(url: &str) {
         use crate::store::Store as _;
-        let Ok(url) = std::env::var("FLEDGE_POSTGRES_URL") else {
-            eprintln!("skipping the PostgreSQL upgrade test: FLEDGE_POSTGRES_URL is not set");
-            return;
-        };
-        // Shares the database with `suite`: both reset it, so they must not interleave.
-        let _guard = SERIAL.lock().await;
+        let url = url.to_owned();
         reset(&url).await;
         let pool = PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
         sqlx::raw_sql(include_str!("../../migrations/postgres/0001_init.sql"))
@@ -143,9 +139,6 @@ mod tests {
         let store = PostgresStore::connect(&url, blobs).await.expect("reconnects");
         assert_eq!(store.list_datasets(None).await.unwrap().len(), 2);
     }
-
-    /// Serialises the tests that reset the shared database.
-    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     /// Drops every Fledge table so each suite case starts from an empty database.
     async fn reset(url: &str) {
