@@ -167,7 +167,7 @@ async fn participant_run_trainers_join_leave_rejoin_and_the_job_completes() {
     let rounds = records_of(&records, "aggregator");
     assert_eq!(rounds.len(), 15, "{rounds:?}");
     assert!(rounds.iter().all(|r| r.task_id == aggregator));
-    let accuracy = rounds[14].metrics["trainer.accuracy"];
+    let accuracy = rounds[14].metrics["global.accuracy"];
     assert!(accuracy > 0.8, "final accuracy {accuracy}");
     // Clinic a trained again after it rejoined: its records go past the round it left in.
     let trained_by_a: Vec<u64> = records_of(&records, "trainer")
@@ -201,7 +201,7 @@ async fn parallel_experiments_train_one_model_per_region_in_one_job() {
             .filter(|t| t.role == "trainer" && t.group_association["param-channel"] == region)
             .count();
         assert!(own.iter().all(|r| r.metrics["updates"] == trainers as f64), "{region}: {own:?}");
-        let accuracy = own[4].metrics["trainer.accuracy"];
+        let accuracy = own[4].metrics["global.accuracy"];
         assert!(accuracy > 0.8, "{region} accuracy {accuracy}");
         regions.insert(region);
     }
