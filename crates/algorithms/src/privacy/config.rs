@@ -87,6 +87,11 @@ impl Fields {
         }
     }
 
+    /// A required non-negative integer.
+    pub(crate) fn required_integer(&mut self, name: &str) -> Result<u64, ConfigError> {
+        self.integer(name)?.ok_or_else(|| self.err(name, "is required"))
+    }
+
     /// An optional string.
     pub(crate) fn string(&mut self, name: &str) -> Result<Option<String>, ConfigError> {
         match self.take(name) {
