@@ -4,7 +4,7 @@
 //!
 //! Both are pure, synchronous state and math: the roles in `fledge-sdk` carry the
 //! [`secagg`] messages (which encode to bytes) over their channels and call [`dp`] around
-//! aggregation.
+//! aggregation. `docs/privacy.md` gives the threat model and the configuration reference.
 
 pub mod accountant;
 mod config;
