@@ -642,6 +642,13 @@ fn config_errors_name_the_field() {
     assert!(err.contains("secureAggregation.threshold"), "{err}");
     let err = ok.round_setup(10, 10, [0; 32]).unwrap_err().to_string();
     assert!(err.contains("more than 5"), "{err}");
+    // A complete graph over thousands of clients is refused: set neighbors.
+    let many = SecAggConfig::from_json(
+        &json!({"threshold": 3001, "quantizationBits": 8, "clippingRange": 1}),
+    )
+    .unwrap();
+    let err = many.round_setup(6000, 10, [0; 32]).unwrap_err().to_string();
+    assert!(err.contains("secureAggregation.neighbors"), "{err}");
     let big = SecAggConfig::from_json(&json!({"threshold": 3, "quantizationBits": 32, "clippingRange": 1, "maxWeight": 4294967295u64})).unwrap();
     let err = big.round_setup(4, 10, [0; 32]).unwrap_err().to_string();
     assert!(err.contains("overflows 64 bits"), "{err}");

@@ -4,9 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use rayon::prelude::*;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::crypto::{self, LABEL_ENC, LABEL_MASK, Word};
+use super::crypto::{self, CHUNK, LABEL_ENC, LABEL_MASK, Mask, Word};
 use super::messages::{
     AdvertiseKeys, CIPHERTEXT_LEN, ClientBody, ClientMessage, EncryptedShares, MaskedInput,
     PLAINTEXT_LEN, ServerBody, ServerMessage, Setup, UnmaskShares, read_share, write_share,
@@ -382,23 +383,33 @@ impl SecAggClient {
             0 => 1,
             w => num_samples.min(w),
         };
-        let mut v: Vec<W> = Vec::with_capacity(update.len() + 1);
-        v.extend(
-            update.iter().map(|x| W::from_u64(q.quantize(*x, &mut self.rng).wrapping_mul(weight))),
-        );
-        v.push(W::from_u64(weight));
-        crypto::apply_mask(&mut v, &self.self_seed, false);
         let me = self.setup.index;
+        let mut masks: Vec<Mask> = vec![(self.self_seed, false)];
         for j in masked_with.keys() {
             if let Some(dh) = crypto::agree(&self.mask_sk, &self.peers[j].mask_pk) {
-                let seed = crypto::pair_key(LABEL_MASK, &dh, self.round, me, *j);
-                crypto::apply_mask(&mut v, &seed, me > *j);
+                masks.push((crypto::pair_key(LABEL_MASK, &dh, self.round, me, *j), me > *j));
             }
         }
-        let mut out = vec![0u8; v.len() * W::BYTES];
-        for (w, o) in v.iter().zip(out.chunks_exact_mut(W::BYTES)) {
-            w.put_le(o);
-        }
+        // Stochastic rounding draws from one ChaCha20 stream per chunk, keyed by this client.
+        let mut rounding_key = [0u8; 32];
+        self.rng.fill_bytes(&mut rounding_key);
+        let len = update.len() + 1;
+        let mut out = vec![0u8; len * W::BYTES];
+        out.par_chunks_mut(CHUNK * W::BYTES).enumerate().for_each(|(c, bytes)| {
+            let start = c * CHUNK;
+            let mut rounding = ChaCha20Rng::from_seed(rounding_key);
+            rounding.set_stream(c as u64);
+            let mut words: Vec<W> = (start..start + bytes.len() / W::BYTES)
+                .map(|k| match update.get(k) {
+                    Some(x) => W::from_u64(q.quantize(*x, &mut rounding).wrapping_mul(weight)),
+                    None => W::from_u64(weight), // the last element: the weight itself
+                })
+                .collect();
+            crypto::apply_masks_at(&mut words, start, &masks);
+            for (w, o) in words.iter().zip(bytes.chunks_exact_mut(W::BYTES)) {
+                w.put_le(o);
+            }
+        });
         out
     }
 

@@ -2,9 +2,10 @@
 //! and ChaCha20-Poly1305 for the shares routed through the server.
 
 use chacha20::ChaCha20;
-use chacha20::cipher::{KeyIvInit, StreamCipher};
+use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use chacha20poly1305::aead::{Aead, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -81,7 +82,7 @@ pub(crate) fn open(
 }
 
 /// An element of the ring `Z/2^w` the masked vectors live in.
-pub(crate) trait Word: Copy + Send + Sync + 'static {
+pub(crate) trait Word: Copy + Default + Send + Sync + 'static {
     const BYTES: usize;
     fn from_le(b: &[u8]) -> Self;
     fn put_le(self, out: &mut [u8]);
@@ -142,26 +143,44 @@ impl Word for u64 {
 /// Bytes of keystream generated at a time (fits L1/L2 with the slice it is added to).
 const BLOCK: usize = 16 * 1024;
 
-/// Adds (or subtracts) the mask `PRG(seed)` to `data` in the ring: the ChaCha20 keystream
-/// under key `seed` and a zero nonce, read as little-endian words. Every seed is used for
-/// one round only, so the nonce never repeats under a key.
-pub(crate) fn apply_mask<W: Word>(data: &mut [W], seed: &[u8; 32], subtract: bool) {
-    let mut cipher = ChaCha20::new(seed.into(), &[0u8; 12].into());
-    let mut buf = vec![0u8; BLOCK];
-    for chunk in data.chunks_mut(BLOCK / W::BYTES) {
-        let bytes = &mut buf[..chunk.len() * W::BYTES];
-        bytes.fill(0);
-        cipher.apply_keystream(bytes);
-        if subtract {
-            for (d, k) in chunk.iter_mut().zip(bytes.chunks_exact(W::BYTES)) {
-                *d = d.wsub(W::from_le(k));
-            }
-        } else {
-            for (d, k) in chunk.iter_mut().zip(bytes.chunks_exact(W::BYTES)) {
-                *d = d.wadd(W::from_le(k));
+/// Elements per unit of parallel work: every mask is applied to one chunk while it is in
+/// cache, and chunks are spread over rayon's pool.
+pub(crate) const CHUNK: usize = 1 << 14;
+
+/// A mask: the ChaCha20 keystream under key `seed` and a zero nonce, read as little-endian
+/// words, added to (or, with `subtract`, subtracted from) a vector in the ring. Every seed is
+/// used for one round only, so the nonce never repeats under a key.
+pub(crate) type Mask = ([u8; 32], bool);
+
+/// Applies `masks` to `data`, the elements `offset..offset + data.len()` of the vector
+/// (each mask's keystream is sought to the offset, so chunks can be masked in any order).
+pub(crate) fn apply_masks_at<W: Word>(data: &mut [W], offset: usize, masks: &[Mask]) {
+    let mut buf = vec![0u8; BLOCK.min(data.len() * W::BYTES)];
+    for (seed, subtract) in masks {
+        let mut cipher = ChaCha20::new(seed.into(), &[0u8; 12].into());
+        cipher.seek((offset * W::BYTES) as u64);
+        for chunk in data.chunks_mut(BLOCK / W::BYTES) {
+            let bytes = &mut buf[..chunk.len() * W::BYTES];
+            bytes.fill(0);
+            cipher.apply_keystream(bytes);
+            if *subtract {
+                for (d, k) in chunk.iter_mut().zip(bytes.chunks_exact(W::BYTES)) {
+                    *d = d.wsub(W::from_le(k));
+                }
+            } else {
+                for (d, k) in chunk.iter_mut().zip(bytes.chunks_exact(W::BYTES)) {
+                    *d = d.wadd(W::from_le(k));
+                }
             }
         }
     }
+}
+
+/// Applies `masks` to the whole of `data`, chunk by chunk in parallel.
+pub(crate) fn apply_masks<W: Word>(data: &mut [W], masks: &[Mask]) {
+    data.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| apply_masks_at(chunk, i * CHUNK, masks));
 }
 
 /// A fresh X25519 secret from 32 random bytes.

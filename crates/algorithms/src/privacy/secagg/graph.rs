@@ -36,9 +36,25 @@ pub fn neighbours(n: u32, k: u32, seed: &[u8; 32]) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// The neighbours of one client (what a client computes for itself).
+/// The neighbours of one client (what a client computes for itself), in O(n) time and
+/// memory, the same list as `neighbours(n, k, seed)[client]`.
 pub fn neighbours_of(n: u32, k: u32, seed: &[u8; 32], client: u32) -> Vec<u32> {
-    neighbours(n, k, seed).swap_remove(client as usize)
+    let k = effective_degree(n, k);
+    if client >= n {
+        return Vec::new();
+    }
+    if k >= n.saturating_sub(1) {
+        return (0..n).filter(|j| *j != client).collect();
+    }
+    let perm = permutation(n, seed);
+    let Some(p) = perm.iter().position(|c| *c == client) else { return Vec::new() };
+    let p = p as u32;
+    let mut out: Vec<u32> = (1..=k / 2)
+        .flat_map(|d| [perm[((p + d) % n) as usize], perm[((p + n - d) % n) as usize]])
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// A uniform permutation of `0..n` by Fisher–Yates on ChaCha20 (stable across versions of
@@ -75,6 +91,10 @@ mod tests {
             }
         }
         assert_ne!(g, neighbours(50, 8, &[4; 32]), "the seed picks the graph");
+        for i in 0..50 {
+            assert_eq!(neighbours_of(50, 8, &[3; 32], i), g[i as usize]);
+        }
+        assert_eq!(neighbours_of(5, 8, &[0; 32], 2), vec![0, 1, 3, 4]);
         assert_eq!(effective_degree(50, 7), 8);
         assert_eq!(neighbours(5, 8, &[0; 32])[0], vec![1, 2, 3, 4]);
     }

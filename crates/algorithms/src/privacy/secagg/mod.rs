@@ -63,6 +63,11 @@ use super::config::{ConfigError, Fields};
 /// Most clients one round accepts (bounds every list the protocol carries).
 pub const MAX_CLIENTS: u32 = 1 << 20;
 
+/// Most neighbour pairs (clients × neighbours) one round accepts: the server keeps the graph
+/// and relays O(pairs) keys and shares. A complete graph (no `neighbors`) reaches it at about
+/// 5,800 clients.
+pub const MAX_EDGES: u64 = 1 << 25;
+
 /// The model spec's `secureAggregation` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecAggConfig {
@@ -194,6 +199,14 @@ impl SecAggConfig {
                 ),
             ));
         }
+        if u64::from(num_clients) * u64::from(k) > MAX_EDGES {
+            return Err(f(
+                "neighbors",
+                format!(
+                    "{num_clients} clients with {k} neighbours each is more than {MAX_EDGES} neighbour pairs; set neighbors (SecAgg+ needs only O(log n))"
+                ),
+            ));
+        }
         let levels = (1u128 << self.quantization_bits) - 1;
         let w = u128::from(self.max_weight.unwrap_or(1));
         let peak = u128::from(num_clients) * w * levels.max(1);
@@ -313,7 +326,9 @@ impl Quantizer {
             .clamp(0.0, self.levels);
         let q = if self.stochastic {
             let fl = v.floor();
-            if rng.random::<f64>() < v - fl { fl + 1.0 } else { fl }
+            // A 32-bit uniform draw: the rounding probability is exact to 2⁻³².
+            let u = f64::from(rng.next_u32()) * (1.0 / 4_294_967_296.0);
+            if u < v - fl { fl + 1.0 } else { fl }
         } else {
             v.round()
         };

@@ -4,9 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rand::TryRngCore;
 use rand::rngs::OsRng;
+use rayon::prelude::*;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use super::crypto::{self, LABEL_MASK, Word};
+use super::crypto::{self, LABEL_MASK, Mask, Word};
 use super::messages::{
     CIPHERTEXT_LEN, ClientBody, ClientMessage, PeerKeys, ServerBody, ServerMessage, Setup,
     SharesDelivery, UnmaskRequest, UnmaskShares,
@@ -481,7 +482,7 @@ impl SecAggServer {
         // Every secret needed, rebuilt before the accumulator is touched.
         let dropped: BTreeSet<u32> =
             self.requests.values().flat_map(|(d, _)| d.iter().copied()).collect();
-        let mut pair_seeds: Vec<([u8; 32], bool)> = Vec::new();
+        let mut pair_seeds: Vec<Mask> = Vec::new();
         for j in &dropped {
             let shares = key_shares.remove(j).unwrap_or_default();
             let mask_pk = self.keys[j].1;
@@ -557,16 +558,13 @@ fn fold<W: Word>(acc: &mut [W], data: &[u8]) {
 
 fn unmask<W: Word>(
     acc: &mut Vec<W>,
-    pair_seeds: &[([u8; 32], bool)],
+    pair_seeds: &[Mask],
     self_seeds: &[[u8; 32]],
     q: &Quantizer,
 ) -> Result<(Vec<f32>, u64), SecAggError> {
-    for (seed, subtract) in pair_seeds {
-        crypto::apply_mask(acc, seed, *subtract);
-    }
-    for seed in self_seeds {
-        crypto::apply_mask(acc, seed, true);
-    }
+    let masks: Vec<Mask> =
+        pair_seeds.iter().copied().chain(self_seeds.iter().map(|s| (*s, true))).collect();
+    crypto::apply_masks(acc, &masks);
     let Some(total) = acc.last().map(|w| w.to_u64()) else {
         return Err(SecAggError::ZeroTotalWeight);
     };
@@ -574,7 +572,7 @@ fn unmask<W: Word>(
         return Err(SecAggError::ZeroTotalWeight);
     }
     let n = acc.len() - 1;
-    let mean = acc[..n].iter().map(|s| q.dequantize_mean(s.to_u64(), total)).collect();
+    let mean = acc[..n].par_iter().map(|s| q.dequantize_mean(s.to_u64(), total)).collect();
     acc.clear();
     acc.shrink_to_fit();
     Ok((mean, total))
