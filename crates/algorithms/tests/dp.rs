@@ -257,3 +257,27 @@ fn local_dp_clips_noises_and_accounts_each_release() {
     assert!(matches!(dp.privatize(&mut after), Err(DpError::BudgetExceeded { .. })));
     assert_eq!(after, before, "a refused release leaves the update untouched");
 }
+
+#[test]
+fn model_spec_sections_are_read_together_and_central_dp_with_secagg_is_refused() {
+    use fledge_algorithms::privacy::PrivacyConfig;
+    let none = PrivacyConfig::from_model_spec(&json!({"optimizer": {"sort": "fedavg"}})).unwrap();
+    assert_eq!(none, PrivacyConfig::default());
+    let secagg = json!({"threshold": 3, "quantizationBits": 16, "clippingRange": 1.0});
+    let local = json!({"mode": "local", "noiseMultiplier": 1, "clippingNorm": 1, "delta": 1e-5});
+    let both = PrivacyConfig::from_model_spec(&json!({
+        "secureAggregation": secagg, "differentialPrivacy": local, "differentialPrivacy2": null
+    }))
+    .unwrap();
+    assert!(both.secure_aggregation.is_some() && both.differential_privacy.is_some());
+    let central = json!({"mode": "central", "noiseMultiplier": 1, "clippingNorm": 1, "delta": 1e-5, "samplingRate": 0.1});
+    let err = PrivacyConfig::from_model_spec(
+        &json!({"secureAggregation": secagg, "differentialPrivacy": central}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("differentialPrivacy.mode:"), "{err}");
+    let err = PrivacyConfig::from_model_spec(&json!({"secureAggregation": {"threshold": 3}}))
+        .unwrap_err();
+    assert_eq!(err.field, "secureAggregation.quantizationBits");
+}
