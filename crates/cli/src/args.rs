@@ -201,7 +201,7 @@ pub enum GetCmd {
     },
     /// One dataset.
     Dataset {
-        /// Dataset id.
+        /// Dataset id, or a name only one visible dataset has.
         id: String,
     },
     /// Own and public datasets.
@@ -285,7 +285,7 @@ pub enum RemoveCmd {
     },
     /// A dataset.
     Dataset {
-        /// Dataset id.
+        /// Dataset id, or a name only one of your datasets has.
         id: String,
     },
     /// A job (not while it runs).

@@ -11,7 +11,7 @@ use crate::input::InputError;
 use crate::jobfile::{self, JobFile};
 use crate::output;
 
-/// Reads job.json and registers the dataset files it names (reusing datasets by name).
+/// Reads job.json and registers the dataset files it names (reusing identical datasets).
 pub async fn load_and_register(
     ctx: &Ctx,
     file: &Path,
@@ -63,7 +63,7 @@ pub async fn plan(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
     let tasks = ctx.client.plan_job(&job_file.spec).await?;
     eprintln!(
         "job {:?} expands to {} tasks ({})",
-        job_file.spec.name,
+        job_file.spec.clone().with_defaults().name,
         tasks.len(),
         output::role_counts(&tasks)
     );

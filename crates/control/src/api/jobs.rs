@@ -165,7 +165,8 @@ async fn plan_job(
     request: Body,
 ) -> Result<Json<Vec<Task>>> {
     let user = check_user(&state.user(&headers).await?, &user)?;
-    let spec: JobSpec = body::json(request, state.limits.json_bytes, "job spec").await?;
+    let spec =
+        body::json::<JobSpec>(request, state.limits.json_bytes, "job spec").await?.with_defaults();
     let prepared = prepare(&state, &user, &spec, &JobId::new("plan")).await?;
     Ok(Json(prepared.tasks))
 }
@@ -181,7 +182,8 @@ async fn create_job(
     request: Body,
 ) -> Result<(StatusCode, Json<Job>)> {
     let user = check_user(&state.user(&headers).await?, &user)?;
-    let spec: JobSpec = body::json(request, state.limits.json_bytes, "job spec").await?;
+    let spec =
+        body::json::<JobSpec>(request, state.limits.json_bytes, "job spec").await?.with_defaults();
     let prepared = prepare(&state, &user, &spec, &JobId::new("check")).await?;
     let job = state
         .store
@@ -246,7 +248,8 @@ async fn update_job(
             current.state
         )));
     }
-    let spec: JobSpec = body::json(request, state.limits.json_bytes, "job spec").await?;
+    let spec =
+        body::json::<JobSpec>(request, state.limits.json_bytes, "job spec").await?.with_defaults();
     let prepared = prepare(&state, &user, &spec, &id).await?;
     let job = state
         .store

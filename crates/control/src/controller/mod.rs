@@ -1,7 +1,7 @@
 //! The controller: expands jobs into tasks and drives each job's state machine.
 //!
-//! Shape (STYLE.md §2): [`Options`] → [`Controller::build`] → [`Controller::run`], with a cheap
-//! [`Handle`] that wakes the controller when a job changed. The decisions live in the pure
+//! Shape (`docs/conventions.md`, "Components"): [`Options`] → [`Controller::build`] →
+//! [`Controller::run`], with a cheap [`Handle`] that wakes the controller when a job changed. The decisions live in the pure
 //! [`decide::decide`]; this module only loads state from the store, executes the effects in
 //! order (a state transition is persisted by compare-and-set before anything acts on it) and
 //! schedules the next look at each job.

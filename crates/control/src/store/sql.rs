@@ -718,16 +718,7 @@ macro_rules! impl_sql_store {
                 .bind(now())
                 .execute(&self.pool)
                 .await
-                .map_err(|err| {
-                    if is_unique_violation(&err) {
-                        Error::AlreadyExists {
-                            kind: "dataset",
-                            id: spec.name.clone(),
-                        }
-                    } else {
-                        db(err)
-                    }
-                })?;
+                .map_err(db)?;
                 Ok(Dataset {
                     id: DatasetId::new(id),
                     owner: owner.clone(),

@@ -222,10 +222,18 @@ async fn datasets(store: &impl Store) {
     };
     let own = store.create_dataset(&ann(), &spec).await.unwrap();
     assert_eq!(own.spec, spec);
-    assert!(matches!(
-        store.create_dataset(&ann(), &spec).await,
-        Err(Error::AlreadyExists { kind: "dataset", .. })
-    ));
+    // Names need not be unique (Flame's examples register many "MNIST dataset"s): datasets
+    // are told apart by id.
+    let twin = store
+        .create_dataset(
+            &ann(),
+            &DatasetSpec { url: "file:///data/uk2.csv".to_owned(), ..spec.clone() },
+        )
+        .await
+        .unwrap();
+    assert_ne!(twin.id, own.id);
+    assert_eq!(twin.spec.name, own.spec.name);
+    assert_eq!(store.get_dataset(Some(&ann()), &twin.id).await.unwrap(), twin);
     let public = store
         .create_dataset(&bob(), &DatasetSpec { is_public: true, ..spec.clone() })
         .await
@@ -241,8 +249,8 @@ async fn datasets(store: &impl Store) {
     ));
     let visible: Vec<_> =
         store.list_datasets(Some(&ann())).await.unwrap().into_iter().map(|d| d.id).collect();
-    assert_eq!(visible, [own.id.clone(), public.id.clone()]);
-    assert_eq!(store.list_datasets(None).await.unwrap().len(), 3);
+    assert_eq!(visible, [own.id.clone(), twin.id.clone(), public.id.clone()]);
+    assert_eq!(store.list_datasets(None).await.unwrap().len(), 4);
     // Public does not mean deletable by others.
     assert!(matches!(
         store.delete_dataset(Some(&ann()), &public.id).await,

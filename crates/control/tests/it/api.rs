@@ -242,6 +242,69 @@ async fn three_tier_job_lifecycle() {
     server.stop().await;
 }
 
+/// Issue #11: what Cisco Flame's published specs do is accepted as Flame means it.
+#[test_log::test(tokio::test)]
+async fn flame_specs_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let ann = server.user("ann").await;
+    setup_hier(&ann, "ann").await;
+
+    // Several datasets called "MNIST dataset", told apart by id, url and realm.
+    let mut ids = Vec::new();
+    for (site, realm) in [
+        ("site1", "default/eu/uk"),
+        ("site2", "default/eu/de"),
+        ("site3", "default/us/east"),
+        ("site4", "default/us/west"),
+    ] {
+        let dataset = json!({"name": "MNIST dataset", "description": "MNIST dataset",
+                             "url": format!("https://example.org/mnist/{site}.npz"),
+                             "dataFormat": "npy", "realm": realm, "isPublic": true});
+        let (status, body) = ann.post("/users/ann/datasets", &dataset).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let (_, again) = ann
+        .post(
+            "/users/ann/datasets",
+            &json!({"name": "MNIST dataset", "url": "https://example.org/mnist/site1.npz",
+                    "realm": "default/eu/uk"}),
+        )
+        .await;
+    assert!(!ids.contains(&again["id"].as_str().unwrap().to_owned()), "a new id every time");
+    let (_, listed) = ann.get("/users/ann/datasets").await;
+    let named = listed.as_array().unwrap().iter().filter(|d| d["name"] == "MNIST dataset").count();
+    assert_eq!(named, 5);
+
+    // A job file without a name and with the dummy registry.
+    let mut job = hier_job(&ids);
+    job.as_object_mut().unwrap().remove("name");
+    job["modelSpec"]["registry"] = json!({"sort": "dummy", "uri": ""});
+    let (status, plan) = ann.post("/users/ann/jobs/plan", &job).await;
+    assert_eq!((status, roles(&plan).len()), (StatusCode::OK, 3), "{plan}");
+    let (status, created) = ann.post("/users/ann/jobs", &job).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["spec"]["name"], "hier", "named after its design");
+    assert_eq!(created["spec"]["modelSpec"]["registry"]["sort"], "dummy");
+
+    // Its tasks get the deployment's default registry, not "dummy".
+    let id = created["id"].as_str().unwrap().to_owned();
+    let tasks = insert_tasks(&server, &id).await;
+    let (trainer, key) = tasks.iter().find(|(t, _)| t.role == "trainer").unwrap();
+    let (status, config) =
+        Client::new(&server.base, key).get(&format!("/tasks/{}/config", trainer.task_id)).await;
+    assert_eq!(status, StatusCode::OK, "{config}");
+    assert_eq!(config["job"]["name"], "hier");
+    assert_eq!(config["registry"], json!({"sort": "local", "uri": ""}));
+
+    // A dummy registry with a uri is refused, naming the field.
+    job["modelSpec"]["registry"]["uri"] = json!("http://mlflow:5000");
+    let (status, body) = ann.post("/users/ann/jobs", &job).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["details"][0]["path"], "modelSpec.registry.uri", "{body}");
+}
+
 #[test_log::test(tokio::test)]
 async fn auth_and_ownership() {
     let dir = tempfile::tempdir().unwrap();
@@ -447,7 +510,7 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     .await;
 
     let mut job = hier_job(&datasets);
-    job["name"] = json!("");
+    job["name"] = json!("  ");
     job["maxRunTime"] = json!(100_000_000u64);
     job["dataSpec"][0]["datasetGroups"]["eu"][0] = json!("no-such-dataset");
     job["dataSpec"][0]["role"] = json!("trainer");
