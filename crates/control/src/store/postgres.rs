@@ -14,6 +14,7 @@ use super::sql::impl_sql_store;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_init.sql"),
     include_str!("../../migrations/postgres/0002_dataset_names_not_unique.sql"),
+    include_str!("../../migrations/postgres/0003_secrets.sql"),
 ];
 
 /// Arbitrary constant naming Fledge's migration lock.

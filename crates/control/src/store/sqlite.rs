@@ -16,6 +16,7 @@ use super::sql::impl_sql_store;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_init.sql"),
     include_str!("../../migrations/sqlite/0002_dataset_names_not_unique.sql"),
+    include_str!("../../migrations/sqlite/0003_secrets.sql"),
 ];
 
 /// A [`Store`](super::Store) in a SQLite file.
