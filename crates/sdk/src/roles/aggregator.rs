@@ -59,7 +59,7 @@ use crate::app::Evaluator;
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
-use crate::metrics::{Reporter, RoundMetrics};
+use crate::metrics::{GLOBAL, Reporter, RoundMetrics, TRAINER_MEAN};
 use crate::registry::Registry;
 use crate::roles::trainer::{
     COMMAND, INIT_MODEL, READY, UPLOAD, UPLOAD_GRANTS, await_upload_permit, upload_grants,
@@ -614,7 +614,7 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
     ctx.metrics.set("numSamples", samples as f64);
     for (k, (sum, weight)) in trainer_metrics.sums {
         if weight > 0.0 {
-            ctx.metrics.set(format!("trainer.{k}"), sum / weight);
+            ctx.metrics.set(format!("{TRAINER_MEAN}{k}"), sum / weight);
         }
     }
     Ok(())
@@ -631,7 +631,7 @@ async fn evaluate(ctx: &mut AggregatorCtx) -> Result<()> {
     })
     .await?
     .map_err(|source| Error::App { step: "evaluate", source })?;
-    ctx.metrics.extend("", &metrics);
+    ctx.metrics.extend(GLOBAL, &metrics);
     Ok(())
 }
 
@@ -658,7 +658,8 @@ async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
         task_id = %ctx.config.task_id,
         round = ctx.round,
         updates = record.metrics.get("updates").copied().unwrap_or(0.0),
-        accuracy = record.metrics.get("accuracy").or(record.metrics.get("trainer.accuracy")).copied(),
+        global_accuracy = record.metrics.get("global.accuracy").copied(),
+        trainers_accuracy = record.metrics.get("trainer.afterTraining.accuracy").copied(),
         "round aggregated"
     );
     if ctx.tier == Tier::Top {
@@ -764,7 +765,7 @@ async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
     await_upload_permit(ctx.up_grants, &fetch, &upload, &top, ctx.round).await?;
     let mut metrics = serde_json::Map::new();
     for (k, v) in &ctx.metrics.values {
-        if let Some(name) = k.strip_prefix("trainer.") {
+        if let Some(name) = k.strip_prefix(TRAINER_MEAN) {
             metrics.insert(name.to_owned(), Value::from(*v));
         }
     }

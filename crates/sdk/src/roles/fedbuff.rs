@@ -66,7 +66,7 @@ use crate::app::{AppFactory, Evaluator, TrainOutcome, TrainerApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
-use crate::metrics::{Reporter, RoundMetrics};
+use crate::metrics::{GLOBAL, Reporter, RoundMetrics, TRAINER_MEAN};
 use crate::registry::Registry;
 use crate::roles::trainer::{COMMAND, INIT_MODEL};
 use crate::roles::{Common, RoleKind, aggregator, tags};
@@ -462,7 +462,7 @@ async fn aggregate(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     m.set("elapsedSeconds", ctx.started.elapsed().as_secs_f64());
     for (k, (sum, weight)) in stats.trainer_metrics {
         if weight > 0.0 {
-            m.set(format!("trainer.{k}"), sum / weight);
+            m.set(format!("{TRAINER_MEAN}{k}"), sum / weight);
         }
     }
     ctx.prune();
@@ -480,7 +480,7 @@ async fn evaluate(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     })
     .await?
     .map_err(|source| Error::App { step: "evaluate", source })?;
-    ctx.metrics.extend("", &metrics);
+    ctx.metrics.extend(GLOBAL, &metrics);
     Ok(())
 }
 
@@ -507,7 +507,8 @@ async fn report(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
         task_id = %ctx.config.task_id,
         round,
         staleness = record.metrics.get("staleness.mean").copied(),
-        accuracy = record.metrics.get("accuracy").or(record.metrics.get("trainer.accuracy")).copied(),
+        global_accuracy = record.metrics.get("global.accuracy").copied(),
+        trainers_accuracy = record.metrics.get("trainer.afterTraining.accuracy").copied(),
         "server step"
     );
     if ctx.up.is_none() {
@@ -659,7 +660,7 @@ async fn upload_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     m.set("elapsedSeconds", ctx.started.elapsed().as_secs_f64());
     for (k, (sum, weight)) in stats.trainer_metrics {
         if weight > 0.0 {
-            m.set(format!("trainer.{k}"), sum / weight);
+            m.set(format!("{TRAINER_MEAN}{k}"), sum / weight);
             trainer_metrics.insert(k, Value::from(sum / weight));
         }
     }
@@ -895,7 +896,8 @@ mod tests {
             assert_eq!(r.metrics["updates"], 2.0);
             assert_eq!(r.metrics["modelVersion"], i as f64 + 1.0);
             assert!(
-                r.metrics.contains_key("staleness.mean") && r.metrics.contains_key("trainer.w")
+                r.metrics.contains_key("staleness.mean")
+                    && r.metrics.contains_key("trainer.afterTraining.w")
             );
         }
         // Every step moves the model towards the targets (1, 3 and 8), never past them.
@@ -989,7 +991,8 @@ mod tests {
             for r in &middle.history {
                 assert_eq!(r.metrics["updates"], 2.0, "{r:?}");
                 assert!(
-                    r.metrics.contains_key("staleness.max") && r.metrics.contains_key("trainer.w")
+                    r.metrics.contains_key("staleness.max")
+                        && r.metrics.contains_key("trainer.afterTraining.w")
                 );
             }
         }

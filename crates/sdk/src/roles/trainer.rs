@@ -4,9 +4,14 @@
 //!
 //! ```text
 //! initialize, load_data, join,
-//! loop rounds until end-of-training { fetch, train, evaluate, upload, report },
+//! loop rounds until end-of-training {
+//!     fetch, evaluate_received, train, evaluate, upload, report
+//! },
 //! finish
 //! ```
+//!
+//! `evaluate_received` evaluates the model of the round before local training
+//! (`beforeTraining.*` metrics), `evaluate` the locally trained one (`afterTraining.*`).
 //!
 //! `fetch` also answers the aggregator's `init_model` request (when the job has no base model
 //! the aggregator asks one trainer for its initial weights) and ends the loop on
@@ -22,7 +27,7 @@ use serde_json::Value;
 use crate::app::{TrainOutcome, TrainerApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
-use crate::metrics::{Reporter, RoundMetrics};
+use crate::metrics::{AFTER_TRAINING, BEFORE_TRAINING, Reporter, RoundMetrics};
 use crate::roles::{Common, tags};
 use crate::{Error, Result, Weights};
 
@@ -96,8 +101,11 @@ pub struct TrainerCtx {
     pub done: bool,
     /// Outcome of the last `train`.
     pub outcome: TrainOutcome,
-    /// Metrics of the last `evaluate`.
+    /// Metrics of the last `evaluate` (the locally trained model), keys as the app returned them.
     pub evaluation: BTreeMap<String, f64>,
+    /// Metrics of the last `evaluate_received` (the model received for this round, before local
+    /// training), keys as the app returned them.
+    pub received_evaluation: BTreeMap<String, f64>,
     /// Upload grants the aggregator announced with the model being trained.
     upload_grants: u64,
     metrics: RoundMetrics,
@@ -136,6 +144,7 @@ impl TrainerCtx {
             done: false,
             outcome: TrainOutcome::default(),
             evaluation: BTreeMap::new(),
+            received_evaluation: BTreeMap::new(),
             upload_grants: 0,
             metrics: RoundMetrics::default(),
             reporter: Some(reporter),
@@ -247,6 +256,12 @@ async fn train(ctx: &mut TrainerCtx) -> Result<()> {
     Ok(())
 }
 
+/// Evaluates the model just received (the global model of this round) on the trainer's data.
+async fn evaluate_received(ctx: &mut TrainerCtx) -> Result<()> {
+    ctx.received_evaluation = ctx.with_app("evaluate", |app| app.evaluate()).await?;
+    Ok(())
+}
+
 async fn evaluate(ctx: &mut TrainerCtx) -> Result<()> {
     ctx.evaluation = ctx.with_app("evaluate", |app| app.evaluate()).await?;
     Ok(())
@@ -260,8 +275,11 @@ async fn upload(ctx: &mut TrainerCtx) -> Result<()> {
     for (k, v) in &ctx.outcome.metrics {
         metrics.insert(format!("train_{k}"), Value::from(*v));
     }
+    for (k, v) in &ctx.received_evaluation {
+        metrics.insert(format!("{BEFORE_TRAINING}{k}"), Value::from(*v));
+    }
     for (k, v) in &ctx.evaluation {
-        metrics.insert(k.clone(), Value::from(*v));
+        metrics.insert(format!("{AFTER_TRAINING}{k}"), Value::from(*v));
     }
     let message: Message = weights_message(Kind::Update, ctx.round, ctx.model_version, &weights)?
         .with_meta("num_samples", ctx.outcome.num_samples)
@@ -279,7 +297,8 @@ async fn report(ctx: &mut TrainerCtx) -> Result<()> {
     let mut metrics = std::mem::take(&mut ctx.metrics);
     metrics.set("numSamples", ctx.outcome.num_samples as f64);
     metrics.extend("train_", &ctx.outcome.metrics);
-    metrics.extend("", &ctx.evaluation);
+    metrics.extend(BEFORE_TRAINING, &ctx.received_evaluation);
+    metrics.extend(AFTER_TRAINING, &ctx.evaluation);
     let record = metrics.finish(&ctx.config.task_id, &ctx.config.role, ctx.round, ctx.traffic());
     tracing::info!(
         task_id = %ctx.config.task_id,
@@ -311,6 +330,7 @@ pub fn program() -> Composer<TrainerCtx> {
             |c: &TrainerCtx| c.done,
             Composer::new()
                 .tasklet("fetch", async_tasklet(|c| boxed(fetch(c))))
+                .tasklet("evaluate_received", async_tasklet(|c| boxed(evaluate_received(c))))
                 .tasklet("train", async_tasklet(|c| boxed(train(c))))
                 .tasklet("evaluate", async_tasklet(|c| boxed(evaluate(c))))
                 .tasklet("upload", async_tasklet(|c| boxed(upload(c))))
