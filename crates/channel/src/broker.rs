@@ -16,8 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::{Error, Result};
 use crate::mqtt::DEFAULT_CHUNK_SIZE;
+use crate::shared::{Error, Result};
 
 /// Broker sizing. The defaults carry [`DEFAULT_CHUNK_SIZE`] chunks with room to spare.
 #[derive(Clone, Debug)]

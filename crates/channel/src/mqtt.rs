@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 use fledge_types::TaskId;
 
-use crate::channel::{EndProps, Error, Result, Shared};
 use crate::chunk::{self, Reassembler};
+use crate::shared::{EndProps, Error, Result, Shared};
 use crate::wire::{self, Message};
 
 /// Default chunk size: 4 MiB.

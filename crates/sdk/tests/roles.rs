@@ -167,19 +167,12 @@ fn roles_are_customisable_by_alias() {
     program.remove("evaluate").expect("evaluate exists");
     assert_eq!(
         program.aliases(),
-        [
-            "initialize",
-            "load_data",
-            "join",
-            "rounds",
-            "fetch",
-            "train",
-            "clip",
-            "upload",
-            "report",
-            "finish"
-        ]
+        ["initialize", "load_data", "join", "rounds", "fetch", "train", "clip", "upload", "report"]
     );
+    // Wrapping keeps the alias and place; the decorator decides when the original runs.
+    program.wrap("upload", |upload| upload).expect("upload exists");
+    assert!(program.wrap("rounds", |step| step).is_err(), "a loop cannot be wrapped");
+    assert_eq!(program.aliases().len(), 9);
     let top = fledge_sdk::roles::aggregator::top_program();
     assert!(top.aliases().contains(&"checkpoint".to_owned()));
 }
