@@ -320,9 +320,10 @@ impl Channel {
         }
     }
 
-    /// Test hook: stop all network activity without closing the connection, as a hung or
-    /// partitioned process would. Peers must notice through the liveness timeout.
-    #[doc(hidden)]
+    /// Test hook (feature `test-hooks`, for this crate's own tests): stop all network
+    /// activity without closing the connection, as a hung or partitioned process would.
+    /// Peers must notice through the liveness timeout.
+    #[cfg(feature = "test-hooks")]
     pub fn simulate_hang(&self) {
         match &self.inner.transport {
             Transport::Local(local) => local.announce(false).unwrap_or(()),

@@ -653,6 +653,7 @@ impl P2pEnd {
         res
     }
 
+    #[cfg(feature = "test-hooks")]
     pub(crate) fn hang(&self) {
         self.ctx.hung.cancel();
     }

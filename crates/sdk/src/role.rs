@@ -291,3 +291,96 @@ async fn within<T>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fledge_channel::LocalHub;
+
+    use super::*;
+    use crate::composer::{async_tasklet, boxed};
+    use crate::plan::JobPlan;
+    use crate::roles::tags;
+
+    /// A role whose program fails after joining: the runner must still leave its channels.
+    struct Failing;
+
+    struct FailingCtx {
+        io: TaskIo,
+    }
+
+    impl Context for FailingCtx {}
+
+    impl RoleCtx for FailingCtx {
+        fn io(&mut self) -> &mut TaskIo {
+            &mut self.io
+        }
+    }
+
+    async fn fail(ctx: &mut FailingCtx) -> Result<()> {
+        let peer = ctx.io.channels.by_tag(tags::FETCH)?.await_join(Duration::from_secs(30)).await?;
+        Err(Error::Protocol { peer: peer[0].clone(), reason: "test failure".to_owned() })
+    }
+
+    impl Role for Failing {
+        type Ctx = FailingCtx;
+        const KIND: RoleKind = RoleKind::Trainer;
+        const APP: AppNeed = AppNeed::None;
+
+        fn build(io: TaskIo, _app: UserApp) -> Result<FailingCtx> {
+            Ok(FailingCtx { io })
+        }
+
+        fn program(_ctx: &FailingCtx) -> Result<Composer<FailingCtx>> {
+            Ok(Composer::new().tasklet("fail", async_tasklet(|c| boxed(fail(c)))))
+        }
+    }
+
+    struct NoApps;
+
+    impl AppFactory for NoApps {
+        fn trainer(&self, _: &TaskConfig) -> anyhow::Result<Box<dyn crate::TrainerApp>> {
+            anyhow::bail!("none")
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_program_still_leaves_its_channels() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let hub = LocalHub::new();
+        let opts = RunOptions {
+            workdir: dir.path().to_owned(),
+            backend_env: BackendEnv { local_hub: hub.clone(), ..BackendEnv::default() },
+            ..RunOptions::default()
+        };
+        let configs = JobPlan::local("fail", vec!["d".to_owned()]).configs().expect("configs");
+        let aggregator =
+            ChannelManager::join_all(&configs[0], &opts.backend_env).await.expect("join");
+        let distribute = aggregator.by_tag(tags::DISTRIBUTE).expect("tag").clone();
+        let err = run::<Failing>(configs[1].clone(), Arc::new(NoApps), opts).await.unwrap_err();
+        assert!(err.to_string().contains("test failure"), "{err}");
+        // The trainer's end is gone for its peer (waiting at most 10 s for the news).
+        for _ in 0..1000 {
+            if distribute.ends().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(distribute.ends().is_empty(), "{:?}", distribute.ends());
+    }
+
+    #[test]
+    fn liveness_timeout_applies_to_every_backend_when_set() {
+        let mut config = JobPlan::local("j", vec!["d".to_owned()]).configs().expect("c").remove(1);
+        let mut opts = RunOptions::default();
+        opts.backend_env.set_liveness_timeout(Duration::from_secs(3));
+        opts.apply_channel_settings(&config).expect("unset is fine");
+        assert_eq!(opts.backend_env.p2p.liveness_timeout, Duration::from_secs(3), "kept");
+        config.hyperparameters.insert(names::LIVENESS_TIMEOUT.to_owned(), 25.into());
+        opts.apply_channel_settings(&config).expect("valid");
+        assert_eq!(opts.backend_env.mqtt.liveness_timeout, Duration::from_secs(25));
+        assert_eq!(opts.backend_env.p2p.liveness_timeout, Duration::from_secs(25));
+        config.hyperparameters.insert(names::LIVENESS_TIMEOUT.to_owned(), "soon".into());
+        let err = opts.apply_channel_settings(&config).unwrap_err().to_string();
+        assert!(err.contains("livenessTimeout"), "{err}");
+    }
+}

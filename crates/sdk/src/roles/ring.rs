@@ -679,6 +679,22 @@ pub(crate) mod tests {
             .collect()
     }
 
+    #[tokio::test]
+    async fn the_mailbox_holds_at_most_a_queue_of_messages_per_peer() {
+        let opts = fledge_channel::ChannelOptions::new("j", "ring", "g", "t0", "r", "r");
+        let channel = Channel::open(opts, fledge_channel::Backend::Local(LocalHub::new()))
+            .await
+            .expect("open");
+        let mut mailbox = Mailbox { channel, stash: VecDeque::new() };
+        let (peer, other) = (TaskId::from("t1"), TaskId::from("t2"));
+        for round in 0..MAILBOX_PER_PEER as u64 {
+            mailbox.stash((peer.clone(), Message::new(Kind::Update, round))).expect("within");
+        }
+        mailbox.stash((other, Message::new(Kind::Update, 0))).expect("each peer has its bound");
+        let err = mailbox.stash((peer, Message::new(Kind::Update, 99))).unwrap_err().to_string();
+        assert!(err.contains("t1") && err.contains("at most 64"), "{err}");
+    }
+
     fn opts(hub: &LocalHub, dir: &std::path::Path) -> RunOptions {
         RunOptions {
             workdir: dir.to_owned(),
