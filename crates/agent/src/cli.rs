@@ -148,8 +148,8 @@ impl FledgeletArgs {
 /// stops the task like a STOP event.
 ///
 /// The agent first joins (`GET /tasks/{taskId}`): a wrong key fails here, before anything
-/// waits; a participant-run task's first key is pinned; the job id and the notifier URL come
-/// from the apiserver unless given.
+/// waits (a participant-run task takes only the key its job's owner minted with `fledgectl job
+/// join`); the job id and the notifier URL come from the apiserver unless given.
 pub async fn run(args: FledgeletArgs, shutdown: CancellationToken) -> Result<Outcome, Error> {
     let task_id = TaskId::new(args.task_id.clone());
     let client = fledge_client::TaskClient::new(&args.apiserver, task_id.clone(), &args.task_key)

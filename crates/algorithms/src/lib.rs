@@ -37,6 +37,8 @@
 //!   core), [`fedopt`] (FedAdam/FedYogi/FedAdaGrad), [`fedprox`] (the client-side proximal
 //!   term), [`robust`] (median, trimmed mean, Krum), all on the SIMD-friendly loops of
 //!   [`kernels`].
+//! - [`privacy`]: secure aggregation (SecAgg+ client and server state machines with byte
+//!   messages) and differential privacy (central and local, with an RDP accountant).
 //! - [`bench`](mod@bench): throughput probes for `fledge bench aggregate`.
 //!
 //! `README.md` next to this crate explains the algorithms with paper references.
@@ -58,6 +60,7 @@ pub mod fedopt;
 pub mod fedprox;
 pub mod kernels;
 pub mod optimizer;
+pub mod privacy;
 pub mod robust;
 pub mod selector;
 pub mod weights;

@@ -86,6 +86,9 @@ pub enum Command {
     Run(RunArgs),
     /// Show the user the token belongs to.
     Whoami,
+    /// Issue, list and revoke API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Show or save the client configuration (endpoint and token).
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -201,7 +204,7 @@ pub enum GetCmd {
     },
     /// One dataset.
     Dataset {
-        /// Dataset id.
+        /// Dataset id, or a name only one visible dataset has.
         id: String,
     },
     /// Own and public datasets.
@@ -285,7 +288,7 @@ pub enum RemoveCmd {
     },
     /// A dataset.
     Dataset {
-        /// Dataset id.
+        /// Dataset id, or a name only one of your datasets has.
         id: String,
     },
     /// A job (not while it runs).
@@ -320,12 +323,75 @@ pub enum JobCmd {
     },
     /// Follow a job until it ends; exits 0 iff it completed.
     Watch(WatchArgs),
-    /// Print, for each participant-run task of a started job, the command its data owner runs
-    /// to join it with a key of their choosing.
+    /// Mint the key of each participant-run task of a started job that has none (shown once,
+    /// stored hashed) and print the command its data owner runs to join it.
     Join {
         /// Job id.
         id: String,
+        /// Replace the key of this task (a lost or leaked one); repeatable.
+        #[arg(long, value_name = "TASK")]
+        remint: Vec<String>,
     },
+    /// Revoke the key of a participant-run task: its agent is refused from its next call on.
+    RevokeKey {
+        /// Job id.
+        id: String,
+        /// Task id.
+        task: String,
+    },
+}
+
+/// `fledgectl token ...` (your own tokens; an admin may name another user with --user).
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Issue a token, printed once (only its hash is stored).
+    Create {
+        /// Whose token (default: yours).
+        #[arg(long)]
+        user: Option<String>,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Lifetime: seconds, or a number with s, m, h or d (e.g. 90d); default: no expiry.
+        #[arg(long, value_parser = parse_duration_secs)]
+        expires_in: Option<u64>,
+    },
+    /// List tokens: ids, descriptions, expiry (never the secrets).
+    List {
+        /// Whose tokens (default: yours).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke a token by its id; it is refused (401) from then on.
+    Revoke {
+        /// Token id (from `token list`).
+        id: String,
+        /// Whose token (default: yours).
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+/// `90`, `90s`, `15m`, `12h`, `30d` → seconds (at least 1).
+pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let factor = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?}: use s, m, h or d (e.g. 30d)")),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 30d"))?;
+    match n.checked_mul(factor) {
+        Some(0) => Err("a token must live at least 1 second".to_owned()),
+        Some(secs) => Ok(secs),
+        None => Err(format!("{text:?} is too long")),
+    }
 }
 
 /// Arguments of `job watch`.

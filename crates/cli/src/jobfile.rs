@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use fledge_types::{DataSpecEntry, DatasetId, DatasetSpec, JobSpec, ModelSpec};
+use serde_json::Value;
 
 use crate::input::{self, InputError};
 
@@ -34,6 +35,9 @@ pub struct DatasetFileRef {
     /// Index in the group's list.
     pub index: usize,
 }
+
+/// The model-spec hyperparameter naming the aggregator's evaluation set (a dataset URL).
+pub const EVAL_DATASET: &str = "evalDataset";
 
 /// Loads `path` (a job.json). With `defaults_dir`, `dataSpec.json` / `modelSpec.json` in that
 /// directory are used when job.json names neither inline specs nor paths (`fledgectl run`).
@@ -68,6 +72,7 @@ pub fn load(path: &Path, defaults_dir: Option<&Path>) -> Result<JobFile, InputEr
         spec.data_spec = input::read_json::<Vec<DataSpecEntry>>(&data_path)?;
         data_spec_base = data_path.parent().unwrap_or(base).to_owned();
     }
+    let mut model_spec_base = base.to_owned();
     if let Some(rel) = spec.model_spec_path.take() {
         if spec.model_spec != ModelSpec::default() {
             return Err(InputError::Other(format!(
@@ -75,7 +80,13 @@ pub fn load(path: &Path, defaults_dir: Option<&Path>) -> Result<JobFile, InputEr
                 path.display()
             )));
         }
-        spec.model_spec = input::read_json(&base.join(&rel))?;
+        let model_path = base.join(&rel);
+        spec.model_spec = input::read_json(&model_path)?;
+        model_spec_base = model_path.parent().unwrap_or(base).to_owned();
+    }
+    // The aggregator's evaluation set, like a dataset file's URL, may be relative to its file.
+    if let Some(Value::String(url)) = spec.model_spec.hyperparameters.get_mut(EVAL_DATASET) {
+        *url = input::resolve_file_url(url, &model_spec_base);
     }
 
     let mut dataset_files = Vec::new();
@@ -149,12 +160,22 @@ mod tests {
             r#"[{"role": "trainer", "datasetGroups": {"eu": ["ds-1", "data/uk.json"]}}]"#,
         );
         write(root, "specs/data/uk.json", DATASET);
-        write(root, "job/modelSpec.json", r#"{"hyperparameters": {"rounds": 3}}"#);
+        write(
+            root,
+            "job/modelSpec.json",
+            r#"{"hyperparameters": {"rounds": 3, "evalDataset": "file:../specs/data"}}"#,
+        );
 
         let mut file = load(&job, None).unwrap();
         assert_eq!(file.spec.data_spec_path, None);
         assert_eq!(file.spec.model_spec_path, None);
         assert_eq!(file.spec.model_spec.hyperparameters["rounds"], 3);
+        let data = std::fs::canonicalize(root.join("specs/data")).unwrap();
+        assert_eq!(
+            file.spec.model_spec.hyperparameters[EVAL_DATASET],
+            format!("file://{}", data.display()),
+            "evalDataset resolves beside modelSpec.json"
+        );
         assert_eq!(file.dataset_files.len(), 1);
         let file_ref = file.dataset_files[0].clone();
         assert_eq!(

@@ -164,31 +164,48 @@ pub struct JoinCommand {
     pub dataset_id: Option<String>,
     /// Where it stands: waiting for its data owner, joined, or its task state.
     pub status: String,
-    /// The shell command its data owner runs (the key is theirs to choose).
+    /// The shell command its data owner runs, with the key minted by this call (a placeholder
+    /// when the key was minted earlier: it is shown only once).
     pub command: String,
 }
 
-/// Placeholder for the key in a join command.
-pub const KEY_PLACEHOLDER: &str = "<a-secret-of-your-choosing>";
+/// Placeholder for a key minted earlier in a join command.
+pub const KEY_PLACEHOLDER: &str = "<the-key-minted-earlier>";
 
 /// What data owners need to know about their join command.
-pub const JOIN_TIP: &str = "Give each data owner the line of their task. They choose the key \
-     (FLEDGE_TASK_KEY): the first key a task sees is pinned to it, the same key rejoins the task \
-     after a restart, any other key is refused.";
+pub const JOIN_TIP: &str = "Give each data owner the line of their task, privately: its key \
+     (FLEDGE_TASK_KEY) is shown once and stored only hashed. The same key rejoins the task after \
+     a restart; any other key is refused. `fledgectl job join JOB --remint TASK` replaces a lost \
+     or leaked key, `fledgectl job revoke-key JOB TASK` withdraws it.";
 
-/// The join command of each participant-run task in `info`; the apiserver's advertised URL, else
-/// `endpoint` (the one this CLI uses).
-pub fn join_commands(info: &fledge_client::JoinInfo, endpoint: &str) -> Vec<JoinCommand> {
+/// The join command of each participant-run task in `info`, with the keys `minted` by this call;
+/// the apiserver's advertised URL, else `endpoint` (the one this CLI uses).
+pub fn join_commands(
+    info: &fledge_client::JoinInfo,
+    endpoint: &str,
+    minted: &std::collections::BTreeMap<fledge_types::TaskId, String>,
+) -> Vec<JoinCommand> {
     let apiserver = info.apiserver.as_deref().unwrap_or(endpoint);
     info.tasks
         .iter()
         .map(|task| {
-            let status = match task.state {
+            let mut status = match task.state {
                 fledge_types::TaskState::Ready if task.last_heartbeat.is_none() => {
                     "waiting for its data owner".to_owned()
                 }
                 fledge_types::TaskState::Ready => "joined; starts with the job".to_owned(),
                 state => state.to_string(),
+            };
+            let key = match minted.get(&task.task_id) {
+                Some(key) => key.as_str(),
+                None if info.keyed.contains(&task.task_id) => {
+                    status.push_str("; key minted earlier (--remint replaces it)");
+                    KEY_PLACEHOLDER
+                }
+                None => {
+                    status.push_str("; no key (--remint mints one)");
+                    KEY_PLACEHOLDER
+                }
             };
             JoinCommand {
                 task_id: task.task_id.to_string(),
@@ -197,7 +214,7 @@ pub fn join_commands(info: &fledge_client::JoinInfo, endpoint: &str) -> Vec<Join
                 dataset_id: task.dataset_id.as_ref().map(ToString::to_string),
                 status,
                 command: format!(
-                    "FLEDGE_TASK_KEY={KEY_PLACEHOLDER} fledge fledgelet --apiserver {apiserver} \
+                    "FLEDGE_TASK_KEY={key} fledge fledgelet --apiserver {apiserver} \
                      --task-id {id} --work-dir fledge-{id}",
                     id = task.task_id
                 ),
@@ -321,6 +338,23 @@ pub fn users(items: &[User]) -> String {
     table(&["ID", "ADMIN"], rows)
 }
 
+/// Tokens (`token list`): id, description, created, expiry (`expired` once past at `now`).
+pub fn tokens(items: &[fledge_types::Token], now: chrono::DateTime<chrono::Utc>) -> String {
+    let time = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%SZ").to_string();
+    let rows = items
+        .iter()
+        .map(|t| {
+            let expires = match t.expires_at {
+                None => "never".to_owned(),
+                Some(at) if at <= now => format!("{} (expired)", time(at)),
+                Some(at) => time(at),
+            };
+            vec![t.id.clone(), or_dash(&t.description), time(t.created_at), expires]
+        })
+        .collect();
+    table(&["ID", "DESCRIPTION", "CREATED", "EXPIRES"], rows)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
@@ -394,29 +428,60 @@ mod tests {
             "#]],
         );
 
-        // The join commands of participant-run tasks: the advertised apiserver wins.
+        // The join commands of participant-run tasks: the advertised apiserver wins; a key
+        // minted by this call is in its command, one minted earlier is not shown again.
         let mut joined = owned.clone();
         joined.task_id = "trainer-2".into();
         joined.last_heartbeat = Some(at());
+        let mut unkeyed = owned.clone();
+        unkeyed.task_id = "trainer-3".into();
         let info = fledge_client::JoinInfo {
             apiserver: Some("http://10.0.0.1:10100".into()),
             notifier: None,
-            tasks: vec![owned, joined],
+            tasks: vec![owned, joined, unkeyed],
+            keyed: vec!["trainer-1".into(), "trainer-2".into()],
         };
+        let minted = BTreeMap::from([(TaskId::new("trainer-1"), "k1".to_owned())]);
         check(
-            join_table(&join_commands(&info, "http://127.0.0.1:1")),
+            join_table(&join_commands(&info, "http://127.0.0.1:1", &minted)),
             expect![[r#"
                 # task trainer-1 (trainer 1, dataset ds-uk): waiting for its data owner
-                FLEDGE_TASK_KEY=<a-secret-of-your-choosing> fledge fledgelet --apiserver http://10.0.0.1:10100 --task-id trainer-1 --work-dir fledge-trainer-1
-                # task trainer-2 (trainer 1, dataset ds-uk): joined; starts with the job
-                FLEDGE_TASK_KEY=<a-secret-of-your-choosing> fledge fledgelet --apiserver http://10.0.0.1:10100 --task-id trainer-2 --work-dir fledge-trainer-2
+                FLEDGE_TASK_KEY=k1 fledge fledgelet --apiserver http://10.0.0.1:10100 --task-id trainer-1 --work-dir fledge-trainer-1
+                # task trainer-2 (trainer 1, dataset ds-uk): joined; starts with the job; key minted earlier (--remint replaces it)
+                FLEDGE_TASK_KEY=<the-key-minted-earlier> fledge fledgelet --apiserver http://10.0.0.1:10100 --task-id trainer-2 --work-dir fledge-trainer-2
+                # task trainer-3 (trainer 1, dataset ds-uk): waiting for its data owner; no key (--remint mints one)
+                FLEDGE_TASK_KEY=<the-key-minted-earlier> fledge fledgelet --apiserver http://10.0.0.1:10100 --task-id trainer-3 --work-dir fledge-trainer-3
             "#]],
         );
         let info = fledge_client::JoinInfo { apiserver: None, ..info };
         assert!(
-            join_commands(&info, "http://127.0.0.1:1")[0]
+            join_commands(&info, "http://127.0.0.1:1", &minted)[0]
                 .command
                 .contains("--apiserver http://127.0.0.1:1 ")
+        );
+
+        let token = |id: &str, expires_at| fledge_types::Token {
+            id: id.into(),
+            user: "ann".into(),
+            description: if id == "t1" { "ci".into() } else { String::new() },
+            created_at: at(),
+            expires_at,
+        };
+        check(
+            super::tokens(
+                &[
+                    token("t1", None),
+                    token("t2", Some(at() + chrono::Duration::hours(1))),
+                    token("t3", Some(at())),
+                ],
+                at(),
+            ),
+            expect![[r#"
+                ID  DESCRIPTION  CREATED               EXPIRES
+                t1  ci           2026-01-02 03:04:05Z  never
+                t2  -            2026-01-02 03:04:05Z  2026-01-02 04:04:05Z
+                t3  -            2026-01-02 03:04:05Z  2026-01-02 03:04:05Z (expired)
+            "#]],
         );
     }
 

@@ -37,8 +37,8 @@ impl TaskClient {
         format!("/api/v1/tasks/{}{rest}", seg(self.task.as_str()))
     }
 
-    /// `GET /tasks/{taskId}`: the task and the notifier URL. An agent's first call: it pins
-    /// the key of a participant-run task, and a wrong key fails here (`Unauthenticated`).
+    /// `GET /tasks/{taskId}`: the task and the notifier URL. An agent's first call: a wrong,
+    /// revoked or dead key (its job ended) fails here (`Unauthenticated`).
     pub async fn join(&self) -> Result<TaskJoin> {
         self.transport.get_json(&self.path("")).await
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use fledge_types::{JobId, JobState, TaskState, UserId};
+use fledge_types::{JobId, JobState, TaskId, TaskState, UserId};
 
 /// Answer to a schema upload: the revision it became.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,8 +73,37 @@ pub struct NewUser {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NewToken {
-    /// The bearer token.
+    /// The bearer token (shown once: only its hash is stored).
     pub token: String,
+    /// Its public id, to revoke it by.
+    #[serde(default)]
+    pub id: String,
+    /// When it expires, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Body of `POST /users/{user}/tokens`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenRequest {
+    /// What the token is for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Lifetime in seconds (`None`: never expires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// Answer of `POST /users/{user}/jobs/{jobId}/tasks/{taskId}/key`: a participant-run task's
+/// key, shown once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MintedKey {
+    /// The task.
+    pub task_id: TaskId,
+    /// Its key.
+    pub key: String,
 }
 
 /// Body of `PUT /tasks/{taskId}/status` (agent).
@@ -138,4 +167,7 @@ pub struct JoinInfo {
     /// The participant-run tasks, in expansion order (empty until the job is expanded).
     #[serde(default)]
     pub tasks: Vec<fledge_types::Task>,
+    /// The participant-run tasks that have a key minted.
+    #[serde(default)]
+    pub keyed: Vec<TaskId>,
 }

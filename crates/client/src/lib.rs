@@ -36,8 +36,8 @@ mod rest;
 pub use agent::{ComputeClient, TaskClient};
 pub use config::ClientConfig;
 pub use dto::{
-    CodeRevision, DeploymentReport, DeploymentState, JobStatus, JoinInfo, SchemaRevision, TaskJoin,
-    TaskStatusUpdate, VersionedSchema,
+    CodeRevision, DeploymentReport, DeploymentState, JobStatus, JoinInfo, MintedKey, NewToken,
+    SchemaRevision, TaskJoin, TaskStatusUpdate, TokenRequest, VersionedSchema,
 };
 pub use error::{Error, Result};
 pub use notifier::{Backoff, Reconnect, subscribe_compute, subscribe_task};

@@ -8,12 +8,12 @@ use tokio::sync::OnceCell;
 
 use fledge_types::{
     Compute, ComputeId, ComputeSpec, Dataset, DatasetId, DatasetSpec, Design, DesignId, DesignSpec,
-    Job, JobId, JobSpec, JobState, MetricRecord, Schema, Task, TaskId, User, UserId,
+    Job, JobId, JobSpec, JobState, MetricRecord, Schema, Task, TaskId, Token, User, UserId,
 };
 
 use crate::dto::{
-    CodeRevision, JobStateRequest, JobStatus, JoinInfo, NewToken, NewUser, SchemaRevision,
-    VersionedSchema,
+    CodeRevision, JobStateRequest, JobStatus, JoinInfo, MintedKey, NewToken, NewUser,
+    SchemaRevision, TokenRequest, VersionedSchema,
 };
 use crate::error::Result;
 use crate::http::{Transport, seg};
@@ -98,10 +98,25 @@ impl Client {
 
     /// `POST /users/{user}/tokens` (admin or self): a new token for `user`, shown once.
     pub async fn create_token(&self, user: &UserId) -> Result<String> {
+        Ok(self.issue_token(user, &TokenRequest::default()).await?.token)
+    }
+
+    /// `POST /users/{user}/tokens` (admin or self) with a description and lifetime.
+    pub async fn issue_token(&self, user: &UserId, request: &TokenRequest) -> Result<NewToken> {
         let path = format!("/api/v1/users/{}/tokens", seg(user.as_str()));
-        let answer: NewToken =
-            self.transport.json(Method::POST, &path, &serde_json::json!({})).await?;
-        Ok(answer.token)
+        self.transport.json(Method::POST, &path, request).await
+    }
+
+    /// `GET /users/{user}/tokens` (admin or self): ids, descriptions, expiry; never secrets.
+    pub async fn list_tokens(&self, user: &UserId) -> Result<Vec<Token>> {
+        let path = format!("/api/v1/users/{}/tokens", seg(user.as_str()));
+        self.transport.get_json(&path).await
+    }
+
+    /// `DELETE /users/{user}/tokens/{tokenId}` (admin or self).
+    pub async fn revoke_token(&self, user: &UserId, id: &str) -> Result<()> {
+        let path = format!("/api/v1/users/{}/tokens/{}", seg(user.as_str()), seg(id));
+        self.transport.json_no_content::<()>(Method::DELETE, &path, None).await
     }
 
     // ---- designs, schemas, code ----
@@ -301,6 +316,20 @@ impl Client {
     pub async fn join_info(&self, job: &JobId) -> Result<JoinInfo> {
         let path = self.job_path(job, "/join").await?;
         self.transport.get_json(&path).await
+    }
+
+    /// `POST /users/{user}/jobs/{jobId}/tasks/{taskId}/key`: mints (or re-mints, replacing
+    /// the old one) a participant-run task's key, shown once.
+    pub async fn mint_task_key(&self, job: &JobId, task: &TaskId) -> Result<MintedKey> {
+        let path = self.job_path(job, &format!("/tasks/{}/key", seg(task.as_str()))).await?;
+        self.transport.json(Method::POST, &path, &serde_json::json!({})).await
+    }
+
+    /// `DELETE /users/{user}/jobs/{jobId}/tasks/{taskId}/key`: revokes a participant-run task's
+    /// key.
+    pub async fn revoke_task_key(&self, job: &JobId, task: &TaskId) -> Result<()> {
+        let path = self.job_path(job, &format!("/tasks/{}/key", seg(task.as_str()))).await?;
+        self.transport.json_no_content::<()>(Method::DELETE, &path, None).await
     }
 
     /// `GET /users/{user}/jobs/{jobId}/metrics`.

@@ -139,14 +139,19 @@ async fn user_agent_and_deployer_calls_round_trip() {
         .iter()
         .map(|task| NewTask {
             task: fledge_types::Task { job_id: job.id.clone(), ..task.clone() },
-            key: format!("key-of-{}", task.task_id),
+            key_sha256: fledge_control::api::secret_hash(&format!("key-of-{}", task.task_id)),
         })
         .collect();
     server.store.insert_tasks(&new_tasks).await.unwrap();
     let trainer = new_tasks.iter().find(|t| t.task.role == "trainer").unwrap();
 
     // The agent's calls with the task key.
-    let agent = TaskClient::new(&server.base, trainer.task.task_id.clone(), &trainer.key).unwrap();
+    let agent = TaskClient::new(
+        &server.base,
+        trainer.task.task_id.clone(),
+        &format!("key-of-{}", trainer.task.task_id),
+    )
+    .unwrap();
     let config = agent.config().await.unwrap();
     assert_eq!((config.role.as_str(), &config.job.id), ("trainer", &job.id));
     assert_eq!(config.dataset.unwrap().url, "file:///data/digits.csv");

@@ -143,8 +143,10 @@ async fn main() -> anyhow::Result<()> {
         task.job_id = JobId::new(&job_id);
         task.task_id = fledge_types::TaskId::new(format!("{job_id}-{i}"));
     }
-    let new: Vec<NewTask> =
-        tasks.into_iter().map(|task| NewTask { key: api::new_secret(), task }).collect();
+    let new: Vec<NewTask> = tasks
+        .into_iter()
+        .map(|task| NewTask { key_sha256: api::secret_hash(&api::new_secret()), task })
+        .collect();
     let start = Instant::now();
     store.insert_tasks(&new).await?;
     let insert_secs = start.elapsed().as_secs_f64();

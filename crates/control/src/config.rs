@@ -421,6 +421,12 @@ impl Options {
         self.blob_dir.clone().unwrap_or_else(|| self.data_dir.join("blobs"))
     }
 
+    /// The file holding the secret the controller derives task keys from
+    /// (`<data_dir>/secrets/task-keys.secret`, created on first start, mode 0600).
+    pub fn task_key_secret_path(&self) -> PathBuf {
+        self.data_dir.join("secrets").join("task-keys.secret")
+    }
+
     /// The notifier's own options.
     pub fn notifier_options(&self) -> notifier::Options {
         notifier::Options {

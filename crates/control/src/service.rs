@@ -215,11 +215,16 @@ async fn start_under(
             .notifier
             .clone()
             .context("the controller needs the notifier in the same process")?;
+        let secret = options.task_key_secret_path();
+        let keys = controller::TaskKeys::load_or_create(&secret).with_context(|| {
+            format!("cannot read or create the task-key secret {}", secret.display())
+        })?;
         let controller = Controller::build(
             options.controller.clone(),
             store.clone(),
             notifier,
             endpoints.clone(),
+            keys,
         )
         .context("cannot build the controller")?;
         services.controller = controller.handle();

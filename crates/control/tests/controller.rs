@@ -38,6 +38,8 @@ struct Plane {
     controller: controller::Handle,
     controller_token: CancellationToken,
     controller_task: JoinHandle<anyhow::Result<()>>,
+    /// The secret the controller derives task keys from (a restarted controller reloads it).
+    keys_path: std::path::PathBuf,
     shutdown: CancellationToken,
     owner: UserId,
     design: DesignId,
@@ -136,11 +138,13 @@ async fn plane(controller_options: controller::Options) -> Plane {
     tokio::spawn(service.run(listener, shutdown.clone()));
 
     let controller_token = shutdown.child_token();
+    let keys_path = dir.path().join("secrets/task-keys.secret");
     let built = Controller::build(
         controller_options,
         store.clone(),
         notifier.clone(),
         endpoints(&notifier_url),
+        controller::TaskKeys::load_or_create(&keys_path).expect("task-key secret"),
     )
     .expect("controller");
     let controller = built.handle();
@@ -153,6 +157,7 @@ async fn plane(controller_options: controller::Options) -> Plane {
         controller,
         controller_token,
         controller_task,
+        keys_path,
         shutdown,
         owner,
         design,
@@ -312,7 +317,6 @@ async fn start_and_deploy(
 
     let tasks = plane.tasks(job).await;
     assert_eq!(tasks.len(), 3, "two trainers and one aggregator: {tasks:?}");
-    let keys = plane.store.task_keys(job).await.expect("keys");
     let deploy = eventually("a deploy event", || {
         let deployer = deployer.clone();
         async move { deployer.snapshot().into_iter().next() }
@@ -327,12 +331,21 @@ async fn start_and_deploy(
         .iter()
         .map(|t| (t.task_id.clone(), (t.task_key.clone(), t.role.clone())))
         .collect();
+    let mut keys = BTreeMap::new();
     for task in &tasks {
         let (key, role) = &deployed[task.task_id.as_str()];
-        assert_eq!(key, &keys[&task.task_id], "deploy carries the stored key");
-        assert_eq!(key.len(), 64, "32 random bytes, hex");
+        assert_eq!(key.len(), 64, "32 bytes, hex");
+        let hash = fledge_control::api::secret_hash(key);
+        let found = plane.store.task_by_key(&task.task_id, &hash).await.expect("the key is valid");
+        assert_eq!(found.task_id, task.task_id, "the deployed key opens its own task");
         assert_eq!(role, &task.role);
+        keys.insert(task.task_id.clone(), key.clone());
     }
+    assert_eq!(
+        keys.values().collect::<std::collections::BTreeSet<_>>().len(),
+        tasks.len(),
+        "every task has its own key"
+    );
 
     let mut agents = BTreeMap::new();
     for task in &tasks {
@@ -480,7 +493,11 @@ async fn a_restarted_controller_resumes_the_job() {
     let mut plane = plane(options(3600.0, 30.0)).await;
     let job = plane.create_job(0).await;
     let (deployer, _agents) = start_and_deploy(&plane, &job).await;
-    let keys_before = plane.store.task_keys(&job).await.expect("keys");
+    let keys_before: BTreeMap<String, String> = deployer.snapshot()[0]
+        .tasks
+        .iter()
+        .map(|t| (t.task_id.clone(), t.task_key.clone()))
+        .collect();
 
     // Stop the controller mid-job (deploying) and build a new one on the same store.
     plane.controller_token.cancel();
@@ -494,13 +511,15 @@ async fn a_restarted_controller_resumes_the_job() {
         plane.store.clone(),
         plane.notifier.clone(),
         endpoints(&plane.notifier_url),
+        controller::TaskKeys::load_or_create(&plane.keys_path).expect("task-key secret"),
     )
     .expect("controller");
     plane.controller = built.handle();
     plane.controller_task = tokio::spawn(built.run(token.clone()));
     plane.controller_token = token;
 
-    // The new controller re-sends the deploy event with the same tasks and keys.
+    // The new controller re-sends the deploy event with the same tasks and keys (derived again
+    // from the secret: the store holds none).
     let redeploy = eventually("a second deploy event", || {
         let deployer = deployer.clone();
         async move { deployer.snapshot().get(1).cloned() }
@@ -509,9 +528,9 @@ async fn a_restarted_controller_resumes_the_job() {
     assert_eq!(redeploy.kind, DeployEventKind::Deploy as i32);
     assert!(redeploy.seq > deployer.snapshot()[0].seq, "sequence numbers keep counting");
     for deployment in &redeploy.tasks {
-        assert_eq!(deployment.task_key, keys_before[&TaskId::new(deployment.task_id.clone())]);
+        assert_eq!(deployment.task_key, keys_before[&deployment.task_id]);
     }
-    assert_eq!(plane.store.task_keys(&job).await.expect("keys"), keys_before);
+    assert_eq!(redeploy.tasks.len(), keys_before.len());
 
     run_all(&plane, &job).await;
     for task in plane.tasks(&job).await {
@@ -755,6 +774,7 @@ async fn a_restarted_controller_finishes_an_interrupted_ending() {
         plane.store.clone(),
         plane.notifier.clone(),
         endpoints(&plane.notifier_url),
+        controller::TaskKeys::load_or_create(&plane.keys_path).expect("task-key secret"),
     )
     .expect("controller");
     plane.controller_task = tokio::spawn(built.run(plane.shutdown.child_token()));

@@ -40,7 +40,7 @@ async fn async_hierarchical_and_coordinated_hierarchical_complete_through_the_pl
     let steps = records_of(&records, "top-aggregator");
     assert_eq!(steps.len(), 8, "one record per server step: {steps:?}");
     assert!(steps.iter().all(|r| r.metrics["updates"] == 2.0), "{steps:?}");
-    let async_accuracy = steps[7].metrics["trainer.accuracy"];
+    let async_accuracy = steps[7].metrics["global.accuracy"];
     assert!(async_accuracy > 0.8, "async hierarchical accuracy {async_accuracy}");
     // Both replicas of the middle aggregator sent updates up, each of 2 trainer updates.
     let middles = records_of(&records, "middle-aggregator");
@@ -66,7 +66,7 @@ async fn async_hierarchical_and_coordinated_hierarchical_complete_through_the_pl
     let rounds = records_of(&records, "top-aggregator");
     assert_eq!(rounds.len(), 5, "{rounds:?}");
     assert!(rounds.iter().all(|r| r.metrics["updates"] == 2.0), "{rounds:?}");
-    let coordinated_accuracy = rounds[4].metrics["trainer.accuracy"];
+    let coordinated_accuracy = rounds[4].metrics["global.accuracy"];
     assert!(coordinated_accuracy > 0.8, "coordinated accuracy {coordinated_accuracy}");
     // Each trainer trained every round for the middle aggregator it was assigned.
     assert_eq!(records_of(&records, "trainer").len(), 4 * 5);
@@ -190,7 +190,10 @@ async fn over_mqtt_a_crashed_middle_aggregator_is_replaced_by_its_replica() {
     assert_eq!(plans[4].metrics["middleAggregatorsActive"], 1.0);
     let moved: f64 = plans.iter().map(|r| r.metrics["trainersReassigned"]).sum();
     assert_eq!(moved, 2.0, "only the crashed one's trainers move: {plans:?}");
-    let per_round: BTreeMap<u64, f64> =
-        top.history.iter().map(|r| (r.round, r.metrics["trainer.accuracy"])).collect();
+    let per_round: BTreeMap<u64, f64> = top
+        .history
+        .iter()
+        .map(|r| (r.round, r.metrics["trainer.afterTraining.accuracy"]))
+        .collect();
     eprintln!("coordinated over MQTT with a crash after round 1: accuracy by round {per_round:?}");
 }

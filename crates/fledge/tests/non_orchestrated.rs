@@ -4,7 +4,9 @@
 //!   trainer, two clinics run theirs (a data spec entry with `participantRun`). The job waits
 //!   for the clinics, `fledgectl run` prints each owner's command,
 //!   the test runs those commands as the owners would, kills one agent mid-job and restarts it
-//!   with the same key (it rejoins), and checks that any other key is refused;
+//!   with the same key (it rejoins), and checks that a made-up key cannot take a data owner's
+//!   slot (no trust on first use, issue 12 item 5), that any other key is refused, and that
+//!   the keys die with the job;
 //! - parallel experiments: one aggregator per region in one job, each with its own rounds and
 //!   metrics.
 
@@ -34,8 +36,16 @@ impl Drop for Owner {
     }
 }
 
+/// The key `fledgectl` minted into a join command line (`FLEDGE_TASK_KEY=KEY fledge ...`).
+fn key_of(command: &str) -> String {
+    let key = command.split_whitespace().next().unwrap().strip_prefix("FLEDGE_TASK_KEY=").unwrap();
+    assert_eq!(key.len(), 64, "a minted key: {command}");
+    key.to_owned()
+}
+
 /// Runs a join command line printed by `fledgectl` (`FLEDGE_TASK_KEY=<...> fledge fledgelet
-/// ARGS`) the way a data owner would: their own key, in their own directory.
+/// ARGS`) the way a data owner would, in their own directory, with `key` (the minted one, or an
+/// attacker's).
 fn join(command: &str, key: &str, dir: &Path, log: &str) -> Command {
     let mut words = command.split_whitespace();
     let assignment = words.next().unwrap();
@@ -126,13 +136,30 @@ async fn participant_run_trainers_join_leave_rejoin_and_the_job_completes() {
     let command_a = commands.iter().find(|c| c.contains(task_a.as_str())).unwrap().clone();
     let command_b = commands.iter().find(|c| !c.contains(task_a.as_str())).unwrap().clone();
 
-    // Both data owners join with keys of their choosing, in their own directories.
+    let (key_a, key_b) = (key_of(&command_a), key_of(&command_b));
+    assert_ne!(key_a, key_b);
     let (dir_a, dir_b) = (platform.scratch().join("clinic-a"), platform.scratch().join("clinic-b"));
     std::fs::create_dir_all(&dir_a).unwrap();
     std::fs::create_dir_all(&dir_b).unwrap();
-    let mut first =
-        Owner(join(&command_a, "clinic-a-secret", &dir_a, "agent-1.log").spawn().unwrap());
-    let _b = Owner(join(&command_b, "clinic-b-secret", &dir_b, "agent.log").spawn().unwrap());
+
+    // No trust on first use: before clinic b joins, clinic a (who can derive b's task id from
+    // the job) tries b's slot with a key of its own making, and is refused; so is clinic a's
+    // own key on b's task.
+    for (guess, log) in [("made-up-by-clinic-a", "steal-1.log"), (key_a.as_str(), "steal-2.log")] {
+        let stolen = join(&command_b, guess, &dir_a, log).status().unwrap();
+        assert!(!stolen.success(), "a made-up key took clinic b's slot");
+        let why = std::fs::read_to_string(dir_a.join(log)).unwrap();
+        assert!(why.contains("invalid key for task") && why.contains("minted"), "{why}");
+    }
+    // `job join` again shows no key a second time: keys are shown once.
+    let again = platform.fledgectl().args(["job", "join", &job]).output().unwrap();
+    let again = String::from_utf8(again.stdout).unwrap();
+    assert!(!again.contains(&key_a) && !again.contains(&key_b), "{again}");
+    assert_eq!(again.matches("FLEDGE_TASK_KEY=<the-key-minted-earlier>").count(), 2, "{again}");
+
+    // Both data owners join with their minted keys, in their own directories.
+    let mut first = Owner(join(&command_a, &key_a, &dir_a, "agent-1.log").spawn().unwrap());
+    let _b = Owner(join(&command_b, &key_b, &dir_b, "agent.log").spawn().unwrap());
 
     // Mid-job (the aggregator reported a round), clinic a's machine dies.
     until("the first round", async || {
@@ -149,12 +176,9 @@ async fn participant_run_trainers_join_leave_rejoin_and_the_job_completes() {
     let refused = join(&command_a, "a-guess", &dir_a, "refused.log").status().unwrap();
     assert!(!refused.success());
     let why = std::fs::read_to_string(dir_a.join("refused.log")).unwrap();
-    assert!(
-        why.contains("refused task") && why.contains("takes only the key it first joined with"),
-        "{why}"
-    );
+    assert!(why.contains("refused task") && why.contains("fledgectl job join"), "{why}");
     // The same key rejoins.
-    let mut again = join(&command_a, "clinic-a-secret", &dir_a, "agent-2.log").spawn().unwrap();
+    let mut again = join(&command_a, &key_a, &dir_a, "agent-2.log").spawn().unwrap();
 
     let out = run.wait_with_output().unwrap();
     let stderr = reader.join().unwrap();
@@ -167,7 +191,7 @@ async fn participant_run_trainers_join_leave_rejoin_and_the_job_completes() {
     let rounds = records_of(&records, "aggregator");
     assert_eq!(rounds.len(), 15, "{rounds:?}");
     assert!(rounds.iter().all(|r| r.task_id == aggregator));
-    let accuracy = rounds[14].metrics["trainer.accuracy"];
+    let accuracy = rounds[14].metrics["global.accuracy"];
     assert!(accuracy > 0.8, "final accuracy {accuracy}");
     // Clinic a trained again after it rejoined: its records go past the round it left in.
     let trained_by_a: Vec<u64> = records_of(&records, "trainer")
@@ -176,6 +200,12 @@ async fn participant_run_trainers_join_leave_rejoin_and_the_job_completes() {
         .map(|r| r.round)
         .collect();
     assert!(trained_by_a.iter().any(|round| *round > left_at + 1), "{left_at} {trained_by_a:?}");
+
+    // The job is final: clinic a's key opens nothing any more.
+    let late = join(&command_a, &key_a, &dir_a, "late.log").status().unwrap();
+    assert!(!late.success(), "a task key outlived its job");
+    let why = std::fs::read_to_string(dir_a.join("late.log")).unwrap();
+    assert!(why.contains("invalid key for task") && why.contains("ended"), "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -201,7 +231,7 @@ async fn parallel_experiments_train_one_model_per_region_in_one_job() {
             .filter(|t| t.role == "trainer" && t.group_association["param-channel"] == region)
             .count();
         assert!(own.iter().all(|r| r.metrics["updates"] == trainers as f64), "{region}: {own:?}");
-        let accuracy = own[4].metrics["trainer.accuracy"];
+        let accuracy = own[4].metrics["global.accuracy"];
         assert!(accuracy > 0.8, "{region} accuracy {accuracy}");
         regions.insert(region);
     }

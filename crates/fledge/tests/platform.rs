@@ -25,7 +25,7 @@ async fn two_tier_and_three_tier_mnist_complete_through_the_platform() {
     assert!(tasks.iter().all(|t| t.state == TaskState::Completed), "{tasks:?}");
     let rounds = records_of(&records, "aggregator");
     assert_eq!(rounds.len(), 20, "one aggregator record per round");
-    let accuracy = rounds[19].metrics["trainer.accuracy"];
+    let accuracy = rounds[19].metrics["global.accuracy"];
     assert!(accuracy > 0.9, "two-tier accuracy after 20 rounds: {accuracy}");
 
     let job = platform.run("hierarchical-mnist");
@@ -43,7 +43,7 @@ async fn two_tier_and_three_tier_mnist_complete_through_the_platform() {
     assert_eq!(groups, ["eu", "eu", "us", "us"]);
     let top = records_of(&records, "top-aggregator");
     assert_eq!(top.len(), 10, "one top-aggregator record per round");
-    let accuracy = top[9].metrics["trainer.accuracy"];
+    let accuracy = top[9].metrics["global.accuracy"];
     assert!(accuracy > 0.85, "three-tier accuracy after 10 rounds: {accuracy}");
 }
 

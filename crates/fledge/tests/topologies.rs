@@ -39,7 +39,7 @@ async fn async_two_tier_and_distributed_ring_complete_through_the_platform() {
     let last = &steps[15];
     assert_eq!(last.metrics["updates"], 2.0);
     assert_eq!(last.metrics["modelVersion"], 16.0);
-    let accuracy = last.metrics["trainer.accuracy"];
+    let accuracy = last.metrics["global.accuracy"];
     assert!(accuracy > 0.8, "async accuracy {accuracy}");
     // Updates arrive against older models: staleness is measured and weighted.
     assert!(steps.iter().any(|r| r.metrics["staleness.max"] >= 1.0), "{steps:?}");
@@ -67,7 +67,7 @@ fn time_to(
 ) -> Option<f64> {
     records
         .iter()
-        .filter(|r| r.metrics.get("accuracy").is_some_and(|a| *a >= target))
+        .filter(|r| r.metrics.get("global.accuracy").is_some_and(|a| *a >= target))
         .filter_map(|r| r.timestamp)
         .map(|t| (t - start).num_milliseconds() as f64 / 1000.0)
         .reduce(f64::min)
@@ -146,7 +146,7 @@ async fn fedbuff_and_fedavg_reach_the_target_with_a_5x_straggler() {
     let finish = |r: &RunSummary, start: chrono::DateTime<chrono::Utc>| {
         let last = r.history.last().unwrap();
         (
-            last.metrics["accuracy"],
+            last.metrics["global.accuracy"],
             (last.timestamp.unwrap() - start).num_milliseconds() as f64 / 1000.0,
         )
     };

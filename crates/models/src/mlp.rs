@@ -1,9 +1,15 @@
 //! A one-hidden-layer ReLU MLP (784-128-10 for MNIST) on candle's CPU backend.
 //!
 //! Training is plain minibatch SGD with cross-entropy loss; gradients come from candle's
-//! autodiff (`Tensor::backward`), not from hand-written derivatives. Initialisation follows
-//! PyTorch's `nn.Linear` (uniform in ±1/sqrt(fan_in)) from a seeded RNG, so two models built
-//! with the same seed are identical, and so is a training run with the same shuffle seed.
+//! autodiff (`Tensor::backward`), not from hand-written derivatives.
+//!
+//! Everything random is explicit and seeded, so a run can be reproduced outside Fledge (the
+//! numpy reference check in `tests/reference_fedavg.rs` does):
+//! - initialisation ([`Mlp::new`]): He-normal weights (`W` ~ N(0, 2/fan_in), as the usual numpy
+//!   reference MLP: it keeps the ReLU layer's activations at unit scale) and zero biases, drawn
+//!   in tensor order from one `StdRng` seeded with [`MlpConfig::seed`];
+//! - data order ([`epoch_orders`]): one `StdRng` seeded with [`SgdConfig::seed`] shuffles the row
+//!   order in place at the start of each epoch.
 //!
 //! Weights cross to the rest of Fledge as named `f32` tensors in PyTorch's naming and layout:
 //! `fc1.weight` `[hidden, input]`, `fc1.bias` `[hidden]`, `fc2.weight` `[classes, hidden]`,
@@ -12,9 +18,10 @@
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use fledge_algorithms::Weights;
+use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
 
 use crate::data::Dataset;
 use crate::{Error, Result};
@@ -82,6 +89,20 @@ pub struct EvalStats {
     pub accuracy: f64,
 }
 
+/// The row order of each epoch of [`Mlp::train`] on `rows` rows: one `StdRng` seeded with
+/// `seed` shuffles `0..rows` in place at the start of every epoch (so epoch 2 shuffles epoch
+/// 1's order again). Minibatches are consecutive runs of `batch_size` rows of an order.
+pub fn epoch_orders(rows: usize, seed: u64, epochs: usize) -> Vec<Vec<u32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order: Vec<u32> = (0..rows as u32).collect();
+    (0..epochs)
+        .map(|_| {
+            order.shuffle(&mut rng);
+            order.clone()
+        })
+        .collect()
+}
+
 /// The model: four trainable variables.
 pub struct Mlp {
     config: MlpConfig,
@@ -103,15 +124,21 @@ impl Mlp {
         }
         let device = Device::Cpu;
         let mut rng = StdRng::seed_from_u64(config.seed);
-        let fans = [config.input, config.input, config.hidden, config.hidden];
+        // Standard deviation per tensor: He-normal weights, zero biases.
+        let stds =
+            [(2.0 / config.input as f32).sqrt(), 0.0, (2.0 / config.hidden as f32).sqrt(), 0.0];
         let vars = config
             .shapes()
             .into_iter()
-            .zip(fans)
-            .map(|(shape, fan_in)| {
-                let bound = 1.0 / (fan_in as f32).sqrt();
+            .zip(stds)
+            .map(|(shape, std)| {
                 let n: usize = shape.iter().product();
-                let values: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
+                let values: Vec<f32> = if std == 0.0 {
+                    vec![0.0; n]
+                } else {
+                    let normal = Normal::new(0.0, std).expect("a positive, finite deviation");
+                    (0..n).map(|_| normal.sample(&mut rng)).collect()
+                };
                 Var::from_vec(values, shape, &device)
             })
             .collect::<candle_core::Result<Vec<Var>>>()?;
@@ -173,11 +200,8 @@ impl Mlp {
         }
         let (x, y) = self.tensors(data)?;
         let mut optimizer = candle_nn::SGD::new(self.vars.clone(), sgd.lr)?;
-        let mut rng = StdRng::seed_from_u64(sgd.seed);
-        let mut order: Vec<u32> = (0..data.len() as u32).collect();
         let mut last_loss = 0.0;
-        for _ in 0..sgd.epochs {
-            order.shuffle(&mut rng);
+        for order in epoch_orders(data.len(), sgd.seed, sgd.epochs) {
             let mut loss_sum = 0.0;
             for batch in order.chunks(sgd.batch_size) {
                 let idx = Tensor::from_slice(batch, batch.len(), &self.device)?;

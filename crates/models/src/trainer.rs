@@ -77,6 +77,12 @@ pub fn load_shard(url: &DatasetUrl) -> Result<Dataset> {
     Ok(train.subset(&parts[shard]))
 }
 
+/// The shuffle seed of local training in `round`: a different data order every round,
+/// reproducible from the job's `seed` (the orders are [`crate::mlp::epoch_orders`] of it).
+pub fn round_seed(seed: u64, round: u64) -> u64 {
+    seed.wrapping_mul(1_000_003).wrapping_add(round)
+}
+
 /// The MNIST MLP trainer.
 #[derive(Debug, Default)]
 pub struct MnistTrainer {
@@ -128,11 +134,7 @@ impl TrainerApp for MnistTrainer {
     fn train(&mut self, round: u64) -> anyhow::Result<TrainOutcome> {
         let settings = self.settings.ok_or_else(|| anyhow::anyhow!("initialize was not called"))?;
         let train = self.train.take().ok_or_else(|| anyhow::anyhow!("load_data was not called"))?;
-        // A different shuffle every round, reproducible from the seed.
-        let sgd = SgdConfig {
-            seed: settings.sgd.seed.wrapping_mul(1_000_003).wrapping_add(round),
-            ..settings.sgd
-        };
+        let sgd = SgdConfig { seed: round_seed(settings.sgd.seed, round), ..settings.sgd };
         let res = self.model().and_then(|m| Ok(m.train(&train, sgd)?));
         self.train = Some(train);
         let stats = res?;

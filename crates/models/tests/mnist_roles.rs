@@ -36,7 +36,7 @@ fn plan(job: &str, trainers: usize, middle: usize) -> JobPlan {
 }
 
 fn final_accuracy(report: &fledge_sdk::runner::SimReport) -> f64 {
-    report.top.history.last().expect("rounds ran").metrics["accuracy"]
+    report.top.history.last().expect("rounds ran").metrics["global.accuracy"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +45,7 @@ async fn two_tier_mnist_subset_learns() {
     let report = simulate(&plan("mnist-2", 4, 0), MnistFactory::shared(), dir.path().to_path_buf())
         .await
         .expect("job runs");
-    let acc: Vec<f64> = report.top.history.iter().map(|r| r.metrics["accuracy"]).collect();
+    let acc: Vec<f64> = report.top.history.iter().map(|r| r.metrics["global.accuracy"]).collect();
     assert!(final_accuracy(&report) > 0.85, "accuracy per round {acc:?}");
     assert!(acc[2] >= acc[0] - 0.02, "does not get worse: {acc:?}");
     assert!(report.others.values().all(Result::is_ok), "{:?}", report.others);

@@ -61,7 +61,8 @@ def test_tiny_trainer_runs_and_update_metrics_are_reported(tmp_path):
     trainer = report.tasks["sim-trainer-0"]
     assert trainer.metric("train_lr") == [0.5, 0.5]
     assert trainer.metric("train_loss") == [1.25, 1.25]
-    assert trainer.metric("accuracy") == [0.5, 0.5]
+    assert trainer.metric("afterTraining.accuracy") == [0.5, 0.5]
+    assert trainer.metric("beforeTraining.accuracy") == [0.5, 0.5]
 
 
 def run_main(tmp_path, body, config):

@@ -25,17 +25,19 @@ def test_three_numpy_trainers_reach_085_test_accuracy(data_dir, example, tmp_pat
     assert sorted(report.tasks) == ["sim-trainer-0", "sim-trainer-1", "sim-trainer-2"]
     for summary in report.tasks.values():
         assert summary.kind == "trainer" and summary.rounds == 3
-        # Trainer metrics arrive as reported by train() (prefixed) and evaluate().
+        # Trainer metrics arrive as reported by train() (prefixed) and evaluate(), which runs
+        # on the received model before training and on the trained one after.
         assert len(summary.metric("train_loss")) == 3
-        assert len(summary.metric("accuracy")) == 3
+        assert len(summary.metric("beforeTraining.accuracy")) == 3
+        assert len(summary.metric("afterTraining.accuracy")) == 3
     model = report.final_model
     assert list(model) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
     assert model["fc1.weight"].shape == (64, 784) and model["fc1.weight"].dtype == np.float32
     _, _, x_test, y_test = fledge.data.load_mnist(urls(data_dir, 1)[0])
     accuracy = example.evaluate(model, x_test, y_test)["accuracy"]
     assert accuracy >= 0.85, accuracy
-    # The trainers' last evaluations of the global model agree.
-    last = [s.metric("accuracy")[-1] for s in report.tasks.values()]
+    # The trainers' locally trained models of the last round.
+    last = [s.metric("afterTraining.accuracy")[-1] for s in report.tasks.values()]
     assert min(last) >= 0.8, last
     assert (tmp_path / "registry").exists()
 
@@ -56,8 +58,8 @@ def test_three_tier_with_server_side_evaluator(data_dir, example, tmp_path):
     kinds = sorted(s.kind for s in report.tasks.values())
     assert kinds == ["middle-aggregator"] * 2 + ["trainer"] * 4
     # The evaluator scored the global model after every round.
-    assert len(report.top.metric("accuracy")) == 2, report.top.history
-    assert 0.0 < report.top.metric("accuracy")[-1] <= 1.0
+    assert len(report.top.metric("global.accuracy")) == 2, report.top.history
+    assert 0.0 < report.top.metric("global.accuracy")[-1] <= 1.0
     assert list(report.final_model) == ["fc1.weight", "fc1.bias"]
 
 

@@ -1,7 +1,8 @@
 //! Per-round metrics and the reporter that posts them to the control plane.
 //!
 //! Each role builds one [`fledge_types::MetricRecord`] per round: user metrics (loss,
-//! accuracy, ...), traffic from the channel counters (`bytesSent`, `bytesReceived`), and the
+//! accuracy, ...) under names that say which model they measure ([`GLOBAL`],
+//! [`BEFORE_TRAINING`], [`AFTER_TRAINING`], [`TRAINER_MEAN`]), traffic from the channel counters (`bytesSent`, `bytesReceived`), and the
 //! seconds spent in each tasklet (`seconds.<alias>`) plus `roundSeconds`. Records go to the
 //! registry's `metrics.jsonl` and, when the task config names a control plane, to
 //! `POST {apiserver}/api/v1/tasks/{taskId}/metrics` (body: a JSON array of records, bearer =
@@ -18,6 +19,18 @@ use fledge_channel::MetricsSnapshot;
 use fledge_types::{MetricRecord, TaskId};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+/// Prefix of an aggregator's evaluation of the aggregated (global) model on its evaluation set:
+/// `global.accuracy`, `global.loss`.
+pub const GLOBAL: &str = "global.";
+/// Prefix of a trainer's evaluation, on its own test data, of the model it received for the
+/// round, before local training: `beforeTraining.accuracy`.
+pub const BEFORE_TRAINING: &str = "beforeTraining.";
+/// Prefix of a trainer's evaluation of its locally trained model: `afterTraining.accuracy`.
+pub const AFTER_TRAINING: &str = "afterTraining.";
+/// Prefix of an aggregator's sample-weighted mean of a figure its trainers reported:
+/// `trainer.afterTraining.accuracy`.
+pub const TRAINER_MEAN: &str = "trainer.";
 
 /// Largest batch per POST.
 pub const MAX_BATCH: usize = 64;

@@ -98,7 +98,9 @@ async fn two_tier_fedavg_is_exact_and_writes_the_registry() {
     assert_eq!(r1["updates"], 2.0);
     assert_eq!(r1["numSamples"], 40.0);
     assert!(r1["bytesSent"] > 0.0 && r1["bytesReceived"] > 0.0);
-    assert!(r1.contains_key("seconds.aggregate") && r1.contains_key("trainer.accuracy"));
+    assert!(
+        r1.contains_key("seconds.aggregate") && r1.contains_key("trainer.afterTraining.accuracy")
+    );
     for (id, res) in &report.others {
         let run = res.as_ref().unwrap_or_else(|e| panic!("{id} failed: {e}"));
         assert_eq!(run.history.len(), 3, "{id} trained every round");
@@ -167,12 +169,23 @@ fn roles_are_customisable_by_alias() {
     program.remove("evaluate").expect("evaluate exists");
     assert_eq!(
         program.aliases(),
-        ["initialize", "load_data", "join", "rounds", "fetch", "train", "clip", "upload", "report"]
+        [
+            "initialize",
+            "load_data",
+            "join",
+            "rounds",
+            "fetch",
+            "evaluate_received",
+            "train",
+            "clip",
+            "upload",
+            "report"
+        ]
     );
     // Wrapping keeps the alias and place; the decorator decides when the original runs.
     program.wrap("upload", |upload| upload).expect("upload exists");
     assert!(program.wrap("rounds", |step| step).is_err(), "a loop cannot be wrapped");
-    assert_eq!(program.aliases().len(), 9);
+    assert_eq!(program.aliases().len(), 10);
     let top = fledge_sdk::roles::aggregator::top_program();
     assert!(top.aliases().contains(&"checkpoint".to_owned()));
 }

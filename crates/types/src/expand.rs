@@ -1,4 +1,4 @@
-//! Expansion: a job's schema, data spec and datasets become its tasks (DESIGN.md §4).
+//! Expansion: a job's schema, data spec and datasets become its tasks (`docs/design.md`, "Expansion").
 //!
 //! - A data-consuming role gets one task per dataset id listed for it in `dataSpec`; its group
 //!   association is the role's `groupAssociation` entry that contains the dataset's group label,

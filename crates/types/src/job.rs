@@ -12,8 +12,8 @@ use crate::state::JobState;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobSpec {
-    /// Human-readable name (required; absent parses as empty so validation reports it with
-    /// every other problem).
+    /// Human-readable name. Optional, as in Flame's job files: absent (or empty) it becomes the
+    /// design id ([`JobSpec::with_defaults`], applied by the apiserver before validation).
     #[serde(default)]
     pub name: String,
     /// The design to run.
@@ -45,6 +45,17 @@ pub struct JobSpec {
     /// Path of the model spec file beside job.json (resolved by `fledgectl`, never stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_spec_path: Option<String>,
+}
+
+impl JobSpec {
+    /// The spec with Flame's defaults filled in: a job without a `name` is named after its
+    /// design (`designId`). A blank but non-empty name is left for validation to report.
+    pub fn with_defaults(mut self) -> Self {
+        if self.name.is_empty() {
+            self.name = self.design_id.as_str().to_owned();
+        }
+        self
+    }
 }
 
 /// Job priority (Flame's values).
@@ -160,12 +171,24 @@ impl Default for Sort {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegistrySpec {
-    /// `local` (a directory) or `mlflow`.
+    /// `local` (a directory), `mlflow`, or `dummy` (Flame's "no registry": the job names none,
+    /// so its tasks use the platform's default registry, as when `uri` is empty).
     #[serde(default = "local")]
     pub sort: String,
     /// Directory path or MLflow URL; empty means the worker's default.
     #[serde(default)]
     pub uri: String,
+}
+
+/// The registry sort Flame's examples use for "no registry" (see [`RegistrySpec::sort`]).
+pub const DUMMY_REGISTRY: &str = "dummy";
+
+impl RegistrySpec {
+    /// Whether the spec names a registry of its own: not `dummy` and with a `uri`. A job whose
+    /// registry names none gets the deployment's default ([`crate::task_config::TaskEnv`]).
+    pub fn is_named(&self) -> bool {
+        self.sort != DUMMY_REGISTRY && !self.uri.is_empty()
+    }
 }
 
 fn local() -> String {
@@ -219,5 +242,26 @@ mod tests {
         assert_eq!(ModelSpec::default(), parsed);
         assert_eq!(ModelSpec::default().selector.sort, "default");
         assert_eq!(ModelSpec::default().optimizer.sort, "fedavg");
+    }
+
+    #[test]
+    fn a_job_without_a_name_is_named_after_its_design() {
+        // Flame's job files carry no name.
+        let spec: JobSpec = crate::json::from_slice(br#"{"designId": "mnist", "priority": "low"}"#)
+            .expect("a Flame job file parses");
+        assert_eq!(spec.name, "");
+        assert_eq!(spec.clone().with_defaults().name, "mnist");
+        let named = JobSpec { name: "mine".into(), ..spec.clone() }.with_defaults();
+        assert_eq!(named.name, "mine", "a given name is kept");
+        let blank = JobSpec { name: "  ".into(), ..spec }.with_defaults();
+        assert_eq!(blank.name, "  ", "a blank name is left for validation to report");
+    }
+
+    #[test]
+    fn the_dummy_registry_names_none() {
+        let dummy = RegistrySpec { sort: DUMMY_REGISTRY.into(), uri: "x".into() };
+        assert!(!dummy.is_named());
+        assert!(!RegistrySpec::default().is_named(), "no uri: the deployment's default");
+        assert!(RegistrySpec { sort: "local".into(), uri: "/models".into() }.is_named());
     }
 }

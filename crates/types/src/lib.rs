@@ -46,9 +46,11 @@ pub mod validate;
 
 pub use error::{ApiError, ErrorCode, ErrorDetail};
 pub use ids::{ComputeId, DatasetId, DesignId, JobId, TaskId, UserId};
-pub use job::{BaseModel, DataSpecEntry, Job, JobSpec, ModelSpec, Priority, RegistrySpec, Sort};
+pub use job::{
+    BaseModel, DUMMY_REGISTRY, DataSpecEntry, Job, JobSpec, ModelSpec, Priority, RegistrySpec, Sort,
+};
 pub use resources::{
-    Compute, ComputeSpec, Dataset, DatasetSpec, Design, DesignSpec, Platform, User,
+    Compute, ComputeSpec, Dataset, DatasetSpec, Design, DesignSpec, Platform, Token, User,
 };
 pub use schema::{Backend, ChannelSpec, DEFAULT_GROUP, GroupBy, Role, Schema};
 pub use state::{JobState, TaskState};

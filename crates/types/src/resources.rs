@@ -133,3 +133,22 @@ pub struct User {
     /// Admins see and change everything.
     pub is_admin: bool,
 }
+
+/// A user's API token as listed: never the secret itself, which is shown once when issued and
+/// stored only as its SHA-256.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Token {
+    /// Public id (16 hex digits), to revoke the token by.
+    pub id: String,
+    /// The user it authenticates.
+    pub user: UserId,
+    /// What the token is for (free text, may be empty).
+    #[serde(default)]
+    pub description: String,
+    /// When it was issued.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// After this instant the token is refused (`None`: never expires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}

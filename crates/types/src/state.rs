@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A job's lifecycle (DESIGN.md §4).
+/// A job's lifecycle (`docs/design.md`, "States").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {

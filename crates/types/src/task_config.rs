@@ -198,7 +198,8 @@ pub struct TaskEnv {
 /// - `channels` are the schema's channels whose pair contains the task's role, whole (a
 ///   channel's `brokerHost` and `backend` stay on it; see [`TaskConfig::broker_for`]);
 /// - hyperparameters, optimizer, selector and base model come from the job's model spec;
-/// - the registry is the model spec's when its `uri` is set, else `env.default_registry`;
+/// - the registry is the model spec's when it names one (a `uri`, and not Flame's `dummy`),
+///   else `env.default_registry`;
 /// - `dataset` is passed on for data-consuming roles only (the task's dataset).
 pub fn build(
     job: &crate::job::Job,
@@ -209,10 +210,10 @@ pub fn build(
 ) -> TaskConfig {
     let model = &job.spec.model_spec;
     let is_data_consumer = schema.roles.iter().any(|r| r.name == task.role && r.is_data_consumer);
-    let registry = if model.registry.uri.is_empty() {
-        env.default_registry.clone()
-    } else {
+    let registry = if model.registry.is_named() {
         model.registry.clone()
+    } else {
+        env.default_registry.clone()
     };
     TaskConfig {
         version: TASK_CONFIG_VERSION,
@@ -375,6 +376,14 @@ mod tests {
         let dataset_ref = config.dataset.as_ref().expect("trainers get their dataset");
         assert_eq!(dataset_ref.url, "file:///data/d1");
         assert_eq!(dataset_ref.name, "mnist-1");
+        // Flame's `dummy` registry names none: the deployment's default, even with a uri set.
+        let mut dummy = job("");
+        dummy.spec.model_spec.registry = RegistrySpec { sort: "dummy".into(), uri: String::new() };
+        let config = build(&dummy, &schema, &trainer, Some(&dataset), &env());
+        assert_eq!(config.registry, env().default_registry, "dummy: the default registry");
+        dummy.spec.model_spec.registry.uri = "ignored".into();
+        let config = build(&dummy, &schema, &trainer, Some(&dataset), &env());
+        assert_eq!(config.registry, env().default_registry, "dummy never names a registry");
         // The config round-trips through JSON unchanged.
         let json = serde_json::to_string(&config).expect("serialise");
         assert_eq!(serde_json::from_str::<TaskConfig>(&json).expect("parse"), config);

@@ -21,8 +21,9 @@ pub const MAX_RUN_TIME_LIMIT: u64 = 30 * 24 * 3600;
 /// The largest `replica` accepted: each replica is a worker to deploy.
 pub const MAX_REPLICA: i64 = 1000;
 
-/// Registry sorts the data plane implements.
-pub const REGISTRY_SORTS: &[&str] = &["local", "mlflow"];
+/// Registry sorts a model spec may name (`dummy`, Flame's "no registry", stands for the
+/// deployment's default).
+pub const REGISTRY_SORTS: &[&str] = &["local", "mlflow", crate::job::DUMMY_REGISTRY];
 
 /// Every problem of a schema (empty: valid).
 pub fn schema(schema: &Schema) -> Vec<ErrorDetail> {
@@ -210,8 +211,11 @@ pub fn job(
     let mut push =
         |path: &str, message: String| errors.push(ErrorDetail { path: path.to_owned(), message });
 
-    if spec.name.trim().is_empty() {
-        push("name", "must not be empty".into());
+    if spec.name.is_empty() {
+        // Callers apply `JobSpec::with_defaults` first; an empty name means they did not.
+        push("name", "must not be empty (omit it to name the job after its design)".into());
+    } else if spec.name.trim().is_empty() {
+        push("name", "must not be blank (omit it to name the job after its design)".into());
     }
     if spec.design_id.as_str().trim().is_empty() {
         push("designId", "must not be empty".into());
@@ -251,6 +255,15 @@ pub fn job(
                 "unknown registry {:?}, expected one of: {}",
                 model.registry.sort,
                 REGISTRY_SORTS.join(", ")
+            ),
+        );
+    } else if model.registry.sort == crate::job::DUMMY_REGISTRY && !model.registry.uri.is_empty() {
+        push(
+            "modelSpec.registry.uri",
+            format!(
+                "must be empty for the {:?} registry (no registry), found {:?}",
+                crate::job::DUMMY_REGISTRY,
+                model.registry.uri
             ),
         );
     }

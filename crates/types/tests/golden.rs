@@ -17,7 +17,7 @@ use fledge_types::{Compute, Dataset, ErrorDetail, JobId, JobSpec, Schema, expand
 #[test]
 fn golden_expansions() {
     let cases = case_dirs("golden");
-    assert!(cases.len() >= 9, "golden cases missing: {cases:?}");
+    assert!(cases.len() >= 11, "golden cases missing: {cases:?}");
     for dir in cases {
         let report = run_case(&dir);
         assert!(
@@ -53,7 +53,8 @@ fn case_dirs(kind: &str) -> Vec<PathBuf> {
 fn run_case(dir: &Path) -> String {
     let mut out = String::new();
     let schema = parse::<Schema>(dir, "schema.json", &mut out);
-    let job = parse_optional::<JobSpec>(dir, "job.json", &mut out);
+    // As the apiserver does: a job without a name is named after its design.
+    let job = parse_optional::<JobSpec>(dir, "job.json", &mut out).map(JobSpec::with_defaults);
     let datasets = parse_optional::<Vec<Dataset>>(dir, "datasets.json", &mut out);
     let computes = parse_optional::<Vec<Compute>>(dir, "computes.json", &mut out);
     if !out.is_empty() {

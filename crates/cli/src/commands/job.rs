@@ -1,6 +1,7 @@
 //! Jobs: `create|get|update|remove job`, `get jobs|tasks|task|metrics|status`, `start|stop job`,
 //! `job plan`, `job join`, `logs`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use fledge_types::{JobId, JobState, MetricRecord, TaskId};
@@ -11,7 +12,7 @@ use crate::input::InputError;
 use crate::jobfile::{self, JobFile};
 use crate::output;
 
-/// Reads job.json and registers the dataset files it names (reusing datasets by name).
+/// Reads job.json and registers the dataset files it names (reusing identical datasets).
 pub async fn load_and_register(
     ctx: &Ctx,
     file: &Path,
@@ -63,18 +64,46 @@ pub async fn plan(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
     let tasks = ctx.client.plan_job(&job_file.spec).await?;
     eprintln!(
         "job {:?} expands to {} tasks ({})",
-        job_file.spec.name,
+        job_file.spec.clone().with_defaults().name,
         tasks.len(),
         output::role_counts(&tasks)
     );
     ctx.show(&tasks, || output::plan(&tasks))
 }
 
-/// `job join ID`: the command each data owner of a participant-run task runs.
-pub async fn join(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
+/// Mints a key for each participant-run task of `info` that has none yet or is named in
+/// `remint`, and for no other; returns the keys (shown once).
+async fn mint_keys(
+    ctx: &Ctx,
+    job: &JobId,
+    info: &fledge_client::JoinInfo,
+    remint: &[TaskId],
+) -> anyhow::Result<BTreeMap<TaskId, String>> {
+    for task in remint {
+        if !info.tasks.iter().any(|t| &t.task_id == task) {
+            anyhow::bail!("task {task} is not a participant-run task of job {job}");
+        }
+    }
+    let mut minted = BTreeMap::new();
+    for task in &info.tasks {
+        let fresh = !info.keyed.contains(&task.task_id) && !task.state.is_final();
+        if fresh || remint.contains(&task.task_id) {
+            let key = ctx.client.mint_task_key(job, &task.task_id).await?;
+            minted.insert(task.task_id.clone(), key.key);
+        }
+    }
+    Ok(minted)
+}
+
+/// `job join ID [--remint TASK]...`: mints the key of each participant-run task that has none
+/// (and of the tasks named by `--remint`, replacing theirs) and prints the command each data
+/// owner runs.
+pub async fn join(ctx: &Ctx, id: &str, remint: &[String]) -> anyhow::Result<()> {
     let job = JobId::new(id);
     let info = ctx.client.join_info(&job).await?;
-    let commands = output::join_commands(&info, ctx.client.endpoint());
+    let remint: Vec<TaskId> = remint.iter().map(TaskId::new).collect();
+    let minted = mint_keys(ctx, &job, &info, &remint).await?;
+    let commands = output::join_commands(&info, ctx.client.endpoint(), &minted);
     if commands.is_empty() {
         let state = ctx.client.get_job(&job).await?.state;
         if state == JobState::Ready || state == JobState::Starting {
@@ -96,7 +125,8 @@ pub async fn announce_join_commands(ctx: &Ctx, job: &JobId) -> anyhow::Result<()
         let state = ctx.client.get_job(job).await?.state;
         let info = ctx.client.join_info(job).await?;
         if !info.tasks.is_empty() {
-            let commands = output::join_commands(&info, ctx.client.endpoint());
+            let minted = mint_keys(ctx, job, &info, &[]).await?;
+            let commands = output::join_commands(&info, ctx.client.endpoint(), &minted);
             eprintln!(
                 "job {job} has {} participant-run task(s); it starts once their data owners have joined.",
                 commands.len()
@@ -112,6 +142,16 @@ pub async fn announce_join_commands(ctx: &Ctx, job: &JobId) -> anyhow::Result<()
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    Ok(())
+}
+
+/// `job revoke-key JOB TASK`: withdraws a participant-run task's key; its agent is refused from
+/// its next call on, until `job join JOB --remint TASK` mints another.
+pub async fn revoke_key(ctx: &Ctx, id: &str, task: &str) -> anyhow::Result<()> {
+    ctx.client.revoke_task_key(&JobId::new(id), &TaskId::new(task)).await?;
+    eprintln!(
+        "revoked the key of task {task}; `fledgectl job join {id} --remint {task}` mints another"
+    );
     Ok(())
 }
 

@@ -16,7 +16,9 @@ use serde::Serialize;
 
 use fledge_client::Client;
 
-use crate::args::{Command, CreateCmd, Format, GetCmd, JobCmd, JobRefCmd, RemoveCmd, UpdateCmd};
+use crate::args::{
+    Command, CreateCmd, Format, GetCmd, JobCmd, JobRefCmd, RemoveCmd, TokenCmd, UpdateCmd,
+};
 use crate::output;
 
 /// What every command needs: the client and the chosen output format.
@@ -107,7 +109,15 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Start(JobRefCmd::Job { id }) => job::start(ctx, &id).await,
         Command::Stop(JobRefCmd::Job { id }) => job::stop(ctx, &id).await,
         Command::Job(JobCmd::Plan { file }) => job::plan(ctx, &file).await,
-        Command::Job(JobCmd::Join { id }) => job::join(ctx, &id).await,
+        Command::Job(JobCmd::Join { id, remint }) => job::join(ctx, &id, &remint).await,
+        Command::Job(JobCmd::RevokeKey { id, task }) => job::revoke_key(ctx, &id, &task).await,
+        Command::Token(TokenCmd::Create { user, description, expires_in }) => {
+            user::create_token(ctx, user.as_deref(), &description, expires_in).await
+        }
+        Command::Token(TokenCmd::List { user }) => user::list_tokens(ctx, user.as_deref()).await,
+        Command::Token(TokenCmd::Revoke { id, user }) => {
+            user::revoke_token(ctx, user.as_deref(), &id).await
+        }
         Command::Job(JobCmd::Watch(args)) => {
             watch::watch_and_report(ctx, &args.id.into(), args.interval_ms).await
         }

@@ -4,7 +4,7 @@
 //! and `modelSpec.json` (used when job.json names neither), `dataset*.json`, and
 //! `code/<role>/...`. Every file is parsed before anything is sent. Then the design is created
 //! if absent, a schema or code revision is uploaded only if it differs from the latest, datasets
-//! are registered by name (reusing the user's existing ones), and a new job is created, started
+//! are registered (reusing the user's identical ones), and a new job is created, started
 //! and watched. Re-running creates a new job and nothing else.
 
 use std::path::{Path, PathBuf};

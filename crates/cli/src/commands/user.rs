@@ -26,6 +26,49 @@ pub async fn token(ctx: &Ctx, user: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `user` if given, else the caller.
+async fn whose(ctx: &Ctx, user: Option<&str>) -> anyhow::Result<UserId> {
+    Ok(match user {
+        Some(user) => UserId::new(user),
+        None => ctx.client.whoami().await?.id,
+    })
+}
+
+/// `token create [--user U] [--description D] [--expires-in T]`: prints the token, shown once.
+pub async fn create_token(
+    ctx: &Ctx,
+    user: Option<&str>,
+    description: &str,
+    expires_in: Option<u64>,
+) -> anyhow::Result<()> {
+    let user = whose(ctx, user).await?;
+    let request =
+        fledge_client::TokenRequest { description: description.to_owned(), ttl_secs: expires_in };
+    let issued = ctx.client.issue_token(&user, &request).await?;
+    let expiry = match issued.expires_at {
+        Some(at) => format!("expires {}", at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        None => "never expires".to_owned(),
+    };
+    eprintln!("new token {} for {user} ({expiry}) follows (shown once)", issued.id);
+    output::emit(&issued.token)?;
+    Ok(())
+}
+
+/// `token list [--user U]`.
+pub async fn list_tokens(ctx: &Ctx, user: Option<&str>) -> anyhow::Result<()> {
+    let user = whose(ctx, user).await?;
+    let tokens = ctx.client.list_tokens(&user).await?;
+    ctx.show(&tokens, || output::tokens(&tokens, chrono::Utc::now()))
+}
+
+/// `token revoke ID [--user U]`.
+pub async fn revoke_token(ctx: &Ctx, user: Option<&str>, id: &str) -> anyhow::Result<()> {
+    let user = whose(ctx, user).await?;
+    ctx.client.revoke_token(&user, id).await?;
+    eprintln!("revoked token {id} of {user}");
+    Ok(())
+}
+
 /// `get users`.
 pub async fn list(ctx: &Ctx) -> anyhow::Result<()> {
     let users = ctx.client.list_users().await?;

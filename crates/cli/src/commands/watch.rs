@@ -33,17 +33,22 @@ pub struct NotCompleted {
 pub struct Progress {
     /// Highest round any task reported.
     pub round: u64,
-    /// Mean loss over the records of the latest round that has one.
+    /// Loss at the latest round that has one (see [`summarize`] for which).
     pub loss: Option<f64>,
-    /// Mean accuracy over the records of the latest round that has one.
+    /// Accuracy at the latest round that has one (see [`summarize`] for which).
     pub accuracy: Option<f64>,
+    /// Which model `loss` and `accuracy` measure, for the status line ("" when unknown).
+    pub measures: &'static str,
 }
 
-/// Summarises metric records into the latest round and its loss and accuracy.
-///
-/// Aggregators report the round's weighted trainer averages (`trainer.loss`,
-/// `trainer.accuracy`) once the round is complete; those are preferred. Without them the mean
-/// of the trainers' own `loss` / `accuracy` at the latest round that has one is used.
+/// Summarises metric records into the latest round and its loss and accuracy, from the first
+/// source that has an accuracy:
+/// 1. `global.*`: the aggregator's evaluation of the global model;
+/// 2. `trainer.afterTraining.*`: an aggregator's sample-weighted mean of its trainers'
+///    evaluations of their locally trained models;
+/// 3. `afterTraining.*`: the plain mean of the trainers' own records (a round in progress);
+/// 4. plain `accuracy` / `loss` (roles without an aggregator, e.g. ring trainers or the
+///    vertical label party, which evaluate the model they share).
 pub fn summarize(records: &[MetricRecord]) -> Progress {
     let latest_mean = |name: &str| -> Option<f64> {
         let round =
@@ -55,11 +60,19 @@ pub fn summarize(records: &[MetricRecord]) -> Progress {
             .collect();
         Some(values.iter().sum::<f64>() / values.len() as f64)
     };
-    Progress {
-        round: records.iter().map(|r| r.round).max().unwrap_or(0),
-        loss: latest_mean("trainer.loss").or_else(|| latest_mean("loss")),
-        accuracy: latest_mean("trainer.accuracy").or_else(|| latest_mean("accuracy")),
+    let round = records.iter().map(|r| r.round).max().unwrap_or(0);
+    for (prefix, measures) in [
+        ("global.", "global model"),
+        ("trainer.afterTraining.", "trainers' mean"),
+        ("afterTraining.", "trainers' mean"),
+        ("", ""),
+    ] {
+        if let Some(accuracy) = latest_mean(&format!("{prefix}accuracy")) {
+            let loss = latest_mean(&format!("{prefix}loss"));
+            return Progress { round, loss, accuracy: Some(accuracy), measures };
+        }
     }
+    Progress { round, loss: latest_mean("loss"), accuracy: None, measures: "" }
 }
 
 /// The `rounds` hyperparameter of a job, if it has a positive integer one.
@@ -84,11 +97,20 @@ pub fn describe(status: &JobStatus, progress: &Progress) -> String {
     if !counts.is_empty() {
         res.push_str(&format!(" | tasks: {}", counts.join(", ")));
     }
+    if progress.accuracy.is_some() || progress.loss.is_some() {
+        res.push_str(" |");
+        if !progress.measures.is_empty() {
+            res.push_str(&format!(" {}:", progress.measures));
+        }
+    }
     if let Some(loss) = progress.loss {
-        res.push_str(&format!(" | loss {}", output::format_metric(loss)));
+        res.push_str(&format!(" loss {}", output::format_metric(loss)));
     }
     if let Some(accuracy) = progress.accuracy {
-        res.push_str(&format!(" | accuracy {}", output::format_metric(accuracy)));
+        if progress.loss.is_some() {
+            res.push(',');
+        }
+        res.push_str(&format!(" accuracy {}", output::format_metric(accuracy)));
     }
     // Why a live job waits (e.g. for the data owners of participant-run tasks).
     if let Some(reason) = status.reason.as_deref().filter(|_| !status.state.is_final()) {
@@ -255,14 +277,28 @@ mod tests {
         };
         assert_eq!(
             describe(&status, &progress),
-            "running | tasks: running 3 | loss 0.3750 | accuracy 0.5000"
+            "running | tasks: running 3 | loss 0.3750, accuracy 0.5000"
         );
 
         // An aggregator's round averages win over trainers' partial reports.
         let mut with_aggregate = records.to_vec();
-        with_aggregate.push(record(2, &[("trainer.loss", 0.4), ("trainer.accuracy", 0.8)]));
-        with_aggregate.push(record(3, &[("loss", 9.0), ("accuracy", 0.1)]));
+        with_aggregate.push(record(
+            2,
+            &[("trainer.afterTraining.loss", 0.4), ("trainer.afterTraining.accuracy", 0.8)],
+        ));
+        with_aggregate
+            .push(record(3, &[("afterTraining.loss", 9.0), ("afterTraining.accuracy", 0.1)]));
         let progress = summarize(&with_aggregate);
         assert_eq!((progress.round, progress.loss, progress.accuracy), (3, Some(0.4), Some(0.8)));
+        assert_eq!(progress.measures, "trainers' mean");
+
+        // The global model's own evaluation wins over every trainer figure.
+        with_aggregate.push(record(2, &[("global.accuracy", 0.85), ("global.loss", 0.3)]));
+        let progress = summarize(&with_aggregate);
+        assert_eq!((progress.loss, progress.accuracy), (Some(0.3), Some(0.85)));
+        assert_eq!(
+            describe(&status, &progress),
+            "running | tasks: running 3 | global model: loss 0.3000, accuracy 0.8500"
+        );
     }
 }

@@ -8,6 +8,7 @@
 
 mod controller;
 mod errors;
+mod flame;
 mod lifecycle;
 mod run;
 mod support;

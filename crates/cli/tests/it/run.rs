@@ -51,7 +51,10 @@ async fn play_controller(server: &Server, end: JobState) -> Job {
             updated_at: None,
             last_heartbeat: None,
         };
-        store.insert_tasks(&[NewTask { task, key: "k".into() }]).await.unwrap();
+        store
+            .insert_tasks(&[NewTask { task, key_sha256: fledge_control::api::secret_hash("k") }])
+            .await
+            .unwrap();
         let log = "loading data\nTraceback (most recent call last):\nValueError: bad shard";
         store
             .set_task_state(&job.id, &TaskId::new("t-failed"), TaskState::Failed, Some(log))

@@ -35,7 +35,7 @@ pub async fn bootstrap_admin(store: &dyn Store) -> store::Result<String> {
         Err(err) => return Err(err),
     }
     let token = new_secret();
-    store.add_token(&admin.id, &secret_hash(&token)).await?;
+    store.add_token(&admin.id, &secret_hash(&token), "issued at start by fledge", None).await?;
     Ok(token)
 }
 
@@ -65,7 +65,7 @@ impl ApiState {
         match self.store.user_by_token(&secret_hash(secret)).await {
             Ok(user) => Ok(user),
             Err(store::Error::NotFound { .. }) => {
-                Err(Error::unauthenticated("invalid or revoked token"))
+                Err(Error::unauthenticated("invalid, revoked or expired token"))
             }
             Err(err) => Err(err.into()),
         }
@@ -83,34 +83,21 @@ impl ApiState {
         Ok(user)
     }
 
-    /// The task `task` if the request carries its key. A participant-run task accepts the
-    /// first key it is presented with and pins it.
+    /// The task `task` if the request carries its key: the key its deployer was given for a
+    /// platform-run task, the key its job's owner minted for a participant-run task. No key is
+    /// valid once the task's job has ended.
     pub(super) async fn task(&self, headers: &HeaderMap, task: &TaskId) -> Result<Task> {
         let hash = secret_hash(bearer(headers)?);
-        // The same words whatever the cause (unknown task, wrong key, a key pinned already),
-        // so that probing learns nothing.
-        let invalid = || {
-            Error::unauthenticated(format!(
-                "invalid key for task {task}: a platform-run task takes the key its deployer was \
-                 given; a participant-run task takes only the key it first joined with"
-            ))
-        };
-        match self.store.task_by_key(task, &hash).await {
-            Ok(found) => return Ok(found),
-            Err(store::Error::NotFound { .. }) => {}
-            Err(err) => return Err(err.into()),
-        }
-        match self.store.pin_task_key(task, &hash).await {
-            Ok(()) => {}
-            Err(store::Error::NotFound { .. } | store::Error::Conflict { .. }) => {
-                return Err(invalid());
-            }
-            Err(err) => return Err(err.into()),
-        }
-        tracing::info!(task_id = %task, "pinned the key of a participant-run task");
         match self.store.task_by_key(task, &hash).await {
             Ok(found) => Ok(found),
-            Err(store::Error::NotFound { .. }) => Err(invalid()),
+            // The same words whatever the cause (unknown task, wrong key, revoked key, ended
+            // job), so that probing learns nothing.
+            Err(store::Error::NotFound { .. }) => Err(Error::unauthenticated(format!(
+                "invalid key for task {task}: a platform-run task takes the key its deployer was \
+                 given, a participant-run task the key its job's owner minted with `fledgectl job \
+                 join` (a revoked or re-minted key is refused), and no key is valid once the \
+                 job has ended"
+            ))),
             Err(err) => Err(err.into()),
         }
     }

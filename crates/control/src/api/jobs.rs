@@ -28,6 +28,7 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_tasks))
         .routes(routes!(get_task))
         .routes(routes!(join_info))
+        .routes(routes!(mint_task_key, revoke_task_key))
         .routes(routes!(list_metrics))
 }
 
@@ -165,7 +166,8 @@ async fn plan_job(
     request: Body,
 ) -> Result<Json<Vec<Task>>> {
     let user = check_user(&state.user(&headers).await?, &user)?;
-    let spec: JobSpec = body::json(request, state.limits.json_bytes, "job spec").await?;
+    let spec =
+        body::json::<JobSpec>(request, state.limits.json_bytes, "job spec").await?.with_defaults();
     let prepared = prepare(&state, &user, &spec, &JobId::new("plan")).await?;
     Ok(Json(prepared.tasks))
 }
@@ -181,7 +183,8 @@ async fn create_job(
     request: Body,
 ) -> Result<(StatusCode, Json<Job>)> {
     let user = check_user(&state.user(&headers).await?, &user)?;
-    let spec: JobSpec = body::json(request, state.limits.json_bytes, "job spec").await?;
+    let spec =
+        body::json::<JobSpec>(request, state.limits.json_bytes, "job spec").await?.with_defaults();
     let prepared = prepare(&state, &user, &spec, &JobId::new("check")).await?;
     let job = state
         .store
@@ -246,7 +249,8 @@ async fn update_job(
             current.state
         )));
     }
-    let spec: JobSpec = body::json(request, state.limits.json_bytes, "job spec").await?;
+    let spec =
+        body::json::<JobSpec>(request, state.limits.json_bytes, "job spec").await?.with_defaults();
     let prepared = prepare(&state, &user, &spec, &id).await?;
     let job = state
         .store
@@ -384,6 +388,19 @@ pub(super) struct JoinInfo {
     /// The job's participant-run tasks in expansion order (empty until the job is expanded,
     /// i.e. started).
     tasks: Vec<Task>,
+    /// The participant-run tasks that have a key minted (keys are shown once, when minted).
+    #[serde(default)]
+    keyed: Vec<TaskId>,
+}
+
+/// A participant-run task's key, freshly minted: shown once, stored only as its SHA-256.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct MintedKey {
+    /// The task.
+    task_id: TaskId,
+    /// Its key: the data owner's agent presents it (`FLEDGE_TASK_KEY`).
+    key: String,
 }
 
 /// The participant-run tasks of a job and the endpoints their agents join.
@@ -398,11 +415,77 @@ async fn join_info(
     let user = check_user(&state.user(&headers).await?, &user)?;
     let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
     let tasks = state.store.list_tasks(&job.id).await?.into_iter().filter(|t| !t.managed).collect();
+    let keyed = state.store.participant_keys(&job.id).await?.into_iter().collect();
     Ok(Json(JoinInfo {
         apiserver: state.env.apiserver.clone(),
         notifier: state.notifier_url.clone(),
         tasks,
+        keyed,
     }))
+}
+
+/// Mints the key of a participant-run task (the job's owner or an admin), replacing any key it
+/// had: the agent running with the old key is refused from its next call on. The key is in
+/// this answer only; the data owner's agent presents it.
+#[utoipa::path(post, path = "/users/{user}/jobs/{jobId}/tasks/{taskId}/key", tag = "jobs",
+    params(("user" = String, Path), ("jobId" = String, Path), ("taskId" = String, Path)),
+    responses((status = 201, body = MintedKey), (status = 404, body = fledge_types::ApiError),
+        (status = 409, body = fledge_types::ApiError)))]
+async fn mint_task_key(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id, task)): Path<(String, String, String)>,
+) -> Result<(StatusCode, Json<MintedKey>)> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
+    let task = TaskId::new(task);
+    let key = super::auth::new_secret();
+    state
+        .store
+        .set_participant_key(&job.id, &task, Some(&super::auth::secret_hash(&key)))
+        .await
+        .map_err(|err| participant_key_error(err, &job.id, &task))?;
+    tracing::info!(job_id = %job.id, task_id = %task, "participant-run task key minted");
+    Ok((StatusCode::CREATED, Json(MintedKey { task_id: task, key })))
+}
+
+/// Revokes the key of a participant-run task (the job's owner or an admin): its agent is
+/// refused from its next call on, until a new key is minted.
+#[utoipa::path(delete, path = "/users/{user}/jobs/{jobId}/tasks/{taskId}/key", tag = "jobs",
+    params(("user" = String, Path), ("jobId" = String, Path), ("taskId" = String, Path)),
+    responses((status = 204), (status = 404, body = fledge_types::ApiError),
+        (status = 409, body = fledge_types::ApiError)))]
+async fn revoke_task_key(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id, task)): Path<(String, String, String)>,
+) -> Result<StatusCode> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
+    let task = TaskId::new(task);
+    state
+        .store
+        .set_participant_key(&job.id, &task, None)
+        .await
+        .map_err(|err| participant_key_error(err, &job.id, &task))?;
+    tracing::info!(job_id = %job.id, task_id = %task, "participant-run task key revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A participant-key store error in the words of the route.
+fn participant_key_error(err: store::Error, job: &JobId, task: &TaskId) -> Error {
+    match err {
+        store::Error::NotFound { .. } => {
+            Error::not_found(format!("task {task} of job {job} not found"))
+        }
+        store::Error::Conflict { kind: "task", .. } => Error::conflict(format!(
+            "task {task} is platform-run: its key goes to its deployer, none can be minted"
+        )),
+        store::Error::Conflict { actual, .. } => Error::conflict(format!(
+            "job {job} is {actual}: no task key is valid once a job has ended"
+        )),
+        other => other.into(),
+    }
 }
 
 /// A job's metric records in the order they arrived.

@@ -37,7 +37,7 @@ use crate::controller;
 use crate::notifier;
 use crate::store::{self, Store};
 
-pub use auth::{bootstrap_admin, new_secret};
+pub use auth::{bootstrap_admin, new_secret, secret_hash};
 pub use error::{Error, Result, status_of};
 
 /// Default limit of a JSON request body: 8 MiB.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use fledge_types::{ErrorDetail, User, UserId};
+use fledge_types::{ErrorDetail, Token, User, UserId};
 
 use super::auth::{new_secret, secret_hash};
 use super::error::{Error, Result};
@@ -18,7 +18,8 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
         .routes(routes!(whoami))
         .routes(routes!(create_user, list_users))
-        .routes(routes!(create_token))
+        .routes(routes!(create_token, list_tokens))
+        .routes(routes!(revoke_token))
 }
 
 /// A new user.
@@ -32,11 +33,35 @@ pub(super) struct NewUser {
     is_admin: bool,
 }
 
+/// The longest lifetime a token may be issued with: ten years, in seconds.
+pub const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// The longest token description, in bytes.
+const MAX_DESCRIPTION_BYTES: usize = 256;
+
+/// A token request; every field is optional, and an empty body is an empty request.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct TokenRequest {
+    /// What the token is for (at most 256 bytes).
+    #[serde(default)]
+    description: String,
+    /// Lifetime in seconds (1 to 315360000, ten years); absent: the token never expires.
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
 /// A freshly issued token, shown once.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub(super) struct NewToken {
-    /// The bearer token.
+    /// The bearer token (only its SHA-256 is stored: it cannot be shown again).
     token: String,
+    /// Its public id, to list and revoke it by.
+    id: String,
+    /// When it expires, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Checks a user-chosen id (users, designs, computes): problems as details at `path`.
@@ -88,22 +113,97 @@ async fn list_users(State(state): State<ApiState>, headers: HeaderMap) -> Result
     Ok(Json(state.store.list_users().await?))
 }
 
-/// Issues a new token for a user (admin or the user).
-#[utoipa::path(post, path = "/users/{user}/tokens", tag = "users",
+/// Issues a new token for a user (admin or the user), optionally with a lifetime.
+#[utoipa::path(post, path = "/users/{user}/tokens", tag = "users", request_body = TokenRequest,
     params(("user" = String, Path, description = "User id")),
-    responses((status = 201, body = NewToken), (status = 404, body = fledge_types::ApiError)))]
+    responses((status = 201, body = NewToken), (status = 400, body = fledge_types::ApiError),
+        (status = 404, body = fledge_types::ApiError)))]
 async fn create_token(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(user): Path<String>,
+    request: Body,
 ) -> Result<(StatusCode, Json<NewToken>)> {
     let auth = state.user(&headers).await?;
     let user = check_user(&auth, &user)?;
+    let bytes = body::read(request, state.limits.json_bytes as u64, "token request").await?;
+    let request: TokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        TokenRequest::default()
+    } else {
+        fledge_types::json::from_slice(&bytes)
+            .map_err(|details| Error::invalid("invalid token request", details))?
+    };
+    let mut details = Vec::new();
+    if request.description.len() > MAX_DESCRIPTION_BYTES {
+        details.push(ErrorDetail {
+            path: "description".to_owned(),
+            message: format!(
+                "{} bytes; at most {MAX_DESCRIPTION_BYTES} are allowed",
+                request.description.len()
+            ),
+        });
+    }
+    if let Some(ttl) = request.ttl_secs
+        && !(1..=MAX_TOKEN_TTL_SECS).contains(&ttl)
+    {
+        details.push(ErrorDetail {
+            path: "ttlSecs".to_owned(),
+            message: format!("{ttl} is out of range: use 1 to {MAX_TOKEN_TTL_SECS} seconds"),
+        });
+    }
+    if !details.is_empty() {
+        return Err(Error::invalid("invalid token request", details));
+    }
+    let expires_at = request.ttl_secs.map(|ttl| {
+        chrono::Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX))
+    });
     let token = new_secret();
-    state
+    let stored = state
         .store
-        .add_token(&user, &secret_hash(&token))
+        .add_token(&user, &secret_hash(&token), &request.description, expires_at)
         .await
         .map_err(|err| or_not_found(err, || Error::not_found(format!("user {user} not found"))))?;
-    Ok((StatusCode::CREATED, Json(NewToken { token })))
+    tracing::info!(user = %user, token_id = %stored.id, ?expires_at, "token issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(NewToken { token, id: stored.id, expires_at: stored.expires_at }),
+    ))
+}
+
+/// Lists a user's tokens (admin or the user): ids, descriptions and expiry, never the secrets.
+#[utoipa::path(get, path = "/users/{user}/tokens", tag = "users",
+    params(("user" = String, Path, description = "User id")),
+    responses((status = 200, body = [Token]), (status = 404, body = fledge_types::ApiError)))]
+async fn list_tokens(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+) -> Result<Json<Vec<Token>>> {
+    let auth = state.user(&headers).await?;
+    let user = check_user(&auth, &user)?;
+    state
+        .store
+        .get_user(&user)
+        .await
+        .map_err(|err| or_not_found(err, || Error::not_found(format!("user {user} not found"))))?;
+    Ok(Json(state.store.list_tokens(Some(&user)).await?))
+}
+
+/// Revokes a user's token (admin or the user); it is refused from then on.
+#[utoipa::path(delete, path = "/users/{user}/tokens/{tokenId}", tag = "users",
+    params(("user" = String, Path, description = "User id"),
+        ("tokenId" = String, Path, description = "Token id (from the listing)")),
+    responses((status = 204), (status = 404, body = fledge_types::ApiError)))]
+async fn revoke_token(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    let auth = state.user(&headers).await?;
+    let user = check_user(&auth, &user)?;
+    state.store.revoke_token(Some(&user), &id).await.map_err(|err| {
+        or_not_found(err, || Error::not_found(format!("token {id} of user {user} not found")))
+    })?;
+    tracing::info!(user = %user, token_id = %id, "token revoked");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -1,7 +1,7 @@
 //! The controller: expands jobs into tasks and drives each job's state machine.
 //!
-//! Shape (STYLE.md §2): [`Options`] → [`Controller::build`] → [`Controller::run`], with a cheap
-//! [`Handle`] that wakes the controller when a job changed. The decisions live in the pure
+//! Shape (`docs/conventions.md`, "Components"): [`Options`] → [`Controller::build`] →
+//! [`Controller::run`], with a cheap [`Handle`] that wakes the controller when a job changed. The decisions live in the pure
 //! [`decide::decide`]; this module only loads state from the store, executes the effects in
 //! order (a state transition is persisted by compare-and-set before anything acts on it) and
 //! schedules the next look at each job.
@@ -14,12 +14,14 @@
 //! tasks has an unfinished cleanup, which a starting controller finishes.
 
 pub mod decide;
+mod keys;
+
+pub use keys::TaskKeys;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -164,6 +166,7 @@ pub struct Controller {
     store: Arc<dyn Store>,
     notifier: notifier::Handle,
     endpoints: Endpoints,
+    keys: TaskKeys,
     policy: Policy,
     handle: Handle,
     rx: mpsc::Receiver<JobId>,
@@ -183,12 +186,14 @@ enum Executed {
 }
 
 impl Controller {
-    /// Builds the controller over `store`, publishing through `notifier`.
+    /// Builds the controller over `store`, publishing through `notifier`; task keys derive
+    /// from `keys` (the same secret after a restart gives the same keys).
     pub fn build(
         options: Options,
         store: Arc<dyn Store>,
         notifier: notifier::Handle,
         endpoints: Endpoints,
+        keys: TaskKeys,
     ) -> Result<Controller> {
         options.validate()?;
         let policy = options.policy()?;
@@ -197,6 +202,7 @@ impl Controller {
             store,
             notifier,
             endpoints,
+            keys,
             policy,
             handle,
             rx,
@@ -360,8 +366,7 @@ impl Controller {
                 }
                 Effect::Deploy => {
                     let tasks = self.store.list_tasks(&job.id).await.map_err(store_err)?;
-                    let keys = self.store.task_keys(&job.id).await.map_err(store_err)?;
-                    self.deploy(job, &tasks, &keys);
+                    self.deploy(job, &tasks);
                     self.memory.entry(job.id.clone()).or_default().deployed = true;
                 }
                 Effect::Start => {
@@ -471,8 +476,13 @@ impl Controller {
                     return Ok(Err(format!("expansion failed: {}", problems.join("; "))));
                 }
             };
-        let new_tasks: Vec<NewTask> =
-            tasks.into_iter().map(|task| NewTask { task, key: new_key() }).collect();
+        let new_tasks: Vec<NewTask> = tasks
+            .into_iter()
+            .map(|task| NewTask {
+                key_sha256: crate::api::secret_hash(&self.keys.key(&task.task_id)),
+                task,
+            })
+            .collect();
         self.store.insert_tasks(&new_tasks).await.map_err(store_err)?;
         tracing::info!(n_tasks = new_tasks.len(), "job expanded into tasks");
         Ok(Ok(()))
@@ -480,16 +490,12 @@ impl Controller {
 
     /// One deploy event per compute for its managed `ready` tasks (participant-run tasks are
     /// never deployed: their data owners start their agents).
-    fn deploy(&self, job: &Job, tasks: &[Task], keys: &BTreeMap<fledge_types::TaskId, String>) {
+    fn deploy(&self, job: &Job, tasks: &[Task]) {
         let mut per_compute: BTreeMap<&ComputeId, Vec<TaskDeployment>> = BTreeMap::new();
         for task in tasks.iter().filter(|t| t.managed && t.state == TaskState::Ready) {
-            let Some(key) = keys.get(&task.task_id) else {
-                tracing::error!(task_id = %task.task_id, "task has no stored key; not deployed");
-                continue;
-            };
             per_compute.entry(&task.compute_id).or_default().push(TaskDeployment {
                 task_id: task.task_id.to_string(),
-                task_key: key.clone(),
+                task_key: self.keys.key(&task.task_id),
                 role: task.role.clone(),
             });
         }
@@ -530,13 +536,6 @@ impl Controller {
     }
 }
 
-/// A fresh task key: 32 random bytes, hex.
-fn new_key() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    hex::encode(bytes)
-}
-
 /// `err` with its causes, `: `-separated.
 fn anyhow_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut res = err.to_string();
@@ -554,7 +553,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn options_reject_bad_durations_and_keys_are_random_hex() {
+    fn options_reject_bad_durations() {
         let err = Options { resync_interval_secs: 0.0, ..Options::default() }
             .validate()
             .expect_err("zero resync must be rejected");
@@ -564,10 +563,5 @@ mod tests {
             .expect_err("NaN must be rejected");
         assert!(err.to_string().contains("stop_grace_secs"), "{err}");
         Options::default().validate().expect("defaults are valid");
-
-        let (a, b) = (new_key(), new_key());
-        assert_eq!(a.len(), 64);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
     }
 }

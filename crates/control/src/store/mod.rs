@@ -11,13 +11,14 @@
 //! - state changes go through compare-and-set ([`Store::set_job_state`]) so the controller and
 //!   the apiserver never overwrite each other's transitions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use fledge_types::ErrorCode;
 use fledge_types::{
     Compute, ComputeId, ComputeSpec, Dataset, DatasetId, DatasetSpec, Design, DesignId, DesignSpec,
-    Job, JobId, JobSpec, JobState, MetricRecord, Schema, Task, TaskId, TaskState, User, UserId,
+    Job, JobId, JobSpec, JobState, MetricRecord, Schema, Task, TaskId, TaskState, Token, User,
+    UserId,
 };
 
 mod blob;
@@ -115,14 +116,15 @@ pub struct CodeMeta {
     pub sha256: String,
 }
 
-/// A task as the controller creates it: the public record plus its secret key.
+/// A task as the controller creates it: the public record plus the hash of its key.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewTask {
     /// The record (state `ready`).
     pub task: Task,
-    /// The task key. The store keeps it (never listed to users) so that a restarted
-    /// controller can resend deploy events, and compares fetches against its hash.
-    pub key: String,
+    /// SHA-256 (hex) of the key of a platform-run task. The plain key is never stored: the
+    /// controller derives it again whenever it deploys the task. A participant-run task accepts
+    /// only the key its job's owner mints ([`Store::set_participant_key`]), never this one.
+    pub key_sha256: String,
 }
 
 /// Filter for job listings.
@@ -147,10 +149,21 @@ pub trait Store: Send + Sync + 'static {
     async fn get_user(&self, id: &UserId) -> Result<User>;
     /// Lists users.
     async fn list_users(&self) -> Result<Vec<User>>;
-    /// Stores a token's SHA-256 hash for a user.
-    async fn add_token(&self, user: &UserId, token_sha256: &str) -> Result<()>;
-    /// The user a token hash belongs to.
+    /// Stores a token's SHA-256 hash for a user, with a description and an optional expiry;
+    /// returns the token as listed (with a fresh public id).
+    async fn add_token(
+        &self,
+        user: &UserId,
+        token_sha256: &str,
+        description: &str,
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Token>;
+    /// The user a token hash belongs to; `NotFound` for an unknown, revoked or expired token.
     async fn user_by_token(&self, token_sha256: &str) -> Result<User>;
+    /// The tokens of `user` (`None`: everyone's), oldest first, expired ones included.
+    async fn list_tokens(&self, user: Option<&UserId>) -> Result<Vec<Token>>;
+    /// Revokes (deletes) token `id` of `user` (`None`: any user's); `NotFound` otherwise.
+    async fn revoke_token(&self, user: Option<&UserId>, id: &str) -> Result<()>;
 
     // Designs, schemas, code.
     /// Creates a design owned by `owner`.
@@ -261,10 +274,10 @@ pub trait Store: Send + Sync + 'static {
     async fn count_tasks(&self, job: &JobId) -> Result<HashMap<TaskState, u64>>;
     /// One task.
     async fn get_task(&self, job: &JobId, task: &TaskId) -> Result<Task>;
-    /// Finds a task by id alone and checks its key hash; `NotFound` when either is wrong.
+    /// Finds a task by id alone and checks its key hash (a platform-run task's key, or the key
+    /// minted for a participant-run task); `NotFound` when either is wrong or the task's job is
+    /// in a final state (a task key dies with its job).
     async fn task_by_key(&self, task: &TaskId, key_sha256: &str) -> Result<Task>;
-    /// The plain keys of a job's tasks, for deploy events (task id → key).
-    async fn task_keys(&self, job: &JobId) -> Result<BTreeMap<TaskId, String>>;
     /// Sets a task's state and log tail if the transition is legal; returns the task.
     async fn set_task_state(
         &self,
@@ -275,8 +288,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Task>;
     /// Records a heartbeat from a task's agent (sets `Task::last_heartbeat` to now).
     async fn record_heartbeat(&self, task: &TaskId) -> Result<()>;
-    /// Pins the key of a participant-run task the first time it is used.
-    async fn pin_task_key(&self, task: &TaskId, key_sha256: &str) -> Result<()>;
+    /// Sets (`Some`: mints or re-mints, replacing any previous key) or revokes (`None`) the key
+    /// hash of participant-run task `task` of `job`. `NotFound` for an unknown task, `Conflict`
+    /// for a platform-run task or a job in a final state.
+    async fn set_participant_key(
+        &self,
+        job: &JobId,
+        task: &TaskId,
+        key_sha256: Option<&str>,
+    ) -> Result<()>;
+    /// The participant-run tasks of `job` that have a key.
+    async fn participant_keys(&self, job: &JobId) -> Result<BTreeSet<TaskId>>;
 
     // Metrics.
     /// Appends metric records of a job.

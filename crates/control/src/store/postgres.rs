@@ -11,7 +11,11 @@ use sqlx::postgres::PgPoolOptions;
 use super::sql::impl_sql_store;
 
 /// Migrations in order; the version table records how many are applied.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_init.sql"),
+    include_str!("../../migrations/postgres/0002_dataset_names_not_unique.sql"),
+    include_str!("../../migrations/postgres/0003_secrets.sql"),
+];
 
 /// Arbitrary constant naming Fledge's migration lock.
 const MIGRATION_LOCK: i64 = 0x0f1e_d9e0;

@@ -113,12 +113,12 @@ pub(super) fn revision(kind: &'static str, design: &str, version: &str) -> Resul
 /// fields) whose rows are `$row`; `$begin` starts a write transaction.
 macro_rules! impl_sql_store {
     ($store:ty, $row:ty, $begin:expr) => {
-        use std::collections::{BTreeMap, BTreeSet, HashMap};
+        use std::collections::{BTreeSet, HashMap};
 
         use fledge_types::{
             Compute, ComputeId, ComputeSpec, Dataset, DatasetId, DatasetSpec, Design, DesignId,
             DesignSpec, Job, JobId, JobSpec, JobState, MetricRecord, Schema, Task, TaskId,
-            TaskState, User, UserId,
+            TaskState, Token, User, UserId,
         };
         use sqlx::Row as _;
 
@@ -367,39 +367,97 @@ macro_rules! impl_sql_store {
                 rows.iter().map(user_from_row).collect()
             }
 
-            async fn add_token(&self, user: &UserId, token_sha256: &str) -> Result<()> {
-                sqlx::query("INSERT INTO tokens (sha256, user_id, created_at) VALUES ($1, $2, $3)")
-                    .bind(token_sha256)
-                    .bind(user.as_str())
-                    .bind(now())
-                    .execute(&self.pool)
-                    .await
-                    .map_err(|err| {
-                        if is_foreign_key_violation(&err) {
-                            not_found("user", user)
-                        } else if is_unique_violation(&err) {
-                            Error::AlreadyExists {
-                                kind: "token",
-                                id: "(hash)".to_owned(),
-                            }
-                        } else {
-                            db(err)
+            async fn add_token(
+                &self,
+                user: &UserId,
+                token_sha256: &str,
+                description: &str,
+                expires_at: Option<chrono::DateTime<chrono::Utc>>,
+            ) -> Result<Token> {
+                let created_at = now();
+                let id = new_id();
+                sqlx::query(
+                    "INSERT INTO tokens (sha256, id, user_id, description, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(token_sha256)
+                .bind(&id)
+                .bind(user.as_str())
+                .bind(description)
+                .bind(&created_at)
+                .bind(expires_at.map(to_text))
+                .execute(&self.pool)
+                .await
+                .map_err(|err| {
+                    if is_foreign_key_violation(&err) {
+                        not_found("user", user)
+                    } else if is_unique_violation(&err) {
+                        Error::AlreadyExists {
+                            kind: "token",
+                            id: "(hash)".to_owned(),
                         }
-                    })?;
-                Ok(())
+                    } else {
+                        db(err)
+                    }
+                })?;
+                Ok(Token {
+                    id,
+                    user: user.clone(),
+                    description: description.to_owned(),
+                    created_at: from_text(&created_at)?,
+                    expires_at: expires_at.map(|t| from_text(&to_text(t))).transpose()?,
+                })
             }
 
             async fn user_by_token(&self, token_sha256: &str) -> Result<User> {
                 let row = sqlx::query(
                     "SELECT u.id AS id, u.is_admin AS is_admin FROM tokens t \
-                     JOIN users u ON u.id = t.user_id WHERE t.sha256 = $1",
+                     JOIN users u ON u.id = t.user_id WHERE t.sha256 = $1 \
+                     AND (t.expires_at IS NULL OR t.expires_at > $2)",
                 )
                 .bind(token_sha256)
+                .bind(now())
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(db)?
                 .ok_or_else(|| not_found("token", "(hash)"))?;
                 user_from_row(&row)
+            }
+
+            async fn list_tokens(&self, user: Option<&UserId>) -> Result<Vec<Token>> {
+                let rows = sqlx::query(
+                    "SELECT id, user_id, description, created_at, expires_at FROM tokens \
+                     WHERE ($1 IS NULL OR user_id = $1) ORDER BY created_at, id",
+                )
+                .bind(user.map(UserId::as_str))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(Token {
+                            id: get(row, "id")?,
+                            user: UserId::new(get::<String>(row, "user_id")?),
+                            description: get(row, "description")?,
+                            created_at: from_text(&get::<String>(row, "created_at")?)?,
+                            expires_at: from_opt_text(get(row, "expires_at")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn revoke_token(&self, user: Option<&UserId>, id: &str) -> Result<()> {
+                let done =
+                    sqlx::query("DELETE FROM tokens WHERE id = $1 AND ($2 IS NULL OR user_id = $2)")
+                        .bind(id)
+                        .bind(user.map(UserId::as_str))
+                        .execute(&self.pool)
+                        .await
+                        .map_err(db)?;
+                if done.rows_affected() == 0 {
+                    return Err(not_found("token", id));
+                }
+                Ok(())
             }
 
             async fn create_design(&self, owner: &UserId, spec: &DesignSpec) -> Result<Design> {
@@ -718,16 +776,7 @@ macro_rules! impl_sql_store {
                 .bind(now())
                 .execute(&self.pool)
                 .await
-                .map_err(|err| {
-                    if is_unique_violation(&err) {
-                        Error::AlreadyExists {
-                            kind: "dataset",
-                            id: spec.name.clone(),
-                        }
-                    } else {
-                        db(err)
-                    }
-                })?;
+                .map_err(db)?;
                 Ok(Dataset {
                     id: DatasetId::new(id),
                     owner: owner.clone(),
@@ -1102,9 +1151,9 @@ macro_rules! impl_sql_store {
                     let task = &new.task;
                     sqlx::query(
                         "INSERT INTO tasks (task_id, job_id, role, idx, group_association, \
-                         dataset_id, compute_id, managed, state, log, task_key, key_sha256, \
-                         pinned_key_sha256, updated_at, last_heartbeat) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, $13, NULL) \
+                         dataset_id, compute_id, managed, state, log, key_sha256, \
+                         participant_key_sha256, updated_at, last_heartbeat) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12, NULL) \
                          ON CONFLICT (task_id) DO NOTHING",
                     )
                     .bind(task.task_id.as_str())
@@ -1117,8 +1166,7 @@ macro_rules! impl_sql_store {
                     .bind(task.managed)
                     .bind(task.state.as_str())
                     .bind(&task.log)
-                    .bind(&new.key)
-                    .bind(BlobStore::digest(new.key.as_bytes()))
+                    .bind(&new.key_sha256)
                     .bind(task.updated_at.map(to_text).unwrap_or_else(now))
                     .execute(&mut *tx)
                     .await
@@ -1179,7 +1227,9 @@ macro_rules! impl_sql_store {
             async fn task_by_key(&self, task: &TaskId, key_sha256: &str) -> Result<Task> {
                 let row = sqlx::query(&format!(
                     "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = $1 \
-                     AND (key_sha256 = $2 OR pinned_key_sha256 = $2)"
+                     AND CASE WHEN managed THEN key_sha256 = $2 \
+                         ELSE participant_key_sha256 IS NOT NULL AND participant_key_sha256 = $2 END \
+                     AND job_id IN (SELECT id FROM jobs WHERE state NOT IN {FINAL_STATES_SQL})"
                 ))
                 .bind(task.as_str())
                 .bind(key_sha256)
@@ -1188,22 +1238,6 @@ macro_rules! impl_sql_store {
                 .map_err(db)?
                 .ok_or_else(|| not_found("task", task))?;
                 task_from_row(&row)
-            }
-
-            async fn task_keys(&self, job: &JobId) -> Result<BTreeMap<TaskId, String>> {
-                let rows = sqlx::query("SELECT task_id, task_key FROM tasks WHERE job_id = $1")
-                    .bind(job.as_str())
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db)?;
-                rows.iter()
-                    .map(|row| {
-                        Ok((
-                            TaskId::new(get::<String>(row, "task_id")?),
-                            get::<String>(row, "task_key")?,
-                        ))
-                    })
-                    .collect()
             }
 
             async fn set_task_state(
@@ -1259,49 +1293,63 @@ macro_rules! impl_sql_store {
                 Ok(())
             }
 
-            async fn pin_task_key(&self, task: &TaskId, key_sha256: &str) -> Result<()> {
+            async fn set_participant_key(
+                &self,
+                job: &JobId,
+                task: &TaskId,
+                key_sha256: Option<&str>,
+            ) -> Result<()> {
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
                 let row = sqlx::query(
-                    "SELECT managed, pinned_key_sha256 FROM tasks WHERE task_id = $1",
+                    "SELECT t.managed AS managed, j.state AS state FROM tasks t \
+                     JOIN jobs j ON j.id = t.job_id WHERE t.job_id = $1 AND t.task_id = $2",
                 )
+                .bind(job.as_str())
                 .bind(task.as_str())
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db)?
                 .ok_or_else(|| not_found("task", task))?;
-                let managed: bool = get(&row, "managed")?;
-                let pinned: Option<String> = get(&row, "pinned_key_sha256")?;
-                if managed {
+                if get::<bool>(&row, "managed")? {
                     return Err(Error::Conflict {
                         kind: "task",
                         id: task.to_string(),
                         expected: "participant-run".to_owned(),
-                        actual: "managed".to_owned(),
+                        actual: "platform-run".to_owned(),
                     });
                 }
-                match pinned {
-                    Some(pinned) if pinned == key_sha256 => return Ok(()),
-                    Some(_) => {
-                        return Err(Error::Conflict {
-                            kind: "task",
-                            id: task.to_string(),
-                            expected: "an unpinned key".to_owned(),
-                            actual: "pinned to another key".to_owned(),
-                        });
-                    }
-                    None => {}
+                let state = job_state(&get::<String>(&row, "state")?)?;
+                if state.is_final() {
+                    return Err(Error::Conflict {
+                        kind: "job",
+                        id: job.to_string(),
+                        expected: "a job that has not ended".to_owned(),
+                        actual: state.to_string(),
+                    });
                 }
                 sqlx::query(
-                    "UPDATE tasks SET pinned_key_sha256 = $1 \
-                     WHERE task_id = $2 AND pinned_key_sha256 IS NULL",
+                    "UPDATE tasks SET participant_key_sha256 = $1 WHERE job_id = $2 AND task_id = $3",
                 )
                 .bind(key_sha256)
+                .bind(job.as_str())
                 .bind(task.as_str())
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
                 tx.commit().await.map_err(db)?;
                 Ok(())
+            }
+
+            async fn participant_keys(&self, job: &JobId) -> Result<BTreeSet<TaskId>> {
+                let rows = sqlx::query(
+                    "SELECT task_id FROM tasks WHERE job_id = $1 AND NOT managed \
+                     AND participant_key_sha256 IS NOT NULL",
+                )
+                .bind(job.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+                rows.iter().map(|row| Ok(TaskId::new(get::<String>(row, "task_id")?))).collect()
             }
 
             async fn add_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<()> {

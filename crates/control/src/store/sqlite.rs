@@ -13,7 +13,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use super::sql::impl_sql_store;
 
 /// Migrations in order; the version table records how many are applied.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../migrations/sqlite/0002_dataset_names_not_unique.sql"),
+    include_str!("../../migrations/sqlite/0003_secrets.sql"),
+];
 
 /// A [`Store`](super::Store) in a SQLite file.
 #[derive(Clone, Debug)]

@@ -3,7 +3,7 @@
 //! [`run`] takes a factory that returns a fresh, empty store for each case, so the cases are
 //! independent; `sqlite.rs` and `postgres.rs` call it from their tests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 
 use fledge_types::{
@@ -75,7 +75,7 @@ fn task(job: &fledge_types::JobId, id: &str, index: u32, managed: bool) -> NewTa
             updated_at: None,
             last_heartbeat: None,
         },
-        key: format!("key-{id}"),
+        key_sha256: sha(&format!("key-{id}")),
     }
 }
 
@@ -99,16 +99,52 @@ async fn users_and_tokens(store: &impl Store) {
         Err(Error::NotFound { kind: "user", .. })
     ));
 
-    store.add_token(&ann(), &sha("t1")).await.unwrap();
-    store.add_token(&ann(), &sha("t2")).await.unwrap();
+    let t1 = store.add_token(&ann(), &sha("t1"), "laptop", None).await.unwrap();
+    let t2 = store.add_token(&ann(), &sha("t2"), "", None).await.unwrap();
+    assert_eq!((t1.user.as_str(), t1.description.as_str(), t1.expires_at), ("ann", "laptop", None));
+    assert_ne!(t1.id, t2.id);
+    assert_eq!(t1.id.len(), 16);
     assert_eq!(store.user_by_token(&sha("t2")).await.unwrap().id, ann());
     assert!(matches!(store.user_by_token(&sha("t3")).await, Err(Error::NotFound { .. })));
+    // The same secret twice is refused (its hash is the key).
+    assert!(matches!(
+        store.add_token(&bob(), &sha("t1"), "", None).await,
+        Err(Error::AlreadyExists { kind: "token", .. })
+    ));
     // A token for a missing user fails and is not stored.
     assert!(matches!(
-        store.add_token(&"nobody".into(), &sha("t4")).await,
+        store.add_token(&"nobody".into(), &sha("t4"), "", None).await,
         Err(Error::NotFound { kind: "user", .. })
     ));
     assert!(store.user_by_token(&sha("t4")).await.is_err());
+
+    // Expiry: a token past its expiry is refused, one before it accepted; both are listed.
+    let past = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let future = chrono::Utc::now() + chrono::Duration::hours(1);
+    let old = store.add_token(&bob(), &sha("t5"), "old", Some(past)).await.unwrap();
+    let fresh = store.add_token(&bob(), &sha("t6"), "fresh", Some(future)).await.unwrap();
+    assert!(matches!(store.user_by_token(&sha("t5")).await, Err(Error::NotFound { .. })));
+    assert_eq!(store.user_by_token(&sha("t6")).await.unwrap().id, bob());
+    let listed = store.list_tokens(Some(&bob())).await.unwrap();
+    assert_eq!(listed, [old.clone(), fresh.clone()]);
+    assert!(fresh.expires_at.is_some_and(|t| (t - future).num_milliseconds().abs() < 1));
+    assert_eq!(store.list_tokens(None).await.unwrap().len(), 4);
+
+    // Revocation: only the owner's (or anyone's with `None`), and then the token is refused.
+    assert!(matches!(
+        store.revoke_token(Some(&ann()), &fresh.id).await,
+        Err(Error::NotFound { kind: "token", .. })
+    ));
+    assert_eq!(store.user_by_token(&sha("t6")).await.unwrap().id, bob());
+    store.revoke_token(Some(&bob()), &fresh.id).await.unwrap();
+    assert!(matches!(store.user_by_token(&sha("t6")).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        store.revoke_token(Some(&bob()), &fresh.id).await,
+        Err(Error::NotFound { .. })
+    ));
+    store.revoke_token(None, &t1.id).await.unwrap();
+    assert!(store.user_by_token(&sha("t1")).await.is_err());
+    assert_eq!(store.list_tokens(Some(&ann())).await.unwrap(), [t2]);
 }
 
 async fn designs_schemas_and_code(store: &impl Store) {
@@ -222,10 +258,18 @@ async fn datasets(store: &impl Store) {
     };
     let own = store.create_dataset(&ann(), &spec).await.unwrap();
     assert_eq!(own.spec, spec);
-    assert!(matches!(
-        store.create_dataset(&ann(), &spec).await,
-        Err(Error::AlreadyExists { kind: "dataset", .. })
-    ));
+    // Names need not be unique (Flame's examples register many "MNIST dataset"s): datasets
+    // are told apart by id.
+    let twin = store
+        .create_dataset(
+            &ann(),
+            &DatasetSpec { url: "file:///data/uk2.csv".to_owned(), ..spec.clone() },
+        )
+        .await
+        .unwrap();
+    assert_ne!(twin.id, own.id);
+    assert_eq!(twin.spec.name, own.spec.name);
+    assert_eq!(store.get_dataset(Some(&ann()), &twin.id).await.unwrap(), twin);
     let public = store
         .create_dataset(&bob(), &DatasetSpec { is_public: true, ..spec.clone() })
         .await
@@ -241,8 +285,8 @@ async fn datasets(store: &impl Store) {
     ));
     let visible: Vec<_> =
         store.list_datasets(Some(&ann())).await.unwrap().into_iter().map(|d| d.id).collect();
-    assert_eq!(visible, [own.id.clone(), public.id.clone()]);
-    assert_eq!(store.list_datasets(None).await.unwrap().len(), 3);
+    assert_eq!(visible, [own.id.clone(), twin.id.clone(), public.id.clone()]);
+    assert_eq!(store.list_datasets(None).await.unwrap().len(), 4);
     // Public does not mean deletable by others.
     assert!(matches!(
         store.delete_dataset(Some(&ann()), &public.id).await,
@@ -429,9 +473,6 @@ async fn tasks(store: &impl Store) {
     assert!(store.insert_tasks(&bad).await.is_err());
     assert!(store.list_tasks(&other.id).await.unwrap().is_empty());
 
-    let keys = store.task_keys(&job.id).await.unwrap();
-    assert_eq!(keys.len(), 3);
-    assert_eq!(keys[&TaskId::new("ta")], "key-ta");
     let found = store.task_by_key(&"ta".into(), &sha("key-ta")).await.unwrap();
     assert_eq!(found.task_id.as_str(), "ta");
     assert!(matches!(
@@ -467,23 +508,51 @@ async fn tasks(store: &impl Store) {
     assert!(beat.last_heartbeat.is_some());
     assert!(matches!(store.record_heartbeat(&"nope".into()).await, Err(Error::NotFound { .. })));
 
-    // Participant-run tasks pin the first key; managed ones never pin.
-    store.pin_task_key(&"tp".into(), &sha("mine")).await.unwrap();
-    store.pin_task_key(&"tp".into(), &sha("mine")).await.unwrap();
-    assert!(matches!(
-        store.pin_task_key(&"tp".into(), &sha("theirs")).await,
-        Err(Error::Conflict { .. })
-    ));
+    // A participant-run task takes only the key minted for it: never its platform key, never
+    // a key it is first presented with.
+    assert!(store.task_by_key(&"tp".into(), &sha("key-tp")).await.is_err());
+    assert!(store.task_by_key(&"tp".into(), &sha("mine")).await.is_err());
+    assert!(store.participant_keys(&job.id).await.unwrap().is_empty());
+    store.set_participant_key(&job.id, &"tp".into(), Some(&sha("mine"))).await.unwrap();
     assert_eq!(store.task_by_key(&"tp".into(), &sha("mine")).await.unwrap().task_id.as_str(), "tp");
     assert!(store.task_by_key(&"tp".into(), &sha("theirs")).await.is_err());
+    assert_eq!(store.participant_keys(&job.id).await.unwrap(), BTreeSet::from([TaskId::new("tp")]));
+    // Re-minting replaces the key; revoking leaves none.
+    store.set_participant_key(&job.id, &"tp".into(), Some(&sha("new"))).await.unwrap();
+    assert!(store.task_by_key(&"tp".into(), &sha("mine")).await.is_err());
+    assert!(store.task_by_key(&"tp".into(), &sha("new")).await.is_ok());
+    store.set_participant_key(&job.id, &"tp".into(), None).await.unwrap();
+    assert!(store.task_by_key(&"tp".into(), &sha("new")).await.is_err());
+    assert!(store.participant_keys(&job.id).await.unwrap().is_empty());
+    // Platform-run tasks take no participant key; unknown tasks and other jobs' are not found.
     assert!(matches!(
-        store.pin_task_key(&"tz".into(), &sha("mine")).await,
+        store.set_participant_key(&job.id, &"tz".into(), Some(&sha("mine"))).await,
         Err(Error::Conflict { .. })
     ));
     assert!(store.task_by_key(&"tz".into(), &sha("mine")).await.is_err());
     assert!(matches!(
-        store.pin_task_key(&"nope".into(), &sha("mine")).await,
+        store.set_participant_key(&job.id, &"nope".into(), Some(&sha("mine"))).await,
         Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.set_participant_key(&other.id, &"tp".into(), Some(&sha("mine"))).await,
+        Err(Error::NotFound { .. })
+    ));
+
+    // Every task key dies with its job: once the job is final, no key is accepted and no
+    // participant key can be minted.
+    store.set_participant_key(&job.id, &"tp".into(), Some(&sha("mine"))).await.unwrap();
+    store.set_job_state(&job.id, &[JobState::Ready], JobState::Starting, None).await.unwrap();
+    assert!(store.task_by_key(&"tz".into(), &sha("key-tz")).await.is_ok());
+    store.set_job_state(&job.id, &[JobState::Starting], JobState::Failed, None).await.unwrap();
+    assert!(matches!(
+        store.task_by_key(&"tz".into(), &sha("key-tz")).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(store.task_by_key(&"tp".into(), &sha("mine")).await.is_err());
+    assert!(matches!(
+        store.set_participant_key(&job.id, &"tp".into(), Some(&sha("again"))).await,
+        Err(Error::Conflict { .. })
     ));
 }
 

@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use fledge_control::store::NewTask;
-use fledge_types::{Dataset, Job, JobId, Task};
+use fledge_types::{Dataset, Job, JobId, JobState, Task};
 
 use crate::support::{CODE_LIMIT, Client, Server, hier_job, setup_hier, zip_of};
 
@@ -23,13 +23,20 @@ async fn insert_tasks(server: &Server, job: &str) -> Vec<(Task, String)> {
     let computes = store.list_computes().await.unwrap();
     let tasks =
         fledge_types::expand::expand(&job.id, &job.spec, &schema, &datasets, &computes).unwrap();
-    let new: Vec<NewTask> = tasks
+    let keyed: Vec<(Task, String)> = tasks
         .iter()
         .enumerate()
-        .map(|(i, task)| NewTask { task: task.clone(), key: format!("task-key-{i}-{}", job.id) })
+        .map(|(i, task)| (task.clone(), format!("task-key-{i}-{}", job.id)))
+        .collect();
+    let new: Vec<NewTask> = keyed
+        .iter()
+        .map(|(task, key)| NewTask {
+            task: task.clone(),
+            key_sha256: fledge_control::api::secret_hash(key),
+        })
         .collect();
     store.insert_tasks(&new).await.unwrap();
-    new.into_iter().map(|n| (n.task, n.key)).collect()
+    keyed
 }
 
 fn roles(tasks: &Value) -> BTreeMap<String, usize> {
@@ -242,6 +249,69 @@ async fn three_tier_job_lifecycle() {
     server.stop().await;
 }
 
+/// Issue #11: what Cisco Flame's published specs do is accepted as Flame means it.
+#[test_log::test(tokio::test)]
+async fn flame_specs_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let ann = server.user("ann").await;
+    setup_hier(&ann, "ann").await;
+
+    // Several datasets called "MNIST dataset", told apart by id, url and realm.
+    let mut ids = Vec::new();
+    for (site, realm) in [
+        ("site1", "default/eu/uk"),
+        ("site2", "default/eu/de"),
+        ("site3", "default/us/east"),
+        ("site4", "default/us/west"),
+    ] {
+        let dataset = json!({"name": "MNIST dataset", "description": "MNIST dataset",
+                             "url": format!("https://example.org/mnist/{site}.npz"),
+                             "dataFormat": "npy", "realm": realm, "isPublic": true});
+        let (status, body) = ann.post("/users/ann/datasets", &dataset).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let (_, again) = ann
+        .post(
+            "/users/ann/datasets",
+            &json!({"name": "MNIST dataset", "url": "https://example.org/mnist/site1.npz",
+                    "realm": "default/eu/uk"}),
+        )
+        .await;
+    assert!(!ids.contains(&again["id"].as_str().unwrap().to_owned()), "a new id every time");
+    let (_, listed) = ann.get("/users/ann/datasets").await;
+    let named = listed.as_array().unwrap().iter().filter(|d| d["name"] == "MNIST dataset").count();
+    assert_eq!(named, 5);
+
+    // A job file without a name and with the dummy registry.
+    let mut job = hier_job(&ids);
+    job.as_object_mut().unwrap().remove("name");
+    job["modelSpec"]["registry"] = json!({"sort": "dummy", "uri": ""});
+    let (status, plan) = ann.post("/users/ann/jobs/plan", &job).await;
+    assert_eq!((status, roles(&plan).len()), (StatusCode::OK, 3), "{plan}");
+    let (status, created) = ann.post("/users/ann/jobs", &job).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["spec"]["name"], "hier", "named after its design");
+    assert_eq!(created["spec"]["modelSpec"]["registry"]["sort"], "dummy");
+
+    // Its tasks get the deployment's default registry, not "dummy".
+    let id = created["id"].as_str().unwrap().to_owned();
+    let tasks = insert_tasks(&server, &id).await;
+    let (trainer, key) = tasks.iter().find(|(t, _)| t.role == "trainer").unwrap();
+    let (status, config) =
+        Client::new(&server.base, key).get(&format!("/tasks/{}/config", trainer.task_id)).await;
+    assert_eq!(status, StatusCode::OK, "{config}");
+    assert_eq!(config["job"]["name"], "hier");
+    assert_eq!(config["registry"], json!({"sort": "local", "uri": ""}));
+
+    // A dummy registry with a uri is refused, naming the field.
+    job["modelSpec"]["registry"]["uri"] = json!("http://mlflow:5000");
+    let (status, body) = ann.post("/users/ann/jobs", &job).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["details"][0]["path"], "modelSpec.registry.uri", "{body}");
+}
+
 #[test_log::test(tokio::test)]
 async fn auth_and_ownership() {
     let dir = tempfile::tempdir().unwrap();
@@ -447,7 +517,7 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     .await;
 
     let mut job = hier_job(&datasets);
-    job["name"] = json!("");
+    job["name"] = json!("  ");
     job["maxRunTime"] = json!(100_000_000u64);
     job["dataSpec"][0]["datasetGroups"]["eu"][0] = json!("no-such-dataset");
     job["dataSpec"][0]["role"] = json!("trainer");
@@ -710,10 +780,11 @@ async fn openapi_health_and_metrics() {
 }
 
 #[test_log::test(tokio::test)]
-async fn participant_run_tasks_pin_the_first_key() {
+async fn participant_run_tasks_take_only_the_key_their_owner_minted() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path()).await;
     let ann = server.user("ann").await;
+    let bob = server.user("bob").await;
     let datasets = setup_hier(&ann, "ann").await;
     let (_, job) = ann.post("/users/ann/jobs", &hier_job(&datasets)).await;
     let id = JobId::new(job["id"].as_str().unwrap());
@@ -724,24 +795,158 @@ async fn participant_run_tasks_pin_the_first_key() {
     let mut tasks = fledge_types::expand::expand(&id, &job.spec, &schema, &datasets, &[]).unwrap();
     // The data owner runs the first trainer: the control plane never hands out its key.
     tasks[0].managed = false;
+    let platform_key = fledge_control::api::new_secret();
     let new: Vec<NewTask> = tasks
         .iter()
-        .map(|task| NewTask { task: task.clone(), key: fledge_control::api::new_secret() })
+        .map(|task| NewTask {
+            task: task.clone(),
+            key_sha256: fledge_control::api::secret_hash(&platform_key),
+        })
         .collect();
     store.insert_tasks(&new).await.unwrap();
-    let config = format!("/tasks/{}/config", tasks[0].task_id);
+    let participant = &tasks[0].task_id;
+    let config = format!("/tasks/{participant}/config");
+    let key_path = format!("/users/ann/jobs/{id}/tasks/{participant}/key");
 
-    let owner = Client::new(&server.base, "the-data-owner's-own-key");
-    let (status, body) = owner.get(&config).await;
-    assert_eq!(status, StatusCode::OK, "the first key is pinned: {body}");
-    let (status, _) = owner.get(&config).await;
-    assert_eq!(status, StatusCode::OK, "and keeps working");
+    // No trust on first use: before a key is minted, no key opens the task (a made-up one, the
+    // key a platform-run task would have had), and a made-up key is not pinned either.
+    for key in ["the-data-owner's-own-key", platform_key.as_str()] {
+        let (status, body) = Client::new(&server.base, key).get(&config).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(body["message"].as_str().unwrap().contains("fledgectl job join"), "{body}");
+    }
+    let (status, join) = ann.get(&format!("/users/ann/jobs/{id}/join")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(join["keyed"], json!([]), "{join}");
+
+    // The job's owner mints the key; only that key works, and it keeps working.
+    let (status, minted) = ann.post(&key_path, &json!({})).await;
+    assert_eq!(status, StatusCode::CREATED, "{minted}");
+    assert_eq!(minted["taskId"], json!(participant.as_str()));
+    let key = minted["key"].as_str().unwrap().to_owned();
+    assert_eq!(key.len(), 64);
+    let owner = Client::new(&server.base, &key);
+    assert_eq!(owner.get(&config).await.0, StatusCode::OK);
+    assert_eq!(owner.get(&config).await.0, StatusCode::OK, "and keeps working");
     let (status, _) = Client::new(&server.base, "someone-else").get(&config).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "a second key is refused");
-    // Managed tasks never pin: a made-up key is refused.
-    let (status, _) = Client::new(&server.base, "made-up")
-        .get(&format!("/tasks/{}/config", tasks[1].task_id))
-        .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "another key is refused");
+    let (_, join) = ann.get(&format!("/users/ann/jobs/{id}/join")).await;
+    assert_eq!(join["keyed"], json!([participant.as_str()]), "{join}");
+    // The key is stored hashed: it appears nowhere in the database file.
+    let db = std::fs::read(dir.path().join("fledge.db")).unwrap();
+    let wal = std::fs::read(dir.path().join("fledge.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()), "plain key at rest");
+    }
+
+    // Nobody else may mint or revoke it: another user gets 403 (their name) or 404 (ann's job).
+    assert_eq!(bob.post(&key_path, &json!({})).await.0, StatusCode::FORBIDDEN);
+    let (status, _) =
+        bob.post(&format!("/users/bob/jobs/{id}/tasks/{participant}/key"), &json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(owner.get(&config).await.0, StatusCode::OK, "unchanged");
+
+    // Re-minting replaces the key; revoking leaves none.
+    let (status, again) = ann.post(&key_path, &json!({})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let new_key = again["key"].as_str().unwrap().to_owned();
+    assert_ne!(new_key, key);
+    assert_eq!(owner.get(&config).await.0, StatusCode::UNAUTHORIZED, "the old key is dead");
+    let renewed = Client::new(&server.base, &new_key);
+    assert_eq!(renewed.get(&config).await.0, StatusCode::OK);
+    let (status, _) = ann.delete(&key_path).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(renewed.get(&config).await.0, StatusCode::UNAUTHORIZED, "revoked");
+
+    // Platform-run tasks take no minted key; unknown tasks are 404.
+    let (status, body) =
+        ann.post(&format!("/users/ann/jobs/{id}/tasks/{}/key", tasks[1].task_id), &json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("platform-run"), "{body}");
+    let (status, _) = ann.post(&format!("/users/ann/jobs/{id}/tasks/nope/key"), &json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Managed tasks take their deployer's key only: a made-up key is refused.
+    let managed = format!("/tasks/{}/config", tasks[1].task_id);
+    assert_eq!(
+        Client::new(&server.base, "made-up").get(&managed).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(Client::new(&server.base, &platform_key).get(&managed).await.0, StatusCode::OK);
+
+    // Once the job is final, every key of it is dead and none can be minted.
+    let (status, minted) = ann.post(&key_path, &json!({})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let last = Client::new(&server.base, minted["key"].as_str().unwrap());
+    assert_eq!(last.get(&config).await.0, StatusCode::OK);
+    store.set_job_state(&id, &[JobState::Ready], JobState::Failed, Some("test")).await.unwrap();
+    assert_eq!(last.get(&config).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        Client::new(&server.base, &platform_key).get(&managed).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, body) = ann.post(&key_path, &json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("failed"), "{body}");
+    server.stop().await;
+}
+
+#[test_log::test(tokio::test)]
+async fn tokens_are_listed_expire_and_are_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let ann = server.user("ann").await;
+    let bob = server.user("bob").await;
+
+    // Issue a token with a description and a lifetime; list it (never its secret).
+    let (status, issued) =
+        ann.post("/users/ann/tokens", &json!({"description": "ci", "ttlSecs": 3600})).await;
+    assert_eq!(status, StatusCode::CREATED, "{issued}");
+    let secret = issued["token"].as_str().unwrap().to_owned();
+    let token_id = issued["id"].as_str().unwrap().to_owned();
+    assert!(issued["expiresAt"].is_string(), "{issued}");
+    let ci = Client::new(&server.base, &secret);
+    assert_eq!(ci.get("/whoami").await.1["id"], json!("ann"));
+    let (status, listed) = ann.get("/users/ann/tokens").await;
+    assert_eq!(status, StatusCode::OK);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "the one `user` issued and this one: {listed:?}");
+    let entry = listed.iter().find(|t| t["id"] == json!(token_id)).unwrap();
+    assert_eq!((&entry["description"], &entry["user"]), (&json!("ci"), &json!("ann")));
+    assert!(!serde_json::to_string(&listed).unwrap().contains(&secret), "no secret listed");
+    // Bob cannot see or revoke Ann's tokens; the admin can see them.
+    assert_eq!(bob.get("/users/ann/tokens").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(bob.delete(&format!("/users/ann/tokens/{token_id}")).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(bob.delete(&format!("/users/bob/tokens/{token_id}")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(server.admin.get("/users/ann/tokens").await.1.as_array().unwrap().len(), 2);
+    assert_eq!(server.admin.get("/users/nobody/tokens").await.0, StatusCode::NOT_FOUND);
+
+    // Revoked: 401 from then on, and gone from the listing.
+    let (status, _) = ann.delete(&format!("/users/ann/tokens/{token_id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = ci.get("/whoami").await;
+    assert_eq!((status, &body["code"]), (StatusCode::UNAUTHORIZED, &json!("UNAUTHENTICATED")));
+    assert_eq!(ann.delete(&format!("/users/ann/tokens/{token_id}")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(ann.get("/users/ann/tokens").await.1.as_array().unwrap().len(), 1);
+
+    // Expired: a 1-second token is refused once its second has passed (the store compares
+    // against the clock, so this waits for the expiry rather than timing anything).
+    let (_, short) = ann.post("/users/ann/tokens", &json!({"ttlSecs": 1})).await;
+    let short = Client::new(&server.base, short["token"].as_str().unwrap());
+    let expires = chrono::Utc::now() + chrono::Duration::milliseconds(1100);
+    while chrono::Utc::now() < expires {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (status, body) = short.get("/whoami").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+
+    // Bad requests name their fields.
+    let (status, body) =
+        ann.post("/users/ann/tokens", &json!({"ttlSecs": 0, "description": "x".repeat(300)})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let paths: Vec<_> = body["details"].as_array().unwrap().iter().map(|d| &d["path"]).collect();
+    assert_eq!(paths, [&json!("description"), &json!("ttlSecs")], "{body}");
+    let (status, body) = ann.post("/users/ann/tokens", &json!({"ttl": 5})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("ttl"), "{body}");
     server.stop().await;
 }

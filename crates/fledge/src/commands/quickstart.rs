@@ -4,8 +4,10 @@
 //! ports, in a temporary data directory), registers the `examples/mnist` design — its schema,
 //! code (built-in aggregator and reference MLP trainer), one dataset per trainer (an IID shard
 //! of the MNIST training digits) and a job — through the same REST API that `fledgectl` uses,
-//! starts the job, shows live progress, and ends with a summary: test accuracy, rounds, wall
-//! time, and where the model and metrics are.
+//! starts the job, shows live progress, and ends with a summary: the final global model's test
+//! accuracy (its `final.safetensors` evaluated on the 2,000 test digits; the aggregator reports
+//! the same figure every round as `global.accuracy`), the trainers' mean for contrast, rounds,
+//! wall time, and where the model and metrics are.
 //!
 //! The example's files and the MNIST data are compiled into the binary, so the quickstart runs
 //! from any directory. Its job is the `examples/mnist` job directory; `fledgectl run
@@ -79,9 +81,12 @@ struct Summary {
     job: JobId,
     state: JobState,
     reason: Option<String>,
-    rounds: u64,
-    accuracy: Option<f64>,
-    loss: Option<f64>,
+    /// The last round's figures as the job reported them.
+    progress: Progress,
+    /// The last round's sample-weighted mean of the trainers' locally trained models' accuracy.
+    trainers_accuracy: Option<f64>,
+    /// `final.safetensors` evaluated here on the test digits: (accuracy, loss), or why not.
+    final_model: Option<Result<(f64, f64), String>>,
     wall: Duration,
     data_dir: PathBuf,
     /// Whether `data_dir` outlives the command (`--data-dir`), or is removed at exit.
@@ -117,6 +122,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     platform.shutdown().await;
     let mut summary = result?;
     summary.kept = args.data_dir.is_some();
+    let model = summary.registry_dir().join("final.safetensors");
+    if model.exists() {
+        summary.final_model =
+            Some(evaluate_final(&model, &mnist_dir).map_err(|err| format!("{err:#}")));
+    }
     print_summary(&summary);
     if summary.state != JobState::Completed {
         anyhow::bail!(
@@ -194,9 +204,12 @@ async fn submit_and_watch(
         job: job.id,
         state: job.state,
         reason: job.reason,
-        rounds: progress.round,
-        accuracy: progress.accuracy,
-        loss: progress.loss,
+        trainers_accuracy: metrics
+            .iter()
+            .filter(|r| r.round == progress.round && r.role != "trainer")
+            .find_map(|r| r.metrics.get("trainer.afterTraining.accuracy").copied()),
+        progress,
+        final_model: None,
         wall: started.elapsed(),
         data_dir: data_dir.to_path_buf(),
         kept: false,
@@ -215,6 +228,10 @@ async fn register(
     if let Some(rounds) = args.rounds {
         model_spec.hyperparameters.insert("rounds".to_owned(), rounds.into());
     }
+    // The aggregator evaluates every round's global model on the 2,000 test digits.
+    model_spec
+        .hyperparameters
+        .insert("evalDataset".to_owned(), format!("file://{}", mnist_dir.display()).into());
     let rounds = model_spec.hyperparameters.get("rounds").and_then(|r| r.as_u64()).unwrap_or(1);
 
     let design = DesignId::new("mnist");
@@ -288,30 +305,61 @@ struct Progress {
     round: u64,
     loss: Option<f64>,
     accuracy: Option<f64>,
+    /// What `loss` and `accuracy` measure.
+    source: Source,
 }
 
-/// Latest round and its figures: the aggregator's own (a server-side evaluation of the global
-/// model), else the aggregator's sample-weighted mean of its trainers' (`trainer.<name>`), else
-/// the plain mean over the trainers' records of that round.
+/// Which model a [`Progress`] figure measures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Source {
+    /// No figure yet.
+    #[default]
+    None,
+    /// The aggregated (global) model, evaluated by the aggregator (`global.*`).
+    Global,
+    /// The trainers' locally trained models, sample-weighted mean (`trainer.afterTraining.*`).
+    Trainers,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Source::None | Source::Global => "global model",
+            Source::Trainers => "trainers' local models, mean",
+        }
+    }
+}
+
+/// Latest round and its figures: the aggregator's evaluation of the global model
+/// (`global.loss`, `global.accuracy`), else the aggregator's sample-weighted mean of its
+/// trainers' evaluations of their locally trained models (`trainer.afterTraining.*`).
 fn latest(records: &[MetricRecord]) -> Progress {
     let Some(round) = records.iter().map(|r| r.round).max() else {
         return Progress::default();
     };
-    let of_round: Vec<&MetricRecord> = records.iter().filter(|r| r.round == round).collect();
-    let figure = |name: &str| -> Option<f64> {
-        let aggregators = || of_round.iter().filter(|r| r.role != "trainer");
-        let own = aggregators().find_map(|r| r.metrics.get(name).copied());
-        let weighted = || {
-            let key = format!("trainer.{name}");
-            aggregators().find_map(|r| r.metrics.get(&key).copied())
-        };
-        own.or_else(weighted).or_else(|| {
-            let values: Vec<f64> =
-                of_round.iter().filter_map(|r| r.metrics.get(name).copied()).collect();
-            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
-        })
-    };
-    Progress { round, loss: figure("loss"), accuracy: figure("accuracy") }
+    let of_round: Vec<&MetricRecord> =
+        records.iter().filter(|r| r.round == round && r.role != "trainer").collect();
+    let figure = |key: String| of_round.iter().find_map(|r| r.metrics.get(&key).copied());
+    for (source, prefix) in
+        [(Source::Global, "global."), (Source::Trainers, "trainer.afterTraining.")]
+    {
+        let accuracy = figure(format!("{prefix}accuracy"));
+        if accuracy.is_some() {
+            return Progress { round, loss: figure(format!("{prefix}loss")), accuracy, source };
+        }
+    }
+    Progress { round, ..Progress::default() }
+}
+
+/// Evaluates the job's `final.safetensors` on the MNIST test digits in `mnist_dir`.
+fn evaluate_final(model: &Path, mnist_dir: &Path) -> anyhow::Result<(f64, f64)> {
+    use fledge_sdk::Evaluator as _;
+    let bytes = std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
+    let weights = fledge_sdk::registry::from_safetensors(&model.display().to_string(), &bytes)?;
+    let url = format!("file://{}", mnist_dir.display());
+    let mut evaluator = fledge_models::MnistEvaluator::new(&url, 128)?;
+    let metrics = evaluator.evaluate(&weights)?;
+    Ok((metrics["accuracy"], metrics["loss"]))
 }
 
 fn status_line(state: JobState, tasks: &[fledge_types::Task], progress: &Progress) -> String {
@@ -321,28 +369,61 @@ fn status_line(state: JobState, tasks: &[fledge_types::Task], progress: &Progres
     }
     let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
     let mut res = format!("{state} | tasks: {}", counts.join(", "));
-    if let Some(loss) = progress.loss {
-        res.push_str(&format!(" | loss {loss:.4}"));
-    }
     if let Some(accuracy) = progress.accuracy {
-        res.push_str(&format!(" | accuracy {accuracy:.4}"));
+        res.push_str(&format!(" | {}: accuracy {accuracy:.4}", progress.source.label()));
+    }
+    if let Some(loss) = progress.loss {
+        res.push_str(&format!(", loss {loss:.4}"));
     }
     res
 }
 
+impl Summary {
+    fn registry_dir(&self) -> PathBuf {
+        self.data_dir.join("registry").join("jobs").join(self.job.as_str())
+    }
+}
+
 fn print_summary(summary: &Summary) {
-    let registry = summary.data_dir.join("registry").join("jobs").join(summary.job.as_str());
-    let accuracy = summary.accuracy.map(|a| format!("{a:.4}")).unwrap_or_else(|| "-".to_owned());
-    let loss = summary.loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".to_owned());
+    let registry = summary.registry_dir();
+    let figure = |v: Option<f64>| v.map(|a| format!("{a:.4}")).unwrap_or_else(|| "-".to_owned());
+    let progress = &summary.progress;
     #[allow(clippy::print_stdout)]
     {
-        println!("job:            {} ({})", summary.job, summary.state);
-        println!("rounds:         {}", summary.rounds);
-        println!("test accuracy:  {accuracy}");
-        println!("test loss:      {loss}");
-        println!("wall time:      {:.1} s", summary.wall.as_secs_f64());
-        println!("model:          {}", registry.join("final.safetensors").display());
-        println!("metrics:        {}", registry.join("metrics.jsonl").display());
+        println!("job:                    {} ({})", summary.job, summary.state);
+        println!("rounds:                 {}", progress.round);
+        match &summary.final_model {
+            Some(Ok((accuracy, loss))) => {
+                println!(
+                    "global model accuracy:  {accuracy:.4}  (final.safetensors on the 2,000 test digits)"
+                );
+                println!("global model loss:      {loss:.4}");
+                if progress.source == Source::Global
+                    && progress.accuracy.is_some_and(|a| (a - accuracy).abs() > 1e-9)
+                {
+                    println!(
+                        "warning: the aggregator reported {} for its last round",
+                        figure(progress.accuracy)
+                    );
+                }
+            }
+            Some(Err(err)) => println!("global model:           cannot evaluate: {err}"),
+            None => println!(
+                "{:<24}accuracy {}, loss {}",
+                format!("{}:", progress.source.label()),
+                figure(progress.accuracy),
+                figure(progress.loss)
+            ),
+        }
+        if summary.trainers_accuracy.is_some() {
+            println!(
+                "trainers' accuracy:     {}  (their locally trained models, sample-weighted mean)",
+                figure(summary.trainers_accuracy)
+            );
+        }
+        println!("wall time:              {:.1} s", summary.wall.as_secs_f64());
+        println!("model:                  {}", registry.join("final.safetensors").display());
+        println!("metrics:                {}", registry.join("metrics.jsonl").display());
         if !summary.kept {
             println!("(a temporary directory, removed now: pass --data-dir DIR to keep the files)");
         }
@@ -364,25 +445,29 @@ mod tests {
     }
 
     #[test]
-    fn latest_prefers_the_aggregator_and_falls_back_to_the_trainers_mean() {
+    fn latest_reports_the_global_model_else_the_trainers_mean() {
         assert_eq!(latest(&[]), Progress::default());
         let trainers_only = [
-            record("trainer", 1, &[("accuracy", 0.5)]),
-            record("trainer", 2, &[("accuracy", 0.6), ("loss", 1.0)]),
-            record("trainer", 2, &[("accuracy", 0.8), ("loss", 3.0)]),
+            record("trainer", 1, &[("afterTraining.accuracy", 0.5)]),
+            record("trainer", 2, &[("afterTraining.accuracy", 0.6)]),
         ];
-        assert_eq!(
-            latest(&trainers_only),
-            Progress { round: 2, loss: Some(2.0), accuracy: Some(0.7) }
-        );
+        assert_eq!(latest(&trainers_only), Progress { round: 2, ..Progress::default() });
         let mut weighted = trainers_only.to_vec();
-        weighted.push(record("aggregator", 2, &[("trainer.accuracy", 0.75)]));
-        assert_eq!(latest(&weighted).accuracy, Some(0.75), "the aggregator's weighted mean");
-        let mut with_aggregator = weighted.clone();
-        with_aggregator.push(record("aggregator", 2, &[("accuracy", 0.9)]));
-        let progress = latest(&with_aggregator);
+        weighted.push(record(
+            "aggregator",
+            2,
+            &[("trainer.afterTraining.accuracy", 0.75), ("trainer.afterTraining.loss", 0.5)],
+        ));
+        assert_eq!(
+            latest(&weighted),
+            Progress { round: 2, loss: Some(0.5), accuracy: Some(0.75), source: Source::Trainers }
+        );
+        let mut with_global = weighted.clone();
+        with_global.push(record("aggregator", 2, &[("global.accuracy", 0.9)]));
+        let progress = latest(&with_global);
         assert_eq!(progress.accuracy, Some(0.9), "the global model's own evaluation wins");
-        assert_eq!(progress.loss, Some(2.0), "the aggregator has no loss: trainers' mean");
+        assert_eq!(progress.source, Source::Global);
+        assert_eq!(progress.loss, None, "never mixed with the trainers' loss");
     }
 
     #[test]

@@ -185,16 +185,16 @@ fn plan(args: &Args, backend: Backend) -> anyhow::Result<JobPlan> {
 }
 
 fn print_rounds(history: &[MetricRecord]) {
-    println!("round | accuracy | loss   | updates | dropped | seconds");
+    println!("round | global accuracy | global loss | updates | dropped | seconds");
     for r in history {
         let get = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
         let secs: f64 =
             r.metrics.iter().filter(|(k, _)| k.starts_with("seconds.")).map(|(_, v)| v).sum();
         println!(
-            "{:>5} | {:>8.4} | {:>6.4} | {:>7} | {:>7} | {:>7.2}",
+            "{:>5} | {:>15.4} | {:>11.4} | {:>7} | {:>7} | {:>7.2}",
             r.round,
-            get("accuracy"),
-            get("loss"),
+            get("global.accuracy"),
+            get("global.loss"),
             get("updates"),
             get("trainersDropped"),
             secs
@@ -230,10 +230,14 @@ async fn simulate_job(args: &Args) -> anyhow::Result<()> {
 }
 
 fn print_summary(top: &RunSummary, elapsed: Duration) {
-    let acc =
-        top.history.last().and_then(|r| r.metrics.get("accuracy")).copied().unwrap_or(f64::NAN);
+    let acc = top
+        .history
+        .last()
+        .and_then(|r| r.metrics.get("global.accuracy"))
+        .copied()
+        .unwrap_or(f64::NAN);
     println!(
-        "final test accuracy {acc:.4} after {} rounds in {:.1} s",
+        "final global model test accuracy {acc:.4} after {} rounds in {:.1} s",
         top.rounds,
         elapsed.as_secs_f64()
     );
@@ -295,10 +299,10 @@ async fn simulate_processes(args: &Args) -> anyhow::Result<()> {
         for r in history.iter().skip(shown) {
             let get = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
             eprintln!(
-                "round {:>3}: accuracy {:.4} loss {:.4} updates {} dropped {} ({:.1} s)",
+                "round {:>3}: global accuracy {:.4} loss {:.4} updates {} dropped {} ({:.1} s)",
                 r.round,
-                get("accuracy"),
-                get("loss"),
+                get("global.accuracy"),
+                get("global.loss"),
                 get("updates"),
                 get("trainersDropped"),
                 started.elapsed().as_secs_f64()

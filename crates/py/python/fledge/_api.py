@@ -197,7 +197,11 @@ class Trainer:
         raise NotImplementedError(f"{type(self).__name__} must implement train()")
 
     def evaluate(self) -> Mapping[str, float]:
-        """Evaluates the current weights, e.g. ``{"loss": ..., "accuracy": ...}``."""
+        """Evaluates the current weights, e.g. ``{"loss": ..., "accuracy": ...}``.
+
+        A trainer calls it twice a round: on the model it received, before ``train`` (reported
+        as ``beforeTraining.<name>``), and on its trained model (``afterTraining.<name>``).
+        """
         return {}
 
     def get_weights(self) -> Mapping[str, Any]:

@@ -59,7 +59,7 @@ use crate::app::{AppNeed, Evaluator, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
-use crate::metrics::RoundMetrics;
+use crate::metrics::{GLOBAL, RoundMetrics, TRAINER_MEAN};
 use crate::protocol::{
     self, Command, METRICS, NUM_SAMPLES, UPLOAD_GRANTS, await_upload_permit, peer_left,
     upload_grants,
@@ -651,7 +651,7 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
     ctx.io.metrics.set("numSamples", samples as f64);
     for (k, (sum, weight)) in trainer_metrics.sums {
         if weight > 0.0 {
-            ctx.io.metrics.set(format!("trainer.{k}"), sum / weight);
+            ctx.io.metrics.set(format!("{TRAINER_MEAN}{k}"), sum / weight);
         }
     }
     Ok(())
@@ -668,7 +668,7 @@ async fn evaluate(ctx: &mut AggregatorCtx) -> Result<()> {
     })
     .await?
     .map_err(|source| Error::App { step: "evaluate", source })?;
-    ctx.io.metrics.extend("", &metrics);
+    ctx.io.metrics.extend(GLOBAL, &metrics);
     Ok(())
 }
 
@@ -695,7 +695,8 @@ async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
         task_id = %ctx.io.config.task_id,
         round = ctx.round,
         updates = record.metrics.get("updates").copied().unwrap_or(0.0),
-        accuracy = record.metrics.get("accuracy").or(record.metrics.get("trainer.accuracy")).copied(),
+        global_accuracy = record.metrics.get("global.accuracy").copied(),
+        trainers_accuracy = record.metrics.get("trainer.afterTraining.accuracy").copied(),
         "round aggregated"
     );
     if ctx.tier == Tier::Top {
@@ -790,7 +791,7 @@ async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
     await_upload_permit(ctx.up_grants, &fetch, &upload, &top, ctx.round).await?;
     let mut metrics = serde_json::Map::new();
     for (k, v) in &ctx.io.metrics.values {
-        if let Some(name) = k.strip_prefix("trainer.") {
+        if let Some(name) = k.strip_prefix(TRAINER_MEAN) {
             metrics.insert(name.to_owned(), Value::from(*v));
         }
     }

@@ -68,7 +68,7 @@ use crate::app::{
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
-use crate::metrics::RoundMetrics;
+use crate::metrics::{GLOBAL, RoundMetrics, TRAINER_MEAN};
 use crate::protocol::{self, Command, METRICS, NUM_SAMPLES, peer_left};
 use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::trainer::TrainerCtx;
@@ -492,7 +492,7 @@ async fn aggregate(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     m.set("elapsedSeconds", ctx.started.elapsed().as_secs_f64());
     for (k, (sum, weight)) in stats.trainer_metrics {
         if weight > 0.0 {
-            m.set(format!("trainer.{k}"), sum / weight);
+            m.set(format!("{TRAINER_MEAN}{k}"), sum / weight);
         }
     }
     ctx.prune();
@@ -510,7 +510,7 @@ async fn evaluate(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     })
     .await?
     .map_err(|source| Error::App { step: "evaluate", source })?;
-    ctx.io.metrics.extend("", &metrics);
+    ctx.io.metrics.extend(GLOBAL, &metrics);
     Ok(())
 }
 
@@ -537,7 +537,8 @@ async fn report(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
         task_id = %ctx.io.config.task_id,
         round,
         staleness = record.metrics.get("staleness.mean").copied(),
-        accuracy = record.metrics.get("accuracy").or(record.metrics.get("trainer.accuracy")).copied(),
+        global_accuracy = record.metrics.get("global.accuracy").copied(),
+        trainers_accuracy = record.metrics.get("trainer.afterTraining.accuracy").copied(),
         "server step"
     );
     if ctx.up.is_none() {
@@ -678,7 +679,7 @@ async fn upload_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     m.set("elapsedSeconds", ctx.started.elapsed().as_secs_f64());
     for (k, (sum, weight)) in stats.trainer_metrics {
         if weight > 0.0 {
-            m.set(format!("trainer.{k}"), sum / weight);
+            m.set(format!("{TRAINER_MEAN}{k}"), sum / weight);
             trainer_metrics.insert(k, Value::from(sum / weight));
         }
     }
@@ -897,7 +898,8 @@ mod tests {
             assert_eq!(r.metrics["updates"], 2.0);
             assert_eq!(r.metrics["modelVersion"], i as f64 + 1.0);
             assert!(
-                r.metrics.contains_key("staleness.mean") && r.metrics.contains_key("trainer.w")
+                r.metrics.contains_key("staleness.mean")
+                    && r.metrics.contains_key("trainer.afterTraining.w")
             );
         }
         // Every step moves the model towards the targets (1, 3 and 8), never past them.
@@ -992,7 +994,8 @@ mod tests {
             for r in &middle.history {
                 assert_eq!(r.metrics["updates"], 2.0, "{r:?}");
                 assert!(
-                    r.metrics.contains_key("staleness.max") && r.metrics.contains_key("trainer.w")
+                    r.metrics.contains_key("staleness.max")
+                        && r.metrics.contains_key("trainer.afterTraining.w")
                 );
             }
         }

@@ -71,6 +71,7 @@ pub fn program(pick: TaskletFn<TrainerCtx>) -> Result<Composer<TrainerCtx>> {
     res.insert_before("fetch", "pick", pick)?;
     for (alias, survive) in [
         ("fetch", true),
+        ("evaluate_received", false),
         ("train", false),
         ("evaluate", false),
         ("upload", true),

@@ -4,9 +4,13 @@
 //!
 //! ```text
 //! initialize, load_data, join,
-//! loop rounds until end-of-training { fetch, train, evaluate, upload, report }
+//! loop rounds until end-of-training {
+//!     fetch, evaluate_received, train, evaluate, upload, report
+//! }
 //! ```
 //!
+//! `evaluate_received` evaluates the model of the round before local training
+//! (`beforeTraining.*` metrics), `evaluate` the locally trained one (`afterTraining.*`).
 //! [`Trainer`] is the role; the runner ([`crate::role::run`]) closes its I/O afterwards.
 //!
 //! `fetch` also answers the aggregator's `init_model` request (when the job has no base model
@@ -23,7 +27,7 @@ use serde_json::Value;
 use crate::app::{AppNeed, TrainOutcome, TrainerApp, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
-use crate::metrics::RoundMetrics;
+use crate::metrics::{AFTER_TRAINING, BEFORE_TRAINING, RoundMetrics};
 use crate::protocol::{
     Command, METRICS, NUM_SAMPLES, await_upload_permit, peer_left, upload_grants,
 };
@@ -49,8 +53,11 @@ pub struct TrainerCtx {
     pub done: bool,
     /// Outcome of the last `train`.
     pub outcome: TrainOutcome,
-    /// Metrics of the last `evaluate`.
+    /// Metrics of the last `evaluate` (the locally trained model), keys as the app returned them.
     pub evaluation: BTreeMap<String, f64>,
+    /// Metrics of the last `evaluate_received` (the model received for this round, before local
+    /// training), keys as the app returned them.
+    pub received_evaluation: BTreeMap<String, f64>,
     /// Upload grants the aggregator announced with the model being trained.
     upload_grants: u64,
 }
@@ -108,6 +115,7 @@ impl TrainerCtx {
             done: false,
             outcome: TrainOutcome::default(),
             evaluation: BTreeMap::new(),
+            received_evaluation: BTreeMap::new(),
             upload_grants: 0,
         })
     }
@@ -204,6 +212,12 @@ async fn train(ctx: &mut TrainerCtx) -> Result<()> {
     Ok(())
 }
 
+/// Evaluates the model just received (the global model of this round) on the trainer's data.
+async fn evaluate_received(ctx: &mut TrainerCtx) -> Result<()> {
+    ctx.received_evaluation = ctx.with_app("evaluate", |app| app.evaluate()).await?;
+    Ok(())
+}
+
 async fn evaluate(ctx: &mut TrainerCtx) -> Result<()> {
     ctx.evaluation = ctx.with_app("evaluate", |app| app.evaluate()).await?;
     Ok(())
@@ -217,8 +231,11 @@ async fn upload(ctx: &mut TrainerCtx) -> Result<()> {
     for (k, v) in &ctx.outcome.metrics {
         metrics.insert(format!("train_{k}"), Value::from(*v));
     }
+    for (k, v) in &ctx.received_evaluation {
+        metrics.insert(format!("{BEFORE_TRAINING}{k}"), Value::from(*v));
+    }
     for (k, v) in &ctx.evaluation {
-        metrics.insert(k.clone(), Value::from(*v));
+        metrics.insert(format!("{AFTER_TRAINING}{k}"), Value::from(*v));
     }
     let message: Message = weights_message(Kind::Update, ctx.round, ctx.model_version, &weights)?
         .with_meta(NUM_SAMPLES, ctx.outcome.num_samples)
@@ -230,7 +247,8 @@ async fn report(ctx: &mut TrainerCtx) -> Result<()> {
     let metrics = &mut ctx.io.metrics;
     metrics.set("numSamples", ctx.outcome.num_samples as f64);
     metrics.extend("train_", &ctx.outcome.metrics);
-    metrics.extend("", &ctx.evaluation);
+    metrics.extend(BEFORE_TRAINING, &ctx.received_evaluation);
+    metrics.extend(AFTER_TRAINING, &ctx.evaluation);
     ctx.io.finish_round(ctx.round);
     tracing::info!(
         task_id = %ctx.io.config.task_id,
@@ -253,6 +271,7 @@ pub fn program() -> Composer<TrainerCtx> {
             |c: &TrainerCtx| c.done,
             Composer::new()
                 .tasklet("fetch", async_tasklet(|c| boxed(fetch(c))))
+                .tasklet("evaluate_received", async_tasklet(|c| boxed(evaluate_received(c))))
                 .tasklet("train", async_tasklet(|c| boxed(train(c))))
                 .tasklet("evaluate", async_tasklet(|c| boxed(evaluate(c))))
                 .tasklet("upload", async_tasklet(|c| boxed(upload(c))))
