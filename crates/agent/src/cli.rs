@@ -206,9 +206,34 @@ pub async fn run(args: FledgeletArgs, shutdown: CancellationToken) -> Result<Out
     Ok(outcome)
 }
 
+/// Exit code of an agent whose task did not complete.
+pub const EX_TASK_FAILED: u8 = 1;
+/// Exit code of an agent that cannot start at all (no runtime, no signal handler, the
+/// apiserver unreachable while joining).
+pub const EX_CANNOT_START: u8 = 2;
+/// Exit code for bad usage (`EX_USAGE`): flags, or a task key or task the apiserver refuses.
+pub const EX_USAGE: u8 = 64;
+
+impl Error {
+    /// The process exit code this error ends the agent with.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Client(_) | Error::Refused { .. } | Error::Join { .. } => EX_USAGE,
+            Error::Unreachable { .. } => EX_CANNOT_START,
+        }
+    }
+}
+
+/// The process exit code for an error of [`run`] or of setting it up: the [`Error`]'s when it
+/// is one, [`EX_CANNOT_START`] otherwise. The `fledgelet` binary and `fledge fledgelet` both
+/// use it, so they exit alike.
+pub fn error_exit_code(err: &anyhow::Error) -> u8 {
+    err.chain().find_map(|e| e.downcast_ref::<Error>()).map_or(EX_CANNOT_START, Error::exit_code)
+}
+
 /// The process exit code for a task's final state: 0 when completed, 1 otherwise.
 pub fn exit_code(state: TaskState) -> ExitCode {
-    if state == TaskState::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if state == TaskState::Completed { ExitCode::SUCCESS } else { ExitCode::from(EX_TASK_FAILED) }
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT, so a signal stops the task as a STOP event does.
@@ -230,6 +255,17 @@ pub fn stop_on_signal(shutdown: CancellationToken) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
+
+    #[test]
+    fn exit_codes_say_usage_or_cannot_start() {
+        let task = TaskId::from("t1");
+        let usage = Error::Join { task: task.clone(), reason: "no".to_owned() };
+        let down = Error::Unreachable { task, source: anyhow::anyhow!("refused") };
+        assert_eq!(error_exit_code(&anyhow::Error::new(usage)), EX_USAGE);
+        let wrapped = anyhow::Error::new(down).context("joining");
+        assert_eq!(error_exit_code(&wrapped), EX_CANNOT_START);
+        assert_eq!(error_exit_code(&anyhow::anyhow!("no signal handler")), EX_CANNOT_START);
+    }
 
     use super::*;
 

@@ -16,8 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::{Error, Result};
 use crate::mqtt::DEFAULT_CHUNK_SIZE;
+use crate::shared::{Error, Result};
 
 /// Broker sizing. The defaults carry [`DEFAULT_CHUNK_SIZE`] chunks with room to spare.
 #[derive(Clone, Debug)]
@@ -173,17 +173,13 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
 /// A full CONNECT/CONNACK/DISCONNECT exchange checks the router too, and unlike a bare TCP
 /// probe it does not make rumqttd log a connect error.
 fn wait_listening(internal: SocketAddr) -> Result<()> {
-    let mut last = None;
-    for _ in 0..200 {
-        match probe(internal) {
-            Ok(()) => return Ok(()),
-            Err(e) => last = Some(e),
-        }
-        thread::sleep(Duration::from_millis(25));
-    }
-    Err(Error::Io {
+    use backon::{BlockingRetryable as _, ConstantBuilder};
+    // Up to 5 s: 200 probes 25 ms apart.
+    let schedule =
+        ConstantBuilder::default().with_delay(Duration::from_millis(25)).with_max_times(200);
+    (|| probe(internal)).retry(schedule).sleep(thread::sleep).call().map_err(|source| Error::Io {
         context: format!("embedded broker did not answer on {internal}"),
-        source: last.unwrap_or_else(|| std::io::Error::other("no attempt made")),
+        source,
     })
 }
 

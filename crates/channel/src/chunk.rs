@@ -350,7 +350,7 @@ mod tests {
     fn update_chunks(chunk_size: usize) -> (crate::wire::Message, Vec<Bytes>) {
         let values: Vec<f32> = (0..5000).map(|i| i as f32 * 0.5).collect();
         let mut m = crate::wire::Message::new(crate::wire::Kind::Update, 1)
-            .with_meta("num_samples", 10)
+            .with_meta("weight", 10)
             .with_tensor("w", crate::wire::Tensor::from_f32(vec![5000], &values).expect("shape"));
         m.sender = "t".into();
         let encoded = crate::wire::encode_parts(&m).expect("encode");

@@ -25,6 +25,7 @@ pub mod local;
 pub mod manager;
 pub mod mqtt;
 pub mod p2p;
+mod shared;
 pub mod wire;
 
 pub use channel::{

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use fledge_types::TaskId;
 
-use crate::channel::{EndProps, Error, Result, Shared};
+use crate::shared::{EndProps, Error, Result, Shared};
 use crate::wire::{self, Message};
 
 type RoomKey = (String, String, String);

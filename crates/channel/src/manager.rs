@@ -26,7 +26,7 @@ pub struct BackendEnv {
     pub max_message_bytes: usize,
     /// Per-end inbound queue bound.
     pub queue_depth: usize,
-    /// Properties this end announces on every channel (e.g. `num_samples`).
+    /// Properties this end announces on every channel (e.g. an aggregation group).
     pub props: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -40,6 +40,15 @@ impl Default for BackendEnv {
             queue_depth: crate::channel::DEFAULT_QUEUE_DEPTH,
             props: serde_json::Map::new(),
         }
+    }
+}
+
+impl BackendEnv {
+    /// Sets how long a silent peer counts as alive, for every backend that checks liveness
+    /// (MQTT heartbeats, the p2p lease and heartbeats).
+    pub fn set_liveness_timeout(&mut self, timeout: Duration) {
+        self.mqtt.liveness_timeout = timeout;
+        self.p2p.liveness_timeout = timeout;
     }
 }
 
@@ -210,7 +219,7 @@ mod tests {
                 .await
                 .expect("aggregator joins");
         let mut trainer_env = env(&hub);
-        trainer_env.props.insert("num_samples".into(), 640.into());
+        trainer_env.props.insert("weight".into(), 640.into());
         let t1 = ChannelManager::join_all(&config("t1", "trainer", "eu", "local"), &trainer_env)
             .await
             .expect("trainer joins");
@@ -222,7 +231,7 @@ mod tests {
         let distribute = agg.by_tag("distribute").expect("aggregator distributes on param");
         assert_eq!(distribute.ends(), vec![fledge_types::TaskId::new("t1")]);
         let props = distribute.end_props(&"t1".into()).expect("t1 announced");
-        assert_eq!(props.props.get("num_samples"), Some(&640.into()));
+        assert_eq!(props.props.get("weight"), Some(&640.into()));
         assert!(t2.by_tag("upload").expect("upload").ends().is_empty(), "us sees no eu aggregator");
         assert!(matches!(
             agg.by_tag("fetch"),

@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 use fledge_types::TaskId;
 
-use crate::channel::{EndProps, Error, Result, Shared};
 use crate::chunk::{self, Reassembler};
+use crate::shared::{EndProps, Error, Result, Shared};
 use crate::wire::{self, Message};
 
 /// Default chunk size: 4 MiB.
@@ -478,6 +478,7 @@ impl MqttEnd {
         Ok(())
     }
 
+    #[cfg(feature = "test-hooks")]
     pub(crate) fn hang(&self) {
         self.ctx.hung.cancel();
     }
@@ -492,7 +493,18 @@ impl Drop for MqttEnd {
 
 async fn run_event_loop(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: CancellationToken) {
     let mut reassembler = Reassembler::new(ctx.shared.opts.max_message_bytes);
-    let mut backoff = Duration::from_millis(50);
+    // Reconnection delays: 50 ms doubling to 2 s, with jitter, for as long as it takes;
+    // a new schedule starts at every successful connection.
+    let schedule = || {
+        use backon::BackoffBuilder as _;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = schedule();
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -505,7 +517,7 @@ async fn run_event_loop(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: Cancell
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(50);
+                backoff = schedule();
                 tracing::debug!(channel = %ctx.shared.opts.channel, "connected to broker");
                 if let Err(e) = ctx.client.try_subscribe_many(ctx.topics.filters()) {
                     tracing::warn!(error = %e, "subscribe request failed");
@@ -532,18 +544,17 @@ async fn run_event_loop(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: Cancell
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {
-                tracing::debug!(error = %e, ?backoff, "mqtt connection error, retrying");
+                let delay = backoff.next().unwrap_or(Duration::from_secs(2));
+                tracing::debug!(error = %e, ?delay, "mqtt connection error, retrying");
                 ctx.ready.send_modify(|r| {
                     if !matches!(r, Ok(true)) {
                         *r = Err(e.to_string());
                     }
                 });
-                let jitter = Duration::from_millis(rand::random::<u64>() % 50);
                 tokio::select! {
                     _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }

@@ -37,8 +37,8 @@ use fledge_proto::v1::{
 use fledge_proto::{MetaserverClient, P2pClient, P2pServer};
 use fledge_types::TaskId;
 
-use crate::channel::{EndProps, Error, Result, Shared};
 use crate::chunk::{self, Reassembler};
+use crate::shared::{EndProps, Error, Result, Shared};
 use crate::wire::{self, Message};
 
 /// Default chunk size: 1 MiB.
@@ -653,6 +653,7 @@ impl P2pEnd {
         res
     }
 
+    #[cfg(feature = "test-hooks")]
     pub(crate) fn hang(&self) {
         self.ctx.hung.cancel();
     }

@@ -144,7 +144,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Kind {
     /// Model weights sent down (aggregator → trainers / middle aggregators).
     Weights = 1,
-    /// A model update sent up (trainer → aggregator), usually with `num_samples` in meta.
+    /// A model update sent up (trainer → aggregator); its meta is the sender's business.
     Update = 2,
     /// Control message (meta carries the command).
     Control = 3,
@@ -513,7 +513,7 @@ pub struct Message {
     pub model_version: u64,
     /// The sending end's id; set by the channel on send.
     pub sender: String,
-    /// Small JSON metadata (`num_samples`, metrics, per-message key/values).
+    /// Small JSON metadata (per-message key/values the layer above defines).
     pub meta: serde_json::Map<String, serde_json::Value>,
     /// The tensors.
     pub tensors: Tensors,
@@ -542,11 +542,6 @@ impl Message {
     pub fn with_tensor(mut self, name: &str, tensor: Tensor) -> Message {
         self.tensors.insert(name, tensor);
         self
-    }
-
-    /// `meta["num_samples"]` as an integer, if present.
-    pub fn num_samples(&self) -> Option<u64> {
-        self.meta.get("num_samples").and_then(serde_json::Value::as_u64)
     }
 }
 
@@ -811,8 +806,7 @@ mod tests {
     use super::*;
 
     fn sample() -> Message {
-        let mut m =
-            Message::new(Kind::Update, 7).with_meta("num_samples", 120).with_meta("loss", 0.25);
+        let mut m = Message::new(Kind::Update, 7).with_meta("weight", 120).with_meta("loss", 0.25);
         m.model_version = 3;
         m.sender = "trainer-1".into();
         m.tensors.insert(
@@ -850,7 +844,7 @@ mod tests {
             back.tensors.get("steps").expect("present").to_i64_vec().expect("i64"),
             vec![42]
         );
-        assert_eq!(back.num_samples(), Some(120));
+        assert_eq!(back.meta.get("weight").and_then(serde_json::Value::as_u64), Some(120));
     }
 
     #[test]

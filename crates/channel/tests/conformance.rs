@@ -108,7 +108,7 @@ impl Fixture {
         for i in 0..n {
             let opts = self
                 .opts("param", "default", &format!("t{i}"), "trainer", "aggregator")
-                .with_prop("num_samples", 100 + i as u64);
+                .with_prop("weight", 100 + i as u64);
             trainers.push(self.open(opts).await);
         }
         agg.await_ends(n, PATIENCE).await.expect("trainers visible");
@@ -136,7 +136,7 @@ fn id(s: &str) -> TaskId {
 
 fn update(round: u64) -> Message {
     Message::new(Kind::Update, round)
-        .with_meta("num_samples", 10)
+        .with_meta("weight", 10)
         .with_tensor("w", Tensor::from_f32(vec![2], &[round as f32, 1.0]).expect("shape"))
 }
 
@@ -158,7 +158,7 @@ async fn join_and_ends(f: Fixture) {
     let props = agg.end_props(&id("t1")).expect("t1 announced");
     assert_eq!(props.role, "trainer");
     assert_eq!(props.task_id, id("t1"));
-    assert_eq!(props.props.get("num_samples"), Some(&serde_json::json!(101)));
+    assert_eq!(props.props.get("weight"), Some(&serde_json::json!(101)));
     assert!(agg.end_props(&id("nobody")).is_none());
 
     // Clean leave and re-join.

@@ -6,6 +6,7 @@
 //!   store and a `process` deployer: zero external services;
 //! - `fledge quickstart` runs a real two-tier MNIST job end to end on `standalone`;
 //! - `fledge run-task CONFIG` runs one task's built-in role (aggregators, reference trainers);
+//! - `fledge roles [-o json]` lists the built-in roles;
 //! - `fledge bench ...` prints the performance table.
 //!
 //! Each subcommand lives in `commands/<name>.rs`; this file only parses and dispatches.
@@ -40,6 +41,8 @@ enum Command {
     Fledgelet(commands::fledgelet::Args),
     /// Run one task from its task config file (built-in roles and reference trainers).
     RunTask(commands::run_task::Args),
+    /// List the built-in roles (`-o json` for JSON).
+    Roles(commands::roles::Args),
     /// Measure performance against bounds measured in the same run and print a table.
     Bench(commands::bench::Args),
 }
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
             Command::Quickstart(args) => commands::quickstart::run(args).await,
             Command::Fledgelet(args) => commands::fledgelet::run(args).await,
             Command::RunTask(args) => commands::run_task::run(args).await,
+            Command::Roles(args) => commands::roles::run(args).await,
             Command::Bench(args) => commands::bench::run(args).await,
         }
     });

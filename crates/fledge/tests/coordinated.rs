@@ -16,6 +16,7 @@ use fledge_channel::BackendEnv;
 use fledge_models::MnistFactory;
 use fledge_models::url::{DatasetUrl, Partition};
 use fledge_sdk::AppFactory;
+use fledge_sdk::role::run;
 use fledge_sdk::roles::{coordinated, coordinator};
 use fledge_sdk::runner::{JobPlan, RunOptions};
 use fledge_types::{Backend, JobState, Schema, TaskConfig, TaskState};
@@ -137,17 +138,32 @@ async fn over_mqtt_a_crashed_middle_aggregator_is_replaced_by_its_replica() {
         mqtt_task(&schema, &addr, role, index, dataset)
     };
     let mut set = tokio::task::JoinSet::new();
-    set.spawn(coordinator::run(task("coordinator", 0, None), opts.clone()));
+    set.spawn(run::<coordinator::Coordinator>(
+        task("coordinator", 0, None),
+        factory.clone(),
+        opts.clone(),
+    ));
     for i in 0..4 {
         let url = format!("{}&limit=2000", DatasetUrl::for_shard(&data, i, 4, Partition::Iid, 0));
         let config = task("trainer", i as u32, Some(url));
-        set.spawn(coordinated::run_trainer(config, factory.clone(), opts.clone()));
+        set.spawn(run::<coordinated::CoordinatedTrainer>(config, factory.clone(), opts.clone()));
     }
-    set.spawn(coordinated::run_middle(task("middle-aggregator", 0, None), opts.clone()));
-    let victim =
-        tokio::spawn(coordinated::run_middle(task("middle-aggregator", 1, None), opts.clone()));
+    set.spawn(run::<coordinated::CoordinatedMiddleAggregator>(
+        task("middle-aggregator", 0, None),
+        factory.clone(),
+        opts.clone(),
+    ));
+    let victim = tokio::spawn(run::<coordinated::CoordinatedMiddleAggregator>(
+        task("middle-aggregator", 1, None),
+        factory.clone(),
+        opts.clone(),
+    ));
     let top = task("top-aggregator", 0, None);
-    let top = tokio::spawn(coordinated::run_top(top, factory.clone(), opts.clone()));
+    let top = tokio::spawn(run::<coordinated::CoordinatedTopAggregator>(
+        top,
+        factory.clone(),
+        opts.clone(),
+    ));
     // The top appends a line to the registry's metrics per aggregated round.
     let metrics = dir.path().join("registry/jobs/coord-mqtt/metrics.jsonl");
     while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 1 {

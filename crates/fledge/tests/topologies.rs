@@ -109,7 +109,7 @@ async fn run_in_process(
         let (factory, mut opts) = (factory.clone(), opts.clone());
         set.spawn(async move {
             let res = if i == 0 && is_async {
-                fedbuff::run(config, factory, opts).await
+                fledge_sdk::role::run::<fedbuff::AsyncAggregator>(config, factory, opts).await
             } else {
                 if i > 0 {
                     opts.role = Some(RoleKind::Trainer);

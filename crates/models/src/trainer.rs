@@ -196,7 +196,8 @@ impl Evaluator for MnistEvaluator {
 }
 
 /// The [`AppFactory`] of the MNIST example: [`MnistTrainer`] for trainers, an
-/// [`MnistEvaluator`] for aggregators whose hyperparameters name `evalDataset`.
+/// [`MnistEvaluator`] for aggregators whose hyperparameters name `evalDataset`, and the candle
+/// parties of [`crate::vertical`] for the vertical roles.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MnistFactory;
 
@@ -219,5 +220,18 @@ impl AppFactory for MnistFactory {
         };
         let hidden = hp_uint(h, "hidden", 128, 1)? as usize;
         Ok(Some(Box::new(MnistEvaluator::new(&url, hidden)?)))
+    }
+
+    /// The candle bottom model of vertical learning ([`crate::vertical::FeatureParty`]).
+    fn feature_party(
+        &self,
+        _config: &TaskConfig,
+    ) -> anyhow::Result<Box<dyn fledge_sdk::FeatureApp>> {
+        Ok(Box::new(crate::vertical::FeatureParty::new()))
+    }
+
+    /// The candle top model of vertical learning ([`crate::vertical::LabelParty`]).
+    fn label_party(&self, _config: &TaskConfig) -> anyhow::Result<Box<dyn fledge_sdk::LabelApp>> {
+        Ok(Box::new(crate::vertical::LabelParty::new()))
     }
 }

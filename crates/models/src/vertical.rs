@@ -659,12 +659,20 @@ mod tests {
         let mut set = tokio::task::JoinSet::new();
         for (i, (task, file)) in parties.iter().enumerate() {
             let c = config(task, "feature-party", i as u32, &url(file), &h);
-            set.spawn(vertical::run_feature_party(c, Box::new(FeatureParty::new()), opts.clone()));
+            set.spawn(fledge_sdk::role::run::<vertical::FeatureParty>(
+                c,
+                crate::MnistFactory::shared(),
+                opts.clone(),
+            ));
         }
         let c = config("vfl-label", "label-party", 0, &url("labels.csv"), &h);
-        let label = vertical::run_label_party(c, Box::new(LabelParty::new()), opts.clone())
-            .await
-            .expect("label party runs");
+        let label = fledge_sdk::role::run::<vertical::LabelParty>(
+            c,
+            crate::MnistFactory::shared(),
+            opts.clone(),
+        )
+        .await
+        .expect("label party runs");
         while let Some(res) = set.join_next().await {
             let summary = res.expect("join").expect("feature party runs");
             assert_eq!(summary.rounds, label.rounds);
@@ -758,19 +766,19 @@ mod tests {
         let h = json!({"rounds": 8, "batchSize": 32, "learningRate": 0.1, "embeddingDim": 8,
                        "featureParties": 2, "joinTimeout": 30});
         let opts = RunOptions { workdir: dir.path().to_owned(), ..RunOptions::default() };
-        let fa = vertical::run_feature_party(
+        let fa = fledge_sdk::role::run::<vertical::FeatureParty>(
             config("a", "feature-party", 0, &a, &h),
-            Box::new(FeatureParty::new()),
+            crate::MnistFactory::shared(),
             opts.clone(),
         );
-        let fb = vertical::run_feature_party(
+        let fb = fledge_sdk::role::run::<vertical::FeatureParty>(
             config("b", "feature-party", 1, &b, &h),
-            Box::new(FeatureParty::new()),
+            crate::MnistFactory::shared(),
             opts.clone(),
         );
-        let lp = vertical::run_label_party(
+        let lp = fledge_sdk::role::run::<vertical::LabelParty>(
             config("l", "label-party", 0, &l, &h),
-            Box::new(LabelParty::new()),
+            crate::MnistFactory::shared(),
             opts,
         );
         let (fa, fb, lp) = tokio::join!(fa, fb, lp);

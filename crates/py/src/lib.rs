@@ -70,6 +70,7 @@ fn _fledge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(run::run_task, m)?)?;
     m.add_function(wrap_pyfunction!(run::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(run::parse_config, m)?)?;
+    m.add_function(wrap_pyfunction!(run::builtin_roles, m)?)?;
     m.add_function(wrap_pyfunction!(convert::roundtrip_weights, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

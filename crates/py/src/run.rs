@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use fledge_channel::{BackendEnv, LocalHub};
 use fledge_sdk::AppFactory;
+use fledge_sdk::plan::Topology;
 use fledge_sdk::runner::{self, JobPlan, RunOptions, RunSummary};
+use fledge_sdk::table;
 use fledge_types::{Sort, TaskConfig};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -125,15 +127,26 @@ fn read_config(config_json: &str) -> PyResult<TaskConfig> {
     })
 }
 
-/// Runs one task from its config (JSON text) with the given user classes.
+/// The names of the built-in roles, in the order of the SDK's role table (`fledge roles`).
+#[pyfunction]
+pub fn builtin_roles() -> Vec<&'static str> {
+    table::names()
+}
+
+/// Runs one task from its config (JSON text) with the given user classes, as the built-in
+/// role `role` (else the one the SDK's role table resolves from the config).
 ///
-/// Returns `(summary_json, final_model)`: the final model is the aggregated global model of
-/// an aggregator task, `None` for a trainer. Raises `TaskError` with the error chain (and
+/// Returns `(summary_json, final_model)`: the final model is the model the role ends with
+/// (an aggregator's global model, a ring member's, a party's), `None` for a trainer. Raises `TaskError` with the error chain (and
 /// the traceback of user code) when the task fails; with `exit_on_user_error`, a failure of
 /// user code instead writes the traceback to stderr and exits the process with code 2 at
 /// once, before the role leaves its channels (see [`OnUserError::Exit`]).
 #[pyfunction]
-#[pyo3(signature = (config_json, trainer=None, evaluator=None, workdir=None, exit_on_user_error=false))]
+#[pyo3(signature = (
+    config_json, trainer=None, evaluator=None, workdir=None, exit_on_user_error=false,
+    role=None, feature_party=None, label_party=None
+))]
+#[allow(clippy::too_many_arguments)]
 pub fn run_task<'py>(
     py: Python<'py>,
     config_json: &str,
@@ -141,6 +154,9 @@ pub fn run_task<'py>(
     evaluator: Option<Py<PyAny>>,
     workdir: Option<PathBuf>,
     exit_on_user_error: bool,
+    role: Option<&str>,
+    feature_party: Option<Py<PyAny>>,
+    label_party: Option<Py<PyAny>>,
 ) -> PyResult<(String, Option<Bound<'py, PyDict>>)> {
     // A task's log tail is its record: progress belongs there.
     init_tracing("info");
@@ -149,14 +165,12 @@ pub fn run_task<'py>(
     if let Some(dir) = workdir {
         opts.workdir = dir;
     }
-    let liveness = fledge_sdk::hyper::uint(&config.hyperparameters, "livenessTimeout", 10, 1)
-        .map_err(|e| ConfigError::new_err(e.to_string()))?;
-    opts.backend_env.mqtt.liveness_timeout = Duration::from_secs(liveness);
+    let entry = table::resolve(role, &config).map_err(|e| ConfigError::new_err(e.to_string()))?;
     let on_error = if exit_on_user_error { OnUserError::Exit } else { OnUserError::Raise };
-    let factory = Arc::new(PyFactory { trainer, evaluator, on_error });
-    tracing::info!(task_id = %config.task_id, role = %config.role, "running python task");
+    let factory = Arc::new(PyFactory { trainer, evaluator, feature_party, label_party, on_error });
+    tracing::info!(task_id = %config.task_id, role = entry.name(), "running python task");
     let res = block_on_detached(py, async move {
-        runner::run_task_with(config, factory, opts).await.map_err(|e| runner::error_chain(&e))
+        (entry.run)(config, factory, opts).await.map_err(|e| runner::error_chain(&e))
     })?;
     let summary = res.map_err(TaskError::new_err)?;
     let text = summary_json(&summary).to_string();
@@ -173,12 +187,13 @@ pub fn run_task<'py>(
 #[pyfunction]
 #[pyo3(signature = (
     trainer, datasets, hyperparameters_json="{}", middle=0, optimizer_json=None,
-    selector_json=None, workdir=None, evaluator=None, job_id="sim", timeout=0.0
+    selector_json=None, workdir=None, evaluator=None, job_id="sim", timeout=0.0,
+    topology="tree", feature_party=None, label_party=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn simulate<'py>(
     py: Python<'py>,
-    trainer: Py<PyAny>,
+    trainer: Option<Py<PyAny>>,
     datasets: Vec<String>,
     hyperparameters_json: &str,
     middle: usize,
@@ -188,11 +203,24 @@ pub fn simulate<'py>(
     evaluator: Option<Py<PyAny>>,
     job_id: &str,
     timeout: f64,
+    topology: &str,
+    feature_party: Option<Py<PyAny>>,
+    label_party: Option<Py<PyAny>>,
 ) -> PyResult<(String, Option<Bound<'py, PyDict>>, String)> {
     // Every task of a simulation logs to this terminal: only problems by default.
     init_tracing("warn");
     let mut plan = JobPlan::local(job_id, datasets);
     plan.middle = middle;
+    plan.topology = match topology {
+        "tree" => Topology::Tree,
+        "ring" => Topology::Ring,
+        "vertical" => Topology::Vertical,
+        other => {
+            return Err(ConfigError::new_err(format!(
+                "topology must be \"tree\", \"ring\" or \"vertical\", not {other:?}"
+            )));
+        }
+    };
     plan.hyperparameters = serde_json::from_str(hyperparameters_json)
         .map_err(|e| ConfigError::new_err(format!("hyperparameters must be a JSON object: {e}")))?;
     if let Some(text) = optimizer_json {
@@ -211,8 +239,13 @@ pub fn simulate<'py>(
         None => std::env::current_dir()
             .map_err(|e| ConfigError::new_err(format!("no working directory: {e}")))?,
     };
-    let factory: Arc<dyn AppFactory> =
-        Arc::new(PyFactory { trainer: Some(trainer), evaluator, on_error: OnUserError::Raise });
+    let factory: Arc<dyn AppFactory> = Arc::new(PyFactory {
+        trainer,
+        evaluator,
+        feature_party,
+        label_party,
+        on_error: OnUserError::Raise,
+    });
     let res = block_on_detached(py, async move {
         let deadline =
             (timeout > 0.0).then(|| tokio::time::Instant::now() + Duration::from_secs_f64(timeout));
@@ -305,7 +338,7 @@ async fn run_all(
             }
             Err(msg)
         }
-        None => Err("the plan has no top aggregator".to_owned()),
+        None => Err("the plan has no tasks".to_owned()),
     }
 }
 

@@ -266,6 +266,28 @@ impl<C: Context + 'static> Composer<C> {
         }
     }
 
+    /// Decorates tasklet `alias`: its work becomes `decorate(its current work)`, keeping its
+    /// alias and place. The decorator decides whether, when and how the original runs (skip
+    /// it, retry it, map its error), so a role built from another never has to build the
+    /// other's program twice to take a tasklet out of it.
+    pub fn wrap(
+        &mut self,
+        alias: &str,
+        decorate: impl FnOnce(TaskletFn<C>) -> TaskletFn<C>,
+    ) -> Result<()> {
+        let mut path = self.locate(alias)?;
+        let at = path.pop().expect("find returns a non-empty path");
+        match &mut list_at(&mut self.nodes, &path)[at] {
+            Node::Tasklet { run, .. } => {
+                *run = decorate(run.clone());
+                Ok(())
+            }
+            Node::Loop { .. } => Err(Error::Config(format!(
+                "{alias:?} is a loop, not a tasklet; only tasklets can be wrapped"
+            ))),
+        }
+    }
+
     /// Removes node `alias` (a loop goes with its body) and returns it.
     pub fn remove(&mut self, alias: &str) -> Result<Node<C>> {
         let mut path = self.locate(alias)?;
@@ -353,6 +375,30 @@ mod tests {
         let mut ctx = Ctx::default();
         p.run(&mut ctx).await.expect("runs");
         ctx.trace
+    }
+
+    #[tokio::test]
+    async fn wrap_decorates_a_tasklet_in_place() {
+        let mut p = program();
+        // Inside a loop: "b" runs only on odd counts, and is marked when it does.
+        p.wrap("b", |inner| {
+            Arc::new(move |c: &mut Ctx| {
+                let inner = inner.clone();
+                Box::pin(async move {
+                    if c.n % 2 == 1 {
+                        return Ok(());
+                    }
+                    inner(c).await?;
+                    c.trace.push("wrapped".to_owned());
+                    Ok(())
+                })
+            })
+        })
+        .expect("b exists");
+        assert_eq!(trace(&p).await, ["a", "b", "wrapped", "c"]);
+        assert_eq!(p.aliases(), ["a", "main", "b", "count", "c"]);
+        let err = p.wrap("nope", |t| t).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
     }
 
     #[tokio::test]

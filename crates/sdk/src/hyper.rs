@@ -18,6 +18,9 @@ pub mod names {
     pub const EXPECTED_TRAINERS: &str = "expectedTrainers";
     /// Seconds to wait for peers to join (default 120).
     pub const JOIN_TIMEOUT: &str = "joinTimeout";
+    /// Seconds without a sign of life before a peer counts as gone (default 10), for every
+    /// channel backend that checks liveness (MQTT and p2p).
+    pub const LIVENESS_TIMEOUT: &str = "livenessTimeout";
     /// Updates an aggregator lets arrive at once (0: no limit). With a limit, a trainer
     /// announces `ready` after training and uploads only when granted, so the aggregator's
     /// inbound buffers hold at most this many updates. Unset, the aggregator picks the limit

@@ -1,30 +1,33 @@
 //! Fledge's SDK: the roles that train and aggregate, built from tasklets, plus the model
 //! registry, metrics and the runner that starts a role from its task config.
 //!
+//! - [`role`]: one way to write a role. A [`Role`] names itself, the user code it drives and
+//!   its program; [`role::run`] is the one runner every role goes through (open the task's
+//!   [`TaskIo`], bound the run by `maxRunTime`, run the program, close the I/O).
+//! - [`roles`]: the built-in roles, one file each: trainer, top and middle aggregators,
+//!   FedBuff aggregators, the trainer that follows the sender, ring all-reduce, hybrid,
+//!   vertical feature and label parties, coordinator and coordinated roles.
+//! - [`table`]: the role table (name, aliases, position, user code, entry point) that
+//!   `fledge run-task`, `fledge roles` and Python's `fledge.run` dispatch through.
+//! - [`protocol`]: the data-plane message vocabulary ([`protocol::Command`], meta keys) and
+//!   the checks of numbers peers send.
 //! - [`composer`]: Flame's tasklet composer. A role is a list of named tasklets, some inside
 //!   `loop_until` blocks; a new topology customises a role with `insert_before`/`after`,
-//!   `replace` and `remove` by alias instead of forking it.
-//! - [`roles`]: [`roles::trainer`] (calls user code through [`TrainerApp`]),
-//!   [`roles::aggregator`] (top and middle aggregators, synchronous rounds, streaming
-//!   aggregation with `fledge-algorithms`, quorum and liveness).
+//!   `replace`, `wrap` and `remove` by alias instead of forking it.
 //! - [`registry`]: where round checkpoints, metrics and the final model go (a local directory).
 //! - [`metrics`]: per-round metrics and the reporter that posts them to the control plane.
-//! - [`runner`]: [`run_task`] runs one task from its [`TaskConfig`]; [`runner::simulate`]
-//!   runs a whole job in one process over the local backend.
+//! - [`runner`]: [`run_task`] runs one task from its [`TaskConfig`] (the role from the
+//!   table); [`runner::simulate`] runs a whole job ([`plan::JobPlan`]: a tree, a ring or a
+//!   vertical job) in one process over the local backend.
 //!
-//! This crate does not define models or load data: user code does, through [`TrainerApp`]
-//! (the reference MNIST trainer lives in `fledge-models`). It does not talk to brokers
-//! directly either: `fledge-channel` does.
+//! User code plugs in through [`app`]: [`TrainerApp`], [`Evaluator`], [`FeatureApp`] and
+//! [`LabelApp`], built per task by an [`AppFactory`]. This crate does not define models or
+//! load data (the reference MNIST and vertical models live in `fledge-models`), and it does
+//! not talk to brokers directly: `fledge-channel` does. `docs/writing-a-role.md` walks
+//! through writing a role.
 //!
-//! # Wire protocol between the roles
-//!
-//! | from → to | kind | round | tensors | meta |
-//! |---|---|---|---|---|
-//! | aggregator → trainer | `Weights` | r (1-based) | global model | `model_version` in the header |
-//! | trainer → aggregator | `Update` | r | local weights | `num_samples`, `metrics` |
-//! | aggregator → one trainer | `Control` | 0 | none | `command: "init_model"` |
-//! | that trainer → aggregator | `Weights` | 0 | its initial weights | |
-//! | aggregator → trainers | `EndOfTraining` | last | final model | |
+//! Modules import downwards only: `app`, `composer`, `metrics`, `registry`, `protocol` →
+//! `role` → `roles/*` → `table` → `runner`; no two files import each other.
 
 #![deny(missing_docs)]
 
@@ -34,12 +37,17 @@ pub mod convert;
 mod error;
 pub mod hyper;
 pub mod metrics;
+pub mod plan;
+pub mod protocol;
 pub mod registry;
+pub mod role;
 pub mod roles;
 pub mod runner;
+pub mod table;
 
-pub use app::{AppFactory, Evaluator, TrainOutcome, TrainerApp};
+pub use app::{AppFactory, AppNeed, Evaluator, FeatureApp, LabelApp, TrainOutcome, TrainerApp};
 pub use error::{Error, Result};
 pub use fledge_algorithms::{Tensor, Weights};
 pub use fledge_types::TaskConfig;
-pub use runner::{RunOptions, run_task, run_task_with};
+pub use role::{Role, RunOptions, RunSummary, TaskIo};
+pub use runner::{run_task, run_task_with};

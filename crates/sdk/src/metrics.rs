@@ -131,6 +131,13 @@ impl Reporter {
         Reporter { tx: Some(tx), task: Some(task) }
     }
 
+    /// Takes over this reporter's flushing: the returned reporter is the one whose
+    /// [`Reporter::shutdown`] waits for the queue to drain; this one keeps queueing records
+    /// (and the queue closes once both are gone).
+    pub fn take_flusher(&mut self) -> Reporter {
+        Reporter { tx: self.tx.clone(), task: self.task.take() }
+    }
+
     /// Queues a record; drops it with a warning when the queue is full. Never waits.
     pub fn report(&self, record: MetricRecord) {
         if let Some(tx) = &self.tx

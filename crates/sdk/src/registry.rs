@@ -424,7 +424,7 @@ mod tests {
     fn task_models_are_scoped_by_their_named_groups() {
         let dir = tempfile::tempdir().expect("tempdir");
         let job = JobId::from("job-1");
-        let plan = crate::runner::JobPlan::local("job-1", vec!["/d".to_owned()]);
+        let plan = crate::plan::JobPlan::local("job-1", vec!["/d".to_owned()]);
         let mut config = plan.configs().expect("configs").remove(0);
         config.registry = RegistrySpec { sort: "local".into(), uri: "reg".into() };
         // Only default groups: the job directory itself.

@@ -179,10 +179,13 @@ fn roles_are_customisable_by_alias() {
             "train",
             "clip",
             "upload",
-            "report",
-            "finish"
+            "report"
         ]
     );
+    // Wrapping keeps the alias and place; the decorator decides when the original runs.
+    program.wrap("upload", |upload| upload).expect("upload exists");
+    assert!(program.wrap("rounds", |step| step).is_err(), "a loop cannot be wrapped");
+    assert_eq!(program.aliases().len(), 10);
     let top = fledge_sdk::roles::aggregator::top_program();
     assert!(top.aliases().contains(&"checkpoint".to_owned()));
 }

@@ -5,8 +5,10 @@
 //! heartbeats and the final state with the tail of the log, and stops the child on STOP or
 //! SIGTERM. Every flag can also come from a `FLEDGE_*` variable (the task key preferably does,
 //! so it does not show up in `ps`). Exit code: 0 when the task completed, 1 otherwise, 64 for
-//! bad usage, 2 when it cannot start at all. The flags and the loop live in
-//! `fledge_agent::cli`, so `fledge fledgelet ...` can run the same agent.
+//! bad usage (flags, or a task key or task the apiserver refuses), 2 when it cannot start at
+//! all (no runtime, no signal handler, the apiserver unreachable). The flags, the loop and the
+//! exit codes live in `fledge_agent::cli`, so `fledge fledgelet ...` runs the same agent and
+//! exits the same way.
 
 use std::process::ExitCode;
 
@@ -33,7 +35,7 @@ fn main() -> ExitCode {
         Err(err) => {
             let usage = err.use_stderr();
             let _ = err.print();
-            return if usage { ExitCode::from(64) } else { ExitCode::SUCCESS };
+            return if usage { ExitCode::from(cli::EX_USAGE) } else { ExitCode::SUCCESS };
         }
     };
     if cli.dump_config {
@@ -45,14 +47,14 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::from(2);
+            return ExitCode::from(cli::EX_CANNOT_START);
         }
     };
     match runtime.block_on(run(cli.args)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::from(64)
+            ExitCode::from(cli::error_exit_code(&err))
         }
     }
 }

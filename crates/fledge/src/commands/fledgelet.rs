@@ -18,16 +18,30 @@ use super::Exit;
 /// Arguments of `fledge fledgelet` (each also read from its `FLEDGE_*` variable).
 pub type Args = fledge_agent::cli::FledgeletArgs;
 
-/// Runs one task's agent; exits 0 when the task completed and 1 otherwise.
+/// Runs one task's agent; exits like the `fledgelet` binary: 0 when the task completed, 1
+/// otherwise, 64 for bad usage, 2 when it cannot start ([`fledge_agent::cli::error_exit_code`]).
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    fledge_agent::cli::stop_on_signal(shutdown.clone())
-        .context("cannot watch SIGTERM and SIGINT")?;
-    let outcome = fledge_agent::cli::run(args, shutdown).await?;
+    let outcome = match start(args, shutdown).await {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return Err(Exit(fledge_agent::cli::error_exit_code(&err)).into());
+        }
+    };
     match outcome.state {
         TaskState::Completed => Ok(()),
-        _ => Err(Exit(1).into()),
+        _ => Err(Exit(fledge_agent::cli::EX_TASK_FAILED).into()),
     }
+}
+
+async fn start(
+    args: Args,
+    shutdown: CancellationToken,
+) -> anyhow::Result<fledge_agent::supervisor::Outcome> {
+    fledge_agent::cli::stop_on_signal(shutdown.clone())
+        .context("cannot watch SIGTERM and SIGINT")?;
+    Ok(fledge_agent::cli::run(args, shutdown).await?)
 }
 
 /// The program and leading arguments that start an agent: this executable's `fledgelet`

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod fledgelet;
 pub mod quickstart;
+pub mod roles;
 pub mod run_task;
 pub mod serve;
 pub mod standalone;

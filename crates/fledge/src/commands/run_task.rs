@@ -5,13 +5,13 @@
 //! fledge run-task --simulate [--processes] [--trainers 10] [--middle 0] [--rounds 20] ...
 //! ```
 //!
-//! **One task.** The built-in role comes from `--role-kind`, else from the config's role name
-//! (`top-aggregator`/`aggregator`/`global-aggregator` → top aggregator;
-//! `middle-aggregator`/`intermediate-aggregator` → middle aggregator;
-//! `mnist-mlp-trainer`/`trainer` → the reference MNIST trainer), else from the role's
-//! function tags. The agent runs `fledge run-task <config>` for a code folder whose
-//! `fledge-role.toml` says `builtin = "<name>"` and passes the name as `--role-kind`.
-//! The task key for metrics comes from `FLEDGE_TASK_KEY`.
+//! **One task.** The built-in role comes from `--role-kind`, else from the config's role name,
+//! else from the role's function tags, all through the SDK's role table
+//! (`fledge_sdk::table`; `fledge roles` prints it). The user code is the reference MNIST
+//! code of `fledge-models` (trainer, evaluator, vertical parties). The agent runs
+//! `fledge run-task <config>` for a code folder whose `fledge-role.toml` says
+//! `builtin = "<name>"` and passes the name as `--role-kind`. The task key for metrics comes
+//! from `FLEDGE_TASK_KEY`.
 //!
 //! **Simulation.** `--simulate` generates the task configs of an MNIST job (one aggregator and
 //! `--trainers` trainers, or a three-tier job with `--middle` middle aggregators) and runs it:
@@ -25,17 +25,15 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use fledge_models::MnistFactory;
 use fledge_models::url::{DatasetUrl, Partition};
-use fledge_models::{MnistFactory, trainer::BUILTIN_NAME};
 use fledge_sdk::roles::RoleKind;
 use fledge_sdk::runner::{JobPlan, RunOptions, RunSummary, simulate};
+use fledge_sdk::table::{self, RoleEntry};
 use fledge_types::{Backend, MetricRecord, Sort, TaskConfig};
 use serde_json::{Value, json};
 
 use super::UsageError;
-
-/// Built-in role names accepted by `--role-kind` and `fledge-role.toml`.
-pub const BUILTIN_ROLES: &[&str] = &["top-aggregator", "middle-aggregator", BUILTIN_NAME];
 
 /// Arguments of `fledge run-task`.
 #[derive(clap::Args, Debug)]
@@ -43,7 +41,7 @@ pub struct Args {
     /// The task config (JSON) to run. Not used with --simulate.
     #[arg(required_unless_present = "simulate")]
     config: Option<PathBuf>,
-    /// Built-in role to run: top-aggregator, middle-aggregator or mnist-mlp-trainer.
+    /// Built-in role to run (a name or alias of `fledge roles`).
     #[arg(long)]
     role_kind: Option<String>,
 
@@ -110,20 +108,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let path = args.config.as_deref().expect("clap requires CONFIG without --simulate");
     let config = read_config(path)?;
-    if let Some(name) = args.role_kind.as_deref().filter(|n| TOPOLOGY_ROLES.contains(n)) {
-        return run_topology_role(name, config).await;
-    }
-    let kind = role_kind(args.role_kind.as_deref(), &config)?;
-    let mut opts = RunOptions::from_env();
-    opts.role = Some(kind);
-    opts.backend_env.mqtt.liveness_timeout = Duration::from_secs(fledge_sdk::hyper::uint(
-        &config.hyperparameters,
-        "livenessTimeout",
-        10,
-        1,
-    )?);
-    tracing::info!(task_id = %config.task_id, role = kind.name(), "running task");
-    let summary = fledge_sdk::runner::run_task_with(config, MnistFactory::shared(), opts)
+    let entry = role_entry(args.role_kind.as_deref(), &config)?;
+    tracing::info!(task_id = %config.task_id, role = entry.name(), "running task");
+    let summary = (entry.run)(config, MnistFactory::shared(), RunOptions::from_env())
         .await
         .map_err(|e| anyhow::anyhow!(fledge_sdk::runner::error_chain(&e)))?;
     tracing::info!(rounds = summary.rounds, "task completed");
@@ -137,28 +124,10 @@ fn read_config(path: &Path) -> anyhow::Result<TaskConfig> {
         .map_err(|e| UsageError(format!("task config {} is invalid: {e}", path.display())).into())
 }
 
-/// The role program for `config`: the flag, else the role name, else the function tags.
-pub fn role_kind(flag: Option<&str>, config: &TaskConfig) -> anyhow::Result<RoleKind> {
-    let by_name = |name: &str| match name {
-        "top-aggregator" | "aggregator" | "global-aggregator" => Some(RoleKind::TopAggregator),
-        "middle-aggregator" | "intermediate-aggregator" => Some(RoleKind::MiddleAggregator),
-        n if n == BUILTIN_NAME || n == "trainer" => Some(RoleKind::Trainer),
-        _ => None,
-    };
-    if let Some(flag) = flag {
-        if !BUILTIN_ROLES.contains(&flag) {
-            return Err(UsageError(format!(
-                "--role-kind {flag:?} is not a built-in role (one of: {})",
-                BUILTIN_ROLES.join(", ")
-            ))
-            .into());
-        }
-        return Ok(by_name(flag).expect("every built-in name maps to a role"));
-    }
-    if let Some(kind) = by_name(&config.role) {
-        return Ok(kind);
-    }
-    RoleKind::infer(config).map_err(|e| UsageError(e.to_string()).into())
+/// The role for `config` from the role table: the flag, else the role name, else the
+/// function tags.
+pub fn role_entry(flag: Option<&str>, config: &TaskConfig) -> anyhow::Result<&'static RoleEntry> {
+    table::resolve(flag, config).map_err(|e| UsageError(format!("--role-kind: {e}")).into())
 }
 
 fn default_data_dir() -> PathBuf {
@@ -417,68 +386,6 @@ fn read_metrics(path: &Path) -> Vec<MetricRecord> {
         .collect()
 }
 
-/// Built-in roles of the topologies beyond two tiers (issue 6), run by
-/// [`run_topology_role`]: the FedBuff aggregator, the ring all-reduce trainer, and the MNIST
-/// trainer whose task index may be made an artificial straggler (`slowTrainers`).
-pub const TOPOLOGY_ROLES: &[&str] = &[
-    fledge_sdk::roles::fedbuff::BUILTIN_NAME,
-    fledge_sdk::roles::fedbuff::STRAGGLER_TRAINER,
-    fledge_sdk::roles::ring::BUILTIN_NAME,
-    fledge_sdk::roles::hybrid::BUILTIN_NAME,
-    fledge_sdk::roles::vertical::FEATURE_PARTY,
-    fledge_sdk::roles::vertical::LABEL_PARTY,
-    fledge_sdk::roles::fedbuff::MIDDLE_BUILTIN_NAME,
-    fledge_sdk::roles::follow::BUILTIN_NAME,
-    fledge_sdk::roles::coordinator::BUILTIN_NAME,
-    fledge_sdk::roles::coordinated::TOP_BUILTIN_NAME,
-    fledge_sdk::roles::coordinated::MIDDLE_BUILTIN_NAME,
-    fledge_sdk::roles::coordinated::TRAINER_BUILTIN_NAME,
-];
-
-/// Runs one of [`TOPOLOGY_ROLES`] with the MNIST user code (stragglers per `slowTrainers`).
-async fn run_topology_role(name: &str, config: TaskConfig) -> anyhow::Result<()> {
-    use fledge_sdk::roles::{coordinated, coordinator, fedbuff, follow, ring};
-    let factory: std::sync::Arc<dyn fledge_sdk::AppFactory> =
-        std::sync::Arc::new(fedbuff::StragglerFactory::new(MnistFactory::shared()));
-    let mut opts = RunOptions::from_env();
-    opts.backend_env.mqtt.liveness_timeout = Duration::from_secs(fledge_sdk::hyper::uint(
-        &config.hyperparameters,
-        "livenessTimeout",
-        10,
-        1,
-    )?);
-    tracing::info!(task_id = %config.task_id, role = name, "running task");
-    let res = match name {
-        fedbuff::BUILTIN_NAME => fedbuff::run(config, factory, opts).await,
-        ring::BUILTIN_NAME => ring::run(config, factory, opts).await,
-        fledge_sdk::roles::hybrid::BUILTIN_NAME => {
-            fledge_sdk::roles::hybrid::run(config, factory, opts).await
-        }
-        // Vertical FL: split learning with the candle bottom and top models of fledge-models.
-        fledge_sdk::roles::vertical::FEATURE_PARTY => {
-            let app = Box::new(fledge_models::vertical::FeatureParty::new());
-            fledge_sdk::roles::vertical::run_feature_party(config, app, opts).await
-        }
-        fledge_sdk::roles::vertical::LABEL_PARTY => {
-            let app = Box::new(fledge_models::vertical::LabelParty::new());
-            fledge_sdk::roles::vertical::run_label_party(config, app, opts).await
-        }
-        fedbuff::MIDDLE_BUILTIN_NAME => fedbuff::run_middle(config, opts).await,
-        follow::BUILTIN_NAME => follow::run(config, factory, opts).await,
-        coordinator::BUILTIN_NAME => coordinator::run(config, opts).await,
-        coordinated::TOP_BUILTIN_NAME => coordinated::run_top(config, factory, opts).await,
-        coordinated::MIDDLE_BUILTIN_NAME => coordinated::run_middle(config, opts).await,
-        coordinated::TRAINER_BUILTIN_NAME => coordinated::run_trainer(config, factory, opts).await,
-        _ => {
-            opts.role = Some(RoleKind::Trainer);
-            fledge_sdk::runner::run_task_with(config, factory, opts).await
-        }
-    };
-    let summary = res.map_err(|e| anyhow::anyhow!(fledge_sdk::runner::error_chain(&e)))?;
-    tracing::info!(rounds = summary.rounds, "task completed");
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,20 +395,23 @@ mod tests {
         let plan = JobPlan::local("j", vec!["/d".to_owned()]);
         let configs = plan.configs().expect("configs");
         let (agg, trainer) = (&configs[0], &configs[1]);
-        assert_eq!(role_kind(None, agg).expect("name"), RoleKind::TopAggregator);
-        assert_eq!(role_kind(None, trainer).expect("name"), RoleKind::Trainer);
+        let kind = |flag, config| role_entry(flag, config).map(|e| e.kind);
+        assert_eq!(kind(None, agg).expect("name"), RoleKind::TopAggregator);
+        assert_eq!(kind(None, trainer).expect("name"), RoleKind::Trainer);
         assert_eq!(
-            role_kind(Some("middle-aggregator"), trainer).expect("flag"),
+            kind(Some("middle-aggregator"), trainer).expect("flag"),
             RoleKind::MiddleAggregator
         );
+        assert_eq!(kind(Some("mnist-mlp-trainer"), agg).expect("alias"), RoleKind::Trainer);
+        assert_eq!(kind(Some("ring-trainer"), trainer).expect("flag"), RoleKind::RingTrainer);
         let mut renamed = trainer.clone();
         renamed.role = "worker".to_owned();
         for c in &mut renamed.channels {
             let tags = c.func_tags.remove("trainer").expect("tags");
             c.func_tags.insert("worker".to_owned(), tags);
         }
-        assert_eq!(role_kind(None, &renamed).expect("tags"), RoleKind::Trainer);
-        let err = role_kind(Some("pytorch"), trainer).unwrap_err().to_string();
-        assert!(err.contains("pytorch") && err.contains("mnist-mlp-trainer"), "{err}");
+        assert_eq!(kind(None, &renamed).expect("tags"), RoleKind::Trainer);
+        let err = role_entry(Some("pytorch"), trainer).unwrap_err().to_string();
+        assert!(err.contains("pytorch") && err.contains("vertical-label-party"), "{err}");
     }
 }

@@ -282,6 +282,152 @@ class Evaluator:
         return _to_metrics(self.evaluate(weights), "Evaluator.evaluate()")
 
 
+def _embedding(value: Any, rows: int, what: str) -> np.ndarray:
+    """``value`` as a C-contiguous float32 ``[rows, dim]`` array."""
+    try:
+        array = np.asarray(value, dtype=np.float32, order="C")
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be a float32 array of shape [rows, dim]: {e}") from e
+    if array.ndim != 2 or array.shape[0] != rows:
+        raise TypeError(f"{what} must have shape [{rows}, dim], not {list(array.shape)}")
+    return np.ascontiguousarray(array)
+
+
+class FeatureParty:
+    """Base class of a feature party of vertical (split) learning, role
+    ``vertical-feature-party``.
+
+    The party holds some columns of the shared samples and a *bottom model*; only
+    embeddings and their gradients leave it. The role calls :meth:`load` once, then
+    :meth:`align` with the aligned sample ids, then for each training batch :meth:`embed`
+    (``split="train"``) followed by :meth:`backward`, and :meth:`embed` (``split="test"``) to
+    evaluate. ``rows`` index the aligned lists (train, then test) as given to :meth:`align`.
+    """
+
+    config: Config
+
+    def load(self) -> Sequence[str]:
+        """Loads this party's table (``self.config.dataset_url``); returns its sample ids."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load()")
+
+    def embedding_dim(self) -> int:
+        """Values per embedding row."""
+        raise NotImplementedError(f"{type(self).__name__} must implement embedding_dim()")
+
+    def align(self, train: List[str], test: List[str]) -> None:
+        """Keeps the rows of ``train`` then ``test`` (ids of its table), in that order."""
+        raise NotImplementedError(f"{type(self).__name__} must implement align()")
+
+    def embed(self, split: str, rows: List[int]) -> Any:
+        """Embeddings (``[len(rows), embedding_dim()]``) of aligned ``rows`` of ``split``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement embed()")
+
+    def backward(self, gradient: np.ndarray) -> None:
+        """Steps the bottom model with the loss gradient for the last train embedding."""
+        raise NotImplementedError(f"{type(self).__name__} must implement backward()")
+
+    def get_weights(self) -> Mapping[str, Any]:
+        """The bottom model's weights."""
+        return {}
+
+    # -- protocol called by the Rust feature party role ------------------------------------
+
+    def _fledge_load(self, config_json: str) -> List[str]:
+        self.config = Config.from_json(config_json)
+        return [str(i) for i in self.load()]
+
+    def _fledge_embedding_dim(self) -> int:
+        dim = self.embedding_dim()
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise TypeError(f"embedding_dim() must return a positive int, not {dim!r}")
+        return int(dim)
+
+    def _fledge_align(self, train: List[str], test: List[str]) -> None:
+        self.align(train, test)
+
+    def _fledge_embed(self, split: str, rows: List[int]) -> np.ndarray:
+        return _embedding(self.embed(split, rows), len(rows), "embed()")
+
+    def _fledge_backward(self, gradient: np.ndarray) -> None:
+        self.backward(gradient)
+
+    def _fledge_get_weights(self) -> Weights:
+        return to_weights(self.get_weights())
+
+
+class LabelParty:
+    """Base class of the label party of vertical (split) learning, role
+    ``vertical-label-party``.
+
+    The party holds the labels (and maybe columns of its own) and the *top model*. The role
+    calls :meth:`load` once, :meth:`align` with the aligned ids and the embedding width of
+    each feature party, then :meth:`train_step` per batch and :meth:`evaluate` per round,
+    with the feature parties' embeddings of ``rows`` in party order.
+    """
+
+    config: Config
+
+    def load(self) -> Sequence[str]:
+        """Loads the labelled table (``self.config.dataset_url``); returns its sample ids."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load()")
+
+    def align(self, train: List[str], test: List[str], dims: List[int]) -> None:
+        """Keeps the rows of ``train`` then ``test``; builds the top model over embeddings
+        of ``dims`` values (one entry per feature party)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement align()")
+
+    def train_step(self, rows: List[int], embeddings: List[np.ndarray]) -> Tuple[float, List[Any]]:
+        """One step on train ``rows``: returns the batch's mean loss and the loss gradient for
+        each party's embedding (same shapes, same order)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement train_step()")
+
+    def evaluate(self, rows: List[int], embeddings: List[np.ndarray]) -> Mapping[str, float]:
+        """Metrics (``loss``, ``accuracy``, ...) on test ``rows``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement evaluate()")
+
+    def get_weights(self) -> Mapping[str, Any]:
+        """The top model's weights (the job's final model)."""
+        return {}
+
+    # -- protocol called by the Rust label party role --------------------------------------
+
+    def _fledge_load(self, config_json: str) -> List[str]:
+        self.config = Config.from_json(config_json)
+        return [str(i) for i in self.load()]
+
+    def _fledge_align(self, train: List[str], test: List[str], dims: List[int]) -> None:
+        self.align(train, test, dims)
+
+    def _fledge_train_step(
+        self, rows: List[int], embeddings: List[np.ndarray]
+    ) -> Tuple[float, List[np.ndarray]]:
+        res = self.train_step(rows, embeddings)
+        if not isinstance(res, tuple) or len(res) != 2:
+            raise TypeError("train_step() must return (loss, gradients)")
+        loss, gradients = res
+        gradients = list(gradients)
+        if len(gradients) != len(embeddings):
+            raise TypeError(
+                f"train_step() must return one gradient per party ({len(embeddings)}), not {len(gradients)}"
+            )
+        out = [
+            _embedding(g, len(rows), f"train_step() gradient {i}") for i, g in enumerate(gradients)
+        ]
+        return float(loss), out
+
+    def _fledge_evaluate(self, rows: List[int], embeddings: List[np.ndarray]) -> Metrics:
+        return _to_metrics(self.evaluate(rows, embeddings), "LabelParty.evaluate()")
+
+    def _fledge_get_weights(self) -> Weights:
+        return to_weights(self.get_weights())
+
+
+def builtin_roles() -> List[str]:
+    """The names of the built-in roles, as ``fledge roles`` lists them: what
+    ``run(role=...)``, ``fledge run-task --role-kind`` and ``builtin = "..."`` accept."""
+    return list(_fledge.builtin_roles())
+
+
 @dataclass
 class RunSummary:
     """What one task did: its role program, rounds and per-round metric records."""
@@ -336,6 +482,9 @@ def run(
     trainer: Optional[Union[Type[Trainer], Trainer]] = None,
     evaluator: Optional[Union[Type[Evaluator], Evaluator]] = None,
     *,
+    role: Optional[str] = None,
+    feature_party: Optional[Union[Type[FeatureParty], FeatureParty]] = None,
+    label_party: Optional[Union[Type[LabelParty], LabelParty]] = None,
     config_path: Optional[Union[str, os.PathLike]] = None,
     exit_on_error: bool = True,
 ) -> RunSummary:
@@ -343,8 +492,10 @@ def run(
 
     The task config path is ``config_path`` or ``sys.argv[1]`` (the agent runs
     ``python3 main.py config.json``); the task key comes from ``FLEDGE_TASK_KEY``. The role
-    program follows from the config's channels: a trainer runs ``trainer``; an aggregator
-    runs the built-in aggregation with ``evaluator`` (optional) on each new global model.
+    is ``role`` (any name of :func:`builtin_roles`), else the config's role name when it is a
+    built-in one, else what the config's channels say (a trainer or an aggregator). Each role
+    runs the user code it takes: ``trainer`` (trainers, ring and hybrid members), ``evaluator``
+    (optional, aggregators), ``feature_party`` or ``label_party`` (vertical learning).
 
     The GIL is released while Rust waits on the network or aggregates. On failure the
     error (with the traceback of user code) goes to stderr and the process exits with code
@@ -371,6 +522,9 @@ def run(
             _factory(trainer, Trainer, "trainer", True),
             _factory(evaluator, Evaluator, "evaluator", True),
             exit_on_user_error=exit_on_error,
+            role=role,
+            feature_party=_factory(feature_party, FeatureParty, "feature_party", True),
+            label_party=_factory(label_party, LabelParty, "label_party", True),
         )
     except ConfigError as e:
         if not exit_on_error:
@@ -390,9 +544,12 @@ def _sort(name: str, kwargs: Optional[Mapping[str, Any]]) -> str:
 
 
 def simulate(
-    trainer: Type[Trainer],
+    trainer: Optional[Type[Trainer]],
     datasets: Sequence[str],
     *,
+    topology: str = "tree",
+    feature_party: Optional[Type[FeatureParty]] = None,
+    label_party: Optional[Type[LabelParty]] = None,
     rounds: Optional[int] = None,
     hyperparameters: Optional[Mapping[str, Any]] = None,
     middle: int = 0,
@@ -407,9 +564,16 @@ def simulate(
 ) -> SimReport:
     """Runs a whole job in this process, without a control plane.
 
-    One trainer task per entry of ``datasets`` (each a dataset URL, given to the trainer as
-    ``self.config.dataset_url``), the built-in top aggregator and, with ``middle`` > 0, that
-    many middle aggregators (a three-tier job), all over the in-process channel backend.
+    ``topology`` is the job's shape, all over the in-process channel backend:
+
+    - ``"tree"``: one trainer task per entry of ``datasets`` (each a dataset URL, given to
+      the trainer as ``self.config.dataset_url``), the built-in top aggregator and, with
+      ``middle`` > 0, that many middle aggregators (a three-tier job);
+    - ``"ring"``: one ``ring-trainer`` per dataset, averaging by ring all-reduce without an
+      aggregator (``top`` is the ring leader's run, its model the final one);
+    - ``"vertical"``: split learning; the first dataset is the ``label_party``'s table, each
+      other one a ``feature_party``'s (``top`` is the label party's run).
+
     ``rounds`` is a shortcut for ``hyperparameters["rounds"]``. The registry goes to
     ``workdir`` (a new temporary directory by default). ``timeout`` (seconds) bounds the run.
 
@@ -436,6 +600,9 @@ def simulate(
         _factory(evaluator, Evaluator, "evaluator", False),
         job_id,
         float(timeout or 0.0),
+        topology,
+        _factory(feature_party, FeatureParty, "feature_party", False),
+        _factory(label_party, LabelParty, "label_party", False),
     )
     tasks: Dict[str, RunSummary] = {}
     failures: Dict[str, str] = {}

@@ -50,21 +50,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fledge_algorithms::{EndReport, Optimizer, Selector};
-use fledge_channel::{Channel, ChannelManager, Kind, Message};
-use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use fledge_channel::{Channel, Kind, Message};
+use fledge_types::TaskId;
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::app::Evaluator;
+use crate::app::{AppNeed, Evaluator, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
-use crate::metrics::{GLOBAL, Reporter, RoundMetrics, TRAINER_MEAN};
-use crate::registry::Registry;
-use crate::roles::trainer::{
-    COMMAND, INIT_MODEL, READY, UPLOAD, UPLOAD_GRANTS, await_upload_permit, upload_grants,
+use crate::metrics::{GLOBAL, RoundMetrics, TRAINER_MEAN};
+use crate::protocol::{
+    self, Command, METRICS, NUM_SAMPLES, UPLOAD_GRANTS, await_upload_permit, peer_left,
+    upload_grants,
 };
-use crate::roles::{Common, tags};
+use crate::role::{Role, RoleCtx, TaskIo};
+use crate::roles::{Common, RoleKind, tags};
 use crate::{Error, Result, Weights};
 
 /// Which aggregator.
@@ -78,11 +79,10 @@ pub enum Tier {
 
 /// State of an aggregator task.
 pub struct AggregatorCtx {
-    /// The task config.
-    pub config: TaskConfig,
+    /// The task's I/O.
+    pub io: TaskIo,
     tier: Tier,
     common: Common,
-    channels: ChannelManager,
     distribute: Channel,
     aggregate: Channel,
     up: Option<(Channel, Channel)>,
@@ -109,17 +109,64 @@ pub struct AggregatorCtx {
     up_grants: u64,
     selected: Vec<TaskId>,
     round_samples: u64,
-    registry: Arc<dyn Registry>,
     evaluator: Option<Arc<Mutex<Box<dyn Evaluator>>>>,
-    metrics: RoundMetrics,
-    reporter: Option<Reporter>,
-    /// Every round's record.
-    pub history: Vec<MetricRecord>,
 }
 
 impl Context for AggregatorCtx {
     fn record_time(&mut self, alias: &str, seconds: f64) {
-        self.metrics.add(format!("seconds.{alias}"), seconds);
+        self.io.record_time(alias, seconds);
+    }
+}
+
+impl RoleCtx for AggregatorCtx {
+    fn io(&mut self) -> &mut TaskIo {
+        &mut self.io
+    }
+
+    fn rounds(&mut self) -> u64 {
+        match self.tier {
+            Tier::Top => self.round,
+            // A middle aggregator counts the rounds it aggregated.
+            Tier::Middle => self.io.history.len() as u64,
+        }
+    }
+
+    fn final_model(&mut self) -> Option<Weights> {
+        self.global.take()
+    }
+}
+
+/// The synchronous top aggregator (see the module docs).
+pub struct TopAggregator;
+
+impl Role for TopAggregator {
+    type Ctx = AggregatorCtx;
+    const KIND: RoleKind = RoleKind::TopAggregator;
+    const APP: AppNeed = AppNeed::Evaluator;
+
+    fn build(io: TaskIo, app: UserApp) -> Result<AggregatorCtx> {
+        AggregatorCtx::new(io, Tier::Top, app.evaluator()?)
+    }
+
+    fn program(_ctx: &AggregatorCtx) -> Result<Composer<AggregatorCtx>> {
+        Ok(top_program())
+    }
+}
+
+/// The synchronous middle aggregator of a three-tier topology (see the module docs).
+pub struct MiddleAggregator;
+
+impl Role for MiddleAggregator {
+    type Ctx = AggregatorCtx;
+    const KIND: RoleKind = RoleKind::MiddleAggregator;
+    const APP: AppNeed = AppNeed::None;
+
+    fn build(io: TaskIo, _app: UserApp) -> Result<AggregatorCtx> {
+        AggregatorCtx::new(io, Tier::Middle, None)
+    }
+
+    fn program(_ctx: &AggregatorCtx) -> Result<Composer<AggregatorCtx>> {
+        Ok(middle_program())
     }
 }
 
@@ -133,14 +180,13 @@ fn needs<'a, T>(value: &'a Option<T>, what: &str) -> Result<&'a T> {
 impl AggregatorCtx {
     /// An aggregator of `tier` over joined `channels`.
     pub fn new(
-        config: TaskConfig,
+        io: TaskIo,
         tier: Tier,
-        channels: ChannelManager,
-        registry: Arc<dyn Registry>,
         evaluator: Option<Box<dyn Evaluator>>,
-        reporter: Reporter,
     ) -> Result<AggregatorCtx> {
-        let common = Common::from_config(&config)?;
+        let config = &io.config;
+        let channels = &io.channels;
+        let common = Common::from_config(config)?;
         let h = &config.hyperparameters;
         let rounds = hyper::uint(h, names::ROUNDS, 1, 1)?;
         let min_trainers = hyper::uint(h, names::MIN_TRAINERS, 1, 1)? as usize;
@@ -175,10 +221,9 @@ impl AggregatorCtx {
             )),
         };
         Ok(AggregatorCtx {
-            config,
+            io,
             tier,
             common,
-            channels,
             distribute,
             aggregate,
             up,
@@ -197,16 +242,8 @@ impl AggregatorCtx {
             up_grants: 0,
             selected: Vec::new(),
             round_samples: 0,
-            registry,
             evaluator: evaluator.map(|e| Arc::new(Mutex::new(e))),
-            metrics: RoundMetrics::default(),
-            reporter: Some(reporter),
-            history: Vec::new(),
         })
-    }
-
-    fn traffic(&self) -> fledge_channel::MetricsSnapshot {
-        crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
     }
 
     /// The children selected for the current round.
@@ -217,7 +254,7 @@ impl AggregatorCtx {
     /// Replaces the current round's selection (a coordinator's plan or assignment) and
     /// records its size as `trainersSelected`.
     pub(crate) fn set_selected(&mut self, selected: Vec<TaskId>) {
-        self.metrics.set("trainersSelected", selected.len() as f64);
+        self.io.metrics.set("trainersSelected", selected.len() as f64);
         self.selected = selected;
     }
 
@@ -242,7 +279,7 @@ impl AggregatorCtx {
 
 async fn load_base(ctx: &mut AggregatorCtx) -> Result<()> {
     if let Some(model) =
-        crate::registry::load_base_model(ctx.registry.clone(), &ctx.config.base_model).await?
+        crate::registry::load_base_model(ctx.io.registry.clone(), &ctx.io.config.base_model).await?
     {
         ctx.global = Some(model);
     }
@@ -303,7 +340,7 @@ pub(crate) async fn request_initial_model(
     ends: Vec<TaskId>,
 ) -> Result<Weights> {
     for end in ends {
-        let request = Message::new(Kind::Control, 0).with_meta(COMMAND, INIT_MODEL);
+        let request = Command::InitModel.message(0);
         if let Err(e) = distribute.send(&end, request).await {
             tracing::warn!(%end, error = %e, "cannot ask trainer for the initial model");
             continue;
@@ -337,8 +374,8 @@ async fn init_model(ctx: &mut AggregatorCtx) -> Result<()> {
 async fn select(ctx: &mut AggregatorCtx) -> Result<()> {
     if ctx.tier == Tier::Top {
         ctx.round += 1;
-        let metrics = RoundMetrics::start(ctx.traffic());
-        ctx.metrics = metrics;
+        let metrics = RoundMetrics::start(ctx.io.traffic());
+        ctx.io.metrics = metrics;
     }
     let ends = ctx.distribute.ends();
     let names: Vec<&str> = ends.iter().map(TaskId::as_str).collect();
@@ -350,8 +387,8 @@ async fn select(ctx: &mut AggregatorCtx) -> Result<()> {
             need: ctx.min_trainers,
         });
     }
-    ctx.metrics.set("trainersAlive", ends.len() as f64);
-    ctx.metrics.set("trainersSelected", ctx.selected.len() as f64);
+    ctx.io.metrics.set("trainersAlive", ends.len() as f64);
+    ctx.io.metrics.set("trainersSelected", ctx.selected.len() as f64);
     Ok(())
 }
 
@@ -520,7 +557,7 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
             while granted.len() < ctx.round_grants
                 && let Some(next) = waiting.pop_front()
             {
-                let grant = Message::new(Kind::Control, round).with_meta(COMMAND, UPLOAD);
+                let grant = Command::GrantUpload.message(round);
                 if ctx.distribute.send(&next, grant).await.is_ok() {
                     granted.insert(next);
                 }
@@ -542,10 +579,7 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
             break;
         };
         let (end, message) = item?;
-        if message.kind == Kind::Control
-            && message.round == round
-            && message.meta.get(COMMAND).and_then(Value::as_str) == Some(READY)
-        {
+        if message.round == round && Command::Ready.is(&message) {
             waiting.push_back(end);
             continue;
         }
@@ -555,10 +589,13 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
         }
         granted.remove(&end);
         pending.remove(&end);
-        let Some(num_samples) = message.num_samples().filter(|n| *n > 0) else {
-            tracing::warn!(%end, round, "update without num_samples rejected");
-            rejected += 1;
-            continue;
+        let num_samples = match protocol::num_samples(&end, &message) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(%end, round, error = %e, "update rejected");
+                rejected += 1;
+                continue;
+            }
         };
         trainer_metrics.add(&message, num_samples as f64);
         let started = tokio::time::Instant::now();
@@ -571,7 +608,7 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
         match res {
             Ok(()) => {
                 received += 1;
-                samples += num_samples;
+                samples = samples.saturating_add(num_samples);
                 let report = EndReport {
                     num_samples,
                     mean_squared_loss: 0.0,
@@ -608,13 +645,13 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
         ctx.model_version += 1;
     }
     ctx.round_samples = samples;
-    ctx.metrics.set("updates", received as f64);
-    ctx.metrics.set("trainersDropped", pending.len() as f64);
-    ctx.metrics.set("updatesRejected", rejected as f64);
-    ctx.metrics.set("numSamples", samples as f64);
+    ctx.io.metrics.set("updates", received as f64);
+    ctx.io.metrics.set("trainersDropped", pending.len() as f64);
+    ctx.io.metrics.set("updatesRejected", rejected as f64);
+    ctx.io.metrics.set("numSamples", samples as f64);
     for (k, (sum, weight)) in trainer_metrics.sums {
         if weight > 0.0 {
-            ctx.metrics.set(format!("{TRAINER_MEAN}{k}"), sum / weight);
+            ctx.io.metrics.set(format!("{TRAINER_MEAN}{k}"), sum / weight);
         }
     }
     Ok(())
@@ -631,7 +668,7 @@ async fn evaluate(ctx: &mut AggregatorCtx) -> Result<()> {
     })
     .await?
     .map_err(|source| Error::App { step: "evaluate", source })?;
-    ctx.metrics.extend(GLOBAL, &metrics);
+    ctx.io.metrics.extend(GLOBAL, &metrics);
     Ok(())
 }
 
@@ -640,7 +677,7 @@ async fn checkpoint(ctx: &mut AggregatorCtx) -> Result<()> {
     let global = Arc::new(ctx.global.take().ok_or_else(|| {
         Error::Config("aggregator program has no global model at this step".to_owned())
     })?);
-    let (registry, job, round) = (ctx.registry.clone(), ctx.config.job.id.clone(), ctx.round);
+    let (registry, job, round) = (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.round);
     let shared = global.clone();
     let res = ctx.blocking(move || registry.save_round(&job, round, &shared).map(|_| ())).await;
     ctx.global = Some(unshare(global));
@@ -648,14 +685,14 @@ async fn checkpoint(ctx: &mut AggregatorCtx) -> Result<()> {
 }
 
 async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
-    let record = std::mem::take(&mut ctx.metrics).finish(
-        &ctx.config.task_id,
-        &ctx.config.role,
+    let record = std::mem::take(&mut ctx.io.metrics).finish(
+        &ctx.io.config.task_id,
+        &ctx.io.config.role,
         ctx.round,
-        ctx.traffic(),
+        ctx.io.traffic(),
     );
     tracing::info!(
-        task_id = %ctx.config.task_id,
+        task_id = %ctx.io.config.task_id,
         round = ctx.round,
         updates = record.metrics.get("updates").copied().unwrap_or(0.0),
         global_accuracy = record.metrics.get("global.accuracy").copied(),
@@ -664,14 +701,11 @@ async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
     );
     if ctx.tier == Tier::Top {
         let (registry, job, rec) =
-            (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
+            (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), record.clone());
         ctx.blocking(move || registry.append_metrics(&job, &[rec])).await?;
         ctx.done = ctx.round >= ctx.rounds;
     }
-    if let Some(reporter) = &ctx.reporter {
-        reporter.report(record.clone());
-    }
-    ctx.history.push(record);
+    ctx.io.report(record);
     Ok(())
 }
 
@@ -680,7 +714,6 @@ async fn finish(ctx: &mut AggregatorCtx) -> Result<()> {
     let res = finish_shared(ctx, global.as_ref()).await;
     ctx.global = global.map(unshare);
     res?;
-    crate::runner::close_io(&ctx.channels, ctx.reporter.take(), true).await?;
     Ok(())
 }
 
@@ -690,7 +723,7 @@ async fn finish_shared(ctx: &mut AggregatorCtx, global: Option<&Arc<Weights>>) -
         Some(global) => {
             if ctx.tier == Tier::Top {
                 let (registry, job, global) =
-                    (ctx.registry.clone(), ctx.config.job.id.clone(), global.clone());
+                    (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), global.clone());
                 let path = ctx.blocking(move || registry.save_final(&job, &global)).await?;
                 tracing::info!(path = %path.display(), "final model saved");
             }
@@ -719,28 +752,21 @@ async fn fetch_up(ctx: &mut AggregatorCtx) -> Result<()> {
     let (fetch, upload) = needs(&ctx.up, "upward channels")?.clone();
     let top = needs(&ctx.top, "top aggregator")?.clone();
     loop {
-        let message = match fetch.recv(&top).await {
-            Ok(m) => m,
-            Err(fledge_channel::Error::EndLeft { end, channel }) => {
-                return Err(Error::PeerLeft { peer: end, channel });
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let message = fetch.recv(&top).await.map_err(peer_left)?;
         match message.kind {
-            Kind::Control
-                if message.meta.get(COMMAND).and_then(Value::as_str) == Some(INIT_MODEL) =>
-            {
+            Kind::Control if Command::InitModel.is(&message) => {
                 let weights = request_model(ctx).await?;
-                upload.send(&top, weights_message(Kind::Weights, 0, 0, &weights)?).await?;
+                let reply = weights_message(Kind::Weights, 0, 0, &weights)?;
+                upload.send(&top, reply).await.map_err(peer_left)?;
             }
             Kind::Weights => {
                 ctx.global = Some(tensors_to_weights(&message.tensors)?);
                 ctx.round = message.round;
                 ctx.model_version = message.model_version;
                 ctx.up_grants = upload_grants(&message);
-                let mut metrics = RoundMetrics::start(ctx.traffic());
-                metrics.values = std::mem::take(&mut ctx.metrics.values);
-                ctx.metrics = metrics;
+                let mut metrics = RoundMetrics::start(ctx.io.traffic());
+                metrics.values = std::mem::take(&mut ctx.io.metrics.values);
+                ctx.io.metrics = metrics;
                 return Ok(());
             }
             Kind::EndOfTraining => {
@@ -764,7 +790,7 @@ async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
     let (fetch, _) = needs(&ctx.up, "upward channels")?.clone();
     await_upload_permit(ctx.up_grants, &fetch, &upload, &top, ctx.round).await?;
     let mut metrics = serde_json::Map::new();
-    for (k, v) in &ctx.metrics.values {
+    for (k, v) in &ctx.io.metrics.values {
         if let Some(name) = k.strip_prefix(TRAINER_MEAN) {
             metrics.insert(name.to_owned(), Value::from(*v));
         }
@@ -773,16 +799,10 @@ async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
     let global = Arc::new(ctx.global.take().expect("checked above"));
     let message =
         shared_weights_message(Kind::Update, ctx.round, ctx.model_version, &global).map(|m| {
-            m.with_meta("num_samples", ctx.round_samples)
-                .with_meta("metrics", Value::Object(metrics))
+            m.with_meta(NUM_SAMPLES, ctx.round_samples).with_meta(METRICS, Value::Object(metrics))
         });
     let res = match message {
-        Ok(message) => upload.send(&top, message).await.map_err(|e| match e {
-            fledge_channel::Error::UnknownEnd { end, channel, .. } => {
-                Error::PeerLeft { peer: end, channel }
-            }
-            e => e.into(),
-        }),
+        Ok(message) => upload.send(&top, message).await.map_err(peer_left),
         Err(e) => Err(e),
     };
     ctx.global = Some(unshare(global));

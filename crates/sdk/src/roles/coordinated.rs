@@ -46,16 +46,15 @@ use fledge_types::{TaskConfig, TaskId};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::app::AppFactory;
+use crate::app::{AppNeed, UserApp};
 use crate::composer::{Composer, TaskletFn};
+use crate::protocol::{Command, peer_left};
+use crate::role::{Role, RunOptions, TaskIo};
 use crate::roles::aggregator::{self, AggregatorCtx, Tier};
-use crate::roles::coordinator::{
-    ACTIVE, AGGREGATOR, ASSIGN, PLAN, TRAINERS, announce_group, tags as coord_tags,
-};
-use crate::roles::follow::{self, take};
-use crate::roles::trainer::{COMMAND, TrainerCtx};
+use crate::roles::coordinator::{ACTIVE, AGGREGATOR, TRAINERS, announce_group, tags as coord_tags};
+use crate::roles::follow;
+use crate::roles::trainer::TrainerCtx;
 use crate::roles::{Common, RoleKind, tags};
-use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result};
 
 /// The built-in name of the coordinated top aggregator.
@@ -99,28 +98,13 @@ impl Coordinator {
     /// The coordinator's next message.
     async fn recv(&self) -> Result<Message> {
         let end = self.end().await?;
-        self.channel.recv(&end).await.map_err(|e| match e {
-            fledge_channel::Error::EndLeft { end, channel } => {
-                Error::PeerLeft { peer: end, channel }
-            }
-            e => e.into(),
-        })
+        self.channel.recv(&end).await.map_err(peer_left)
     }
 
     async fn send(&self, message: Message) -> Result<()> {
         let end = self.end().await?;
-        self.channel.send(&end, message).await.map_err(|e| match e {
-            fledge_channel::Error::UnknownEnd { end, channel, .. } => {
-                Error::PeerLeft { peer: end, channel }
-            }
-            e => e.into(),
-        })
+        self.channel.send(&end, message).await.map_err(peer_left)
     }
-}
-
-fn is_command(message: &Message, command: &str) -> bool {
-    message.kind == Kind::Control
-        && message.meta.get(COMMAND).and_then(Value::as_str) == Some(command)
 }
 
 fn ids(message: &Message, key: &str) -> Vec<TaskId> {
@@ -167,10 +151,10 @@ fn top_coordinate(coordinator: Coordinator) -> TaskletFn<AggregatorCtx> {
         let coordinator = coordinator.clone();
         Box::pin(async move {
             let round = ctx.round;
-            coordinator.send(Message::new(Kind::Control, round).with_meta(COMMAND, PLAN)).await?;
+            coordinator.send(Command::Plan.message(round)).await?;
             let active = loop {
                 let message = coordinator.recv().await?;
-                if is_command(&message, PLAN) && message.round == round {
+                if Command::Plan.is(&message) && message.round == round {
                     break ids(&message, ACTIVE);
                 }
                 tracing::warn!(kind = ?message.kind, got = message.round, round, "unexpected message from the coordinator ignored");
@@ -218,9 +202,10 @@ pub fn top_program(
     let coordinator = Coordinator::new(coordinator, join_timeout);
     let mut p = aggregator::top_program();
     p.replace("await_trainers", top_await(coordinator.clone()))?;
-    let init = take(&mut p, "init_model")?;
+    // The initial model is asked for once the coordinator has planned the first round.
+    let init = p.remove("init_model")?;
     p.insert_after("select", "coordinate", top_coordinate(coordinator.clone()))?;
-    p.insert_after("coordinate", "init_model", init)?;
+    p.insert_node("coordinate", 1, init)?;
     p.insert_before("finish", "end_coordination", top_end(coordinator))?;
     Ok(p)
 }
@@ -248,12 +233,12 @@ fn middle_assignment(
                     return Ok(());
                 }
                 let last = state.lock().unwrap_or_else(|e| e.into_inner()).round;
-                if !is_command(&message, ASSIGN) || message.round <= last.max(ctx.round) {
+                if !Command::Assign.is(&message) || message.round <= last.max(ctx.round) {
                     tracing::warn!(kind = ?message.kind, round = message.round, "stale or unexpected message from the coordinator ignored");
                     continue;
                 }
                 let trainers = ids(&message, TRAINERS);
-                tracing::info!(task_id = %ctx.config.task_id, round = message.round, ?trainers, "assigned");
+                tracing::info!(task_id = %ctx.io.config.task_id, round = message.round, ?trainers, "assigned");
                 // Selected now, so that a request for the initial model goes to them.
                 ctx.set_selected(trainers.clone());
                 *state.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -312,7 +297,6 @@ pub fn middle_program(
 ) -> Result<Composer<AggregatorCtx>> {
     let coordinator = Coordinator::new(coordinator, join_timeout);
     let state = Arc::new(Mutex::new(Assigned::default()));
-    let mut standard = aggregator::middle_program();
     let mut p = aggregator::middle_program();
     let await_coordinator = coordinator.clone();
     p.replace(
@@ -330,7 +314,7 @@ pub fn middle_program(
         middle_guarded("apply_assignment", apply, state.clone()),
     )?;
     for alias in ["fetch", "select", "distribute", "aggregate", "upload", "report"] {
-        p.replace(alias, middle_guarded(alias, take(&mut standard, alias)?, state.clone()))?;
+        p.wrap(alias, |step| middle_guarded(alias, step, state.clone()))?;
     }
     Ok(p)
 }
@@ -345,7 +329,7 @@ fn trainer_pick(coordinator: Coordinator, fetch: Channel) -> TaskletFn<TrainerCt
                     ctx.done = true;
                     return Ok(());
                 }
-                if !is_command(&message, ASSIGN) || message.round <= ctx.round {
+                if !Command::Assign.is(&message) || message.round <= ctx.round {
                     tracing::warn!(kind = ?message.kind, round = message.round, "stale or unexpected message from the coordinator ignored");
                     continue;
                 }
@@ -380,82 +364,78 @@ pub fn trainer_program(
     follow::program(trainer_pick(Coordinator::new(coordinator, join_timeout), fetch))
 }
 
-/// Runs the coordinated top aggregator task `config` (evaluator from `factory`), bounded by
-/// `maxRunTime`.
-pub async fn run_top(
-    config: TaskConfig,
-    factory: Arc<dyn AppFactory>,
-    opts: RunOptions,
-) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        let evaluator =
-            factory.evaluator(&config).map_err(|source| Error::App { step: "create", source })?;
-        let common = Common::from_config(&config)?;
-        let runner::TaskIo { reporter, registry, channels } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let coordinator = channels.by_tag(coord_tags::COORDINATE)?.clone();
-        let mut ctx =
-            AggregatorCtx::new(config, Tier::Top, channels, registry, evaluator, reporter)?;
-        top_program(coordinator, common.join_timeout)?.run(&mut ctx).await?;
-        Ok(RunSummary {
-            kind: RoleKind::TopAggregator,
-            rounds: ctx.round,
-            history: ctx.history,
-            final_model: ctx.global,
-        })
-    };
-    runner::bounded(max_run_time, run).await
+/// The top aggregator under a coordinator (see the module docs).
+pub struct CoordinatedTopAggregator;
+
+impl Role for CoordinatedTopAggregator {
+    type Ctx = AggregatorCtx;
+    const KIND: RoleKind = RoleKind::CoordinatedTopAggregator;
+    const APP: AppNeed = AppNeed::Evaluator;
+
+    fn build(io: TaskIo, app: UserApp) -> Result<AggregatorCtx> {
+        AggregatorCtx::new(io, Tier::Top, app.evaluator()?)
+    }
+
+    fn program(ctx: &AggregatorCtx) -> Result<Composer<AggregatorCtx>> {
+        let common = Common::from_config(&ctx.io.config)?;
+        let coordinator = ctx.io.channels.by_tag(coord_tags::COORDINATE)?.clone();
+        top_program(coordinator, common.join_timeout)
+    }
 }
 
-/// Runs the coordinated middle aggregator task `config`, bounded by `maxRunTime`.
-pub async fn run_middle(config: TaskConfig, mut opts: RunOptions) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        announce_group(&config, tags::DISTRIBUTE, &mut opts);
-        let common = Common::from_config(&config)?;
-        let runner::TaskIo { reporter, registry, channels } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let coordinator = channels.by_tag(coord_tags::COORDINATE)?.clone();
-        let mut ctx = AggregatorCtx::new(config, Tier::Middle, channels, registry, None, reporter)?;
-        middle_program(coordinator, common.join_timeout)?.run(&mut ctx).await?;
-        Ok(RunSummary {
-            kind: RoleKind::MiddleAggregator,
-            rounds: ctx.history.len() as u64,
-            history: ctx.history,
-            final_model: ctx.global,
-        })
-    };
-    runner::bounded(max_run_time, run).await
+/// A middle aggregator under a coordinator (see the module docs).
+pub struct CoordinatedMiddleAggregator;
+
+impl Role for CoordinatedMiddleAggregator {
+    type Ctx = AggregatorCtx;
+    const KIND: RoleKind = RoleKind::CoordinatedMiddleAggregator;
+    const APP: AppNeed = AppNeed::None;
+
+    fn prepare(config: &TaskConfig, opts: &mut RunOptions) -> Result<()> {
+        announce_group(config, tags::DISTRIBUTE, opts);
+        Ok(())
+    }
+
+    fn build(io: TaskIo, _app: UserApp) -> Result<AggregatorCtx> {
+        AggregatorCtx::new(io, Tier::Middle, None)
+    }
+
+    fn program(ctx: &AggregatorCtx) -> Result<Composer<AggregatorCtx>> {
+        let common = Common::from_config(&ctx.io.config)?;
+        let coordinator = ctx.io.channels.by_tag(coord_tags::COORDINATE)?.clone();
+        middle_program(coordinator, common.join_timeout)
+    }
 }
 
-/// Runs the coordinated trainer task `config` (user code from `factory`), bounded by
-/// `maxRunTime`.
-pub async fn run_trainer(
-    config: TaskConfig,
-    factory: Arc<dyn AppFactory>,
-    mut opts: RunOptions,
-) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        announce_group(&config, tags::FETCH, &mut opts);
-        let app =
-            factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
-        let common = Common::from_config(&config)?;
-        let runner::TaskIo { reporter, channels, .. } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let coordinator = channels.by_tag(coord_tags::COORDINATE)?.clone();
-        let fetch = channels.by_tag(tags::FETCH)?.clone();
-        let mut ctx = TrainerCtx::new(config, channels, app, reporter)?;
-        trainer_program(coordinator, fetch, common.join_timeout)?.run(&mut ctx).await?;
-        Ok(RunSummary {
-            kind: RoleKind::Trainer,
-            rounds: ctx.history.len() as u64,
-            history: ctx.history,
-            final_model: None,
-        })
-    };
-    runner::bounded(max_run_time, run).await
+/// A trainer under a coordinator (see the module docs).
+pub struct CoordinatedTrainer;
+
+impl Role for CoordinatedTrainer {
+    type Ctx = TrainerCtx;
+    const KIND: RoleKind = RoleKind::CoordinatedTrainer;
+    const APP: AppNeed = AppNeed::Trainer;
+    const LINGER: bool = false;
+
+    fn prepare(config: &TaskConfig, opts: &mut RunOptions) -> Result<()> {
+        announce_group(config, tags::FETCH, opts);
+        Ok(())
+    }
+
+    fn build(io: TaskIo, app: UserApp) -> Result<TrainerCtx> {
+        TrainerCtx::new(io, app.trainer()?)
+    }
+
+    fn program(ctx: &TrainerCtx) -> Result<Composer<TrainerCtx>> {
+        let common = Common::from_config(&ctx.io.config)?;
+        let coordinator = ctx.io.channels.by_tag(coord_tags::COORDINATE)?.clone();
+        let fetch = ctx.io.channels.by_tag(tags::FETCH)?.clone();
+        trainer_program(coordinator, fetch, common.join_timeout)
+    }
+
+    /// The rounds this trainer took part in (not the aggregators' round numbers).
+    fn rounds(ctx: &mut TrainerCtx) -> u64 {
+        ctx.io.history.len() as u64
+    }
 }
 
 #[cfg(test)]
@@ -467,6 +447,8 @@ pub(crate) mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::app::AppFactory;
+    use crate::role::run;
     use crate::roles::coordinator::tags::{WITH_MIDDLE, WITH_TOP, WITH_TRAINER};
     use crate::roles::ring::tests::MeanFactory;
     use crate::runner::JobPlan;
@@ -582,17 +564,33 @@ pub(crate) mod tests {
         let samples = [10u64, 10, 20, 20];
         let mut set = tokio::task::JoinSet::new();
         let coordinator = task(job, "coordinator", 0, &all, None, &h);
-        set.spawn(crate::roles::coordinator::run(coordinator, opts(&hub, dir.path())));
+        set.spawn(run::<crate::roles::coordinator::Coordinator>(
+            coordinator,
+            shared.clone(),
+            opts(&hub, dir.path()),
+        ));
         for (i, n) in samples.iter().enumerate() {
             let t = task(job, "trainer", i as u32, &all, Some(&format!("{}:{n}", i + 1)), &h);
-            set.spawn(run_trainer(t, shared.clone(), opts(&hub, dir.path())));
+            set.spawn(run::<CoordinatedTrainer>(t, shared.clone(), opts(&hub, dir.path())));
         }
         let middle0 = task(job, "middle-aggregator", 0, &all, None, &h);
-        set.spawn(run_middle(middle0, opts(&hub, dir.path())));
+        set.spawn(run::<CoordinatedMiddleAggregator>(
+            middle0,
+            shared.clone(),
+            opts(&hub, dir.path()),
+        ));
         let middle1 = task(job, "middle-aggregator", 1, &all, None, &h);
-        let victim = tokio::spawn(run_middle(middle1, opts(&hub, dir.path())));
+        let victim = tokio::spawn(run::<CoordinatedMiddleAggregator>(
+            middle1,
+            shared.clone(),
+            opts(&hub, dir.path()),
+        ));
         let top = task(job, "top-aggregator", 0, &all, None, &h);
-        let top = tokio::spawn(run_top(top, shared.clone(), opts(&hub, dir.path())));
+        let top = tokio::spawn(run::<CoordinatedTopAggregator>(
+            top,
+            shared.clone(),
+            opts(&hub, dir.path()),
+        ));
         // Round 1 trains 4 times; the kill lands in round 2.
         while trained.load(std::sync::atomic::Ordering::SeqCst) < 6 {
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -39,17 +39,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fledge_channel::{Channel, ChannelManager, Kind, Message};
-use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use fledge_channel::{Channel, Kind, Message};
+use fledge_types::{TaskConfig, TaskId};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::app::{AppNeed, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::hyper::{self, names};
-use crate::metrics::{Reporter, RoundMetrics};
-use crate::roles::trainer::COMMAND;
+use crate::protocol::{Command, peer_left};
+use crate::role::{Role, RoleCtx, RunOptions, TaskIo};
 use crate::roles::{Common, RoleKind};
-use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result};
 
 /// The built-in name of the coordinator.
@@ -67,10 +67,6 @@ pub mod tags {
     pub const COORDINATE: &str = "coordinate";
 }
 
-/// `command` of the top's request for a round's plan and of the coordinator's answer.
-pub const PLAN: &str = "plan";
-/// `command` of an assignment to a middle aggregator or a trainer.
-pub const ASSIGN: &str = "assign";
 /// Meta key: the middle aggregators active this round (to the top).
 pub const ACTIVE: &str = "active";
 /// Meta key: the trainers assigned to a middle aggregator.
@@ -191,10 +187,9 @@ pub fn assign(
 
 /// State of a coordinator task.
 pub struct CoordinatorCtx {
-    /// The task config.
-    pub config: TaskConfig,
+    /// The task's I/O.
+    pub io: TaskIo,
     common: Common,
-    channels: ChannelManager,
     top: Channel,
     middles: Channel,
     trainers: Channel,
@@ -207,26 +202,42 @@ pub struct CoordinatorCtx {
     pub done: bool,
     /// The current assignment.
     pub assignment: Assignment,
-    metrics: RoundMetrics,
-    reporter: Option<Reporter>,
-    /// Every round's record.
-    pub history: Vec<MetricRecord>,
 }
 
 impl Context for CoordinatorCtx {
     fn record_time(&mut self, alias: &str, seconds: f64) {
-        self.metrics.add(format!("seconds.{alias}"), seconds);
+        self.io.record_time(alias, seconds);
+    }
+}
+
+impl RoleCtx for CoordinatorCtx {
+    fn io(&mut self) -> &mut TaskIo {
+        &mut self.io
+    }
+}
+
+/// The coordinator (see the module docs). Its rounds are the rounds it planned.
+pub struct Coordinator;
+
+impl Role for Coordinator {
+    type Ctx = CoordinatorCtx;
+    const KIND: RoleKind = RoleKind::Coordinator;
+    const APP: AppNeed = AppNeed::None;
+
+    fn build(io: TaskIo, _app: UserApp) -> Result<CoordinatorCtx> {
+        CoordinatorCtx::new(io)
+    }
+
+    fn program(_ctx: &CoordinatorCtx) -> Result<Composer<CoordinatorCtx>> {
+        Ok(program())
     }
 }
 
 impl CoordinatorCtx {
-    /// A coordinator over joined `channels`.
-    pub fn new(
-        config: TaskConfig,
-        channels: ChannelManager,
-        reporter: Reporter,
-    ) -> Result<CoordinatorCtx> {
-        let common = Common::from_config(&config)?;
+    /// A coordinator over the task's `io`.
+    pub fn new(io: TaskIo) -> Result<CoordinatorCtx> {
+        let (config, channels) = (&io.config, &io.channels);
+        let common = Common::from_config(config)?;
         let h = &config.hyperparameters;
         let min = hyper::uint(h, names::MIN_TRAINERS, 1, 1)?;
         let expected_trainers = hyper::uint(h, names::EXPECTED_TRAINERS, min, 1)? as usize;
@@ -235,9 +246,8 @@ impl CoordinatorCtx {
         let middles = channels.by_tag(tags::WITH_MIDDLE)?.clone();
         let trainers = channels.by_tag(tags::WITH_TRAINER)?.clone();
         Ok(CoordinatorCtx {
-            config,
+            io,
             common,
-            channels,
             top,
             middles,
             trainers,
@@ -247,14 +257,7 @@ impl CoordinatorCtx {
             round: 0,
             done: false,
             assignment: Assignment::default(),
-            metrics: RoundMetrics::default(),
-            reporter: Some(reporter),
-            history: Vec::new(),
         })
-    }
-
-    fn traffic(&self) -> fledge_channel::MetricsSnapshot {
-        crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
     }
 
     fn top_end(&self) -> Result<TaskId> {
@@ -302,24 +305,18 @@ async fn await_members(ctx: &mut CoordinatorCtx) -> Result<()> {
     ctx.top_end = ctx.top.await_join(timeout).await?.into_iter().next();
     let middles = await_some(&ctx.middles, ctx.expected_middles, timeout).await?;
     let trainers = await_some(&ctx.trainers, ctx.expected_trainers, timeout).await?;
-    tracing::info!(task_id = %ctx.config.task_id, middles, trainers, "coordinator ready");
+    tracing::info!(task_id = %ctx.io.config.task_id, middles, trainers, "coordinator ready");
     Ok(())
 }
 
 async fn await_request(ctx: &mut CoordinatorCtx) -> Result<()> {
     let top = ctx.top_end()?;
     loop {
-        let message = match ctx.top.recv(&top).await {
-            Ok(m) => m,
-            Err(fledge_channel::Error::EndLeft { end, channel }) => {
-                return Err(Error::PeerLeft { peer: end, channel });
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let message = ctx.top.recv(&top).await.map_err(peer_left)?;
         match message.kind {
-            Kind::Control if message.meta.get(COMMAND).and_then(Value::as_str) == Some(PLAN) => {
+            Kind::Control if Command::Plan.is(&message) => {
                 ctx.round = message.round;
-                ctx.metrics = RoundMetrics::start(ctx.traffic());
+                ctx.io.start_round();
                 return Ok(());
             }
             Kind::EndOfTraining => {
@@ -359,7 +356,7 @@ async fn assign_round(ctx: &mut CoordinatorCtx) -> Result<()> {
         .iter()
         .filter(|(t, m)| previous.get(*t).is_some_and(|old| old != *m))
         .count();
-    let m = &mut ctx.metrics;
+    let m = &mut ctx.io.metrics;
     m.set("middleAggregatorsAlive", middles.len() as f64);
     m.set("middleAggregatorsActive", next.active().len() as f64);
     m.set("trainersAlive", trainers.len() as f64);
@@ -387,43 +384,23 @@ async fn notify(ctx: &mut CoordinatorCtx) -> Result<()> {
     let ids =
         |v: &[TaskId]| Value::from(v.iter().map(|t| t.as_str().to_owned()).collect::<Vec<_>>());
     for (middle, trainers) in &ctx.assignment.trainers_of {
-        let message = Message::new(Kind::Control, round)
-            .with_meta(COMMAND, ASSIGN)
-            .with_meta(TRAINERS, ids(trainers));
+        let message = Command::Assign.message(round).with_meta(TRAINERS, ids(trainers));
         send_or_skip(&ctx.middles, middle, message).await?;
     }
     let aggregator_of = ctx.assignment.aggregator_of();
     for trainer in ctx.trainers.ends() {
         let aggregator =
             aggregator_of.get(&trainer).map_or(Value::Null, |m| Value::from(m.as_str()));
-        let message = Message::new(Kind::Control, round)
-            .with_meta(COMMAND, ASSIGN)
-            .with_meta(AGGREGATOR, aggregator);
+        let message = Command::Assign.message(round).with_meta(AGGREGATOR, aggregator);
         send_or_skip(&ctx.trainers, &trainer, message).await?;
     }
-    let plan = Message::new(Kind::Control, round)
-        .with_meta(COMMAND, PLAN)
-        .with_meta(ACTIVE, ids(&ctx.assignment.active()));
+    let plan = Command::Plan.message(round).with_meta(ACTIVE, ids(&ctx.assignment.active()));
     let top = ctx.top_end()?;
-    ctx.top.send(&top, plan).await.map_err(|e| match e {
-        fledge_channel::Error::UnknownEnd { end, channel, .. } => {
-            Error::PeerLeft { peer: end, channel }
-        }
-        e => e.into(),
-    })
+    ctx.top.send(&top, plan).await.map_err(peer_left)
 }
 
 async fn report(ctx: &mut CoordinatorCtx) -> Result<()> {
-    let record = std::mem::take(&mut ctx.metrics).finish(
-        &ctx.config.task_id,
-        &ctx.config.role,
-        ctx.round,
-        ctx.traffic(),
-    );
-    if let Some(reporter) = &ctx.reporter {
-        reporter.report(record.clone());
-    }
-    ctx.history.push(record);
+    ctx.io.finish_round(ctx.round);
     Ok(())
 }
 
@@ -434,7 +411,6 @@ async fn finish(ctx: &mut CoordinatorCtx) -> Result<()> {
             send_or_skip(channel, &peer, end.clone()).await?;
         }
     }
-    crate::runner::close_io(&ctx.channels, ctx.reporter.take(), true).await?;
     Ok(())
 }
 
@@ -452,26 +428,6 @@ pub fn program() -> Composer<CoordinatorCtx> {
                 .tasklet("report", async_tasklet(|c| boxed(report(c)))),
         )
         .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
-}
-
-/// Runs the coordinator task `config`, bounded by `maxRunTime`. The summary's kind is
-/// [`RoleKind::TopAggregator`] (the coordinator has no kind of its own); its rounds are the
-/// rounds it planned.
-pub async fn run(config: TaskConfig, opts: RunOptions) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        let runner::TaskIo { reporter, channels, .. } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let mut ctx = CoordinatorCtx::new(config, channels, reporter)?;
-        program().run(&mut ctx).await?;
-        Ok(RunSummary {
-            kind: RoleKind::TopAggregator,
-            rounds: ctx.history.len() as u64,
-            history: ctx.history,
-            final_model: None,
-        })
-    };
-    runner::bounded(max_run_time, run).await
 }
 
 /// Sets the aggregation group end property of a trainer (`tag` = `fetch`) or middle

@@ -57,20 +57,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fledge_algorithms::{Optimizer, OptimizerKind, Round};
-use fledge_channel::{Channel, ChannelManager, Kind, Message};
-use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use fledge_channel::{Channel, Kind, Message};
+use fledge_types::{TaskConfig, TaskId};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::app::{AppFactory, Evaluator, TrainOutcome, TrainerApp};
+use crate::app::{
+    AppFactory, AppNeed, Evaluator, FeatureApp, LabelApp, TrainOutcome, TrainerApp, UserApp,
+};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
-use crate::metrics::{GLOBAL, Reporter, RoundMetrics, TRAINER_MEAN};
-use crate::registry::Registry;
-use crate::roles::trainer::{COMMAND, INIT_MODEL};
+use crate::metrics::{GLOBAL, RoundMetrics, TRAINER_MEAN};
+use crate::protocol::{self, Command, METRICS, NUM_SAMPLES, peer_left};
+use crate::role::{Role, RoleCtx, TaskIo};
+use crate::roles::trainer::TrainerCtx;
 use crate::roles::{Common, RoleKind, aggregator, tags};
-use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result, Weights};
 
 /// The built-in name of the asynchronous aggregator.
@@ -112,10 +114,9 @@ struct Upward {
 
 /// State of an asynchronous aggregator task.
 pub struct AsyncAggregatorCtx {
-    /// The task config.
-    pub config: TaskConfig,
+    /// The task's I/O.
+    pub io: TaskIo,
     common: Common,
-    channels: ChannelManager,
     distribute: Channel,
     aggregate: Channel,
     /// A middle aggregator's link to the top ([`middle_program`]); `None` at the top.
@@ -143,32 +144,72 @@ pub struct AsyncAggregatorCtx {
     dispatched: BTreeMap<TaskId, u64>,
     buffer: Option<Round>,
     stats: BufferStats,
-    registry: Arc<dyn Registry>,
     evaluator: Option<Arc<Mutex<Box<dyn Evaluator>>>>,
-    metrics: RoundMetrics,
-    reporter: Option<Reporter>,
     started: Instant,
-    /// Every server step's record.
-    pub history: Vec<MetricRecord>,
 }
 
 impl Context for AsyncAggregatorCtx {
     fn record_time(&mut self, alias: &str, seconds: f64) {
-        self.metrics.add(format!("seconds.{alias}"), seconds);
+        self.io.record_time(alias, seconds);
+    }
+}
+
+impl RoleCtx for AsyncAggregatorCtx {
+    fn io(&mut self) -> &mut TaskIo {
+        &mut self.io
+    }
+
+    /// Server steps at the top; updates sent up in a middle aggregator.
+    fn rounds(&mut self) -> u64 {
+        self.up.as_ref().map_or(self.model_version, |up| up.uploads)
+    }
+
+    fn final_model(&mut self) -> Option<Weights> {
+        self.global.take()
+    }
+}
+
+/// The FedBuff top aggregator (see the module docs).
+pub struct AsyncAggregator;
+
+impl Role for AsyncAggregator {
+    type Ctx = AsyncAggregatorCtx;
+    const KIND: RoleKind = RoleKind::AsyncAggregator;
+    const APP: AppNeed = AppNeed::Evaluator;
+
+    fn build(io: TaskIo, app: UserApp) -> Result<AsyncAggregatorCtx> {
+        AsyncAggregatorCtx::new(io, app.evaluator()?)
+    }
+
+    fn program(_ctx: &AsyncAggregatorCtx) -> Result<Composer<AsyncAggregatorCtx>> {
+        Ok(program())
+    }
+}
+
+/// The FedBuff middle aggregator (see the module docs).
+pub struct AsyncMiddleAggregator;
+
+impl Role for AsyncMiddleAggregator {
+    type Ctx = AsyncAggregatorCtx;
+    const KIND: RoleKind = RoleKind::AsyncMiddleAggregator;
+    const APP: AppNeed = AppNeed::None;
+
+    fn build(io: TaskIo, _app: UserApp) -> Result<AsyncAggregatorCtx> {
+        AsyncAggregatorCtx::new_middle(io)
+    }
+
+    fn program(_ctx: &AsyncAggregatorCtx) -> Result<Composer<AsyncAggregatorCtx>> {
+        Ok(middle_program())
     }
 }
 
 impl AsyncAggregatorCtx {
-    /// An asynchronous aggregator over joined `channels`; the job's optimizer must be
+    /// An asynchronous aggregator over the task's `io`; the job's optimizer must be
     /// `fedbuff`.
-    pub fn new(
-        config: TaskConfig,
-        channels: ChannelManager,
-        registry: Arc<dyn Registry>,
-        evaluator: Option<Box<dyn Evaluator>>,
-        reporter: Reporter,
-    ) -> Result<AsyncAggregatorCtx> {
-        let common = Common::from_config(&config)?;
+    pub fn new(io: TaskIo, evaluator: Option<Box<dyn Evaluator>>) -> Result<AsyncAggregatorCtx> {
+        let config = &io.config;
+        let channels = &io.channels;
+        let common = Common::from_config(config)?;
         let h = &config.hyperparameters;
         let rounds = hyper::uint(h, names::ROUNDS, 1, 1)?;
         let min_trainers = hyper::uint(h, names::MIN_TRAINERS, 1, 1)? as usize;
@@ -186,9 +227,8 @@ impl AsyncAggregatorCtx {
         let distribute = channels.by_tag(tags::DISTRIBUTE)?.clone();
         let aggregate = channels.by_tag(tags::AGGREGATE)?.clone();
         Ok(AsyncAggregatorCtx {
-            config,
+            io,
             common,
-            channels,
             distribute,
             aggregate,
             up: None,
@@ -206,32 +246,19 @@ impl AsyncAggregatorCtx {
             dispatched: BTreeMap::new(),
             buffer: None,
             stats: BufferStats::default(),
-            registry,
             evaluator: evaluator.map(|e| Arc::new(Mutex::new(e))),
-            metrics: RoundMetrics::default(),
-            reporter: Some(reporter),
             started: Instant::now(),
-            history: Vec::new(),
         })
     }
 
     /// An asynchronous middle aggregator ([`middle_program`]): a trainer towards the top
     /// on its `fetch`/`upload` channels, a FedBuff buffer towards its trainers.
-    pub fn new_middle(
-        config: TaskConfig,
-        channels: ChannelManager,
-        registry: Arc<dyn Registry>,
-        reporter: Reporter,
-    ) -> Result<AsyncAggregatorCtx> {
-        let fetch = channels.by_tag(tags::FETCH)?.clone();
-        let upload = channels.by_tag(tags::UPLOAD)?.clone();
-        let mut ctx = AsyncAggregatorCtx::new(config, channels, registry, None, reporter)?;
+    pub fn new_middle(io: TaskIo) -> Result<AsyncAggregatorCtx> {
+        let fetch = io.channels.by_tag(tags::FETCH)?.clone();
+        let upload = io.channels.by_tag(tags::UPLOAD)?.clone();
+        let mut ctx = AsyncAggregatorCtx::new(io, None)?;
         ctx.up = Some(Upward { fetch, upload, top: None, top_round: 0, uploads: 0 });
         Ok(ctx)
-    }
-
-    fn traffic(&self) -> fledge_channel::MetricsSnapshot {
-        crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
     }
 
     fn global(&self) -> Result<&Weights> {
@@ -252,7 +279,7 @@ impl AsyncAggregatorCtx {
             keep
         });
         if before != self.in_flight.len() {
-            self.metrics.add("trainersDropped", (before - self.in_flight.len()) as f64);
+            self.io.metrics.add("trainersDropped", (before - self.in_flight.len()) as f64);
         }
         let used: BTreeSet<u64> = self.in_flight.values().copied().collect();
         let current = self.model_version;
@@ -328,10 +355,13 @@ impl AsyncAggregatorCtx {
         if message.model_version != base_version {
             tracing::warn!(%end, header = message.model_version, sent = base_version, "update names another model version than was sent; using the one sent");
         }
-        let Some(num_samples) = message.num_samples().filter(|n| *n > 0) else {
-            tracing::warn!(%end, "update without num_samples rejected");
-            self.stats.rejected += 1;
-            return Ok(());
+        let num_samples = match protocol::num_samples(&end, &message) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(%end, error = %e, "update rejected");
+                self.stats.rejected += 1;
+                return Ok(());
+            }
         };
         let base = self
             .versions
@@ -339,7 +369,7 @@ impl AsyncAggregatorCtx {
             .cloned()
             .expect("the model of every busy trainer is kept until its update arrives");
         let staleness = self.model_version - base_version;
-        if let Some(Value::Object(map)) = message.meta.get("metrics") {
+        if let Some(Value::Object(map)) = message.meta.get(METRICS) {
             for (k, v) in map {
                 if let Some(v) = v.as_f64() {
                     let e = self.stats.trainer_metrics.entry(k.clone()).or_default();
@@ -363,7 +393,7 @@ impl AsyncAggregatorCtx {
         self.buffer = Some(back);
         match res {
             Ok(()) => {
-                self.stats.samples += num_samples;
+                self.stats.samples = self.stats.samples.saturating_add(num_samples);
                 self.stats.staleness_sum += staleness;
                 self.stats.staleness_max = self.stats.staleness_max.max(staleness);
             }
@@ -379,7 +409,7 @@ impl AsyncAggregatorCtx {
 
 async fn load_base(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     if let Some(model) =
-        crate::registry::load_base_model(ctx.registry.clone(), &ctx.config.base_model).await?
+        crate::registry::load_base_model(ctx.io.registry.clone(), &ctx.io.config.base_model).await?
     {
         ctx.global = Some(model);
     }
@@ -406,7 +436,7 @@ async fn init_model(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     }
     let global = ctx.global()?;
     ctx.buffer = Some(ctx.optimizer.as_ref().expect("optimizer present").begin_round(global));
-    ctx.metrics = RoundMetrics::start(ctx.traffic());
+    ctx.io.metrics = RoundMetrics::start(ctx.io.traffic());
     ctx.started = Instant::now();
     Ok(())
 }
@@ -452,7 +482,7 @@ async fn aggregate(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     ctx.global = Some(global);
     ctx.model_version += 1;
     let stats = std::mem::take(&mut ctx.stats);
-    let m = &mut ctx.metrics;
+    let m = &mut ctx.io.metrics;
     m.set("updates", updates as f64);
     m.set("numSamples", stats.samples as f64);
     m.set("updatesRejected", stats.rejected as f64);
@@ -480,31 +510,31 @@ async fn evaluate(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     })
     .await?
     .map_err(|source| Error::App { step: "evaluate", source })?;
-    ctx.metrics.extend(GLOBAL, &metrics);
+    ctx.io.metrics.extend(GLOBAL, &metrics);
     Ok(())
 }
 
 async fn checkpoint(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     let global = ctx.global()?.clone();
     let (registry, job, round) =
-        (ctx.registry.clone(), ctx.config.job.id.clone(), ctx.model_version);
+        (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.model_version);
     tokio::task::spawn_blocking(move || registry.save_round(&job, round, &global).map(|_| ()))
         .await?
 }
 
 async fn report(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
-    let traffic = ctx.traffic();
+    let traffic = ctx.io.traffic();
     let next = RoundMetrics::start(traffic);
     // A middle aggregator numbers its records by uploads; the top by server steps.
     let round = ctx.up.as_ref().map_or(ctx.model_version, |up| up.uploads);
-    let record = std::mem::replace(&mut ctx.metrics, next).finish(
-        &ctx.config.task_id,
-        &ctx.config.role,
+    let record = std::mem::replace(&mut ctx.io.metrics, next).finish(
+        &ctx.io.config.task_id,
+        &ctx.io.config.role,
         round,
         traffic,
     );
     tracing::info!(
-        task_id = %ctx.config.task_id,
+        task_id = %ctx.io.config.task_id,
         round,
         staleness = record.metrics.get("staleness.mean").copied(),
         global_accuracy = record.metrics.get("global.accuracy").copied(),
@@ -513,14 +543,11 @@ async fn report(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     );
     if ctx.up.is_none() {
         let (registry, job, rec) =
-            (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
+            (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), record.clone());
         tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
         ctx.done = ctx.model_version >= ctx.rounds;
     }
-    if let Some(reporter) = &ctx.reporter {
-        reporter.report(record.clone());
-    }
-    ctx.history.push(record);
+    ctx.io.report(record);
     Ok(())
 }
 
@@ -530,7 +557,7 @@ async fn finish(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     end.model_version = ctx.model_version;
     end.tensors = crate::convert::weights_to_tensors(&global)?;
     if ctx.up.is_none() {
-        let (registry, job) = (ctx.registry.clone(), ctx.config.job.id.clone());
+        let (registry, job) = (ctx.io.registry.clone(), ctx.io.config.job.id.clone());
         let path =
             tokio::task::spawn_blocking(move || registry.save_final(&job, &global)).await??;
         tracing::info!(path = %path.display(), "final model saved");
@@ -550,7 +577,6 @@ async fn finish(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
             let _ = ctx.distribute.send(&trainer, end.clone()).await;
         }
     }
-    crate::runner::close_io(&ctx.channels, ctx.reporter.take(), true).await?;
     Ok(())
 }
 
@@ -593,19 +619,12 @@ async fn fetch_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     let (fetch, upload) = (up.fetch.clone(), up.upload.clone());
     let top = up.top.clone().ok_or_else(|| Error::Config("no top aggregator joined".to_owned()))?;
     loop {
-        let message = match fetch.recv(&top).await {
-            Ok(m) => m,
-            Err(fledge_channel::Error::EndLeft { end, channel }) => {
-                return Err(Error::PeerLeft { peer: end, channel });
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let message = fetch.recv(&top).await.map_err(peer_left)?;
         match message.kind {
-            Kind::Control
-                if message.meta.get(COMMAND).and_then(Value::as_str) == Some(INIT_MODEL) =>
-            {
+            Kind::Control if Command::InitModel.is(&message) => {
                 let weights = request_model(ctx).await?;
-                upload.send(&top, weights_message(Kind::Weights, 0, 0, &weights)?).await?;
+                let reply = weights_message(Kind::Weights, 0, 0, &weights)?;
+                upload.send(&top, reply).await.map_err(peer_left)?;
             }
             Kind::Weights => {
                 let global = tensors_to_weights(&message.tensors)?;
@@ -650,7 +669,7 @@ async fn upload_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     ctx.optimizer = Some(optimizer);
     let stats = std::mem::take(&mut ctx.stats);
     let mut trainer_metrics = serde_json::Map::new();
-    let m = &mut ctx.metrics;
+    let m = &mut ctx.io.metrics;
     m.set("updates", updates as f64);
     m.set("numSamples", stats.samples as f64);
     m.set("updatesRejected", stats.rejected as f64);
@@ -672,14 +691,9 @@ async fn upload_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     let message =
         tokio::task::spawn_blocking(move || weights_message(Kind::Update, round, version, &model))
             .await??
-            .with_meta("num_samples", stats.samples)
-            .with_meta("metrics", Value::Object(trainer_metrics));
-    upload.send(&top, message).await.map_err(|e| match e {
-        fledge_channel::Error::UnknownEnd { end, channel, .. } => {
-            Error::PeerLeft { peer: end, channel }
-        }
-        e => e.into(),
-    })?;
+            .with_meta(NUM_SAMPLES, stats.samples)
+            .with_meta(METRICS, Value::Object(trainer_metrics));
+    upload.send(&top, message).await.map_err(peer_left)?;
     ctx.prune();
     Ok(())
 }
@@ -699,50 +713,6 @@ pub fn middle_program() -> Composer<AsyncAggregatorCtx> {
                 .tasklet("report", async_tasklet(|c| boxed(report(c)))),
         )
         .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
-}
-
-/// Runs the asynchronous middle aggregator task `config`, bounded by `maxRunTime`. The
-/// summary's kind is [`RoleKind::MiddleAggregator`]; its rounds are updates sent up.
-pub async fn run_middle(config: TaskConfig, opts: RunOptions) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        let runner::TaskIo { reporter, registry, channels } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let mut ctx = AsyncAggregatorCtx::new_middle(config, channels, registry, reporter)?;
-        middle_program().run(&mut ctx).await?;
-        Ok(RunSummary {
-            kind: RoleKind::MiddleAggregator,
-            rounds: ctx.up.as_ref().map_or(0, |up| up.uploads),
-            history: ctx.history,
-            final_model: ctx.global,
-        })
-    };
-    runner::bounded(max_run_time, run).await
-}
-
-/// Runs the asynchronous aggregator task `config` (evaluator from `factory`), bounded by
-/// `maxRunTime`. The summary's kind is [`RoleKind::TopAggregator`]; its rounds are server steps.
-pub async fn run(
-    config: TaskConfig,
-    factory: Arc<dyn AppFactory>,
-    opts: RunOptions,
-) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        let evaluator =
-            factory.evaluator(&config).map_err(|source| Error::App { step: "create", source })?;
-        let runner::TaskIo { reporter, registry, channels } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let mut ctx = AsyncAggregatorCtx::new(config, channels, registry, evaluator, reporter)?;
-        program().run(&mut ctx).await?;
-        Ok(RunSummary {
-            kind: RoleKind::TopAggregator,
-            rounds: ctx.model_version,
-            history: ctx.history,
-            final_model: ctx.global,
-        })
-    };
-    runner::bounded(max_run_time, run).await
 }
 
 /// The slow-down factor of the trainer task `config` from [`SLOW_TRAINERS`] (1 when absent).
@@ -768,6 +738,36 @@ pub fn slow_factor(config: &TaskConfig) -> Result<f64> {
     Ok(res)
 }
 
+/// The trainer whose task index [`SLOW_TRAINERS`] may name: then it trains `factor` times
+/// slower (an artificial straggler); otherwise it is the standard trainer.
+pub struct StragglerTrainer;
+
+impl Role for StragglerTrainer {
+    type Ctx = TrainerCtx;
+    const KIND: RoleKind = RoleKind::StragglerTrainer;
+    const APP: AppNeed = AppNeed::Trainer;
+    const LINGER: bool = false;
+
+    fn build(io: TaskIo, app: UserApp) -> Result<TrainerCtx> {
+        let app = straggler(&io.config, app.trainer()?)?;
+        TrainerCtx::new(io, app)
+    }
+
+    fn program(_ctx: &TrainerCtx) -> Result<Composer<TrainerCtx>> {
+        Ok(crate::roles::trainer::program())
+    }
+}
+
+/// `app`, slowed down when [`SLOW_TRAINERS`] names `config`'s task index.
+fn straggler(config: &TaskConfig, app: Box<dyn TrainerApp>) -> Result<Box<dyn TrainerApp>> {
+    let factor = slow_factor(config)?;
+    if factor > 1.0 {
+        tracing::info!(task_id = %config.task_id, factor, "this trainer is an artificial straggler");
+        return Ok(Box::new(Straggler { inner: app, factor }));
+    }
+    Ok(app)
+}
+
 /// An [`AppFactory`] whose trainers named in [`SLOW_TRAINERS`] train `factor` times slower.
 pub struct StragglerFactory {
     inner: Arc<dyn AppFactory>,
@@ -782,17 +782,19 @@ impl StragglerFactory {
 
 impl AppFactory for StragglerFactory {
     fn trainer(&self, config: &TaskConfig) -> anyhow::Result<Box<dyn TrainerApp>> {
-        let factor = slow_factor(config)?;
-        let app = self.inner.trainer(config)?;
-        if factor > 1.0 {
-            tracing::info!(task_id = %config.task_id, factor, "this trainer is an artificial straggler");
-            return Ok(Box::new(Straggler { inner: app, factor }));
-        }
-        Ok(app)
+        Ok(straggler(config, self.inner.trainer(config)?)?)
     }
 
     fn evaluator(&self, config: &TaskConfig) -> anyhow::Result<Option<Box<dyn Evaluator>>> {
         self.inner.evaluator(config)
+    }
+
+    fn feature_party(&self, config: &TaskConfig) -> anyhow::Result<Box<dyn FeatureApp>> {
+        self.inner.feature_party(config)
+    }
+
+    fn label_party(&self, config: &TaskConfig) -> anyhow::Result<Box<dyn LabelApp>> {
+        self.inner.label_party(config)
     }
 }
 
@@ -839,8 +841,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::plan::JobPlan;
+    use crate::role::{RunOptions, RunSummary, run};
     use crate::roles::ring::tests::MeanFactory;
-    use crate::runner::{JobPlan, run_task_with};
+    use crate::roles::trainer::Trainer;
 
     fn fedbuff_plan(job: &str, sort: &str) -> JobPlan {
         let mut plan = JobPlan::local(job, vec!["1:10".into(), "3:10".into(), "8:20".into()]);
@@ -879,11 +883,9 @@ mod tests {
         let aggregator = configs.remove(0);
         let mut trainers = tokio::task::JoinSet::new();
         for config in configs {
-            let mut opts = opts(&hub, dir.path());
-            opts.role = Some(RoleKind::Trainer);
-            trainers.spawn(run_task_with(config, factory.clone(), opts));
+            trainers.spawn(run::<Trainer>(config, factory.clone(), opts(&hub, dir.path())));
         }
-        let summary = run(aggregator, factory.clone(), opts(&hub, dir.path()))
+        let summary = run::<AsyncAggregator>(aggregator, factory.clone(), opts(&hub, dir.path()))
             .await
             .expect("aggregator runs");
         while let Some(res) = trainers.join_next().await {
@@ -955,7 +957,7 @@ mod tests {
         for (i, data) in ["1:10", "2:10", "3:20", "4:20"].into_iter().enumerate() {
             let mut t = task(job, "trainer", i as u32, &all, Some(data), &h);
             t.optimizer = fedbuff.clone();
-            trainers.spawn(crate::roles::follow::run(
+            trainers.spawn(run::<crate::roles::follow::AsyncTrainer>(
                 t,
                 factory.clone(),
                 hub_opts(&hub, dir.path()),
@@ -964,7 +966,7 @@ mod tests {
         let middle = |i: u32| {
             let mut m = task(job, "middle-aggregator", i, &all, None, &h);
             m.optimizer = fedbuff.clone();
-            run_middle(m, hub_opts(&hub, dir.path()))
+            run::<AsyncMiddleAggregator>(m, factory.clone(), hub_opts(&hub, dir.path()))
         };
         let mut middles = tokio::task::JoinSet::new();
         middles.spawn(middle(0));
@@ -973,7 +975,8 @@ mod tests {
         top.optimizer = fedbuff.clone();
         // Both middle aggregators are present before the first step.
         top.hyperparameters.insert("expectedTrainers".into(), json!(2));
-        let top = tokio::spawn(run(top, factory.clone(), hub_opts(&hub, dir.path())));
+        let top =
+            tokio::spawn(run::<AsyncAggregator>(top, factory.clone(), hub_opts(&hub, dir.path())));
         if let Some(n) = kill_after {
             while trained.load(std::sync::atomic::Ordering::SeqCst) < n {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -986,7 +989,7 @@ mod tests {
         let mut uploads = Vec::new();
         while let Some(res) = middles.join_next().await {
             let middle = res.expect("join").expect("every middle aggregator ends cleanly");
-            assert_eq!(middle.kind, RoleKind::MiddleAggregator);
+            assert_eq!(middle.kind, RoleKind::AsyncMiddleAggregator);
             uploads.push(middle.rounds);
             for r in &middle.history {
                 assert_eq!(r.metrics["updates"], 2.0, "{r:?}");
@@ -1029,9 +1032,13 @@ mod tests {
     async fn a_synchronous_optimizer_is_rejected_with_its_name() {
         let dir = tempfile::tempdir().expect("tmp");
         let config = fedbuff_plan("sync", "fedavg").configs().expect("configs").remove(0);
-        let err = run(config, Arc::new(MeanFactory::default()), opts(&LocalHub::new(), dir.path()))
-            .await
-            .expect_err("fedavg is not asynchronous");
+        let err = run::<AsyncAggregator>(
+            config,
+            Arc::new(MeanFactory::default()),
+            opts(&LocalHub::new(), dir.path()),
+        )
+        .await
+        .expect_err("fedavg is not asynchronous");
         assert!(
             err.to_string().contains("\"fedbuff\"") && err.to_string().contains("fedavg"),
             "{err}"

@@ -6,13 +6,12 @@
 //!
 //! ```text
 //! initialize, load_data, join,
-//! loop rounds until done { pick, fetch*, train*, evaluate*, upload*, report* },
-//! finish
+//! loop rounds until done { pick, fetch*, train*, evaluate*, upload*, report* }
 //! ```
 //!
 //! `pick` is the topology's rule. It points `TrainerCtx::aggregator` at this round's
 //! aggregator, sets it to `None` to sit the round out, or sets [`TrainerCtx::done`] to stop.
-//! The starred steps are the standard trainer's, skipped when there is no aggregator this
+//! The starred steps are the standard trainer's, wrapped ([`Composer::wrap`]) so they are skipped when there is no aggregator this
 //! round. When the aggregator leaves during the round (fetch or upload fails with
 //! [`Error::PeerLeft`]) the round is abandoned with a warning instead of failing the task:
 //! the next `pick` chooses again.
@@ -29,14 +28,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fledge_channel::Channel;
-use fledge_types::{TaskConfig, TaskId};
+use fledge_types::TaskId;
 use tokio::time::Instant;
 
-use crate::app::AppFactory;
-use crate::composer::{Composer, Node, TaskletFn};
+use crate::app::{AppNeed, UserApp};
+use crate::composer::{Composer, TaskletFn};
+use crate::role::{Role, TaskIo};
 use crate::roles::trainer::{self, TrainerCtx};
 use crate::roles::{Common, RoleKind, tags};
-use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result};
 
 /// The built-in name of the trainer that follows the sender ([`follow_sender`]).
@@ -44,17 +43,6 @@ pub const BUILTIN_NAME: &str = "async-trainer";
 
 /// How often a trainer waiting for any aggregator looks at its inbound queues again.
 const POLL: Duration = Duration::from_millis(20);
-
-/// Takes tasklet `alias` out of `program`.
-pub(crate) fn take<C: crate::composer::Context + 'static>(
-    program: &mut Composer<C>,
-    alias: &str,
-) -> Result<TaskletFn<C>> {
-    match program.remove(alias)? {
-        Node::Tasklet { run, .. } => Ok(run),
-        Node::Loop { .. } => Err(Error::Config(format!("{alias:?} is a loop, not a tasklet"))),
-    }
-}
 
 /// `step`, skipped when the round has no aggregator; an aggregator that leaves during it
 /// (`PeerLeft`) abandons the round.
@@ -67,7 +55,7 @@ fn guarded(step: TaskletFn<TrainerCtx>, survive_peer_left: bool) -> TaskletFn<Tr
             }
             match step(ctx).await {
                 Err(Error::PeerLeft { peer, channel }) if survive_peer_left => {
-                    tracing::warn!(task_id = %ctx.config.task_id, %peer, %channel, round = ctx.round, "aggregator left during the round; round abandoned");
+                    tracing::warn!(task_id = %ctx.io.config.task_id, %peer, %channel, round = ctx.round, "aggregator left during the round; round abandoned");
                     ctx.aggregator = None;
                     Ok(())
                 }
@@ -79,7 +67,6 @@ fn guarded(step: TaskletFn<TrainerCtx>, survive_peer_left: bool) -> TaskletFn<Tr
 
 /// The standard trainer program with `pick` before every round (see the module docs).
 pub fn program(pick: TaskletFn<TrainerCtx>) -> Result<Composer<TrainerCtx>> {
-    let mut standard = trainer::program();
     let mut res = trainer::program();
     res.insert_before("fetch", "pick", pick)?;
     for (alias, survive) in [
@@ -90,7 +77,7 @@ pub fn program(pick: TaskletFn<TrainerCtx>) -> Result<Composer<TrainerCtx>> {
         ("upload", true),
         ("report", false),
     ] {
-        res.replace(alias, guarded(take(&mut standard, alias)?, survive))?;
+        res.wrap(alias, |step| guarded(step, survive))?;
     }
     Ok(res)
 }
@@ -153,29 +140,27 @@ pub fn follow_sender(fetch: Channel, join_timeout: Duration) -> TaskletFn<Traine
     })
 }
 
-/// Runs the trainer task `config` that follows the sender (user code from `factory`),
-/// bounded by `maxRunTime`.
-pub async fn run(
-    config: TaskConfig,
-    factory: Arc<dyn AppFactory>,
-    opts: RunOptions,
-) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        let app =
-            factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
-        let common = Common::from_config(&config)?;
-        let runner::TaskIo { reporter, channels, .. } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let fetch = channels.by_tag(tags::FETCH)?.clone();
-        let mut ctx = TrainerCtx::new(config, channels, app, reporter)?;
-        program(follow_sender(fetch, common.join_timeout))?.run(&mut ctx).await?;
-        Ok(RunSummary {
-            kind: RoleKind::Trainer,
-            rounds: ctx.history.len() as u64,
-            history: ctx.history,
-            final_model: None,
-        })
-    };
-    runner::bounded(max_run_time, run).await
+/// The trainer that follows the sender ([`follow_sender`]).
+pub struct AsyncTrainer;
+
+impl Role for AsyncTrainer {
+    type Ctx = TrainerCtx;
+    const KIND: RoleKind = RoleKind::AsyncTrainer;
+    const APP: AppNeed = AppNeed::Trainer;
+    const LINGER: bool = false;
+
+    fn build(io: TaskIo, app: UserApp) -> Result<TrainerCtx> {
+        TrainerCtx::new(io, app.trainer()?)
+    }
+
+    fn program(ctx: &TrainerCtx) -> Result<Composer<TrainerCtx>> {
+        let common = Common::from_config(&ctx.io.config)?;
+        let fetch = ctx.io.channels.by_tag(tags::FETCH)?.clone();
+        program(follow_sender(fetch, common.join_timeout))
+    }
+
+    /// The rounds this trainer took part in (not the aggregators' round numbers).
+    fn rounds(ctx: &mut TrainerCtx) -> u64 {
+        ctx.io.history.len() as u64
+    }
 }

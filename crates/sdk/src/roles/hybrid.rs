@@ -23,23 +23,20 @@
 //! for in this task's group at bootstrap (default: `expectedTrainers` divided by the number of
 //! groups of the ring channel, rounded up).
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use fledge_channel::{Channel, ChannelManager, Kind};
+use fledge_channel::{Channel, Kind};
 use fledge_types::{TaskConfig, TaskId};
 use serde_json::Value;
 
-use crate::app::AppFactory;
+use crate::app::{AppNeed, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
-use crate::metrics::Reporter;
-use crate::registry::Registry;
+use crate::protocol::{
+    Command, METRICS, NUM_SAMPLES, await_upload_permit, peer_left, upload_grants,
+};
+use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::ring::{self, RingCtx};
-use crate::roles::trainer::{COMMAND, INIT_MODEL, await_upload_permit, upload_grants};
 use crate::roles::{Common, RoleKind, tags};
-use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result, Weights};
 
 /// The built-in name of the hybrid trainer.
@@ -92,18 +89,12 @@ fn group_size(config: &TaskConfig) -> Result<usize> {
 impl HybridCtx {
     /// A hybrid trainer over joined `channels`: a self-loop channel for the group and a
     /// `fetch`/`upload` channel to the aggregator.
-    pub fn new(
-        config: TaskConfig,
-        channels: ChannelManager,
-        app: Box<dyn crate::app::TrainerApp>,
-        registry: Arc<dyn Registry>,
-        reporter: Reporter,
-    ) -> Result<HybridCtx> {
-        let fetch = channels.by_tag(tags::FETCH)?.clone();
-        let upload = channels.by_tag(tags::UPLOAD)?.clone();
-        let common = Common::from_config(&config)?;
-        let expected = group_size(&config)?;
-        let mut ring = RingCtx::new(config, channels, app, registry, reporter)?;
+    pub fn new(io: TaskIo, app: Box<dyn crate::app::TrainerApp>) -> Result<HybridCtx> {
+        let fetch = io.channels.by_tag(tags::FETCH)?.clone();
+        let upload = io.channels.by_tag(tags::UPLOAD)?.clone();
+        let common = Common::from_config(&io.config)?;
+        let expected = group_size(&io.config)?;
+        let mut ring = RingCtx::new(io, app)?;
         ring.expected = expected;
         Ok(HybridCtx {
             ring,
@@ -119,23 +110,13 @@ impl HybridCtx {
     }
 
     fn config(&self) -> &TaskConfig {
-        &self.ring.config
+        &self.ring.io.config
     }
 
     fn aggregator(&self) -> Result<TaskId> {
         self.aggregator
             .clone()
             .ok_or_else(|| Error::Config("trainer has not joined an aggregator".to_owned()))
-    }
-}
-
-fn peer_left(e: fledge_channel::Error) -> Error {
-    match e {
-        fledge_channel::Error::EndLeft { end, channel }
-        | fledge_channel::Error::UnknownEnd { end, channel, .. } => {
-            Error::PeerLeft { peer: end, channel }
-        }
-        e => e.into(),
     }
 }
 
@@ -154,9 +135,7 @@ async fn fetch(ctx: &mut HybridCtx) -> Result<()> {
     loop {
         let message = ctx.fetch.recv(&aggregator).await.map_err(peer_left)?;
         match message.kind {
-            Kind::Control
-                if message.meta.get(COMMAND).and_then(Value::as_str) == Some(INIT_MODEL) =>
-            {
+            Kind::Control if Command::InitModel.is(&message) => {
                 let weights = ctx.ring.with_app("get_weights", |app| app.get_weights()).await?;
                 let reply = weights_message(Kind::Weights, 0, 0, &weights)?;
                 ctx.upload.send(&aggregator, reply).await.map_err(peer_left)?;
@@ -199,40 +178,64 @@ async fn upload(ctx: &mut HybridCtx) -> Result<()> {
         metrics.insert(k.clone(), Value::from(*v));
     }
     let message = weights_message(Kind::Update, ctx.round, ctx.model_version, &weights)?
-        .with_meta("num_samples", ctx.ring.outcome.num_samples)
-        .with_meta("metrics", Value::Object(metrics));
+        .with_meta(NUM_SAMPLES, ctx.ring.outcome.num_samples)
+        .with_meta(METRICS, Value::Object(metrics));
     ctx.upload.send(&aggregator, message).await.map_err(peer_left)
 }
 
 async fn report(ctx: &mut HybridCtx) -> Result<()> {
     let ring = &mut ctx.ring;
-    let mut metrics = std::mem::take(&mut ring.metrics);
+    let metrics = &mut ring.io.metrics;
     metrics.set("localSamples", ring.outcome.num_samples as f64);
     metrics.extend("train_", &ring.outcome.metrics);
     metrics.extend("", &ring.evaluation);
-    let record = metrics.finish(&ring.config.task_id, &ring.config.role, ctx.round, ring.traffic());
+    ring.io.finish_round(ctx.round);
     tracing::info!(
-        task_id = %ring.config.task_id,
+        task_id = %ring.io.config.task_id,
         round = ctx.round,
         members = ring.members.len(),
         metrics = ?ring.evaluation,
         "hybrid round done"
     );
-    if let Some(reporter) = &ring.reporter {
-        reporter.report(record.clone());
-    }
-    ring.history.push(record);
     Ok(())
 }
 
+/// Keeps the model this trainer ends with (the aggregator's final model).
 async fn finish(ctx: &mut HybridCtx) -> Result<()> {
-    // Give the transports a moment to deliver our last chunks before the connections go.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    ctx.ring.channels.close().await?;
-    if let Some(reporter) = ctx.ring.reporter.take() {
-        reporter.shutdown(Duration::from_secs(5)).await;
-    }
+    let weights = ctx.ring.with_app("get_weights", |app| app.get_weights()).await?;
+    ctx.ring.final_model = Some(weights);
     Ok(())
+}
+
+impl RoleCtx for HybridCtx {
+    fn io(&mut self) -> &mut TaskIo {
+        &mut self.ring.io
+    }
+
+    fn rounds(&mut self) -> u64 {
+        self.round
+    }
+
+    fn final_model(&mut self) -> Option<Weights> {
+        self.ring.final_model.take()
+    }
+}
+
+/// The hybrid trainer (see the module docs).
+pub struct HybridTrainer;
+
+impl Role for HybridTrainer {
+    type Ctx = HybridCtx;
+    const KIND: RoleKind = RoleKind::HybridTrainer;
+    const APP: AppNeed = AppNeed::Trainer;
+
+    fn build(io: TaskIo, app: UserApp) -> Result<HybridCtx> {
+        HybridCtx::new(io, app.trainer()?)
+    }
+
+    fn program(_ctx: &HybridCtx) -> Result<Composer<HybridCtx>> {
+        Ok(program())
+    }
 }
 
 /// The hybrid trainer program.
@@ -276,32 +279,6 @@ pub fn program() -> Composer<HybridCtx> {
                 .tasklet("report", async_tasklet(|c| boxed(report(c)))),
         )
         .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
-}
-
-/// Runs the hybrid trainer task `config` with user code from `factory`, bounded by
-/// `maxRunTime`. The summary's kind is [`RoleKind::Trainer`].
-pub async fn run(
-    config: TaskConfig,
-    factory: Arc<dyn AppFactory>,
-    opts: RunOptions,
-) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        let app =
-            factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
-        let runner::TaskIo { reporter, registry, channels } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let mut ctx = HybridCtx::new(config, channels, app, registry, reporter)?;
-        program().run(&mut ctx).await?;
-        let final_model = ctx.ring.with_app("get_weights", |app| app.get_weights()).await.ok();
-        Ok(RunSummary {
-            kind: RoleKind::Trainer,
-            rounds: ctx.round,
-            history: ctx.ring.history,
-            final_model,
-        })
-    };
-    runner::bounded(max_run_time, run).await
 }
 
 #[cfg(test)]

@@ -1,14 +1,23 @@
-//! The built-in roles, each a [`crate::composer::Composer`] program over a context.
+//! The built-in roles, each a [`crate::role::Role`] whose program is a
+//! [`crate::composer::Composer`] over its context; [`crate::table::ROLES`] lists them.
 //!
 //! - [`trainer`]: fetches the global model on its `fetch` channel, trains with user code,
 //!   uploads the update on `upload`.
 //! - [`aggregator`]: the top aggregator (distributes on `distribute`, folds updates from
 //!   `aggregate`) and the middle aggregator of a three-tier topology (a trainer towards the
 //!   top on `fetch`/`upload`, an aggregator towards its trainers).
+//! - [`fedbuff`]: asynchronous (FedBuff) top and middle aggregators; [`follow`]: a trainer
+//!   that follows the newest model of several aggregators.
+//! - [`ring`]: decentralised ring all-reduce; [`hybrid`]: ring within a group, aggregator
+//!   across groups.
+//! - [`vertical`]: split learning between feature parties and a label party.
+//! - [`coordinator`] and [`coordinated`]: a coordinator that plans each round's tree, and the
+//!   aggregators and trainers that follow its plan.
 //!
-//! Which role a task plays follows from its function tags ([`RoleKind::infer`]), as in Flame:
-//! `fetch`+`upload` only is a trainer, `distribute`+`aggregate` only is a top aggregator, and
-//! both pairs (on different channels) is a middle aggregator.
+//! Which role a task plays follows from the role name ([`crate::table::find`]) or else from
+//! its function tags ([`RoleKind::infer`]), as in Flame: `fetch`+`upload` only is a trainer,
+//! `distribute`+`aggregate` only is a top aggregator, and both pairs (on different channels)
+//! is a middle aggregator.
 
 use std::time::Duration;
 
@@ -39,28 +48,64 @@ pub mod tags {
     pub const AGGREGATE: &str = "aggregate";
 }
 
-/// The built-in role programs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The built-in roles (the rows of [`crate::table::ROLES`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RoleKind {
-    /// Trains on local data with user code.
+    /// Trains on local data with user code ([`trainer`]).
     Trainer,
-    /// The root of the aggregation tree.
+    /// The root of the synchronous aggregation tree ([`aggregator`]).
     TopAggregator,
-    /// An inner node: aggregates its trainers, reports to the top.
+    /// An inner node: aggregates its trainers, reports to the top ([`aggregator`]).
     MiddleAggregator,
+    /// The FedBuff (asynchronous) top aggregator ([`fedbuff`]).
+    AsyncAggregator,
+    /// The FedBuff middle aggregator ([`fedbuff`]).
+    AsyncMiddleAggregator,
+    /// A trainer that follows whichever aggregator sent the newest model ([`follow`]).
+    AsyncTrainer,
+    /// The trainer, made an artificial straggler when `slowTrainers` names it ([`fedbuff`]).
+    StragglerTrainer,
+    /// A peer of the ring all-reduce ([`ring`]).
+    RingTrainer,
+    /// A member of a hybrid (ring within a group, aggregator across groups) job ([`hybrid`]).
+    HybridTrainer,
+    /// The party with features and a bottom model in split learning ([`vertical`]).
+    VerticalFeatureParty,
+    /// The party with labels and the top model in split learning ([`vertical`]).
+    VerticalLabelParty,
+    /// Plans which aggregator each trainer uses per round ([`coordinator`]).
+    Coordinator,
+    /// The top aggregator under a coordinator ([`coordinated`]).
+    CoordinatedTopAggregator,
+    /// A middle aggregator under a coordinator ([`coordinated`]).
+    CoordinatedMiddleAggregator,
+    /// A trainer under a coordinator ([`coordinated`]).
+    CoordinatedTrainer,
 }
 
 impl RoleKind {
-    /// The built-in name (`trainer`, `top-aggregator`, `middle-aggregator`).
+    /// The built-in name (`trainer`, `top-aggregator`, `ring-trainer`, ...).
     pub fn name(self) -> &'static str {
         match self {
             RoleKind::Trainer => "trainer",
             RoleKind::TopAggregator => "top-aggregator",
             RoleKind::MiddleAggregator => "middle-aggregator",
+            RoleKind::AsyncAggregator => "async-aggregator",
+            RoleKind::AsyncMiddleAggregator => "async-middle-aggregator",
+            RoleKind::AsyncTrainer => "async-trainer",
+            RoleKind::StragglerTrainer => "straggler-trainer",
+            RoleKind::RingTrainer => "ring-trainer",
+            RoleKind::HybridTrainer => "hybrid-trainer",
+            RoleKind::VerticalFeatureParty => "vertical-feature-party",
+            RoleKind::VerticalLabelParty => "vertical-label-party",
+            RoleKind::Coordinator => "coordinator",
+            RoleKind::CoordinatedTopAggregator => "coordinated-top-aggregator",
+            RoleKind::CoordinatedMiddleAggregator => "coordinated-middle-aggregator",
+            RoleKind::CoordinatedTrainer => "coordinated-trainer",
         }
     }
 
-    /// The role program `config`'s function tags describe.
+    /// The role `config`'s function tags describe.
     pub fn infer(config: &TaskConfig) -> Result<RoleKind> {
         let has = |tag| config.channels_with_tag(tag).next().is_some();
         let trainer_side = has(tags::FETCH) && has(tags::UPLOAD);

@@ -34,28 +34,30 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fledge_algorithms::{Tensor, Weights};
-use fledge_channel::{Channel, ChannelManager, Kind, Message};
-use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use fledge_channel::{Channel, Kind, Message};
+use fledge_types::TaskId;
 use serde_json::Value;
 
-use crate::app::{AppFactory, TrainOutcome, TrainerApp};
+use crate::app::{AppNeed, TrainOutcome, TrainerApp, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
-use crate::metrics::{Reporter, RoundMetrics};
-use crate::registry::Registry;
-use crate::roles::trainer::COMMAND;
+use crate::metrics::RoundMetrics;
+use crate::protocol::{self, Command, peer_left};
+use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::{Common, RoleKind};
-use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result};
 
 /// The built-in name of the distributed trainer.
 pub const BUILTIN_NAME: &str = "ring-trainer";
 
-/// `command` of a member's ready message.
-pub const READY: &str = "ready";
-/// `command` of the leader's member list.
-pub const MEMBERS: &str = "members";
+/// Meta key of the leader's member list.
+const MEMBERS: &str = "members";
+
+/// Messages one peer may have stashed, not consumed yet: the channel's own per-end queue
+/// bound. A member is at most a few messages ahead of this one; a peer further ahead is
+/// flooding, a protocol error.
+const MAILBOX_PER_PEER: usize = fledge_channel::channel::DEFAULT_QUEUE_DEPTH;
 
 /// How often a waiting trainer re-checks which peers are still alive.
 const LIVENESS_POLL: Duration = Duration::from_millis(500);
@@ -78,10 +80,27 @@ impl Mailbox {
                 return Ok(self.stash.remove(pos));
             }
             match tokio::time::timeout(LIVENESS_POLL, self.channel.recv_any()).await {
-                Ok(res) => self.stash.push_back(res?),
+                Ok(res) => self.stash(res?)?,
                 Err(_) => return Ok(None),
             }
         }
+    }
+
+    /// Keeps a message for later; fails when its sender already has [`MAILBOX_PER_PEER`]
+    /// messages waiting.
+    fn stash(&mut self, (from, message): (TaskId, Message)) -> Result<()> {
+        let held = self.stash.iter().filter(|(e, _)| *e == from).count();
+        if held >= MAILBOX_PER_PEER {
+            return Err(Error::Protocol {
+                peer: from,
+                reason: format!(
+                    "{held} messages ahead of this member on channel {}; at most {MAILBOX_PER_PEER} may wait",
+                    self.channel.name()
+                ),
+            });
+        }
+        self.stash.push_back((from, message));
+        Ok(())
     }
 
     /// The first message from `from` matching `pred`; fails when `from` has left.
@@ -103,17 +122,11 @@ impl Mailbox {
     }
 }
 
-fn is_command(message: &Message, command: &str) -> bool {
-    message.kind == Kind::Control
-        && message.meta.get(COMMAND).and_then(Value::as_str) == Some(command)
-}
-
 /// State of a distributed trainer task.
 pub struct RingCtx {
-    /// The task config.
-    pub config: TaskConfig,
+    /// The task's I/O.
+    pub io: TaskIo,
     app: Arc<Mutex<Box<dyn TrainerApp>>>,
-    pub(crate) channels: ChannelManager,
     mailbox: Mailbox,
     common: Common,
     /// Trainers waited for at bootstrap (this one included).
@@ -135,28 +148,52 @@ pub struct RingCtx {
     pub(crate) outcome: TrainOutcome,
     /// Metrics of the last `evaluate`.
     pub evaluation: BTreeMap<String, f64>,
-    registry: Arc<dyn Registry>,
-    pub(crate) metrics: RoundMetrics,
-    pub(crate) reporter: Option<Reporter>,
-    /// Every round's record.
-    pub history: Vec<MetricRecord>,
+    /// The model this task ends with (set by `finish`).
+    pub(crate) final_model: Option<Weights>,
+}
+
+impl RoleCtx for RingCtx {
+    fn io(&mut self) -> &mut TaskIo {
+        &mut self.io
+    }
+
+    fn rounds(&mut self) -> u64 {
+        self.round
+    }
+
+    fn final_model(&mut self) -> Option<Weights> {
+        self.final_model.take()
+    }
+}
+
+/// The ring all-reduce trainer (see the module docs).
+pub struct RingTrainer;
+
+impl Role for RingTrainer {
+    type Ctx = RingCtx;
+    const KIND: RoleKind = RoleKind::RingTrainer;
+    const APP: AppNeed = AppNeed::Trainer;
+
+    fn build(io: TaskIo, app: UserApp) -> Result<RingCtx> {
+        RingCtx::new(io, app.trainer()?)
+    }
+
+    fn program(_ctx: &RingCtx) -> Result<Composer<RingCtx>> {
+        Ok(program())
+    }
 }
 
 impl Context for RingCtx {
     fn record_time(&mut self, alias: &str, seconds: f64) {
-        self.metrics.add(format!("seconds.{alias}"), seconds);
+        self.io.record_time(alias, seconds);
     }
 }
 
 impl RingCtx {
-    /// A distributed trainer over joined `channels` (one must be a self-loop) running `app`.
-    pub fn new(
-        config: TaskConfig,
-        channels: ChannelManager,
-        app: Box<dyn TrainerApp>,
-        registry: Arc<dyn Registry>,
-        reporter: Reporter,
-    ) -> Result<RingCtx> {
+    /// A distributed trainer over the task's `io` (one channel must be a self-loop) running
+    /// `app`.
+    pub fn new(io: TaskIo, app: Box<dyn TrainerApp>) -> Result<RingCtx> {
+        let (config, channels) = (&io.config, &io.channels);
         let spec = config.channels.iter().find(|c| c.is_self_loop()).ok_or_else(|| {
             Error::Config(format!(
                 "role {:?} has no self-loop channel (pair [{0:?}, {0:?}]) for ring all-reduce",
@@ -167,14 +204,13 @@ impl RingCtx {
             .get(&spec.name)
             .ok_or_else(|| Error::Config(format!("channel {} was not joined", spec.name)))?
             .clone();
-        let common = Common::from_config(&config)?;
+        let common = Common::from_config(config)?;
         let h = &config.hyperparameters;
         let rounds = hyper::uint(h, names::ROUNDS, 1, 1)?;
         let expected = hyper::uint(h, names::EXPECTED_TRAINERS, 1, 1)? as usize;
         Ok(RingCtx {
-            config,
+            io,
             app: Arc::new(Mutex::new(app)),
-            channels,
             mailbox: Mailbox { channel, stash: VecDeque::new() },
             common,
             expected,
@@ -187,15 +223,12 @@ impl RingCtx {
             previous: Vec::new(),
             outcome: TrainOutcome::default(),
             evaluation: BTreeMap::new(),
-            registry,
-            metrics: RoundMetrics::default(),
-            reporter: Some(reporter),
-            history: Vec::new(),
+            final_model: None,
         })
     }
 
     fn me(&self) -> &TaskId {
-        &self.config.task_id
+        &self.io.config.task_id
     }
 
     fn channel(&self) -> &Channel {
@@ -204,10 +237,6 @@ impl RingCtx {
 
     fn is_leader(&self) -> bool {
         self.leader.as_ref() == Some(self.me())
-    }
-
-    pub(crate) fn traffic(&self) -> fledge_channel::MetricsSnapshot {
-        crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
     }
 
     pub(crate) async fn with_app<T, F>(&self, step: &'static str, f: F) -> Result<T>
@@ -225,17 +254,12 @@ impl RingCtx {
     }
 
     async fn send(&self, end: &TaskId, message: Message) -> Result<()> {
-        self.channel().send(end, message).await.map_err(|e| match e {
-            fledge_channel::Error::UnknownEnd { end, channel, .. } => {
-                Error::PeerLeft { peer: end, channel }
-            }
-            e => e.into(),
-        })
+        self.channel().send(end, message).await.map_err(peer_left)
     }
 }
 
 pub(crate) async fn initialize(ctx: &mut RingCtx) -> Result<()> {
-    let config = ctx.config.clone();
+    let config = ctx.io.config.clone();
     ctx.with_app("initialize", move |app| app.initialize(&config)).await
 }
 
@@ -278,7 +302,7 @@ pub(crate) async fn bootstrap(ctx: &mut RingCtx) -> Result<()> {
 /// weights, and announces the members. Others: say `ready` and wait for the member list.
 pub(crate) async fn membership(ctx: &mut RingCtx) -> Result<()> {
     let round = ctx.round + 1;
-    ctx.metrics = RoundMetrics::start(ctx.traffic());
+    ctx.io.metrics = RoundMetrics::start(ctx.io.traffic());
     let leader = ctx.leader.clone().expect("bootstrap sets the leader");
     if ctx.is_leader() {
         let mut waiting: BTreeSet<TaskId> =
@@ -287,7 +311,7 @@ pub(crate) async fn membership(ctx: &mut RingCtx) -> Result<()> {
         let mut newcomers: BTreeSet<TaskId> = BTreeSet::new();
         loop {
             // Newcomers that asked already are admitted without waiting for them.
-            let got = ctx.mailbox.poll(|_, m| is_command(m, READY)).await?;
+            let got = ctx.mailbox.poll(|_, m| Command::Ready.is(m)).await?;
             match got {
                 Some((end, m)) if m.round == 0 => {
                     waiting.remove(&end);
@@ -324,8 +348,7 @@ pub(crate) async fn membership(ctx: &mut RingCtx) -> Result<()> {
         members.push(ctx.me().clone());
         members.sort();
         let list = Value::from(members.iter().map(|e| Value::from(e.as_str())).collect::<Vec<_>>());
-        let message =
-            Message::new(Kind::Control, round).with_meta(COMMAND, MEMBERS).with_meta(MEMBERS, list);
+        let message = Command::Members.message(round).with_meta(MEMBERS, list);
         for end in members.iter().filter(|e| *e != ctx.me()) {
             ctx.send(end, message.clone()).await?;
         }
@@ -333,7 +356,7 @@ pub(crate) async fn membership(ctx: &mut RingCtx) -> Result<()> {
         ctx.round = round;
     } else {
         let asked = if ctx.synced { round } else { 0 };
-        ctx.send(&leader, Message::new(Kind::Control, asked).with_meta(COMMAND, READY)).await?;
+        ctx.send(&leader, Command::Ready.message(asked)).await?;
         if !ctx.synced {
             let m = ctx
                 .mailbox
@@ -344,14 +367,22 @@ pub(crate) async fn membership(ctx: &mut RingCtx) -> Result<()> {
                 ctx.done = true;
                 return Ok(());
             }
+            let previous = protocol::round_before(&leader, &m)?;
             let weights = tensors_to_weights(&m.tensors)?;
+            for t in weights.tensors() {
+                protocol::check_finite(
+                    &leader,
+                    &format!("the group's model ({})", t.name()),
+                    t.data(),
+                )?;
+            }
             ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
             ctx.synced = true;
-            ctx.round = m.round - 1;
+            ctx.round = previous;
             tracing::info!(task_id = %ctx.me(), round = m.round, "received the group's model");
         }
         let round = ctx.round + 1;
-        let m = ctx.mailbox.take(&leader, |m| is_command(m, MEMBERS) && m.round == round).await?;
+        let m = ctx.mailbox.take(&leader, |m| Command::Members.is(m) && m.round == round).await?;
         let members = m
             .meta
             .get(MEMBERS)
@@ -366,7 +397,7 @@ pub(crate) async fn membership(ctx: &mut RingCtx) -> Result<()> {
         ctx.round = round;
     }
     ctx.previous = ctx.members.clone();
-    ctx.metrics.set("members", ctx.members.len() as f64);
+    ctx.io.metrics.set("members", ctx.members.len() as f64);
     Ok(())
 }
 
@@ -436,6 +467,7 @@ async fn ring_allreduce(ctx: &mut RingCtx, values: &mut [f32]) -> Result<()> {
                 })?
                 .to_f32_vec()
                 .map_err(|e| Error::Tensors(format!("ring chunk: {e}")))?;
+            protocol::check_finite(&prev, &format!("{phase} step {step} chunk"), &data)?;
             if data.len() != range.len() {
                 return Err(Error::Protocol {
                     peer: prev.clone(),
@@ -492,7 +524,7 @@ pub(crate) async fn allreduce(ctx: &mut RingCtx) -> Result<()> {
     let mut values = flatten(&local, ctx.outcome.num_samples as f32);
     ring_allreduce(ctx, &mut values).await?;
     let mean = unflatten(&local, &values)?;
-    ctx.metrics.set("numSamples", f64::from(values[values.len() - 1]));
+    ctx.io.metrics.set("numSamples", f64::from(values[values.len() - 1]));
     ctx.with_app("set_weights", move |app| app.set_weights(&mean)).await
 }
 
@@ -502,40 +534,37 @@ pub(crate) async fn evaluate(ctx: &mut RingCtx) -> Result<()> {
 }
 
 async fn report(ctx: &mut RingCtx) -> Result<()> {
-    let mut metrics = std::mem::take(&mut ctx.metrics);
+    let mut metrics = std::mem::take(&mut ctx.io.metrics);
     metrics.set("localSamples", ctx.outcome.num_samples as f64);
     metrics.extend("train_", &ctx.outcome.metrics);
     metrics.extend("", &ctx.evaluation);
-    let record = metrics.finish(ctx.me(), &ctx.config.role, ctx.round, ctx.traffic());
+    let record = metrics.finish(ctx.me(), &ctx.io.config.role, ctx.round, ctx.io.traffic());
     tracing::info!(task_id = %ctx.me(), round = ctx.round, members = ctx.members.len(), metrics = ?ctx.evaluation, "ring round done");
     if ctx.is_leader() {
         let (registry, job, rec) =
-            (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
+            (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), record.clone());
         tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
     }
-    if let Some(reporter) = &ctx.reporter {
-        reporter.report(record.clone());
-    }
-    ctx.history.push(record);
+    ctx.io.report(record);
     ctx.done = ctx.round >= ctx.rounds;
     Ok(())
 }
 
 async fn finish(ctx: &mut RingCtx) -> Result<()> {
+    let weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
+    ctx.final_model = Some(weights.clone());
     if ctx.is_leader() {
-        let weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
-        let (registry, job) = (ctx.registry.clone(), ctx.config.job.id.clone());
+        let (registry, job) = (ctx.io.registry.clone(), ctx.io.config.job.id.clone());
         let path =
             tokio::task::spawn_blocking(move || registry.save_final(&job, &weights)).await??;
         tracing::info!(path = %path.display(), "final model saved");
         // Trainers that asked to join too late are told to stop.
         while let Some((end, _)) =
-            ctx.mailbox.poll(|_, m| is_command(m, READY) && m.round == 0).await?
+            ctx.mailbox.poll(|_, m| Command::Ready.is(m) && m.round == 0).await?
         {
             let _ = ctx.send(&end, Message::new(Kind::EndOfTraining, ctx.round)).await;
         }
     }
-    crate::runner::close_io(&ctx.channels, ctx.reporter.take(), true).await?;
     Ok(())
 }
 
@@ -558,32 +587,6 @@ pub fn program() -> Composer<RingCtx> {
         .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
 }
 
-/// Runs the distributed trainer task `config` with user code from `factory`, bounded by
-/// `maxRunTime`. The summary's kind is [`RoleKind::Trainer`].
-pub async fn run(
-    config: TaskConfig,
-    factory: Arc<dyn AppFactory>,
-    opts: RunOptions,
-) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        let app =
-            factory.trainer(&config).map_err(|source| Error::App { step: "create", source })?;
-        let runner::TaskIo { reporter, registry, channels } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let mut ctx = RingCtx::new(config, channels, app, registry, reporter)?;
-        program().run(&mut ctx).await?;
-        let final_model = ctx.with_app("get_weights", |app| app.get_weights()).await.ok();
-        Ok(RunSummary {
-            kind: RoleKind::Trainer,
-            rounds: ctx.round,
-            history: ctx.history,
-            final_model,
-        })
-    };
-    runner::bounded(max_run_time, run).await
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -592,7 +595,10 @@ pub(crate) mod tests {
     use fledge_types::{ChannelSpec, DatasetRef, GroupBy};
 
     use super::*;
-    use crate::runner::JobPlan;
+    use crate::app::AppFactory;
+    use crate::plan::JobPlan;
+    use crate::role::{RunOptions, RunSummary, run};
+    use fledge_types::TaskConfig;
 
     /// Exact toy app. Dataset url `target:num_samples[:w0]`; each round pulls the weight
     /// halfway to the target; `trained` counts rounds trained by every app of a factory.
@@ -673,6 +679,22 @@ pub(crate) mod tests {
             .collect()
     }
 
+    #[tokio::test]
+    async fn the_mailbox_holds_at_most_a_queue_of_messages_per_peer() {
+        let opts = fledge_channel::ChannelOptions::new("j", "ring", "g", "t0", "r", "r");
+        let channel = Channel::open(opts, fledge_channel::Backend::Local(LocalHub::new()))
+            .await
+            .expect("open");
+        let mut mailbox = Mailbox { channel, stash: VecDeque::new() };
+        let (peer, other) = (TaskId::from("t1"), TaskId::from("t2"));
+        for round in 0..MAILBOX_PER_PEER as u64 {
+            mailbox.stash((peer.clone(), Message::new(Kind::Update, round))).expect("within");
+        }
+        mailbox.stash((other, Message::new(Kind::Update, 0))).expect("each peer has its bound");
+        let err = mailbox.stash((peer, Message::new(Kind::Update, 99))).unwrap_err().to_string();
+        assert!(err.contains("t1") && err.contains("at most 64"), "{err}");
+    }
+
     fn opts(hub: &LocalHub, dir: &std::path::Path) -> RunOptions {
         RunOptions {
             workdir: dir.to_owned(),
@@ -697,13 +719,14 @@ pub(crate) mod tests {
         let mut set = tokio::task::JoinSet::new();
         for config in configs {
             let (factory, opts) = (factory.clone(), opts(&hub, dir.path()));
-            set.spawn(async move { run(config, factory, opts).await });
+            set.spawn(async move { run::<RingTrainer>(config, factory, opts).await });
         }
         // Join once the first two have trained two rounds each.
         while factory.trained.load(Ordering::SeqCst) < 4 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let late_run = tokio::spawn(run(late, factory.clone(), opts(&hub, dir.path())));
+        let late_run =
+            tokio::spawn(run::<RingTrainer>(late, factory.clone(), opts(&hub, dir.path())));
         let mut runs: Vec<RunSummary> = Vec::new();
         while let Some(res) = set.join_next().await {
             runs.push(res.expect("join").expect("early trainer runs"));
@@ -734,9 +757,13 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let plan = JobPlan::local("no-ring", vec!["1:1".to_owned()]);
         let config = plan.configs().expect("configs").remove(1);
-        let err = run(config, Arc::new(MeanFactory::default()), opts(&LocalHub::new(), dir.path()))
-            .await
-            .expect_err("no self-loop");
+        let err = run::<RingTrainer>(
+            config,
+            Arc::new(MeanFactory::default()),
+            opts(&LocalHub::new(), dir.path()),
+        )
+        .await
+        .expect_err("no self-loop");
         assert!(err.to_string().contains("self-loop"), "{err}");
     }
 

@@ -6,12 +6,12 @@
 //! initialize, load_data, join,
 //! loop rounds until end-of-training {
 //!     fetch, evaluate_received, train, evaluate, upload, report
-//! },
-//! finish
+//! }
 //! ```
 //!
 //! `evaluate_received` evaluates the model of the round before local training
 //! (`beforeTraining.*` metrics), `evaluate` the locally trained one (`afterTraining.*`).
+//! [`Trainer`] is the role; the runner ([`crate::role::run`]) closes its I/O afterwards.
 //!
 //! `fetch` also answers the aggregator's `init_model` request (when the job has no base model
 //! the aggregator asks one trainer for its initial weights) and ends the loop on
@@ -20,74 +20,26 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use fledge_channel::{Channel, ChannelManager, Kind, Message};
-use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use fledge_channel::{Channel, Kind, Message};
+use fledge_types::TaskId;
 use serde_json::Value;
 
-use crate::app::{TrainOutcome, TrainerApp};
+use crate::app::{AppNeed, TrainOutcome, TrainerApp, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
-use crate::metrics::{AFTER_TRAINING, BEFORE_TRAINING, Reporter, RoundMetrics};
-use crate::roles::{Common, tags};
+use crate::metrics::{AFTER_TRAINING, BEFORE_TRAINING, RoundMetrics};
+use crate::protocol::{
+    Command, METRICS, NUM_SAMPLES, await_upload_permit, peer_left, upload_grants,
+};
+use crate::role::{Role, RoleCtx, TaskIo};
+use crate::roles::{Common, RoleKind, tags};
 use crate::{Error, Result, Weights};
-
-/// Meta key of control commands.
-pub const COMMAND: &str = "command";
-/// The aggregator asks for the trainer's initial weights.
-pub const INIT_MODEL: &str = "init_model";
-/// A trainer tells the aggregator its update is ready (with `maxConcurrentUploads`).
-pub const READY: &str = "ready";
-/// The aggregator lets a trainer upload now (with `maxConcurrentUploads`).
-pub const UPLOAD: &str = "upload";
-
-/// Meta key of a `Weights` message: how many uploads its sender grants at once this round;
-/// 0 or absent means no grants (upload as soon as trained).
-pub const UPLOAD_GRANTS: &str = "uploadGrants";
-
-/// The upload grants a `Weights` message announces (see [`UPLOAD_GRANTS`]).
-pub(crate) fn upload_grants(message: &Message) -> u64 {
-    message.meta.get(UPLOAD_GRANTS).and_then(Value::as_u64).unwrap_or(0)
-}
-
-/// When the aggregator grants uploads (`grants` > 0, from its last `Weights` message),
-/// announces `ready` for `round` to `peer` on `upload` and waits on `fetch` for its `upload`
-/// grant; returns at once otherwise.
-pub(crate) async fn await_upload_permit(
-    grants: u64,
-    fetch: &Channel,
-    upload: &Channel,
-    peer: &TaskId,
-    round: u64,
-) -> Result<()> {
-    if grants == 0 {
-        return Ok(());
-    }
-    let ready = Message::new(Kind::Control, round).with_meta(COMMAND, READY);
-    upload.send(peer, ready).await?;
-    loop {
-        let message = match fetch.recv(peer).await {
-            Ok(m) => m,
-            Err(fledge_channel::Error::EndLeft { end, channel }) => {
-                return Err(Error::PeerLeft { peer: end, channel });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if message.kind == Kind::Control
-            && message.round == round
-            && message.meta.get(COMMAND).and_then(Value::as_str) == Some(UPLOAD)
-        {
-            return Ok(());
-        }
-        tracing::warn!(kind = ?message.kind, round = message.round, "ignored while waiting for the upload grant");
-    }
-}
 
 /// State of a trainer task.
 pub struct TrainerCtx {
-    /// The task config.
-    pub config: TaskConfig,
+    /// The task's I/O.
+    pub io: TaskIo,
     app: Arc<Mutex<Box<dyn TrainerApp>>>,
-    channels: ChannelManager,
     fetch: Channel,
     upload: Channel,
     common: Common,
@@ -108,33 +60,52 @@ pub struct TrainerCtx {
     pub received_evaluation: BTreeMap<String, f64>,
     /// Upload grants the aggregator announced with the model being trained.
     upload_grants: u64,
-    metrics: RoundMetrics,
-    reporter: Option<Reporter>,
-    /// Every round's record.
-    pub history: Vec<MetricRecord>,
 }
 
 impl Context for TrainerCtx {
     fn record_time(&mut self, alias: &str, seconds: f64) {
-        self.metrics.add(format!("seconds.{alias}"), seconds);
+        self.io.record_time(alias, seconds);
+    }
+}
+
+impl RoleCtx for TrainerCtx {
+    fn io(&mut self) -> &mut TaskIo {
+        &mut self.io
+    }
+
+    fn rounds(&mut self) -> u64 {
+        self.round
+    }
+}
+
+/// The trainer role (see the module docs).
+pub struct Trainer;
+
+impl Role for Trainer {
+    type Ctx = TrainerCtx;
+    const KIND: RoleKind = RoleKind::Trainer;
+    const APP: AppNeed = AppNeed::Trainer;
+    // Its last message is an update the aggregator has already received.
+    const LINGER: bool = false;
+
+    fn build(io: TaskIo, app: UserApp) -> Result<TrainerCtx> {
+        TrainerCtx::new(io, app.trainer()?)
+    }
+
+    fn program(_ctx: &TrainerCtx) -> Result<Composer<TrainerCtx>> {
+        Ok(program())
     }
 }
 
 impl TrainerCtx {
-    /// A trainer over joined `channels` running `app`.
-    pub fn new(
-        config: TaskConfig,
-        channels: ChannelManager,
-        app: Box<dyn TrainerApp>,
-        reporter: Reporter,
-    ) -> Result<TrainerCtx> {
-        let fetch = channels.by_tag(tags::FETCH)?.clone();
-        let upload = channels.by_tag(tags::UPLOAD)?.clone();
-        let common = Common::from_config(&config)?;
+    /// A trainer over the task's `io` running `app`.
+    pub fn new(io: TaskIo, app: Box<dyn TrainerApp>) -> Result<TrainerCtx> {
+        let fetch = io.channels.by_tag(tags::FETCH)?.clone();
+        let upload = io.channels.by_tag(tags::UPLOAD)?.clone();
+        let common = Common::from_config(&io.config)?;
         Ok(TrainerCtx {
-            config,
+            io,
             app: Arc::new(Mutex::new(app)),
-            channels,
             fetch,
             upload,
             common,
@@ -146,14 +117,7 @@ impl TrainerCtx {
             evaluation: BTreeMap::new(),
             received_evaluation: BTreeMap::new(),
             upload_grants: 0,
-            metrics: RoundMetrics::default(),
-            reporter: Some(reporter),
-            history: Vec::new(),
         })
-    }
-
-    fn traffic(&self) -> fledge_channel::MetricsSnapshot {
-        crate::metrics::total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
     }
 
     /// Runs `f` on the app on a blocking thread.
@@ -179,7 +143,7 @@ impl TrainerCtx {
 }
 
 async fn initialize(ctx: &mut TrainerCtx) -> Result<()> {
-    let config = ctx.config.clone();
+    let config = ctx.io.config.clone();
     ctx.with_app("initialize", move |app| app.initialize(&config)).await
 }
 
@@ -190,7 +154,7 @@ async fn load_data(ctx: &mut TrainerCtx) -> Result<()> {
 async fn join(ctx: &mut TrainerCtx) -> Result<()> {
     let ends = ctx.fetch.await_join(ctx.common.join_timeout).await?;
     let aggregator = ends.into_iter().next().expect("await_join returns at least one end");
-    tracing::info!(task_id = %ctx.config.task_id, %aggregator, "joined aggregator");
+    tracing::info!(task_id = %ctx.io.config.task_id, %aggregator, "joined aggregator");
     ctx.aggregator = Some(aggregator);
     Ok(())
 }
@@ -198,21 +162,13 @@ async fn join(ctx: &mut TrainerCtx) -> Result<()> {
 async fn fetch(ctx: &mut TrainerCtx) -> Result<()> {
     let aggregator = ctx.aggregator()?;
     loop {
-        let message = match ctx.fetch.recv(&aggregator).await {
-            Ok(m) => m,
-            Err(fledge_channel::Error::EndLeft { end, channel }) => {
-                return Err(Error::PeerLeft { peer: end, channel });
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let message = ctx.fetch.recv(&aggregator).await.map_err(peer_left)?;
         match message.kind {
-            Kind::Control
-                if message.meta.get(COMMAND).and_then(Value::as_str) == Some(INIT_MODEL) =>
-            {
+            Kind::Control if Command::InitModel.is(&message) => {
                 let weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
                 let reply = weights_message(Kind::Weights, 0, 0, &weights)?;
-                ctx.upload.send(&aggregator, reply).await?;
-                tracing::info!(task_id = %ctx.config.task_id, "sent initial model to aggregator");
+                ctx.upload.send(&aggregator, reply).await.map_err(peer_left)?;
+                tracing::info!(task_id = %ctx.io.config.task_id, "sent initial model to aggregator");
             }
             Kind::Weights => {
                 let weights = tensors_to_weights(&message.tensors)?;
@@ -220,10 +176,10 @@ async fn fetch(ctx: &mut TrainerCtx) -> Result<()> {
                 ctx.round = message.round;
                 ctx.model_version = message.model_version;
                 ctx.upload_grants = upload_grants(&message);
-                let mut metrics = RoundMetrics::start(ctx.traffic());
+                let mut metrics = RoundMetrics::start(ctx.io.traffic());
                 // Keep the time spent waiting for this model.
-                metrics.values = std::mem::take(&mut ctx.metrics.values);
-                ctx.metrics = metrics;
+                metrics.values = std::mem::take(&mut ctx.io.metrics.values);
+                ctx.io.metrics = metrics;
                 return Ok(());
             }
             Kind::EndOfTraining => {
@@ -231,12 +187,12 @@ async fn fetch(ctx: &mut TrainerCtx) -> Result<()> {
                     let weights = tensors_to_weights(&message.tensors)?;
                     ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
                 }
-                tracing::info!(task_id = %ctx.config.task_id, round = message.round, "end of training");
+                tracing::info!(task_id = %ctx.io.config.task_id, round = message.round, "end of training");
                 ctx.done = true;
                 return Ok(());
             }
             other => {
-                tracing::warn!(task_id = %ctx.config.task_id, kind = ?other, "unexpected message ignored");
+                tracing::warn!(task_id = %ctx.io.config.task_id, kind = ?other, "unexpected message ignored");
             }
         }
     }
@@ -282,40 +238,25 @@ async fn upload(ctx: &mut TrainerCtx) -> Result<()> {
         metrics.insert(format!("{AFTER_TRAINING}{k}"), Value::from(*v));
     }
     let message: Message = weights_message(Kind::Update, ctx.round, ctx.model_version, &weights)?
-        .with_meta("num_samples", ctx.outcome.num_samples)
-        .with_meta("metrics", Value::Object(metrics));
-    match ctx.upload.send(&aggregator, message).await {
-        Ok(()) => Ok(()),
-        Err(fledge_channel::Error::UnknownEnd { end, channel, .. }) => {
-            Err(Error::PeerLeft { peer: end, channel })
-        }
-        Err(e) => Err(e.into()),
-    }
+        .with_meta(NUM_SAMPLES, ctx.outcome.num_samples)
+        .with_meta(METRICS, Value::Object(metrics));
+    ctx.upload.send(&aggregator, message).await.map_err(peer_left)
 }
 
 async fn report(ctx: &mut TrainerCtx) -> Result<()> {
-    let mut metrics = std::mem::take(&mut ctx.metrics);
+    let metrics = &mut ctx.io.metrics;
     metrics.set("numSamples", ctx.outcome.num_samples as f64);
     metrics.extend("train_", &ctx.outcome.metrics);
     metrics.extend(BEFORE_TRAINING, &ctx.received_evaluation);
     metrics.extend(AFTER_TRAINING, &ctx.evaluation);
-    let record = metrics.finish(&ctx.config.task_id, &ctx.config.role, ctx.round, ctx.traffic());
+    ctx.io.finish_round(ctx.round);
     tracing::info!(
-        task_id = %ctx.config.task_id,
+        task_id = %ctx.io.config.task_id,
         round = ctx.round,
         samples = ctx.outcome.num_samples,
         metrics = ?ctx.evaluation,
         "round trained"
     );
-    if let Some(reporter) = &ctx.reporter {
-        reporter.report(record.clone());
-    }
-    ctx.history.push(record);
-    Ok(())
-}
-
-async fn finish(ctx: &mut TrainerCtx) -> Result<()> {
-    crate::runner::close_io(&ctx.channels, ctx.reporter.take(), false).await?;
     Ok(())
 }
 
@@ -336,5 +277,4 @@ pub fn program() -> Composer<TrainerCtx> {
                 .tasklet("upload", async_tasklet(|c| boxed(upload(c))))
                 .tasklet("report", async_tasklet(|c| boxed(report(c)))),
         )
-        .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
 }

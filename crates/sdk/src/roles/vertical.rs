@@ -46,19 +46,20 @@ use std::time::Duration;
 
 use fledge_algorithms::Weights;
 use fledge_channel::{Channel, ChannelManager, Kind, Message};
-use fledge_types::{MetricRecord, TaskConfig, TaskId};
+use fledge_types::{TaskConfig, TaskId};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde_json::Value;
 
+use crate::app::{AppNeed, UserApp};
+pub use crate::app::{Embedding, FeatureApp, LabelApp, Split, StepOutcome};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::hyper;
-use crate::metrics::{Reporter, RoundMetrics};
-use crate::registry::Registry;
-use crate::roles::trainer::COMMAND;
+use crate::metrics::RoundMetrics;
+use crate::protocol::{Command, peer_left};
+use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::{Common, RoleKind, tags};
-use crate::runner::{self, RunOptions, RunSummary};
 use crate::{Error, Result};
 
 /// The built-in name of the feature party.
@@ -79,106 +80,8 @@ pub mod names {
 }
 
 const IDS: &str = "ids";
-const ALIGN: &str = "align";
-const ABORT: &str = "abort";
-const EMBED: &str = "embed";
+/// Tensor name of a gradient.
 const GRADIENT: &str = "gradient";
-
-/// Which aligned rows a request is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    /// Training rows (the party keeps what its backward pass needs).
-    Train,
-    /// Held-out rows (no backward pass follows).
-    Test,
-}
-
-impl Split {
-    fn word(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Test => "test",
-        }
-    }
-
-    fn parse(word: &str) -> Option<Split> {
-        match word {
-            "train" => Some(Split::Train),
-            "test" => Some(Split::Test),
-            _ => None,
-        }
-    }
-}
-
-/// A batch of embeddings (or of their gradients): `rows × dim` values, row-major.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Embedding {
-    /// Values per row.
-    pub dim: usize,
-    /// `rows * dim` values.
-    pub values: Vec<f32>,
-}
-
-impl Embedding {
-    /// Number of rows.
-    pub fn rows(&self) -> usize {
-        self.values.len().checked_div(self.dim).unwrap_or(0)
-    }
-}
-
-/// User code of a feature party: its table and its bottom model. Methods are synchronous;
-/// the role calls them on a blocking thread.
-pub trait FeatureApp: Send + 'static {
-    /// Reads hyperparameters, loads this party's table (`config.dataset`), builds the bottom
-    /// model; returns the sample ids the table holds.
-    fn load(&mut self, config: &TaskConfig) -> anyhow::Result<Vec<String>>;
-    /// Values per embedding row.
-    fn embedding_dim(&self) -> usize;
-    /// Keeps the rows of `train` then `test` (every id is in the table), in that order, and
-    /// standardises the columns with statistics of the `train` rows only.
-    fn align(&mut self, train: &[String], test: &[String]) -> anyhow::Result<()>;
-    /// Embeddings of aligned rows `rows` of `split`. For [`Split::Train`] the app keeps what
-    /// [`FeatureApp::backward`] needs.
-    fn embed(&mut self, split: Split, rows: &[usize]) -> anyhow::Result<Embedding>;
-    /// Back-propagates the gradient of the loss with respect to the last train embedding and
-    /// steps the bottom model.
-    fn backward(&mut self, gradient: &Embedding) -> anyhow::Result<()>;
-    /// The bottom model's weights.
-    fn weights(&self) -> anyhow::Result<Weights>;
-}
-
-/// What one training step of the label party produced.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepOutcome {
-    /// Mean loss of the batch.
-    pub loss: f64,
-    /// Gradient of that loss with respect to each party's embedding, in the order given.
-    pub gradients: Vec<Embedding>,
-}
-
-/// User code of the label party: its labelled table (maybe with columns of its own), the top
-/// model and the loss. Methods are synchronous; the role calls them on a blocking thread.
-pub trait LabelApp: Send + 'static {
-    /// Reads hyperparameters and loads this party's labelled table; returns its sample ids.
-    fn load(&mut self, config: &TaskConfig) -> anyhow::Result<Vec<String>>;
-    /// Keeps the rows of `train` then `test` in that order, and builds the top model over
-    /// embeddings of `dims` values from the feature parties (in the order of later calls).
-    fn align(&mut self, train: &[String], test: &[String], dims: &[usize]) -> anyhow::Result<()>;
-    /// One optimisation step on train rows `rows` given the parties' embeddings of them.
-    fn train_step(
-        &mut self,
-        rows: &[usize],
-        embeddings: &[Embedding],
-    ) -> anyhow::Result<StepOutcome>;
-    /// Metrics (e.g. `loss`, `accuracy`) on test rows `rows` given their embeddings.
-    fn evaluate(
-        &mut self,
-        rows: &[usize],
-        embeddings: &[Embedding],
-    ) -> anyhow::Result<BTreeMap<String, f64>>;
-    /// The top model's weights (and those of the party's own bottom model, if any).
-    fn weights(&self) -> anyhow::Result<Weights>;
-}
 
 /// The ids held by the label party and by every feature party, sorted. Fails when a list has
 /// a duplicate or when fewer than two ids are shared (nothing to train and test on), naming
@@ -234,10 +137,6 @@ fn strings_value(ids: &[String]) -> Value {
     Value::from(ids.iter().map(|i| Value::from(i.as_str())).collect::<Vec<_>>())
 }
 
-fn is_command(m: &Message, command: &str) -> bool {
-    m.kind == Kind::Control && m.meta.get(COMMAND).and_then(Value::as_str) == Some(command)
-}
-
 fn tensor_of(e: &Embedding) -> Result<fledge_channel::Tensor> {
     fledge_channel::Tensor::from_f32(vec![e.rows(), e.dim], &e.values)
         .map_err(|err| Error::Tensors(format!("embedding: {err}")))
@@ -289,19 +188,13 @@ fn channel_by_tag(channels: &ChannelManager, config: &TaskConfig, tag: &str) -> 
     })
 }
 
-fn traffic(channels: &ChannelManager) -> fledge_channel::MetricsSnapshot {
-    crate::metrics::total_traffic(channels.channels().map(|c| c.metrics().snapshot()))
-}
-
 /// State of a feature party task.
 pub struct FeatureCtx {
-    /// The task config.
-    pub config: TaskConfig,
+    /// The task's I/O.
+    pub io: TaskIo,
     app: Arc<Mutex<Box<dyn FeatureApp>>>,
-    channels: ChannelManager,
     channel: Channel,
     common: Common,
-    registry: Arc<dyn Registry>,
     label: Option<TaskId>,
     ids: Vec<String>,
     /// The round being served (an epoch of the label party).
@@ -310,46 +203,66 @@ pub struct FeatureCtx {
     pub done: bool,
     steps: u64,
     rows: u64,
-    metrics: RoundMetrics,
-    reporter: Option<Reporter>,
-    /// Every round's record.
-    pub history: Vec<MetricRecord>,
+    /// The bottom model, once trained.
+    final_model: Option<Weights>,
+}
+
+impl RoleCtx for FeatureCtx {
+    fn io(&mut self) -> &mut TaskIo {
+        &mut self.io
+    }
+
+    fn rounds(&mut self) -> u64 {
+        self.round
+    }
+
+    fn final_model(&mut self) -> Option<Weights> {
+        self.final_model.take()
+    }
+}
+
+/// The feature party of split learning (see the module docs).
+pub struct FeatureParty;
+
+impl Role for FeatureParty {
+    type Ctx = FeatureCtx;
+    const KIND: RoleKind = RoleKind::VerticalFeatureParty;
+    const APP: AppNeed = AppNeed::FeatureParty;
+    const LINGER: bool = false;
+
+    fn build(io: TaskIo, app: UserApp) -> Result<FeatureCtx> {
+        FeatureCtx::new(io, app.feature_party()?)
+    }
+
+    fn program(_ctx: &FeatureCtx) -> Result<Composer<FeatureCtx>> {
+        Ok(feature_program())
+    }
 }
 
 impl Context for FeatureCtx {
     fn record_time(&mut self, alias: &str, seconds: f64) {
-        self.metrics.add(format!("seconds.{alias}"), seconds);
+        self.io.record_time(alias, seconds);
     }
 }
 
 impl FeatureCtx {
-    /// A feature party over joined `channels` running `app`.
-    pub fn new(
-        config: TaskConfig,
-        channels: ChannelManager,
-        app: Box<dyn FeatureApp>,
-        registry: Arc<dyn Registry>,
-        reporter: Reporter,
-    ) -> Result<FeatureCtx> {
-        let channel = channel_by_tag(&channels, &config, tags::UPLOAD)?;
-        let common = Common::from_config(&config)?;
-        let metrics = RoundMetrics::start(traffic(&channels));
+    /// A feature party over the task's `io` running `app`.
+    pub fn new(mut io: TaskIo, app: Box<dyn FeatureApp>) -> Result<FeatureCtx> {
+        let channel = channel_by_tag(&io.channels, &io.config, tags::UPLOAD)?;
+        let common = Common::from_config(&io.config)?;
+        io.start_round();
         Ok(FeatureCtx {
-            config,
+            io,
             app: Arc::new(Mutex::new(app)),
-            channels,
             channel,
             common,
-            registry,
             label: None,
             ids: Vec::new(),
             round: 0,
             done: false,
             steps: 0,
             rows: 0,
-            metrics,
-            reporter: Some(reporter),
-            history: Vec::new(),
+            final_model: None,
         })
     }
 
@@ -359,12 +272,7 @@ impl FeatureCtx {
 
     /// The next message from the label party; its leaving is an error.
     async fn recv(&self) -> Result<Message> {
-        self.channel.recv(self.label()).await.map_err(|e| match e {
-            fledge_channel::Error::EndLeft { end, channel } => {
-                Error::PeerLeft { peer: end, channel }
-            }
-            e => e.into(),
-        })
+        self.channel.recv(self.label()).await.map_err(peer_left)
     }
 
     fn protocol(&self, reason: String) -> Error {
@@ -373,9 +281,9 @@ impl FeatureCtx {
 }
 
 async fn feature_load(ctx: &mut FeatureCtx) -> Result<()> {
-    let config = ctx.config.clone();
+    let config = ctx.io.config.clone();
     ctx.ids = blocking(&ctx.app, "load", move |app| app.load(&config)).await?;
-    tracing::info!(task_id = %ctx.config.task_id, samples = ctx.ids.len(), "party table loaded");
+    tracing::info!(task_id = %ctx.io.config.task_id, samples = ctx.ids.len(), "party table loaded");
     Ok(())
 }
 
@@ -392,8 +300,8 @@ async fn feature_hello(ctx: &mut FeatureCtx) -> Result<()> {
     };
     ctx.label = Some(label.clone());
     let dim = { ctx.app.lock().unwrap_or_else(|e| e.into_inner()).embedding_dim() };
-    let message = Message::new(Kind::Control, 0)
-        .with_meta(COMMAND, IDS)
+    let message = Command::Ids
+        .message(0)
         .with_meta(IDS, strings_value(&ctx.ids))
         .with_meta("embeddingDim", dim as u64);
     ctx.channel.send(label, message).await?;
@@ -402,7 +310,7 @@ async fn feature_hello(ctx: &mut FeatureCtx) -> Result<()> {
 
 async fn feature_align(ctx: &mut FeatureCtx) -> Result<()> {
     let m = ctx.recv().await?;
-    if is_command(&m, ABORT) {
+    if Command::Abort.is(&m) {
         let reason = m.meta.get("reason").and_then(Value::as_str).unwrap_or("no reason given");
         return Err(Error::Config(format!(
             "the label party {} could not align the samples: {reason}",
@@ -416,7 +324,7 @@ async fn feature_align(ctx: &mut FeatureCtx) -> Result<()> {
                 .to_owned(),
         ));
     }
-    if !is_command(&m, ALIGN) {
+    if !Command::Align.is(&m) {
         return Err(ctx.protocol(format!("expected the alignment, got {:?}", m.kind)));
     }
     let (Some(train), Some(test)) = (strings(&m, "train"), strings(&m, "test")) else {
@@ -444,14 +352,14 @@ fn rows_of(m: &Message, peer: &TaskId) -> Result<Vec<usize>> {
 
 /// Serves the label party's requests for one round: train steps, then the test embeddings.
 async fn feature_serve(ctx: &mut FeatureCtx) -> Result<()> {
-    ctx.metrics = RoundMetrics::start(traffic(&ctx.channels));
+    ctx.io.metrics = RoundMetrics::start(ctx.io.traffic());
     loop {
         let m = ctx.recv().await?;
         if m.kind == Kind::EndOfTraining {
             ctx.done = true;
             return Ok(());
         }
-        if !is_command(&m, EMBED) {
+        if !Command::Embed.is(&m) {
             return Err(ctx.protocol(format!("expected an embed request, got {:?}", m.kind)));
         }
         let split = m
@@ -476,7 +384,7 @@ async fn feature_serve(ctx: &mut FeatureCtx) -> Result<()> {
             return Ok(());
         }
         let g = ctx.recv().await?;
-        if !is_command(&g, GRADIENT)
+        if !Command::Gradient.is(&g)
             || g.round != m.round
             || g.meta.get("step").and_then(Value::as_u64) != Some(step)
         {
@@ -492,29 +400,21 @@ async fn feature_serve(ctx: &mut FeatureCtx) -> Result<()> {
 }
 
 async fn feature_report(ctx: &mut FeatureCtx) -> Result<()> {
-    let mut metrics = std::mem::take(&mut ctx.metrics);
+    let metrics = &mut ctx.io.metrics;
     metrics.set("steps", std::mem::take(&mut ctx.steps) as f64);
     metrics.set("embeddedRows", std::mem::take(&mut ctx.rows) as f64);
-    let record =
-        metrics.finish(&ctx.config.task_id, &ctx.config.role, ctx.round, traffic(&ctx.channels));
-    if let Some(reporter) = &ctx.reporter {
-        reporter.report(record.clone());
-    }
-    ctx.history.push(record);
+    ctx.io.finish_round(ctx.round);
     Ok(())
 }
 
 async fn feature_finish(ctx: &mut FeatureCtx) -> Result<()> {
-    ctx.channels.close().await?;
     let weights = blocking(&ctx.app, "weights", |app| app.weights()).await?;
-    let name = format!("{}-{}-bottom", ctx.config.job.id, ctx.config.task_id);
-    let registry = ctx.registry.clone();
-    let path =
-        tokio::task::spawn_blocking(move || registry.save_model(&name, 1, &weights)).await??;
+    let name = format!("{}-{}-bottom", ctx.io.config.job.id, ctx.io.config.task_id);
+    let registry = ctx.io.registry.clone();
+    let saved = weights.clone();
+    let path = tokio::task::spawn_blocking(move || registry.save_model(&name, 1, &saved)).await??;
+    ctx.final_model = Some(weights);
     tracing::info!(path = %path.display(), "bottom model saved");
-    if let Some(reporter) = ctx.reporter.take() {
-        reporter.shutdown(Duration::from_secs(5)).await;
-    }
     Ok(())
 }
 
@@ -536,10 +436,9 @@ pub fn feature_program() -> Composer<FeatureCtx> {
 
 /// State of a label party task.
 pub struct LabelCtx {
-    /// The task config.
-    pub config: TaskConfig,
+    /// The task's I/O.
+    pub io: TaskIo,
     app: Arc<Mutex<Box<dyn LabelApp>>>,
-    channels: ChannelManager,
     channel: Channel,
     common: Common,
     expected: usize,
@@ -562,31 +461,54 @@ pub struct LabelCtx {
     steps: u64,
     /// Metrics of the last evaluation.
     pub evaluation: BTreeMap<String, f64>,
-    registry: Arc<dyn Registry>,
-    metrics: RoundMetrics,
-    reporter: Option<Reporter>,
-    /// Every round's record.
-    pub history: Vec<MetricRecord>,
+    /// The top model, once trained.
+    final_model: Option<Weights>,
+}
+
+impl RoleCtx for LabelCtx {
+    fn io(&mut self) -> &mut TaskIo {
+        &mut self.io
+    }
+
+    fn rounds(&mut self) -> u64 {
+        self.round
+    }
+
+    fn final_model(&mut self) -> Option<Weights> {
+        self.final_model.take()
+    }
+}
+
+/// The label party of split learning (see the module docs).
+pub struct LabelParty;
+
+impl Role for LabelParty {
+    type Ctx = LabelCtx;
+    const KIND: RoleKind = RoleKind::VerticalLabelParty;
+    const APP: AppNeed = AppNeed::LabelParty;
+
+    fn build(io: TaskIo, app: UserApp) -> Result<LabelCtx> {
+        LabelCtx::new(io, app.label_party()?)
+    }
+
+    fn program(_ctx: &LabelCtx) -> Result<Composer<LabelCtx>> {
+        Ok(label_program())
+    }
 }
 
 impl Context for LabelCtx {
     fn record_time(&mut self, alias: &str, seconds: f64) {
-        self.metrics.add(format!("seconds.{alias}"), seconds);
+        self.io.record_time(alias, seconds);
     }
 }
 
 impl LabelCtx {
-    /// A label party over joined `channels` running `app`.
-    pub fn new(
-        config: TaskConfig,
-        channels: ChannelManager,
-        app: Box<dyn LabelApp>,
-        registry: Arc<dyn Registry>,
-        reporter: Reporter,
-    ) -> Result<LabelCtx> {
-        let channel = channel_by_tag(&channels, &config, tags::AGGREGATE)?;
-        let common = Common::from_config(&config)?;
-        let h = &config.hyperparameters;
+    /// A label party over the task's `io` running `app`.
+    pub fn new(mut io: TaskIo, app: Box<dyn LabelApp>) -> Result<LabelCtx> {
+        io.start_round();
+        let channel = channel_by_tag(&io.channels, &io.config, tags::AGGREGATE)?;
+        let common = Common::from_config(&io.config)?;
+        let h = &io.config.hyperparameters;
         let test_fraction = match h.get(names::TEST_FRACTION) {
             None | Some(Value::Null) => 0.2,
             Some(v) => v.as_f64().filter(|f| *f > 0.0 && *f < 1.0).ok_or_else(|| {
@@ -596,16 +518,18 @@ impl LabelCtx {
                 }
             })?,
         };
-        let metrics = RoundMetrics::start(traffic(&channels));
+        let expected = hyper::uint(h, names::FEATURE_PARTIES, 1, 1)? as usize;
+        let batch_size = hyper::uint(h, names::BATCH_SIZE, 32, 1)? as usize;
+        let seed = hyper::uint(h, names::SEED, 0, 0)?;
+        let rounds = hyper::uint(h, hyper::names::ROUNDS, 1, 1)?;
         Ok(LabelCtx {
-            expected: hyper::uint(h, names::FEATURE_PARTIES, 1, 1)? as usize,
-            batch_size: hyper::uint(h, names::BATCH_SIZE, 32, 1)? as usize,
-            seed: hyper::uint(h, names::SEED, 0, 0)?,
-            rounds: hyper::uint(h, hyper::names::ROUNDS, 1, 1)?,
+            expected,
+            batch_size,
+            seed,
+            rounds,
             test_fraction,
-            config,
+            io,
             app: Arc::new(Mutex::new(app)),
-            channels,
             channel,
             common,
             ids: Vec::new(),
@@ -618,29 +542,16 @@ impl LabelCtx {
             train_loss: 0.0,
             steps: 0,
             evaluation: BTreeMap::new(),
-            registry,
-            metrics,
-            reporter: Some(reporter),
-            history: Vec::new(),
+            final_model: None,
         })
     }
 
     async fn recv(&self, party: &TaskId) -> Result<Message> {
-        self.channel.recv(party).await.map_err(|e| match e {
-            fledge_channel::Error::EndLeft { end, channel } => {
-                Error::PeerLeft { peer: end, channel }
-            }
-            e => e.into(),
-        })
+        self.channel.recv(party).await.map_err(peer_left)
     }
 
     async fn send(&self, party: &TaskId, message: Message) -> Result<()> {
-        self.channel.send(party, message).await.map_err(|e| match e {
-            fledge_channel::Error::UnknownEnd { end, channel, .. } => {
-                Error::PeerLeft { peer: end, channel }
-            }
-            e => e.into(),
-        })
+        self.channel.send(party, message).await.map_err(peer_left)
     }
 
     /// Asks every party for the embeddings of `rows` of `split`; returns them in party order.
@@ -648,8 +559,8 @@ impl LabelCtx {
         let as_i64: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         let tensor = fledge_channel::Tensor::from_i64(vec![rows.len()], &as_i64)
             .map_err(|e| Error::Tensors(format!("rows: {e}")))?;
-        let request = Message::new(Kind::Control, self.round)
-            .with_meta(COMMAND, EMBED)
+        let request = Command::Embed
+            .message(self.round)
             .with_meta("split", split.word())
             .with_meta("step", step)
             .with_tensor("rows", tensor);
@@ -682,9 +593,9 @@ impl LabelCtx {
 }
 
 async fn label_load(ctx: &mut LabelCtx) -> Result<()> {
-    let config = ctx.config.clone();
+    let config = ctx.io.config.clone();
     ctx.ids = blocking(&ctx.app, "load", move |app| app.load(&config)).await?;
-    tracing::info!(task_id = %ctx.config.task_id, samples = ctx.ids.len(), "labelled table loaded");
+    tracing::info!(task_id = %ctx.io.config.task_id, samples = ctx.ids.len(), "labelled table loaded");
     Ok(())
 }
 
@@ -706,7 +617,7 @@ async fn label_align(ctx: &mut LabelCtx) -> Result<()> {
     for party in &parties {
         let m = ctx.recv(party).await?;
         let bad = |reason: &str| Error::Protocol { peer: party.clone(), reason: reason.to_owned() };
-        if !is_command(&m, IDS) {
+        if !Command::Ids.is(&m) {
             return Err(bad("expected its sample ids first"));
         }
         let ids = strings(&m, IDS).ok_or_else(|| bad("ids is not a list of strings"))?;
@@ -723,9 +634,7 @@ async fn label_align(ctx: &mut LabelCtx) -> Result<()> {
     let aligned = match align_ids(&ctx.ids, &held) {
         Ok(aligned) => aligned,
         Err(e) => {
-            let abort = Message::new(Kind::Control, 0)
-                .with_meta(COMMAND, ABORT)
-                .with_meta("reason", e.to_string());
+            let abort = Command::Abort.message(0).with_meta("reason", e.to_string());
             for party in &ctx.parties {
                 let _ = ctx.send(party, abort.clone()).await;
             }
@@ -741,8 +650,8 @@ async fn label_align(ctx: &mut LabelCtx) -> Result<()> {
         test = test.len(),
         "samples aligned"
     );
-    let message = Message::new(Kind::Control, 0)
-        .with_meta(COMMAND, ALIGN)
+    let message = Command::Align
+        .message(0)
         .with_meta("train", strings_value(&train))
         .with_meta("test", strings_value(&test));
     for party in &ctx.parties {
@@ -756,7 +665,7 @@ async fn label_align(ctx: &mut LabelCtx) -> Result<()> {
 /// One epoch over the train rows in seeded random batches.
 async fn label_train(ctx: &mut LabelCtx) -> Result<()> {
     ctx.round += 1;
-    ctx.metrics = RoundMetrics::start(traffic(&ctx.channels));
+    ctx.io.metrics = RoundMetrics::start(ctx.io.traffic());
     let mut order: Vec<usize> = (0..ctx.n_train).collect();
     order.shuffle(&mut StdRng::seed_from_u64(
         ctx.seed.wrapping_mul(1_000_003).wrapping_add(ctx.round),
@@ -780,8 +689,8 @@ async fn label_train(ctx: &mut LabelCtx) -> Result<()> {
             });
         }
         for (party, gradient) in ctx.parties.iter().zip(&outcome.gradients) {
-            let message = Message::new(Kind::Control, ctx.round)
-                .with_meta(COMMAND, GRADIENT)
+            let message = Command::Gradient
+                .message(ctx.round)
                 .with_meta("step", step)
                 .with_tensor(GRADIENT, tensor_of(gradient)?);
             ctx.send(party, message).await?;
@@ -813,22 +722,17 @@ async fn label_evaluate(ctx: &mut LabelCtx) -> Result<()> {
 }
 
 async fn label_report(ctx: &mut LabelCtx) -> Result<()> {
-    let mut metrics = std::mem::take(&mut ctx.metrics);
+    let metrics = &mut ctx.io.metrics;
     metrics.set("train_loss", ctx.train_loss);
     metrics.set("steps", ctx.steps as f64);
     metrics.set("trainSamples", ctx.n_train as f64);
     metrics.set("testSamples", ctx.n_test as f64);
     metrics.set("featureParties", ctx.parties.len() as f64);
     metrics.extend("", &ctx.evaluation);
-    let record =
-        metrics.finish(&ctx.config.task_id, &ctx.config.role, ctx.round, traffic(&ctx.channels));
+    let record = ctx.io.finish_round(ctx.round);
     tracing::info!(round = ctx.round, train_loss = ctx.train_loss, metrics = ?ctx.evaluation, "vertical round done");
-    let (registry, job, rec) = (ctx.registry.clone(), ctx.config.job.id.clone(), record.clone());
-    tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
-    if let Some(reporter) = &ctx.reporter {
-        reporter.report(record.clone());
-    }
-    ctx.history.push(record);
+    let (registry, job) = (ctx.io.registry.clone(), ctx.io.config.job.id.clone());
+    tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[record])).await??;
     ctx.done = ctx.round >= ctx.rounds;
     Ok(())
 }
@@ -839,10 +743,11 @@ async fn label_finish(ctx: &mut LabelCtx) -> Result<()> {
         let _ = ctx.send(&party, Message::new(Kind::EndOfTraining, ctx.round)).await;
     }
     let weights = blocking(&ctx.app, "weights", |app| app.weights()).await?;
-    let (registry, job) = (ctx.registry.clone(), ctx.config.job.id.clone());
-    let path = tokio::task::spawn_blocking(move || registry.save_final(&job, &weights)).await??;
+    let (registry, job, saved) =
+        (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), weights.clone());
+    let path = tokio::task::spawn_blocking(move || registry.save_final(&job, &saved)).await??;
     tracing::info!(path = %path.display(), "final top model saved");
-    crate::runner::close_io(&ctx.channels, ctx.reporter.take(), true).await?;
+    ctx.final_model = Some(weights);
     Ok(())
 }
 
@@ -862,62 +767,6 @@ pub fn label_program() -> Composer<LabelCtx> {
         .tasklet("finish", async_tasklet(|c| boxed(label_finish(c))))
 }
 
-/// Runs the feature party task `config` with `app`, bounded by `maxRunTime`. The summary's
-/// kind is [`RoleKind::Trainer`] and its final model the bottom model.
-pub async fn run_feature_party(
-    config: TaskConfig,
-    app: Box<dyn FeatureApp>,
-    opts: RunOptions,
-) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        let runner::TaskIo { reporter, registry, channels } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let mut ctx = FeatureCtx::new(config, channels, app, registry, reporter)?;
-        let res = feature_program().run(&mut ctx).await;
-        if res.is_err() {
-            let _ = ctx.channels.close().await;
-        }
-        res?;
-        let final_model = blocking(&ctx.app, "weights", |app| app.weights()).await.ok();
-        Ok(RunSummary {
-            kind: RoleKind::Trainer,
-            rounds: ctx.round,
-            history: ctx.history,
-            final_model,
-        })
-    };
-    runner::bounded(max_run_time, run).await
-}
-
-/// Runs the label party task `config` with `app`, bounded by `maxRunTime`. The summary's kind
-/// is [`RoleKind::TopAggregator`] and its final model the top model.
-pub async fn run_label_party(
-    config: TaskConfig,
-    app: Box<dyn LabelApp>,
-    opts: RunOptions,
-) -> Result<RunSummary> {
-    let max_run_time = config.max_run_time;
-    let run = async move {
-        let runner::TaskIo { reporter, registry, channels } =
-            runner::TaskIo::open(&config, &opts).await?;
-        let mut ctx = LabelCtx::new(config, channels, app, registry, reporter)?;
-        let res = label_program().run(&mut ctx).await;
-        if res.is_err() {
-            let _ = ctx.channels.close().await;
-        }
-        res?;
-        let final_model = blocking(&ctx.app, "weights", |app| app.weights()).await.ok();
-        Ok(RunSummary {
-            kind: RoleKind::TopAggregator,
-            rounds: ctx.round,
-            history: ctx.history,
-            final_model,
-        })
-    };
-    runner::bounded(max_run_time, run).await
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -926,6 +775,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::app::AppFactory;
+    use crate::role::{RunOptions, RunSummary, run};
 
     fn ids(v: &[u32]) -> Vec<String> {
         v.iter().map(|i| format!("s{i}")).collect()
@@ -1084,6 +935,41 @@ mod tests {
         format!("toy:{offset}:{}", ids.join(","))
     }
 
+    /// User code handed over once (each test builds its toy apps itself).
+    #[derive(Default)]
+    struct Apps {
+        feature: std::sync::Mutex<Option<Box<dyn FeatureApp>>>,
+        label: std::sync::Mutex<Option<Box<dyn LabelApp>>>,
+    }
+
+    impl Apps {
+        fn feature(app: impl FeatureApp) -> Arc<dyn AppFactory> {
+            let apps = Apps::default();
+            *apps.feature.lock().expect("lock") = Some(Box::new(app));
+            Arc::new(apps)
+        }
+
+        fn label(app: impl LabelApp) -> Arc<dyn AppFactory> {
+            let apps = Apps::default();
+            *apps.label.lock().expect("lock") = Some(Box::new(app));
+            Arc::new(apps)
+        }
+    }
+
+    impl AppFactory for Apps {
+        fn trainer(&self, _: &TaskConfig) -> anyhow::Result<Box<dyn crate::TrainerApp>> {
+            anyhow::bail!("no trainer here")
+        }
+
+        fn feature_party(&self, _: &TaskConfig) -> anyhow::Result<Box<dyn FeatureApp>> {
+            self.feature.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("used"))
+        }
+
+        fn label_party(&self, _: &TaskConfig) -> anyhow::Result<Box<dyn LabelApp>> {
+            self.label.lock().expect("lock").take().ok_or_else(|| anyhow::anyhow!("used"))
+        }
+    }
+
     /// Runs two toy feature parties and a toy label party; returns their results.
     async fn run_toy(
         parties: [Vec<String>; 2],
@@ -1111,7 +997,7 @@ mod tests {
                 backwards: backwards.clone(),
             };
             let c = config(&format!("f{i}"), "feature", &url(offset, ids), &h);
-            set.spawn(run_feature_party(c, Box::new(app), opts.clone()));
+            set.spawn(run::<FeatureParty>(c, Apps::feature(app), opts.clone()));
         }
         let app = ToyLabel {
             offsets: vec![1000.0, 2000.0],
@@ -1120,7 +1006,8 @@ mod tests {
             rows_seen,
         };
         let label =
-            run_label_party(config("l", "label", &url(0, &label), &h), Box::new(app), opts).await;
+            run::<LabelParty>(config("l", "label", &url(0, &label), &h), Apps::label(app), opts)
+                .await;
         let mut features = Vec::new();
         while let Some(res) = set.join_next().await {
             features.push(res.expect("join"));
@@ -1142,6 +1029,9 @@ mod tests {
         let (rows_seen, backwards) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (label, features) = run_toy([a, b], l, rows_seen.clone(), backwards.clone()).await;
         let label = label.expect("label party runs");
+        // Each party's summary says which party it is (both used to say another role's kind).
+        assert_eq!(label.kind, RoleKind::VerticalLabelParty);
+        assert!(label.final_model.is_some(), "the label party ends with the top model");
         assert_eq!(label.rounds, 3);
         let last = &label.history[2].metrics;
         assert_eq!((last["trainSamples"], last["testSamples"], last["steps"]), (21.0, 5.0, 6.0));
@@ -1149,6 +1039,7 @@ mod tests {
         assert_eq!(backwards.load(Ordering::SeqCst), 2 * 3 * 6);
         for f in features {
             let f = f.expect("feature party runs");
+            assert_eq!(f.kind, RoleKind::VerticalFeatureParty);
             assert_eq!(f.history.len(), 3);
             assert!(
                 f.history

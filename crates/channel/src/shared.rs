@@ -1,0 +1,445 @@
+//! The backend-independent state behind a channel, which every backend feeds: the options
+//! of an end, the set of live peer ends with their announced properties, one bounded inbound
+//! queue per sending end, the traffic counters and the errors.
+//!
+//! Each queued message carries a channel-wide arrival number, so `Channel::recv_any` and
+//! `Channel::recv_fifo` return messages in the order they arrived across ends. Waiters sleep
+//! on a `watch` counter that is bumped on every state change (message queued or taken, peer
+//! joined or left). The backends (`local`, `mqtt`, `p2p`) and the [`crate::channel::Channel`]
+//! handle both import this module; it imports neither.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use fledge_types::{JobId, TaskId};
+
+use crate::wire::{self, Message};
+
+/// Default bound of each per-end inbound queue, in messages.
+pub const DEFAULT_QUEUE_DEPTH: usize = 64;
+
+/// Errors of channels and backends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A message could not be encoded or decoded.
+    #[error("wire format error")]
+    Wire(#[from] wire::Error),
+    /// The end is not a live peer of this channel.
+    #[error("end {end} is not a peer on channel {channel} (group {group})")]
+    UnknownEnd {
+        /// The end asked for.
+        end: TaskId,
+        /// The channel.
+        channel: String,
+        /// The group.
+        group: String,
+    },
+    /// The end left before a message from it arrived.
+    #[error("end {end} left channel {channel} without sending")]
+    EndLeft {
+        /// The end.
+        end: TaskId,
+        /// The channel.
+        channel: String,
+    },
+    /// Another end with the same id is already on this channel and group.
+    #[error("end {end} is already joined to channel {channel} (group {group})")]
+    DuplicateEnd {
+        /// The end.
+        end: TaskId,
+        /// The channel.
+        channel: String,
+        /// The group.
+        group: String,
+    },
+    /// No peer end showed up in time.
+    #[error("no peer joined channel {channel} (group {group}) within {timeout:?}")]
+    JoinTimeout {
+        /// The channel.
+        channel: String,
+        /// The group.
+        group: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The message is larger than the channel's size limit.
+    #[error("message of {size} bytes exceeds channel {channel}'s limit of {limit} bytes")]
+    TooLarge {
+        /// The channel.
+        channel: String,
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The backend is not part of this build.
+    #[error("backend {0} is not built yet (use mqtt or local)")]
+    BackendNotBuilt(String),
+    /// The options are invalid.
+    #[error("invalid channel options: {0}")]
+    InvalidOptions(String),
+    /// The task config does not let us join a channel.
+    #[error("cannot join channel {channel}: {reason}")]
+    Config {
+        /// The channel.
+        channel: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// No channel of this role carries the function tag.
+    #[error("no channel of role {role} has function tag {tag:?}")]
+    NoChannelForTag {
+        /// The role.
+        role: String,
+        /// The tag.
+        tag: String,
+    },
+    /// Could not reach the broker.
+    #[error("failed to connect to mqtt broker {addr} within {timeout:?}: {reason}")]
+    Connect {
+        /// `host:port`.
+        addr: String,
+        /// How long we tried.
+        timeout: Duration,
+        /// The last connection error, or what was still missing.
+        reason: String,
+    },
+    /// The MQTT client refused a request (its event loop is gone).
+    #[error("mqtt client request failed")]
+    Client(#[from] rumqttc::ClientError),
+    /// A peer-to-peer request failed: the metaserver or a peer is unreachable or refused.
+    #[error("p2p: {what} failed: {reason}")]
+    P2p {
+        /// What was being done (with the address).
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The channel was closed.
+    #[error("channel {0} is closed")]
+    Closed(String),
+    /// An I/O error (benchmarks, broker).
+    #[error("i/o error: {context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Who this end is and where it joins.
+#[derive(Clone, Debug)]
+pub struct ChannelOptions {
+    /// The job (scopes everything).
+    pub job: JobId,
+    /// The channel name.
+    pub channel: String,
+    /// This end's group on the channel.
+    pub group: String,
+    /// This end's id: the task id.
+    pub me: TaskId,
+    /// This end's role.
+    pub role: String,
+    /// The role at the other end of the pair (the same role for a self-loop).
+    pub peer_role: String,
+    /// Properties announced to peers (e.g. an aggregation group).
+    pub props: serde_json::Map<String, serde_json::Value>,
+    /// Largest encoded message sent or accepted, in bytes. Default 1 GiB.
+    pub max_message_bytes: usize,
+    /// Bound of each per-end inbound queue, in messages. Default 64.
+    pub queue_depth: usize,
+}
+
+impl ChannelOptions {
+    /// Options with default limits and no properties.
+    pub fn new(
+        job: impl Into<JobId>,
+        channel: impl Into<String>,
+        group: impl Into<String>,
+        me: impl Into<TaskId>,
+        role: impl Into<String>,
+        peer_role: impl Into<String>,
+    ) -> ChannelOptions {
+        ChannelOptions {
+            job: job.into(),
+            channel: channel.into(),
+            group: group.into(),
+            me: me.into(),
+            role: role.into(),
+            peer_role: peer_role.into(),
+            props: serde_json::Map::new(),
+            max_message_bytes: wire::DEFAULT_MAX_MESSAGE_BYTES,
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+        }
+    }
+
+    /// Announces a property to peers (builder style).
+    pub fn with_prop(mut self, key: &str, value: impl Into<serde_json::Value>) -> ChannelOptions {
+        self.props.insert(key.to_owned(), value.into());
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        for (field, value) in [
+            ("job", self.job.as_str()),
+            ("channel", self.channel.as_str()),
+            ("group", self.group.as_str()),
+            ("me", self.me.as_str()),
+            ("role", self.role.as_str()),
+            ("peer_role", self.peer_role.as_str()),
+        ] {
+            if value.is_empty() {
+                problems.push(format!("{field} is empty"));
+            }
+        }
+        if self.queue_depth == 0 {
+            problems.push("queue_depth is 0".to_owned());
+        }
+        if self.max_message_bytes < 1024 {
+            problems.push(format!("max_message_bytes {} is below 1024", self.max_message_bytes));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(Error::InvalidOptions(problems.join("; "))) }
+    }
+}
+
+/// What a peer end announced when it joined.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EndProps {
+    /// Its role.
+    pub role: String,
+    /// Its task id (= its end id).
+    pub task_id: TaskId,
+    /// Announced properties (e.g. an aggregation group).
+    #[serde(default)]
+    pub props: serde_json::Map<String, serde_json::Value>,
+    /// Tells one run of the end from the next: a worker that restarts under the same task id
+    /// announces another instance (empty when the backend cannot tell).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
+}
+
+/// Traffic counters of one channel, readable at any time.
+///
+/// Over `mqtt` the byte counts are exact encoded sizes; over `local`, where nothing is encoded,
+/// they are the size the encoding would have (an upper-bound estimate of the header).
+#[derive(Debug, Default)]
+pub struct ChannelMetrics {
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    messages_sent: AtomicU64,
+    messages_received: AtomicU64,
+    messages_dropped: AtomicU64,
+}
+
+/// A copy of [`ChannelMetrics`] at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Encoded bytes sent (a broadcast counts once per publish).
+    pub bytes_sent: u64,
+    /// Encoded bytes received.
+    pub bytes_received: u64,
+    /// Messages sent.
+    pub messages_sent: u64,
+    /// Messages received and queued.
+    pub messages_received: u64,
+    /// Inbound messages dropped as malformed, oversized or spoofed.
+    pub messages_dropped: u64,
+}
+
+impl ChannelMetrics {
+    /// Current values.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            messages_sent: self.messages_sent.load(Ordering::Relaxed),
+            messages_received: self.messages_received.load(Ordering::Relaxed),
+            messages_dropped: self.messages_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn sent(&self, bytes: usize) {
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.messages_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn received(&self, bytes: usize) {
+        self.bytes_received.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.messages_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dropped(&self) {
+        self.messages_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) peers: BTreeMap<TaskId, EndProps>,
+    /// How many times each end has joined: a worker that crashes and rejoins under the same
+    /// task id is a new incarnation, even when its leave and join fall between two checks.
+    pub(crate) incarnations: HashMap<TaskId, u64>,
+    /// The incarnation of each end when this end last sent to it.
+    pub(crate) sent_to: HashMap<TaskId, u64>,
+    pub(crate) queues: HashMap<TaskId, VecDeque<(u64, Message)>>,
+    pub(crate) next_seq: u64,
+    pub(crate) closed: bool,
+}
+
+/// State shared between a channel handle and its backend's background work.
+pub(crate) struct Shared {
+    pub(crate) opts: ChannelOptions,
+    /// This run of the end (see [`EndProps::instance`]).
+    pub(crate) instance: String,
+    pub(crate) state: Mutex<State>,
+    pub(crate) changed: watch::Sender<u64>,
+    pub(crate) metrics: ChannelMetrics,
+}
+
+impl Shared {
+    pub(crate) fn new(opts: ChannelOptions) -> Arc<Shared> {
+        Arc::new(Shared {
+            opts,
+            instance: format!("{:016x}", rand::random::<u64>()),
+            state: Mutex::new(State::default()),
+            changed: watch::channel(0).0,
+            metrics: ChannelMetrics::default(),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves only plain collections behind; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Records a peer end as present (or updates its properties).
+    pub(crate) fn peer_up(&self, props: EndProps) {
+        if props.task_id == self.opts.me {
+            return;
+        }
+        let changed = {
+            let mut state = self.lock();
+            let previous = state.peers.insert(props.task_id.clone(), props.clone());
+            if previous.as_ref().is_none_or(|p| p.instance != props.instance) {
+                *state.incarnations.entry(props.task_id.clone()).or_default() += 1;
+            }
+            previous != Some(props)
+        };
+        if changed {
+            self.bump();
+        }
+    }
+
+    /// Records a peer end as gone.
+    pub(crate) fn peer_down(&self, end: &TaskId) {
+        let removed = self.lock().peers.remove(end).is_some();
+        if removed {
+            tracing::debug!(channel = %self.opts.channel, %end, "peer left");
+            self.bump();
+        }
+    }
+
+    /// Marks the channel closed: waiters wake up and fail.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+        self.bump();
+    }
+
+    pub(crate) fn is_peer(&self, end: &TaskId) -> bool {
+        self.lock().peers.contains_key(end)
+    }
+
+    /// Records that a message went to each of `ends` as they are now.
+    pub(crate) fn sent_to(&self, ends: &[TaskId]) {
+        let mut state = self.lock();
+        for end in ends {
+            let incarnation = state.incarnations.get(end).copied().unwrap_or_default();
+            state.sent_to.insert(end.clone(), incarnation);
+        }
+    }
+
+    /// Queues `message` from `from`, waiting while that end's queue is full.
+    pub(crate) async fn push(&self, from: TaskId, message: Message) -> Result<()> {
+        let mut rx = self.changed.subscribe();
+        let mut message = Some(message);
+        loop {
+            {
+                let mut state = self.lock();
+                if state.closed {
+                    return Err(Error::Closed(self.opts.channel.clone()));
+                }
+                let seq = state.next_seq;
+                let queue = state.queues.entry(from.clone()).or_default();
+                if queue.len() < self.opts.queue_depth {
+                    queue.push_back((seq, message.take().expect("taken only when queued")));
+                    state.next_seq += 1;
+                    drop(state);
+                    self.bump();
+                    return Ok(());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Closed(self.opts.channel.clone()));
+            }
+        }
+    }
+
+    /// Waits until `check` returns `Some`, re-checking on every state change.
+    pub(crate) async fn wait_for<T>(
+        &self,
+        mut check: impl FnMut(&mut State) -> Option<Result<T>>,
+    ) -> Result<T> {
+        let mut rx = self.changed.subscribe();
+        loop {
+            let res = {
+                let mut state = self.lock();
+                match check(&mut state) {
+                    Some(res) => Some(res),
+                    None if state.closed => Some(Err(Error::Closed(self.opts.channel.clone()))),
+                    None => None,
+                }
+            };
+            if let Some(res) = res {
+                // Taking a message frees queue space: wake blocked senders.
+                self.bump();
+                return res;
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Closed(self.opts.channel.clone()));
+            }
+        }
+    }
+}
+
+impl State {
+    /// Whether `end` is present as the incarnation this end last sent to (if it sent at all).
+    pub(crate) fn can_answer(&self, end: &TaskId) -> bool {
+        self.peers.contains_key(end)
+            && self.sent_to.get(end).is_none_or(|sent| self.incarnations.get(end) == Some(sent))
+    }
+}
+
+pub(crate) fn pop_oldest(state: &mut State, from: &HashSet<TaskId>) -> Option<(TaskId, Message)> {
+    let end = state
+        .queues
+        .iter()
+        .filter(|(end, q)| from.contains(*end) && !q.is_empty())
+        .min_by_key(|(_, q)| q.front().map(|(seq, _)| *seq))
+        .map(|(end, _)| end.clone())?;
+    let (_, message) = state.queues.get_mut(&end)?.pop_front()?;
+    Some((end, message))
+}
