@@ -206,8 +206,8 @@ fn decide_active(
         computes.dedup();
         if !computes.is_empty() {
             let reason = format!(
-                "tasks not started within {}s on compute {} (is its deployer running?)",
-                policy.deploy_timeout.as_secs(),
+                "tasks not started within {:?} on compute {} (is its deployer running?)",
+                policy.deploy_timeout,
                 computes.join(", ")
             );
             return Decision::now(end(state, JobState::Failed, Some(reason), tasks));
