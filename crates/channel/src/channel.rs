@@ -1,7 +1,7 @@
 //! The [`Channel`] handle: one end of a channel over one of the backends.
 //!
 //! The state behind it (peers, per-end inbound queues, counters, errors) is in
-//! [`crate::shared`], which the backends feed; this module picks the backend and wraps the
+//! the crate's private `shared` module, which the backends feed; this module picks the backend and wraps the
 //! state in the public API. [`Channel::recv_any`] and [`Channel::recv_fifo`] return messages
 //! in the order they arrived across ends.
 

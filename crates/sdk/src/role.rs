@@ -176,7 +176,7 @@ pub trait Role: 'static {
     /// The user code it drives.
     const APP: AppNeed;
     /// Whether the program's last act is a message others wait for (the end of training), so
-    /// the transport gets [`LINGER`] to deliver it before the channels close.
+    /// the transport gets a short linger (200 ms) to deliver it before the channels close.
     const LINGER: bool = true;
 
     /// Adjusts the run options before the channels are joined (e.g. an end property). Runs
