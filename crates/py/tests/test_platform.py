@@ -192,10 +192,11 @@ def test_exception_in_a_python_trainer_fails_the_job_with_its_traceback(platform
     spec = json.loads((job_dir / "job.json").read_text())
     spec["designId"] = "mnist-numpy-broken"
     (job_dir / "job.json").write_text(json.dumps(spec))
-    for dataset in job_dir.glob("dataset-*.json"):
-        # The copy left examples/: point its relative `file:../data` URLs at the real data.
-        text = dataset.read_text().replace("file:../data", f"file://{REPO / 'examples' / 'data'}")
-        dataset.write_text(text)
+    for spec_file in [*job_dir.glob("dataset-*.json"), job_dir / "modelSpec.json"]:
+        # The copy left examples/: point its relative `file:../data` URLs (the datasets and the
+        # aggregator's evalDataset) at the real data.
+        text = spec_file.read_text().replace("file:../data", f"file://{REPO / 'examples' / 'data'}")
+        spec_file.write_text(text)
 
     job, code, output = platform.run(job_dir)
     assert code != 0, output
