@@ -51,20 +51,24 @@ pub fn render(output: Output) -> String {
             text
         }
         Output::Table => {
-            let width = table::ROLES.iter().map(|r| r.name().len()).max().unwrap_or(4);
+            let aliases = |r: &table::RoleEntry| -> String {
+                if r.aliases.is_empty() { "-".to_owned() } else { r.aliases.join(",") }
+            };
+            // Every column as wide as its widest cell, so the rows line up.
+            let width = table::ROLES.iter().map(|r| r.name().len()).max().unwrap_or(0).max(4);
+            let alias_width =
+                table::ROLES.iter().map(|r| aliases(r).len()).max().unwrap_or(0).max(7);
             let mut text = format!(
-                "{:<width$}  {:<11}  {:<13}  {:<24}  ABOUT\n",
+                "{:<width$}  {:<11}  {:<13}  {:<alias_width$}  ABOUT\n",
                 "NAME", "POSITION", "USER CODE", "ALIASES"
             );
             for r in table::ROLES {
-                let aliases =
-                    if r.aliases.is_empty() { "-".to_owned() } else { r.aliases.join(",") };
                 text.push_str(&format!(
-                    "{:<width$}  {:<11}  {:<13}  {:<24}  {}\n",
+                    "{:<width$}  {:<11}  {:<13}  {:<alias_width$}  {}\n",
                     r.name(),
                     r.position.name(),
                     r.app.name(),
-                    aliases,
+                    aliases(r),
                     r.about
                 ));
             }
@@ -82,6 +86,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_columns_line_up() {
+        let text = render(Output::Table);
+        let about = text.lines().next().expect("header").find("ABOUT").expect("ABOUT column");
+        for (line, row) in text.lines().skip(1).zip(table::ROLES) {
+            assert_eq!(line.find(row.about), Some(about), "{line}");
+        }
+    }
 
     #[test]
     fn json_lists_every_role_of_the_table() {
