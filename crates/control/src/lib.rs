@@ -16,6 +16,7 @@
 pub mod api;
 pub mod config;
 pub mod controller;
+pub mod grpc;
 pub mod metaserver;
 pub mod notifier;
 pub mod service;

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fledge_types::ErrorCode;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -66,13 +67,20 @@ pub enum Error {
 /// Result of metaserver calls.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// The error's class; [`crate::grpc`] turns it into a gRPC status.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::InvalidRequest(_) => ErrorCode::BadRequest,
+            Error::Full { .. } => ErrorCode::PayloadTooLarge,
+            Error::InvalidOption { .. } | Error::Serve(_) => ErrorCode::Internal,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
-        match &err {
-            Error::InvalidRequest(_) => Status::invalid_argument(err.to_string()),
-            Error::Full { .. } => Status::resource_exhausted(err.to_string()),
-            Error::InvalidOption { .. } | Error::Serve(_) => Status::internal(err.to_string()),
-        }
+        crate::grpc::status(err.code(), err.to_string())
     }
 }
 

@@ -36,8 +36,9 @@ use fledge_proto::v1::notifier_server::NotifierServer;
 use fledge_proto::{
     ComputeSubscription, DeployEvent, DeployEventKind, TaskEvent, TaskEventKind, TaskSubscription,
 };
-use fledge_types::{ComputeId, JobId, TaskId};
+use fledge_types::{ComputeId, ErrorCode, JobId, TaskId};
 
+use crate::grpc;
 use crate::store::{self, Store};
 
 /// Errors of the notifier.
@@ -329,29 +330,33 @@ struct Service {
 
 /// The bearer secret of a request, or `Unauthenticated`.
 fn bearer<T>(request: &Request<T>) -> std::result::Result<String, Status> {
-    let value = request
-        .metadata()
-        .get("authorization")
-        .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?;
-    let value = value
-        .to_str()
-        .map_err(|_| Status::unauthenticated("authorization metadata is not ASCII"))?;
+    let value = request.metadata().get("authorization").ok_or_else(|| {
+        grpc::status(ErrorCode::Unauthenticated, "missing authorization metadata")
+    })?;
+    let value = value.to_str().map_err(|_| {
+        grpc::status(ErrorCode::Unauthenticated, "authorization metadata is not ASCII")
+    })?;
     value
         .strip_prefix("Bearer ")
         .map(|secret| secret.trim().to_owned())
         .filter(|secret| !secret.is_empty())
-        .ok_or_else(|| Status::unauthenticated("authorization metadata must be `Bearer <secret>`"))
+        .ok_or_else(|| {
+            grpc::status(
+                ErrorCode::Unauthenticated,
+                "authorization metadata must be `Bearer <secret>`",
+            )
+        })
 }
 
 /// The one mapping of store errors to gRPC status for this service.
 fn auth_status(err: store::Error, what: &str) -> Status {
     match err {
         store::Error::NotFound { .. } => {
-            Status::unauthenticated(format!("unknown {what} or wrong key"))
+            grpc::status(ErrorCode::Unauthenticated, format!("unknown {what} or wrong key"))
         }
         other => {
             tracing::error!(error = %other, "store failed while authenticating a subscriber");
-            Status::unavailable("store unavailable")
+            grpc::status(ErrorCode::Unavailable, "store unavailable")
         }
     }
 }
@@ -378,7 +383,7 @@ impl fledge_proto::Notifier for Service {
         let key = bearer(&request)?;
         let sub = request.into_inner();
         if sub.task_id.is_empty() {
-            return Err(Status::invalid_argument("task_id is empty"));
+            return Err(grpc::status(ErrorCode::BadRequest, "task_id is empty"));
         }
         let task_id = TaskId::new(sub.task_id);
         let task = self
@@ -387,10 +392,10 @@ impl fledge_proto::Notifier for Service {
             .await
             .map_err(|err| auth_status(err, "task"))?;
         if !sub.job_id.is_empty() && task.job_id.as_str() != sub.job_id {
-            return Err(Status::invalid_argument(format!(
-                "task {task_id} does not belong to job {}",
-                sub.job_id
-            )));
+            return Err(grpc::status(
+                ErrorCode::BadRequest,
+                format!("task {task_id} does not belong to job {}", sub.job_id),
+            ));
         }
         let rx = {
             let mut inner = self.shared.lock();
@@ -414,7 +419,7 @@ impl fledge_proto::Notifier for Service {
         let key = bearer(&request)?;
         let sub = request.into_inner();
         if sub.compute_id.is_empty() {
-            return Err(Status::invalid_argument("compute_id is empty"));
+            return Err(grpc::status(ErrorCode::BadRequest, "compute_id is empty"));
         }
         let compute_id = ComputeId::new(sub.compute_id);
         self.store
