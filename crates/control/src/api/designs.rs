@@ -1,6 +1,6 @@
 //! Designs, their schema revisions and their code bundles.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read as _};
 
 use axum::Json;
 use axum::body::Body;
@@ -16,7 +16,7 @@ use fledge_types::{Design, DesignId, DesignSpec, Schema};
 
 use super::error::{Error, Result};
 use super::users::check_id;
-use super::{ApiState, body, check_user};
+use super::{ApiState, Limits, body, check_user};
 
 /// Header carrying the revision of a returned schema or code bundle.
 pub(super) const VERSION_HEADER: &str = "x-fledge-version";
@@ -173,25 +173,62 @@ async fn get_schema(
     Ok(schema_response(version, schema))
 }
 
-/// Checks that `bytes` are a readable zip with at least one file.
-pub(super) fn check_zip(bytes: &[u8]) -> Result<()> {
+/// Checks that `bytes` are a readable zip with at least one file, at most
+/// [`Limits::code_entries`] entries and safe paths, that inflates to at most
+/// [`Limits::code_inflated_bytes`]: every entry is inflated (to nowhere) to count what it
+/// really holds, since the sizes an archive declares can lie. A corrupt entry (bad deflate
+/// data, CRC mismatch) is a 400; too much is a 413.
+pub(super) fn check_zip(bytes: &[u8], limits: &Limits) -> Result<()> {
+    let too_large = |message: String| Error::new(fledge_types::ErrorCode::PayloadTooLarge, message);
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|err| {
         Error::bad_request(format!("the code bundle is not a zip archive: {err}"))
     })?;
+    if archive.len() > limits.code_entries {
+        return Err(too_large(format!(
+            "the code bundle has {} entries; at most {} are allowed",
+            archive.len(),
+            limits.code_entries
+        )));
+    }
     let mut files = 0usize;
+    let mut inflated: u64 = 0;
     for i in 0..archive.len() {
         let entry = archive
-            .by_index_raw(i)
+            .by_index(i)
             .map_err(|err| Error::bad_request(format!("the code bundle is corrupt: {err}")))?;
+        let name = entry.name().to_owned();
         if entry.enclosed_name().is_none() {
-            return Err(Error::bad_request(format!(
-                "the code bundle has an unsafe path {:?}",
-                entry.name()
+            return Err(Error::bad_request(format!("the code bundle has an unsafe path {name:?}")));
+        }
+        if !entry.is_file() {
+            continue;
+        }
+        files += 1;
+        let budget = limits.code_inflated_bytes - inflated;
+        // The declared size only ever rejects (a lie is caught below), never sizes a buffer.
+        let declared = entry.size();
+        if declared > budget {
+            return Err(too_large(format!(
+                "the code bundle's entry {name:?} declares {declared} bytes; all entries together may inflate to at most {} bytes",
+                limits.code_inflated_bytes
             )));
         }
-        if entry.is_file() {
-            files += 1;
+        let n =
+            std::io::copy(&mut entry.take(budget + 1), &mut std::io::sink()).map_err(|err| {
+                Error::bad_request(format!("the code bundle's entry {name:?} is corrupt: {err}"))
+            })?;
+        if n > budget {
+            return Err(too_large(format!(
+                "the code bundle inflates to more than {} bytes (at entry {name:?})",
+                limits.code_inflated_bytes
+            )));
         }
+        if n != declared {
+            return Err(Error::bad_request(format!(
+                "the code bundle is corrupt: entry {name:?} declares {declared} bytes but holds {n}"
+            )));
+        }
+        inflated += n;
     }
     if files == 0 {
         return Err(Error::bad_request(
@@ -224,7 +261,8 @@ async fn put_code(
     }
     let bytes = body::read(request, state.limits.code_bytes, "code bundle").await?;
     let checked = bytes.clone();
-    tokio::task::spawn_blocking(move || check_zip(&checked))
+    let limits = state.limits;
+    tokio::task::spawn_blocking(move || check_zip(&checked, &limits))
         .await
         .map_err(|err| Error::new(fledge_types::ErrorCode::Internal, err.to_string()))??;
     let meta = state.store.put_code(Some(&user), &design, &bytes).await?;

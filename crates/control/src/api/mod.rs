@@ -50,7 +50,18 @@ pub struct Limits {
     pub json_bytes: usize,
     /// Largest code bundle in bytes (default: the store's blob limit).
     pub code_bytes: u64,
+    /// Most bytes a code bundle may inflate to, all entries together (default
+    /// [`DEFAULT_CODE_INFLATED_LIMIT`]); checked by inflating at upload, never from the sizes
+    /// the archive declares, and again whenever a stored bundle is read.
+    pub code_inflated_bytes: u64,
+    /// Most entries a code bundle may hold (default [`DEFAULT_CODE_ENTRIES_LIMIT`]).
+    pub code_entries: usize,
 }
+
+/// Default bound on what a code bundle inflates to: 256 MiB (the agent's unpacking bound).
+pub const DEFAULT_CODE_INFLATED_LIMIT: u64 = 256 * 1024 * 1024;
+/// Default bound on a code bundle's entries: 10,000 (the agent's unpacking bound).
+pub const DEFAULT_CODE_ENTRIES_LIMIT: usize = 10_000;
 
 /// Everything the handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -89,7 +100,12 @@ impl ApiState {
         notifier: Option<notifier::Handle>,
         env: TaskEnv,
     ) -> Self {
-        let limits = Limits { json_bytes: DEFAULT_JSON_LIMIT, code_bytes: store.max_code_bytes() };
+        let limits = Limits {
+            json_bytes: DEFAULT_JSON_LIMIT,
+            code_bytes: store.max_code_bytes(),
+            code_inflated_bytes: DEFAULT_CODE_INFLATED_LIMIT,
+            code_entries: DEFAULT_CODE_ENTRIES_LIMIT,
+        };
         Self {
             store,
             controller,

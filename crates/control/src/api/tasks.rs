@@ -119,8 +119,14 @@ fn role_prefix(names: &[String], role: &str) -> Option<String> {
     None
 }
 
-/// Re-zips `role`'s folder of `bundle`, rooted at that folder; `None` when it has none.
-pub(super) fn role_zip(bundle: &[u8], role: &str) -> std::result::Result<Option<Vec<u8>>, String> {
+/// Re-zips `role`'s folder of `bundle`, rooted at that folder; `None` when it has none. Never
+/// inflates more than `max_inflated` bytes in all, whatever the archive declares (bundles are
+/// checked at upload; this holds for any stored before that check or tampered with since).
+pub(super) fn role_zip(
+    bundle: &[u8],
+    role: &str,
+    max_inflated: u64,
+) -> std::result::Result<Option<Vec<u8>>, String> {
     let mut archive =
         zip::ZipArchive::new(Cursor::new(bundle)).map_err(|e| format!("bad stored zip: {e}"))?;
     let names: Vec<String> = archive.file_names().map(str::to_owned).collect();
@@ -128,6 +134,7 @@ pub(super) fn role_zip(bundle: &[u8], role: &str) -> std::result::Result<Option<
         return Ok(None);
     };
     let mut out = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let mut inflated: u64 = 0;
     for i in 0..archive.len() {
         let mut entry =
             archive.by_index(i).map_err(|e| format!("bad stored zip entry {i}: {e}"))?;
@@ -146,10 +153,19 @@ pub(super) fn role_zip(bundle: &[u8], role: &str) -> std::result::Result<Option<
             out.add_directory(rest, options).map_err(|e| format!("cannot write zip: {e}"))?;
             continue;
         }
-        let mut bytes = Vec::with_capacity(usize::try_from(entry.size()).unwrap_or(0));
-        entry
+        // Declared sizes are never used to allocate: they can lie.
+        let budget = max_inflated - inflated;
+        let mut bytes = Vec::new();
+        (&mut entry)
+            .take(budget + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| format!("cannot read stored zip entry {rest}: {e}"))?;
+        if bytes.len() as u64 > budget {
+            return Err(format!(
+                "the stored code bundle inflates to more than {max_inflated} bytes"
+            ));
+        }
+        inflated += bytes.len() as u64;
         out.start_file(rest, options).map_err(|e| format!("cannot write zip: {e}"))?;
         out.write_all(&bytes).map_err(|e| format!("cannot write zip: {e}"))?;
     }
@@ -174,7 +190,8 @@ async fn task_code(
         .get_code(Some(&job.owner), &job.spec.design_id, Some(&job.code_version))
         .await?;
     let role = task.role.clone();
-    let zipped = tokio::task::spawn_blocking(move || role_zip(&bundle, &role))
+    let max_inflated = state.limits.code_inflated_bytes;
+    let zipped = tokio::task::spawn_blocking(move || role_zip(&bundle, &role, max_inflated))
         .await
         .map_err(internal)?
         .map_err(internal)?;
@@ -322,15 +339,30 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_bundle_is_never_inflated_beyond_the_bound() {
+        let mut out = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let deflated = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        out.start_file("trainer/a.bin", deflated).unwrap();
+        out.write_all(&[0u8; 600 << 10]).unwrap();
+        out.start_file("trainer/b.bin", deflated).unwrap();
+        out.write_all(&[0u8; 600 << 10]).unwrap();
+        let bomb = out.finish().unwrap().into_inner();
+        let err = role_zip(&bomb, "trainer", 1 << 20).unwrap_err();
+        assert!(err.contains("more than 1048576 bytes"), "{err}");
+        assert_eq!(names(&role_zip(&bomb, "trainer", 2 << 20).unwrap().unwrap()).len(), 2);
+    }
+
+    #[test]
     fn role_folder_is_rezipped_at_its_root() {
         let flat = bundle(&["trainer/main.py", "trainer/lib/x.py", "aggregator/main.py"]);
-        let mut got = names(&role_zip(&flat, "trainer").unwrap().unwrap());
+        let mut got = names(&role_zip(&flat, "trainer", 1 << 20).unwrap().unwrap());
         got.sort();
         assert_eq!(got, ["lib/x.py", "main.py"]);
         let nested = bundle(&["code/trainer/main.py", "code/aggregator/main.py"]);
-        assert_eq!(names(&role_zip(&nested, "aggregator").unwrap().unwrap()), ["main.py"]);
-        assert_eq!(role_zip(&flat, "coordinator").unwrap(), None);
-        assert!(role_zip(b"not a zip", "trainer").is_err());
+        assert_eq!(names(&role_zip(&nested, "aggregator", 1 << 20).unwrap().unwrap()), ["main.py"]);
+        assert_eq!(role_zip(&flat, "coordinator", 1 << 20).unwrap(), None);
+        assert!(role_zip(b"not a zip", "trainer", 1 << 20).is_err());
     }
 
     #[test]

@@ -9,7 +9,9 @@ use serde_json::{Value, json};
 use fledge_control::store::NewTask;
 use fledge_types::{Dataset, Job, JobId, JobState, Task};
 
-use crate::support::{CODE_LIMIT, Client, Server, hier_job, setup_hier, zip_of};
+use crate::support::{
+    CODE_LIMIT, Client, ENTRIES_LIMIT, Server, hier_job, setup_hier, zip_bytes, zip_of, zip64_lying,
+};
 
 /// Stores the tasks of `job` as the controller does on start: the expansion, one key each.
 async fn insert_tasks(server: &Server, job: &str) -> Vec<(Task, String)> {
@@ -602,6 +604,46 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     let got = ann.post_raw(code, "application/zip", big_zip).await;
     assert!(got.1["message"].as_str().unwrap().contains(&CODE_LIMIT.to_string()), "{}", got.1);
     check(&server, &before, "oversize bundle", got, StatusCode::PAYLOAD_TOO_LARGE, &[]).await;
+    // Deflate bombs: 8 MiB of zeros, a few KiB zipped, beyond the inflated bound; one declares
+    // its size, one lies (declares 1000 bytes), so only inflating it tells.
+    let zeros = vec![0u8; 8 << 20];
+    let bomb = zip_bytes(&[("trainer/main.py", &zeros)]);
+    assert!(bomb.len() < CODE_LIMIT as usize, "the bomb must pass the compressed bound");
+    let got = ann.post_raw(code, "application/zip", bomb).await;
+    assert!(got.1["message"].as_str().unwrap().contains("at most 1048576 bytes"), "{}", got.1);
+    check(&server, &before, "deflate bomb", got, StatusCode::PAYLOAD_TOO_LARGE, &[]).await;
+    let lying_bomb = zip64_lying("trainer/main.py", &zeros, true, 1000);
+    let got = ann.post_raw(code, "application/zip", lying_bomb).await;
+    assert!(
+        got.1["message"].as_str().unwrap().contains("inflates to more than 1048576"),
+        "{}",
+        got.1
+    );
+    check(&server, &before, "lying deflate bomb", got, StatusCode::PAYLOAD_TOO_LARGE, &[]).await;
+    // Too many entries.
+    let names: Vec<String> = (0..=ENTRIES_LIMIT).map(|i| format!("trainer/{i}.py")).collect();
+    let files: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "")).collect();
+    let got = ann.post_raw(code, "application/zip", zip_of(&files)).await;
+    assert!(got.1["message"].as_str().unwrap().contains("entries"), "{}", got.1);
+    check(&server, &before, "too many entries", got, StatusCode::PAYLOAD_TOO_LARGE, &[]).await;
+    // A zip64 entry declaring 2^62 bytes: refused, never allocated, and the server lives on.
+    let lying = zip64_lying("trainer/main.py", b"print('hi')", false, 1 << 62);
+    let got = ann.post_raw(code, "application/zip", lying).await;
+    assert!(
+        got.1["message"].as_str().unwrap().contains("declares 4611686018427387904"),
+        "{}",
+        got.1
+    );
+    check(&server, &before, "zip64 lie", got, StatusCode::PAYLOAD_TOO_LARGE, &[]).await;
+    // A smaller lie (declared within the bound, not what the entry holds) is a corrupt bundle.
+    let lying = zip64_lying("trainer/main.py", b"print('hi')", false, 1000);
+    let got = ann.post_raw(code, "application/zip", lying).await;
+    assert!(
+        got.1["message"].as_str().unwrap().contains("declares 1000 bytes but holds 11"),
+        "{}",
+        got.1
+    );
+    check(&server, &before, "zip64 small lie", got, StatusCode::BAD_REQUEST, &[]).await;
     let huge_json = format!("{{\"id\": \"{}\"}}", "x".repeat(9 * 1024 * 1024));
     let got = raw("/users/ann/designs", &huge_json).await;
     assert!(got.1["message"].as_str().unwrap().contains("8388608"), "{}", got.1);

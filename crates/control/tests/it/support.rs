@@ -17,6 +17,10 @@ use fledge_types::task_config::{BrokerSpec, TaskEnv};
 
 /// Code bundles above this are rejected (small, so the 413 test stays cheap).
 pub const CODE_LIMIT: u64 = 64 * 1024;
+/// Code bundles that inflate beyond this are rejected (small, so the bomb test stays cheap).
+pub const INFLATED_LIMIT: u64 = 1024 * 1024;
+/// Code bundles with more entries than this are rejected.
+pub const ENTRIES_LIMIT: usize = 50;
 
 /// A running apiserver.
 pub struct Server {
@@ -42,7 +46,9 @@ impl Server {
             metaserver: None,
             default_registry: Default::default(),
         };
-        let state = ApiState::new(store.clone(), handle, None, env);
+        let mut state = ApiState::new(store.clone(), handle, None, env);
+        state.limits.code_inflated_bytes = INFLATED_LIMIT;
+        state.limits.code_entries = ENTRIES_LIMIT;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
@@ -184,6 +190,46 @@ pub fn zip_of(files: &[(&str, &str)]) -> Vec<u8> {
         out.write_all(text.as_bytes()).unwrap();
     }
     out.finish().unwrap().into_inner()
+}
+
+/// A zip of `files` (name, bytes), deflated.
+pub fn zip_bytes(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (name, data) in files {
+        out.start_file(*name, options).unwrap();
+        out.write_all(data).unwrap();
+    }
+    out.finish().unwrap().into_inner()
+}
+
+/// A zip of one file `name` holding `data` (stored or deflated) whose zip64 extra fields
+/// declare `declared` uncompressed bytes: what a reader that trusts declared sizes trips on.
+pub fn zip64_lying(name: &str, data: &[u8], deflate: bool, declared: u64) -> Vec<u8> {
+    let mut out = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let method =
+        if deflate { zip::CompressionMethod::Deflated } else { zip::CompressionMethod::Stored };
+    let options =
+        zip::write::SimpleFileOptions::default().compression_method(method).large_file(true);
+    out.start_file(name, options).unwrap();
+    out.write_all(data).unwrap();
+    let mut bytes = out.finish().unwrap().into_inner();
+    // Every zip64 extra field (tag 0x0001) starts with the uncompressed size.
+    let real = (data.len() as u64).to_le_bytes();
+    let mut patched = 0;
+    let mut i = 0;
+    while i + 12 <= bytes.len() {
+        if bytes[i..i + 2] == [1, 0] && bytes[i + 4..i + 12] == real {
+            bytes[i + 4..i + 12].copy_from_slice(&declared.to_le_bytes());
+            patched += 1;
+            i += 12;
+        } else {
+            i += 1;
+        }
+    }
+    assert!(patched > 0, "no zip64 extra field to patch");
+    bytes
 }
 
 /// Flame's three-tier hierarchical topology: trainers in two groups, one middle aggregator per
