@@ -18,12 +18,18 @@
 //! [`Command::Abort`], [`Command::Embed`], [`Command::Gradient`]) add their commands; their
 //! module docs give the exchanges.
 //!
+//! The headers of the two messages every FL round carries are typed: [`Model`] (down) and
+//! [`Update`] (up), each with `encode` (stamp the header on a message holding the tensors) and
+//! `decode` (read it back from a peer's message, every field checked).
+//!
 //! Commands are a type of their own ([`Command`]), distinct from the function tags of
 //! channels (`crate::roles::tags`), even where a word is the same on the wire (`upload`).
 //!
 //! Numbers that come from peers are checked here: an impossible value (a model for round 0
 //! where a round ≥ 1 is due, a sample count of 0 or beyond 2^53, a non-finite weight) is an
 //! [`Error::Protocol`] naming the sender, never an underflow, overflow or panic.
+
+use std::collections::BTreeMap;
 
 use fledge_channel::{Channel, Kind, Message};
 use fledge_types::TaskId;
@@ -125,6 +131,149 @@ impl Command {
     }
 }
 
+/// Most metrics an update may carry; more is a protocol error (a peer must not grow the
+/// aggregator's tables without bound).
+pub const MAX_METRICS: usize = 256;
+/// Longest metric name an update may carry, in bytes.
+pub const MAX_METRIC_NAME: usize = 128;
+
+/// The header of a model sent down to trainers (kind `Weights`; tensors: the model). Round ≥ 1
+/// for a round's global model; 0 for a trainer's initial weights answering
+/// [`Command::InitModel`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    /// The round the model is for.
+    pub round: u64,
+    /// The version of the model.
+    pub model_version: u64,
+    /// Uploads granted at once this round (0: upload as soon as trained); see [`UPLOAD_GRANTS`].
+    pub upload_grants: u64,
+}
+
+impl Model {
+    /// `body` (a message holding the model's tensors) with this header.
+    pub fn encode(self, mut body: Message) -> Message {
+        body.kind = Kind::Weights;
+        body.round = self.round;
+        body.model_version = self.model_version;
+        if self.upload_grants > 0 {
+            body = body.with_meta(UPLOAD_GRANTS, self.upload_grants);
+        }
+        body
+    }
+
+    /// The header of `peer`'s `Weights` message; grants must be a non-negative integer.
+    pub fn decode(peer: &TaskId, message: &Message) -> Result<Model> {
+        expect_kind(peer, message, Kind::Weights)?;
+        let upload_grants = match message.meta.get(UPLOAD_GRANTS) {
+            None => 0,
+            Some(v) => v.as_u64().ok_or_else(|| Error::Protocol {
+                peer: peer.clone(),
+                reason: format!(
+                    "model for round {} has {UPLOAD_GRANTS} {v}, not a count",
+                    message.round
+                ),
+            })?,
+        };
+        Ok(Model { round: message.round, model_version: message.model_version, upload_grants })
+    }
+}
+
+/// The header of an update sent up to an aggregator (kind `Update`; tensors: the local or
+/// partially aggregated weights).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Update {
+    /// The round it was trained in.
+    pub round: u64,
+    /// The version of the model it was trained from.
+    pub model_version: u64,
+    /// The samples it stands for (its FedAvg weight), in 1..=[`MAX_SAMPLES`].
+    pub num_samples: u64,
+    /// The sender's metrics (name → finite number), at most [`MAX_METRICS`].
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl Update {
+    /// `body` (a message holding the update's tensors) with this header.
+    pub fn encode(self, mut body: Message) -> Message {
+        body.kind = Kind::Update;
+        body.round = self.round;
+        body.model_version = self.model_version;
+        // JSON has no NaN or infinity: a non-finite metric is left out, not sent as null.
+        let metrics: serde_json::Map<String, Value> = self
+            .metrics
+            .into_iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(k, v)| (k, Value::from(v)))
+            .collect();
+        body.with_meta(NUM_SAMPLES, self.num_samples).with_meta(METRICS, Value::Object(metrics))
+    }
+
+    /// The header of `peer`'s update, every number checked: the sample count (see
+    /// [`num_samples`]) and the metrics (an object of at most [`MAX_METRICS`] finite numbers
+    /// with names of at most [`MAX_METRIC_NAME`] bytes).
+    pub fn decode(peer: &TaskId, message: &Message) -> Result<Update> {
+        expect_kind(peer, message, Kind::Update)?;
+        let num_samples = num_samples(peer, message)?;
+        let bad = |reason: String| Error::Protocol { peer: peer.clone(), reason };
+        let mut metrics = BTreeMap::new();
+        match message.meta.get(METRICS) {
+            None => {}
+            Some(Value::Object(map)) => {
+                if map.len() > MAX_METRICS {
+                    return Err(bad(format!(
+                        "update for round {} has {} metrics, more than {MAX_METRICS}",
+                        message.round,
+                        map.len()
+                    )));
+                }
+                for (name, value) in map {
+                    if name.is_empty() || name.len() > MAX_METRIC_NAME {
+                        return Err(bad(format!(
+                            "update for round {} has a metric name of {} bytes, not 1..={MAX_METRIC_NAME}",
+                            message.round,
+                            name.len()
+                        )));
+                    }
+                    match value.as_f64() {
+                        Some(v) if v.is_finite() => {
+                            metrics.insert(name.clone(), v);
+                        }
+                        _ => {
+                            return Err(bad(format!(
+                                "update for round {} has metric {name:?} = {value}, not a finite number",
+                                message.round
+                            )));
+                        }
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "update for round {} has {METRICS} {other}, not an object",
+                    message.round
+                )));
+            }
+        }
+        Ok(Update {
+            round: message.round,
+            model_version: message.model_version,
+            num_samples,
+            metrics,
+        })
+    }
+}
+
+fn expect_kind(peer: &TaskId, message: &Message, kind: Kind) -> Result<()> {
+    if message.kind == kind {
+        return Ok(());
+    }
+    Err(Error::Protocol {
+        peer: peer.clone(),
+        reason: format!("{:?} message where {kind:?} is due", message.kind),
+    })
+}
+
 /// The channel error a role sees when a peer it talks to is gone (it left while we waited
 /// for it, or it was not there to send to) as [`Error::PeerLeft`]; other errors unchanged.
 pub fn peer_left(e: fledge_channel::Error) -> Error {
@@ -135,11 +284,6 @@ pub fn peer_left(e: fledge_channel::Error) -> Error {
         }
         e => e.into(),
     }
-}
-
-/// The upload grants a `Weights` message announces (see [`UPLOAD_GRANTS`]).
-pub fn upload_grants(message: &Message) -> u64 {
-    message.meta.get(UPLOAD_GRANTS).and_then(Value::as_u64).unwrap_or(0)
 }
 
 /// The sample count of `peer`'s update: an integer in 1..=[`MAX_SAMPLES`].
@@ -234,5 +378,46 @@ mod tests {
         let err = check_finite(&peer, "chunk", &[1.0, f32::NAN]).unwrap_err().to_string();
         assert!(err.contains("t7") && err.contains("index 1"), "{err}");
         check_finite(&peer, "chunk", &[1.0, -2.0]).expect("finite");
+    }
+
+    #[test]
+    fn typed_headers_round_trip_and_reject_what_a_peer_must_not_send() {
+        let peer = TaskId::from("t9");
+        let model = Model { round: 4, model_version: 3, upload_grants: 2 };
+        let m = model.encode(Message::new(Kind::Control, 0));
+        assert_eq!((m.kind, m.round, m.model_version), (Kind::Weights, 4, 3));
+        assert_eq!(Model::decode(&peer, &m).expect("model"), model);
+        let no_grants = Model { upload_grants: 0, ..model }.encode(Message::new(Kind::Weights, 0));
+        assert!(!no_grants.meta.contains_key(UPLOAD_GRANTS));
+        let bad_grants = Message::new(Kind::Weights, 1).with_meta(UPLOAD_GRANTS, -1);
+        assert!(Model::decode(&peer, &bad_grants).unwrap_err().to_string().contains("t9"));
+
+        let update = Update {
+            round: 2,
+            model_version: 1,
+            num_samples: 600,
+            metrics: BTreeMap::from([("afterTraining.accuracy".to_owned(), 0.9)]),
+        };
+        let m = update.clone().encode(Message::new(Kind::Weights, 0));
+        assert_eq!(m.kind, Kind::Update);
+        assert_eq!(Update::decode(&peer, &m).expect("update"), update);
+        let err = Update::decode(&peer, &Message::new(Kind::Weights, 2)).unwrap_err().to_string();
+        assert!(err.contains("where Update is due"), "{err}");
+
+        let with_metrics = |metrics: Value| {
+            Message::new(Kind::Update, 2).with_meta(NUM_SAMPLES, 5).with_meta(METRICS, metrics)
+        };
+        let too_many: serde_json::Map<String, Value> =
+            (0..=MAX_METRICS).map(|i| (format!("m{i}"), Value::from(1.0))).collect();
+        for (bad, why) in [
+            (Value::Object(too_many), "more than 256"),
+            (serde_json::json!({"loss": "low"}), "not a finite number"),
+            (serde_json::json!({"": 1.0}), "metric name"),
+            (serde_json::json!({"x".repeat(129): 1.0}), "metric name"),
+            (serde_json::json!([1.0]), "not an object"),
+        ] {
+            let err = Update::decode(&peer, &with_metrics(bad)).unwrap_err().to_string();
+            assert!(err.contains("t9") && err.contains(why), "{why}: {err}");
+        }
     }
 }

@@ -53,17 +53,13 @@ use fledge_algorithms::{EndReport, Optimizer, Selector};
 use fledge_channel::{Channel, Kind, Message};
 use fledge_types::TaskId;
 use futures::StreamExt;
-use serde_json::Value;
 
 use crate::app::{AppNeed, Evaluator, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
 use crate::metrics::{GLOBAL, RoundMetrics, TRAINER_MEAN};
-use crate::protocol::{
-    self, Command, METRICS, NUM_SAMPLES, UPLOAD_GRANTS, await_upload_permit, peer_left,
-    upload_grants,
-};
+use crate::protocol::{Command, Model, Update, await_upload_permit, peer_left};
 use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::{Common, RoleKind, tags};
 use crate::{Error, Result, Weights};
@@ -456,8 +452,9 @@ fn round_grants(max_uploads: Option<usize>, model_bytes: usize, selected: usize)
 async fn distribute_shared(ctx: &mut AggregatorCtx, global: &Arc<Weights>) -> Result<()> {
     let round = ctx.round;
     ctx.round_grants = round_grants(ctx.max_uploads, global.num_params() * 4, ctx.selected.len());
-    let message = shared_weights_message(Kind::Weights, round, ctx.model_version, global)?
-        .with_meta(UPLOAD_GRANTS, ctx.round_grants);
+    let header =
+        Model { round, model_version: ctx.model_version, upload_grants: ctx.round_grants as u64 };
+    let message = header.encode(shared_weights_message(Kind::Weights, 0, 0, global)?);
     let all = ctx.distribute.ends();
     if all == ctx.selected {
         ctx.distribute.broadcast(message).await?;
@@ -507,15 +504,12 @@ struct TrainerMetrics {
 }
 
 impl TrainerMetrics {
-    fn add(&mut self, message: &Message, weight: f64) {
-        if let Some(Value::Object(map)) = message.meta.get("metrics") {
-            for (k, v) in map {
-                if let Some(v) = v.as_f64() {
-                    let e = self.sums.entry(k.clone()).or_default();
-                    e.0 += v * weight;
-                    e.1 += weight;
-                }
-            }
+    fn add(&mut self, update: &Update) {
+        let weight = update.num_samples as f64;
+        for (k, v) in &update.metrics {
+            let e = self.sums.entry(k.clone()).or_default();
+            e.0 += v * weight;
+            e.1 += weight;
         }
     }
 }
@@ -589,15 +583,17 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
         }
         granted.remove(&end);
         pending.remove(&end);
-        let num_samples = match protocol::num_samples(&end, &message) {
-            Ok(n) => n,
+        let num_samples = match Update::decode(&end, &message) {
+            Ok(update) => {
+                trainer_metrics.add(&update);
+                update.num_samples
+            }
             Err(e) => {
                 tracing::warn!(%end, round, error = %e, "update rejected");
                 rejected += 1;
                 continue;
             }
         };
-        trainer_metrics.add(&message, num_samples as f64);
         let started = tokio::time::Instant::now();
         let (back, res) = tokio::task::spawn_blocking(move || {
             let res = fold_update(&mut acc, &message.tensors, num_samples);
@@ -760,10 +756,11 @@ async fn fetch_up(ctx: &mut AggregatorCtx) -> Result<()> {
                 upload.send(&top, reply).await.map_err(peer_left)?;
             }
             Kind::Weights => {
+                let model = Model::decode(&top, &message)?;
                 ctx.global = Some(tensors_to_weights(&message.tensors)?);
-                ctx.round = message.round;
-                ctx.model_version = message.model_version;
-                ctx.up_grants = upload_grants(&message);
+                ctx.round = model.round;
+                ctx.model_version = model.model_version;
+                ctx.up_grants = model.upload_grants;
                 let mut metrics = RoundMetrics::start(ctx.io.traffic());
                 metrics.values = std::mem::take(&mut ctx.io.metrics.values);
                 ctx.io.metrics = metrics;
@@ -789,18 +786,21 @@ async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
     needs(&ctx.global, "global model")?;
     let (fetch, _) = needs(&ctx.up, "upward channels")?.clone();
     await_upload_permit(ctx.up_grants, &fetch, &upload, &top, ctx.round).await?;
-    let mut metrics = serde_json::Map::new();
+    let mut metrics = BTreeMap::new();
     for (k, v) in &ctx.io.metrics.values {
         if let Some(name) = k.strip_prefix(TRAINER_MEAN) {
-            metrics.insert(name.to_owned(), Value::from(*v));
+            metrics.insert(name.to_owned(), *v);
         }
     }
+    let header = Update {
+        round: ctx.round,
+        model_version: ctx.model_version,
+        num_samples: ctx.round_samples,
+        metrics,
+    };
     // The round's mean is sent shared, not copied (see `distribute`).
     let global = Arc::new(ctx.global.take().expect("checked above"));
-    let message =
-        shared_weights_message(Kind::Update, ctx.round, ctx.model_version, &global).map(|m| {
-            m.with_meta(NUM_SAMPLES, ctx.round_samples).with_meta(METRICS, Value::Object(metrics))
-        });
+    let message = shared_weights_message(Kind::Update, 0, 0, &global).map(|m| header.encode(m));
     let res = match message {
         Ok(message) => upload.send(&top, message).await.map_err(peer_left),
         Err(e) => Err(e),

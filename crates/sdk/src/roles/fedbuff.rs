@@ -69,7 +69,7 @@ use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
 use crate::metrics::{GLOBAL, RoundMetrics, TRAINER_MEAN};
-use crate::protocol::{self, Command, METRICS, NUM_SAMPLES, peer_left};
+use crate::protocol::{Command, Model, Update, peer_left};
 use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::trainer::TrainerCtx;
 use crate::roles::{Common, RoleKind, aggregator, tags};
@@ -308,8 +308,9 @@ impl AsyncAggregatorCtx {
             Some((v, m)) if *v == version => m.clone(),
             _ => {
                 let global = self.global()?.clone();
+                let header = Model { round: version + 1, model_version: version, upload_grants: 0 };
                 let m = tokio::task::spawn_blocking(move || {
-                    weights_message(Kind::Weights, version + 1, version, &global)
+                    weights_message(Kind::Weights, 0, 0, &global).map(|m| header.encode(m))
                 })
                 .await??;
                 self.current_message = Some((version, m.clone()));
@@ -355,28 +356,25 @@ impl AsyncAggregatorCtx {
         if message.model_version != base_version {
             tracing::warn!(%end, header = message.model_version, sent = base_version, "update names another model version than was sent; using the one sent");
         }
-        let num_samples = match protocol::num_samples(&end, &message) {
-            Ok(n) => n,
+        let update = match Update::decode(&end, &message) {
+            Ok(update) => update,
             Err(e) => {
                 tracing::warn!(%end, error = %e, "update rejected");
                 self.stats.rejected += 1;
                 return Ok(());
             }
         };
+        let num_samples = update.num_samples;
         let base = self
             .versions
             .get(&base_version)
             .cloned()
             .expect("the model of every busy trainer is kept until its update arrives");
         let staleness = self.model_version - base_version;
-        if let Some(Value::Object(map)) = message.meta.get(METRICS) {
-            for (k, v) in map {
-                if let Some(v) = v.as_f64() {
-                    let e = self.stats.trainer_metrics.entry(k.clone()).or_default();
-                    e.0 += v * num_samples as f64;
-                    e.1 += num_samples as f64;
-                }
-            }
+        for (k, v) in &update.metrics {
+            let e = self.stats.trainer_metrics.entry(k.clone()).or_default();
+            e.0 += v * num_samples as f64;
+            e.1 += num_samples as f64;
         }
         let mut buffer = self.buffer.take().expect("a buffer is open while collecting");
         let (back, res) = tokio::task::spawn_blocking(move || {
@@ -627,6 +625,7 @@ async fn fetch_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
                 upload.send(&top, reply).await.map_err(peer_left)?;
             }
             Kind::Weights => {
+                let model = Model::decode(&top, &message)?;
                 let global = tensors_to_weights(&message.tensors)?;
                 if ctx.buffer.is_none() {
                     let optimizer = ctx.optimizer.as_ref().expect("optimizer present");
@@ -634,8 +633,8 @@ async fn fetch_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
                     ctx.started = Instant::now();
                 }
                 ctx.global = Some(global);
-                ctx.model_version = message.model_version;
-                upward(ctx)?.top_round = message.round;
+                ctx.model_version = model.model_version;
+                upward(ctx)?.top_round = model.round;
                 return Ok(());
             }
             Kind::EndOfTraining => {
@@ -668,7 +667,7 @@ async fn upload_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     ctx.buffer = Some(optimizer.begin_round(&model));
     ctx.optimizer = Some(optimizer);
     let stats = std::mem::take(&mut ctx.stats);
-    let mut trainer_metrics = serde_json::Map::new();
+    let mut trainer_metrics = BTreeMap::new();
     let m = &mut ctx.io.metrics;
     m.set("updates", updates as f64);
     m.set("numSamples", stats.samples as f64);
@@ -680,7 +679,7 @@ async fn upload_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     for (k, (sum, weight)) in stats.trainer_metrics {
         if weight > 0.0 {
             m.set(format!("{TRAINER_MEAN}{k}"), sum / weight);
-            trainer_metrics.insert(k, Value::from(sum / weight));
+            trainer_metrics.insert(k, sum / weight);
         }
     }
     let version = ctx.model_version;
@@ -688,11 +687,15 @@ async fn upload_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     up.uploads += 1;
     let top = up.top.clone().ok_or_else(|| Error::Config("no top aggregator joined".to_owned()))?;
     let (upload, round) = (up.upload.clone(), up.top_round);
+    let header = Update {
+        round,
+        model_version: version,
+        num_samples: stats.samples,
+        metrics: trainer_metrics,
+    };
     let message =
-        tokio::task::spawn_blocking(move || weights_message(Kind::Update, round, version, &model))
-            .await??
-            .with_meta(NUM_SAMPLES, stats.samples)
-            .with_meta(METRICS, Value::Object(trainer_metrics));
+        tokio::task::spawn_blocking(move || weights_message(Kind::Update, 0, 0, &model)).await??;
+    let message = header.encode(message);
     upload.send(&top, message).await.map_err(peer_left)?;
     ctx.prune();
     Ok(())

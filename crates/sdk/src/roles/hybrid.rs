@@ -23,17 +23,16 @@
 //! for in this task's group at bootstrap (default: `expectedTrainers` divided by the number of
 //! groups of the ring channel, rounded up).
 
+use std::collections::BTreeMap;
+
 use fledge_channel::{Channel, Kind};
 use fledge_types::{TaskConfig, TaskId};
-use serde_json::Value;
 
 use crate::app::{AppNeed, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
-use crate::protocol::{
-    Command, METRICS, NUM_SAMPLES, await_upload_permit, peer_left, upload_grants,
-};
+use crate::protocol::{Command, Model, Update, await_upload_permit, peer_left};
 use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::ring::{self, RingCtx};
 use crate::roles::{Common, RoleKind, tags};
@@ -142,11 +141,12 @@ async fn fetch(ctx: &mut HybridCtx) -> Result<()> {
                 tracing::info!(task_id = %ctx.config().task_id, "sent initial model to aggregator");
             }
             Kind::Weights => {
+                let model = Model::decode(&aggregator, &message)?;
                 let weights = tensors_to_weights(&message.tensors)?;
                 ctx.ring.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
-                ctx.round = message.round;
-                ctx.model_version = message.model_version;
-                ctx.upload_grants = upload_grants(&message);
+                ctx.round = model.round;
+                ctx.model_version = model.model_version;
+                ctx.upload_grants = model.upload_grants;
                 return Ok(());
             }
             Kind::EndOfTraining => {
@@ -170,16 +170,20 @@ async fn upload(ctx: &mut HybridCtx) -> Result<()> {
     let aggregator = ctx.aggregator()?;
     await_upload_permit(ctx.upload_grants, &ctx.fetch, &ctx.upload, &aggregator, ctx.round).await?;
     let weights: Weights = ctx.ring.with_app("get_weights", |app| app.get_weights()).await?;
-    let mut metrics = serde_json::Map::new();
+    let mut metrics = BTreeMap::new();
     for (k, v) in &ctx.ring.outcome.metrics {
-        metrics.insert(format!("train_{k}"), Value::from(*v));
+        metrics.insert(format!("train_{k}"), *v);
     }
     for (k, v) in &ctx.ring.evaluation {
-        metrics.insert(k.clone(), Value::from(*v));
+        metrics.insert(k.clone(), *v);
     }
-    let message = weights_message(Kind::Update, ctx.round, ctx.model_version, &weights)?
-        .with_meta(NUM_SAMPLES, ctx.ring.outcome.num_samples)
-        .with_meta(METRICS, Value::Object(metrics));
+    let header = Update {
+        round: ctx.round,
+        model_version: ctx.model_version,
+        num_samples: ctx.ring.outcome.num_samples,
+        metrics,
+    };
+    let message = header.encode(weights_message(Kind::Update, 0, 0, &weights)?);
     ctx.upload.send(&aggregator, message).await.map_err(peer_left)
 }
 
@@ -285,7 +289,7 @@ pub fn program() -> Composer<HybridCtx> {
 mod tests {
     use super::*;
 
-    fn config(hyperparameters: Value, groups: &[&str]) -> TaskConfig {
+    fn config(hyperparameters: serde_json::Value, groups: &[&str]) -> TaskConfig {
         serde_json::from_value(serde_json::json!({
             "taskId": "t0",
             "role": "trainer",

@@ -20,17 +20,14 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use fledge_channel::{Channel, Kind, Message};
+use fledge_channel::{Channel, Kind};
 use fledge_types::TaskId;
-use serde_json::Value;
 
 use crate::app::{AppNeed, TrainOutcome, TrainerApp, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::metrics::{AFTER_TRAINING, BEFORE_TRAINING, RoundMetrics};
-use crate::protocol::{
-    Command, METRICS, NUM_SAMPLES, await_upload_permit, peer_left, upload_grants,
-};
+use crate::protocol::{Command, Model, Update, await_upload_permit, peer_left};
 use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::{Common, RoleKind, tags};
 use crate::{Error, Result, Weights};
@@ -171,11 +168,12 @@ async fn fetch(ctx: &mut TrainerCtx) -> Result<()> {
                 tracing::info!(task_id = %ctx.io.config.task_id, "sent initial model to aggregator");
             }
             Kind::Weights => {
+                let model = Model::decode(&aggregator, &message)?;
                 let weights = tensors_to_weights(&message.tensors)?;
                 ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
-                ctx.round = message.round;
-                ctx.model_version = message.model_version;
-                ctx.upload_grants = upload_grants(&message);
+                ctx.round = model.round;
+                ctx.model_version = model.model_version;
+                ctx.upload_grants = model.upload_grants;
                 let mut metrics = RoundMetrics::start(ctx.io.traffic());
                 // Keep the time spent waiting for this model.
                 metrics.values = std::mem::take(&mut ctx.io.metrics.values);
@@ -227,19 +225,23 @@ async fn upload(ctx: &mut TrainerCtx) -> Result<()> {
     let aggregator = ctx.aggregator()?;
     await_upload_permit(ctx.upload_grants, &ctx.fetch, &ctx.upload, &aggregator, ctx.round).await?;
     let weights: Weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
-    let mut metrics = serde_json::Map::new();
+    let mut metrics = BTreeMap::new();
     for (k, v) in &ctx.outcome.metrics {
-        metrics.insert(format!("train_{k}"), Value::from(*v));
+        metrics.insert(format!("train_{k}"), *v);
     }
     for (k, v) in &ctx.received_evaluation {
-        metrics.insert(format!("{BEFORE_TRAINING}{k}"), Value::from(*v));
+        metrics.insert(format!("{BEFORE_TRAINING}{k}"), *v);
     }
     for (k, v) in &ctx.evaluation {
-        metrics.insert(format!("{AFTER_TRAINING}{k}"), Value::from(*v));
+        metrics.insert(format!("{AFTER_TRAINING}{k}"), *v);
     }
-    let message: Message = weights_message(Kind::Update, ctx.round, ctx.model_version, &weights)?
-        .with_meta(NUM_SAMPLES, ctx.outcome.num_samples)
-        .with_meta(METRICS, Value::Object(metrics));
+    let header = Update {
+        round: ctx.round,
+        model_version: ctx.model_version,
+        num_samples: ctx.outcome.num_samples,
+        metrics,
+    };
+    let message = header.encode(weights_message(Kind::Update, 0, 0, &weights)?);
     ctx.upload.send(&aggregator, message).await.map_err(peer_left)
 }
 
