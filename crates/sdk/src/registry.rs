@@ -133,8 +133,13 @@ fn save_atomic(path: &Path, weights: &Weights) -> Result<()> {
     let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
     let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
     write_safetensors(&mut out, weights).and_then(|()| out.flush()).map_err(io_err(&tmp))?;
-    drop(out);
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    // Durable before it is visible: the bytes reach the disk, then the rename does (a crash
+    // leaves the old file or the new one, never a torn or empty one under the final name).
+    let file = out.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 /// Buffer of a streamed model file, in bytes.

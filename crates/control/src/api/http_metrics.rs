@@ -68,7 +68,7 @@ pub(super) async fn track(State(state): State<ApiState>, request: Request, next:
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().to_string();
+    let method = method_label(request.method()).to_owned();
     let start = tokio::time::Instant::now();
     let response = next.run(request).await;
     let elapsed = start.elapsed().as_secs_f64();
@@ -83,6 +83,24 @@ pub(super) async fn track(State(state): State<ApiState>, request: Request, next:
         .inc();
     state.metrics.latency.get_or_create(&RouteLabels { method, route }).observe(elapsed);
     response
+}
+
+/// The label of a request's method: one of the standard methods, or `other` for any other (a
+/// client must not grow the label space, and so `/metrics` and memory, with made-up methods).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    const KNOWN: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::HEAD, "HEAD"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    KNOWN.iter().find(|(m, _)| m == method).map_or("other", |(_, label)| label)
 }
 
 /// `GET /metrics`: the Prometheus text format.
@@ -103,5 +121,20 @@ pub(super) async fn render(State(state): State<ApiState>) -> Response {
             format!("cannot encode metrics: {err}"),
         )
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    #[test]
+    fn made_up_methods_fold_into_one_label() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::DELETE), "DELETE");
+        for made_up in ["FOO", "BREW", "X1234"] {
+            assert_eq!(method_label(&Method::from_bytes(made_up.as_bytes()).unwrap()), "other");
+        }
     }
 }

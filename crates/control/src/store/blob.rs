@@ -20,6 +20,12 @@ pub const DEFAULT_MAX_BYTES: u64 = 100 * 1024 * 1024;
 pub struct BlobStore {
     dir: Arc<PathBuf>,
     max_bytes: u64,
+    /// Orders adding references against collecting unreferenced blobs: a writer holds it shared
+    /// from `put` until the row that names the blob is committed, a collector holds it
+    /// exclusively from counting references until the removal, so a blob is never removed
+    /// between an upload finding it present and committing its row. (One process owns a blob
+    /// directory.)
+    refs: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl BlobStore {
@@ -27,7 +33,7 @@ impl BlobStore {
     pub fn new(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(Error::Blob)?;
-        Ok(Self { dir: Arc::new(dir), max_bytes })
+        Ok(Self { dir: Arc::new(dir), max_bytes, refs: Arc::default() })
     }
 
     /// The directory.
@@ -55,6 +61,18 @@ impl BlobStore {
         Ok(self.dir.join(&sha256[..2]).join(sha256))
     }
 
+    /// Held while adding a reference to a blob (from [`BlobStore::put`] to the commit of the row
+    /// that names it); collection waits for it.
+    pub async fn referencing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.refs.read().await
+    }
+
+    /// Held while collecting unreferenced blobs (from counting references to removing);
+    /// new references wait for it.
+    pub async fn collecting(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.refs.write().await
+    }
+
     /// Stores `bytes` and returns their SHA-256; `TooLarge` past the limit. Idempotent.
     pub async fn put(&self, bytes: &[u8]) -> Result<String> {
         let size = bytes.len() as u64;
@@ -74,7 +92,13 @@ impl BlobStore {
             file.write_all(bytes).await?;
             file.sync_all().await?;
             drop(file);
-            tokio::fs::rename(&tmp, &path).await
+            tokio::fs::rename(&tmp, &path).await?;
+            // The rename, and the fan-out directory if it is new, are durable too: a row that
+            // names this blob is committed only after this returns.
+            for dir in [parent, &self.dir] {
+                tokio::fs::File::open(dir).await?.sync_all().await?;
+            }
+            Ok(())
         }
         .await;
         if let Err(err) = written {

@@ -623,7 +623,9 @@ macro_rules! impl_sql_store {
                     .await
                     .map_err(db)?;
                 tx.commit().await.map_err(db)?;
-                // Blobs are shared by content: drop only those no other revision references.
+                // Blobs are shared by content: drop only those no other revision references
+                // (no upload can add a reference between the count and the removal).
+                let _collecting = self.blobs.collecting().await;
                 for sha in shas {
                     let row = sqlx::query("SELECT COUNT(*) AS n FROM codes WHERE sha256 = $1")
                         .bind(&sha)
@@ -731,6 +733,7 @@ macro_rules! impl_sql_store {
                 let owner = self.design_owner(owner, design).await?;
                 // The blob first: content-addressed, so a failed row insert leaves at most an
                 // unreferenced file, never a row without bytes.
+                let _referencing = self.blobs.referencing().await;
                 let sha256 = self.blobs.put(zip).await?;
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
                 let row = sqlx::query(

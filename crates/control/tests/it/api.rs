@@ -818,6 +818,24 @@ async fn openapi_health_and_metrics() {
     assert!(text.contains("fledge_apiserver_http_requests_total{method=\"GET\",route=\"/api/v1/users/{user}/jobs\",status=\"200\"} 1"),
             "{text}");
     assert!(text.contains("fledge_apiserver_http_request_duration_seconds_bucket"), "{text}");
+
+    // Made-up methods and paths fold into one label each: /metrics does not grow with them.
+    let http = reqwest::Client::new();
+    let made_up = |i: usize| reqwest::Method::from_bytes(format!("M{i}").as_bytes()).unwrap();
+    for i in 0..10 {
+        http.request(made_up(i), format!("{}/nope/{i}", server.base)).send().await.unwrap();
+    }
+    let size_after = |text: Value| text.as_str().unwrap().len();
+    let (_, first) = anonymous.get("/metrics").await;
+    for i in 10..2_000 {
+        http.request(made_up(i), format!("{}/nope/{i}", server.base)).send().await.unwrap();
+    }
+    let (_, second) = anonymous.get("/metrics").await;
+    let text = second.as_str().unwrap().to_owned();
+    assert!(!text.contains("M1999") && !text.contains("/nope/"), "{text}");
+    assert!(text.contains("method=\"other\",route=\"unmatched\""), "{text}");
+    // Only counters and bucket counts changed (a few digits longer), no new series.
+    assert!(size_after(second) < size_after(first) + 200, "/metrics grew with made-up requests");
     server.stop().await;
 }
 
