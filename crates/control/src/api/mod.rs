@@ -56,6 +56,14 @@ pub struct Limits {
     pub code_inflated_bytes: u64,
     /// Most entries a code bundle may hold (default [`DEFAULT_CODE_ENTRIES_LIMIT`]).
     pub code_entries: usize,
+    /// Most metric records one `POST /tasks/{id}/metrics` may carry (default 1,000).
+    pub metric_records_per_request: usize,
+    /// Most metrics (names) one record may carry (default 256, as `fledge-sdk`'s protocol).
+    pub metrics_per_record: usize,
+    /// Most metric records a task may store over its job (default 100,000: a record a round
+    /// for a long job, several per round for a short one). A request that would pass it is
+    /// refused whole; concurrent requests of one task may pass it by one request at most.
+    pub metric_records_per_task: u64,
 }
 
 /// Default bound on what a code bundle inflates to: 256 MiB (the agent's unpacking bound).
@@ -105,6 +113,9 @@ impl ApiState {
             code_bytes: store.max_code_bytes(),
             code_inflated_bytes: DEFAULT_CODE_INFLATED_LIMIT,
             code_entries: DEFAULT_CODE_ENTRIES_LIMIT,
+            metric_records_per_request: 1_000,
+            metrics_per_record: 256,
+            metric_records_per_task: 100_000,
         };
         Self {
             store,

@@ -290,6 +290,15 @@ async fn task_metrics(
     let task = state.task(&headers, &TaskId::new(task)).await?;
     let records: Vec<MetricRecord> =
         body::json(request, state.limits.json_bytes, "metric records").await?;
+    let limits = &state.limits;
+    let too_many = |message: String| Error::new(ErrorCode::PayloadTooLarge, message);
+    if records.len() > limits.metric_records_per_request {
+        return Err(too_many(format!(
+            "{} metric records in one request; at most {} may be sent at once",
+            records.len(),
+            limits.metric_records_per_request
+        )));
+    }
     let mut details = Vec::new();
     for (i, record) in records.iter().enumerate() {
         if record.task_id != task.task_id {
@@ -304,7 +313,23 @@ async fn task_metrics(
                 message: format!("must be this task's role {}", task.role),
             });
         }
+        if record.metrics.len() > limits.metrics_per_record {
+            details.push(ErrorDetail {
+                path: format!("[{i}].metrics"),
+                message: format!(
+                    "{} metrics; at most {} per record",
+                    record.metrics.len(),
+                    limits.metrics_per_record
+                ),
+            });
+        }
         for (name, value) in &record.metrics {
+            if name.is_empty() || name.len() > 128 {
+                details.push(ErrorDetail {
+                    path: format!("[{i}].metrics"),
+                    message: format!("metric name of {} bytes; must be 1 to 128", name.len()),
+                });
+            }
             if !value.is_finite() {
                 details.push(ErrorDetail {
                     path: format!("[{i}].metrics.{name}"),
@@ -315,6 +340,15 @@ async fn task_metrics(
     }
     if !details.is_empty() {
         return Err(Error::invalid("invalid metric records", details));
+    }
+    let stored = state.store.count_metrics(&task.job_id, &task.task_id).await?;
+    if stored.saturating_add(records.len() as u64) > limits.metric_records_per_task {
+        return Err(too_many(format!(
+            "task {} has stored {stored} metric records; with these {} it would pass its limit of {}",
+            task.task_id,
+            records.len(),
+            limits.metric_records_per_task
+        )));
     }
     state.store.add_metrics(&task.job_id, &records).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -303,6 +303,8 @@ pub trait Store: Send + Sync + 'static {
     // Metrics.
     /// Appends metric records of a job.
     async fn add_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<()>;
+    /// How many metric records task `task` of `job` has stored.
+    async fn count_metrics(&self, job: &JobId, task: &TaskId) -> Result<u64>;
     /// A job's metric records in insertion order.
     async fn list_metrics(&self, job: &JobId) -> Result<Vec<MetricRecord>>;
 }

@@ -1436,6 +1436,18 @@ macro_rules! impl_sql_store {
                 Ok(())
             }
 
+            async fn count_metrics(&self, job: &JobId, task: &TaskId) -> Result<u64> {
+                let row = sqlx::query(
+                    "SELECT COUNT(*) AS n FROM metrics WHERE job_id = $1 AND task_id = $2",
+                )
+                .bind(job.as_str())
+                .bind(task.as_str())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
+                Ok(u64::try_from(get::<i64>(&row, "n")?).unwrap_or(0))
+            }
+
             async fn list_metrics(&self, job: &JobId) -> Result<Vec<MetricRecord>> {
                 self.fetch_job(None, job).await?;
                 let rows = sqlx::query(

@@ -568,6 +568,8 @@ async fn metrics(store: &impl Store) {
     };
     store.add_metrics(&job.id, &[record(2, 0.5), record(1, 0.9)]).await.unwrap();
     store.add_metrics(&job.id, &[record(3, 0.1)]).await.unwrap();
+    assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 3);
+    assert_eq!(store.count_metrics(&job.id, &"t2".into()).await.unwrap(), 0);
     let listed = store.list_metrics(&job.id).await.unwrap();
     let rounds: Vec<_> = listed.iter().map(|m| m.round).collect();
     assert_eq!(rounds, [2, 1, 3], "insertion order");

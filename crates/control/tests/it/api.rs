@@ -195,6 +195,28 @@ async fn three_tier_job_lifecycle() {
         metrics.as_array().unwrap().iter().map(|m| m["round"].clone()).collect::<Vec<_>>(),
         [json!(1), json!(2)]
     );
+    // Bounded: records per request, metrics per record, records per task (5 in these tests);
+    // a refused request stores nothing.
+    let many: Vec<Value> = (0..1_001).map(record).collect();
+    let (status, body) = agent.post(&format!("{task_path}/metrics"), &json!(many)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("at most 1000"), "{body}");
+    let wide: serde_json::Map<String, Value> =
+        (0..257).map(|i| (format!("m{i}"), json!(1.0))).collect();
+    let wide = json!([{"taskId": trainer.task_id, "role": "trainer", "round": 3, "metrics": wide}]);
+    let (status, body) = agent.post(&format!("{task_path}/metrics"), &wide).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["details"][0]["message"].as_str().unwrap().contains("at most 256"), "{body}");
+    let four: Vec<Value> = (3..7).map(record).collect();
+    let (status, body) = agent.post(&format!("{task_path}/metrics"), &json!(four)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("stored 2 metric records"), "{body}");
+    let (status, body) = agent
+        .post(&format!("{task_path}/metrics"), &json!([record(3), record(4), record(5)]))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (_, metrics) = ann.get(&format!("/users/ann/jobs/{id}/metrics")).await;
+    assert_eq!(metrics.as_array().unwrap().len(), 5);
     let (_, task) = ann.get(&format!("/users/ann/jobs/{id}/tasks/{}", trainer.task_id)).await;
     assert_eq!((task["state"].clone(), task["log"].clone()), (json!("running"), json!("up")));
     assert!(task["lastHeartbeat"].is_string(), "{task}");

@@ -21,6 +21,8 @@ pub const CODE_LIMIT: u64 = 64 * 1024;
 pub const INFLATED_LIMIT: u64 = 1024 * 1024;
 /// Code bundles with more entries than this are rejected.
 pub const ENTRIES_LIMIT: usize = 50;
+/// Metric records a task may store.
+pub const METRIC_ROWS_LIMIT: u64 = 5;
 
 /// A running apiserver.
 pub struct Server {
@@ -49,6 +51,7 @@ impl Server {
         let mut state = ApiState::new(store.clone(), handle, None, env);
         state.limits.code_inflated_bytes = INFLATED_LIMIT;
         state.limits.code_entries = ENTRIES_LIMIT;
+        state.limits.metric_records_per_task = METRIC_ROWS_LIMIT;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
