@@ -224,6 +224,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_computes(&self) -> Result<Vec<Compute>>;
     /// Deletes a compute.
     async fn delete_compute(&self, id: &ComputeId) -> Result<()>;
+    /// Replaces a compute's API key (stored hashed); its tasks and jobs are untouched.
+    async fn set_compute_key(&self, id: &ComputeId, api_key: &str) -> Result<()>;
     /// Checks a compute's API key hash; `NotFound` when it does not match.
     async fn verify_compute_key(&self, id: &ComputeId, key_sha256: &str) -> Result<()>;
 

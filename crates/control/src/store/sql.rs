@@ -955,6 +955,19 @@ macro_rules! impl_sql_store {
                 Ok(())
             }
 
+            async fn set_compute_key(&self, id: &ComputeId, api_key: &str) -> Result<()> {
+                let done = sqlx::query("UPDATE computes SET key_sha256 = $1 WHERE id = $2")
+                    .bind(BlobStore::digest(api_key.as_bytes()))
+                    .bind(id.as_str())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                if done.rows_affected() == 0 {
+                    return Err(not_found("compute", id));
+                }
+                Ok(())
+            }
+
             async fn verify_compute_key(&self, id: &ComputeId, key_sha256: &str) -> Result<()> {
                 sqlx::query("SELECT id FROM computes WHERE id = $1 AND key_sha256 = $2")
                     .bind(id.as_str())

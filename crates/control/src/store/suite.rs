@@ -332,6 +332,14 @@ async fn computes(store: &impl Store) {
 
     let job = store.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
     store.insert_tasks(&[task(&job.id, "t1", 0, true)]).await.unwrap();
+    // A compute in use can have its key replaced (a restarted standalone does so).
+    store.set_compute_key(&"c1".into(), "rotated").await.unwrap();
+    store.verify_compute_key(&"c1".into(), &sha("rotated")).await.unwrap();
+    assert!(store.verify_compute_key(&"c1".into(), &sha("secret")).await.is_err());
+    assert!(matches!(
+        store.set_compute_key(&"c2".into(), "x").await,
+        Err(Error::NotFound { kind: "compute", .. })
+    ));
     assert!(matches!(
         store.delete_compute(&"c1".into()).await,
         Err(Error::InUse { kind: "compute", .. })

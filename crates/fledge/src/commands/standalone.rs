@@ -179,15 +179,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     platform.wait().await
 }
 
-/// Registers compute `default` (serving every realm) with a fresh API key; an existing one is
-/// replaced, since its key is stored hashed and cannot be recovered.
+/// Registers compute `default` (serving every realm) with a fresh API key. An existing one
+/// (from an earlier start on this data directory, maybe one that crashed with jobs running)
+/// keeps its tasks and gets the new key, since the old one is stored hashed and cannot be
+/// recovered.
 async fn register_default_compute(store: &dyn store::Store) -> anyhow::Result<String> {
     let id = ComputeId::new(DEFAULT_COMPUTE);
-    match store.delete_compute(&id).await {
-        Ok(()) | Err(store::Error::NotFound { .. }) => {}
-        Err(err) => return Err(err).context("cannot replace compute default"),
-    }
     let api_key = fledge_control::api::new_secret();
+    match store.set_compute_key(&id, &api_key).await {
+        Ok(()) => return Ok(api_key),
+        Err(store::Error::NotFound { .. }) => {}
+        Err(err) => return Err(err).context("cannot renew the key of compute default"),
+    }
     store
         .create_compute(&ComputeSpec {
             compute_id: id,

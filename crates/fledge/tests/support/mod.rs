@@ -37,7 +37,19 @@ pub struct RunOutcome {
 impl Platform {
     /// Starts `fledge standalone --port 0` and waits until it prints `ready`.
     pub fn start() -> Platform {
-        let dir = tempfile::tempdir().unwrap();
+        Platform::start_in(tempfile::tempdir().unwrap())
+    }
+
+    /// SIGKILLs `fledge standalone` (no shutdown of any kind, as a crash or an OOM kill) and
+    /// starts it again on the same data directory.
+    pub fn crash_and_restart(mut self) -> Platform {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        Platform::start_in(dir)
+    }
+
+    fn start_in(dir: tempfile::TempDir) -> Platform {
         let cli_config = dir.path().join("cli.yaml");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fledge"))
             .args(["standalone", "--port", "0", "--data-dir"])
@@ -46,7 +58,13 @@ impl Platform {
             .arg(&cli_config)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.path().join("standalone.log")).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.path().join("standalone.log"))
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -61,6 +79,8 @@ impl Platform {
                 break;
             }
         }
+        let log = || std::fs::read_to_string(dir.path().join("standalone.log")).unwrap_or_default();
+        assert!(endpoint.is_some(), "fledge standalone did not start:\n{}", log());
         Platform {
             child,
             endpoint: endpoint.expect("standalone prints its endpoint"),
