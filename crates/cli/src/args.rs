@@ -246,6 +246,27 @@ pub enum GetCmd {
         #[arg(long, value_delimiter = ',')]
         names: Vec<String>,
     },
+    /// A job's trained model files in the platform's registry (per round and final).
+    Models {
+        /// Job id.
+        job: String,
+    },
+    /// One trained model of a job, written to a safetensors file (the final model unless
+    /// --round).
+    Model {
+        /// Job id.
+        job: String,
+        /// The global model after this round instead of the final one.
+        #[arg(long)]
+        round: Option<u64>,
+        /// The model of these groups (as `get models` lists them), for jobs that train one
+        /// model per group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Output file (default: JOB-final.safetensors or JOB-round-R.safetensors).
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+    },
     /// A job's state and task counts.
     Status {
         /// Job id.

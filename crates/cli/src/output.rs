@@ -149,6 +149,21 @@ pub fn tasks(items: &[Task]) -> String {
     table(&["TASK", "ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "RUN BY", "STATE"], rows)
 }
 
+/// The `get models` table.
+pub fn models(items: &[fledge_types::ModelFile]) -> String {
+    let rows = items
+        .iter()
+        .map(|m| {
+            vec![
+                or_dash(m.group.as_deref().unwrap_or("")),
+                m.round.map_or_else(|| "final".to_owned(), |r| r.to_string()),
+                m.size.to_string(),
+            ]
+        })
+        .collect();
+    table(&["GROUP", "ROUND", "BYTES"], rows)
+}
+
 /// What `fledgectl job join` says to the data owner of one participant-run task.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

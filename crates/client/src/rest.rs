@@ -8,7 +8,8 @@ use tokio::sync::OnceCell;
 
 use fledge_types::{
     Compute, ComputeId, ComputeSpec, Dataset, DatasetId, DatasetSpec, Design, DesignId, DesignSpec,
-    Job, JobId, JobSpec, JobState, MetricRecord, Schema, Task, TaskId, Token, User, UserId,
+    Job, JobId, JobSpec, JobState, MetricRecord, ModelFile, Schema, Task, TaskId, Token, User,
+    UserId,
 };
 
 use crate::dto::{
@@ -336,6 +337,37 @@ impl Client {
     pub async fn job_metrics(&self, job: &JobId) -> Result<Vec<MetricRecord>> {
         let path = self.job_path(job, "/metrics").await?;
         self.transport.get_json(&path).await
+    }
+
+    /// `GET /users/{user}/jobs/{jobId}/models`: the job's model files in the platform's
+    /// registry (per round and final, per group).
+    pub async fn list_models(&self, job: &JobId) -> Result<Vec<ModelFile>> {
+        let path = self.job_path(job, "/models").await?;
+        self.transport.get_json(&path).await
+    }
+
+    /// `GET /users/{user}/jobs/{jobId}/model[?round=R][&group=G]`: one model file's
+    /// safetensors bytes (the final model when `round` is `None`).
+    pub async fn get_model(
+        &self,
+        job: &JobId,
+        round: Option<u64>,
+        group: Option<&str>,
+    ) -> Result<Bytes> {
+        let mut query = Vec::new();
+        if let Some(round) = round {
+            query.push(format!("round={round}"));
+        }
+        if let Some(group) = group {
+            query.push(format!("group={}", seg(group)));
+        }
+        let rest = if query.is_empty() {
+            "/model".to_owned()
+        } else {
+            format!("/model?{}", query.join("&"))
+        };
+        let path = self.job_path(job, &rest).await?;
+        Ok(self.download(&path).await?.1)
     }
 
     async fn job_path(&self, job: &JobId, rest: &str) -> Result<String> {

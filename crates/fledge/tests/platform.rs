@@ -28,6 +28,33 @@ async fn two_tier_and_three_tier_mnist_complete_through_the_platform() {
     let accuracy = rounds[19].metrics["global.accuracy"];
     assert!(accuracy > 0.9, "two-tier accuracy after 20 rounds: {accuracy}");
 
+    // The trained models are the user's: listed and downloaded with fledgectl, and the final
+    // one, evaluated here, has exactly the accuracy the aggregator reported.
+    let out = platform
+        .fledgectl()
+        .args(["get", "models", &job.id.to_string(), "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let files: Vec<fledge_types::ModelFile> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(files.len(), 21, "20 round checkpoints and the final model: {files:?}");
+    assert_eq!(files[20].round, None);
+    let file = platform.scratch().join("final.safetensors");
+    let out = platform
+        .fledgectl()
+        .args(["get", "model", &job.id.to_string(), "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(bytes.len() as u64, files[20].size);
+    let weights = fledge_sdk::registry::from_safetensors("final", &bytes).unwrap();
+    let data = format!("file://{}", repo_root().join("examples/data").display());
+    let mut evaluator = fledge_models::MnistEvaluator::new(&data, 128).unwrap();
+    let evaluated = fledge_sdk::Evaluator::evaluate(&mut evaluator, &weights).unwrap()["accuracy"];
+    assert!((evaluated - accuracy).abs() < 1e-6, "downloaded {evaluated}, reported {accuracy}");
+
     let job = platform.run("hierarchical-mnist");
     let (job, tasks, records) = platform.job(&job).await;
     assert_eq!(job.state, JobState::Completed, "{job:?}");

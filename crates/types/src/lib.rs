@@ -50,7 +50,8 @@ pub use job::{
     BaseModel, DUMMY_REGISTRY, DataSpecEntry, Job, JobSpec, ModelSpec, Priority, RegistrySpec, Sort,
 };
 pub use resources::{
-    Compute, ComputeSpec, Dataset, DatasetSpec, Design, DesignSpec, Platform, Token, User,
+    Compute, ComputeSpec, Dataset, DatasetSpec, Design, DesignSpec, ModelFile, Platform, Token,
+    User,
 };
 pub use schema::{Backend, ChannelSpec, DEFAULT_GROUP, GroupBy, Role, Schema};
 pub use state::{JobState, TaskState};

@@ -152,3 +152,19 @@ pub struct Token {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
+
+/// One model file a job's aggregators saved in the platform's registry: the final model or
+/// the global model after a round, of the job's one model or of one named group's (parallel
+/// experiments keep one model per group).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelFile {
+    /// The groups whose model it is (`eu`, `eu+us`), or none for the job's one model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The round after which it was saved; none for the final model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u64>,
+    /// Size in bytes (a safetensors file).
+    pub size: u64,
+}

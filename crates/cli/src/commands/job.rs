@@ -204,6 +204,35 @@ pub async fn tasks(ctx: &Ctx, job: &str) -> anyhow::Result<()> {
     ctx.show(&tasks, || output::tasks(&tasks))
 }
 
+/// `get models JOB`.
+pub async fn models(ctx: &Ctx, job: &str) -> anyhow::Result<()> {
+    let files = ctx.client.list_models(&JobId::new(job)).await?;
+    ctx.show(&files, || output::models(&files))
+}
+
+/// `get model JOB [--round R] [--group G] [-f FILE]`.
+pub async fn model(
+    ctx: &Ctx,
+    job: &str,
+    round: Option<u64>,
+    group: Option<&str>,
+    file: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let bytes = ctx.client.get_model(&JobId::new(job), round, group).await?;
+    let file = file.unwrap_or_else(|| {
+        let group = group.map(|g| format!("-{g}")).unwrap_or_default();
+        match round {
+            Some(round) => format!("{job}{group}-round-{round}.safetensors").into(),
+            None => format!("{job}{group}-final.safetensors").into(),
+        }
+    });
+    std::fs::write(&file, &bytes)
+        .map_err(|err| anyhow::anyhow!("cannot write {}: {err}", file.display()))?;
+    eprintln!("wrote {} bytes to {}", bytes.len(), file.display());
+    output::emit(&file.display().to_string())?;
+    Ok(())
+}
+
 /// `get task JOB TASK`.
 pub async fn task(ctx: &Ctx, job: &str, task: &str) -> anyhow::Result<()> {
     let task = ctx.client.get_task(&JobId::new(job), &TaskId::new(task)).await?;

@@ -90,6 +90,10 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
                 let filter = job::MetricFilter { role, round, names };
                 job::metrics(ctx, &job, &filter).await
             }
+            GetCmd::Models { job } => job::models(ctx, &job).await,
+            GetCmd::Model { job, round, group, file } => {
+                job::model(ctx, &job, round, group.as_deref(), file).await
+            }
             GetCmd::Status { job } => job::status(ctx, &job).await,
             GetCmd::Compute { id } => compute::get(ctx, &id).await,
             GetCmd::Computes => compute::list(ctx).await,

@@ -17,6 +17,7 @@ mod designs;
 pub mod error;
 mod http_metrics;
 mod jobs;
+mod models;
 mod tasks;
 mod users;
 
@@ -176,6 +177,7 @@ fn api_routes() -> OpenApiRouter<ApiState> {
         .merge(jobs::routes())
         .merge(computes::routes())
         .merge(tasks::routes())
+        .merge(models::routes())
 }
 
 /// The OpenAPI document of the REST API.

@@ -327,7 +327,8 @@ async fn flame_specs_are_accepted() {
         Client::new(&server.base, key).get(&format!("/tasks/{}/config", trainer.task_id)).await;
     assert_eq!(status, StatusCode::OK, "{config}");
     assert_eq!(config["job"]["name"], "hier");
-    assert_eq!(config["registry"], json!({"sort": "local", "uri": ""}));
+    assert_eq!(config["registry"]["sort"], "local");
+    assert!(config["registry"]["uri"].as_str().unwrap().ends_with("registry"), "{config}");
 
     // A dummy registry with a uri is refused, naming the field.
     job["modelSpec"]["registry"]["uri"] = json!("http://mlflow:5000");
@@ -1030,5 +1031,78 @@ async fn tokens_are_listed_expire_and_are_revoked() {
     let (status, body) = ann.post("/users/ann/tokens", &json!({"ttl": 5})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(body.to_string().contains("ttl"), "{body}");
+    server.stop().await;
+}
+
+#[test_log::test(tokio::test)]
+async fn trained_models_are_listed_and_downloaded_by_their_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let ann = server.user("ann").await;
+    let bob = server.user("bob").await;
+    let datasets = setup_hier(&ann, "ann").await;
+    let (status, job) = ann.post("/users/ann/jobs", &hier_job(&datasets)).await;
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let models = format!("/users/ann/jobs/{id}/models");
+    let model = format!("/users/ann/jobs/{id}/model");
+
+    // Nothing trained yet.
+    assert_eq!(ann.get(&models).await, (StatusCode::OK, json!([])));
+    let (status, body) = ann.get(&model).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["message"].as_str().unwrap().contains("has no final model"), "{body}");
+
+    // What the aggregators write into the platform's registry.
+    let job_dir = dir.path().join("registry/jobs").join(&id);
+    let files = [
+        ("final.safetensors", b"final".as_slice()),
+        ("rounds/round-00001.safetensors", b"round one"),
+        ("eu/final.safetensors", b"eu final"),
+    ];
+    for (rel, bytes) in files {
+        let path = job_dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    let (status, listed) = ann.get(&models).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed, json!([{"round": 1, "size": 9}, {"size": 5}, {"group": "eu", "size": 8}]));
+    assert_eq!(ann.get_bytes(&model).await, (StatusCode::OK, b"final".to_vec()));
+    assert_eq!(
+        ann.get_bytes(&format!("{model}?round=1")).await,
+        (StatusCode::OK, b"round one".to_vec())
+    );
+    assert_eq!(
+        ann.get_bytes(&format!("{model}?group=eu")).await,
+        (StatusCode::OK, b"eu final".to_vec())
+    );
+    let (status, body) = ann.get(&format!("{model}?round=7")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["message"].as_str().unwrap().contains("no model for round 7"), "{body}");
+    for bad in ["..", "eu%2F..", "..%2F..%2Fsecrets"] {
+        let (status, body) = ann.get(&format!("{model}?group={bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    let (status, _) = ann.get(&format!("{model}?round=-1")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Another user gets nothing, by either path.
+    assert_eq!(bob.get(&models).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(bob.get(&format!("/users/bob/jobs/{id}/models")).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        bob.get_bytes(&format!("/users/bob/jobs/{id}/model")).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // A job with its own registry: the apiserver says where its models are.
+    let mut own = hier_job(&datasets);
+    own["modelSpec"]["registry"] = json!({"sort": "local", "uri": "/srv/models"});
+    let (status, job) = ann.post("/users/ann/jobs", &own).await;
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    let (status, body) =
+        ann.get(&format!("/users/ann/jobs/{}/models", job["id"].as_str().unwrap())).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["message"].as_str().unwrap().contains("/srv/models"), "{body}");
     server.stop().await;
 }

@@ -46,7 +46,10 @@ impl Server {
             brokers: vec![BrokerSpec { sort: "mqtt".into(), host: "127.0.0.1:1883".into() }],
             apiserver: Some("http://127.0.0.1:1".into()),
             metaserver: None,
-            default_registry: Default::default(),
+            default_registry: fledge_types::RegistrySpec {
+                sort: "local".into(),
+                uri: dir.join("registry").display().to_string(),
+            },
         };
         let mut state = ApiState::new(store.clone(), handle, None, env);
         state.limits.code_inflated_bytes = INFLATED_LIMIT;

@@ -1,0 +1,271 @@
+//! Trained models: the model files a job's aggregators saved in the platform's registry, listed
+//! and downloaded by the job's owner.
+//!
+//! The platform's registry is the deployment's default (`<data_dir>/registry` for `fledge
+//! standalone`), where every job that names no registry of its own keeps its models (see
+//! `fledge-sdk`'s `registry` module for the layout). A job whose model spec names another
+//! registry keeps its models there, and these routes say so.
+
+use std::path::{Path as FsPath, PathBuf};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::http::header::{CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use fledge_types::{ErrorCode, Job, JobId, ModelFile};
+
+use super::error::{Error, Result};
+use super::{ApiState, check_user};
+
+pub(super) fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new().routes(routes!(list_models)).routes(routes!(get_model))
+}
+
+/// Most model files listed for one job (a round checkpoint per round per group).
+const MAX_LISTED: usize = 100_000;
+
+/// The directory of `job`'s models in the platform's registry, or why the apiserver does not
+/// serve them.
+fn job_dir(state: &ApiState, job: &Job) -> Result<PathBuf> {
+    let registry = &job.spec.model_spec.registry;
+    if registry.is_named() {
+        return Err(Error::not_found(format!(
+            "job {} keeps its models in its own registry ({} {}), which the apiserver does not serve",
+            job.id, registry.sort, registry.uri
+        )));
+    }
+    let platform = &state.env.default_registry;
+    if !matches!(platform.sort.as_str(), "" | "local") || platform.uri.is_empty() {
+        return Err(Error::not_found(format!(
+            "the platform's registry ({} {:?}) is not a directory the apiserver can serve",
+            platform.sort, platform.uri
+        )));
+    }
+    let root = platform.uri.strip_prefix("file://").unwrap_or(&platform.uri);
+    Ok(FsPath::new(root).join("jobs").join(job.id.as_str()))
+}
+
+/// A group scope as the registry writes it: group names joined with `+`, each a safe
+/// identifier. Anything else never names a directory.
+fn is_scope(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "rounds"
+        && name.split('+').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+}
+
+/// The round of a checkpoint file name (`round-00003.safetensors` → 3).
+fn round_of(file_name: &str) -> Option<u64> {
+    let digits = file_name.strip_prefix("round-")?.strip_suffix(".safetensors")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The model files of one scope's directory (`dir` = job dir or job dir / scope).
+fn scan_scope(dir: &FsPath, group: Option<&str>, out: &mut Vec<ModelFile>) -> std::io::Result<()> {
+    let file = |round, meta: std::fs::Metadata| ModelFile {
+        group: group.map(str::to_owned),
+        round,
+        size: meta.len(),
+    };
+    match std::fs::metadata(dir.join("final.safetensors")) {
+        Ok(meta) if meta.is_file() => out.push(file(None, meta)),
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    let rounds = match std::fs::read_dir(dir.join("rounds")) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    for entry in rounds {
+        let entry = entry?;
+        let Some(round) = entry.file_name().to_str().and_then(round_of) else { continue };
+        let meta = entry.metadata()?;
+        if meta.is_file() && out.len() < MAX_LISTED {
+            out.push(file(Some(round), meta));
+        }
+    }
+    Ok(())
+}
+
+/// Every model file of the job directory `dir`: its own, then each group scope's.
+fn scan(dir: &FsPath) -> std::io::Result<Vec<ModelFile>> {
+    let mut out = Vec::new();
+    scan_scope(dir, None, &mut out)?;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(err) => return Err(err),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        if is_scope(&name) && entry.file_type()?.is_dir() {
+            scan_scope(&entry.path(), Some(&name), &mut out)?;
+        }
+    }
+    out.sort_by(|a, b| {
+        (&a.group, a.round.is_none(), a.round).cmp(&(&b.group, b.round.is_none(), b.round))
+    });
+    Ok(out)
+}
+
+fn io_error(err: std::io::Error) -> Error {
+    tracing::error!(error = %err, "cannot read the registry");
+    Error::new(ErrorCode::Internal, "cannot read the registry")
+}
+
+/// The model files of a job (final and per round, per group), oldest round first.
+#[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/models", tag = "models",
+    params(("user" = String, Path), ("jobId" = String, Path)),
+    responses((status = 200, body = [ModelFile]), (status = 404, body = fledge_types::ApiError)))]
+async fn list_models(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+) -> Result<Json<Vec<ModelFile>>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
+    let dir = job_dir(&state, &job)?;
+    let files = tokio::task::spawn_blocking(move || scan(&dir))
+        .await
+        .map_err(|err| Error::new(ErrorCode::Internal, err.to_string()))?
+        .map_err(io_error)?;
+    Ok(Json(files))
+}
+
+/// `?round=R&group=G`: which model file (default: the final model of the job's one model).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct ModelQuery {
+    /// The round whose checkpoint to get; absent: the final model.
+    round: Option<u64>,
+    /// The groups whose model to get (as listed); absent: the job's one model.
+    group: Option<String>,
+}
+
+/// One model file of a job, as safetensors bytes.
+#[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/model", tag = "models",
+    params(("user" = String, Path), ("jobId" = String, Path), ModelQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, body = fledge_types::ApiError), (status = 404, body = fledge_types::ApiError)))]
+async fn get_model(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id)): Path<(String, String)>,
+    Query(query): Query<ModelQuery>,
+) -> Result<Response> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
+    let mut path = job_dir(&state, &job)?;
+    if let Some(group) = &query.group {
+        if !is_scope(group) {
+            return Err(Error::bad_request(format!(
+                "group {group:?} is not a group name (letters, digits, '-', '_', '.', joined by '+')"
+            )));
+        }
+        path.push(group);
+    }
+    let name = match query.round {
+        Some(round) => format!("rounds/round-{round:05}.safetensors"),
+        None => "final.safetensors".to_owned(),
+    };
+    path.push(&name);
+    let what = || {
+        let of = query.group.as_deref().map(|g| format!(" of group {g}")).unwrap_or_default();
+        match query.round {
+            Some(round) => format!("job {} has no model for round {round}{of}", job.id),
+            None => format!("job {} has no final model{of} (yet)", job.id),
+        }
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::not_found(what()));
+        }
+        Err(err) => return Err(io_error(err)),
+    };
+    let size = file.metadata().await.map_err(io_error)?.len();
+    let download = match query.round {
+        Some(round) => format!("{}-round-{round}.safetensors", job.id),
+        None => format!("{}-final.safetensors", job.id),
+    };
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (CONTENT_LENGTH, size.to_string()),
+            (CONTENT_DISPOSITION, format!("attachment; filename=\"{download}\"")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_and_round_names_are_parsed_strictly() {
+        for good in ["eu", "eu+us", "region-1", "a_b.c"] {
+            assert!(is_scope(good), "{good}");
+        }
+        for bad in ["", "..", "eu/..", "eu+", "+eu", "a b", "rounds", "eu+..", "é"] {
+            assert!(!is_scope(bad), "{bad}");
+        }
+        assert_eq!(round_of("round-00003.safetensors"), Some(3));
+        assert_eq!(round_of("round-123456.safetensors"), Some(123_456));
+        for bad in
+            ["round-.safetensors", "round-3.tmp", "round--1.safetensors", "final.safetensors"]
+        {
+            assert_eq!(round_of(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_job_directory_lists_every_model_file_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = dir.path();
+        for rel in [
+            "final.safetensors",
+            "rounds/round-00002.safetensors",
+            "rounds/round-00001.safetensors",
+            "rounds/round-00003.tmp",
+            "eu/final.safetensors",
+            "eu/rounds/round-00001.safetensors",
+            "metrics.jsonl",
+        ] {
+            let path = job.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"abc").unwrap();
+        }
+        let listed: Vec<(Option<String>, Option<u64>)> =
+            scan(job).unwrap().into_iter().map(|f| (f.group, f.round)).collect();
+        assert_eq!(
+            listed,
+            [
+                (None, Some(1)),
+                (None, Some(2)),
+                (None, None),
+                (Some("eu".to_owned()), Some(1)),
+                (Some("eu".to_owned()), None),
+            ]
+        );
+        assert!(scan(&job.join("missing")).unwrap().is_empty());
+    }
+}
