@@ -32,7 +32,7 @@ async fn two_tier_and_three_tier_mnist_complete_through_the_platform() {
     // one, evaluated here, has exactly the accuracy the aggregator reported.
     let out = platform
         .fledgectl()
-        .args(["get", "models", &job.id.to_string(), "-o", "json"])
+        .args(["get", "models", job.id.as_str(), "-o", "json"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -42,7 +42,7 @@ async fn two_tier_and_three_tier_mnist_complete_through_the_platform() {
     let file = platform.scratch().join("final.safetensors");
     let out = platform
         .fledgectl()
-        .args(["get", "model", &job.id.to_string(), "-f"])
+        .args(["get", "model", job.id.as_str(), "-f"])
         .arg(&file)
         .output()
         .unwrap();
