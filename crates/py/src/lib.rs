@@ -21,6 +21,7 @@ use pyo3::prelude::*;
 pub mod app;
 pub mod channels;
 pub mod convert;
+pub mod models;
 pub mod run;
 
 pyo3::create_exception!(
@@ -68,6 +69,7 @@ fn _fledge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<channels::PyMessage>()?;
     m.add_function(wrap_pyfunction!(channels::join_channels, m)?)?;
     m.add_function(wrap_pyfunction!(run::run_task, m)?)?;
+    m.add_function(wrap_pyfunction!(models::load_model, m)?)?;
     m.add_function(wrap_pyfunction!(run::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(run::parse_config, m)?)?;
     m.add_function(wrap_pyfunction!(run::builtin_roles, m)?)?;

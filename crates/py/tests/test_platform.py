@@ -166,6 +166,23 @@ def test_numpy_mnist_job_completes_through_the_platform(platform):
     assert len(trainer_rounds) == 4, records
     print(f"mnist-numpy through the platform: accuracy {accuracy:.4f} after 5 rounds")
 
+    # The trained model, downloaded through the same config fledgectl uses: the final model is
+    # the global model after the last round.
+    import numpy as np
+
+    import fledge
+
+    final = fledge.load_model(job, config=platform.cli_config)
+    last_round = fledge.load_model(job, round=5, config=platform.cli_config)
+    assert list(final) == list(last_round) and final, final.keys()
+    for name, array in final.items():
+        assert array.dtype == np.float32, (name, array.dtype)
+        assert np.array_equal(array, last_round[name]), name
+    with pytest.raises(fledge.FledgeError, match="no model for round 99"):
+        fledge.load_model(job, round=99, config=platform.cli_config)
+    with pytest.raises(fledge.ConfigError, match="non-negative"):
+        fledge.load_model(job, round=-1, config=platform.cli_config)
+
 
 BROKEN_TRAINER = '''
     import numpy as np

@@ -422,6 +422,27 @@ class LabelParty:
         return to_weights(self.get_weights())
 
 
+def load_model(
+    job_id: str,
+    round: Optional[int] = None,
+    group: Optional[str] = None,
+    config: Optional[Union[str, os.PathLike]] = None,
+) -> Weights:
+    """A trained model of a job, downloaded from the platform as ``{name: numpy array}``.
+
+    ``round`` picks the global model after that round (default: the final model); ``group``
+    the model of those groups for jobs that train one per group (``fledgectl get models JOB``
+    lists them). The apiserver and token come from the fledgectl config (``config``, else
+    ``$FLEDGE_CONFIG``, else ``~/.fledge/config.yaml``; ``$FLEDGE_ENDPOINT`` and
+    ``$FLEDGE_TOKEN`` override it), as for ``fledgectl get model``. PyTorch users get a
+    ``state_dict`` with ``fledge.pytorch.to_tensors(load_model(job_id))``.
+    """
+    if round is not None and (isinstance(round, bool) or not isinstance(round, int) or round < 0):
+        raise ConfigError(f"round must be a non-negative integer, not {round!r}")
+    path = os.fspath(config) if config is not None else None
+    return _fledge.load_model(job_id, round, group, path)
+
+
 def builtin_roles() -> List[str]:
     """The names of the built-in roles, as ``fledge roles`` lists them: what
     ``run(role=...)``, ``fledge run-task --role-kind`` and ``builtin = "..."`` accept."""

@@ -50,6 +50,14 @@ def simulate(
 ) -> Tuple[str, Optional[Dict[str, npt.NDArray[np.float32]]], str]:
     """Runs a whole job in-process; returns (top summary JSON, final model, others JSON)."""
 
+def load_model(
+    job_id: str,
+    round: Optional[int] = None,
+    group: Optional[str] = None,
+    config: Optional[str] = None,
+) -> Dict[str, npt.NDArray[np.float32]]:
+    """Downloads one of a job's trained model files through the fledgectl config's apiserver."""
+
 def roundtrip_weights(
     weights: Dict[str, npt.NDArray[np.float32]],
 ) -> Dict[str, npt.NDArray[np.float32]]:
