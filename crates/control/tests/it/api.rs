@@ -750,6 +750,10 @@ async fn openapi_health_and_metrics() {
     let anonymous = Client::anonymous(&server.base);
     let (status, body) = anonymous.get("/healthz").await;
     assert_eq!((status, body), (StatusCode::OK, json!("ok")));
+    // The CA is public: served without a token, for clients that check its fingerprint.
+    let (status, pem) = anonymous.get("/api/v1/ca.pem").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(pem.as_str(), Some(crate::support::tls().ca.pem()));
     let (status, doc) = anonymous.get("/api/v1/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
