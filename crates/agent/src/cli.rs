@@ -74,7 +74,7 @@ pub struct FledgeletArgs {
     #[arg(long, env = "FLEDGE_APISERVER")]
     pub apiserver: String,
     /// The control plane's CA (PEM file) to trust for https URLs.
-    #[arg(long, env = "FLEDGE_CA_FILE", conflicts_with = "ca_fingerprint")]
+    #[arg(long, env = "FLEDGE_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// The control plane CA's fingerprint (sha256:...): the CA is fetched from the apiserver
     /// and trusted only if it matches (what a printed join command carries).
@@ -218,21 +218,33 @@ pub async fn run(args: FledgeletArgs, shutdown: CancellationToken) -> Result<Out
     Ok(outcome)
 }
 
-/// The CA the flags name: `--ca-file`, or the apiserver's CA checked against
-/// `--ca-fingerprint`; `None` (system roots, or plain http) without either.
+/// The CA the flags name: `--ca-file` (checked against `--ca-fingerprint` when both are
+/// given), else the apiserver's CA checked against `--ca-fingerprint`; `None` (system roots,
+/// or plain http) without either.
 async fn trusted_ca(args: &FledgeletArgs) -> Result<Option<fledge_client::Ca>, Error> {
-    if let Some(path) = &args.ca_file {
-        return fledge_client::trust::load_ca(&args.apiserver, path)
-            .map(Some)
-            .map_err(Error::Client);
-    }
-    let Some(fingerprint) = &args.ca_fingerprint else {
-        return Ok(None);
-    };
-    let fingerprint: fledge_client::Fingerprint = fingerprint.parse().map_err(|source| {
+    let tls = |source| {
         Error::Client(fledge_client::Error::Tls { endpoint: args.apiserver.clone(), source })
-    })?;
-    fledge_client::fetch_ca(&args.apiserver, &fingerprint).await.map(Some).map_err(Error::Client)
+    };
+    let fingerprint = args
+        .ca_fingerprint
+        .as_deref()
+        .map(str::parse::<fledge_client::Fingerprint>)
+        .transpose()
+        .map_err(tls)?;
+    match (&args.ca_file, fingerprint) {
+        (Some(path), fingerprint) => {
+            let ca = fledge_client::trust::load_ca(&args.apiserver, path).map_err(Error::Client)?;
+            if let Some(fingerprint) = fingerprint {
+                ca.verify_fingerprint(&fingerprint).map_err(tls)?;
+            }
+            Ok(Some(ca))
+        }
+        (None, Some(fingerprint)) => fledge_client::fetch_ca(&args.apiserver, &fingerprint)
+            .await
+            .map(Some)
+            .map_err(Error::Client),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Exit code of an agent whose task did not complete.
