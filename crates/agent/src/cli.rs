@@ -25,8 +25,8 @@ use crate::supervisor::{Outcome, SupervisorOptions, TaskEnv};
 /// Errors before the task could be run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The apiserver URL or the task key is unusable.
-    #[error("invalid --apiserver or --task-key")]
+    /// The apiserver URL, the CA or the task key is unusable (a CA fingerprint mismatch too).
+    #[error("invalid --apiserver, --ca-file/--ca-fingerprint or --task-key")]
     Client(#[source] fledge_client::Error),
     /// The apiserver refused to let this agent join its task (a wrong key, most often).
     #[error("the apiserver refused task {task} with this key")]
@@ -70,9 +70,16 @@ pub struct FledgeletArgs {
     /// The task's job [default: as the apiserver says].
     #[arg(long, env = "FLEDGE_JOB_ID")]
     pub job_id: Option<String>,
-    /// Apiserver base URL, e.g. http://127.0.0.1:10100.
+    /// Apiserver base URL, e.g. https://127.0.0.1:10100.
     #[arg(long, env = "FLEDGE_APISERVER")]
     pub apiserver: String,
+    /// The control plane's CA (PEM file) to trust for https URLs.
+    #[arg(long, env = "FLEDGE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// The control plane CA's fingerprint (sha256:...): the CA is fetched from the apiserver
+    /// and trusted only if it matches (what a printed join command carries).
+    #[arg(long, env = "FLEDGE_CA_FINGERPRINT")]
+    pub ca_fingerprint: Option<String>,
     /// Notifier URL, e.g. http://127.0.0.1:10101 [default: as the apiserver says].
     #[arg(long, env = "FLEDGE_NOTIFIER")]
     pub notifier: Option<String>,
@@ -125,6 +132,7 @@ impl FledgeletArgs {
             task_key: self.task_key.clone(),
             job_id,
             apiserver: self.apiserver.clone(),
+            ca_pem: None,
         };
         // Absolute: the child runs in the code dir and is handed paths inside the work dir
         // (a data owner typically passes a relative one).
@@ -152,7 +160,9 @@ impl FledgeletArgs {
 /// join`); the job id and the notifier URL come from the apiserver unless given.
 pub async fn run(args: FledgeletArgs, shutdown: CancellationToken) -> Result<Outcome, Error> {
     let task_id = TaskId::new(args.task_id.clone());
+    let ca = trusted_ca(&args).await?;
     let client = fledge_client::TaskClient::new(&args.apiserver, task_id.clone(), &args.task_key)
+        .and_then(|client| client.with_ca(ca.as_ref()))
         .map_err(Error::Client)?;
     let join_backoff =
         Backoff { max_elapsed: Duration::from_secs_f64(args.report_timeout), ..Backoff::default() };
@@ -198,12 +208,43 @@ pub async fn run(args: FledgeletArgs, shutdown: CancellationToken) -> Result<Out
     }
     let mut opts = args.supervisor_options(job_id.clone());
     opts.participant_run = !task.managed;
+    opts.task.ca_pem = ca.as_ref().map(|ca| ca.pem().to_owned());
     let api: Arc<dyn TaskApi> = Arc::new(client);
-    let events = fledge_client::subscribe_task(&notifier, &job_id, &task_id, &args.task_key);
+    let events =
+        fledge_client::subscribe_task(&notifier, ca.as_ref(), &job_id, &task_id, &args.task_key);
     let span = tracing::info_span!("task", %job_id, %task_id);
     let outcome = fledgelet::run(&opts, api, events, shutdown).instrument(span).await;
     tracing::info!(state = %outcome.state, reported = outcome.reported, "fledgelet done");
     Ok(outcome)
+}
+
+/// The CA the flags name: `--ca-file` (checked against `--ca-fingerprint` when both are
+/// given), else the apiserver's CA checked against `--ca-fingerprint`; `None` (system roots,
+/// or plain http) without either.
+async fn trusted_ca(args: &FledgeletArgs) -> Result<Option<fledge_client::Ca>, Error> {
+    let tls = |source| {
+        Error::Client(fledge_client::Error::Tls { endpoint: args.apiserver.clone(), source })
+    };
+    let fingerprint = args
+        .ca_fingerprint
+        .as_deref()
+        .map(str::parse::<fledge_client::Fingerprint>)
+        .transpose()
+        .map_err(tls)?;
+    match (&args.ca_file, fingerprint) {
+        (Some(path), fingerprint) => {
+            let ca = fledge_client::trust::load_ca(&args.apiserver, path).map_err(Error::Client)?;
+            if let Some(fingerprint) = fingerprint {
+                ca.verify_fingerprint(&fingerprint).map_err(tls)?;
+            }
+            Ok(Some(ca))
+        }
+        (None, Some(fingerprint)) => fledge_client::fetch_ca(&args.apiserver, &fingerprint)
+            .await
+            .map(Some)
+            .map_err(Error::Client),
+        (None, None) => Ok(None),
+    }
 }
 
 /// Exit code of an agent whose task did not complete.

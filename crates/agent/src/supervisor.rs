@@ -91,6 +91,9 @@ pub struct TaskEnv {
     pub job_id: JobId,
     /// `FLEDGE_APISERVER`.
     pub apiserver: String,
+    /// The control plane's CA (PEM) the agent trusts; written into the task config as
+    /// `controlPlaneCa` when the apiserver sent none, so the role's own connections trust it.
+    pub ca_pem: Option<String>,
 }
 
 /// How to run a task.
@@ -247,6 +250,9 @@ async fn prepare(opts: &SupervisorOptions, api: &dyn TaskApi) -> Result<CommandL
         .map_err(|source| Error::Fetch { what: "config", source })?;
     if config.control_plane.is_none() {
         config.control_plane = Some(ControlPlaneRef { apiserver: opts.task.apiserver.clone() });
+    }
+    if config.control_plane_ca.is_none() {
+        config.control_plane_ca = opts.task.ca_pem.clone();
     }
     let zip = retry(opts.fetch_backoff, "fetch code", || api.code())
         .await

@@ -77,7 +77,11 @@ fn metaserver_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> R
         channel: spec.name.clone(),
         reason: "backend p2p but the task config names no metaserver (metaserver)".to_owned(),
     })?;
-    Ok(P2pConfig { metaserver: P2pConfig::parse_metaserver(addr)?, ..env.p2p.clone() })
+    Ok(P2pConfig {
+        metaserver: P2pConfig::parse_metaserver(addr)?,
+        metaserver_ca: config.control_plane_ca.clone().or_else(|| env.p2p.metaserver_ca.clone()),
+        ..env.p2p.clone()
+    })
 }
 
 /// The options and backend for one channel of `config`.

@@ -74,6 +74,9 @@ pub struct P2pConfig {
     pub liveness_timeout: Duration,
     /// How long connecting to the metaserver or a peer may take. Default 10 s.
     pub connect_timeout: Duration,
+    /// The CA (PEM) an `https://` metaserver's certificate is checked against (the task
+    /// config's `controlPlaneCa`); only that CA is trusted.
+    pub metaserver_ca: Option<String>,
 }
 
 impl Default for P2pConfig {
@@ -94,19 +97,21 @@ impl P2pConfig {
             heartbeat: Duration::from_secs(1),
             liveness_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            metaserver_ca: None,
         }
     }
 
     /// Normalises a metaserver address: `http://host:port`, `grpc://host:port` or `host:port`
-    /// become `http://host:port`.
+    /// become `http://host:port`; `https://host:port` stays TLS.
     pub fn parse_metaserver(addr: &str) -> Result<String> {
         let bad = |why: &str| Error::InvalidOptions(format!("metaserver address {addr:?}: {why}"));
-        let rest = match addr.trim().split_once("://") {
-            Some(("http" | "grpc", rest)) => rest,
+        let (scheme, rest) = match addr.trim().split_once("://") {
+            Some(("https", rest)) => ("https", rest),
+            Some(("http" | "grpc", rest)) => ("http", rest),
             Some((scheme, _)) => {
                 return Err(bad(&format!("unsupported scheme {scheme:?} (use http://)")));
             }
-            None => addr.trim(),
+            None => ("http", addr.trim()),
         };
         let rest = rest.trim_end_matches('/');
         let Some((host, port)) = rest.rsplit_once(':') else {
@@ -116,7 +121,7 @@ impl P2pConfig {
             return Err(bad("no host"));
         }
         port.parse::<u16>().map_err(|_| bad(&format!("bad port {port:?}")))?;
-        Ok(format!("http://{rest}"))
+        Ok(format!("{scheme}://{rest}"))
     }
 
     fn validate(&self) -> Result<()> {
@@ -439,9 +444,20 @@ impl P2pEnd {
         config.validate()?;
         let what = || format!("connect to metaserver {}", config.metaserver);
         // Every metaserver request is bounded, so a stalled metaserver never stalls the ticker.
-        let meta = endpoint(&config.metaserver, config.connect_timeout)
+        let mut meta = endpoint(&config.metaserver, config.connect_timeout)
             .map_err(|e| p2p_error(what(), e))?
             .timeout(config.connect_timeout);
+        if config.metaserver.starts_with("https://") {
+            let ca = config.metaserver_ca.as_deref().ok_or_else(|| {
+                p2p_error(
+                    what(),
+                    "an https metaserver needs the control plane's CA (controlPlaneCa)",
+                )
+            })?;
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+            meta = meta.tls_config(tls).map_err(|e| p2p_error(what(), e.to_string()))?;
+        }
         let meta = connect(meta, config.connect_timeout).await.map_err(|e| p2p_error(what(), e))?;
         let listener = TcpListener::bind((config.listen_host, 0)).await.map_err(|source| {
             Error::Io { context: format!("bind a p2p listener on {}", config.listen_host), source }
@@ -721,6 +737,7 @@ mod tests {
             ("127.0.0.1:10104", "http://127.0.0.1:10104"),
             ("http://meta.local:10104/", "http://meta.local:10104"),
             ("grpc://[::1]:7", "http://[::1]:7"),
+            ("https://cp.example:10104", "https://cp.example:10104"),
         ] {
             assert_eq!(P2pConfig::parse_metaserver(raw).expect("valid"), url);
         }

@@ -20,9 +20,13 @@ pub struct Cli {
 /// Flags accepted by every subcommand.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Apiserver URL (default: $FLEDGE_ENDPOINT, the config file, or http://127.0.0.1:10100).
+    /// Apiserver URL (default: $FLEDGE_ENDPOINT, the config file, or https://127.0.0.1:10100).
     #[arg(long, global = true, value_name = "URL")]
     pub endpoint: Option<String>,
+    /// CA file (PEM) to trust for an https endpoint (default: $FLEDGE_CA_FILE, or the config
+    /// file's `ca`, which `fledgectl login` and `fledge standalone` write).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// User token (default: $FLEDGE_TOKEN or the config file).
     #[arg(long, global = true, value_name = "TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -89,9 +93,30 @@ pub enum Command {
     /// Issue, list and revoke API tokens.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// Show or save the client configuration (endpoint and token).
+    /// Show or save the client configuration (endpoint, token and CA).
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Trust a control plane and save it (endpoint, CA, token) to the config file: the CA is
+    /// fetched from the server and accepted only if it has the fingerprint given.
+    Login(LoginArgs),
+}
+
+/// `fledgectl login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The apiserver URL, e.g. https://fledge.example:10100.
+    #[arg(long, value_name = "URL")]
+    pub server: String,
+    /// The CA's fingerprint as the server printed it (sha256:...); the CA is fetched from
+    /// GET /api/v1/ca.pem and refused unless it matches.
+    #[arg(long, value_name = "SHA256", conflicts_with = "ca")]
+    pub ca_fingerprint: Option<String>,
+    /// A CA file (PEM) to trust instead of fetching one.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// The token to save (default: the one already configured).
+    #[arg(long = "login-token", value_name = "TOKEN", hide_env_values = true)]
+    pub login_token: Option<String>,
 }
 
 /// `fledgectl config ...`

@@ -6,8 +6,10 @@
 //! other than `completed`, 2 a runtime failure (API error, unreachable server), 64 bad usage or
 //! bad local input (a malformed file, an unknown field, a missing file).
 //!
-//! The endpoint and token come from `--endpoint`/`--token`, then `FLEDGE_ENDPOINT`/`FLEDGE_TOKEN`,
-//! then the config file (`--config`, `$FLEDGE_CONFIG` or `~/.fledge/config.yaml`).
+//! The endpoint, token and CA come from `--endpoint`/`--token`/`--ca-file`, then
+//! `FLEDGE_ENDPOINT`/`FLEDGE_TOKEN`/`FLEDGE_CA_FILE`, then the config file (`--config`,
+//! `$FLEDGE_CONFIG` or `~/.fledge/config.yaml`). `fledgectl login --server URL
+//! --ca-fingerprint sha256:...` fills the file without copying certificates by hand.
 
 mod args;
 mod bundle;
@@ -73,10 +75,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         config: cli.global.config.clone(),
         endpoint: cli.global.endpoint.clone(),
         token: cli.global.token.clone(),
+        ca_file: cli.global.ca_file.clone(),
     };
-    let config = ClientConfig::load(&env, &overrides)?;
+    let config = match ClientConfig::load(&env, &overrides) {
+        // `login` creates the file it is pointed at.
+        Err(fledge_client::config::Error::Io { source, .. })
+            if matches!(cli.command, args::Command::Login(_))
+                && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            ClientConfig::resolve(None, &env, &overrides)
+        }
+        loaded => loaded?,
+    };
     if let args::Command::Config(command) = &cli.command {
         return commands::config::run(command, &config, &env, &overrides, cli.global.output);
+    }
+    if let args::Command::Login(login) = &cli.command {
+        return commands::config::login(login, config, &env, &overrides).await;
     }
     let client = config.client()?;
     let ctx = Ctx { client, format: cli.global.output };
@@ -105,7 +120,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         }
         if let Some(
             fledge_client::Error::InvalidEndpoint { .. }
-            | fledge_client::Error::InvalidSecret { .. },
+            | fledge_client::Error::InvalidSecret { .. }
+            | fledge_client::Error::Tls { .. },
         ) = cause.downcast_ref::<fledge_client::Error>()
         {
             return EXIT_USAGE;

@@ -201,6 +201,12 @@ pub fn join_commands(
     minted: &std::collections::BTreeMap<fledge_types::TaskId, String>,
 ) -> Vec<JoinCommand> {
     let apiserver = info.apiserver.as_deref().unwrap_or(endpoint);
+    // The agent fetches the CA and checks it against this: nothing to copy by hand.
+    let ca = info
+        .ca_fingerprint
+        .as_deref()
+        .map(|fingerprint| format!(" --ca-fingerprint {fingerprint}"))
+        .unwrap_or_default();
     info.tasks
         .iter()
         .map(|task| {
@@ -229,7 +235,7 @@ pub fn join_commands(
                 dataset_id: task.dataset_id.as_ref().map(ToString::to_string),
                 status,
                 command: format!(
-                    "FLEDGE_TASK_KEY={key} fledge fledgelet --apiserver {apiserver} \
+                    "FLEDGE_TASK_KEY={key} fledge fledgelet --apiserver {apiserver}{ca} \
                      --task-id {id} --work-dir fledge-{id}",
                     id = task.task_id
                 ),
@@ -453,6 +459,7 @@ mod tests {
         let info = fledge_client::JoinInfo {
             apiserver: Some("http://10.0.0.1:10100".into()),
             notifier: None,
+            ca_fingerprint: None,
             tasks: vec![owned, joined, unkeyed],
             keyed: vec!["trainer-1".into(), "trainer-2".into()],
         };
@@ -473,6 +480,17 @@ mod tests {
             join_commands(&info, "http://127.0.0.1:1", &minted)[0]
                 .command
                 .contains("--apiserver http://127.0.0.1:1 ")
+        );
+        // Over TLS the command carries the CA's fingerprint, so the agent fetches and checks it.
+        let info = fledge_client::JoinInfo {
+            apiserver: Some("https://10.0.0.1:10100".into()),
+            ca_fingerprint: Some("sha256:00ff".into()),
+            ..info
+        };
+        assert!(
+            join_commands(&info, "https://127.0.0.1:1", &minted)[0].command.contains(
+                "--apiserver https://10.0.0.1:10100 --ca-fingerprint sha256:00ff --task-id"
+            )
         );
 
         let token = |id: &str, expires_at| fledge_types::Token {

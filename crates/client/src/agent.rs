@@ -23,6 +23,12 @@ impl TaskClient {
         Ok(Self { transport: Transport::new(endpoint, Some(key), "task key")?, task })
     }
 
+    /// The same client trusting exactly `ca` for an `https://` endpoint.
+    pub fn with_ca(mut self, ca: Option<&fledge_tls::Ca>) -> Result<Self> {
+        self.transport = self.transport.with_ca(ca)?;
+        Ok(self)
+    }
+
     /// The task this client acts for.
     pub fn task_id(&self) -> &TaskId {
         &self.task
@@ -87,6 +93,12 @@ impl ComputeClient {
     /// A client for compute `compute` at the apiserver `endpoint`, authenticated with `key`.
     pub fn new(endpoint: &str, compute: ComputeId, key: &str) -> Result<Self> {
         Ok(Self { transport: Transport::new(endpoint, Some(key), "compute key")?, compute })
+    }
+
+    /// The same client trusting exactly `ca` for an `https://` endpoint.
+    pub fn with_ca(mut self, ca: Option<&fledge_tls::Ca>) -> Result<Self> {
+        self.transport = self.transport.with_ca(ca)?;
+        Ok(self)
     }
 
     /// The compute this client acts for.

@@ -1,8 +1,11 @@
 //! Where a user's client finds the control plane and its token.
 //!
 //! Layers, lowest first: the built-in default endpoint, the YAML file (`$FLEDGE_CONFIG`, else
-//! `~/.fledge/config.yaml`), the `FLEDGE_ENDPOINT` / `FLEDGE_TOKEN` environment variables, and
-//! the `--endpoint` / `--token` flags. [`ClientConfig::resolve`] merges the layers without any
+//! `~/.fledge/config.yaml`), the `FLEDGE_ENDPOINT` / `FLEDGE_TOKEN` / `FLEDGE_CA_FILE`
+//! environment variables, and the `--endpoint` / `--token` / `--ca-file` flags. The file
+//! keeps the control plane's CA beside the endpoint (`ca`, PEM text, as `fledge standalone`
+//! and `fledgectl login` write it; or `caFile`, a path): an `https://` endpoint is trusted
+//! through that CA only. [`ClientConfig::resolve`] merges the layers without any
 //! I/O so it is tested with an injected environment map; [`ClientConfig::load`] adds reading
 //! the file.
 
@@ -12,13 +15,15 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The endpoint used when nothing else names one (`fledge standalone`'s default).
-pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:10100";
+pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:10100";
 /// Environment variable naming the config file.
 pub const ENV_CONFIG: &str = "FLEDGE_CONFIG";
 /// Environment variable overriding the endpoint.
 pub const ENV_ENDPOINT: &str = "FLEDGE_ENDPOINT";
 /// Environment variable overriding the token.
 pub const ENV_TOKEN: &str = "FLEDGE_TOKEN";
+/// Environment variable naming a CA file (PEM) to trust instead of the file's `ca`.
+pub const ENV_CA_FILE: &str = "FLEDGE_CA_FILE";
 
 /// What went wrong reading or writing the config file.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,12 @@ pub struct ClientConfig {
     /// User token; absent means unauthenticated requests (which the API rejects with 401).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The control plane's CA, PEM text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// A CA file (PEM); wins over `ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_endpoint() -> String {
@@ -66,7 +77,7 @@ fn default_endpoint() -> String {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { endpoint: default_endpoint(), token: None }
+        Self { endpoint: default_endpoint(), token: None, ca: None, ca_file: None }
     }
 }
 
@@ -80,6 +91,12 @@ pub struct ConfigFile {
     /// User token.
     #[serde(default)]
     pub token: Option<String>,
+    /// The control plane's CA (PEM text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// A CA file (PEM) instead of `ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Command-line overrides (the highest layer).
@@ -91,6 +108,8 @@ pub struct Overrides {
     pub endpoint: Option<String>,
     /// `--token`.
     pub token: Option<String>,
+    /// `--ca-file`.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The variable's value unless unset or empty.
@@ -141,6 +160,14 @@ impl ClientConfig {
             if let Some(token) = file.token.as_ref().filter(|t| !t.is_empty()) {
                 config.token = Some(token.clone());
             }
+            config.ca = file.ca.clone().filter(|c| !c.trim().is_empty());
+            config.ca_file = file.ca_file.clone().filter(|p| !p.as_os_str().is_empty());
+        }
+        if let Some(path) = var(env, ENV_CA_FILE) {
+            config.ca_file = Some(PathBuf::from(path));
+        }
+        if let Some(path) = overrides.ca_file.as_ref().filter(|p| !p.as_os_str().is_empty()) {
+            config.ca_file = Some(path.clone());
         }
         if let Some(endpoint) = var(env, ENV_ENDPOINT) {
             config.endpoint = endpoint.to_owned();
@@ -180,7 +207,12 @@ impl ClientConfig {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let file = ConfigFile { endpoint: Some(self.endpoint.clone()), token: self.token.clone() };
+        let file = ConfigFile {
+            endpoint: Some(self.endpoint.clone()),
+            token: self.token.clone(),
+            ca: self.ca.clone(),
+            ca_file: self.ca_file.clone(),
+        };
         let text = serde_norway::to_string(&file)
             .map_err(|err| Error::Parse { path: path.to_owned(), message: err.to_string() })?;
         let mut options = std::fs::OpenOptions::new();
@@ -199,9 +231,23 @@ impl ClientConfig {
         config_path(env, &Overrides::default()).map(|(path, _)| path).ok_or(Error::NoLocation)
     }
 
-    /// A REST client for these settings.
+    /// The CA to trust: `ca_file` when set, else `ca`; `None` when neither is.
+    pub fn trusted_ca(&self) -> crate::Result<Option<fledge_tls::Ca>> {
+        let tls = |source| crate::Error::Tls { endpoint: self.endpoint.clone(), source };
+        if let Some(path) = &self.ca_file {
+            return fledge_tls::Ca::load(path).map(Some).map_err(tls);
+        }
+        self.ca
+            .as_deref()
+            .map(|pem| fledge_tls::Ca::from_pem(pem, "the config's ca"))
+            .transpose()
+            .map_err(tls)
+    }
+
+    /// A REST client for these settings, trusting [`ClientConfig::trusted_ca`].
     pub fn client(&self) -> crate::Result<crate::Client> {
-        crate::Client::new(&self.endpoint, self.token.as_deref())
+        crate::Client::new(&self.endpoint, self.token.as_deref())?
+            .with_ca(self.trusted_ca()?.as_ref())
     }
 }
 
@@ -216,24 +262,39 @@ mod tests {
 
     #[test]
     fn layers_override_in_order_file_env_flags() {
-        let file =
-            ConfigFile { endpoint: Some("http://file:1".into()), token: Some("file-token".into()) };
+        let file = ConfigFile {
+            endpoint: Some("http://file:1".into()),
+            token: Some("file-token".into()),
+            ..Default::default()
+        };
         let none = Overrides::default();
 
         assert_eq!(ClientConfig::resolve(None, &env(&[]), &none), ClientConfig::default());
         assert_eq!(
             ClientConfig::resolve(Some(&file), &env(&[]), &none),
-            ClientConfig { endpoint: "http://file:1".into(), token: Some("file-token".into()) }
+            ClientConfig {
+                endpoint: "http://file:1".into(),
+                token: Some("file-token".into()),
+                ..Default::default()
+            }
         );
         let with_env = env(&[(ENV_ENDPOINT, "http://env:2"), (ENV_TOKEN, "env-token")]);
         assert_eq!(
             ClientConfig::resolve(Some(&file), &with_env, &none),
-            ClientConfig { endpoint: "http://env:2".into(), token: Some("env-token".into()) }
+            ClientConfig {
+                endpoint: "http://env:2".into(),
+                token: Some("env-token".into()),
+                ..Default::default()
+            }
         );
         let flags = Overrides { endpoint: Some("http://flag:3".into()), ..Default::default() };
         assert_eq!(
             ClientConfig::resolve(Some(&file), &with_env, &flags),
-            ClientConfig { endpoint: "http://flag:3".into(), token: Some("env-token".into()) }
+            ClientConfig {
+                endpoint: "http://flag:3".into(),
+                token: Some("env-token".into()),
+                ..Default::default()
+            }
         );
         // Empty values never override.
         let empty = env(&[(ENV_ENDPOINT, ""), (ENV_TOKEN, "")]);
@@ -268,8 +329,12 @@ mod tests {
         assert_eq!(config, ClientConfig::default());
 
         // save → load round-trips through the default location.
-        let saved =
-            ClientConfig { endpoint: "http://127.0.0.1:9".into(), token: Some("secret".into()) };
+        let saved = ClientConfig {
+            endpoint: "http://127.0.0.1:9".into(),
+            token: Some("secret".into()),
+            ca: Some("-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".into()),
+            ca_file: None,
+        };
         let path = ClientConfig::default_path(&env(&[("HOME", home)])).unwrap();
         saved.save(&path).unwrap();
         assert_eq!(

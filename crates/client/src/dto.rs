@@ -164,6 +164,9 @@ pub struct JoinInfo {
     /// The notifier URL agents use, if the apiserver knows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notifier: Option<String>,
+    /// The fingerprint of the CA agents trust (`sha256:...`), when the apiserver serves TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_fingerprint: Option<String>,
     /// The participant-run tasks, in expansion order (empty until the job is expanded).
     #[serde(default)]
     pub tasks: Vec<fledge_types::Task>,

@@ -44,6 +44,27 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    /// The control plane's certificate was refused (not signed by the trusted CA, wrong name,
+    /// expired), or the server does not speak TLS.
+    #[error(
+        "TLS with {endpoint} failed: {reason} (is the CA right? `fledgectl login --server URL \
+         --ca-fingerprint sha256:...` fetches and checks it)"
+    )]
+    TlsHandshake {
+        /// The endpoint.
+        endpoint: String,
+        /// rustls's reason.
+        reason: String,
+    },
+    /// The CA to trust is unusable, or is not the one expected (fingerprint mismatch).
+    #[error("cannot trust the CA of {endpoint}")]
+    Tls {
+        /// The endpoint it is for.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: fledge_tls::Error,
+    },
     /// The response body was not what the API contract says.
     #[error("cannot decode the response of {method} {path}")]
     Decode {

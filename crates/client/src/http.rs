@@ -8,6 +8,7 @@ use reqwest::{Method, RequestBuilder, Response, header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use fledge_tls::Ca;
 use fledge_types::ApiError;
 
 use crate::error::{Error, Result};
@@ -27,7 +28,27 @@ pub(crate) struct Transport {
     authorization: Option<header::HeaderValue>,
 }
 
+/// An HTTP client for `endpoint`: an `https://` endpoint's certificate is checked against
+/// `ca` and nothing else, or against the system's roots when no CA is given.
+pub(crate) fn http_client(endpoint: &str, ca: Option<&Ca>) -> Result<reqwest::Client> {
+    fledge_tls::install_default_provider();
+    let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+    if let Some(ca) = ca {
+        let config = ca
+            .client_config()
+            .map_err(|source| Error::Tls { endpoint: endpoint.to_owned(), source })?;
+        builder = builder.tls_backend_preconfigured(config);
+    }
+    builder.build().map_err(|source| Error::Transport { endpoint: endpoint.to_owned(), source })
+}
+
 impl Transport {
+    /// Trusts `ca` (see [`http_client`]) from now on.
+    pub(crate) fn with_ca(mut self, ca: Option<&Ca>) -> Result<Self> {
+        self.http = http_client(&self.endpoint, ca)?;
+        Ok(self)
+    }
+
     pub(crate) fn new(endpoint: &str, secret: Option<&str>, what: &'static str) -> Result<Self> {
         let endpoint = normalize_endpoint(endpoint)?;
         let authorization = match secret.filter(|s| !s.is_empty()) {
@@ -39,10 +60,7 @@ impl Transport {
             }
             None => None,
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|source| Error::Transport { endpoint: endpoint.clone(), source })?;
+        let http = http_client(&endpoint, None)?;
         Ok(Self { http, endpoint, authorization })
     }
 
@@ -68,7 +86,9 @@ impl Transport {
     ) -> Result<Response> {
         tracing::debug!(%method, path, "request");
         let response = builder.send().await.map_err(|source| {
-            if source.is_connect() || source.is_timeout() {
+            if let Some(reason) = tls_failure(&source) {
+                Error::TlsHandshake { endpoint: self.endpoint.clone(), reason }
+            } else if source.is_connect() || source.is_timeout() {
                 Error::Connect { endpoint: self.endpoint.clone(), source }
             } else {
                 Error::Transport { endpoint: self.endpoint.clone(), source }
@@ -138,6 +158,26 @@ impl Transport {
             source,
         })
     }
+}
+
+/// The rustls reason when `err` is a failed TLS handshake (unknown issuer, bad name, ...).
+fn tls_failure(err: &reqwest::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        // `io::Error::source` skips the error it wraps, so look inside.
+        if let Some(tls) = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        source = cause.source();
+    }
+    None
 }
 
 /// Turns an error response into [`Error::Api`] when its body is an `ApiError`, else [`Error::Http`].

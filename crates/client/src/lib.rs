@@ -7,7 +7,11 @@
 //! - [`ComputeClient`]: a deployer's deployment reports, authenticated with the compute key.
 //! - [`notifier`]: subscriptions to the notifier's gRPC streams that reconnect with backoff and
 //!   drop repeated events.
-//! - [`config`]: where the endpoint and token come from (`~/.fledge/config.yaml`, env, flags).
+//! - [`config`]: where the endpoint, token and CA come from (`~/.fledge/config.yaml`, env,
+//!   flags); [`trust`]: fetching a control plane's CA checked against its fingerprint.
+//!
+//! An `https://` control plane is trusted through exactly the configured CA
+//! (`with_ca`), or the system's roots when none is configured.
 //!
 //! Every call returns [`Error`]: the server's `ApiError` (with every detail) for API errors,
 //! the endpoint for connection failures, and the request for undecodable answers.
@@ -32,6 +36,7 @@ mod error;
 mod http;
 pub mod notifier;
 mod rest;
+pub mod trust;
 
 pub use agent::{ComputeClient, TaskClient};
 pub use config::ClientConfig;
@@ -40,5 +45,7 @@ pub use dto::{
     SchemaRevision, TaskJoin, TaskStatusUpdate, TokenRequest, VersionedSchema,
 };
 pub use error::{Error, Result};
+pub use fledge_tls::{Ca, Fingerprint};
 pub use notifier::{Backoff, Reconnect, subscribe_compute, subscribe_task};
 pub use rest::{Client, VERSION_HEADER};
+pub use trust::fetch_ca;

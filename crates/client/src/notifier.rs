@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status, Streaming};
 
 use fledge_proto::{ComputeSubscription, DeployEvent, NotifierClient, TaskEvent, TaskSubscription};
+use fledge_tls::Ca;
 use fledge_types::{ComputeId, JobId, TaskId};
 
 use crate::error::{Error, Result};
@@ -80,18 +81,23 @@ impl Backoff {
 }
 
 /// Events for one task's agent (start, stop), reconnecting with the default policy.
+///
+/// An `https://` notifier's certificate is checked against `ca` and nothing else; an https
+/// URL without a CA is an error.
 pub fn subscribe_task(
     notifier_url: &str,
+    ca: Option<&Ca>,
     job: &JobId,
     task: &TaskId,
     key: &str,
 ) -> BoxStream<'static, Result<TaskEvent>> {
-    subscribe_task_with(notifier_url, job, task, key, Reconnect::default())
+    subscribe_task_with(notifier_url, ca, job, task, key, Reconnect::default())
 }
 
 /// [`subscribe_task`] with an explicit reconnect policy.
 pub fn subscribe_task_with(
     notifier_url: &str,
+    ca: Option<&Ca>,
     job: &JobId,
     task: &TaskId,
     key: &str,
@@ -100,6 +106,7 @@ pub fn subscribe_task_with(
     let subscription = TaskSubscription { job_id: job.to_string(), task_id: task.to_string() };
     resilient(
         notifier_url,
+        ca,
         key,
         reconnect,
         move |mut client, request| {
@@ -113,15 +120,17 @@ pub fn subscribe_task_with(
 /// Events for one compute's deployer (deploy, revoke), reconnecting with the default policy.
 pub fn subscribe_compute(
     notifier_url: &str,
+    ca: Option<&Ca>,
     compute: &ComputeId,
     key: &str,
 ) -> BoxStream<'static, Result<DeployEvent>> {
-    subscribe_compute_with(notifier_url, compute, key, Reconnect::default())
+    subscribe_compute_with(notifier_url, ca, compute, key, Reconnect::default())
 }
 
 /// [`subscribe_compute`] with an explicit reconnect policy.
 pub fn subscribe_compute_with(
     notifier_url: &str,
+    ca: Option<&Ca>,
     compute: &ComputeId,
     key: &str,
     reconnect: Reconnect,
@@ -129,6 +138,7 @@ pub fn subscribe_compute_with(
     let subscription = ComputeSubscription { compute_id: compute.to_string() };
     resilient(
         notifier_url,
+        ca,
         key,
         reconnect,
         move |mut client, request| {
@@ -137,6 +147,22 @@ pub fn subscribe_compute_with(
         },
         |event: &DeployEvent| event.seq,
     )
+}
+
+/// TLS for an `https://` URL, trusting exactly `ca`.
+fn with_tls(
+    endpoint: Endpoint,
+    url: &str,
+    ca: Option<&Ca>,
+) -> std::result::Result<Endpoint, String> {
+    if !url.trim_start().starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let ca = ca.ok_or_else(|| {
+        "an https notifier needs the control plane's CA (--ca-file or --ca-fingerprint)".to_owned()
+    })?;
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem()));
+    endpoint.tls_config(tls).map_err(|err| err.to_string())
 }
 
 /// Whether retrying cannot help.
@@ -163,6 +189,7 @@ struct State<E, F> {
 /// A stream over `open`'s server stream that reconnects on failure and drops repeated events.
 fn resilient<E, F, Fut>(
     url: &str,
+    ca: Option<&Ca>,
     key: &str,
     reconnect: Reconnect,
     open: F,
@@ -174,11 +201,13 @@ where
     Fut: Future<Output = std::result::Result<Streaming<E>, Status>> + Send,
 {
     let mut setup_error = None;
-    let endpoint = match Endpoint::from_shared(url.to_owned()) {
-        Ok(endpoint) => Some(endpoint.connect_timeout(CONNECT_TIMEOUT)),
-        Err(err) => {
-            setup_error =
-                Some(Error::InvalidEndpoint { endpoint: url.to_owned(), reason: err.to_string() });
+    let endpoint = match Endpoint::from_shared(url.to_owned())
+        .map_err(|err| err.to_string())
+        .and_then(|endpoint| with_tls(endpoint.connect_timeout(CONNECT_TIMEOUT), url, ca))
+    {
+        Ok(endpoint) => Some(endpoint),
+        Err(reason) => {
+            setup_error = Some(Error::InvalidEndpoint { endpoint: url.to_owned(), reason });
             None
         }
     };

@@ -44,6 +44,13 @@ impl Client {
         })
     }
 
+    /// The same client trusting exactly `ca` for an `https://` endpoint (the system's roots
+    /// when `None`).
+    pub fn with_ca(mut self, ca: Option<&fledge_tls::Ca>) -> Result<Self> {
+        self.transport = self.transport.with_ca(ca)?;
+        Ok(self)
+    }
+
     /// The same client acting on `user`'s resources instead of the token's user.
     pub fn with_user(mut self, user: UserId) -> Self {
         self.user = Arc::new(OnceCell::new_with(Some(user)));

@@ -104,7 +104,7 @@ fn fast() -> Reconnect {
 async fn task_stream_reconnects_and_drops_repeats() {
     let (url, fake) = start_fake().await;
     let mut events =
-        subscribe_task_with(&url, &"job-1".into(), &"task-1".into(), "task-key", fast());
+        subscribe_task_with(&url, None, &"job-1".into(), &"task-1".into(), "task-key", fast());
     let mut seqs = Vec::new();
     for _ in 0..3 {
         let event = tokio::time::timeout(Duration::from_secs(30), events.next())
@@ -123,18 +123,25 @@ async fn task_stream_reconnects_and_drops_repeats() {
 #[tokio::test]
 async fn refused_subscriptions_end_with_an_error() {
     let (url, _fake) = start_fake().await;
-    let mut events = subscribe_task_with(&url, &"job-1".into(), &"task-1".into(), "wrong", fast());
+    let mut events =
+        subscribe_task_with(&url, None, &"job-1".into(), &"task-1".into(), "wrong", fast());
     let err = events.next().await.expect("one item").unwrap_err();
     let text = err.to_string();
     assert!(text.contains(&url) && text.contains("bad key"), "{text}");
     assert!(events.next().await.is_none());
 
-    let mut deploys = subscribe_compute_with(&url, &"c1".into(), "k", fast());
+    let mut deploys = subscribe_compute_with(&url, None, &"c1".into(), "k", fast());
     let err = deploys.next().await.expect("one item").unwrap_err();
     assert!(err.to_string().contains("no such compute"), "{err}");
     assert!(deploys.next().await.is_none());
 
-    let mut bad_url = subscribe_task_with("not a url", &"j".into(), &"t".into(), "k", fast());
+    let mut bad_url = subscribe_task_with("not a url", None, &"j".into(), &"t".into(), "k", fast());
     let err = bad_url.next().await.expect("one item").unwrap_err();
     assert!(err.to_string().contains("not a url"), "{err}");
+
+    // An https notifier is trusted only through a CA: without one the stream says so at once.
+    let mut no_ca =
+        subscribe_task_with("https://127.0.0.1:1", None, &"j".into(), &"t".into(), "k", fast());
+    let err = format!("{:#}", no_ca.next().await.expect("one item").unwrap_err());
+    assert!(err.contains("https notifier needs the control plane's CA"), "{err}");
 }

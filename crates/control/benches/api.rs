@@ -89,6 +89,8 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(api::serve(listener, state, shutdown.clone()));
     let token = api::bootstrap_admin(store.as_ref()).await?;
+    // Plain text on loopback: this measures the handlers, not TLS.
+    fledge_tls::install_default_provider();
     let http = reqwest::Client::new();
 
     send(http.post(format!("{base}/users/admin/designs")).json(&json!({"id": "bench"})), &token)

@@ -10,8 +10,10 @@
 //! variables that name no option (`FLEDGE_LOG`, `FLEDGE_CONFIG`, ...) belong to other tools and
 //! are ignored. Command-line overrides use dotted paths (`apiserver.listen`).
 //!
-//! TLS is not configurable yet: every listener speaks plain HTTP/2 or HTTP/1.1, so deploy the
-//! services behind a TLS-terminating proxy when they leave the machine.
+//! TLS ([`TlsSection`]) is on by default for the apiserver, the notifier and the metaserver:
+//! a CA and a server certificate are created under `<data_dir>/tls` on first start unless the
+//! operator names their own (`tls.cert`, `tls.key`, `tls.ca`). `tls.insecure` serves plain
+//! text, and is refused when one of those listeners binds a non-loopback address.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -220,6 +222,12 @@ pub struct DeployerSection {
     /// Root of the workers' directories. Default `<data_dir>/work`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work_root: Option<PathBuf>,
+    /// The control plane's CA (PEM) that the deployer and its workers trust
+    /// (`FLEDGE_DEPLOYER_CA_FILE`). Default: this process's CA when the control plane runs
+    /// here; required for an `https://` control plane elsewhere whose certificate is not
+    /// signed by a system root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Most workers running at once; more wait in a queue. Default 64.
     pub max_workers: usize,
 }
@@ -232,9 +240,33 @@ impl Default for DeployerSection {
             apiserver: None,
             notifier: None,
             work_root: None,
+            ca_file: None,
             max_workers: 64,
         }
     }
+}
+
+/// TLS of the control-plane listeners (apiserver, notifier, metaserver).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Serve plain text instead of TLS. Refused when the apiserver, notifier or metaserver
+    /// binds a non-loopback address. Default false.
+    pub insecure: bool,
+    /// The operator's server certificate chain (PEM); default: one issued by the CA that
+    /// `<data_dir>/tls` holds (created on first start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The private key of `cert` (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// The CA (PEM) that clients should trust for `cert`: served at `/api/v1/ca.pem` and put
+    /// into task configs. Without it, clients of an operator's certificate use their own trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Extra names (hosts or IPs) for the generated server certificate, beyond `localhost`,
+    /// the loopback addresses, the listeners' addresses and the advertised hosts.
+    pub names: Vec<String>,
 }
 
 /// Every option of the control-plane services.
@@ -268,6 +300,8 @@ pub struct Options {
     pub controller: controller::Options,
     /// The compute-side deployer (service `deployer`).
     pub deployer: DeployerSection,
+    /// TLS of the apiserver, notifier and metaserver (on unless `tls.insecure`).
+    pub tls: TlsSection,
 }
 
 impl Default for Options {
@@ -288,6 +322,7 @@ impl Default for Options {
             metaserver: Listen::on(10104),
             controller: controller::Options::default(),
             deployer: DeployerSection::default(),
+            tls: TlsSection::default(),
         }
     }
 }
@@ -305,11 +340,15 @@ const OPTIONAL_KEYS: &[&str] = &[
     "deployer.apiserver",
     "deployer.notifier",
     "deployer.work_root",
+    "deployer.ca_file",
+    "tls.cert",
+    "tls.key",
+    "tls.ca",
 ];
 
 /// Sections whose name prefixes environment keys (`FLEDGE_<SECTION>_<KEY>`).
 const SECTIONS: &[&str] =
-    &["apiserver", "notifier", "broker", "metaserver", "controller", "deployer"];
+    &["apiserver", "notifier", "broker", "metaserver", "controller", "deployer", "tls"];
 
 impl Options {
     /// Loads options: defaults → `file` → `FLEDGE_*` entries of `env` → `overrides`
@@ -399,6 +438,7 @@ impl Options {
                 }
             }
         }
+        self.validate_tls()?;
         if self.max_code_bytes == 0 {
             return Err(Error::Invalid("max_code_bytes: must be at least 1".to_owned()));
         }
@@ -406,6 +446,58 @@ impl Options {
         self.controller.validate().map_err(|err| Error::Invalid(err.to_string()))?;
         self.notifier_options().validate().map_err(|err| Error::Invalid(err.to_string()))?;
         Ok(())
+    }
+
+    /// Checks the `[tls]` section: a certificate comes with its key, and plain text only on
+    /// loopback.
+    fn validate_tls(&self) -> Result<()> {
+        let tls = &self.tls;
+        if tls.cert.is_some() != tls.key.is_some() {
+            return Err(Error::Invalid(
+                "tls.cert and tls.key: give both (--tls-cert and --tls-key) or neither".to_owned(),
+            ));
+        }
+        if tls.ca.is_some() && tls.cert.is_none() {
+            return Err(Error::Invalid(
+                "tls.ca: only with your own tls.cert and tls.key (the generated CA is <data_dir>/tls/ca.pem)"
+                    .to_owned(),
+            ));
+        }
+        if tls.insecure {
+            if tls.cert.is_some() {
+                return Err(Error::Invalid(
+                    "tls.insecure: contradicts tls.cert; drop one of them".to_owned(),
+                ));
+            }
+            for (service, addr) in self.tls_listeners() {
+                if !addr.ip().is_loopback() {
+                    return Err(Error::Invalid(format!(
+                        "tls.insecure (--insecure): the {service} listens on {addr}, which is not a \
+                         loopback address; plain text is allowed only on 127.0.0.1 or ::1, so \
+                         drop --insecure (TLS is the default) or listen on loopback"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The listeners that serve TLS (or plain text under `tls.insecure`): those of the
+    /// apiserver, notifier and metaserver that run here.
+    pub fn tls_listeners(&self) -> Vec<(ServiceKind, SocketAddr)> {
+        [
+            (ServiceKind::Apiserver, self.apiserver.listen),
+            (ServiceKind::Notifier, self.notifier.listen),
+            (ServiceKind::Metaserver, self.metaserver.listen),
+        ]
+        .into_iter()
+        .filter(|(service, _)| self.runs(*service))
+        .collect()
+    }
+
+    /// The directory of the generated CA and server certificate (`<data_dir>/tls`).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir.join("tls")
     }
 
     /// The store to open.
@@ -597,6 +689,22 @@ stop_grace_secs = 5.0
     }
 
     #[test]
+    fn insecure_on_loopback_and_tls_anywhere_are_valid() {
+        let options =
+            Options::load(None, &env(&[("FLEDGE_TLS_INSECURE", "true")]), &[]).expect("loopback");
+        assert!(options.tls.insecure);
+        let options = Options::load(
+            None,
+            &env(&[("FLEDGE_APISERVER_LISTEN", "0.0.0.0:10100")]),
+            &[("tls.names".to_owned(), "fledge.example, 10.0.0.2".to_owned())],
+        )
+        .expect("TLS on a public address");
+        assert!(!options.tls.insecure);
+        assert_eq!(options.tls.names, ["fledge.example", "10.0.0.2"]);
+        assert_eq!(options.tls_dir(), PathBuf::from("fledge-data/tls"));
+    }
+
+    #[test]
     fn defaults_are_valid_and_sqlite_lives_in_the_data_dir() {
         let options = Options::load(None, &HashMap::new(), &[]).expect("defaults");
         assert_eq!(options, Options::default());
@@ -652,6 +760,20 @@ stop_grace_secs = 5.0
         check("data_dir = ", &[], "not valid TOML");
         check("", &[("FLEDGE_MAX_CODE_BYTES", "lots")], "FLEDGE_MAX_CODE_BYTES");
         check("", &[("FLEDGE_NOTIFIER_MAILBOX_CAPACITY", "0")], "mailbox_capacity");
+        // Plain text only on loopback; a certificate comes with its key.
+        check(
+            "[tls]\ninsecure = true\n[apiserver]\nlisten = \"0.0.0.0:10100\"",
+            &[],
+            "the apiserver listens on 0.0.0.0:10100, which is not a loopback address",
+        );
+        check(
+            "[metaserver]\nlisten = \"192.168.1.2:1\"",
+            &[("FLEDGE_TLS_INSECURE", "true")],
+            "not a loopback address",
+        );
+        check("[tls]\ncert = \"/c.pem\"", &[], "tls.cert and tls.key");
+        check("[tls]\nca = \"/ca.pem\"", &[], "tls.ca");
+        check("[tls]\ninsecure = true\ncert = \"/c\"\nkey = \"/k\"", &[], "contradicts");
 
         let err = Options::load(None, &HashMap::new(), &[("nope".to_owned(), "1".to_owned())])
             .expect_err("unknown override");

@@ -1,7 +1,7 @@
 //! Fledge's control plane as libraries: the apiserver (REST), the controller (job lifecycle),
 //! the notifier (event streams to agents and deployers), the metaserver (rendezvous of the
 //! peer-to-peer channel backend), the store, and the configuration that
-//! composes them into services.
+//! composes them into services, and the TLS of their listeners ([`tls`]).
 //!
 //! The `fledge` binary (crate `crates/fledge`) runs any subset of these services in one process
 //! (`fledge serve --services ...`) or all of them (`fledge standalone`). Services talk through the
@@ -21,3 +21,4 @@ pub mod metaserver;
 pub mod notifier;
 pub mod service;
 pub mod store;
+pub mod tls;

@@ -23,6 +23,7 @@ use crate::config::{Options, ServiceKind, StoreUrl};
 use crate::controller::{self, Controller, Endpoints};
 use crate::notifier;
 use crate::store::{BlobStore, PostgresStore, SqliteStore, Store};
+use crate::tls::{ControlTls, TlsListener};
 
 /// The addresses the services are bound to (present for the services that run).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -47,6 +48,8 @@ pub struct Services {
     pub brokers: Vec<BrokerSpec>,
     /// The shared store.
     pub store: Arc<dyn Store>,
+    /// The TLS of the apiserver, notifier and metaserver (`None` under `tls.insecure`).
+    pub tls: Option<ControlTls>,
     /// Wakes the controller (a no-op sink when the controller runs elsewhere).
     pub controller: controller::Handle,
     /// Publishes notifier events (present when the notifier runs here).
@@ -78,9 +81,11 @@ pub async fn open_store(options: &Options) -> anyhow::Result<Arc<dyn Store>> {
     Ok(store)
 }
 
-/// `http://addr`, with an unspecified IP (`0.0.0.0`, `::`) read as loopback.
-fn http_url(addr: SocketAddr) -> String {
-    format!("http://{}", reachable(addr))
+/// `https://addr` (or `http://` without TLS), with an unspecified IP (`0.0.0.0`, `::`) read
+/// as loopback.
+fn url_of(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{}", reachable(addr))
 }
 
 fn reachable(addr: SocketAddr) -> SocketAddr {
@@ -144,6 +149,10 @@ async fn start_under(
         broker: None,
         metaserver: local_addr(&metaserver_listener)?,
     };
+    let bound: Vec<SocketAddr> =
+        [addrs.apiserver, addrs.notifier, addrs.metaserver].into_iter().flatten().collect();
+    let tls = ControlTls::resolve(options, &bound).context("cannot set up TLS")?;
+    let secure = tls.is_some();
     let broker = if options.runs(ServiceKind::Broker) {
         let handle = fledge_channel::broker::start_embedded_broker(options.broker.listen)
             .with_context(|| format!("cannot start the broker on {}", options.broker.listen))?;
@@ -154,18 +163,15 @@ async fn start_under(
         None
     };
 
-    let endpoints = Endpoints {
-        apiserver: options
-            .apiserver
-            .advertise
-            .clone()
-            .unwrap_or_else(|| http_url(addrs.apiserver.unwrap_or(options.apiserver.listen))),
-        notifier: options
-            .notifier
-            .advertise
-            .clone()
-            .unwrap_or_else(|| http_url(addrs.notifier.unwrap_or(options.notifier.listen))),
-    };
+    let endpoints =
+        Endpoints {
+            apiserver: options.apiserver.advertise.clone().unwrap_or_else(|| {
+                url_of(addrs.apiserver.unwrap_or(options.apiserver.listen), secure)
+            }),
+            notifier: options.notifier.advertise.clone().unwrap_or_else(|| {
+                url_of(addrs.notifier.unwrap_or(options.notifier.listen), secure)
+            }),
+        };
     let brokers = vec![BrokerSpec {
         sort: "mqtt".to_owned(),
         host: options.broker.advertise.clone().unwrap_or_else(|| {
@@ -178,6 +184,7 @@ async fn start_under(
         endpoints: endpoints.clone(),
         brokers,
         store: store.clone(),
+        tls: tls.clone(),
         // Replaced below when the controller runs here; otherwise wake-ups go nowhere and the
         // remote controller's periodic resync picks changes up.
         controller: controller::Handle::channel(1).0,
@@ -189,11 +196,17 @@ async fn start_under(
     };
 
     // Task configs name the metaserver when one runs here or is configured elsewhere.
-    let metaserver_url =
-        options.metaserver.advertise.clone().or_else(|| services.addrs.metaserver.map(http_url));
+    let metaserver_url = options
+        .metaserver
+        .advertise
+        .clone()
+        .or_else(|| services.addrs.metaserver.map(|addr| url_of(addr, secure)));
     if let Some(listener) = metaserver_listener {
-        let metaserver =
+        let mut metaserver =
             crate::metaserver::Options::default().build().context("cannot build the metaserver")?;
+        if let Some(tls) = &tls {
+            metaserver = metaserver.with_tls(tls.tonic());
+        }
         let token = shutdown.clone();
         services.spawn("metaserver", async move {
             metaserver.run(listener, token).await.map_err(anyhow::Error::from)
@@ -201,8 +214,11 @@ async fn start_under(
     }
 
     if let Some(listener) = notifier_listener {
-        let notifier =
+        let mut notifier =
             options.notifier_options().build(store.clone()).context("cannot build the notifier")?;
+        if let Some(tls) = &tls {
+            notifier = notifier.with_tls(tls.tonic());
+        }
         services.notifier = Some(notifier.handle());
         let token = shutdown.clone();
         services.spawn("notifier", async move {
@@ -262,9 +278,22 @@ fn start_apiserver(
         services.notifier.clone(),
         env,
     )
-    .with_notifier_url(services.endpoints.notifier.clone());
+    .with_notifier_url(services.endpoints.notifier.clone())
+    .with_ca(services.tls.as_ref().and_then(|tls| tls.ca.clone()));
     let token = services.shutdown.clone();
-    services.spawn("apiserver", async move { crate::api::serve(listener, state, token).await });
+    match &services.tls {
+        Some(tls) => {
+            let listener = TlsListener::new(listener, tls.acceptor()?, token.clone())
+                .context("cannot read the apiserver's bound address")?;
+            services.spawn("apiserver", async move {
+                crate::api::serve_on(listener, state, token).await
+            });
+        }
+        None => {
+            services
+                .spawn("apiserver", async move { crate::api::serve(listener, state, token).await });
+        }
+    }
     Ok(())
 }
 

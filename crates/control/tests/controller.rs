@@ -258,8 +258,26 @@ impl<E: Clone> Recorder<E> {
     }
 }
 
+/// A notifier client: plain for `http://`, trusting exactly `ca` for `https://`.
+async fn notifier_client(
+    url: &str,
+    ca: Option<&fledge_tls::Ca>,
+) -> NotifierClient<tonic::transport::Channel> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned()).expect("url");
+    if let Some(ca) = ca {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca.pem()));
+        endpoint = endpoint.tls_config(tls).expect("tls config");
+    }
+    NotifierClient::new(endpoint.connect().await.expect("connect"))
+}
+
 async fn deployer(url: &str) -> Recorder<DeployEvent> {
-    let mut client = NotifierClient::connect(url.to_owned()).await.expect("connect");
+    deployer_trusting(url, None).await
+}
+
+async fn deployer_trusting(url: &str, ca: Option<&fledge_tls::Ca>) -> Recorder<DeployEvent> {
+    let mut client = notifier_client(url, ca).await;
     let mut stream = client
         .subscribe_compute(bearer(
             ComputeSubscription { compute_id: "default".to_owned() },
@@ -647,8 +665,11 @@ async fn composed_services_run_a_job_over_rest() {
     let notifier_addr = services.addrs.notifier.expect("notifier runs");
     let broker_addr = services.addrs.broker.expect("broker runs");
     assert!(api_addr.port() != 0 && notifier_addr.port() != 0 && broker_addr.port() != 0);
-    assert_eq!(services.endpoints.apiserver, format!("http://{api_addr}"));
-    assert_eq!(services.endpoints.notifier, format!("http://{notifier_addr}"));
+    // TLS is the default: a CA was created in the data directory.
+    assert_eq!(services.endpoints.apiserver, format!("https://{api_addr}"));
+    assert_eq!(services.endpoints.notifier, format!("https://{notifier_addr}"));
+    let ca = services.tls.as_ref().and_then(|tls| tls.ca.clone()).expect("a generated CA");
+    assert!(dir.path().join("tls").join("ca.pem").is_file());
     assert_eq!(services.brokers[0].host, broker_addr.to_string());
 
     let token = fledge_control::api::bootstrap_admin(store.as_ref()).await.expect("admin");
@@ -661,10 +682,13 @@ async fn composed_services_run_a_job_over_rest() {
     }))
     .expect("job spec");
     let job = store.create_job(&admin, &spec, "1", "1").await.expect("job").id;
-    let deployer = deployer(&services.endpoints.notifier).await;
+    let deployer = deployer_trusting(&services.endpoints.notifier, Some(&ca)).await;
 
-    let http = reqwest::Client::new();
-    let api = format!("http://{api_addr}/api/v1");
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(ca.client_config().expect("client config"))
+        .build()
+        .expect("http client");
+    let api = format!("https://{api_addr}/api/v1");
     let job_state = || {
         let (http, api, token, job) = (http.clone(), api.clone(), token.clone(), job.clone());
         async move {
@@ -709,6 +733,8 @@ async fn composed_services_run_a_job_over_rest() {
                     .await
                     .expect("config json");
                 assert_eq!(config["brokers"][0]["host"], broker_addr.to_string());
+                // The role's own connections (metrics, metaserver) trust the same CA.
+                assert_eq!(config["controlPlaneCa"], ca.pem());
             }
             let reported = http
                 .put(format!("{api}/tasks/{}/status", task.task_id))

@@ -124,10 +124,17 @@ impl Reporter {
     }
 
     /// Starts posting to `{apiserver}/api/v1/tasks/{task_id}/metrics` with bearer `key`.
-    pub fn start(apiserver: &str, task_id: &TaskId, key: Option<String>) -> Reporter {
+    /// An `https://` apiserver's certificate is checked against `ca` (PEM, the task config's
+    /// `controlPlaneCa`) and nothing else; without one, against the system's roots.
+    pub fn start(
+        apiserver: &str,
+        task_id: &TaskId,
+        key: Option<String>,
+        ca: Option<&str>,
+    ) -> Reporter {
         let url = format!("{}/api/v1/tasks/{}/metrics", apiserver.trim_end_matches('/'), task_id);
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let task = tokio::spawn(post_loop(url, key, rx));
+        let task = tokio::spawn(post_loop(url, key, ca.map(str::to_owned), rx));
         Reporter { tx: Some(tx), task: Some(task) }
     }
 
@@ -158,8 +165,24 @@ impl Reporter {
     }
 }
 
-async fn post_loop(url: String, key: Option<String>, mut rx: mpsc::Receiver<MetricRecord>) {
-    let client = match reqwest::Client::builder().timeout(POST_TIMEOUT).build() {
+/// A client for the metrics posts: trusts exactly `ca` when given.
+fn http_client(ca: Option<&str>) -> Result<reqwest::Client, String> {
+    fledge_tls::install_default_provider();
+    let mut builder = reqwest::Client::builder().timeout(POST_TIMEOUT);
+    if let Some(pem) = ca {
+        let ca = fledge_tls::Ca::from_pem(pem, "controlPlaneCa").map_err(|e| e.to_string())?;
+        builder = builder.tls_backend_preconfigured(ca.client_config().map_err(|e| e.to_string())?);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+async fn post_loop(
+    url: String,
+    key: Option<String>,
+    ca: Option<String>,
+    mut rx: mpsc::Receiver<MetricRecord>,
+) {
+    let client = match http_client(ca.as_deref()) {
         Ok(client) => client,
         Err(e) => {
             tracing::warn!(error = %e, "cannot build an http client; metrics will not be posted");
@@ -249,8 +272,12 @@ mod tests {
                 .expect("write");
             String::from_utf8(buf).expect("utf8")
         });
-        let reporter =
-            Reporter::start(&format!("http://{addr}"), &TaskId::from("t1"), Some("k3y".into()));
+        let reporter = Reporter::start(
+            &format!("http://{addr}"),
+            &TaskId::from("t1"),
+            Some("k3y".into()),
+            None,
+        );
         reporter.report(record(1));
         reporter.report(record(2));
         reporter.shutdown(Duration::from_secs(10)).await;
@@ -265,7 +292,7 @@ mod tests {
     #[tokio::test]
     async fn unreachable_control_plane_only_drops() {
         // Port 9 (discard) on loopback is closed here: the POST fails fast.
-        let reporter = Reporter::start("http://127.0.0.1:9", &TaskId::from("t1"), None);
+        let reporter = Reporter::start("http://127.0.0.1:9", &TaskId::from("t1"), None, None);
         reporter.report(record(1));
         reporter.shutdown(Duration::from_secs(10)).await;
         Reporter::disabled().report(record(1));

@@ -131,6 +131,7 @@ impl JobPlan {
             max_run_time: 0,
             control_plane: None,
             metaserver: None,
+            control_plane_ca: None,
         };
         let task = |role: &str,
                     index: usize,

@@ -121,7 +121,12 @@ impl TaskIo {
     /// Opens the reporter and the registry of `config`, then joins every channel of its role.
     pub async fn open(config: TaskConfig, opts: &RunOptions) -> Result<TaskIo> {
         let reporter = match &config.control_plane {
-            Some(cp) => Reporter::start(&cp.apiserver, &config.task_id, opts.task_key.clone()),
+            Some(cp) => Reporter::start(
+                &cp.apiserver,
+                &config.task_id,
+                opts.task_key.clone(),
+                config.control_plane_ca.as_deref(),
+            ),
             None => Reporter::disabled(),
         };
         let registry = registry::for_task(&config, &opts.workdir)?;

@@ -72,6 +72,10 @@ pub struct TaskConfig {
     /// Metaserver endpoint for the `p2p` backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metaserver: Option<String>,
+    /// The control plane's CA (PEM) that the task's own connections to the apiserver and the
+    /// metaserver trust; absent when the control plane serves plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane_ca: Option<String>,
 }
 
 fn v1() -> u32 {
@@ -239,6 +243,7 @@ pub fn build(
         max_run_time: job.spec.max_run_time,
         control_plane: env.apiserver.clone().map(|apiserver| ControlPlaneRef { apiserver }),
         metaserver: env.metaserver.clone(),
+        control_plane_ca: None,
     }
 }
 

@@ -90,6 +90,9 @@ pub struct DeployerOptions {
     /// The `fledge` binary workers use for built-in roles, passed as `FLEDGE_BIN`
     /// (default: none, each fledgelet finds its own).
     pub fledge_bin: Option<PathBuf>,
+    /// The control plane's CA (PEM file) that the deployer trusts for https URLs and passes on
+    /// to every fledgelet (`--ca-file`). Default none: plain http, or the system's roots.
+    pub ca_file: Option<PathBuf>,
     /// Maximum number of workers running at once; more wait in a queue (default 64).
     pub max_workers: usize,
     /// Time between SIGTERM and SIGKILL when revoking a worker (default 15 s; the fledgelet
@@ -126,6 +129,7 @@ impl DeployerOptions {
             work_root,
             fledgelet_bin,
             fledge_bin: None,
+            ca_file: None,
             max_workers: 64,
             stop_grace: Duration::from_secs(15),
             report_backoff: Backoff::default(),
@@ -139,15 +143,30 @@ impl DeployerOptions {
     /// Checks the options and builds a deployer that reports to the apiserver with the API key.
     pub fn build(self) -> Result<Deployer> {
         self.validate()?;
+        let ca = self.trusted_ca()?;
         let client = ComputeClient::new(&self.apiserver, self.compute_id.clone(), &self.api_key)
+            .and_then(|client| client.with_ca(ca.as_ref()))
             .map_err(Error::Client)?;
         self.build_with(Arc::new(client))
     }
 
     /// Checks the options and builds a deployer that reports through `api`.
-    pub fn build_with(self, api: Arc<dyn DeploymentApi>) -> Result<Deployer> {
+    pub fn build_with(mut self, api: Arc<dyn DeploymentApi>) -> Result<Deployer> {
         self.validate()?;
-        Ok(Deployer { opts: self, api })
+        let ca = self.trusted_ca()?;
+        // Absolute, since fledgelets run in their own work dirs.
+        if let Some(path) = &self.ca_file {
+            self.ca_file = Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
+        }
+        Ok(Deployer { opts: self, api, ca })
+    }
+
+    /// The CA of `ca_file`, read and checked.
+    fn trusted_ca(&self) -> Result<Option<fledge_client::Ca>> {
+        self.ca_file
+            .as_ref()
+            .map(|path| fledge_client::trust::load_ca(&self.apiserver, path).map_err(Error::Client))
+            .transpose()
     }
 
     fn validate(&self) -> Result<()> {
@@ -194,6 +213,7 @@ pub type DeployEvents = BoxStream<'static, fledge_client::Result<DeployEvent>>;
 pub struct Deployer {
     opts: DeployerOptions,
     api: Arc<dyn DeploymentApi>,
+    ca: Option<fledge_client::Ca>,
 }
 
 /// One report to the control plane.
@@ -226,6 +246,7 @@ impl Deployer {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let events = fledge_client::notifier::subscribe_compute_with(
             &self.opts.notifier,
+            self.ca.as_ref(),
             &self.opts.compute_id,
             &self.opts.api_key,
             self.opts.reconnect,
@@ -405,6 +426,9 @@ impl Deployer {
             .stderr(stderr);
         if let Some(fledge_bin) = &self.opts.fledge_bin {
             command.env("FLEDGE_BIN", fledge_bin);
+        }
+        if let Some(ca_file) = &self.opts.ca_file {
+            command.env("FLEDGE_CA_FILE", ca_file);
         }
         process::isolate(&mut command);
         let child = command.spawn().map_err(|err| {

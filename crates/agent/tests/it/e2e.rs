@@ -165,6 +165,10 @@ fn start_deployer(
         env!("CARGO_BIN_EXE_fledgelet").into(),
     );
     opts.fledgelet_args = vec!["--heartbeat-interval".into(), "0.5".into()];
+    // The control plane serves TLS with the CA it created: the deployer and every fledgelet
+    // it starts trust exactly that CA.
+    opts.ca_file = control.services.tls.as_ref().and_then(|tls| tls.ca_path.clone());
+    assert!(control.services.endpoints.apiserver.starts_with("https://"));
     opts.reconnect = fledge_client::Reconnect {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(500),

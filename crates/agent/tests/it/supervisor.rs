@@ -24,6 +24,7 @@ fn options(work_dir: &Path) -> SupervisorOptions {
         task_key: "secret-key".into(),
         job_id: JobId::new("j1"),
         apiserver: "http://127.0.0.1:9".into(),
+        ca_pem: None,
     };
     let tools = Tools { python: "python3".into(), fledge_bin: "/nonexistent/fledge".into() };
     let mut opts = SupervisorOptions::new(work_dir.to_owned(), env, tools);

@@ -133,6 +133,7 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
         Command::Config(command) => {
             Err(anyhow::anyhow!("config {command:?} is handled before connecting"))
         }
+        Command::Login(_) => Err(anyhow::anyhow!("login is handled before connecting")),
         Command::Whoami => {
             let user = ctx.client.whoami().await?;
             ctx.show(&user, || output::users(std::slice::from_ref(&user)))

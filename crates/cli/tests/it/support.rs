@@ -13,8 +13,10 @@ use fledge_types::task_config::TaskEnv;
 
 /// A running apiserver over a temp-dir SQLite store.
 pub struct Server {
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://…` for [`Server::start_with_controller`].
     pub base: String,
+    /// The CA fledgectl must trust (the one the services created), when served over TLS.
+    pub ca_file: Option<PathBuf>,
     /// The store behind it (to play the controller).
     pub store: Arc<dyn Store>,
     /// The admin's token.
@@ -40,7 +42,7 @@ impl Server {
         tokio::spawn(api::serve(listener, state, shutdown.clone()));
         let token = api::bootstrap_admin(store.as_ref()).await.unwrap();
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
-        Server { base, store, token, dir, shutdown }
+        Server { base, store, token, dir, shutdown, ca_file: None }
     }
 
     /// Runs the apiserver, the controller and the notifier (`fledge serve` minus the broker)
@@ -62,11 +64,13 @@ impl Server {
         let store = service::open_store(&options).await.unwrap();
         let shutdown = CancellationToken::new();
         let services = service::start(&options, store.clone(), &shutdown).await.unwrap();
-        let base = format!("http://{}", services.addrs.apiserver.unwrap());
+        // Over TLS, as `fledge serve` runs by default, with the CA it created.
+        let base = format!("https://{}", services.addrs.apiserver.unwrap());
+        let ca_file = Some(options.data_dir.join("tls").join("ca.pem"));
         tokio::spawn(services.wait());
         let token = api::bootstrap_admin(store.as_ref()).await.unwrap();
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
-        Server { base, store, token, dir, shutdown }
+        Server { base, store, token, dir, shutdown, ca_file }
     }
 
     /// A path in the scratch directory.
@@ -76,11 +80,13 @@ impl Server {
 
     /// Runs `fledgectl args` as the admin (endpoint and token from the environment).
     pub async fn ctl(&self, args: &[&str]) -> Run {
-        self.ctl_with(
-            args,
-            &[("FLEDGE_ENDPOINT", self.base.as_str()), ("FLEDGE_TOKEN", self.token.as_str())],
-        )
-        .await
+        let mut env =
+            vec![("FLEDGE_ENDPOINT", self.base.as_str()), ("FLEDGE_TOKEN", self.token.as_str())];
+        let ca_file = self.ca_file.as_ref().map(|p| p.display().to_string());
+        if let Some(ca_file) = &ca_file {
+            env.push(("FLEDGE_CA_FILE", ca_file.as_str()));
+        }
+        self.ctl_with(args, &env).await
     }
 
     /// Runs `fledgectl args` with only `env` set (plus an empty HOME).

@@ -385,6 +385,10 @@ pub(super) struct JoinInfo {
     /// The notifier URL agents use, if this apiserver knows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     notifier: Option<String>,
+    /// The SHA-256 fingerprint (`sha256:...`) of the CA agents trust; agents fetch the CA from
+    /// `/api/v1/ca.pem` and check it against this (absent in plain text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_fingerprint: Option<String>,
     /// The job's participant-run tasks in expansion order (empty until the job is expanded,
     /// i.e. started).
     tasks: Vec<Task>,
@@ -419,6 +423,7 @@ async fn join_info(
     Ok(Json(JoinInfo {
         apiserver: state.env.apiserver.clone(),
         notifier: state.notifier_url.clone(),
+        ca_fingerprint: state.ca.as_ref().map(|ca| ca.fingerprint().to_string()),
         tasks,
         keyed,
     }))

@@ -89,6 +89,9 @@ pub struct ApiState {
     /// The notifier's URL as agents reach it, told to agents when they join (`GET
     /// /tasks/{taskId}`) and shown in the join commands of participant-run tasks.
     pub notifier_url: Option<String>,
+    /// The CA clients should trust, served unauthenticated at `/api/v1/ca.pem` (a client
+    /// checks it against the fingerprint it was given) and put into task configs.
+    pub ca: Option<fledge_tls::Ca>,
     metrics: Arc<http_metrics::HttpMetrics>,
 }
 
@@ -125,6 +128,7 @@ impl ApiState {
             env,
             limits,
             notifier_url: None,
+            ca: None,
             metrics: Arc::new(http_metrics::HttpMetrics::default()),
         }
     }
@@ -132,6 +136,13 @@ impl ApiState {
     /// Sets the notifier URL agents are told.
     pub fn with_notifier_url(mut self, url: impl Into<String>) -> Self {
         self.notifier_url = Some(url.into());
+        self
+    }
+
+    /// Sets the CA clients are told to trust (`None`: plain text, or an operator's
+    /// certificate without a CA file).
+    pub fn with_ca(mut self, ca: Option<fledge_tls::Ca>) -> Self {
+        self.ca = ca;
         self
     }
 
@@ -188,7 +199,27 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc
 }
 
-/// The apiserver's router: `/api/v1/...`, `/api/v1/openapi.json`, `/healthz`, `/metrics`.
+/// `GET /api/v1/ca.pem`: the control plane's CA, unauthenticated. A client that does not
+/// trust it yet fetches it over an unverified connection and accepts it only if its SHA-256
+/// matches the fingerprint it was given (`fledgectl login --ca-fingerprint`).
+async fn ca_pem(
+    axum::extract::State(state): axum::extract::State<ApiState>,
+) -> Result<axum::response::Response> {
+    use axum::response::IntoResponse as _;
+    match &state.ca {
+        Some(ca) => Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+            ca.pem().to_owned(),
+        )
+            .into_response()),
+        None => Err(Error::not_found(
+            "this server publishes no CA (plain text, or an operator certificate without tls.ca)",
+        )),
+    }
+}
+
+/// The apiserver's router: `/api/v1/...`, `/api/v1/openapi.json`, `/api/v1/ca.pem`,
+/// `/healthz`, `/metrics`.
 pub fn router(state: ApiState) -> Router {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api_routes())
@@ -201,6 +232,7 @@ pub fn router(state: ApiState) -> Router {
             async move { axum::Json(doc.as_ref().clone()) }
         }),
     )
+    .route("/api/v1/ca.pem", get(ca_pem))
     .route("/healthz", get(|| async { "ok" }))
     .route("/metrics", get(http_metrics::render))
     .fallback(|| async { Error::not_found("no such route; see /api/v1/openapi.json") })
@@ -210,12 +242,26 @@ pub fn router(state: ApiState) -> Router {
     .with_state(state)
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` fires, then drains open requests.
+/// Serves `router(state)` in plain text on `listener` until `shutdown` fires, then drains open
+/// requests.
 pub async fn serve(
     listener: TcpListener,
     state: ApiState,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_on(listener, state, shutdown).await
+}
+
+/// Serves `router(state)` on any listener (plain TCP, or [`crate::tls::TlsListener`]) until
+/// `shutdown` fires, then drains open requests.
+pub async fn serve_on<L>(
+    listener: L,
+    state: ApiState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "apiserver listening");
     axum::serve(listener, router(state))

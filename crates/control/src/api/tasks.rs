@@ -99,7 +99,11 @@ async fn task_config(
         },
         None => None,
     };
-    Ok(Json(fledge_types::task_config::build(&job, &schema, &task, dataset.as_ref(), &state.env)))
+    let mut config =
+        fledge_types::task_config::build(&job, &schema, &task, dataset.as_ref(), &state.env);
+    // The role's own connections to the control plane (metrics, the metaserver) trust this CA.
+    config.control_plane_ca = state.ca.as_ref().map(|ca| ca.pem().to_owned());
+    Ok(Json(config))
 }
 
 /// The folder of `bundle` holding `role`'s code: `<role>/` at the top, or `<top>/<role>/` when

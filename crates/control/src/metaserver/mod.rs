@@ -132,7 +132,7 @@ impl Options {
     /// Builds the metaserver.
     pub fn build(self) -> Result<Metaserver> {
         self.validate()?;
-        Ok(Metaserver { registry: Arc::new(Mutex::new(Registry::new(self))) })
+        Ok(Metaserver { registry: Arc::new(Mutex::new(Registry::new(self))), tls: None })
     }
 }
 
@@ -336,6 +336,7 @@ impl Registry {
 /// The metaserver service: a [`Registry`] behind gRPC.
 pub struct Metaserver {
     registry: Arc<Mutex<Registry>>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 struct Service {
@@ -378,6 +379,12 @@ impl fledge_proto::Metaserver for Service {
 }
 
 impl Metaserver {
+    /// Serves TLS with `tls` (see `crate::tls::ControlTls::tonic`) instead of plain text.
+    pub fn with_tls(mut self, tls: tonic::transport::ServerTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Serves on `listener` until `shutdown`, sweeping expired leases every second.
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
         let addr = listener.local_addr().ok();
@@ -394,7 +401,11 @@ impl Metaserver {
                 registry.lock().unwrap_or_else(|p| p.into_inner()).sweep(Instant::now());
             }
         });
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls).map_err(Error::Serve)?;
+        }
+        builder
             .add_service(MetaserverServer::new(Service { registry: self.registry }))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),

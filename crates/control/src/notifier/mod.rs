@@ -101,6 +101,7 @@ impl Options {
             store,
             keepalive: (self.keepalive_secs > 0)
                 .then(|| std::time::Duration::from_secs(self.keepalive_secs)),
+            tls: None,
         })
     }
 }
@@ -295,9 +296,16 @@ pub struct Notifier {
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
     keepalive: Option<std::time::Duration>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Notifier {
+    /// Serves TLS with `tls` (see `crate::tls::ControlTls::tonic`) instead of plain text.
+    pub fn with_tls(mut self, tls: tonic::transport::ServerTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// A handle to publish events.
     pub fn handle(&self) -> Handle {
         Handle { shared: self.shared.clone() }
@@ -309,7 +317,11 @@ impl Notifier {
         tracing::info!(?addr, "notifier listening");
         let service =
             Service { shared: self.shared, store: self.store, shutdown: shutdown.clone() };
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls).map_err(Error::Serve)?;
+        }
+        builder
             .http2_keepalive_interval(self.keepalive)
             .http2_keepalive_timeout(self.keepalive)
             .add_service(NotifierServer::new(service))

@@ -815,6 +815,10 @@ async fn openapi_health_and_metrics() {
     let anonymous = Client::anonymous(&server.base);
     let (status, body) = anonymous.get("/healthz").await;
     assert_eq!((status, body), (StatusCode::OK, json!("ok")));
+    // The CA is public: served without a token, for clients that check its fingerprint.
+    let (status, pem) = anonymous.get("/api/v1/ca.pem").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(pem.as_str(), Some(crate::support::tls().ca.pem()));
     let (status, doc) = anonymous.get("/api/v1/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
@@ -843,7 +847,7 @@ async fn openapi_health_and_metrics() {
     assert!(text.contains("fledge_apiserver_http_request_duration_seconds_bucket"), "{text}");
 
     // Made-up methods and paths fold into one label each: /metrics does not grow with them.
-    let http = reqwest::Client::new();
+    let http = crate::support::http();
     let made_up = |i: usize| reqwest::Method::from_bytes(format!("M{i}").as_bytes()).unwrap();
     for i in 0..10 {
         http.request(made_up(i), format!("{}/nope/{i}", server.base)).send().await.unwrap();

@@ -1,8 +1,11 @@
 //! A test server and an HTTP client with the helpers the tests share.
+//!
+//! The server serves TLS as a default control plane does, with one CA (made once per test
+//! binary) that the clients trust; so every API test also goes through TLS.
 
 use std::io::{Cursor, Write as _};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -12,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use fledge_control::api::{self, ApiState};
 use fledge_control::controller;
 use fledge_control::store::{BlobStore, JobFilter, SqliteStore, Store};
+use fledge_control::tls::TlsListener;
 use fledge_types::JobId;
 use fledge_types::task_config::{BrokerSpec, TaskEnv};
 
@@ -51,14 +55,20 @@ impl Server {
                 uri: dir.join("registry").display().to_string(),
             },
         };
-        let mut state = ApiState::new(store.clone(), handle, None, env);
+        let tls = tls();
+        let mut state =
+            ApiState::new(store.clone(), handle, None, env).with_ca(Some(tls.ca.clone()));
         state.limits.code_inflated_bytes = INFLATED_LIMIT;
         state.limits.code_entries = ENTRIES_LIMIT;
         state.limits.metric_records_per_task = METRIC_ROWS_LIMIT;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let base = format!("https://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(api::serve(listener, state, shutdown.clone()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            tls.identity.server_config(vec![b"http/1.1".to_vec()]).unwrap(),
+        );
+        let listener = TlsListener::new(listener, acceptor, shutdown.clone()).unwrap();
+        let task = tokio::spawn(api::serve_on(listener, state, shutdown.clone()));
         let token = api::bootstrap_admin(store.as_ref()).await.unwrap();
         let admin = Client::new(&base, &token);
         Server { base, store, admin, woken, shutdown, task }
@@ -108,6 +118,26 @@ impl Server {
     }
 }
 
+/// The CA and server identity every test server of this binary presents.
+pub fn tls() -> &'static fledge_tls::Generated {
+    static TLS: OnceLock<(tempfile::TempDir, fledge_tls::Generated)> = OnceLock::new();
+    let (_, generated) = TLS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let generated = fledge_tls::ensure_dir(dir.path(), &names).unwrap();
+        (dir, generated)
+    });
+    generated
+}
+
+/// An HTTP client that trusts the test CA only.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls().ca.client_config().unwrap())
+        .build()
+        .unwrap()
+}
+
 /// Raw HTTP with one bearer secret.
 #[derive(Clone)]
 pub struct Client {
@@ -118,12 +148,12 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, token: &str) -> Client {
-        Client { http: reqwest::Client::new(), base: base.to_owned(), token: Some(token.into()) }
+        Client { http: http(), base: base.to_owned(), token: Some(token.into()) }
     }
 
     /// A client that sends no Authorization header.
     pub fn anonymous(base: &str) -> Client {
-        Client { http: reqwest::Client::new(), base: base.to_owned(), token: None }
+        Client { http: http(), base: base.to_owned(), token: None }
     }
 
     /// The same credentials against another server.

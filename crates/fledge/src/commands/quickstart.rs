@@ -116,6 +116,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("cannot start the platform")?;
     let client = Client::new(&platform.endpoint, Some(&platform.token))
+        .and_then(|client| client.with_ca(platform.ca.as_ref()))
         .context("cannot build the REST client")?;
 
     let result = submit_and_watch(&client, &args, &mnist_dir, &data_dir, started).await;

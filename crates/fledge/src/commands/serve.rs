@@ -55,11 +55,14 @@ pub struct Args {
     /// Print the effective configuration (TOML) and exit.
     #[arg(long)]
     pub dump_config: bool,
+    /// TLS of the control plane's listeners.
+    #[command(flatten)]
+    pub tls: super::standalone::TlsArgs,
 }
 
 impl Args {
     /// The flags as dotted option overrides, in layer order.
-    fn overrides(&self) -> Vec<(String, String)> {
+    fn overrides(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut res = Vec::new();
         let mut push = |key: &str, value: Option<String>| {
             if let Some(value) = value {
@@ -75,7 +78,8 @@ impl Args {
         push("broker.advertise", self.broker_advertise.clone());
         push("metaserver.listen", self.metaserver_listen.clone());
         push("metaserver.advertise", self.metaserver_advertise.clone());
-        res
+        res.extend(self.tls.overrides()?);
+        Ok(res)
     }
 }
 
@@ -91,11 +95,13 @@ pub fn load_options(
 
 /// Builds the `process` deployer described by `section`. URLs it leaves unset come from
 /// `local` (the services of this process); workers' data goes under `<data_dir>/work` unless
-/// `section.work_root` says otherwise. Workers get this executable as `FLEDGE_BIN`.
+/// `section.work_root` says otherwise. Workers get this executable as `FLEDGE_BIN`, and the
+/// CA of `section.ca_file` (else `local_ca`, this process's) to trust.
 pub fn build_deployer(
     section: &DeployerSection,
     data_dir: &Path,
     local: Option<&Endpoints>,
+    local_ca: Option<&Path>,
 ) -> anyhow::Result<Deployer> {
     let url = |given: &Option<String>, field: &str, pick: fn(&Endpoints) -> &String| {
         given.clone().or_else(|| local.map(|e| pick(e).clone())).ok_or_else(|| {
@@ -121,6 +127,7 @@ pub fn build_deployer(
     // to find.
     (options.fledgelet_bin, options.fledgelet_prefix_args) = super::fledgelet::agent_command()?;
     options.max_workers = section.max_workers;
+    options.ca_file = section.ca_file.clone().or_else(|| local_ca.map(Path::to_path_buf));
     options.fledge_bin = std::env::current_exe().ok();
     tracing::info!(
         compute_id = %section.compute_id,
@@ -133,7 +140,7 @@ pub fn build_deployer(
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
-    let options = load_options(args.config.as_deref(), &env, &args.overrides())?;
+    let options = load_options(args.config.as_deref(), &env, &args.overrides()?)?;
     if args.dump_config {
         #[allow(clippy::print_stdout)]
         {
@@ -145,15 +152,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     service::cancel_on_signal(shutdown.clone());
     if !options.runs_control_plane() {
         // A compute-side process: the deployer alone, no store.
-        let deployer = build_deployer(&options.deployer, &options.data_dir, None)?;
+        let deployer = build_deployer(&options.deployer, &options.data_dir, None, None)?;
         return deployer.run(shutdown).await.context("the deployer failed");
     }
     let store = service::open_store(&options).await?;
     let services =
         service::start(&options, store, &shutdown).await.context("cannot start the services")?;
     if options.runs(ServiceKind::Deployer) {
-        let deployer =
-            build_deployer(&options.deployer, &options.data_dir, Some(&services.endpoints))?;
+        let local_ca = services.tls.as_ref().and_then(|tls| tls.ca_path.clone());
+        let deployer = build_deployer(
+            &options.deployer,
+            &options.data_dir,
+            Some(&services.endpoints),
+            local_ca.as_deref(),
+        )?;
         let token = services.shutdown_token();
         services.spawn("deployer", async move {
             deployer.run(token).await.map_err(anyhow::Error::from)
@@ -168,6 +180,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         metaserver = ?services.addrs.metaserver,
         "fledge serving"
     );
+    if services.addrs.apiserver.is_some()
+        && let Some(login) =
+            super::standalone::login_command(&services.endpoints.apiserver, services.tls.as_ref())
+    {
+        let path = options.data_dir.join("login.txt");
+        std::fs::write(&path, format!("{login}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let fingerprint = services.tls.as_ref().and_then(|tls| tls.fingerprint());
+        #[allow(clippy::print_stdout)]
+        {
+            if let Some(fingerprint) = fingerprint {
+                println!("ca fingerprint: {fingerprint}");
+            }
+            println!("login: {login} --login-token TOKEN");
+        }
+    }
     services.wait().await
 }
 
@@ -194,18 +222,21 @@ mod tests {
             metaserver_listen: None,
             metaserver_advertise: None,
             dump_config: false,
+            tls: Default::default(),
         };
-        let err = load_options(None, &HashMap::new(), &args.overrides()).expect_err("bad flag");
+        let err = load_options(None, &HashMap::new(), &args.overrides().expect("flags"))
+            .expect_err("bad flag");
         assert!(format!("{err:#}").contains("bogus"), "{err:#}");
 
         let section = DeployerSection { api_key: Some("k".to_owned()), ..Default::default() };
-        let err = build_deployer(&section, Path::new("/tmp"), None).err().expect("no URLs");
+        let err = build_deployer(&section, Path::new("/tmp"), None, None).err().expect("no URLs");
         assert!(err.is::<UsageError>());
         assert!(err.to_string().contains("deployer.apiserver"), "{err}");
         let local = Endpoints {
             apiserver: "http://127.0.0.1:1".to_owned(),
             notifier: "http://127.0.0.1:2".to_owned(),
         };
-        build_deployer(&section, Path::new("/tmp"), Some(&local)).expect("local URLs suffice");
+        build_deployer(&section, Path::new("/tmp"), Some(&local), None)
+            .expect("local URLs suffice");
     }
 }

@@ -1,9 +1,15 @@
 //! `fledge standalone`: every service in one process on loopback, a SQLite store in one data
 //! directory, an embedded broker and a compute `default`: zero external services.
 //!
-//! On start it creates an admin token and writes it with the apiserver's endpoint into
-//! `fledgectl`'s config file (`$FLEDGE_CONFIG`, else `~/.fledge/config.yaml`; other keys of the
-//! file are kept), prints both, then prints `ready` once every listener is up.
+//! The apiserver, notifier and metaserver serve TLS: a CA and a server certificate are created
+//! in `<data_dir>/tls` on first start and reused after (or the operator's `--tls-cert`,
+//! `--tls-key`, `--tls-ca`); `--insecure` serves plain text (loopback only).
+//!
+//! On start it creates an admin token and writes it with the apiserver's endpoint and the CA
+//! into `fledgectl`'s config file (`$FLEDGE_CONFIG`, else `~/.fledge/config.yaml`; other keys of
+//! the file are kept), prints both and a `fledgectl login` command carrying the CA's
+//! fingerprint (also written to `<data_dir>/login.txt`), then prints `ready` once every
+//! listener is up.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use fledge_control::config::DeployerSection;
 use fledge_control::service::{self, BoundAddrs, Services};
 use fledge_control::store;
+use fledge_control::tls::ControlTls;
 use fledge_types::{ComputeId, ComputeSpec};
 
 use super::UsageError;
@@ -43,6 +50,56 @@ pub struct Args {
     /// Print the effective configuration (TOML) and exit.
     #[arg(long)]
     pub dump_config: bool,
+    /// TLS of the control plane's listeners.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS flags shared by `fledge standalone` and `fledge serve`.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct TlsArgs {
+    /// Serve the apiserver, notifier and metaserver in plain text. Refused when one of them
+    /// listens on a non-loopback address.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    pub insecure: bool,
+    /// Your own server certificate chain (PEM) instead of the one issued by the CA that
+    /// `<data_dir>/tls` holds.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) clients should trust for --tls-cert (served at /api/v1/ca.pem).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The flags as dotted option overrides.
+    pub fn overrides(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut res = Vec::new();
+        if self.insecure {
+            res.push(("tls.insecure".to_owned(), "true".to_owned()));
+        }
+        for (key, path) in
+            [("tls.cert", &self.tls_cert), ("tls.key", &self.tls_key), ("tls.ca", &self.tls_ca)]
+        {
+            if let Some(path) = path {
+                // Absolute, so that a relative path means the same from every directory.
+                let path = std::path::absolute(path)
+                    .map_err(|err| UsageError(format!("{key} {}: {err}", path.display())))?;
+                res.push((key.to_owned(), path.display().to_string()));
+            }
+        }
+        Ok(res)
+    }
+}
+
+/// The line that lets another machine trust this control plane without copying files:
+/// `fledgectl login --server URL --ca-fingerprint sha256:...`.
+pub fn login_command(endpoint: &str, tls: Option<&ControlTls>) -> Option<String> {
+    let fingerprint = tls?.fingerprint()?;
+    Some(format!("fledgectl login --server {endpoint} --ca-fingerprint {fingerprint}"))
 }
 
 impl Args {
@@ -62,7 +119,7 @@ impl Args {
             .map_err(|err| UsageError(format!("--data-dir {}: {err}", self.data_dir.display())))?;
         let store_url = format!("sqlite://{}", data_dir.join("fledge.db").display());
         let data_dir = data_dir.display().to_string();
-        Ok(vec![
+        let mut res = vec![
             ("services".to_owned(), "broker,metaserver,notifier,controller,apiserver".to_owned()),
             ("data_dir".to_owned(), data_dir.clone()),
             ("store_url".to_owned(), store_url),
@@ -70,7 +127,9 @@ impl Args {
             ("notifier.listen".to_owned(), port(1)?),
             ("broker.listen".to_owned(), port(2)?),
             ("metaserver.listen".to_owned(), port(3)?),
-        ])
+        ];
+        res.extend(self.tls.overrides()?);
+        Ok(res)
     }
 }
 
@@ -85,6 +144,7 @@ impl Args {
             cli_config: None,
             no_deployer: false,
             dump_config: false,
+            tls: TlsArgs::default(),
         }
     }
 }
@@ -95,6 +155,10 @@ pub struct Platform {
     pub endpoint: String,
     /// An admin token for it.
     pub token: String,
+    /// The CA its clients trust (`None` under `--insecure`).
+    pub ca: Option<fledge_client::Ca>,
+    /// `fledgectl login ...` with the CA's fingerprint, when there is a CA.
+    pub login: Option<String>,
     /// Where each service listens.
     pub addrs: BoundAddrs,
     services: Services,
@@ -129,8 +193,15 @@ pub async fn launch(args: &Args, cli_config: Option<&Path>) -> anyhow::Result<Pl
     let token = fledge_control::api::bootstrap_admin(store.as_ref())
         .await
         .context("cannot create the admin token")?;
+    let ca = services.tls.as_ref().and_then(|tls| tls.ca.clone());
     if let Some(path) = cli_config {
-        write_cli_config(path, &endpoint, &token)?;
+        write_cli_config(path, &endpoint, &token, ca.as_ref())?;
+    }
+    let login = login_command(&endpoint, services.tls.as_ref());
+    if let Some(login) = &login {
+        let path = options.data_dir.join("login.txt");
+        std::fs::write(&path, format!("{login}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let api_key = register_default_compute(store.as_ref()).await?;
     if args.no_deployer {
@@ -138,7 +209,7 @@ pub async fn launch(args: &Args, cli_config: Option<&Path>) -> anyhow::Result<Pl
     } else {
         start_deployer(&services, &options.data_dir, api_key)?;
     }
-    Ok(Platform { endpoint, token, addrs: services.addrs.clone(), services })
+    Ok(Platform { endpoint, token, ca, login, addrs: services.addrs.clone(), services })
 }
 
 /// Runs the subcommand.
@@ -173,6 +244,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     {
         println!("endpoint: {}", platform.endpoint);
         println!("token: {}", platform.token);
+        if let Some(ca) = &platform.ca {
+            println!("ca fingerprint: {}", ca.fingerprint());
+        }
+        if let Some(login) = &platform.login {
+            println!("login from elsewhere: {login} --login-token TOKEN");
+        }
         println!("fledgectl config: {}", cli_config.display());
         println!("ready");
     }
@@ -209,17 +286,26 @@ fn start_deployer(services: &Services, data_dir: &Path, api_key: String) -> anyh
     let section = DeployerSection {
         compute_id: DEFAULT_COMPUTE.to_owned(),
         api_key: Some(api_key),
+        // Workers trust the CA this process created (or the operator's --tls-ca).
+        ca_file: services.tls.as_ref().and_then(|tls| tls.ca_path.clone()),
         ..DeployerSection::default()
     };
-    let deployer = super::serve::build_deployer(&section, data_dir, Some(&services.endpoints))?;
+    let deployer =
+        super::serve::build_deployer(&section, data_dir, Some(&services.endpoints), None)?;
     let token = services.shutdown_token();
     services
         .spawn("deployer", async move { deployer.run(token).await.map_err(anyhow::Error::from) });
     Ok(())
 }
 
-/// Sets `endpoint` and `token` in the YAML file at `path`, keeping its other keys.
-pub fn write_cli_config(path: &Path, endpoint: &str, token: &str) -> anyhow::Result<()> {
+/// Sets `endpoint`, `token` and `ca` (PEM; removed when `None`) in the YAML file at `path`,
+/// keeping its other keys.
+pub fn write_cli_config(
+    path: &Path,
+    endpoint: &str,
+    token: &str,
+    ca: Option<&fledge_client::Ca>,
+) -> anyhow::Result<()> {
     let mut doc = match std::fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => serde_norway::from_str::<serde_norway::Value>(&text)
             .with_context(|| format!("{} is not valid YAML", path.display()))?,
@@ -234,6 +320,15 @@ pub fn write_cli_config(path: &Path, endpoint: &str, token: &str) -> anyhow::Res
         .with_context(|| format!("{} is not a YAML mapping", path.display()))?;
     map.insert("endpoint".into(), endpoint.into());
     map.insert("token".into(), token.into());
+    map.remove("caFile");
+    match ca {
+        Some(ca) => {
+            map.insert("ca".into(), ca.pem().into());
+        }
+        None => {
+            map.remove("ca");
+        }
+    }
     let text = serde_norway::to_string(&doc).context("cannot render the fledgectl config")?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -259,17 +354,18 @@ mod tests {
     fn cli_config_keeps_other_keys_and_rejects_non_mappings() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub").join("config.yaml");
-        write_cli_config(&path, "http://127.0.0.1:1", "t1").expect("fresh file");
-        std::fs::write(&path, "output: json\nendpoint: old\n").expect("seed");
-        write_cli_config(&path, "http://127.0.0.1:2", "t2").expect("update");
+        write_cli_config(&path, "http://127.0.0.1:1", "t1", None).expect("fresh file");
+        std::fs::write(&path, "output: json\nendpoint: old\nca: stale\n").expect("seed");
+        write_cli_config(&path, "http://127.0.0.1:2", "t2", None).expect("update");
         let doc: serde_norway::Value =
             serde_norway::from_str(&std::fs::read_to_string(&path).expect("read")).expect("yaml");
         assert_eq!(doc["output"].as_str(), Some("json"));
         assert_eq!(doc["endpoint"].as_str(), Some("http://127.0.0.1:2"));
         assert_eq!(doc["token"].as_str(), Some("t2"));
+        assert!(doc.get("ca").is_none(), "a plain-text endpoint keeps no stale CA");
 
         std::fs::write(&path, "- a\n- b\n").expect("seed list");
-        let err = write_cli_config(&path, "e", "t").expect_err("a list is not a config");
+        let err = write_cli_config(&path, "e", "t", None).expect_err("a list is not a config");
         assert!(err.to_string().contains("not a YAML mapping"), "{err}");
     }
 
@@ -282,6 +378,7 @@ mod tests {
             cli_config: None,
             no_deployer: true,
             dump_config: false,
+            tls: TlsArgs::default(),
         };
         let overrides = args.overrides().expect("valid port");
         let get = |key: &str| overrides.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());

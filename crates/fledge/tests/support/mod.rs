@@ -90,6 +90,24 @@ impl Platform {
         }
     }
 
+    /// The platform's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The CA the platform created in its data directory on start (its clients trust it).
+    pub fn ca(&self) -> fledge_client::Ca {
+        fledge_client::Ca::load(&self.data_dir().join("tls").join("ca.pem")).unwrap()
+    }
+
+    /// A REST client for the platform, trusting its CA.
+    pub fn client(&self) -> fledge_client::Client {
+        fledge_client::Client::new(&self.endpoint, Some(&self.token))
+            .unwrap()
+            .with_ca(Some(&self.ca()))
+            .unwrap()
+    }
+
     /// A scratch directory that lives as long as the platform.
     pub fn scratch(&self) -> &Path {
         self.dir.path()
@@ -134,7 +152,7 @@ impl Platform {
 
     /// The job, its tasks and its metric records, through the REST API.
     pub async fn job(&self, id: &str) -> (Job, Vec<Task>, Vec<MetricRecord>) {
-        let client = fledge_client::Client::new(&self.endpoint, Some(&self.token)).unwrap();
+        let client = self.client();
         let id = id.into();
         let job = client.get_job(&id).await.unwrap();
         let tasks = client.list_tasks(&id).await.unwrap();
