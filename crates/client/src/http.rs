@@ -167,13 +167,14 @@ fn tls_failure(err: &reqwest::Error) -> Option<String> {
         if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
             return Some(tls.to_string());
         }
-        // `io::Error::source` skips the error it wraps, so look inside.
-        if let Some(tls) = cause
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls.to_string());
+        // `io::Error::source` skips the error it wraps, and hyper wraps the handshake's
+        // io::Error in another one: look inside every layer.
+        let mut inner = cause.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        while let Some(wrapped) = inner {
+            if let Some(tls) = wrapped.downcast_ref::<rustls::Error>() {
+                return Some(tls.to_string());
+            }
+            inner = wrapped.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
         }
         source = cause.source();
     }
