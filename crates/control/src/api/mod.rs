@@ -69,6 +69,10 @@ pub struct ApiState {
     /// The notifier's URL as agents reach it, told to agents when they join (`GET
     /// /tasks/{taskId}`) and shown in the join commands of participant-run tasks.
     pub notifier_url: Option<String>,
+    /// Broker logins written into task configs, when the brokers authenticate clients.
+    pub broker_credentials: Option<crate::broker_auth::BrokerCredentials>,
+    /// The Mosquitto provisioned with each task's login before its config is served.
+    pub mosquitto: Option<crate::mosquitto::Provisioner>,
     metrics: Arc<http_metrics::HttpMetrics>,
 }
 
@@ -97,8 +101,22 @@ impl ApiState {
             env,
             limits,
             notifier_url: None,
+            broker_credentials: None,
+            mosquitto: None,
             metrics: Arc::new(http_metrics::HttpMetrics::default()),
         }
+    }
+
+    /// Writes each task's broker login ([`crate::broker_auth`]) into its config.
+    pub fn with_broker_credentials(mut self, creds: crate::broker_auth::BrokerCredentials) -> Self {
+        self.broker_credentials = Some(creds);
+        self
+    }
+
+    /// Provisions each task's login on `mosquitto` before serving its config.
+    pub fn with_mosquitto(mut self, mosquitto: crate::mosquitto::Provisioner) -> Self {
+        self.mosquitto = Some(mosquitto);
+        self
     }
 
     /// Sets the notifier URL agents are told.

@@ -99,7 +99,21 @@ async fn task_config(
         },
         None => None,
     };
-    Ok(Json(fledge_types::task_config::build(&job, &schema, &task, dataset.as_ref(), &state.env)))
+    let mut config =
+        fledge_types::task_config::build(&job, &schema, &task, dataset.as_ref(), &state.env);
+    if let Some(creds) = &state.broker_credentials {
+        creds.fill(&mut config);
+    }
+    if let Some(mosquitto) = &state.mosquitto {
+        mosquitto.ensure_task(&task).await.map_err(|err| {
+            tracing::error!(task = %task.task_id, %err, "cannot provision the task's broker login");
+            Error::new(
+                fledge_types::ErrorCode::Unavailable,
+                format!("cannot provision task {}'s broker login yet: {err}", task.task_id),
+            )
+        })?;
+    }
+    Ok(Json(config))
 }
 
 /// The folder of `bundle` holding `role`'s code: `<role>/` at the top, or `<top>/<role>/` when

@@ -52,6 +52,10 @@ pub struct Args {
     /// Metaserver URL written into task configs (e.g. one run by another `fledge serve`).
     #[arg(long, value_name = "URL")]
     pub metaserver_advertise: Option<String>,
+    /// A Mosquitto to provision with task logins and ACLs through its dynamic-security plugin
+    /// (`mqtt://host:port`; the admin password comes from `FLEDGE_MOSQUITTO_ADMIN_PASSWORD`).
+    #[arg(long, value_name = "URL")]
+    pub mosquitto_admin_url: Option<String>,
     /// Print the effective configuration (TOML) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -75,6 +79,7 @@ impl Args {
         push("broker.advertise", self.broker_advertise.clone());
         push("metaserver.listen", self.metaserver_listen.clone());
         push("metaserver.advertise", self.metaserver_advertise.clone());
+        push("mosquitto.admin_url", self.mosquitto_admin_url.clone());
         res
     }
 }
@@ -193,6 +198,7 @@ mod tests {
             broker_advertise: None,
             metaserver_listen: None,
             metaserver_advertise: None,
+            mosquitto_admin_url: None,
             dump_config: false,
         };
         let err = load_options(None, &HashMap::new(), &args.overrides()).expect_err("bad flag");
