@@ -1,5 +1,13 @@
 //! The embedded MQTT broker (feature `broker`): rumqttd, configured in code, no TLS.
 //!
+//! With [`BrokerOptions::auth`] set, a client must present a username and password that the
+//! given check accepts (the control plane admits only the credentials it issued to tasks of
+//! live jobs, see `fledge_control::broker_auth`); a client without credentials or with refused
+//! ones is disconnected before it can subscribe or publish. rumqttd has no topic ACLs, so an
+//! admitted client can reach every topic: isolation between jobs on the embedded broker comes
+//! from the data plane's own message authentication, not from the broker. Without `auth`
+//! (local runs and tests in one process) the broker is anonymous.
+//!
 //! rumqttd can neither report the port it bound nor stop. So the broker listens on an internal
 //! loopback port, and a small TCP relay owned by [`BrokerHandle`] listens on the address the
 //! caller asked for (port 0 works: [`BrokerHandle::addr`] has the real one). Shutting the handle
@@ -8,7 +16,10 @@
 //! router threads themselves stay parked until the process exits (a few idle threads per broker).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -19,9 +30,48 @@ use tokio_util::sync::CancellationToken;
 use crate::mqtt::DEFAULT_CHUNK_SIZE;
 use crate::shared::{Error, Result};
 
-/// Broker sizing. The defaults carry [`DEFAULT_CHUNK_SIZE`] chunks with room to spare.
+/// Longest username or password the broker passes to [`BrokerAuth`], in bytes; longer ones are
+/// refused without asking it.
+pub const MAX_CREDENTIAL_BYTES: usize = 1024;
+
+/// Username of the broker's own readiness probe (it connects to the internal port).
+const PROBE_USERNAME: &str = "fledge-broker-probe";
+
+type AuthFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// Decides whether a client presenting `(username, password)` may connect.
+#[derive(Clone)]
+pub struct BrokerAuth(Arc<dyn Fn(String, String) -> AuthFuture + Send + Sync>);
+
+impl BrokerAuth {
+    /// A check run for every CONNECT that carries credentials; `true` admits the client.
+    pub fn new<F, Fut>(check: F) -> BrokerAuth
+    where
+        F: Fn(String, String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
+        BrokerAuth(Arc::new(move |user, pass| Box::pin(check(user, pass))))
+    }
+}
+
+impl std::fmt::Debug for BrokerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BrokerAuth(<check>)")
+    }
+}
+
+/// Equality of two secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Broker sizing and admission. The defaults carry [`DEFAULT_CHUNK_SIZE`] chunks with room to
+/// spare and admit anonymous clients.
 #[derive(Clone, Debug)]
 pub struct BrokerOptions {
+    /// Who may connect: `None` admits anyone (one-process runs and tests); `Some` admits only
+    /// clients whose username and password the check accepts.
+    pub auth: Option<BrokerAuth>,
     /// Largest publish payload accepted, in bytes. Default 2 × 4 MiB + 64 KiB.
     pub max_payload_size: usize,
     /// Unacknowledged QoS 1 publishes per connection. Default 1000.
@@ -40,6 +90,7 @@ pub struct BrokerOptions {
 impl Default for BrokerOptions {
     fn default() -> Self {
         BrokerOptions {
+            auth: None,
             max_payload_size: 2 * DEFAULT_CHUNK_SIZE + (64 << 10),
             max_inflight_count: 1000,
             max_connections: 10_000,
@@ -93,8 +144,8 @@ fn io(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { context: context.to_owned(), source }
 }
 
-fn rumqttd_config(internal: SocketAddr, opts: &BrokerOptions) -> rumqttd::Config {
-    let connections = rumqttd::ConnectionSettings {
+fn rumqttd_config(internal: SocketAddr, opts: &BrokerOptions, probe: &str) -> rumqttd::Config {
+    let mut connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: opts.max_payload_size,
         max_inflight_count: opts.max_inflight_count,
@@ -102,6 +153,27 @@ fn rumqttd_config(internal: SocketAddr, opts: &BrokerOptions) -> rumqttd::Config
         external_auth: None,
         dynamic_filters: true,
     };
+    if let Some(auth) = opts.auth.clone() {
+        let probe = probe.to_owned();
+        connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
+            let auth = auth.clone();
+            let probe = probe.clone();
+            async move {
+                if user.len() > MAX_CREDENTIAL_BYTES || pass.len() > MAX_CREDENTIAL_BYTES {
+                    tracing::warn!(%client_id, "mqtt client refused: credentials too long");
+                    return false;
+                }
+                if user == PROBE_USERNAME {
+                    return same_secret(&pass, &probe);
+                }
+                let admitted = (auth.0)(user.clone(), pass).await;
+                if !admitted {
+                    tracing::warn!(%client_id, username = %user, "mqtt client refused: bad credentials");
+                }
+                admitted
+            }
+        });
+    }
     let server = rumqttd::ServerSettings {
         name: "fledge-v4".to_owned(),
         listen: internal,
@@ -143,7 +215,9 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
             StdListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("reserve internal port"))?;
         probe.local_addr().map_err(io("read internal port"))?
     };
-    let config = rumqttd_config(internal, &opts);
+    // The probe's own credential, good for this broker only.
+    let probe_secret = format!("{:032x}", rand::random::<u128>());
+    let config = rumqttd_config(internal, &opts, &probe_secret);
     thread::Builder::new()
         .name("fledge-broker".to_owned())
         .spawn(move || {
@@ -153,7 +227,7 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
             }
         })
         .map_err(io("spawn broker thread"))?;
-    wait_listening(internal)?;
+    wait_listening(internal, &probe_secret)?;
 
     let cancel = CancellationToken::new();
     let relay_cancel = cancel.clone();
@@ -172,25 +246,34 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
 /// Waits until rumqttd answers an MQTT CONNECT on `internal` (it binds on its own thread).
 /// A full CONNECT/CONNACK/DISCONNECT exchange checks the router too, and unlike a bare TCP
 /// probe it does not make rumqttd log a connect error.
-fn wait_listening(internal: SocketAddr) -> Result<()> {
+fn wait_listening(internal: SocketAddr, probe_secret: &str) -> Result<()> {
     use backon::{BlockingRetryable as _, ConstantBuilder};
     // Up to 5 s: 200 probes 25 ms apart.
     let schedule =
         ConstantBuilder::default().with_delay(Duration::from_millis(25)).with_max_times(200);
-    (|| probe(internal)).retry(schedule).sleep(thread::sleep).call().map_err(|source| Error::Io {
-        context: format!("embedded broker did not answer on {internal}"),
-        source,
-    })
+    (|| probe(internal, probe_secret)).retry(schedule).sleep(thread::sleep).call().map_err(
+        |source| Error::Io {
+            context: format!("embedded broker did not answer on {internal}"),
+            source,
+        },
+    )
 }
 
-fn probe(internal: SocketAddr) -> std::io::Result<()> {
+fn probe(internal: SocketAddr, probe_secret: &str) -> std::io::Result<()> {
     use std::io::{Read, Write};
     const CLIENT_ID: &[u8] = b"fledge-probe";
-    let mut connect = vec![0x10, (10 + 2 + CLIENT_ID.len()) as u8];
-    // Protocol "MQTT" level 4, clean session, keep-alive 10 s.
-    connect.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x0a]);
-    connect.extend_from_slice(&(CLIENT_ID.len() as u16).to_be_bytes());
-    connect.extend_from_slice(CLIENT_ID);
+    let field = |out: &mut Vec<u8>, bytes: &[u8]| {
+        out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+        out.extend_from_slice(bytes);
+    };
+    // Protocol "MQTT" level 4, clean session, username and password, keep-alive 10 s.
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xc2, 0x00, 0x0a];
+    field(&mut body, CLIENT_ID);
+    field(&mut body, PROBE_USERNAME.as_bytes());
+    field(&mut body, probe_secret.as_bytes());
+    // The probe's CONNECT is well under 128 bytes: a one-byte remaining length.
+    let mut connect = vec![0x10, body.len() as u8];
+    connect.extend_from_slice(&body);
     let mut stream = std::net::TcpStream::connect_timeout(&internal, Duration::from_millis(200))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.write_all(&connect)?;

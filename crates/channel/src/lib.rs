@@ -33,6 +33,6 @@ pub use channel::{
 };
 pub use local::LocalHub;
 pub use manager::{BackendEnv, ChannelManager};
-pub use mqtt::MqttConfig;
+pub use mqtt::{MqttConfig, MqttCredentials};
 pub use p2p::P2pConfig;
 pub use wire::{Dtype, Kind, Message, Tensor, Tensors};

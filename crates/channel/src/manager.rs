@@ -7,7 +7,7 @@ use fledge_types::{Backend as BackendKind, ChannelSpec, TaskConfig};
 
 use crate::channel::{Backend, Channel, ChannelOptions, Error, Result};
 use crate::local::LocalHub;
-use crate::mqtt::MqttConfig;
+use crate::mqtt::{MqttConfig, MqttCredentials};
 use crate::p2p::P2pConfig;
 use crate::wire;
 
@@ -68,7 +68,17 @@ fn broker_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> Resul
             .to_owned(),
     })?;
     let parsed = MqttConfig::parse(host)?;
-    Ok(MqttConfig { host: parsed.host, port: parsed.port, ..env.mqtt.clone() })
+    // The login issued for this broker, if the config carries one: never sent to a broker
+    // other than the one it was issued for.
+    let credentials = config.brokers.iter().find(|b| b.host == host).and_then(|b| {
+        Some(MqttCredentials { username: b.username.clone()?, password: b.password.clone()? })
+    });
+    Ok(MqttConfig {
+        host: parsed.host,
+        port: parsed.port,
+        credentials: credentials.or_else(|| env.mqtt.credentials.clone()),
+        ..env.mqtt.clone()
+    })
 }
 
 /// Where a `p2p` channel's metaserver is: the task config's `metaserver`.

@@ -66,6 +66,27 @@ pub struct MqttConfig {
     pub liveness_timeout: Duration,
     /// How long `open` waits for the broker. Default 10 s.
     pub connect_timeout: Duration,
+    /// Username and password presented at CONNECT (the task's broker credential); `None`
+    /// connects anonymously.
+    pub credentials: Option<MqttCredentials>,
+}
+
+/// A broker login. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MqttCredentials {
+    /// MQTT username.
+    pub username: String,
+    /// MQTT password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for MqttCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttCredentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 impl MqttConfig {
@@ -79,6 +100,7 @@ impl MqttConfig {
             heartbeat: Duration::from_secs(1),
             liveness_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            credentials: None,
         }
     }
 
@@ -130,6 +152,18 @@ impl MqttConfig {
     }
 }
 
+/// The topic prefix of every channel of job `job`: `fledge/<job>` (escaped). Everything a job
+/// sends goes under it, as `<prefix>/<channel>/<group>/{data/<end>, bcast/<role>,
+/// presence/<role>/<end>}`; broker ACLs (see `fledge_control::mosquitto`) are written against it.
+pub fn job_topic_prefix(job: &str) -> String {
+    format!("fledge/{}", escape(job))
+}
+
+/// A topic segment for `id` as ends write it (`/`, `+`, `#`, `%` and NUL escaped).
+pub fn topic_segment(id: &str) -> String {
+    escape(id)
+}
+
 /// Escapes a topic segment so that ids cannot add levels or wildcards.
 fn escape(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
@@ -177,8 +211,8 @@ impl Topics {
     fn new(shared: &Shared) -> Topics {
         let o = &shared.opts;
         let prefix = format!(
-            "fledge/{}/{}/{}",
-            escape(o.job.as_str()),
+            "{}/{}/{}",
+            job_topic_prefix(o.job.as_str()),
             escape(&o.channel),
             escape(&o.group)
         );
@@ -357,13 +391,16 @@ impl MqttEnd {
             .set_keep_alive(config.keep_alive)
             .set_clean_session(true)
             .set_max_packet_size(config.chunk_size + PACKET_SLACK, config.chunk_size + PACKET_SLACK)
-            .set_inflight(32)
-            .set_last_will(LastWill::new(
-                topics.my_presence.clone(),
-                Vec::new(),
-                QoS::AtLeastOnce,
-                true,
-            ));
+            .set_inflight(32);
+        if let Some(login) = &config.credentials {
+            options.set_credentials(login.username.clone(), login.password.clone());
+        }
+        options.set_last_will(LastWill::new(
+            topics.my_presence.clone(),
+            Vec::new(),
+            QoS::AtLeastOnce,
+            true,
+        ));
         let (client, eventloop) = AsyncClient::new(options, 64);
         let (ready, mut ready_rx) = watch::channel(Ok(false));
         let ctx = Arc::new(Ctx {

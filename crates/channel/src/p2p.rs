@@ -77,6 +77,19 @@ pub struct P2pConfig {
     /// The CA (PEM) an `https://` metaserver's certificate is checked against (the task
     /// config's `controlPlaneCa`); only that CA is trusted.
     pub metaserver_ca: Option<String>,
+    /// This end's task key (`FLEDGE_TASK_KEY`), presented to the metaserver with the end's task
+    /// id on every request; an authenticating metaserver refuses requests without it.
+    pub task_key: Option<TaskKey>,
+}
+
+/// A task key. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TaskKey(pub String);
+
+impl std::fmt::Debug for TaskKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TaskKey(<redacted>)")
+    }
 }
 
 impl Default for P2pConfig {
@@ -98,6 +111,7 @@ impl P2pConfig {
             liveness_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             metaserver_ca: None,
+            task_key: None,
         }
     }
 
@@ -135,6 +149,13 @@ impl P2pConfig {
         }
         if self.heartbeat.is_zero() {
             problems.push("heartbeat is 0".to_owned());
+        }
+        if let Some(key) = &self.task_key
+            && (key.0.is_empty()
+                || key.0.len() > 1024
+                || !key.0.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            problems.push("task_key is not 1 to 1024 printable ASCII characters".to_owned());
         }
         if self.liveness_timeout <= self.heartbeat {
             problems.push(format!(
@@ -185,6 +206,21 @@ impl Ctx {
         }
     }
 
+    /// `body` with this end's credentials as metadata, when it has a task key.
+    fn authorized<T>(&self, body: T) -> Request<T> {
+        let mut request = Request::new(body);
+        if let Some(key) = &self.config.task_key {
+            // Both were checked to be valid metadata when the end opened.
+            if let (Ok(bearer), Ok(me)) =
+                (format!("Bearer {}", key.0).parse(), self.shared.opts.me.as_str().parse())
+            {
+                request.metadata_mut().insert("authorization", bearer);
+                request.metadata_mut().insert(fledge_proto::TASK_ID_METADATA, me);
+            }
+        }
+        request
+    }
+
     async fn register(&self) -> Result<()> {
         let o = &self.shared.opts;
         let request = RegisterRequest {
@@ -194,7 +230,7 @@ impl Ctx {
             props_json: serde_json::Value::Object(o.props.clone()).to_string(),
             lease_ms: u32::try_from(self.config.liveness_timeout.as_millis()).unwrap_or(u32::MAX),
         };
-        self.meta.clone().register(request).await.map_err(|s| {
+        self.meta.clone().register(self.authorized(request)).await.map_err(|s| {
             p2p_error(
                 format!("register with metaserver {}", self.config.metaserver),
                 status_reason(&s),
@@ -204,7 +240,7 @@ impl Ctx {
     }
 
     async fn deregister(&self) -> Result<()> {
-        self.meta.clone().deregister(self.end_key()).await.map_err(|s| {
+        self.meta.clone().deregister(self.authorized(self.end_key())).await.map_err(|s| {
             p2p_error(
                 format!("deregister from metaserver {}", self.config.metaserver),
                 status_reason(&s),
@@ -226,7 +262,7 @@ impl Ctx {
             group: o.group.clone(),
             role: o.peer_role.clone(),
         };
-        let listed = match self.meta.clone().peers(request).await {
+        let listed = match self.meta.clone().peers(self.authorized(request)).await {
             Ok(res) => res.into_inner().peers,
             Err(status) => {
                 // Without answers for a whole lease we cannot vouch for anyone.

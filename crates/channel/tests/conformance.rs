@@ -534,6 +534,52 @@ mod broker_only {
         drop(broker);
     }
 
+    /// A broker with `auth` admits only logins the check accepts: an anonymous client or a
+    /// wrong password never joins, so it can neither see nor send anything.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn an_authenticating_broker_admits_only_accepted_logins() {
+        use fledge_channel::MqttCredentials;
+        use fledge_channel::broker::{BrokerAuth, BrokerOptions, start_embedded_broker_with};
+        let auth = BrokerAuth::new(|user: String, pass: String| async move {
+            user == "job/agg" && pass == "secret"
+        });
+        let options = BrokerOptions { auth: Some(auth), ..BrokerOptions::default() };
+        let broker = start_embedded_broker_with((std::net::Ipv4Addr::LOCALHOST, 0).into(), options)
+            .expect("start");
+        let anonymous = fast_liveness(MqttConfig::new("127.0.0.1", broker.addr().port()));
+        let login = |user: &str, pass: &str| MqttConfig {
+            credentials: Some(MqttCredentials {
+                username: user.to_owned(),
+                password: pass.to_owned(),
+            }),
+            ..anonymous.clone()
+        };
+        let job = unique_job();
+        let opts = |me: &str, role: &str, peer: &str| {
+            ChannelOptions::new(job.as_str(), "param", "default", me, role, peer)
+        };
+        let agg = Channel::open(
+            opts("agg", "aggregator", "trainer"),
+            Backend::Mqtt(login("job/agg", "secret")),
+        )
+        .await
+        .expect("the accepted login joins");
+        for (what, config) in [
+            ("anonymous", anonymous.clone()),
+            ("wrong password", login("job/agg", "guess")),
+            ("right password, other user", login("job/t0", "secret")),
+        ] {
+            // A refused client retries until its connect timeout: keep that short.
+            let config = MqttConfig { connect_timeout: Duration::from_secs(2), ..config };
+            let refused = Channel::open(opts("t0", "trainer", "aggregator"), Backend::Mqtt(config))
+                .await
+                .err();
+            assert!(refused.is_some(), "{what}: a client without the login joined");
+        }
+        assert!(agg.ends().is_empty(), "no refused client was ever seen: {:?}", agg.ends());
+        drop(agg);
+    }
+
     #[test]
     fn busy_address_is_an_error() {
         let broker =

@@ -269,6 +269,47 @@ pub struct TlsSection {
     pub names: Vec<String>,
 }
 
+/// A Mosquitto that `fledge` provisions with task logins and topic ACLs through its
+/// dynamic-security plugin (see `docs/mosquitto.md`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MosquittoSection {
+    /// The broker to provision, `mqtt://host:port`; none by default. Point `broker.advertise`
+    /// at it (and leave the `broker` service out) so that task configs name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_url: Option<String>,
+    /// The plugin's admin client. Default `fledge-admin`.
+    pub admin_username: String,
+    /// Its password; set it through `FLEDGE_MOSQUITTO_ADMIN_PASSWORD` rather than a file.
+    /// Never dumped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_password: Option<String>,
+    /// Seconds between sweeps that delete the logins of ended jobs. Default 2.
+    pub sweep_interval_secs: f64,
+}
+
+impl Default for MosquittoSection {
+    fn default() -> Self {
+        Self {
+            admin_url: None,
+            admin_username: "fledge-admin".to_owned(),
+            admin_password: None,
+            sweep_interval_secs: 2.0,
+        }
+    }
+}
+
+impl MosquittoSection {
+    /// The admin login, when a broker is to be provisioned.
+    pub fn admin(&self) -> Option<crate::mosquitto::Admin> {
+        Some(crate::mosquitto::Admin {
+            url: self.admin_url.clone()?,
+            username: self.admin_username.clone(),
+            password: self.admin_password.clone().unwrap_or_default(),
+        })
+    }
+}
+
 /// Every option of the control-plane services.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -302,6 +343,9 @@ pub struct Options {
     pub deployer: DeployerSection,
     /// TLS of the apiserver, notifier and metaserver (on unless `tls.insecure`).
     pub tls: TlsSection,
+    /// A Mosquitto to provision with task logins (none by default).
+    #[serde(default)]
+    pub mosquitto: MosquittoSection,
 }
 
 impl Default for Options {
@@ -323,6 +367,7 @@ impl Default for Options {
             controller: controller::Options::default(),
             deployer: DeployerSection::default(),
             tls: TlsSection::default(),
+            mosquitto: MosquittoSection::default(),
         }
     }
 }
@@ -344,11 +389,21 @@ const OPTIONAL_KEYS: &[&str] = &[
     "tls.cert",
     "tls.key",
     "tls.ca",
+    "mosquitto.admin_url",
+    "mosquitto.admin_password",
 ];
 
 /// Sections whose name prefixes environment keys (`FLEDGE_<SECTION>_<KEY>`).
-const SECTIONS: &[&str] =
-    &["apiserver", "notifier", "broker", "metaserver", "controller", "deployer", "tls"];
+const SECTIONS: &[&str] = &[
+    "apiserver",
+    "notifier",
+    "broker",
+    "metaserver",
+    "controller",
+    "deployer",
+    "tls",
+    "mosquitto",
+];
 
 impl Options {
     /// Loads options: defaults → `file` → `FLEDGE_*` entries of `env` → `overrides`
@@ -439,6 +494,26 @@ impl Options {
             }
         }
         self.validate_tls()?;
+        let mosquitto = &self.mosquitto;
+        if mosquitto.admin_url.is_some() {
+            if mosquitto.admin_password.as_deref().is_none_or(|p| p.is_empty()) {
+                return Err(Error::Invalid(
+                    "mosquitto.admin_password: required with mosquitto.admin_url \
+                     (FLEDGE_MOSQUITTO_ADMIN_PASSWORD)"
+                        .to_owned(),
+                ));
+            }
+            if mosquitto.admin_username.trim().is_empty() {
+                return Err(Error::Invalid(
+                    "mosquitto.admin_username: must not be empty".to_owned(),
+                ));
+            }
+            if !(mosquitto.sweep_interval_secs.is_finite() && mosquitto.sweep_interval_secs > 0.0) {
+                return Err(Error::Invalid(
+                    "mosquitto.sweep_interval_secs: must be a positive number".to_owned(),
+                ));
+            }
+        }
         if self.max_code_bytes == 0 {
             return Err(Error::Invalid("max_code_bytes: must be at least 1".to_owned()));
         }
@@ -519,6 +594,12 @@ impl Options {
         self.data_dir.join("secrets").join("task-keys.secret")
     }
 
+    /// The file holding the secret broker logins are derived from
+    /// (`<data_dir>/secrets/broker.secret`, created on first start, mode 0600).
+    pub fn broker_secret_path(&self) -> PathBuf {
+        self.data_dir.join("secrets").join("broker.secret")
+    }
+
     /// The notifier's own options.
     pub fn notifier_options(&self) -> notifier::Options {
         notifier::Options {
@@ -542,6 +623,9 @@ impl Options {
         let mut shown = self.clone();
         if shown.deployer.api_key.is_some() {
             shown.deployer.api_key = Some("<redacted>".to_owned());
+        }
+        if shown.mosquitto.admin_password.is_some() {
+            shown.mosquitto.admin_password = Some("<redacted>".to_owned());
         }
         toml::to_string_pretty(&shown)
             .map_err(|err| Error::Invalid(format!("cannot render the configuration: {err}")))

@@ -14,10 +14,12 @@
 //! [`controller`] (what happens after `start job`).
 
 pub mod api;
+pub mod broker_auth;
 pub mod config;
 pub mod controller;
 pub mod grpc;
 pub mod metaserver;
+pub mod mosquitto;
 pub mod notifier;
 pub mod service;
 pub mod store;

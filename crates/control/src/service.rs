@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -19,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use fledge_types::task_config::{BrokerSpec, TaskEnv};
 
+use crate::broker_auth::BrokerCredentials;
 use crate::config::{Options, ServiceKind, StoreUrl};
 use crate::controller::{self, Controller, Endpoints};
 use crate::notifier;
@@ -153,9 +155,23 @@ async fn start_under(
         [addrs.apiserver, addrs.notifier, addrs.metaserver].into_iter().flatten().collect();
     let tls = ControlTls::resolve(options, &bound).context("cannot set up TLS")?;
     let secure = tls.is_some();
+    // Task configs carry broker logins derived from this secret; the embedded broker admits
+    // only those of tasks of live jobs.
+    let broker_secret = options.broker_secret_path();
+    let broker_credentials =
+        BrokerCredentials::load_or_create(&broker_secret).with_context(|| {
+            format!("cannot read or create the broker secret {}", broker_secret.display())
+        })?;
     let broker = if options.runs(ServiceKind::Broker) {
-        let handle = fledge_channel::broker::start_embedded_broker(options.broker.listen)
-            .with_context(|| format!("cannot start the broker on {}", options.broker.listen))?;
+        let broker_options = fledge_channel::broker::BrokerOptions {
+            auth: Some(broker_credentials.clone().broker_auth(store.clone())),
+            ..Default::default()
+        };
+        let handle = fledge_channel::broker::start_embedded_broker_with(
+            options.broker.listen,
+            broker_options,
+        )
+        .with_context(|| format!("cannot start the broker on {}", options.broker.listen))?;
         addrs.broker = Some(handle.addr());
         tracing::info!(addr = %handle.addr(), "broker listening");
         Some(handle)
@@ -172,12 +188,10 @@ async fn start_under(
                 url_of(addrs.notifier.unwrap_or(options.notifier.listen), secure)
             }),
         };
-    let brokers = vec![BrokerSpec {
-        sort: "mqtt".to_owned(),
-        host: options.broker.advertise.clone().unwrap_or_else(|| {
+    let brokers =
+        vec![BrokerSpec::mqtt(options.broker.advertise.clone().unwrap_or_else(|| {
             reachable(addrs.broker.unwrap_or(options.broker.listen)).to_string()
-        }),
-    }];
+        }))];
 
     let mut services = Services {
         addrs,
@@ -202,8 +216,10 @@ async fn start_under(
         .clone()
         .or_else(|| services.addrs.metaserver.map(|addr| url_of(addr, secure)));
     if let Some(listener) = metaserver_listener {
-        let mut metaserver =
-            crate::metaserver::Options::default().build().context("cannot build the metaserver")?;
+        let mut metaserver = crate::metaserver::Options::default()
+            .build()
+            .context("cannot build the metaserver")?
+            .authenticated(store.clone());
         if let Some(tls) = &tls {
             metaserver = metaserver.with_tls(tls.tonic());
         }
@@ -260,7 +276,23 @@ async fn start_under(
                 uri: options.data_dir.join("registry").display().to_string(),
             },
         };
-        start_apiserver(&mut services, listener, env)?;
+        let mosquitto = match options.mosquitto.admin() {
+            Some(admin) => {
+                let provisioner =
+                    crate::mosquitto::Provisioner::connect(&admin, broker_credentials.clone())
+                        .context("cannot set up Mosquitto provisioning")?;
+                let (sweeper, store, token) =
+                    (provisioner.clone(), store.clone(), shutdown.clone());
+                let interval = Duration::from_secs_f64(options.mosquitto.sweep_interval_secs);
+                services.spawn("mosquitto provisioner", async move {
+                    sweeper.run(store, interval, token).await;
+                    Ok(())
+                });
+                Some(provisioner)
+            }
+            None => None,
+        };
+        start_apiserver(&mut services, listener, env, broker_credentials, mosquitto)?;
     }
 
     Ok(services)
@@ -271,6 +303,8 @@ fn start_apiserver(
     services: &mut Services,
     listener: TcpListener,
     env: TaskEnv,
+    broker_credentials: BrokerCredentials,
+    mosquitto: Option<crate::mosquitto::Provisioner>,
 ) -> anyhow::Result<()> {
     let state = crate::api::ApiState::new(
         services.store.clone(),
@@ -279,7 +313,12 @@ fn start_apiserver(
         env,
     )
     .with_notifier_url(services.endpoints.notifier.clone())
-    .with_ca(services.tls.as_ref().and_then(|tls| tls.ca.clone()));
+    .with_ca(services.tls.as_ref().and_then(|tls| tls.ca.clone()))
+    .with_broker_credentials(broker_credentials);
+    let state = match mosquitto {
+        Some(provisioner) => state.with_mosquitto(provisioner),
+        None => state,
+    };
     let token = services.shutdown.clone();
     match &services.tls {
         Some(tls) => {

@@ -754,6 +754,430 @@ async fn composed_services_run_a_job_over_rest() {
     services.wait().await.expect("clean shutdown");
 }
 
+/// Connects to the MQTT broker at `addr` with `login` (none: anonymous) and returns whether the
+/// broker acknowledged the CONNECT (a refused client is disconnected without a CONNACK).
+async fn broker_admits(addr: std::net::SocketAddr, login: Option<(&str, &str)>) -> bool {
+    let id = format!("probe-{:016x}", rand::random::<u64>());
+    let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    if let Some((user, pass)) = login {
+        options.set_credentials(user, pass);
+    }
+    let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
+    let admitted = loop {
+        match events.poll().await {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                break ack.code == rumqttc::ConnectReturnCode::Success;
+            }
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    let _ = client.disconnect().await;
+    admitted
+}
+
+/// A metaserver request carrying `task`'s id and `key` (none: no credentials).
+fn as_task<T>(message: T, task: &str, key: Option<&str>) -> tonic::Request<T> {
+    let mut request = match key {
+        Some(key) => bearer(message, key),
+        None => tonic::Request::new(message),
+    };
+    request
+        .metadata_mut()
+        .insert(fledge_proto::TASK_ID_METADATA, MetadataValue::try_from(task).expect("ascii"));
+    request
+}
+
+/// The data plane's control points through the composed services: the embedded broker admits
+/// only the login the apiserver put in a task's config, and only while its job is live; the
+/// metaserver serves only a task with its key, for its own end in its own job.
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
+    use fledge_control::config::Options;
+    use fledge_control::service;
+    use fledge_proto::v1::{EndKey, PeersRequest, RegisterRequest};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = Options { data_dir: dir.path().to_owned(), ..Options::default() };
+    options.apiserver.listen = "127.0.0.1:0".parse().expect("addr");
+    options.notifier.listen = "127.0.0.1:0".parse().expect("addr");
+    options.broker.listen = "127.0.0.1:0".parse().expect("addr");
+    options.metaserver.listen = "127.0.0.1:0".parse().expect("addr");
+    options.controller.resync_interval_secs = 0.05;
+    let store = service::open_store(&options).await.expect("store");
+    let shutdown = CancellationToken::new();
+    let services = service::start(&options, store.clone(), &shutdown).await.expect("services");
+    let ca = services.tls.as_ref().and_then(|tls| tls.ca.clone()).expect("a generated CA");
+    let api = format!("https://{}/api/v1", services.addrs.apiserver.expect("apiserver"));
+    let broker = services.addrs.broker.expect("broker runs");
+    let metaserver = format!("https://{}", services.addrs.metaserver.expect("metaserver runs"));
+
+    let admin = UserId::new("admin");
+    let (design, datasets) = seed(store.as_ref(), &admin).await;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "job",
+        "designId": design,
+        "dataSpec": [{"role": "trainer", "datasetGroups": {"default": datasets}}],
+    }))
+    .expect("job spec");
+    let job = store.create_job(&admin, &spec, "1", "1").await.expect("job").id;
+    let deployer = deployer_trusting(&services.endpoints.notifier, Some(&ca)).await;
+    store
+        .set_job_state(&job, &[JobState::Ready], JobState::Starting, None)
+        .await
+        .expect("start the job");
+    services.controller.job_changed(job.clone());
+    let deploy = eventually("a deploy event", || {
+        let deployer = deployer.clone();
+        async move { deployer.snapshot().into_iter().next() }
+    })
+    .await;
+    assert!(deploy.tasks.len() >= 2, "two tasks at least: {:?}", deploy.tasks.len());
+    let (a, b) = (&deploy.tasks[0], &deploy.tasks[1]);
+
+    // The login is in the task's config, fetched with the task key.
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(ca.client_config().expect("client config"))
+        .build()
+        .expect("http client");
+    let config: serde_json::Value = http
+        .get(format!("{api}/tasks/{}/config", a.task_id))
+        .bearer_auth(&a.task_key)
+        .send()
+        .await
+        .expect("task config")
+        .json()
+        .await
+        .expect("config json");
+    let user = config["brokers"][0]["username"].as_str().expect("a username").to_owned();
+    let pass = config["brokers"][0]["password"].as_str().expect("a password").to_owned();
+    assert_eq!(user, format!("{job}/{}", a.task_id));
+
+    // Broker: no login, a made-up password, another task's name with this password: refused.
+    assert!(!broker_admits(broker, None).await, "an anonymous client was admitted");
+    assert!(!broker_admits(broker, Some((user.as_str(), "0".repeat(64).as_str()))).await);
+    let b_user = format!("{job}/{}", b.task_id);
+    assert!(
+        !broker_admits(broker, Some((b_user.as_str(), pass.as_str()))).await,
+        "a password works for one task"
+    );
+    assert!(
+        broker_admits(broker, Some((user.as_str(), pass.as_str()))).await,
+        "the issued login is admitted"
+    );
+
+    // Metaserver: no key, a wrong key, someone else's end, another job: refused.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca.pem()));
+    let channel = tonic::transport::Endpoint::from_shared(metaserver)
+        .expect("metaserver url")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("metaserver");
+    let mut meta = fledge_proto::MetaserverClient::new(channel);
+    let end = |task: &str, job: &str| EndKey {
+        job_id: job.to_owned(),
+        channel: "param".to_owned(),
+        group: "default".to_owned(),
+        end_id: task.to_owned(),
+    };
+    let register = |end: EndKey| RegisterRequest {
+        end: Some(end),
+        role: "trainer".to_owned(),
+        endpoint: "http://127.0.0.1:9".to_owned(),
+        props_json: "{}".to_owned(),
+        lease_ms: 60_000,
+    };
+    let peers = |job: &str| PeersRequest {
+        job_id: job.to_owned(),
+        channel: "param".to_owned(),
+        group: "default".to_owned(),
+        role: "trainer".to_owned(),
+    };
+    let (a_id, b_id, job_id) = (a.task_id.as_str(), b.task_id.as_str(), job.as_str());
+    let status = meta.peers(tonic::Request::new(peers(job_id))).await.expect_err("no key");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("authorization"), "{status:?}");
+    let status =
+        meta.peers(as_task(peers(job_id), a_id, Some(&b.task_key))).await.expect_err("b's key");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    let status = meta
+        .register(as_task(register(end(b_id, job_id)), a_id, Some(&a.task_key)))
+        .await
+        .expect_err("someone else's end");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("its own end"), "{status:?}");
+    let status = meta
+        .register(as_task(register(end(a_id, "other-job")), a_id, Some(&a.task_key)))
+        .await
+        .expect_err("another job");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let status = meta
+        .peers(as_task(peers("other-job"), a_id, Some(&a.task_key)))
+        .await
+        .expect_err("lookup in another job");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // Its own end, with its key: registered, listed to its job-mate, not deregistrable by it.
+    meta.register(as_task(register(end(a_id, job_id)), a_id, Some(&a.task_key)))
+        .await
+        .expect("own end");
+    let listed = meta
+        .peers(as_task(peers(job_id), b_id, Some(&b.task_key)))
+        .await
+        .expect("job-mate looks up")
+        .into_inner()
+        .peers;
+    assert_eq!(listed.iter().map(|p| p.end_id.as_str()).collect::<Vec<_>>(), [a_id]);
+    let status = meta
+        .deregister(as_task(end(a_id, job_id), b_id, Some(&b.task_key)))
+        .await
+        .expect_err("deregistering someone else");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // The job ends: its logins and keys stop working.
+    store
+        .set_job_state(
+            &job,
+            &[JobState::Starting, JobState::Deploying, JobState::Running],
+            JobState::Failed,
+            Some("ended by the test"),
+        )
+        .await
+        .expect("end the job");
+    assert!(
+        !broker_admits(broker, Some((user.as_str(), pass.as_str()))).await,
+        "an ended job's login works"
+    );
+    let status = meta
+        .register(as_task(register(end(a_id, job_id)), a_id, Some(&a.task_key)))
+        .await
+        .expect_err("ended job");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+
+    shutdown.cancel();
+    services.wait().await.expect("clean shutdown");
+}
+
+/// An MQTT client of the test: its event stream and what it has received so far.
+struct MqttProbe {
+    client: rumqttc::AsyncClient,
+    events: rumqttc::EventLoop,
+}
+
+impl MqttProbe {
+    /// Connects with `login`; `None` when the broker refuses it.
+    async fn connect(addr: std::net::SocketAddr, login: (&str, &str)) -> Option<MqttProbe> {
+        let id = format!("probe-{:016x}", rand::random::<u64>());
+        let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        options.set_credentials(login.0, login.1);
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 100);
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                    return (ack.code == rumqttc::ConnectReturnCode::Success)
+                        .then_some(MqttProbe { client, events });
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Subscribes to `filter`; returns whether the broker granted it.
+    async fn subscribe(&mut self, filter: &str) -> bool {
+        self.client.subscribe(filter, rumqttc::QoS::AtLeastOnce).await.expect("queue subscribe");
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(ack)) =
+                self.events.poll().await.expect("connection stays up")
+            {
+                return ack
+                    .return_codes
+                    .iter()
+                    .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)));
+            }
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the broker's acknowledgement (Mosquitto acknowledges
+    /// a publish its ACLs drop, too, and drops it silently).
+    async fn publish(&mut self, topic: &str, payload: &str, retain: bool) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload.as_bytes().to_vec())
+            .await
+            .expect("queue publish");
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                self.events.poll().await.expect("connection stays up")
+            {
+                return;
+            }
+        }
+    }
+
+    /// Every publish received until one with payload `marker`, as `(topic, payload)`.
+    async fn received_until(&mut self, marker: &str) -> Vec<(String, String)> {
+        let mut seen = Vec::new();
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                self.events.poll().await.expect("connection stays up")
+            {
+                let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                if payload == marker {
+                    return seen;
+                }
+                seen.push((p.topic, payload));
+            }
+        }
+    }
+}
+
+/// Fledge provisions a real Mosquitto (its dynamic-security plugin; `scripts/test-all` starts
+/// one and sets `FLEDGE_MOSQUITTO_AUTH_URL` and the admin login): no anonymous client, a task
+/// login only while its job is live, and per-task ACLs that keep a task inside its job and off
+/// other ends' presence. Skipped without that broker.
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_provisioned_mosquitto_admits_live_tasks_within_their_job_only() {
+    use fledge_control::config::{Options, ServiceKind};
+    use fledge_control::service;
+
+    let (Ok(url), Ok(admin_user), Ok(admin_password)) = (
+        std::env::var("FLEDGE_MOSQUITTO_AUTH_URL"),
+        std::env::var("FLEDGE_MOSQUITTO_AUTH_ADMIN"),
+        std::env::var("FLEDGE_MOSQUITTO_AUTH_ADMIN_PASSWORD"),
+    ) else {
+        eprintln!("FLEDGE_MOSQUITTO_AUTH_URL/_ADMIN/_ADMIN_PASSWORD not set: skipping");
+        return;
+    };
+    let host = url.trim_start_matches("mqtt://").trim_end_matches('/').to_owned();
+    let mosquitto: std::net::SocketAddr =
+        host.parse().expect("FLEDGE_MOSQUITTO_AUTH_URL is ip:port");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = Options {
+        data_dir: dir.path().to_owned(),
+        services: vec![ServiceKind::Notifier, ServiceKind::Controller, ServiceKind::Apiserver],
+        ..Options::default()
+    };
+    options.apiserver.listen = "127.0.0.1:0".parse().expect("addr");
+    options.notifier.listen = "127.0.0.1:0".parse().expect("addr");
+    options.broker.advertise = Some(host.clone());
+    options.controller.resync_interval_secs = 0.05;
+    options.mosquitto.admin_url = Some(url.clone());
+    options.mosquitto.admin_username = admin_user.clone();
+    options.mosquitto.admin_password = Some(admin_password.clone());
+    options.mosquitto.sweep_interval_secs = 0.2;
+    let store = service::open_store(&options).await.expect("store");
+    let shutdown = CancellationToken::new();
+    let services = service::start(&options, store.clone(), &shutdown).await.expect("services");
+    let ca = services.tls.as_ref().and_then(|tls| tls.ca.clone()).expect("a generated CA");
+    let api = format!("https://{}/api/v1", services.addrs.apiserver.expect("apiserver"));
+
+    let admin = UserId::new("admin");
+    let (design, datasets) = seed(store.as_ref(), &admin).await;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "job",
+        "designId": design,
+        "dataSpec": [{"role": "trainer", "datasetGroups": {"default": datasets}}],
+    }))
+    .expect("job spec");
+    let job = store.create_job(&admin, &spec, "1", "1").await.expect("job").id;
+    let deployer = deployer_trusting(&services.endpoints.notifier, Some(&ca)).await;
+    store.set_job_state(&job, &[JobState::Ready], JobState::Starting, None).await.expect("start");
+    services.controller.job_changed(job.clone());
+    let deploy = eventually("a deploy event", || {
+        let deployer = deployer.clone();
+        async move { deployer.snapshot().into_iter().next() }
+    })
+    .await;
+    let tasks = store.list_tasks(&job).await.expect("tasks");
+    let a = tasks.iter().find(|t| t.task_id.as_str() == deploy.tasks[0].task_id).expect("a");
+    let b = tasks.iter().find(|t| t.task_id.as_str() == deploy.tasks[1].task_id).expect("b");
+
+    // Fetching the config provisions the task's login on Mosquitto.
+    let config: serde_json::Value = reqwest::Client::builder()
+        .tls_backend_preconfigured(ca.client_config().expect("client config"))
+        .build()
+        .expect("http client")
+        .get(format!("{api}/tasks/{}/config", a.task_id))
+        .bearer_auth(&deploy.tasks[0].task_key)
+        .send()
+        .await
+        .expect("task config")
+        .json()
+        .await
+        .expect("config json");
+    assert_eq!(config["brokers"][0]["host"], host);
+    let user = config["brokers"][0]["username"].as_str().expect("a username").to_owned();
+    let pass = config["brokers"][0]["password"].as_str().expect("a password").to_owned();
+
+    assert!(!broker_admits(mosquitto, None).await, "an anonymous client was admitted");
+    assert!(
+        !broker_admits(mosquitto, Some((user.as_str(), "guess"))).await,
+        "a made-up password works"
+    );
+    let b_user = format!("{job}/{}", b.task_id);
+    assert!(
+        !broker_admits(mosquitto, Some((b_user.as_str(), pass.as_str()))).await,
+        "an unprovisioned task"
+    );
+
+    let mut observer =
+        MqttProbe::connect(mosquitto, (admin_user.as_str(), admin_password.as_str()))
+            .await
+            .expect("admin");
+    assert!(observer.subscribe("fledge/#").await, "the admin observes every job");
+    let mut task_a =
+        MqttProbe::connect(mosquitto, (user.as_str(), pass.as_str())).await.expect("a's login");
+    let prefix = format!("fledge/{job}/param/default");
+    assert!(task_a.subscribe(&format!("fledge/{job}/#")).await, "its own job");
+    assert!(!task_a.subscribe("fledge/other-job/#").await, "another job's topics");
+    assert!(!task_a.subscribe("#").await, "everything");
+    // Into another job, onto b's presence (evict or impersonate), then a legitimate marker:
+    // the observer sees only the marker's predecessors that the ACLs let through.
+    task_a.publish("fledge/other-job/param/default/data/x", "foreign", false).await;
+    task_a.publish(&format!("{prefix}/presence/{}/{}", b.role, b.task_id), "", true).await;
+    task_a.publish(&format!("{prefix}/presence/{}/{}", a.role, a.task_id), "{}", false).await;
+    task_a.publish(&format!("{prefix}/data/{}", b.task_id), "end", false).await;
+    // (Retained messages other runs may have left on the broker are not this test's.)
+    let seen: Vec<(String, String)> = observer
+        .received_until("end")
+        .await
+        .into_iter()
+        .filter(|(topic, _)| {
+            topic.starts_with(&format!("fledge/{job}/")) || topic.starts_with("fledge/other-job/")
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [(format!("{prefix}/presence/{}/{}", a.role, a.task_id), "{}".to_owned())],
+        "only a's own presence passed"
+    );
+
+    // The job ends: the sweep deletes the login, and it stops working.
+    store
+        .set_job_state(
+            &job,
+            &[JobState::Starting, JobState::Deploying, JobState::Running],
+            JobState::Failed,
+            Some("ended by the test"),
+        )
+        .await
+        .expect("end the job");
+    eventually("the ended job's login to be refused", || {
+        let (user, pass) = (user.clone(), pass.clone());
+        async move {
+            (!broker_admits(mosquitto, Some((user.as_str(), pass.as_str()))).await).then_some(())
+        }
+    })
+    .await;
+
+    drop((task_a, observer));
+    shutdown.cancel();
+    services.wait().await.expect("clean shutdown");
+}
+
 /// A busy port fails `service::start` with the service and address named, before anything runs.
 #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
 async fn a_busy_port_is_reported_with_the_service_named() {

@@ -20,3 +20,7 @@ pub use v1::{
     ComputeSubscription, DeployEvent, DeployEventKind, TaskDeployment, TaskEvent, TaskEventKind,
     TaskSubscription,
 };
+
+/// gRPC metadata naming the calling task (with `authorization: Bearer <task key>`), on
+/// metaserver requests.
+pub const TASK_ID_METADATA: &str = "fledge-task-id";

@@ -115,11 +115,7 @@ impl JobPlan {
             task_index: 0,
             job: JobRef { id: self.job_id.as_str().into(), name: self.job_id.clone() },
             backend: self.backend,
-            brokers: self
-                .brokers
-                .iter()
-                .map(|host| BrokerSpec { sort: "mqtt".to_owned(), host: host.clone() })
-                .collect(),
+            brokers: self.brokers.iter().map(|host| BrokerSpec::mqtt(host.clone())).collect(),
             registry: RegistrySpec { sort: "local".to_owned(), uri: self.registry_uri.clone() },
             channels: Vec::new(),
             group_association: BTreeMap::new(),

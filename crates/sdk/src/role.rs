@@ -130,7 +130,12 @@ impl TaskIo {
             None => Reporter::disabled(),
         };
         let registry = registry::for_task(&config, &opts.workdir)?;
-        let channels = ChannelManager::join_all(&config, &opts.backend_env).await?;
+        // The task key also authenticates this task's ends to the metaserver (p2p channels).
+        let mut backend_env = opts.backend_env.clone();
+        if backend_env.p2p.task_key.is_none() {
+            backend_env.p2p.task_key = opts.task_key.clone().map(fledge_channel::p2p::TaskKey);
+        }
+        let channels = ChannelManager::join_all(&config, &backend_env).await?;
         Ok(TaskIo {
             config,
             channels,

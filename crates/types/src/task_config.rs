@@ -137,6 +137,20 @@ pub struct BrokerSpec {
     pub sort: String,
     /// `host:port`.
     pub host: String,
+    /// MQTT username this task presents to this broker (its broker credential), if the broker
+    /// authenticates clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// MQTT password that goes with `username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl BrokerSpec {
+    /// An `mqtt` broker at `host` (`host:port`), without credentials.
+    pub fn mqtt(host: impl Into<String>) -> BrokerSpec {
+        BrokerSpec { sort: mqtt(), host: host.into(), username: None, password: None }
+    }
 }
 
 fn mqtt() -> String {
@@ -332,7 +346,7 @@ mod tests {
 
     fn env() -> TaskEnv {
         TaskEnv {
-            brokers: vec![BrokerSpec { sort: "mqtt".into(), host: "broker-a:1883".into() }],
+            brokers: vec![BrokerSpec::mqtt("broker-a:1883")],
             apiserver: Some("http://127.0.0.1:10100".into()),
             metaserver: None,
             default_registry: RegistrySpec {

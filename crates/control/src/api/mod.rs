@@ -92,6 +92,10 @@ pub struct ApiState {
     /// The CA clients should trust, served unauthenticated at `/api/v1/ca.pem` (a client
     /// checks it against the fingerprint it was given) and put into task configs.
     pub ca: Option<fledge_tls::Ca>,
+    /// Broker logins written into task configs, when the brokers authenticate clients.
+    pub broker_credentials: Option<crate::broker_auth::BrokerCredentials>,
+    /// The Mosquitto provisioned with each task's login before its config is served.
+    pub mosquitto: Option<crate::mosquitto::Provisioner>,
     metrics: Arc<http_metrics::HttpMetrics>,
 }
 
@@ -129,8 +133,22 @@ impl ApiState {
             limits,
             notifier_url: None,
             ca: None,
+            broker_credentials: None,
+            mosquitto: None,
             metrics: Arc::new(http_metrics::HttpMetrics::default()),
         }
+    }
+
+    /// Writes each task's broker login ([`crate::broker_auth`]) into its config.
+    pub fn with_broker_credentials(mut self, creds: crate::broker_auth::BrokerCredentials) -> Self {
+        self.broker_credentials = Some(creds);
+        self
+    }
+
+    /// Provisions each task's login on `mosquitto` before serving its config.
+    pub fn with_mosquitto(mut self, mosquitto: crate::mosquitto::Provisioner) -> Self {
+        self.mosquitto = Some(mosquitto);
+        self
     }
 
     /// Sets the notifier URL agents are told.

@@ -103,6 +103,18 @@ async fn task_config(
         fledge_types::task_config::build(&job, &schema, &task, dataset.as_ref(), &state.env);
     // The role's own connections to the control plane (metrics, the metaserver) trust this CA.
     config.control_plane_ca = state.ca.as_ref().map(|ca| ca.pem().to_owned());
+    if let Some(creds) = &state.broker_credentials {
+        creds.fill(&mut config);
+    }
+    if let Some(mosquitto) = &state.mosquitto {
+        mosquitto.ensure_task(&task).await.map_err(|err| {
+            tracing::error!(task = %task.task_id, %err, "cannot provision the task's broker login");
+            Error::new(
+                fledge_types::ErrorCode::Unavailable,
+                format!("cannot provision task {}'s broker login yet: {err}", task.task_id),
+            )
+        })?;
+    }
     Ok(Json(config))
 }
 

@@ -78,11 +78,23 @@ impl TaskKeys {
 
     /// The key of task `task`: 64 hex digits.
     pub fn key(&self, task: &TaskId) -> String {
+        self.derive(b"fledge task key v1\0", &[task.as_str()])
+    }
+
+    /// HMAC-SHA256 under the secret of `domain` followed by `parts`, each ended by a NUL byte
+    /// (unambiguous for parts without NULs), as 64 hex digits. Different `domain`s give
+    /// unrelated values, so one secret can derive several kinds of credential.
+    pub fn derive(&self, domain: &[u8], parts: &[&str]) -> String {
         // A 32-byte key is always accepted by HMAC.
         let mut mac = <Hmac<Sha256>>::new_from_slice(&self.secret)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(b"fledge task key v1\0");
-        mac.update(task.as_str().as_bytes());
+        mac.update(domain);
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                mac.update(b"\0");
+            }
+            mac.update(part.as_bytes());
+        }
         hex::encode(mac.finalize().into_bytes())
     }
 }

@@ -11,6 +11,14 @@
 //! `crates/proto/proto/fledge/v1/p2p.proto`) and sweeps expired leases. Registrations are not
 //! persisted: after a restart, ends re-register at their next heartbeat.
 //!
+//! Built with a store ([`Metaserver::authenticated`], what `fledge serve` and `fledge
+//! standalone` run), every request must carry the calling task's key (`authorization: Bearer
+//! <task key>` and `fledge-task-id: <task id>` metadata, checked as the apiserver checks it, see
+//! [`crate::grpc`]); a task may register, renew and deregister only its own end in its own job,
+//! and list only ends of its own job. Anything else is `Unauthenticated` (no or a bad key, or
+//! the job has ended) or `PermissionDenied` (someone else's end or job). Without a store
+//! ([`Options::build`]) the metaserver is open: in-process tests only.
+//!
 //! The data itself never passes through here: ends stream to each other directly (see
 //! `fledge_channel::p2p`).
 
@@ -18,7 +26,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fledge_types::ErrorCode;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -27,6 +34,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use fledge_proto::MetaserverServer;
+use fledge_types::{ErrorCode, Task};
+
+use crate::store::Store;
 use fledge_proto::v1::{
     DeregisterResponse, EndKey, Peer, PeersRequest, PeersResponse, RegisterRequest,
     RegisterResponse,
@@ -59,6 +69,9 @@ pub enum Error {
         /// The bound ([`Options::max_ends`]).
         max: usize,
     },
+    /// The caller may not name this end or job.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The gRPC server failed.
     #[error("metaserver server failed")]
     Serve(#[source] tonic::transport::Error),
@@ -73,6 +86,7 @@ impl Error {
         match self {
             Error::InvalidRequest(_) => ErrorCode::BadRequest,
             Error::Full { .. } => ErrorCode::PayloadTooLarge,
+            Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::InvalidOption { .. } | Error::Serve(_) => ErrorCode::Internal,
         }
     }
@@ -82,6 +96,31 @@ impl From<Error> for Status {
     fn from(err: Error) -> Status {
         crate::grpc::status(err.code(), err.to_string())
     }
+}
+
+/// Whether `caller` may register, renew or deregister `end`: only its own, in its own job.
+pub fn authorize_end(caller: &Task, end: Option<&EndKey>) -> Result<()> {
+    // A missing end is the registry's to report (InvalidArgument).
+    let Some(end) = end else { return Ok(()) };
+    if end.end_id != caller.task_id.as_str() {
+        return Err(Error::PermissionDenied(format!(
+            "task {} may only register or deregister its own end, not end {:?}",
+            caller.task_id, end.end_id
+        )));
+    }
+    authorize_job(caller, &end.job_id)
+}
+
+/// Whether `caller` may name job `job`: only its own.
+pub fn authorize_job(caller: &Task, job: &str) -> Result<()> {
+    if job != caller.job_id.as_str() {
+        return Err(Error::PermissionDenied(format!(
+            "task {} belongs to job {}, not job {job:?}: ends register and look up only within \
+             their own job",
+            caller.task_id, caller.job_id
+        )));
+    }
+    Ok(())
 }
 
 /// Metaserver options.
@@ -132,7 +171,11 @@ impl Options {
     /// Builds the metaserver.
     pub fn build(self) -> Result<Metaserver> {
         self.validate()?;
-        Ok(Metaserver { registry: Arc::new(Mutex::new(Registry::new(self))), tls: None })
+        Ok(Metaserver {
+            registry: Arc::new(Mutex::new(Registry::new(self))),
+            tls: None,
+            store: None,
+        })
     }
 }
 
@@ -337,13 +380,23 @@ impl Registry {
 pub struct Metaserver {
     registry: Arc<Mutex<Registry>>,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    store: Option<Arc<dyn Store>>,
 }
 
 struct Service {
     registry: Arc<Mutex<Registry>>,
+    store: Option<Arc<dyn Store>>,
 }
 
 impl Service {
+    /// The calling task, authenticated against the store; `None` when the metaserver is open.
+    async fn caller<T>(&self, request: &Request<T>) -> std::result::Result<Option<Task>, Status> {
+        match &self.store {
+            Some(store) => crate::grpc::authenticate_task(store.as_ref(), request).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         // A panic while holding the lock leaves only plain maps behind; keep serving.
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
@@ -356,7 +409,12 @@ impl fledge_proto::Metaserver for Service {
         &self,
         request: Request<RegisterRequest>,
     ) -> std::result::Result<Response<RegisterResponse>, Status> {
-        let lease = self.registry().register(request.into_inner(), Instant::now())?;
+        let caller = self.caller(&request).await?;
+        let request = request.into_inner();
+        if let Some(caller) = &caller {
+            authorize_end(caller, request.end.as_ref())?;
+        }
+        let lease = self.registry().register(request, Instant::now())?;
         let lease_ms = u32::try_from(lease.as_millis()).unwrap_or(u32::MAX);
         Ok(Response::new(RegisterResponse { lease_ms }))
     }
@@ -365,7 +423,12 @@ impl fledge_proto::Metaserver for Service {
         &self,
         request: Request<EndKey>,
     ) -> std::result::Result<Response<DeregisterResponse>, Status> {
-        let removed = self.registry().deregister(&request.into_inner(), Instant::now())?;
+        let caller = self.caller(&request).await?;
+        let end = request.into_inner();
+        if let Some(caller) = &caller {
+            authorize_end(caller, Some(&end))?;
+        }
+        let removed = self.registry().deregister(&end, Instant::now())?;
         Ok(Response::new(DeregisterResponse { removed }))
     }
 
@@ -373,7 +436,12 @@ impl fledge_proto::Metaserver for Service {
         &self,
         request: Request<PeersRequest>,
     ) -> std::result::Result<Response<PeersResponse>, Status> {
-        let peers = self.registry().peers(&request.into_inner(), Instant::now())?;
+        let caller = self.caller(&request).await?;
+        let request = request.into_inner();
+        if let Some(caller) = &caller {
+            authorize_job(caller, &request.job_id)?;
+        }
+        let peers = self.registry().peers(&request, Instant::now())?;
         Ok(Response::new(PeersResponse { peers }))
     }
 }
@@ -382,6 +450,13 @@ impl Metaserver {
     /// Serves TLS with `tls` (see `crate::tls::ControlTls::tonic`) instead of plain text.
     pub fn with_tls(mut self, tls: tonic::transport::ServerTlsConfig) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Requires every request to carry a task key valid in `store`, and limits each task to
+    /// its own end and job.
+    pub fn authenticated(mut self, store: Arc<dyn Store>) -> Metaserver {
+        self.store = Some(store);
         self
     }
 
@@ -406,7 +481,10 @@ impl Metaserver {
             builder = builder.tls_config(tls).map_err(Error::Serve)?;
         }
         builder
-            .add_service(MetaserverServer::new(Service { registry: self.registry }))
+            .add_service(MetaserverServer::new(Service {
+                registry: self.registry,
+                store: self.store,
+            }))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
                 shutdown.cancelled_owned(),

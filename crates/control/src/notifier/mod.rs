@@ -340,26 +340,6 @@ struct Service {
     shutdown: CancellationToken,
 }
 
-/// The bearer secret of a request, or `Unauthenticated`.
-fn bearer<T>(request: &Request<T>) -> std::result::Result<String, Status> {
-    let value = request.metadata().get("authorization").ok_or_else(|| {
-        grpc::status(ErrorCode::Unauthenticated, "missing authorization metadata")
-    })?;
-    let value = value.to_str().map_err(|_| {
-        grpc::status(ErrorCode::Unauthenticated, "authorization metadata is not ASCII")
-    })?;
-    value
-        .strip_prefix("Bearer ")
-        .map(|secret| secret.trim().to_owned())
-        .filter(|secret| !secret.is_empty())
-        .ok_or_else(|| {
-            grpc::status(
-                ErrorCode::Unauthenticated,
-                "authorization metadata must be `Bearer <secret>`",
-            )
-        })
-}
-
 /// The one mapping of store errors to gRPC status for this service.
 fn auth_status(err: store::Error, what: &str) -> Status {
     match err {
@@ -392,7 +372,7 @@ impl fledge_proto::Notifier for Service {
         &self,
         request: Request<TaskSubscription>,
     ) -> std::result::Result<Response<Self::SubscribeTaskStream>, Status> {
-        let key = bearer(&request)?;
+        let key = grpc::bearer(&request)?;
         let sub = request.into_inner();
         if sub.task_id.is_empty() {
             return Err(grpc::status(ErrorCode::BadRequest, "task_id is empty"));
@@ -428,7 +408,7 @@ impl fledge_proto::Notifier for Service {
         &self,
         request: Request<ComputeSubscription>,
     ) -> std::result::Result<Response<Self::SubscribeComputeStream>, Status> {
-        let key = bearer(&request)?;
+        let key = grpc::bearer(&request)?;
         let sub = request.into_inner();
         if sub.compute_id.is_empty() {
             return Err(grpc::status(ErrorCode::BadRequest, "compute_id is empty"));

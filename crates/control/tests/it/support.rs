@@ -47,7 +47,7 @@ impl Server {
             Arc::new(SqliteStore::open(dir.join("fledge.db"), blobs).await.unwrap());
         let (handle, woken) = controller::Handle::channel(1024);
         let env = TaskEnv {
-            brokers: vec![BrokerSpec { sort: "mqtt".into(), host: "127.0.0.1:1883".into() }],
+            brokers: vec![BrokerSpec::mqtt("127.0.0.1:1883")],
             apiserver: Some("http://127.0.0.1:1".into()),
             metaserver: None,
             default_registry: fledge_types::RegistrySpec {

@@ -52,6 +52,10 @@ pub struct Args {
     /// Metaserver URL written into task configs (e.g. one run by another `fledge serve`).
     #[arg(long, value_name = "URL")]
     pub metaserver_advertise: Option<String>,
+    /// A Mosquitto to provision with task logins and ACLs through its dynamic-security plugin
+    /// (`mqtt://host:port`; the admin password comes from `FLEDGE_MOSQUITTO_ADMIN_PASSWORD`).
+    #[arg(long, value_name = "URL")]
+    pub mosquitto_admin_url: Option<String>,
     /// Print the effective configuration (TOML) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -78,6 +82,7 @@ impl Args {
         push("broker.advertise", self.broker_advertise.clone());
         push("metaserver.listen", self.metaserver_listen.clone());
         push("metaserver.advertise", self.metaserver_advertise.clone());
+        push("mosquitto.admin_url", self.mosquitto_admin_url.clone());
         res.extend(self.tls.overrides()?);
         Ok(res)
     }
@@ -221,6 +226,7 @@ mod tests {
             broker_advertise: None,
             metaserver_listen: None,
             metaserver_advertise: None,
+            mosquitto_admin_url: None,
             dump_config: false,
             tls: Default::default(),
         };
