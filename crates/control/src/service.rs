@@ -244,7 +244,11 @@ async fn start_under(
                 uri: options.data_dir.join("registry").display().to_string(),
             },
         };
-        start_apiserver(&mut services, listener, env)?;
+        let secret = options.task_key_secret_path();
+        let keys = controller::TaskKeys::load_or_create(&secret).with_context(|| {
+            format!("cannot read or create the task-key secret {}", secret.display())
+        })?;
+        start_apiserver(&mut services, listener, env, keys)?;
     }
 
     Ok(services)
@@ -255,6 +259,7 @@ fn start_apiserver(
     services: &mut Services,
     listener: TcpListener,
     env: TaskEnv,
+    data_plane_keys: controller::TaskKeys,
 ) -> anyhow::Result<()> {
     let state = crate::api::ApiState::new(
         services.store.clone(),
@@ -262,7 +267,8 @@ fn start_apiserver(
         services.notifier.clone(),
         env,
     )
-    .with_notifier_url(services.endpoints.notifier.clone());
+    .with_notifier_url(services.endpoints.notifier.clone())
+    .with_data_plane_keys(data_plane_keys);
     let token = services.shutdown.clone();
     services.spawn("apiserver", async move { crate::api::serve(listener, state, token).await });
     Ok(())

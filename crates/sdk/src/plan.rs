@@ -131,6 +131,8 @@ impl JobPlan {
             max_run_time: 0,
             control_plane: None,
             metaserver: None,
+            // Simulations run in one process: plain channels.
+            data_plane: None,
         };
         let task = |role: &str,
                     index: usize,

@@ -69,6 +69,9 @@ pub struct ApiState {
     /// The notifier's URL as agents reach it, told to agents when they join (`GET
     /// /tasks/{taskId}`) and shown in the join commands of participant-run tasks.
     pub notifier_url: Option<String>,
+    /// Derives the data-plane keys task configs carry (random unless set from the
+    /// controller's secret file, see [`ApiState::with_data_plane_keys`]).
+    pub data_plane_keys: controller::TaskKeys,
     metrics: Arc<http_metrics::HttpMetrics>,
 }
 
@@ -97,8 +100,16 @@ impl ApiState {
             env,
             limits,
             notifier_url: None,
+            data_plane_keys: controller::TaskKeys::random(),
             metrics: Arc::new(http_metrics::HttpMetrics::default()),
         }
+    }
+
+    /// Derives task configs' data-plane keys from `keys` (the controller's secret, so every
+    /// apiserver of a deployment serves the same keys).
+    pub fn with_data_plane_keys(mut self, keys: controller::TaskKeys) -> Self {
+        self.data_plane_keys = keys;
+        self
     }
 
     /// Sets the notifier URL agents are told.

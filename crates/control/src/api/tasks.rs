@@ -99,7 +99,11 @@ async fn task_config(
         },
         None => None,
     };
-    Ok(Json(fledge_types::task_config::build(&job, &schema, &task, dataset.as_ref(), &state.env)))
+    let mut config =
+        fledge_types::task_config::build(&job, &schema, &task, dataset.as_ref(), &state.env);
+    let tasks = state.store.list_tasks(&job.id).await?;
+    config.data_plane = Some(state.data_plane_keys.data_plane(&schema, &task, &tasks));
+    Ok(Json(config))
 }
 
 /// The folder of `bundle` holding `role`'s code: `<role>/` at the top, or `<top>/<role>/` when
