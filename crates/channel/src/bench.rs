@@ -25,19 +25,43 @@ pub fn payload_message(bytes: usize) -> Message {
 /// Time for one sender to broadcast a `bytes`-byte message to `n_receivers` ends over
 /// `backend`, until every receiver has decoded it (connection setup excluded).
 pub async fn fanout(backend: Backend, bytes: usize, n_receivers: usize) -> Result<Duration> {
+    fanout_with(backend, bytes, n_receivers, false).await
+}
+
+/// [`fanout`], with every end holding keys when `sealed` (messages encrypted and signed).
+pub async fn fanout_with(
+    backend: Backend,
+    bytes: usize,
+    n_receivers: usize,
+    sealed: bool,
+) -> Result<Duration> {
     let job = format!("bench-{:08x}", rand::random::<u32>());
     let limit = bytes + (1 << 20);
-    let opts = |me: String, role: &str, peer: &str| {
-        let mut o = ChannelOptions::new(job.as_str(), "bench", "default", me, role, peer);
+    let names: Vec<String> = std::iter::once("sender".to_owned())
+        .chain((0..n_receivers).map(|i| format!("receiver-{i}")))
+        .collect();
+    let seeds: std::collections::HashMap<String, [u8; 32]> =
+        names.iter().map(|n| (n.clone(), rand::random())).collect();
+    let channel_key: [u8; 32] = rand::random();
+    let opts = |me: String, role: &str, peer: &str| -> Result<ChannelOptions> {
+        let mut o = ChannelOptions::new(job.as_str(), "bench", "default", me.as_str(), role, peer);
         o.max_message_bytes = limit;
-        o
+        if sealed {
+            let members = seeds
+                .iter()
+                .filter(|(n, _)| **n != me)
+                .map(|(n, seed)| (n.as_str().into(), crate::secure::Keyring::public_key_of(seed)));
+            let keys = crate::secure::Keyring::new(seeds[&me], channel_key, members)?;
+            o = o.with_security(keys);
+        }
+        Ok(o)
     };
     let sender =
-        Channel::open(opts("sender".into(), "aggregator", "trainer"), backend.clone()).await?;
+        Channel::open(opts("sender".into(), "aggregator", "trainer")?, backend.clone()).await?;
     let mut receivers = Vec::with_capacity(n_receivers);
     for i in 0..n_receivers {
         receivers.push(
-            Channel::open(opts(format!("receiver-{i}"), "trainer", "aggregator"), backend.clone())
+            Channel::open(opts(format!("receiver-{i}"), "trainer", "aggregator")?, backend.clone())
                 .await?,
         );
     }
@@ -70,9 +94,15 @@ pub async fn fanout(backend: Backend, bytes: usize, n_receivers: usize) -> Resul
 /// [`fanout`] over a fresh embedded broker.
 #[cfg(feature = "broker")]
 pub async fn mqtt_fanout(bytes: usize, n_receivers: usize) -> Result<Duration> {
+    mqtt_fanout_with(bytes, n_receivers, false).await
+}
+
+/// [`fanout_with`] over a fresh embedded broker.
+#[cfg(feature = "broker")]
+pub async fn mqtt_fanout_with(bytes: usize, n_receivers: usize, sealed: bool) -> Result<Duration> {
     let broker = crate::broker::start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
     let config = crate::mqtt::MqttConfig::new("127.0.0.1", broker.addr().port());
-    let res = fanout(Backend::Mqtt(config), bytes, n_receivers).await;
+    let res = fanout_with(Backend::Mqtt(config), bytes, n_receivers, sealed).await;
     drop(broker);
     res
 }

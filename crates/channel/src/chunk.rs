@@ -9,13 +9,30 @@
 //! are committed only as bytes arrive; a bogus count allocates nothing), each sender has at most
 //! [`MAX_PARTIALS_PER_SENDER`] messages in flight, and duplicate chunks (QoS 1 redelivery) are
 //! ignored. Chunks of different senders and messages may interleave freely.
+//!
+//! Version 2 is the sealed layout of an authenticated channel (see `secure`): after the sender
+//! id come the addressee (u16 length + UTF-8: an end id, or `*role` for a broadcast), the same
+//! message id, index, count and total (of plaintext bytes), then the sender's incarnation
+//! (u64 start ms, u64 instance); then the chunk's bytes encrypted in place, their 16-byte
+//! Poly1305 tag, and on the last chunk the sender's 64-byte Ed25519 signature over the SHA-256
+//! of the scope and of every chunk as sent. A sealed reassembler decrypts each chunk in place
+//! as it is appended and hands out a message only once every chunk and the signature verified.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use chacha20poly1305::ChaCha20Poly1305;
+use sha2::{Digest as _, Sha256};
+
+use fledge_types::TaskId;
+
+use crate::secure::{self, Incarnation, Keyring, MessageId, SIGNATURE_LEN, TAG_LEN};
 
 const MAGIC: [u8; 4] = *b"FLDC";
 const VERSION: u8 = 1;
+/// The sealed chunk layout.
+const SEALED_VERSION: u8 = 2;
 /// Messages a sender may have half-delivered at once; older ones are dropped beyond this.
 pub(crate) const MAX_PARTIALS_PER_SENDER: usize = 4;
 /// Completed message ids remembered per sender to drop redelivered chunks.
@@ -40,6 +57,12 @@ pub(crate) enum ChunkError {
     Overflow { total: u64 },
     #[error("chunk disagrees with earlier chunks of the same message")]
     Inconsistent,
+    /// Not authentic: unsealed on a sealed channel, from a non-member, not for this end, or a
+    /// chunk or signature that does not verify.
+    #[error("forged: {0}")]
+    Forged(String),
+    #[error("sealed chunk on a channel without keys")]
+    Sealed,
 }
 
 /// One parsed chunk.
@@ -51,6 +74,97 @@ pub(crate) struct Chunk {
     pub count: u32,
     pub total: u64,
     pub data: Bytes,
+    /// What a sealed (version 2) chunk carries besides its encrypted bytes.
+    pub sealed: Option<SealedPart>,
+}
+
+/// The sealing of one chunk.
+#[derive(Debug, Clone)]
+pub(crate) struct SealedPart {
+    pub to: String,
+    pub incarnation: Incarnation,
+    /// The raw header (associated data, and hashed for the signature).
+    pub header: Bytes,
+    pub tag: [u8; TAG_LEN],
+    pub signature: Option<[u8; SIGNATURE_LEN]>,
+}
+
+/// Who seals: the keys and scope of the sending end.
+pub(crate) struct Sealer<'a> {
+    pub keys: &'a Keyring,
+    /// Job, channel, group, addressee.
+    pub scope: [&'a str; 4],
+    pub sender: &'a str,
+    pub incarnation: Incarnation,
+}
+
+/// Splits the concatenation of `parts` into sealed chunk payloads (version 2): each byte is
+/// copied once, into its chunk, encrypted there and hashed while hot.
+pub(crate) fn split_sealed(
+    sealer: &Sealer<'_>,
+    msg_id: u64,
+    parts: &[Bytes],
+    chunk_size: usize,
+) -> Vec<Bytes> {
+    let chunk_size = chunk_size.max(1);
+    let total: usize = parts.iter().map(Bytes::len).sum();
+    let count = total.div_ceil(chunk_size).max(1);
+    let count32 = u32::try_from(count).expect("chunk count fits u32 for messages under 4 PiB");
+    let [job, channel, group, to] = sealer.scope;
+    let cipher = sealer.keys.message_cipher(&MessageId {
+        sender: sealer.sender,
+        incarnation: sealer.incarnation,
+        msg_id,
+    });
+    let mut hasher = secure::scope_hasher(job, channel, group, to);
+    let mut rest = parts.iter().map(|p| p.as_ref());
+    let mut current: &[u8] = &[];
+    (0..count)
+        .map(|i| {
+            let len = chunk_size.min(total - i * chunk_size);
+            let last = i + 1 == count;
+            let mut buf = BytesMut::with_capacity(
+                64 + sealer.sender.len() + to.len() + len + TAG_LEN + SIGNATURE_LEN,
+            );
+            buf.put_slice(&MAGIC);
+            buf.put_u8(SEALED_VERSION);
+            put_short_str(&mut buf, sealer.sender);
+            put_short_str(&mut buf, to);
+            buf.put_u64_le(msg_id);
+            buf.put_u32_le(u32::try_from(i).expect("i < count fits u32"));
+            buf.put_u32_le(count32);
+            buf.put_u64_le(total as u64);
+            buf.put_u64_le(sealer.incarnation.start_ms);
+            buf.put_u64_le(sealer.incarnation.instance);
+            let header_len = buf.len();
+            let mut need = len;
+            while need > 0 {
+                if current.is_empty() {
+                    current = rest.next().expect("parts hold `total` bytes");
+                    continue;
+                }
+                let n = need.min(current.len());
+                buf.put_slice(&current[..n]);
+                current = &current[n..];
+                need -= n;
+            }
+            let (header, data) = buf.split_at_mut(header_len);
+            let tag = secure::seal_chunk(&cipher, i as u32, header, data);
+            buf.put_slice(&tag);
+            hasher.update(&buf[..]);
+            if last {
+                let digest = std::mem::replace(&mut hasher, Sha256::new()).finalize();
+                buf.put_slice(&sealer.keys.sign(&digest));
+            }
+            buf.freeze()
+        })
+        .collect()
+}
+
+fn put_short_str(buf: &mut BytesMut, s: &str) {
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    buf.put_u16_le(len);
+    buf.put_slice(&s.as_bytes()[..len as usize]);
 }
 
 /// Splits `message` into chunk payloads of at most `chunk_size` data bytes each (tests: the
@@ -114,20 +228,17 @@ fn take<const N: usize>(buf: &mut Bytes, what: &'static str) -> Result<[u8; N], 
 }
 
 /// Parses a chunk payload (untrusted).
-pub(crate) fn parse(mut buf: Bytes) -> Result<Chunk, ChunkError> {
+pub(crate) fn parse(input: Bytes) -> Result<Chunk, ChunkError> {
+    let mut buf = input.clone();
     if take::<4>(&mut buf, "magic")? != MAGIC {
         return Err(ChunkError::BadMagic);
     }
     let [version] = take::<1>(&mut buf, "version")?;
-    if version != VERSION {
+    if version != VERSION && version != SEALED_VERSION {
         return Err(ChunkError::Version(version));
     }
-    let sender_len = u16::from_le_bytes(take::<2>(&mut buf, "sender length")?) as usize;
-    if buf.remaining() < sender_len {
-        return Err(ChunkError::Truncated("sender"));
-    }
-    let sender = buf.split_to(sender_len);
-    let sender = std::str::from_utf8(&sender).map_err(|_| ChunkError::Sender)?.to_owned();
+    let sender = short_str(&mut buf, "sender")?;
+    let to = if version == SEALED_VERSION { Some(short_str(&mut buf, "addressee")?) } else { None };
     let msg_id = u64::from_le_bytes(take::<8>(&mut buf, "message id")?);
     let index = u32::from_le_bytes(take::<4>(&mut buf, "index")?);
     let count = u32::from_le_bytes(take::<4>(&mut buf, "count")?);
@@ -135,7 +246,40 @@ pub(crate) fn parse(mut buf: Bytes) -> Result<Chunk, ChunkError> {
     if index >= count {
         return Err(ChunkError::Index { index, count });
     }
-    Ok(Chunk { sender, msg_id, index, count, total, data: buf })
+    let Some(to) = to else {
+        return Ok(Chunk { sender, msg_id, index, count, total, data: buf, sealed: None });
+    };
+    let incarnation = Incarnation {
+        start_ms: u64::from_le_bytes(take::<8>(&mut buf, "start")?),
+        instance: u64::from_le_bytes(take::<8>(&mut buf, "instance")?),
+    };
+    let header = input.slice(..input.len() - buf.len());
+    let last = index + 1 == count;
+    let trailer = TAG_LEN + if last { SIGNATURE_LEN } else { 0 };
+    if buf.len() < trailer {
+        return Err(ChunkError::Truncated("tag"));
+    }
+    let mut trail = buf.split_off(buf.len() - trailer);
+    let tag = take::<TAG_LEN>(&mut trail, "tag")?;
+    let signature = if last { Some(take::<SIGNATURE_LEN>(&mut trail, "signature")?) } else { None };
+    Ok(Chunk {
+        sender,
+        msg_id,
+        index,
+        count,
+        total,
+        data: buf,
+        sealed: Some(SealedPart { to, incarnation, header, tag, signature }),
+    })
+}
+
+fn short_str(buf: &mut Bytes, what: &'static str) -> Result<String, ChunkError> {
+    let len = u16::from_le_bytes(take::<2>(buf, what)?) as usize;
+    if buf.remaining() < len {
+        return Err(ChunkError::Truncated(what));
+    }
+    let raw = buf.split_to(len);
+    Ok(std::str::from_utf8(&raw).map_err(|_| ChunkError::Sender)?.to_owned())
 }
 
 /// A message being reassembled. Chunks that arrive in order (the usual case: MQTT keeps
@@ -150,24 +294,63 @@ struct Partial {
     /// Index of the next chunk `whole` needs.
     next: u32,
     whole: BytesMut,
-    parked: BTreeMap<u32, Bytes>,
+    parked: BTreeMap<u32, (Bytes, Option<SealedPart>)>,
+    /// A sealed message's verification state.
+    opening: Option<Opening>,
+}
+
+/// What a sealed message needs until its last chunk: its cipher, the running hash of its
+/// chunks as sent, and the signature once the last chunk is in.
+struct Opening {
+    to: String,
+    incarnation: Incarnation,
+    cipher: ChaCha20Poly1305,
+    hasher: Sha256,
+    signature: Option<[u8; SIGNATURE_LEN]>,
 }
 
 impl Partial {
-    /// Appends an in-order chunk, then every parked chunk that now follows.
-    fn append(&mut self, data: &[u8]) {
+    /// Appends an in-order chunk, then every parked chunk that now follows; a sealed chunk is
+    /// hashed, then decrypted in place.
+    fn append(&mut self, data: &[u8], sealed: Option<&SealedPart>) -> Result<(), ChunkError> {
         if self.whole.capacity() == 0 {
             // Reserve the whole message once: no reallocation copies while it grows. The
             // claimed total was checked against the limit; a large reservation is address
             // space, its pages are only committed as chunks are written.
             self.whole.reserve(usize::try_from(self.total).expect("total <= limit fits usize"));
         }
-        self.whole.extend_from_slice(data);
-        self.next += 1;
-        while let Some(data) = self.parked.remove(&self.next) {
-            self.whole.extend_from_slice(&data);
-            self.next += 1;
+        self.append_one(data, sealed)?;
+        while let Some((data, sealed)) = self.parked.remove(&self.next) {
+            self.append_one(&data, sealed.as_ref())?;
         }
+        Ok(())
+    }
+
+    fn append_one(&mut self, data: &[u8], sealed: Option<&SealedPart>) -> Result<(), ChunkError> {
+        let start = self.whole.len();
+        self.whole.extend_from_slice(data);
+        if let (Some(opening), Some(part)) = (self.opening.as_mut(), sealed) {
+            opening.hasher.update(&part.header);
+            opening.hasher.update(data);
+            opening.hasher.update(part.tag);
+            let index = self.next;
+            if !secure::open_chunk(
+                &opening.cipher,
+                index,
+                &part.header,
+                &mut self.whole[start..],
+                &part.tag,
+            ) {
+                // Undo: the real chunk of this index may still come.
+                self.whole.truncate(start);
+                return Err(ChunkError::Forged(format!("chunk {index} does not authenticate")));
+            }
+            if part.signature.is_some() {
+                opening.signature = part.signature;
+            }
+        }
+        self.next += 1;
+        Ok(())
     }
 }
 
@@ -177,15 +360,45 @@ struct SenderState {
     done: VecDeque<u64>,
 }
 
+/// The keys and scope of a receiving end that accepts only sealed messages.
+pub(crate) struct Opener {
+    pub keys: Arc<Keyring>,
+    pub job: String,
+    pub channel: String,
+    pub group: String,
+    pub me: String,
+    /// The addressee of broadcasts to this end's role.
+    pub bcast: String,
+}
+
+/// A whole message out of the reassembler.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Whole {
+    pub sender: String,
+    pub msg_id: u64,
+    /// The sender's incarnation (sealed messages only).
+    pub incarnation: Option<Incarnation>,
+    /// The encoded message (decrypted).
+    pub bytes: Bytes,
+}
+
 /// Puts chunks back together into whole encoded messages.
 pub(crate) struct Reassembler {
     limit: usize,
     senders: HashMap<String, SenderState>,
+    opener: Option<Arc<Opener>>,
 }
 
 impl Reassembler {
+    /// A reassembler of plain (version 1) chunks.
+    #[cfg(test)]
     pub(crate) fn new(limit: usize) -> Reassembler {
-        Reassembler { limit, senders: HashMap::new() }
+        Reassembler { limit, senders: HashMap::new(), opener: None }
+    }
+
+    /// A reassembler for `opener`'s end when it has keys (sealed chunks only), else plain.
+    pub(crate) fn with_opener(limit: usize, opener: Option<Arc<Opener>>) -> Reassembler {
+        Reassembler { limit, senders: HashMap::new(), opener }
     }
 
     /// Bytes currently held in partial messages.
@@ -199,24 +412,60 @@ impl Reassembler {
         self.senders.remove(sender);
     }
 
-    /// Adds a chunk; returns the whole message once its last chunk is in.
-    pub(crate) fn push(&mut self, chunk: Chunk) -> Result<Option<(String, Bytes)>, ChunkError> {
+    /// Checks a chunk's sealing against this end before anything is buffered.
+    fn check_seal(&self, chunk: &Chunk) -> Result<(), ChunkError> {
+        match (&self.opener, &chunk.sealed) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(ChunkError::Sealed),
+            (Some(_), None) => Err(ChunkError::Forged(format!(
+                "unsealed chunk from {} on a channel with keys",
+                chunk.sender
+            ))),
+            (Some(opener), Some(part)) => {
+                if !opener.keys.is_member(&TaskId::new(chunk.sender.as_str())) {
+                    return Err(ChunkError::Forged(format!(
+                        "{} is not a member of channel {}",
+                        chunk.sender, opener.channel
+                    )));
+                }
+                if part.to != opener.me && part.to != opener.bcast {
+                    return Err(ChunkError::Forged(format!(
+                        "message for {:?}, this end is {}",
+                        part.to, opener.me
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds a chunk; returns the whole message once its last chunk is in (for a sealed
+    /// message: once every chunk authenticated and the sender's signature verified).
+    pub(crate) fn push(&mut self, chunk: Chunk) -> Result<Option<Whole>, ChunkError> {
+        self.check_seal(&chunk)?;
         if chunk.total > self.limit as u64 {
             return Err(ChunkError::TooLarge { size: chunk.total, limit: self.limit });
         }
         if chunk.data.len() as u64 > chunk.total {
             return Err(ChunkError::Overflow { total: chunk.total });
         }
+        let opener = self.opener.clone();
         let state = self.senders.entry(chunk.sender.clone()).or_default();
-        if state.done.contains(&chunk.msg_id) {
+        // Sealed messages are deduplicated by the channel's replay guard, which counts them.
+        if opener.is_none() && state.done.contains(&chunk.msg_id) {
             return Ok(None);
         }
-        if chunk.count == 1 {
+        if chunk.count == 1 && opener.is_none() {
             if chunk.data.len() as u64 != chunk.total {
                 return Err(ChunkError::Inconsistent);
             }
             remember(state, chunk.msg_id);
-            return Ok(Some((chunk.sender, chunk.data)));
+            return Ok(Some(Whole {
+                sender: chunk.sender,
+                msg_id: chunk.msg_id,
+                incarnation: None,
+                bytes: chunk.data,
+            }));
         }
         if !state.partials.contains_key(&chunk.msg_id)
             && state.partials.len() >= MAX_PARTIALS_PER_SENDER
@@ -227,15 +476,36 @@ impl Reassembler {
                 state.partials.remove(&oldest);
             }
         }
-        let partial = state.partials.entry(chunk.msg_id).or_insert(Partial {
+        let partial = state.partials.entry(chunk.msg_id).or_insert_with(|| Partial {
             count: chunk.count,
             total: chunk.total,
             bytes: 0,
             next: 0,
             whole: BytesMut::new(),
             parked: BTreeMap::new(),
+            opening: match (&opener, &chunk.sealed) {
+                (Some(o), Some(part)) => Some(Opening {
+                    to: part.to.clone(),
+                    incarnation: part.incarnation,
+                    cipher: o.keys.message_cipher(&MessageId {
+                        sender: &chunk.sender,
+                        incarnation: part.incarnation,
+                        msg_id: chunk.msg_id,
+                    }),
+                    hasher: secure::scope_hasher(&o.job, &o.channel, &o.group, &part.to),
+                    signature: None,
+                }),
+                _ => None,
+            },
         });
-        if partial.count != chunk.count || partial.total != chunk.total {
+        let consistent = partial.count == chunk.count
+            && partial.total == chunk.total
+            && match (&partial.opening, &chunk.sealed) {
+                (Some(o), Some(p)) => o.to == p.to && o.incarnation == p.incarnation,
+                (None, None) => true,
+                _ => false,
+            };
+        if !consistent {
             return Err(ChunkError::Inconsistent);
         }
         if chunk.index < partial.next || partial.parked.contains_key(&chunk.index) {
@@ -247,11 +517,18 @@ impl Reassembler {
             state.partials.remove(&chunk.msg_id);
             return Err(ChunkError::Overflow { total });
         }
-        partial.bytes = bytes;
         if chunk.index == partial.next {
-            partial.append(&chunk.data);
+            if let Err(e) = partial.append(&chunk.data, chunk.sealed.as_ref()) {
+                // A chunk that does not authenticate is dropped alone (the message is kept for
+                // its real chunk); parked chunks that fail after it went with it.
+                partial.bytes = partial.whole.len() as u64
+                    + partial.parked.values().map(|(d, _)| d.len() as u64).sum::<u64>();
+                return Err(e);
+            }
+            partial.bytes = bytes;
         } else {
-            partial.parked.insert(chunk.index, chunk.data);
+            partial.bytes = bytes;
+            partial.parked.insert(chunk.index, (chunk.data, chunk.sealed));
         }
         if partial.next != partial.count {
             return Ok(None);
@@ -260,8 +537,33 @@ impl Reassembler {
         if partial.bytes != partial.total {
             return Err(ChunkError::Inconsistent);
         }
-        remember(state, chunk.msg_id);
-        Ok(Some((chunk.sender, partial.whole.freeze())))
+        let incarnation = match (partial.opening, &opener) {
+            (Some(opening), Some(_)) => {
+                let Some(signature) = opening.signature else {
+                    return Err(ChunkError::Forged("the last chunk has no signature".to_owned()));
+                };
+                let digest = opening.hasher.finalize();
+                let sender = TaskId::new(chunk.sender.as_str());
+                let keys = &opener.as_ref().expect("matched Some").keys;
+                if !keys.verify(&sender, &digest, &signature) {
+                    return Err(ChunkError::Forged(format!(
+                        "signature of {} does not verify",
+                        chunk.sender
+                    )));
+                }
+                Some(opening.incarnation)
+            }
+            _ => {
+                remember(state, chunk.msg_id);
+                None
+            }
+        };
+        Ok(Some(Whole {
+            sender: chunk.sender,
+            msg_id: chunk.msg_id,
+            incarnation,
+            bytes: partial.whole.freeze(),
+        }))
     }
 }
 
@@ -277,6 +579,10 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    fn push(r: &mut Reassembler, c: Chunk) -> Result<Option<(String, Bytes)>, ChunkError> {
+        r.push(c).map(|o| o.map(|w| (w.sender, w.bytes)))
+    }
 
     fn message(len: usize) -> Bytes {
         (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into()
@@ -302,7 +608,7 @@ mod tests {
             }
         }
         for c in order {
-            if let Some(m) = r.push(parse(c).expect("valid")).expect("accepted") {
+            if let Some(m) = push(&mut r, parse(c).expect("valid")).expect("accepted") {
                 done.push(m);
             }
         }
@@ -311,7 +617,7 @@ mod tests {
         assert!(done.contains(&("b".to_owned(), b)));
         assert_eq!(r.buffered(), 0);
         // A redelivery of an old chunk after completion is ignored.
-        assert_eq!(r.push(parse(ca[3].clone()).expect("valid")).expect("ok"), None);
+        assert_eq!(push(&mut r, parse(ca[3].clone()).expect("valid")).expect("ok"), None);
         assert_eq!(r.buffered(), 0);
     }
 
@@ -320,7 +626,7 @@ mod tests {
         let mut r = Reassembler::new(4096);
         let big = split("a", 1, &message(5000), 1000);
         assert_eq!(
-            r.push(parse(big[0].clone()).expect("valid")).expect_err("too large"),
+            push(&mut r, parse(big[0].clone()).expect("valid")).expect_err("too large"),
             ChunkError::TooLarge { size: 5000, limit: 4096 }
         );
         // A tiny chunk that claims a huge count allocates nothing up front.
@@ -334,12 +640,12 @@ mod tests {
         forged.put_u32_le(u32::MAX);
         forged.put_u64_le(4000);
         forged.put_slice(&[0u8; 10]);
-        assert_eq!(r.push(parse(forged.freeze()).expect("parses")).expect("held"), None);
+        assert_eq!(push(&mut r, parse(forged.freeze()).expect("parses")).expect("held"), None);
         assert_eq!(r.buffered(), 10);
         // Many half-sent messages from one sender stay bounded.
         for id in 100..120 {
             let c = split("x", id, &message(2000), 1000);
-            r.push(parse(c[0].clone()).expect("valid")).expect("held");
+            push(&mut r, parse(c[0].clone()).expect("valid")).expect("held");
         }
         assert!(r.buffered() <= (MAX_PARTIALS_PER_SENDER * 1000) as u64);
         assert!(matches!(parse(Bytes::from_static(b"FLD")), Err(ChunkError::Truncated(_))));
@@ -364,7 +670,7 @@ mod tests {
         assert!(chunks.len() > 3);
         let deliver = |chunks: Vec<Bytes>| -> Vec<Result<Option<(String, Bytes)>, ChunkError>> {
             let mut r = Reassembler::new(1 << 20);
-            chunks.into_iter().filter_map(|c| parse(c).ok()).map(|c| r.push(c)).collect()
+            chunks.into_iter().filter_map(|c| parse(c).ok()).map(|c| push(&mut r, c)).collect()
         };
         // Intact, out of order: one message, equal to what was sent.
         let mut shuffled = chunks.clone();
@@ -377,7 +683,7 @@ mod tests {
         // buffered goes when the sender is forgotten.
         let mut r = Reassembler::new(1 << 20);
         for c in &chunks[..chunks.len() - 1] {
-            assert_eq!(r.push(parse(c.clone()).expect("valid")).expect("held"), None);
+            assert_eq!(push(&mut r, parse(c.clone()).expect("valid")).expect("held"), None);
         }
         assert!(r.buffered() > 0);
         r.forget("t");
@@ -430,7 +736,7 @@ mod tests {
             let mut r = Reassembler::new(1 << 20);
             let mut out = None;
             for c in chunks {
-                if let Some(done) = r.push(parse(c).expect("valid")).expect("accepted") {
+                if let Some(done) = push(&mut r, parse(c).expect("valid")).expect("accepted") {
                     out = Some(done);
                 }
             }

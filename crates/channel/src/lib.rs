@@ -25,6 +25,7 @@ pub mod local;
 pub mod manager;
 pub mod mqtt;
 pub mod p2p;
+pub mod secure;
 mod shared;
 pub mod wire;
 
@@ -35,4 +36,5 @@ pub use local::LocalHub;
 pub use manager::{BackendEnv, ChannelManager};
 pub use mqtt::{MqttConfig, MqttCredentials};
 pub use p2p::P2pConfig;
+pub use secure::Keyring;
 pub use wire::{Dtype, Kind, Message, Tensor, Tensors};

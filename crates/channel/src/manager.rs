@@ -9,6 +9,7 @@ use crate::channel::{Backend, Channel, ChannelOptions, Error, Result};
 use crate::local::LocalHub;
 use crate::mqtt::{MqttConfig, MqttCredentials};
 use crate::p2p::P2pConfig;
+use crate::secure::Keyring;
 use crate::wire;
 
 /// Process-level settings the task config does not carry.
@@ -94,6 +95,36 @@ fn metaserver_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> R
     })
 }
 
+/// Decodes 64 hex digits of `what` for channel `channel`.
+fn key32(channel: &str, what: &str, hex_digits: &str) -> Result<[u8; 32]> {
+    let bad = |reason: String| Error::Config {
+        channel: channel.to_owned(),
+        reason: format!("dataPlane: {what} {reason}"),
+    };
+    let bytes = hex::decode(hex_digits).map_err(|e| bad(format!("is not hex: {e}")))?;
+    bytes.try_into().map_err(|b: Vec<u8>| bad(format!("is {} bytes, not 32", b.len())))
+}
+
+/// This task's keys for channel `spec` when its config carries data-plane keys.
+fn keyring_of(config: &TaskConfig, spec: &ChannelSpec) -> Result<Option<Keyring>> {
+    let Some(security) = &config.data_plane else { return Ok(None) };
+    let name = spec.name.as_str();
+    let seed = key32(name, "identity", &security.identity)?;
+    let channel_key = security.channel_keys.get(name).ok_or_else(|| Error::Config {
+        channel: name.to_owned(),
+        reason: format!("dataPlane.channelKeys has no key for channel {name}"),
+    })?;
+    let channel_key = key32(name, &format!("channelKeys.{name}"), channel_key)?;
+    let mut members = Vec::new();
+    for (end, public) in security.members.get(name).into_iter().flatten() {
+        members.push((
+            fledge_types::TaskId::new(end.as_str()),
+            key32(name, &format!("members.{name}.{end}"), public)?,
+        ));
+    }
+    Keyring::new(seed, channel_key, members).map(Some)
+}
+
 /// The options and backend for one channel of `config`.
 pub fn plan(
     config: &TaskConfig,
@@ -114,6 +145,7 @@ pub fn plan(
         props: env.props.clone(),
         max_message_bytes: env.max_message_bytes,
         queue_depth: env.queue_depth,
+        security: keyring_of(config, spec)?.map(std::sync::Arc::new),
     };
     let backend = match config.backend_of(spec) {
         BackendKind::Local => Backend::Local(env.local_hub.clone()),

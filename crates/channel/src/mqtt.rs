@@ -20,6 +20,11 @@
 //!
 //! The event loop keeps polling after errors, so a restarted broker is reconnected to; on every
 //! ConnAck the end re-subscribes and re-announces itself.
+//!
+//! On a channel with keys (see `secure`) every message is sealed (encrypted, signed, replay
+//! protected) and every presence is signed: an unsigned or empty retained presence changes
+//! nothing, and the last will is a signed leave for the current connection only (each
+//! reconnection sets a new one, so a captured will cannot evict the end later).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use fledge_types::TaskId;
 
 use crate::chunk::{self, Reassembler};
+use crate::secure::{self, Presence, PresenceState, Rejection};
 use crate::shared::{EndProps, Error, Result, Shared};
 use crate::wire::{self, Message};
 
@@ -250,22 +256,71 @@ struct Ctx {
     last_seen: Mutex<HashMap<TaskId, Instant>>,
     /// `Ok(true)` once subscribed and announced; the last connection error otherwise.
     ready: watch::Sender<std::result::Result<bool, String>>,
+    /// The connection this end is on (sealed presences and the last will name it).
+    epoch: AtomicU64,
+    /// Timestamp of the last sealed presence sent (strictly increasing).
+    presence_ts: AtomicU64,
+}
+
+/// The presence payload of `shared` (a sealed one on a channel with keys; plain JSON or empty
+/// otherwise).
+fn presence_bytes(shared: &Shared, state: PresenceState, epoch: u64, ts: u64) -> Vec<u8> {
+    let props = EndProps {
+        role: shared.opts.role.clone(),
+        task_id: shared.opts.me.clone(),
+        props: shared.opts.props.clone(),
+        instance: shared.instance.clone(),
+    };
+    let json =
+        || serde_json::to_vec(&props).expect("EndProps serializes: plain strings and JSON values");
+    let Some(keys) = &shared.opts.security else {
+        return if state == PresenceState::Present { json() } else { Vec::new() };
+    };
+    let o = &shared.opts;
+    let presence = Presence {
+        state,
+        epoch,
+        ts,
+        incarnation: shared.incarnation,
+        props: if state == PresenceState::Present { json() } else { Vec::new() },
+    };
+    presence.seal(keys, [o.job.as_str(), &o.channel, &o.group, o.me.as_str()])
+}
+
+/// The last will of `shared`'s connection `epoch`.
+fn last_will(shared: &Shared, topic: String, epoch: u64) -> LastWill {
+    LastWill::new(
+        topic,
+        presence_bytes(shared, PresenceState::Will, epoch, 0),
+        QoS::AtLeastOnce,
+        true,
+    )
 }
 
 impl Ctx {
-    fn presence_payload(&self) -> Vec<u8> {
-        let props = EndProps {
-            role: self.shared.opts.role.clone(),
-            task_id: self.shared.opts.me.clone(),
-            props: self.shared.opts.props.clone(),
-            instance: self.shared.instance.clone(),
+    fn presence_payload(&self, present: bool) -> Vec<u8> {
+        let ts = {
+            let now = secure::now_ms();
+            let mut prev = self.presence_ts.load(Ordering::SeqCst);
+            loop {
+                let next = now.max(prev + 1);
+                match self.presence_ts.compare_exchange(
+                    prev,
+                    next,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                ) {
+                    Ok(_) => break next,
+                    Err(actual) => prev = actual,
+                }
+            }
         };
-        serde_json::to_vec(&props).expect("EndProps serializes: plain strings and JSON values")
+        let state = if present { PresenceState::Present } else { PresenceState::Left };
+        presence_bytes(&self.shared, state, self.epoch.load(Ordering::SeqCst), ts)
     }
 
     fn publish_presence(&self) {
-        let payload =
-            if self.joined.load(Ordering::SeqCst) { self.presence_payload() } else { Vec::new() };
+        let payload = self.presence_payload(self.joined.load(Ordering::SeqCst));
         // From the event loop and ticker we must not wait on the request queue (the event loop
         // is what drains it); a skipped heartbeat is repeated at the next tick.
         if let Err(e) =
@@ -281,11 +336,46 @@ impl Ctx {
         if end == self.shared.opts.me {
             return None;
         }
+        if let Some(keys) = &self.shared.opts.security {
+            let o = &self.shared.opts;
+            let scope = [o.job.as_str(), &o.channel, &o.group, end.as_str()];
+            let presence = match Presence::open(keys, &end, scope, payload) {
+                Ok(p) => p,
+                Err(Rejection::Forged(why)) => {
+                    tracing::warn!(channel = %o.channel, %why, "presence refused");
+                    self.shared.metrics.forged();
+                    return None;
+                }
+            };
+            match self.shared.guard.check_presence(&end, &presence) {
+                Some(true) => {}
+                Some(false) => {
+                    tracing::warn!(channel = %o.channel, %end, "replayed presence refused");
+                    self.shared.metrics.replayed();
+                    return None;
+                }
+                // The newest presence again: refresh liveness only.
+                None if presence.state == PresenceState::Present => {
+                    return self.on_props(end, &presence.props);
+                }
+                None => return None,
+            }
+            if presence.state != PresenceState::Present {
+                self.last_seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&end);
+                self.shared.peer_down(&end);
+                return Some(end);
+            }
+            return self.on_props(end, &presence.props);
+        }
         if payload.is_empty() {
             self.last_seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&end);
             self.shared.peer_down(&end);
             return Some(end);
         }
+        self.on_props(end, payload)
+    }
+
+    fn on_props(&self, end: TaskId, payload: &[u8]) -> Option<TaskId> {
         match serde_json::from_slice::<EndProps>(payload) {
             Ok(props) if props.task_id == end && props.role == self.shared.opts.peer_role => {
                 self.last_seen
@@ -334,42 +424,7 @@ impl Ctx {
         if chunk.sender == self.shared.opts.me.as_str() {
             return; // Our own broadcast on a self-loop channel.
         }
-        let (sender, bytes) = match reassembler.push(chunk) {
-            Ok(Some(done)) => done,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "chunk rejected");
-                self.shared.metrics.dropped();
-                return;
-            }
-        };
-        let size = bytes.len();
-        let limit = self.shared.opts.max_message_bytes;
-        let decoded = if size > BLOCKING_THRESHOLD {
-            tokio::task::spawn_blocking(move || wire::decode_with_limit(bytes, limit))
-                .await
-                .unwrap_or_else(|e| panic!("decode task panicked: {e}"))
-        } else {
-            wire::decode_with_limit(bytes, limit)
-        };
-        let message = match decoded {
-            Ok(m) if m.sender == sender => m,
-            Ok(m) => {
-                tracing::warn!(chunk_sender = %sender, message_sender = %m.sender, "sender mismatch, dropped");
-                self.shared.metrics.dropped();
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(%sender, error = %e, "undecodable message dropped");
-                self.shared.metrics.dropped();
-                return;
-            }
-        };
-        self.shared.metrics.received(size);
-        // Waits while this sender's queue is full: back-pressure reaches the broker.
-        if let Err(e) = self.shared.push(TaskId::new(sender), message).await {
-            tracing::debug!(error = %e, "message arrived after close");
-        }
+        self.shared.take_chunk(reassembler, chunk).await;
     }
 }
 
@@ -391,16 +446,11 @@ impl MqttEnd {
             .set_keep_alive(config.keep_alive)
             .set_clean_session(true)
             .set_max_packet_size(config.chunk_size + PACKET_SLACK, config.chunk_size + PACKET_SLACK)
-            .set_inflight(32);
+            .set_inflight(32)
+            .set_last_will(last_will(&shared, topics.my_presence.clone(), 0));
         if let Some(login) = &config.credentials {
             options.set_credentials(login.username.clone(), login.password.clone());
         }
-        options.set_last_will(LastWill::new(
-            topics.my_presence.clone(),
-            Vec::new(),
-            QoS::AtLeastOnce,
-            true,
-        ));
         let (client, eventloop) = AsyncClient::new(options, 64);
         let (ready, mut ready_rx) = watch::channel(Ok(false));
         let ctx = Arc::new(Ctx {
@@ -412,6 +462,8 @@ impl MqttEnd {
             hung: CancellationToken::new(),
             last_seen: Mutex::new(HashMap::new()),
             ready,
+            epoch: AtomicU64::new(0),
+            presence_ts: AtomicU64::new(0),
         });
         let cancel = CancellationToken::new();
         let event_loop = tokio::spawn(run_event_loop(ctx.clone(), eventloop, cancel.clone()));
@@ -439,15 +491,12 @@ impl MqttEnd {
         }
     }
 
-    async fn publish_message(&self, topic: String, message: Message) -> Result<()> {
+    async fn publish_message(&self, topic: String, to: String, message: Message) -> Result<()> {
         let shared = &self.ctx.shared;
         let large = message.tensors.data_bytes() > BLOCKING_THRESHOLD;
         let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
-        let (me, chunk_size, limit) = (
-            shared.opts.me.as_str().to_owned(),
-            self.ctx.config.chunk_size,
-            shared.opts.max_message_bytes,
-        );
+        let (sealer, chunk_size, limit) =
+            (shared.clone(), self.ctx.config.chunk_size, shared.opts.max_message_bytes);
         // The tensor data is copied once, straight into the chunks (no whole encoded copy);
         // the message, and with it any buffer its tensors share, is released before the chunks
         // are queued.
@@ -460,7 +509,7 @@ impl MqttEnd {
             }
             let parts: Vec<Bytes> = encoded.parts().cloned().collect();
             drop(encoded);
-            Ok((size, chunk::split_parts(&me, msg_id, &parts, chunk_size)))
+            Ok((size, sealer.chunks(&to, msg_id, &parts, chunk_size)))
         };
         let (size, chunks) = if large {
             tokio::task::spawn_blocking(encode)
@@ -484,16 +533,17 @@ impl MqttEnd {
     }
 
     pub(crate) async fn send(&self, end: &TaskId, message: Message) -> Result<()> {
-        self.publish_message(self.ctx.topics.data(end), message).await
+        self.publish_message(self.ctx.topics.data(end), end.as_str().to_owned(), message).await
     }
 
     pub(crate) async fn broadcast(&self, message: Message) -> Result<()> {
-        self.publish_message(self.ctx.topics.peer_bcast.clone(), message).await
+        let to = secure::broadcast_to(&self.ctx.shared.opts.peer_role);
+        self.publish_message(self.ctx.topics.peer_bcast.clone(), to, message).await
     }
 
     pub(crate) async fn announce(&self, present: bool) -> Result<()> {
         self.ctx.joined.store(present, Ordering::SeqCst);
-        let payload = if present { self.ctx.presence_payload() } else { Vec::new() };
+        let payload = self.ctx.presence_payload(present);
         self.ctx
             .client
             .publish(&self.ctx.topics.my_presence, QoS::AtLeastOnce, true, payload)
@@ -529,7 +579,8 @@ impl Drop for MqttEnd {
 }
 
 async fn run_event_loop(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: CancellationToken) {
-    let mut reassembler = Reassembler::new(ctx.shared.opts.max_message_bytes);
+    let mut reassembler =
+        Reassembler::with_opener(ctx.shared.opts.max_message_bytes, ctx.shared.opener.clone());
     // Reconnection delays: 50 ms doubling to 2 s, with jitter, for as long as it takes;
     // a new schedule starts at every successful connection.
     let schedule = || {
@@ -581,6 +632,16 @@ async fn run_event_loop(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: Cancell
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {
+                if ctx.shared.opts.security.is_some() {
+                    // The next connection gets a will of its own: the broker may have fired
+                    // (and anyone may have kept) this one's.
+                    let epoch = ctx.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+                    eventloop.mqtt_options.set_last_will(last_will(
+                        &ctx.shared,
+                        ctx.topics.my_presence.clone(),
+                        epoch,
+                    ));
+                }
                 let delay = backoff.next().unwrap_or(Duration::from_secs(2));
                 tracing::debug!(error = %e, ?delay, "mqtt connection error, retrying");
                 ctx.ready.send_modify(|r| {

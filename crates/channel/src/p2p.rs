@@ -38,6 +38,7 @@ use fledge_proto::{MetaserverClient, P2pClient, P2pServer};
 use fledge_types::TaskId;
 
 use crate::chunk::{self, Reassembler};
+use crate::secure;
 use crate::shared::{EndProps, Error, Result, Shared};
 use crate::wire::{self, Message};
 
@@ -326,9 +327,34 @@ impl Ctx {
         }
     }
 
-    /// Checks that a stream's hello is for this end and from one of its peers.
+    /// Checks that a stream's hello is for this end and from one of its peers (on a channel
+    /// with keys: signed by the end it names, fresh, and never seen before).
     async fn accept(&self, hello: &Hello) -> Result<TaskId, Status> {
         let o = &self.shared.opts;
+        if let Some(keys) = &o.security {
+            let from = TaskId::new(hello.from.clone());
+            let signed = secure::hello_signed_bytes(
+                [&hello.job_id, &hello.channel, &hello.group, &hello.from, &hello.to],
+                hello.timestamp_ms,
+                &hello.nonce,
+            );
+            let nonce: Option<[u8; 16]> = hello.nonce.as_slice().try_into().ok();
+            let proved = keys.verify(&from, &signed, &hello.signature);
+            if !proved || nonce.is_none() {
+                self.shared.metrics.forged();
+                return Err(Status::unauthenticated(format!(
+                    "the hello does not prove that it comes from end {from} of channel {}",
+                    o.channel
+                )));
+            }
+            if !self.shared.guard.accept_hello(hello.timestamp_ms, nonce.unwrap_or_default()) {
+                self.shared.metrics.replayed();
+                return Err(Status::unauthenticated(format!(
+                    "the hello of end {from} is stale or replayed (clock skew above {:?}?)",
+                    secure::HELLO_SKEW
+                )));
+            }
+        }
         if hello.job_id != o.job.as_str()
             || hello.channel != o.channel
             || hello.group != o.group
@@ -370,46 +396,7 @@ impl Ctx {
                 return false;
             }
         };
-        let bytes = match reassembler.push(chunk) {
-            Ok(Some((_, bytes))) => bytes,
-            Ok(None) => return false,
-            Err(e) => {
-                tracing::warn!(%from, error = %e, "chunk rejected");
-                self.shared.metrics.dropped();
-                return false;
-            }
-        };
-        let size = bytes.len();
-        let limit = self.shared.opts.max_message_bytes;
-        let decoded = if size > BLOCKING_THRESHOLD {
-            tokio::task::spawn_blocking(move || wire::decode_with_limit(bytes, limit))
-                .await
-                .unwrap_or_else(|e| panic!("decode task panicked: {e}"))
-        } else {
-            wire::decode_with_limit(bytes, limit)
-        };
-        let message = match decoded {
-            Ok(m) if m.sender == from.as_str() => m,
-            Ok(m) => {
-                tracing::warn!(%from, message_sender = %m.sender, "sender mismatch, dropped");
-                self.shared.metrics.dropped();
-                return false;
-            }
-            Err(e) => {
-                tracing::warn!(%from, error = %e, "undecodable message dropped");
-                self.shared.metrics.dropped();
-                return false;
-            }
-        };
-        self.shared.metrics.received(size);
-        // Waits while this sender's queue is full: back-pressure reaches the sender.
-        match self.shared.push(from.clone(), message).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::debug!(error = %e, "message arrived after close");
-                false
-            }
-        }
+        self.shared.take_chunk(reassembler, chunk).await
     }
 }
 
@@ -435,7 +422,10 @@ impl fledge_proto::P2p for Receiver {
         };
         let from = self.ctx.accept(&hello).await?;
         tracing::debug!(channel = %hello.channel, me = %hello.to, %from, "p2p stream accepted");
-        let mut reassembler = Reassembler::new(self.ctx.shared.opts.max_message_bytes);
+        let mut reassembler = Reassembler::with_opener(
+            self.ctx.shared.opts.max_message_bytes,
+            self.ctx.shared.opener.clone(),
+        );
         let mut messages = 0;
         while let Some(frame) = stream.message().await? {
             let Some(Body::Chunk(data)) = frame.body else {
@@ -578,13 +568,27 @@ impl P2pEnd {
             P2pClient::new(channel).max_encoding_message_size(MAX_CHUNK_SIZE + FRAME_SLACK);
         let (tx, rx) = mpsc::channel(LINK_DEPTH);
         let o = &shared.opts;
-        let hello = Hello {
+        let mut hello = Hello {
             job_id: o.job.as_str().to_owned(),
             channel: o.channel.clone(),
             group: o.group.clone(),
             from: o.me.as_str().to_owned(),
             to: end.as_str().to_owned(),
+            timestamp_ms: 0,
+            nonce: Vec::new(),
+            signature: Vec::new(),
         };
+        if let Some(keys) = &o.security {
+            hello.timestamp_ms = secure::now_ms();
+            hello.nonce = rand::random::<[u8; 16]>().to_vec();
+            hello.signature = keys
+                .sign(&secure::hello_signed_bytes(
+                    [&hello.job_id, &hello.channel, &hello.group, &hello.from, &hello.to],
+                    hello.timestamp_ms,
+                    &hello.nonce,
+                ))
+                .to_vec();
+        }
         tx.send(Frame { body: Some(Body::Hello(hello)) })
             .await
             .map_err(|_| p2p_error(what(), "stream closed before the hello"))?;
@@ -614,15 +618,12 @@ impl P2pEnd {
 
     /// Encodes `message` straight into chunks: the tensor data is copied once, into the
     /// chunks, with no whole encoded copy; a broadcast shares the same chunks for every peer.
-    async fn encode_chunks(&self, message: Message) -> Result<(usize, Vec<Bytes>)> {
+    async fn encode_chunks(&self, to: String, message: Message) -> Result<(usize, Vec<Bytes>)> {
         let shared = &self.ctx.shared;
         let large = message.tensors.data_bytes() > BLOCKING_THRESHOLD;
         let msg_id = self.next_msg_id.fetch_add(1, Ordering::Relaxed);
-        let (me, chunk_size, limit) = (
-            shared.opts.me.as_str().to_owned(),
-            self.ctx.config.chunk_size,
-            shared.opts.max_message_bytes,
-        );
+        let (sealer, chunk_size, limit) =
+            (shared.clone(), self.ctx.config.chunk_size, shared.opts.max_message_bytes);
         let encode = move || -> Result<(usize, Vec<Bytes>)> {
             let encoded = wire::encode_parts(&message)?;
             drop(message);
@@ -632,7 +633,7 @@ impl P2pEnd {
             }
             let parts: Vec<Bytes> = encoded.parts().cloned().collect();
             drop(encoded);
-            Ok((size, chunk::split_parts(&me, msg_id, &parts, chunk_size)))
+            Ok((size, sealer.chunks(&to, msg_id, &parts, chunk_size)))
         };
         let (size, chunks) = if large {
             tokio::task::spawn_blocking(encode)
@@ -663,7 +664,7 @@ impl P2pEnd {
     }
 
     pub(crate) async fn send(&self, end: &TaskId, message: Message) -> Result<()> {
-        let (size, chunks) = self.encode_chunks(message).await?;
+        let (size, chunks) = self.encode_chunks(end.as_str().to_owned(), message).await?;
         self.send_chunks(end, size, &chunks).await
     }
 
@@ -671,7 +672,8 @@ impl P2pEnd {
     /// a broker; one that cannot be reached is logged and skipped, and its lapsing lease removes
     /// it from `ends()`.
     pub(crate) async fn broadcast(&self, ends: &[TaskId], message: Message) -> Result<()> {
-        let (size, chunks) = self.encode_chunks(message).await?;
+        let to = secure::broadcast_to(&self.ctx.shared.opts.peer_role);
+        let (size, chunks) = self.encode_chunks(to, message).await?;
         let sends = ends.iter().map(|end| {
             let chunks = &chunks;
             async move { (end, self.send_chunks(end, size, chunks).await) }

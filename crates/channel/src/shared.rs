@@ -17,10 +17,14 @@ use tokio::sync::watch;
 
 use fledge_types::{JobId, TaskId};
 
+use crate::chunk::{Chunk, ChunkError, Opener, Reassembler};
+use crate::secure::{Guard, Incarnation, Keyring};
 use crate::wire::{self, Message};
 
 /// Default bound of each per-end inbound queue, in messages.
 pub const DEFAULT_QUEUE_DEPTH: usize = 64;
+/// Decode off the runtime threads above this many bytes.
+const BLOCKING_THRESHOLD: usize = 1 << 20;
 
 /// Errors of channels and backends.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +161,10 @@ pub struct ChannelOptions {
     pub max_message_bytes: usize,
     /// Bound of each per-end inbound queue, in messages. Default 64.
     pub queue_depth: usize,
+    /// This end's keys: with them (the default whenever the task config carries them) the
+    /// network backends seal every message and presence, and accept only authentic, fresh ones
+    /// from members (see the `secure` module); without them the channel is plain.
+    pub security: Option<Arc<Keyring>>,
 }
 
 impl ChannelOptions {
@@ -179,7 +187,14 @@ impl ChannelOptions {
             props: serde_json::Map::new(),
             max_message_bytes: wire::DEFAULT_MAX_MESSAGE_BYTES,
             queue_depth: DEFAULT_QUEUE_DEPTH,
+            security: None,
         }
+    }
+
+    /// Sets this end's keys (builder style).
+    pub fn with_security(mut self, keys: Keyring) -> ChannelOptions {
+        self.security = Some(Arc::new(keys));
+        self
     }
 
     /// Announces a property to peers (builder style).
@@ -239,6 +254,8 @@ pub struct ChannelMetrics {
     messages_sent: AtomicU64,
     messages_received: AtomicU64,
     messages_dropped: AtomicU64,
+    rejected_forged: AtomicU64,
+    rejected_replayed: AtomicU64,
 }
 
 /// A copy of [`ChannelMetrics`] at one instant.
@@ -254,6 +271,13 @@ pub struct MetricsSnapshot {
     pub messages_received: u64,
     /// Inbound messages dropped as malformed, oversized or spoofed.
     pub messages_dropped: u64,
+    /// Inbound messages, chunks, presences or p2p streams refused as not authentic: unsigned
+    /// on a channel with keys, from a non-member, for another end, or failing verification.
+    /// Also counted in `messages_dropped`.
+    pub rejected_forged: u64,
+    /// Authentic inbound messages or presences refused because they were already accepted or
+    /// come from an older run of their sender. Also counted in `messages_dropped`.
+    pub rejected_replayed: u64,
 }
 
 impl ChannelMetrics {
@@ -265,6 +289,8 @@ impl ChannelMetrics {
             messages_sent: self.messages_sent.load(Ordering::Relaxed),
             messages_received: self.messages_received.load(Ordering::Relaxed),
             messages_dropped: self.messages_dropped.load(Ordering::Relaxed),
+            rejected_forged: self.rejected_forged.load(Ordering::Relaxed),
+            rejected_replayed: self.rejected_replayed.load(Ordering::Relaxed),
         }
     }
 
@@ -280,6 +306,16 @@ impl ChannelMetrics {
 
     pub(crate) fn dropped(&self) {
         self.messages_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn forged(&self) {
+        self.dropped();
+        self.rejected_forged.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn replayed(&self) {
+        self.dropped();
+        self.rejected_replayed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -301,6 +337,12 @@ pub(crate) struct Shared {
     pub(crate) opts: ChannelOptions,
     /// This run of the end (see [`EndProps::instance`]).
     pub(crate) instance: String,
+    /// This run of the end, as sealed messages and presences carry it.
+    pub(crate) incarnation: Incarnation,
+    /// What was accepted from each sender (sealed channels).
+    pub(crate) guard: Guard,
+    /// This end's keys and scope for opening sealed chunks (channels with keys).
+    pub(crate) opener: Option<Arc<Opener>>,
     pub(crate) state: Mutex<State>,
     pub(crate) changed: watch::Sender<u64>,
     pub(crate) metrics: ChannelMetrics,
@@ -308,9 +350,23 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(opts: ChannelOptions) -> Arc<Shared> {
+        let incarnation = Incarnation::new();
+        let opener = opts.security.as_ref().map(|keys| {
+            Arc::new(Opener {
+                keys: keys.clone(),
+                job: opts.job.as_str().to_owned(),
+                channel: opts.channel.clone(),
+                group: opts.group.clone(),
+                me: opts.me.as_str().to_owned(),
+                bcast: crate::secure::broadcast_to(&opts.role),
+            })
+        });
         Arc::new(Shared {
             opts,
-            instance: format!("{:016x}", rand::random::<u64>()),
+            instance: format!("{:016x}", incarnation.instance),
+            incarnation,
+            guard: Guard::default(),
+            opener,
             state: Mutex::new(State::default()),
             changed: watch::channel(0).0,
             metrics: ChannelMetrics::default(),
@@ -395,6 +451,104 @@ impl Shared {
             if rx.changed().await.is_err() {
                 return Err(Error::Closed(self.opts.channel.clone()));
             }
+        }
+    }
+
+    /// Takes one inbound chunk of a network backend through reassembly, verification (sealed
+    /// channels: authentic, from a member, for this end, never accepted before) and decoding,
+    /// and queues the message it completes. Anything refused is dropped before it is queued,
+    /// and counted. Returns whether a message was queued.
+    pub(crate) async fn take_chunk(&self, reassembler: &mut Reassembler, chunk: Chunk) -> bool {
+        if let Some(part) = &chunk.sealed
+            && !self.guard.fresh(
+                &TaskId::new(chunk.sender.as_str()),
+                part.incarnation,
+                chunk.msg_id,
+            )
+        {
+            tracing::warn!(channel = %self.opts.channel, sender = %chunk.sender, msg_id = chunk.msg_id, "replayed chunk dropped");
+            self.metrics.replayed();
+            return false;
+        }
+        let whole = match reassembler.push(chunk) {
+            Ok(Some(whole)) => whole,
+            Ok(None) => return false,
+            Err(ChunkError::Forged(why)) => {
+                tracing::warn!(channel = %self.opts.channel, %why, "forged message dropped");
+                self.metrics.forged();
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(channel = %self.opts.channel, error = %e, "chunk rejected");
+                self.metrics.dropped();
+                return false;
+            }
+        };
+        let sender = TaskId::new(whole.sender);
+        if let Some(incarnation) = whole.incarnation
+            && !self.guard.accept(&sender, incarnation, whole.msg_id)
+        {
+            tracing::warn!(channel = %self.opts.channel, %sender, msg_id = whole.msg_id, "replayed message dropped");
+            self.metrics.replayed();
+            return false;
+        }
+        let bytes = whole.bytes;
+        let size = bytes.len();
+        let limit = self.opts.max_message_bytes;
+        let decoded = if size > BLOCKING_THRESHOLD {
+            tokio::task::spawn_blocking(move || wire::decode_with_limit(bytes, limit))
+                .await
+                .unwrap_or_else(|e| panic!("decode task panicked: {e}"))
+        } else {
+            wire::decode_with_limit(bytes, limit)
+        };
+        let message = match decoded {
+            Ok(m) if m.sender == sender.as_str() => m,
+            Ok(m) => {
+                tracing::warn!(chunk_sender = %sender, message_sender = %m.sender, "sender mismatch, dropped");
+                self.metrics.dropped();
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(%sender, error = %e, "undecodable message dropped");
+                self.metrics.dropped();
+                return false;
+            }
+        };
+        self.metrics.received(size);
+        // Waits while this sender's queue is full: back-pressure reaches the sender.
+        match self.push(sender, message).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "message arrived after close");
+                false
+            }
+        }
+    }
+
+    /// Splits an encoded message into chunk payloads: sealed for `to` (an end id, or
+    /// [`crate::secure::broadcast_to`] a role) on a channel with keys, plain otherwise.
+    pub(crate) fn chunks(
+        &self,
+        to: &str,
+        msg_id: u64,
+        parts: &[bytes::Bytes],
+        chunk_size: usize,
+    ) -> Vec<bytes::Bytes> {
+        let o = &self.opts;
+        match &o.security {
+            Some(keys) => crate::chunk::split_sealed(
+                &crate::chunk::Sealer {
+                    keys,
+                    scope: [o.job.as_str(), &o.channel, &o.group, to],
+                    sender: o.me.as_str(),
+                    incarnation: self.incarnation,
+                },
+                msg_id,
+                parts,
+                chunk_size,
+            ),
+            None => crate::chunk::split_parts(o.me.as_str(), msg_id, parts, chunk_size),
         }
     }
 

@@ -23,6 +23,8 @@ struct Fixture {
     /// Stops the metaserver of a p2p fixture when dropped.
     _metaserver: Option<tokio_util::sync::DropGuard>,
     job: String,
+    /// Every end gets keys: messages are sealed, presences and hellos signed.
+    sealed: bool,
 }
 
 impl Fixture {
@@ -33,6 +35,7 @@ impl Fixture {
             _broker: None,
             _metaserver: None,
             job: unique_job(),
+            sealed: false,
         })
     }
 
@@ -55,6 +58,7 @@ impl Fixture {
             _broker: None,
             _metaserver: Some(stop.drop_guard()),
             job: unique_job(),
+            sealed: false,
         })
     }
 
@@ -70,6 +74,7 @@ impl Fixture {
             _broker: Some(broker),
             _metaserver: None,
             job: unique_job(),
+            sealed: false,
         })
     }
 
@@ -85,6 +90,7 @@ impl Fixture {
             _broker: None,
             _metaserver: None,
             job: unique_job(),
+            sealed: false,
         })
     }
 
@@ -93,8 +99,15 @@ impl Fixture {
         !matches!(self.backend, Backend::Local(_))
     }
 
+    /// The same backend with keys for every end.
+    fn sealed(mut self) -> Fixture {
+        self.sealed = true;
+        self
+    }
+
     fn opts(&self, channel: &str, group: &str, me: &str, role: &str, peer: &str) -> ChannelOptions {
-        ChannelOptions::new(self.job.as_str(), channel, group, me, role, peer)
+        let opts = ChannelOptions::new(self.job.as_str(), channel, group, me, role, peer);
+        if self.sealed { opts.with_security(keyring(&self.job, channel, me)) } else { opts }
     }
 
     async fn open(&self, opts: ChannelOptions) -> Channel {
@@ -124,6 +137,41 @@ fn fast_liveness(mut config: MqttConfig) -> MqttConfig {
     config.heartbeat = Duration::from_millis(200);
     config.liveness_timeout = Duration::from_secs(2);
     config
+}
+
+/// Every end id the suite uses: the members of a sealed fixture's channels.
+fn universe() -> Vec<String> {
+    let mut ids: Vec<String> =
+        ["agg", "agg-a", "agg-b", "solo", "t-a", "t-b", "t-c", "x"].map(str::to_owned).to_vec();
+    for i in 0..16 {
+        ids.push(format!("t{i}"));
+        ids.push(format!("p{i}"));
+    }
+    ids
+}
+
+fn digest(parts: &[&str]) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// End `me`'s keys on `channel` of `job`, as the control plane would derive them.
+fn keyring(job: &str, channel: &str, me: &str) -> fledge_channel::Keyring {
+    let members = universe()
+        .into_iter()
+        .filter(|e| e != me)
+        .map(|e| {
+            let public = fledge_channel::Keyring::public_key_of(&digest(&["id", job, &e]));
+            (TaskId::new(e), public)
+        })
+        .collect::<Vec<_>>();
+    fledge_channel::Keyring::new(digest(&["id", job, me]), digest(&["ch", job, channel]), members)
+        .expect("valid keys")
 }
 
 fn unique_job() -> String {
@@ -503,6 +551,10 @@ backend_test_suite!(p2p, Fixture::p2p());
 #[cfg(feature = "broker")]
 backend_test_suite!(embedded, Fixture::embedded());
 backend_test_suite!(mosquitto, Fixture::mosquitto());
+backend_test_suite!(p2p_sealed, Fixture::p2p().map(Fixture::sealed));
+#[cfg(feature = "broker")]
+backend_test_suite!(embedded_sealed, Fixture::embedded().map(Fixture::sealed));
+backend_test_suite!(mosquitto_sealed, Fixture::mosquitto().map(Fixture::sealed));
 
 #[cfg(feature = "broker")]
 mod broker_only {
@@ -521,6 +573,7 @@ mod broker_only {
             _broker: None,
             _metaserver: None,
             job: unique_job(),
+            sealed: false,
         };
         let (agg, trainers) = f.star(1).await;
         broker.shutdown();
@@ -630,6 +683,7 @@ mod p2p_only {
             group: group.to_owned(),
             from: from.to_owned(),
             to: to.to_owned(),
+            ..Hello::default()
         };
         let job = f.job.as_str();
         for (forged, why) in [
@@ -655,4 +709,273 @@ mod p2p_only {
         trainers[0].send(&id("agg"), update(4)).await.expect("send");
         assert_eq!(agg.recv(&id("t0")).await.expect("arrives").round, 4);
     }
+
+    /// On a channel with keys, a stream is admitted only from an end that proves it is the
+    /// end its hello names: an unsigned hello, or one signed by another key, is refused and
+    /// counted, even with a scope that is right in every other way.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn a_hello_that_proves_nothing_is_refused() {
+        let f = Fixture::p2p().expect("p2p fixture").sealed();
+        let (agg, trainers) = f.star(1).await;
+        let Backend::P2p(config) = &f.backend else { unreachable!("a p2p fixture") };
+        let mut meta = MetaserverClient::connect(config.metaserver.clone()).await.expect("meta");
+        let request = PeersRequest {
+            job_id: f.job.clone(),
+            channel: "param".to_owned(),
+            group: "default".to_owned(),
+            role: "aggregator".to_owned(),
+        };
+        let listed = meta.peers(request).await.expect("peers").into_inner().peers;
+        let mut client = P2pClient::connect(listed[0].endpoint.clone()).await.expect("connects");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64;
+        let hello = |signature: Vec<u8>| Hello {
+            job_id: f.job.clone(),
+            channel: "param".to_owned(),
+            group: "default".to_owned(),
+            from: "t0".to_owned(),
+            to: "agg".to_owned(),
+            timestamp_ms: now,
+            nonce: rand::random::<[u8; 16]>().to_vec(),
+            signature,
+        };
+        for (forged, why) in [
+            (hello(Vec::new()), "unsigned"),
+            (hello(vec![7u8; 64]), "a made-up signature"),
+            (hello(rand::random::<[u8; 32]>().repeat(2)), "random bytes"),
+        ] {
+            let frames = vec![Frame { body: Some(Body::Hello(forged)) }];
+            let status = client.deliver(futures::stream::iter(frames)).await.expect_err(why);
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{why}: {status:?}");
+        }
+        assert_eq!(agg.metrics().snapshot().rejected_forged, 3);
+        assert!(agg.peek(&id("t0")).is_none());
+        trainers[0].send(&id("agg"), update(4)).await.expect("send");
+        assert_eq!(agg.recv(&id("t0")).await.expect("arrives").round, 4);
+    }
+}
+
+/// Attacks on a channel with keys over a real broker, through a client that is connected to
+/// it but is not a member: it can read and publish anything, retained or not.
+mod sealed_attacks {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// A raw MQTT client subscribed to `filter`, with everything it received.
+    struct Spy {
+        client: AsyncClient,
+        rx: mpsc::UnboundedReceiver<Publish>,
+        seen: Vec<Publish>,
+    }
+
+    impl Spy {
+        async fn connect(f: &Fixture, filter: &str) -> Spy {
+            let Backend::Mqtt(config) = &f.backend else { unreachable!("an mqtt fixture") };
+            let mut options = MqttOptions::new(
+                format!("spy-{:08x}", rand::random::<u32>()),
+                config.host.clone(),
+                config.port,
+            );
+            options.set_max_packet_size(64 << 20, 64 << 20);
+            let (client, mut eventloop) = AsyncClient::new(options, 64);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+            let mut subscribed_tx = Some(subscribed_tx);
+            tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            if tx.send(p).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            if let Some(s) = subscribed_tx.take() {
+                                let _ = s.send(());
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            });
+            client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
+            tokio::time::timeout(PATIENCE, subscribed).await.expect("suback").expect("suback");
+            Spy { client, rx, seen: Vec::new() }
+        }
+
+        /// Waits until `n` publishes on topics ending with `suffix` were received.
+        async fn wait_for(&mut self, suffix: &str, n: usize) -> Vec<Publish> {
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            loop {
+                let matching: Vec<Publish> =
+                    self.seen.iter().filter(|p| p.topic.ends_with(suffix)).cloned().collect();
+                if matching.len() >= n {
+                    return matching;
+                }
+                let next = tokio::time::timeout_at(deadline, self.rx.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("timed out waiting for {n} publishes on *{suffix}"))
+                    .expect("spy connected");
+                self.seen.push(next);
+            }
+        }
+
+        async fn publish(&self, topic: String, retain: bool, payload: Vec<u8>) {
+            self.client.publish(topic, QoS::AtLeastOnce, retain, payload).await.expect("publish");
+        }
+    }
+
+    fn topic(f: &Fixture, rest: &str) -> String {
+        format!("fledge/{}/param/default/{rest}", f.job)
+    }
+
+    /// A complete plain (unsealed) message in the chunk layout, claiming `sender`.
+    fn plain_chunk(sender: &str, message: &Message) -> Vec<u8> {
+        let mut m = message.clone();
+        m.sender = sender.to_owned();
+        let encoded = fledge_channel::wire::encode(&m).expect("encode");
+        let mut v = b"FLDC\x01".to_vec();
+        v.extend_from_slice(&(sender.len() as u16).to_le_bytes());
+        v.extend_from_slice(sender.as_bytes());
+        v.extend_from_slice(&7u64.to_le_bytes());
+        v.extend_from_slice(&0u32.to_le_bytes());
+        v.extend_from_slice(&1u32.to_le_bytes());
+        v.extend_from_slice(&(encoded.len() as u64).to_le_bytes());
+        v.extend_from_slice(&encoded);
+        v
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Everything a job sends through the broker is unreadable to a client that is not a
+    /// member: no tensor byte, no metadata, not even the wire header shows.
+    async fn a_non_member_reading_the_broker_learns_nothing(f: Fixture) {
+        let mut spy = Spy::connect(&f, &format!("fledge/{}/#", f.job)).await;
+        let (agg, trainers) = f.star(1).await;
+        let values: Vec<f32> = (0..4096).map(|i| 0.123_456 * i as f32).collect();
+        let secret = || {
+            Message::new(Kind::Weights, 3)
+                .with_meta("note", "s3cr3t-meta")
+                .with_tensor("w", Tensor::from_f32(vec![4096], &values).expect("shape"))
+        };
+        agg.broadcast(secret()).await.expect("broadcast");
+        trainers[0].send(&id("agg"), secret()).await.expect("send");
+        assert_eq!(trainers[0].recv(&id("agg")).await.expect("weights").round, 3);
+        let update = agg.recv(&id("t0")).await.expect("update");
+        assert_eq!(&*update.tensors.get("w").expect("w").as_f32().expect("f32"), &values[..]);
+        let mut payloads = spy.wait_for("/data/agg", 1).await;
+        payloads.extend(spy.wait_for("/bcast/trainer", 1).await);
+        let pattern: Vec<u8> = values[1..17].iter().flat_map(|v| v.to_le_bytes()).collect();
+        for p in &payloads {
+            assert!(!contains(&p.payload, &pattern), "tensor bytes in clear on {}", p.topic);
+            assert!(!contains(&p.payload, b"s3cr3t-meta"), "metadata in clear on {}", p.topic);
+            assert!(!contains(&p.payload, b"FLDG"), "wire header in clear on {}", p.topic);
+        }
+    }
+
+    /// An update that claims another trainer's id is dropped before it is queued, and counted:
+    /// from a member that signs with its own key, and from an outsider without keys.
+    async fn forged_updates_are_dropped_and_counted(f: Fixture) {
+        let (agg, trainers) = f.star(1).await;
+        // An insider that knows the channel key and every public key, but not t0's seed: it
+        // joins as t0 with its own key (t1's). It heartbeats rarely, so that what it sends is
+        // counted exactly: its presence, its update and its leave.
+        let mut stolen = f.opts("param", "default", "t0", "trainer", "aggregator");
+        stolen.security = Some(std::sync::Arc::new(keyring(&f.job, "param", "t1")));
+        let Backend::Mqtt(mut quiet) = f.backend.clone() else { unreachable!("an mqtt fixture") };
+        quiet.heartbeat = Duration::from_secs(3600);
+        quiet.liveness_timeout = Duration::from_secs(7200);
+        let forger = Channel::open(stolen, Backend::Mqtt(quiet)).await.expect("forger opens");
+        forger.await_join(PATIENCE).await.expect("the forger sees the aggregator");
+        let forged = || {
+            Message::new(Kind::Update, 1)
+                .with_meta("weight", 1_000_000)
+                .with_tensor("w", Tensor::from_f32(vec![2], &[666.0, 666.0]).expect("shape"))
+        };
+        forger.send(&id("agg"), forged()).await.expect("the forger publishes");
+        forger.close().await.expect("the forger leaves");
+        // An outsider publishes a complete, well-formed plain message claiming t0.
+        let spy = Spy::connect(&f, &topic(&f, "nothing")).await;
+        spy.publish(topic(&f, "data/agg"), false, plain_chunk("t0", &forged())).await;
+        eventually("every forgery counted", || agg.metrics().snapshot().rejected_forged >= 4).await;
+        assert!(agg.peek(&id("t0")).is_none(), "nothing forged was queued");
+        trainers[0].send(&id("agg"), update(1)).await.expect("the real t0 sends");
+        let m = agg.recv(&id("t0")).await.expect("the real update");
+        assert_eq!(m.round, 1);
+        assert_eq!(m.meta.get("weight"), Some(&serde_json::json!(10)));
+        assert_eq!(agg.metrics().snapshot().messages_received, 1);
+    }
+
+    /// A message captured on the broker and published again (a round later) is dropped and
+    /// counted; the sender's next message still arrives.
+    async fn replayed_messages_are_dropped(f: Fixture) {
+        let mut spy = Spy::connect(&f, &topic(&f, "data/agg")).await;
+        let (agg, trainers) = f.star(1).await;
+        trainers[0].send(&id("agg"), update(1)).await.expect("send");
+        assert_eq!(agg.recv(&id("t0")).await.expect("round 1").round, 1);
+        let captured = spy.wait_for("/data/agg", 1).await;
+        for p in &captured {
+            spy.publish(p.topic.clone(), false, p.payload.to_vec()).await;
+        }
+        eventually("replay counted", || agg.metrics().snapshot().rejected_replayed >= 1).await;
+        trainers[0].send(&id("agg"), update(2)).await.expect("send");
+        assert_eq!(agg.recv(&id("t0")).await.expect("round 2").round, 2);
+        assert!(agg.peek(&id("t0")).is_none(), "round 1 was not queued again");
+        assert_eq!(agg.metrics().snapshot().messages_received, 2);
+    }
+
+    /// Retained presences from outside the job change nothing: a sybil trainer is not added, an
+    /// empty presence does not evict the real one, and a captured presence replayed is refused.
+    async fn sybil_and_evicting_presences_change_nothing(f: Fixture) {
+        let mut spy = Spy::connect(&f, &topic(&f, "presence/trainer/+")).await;
+        let (agg, _trainers) = f.star(1).await;
+        let before = agg.end_props(&id("t0")).expect("t0 present");
+        // Two of t0's presences (it renews it every heartbeat): the first is then older than the
+        // newest the aggregator accepted (the broker delivers in order), so replaying it is a
+        // replay; the newest seen again is a retained copy, which is not counted.
+        let captured = spy.wait_for("/presence/trainer/t0", 2).await;
+        let sybil = serde_json::json!({"role": "trainer", "task_id": "sybil", "props": {}});
+        spy.publish(topic(&f, "presence/trainer/sybil"), true, sybil.to_string().into_bytes())
+            .await;
+        spy.publish(topic(&f, "presence/trainer/t0"), true, Vec::new()).await;
+        spy.publish(topic(&f, "presence/trainer/t0"), true, captured[0].payload.to_vec()).await;
+        eventually("forgeries counted", || agg.metrics().snapshot().rejected_forged >= 2).await;
+        eventually("replay counted", || agg.metrics().snapshot().rejected_replayed >= 1).await;
+        assert_eq!(agg.ends(), vec![id("t0")]);
+        assert_eq!(agg.end_props(&id("t0")), Some(before), "t0 never left nor restarted");
+    }
+
+    macro_rules! attacks {
+        ($module:ident, $fixture:expr) => {
+            mod $module {
+                use super::*;
+
+                macro_rules! case {
+                    ($name:ident) => {
+                        #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+                        async fn $name() {
+                            let Some(fixture) = $fixture else { return };
+                            super::$name(fixture.sealed()).await;
+                        }
+                    };
+                }
+
+                case!(a_non_member_reading_the_broker_learns_nothing);
+                case!(forged_updates_are_dropped_and_counted);
+                case!(replayed_messages_are_dropped);
+                case!(sybil_and_evicting_presences_change_nothing);
+            }
+        };
+    }
+
+    #[cfg(feature = "broker")]
+    attacks!(embedded, Fixture::embedded());
+    attacks!(mosquitto, Fixture::mosquitto());
 }

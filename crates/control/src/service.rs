@@ -276,6 +276,10 @@ async fn start_under(
                 uri: options.data_dir.join("registry").display().to_string(),
             },
         };
+        let secret = options.task_key_secret_path();
+        let keys = controller::TaskKeys::load_or_create(&secret).with_context(|| {
+            format!("cannot read or create the task-key secret {}", secret.display())
+        })?;
         let mosquitto = match options.mosquitto.admin() {
             Some(admin) => {
                 let provisioner =
@@ -292,7 +296,7 @@ async fn start_under(
             }
             None => None,
         };
-        start_apiserver(&mut services, listener, env, broker_credentials, mosquitto)?;
+        start_apiserver(&mut services, listener, env, broker_credentials, mosquitto, keys)?;
     }
 
     Ok(services)
@@ -305,6 +309,7 @@ fn start_apiserver(
     env: TaskEnv,
     broker_credentials: BrokerCredentials,
     mosquitto: Option<crate::mosquitto::Provisioner>,
+    data_plane_keys: controller::TaskKeys,
 ) -> anyhow::Result<()> {
     let state = crate::api::ApiState::new(
         services.store.clone(),
@@ -314,7 +319,8 @@ fn start_apiserver(
     )
     .with_notifier_url(services.endpoints.notifier.clone())
     .with_ca(services.tls.as_ref().and_then(|tls| tls.ca.clone()))
-    .with_broker_credentials(broker_credentials);
+    .with_broker_credentials(broker_credentials)
+    .with_data_plane_keys(data_plane_keys);
     let state = match mosquitto {
         Some(provisioner) => state.with_mosquitto(provisioner),
         None => state,

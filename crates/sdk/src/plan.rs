@@ -128,6 +128,8 @@ impl JobPlan {
             control_plane: None,
             metaserver: None,
             control_plane_ca: None,
+            // Simulations run in one process: plain channels.
+            data_plane: None,
         };
         let task = |role: &str,
                     index: usize,

@@ -76,6 +76,34 @@ pub struct TaskConfig {
     /// metaserver trust; absent when the control plane serves plain text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_plane_ca: Option<String>,
+    /// The task's data-plane identity and keys (set by the control plane; absent in local
+    /// runs, where channels are plain). Secret: served only with the task's own key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_plane: Option<DataPlaneSecurity>,
+}
+
+/// A task's data-plane identity and keys for its job (see `docs/security.md`): with them,
+/// every channel message is signed by its sender, encrypted under its channel's key, and
+/// accepted once, from members only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DataPlaneSecurity {
+    /// This task's Ed25519 identity seed: 64 hex digits.
+    pub identity: String,
+    /// Per channel of this task (by name): the channel's 32-byte key, 64 hex digits.
+    pub channel_keys: BTreeMap<String, String>,
+    /// Per channel of this task (by name): the Ed25519 public keys (64 hex digits) of every
+    /// other task of the job on that channel, by task id.
+    pub members: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl std::fmt::Debug for DataPlaneSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlaneSecurity")
+            .field("channels", &self.channel_keys.keys().collect::<Vec<_>>())
+            .field("members", &self.members)
+            .finish_non_exhaustive()
+    }
 }
 
 fn v1() -> u32 {
@@ -258,6 +286,7 @@ pub fn build(
         control_plane: env.apiserver.clone().map(|apiserver| ControlPlaneRef { apiserver }),
         metaserver: env.metaserver.clone(),
         control_plane_ca: None,
+        data_plane: None,
     }
 }
 

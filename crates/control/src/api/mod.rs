@@ -96,6 +96,9 @@ pub struct ApiState {
     pub broker_credentials: Option<crate::broker_auth::BrokerCredentials>,
     /// The Mosquitto provisioned with each task's login before its config is served.
     pub mosquitto: Option<crate::mosquitto::Provisioner>,
+    /// Derives the data-plane keys task configs carry (random unless set from the
+    /// controller's secret file, see [`ApiState::with_data_plane_keys`]).
+    pub data_plane_keys: controller::TaskKeys,
     metrics: Arc<http_metrics::HttpMetrics>,
 }
 
@@ -135,6 +138,7 @@ impl ApiState {
             ca: None,
             broker_credentials: None,
             mosquitto: None,
+            data_plane_keys: controller::TaskKeys::random(),
             metrics: Arc::new(http_metrics::HttpMetrics::default()),
         }
     }
@@ -148,6 +152,13 @@ impl ApiState {
     /// Provisions each task's login on `mosquitto` before serving its config.
     pub fn with_mosquitto(mut self, mosquitto: crate::mosquitto::Provisioner) -> Self {
         self.mosquitto = Some(mosquitto);
+        self
+    }
+
+    /// Derives task configs' data-plane keys from `keys` (the controller's secret, so every
+    /// apiserver of a deployment serves the same keys).
+    pub fn with_data_plane_keys(mut self, keys: controller::TaskKeys) -> Self {
+        self.data_plane_keys = keys;
         self
     }
 

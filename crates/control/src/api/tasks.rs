@@ -115,6 +115,8 @@ async fn task_config(
             )
         })?;
     }
+    let tasks = state.store.list_tasks(&job.id).await?;
+    config.data_plane = Some(state.data_plane_keys.data_plane(&schema, &task, &tasks));
     Ok(Json(config))
 }
 

@@ -5,6 +5,11 @@
 //! The secret is 32 random bytes, hex, in a file created on first start with mode 0600
 //! (`<data_dir>/secrets/task-keys.secret` for `fledge serve` and `fledge standalone`). Losing
 //! it only invalidates the keys of tasks deployed before: their jobs' workers must be redeployed.
+//!
+//! The same secret derives each task's data-plane keys (nothing more is stored): its Ed25519
+//! identity seed, HMAC of ("fledge-data-plane-identity", job, task), and each channel's
+//! symmetric key, HMAC of ("fledge-data-plane-channel", job, channel). A task's config carries
+//! its own seed, the keys of its channels and the public keys of the other tasks on them.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -12,7 +17,7 @@ use std::path::Path;
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
-use fledge_types::TaskId;
+use fledge_types::{DataPlaneSecurity, JobId, Schema, Task, TaskId};
 
 /// Derives task keys from the controller's secret.
 #[derive(Clone)]
@@ -96,6 +101,62 @@ impl TaskKeys {
             mac.update(part.as_bytes());
         }
         hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// HMAC of `label` and the length-prefixed `parts`, as bytes.
+    fn derive_bytes(&self, label: &[u8], parts: &[&str]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256>>::new_from_slice(&self.secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(label);
+        for part in parts {
+            mac.update(&(part.len() as u64).to_le_bytes());
+            mac.update(part.as_bytes());
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The data-plane identity seed of `task` in `job`.
+    pub fn data_plane_identity(&self, job: &JobId, task: &TaskId) -> [u8; 32] {
+        self.derive_bytes(b"fledge-data-plane-identity\0", &[job.as_str(), task.as_str()])
+    }
+
+    /// The symmetric key of `channel` in `job`.
+    pub fn data_plane_channel_key(&self, job: &JobId, channel: &str) -> [u8; 32] {
+        self.derive_bytes(b"fledge-data-plane-channel\0", &[job.as_str(), channel])
+    }
+
+    /// The data-plane keys of `task`: its identity, and for every channel of its role the
+    /// channel's key and the public keys of the job's other tasks whose role is on it.
+    pub fn data_plane(&self, schema: &Schema, task: &Task, tasks: &[Task]) -> DataPlaneSecurity {
+        let job = &task.job_id;
+        let mut channel_keys = std::collections::BTreeMap::new();
+        let mut members = std::collections::BTreeMap::new();
+        let mut public_keys = std::collections::HashMap::new();
+        for channel in schema.channels.iter().filter(|c| c.pair.contains(&task.role)) {
+            channel_keys.insert(
+                channel.name.clone(),
+                hex::encode(self.data_plane_channel_key(job, &channel.name)),
+            );
+            let on_channel = tasks
+                .iter()
+                .filter(|t| t.task_id != task.task_id && channel.pair.contains(&t.role))
+                .map(|t| {
+                    let public = public_keys.entry(t.task_id.clone()).or_insert_with(|| {
+                        let seed = self.data_plane_identity(job, &t.task_id);
+                        hex::encode(
+                            ed25519_dalek::SigningKey::from_bytes(&seed).verifying_key().to_bytes(),
+                        )
+                    });
+                    (t.task_id.as_str().to_owned(), public.clone())
+                })
+                .collect();
+            members.insert(channel.name.clone(), on_channel);
+        }
+        DataPlaneSecurity {
+            identity: hex::encode(self.data_plane_identity(job, &task.task_id)),
+            channel_keys,
+            members,
+        }
     }
 }
 

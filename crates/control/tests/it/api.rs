@@ -157,6 +157,15 @@ async fn three_tier_job_lifecycle() {
     assert_eq!(config["groupAssociation"]["param-channel"], "eu");
     assert_eq!(config["hyperparameters"]["rounds"], 3);
     assert_eq!(config["brokers"][0]["host"], "127.0.0.1:1883");
+    // Its data-plane identity, its channel's key, and the public keys of the job's other
+    // tasks on that channel (the aggregators and the other trainers), never its own.
+    let data_plane = &config["dataPlane"];
+    assert_eq!(data_plane["identity"].as_str().unwrap().len(), 64, "{data_plane}");
+    assert_eq!(data_plane["channelKeys"]["param-channel"].as_str().unwrap().len(), 64);
+    let members = data_plane["members"]["param-channel"].as_object().unwrap();
+    assert!(!members.contains_key(trainer.task_id.as_str()), "{members:?}");
+    let on_channel = tasks.iter().filter(|(t, _)| t.role != "top-aggregator").count();
+    assert_eq!(members.len(), on_channel - 1, "{members:?}");
     let (status, code) = agent.get_bytes(&format!("/tasks/{}/code", trainer.task_id)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(zip_names(&code), ["main.py", "util/data.py"]);

@@ -171,7 +171,24 @@ async fn transfer() -> anyhow::Result<Vec<Row>> {
     let loopback = fledge_channel::bench::loopback_tcp_bandwidth(1 << 30).await?;
     let elapsed = fledge_channel::bench::mqtt_fanout(bytes, receivers).await?;
     let delivered = (bytes * receivers) as f64 / elapsed.as_secs_f64() / 1e9;
+    eprintln!("transfer: the same with keys (sealed: encrypted, signed) ...");
+    let sealed = fledge_channel::bench::mqtt_fanout_with(bytes, receivers, true).await?;
+    let sealed_delivered = (bytes * receivers) as f64 / sealed.as_secs_f64() / 1e9;
     Ok(vec![
+        Row {
+            name: "mqtt fan-out 100 MB → 10 trainers, sealed (delivered)".to_owned(),
+            value: sealed_delivered,
+            unit: "GB/s",
+            bound: loopback,
+            ratio: sealed_delivered / loopback,
+        },
+        Row {
+            name: "mqtt fan-out sealed vs plain (time)".to_owned(),
+            value: sealed.as_secs_f64(),
+            unit: "s",
+            bound: elapsed.as_secs_f64(),
+            ratio: sealed.as_secs_f64() / elapsed.as_secs_f64(),
+        },
         Row {
             name: "mqtt fan-out 100 MB → 10 trainers (delivered)".to_owned(),
             value: delivered,
