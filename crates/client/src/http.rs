@@ -168,12 +168,18 @@ fn tls_failure(err: &reqwest::Error) -> Option<String> {
             return Some(tls.to_string());
         }
         // `io::Error::source` skips the error it wraps, so look inside.
-        if let Some(tls) = cause
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls.to_string());
+        if let Some(inner) = cause.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                return Some(tls.to_string());
+            }
+            if inner.to_string().contains("invalid peer certificate") {
+                return Some(inner.to_string());
+            }
+        }
+        // Connectors may carry the handshake failure as text only.
+        let text = cause.to_string();
+        if text.starts_with("invalid peer certificate") || text.contains("received fatal alert") {
+            return Some(text);
         }
         source = cause.source();
     }
