@@ -104,7 +104,7 @@ pub enum Command {
 /// `fledgectl login`.
 #[derive(Debug, Args)]
 pub struct LoginArgs {
-    /// The apiserver URL, e.g. https://fledge.example:10100.
+    /// The apiserver URL, e.g. `https://fledge.example:10100`.
     #[arg(long, value_name = "URL")]
     pub server: String,
     /// The CA's fingerprint as the server printed it (sha256:...); the CA is fetched from

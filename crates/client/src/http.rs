@@ -176,6 +176,11 @@ fn tls_failure(err: &reqwest::Error) -> Option<String> {
             }
             inner = wrapped.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
         }
+        // Connectors may carry the handshake failure as text only.
+        let text = cause.to_string();
+        if text.starts_with("invalid peer certificate") || text.contains("received fatal alert") {
+            return Some(text);
+        }
         source = cause.source();
     }
     None

@@ -141,7 +141,7 @@ fn url_host(url: &str) -> Option<String> {
 
 /// An axum listener that hands over only connections whose TLS handshake succeeded.
 ///
-/// Handshakes run in their own tasks (bounded by [`HANDSHAKE_TIMEOUT`]), so a client that
+/// Handshakes run in their own tasks (bounded by a 10 s timeout), so a client that
 /// stalls mid-handshake, or speaks plain HTTP, delays no one else; it is dropped and logged at
 /// debug level.
 pub struct TlsListener {

@@ -15,14 +15,14 @@ use fledge_types::task_config::TaskEnv;
 pub struct Server {
     /// `http://127.0.0.1:PORT`, or `https://…` for [`Server::start_with_controller`].
     pub base: String,
-    /// The CA fledgectl must trust (the one the services created), when served over TLS.
-    pub ca_file: Option<PathBuf>,
     /// The store behind it (to play the controller).
     pub store: Arc<dyn Store>,
     /// The admin's token.
     pub token: String,
     /// A scratch directory (HOME of the CLI, test files).
     pub dir: tempfile::TempDir,
+    /// The CA fledgectl must trust (`FLEDGE_CA_FILE`), when the server serves TLS.
+    pub ca_file: Option<PathBuf>,
     shutdown: CancellationToken,
 }
 
@@ -42,11 +42,12 @@ impl Server {
         tokio::spawn(api::serve(listener, state, shutdown.clone()));
         let token = api::bootstrap_admin(store.as_ref()).await.unwrap();
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
-        Server { base, store, token, dir, shutdown, ca_file: None }
+        Server { base, store, token, dir, ca_file: None, shutdown }
     }
 
     /// Runs the apiserver, the controller and the notifier (`fledge serve` minus the broker)
-    /// over a fresh store on free loopback ports, with short controller timers.
+    /// over a fresh store on free loopback ports, with short controller timers; TLS as by
+    /// default, with the CA it creates in its data directory.
     pub async fn start_with_controller() -> Server {
         use fledge_control::config::{Options, ServiceKind};
         use fledge_control::service;
@@ -64,13 +65,13 @@ impl Server {
         let store = service::open_store(&options).await.unwrap();
         let shutdown = CancellationToken::new();
         let services = service::start(&options, store.clone(), &shutdown).await.unwrap();
-        // Over TLS, as `fledge serve` runs by default, with the CA it created.
-        let base = format!("https://{}", services.addrs.apiserver.unwrap());
-        let ca_file = Some(options.data_dir.join("tls").join("ca.pem"));
+        let base = services.endpoints.apiserver.clone();
+        assert!(base.starts_with("https://"), "{base}");
+        let ca_file = services.tls.as_ref().and_then(|tls| tls.ca_path.clone());
         tokio::spawn(services.wait());
         let token = api::bootstrap_admin(store.as_ref()).await.unwrap();
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
-        Server { base, store, token, dir, shutdown, ca_file }
+        Server { base, store, token, dir, ca_file, shutdown }
     }
 
     /// A path in the scratch directory.
@@ -82,9 +83,9 @@ impl Server {
     pub async fn ctl(&self, args: &[&str]) -> Run {
         let mut env =
             vec![("FLEDGE_ENDPOINT", self.base.as_str()), ("FLEDGE_TOKEN", self.token.as_str())];
-        let ca_file = self.ca_file.as_ref().map(|p| p.display().to_string());
-        if let Some(ca_file) = &ca_file {
-            env.push(("FLEDGE_CA_FILE", ca_file.as_str()));
+        let ca_file = self.ca_file.as_ref().map(|path| path.display().to_string());
+        if let Some(path) = &ca_file {
+            env.push(("FLEDGE_CA_FILE", path.as_str()));
         }
         self.ctl_with(args, &env).await
     }
