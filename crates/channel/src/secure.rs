@@ -14,7 +14,7 @@
 //!   copied once (into its chunk), encrypted there, and hashed while it is hot;
 //! - **accept a message only** when its sender is a member with a key, every chunk
 //!   authenticates, the signature verifies for this end's scope and addressee, and its
-//!   (incarnation, message id) was never accepted before ([`Guard`]): otherwise it is dropped
+//!   (incarnation, message id) was never accepted before (`Guard`): otherwise it is dropped
 //!   before it is queued and counted (`rejected_forged`, `rejected_replayed`);
 //! - **sign presence** (MQTT): a presence or leave is accepted only signed by the end it names,
 //!   newer than the last one accepted from it; an empty retained presence changes nothing, and the

@@ -20,7 +20,7 @@ use fledge_channel::{Kind, Message, Tensor};
 use fledge_types::JobState;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use support::{Platform, copy_dir, records_of, repo_root};
+use support::{Platform, copy_example, records_of};
 
 /// The embedded broker's port, from the standalone's "standalone listening" log line
 /// (apiserver, notifier, broker, metaserver, in that order).
@@ -47,19 +47,11 @@ fn broker_port(platform: &Platform) -> u16 {
 
 /// A copy of examples/mnist with `rounds` rounds whose data paths still resolve.
 fn mnist_copy(dir: &std::path::Path, rounds: u32) {
-    copy_dir(&repo_root().join("examples/mnist"), dir);
-    let data = repo_root().join("examples/data").canonicalize().unwrap();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("dataset-") || name == "modelSpec.json" {
-            let text = std::fs::read_to_string(&path).unwrap();
-            let text = text
-                .replace("file:../data", &format!("file://{}", data.display()))
-                .replace("\"rounds\": 20", &format!("\"rounds\": {rounds}"));
-            std::fs::write(&path, text).unwrap();
-        }
-    }
+    copy_example("mnist", dir);
+    let spec = dir.join("modelSpec.json");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, text.replace("\"rounds\": 20", &format!("\"rounds\": {rounds}")))
+        .unwrap();
 }
 
 /// A complete plain message in the chunk layout (version 1), claiming `sender`.

@@ -12,7 +12,7 @@ mod support;
 
 use fledge_types::{JobState, TaskState};
 
-use support::{Platform, copy_dir, records_of, repo_root};
+use support::{Platform, copy_example, records_of, repo_root};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_tier_and_three_tier_mnist_complete_through_the_platform() {
@@ -76,19 +76,7 @@ async fn two_tier_and_three_tier_mnist_complete_through_the_platform() {
 
 /// Writes `code/<role>/fledge-role.toml` of a copy of `examples/mnist` to run `command`.
 fn mnist_with_command(dir: &std::path::Path, role: &str, command: &str) {
-    copy_dir(&repo_root().join("examples/mnist"), dir);
-    // The copy's relative dataset URLs (and the aggregator's evalDataset) must still reach
-    // examples/data.
-    let data = repo_root().join("examples/data").canonicalize().unwrap();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("dataset-") || name == "modelSpec.json" {
-            let text = std::fs::read_to_string(&path).unwrap();
-            let text = text.replace("file:../data", &format!("file://{}", data.display()));
-            std::fs::write(&path, text).unwrap();
-        }
-    }
+    copy_example("mnist", dir);
     std::fs::write(dir.join("code").join(role).join("fledge-role.toml"), command).unwrap();
 }
 

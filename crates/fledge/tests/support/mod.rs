@@ -188,3 +188,20 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Copies `examples/<example>` to `dir`, pointing its relative data URLs (the datasets' and the
+/// aggregator's `evalDataset`, `file:../data`) at the repository's `examples/data`, so the copy
+/// runs from anywhere.
+pub fn copy_example(example: &str, dir: &Path) {
+    copy_dir(&repo_root().join("examples").join(example), dir);
+    let data = repo_root().join("examples/data").canonicalize().unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("dataset-") || name == "modelSpec.json" {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text.replace("file:../data", &format!("file://{}", data.display()));
+            std::fs::write(&path, text).unwrap();
+        }
+    }
+}
