@@ -185,7 +185,8 @@ def test_builtin_roles_match_fledge_roles():
                  "hybrid-trainer", "vertical-feature-party", "vertical-label-party",
                  "async-aggregator", "coordinator", "coordinated-trainer"]:
         assert used in names
-    bins = pathlib.Path(os.environ.get("FLEDGE_BIN_DIR") or REPO / "target" / "debug")
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+    bins = pathlib.Path(os.environ.get("FLEDGE_BIN_DIR") or target / "debug")
     if not (bins / "fledge").is_file():
         pytest.skip(f"fledge not built in {bins}")
     out = subprocess.run([bins / "fledge", "roles", "-o", "json"], check=True, capture_output=True, text=True)
