@@ -812,26 +812,7 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
     let broker = services.addrs.broker.expect("broker runs");
     let metaserver = format!("https://{}", services.addrs.metaserver.expect("metaserver runs"));
 
-    let admin = UserId::new("admin");
-    let (design, datasets) = seed(store.as_ref(), &admin).await;
-    let spec: JobSpec = serde_json::from_value(serde_json::json!({
-        "name": "job",
-        "designId": design,
-        "dataSpec": [{"role": "trainer", "datasetGroups": {"default": datasets}}],
-    }))
-    .expect("job spec");
-    let job = store.create_job(&admin, &spec, "1", "1").await.expect("job").id;
-    let deployer = deployer_trusting(&services.endpoints.notifier, Some(&ca)).await;
-    store
-        .set_job_state(&job, &[JobState::Ready], JobState::Starting, None)
-        .await
-        .expect("start the job");
-    services.controller.job_changed(job.clone());
-    let deploy = eventually("a deploy event", || {
-        let deployer = deployer.clone();
-        async move { deployer.snapshot().into_iter().next() }
-    })
-    .await;
+    let (job, deploy, _deployer) = start_a_trainer_job(&store, &services, &ca).await;
     assert!(deploy.tasks.len() >= 2, "two tasks at least: {:?}", deploy.tasks.len());
     let (a, b) = (&deploy.tasks[0], &deploy.tasks[1]);
 
@@ -960,6 +941,34 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
     services.wait().await.expect("clean shutdown");
 }
 
+/// Seeds admin's design and datasets, creates and starts a job of trainers on `services`, and
+/// returns it with the deploy event a deployer trusting `ca` gets for it, and that deployer
+/// (kept connected as long as the caller holds it).
+async fn start_a_trainer_job(
+    store: &Arc<dyn Store>,
+    services: &fledge_control::service::Services,
+    ca: &fledge_tls::Ca,
+) -> (JobId, DeployEvent, Recorder<DeployEvent>) {
+    let admin = UserId::new("admin");
+    let (design, datasets) = seed(store.as_ref(), &admin).await;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "job",
+        "designId": design,
+        "dataSpec": [{"role": "trainer", "datasetGroups": {"default": datasets}}],
+    }))
+    .expect("job spec");
+    let job = store.create_job(&admin, &spec, "1", "1").await.expect("job").id;
+    let deployer = deployer_trusting(&services.endpoints.notifier, Some(ca)).await;
+    store.set_job_state(&job, &[JobState::Ready], JobState::Starting, None).await.expect("start");
+    services.controller.job_changed(job.clone());
+    let deploy = eventually("a deploy event", || {
+        let deployer = deployer.clone();
+        async move { deployer.snapshot().into_iter().next() }
+    })
+    .await;
+    (job, deploy, deployer)
+}
+
 /// An MQTT client of the test: its event stream and what it has received so far.
 struct MqttProbe {
     client: rumqttc::AsyncClient,
@@ -1074,23 +1083,7 @@ async fn a_provisioned_mosquitto_admits_live_tasks_within_their_job_only() {
     let ca = services.tls.as_ref().and_then(|tls| tls.ca.clone()).expect("a generated CA");
     let api = format!("https://{}/api/v1", services.addrs.apiserver.expect("apiserver"));
 
-    let admin = UserId::new("admin");
-    let (design, datasets) = seed(store.as_ref(), &admin).await;
-    let spec: JobSpec = serde_json::from_value(serde_json::json!({
-        "name": "job",
-        "designId": design,
-        "dataSpec": [{"role": "trainer", "datasetGroups": {"default": datasets}}],
-    }))
-    .expect("job spec");
-    let job = store.create_job(&admin, &spec, "1", "1").await.expect("job").id;
-    let deployer = deployer_trusting(&services.endpoints.notifier, Some(&ca)).await;
-    store.set_job_state(&job, &[JobState::Ready], JobState::Starting, None).await.expect("start");
-    services.controller.job_changed(job.clone());
-    let deploy = eventually("a deploy event", || {
-        let deployer = deployer.clone();
-        async move { deployer.snapshot().into_iter().next() }
-    })
-    .await;
+    let (job, deploy, _deployer) = start_a_trainer_job(&store, &services, &ca).await;
     let tasks = store.list_tasks(&job).await.expect("tasks");
     let a = tasks.iter().find(|t| t.task_id.as_str() == deploy.tasks[0].task_id).expect("a");
     let b = tasks.iter().find(|t| t.task_id.as_str() == deploy.tasks[1].task_id).expect("b");
