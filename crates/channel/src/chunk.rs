@@ -117,8 +117,7 @@ pub(crate) fn split_sealed(
         msg_id,
     });
     let mut hasher = secure::scope_hasher(job, channel, group, to);
-    let mut rest = parts.iter().map(|p| p.as_ref());
-    let mut current: &[u8] = &[];
+    let mut parts = Parts::new(parts);
     (0..count)
         .map(|i| {
             let len = chunk_size.min(total - i * chunk_size);
@@ -137,17 +136,7 @@ pub(crate) fn split_sealed(
             buf.put_u64_le(sealer.incarnation.start_ms);
             buf.put_u64_le(sealer.incarnation.instance);
             let header_len = buf.len();
-            let mut need = len;
-            while need > 0 {
-                if current.is_empty() {
-                    current = rest.next().expect("parts hold `total` bytes");
-                    continue;
-                }
-                let n = need.min(current.len());
-                buf.put_slice(&current[..n]);
-                current = &current[n..];
-                need -= n;
-            }
+            parts.copy_into(&mut buf, len);
             let (header, data) = buf.split_at_mut(header_len);
             let tag = secure::seal_chunk(&cipher, i as u32, header, data);
             buf.put_slice(&tag);
@@ -159,6 +148,33 @@ pub(crate) fn split_sealed(
             buf.freeze()
         })
         .collect()
+}
+
+/// The pieces of an encoded message, read front to back into chunks.
+struct Parts<'a> {
+    rest: std::slice::Iter<'a, Bytes>,
+    current: &'a [u8],
+}
+
+impl<'a> Parts<'a> {
+    fn new(parts: &'a [Bytes]) -> Self {
+        Parts { rest: parts.iter(), current: &[] }
+    }
+
+    /// Appends the next `len` bytes of the pieces to `buf`.
+    fn copy_into(&mut self, buf: &mut BytesMut, len: usize) {
+        let mut need = len;
+        while need > 0 {
+            if self.current.is_empty() {
+                self.current = self.rest.next().expect("parts hold `total` bytes");
+                continue;
+            }
+            let n = need.min(self.current.len());
+            buf.put_slice(&self.current[..n]);
+            self.current = &self.current[n..];
+            need -= n;
+        }
+    }
 }
 
 fn put_short_str(buf: &mut BytesMut, s: &str) {
@@ -187,32 +203,19 @@ pub(crate) fn split_parts(
     let total: usize = parts.iter().map(Bytes::len).sum();
     let count = total.div_ceil(chunk_size).max(1);
     let count32 = u32::try_from(count).expect("chunk count fits u32 for messages under 4 PiB");
-    let mut rest = parts.iter().map(|p| p.as_ref());
-    let mut current: &[u8] = &[];
+    let mut parts = Parts::new(parts);
     (0..count)
         .map(|i| {
             let len = chunk_size.min(total - i * chunk_size);
             let mut buf = BytesMut::with_capacity(32 + sender.len() + len);
             buf.put_slice(&MAGIC);
             buf.put_u8(VERSION);
-            let sender_len = u16::try_from(sender.len()).unwrap_or(u16::MAX);
-            buf.put_u16_le(sender_len);
-            buf.put_slice(&sender.as_bytes()[..sender_len as usize]);
+            put_short_str(&mut buf, sender);
             buf.put_u64_le(msg_id);
             buf.put_u32_le(u32::try_from(i).expect("i < count fits u32"));
             buf.put_u32_le(count32);
             buf.put_u64_le(total as u64);
-            let mut need = len;
-            while need > 0 {
-                if current.is_empty() {
-                    current = rest.next().expect("parts hold `total` bytes");
-                    continue;
-                }
-                let n = need.min(current.len());
-                buf.put_slice(&current[..n]);
-                current = &current[n..];
-                need -= n;
-            }
+            parts.copy_into(&mut buf, len);
             buf.freeze()
         })
         .collect()
