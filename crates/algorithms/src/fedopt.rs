@@ -130,6 +130,64 @@ impl AdaptiveOptimizer {
     }
 }
 
+/// What a server optimizer carries from one round to the next: its step count and its first
+/// and second moments (absent before the first step), each with the model's layout. A
+/// resumed aggregator restores it to go on exactly where the failed one stopped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerState {
+    /// Steps taken.
+    pub steps: u64,
+    /// `(m, v)`: the first and second moments, named and shaped like the model.
+    pub moments: Option<(Weights, Weights)>,
+}
+
+impl AdaptiveOptimizer {
+    /// The state to persist; `global` gives the moments their names and shapes (it must have
+    /// the layout the optimizer steps on).
+    pub fn export(&self, global: &Weights) -> Result<ServerState> {
+        let moments = match &self.state {
+            None => None,
+            Some(state) => {
+                state.layout.check(global)?;
+                let named = |values: &[Vec<f32>]| -> Result<Weights> {
+                    let tensors = global
+                        .tensors()
+                        .iter()
+                        .zip(values)
+                        .map(|(t, data)| {
+                            crate::Tensor::new(t.name(), t.shape().to_vec(), data.clone())
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Weights::from_tensors(tensors)
+                };
+                Some((named(&state.m)?, named(&state.v)?))
+            }
+        };
+        Ok(ServerState { steps: self.steps, moments })
+    }
+
+    /// Restores a persisted state, for a model with `global`'s layout: moments of another
+    /// layout, or that are not finite, are an error and change nothing.
+    pub fn restore(&mut self, state: ServerState, global: &Weights) -> Result<()> {
+        let moments = match state.moments {
+            None => None,
+            Some((m, v)) => {
+                global.check_same_layout(&m)?;
+                global.check_same_layout(&v)?;
+                m.check_finite()?;
+                v.check_finite()?;
+                let values = |w: Weights| -> Vec<Vec<f32>> {
+                    w.tensors().iter().map(|t| t.data().to_vec()).collect()
+                };
+                Some(State { layout: Layout::of(global), m: values(m), v: values(v) })
+            }
+        };
+        self.state = moments;
+        self.steps = state.steps;
+        Ok(())
+    }
+}
+
 fn step_slices(
     rule: AdaptiveRule,
     p: AdaptiveParams,
@@ -233,6 +291,36 @@ mod tests {
     }
 
     const P: AdaptiveParams = AdaptiveParams { lr: 0.1, beta1: 0.5, beta2: 0.75, tau: 0.5 };
+
+    #[test]
+    fn a_restored_state_goes_on_bit_for_bit() {
+        for rule in [AdaptiveRule::Adam, AdaptiveRule::Yogi, AdaptiveRule::AdaGrad] {
+            let mut opt = AdaptiveOptimizer::new(rule, P);
+            let x0 = vector(&[1.0, -2.0, 0.5]);
+            // Before the first step there are no moments.
+            assert_eq!(opt.export(&x0).unwrap(), ServerState { steps: 0, moments: None });
+            let x1 = stepped(&mut opt, &x0, &vector(&[0.1, 0.2, -0.3])).unwrap();
+            let saved = opt.export(&x1).unwrap();
+            let mut resumed = AdaptiveOptimizer::new(rule, P);
+            resumed.restore(saved.clone(), &x1).unwrap();
+            assert_eq!(resumed.export(&x1).unwrap(), saved);
+            let d = vector(&[-0.4, 0.05, 0.3]);
+            assert_eq!(
+                stepped(&mut opt, &x1, &d).unwrap(),
+                stepped(&mut resumed, &x1, &d).unwrap()
+            );
+            assert_eq!(resumed.steps(), 2);
+
+            // Moments of another layout or not finite change nothing.
+            let mut bad = saved.clone();
+            bad.moments = Some((vector(&[0.0; 2]), vector(&[0.0; 2])));
+            assert!(resumed.restore(bad, &x1).is_err());
+            let mut nan = saved.clone();
+            nan.moments.as_mut().unwrap().1 = vector(&[0.0, f32::NAN, 0.0]);
+            assert!(resumed.restore(nan, &x1).is_err());
+            assert_eq!(resumed.steps(), 2);
+        }
+    }
 
     #[test]
     fn fedadam_two_steps_by_hand() {

@@ -66,6 +66,7 @@ pub mod selector;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub use fedopt::ServerState;
 pub use optimizer::{OPTIMIZER_SORTS, Optimizer, OptimizerKind, Round, UpdateKind};
 pub use selector::{EndReport, SELECTOR_SORTS, Selector, SelectorKind};
 pub use weights::{Tensor, TensorView, Weights, WeightsView};

@@ -243,6 +243,28 @@ impl Optimizer {
         })
     }
 
+    /// The server optimizer's state to persist after a round (`None` for rules without
+    /// state across rounds: FedAvg, FedProx, the robust rules).
+    pub fn server_state(&self, global: &Weights) -> Result<Option<fedopt::ServerState>> {
+        self.server.as_ref().map(|s| s.export(global)).transpose()
+    }
+
+    /// Restores a state persisted by [`Optimizer::server_state`] (a resumed aggregator); an
+    /// error if this optimizer keeps no state or the state does not fit `global`.
+    pub fn restore_server_state(
+        &mut self,
+        state: fedopt::ServerState,
+        global: &Weights,
+    ) -> Result<()> {
+        match &mut self.server {
+            Some(server) => server.restore(state, global),
+            None => Err(Error::InvalidArgument {
+                name: "server state",
+                reason: format!("{} keeps no server state to restore", self.kind.sort()),
+            }),
+        }
+    }
+
     /// The rule and its hyperparameters.
     pub fn kind(&self) -> &OptimizerKind {
         &self.kind

@@ -121,7 +121,7 @@ pub enum SelectorKind {
     Oort(OortParams),
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 struct EndStats {
     /// Statistical utility from the latest report; `None` until the end reported once.
     utility: Option<f64>,
@@ -149,6 +149,31 @@ impl Selector {
     /// A selector of `kind` with no history.
     pub fn new(kind: SelectorKind) -> Self {
         Self { kind, in_flight: BTreeSet::new(), stats: HashMap::new() }
+    }
+
+    /// The selector's memory of past rounds (ends in flight, per-end statistics), as JSON to
+    /// persist after a round; [`Selector::restore`] reads it back.
+    pub fn state(&self) -> Value {
+        serde_json::json!({ "inFlight": self.in_flight, "stats": self.stats })
+    }
+
+    /// Restores a memory saved by [`Selector::state`] (a resumed aggregator). A malformed
+    /// state is an error and changes nothing.
+    pub fn restore(&mut self, state: &Value) -> crate::Result<()> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        struct Saved {
+            in_flight: BTreeSet<String>,
+            stats: HashMap<String, EndStats>,
+        }
+        let saved: Saved =
+            serde_json::from_value(state.clone()).map_err(|e| crate::Error::InvalidArgument {
+                name: "selector state",
+                reason: format!("cannot be restored: {e}"),
+            })?;
+        self.in_flight = saved.in_flight;
+        self.stats = saved.stats;
+        Ok(())
     }
 
     /// Parses the job's `selector` object, e.g. `{"sort": "random", "kwargs": {"k": 2}}`.
@@ -381,6 +406,33 @@ mod tests {
 
     fn ends(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("t{i:02}")).collect()
+    }
+
+    #[test]
+    fn a_restored_selector_selects_as_the_original() {
+        let mut original =
+            Selector::from_config(&json!({"sort": "oort", "kwargs": {"k": 2}})).unwrap();
+        let ends = ["a", "b", "c", "d"];
+        for round in 1..=3 {
+            for end in original.select(&ends, round) {
+                original.report(
+                    &end,
+                    &EndReport {
+                        num_samples: 10,
+                        mean_squared_loss: round as f64,
+                        duration_secs: 1.0,
+                    },
+                );
+            }
+        }
+        let saved = original.state();
+        let mut resumed =
+            Selector::from_config(&json!({"sort": "oort", "kwargs": {"k": 2}})).unwrap();
+        resumed.restore(&saved).unwrap();
+        assert_eq!(resumed.state(), saved);
+        assert_eq!(resumed.select(&ends, 4), original.select(&ends, 4));
+        assert!(resumed.restore(&json!({"stats": 3})).is_err());
+        assert_eq!(resumed.state(), original.state(), "a failed restore changes nothing");
     }
 
     #[test]
