@@ -66,6 +66,7 @@ pub trait DeploymentApi: Send + Sync {
         &'a self,
         job: &'a JobId,
         task: &'a TaskId,
+        attempt: u32,
         state: DeploymentState,
         message: &'a str,
     ) -> BoxFuture<'a, Result<()>>;
@@ -106,6 +107,7 @@ impl DeploymentApi for ComputeClient {
         &'a self,
         job: &'a JobId,
         task: &'a TaskId,
+        attempt: u32,
         state: DeploymentState,
         message: &'a str,
     ) -> BoxFuture<'a, Result<()>> {
@@ -114,7 +116,9 @@ impl DeploymentApi for ComputeClient {
             DeploymentState::Failed => fledge_client::DeploymentState::Failed,
             DeploymentState::Revoked => fledge_client::DeploymentState::Revoked,
         };
-        Box::pin(async move { Ok(self.report_deployment(job, task, state, message).await?) })
+        Box::pin(
+            async move { Ok(self.report_deployment(job, task, attempt, state, message).await?) },
+        )
     }
 }
 

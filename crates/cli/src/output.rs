@@ -143,10 +143,14 @@ pub fn tasks(items: &[Task]) -> String {
                 t.compute_id.to_string(),
                 run_by(t).to_owned(),
                 t.state.to_string(),
+                t.restarts.to_string(),
             ]
         })
         .collect();
-    table(&["TASK", "ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "RUN BY", "STATE"], rows)
+    table(
+        &["TASK", "ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "RUN BY", "STATE", "RESTARTS"],
+        rows,
+    )
 }
 
 /// The `get models` table.
@@ -411,6 +415,7 @@ mod tests {
             log: String::new(),
             updated_at: None,
             last_heartbeat: None,
+            restarts: 0,
         }
     }
 
@@ -438,14 +443,15 @@ mod tests {
         check(role_counts(&tasks), expect!["trainer: 1, middle-aggregator: 1, top-aggregator: 1"]);
         let mut owned = tasks[0].clone();
         owned.task_id = "trainer-1".into();
+        owned.restarts = 2;
         owned.index = 1;
         owned.managed = false;
         check(
             super::tasks(&[tasks[0].clone(), owned.clone()]),
             expect![[r#"
-                TASK       ROLE     INDEX  GROUPS            DATASET  COMPUTE  RUN BY       STATE
-                trainer-0  trainer  0      param-channel=eu  ds-uk    default  platform     ready
-                trainer-1  trainer  1      param-channel=eu  ds-uk    default  participant  ready
+                TASK       ROLE     INDEX  GROUPS            DATASET  COMPUTE  RUN BY       STATE  RESTARTS
+                trainer-0  trainer  0      param-channel=eu  ds-uk    default  platform     ready  0
+                trainer-1  trainer  1      param-channel=eu  ds-uk    default  participant  ready  2
             "#]],
         );
 

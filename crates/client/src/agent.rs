@@ -108,11 +108,13 @@ impl ComputeClient {
 
     /// `PUT /computes/{computeId}/tasks/{taskId}/deployment`: what happened to a task's worker.
     ///
-    /// `Failed` marks the task failed with `message` as its log.
+    /// `Failed` marks the task failed with `message` as its log. `attempt` is the worker's
+    /// (the task's restart count it was deployed for): reports of older attempts are ignored.
     pub async fn report_deployment(
         &self,
         job: &JobId,
         task: &TaskId,
+        attempt: u32,
         state: DeploymentState,
         message: &str,
     ) -> Result<()> {
@@ -121,7 +123,8 @@ impl ComputeClient {
             seg(self.compute.as_str()),
             seg(task.as_str())
         );
-        let body = DeploymentReport { job_id: job.clone(), state, message: message.to_owned() };
+        let body =
+            DeploymentReport { job_id: job.clone(), state, message: message.to_owned(), attempt };
         self.transport.json_no_content(Method::PUT, &path, Some(&body)).await
     }
 }

@@ -140,6 +140,9 @@ pub struct DeploymentReport {
     /// Details (the error when `failed`).
     #[serde(default)]
     pub message: String,
+    /// The worker's attempt (the task's restart count it was deployed for).
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// Answer of `GET /tasks/{taskId}` (task key): what an agent learns when it joins.

@@ -195,7 +195,13 @@ async fn user_agent_and_deployer_calls_round_trip() {
     )
     .unwrap();
     deployer
-        .report_deployment(&job.id, &aggregator.task.task_id, DeploymentState::Failed, "no image")
+        .report_deployment(
+            &job.id,
+            &aggregator.task.task_id,
+            0,
+            DeploymentState::Failed,
+            "no image",
+        )
         .await
         .unwrap();
     let failed = bob.get_task(&job.id, &aggregator.task.task_id).await.unwrap();

@@ -141,6 +141,7 @@ pub fn expand(
                 log: String::new(),
                 updated_at: None,
                 last_heartbeat: None,
+                restarts: 0,
             });
             index += 1;
         };

@@ -39,6 +39,10 @@ pub struct JobSpec {
     /// Hyperparameters, optimizer, selector, base model, registry.
     #[serde(default)]
     pub model_spec: ModelSpec,
+    /// Restart policy per role of the platform-run tasks; a role not listed gets
+    /// [`RestartPolicy::default_for`] its kind.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub restart_policy: BTreeMap<String, RestartPolicy>,
     /// Path of the data spec file beside job.json (resolved by `fledgectl`, never stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_spec_path: Option<String>,
@@ -55,6 +59,55 @@ impl JobSpec {
             self.name = self.design_id.as_str().to_owned();
         }
         self
+    }
+}
+
+/// Whether the controller redeploys a platform-run task that failed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RestartOn {
+    /// A failed task stays failed; the job's outcome rules decide.
+    Never,
+    /// A failed task is redeployed under the same id, up to `maxRestarts` times; it resumes
+    /// from the state its role persisted.
+    #[default]
+    OnFailure,
+}
+
+/// A role's restart policy (`restartPolicy.<role>` in the job spec).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestartPolicy {
+    /// When to restart.
+    #[serde(default)]
+    pub policy: RestartOn,
+    /// Restarts allowed per task (with `onFailure`); one more failure fails the task for good.
+    #[serde(default = "RestartPolicy::default_max")]
+    pub max_restarts: u32,
+}
+
+impl RestartPolicy {
+    /// The most restarts a job may allow a task.
+    pub const MAX_RESTARTS_LIMIT: u32 = 100;
+
+    fn default_max() -> u32 {
+        3
+    }
+
+    /// The default of a role: tasks that read no dataset (aggregators, coordinators) restart
+    /// on failure up to 3 times, since the whole job depends on them and they persist their
+    /// state each round; data-consuming tasks (trainers) never do: the aggregator's selector
+    /// drops a trainer that dies, as it would drop one that leaves.
+    pub fn default_for(data_consumer: bool) -> RestartPolicy {
+        RestartPolicy {
+            policy: if data_consumer { RestartOn::Never } else { RestartOn::OnFailure },
+            max_restarts: Self::default_max(),
+        }
+    }
+
+    /// How many restarts a task under this policy may still have after `restarts` of them.
+    pub fn allows(&self, restarts: u32) -> bool {
+        self.policy == RestartOn::OnFailure && restarts < self.max_restarts
     }
 }
 

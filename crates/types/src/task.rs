@@ -40,6 +40,9 @@ pub struct Task {
     /// Last heartbeat from its agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<chrono::DateTime<chrono::Utc>>,
+    /// How many times the controller redeployed it after a failure (its restart policy).
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 fn yes() -> bool {

@@ -370,6 +370,7 @@ mod tests {
             log: String::new(),
             updated_at: None,
             last_heartbeat: None,
+            restarts: 0,
         }
     }
 

@@ -229,6 +229,21 @@ pub fn job(
             ),
         );
     }
+    for (role, policy) in &spec.restart_policy {
+        if !schema.roles.iter().any(|r| &r.name == role) {
+            push(&format!("restartPolicy.{role}"), format!("the design has no role {role:?}"));
+        }
+        if policy.max_restarts > crate::job::RestartPolicy::MAX_RESTARTS_LIMIT {
+            push(
+                &format!("restartPolicy.{role}.maxRestarts"),
+                format!(
+                    "{} exceeds the limit of {}",
+                    policy.max_restarts,
+                    crate::job::RestartPolicy::MAX_RESTARTS_LIMIT
+                ),
+            );
+        }
+    }
     let model = &spec.model_spec;
     for (key, value) in &model.hyperparameters {
         let path = format!("modelSpec.hyperparameters.{key}");

@@ -220,6 +220,7 @@ pub struct Deployer {
 struct Report {
     job: JobId,
     task: TaskId,
+    attempt: u32,
     state: DeploymentState,
     message: String,
 }
@@ -356,8 +357,8 @@ impl Deployer {
                             kill.cancel();
                         }
                     }
-                    Effect::Report { job, task, state, message } => {
-                        let report = Report { job, task, state, message };
+                    Effect::Report { job, task, attempt, state, message } => {
+                        let report = Report { job, task, attempt, state, message };
                         if rt.reports.send(report).is_err() {
                             tracing::error!("deployment reporter is gone");
                         }
@@ -499,7 +500,7 @@ async fn report_loop(
 ) {
     while let Some(report) = reports.recv().await {
         let res = retry(backoff, "report deployment", || {
-            api.report(&report.job, &report.task, report.state, &report.message)
+            api.report(&report.job, &report.task, report.attempt, report.state, &report.message)
         })
         .await;
         if let Err(err) = res {

@@ -3,7 +3,7 @@
 //! worker limit and its FIFO queue, what to report when a worker ends) is unit-tested here and
 //! the event loop in the parent module only executes effects.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use fledge_proto::TaskDeployment;
 use fledge_types::{JobId, TaskId};
@@ -22,6 +22,11 @@ pub(crate) struct Pending {
 impl Pending {
     pub(crate) fn task_id(&self) -> TaskId {
         TaskId::new(self.task.task_id.clone())
+    }
+
+    /// The worker's attempt: the task's restarts when the controller deployed it.
+    pub(crate) fn attempt(&self) -> u32 {
+        self.task.attempt
     }
 }
 
@@ -60,21 +65,21 @@ pub(crate) enum Effect {
     Start(Pending),
     /// Stop this task's worker (it will come back as `Exited` with `killed`).
     Kill(TaskId),
-    /// Tell the control plane.
-    Report { job: JobId, task: TaskId, state: DeploymentState, message: String },
+    /// Tell the control plane (about the worker of `attempt`).
+    Report { job: JobId, task: TaskId, attempt: u32, state: DeploymentState, message: String },
 }
 
 /// The deployer's bookkeeping.
 #[derive(Debug)]
 pub(crate) struct Plan {
     max_workers: usize,
-    /// Tasks with a worker (starting or running) → their job.
-    active: HashMap<TaskId, JobId>,
+    /// Tasks with a worker (starting or running) → their job and the worker's attempt.
+    active: HashMap<TaskId, (JobId, u32)>,
     queue: VecDeque<Pending>,
-    /// Tasks whose worker already ran, per job: their state is final, so a repeated DEPLOY (a
-    /// controller resync, a redelivery) must not start them again. Forgotten when the whole
-    /// job is revoked.
-    finished: HashMap<JobId, HashSet<TaskId>>,
+    /// Tasks whose worker already ran, per job, with the attempt that ran last: a repeated
+    /// DEPLOY (a controller resync, a redelivery) must not start that attempt again; only a
+    /// restart (a higher attempt) does. Forgotten when the whole job is revoked.
+    finished: HashMap<JobId, HashMap<TaskId, u32>>,
 }
 
 impl Plan {
@@ -99,14 +104,23 @@ impl Plan {
             Input::Deploy(tasks) => {
                 for pending in tasks {
                     let task = pending.task_id();
-                    let known = self.active.contains_key(&task)
-                        || self.queue.iter().any(|p| p.task.task_id == pending.task.task_id);
-                    let ran =
-                        self.finished.get(&pending.job).is_some_and(|done| done.contains(&task));
+                    let attempt = pending.attempt();
+                    let known = self.active.get(&task).is_some_and(|(_, a)| *a >= attempt)
+                        || self.queue.iter().any(|p| {
+                            p.task.task_id == pending.task.task_id && p.attempt() >= attempt
+                        });
+                    let ran = self
+                        .finished
+                        .get(&pending.job)
+                        .and_then(|done| done.get(&task))
+                        .is_some_and(|a| *a >= attempt);
                     if known || ran {
-                        tracing::debug!(job = %pending.job, %task, ran, "not deploying again");
+                        tracing::debug!(job = %pending.job, %task, attempt, ran, "not deploying again");
                         continue;
                     }
+                    // A restart replaces an older attempt still queued; it starts once the
+                    // older attempt's worker (if any) has exited.
+                    self.queue.retain(|p| p.task.task_id != pending.task.task_id);
                     self.queue.push_back(pending);
                 }
             }
@@ -123,6 +137,7 @@ impl Plan {
                         effects.push(report(
                             &job,
                             &task,
+                            pending.attempt(),
                             DeploymentState::Revoked,
                             "revoked before it started",
                         ));
@@ -134,23 +149,30 @@ impl Plan {
                 let mut doomed: Vec<&TaskId> = self
                     .active
                     .iter()
-                    .filter(|(task, owner)| **owner == job && selected(task))
+                    .filter(|(task, (owner, _))| *owner == job && selected(task))
                     .map(|(task, _)| task)
                     .collect();
                 doomed.sort();
                 effects.extend(doomed.into_iter().map(|task| Effect::Kill(task.clone())));
             }
             Input::Started { job, task } => {
-                effects.push(report(&job, &task, DeploymentState::Deployed, ""));
+                let attempt = self.attempt(&task);
+                effects.push(report(&job, &task, attempt, DeploymentState::Deployed, ""));
             }
             Input::StartFailed { job, task, message } => {
-                self.retire(&job, &task);
-                effects.push(report(&job, &task, DeploymentState::Failed, &message));
+                let attempt = self.retire(&job, &task);
+                effects.push(report(&job, &task, attempt, DeploymentState::Failed, &message));
             }
             Input::Exited { job, task, ended } => {
-                self.retire(&job, &task);
+                let attempt = self.retire(&job, &task);
                 if ended.killed {
-                    effects.push(report(&job, &task, DeploymentState::Revoked, "worker revoked"));
+                    effects.push(report(
+                        &job,
+                        &task,
+                        attempt,
+                        DeploymentState::Revoked,
+                        "worker revoked",
+                    ));
                 } else if !ended.reported {
                     let mut message =
                         format!("worker exited with {} before reporting", ended.status);
@@ -158,29 +180,51 @@ impl Plan {
                         message.push_str("; its last output:\n");
                         message.push_str(&ended.log_tail);
                     }
-                    effects.push(report(&job, &task, DeploymentState::Failed, &message));
+                    effects.push(report(&job, &task, attempt, DeploymentState::Failed, &message));
                 }
             }
         }
-        // Fill free slots in arrival order.
+        // Fill free slots in arrival order; a restart waits for its older worker to exit.
         while self.active.len() < self.max_workers {
-            let Some(pending) = self.queue.pop_front() else {
+            let Some(at) = self.queue.iter().position(|p| !self.active.contains_key(&p.task_id()))
+            else {
                 break;
             };
-            self.active.insert(pending.task_id(), pending.job.clone());
+            let pending = self.queue.remove(at).expect("position is in range");
+            self.active.insert(pending.task_id(), (pending.job.clone(), pending.attempt()));
             effects.push(Effect::Start(pending));
         }
         effects
     }
 
-    fn retire(&mut self, job: &JobId, task: &TaskId) {
-        self.active.remove(task);
-        self.finished.entry(job.clone()).or_default().insert(task.clone());
+    /// The attempt of `task`'s worker (0 if it has none).
+    fn attempt(&self, task: &TaskId) -> u32 {
+        self.active.get(task).map_or(0, |(_, attempt)| *attempt)
+    }
+
+    /// Forgets `task`'s worker, remembering that its attempt ran; returns the attempt.
+    fn retire(&mut self, job: &JobId, task: &TaskId) -> u32 {
+        let attempt = self.active.remove(task).map_or(0, |(_, attempt)| attempt);
+        let ran = self.finished.entry(job.clone()).or_default().entry(task.clone()).or_insert(0);
+        *ran = (*ran).max(attempt);
+        attempt
     }
 }
 
-fn report(job: &JobId, task: &TaskId, state: DeploymentState, message: &str) -> Effect {
-    Effect::Report { job: job.clone(), task: task.clone(), state, message: message.to_owned() }
+fn report(
+    job: &JobId,
+    task: &TaskId,
+    attempt: u32,
+    state: DeploymentState,
+    message: &str,
+) -> Effect {
+    Effect::Report {
+        job: job.clone(),
+        task: task.clone(),
+        attempt,
+        state,
+        message: message.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +238,7 @@ mod tests {
                 task_id: task.into(),
                 task_key: format!("key-{task}"),
                 role: "trainer".into(),
+                attempt: 0,
             },
             apiserver: "http://api".into(),
             notifier: "http://notifier".into(),
@@ -320,5 +365,32 @@ mod tests {
         assert!(plan.step(Input::Deploy(vec![pending("j", "a")])).is_empty());
         plan.step(Input::Revoke { job: JobId::new("j"), tasks: Vec::new() });
         assert_eq!(show(&plan.step(Input::Deploy(vec![pending("j", "a")]))), ["start a"]);
+    }
+
+    fn restarted(job: &str, task: &str, attempt: u32) -> Pending {
+        let mut p = pending(job, task);
+        p.task.attempt = attempt;
+        p
+    }
+
+    #[test]
+    fn a_restart_starts_a_new_worker_once_the_old_one_is_gone() {
+        let mut plan = Plan::new(4);
+        assert_eq!(show(&plan.step(Input::Deploy(vec![pending("j", "a")]))), ["start a"]);
+        // The controller restarted the task while its old worker is still being reaped:
+        // the new attempt waits for the slot of its task, once.
+        assert!(plan.step(Input::Deploy(vec![restarted("j", "a", 1)])).is_empty());
+        assert!(plan.step(Input::Deploy(vec![restarted("j", "a", 1)])).is_empty());
+        let effects = plan.step(exited("j", "a", true, false));
+        assert_eq!(show(&effects), ["start a"]);
+        let effects = plan.step(Input::Started { job: JobId::new("j"), task: TaskId::new("a") });
+        assert!(matches!(effects[..], [Effect::Report { attempt: 1, .. }]), "{effects:?}");
+        // Attempt 1 dies unreported: its report names attempt 1; a redelivered deploy of
+        // attempt 0 or 1 starts nothing, attempt 2 does.
+        let effects = plan.step(exited("j", "a", false, false));
+        assert!(matches!(effects[..], [Effect::Report { attempt: 1, .. }]), "{effects:?}");
+        assert!(plan.step(Input::Deploy(vec![pending("j", "a")])).is_empty());
+        assert!(plan.step(Input::Deploy(vec![restarted("j", "a", 1)])).is_empty());
+        assert_eq!(show(&plan.step(Input::Deploy(vec![restarted("j", "a", 2)]))), ["start a"]);
     }
 }

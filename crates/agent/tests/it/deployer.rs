@@ -92,6 +92,7 @@ impl Harness {
                     task_id: (*t).into(),
                     task_key: format!("key-of-{t}"),
                     role: "trainer".into(),
+                    attempt: 0,
                 })
                 .collect(),
             apiserver: String::new(),

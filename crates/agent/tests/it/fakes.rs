@@ -147,6 +147,7 @@ impl DeploymentApi for FakeDeploymentApi {
         &'a self,
         job: &'a JobId,
         task: &'a TaskId,
+        _attempt: u32,
         state: DeploymentState,
         message: &'a str,
     ) -> BoxFuture<'a, api::Result<()>> {

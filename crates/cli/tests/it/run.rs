@@ -50,6 +50,7 @@ async fn play_controller(server: &Server, end: JobState) -> Job {
             log: String::new(),
             updated_at: None,
             last_heartbeat: None,
+            restarts: 0,
         };
         store
             .insert_tasks(&[NewTask { task, key_sha256: fledge_control::api::secret_hash("k") }])

@@ -45,6 +45,10 @@ pub(super) struct DeploymentReport {
     /// Details (the failure's cause).
     #[serde(default)]
     message: String,
+    /// The worker's attempt (the task's restart count when it was deployed); a report about
+    /// an earlier attempt than the task's current one is stale and ignored.
+    #[serde(default)]
+    attempt: u32,
 }
 
 impl ApiState {
@@ -151,6 +155,11 @@ async fn report_deployment(
     }
     tracing::info!(job_id = %report.job_id, task_id = %task_id, compute_id = %compute,
         state = ?report.state, message = %report.message, "deployment report");
+    if report.attempt < task.restarts {
+        tracing::info!(job_id = %report.job_id, task_id = %task_id, attempt = report.attempt,
+            restarts = task.restarts, "stale deployment report of an earlier attempt ignored");
+        return Ok(StatusCode::NO_CONTENT);
+    }
     if report.state == DeploymentState::Failed && !task.state.is_final() {
         let log = format!("deployment failed: {}", report.message);
         match state

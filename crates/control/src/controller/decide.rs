@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use fledge_types::{Job, JobState, Task, TaskId, TaskState};
+use fledge_types::{Job, JobState, RestartPolicy, Task, TaskId, TaskState};
 
 /// Reason recorded on a job that ran past its `maxRunTime`.
 pub const REASON_MAX_RUN_TIME: &str = "maxRunTime";
@@ -61,6 +61,11 @@ pub enum Effect {
     Deploy,
     /// Send a start event to every `ready` task.
     Start,
+    /// Put failed tasks back to `ready` for a new worker (compare-and-set on their restart
+    /// count) and drop the events their previous worker was sent.
+    Restart(Vec<Restart>),
+    /// Send a start event to these tasks (restarted ones, once the job has started).
+    StartTasks(Vec<TaskId>),
     /// Record why the job waits, without changing its state (compare-and-set on the state).
     Note {
         /// The job's current state.
@@ -83,6 +88,17 @@ pub enum Effect {
     },
     /// The job is over: drop its notifier mailboxes and this controller's memory of it.
     Forget,
+}
+
+/// One task to redeploy after a failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restart {
+    /// The task.
+    pub task: TaskId,
+    /// Its restarts so far (the compare-and-set's expected value).
+    pub restarts: u32,
+    /// Its new log tail: which restart this is and why.
+    pub log: String,
 }
 
 /// When to look at the job again.
@@ -175,12 +191,23 @@ fn decide_active(
         ]);
     }
 
-    // 2. The tasks' outcome ends the job.
+    // 2. Failed platform-run tasks that their role's restart policy lets go on get a new
+    // worker; the job's outcome counts them as failed only once their restarts are spent.
+    let restart = restartable(job, tasks);
+    if !restart.is_empty() {
+        let why: Vec<String> = restart.iter().map(|r| format!("{}: {}", r.task, r.log)).collect();
+        return Decision::now(vec![
+            Effect::Restart(restart),
+            Effect::Note { state, reason: format!("restarting {}", why.join("; ")) },
+        ]);
+    }
+
+    // 3. The tasks' outcome ends the job.
     if let Some((to, reason)) = outcome(tasks) {
         return Decision::now(end(state, to, reason, tasks));
     }
 
-    // 3. The wall-time limit.
+    // 4. The wall-time limit.
     let deadline = max_run_deadline(job);
     if deadline.is_some_and(|deadline| now >= deadline) {
         return Decision::now(vec![Effect::Transition {
@@ -190,7 +217,7 @@ fn decide_active(
         }]);
     }
 
-    // 4. Progress: deploy the managed tasks; once every participant-run task has joined (its
+    // 5. Progress: deploy the managed tasks; once every participant-run task has joined (its
     // data owner's agent beats), start every task; `running` once no task is `ready`. The
     // deploy timeout catches managed workers that never came up (no agent ever beat), e.g. a
     // compute without a working deployer; waiting for data owners is bounded by maxRunTime.
@@ -214,6 +241,18 @@ fn decide_active(
         }
     }
     let mut effects = Vec::new();
+    if state == JobState::Running {
+        // Restarted tasks wait in `ready` until their new worker runs: (re-)send their deploy
+        // and start events on every pass (deployers start one worker per attempt).
+        let restarted: Vec<TaskId> = tasks
+            .iter()
+            .filter(|t| t.managed && t.state == TaskState::Ready)
+            .map(|t| t.task_id.clone())
+            .collect();
+        if !restarted.is_empty() {
+            effects.extend([Effect::Deploy, Effect::StartTasks(restarted)]);
+        }
+    }
     if state == JobState::Deploying {
         if !memory.deployed {
             effects.push(Effect::Deploy);
@@ -239,7 +278,7 @@ fn decide_active(
         }
     }
 
-    // 5. Come back at the next timer: heartbeat expiry, wall-time limit, or the resync.
+    // 6. Come back at the next timer: heartbeat expiry, wall-time limit, or the resync.
     let mut wait = policy.resync_interval;
     if let Some(deadline) = deadline {
         wait = wait.min(until(now, deadline));
@@ -335,7 +374,18 @@ pub fn outcome(tasks: &[Task]) -> Option<(JobState, Option<String>)> {
     for role in &roles {
         let mut of_role = tasks.iter().filter(|t| &t.role == role);
         if of_role.all(|t| t.state == TaskState::Failed) {
-            return Some((JobState::Failed, Some(format!("all tasks of role {role} failed"))));
+            let mut reason = format!("all tasks of role {role} failed");
+            // A task that was restarted: say so, and why it failed last.
+            if let Some(t) = tasks.iter().find(|t| &t.role == role && t.restarts > 0) {
+                reason.push_str(&format!(
+                    " ({} after {} restart{}: {})",
+                    t.task_id,
+                    t.restarts,
+                    if t.restarts == 1 { "" } else { "s" },
+                    first_line(&t.log)
+                ));
+            }
+            return Some((JobState::Failed, Some(reason)));
         }
     }
     let completed =
@@ -355,6 +405,47 @@ pub fn outcome(tasks: &[Task]) -> Option<(JobState, Option<String>)> {
         ));
     }
     None
+}
+
+/// The restart policy of `task` in `job`: the spec's entry for its role, else the default
+/// of its kind (see [`RestartPolicy::default_for`]).
+pub fn restart_policy(job: &Job, task: &Task) -> RestartPolicy {
+    job.spec
+        .restart_policy
+        .get(&task.role)
+        .copied()
+        .unwrap_or_else(|| RestartPolicy::default_for(task.dataset_id.is_some()))
+}
+
+/// The failed platform-run tasks whose policy allows another restart.
+fn restartable(job: &Job, tasks: &[Task]) -> Vec<Restart> {
+    tasks
+        .iter()
+        .filter(|t| t.managed && t.state == TaskState::Failed)
+        .filter_map(|t| {
+            let policy = restart_policy(job, t);
+            policy.allows(t.restarts).then(|| Restart {
+                task: t.task_id.clone(),
+                restarts: t.restarts,
+                log: format!(
+                    "restart {} of {} after: {}",
+                    t.restarts + 1,
+                    policy.max_restarts,
+                    first_line(&t.log)
+                ),
+            })
+        })
+        .collect()
+}
+
+/// The first line of a log tail (a restart's reason), at most 200 characters.
+fn first_line(log: &str) -> String {
+    let line = log.lines().next().unwrap_or("").trim();
+    let mut out: String = line.chars().take(200).collect();
+    if out.is_empty() {
+        out.push_str("no log");
+    }
+    out
 }
 
 /// Distinct roles in first-seen order.
@@ -445,7 +536,7 @@ fn until(now: DateTime<Utc>, then: DateTime<Utc>) -> Duration {
 mod tests {
     use std::collections::BTreeMap;
 
-    use fledge_types::{ComputeId, DesignId, JobId, JobSpec, UserId};
+    use fledge_types::{ComputeId, DatasetId, DesignId, JobId, JobSpec, UserId};
 
     use super::*;
 
@@ -491,20 +582,26 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(idx, spec)| {
-                let (role, state) = spec.split_once(':').expect("role:state");
+                // An optional third field: the task's restarts so far.
+                let mut fields = spec.split(':');
+                let role = fields.next().expect("role");
+                let state = fields.next().expect("role:state");
+                let restarts = fields.next().map_or(0, |n| n.parse().expect("restart count"));
                 Task {
                     job_id: JobId::new("j1"),
                     task_id: TaskId::new(format!("t{idx}")),
                     role: role.to_owned(),
                     index: u32::try_from(idx).expect("small"),
                     group_association: BTreeMap::new(),
-                    dataset_id: None,
+                    // Trainers read a dataset (and never restart by default).
+                    dataset_id: (role == "trainer").then(|| DatasetId::new(format!("d{idx}"))),
                     compute_id: ComputeId::new("default"),
                     managed: true,
                     state: state.parse().expect("task state"),
-                    log: String::new(),
+                    log: if state == "failed" { "exit 9\nmore".to_owned() } else { String::new() },
                     updated_at: Some(t0()),
                     last_heartbeat: None,
+                    restarts,
                 }
             })
             .collect()
@@ -534,6 +631,12 @@ mod tests {
                 Effect::Deploy => "deploy".to_owned(),
                 Effect::Start => "start".to_owned(),
                 Effect::Note { state, reason } => format!("note {state} ({reason})"),
+                Effect::Restart(restarts) => {
+                    let each: Vec<String> =
+                        restarts.iter().map(|r| format!("{}#{}", r.task, r.restarts)).collect();
+                    format!("restart[{}]", each.join(","))
+                }
+                Effect::StartTasks(tasks) => format!("start[{}]", ids(tasks)),
                 Effect::Stop(tasks) => format!("stop[{}]", ids(tasks)),
                 Effect::Revoke => "revoke".to_owned(),
                 Effect::MarkTasks { tasks, state, log } => {
@@ -669,10 +772,37 @@ mod tests {
                 name: "a role failing while deploying fails the job too",
                 state: JobState::Deploying,
                 max_run_time: 0,
-                tasks: &["agg:failed", "trainer:ready"],
+                tasks: &["agg:failed:3", "trainer:ready"],
                 memory: SENT,
                 now: 5,
-                expect: "deploying->failed (all tasks of role agg failed); stop[t1]; revoke; mark[t1]=terminated (job failed); forget; requeue 0s",
+                expect: "deploying->failed (all tasks of role agg failed (t0 after 3 restarts: exit 9)); stop[t1]; revoke; mark[t1]=terminated (job failed); forget; requeue 0s",
+            },
+            Case {
+                name: "a failed aggregator is restarted, by default up to 3 times",
+                state: JobState::Running,
+                max_run_time: 0,
+                tasks: &["agg:failed:2", "trainer:running"],
+                memory: SENT,
+                now: 5,
+                expect: "restart[t0#2]; note running (restarting t0: restart 3 of 3 after: exit 9); requeue 0s",
+            },
+            Case {
+                name: "a restarted task is deployed and started until it runs",
+                state: JobState::Running,
+                max_run_time: 0,
+                tasks: &["agg:ready:1", "trainer:running"],
+                memory: SENT,
+                now: 5,
+                expect: "deploy; start[t0]; requeue 10s",
+            },
+            Case {
+                name: "a failed trainer is not restarted by default",
+                state: JobState::Running,
+                max_run_time: 0,
+                tasks: &["agg:running", "trainer:failed", "trainer:running"],
+                memory: SENT,
+                now: 5,
+                expect: "requeue 10s",
             },
             Case {
                 name: "every task ended without a completed aggregator",
@@ -864,6 +994,36 @@ mod tests {
             task.state = TaskState::Ready;
         }
         let decision = decide(&noted, &list, deployed, &policy(), at(399 + 60));
+        assert_eq!(render(&decision), "requeue 10s");
+    }
+
+    #[test]
+    fn the_job_spec_sets_each_roles_restart_policy() {
+        use fledge_types::{RestartOn, RestartPolicy};
+        let failed = tasks(&["agg:failed:1", "trainer:failed", "trainer:running"]);
+        // `never` for the aggregator: the job fails at once.
+        let mut never = job(JobState::Running, 0);
+        never
+            .spec
+            .restart_policy
+            .insert("agg".to_owned(), RestartPolicy { policy: RestartOn::Never, max_restarts: 3 });
+        let decision = decide(&never, &failed, SENT, &policy(), at(5));
+        assert!(render(&decision).starts_with("running->failed (all tasks of role agg failed (t0"));
+        // `onFailure` for trainers: the failed trainer comes back, within its bound.
+        let mut trainers = job(JobState::Running, 0);
+        trainers.spec.restart_policy.insert(
+            "trainer".to_owned(),
+            RestartPolicy { policy: RestartOn::OnFailure, max_restarts: 1 },
+        );
+        let decision = decide(&trainers, &failed, SENT, &policy(), at(5));
+        assert!(
+            render(&decision).starts_with("restart[t0#1,t1#0]; note running"),
+            "{}",
+            render(&decision)
+        );
+        let mut spent = failed.clone();
+        spent[1].restarts = 1;
+        let decision = decide(&trainers, &spent[1..], SENT, &policy(), at(5));
         assert_eq!(render(&decision), "requeue 10s");
     }
 }

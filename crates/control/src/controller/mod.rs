@@ -390,6 +390,25 @@ impl Controller {
                     tracing::info!(n_tasks = ready.len(), "start events sent");
                     self.memory.entry(job.id.clone()).or_default().started = true;
                 }
+                Effect::Restart(restarts) => {
+                    for r in &restarts {
+                        match self.store.restart_task(&job.id, &r.task, r.restarts, &r.log).await {
+                            Ok(task) => {
+                                self.notifier.reset_task(&r.task);
+                                tracing::warn!(task_id = %r.task, restarts = task.restarts, log = %r.log, "task restarted");
+                            }
+                            // Restarted by an earlier pass, or changed meanwhile.
+                            Err(store::Error::Conflict { .. }) => return Ok(Executed::Raced),
+                            Err(err) => return Err(store_err(err)),
+                        }
+                    }
+                }
+                Effect::StartTasks(tasks) => {
+                    for task in &tasks {
+                        self.notifier.publish_task(&job.id, task, TaskEventKind::Start);
+                    }
+                    tracing::info!(n_tasks = tasks.len(), "start events sent to restarted tasks");
+                }
                 Effect::Note { state, reason } => {
                     match self.store.set_job_reason(&job.id, state, &reason).await {
                         Ok(()) => tracing::info!(%reason, "job waits"),
@@ -508,6 +527,7 @@ impl Controller {
                 task_id: task.task_id.to_string(),
                 task_key: self.keys.key(&task.task_id),
                 role: task.role.clone(),
+                attempt: task.restarts,
             });
         }
         for (compute, deployments) in per_compute {

@@ -284,6 +284,15 @@ impl Handle {
         self.shared.lock().tasks.get(task).is_some_and(Mailbox::is_connected)
     }
 
+    /// Drops the events retained for `task`, so that the worker of its next attempt (a
+    /// restart) is not replayed the stop or start events of the one before.
+    pub fn reset_task(&self, task: &TaskId) {
+        if let Some(mailbox) = self.shared.lock().tasks.get_mut(task) {
+            mailbox.events.clear();
+            mailbox.conn = None;
+        }
+    }
+
     /// Drops the mailboxes of `job`'s tasks (called once the job has ended and its tasks are
     /// final, so the notifier's memory does not grow with the number of jobs ever run).
     pub fn forget_job(&self, job: &JobId) {

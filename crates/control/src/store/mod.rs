@@ -288,6 +288,17 @@ pub trait Store: Send + Sync + 'static {
         state: TaskState,
         log: Option<&str>,
     ) -> Result<Task>;
+    /// Puts a `failed` task that has had `restarts` restarts back to `ready` for its next
+    /// worker: the count goes up by one, `log` becomes its log tail and its heartbeat is
+    /// cleared. `Conflict` when the task is no longer `failed` with that count (another
+    /// controller pass restarted it, or it changed meanwhile).
+    async fn restart_task(
+        &self,
+        job: &JobId,
+        task: &TaskId,
+        restarts: u32,
+        log: &str,
+    ) -> Result<Task>;
     /// Records a heartbeat from a task's agent (sets `Task::last_heartbeat` to now).
     async fn record_heartbeat(&self, task: &TaskId) -> Result<()>;
     /// Sets (`Some`: mints or re-mints, replacing any previous key) or revokes (`None`) the key

@@ -184,7 +184,7 @@ macro_rules! impl_sql_store {
         const JOB_COLUMNS: &str = "id, owner, spec, schema_version, code_version, state, reason, \
              created_at, started_at, updated_at, ended_at";
         const TASK_COLUMNS: &str = "task_id, job_id, role, idx, group_association, dataset_id, \
-             compute_id, managed, state, log, updated_at, last_heartbeat";
+             compute_id, managed, state, log, updated_at, last_heartbeat, restarts";
         const DATASET_COLUMNS: &str =
             "id, owner, name, description, url, data_format, realm, is_public";
 
@@ -263,6 +263,9 @@ macro_rules! impl_sql_store {
                 log: get(row, "log")?,
                 updated_at: from_opt_text(get(row, "updated_at")?)?,
                 last_heartbeat: from_opt_text(get(row, "last_heartbeat")?)?,
+                restarts: u32::try_from(get::<i64>(row, "restarts")?).map_err(|_| {
+                    Error::Database(anyhow::anyhow!("bad stored restart count"))
+                })?,
             })
         }
 
@@ -1348,6 +1351,40 @@ macro_rules! impl_sql_store {
                 self.get_task(job, task).await
             }
 
+            async fn restart_task(
+                &self,
+                job: &JobId,
+                task: &TaskId,
+                restarts: u32,
+                log: &str,
+            ) -> Result<Task> {
+                let done = sqlx::query(
+                    "UPDATE tasks SET state = $1, restarts = restarts + 1, log = $2, \
+                     updated_at = $3, last_heartbeat = NULL \
+                     WHERE job_id = $4 AND task_id = $5 AND state = $6 AND restarts = $7",
+                )
+                .bind(TaskState::Ready.as_str())
+                .bind(log)
+                .bind(now())
+                .bind(job.as_str())
+                .bind(task.as_str())
+                .bind(TaskState::Failed.as_str())
+                .bind(i64::from(restarts))
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                let current = self.get_task(job, task).await?;
+                if done.rows_affected() == 0 {
+                    return Err(Error::Conflict {
+                        kind: "task",
+                        id: task.to_string(),
+                        expected: format!("failed after {restarts} restarts"),
+                        actual: format!("{} after {} restarts", current.state, current.restarts),
+                    });
+                }
+                Ok(current)
+            }
+
             async fn record_heartbeat(&self, task: &TaskId) -> Result<()> {
                 let done = sqlx::query("UPDATE tasks SET last_heartbeat = $1 WHERE task_id = $2")
                     .bind(now())
@@ -1425,6 +1462,25 @@ macro_rules! impl_sql_store {
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
                 let received = now();
                 for record in records {
+                    let round = i64::try_from(record.round).unwrap_or(i64::MAX);
+                    if let Some(ts) = record.timestamp {
+                        // The same record sent again (a restarted task re-sends its last
+                        // round's): stored once.
+                        let seen = sqlx::query(
+                            "SELECT 1 AS one FROM metrics WHERE job_id = $1 AND task_id = $2 \
+                             AND round = $3 AND ts = $4",
+                        )
+                        .bind(job.as_str())
+                        .bind(record.task_id.as_str())
+                        .bind(round)
+                        .bind(to_text(ts))
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                        if seen.is_some() {
+                            continue;
+                        }
+                    }
                     sqlx::query(
                         "INSERT INTO metrics (job_id, task_id, role, round, metrics, ts) \
                          VALUES ($1, $2, $3, $4, $5, $6)",
@@ -1432,7 +1488,7 @@ macro_rules! impl_sql_store {
                     .bind(job.as_str())
                     .bind(record.task_id.as_str())
                     .bind(&record.role)
-                    .bind(i64::try_from(record.round).unwrap_or(i64::MAX))
+                    .bind(round)
                     .bind(to_json(&record.metrics)?)
                     .bind(record.timestamp.map(to_text).unwrap_or_else(|| received.clone()))
                     .execute(&mut *tx)

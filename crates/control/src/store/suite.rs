@@ -27,6 +27,7 @@ where
     jobs(&factory().await).await;
     tasks(&factory().await).await;
     metrics(&factory().await).await;
+    restarts(&factory().await).await;
 }
 
 fn ann() -> UserId {
@@ -74,6 +75,7 @@ fn task(job: &fledge_types::JobId, id: &str, index: u32, managed: bool) -> NewTa
             log: String::new(),
             updated_at: None,
             last_heartbeat: None,
+            restarts: 0,
         },
         key_sha256: sha(&format!("key-{id}")),
     }
@@ -588,4 +590,54 @@ async fn metrics(store: &impl Store) {
         Err(Error::NotFound { kind: "job", .. })
     ));
     assert!(matches!(store.list_metrics(&"nope".into()).await, Err(Error::NotFound { .. })));
+
+    // A record sent again (same task, round and timestamp) is stored once; another timestamp
+    // for the same round is another record.
+    let at = |round: u64, secs: i64| MetricRecord {
+        timestamp: Some(
+            chrono::DateTime::from_timestamp(1_800_000_000 + secs, 123_456_000).unwrap(),
+        ),
+        ..record(round, 0.25)
+    };
+    store.add_metrics(&job.id, &[at(4, 0), at(4, 0)]).await.unwrap();
+    store.add_metrics(&job.id, &[at(4, 0)]).await.unwrap();
+    assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 4);
+    store.add_metrics(&job.id, &[at(4, 1)]).await.unwrap();
+    assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 5);
+}
+
+async fn restarts(store: &impl Store) {
+    with_users(store).await;
+    let job = store.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
+    store.insert_tasks(&[task(&job.id, "ta", 0, true)]).await.unwrap();
+    let ta: TaskId = "ta".into();
+    // Only a failed task restarts, and only from the count the caller saw.
+    assert!(matches!(
+        store.restart_task(&job.id, &ta, 0, "again").await,
+        Err(Error::Conflict { .. })
+    ));
+    store.set_task_state(&job.id, &ta, TaskState::Running, None).await.unwrap();
+    store.record_heartbeat(&ta).await.unwrap();
+    store.set_task_state(&job.id, &ta, TaskState::Failed, Some("killed")).await.unwrap();
+    let back = store.restart_task(&job.id, &ta, 0, "restart 1: killed").await.unwrap();
+    assert_eq!(
+        (back.state, back.restarts, back.log.as_str()),
+        (TaskState::Ready, 1, "restart 1: killed")
+    );
+    assert_eq!(back.last_heartbeat, None);
+    assert!(matches!(
+        store.restart_task(&job.id, &ta, 0, "twice").await,
+        Err(Error::Conflict { .. })
+    ));
+    store.set_task_state(&job.id, &ta, TaskState::Failed, None).await.unwrap();
+    assert!(matches!(
+        store.restart_task(&job.id, &ta, 0, "stale count").await,
+        Err(Error::Conflict { .. })
+    ));
+    assert_eq!(store.restart_task(&job.id, &ta, 1, "restart 2").await.unwrap().restarts, 2);
+    assert_eq!(store.list_tasks(&job.id).await.unwrap()[0].restarts, 2);
+    assert!(matches!(
+        store.restart_task(&job.id, &"nope".into(), 0, "x").await,
+        Err(Error::NotFound { .. })
+    ));
 }
