@@ -215,6 +215,27 @@ impl Channel {
             .await
     }
 
+    /// Waits until a message from `end` is queued, without taking it (look at it with
+    /// [`Channel::peek`]); fails as [`Channel::recv`] does if `end` is gone and nothing from
+    /// it is queued.
+    pub async fn await_queued(&self, end: &TaskId) -> Result<()> {
+        let channel = self.name().to_owned();
+        self.shared()
+            .wait_for(|state| {
+                if state.queues.get(end).is_some_and(|q| !q.is_empty()) {
+                    return Some(Ok(()));
+                }
+                if !state.peers.contains_key(end) {
+                    return Some(Err(Error::EndLeft {
+                        end: end.clone(),
+                        channel: channel.clone(),
+                    }));
+                }
+                None
+            })
+            .await
+    }
+
     /// The next message from `end` without taking it, if one is queued.
     pub fn peek(&self, end: &TaskId) -> Option<Message> {
         self.shared().lock().queues.get(end).and_then(|q| q.front()).map(|(_, m)| m.clone())
@@ -284,6 +305,16 @@ impl Channel {
     pub async fn await_leave(&self, end: &TaskId, timeout: Duration) -> Result<()> {
         let wait =
             self.shared().wait_for(|state| (!state.peers.contains_key(end)).then_some(Ok(())));
+        tokio::time::timeout(timeout, wait).await.map_err(|_| Error::JoinTimeout {
+            channel: self.name().to_owned(),
+            group: self.group().to_owned(),
+            timeout,
+        })?
+    }
+
+    /// Waits until `end` is a peer (again: a restarted end rejoins under its id).
+    pub async fn await_end(&self, end: &TaskId, timeout: Duration) -> Result<()> {
+        let wait = self.shared().wait_for(|state| state.peers.contains_key(end).then_some(Ok(())));
         tokio::time::timeout(timeout, wait).await.map_err(|_| Error::JoinTimeout {
             channel: self.name().to_owned(),
             group: self.group().to_owned(),

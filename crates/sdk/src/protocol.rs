@@ -286,6 +286,34 @@ pub fn peer_left(e: fledge_channel::Error) -> Error {
     }
 }
 
+/// Waits for `parent`, an aggregator that left `channel`, to come back: the controller
+/// restarts a failed aggregator under its id and it resumes from its last round. Past
+/// `timeout` the wait fails with [`Error::PeerLeft`] naming it.
+pub async fn await_parent(
+    channel: &Channel,
+    parent: &TaskId,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    tracing::warn!(%parent, channel = channel.name(), timeout_secs = timeout.as_secs(),
+        "aggregator left; waiting for it to come back");
+    match channel.await_end(parent, timeout).await {
+        Ok(()) => {
+            tracing::info!(%parent, channel = channel.name(), "aggregator is back");
+            Ok(())
+        }
+        Err(fledge_channel::Error::JoinTimeout { .. }) => {
+            Err(Error::PeerLeft { peer: parent.clone(), channel: channel.name().to_owned() })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `res` failed because `parent` left: a child then goes back to waiting for its
+/// next model (the aggregator, restarted, redoes the round), instead of failing.
+pub fn parent_left<T>(res: &Result<T>, parent: &TaskId) -> bool {
+    matches!(res, Err(Error::PeerLeft { peer, .. }) if peer == parent)
+}
+
 /// The sample count of `peer`'s update: an integer in 1..=[`MAX_SAMPLES`].
 pub fn num_samples(peer: &TaskId, message: &Message) -> Result<u64> {
     let bad = |reason: String| Error::Protocol { peer: peer.clone(), reason };
@@ -337,6 +365,14 @@ pub async fn await_upload_permit(
     }
     upload.send(peer, Command::Ready.message(round)).await.map_err(peer_left)?;
     loop {
+        fetch.await_queued(peer).await.map_err(peer_left)?;
+        if fetch.peek(peer).is_some_and(|m| matches!(m.kind, Kind::Weights | Kind::EndOfTraining)) {
+            // A model while waiting for a grant: the aggregator was restarted and redoes the
+            // round (or ended). The model stays queued for the next fetch; this update is
+            // dropped as if the aggregator had left.
+            tracing::warn!(%peer, round, "new model while waiting for the upload grant; the aggregator restarted");
+            return Err(Error::PeerLeft { peer: peer.clone(), channel: fetch.name().to_owned() });
+        }
         let message = fetch.recv(peer).await.map_err(peer_left)?;
         if message.round == round && Command::GrantUpload.is(&message) {
             return Ok(());

@@ -7,6 +7,7 @@
 //! {root}/jobs/{jobId}/rounds/round-00001.safetensors   global model after each round
 //! {root}/jobs/{jobId}/final.safetensors          the final global model
 //! {root}/jobs/{jobId}/metrics.jsonl              one MetricRecord (JSON) per line
+//! {root}/jobs/{jobId}/resume/{taskId}.safetensors what an aggregating task needs to resume
 //! {root}/jobs/{jobId}/{group}/rounds/…, …/final.safetensors
 //!                                                the models of a task in a named group
 //! ```
@@ -30,8 +31,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fledge_algorithms::{Tensor, Weights};
-use fledge_types::{JobId, MetricRecord, RegistrySpec, TaskConfig};
+use fledge_algorithms::{ServerState, Tensor, Weights};
+use fledge_types::{JobId, MetricRecord, RegistrySpec, TaskConfig, TaskId};
 use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo};
 
 use crate::{Error, Result};
@@ -51,6 +52,124 @@ pub trait Registry: Send + Sync {
     fn save_final(&self, job: &JobId, weights: &Weights) -> Result<PathBuf>;
     /// Appends metric records.
     fn append_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<()>;
+    /// Replaces, atomically, what aggregating task `task` needs to go on after a restart.
+    fn save_resume(&self, job: &JobId, task: &TaskId, state: &ResumeState) -> Result<()>;
+    /// What `task` saved last, or `None` if it never saved (its first run).
+    fn load_resume(&self, job: &JobId, task: &TaskId) -> Result<Option<ResumeState>>;
+}
+
+/// What an aggregating task persists after each round so that, redeployed under the same id
+/// after a crash, it goes on from the next round with the same state: the global model, the
+/// server optimizer's moments, the selector's memory, the round and model version, and the
+/// round's metric record (re-sent on resume; the store keeps a record once).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResumeState {
+    /// The last round completed.
+    pub round: u64,
+    /// The model version after it.
+    pub model_version: u64,
+    /// The global model after it.
+    pub global: Weights,
+    /// The server optimizer's state (FedAdam, FedYogi, FedAdaGrad).
+    pub server: Option<ServerState>,
+    /// The selector's memory ([`fledge_algorithms::Selector::state`]).
+    pub selector: serde_json::Value,
+    /// The round's metric record.
+    pub record: Option<MetricRecord>,
+}
+
+/// Metadata key of a resume file's JSON (round, model version, optimizer steps, selector,
+/// record); its tensors are the global model's, and the moments as `fledge.m/NAME`,
+/// `fledge.v/NAME`.
+const RESUME_KEY: &str = "fledge.resume";
+const MOMENT_M: &str = "fledge.m/";
+const MOMENT_V: &str = "fledge.v/";
+
+/// The JSON part of a resume file.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ResumeMeta {
+    round: u64,
+    model_version: u64,
+    /// Optimizer steps, when it has a server state.
+    server_steps: Option<u64>,
+    selector: serde_json::Value,
+    record: Option<MetricRecord>,
+}
+
+/// Writes a resume file (see [`RESUME_KEY`]).
+fn write_resume(out: &mut impl Write, state: &ResumeState) -> std::io::Result<()> {
+    let mut tensors: Vec<(String, &Tensor)> =
+        state.global.tensors().iter().map(|t| (t.name().to_owned(), t)).collect();
+    if let Some(ServerState { moments: Some((m, v)), .. }) = &state.server {
+        tensors.extend(m.tensors().iter().map(|t| (format!("{MOMENT_M}{}", t.name()), t)));
+        tensors.extend(v.tensors().iter().map(|t| (format!("{MOMENT_V}{}", t.name()), t)));
+    }
+    let meta = ResumeMeta {
+        round: state.round,
+        model_version: state.model_version,
+        server_steps: state.server.as_ref().map(|s| s.steps),
+        selector: state.selector.clone(),
+        record: state.record.clone(),
+    };
+    let mut header = order_meta(&state.global);
+    header.insert(
+        RESUME_KEY.to_owned(),
+        serde_json::to_string(&meta).map_err(std::io::Error::other)?,
+    );
+    write_tensors(out, tensors, header)
+}
+
+/// Reads a resume file written by [`write_resume`].
+fn read_resume(path: &str, bytes: &[u8]) -> Result<ResumeState> {
+    let bad = |reason: String| Error::Safetensors { path: path.to_owned(), reason };
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let meta = header.metadata().as_ref();
+    let json = meta
+        .and_then(|m| m.get(RESUME_KEY))
+        .ok_or_else(|| bad(format!("no {RESUME_KEY} metadata")))?;
+    let order = meta
+        .and_then(|m| m.get(ORDER_KEY))
+        .ok_or_else(|| bad(format!("no {ORDER_KEY} metadata")))?;
+    let resume: ResumeMeta =
+        serde_json::from_str(json).map_err(|e| bad(format!("bad {RESUME_KEY}: {e}")))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let read = |prefix: &str| -> Result<Weights> {
+        let mut weights = Weights::new();
+        for name in order.split(',') {
+            let full = format!("{prefix}{name}");
+            let view = st.tensor(&full).map_err(|e| bad(format!("tensor {full}: {e}")))?;
+            if view.dtype() != Dtype::F32 {
+                return Err(bad(format!("tensor {full} is {:?}, not F32", view.dtype())));
+            }
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let t =
+                Tensor::new(name, view.shape().to_vec(), data).map_err(|e| bad(e.to_string()))?;
+            weights.push(t).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(weights)
+    };
+    let global = read("")?;
+    let server = match resume.server_steps {
+        None => None,
+        Some(steps) => {
+            let has_moments = st.names().iter().any(|n| n.starts_with(MOMENT_M));
+            let moments = if has_moments { Some((read(MOMENT_M)?, read(MOMENT_V)?)) } else { None };
+            Some(ServerState { steps, moments })
+        }
+    };
+    Ok(ResumeState {
+        round: resume.round,
+        model_version: resume.model_version,
+        global,
+        server,
+        selector: resume.selector,
+        record: resume.record,
+    })
 }
 
 /// A registry in a local directory.
@@ -116,6 +235,12 @@ impl LocalRegistry {
         Ok(self.root.join("jobs").join(job.as_str()))
     }
 
+    /// The resume file of `task` (see [`ResumeState`]).
+    fn resume_path(&self, job: &JobId, task: &TaskId) -> Result<PathBuf> {
+        component("task id", task.as_str())?;
+        Ok(self.models_dir(job)?.join("resume").join(format!("{task}.safetensors")))
+    }
+
     fn model_path(&self, name: &str, version: i64) -> Result<PathBuf> {
         component("model name", name)?;
         Ok(self.root.join("models").join(name).join(format!("{version}.safetensors")))
@@ -127,12 +252,20 @@ impl LocalRegistry {
 /// of the file is held in memory, which for a large model is what bounds an aggregator's
 /// peak while it checkpoints.
 fn save_atomic(path: &Path, weights: &Weights) -> Result<()> {
+    write_atomic(path, |out| write_safetensors(out, weights))
+}
+
+/// Writes a file at `path` atomically and durably with `write` (see [`save_atomic`]).
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path.parent().expect("registry paths have a parent");
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let tmp = path.with_extension("tmp");
     let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
     let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
-    write_safetensors(&mut out, weights).and_then(|()| out.flush()).map_err(io_err(&tmp))?;
+    write(&mut out).and_then(|()| out.flush()).map_err(io_err(&tmp))?;
     // Durable before it is visible: the bytes reach the disk, then the rename does (a crash
     // leaves the old file or the new one, never a torn or empty one under the final name).
     let file = out.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
@@ -155,12 +288,28 @@ const ENCODE_VALUES: usize = 4096;
 /// [`Metadata`]; tensors are laid out in its order, by name since all are `F32`), so any
 /// safetensors reader loads the file.
 pub fn write_safetensors(out: &mut impl Write, weights: &Weights) -> std::io::Result<()> {
-    let mut sorted: Vec<&Tensor> = weights.tensors().iter().collect();
-    sorted.sort_by(|a, b| a.name().cmp(b.name()));
+    let tensors: Vec<(String, &Tensor)> =
+        weights.tensors().iter().map(|t| (t.name().to_owned(), t)).collect();
+    write_tensors(out, tensors, order_meta(weights))
+}
+
+/// The metadata naming `weights`' tensor order.
+fn order_meta(weights: &Weights) -> HashMap<String, String> {
+    let order: Vec<&str> = weights.tensors().iter().map(Tensor::name).collect();
+    HashMap::from([(ORDER_KEY.to_owned(), order.join(","))])
+}
+
+/// Writes named tensors and `meta` as a safetensors file (see [`write_safetensors`]).
+fn write_tensors(
+    out: &mut impl Write,
+    mut sorted: Vec<(String, &Tensor)>,
+    meta: HashMap<String, String>,
+) -> std::io::Result<()> {
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut offset = 0;
     let infos = sorted
         .iter()
-        .map(|t| {
+        .map(|(name, t)| {
             let len = t.data().len() * 4;
             let info = TensorInfo {
                 dtype: Dtype::F32,
@@ -168,11 +317,9 @@ pub fn write_safetensors(out: &mut impl Write, weights: &Weights) -> std::io::Re
                 data_offsets: (offset, offset + len),
             };
             offset += len;
-            (t.name().to_owned(), info)
+            (name.clone(), info)
         })
         .collect();
-    let order: Vec<&str> = weights.tensors().iter().map(Tensor::name).collect();
-    let meta = HashMap::from([(ORDER_KEY.to_owned(), order.join(","))]);
     let header = Metadata::new(Some(meta), infos).map_err(std::io::Error::other)?;
     let mut header = serde_json::to_string(&header).map_err(std::io::Error::other)?.into_bytes();
     // The header is padded with spaces to a multiple of 8 bytes, as the crate does.
@@ -180,7 +327,7 @@ pub fn write_safetensors(out: &mut impl Write, weights: &Weights) -> std::io::Re
     out.write_all(&(header.len() as u64).to_le_bytes())?;
     out.write_all(&header)?;
     let mut buf = [0u8; ENCODE_VALUES * 4];
-    for t in sorted {
+    for (_, t) in sorted {
         for values in t.data().chunks(ENCODE_VALUES) {
             for (bytes, v) in buf.chunks_exact_mut(4).zip(values) {
                 bytes.copy_from_slice(&v.to_le_bytes());
@@ -260,14 +407,38 @@ impl Registry for LocalRegistry {
         Ok(path)
     }
 
+    fn save_resume(&self, job: &JobId, task: &TaskId, state: &ResumeState) -> Result<()> {
+        let path = self.resume_path(job, task)?;
+        write_atomic(&path, |out| write_resume(out, state))
+    }
+
+    fn load_resume(&self, job: &JobId, task: &TaskId) -> Result<Option<ResumeState>> {
+        let path = self.resume_path(job, task)?;
+        match std::fs::read(&path) {
+            Ok(bytes) => read_resume(&path.display().to_string(), &bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
     fn append_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<()> {
         let dir = self.job_dir(job)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let path = dir.join("metrics.jsonl");
+        // A record sent again (a resumed aggregator re-sends its last round's, which may have
+        // been written before the crash) is among the last lines if it is there at all.
+        let recent = tail(&path, METRICS_TAIL_BYTES)?;
         let mut text = String::new();
         for r in records {
-            text.push_str(&serde_json::to_string(r).expect("metric records serialise"));
+            let line = serde_json::to_string(r).expect("metric records serialise");
+            if r.timestamp.is_some() && recent.lines().chain(text.lines()).any(|l| l == line) {
+                continue;
+            }
+            text.push_str(&line);
             text.push('\n');
+        }
+        if text.is_empty() {
+            return Ok(());
         }
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -276,6 +447,24 @@ impl Registry for LocalRegistry {
             .map_err(io_err(&path))?;
         file.write_all(text.as_bytes()).map_err(io_err(&path))
     }
+}
+
+/// How much of the end of `metrics.jsonl` is searched for a record sent again.
+const METRICS_TAIL_BYTES: u64 = 256 << 10;
+
+/// The last `bytes` of the file at `path` (empty if it does not exist), lossily decoded.
+fn tail(path: &Path, bytes: u64) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let len = file.metadata().map_err(io_err(path))?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(bytes))).map_err(io_err(path))?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).map_err(io_err(path))?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// The job's base model (`modelSpec.baseModel`) read from `registry` off the async runtime;
@@ -351,6 +540,53 @@ mod tests {
     }
 
     #[test]
+    fn resume_state_round_trips_and_is_replaced_whole() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let reg = LocalRegistry::new(dir.path()).scoped("eu");
+        let (job, task) = (JobId::from("job-1"), TaskId::from("agg-0"));
+        assert_eq!(reg.load_resume(&job, &task).expect("none yet"), None);
+        let record = MetricRecord {
+            task_id: task.clone(),
+            role: "aggregator".into(),
+            round: 7,
+            metrics: BTreeMap::from([("global.accuracy".to_owned(), 0.91)]),
+            timestamp: Some(chrono::DateTime::from_timestamp(1_800_000_000, 5).expect("ts")),
+        };
+        let state = ResumeState {
+            round: 7,
+            model_version: 7,
+            global: model(1.5),
+            server: Some(ServerState { steps: 7, moments: Some((model(0.25), model(0.125))) }),
+            selector: serde_json::json!({"inFlight": [], "stats": {}}),
+            record: Some(record),
+        };
+        reg.save_resume(&job, &task, &state).expect("save");
+        assert!(dir.path().join("jobs/job-1/eu/resume/agg-0.safetensors").exists());
+        assert_eq!(reg.load_resume(&job, &task).expect("load"), Some(state.clone()));
+        // The next round replaces it; a state without moments reads back without them.
+        let next = ResumeState {
+            round: 8,
+            server: Some(ServerState { steps: 8, moments: None }),
+            record: None,
+            ..state
+        };
+        reg.save_resume(&job, &task, &next).expect("save");
+        assert_eq!(reg.load_resume(&job, &task).expect("load"), Some(next));
+        let plain = ResumeState {
+            server: None,
+            round: 9,
+            ..reg.load_resume(&job, &task).unwrap().unwrap()
+        };
+        reg.save_resume(&job, &task, &plain).expect("save");
+        assert_eq!(reg.load_resume(&job, &task).expect("load"), Some(plain));
+        // A damaged file is an error naming it, not a silent fresh start.
+        std::fs::write(dir.path().join("jobs/job-1/eu/resume/agg-0.safetensors"), b"junk").unwrap();
+        let err = reg.load_resume(&job, &task).expect_err("damaged").to_string();
+        assert!(err.contains("agg-0.safetensors"), "{err}");
+        assert!(reg.load_resume(&job, &TaskId::from("../x")).is_err());
+    }
+
+    #[test]
     fn writes_and_reads_checkpoints_models_and_metrics() {
         let dir = tempfile::tempdir().expect("tmp");
         let reg = LocalRegistry::new(dir.path());
@@ -377,7 +613,17 @@ mod tests {
             std::fs::read_to_string(dir.path().join("jobs/job-1/metrics.jsonl")).expect("read");
         let lines: Vec<MetricRecord> =
             text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
-        assert_eq!(lines, vec![rec.clone(), rec]);
+        assert_eq!(lines, vec![rec.clone(), rec.clone()], "records without a timestamp: each kept");
+        // A timestamped record sent again is kept once.
+        let stamped = MetricRecord {
+            timestamp: Some(chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("ts")),
+            ..rec
+        };
+        reg.append_metrics(&job, &[stamped.clone(), stamped.clone()]).expect("append");
+        reg.append_metrics(&job, std::slice::from_ref(&stamped)).expect("append");
+        let text =
+            std::fs::read_to_string(dir.path().join("jobs/job-1/metrics.jsonl")).expect("read");
+        assert_eq!(text.lines().count(), 3);
     }
 
     /// The crate's own in-memory serialisation, as the registry wrote files before it

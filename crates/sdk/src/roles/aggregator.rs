@@ -3,7 +3,7 @@
 //! Top program ([`top_program`]):
 //!
 //! ```text
-//! load_base, await_trainers, init_model,
+//! load_state, await_trainers, init_model,
 //! loop rounds until done { select, distribute, aggregate, evaluate, checkpoint, report },
 //! finish
 //! ```
@@ -51,7 +51,7 @@ use std::time::Duration;
 
 use fledge_algorithms::{EndReport, Optimizer, Selector};
 use fledge_channel::{Channel, Kind, Message};
-use fledge_types::TaskId;
+use fledge_types::{MetricRecord, TaskId};
 use futures::StreamExt;
 
 use crate::app::{AppNeed, Evaluator, UserApp};
@@ -59,7 +59,10 @@ use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
 use crate::metrics::{GLOBAL, RoundMetrics, TRAINER_MEAN};
-use crate::protocol::{Command, Model, Update, await_upload_permit, peer_left};
+use crate::protocol::{
+    Command, Model, Update, await_parent, await_upload_permit, parent_left, peer_left,
+};
+use crate::registry::ResumeState;
 use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::{Common, RoleKind, tags};
 use crate::{Error, Result, Weights};
@@ -273,11 +276,39 @@ impl AggregatorCtx {
     }
 }
 
-async fn load_base(ctx: &mut AggregatorCtx) -> Result<()> {
-    if let Some(model) =
-        crate::registry::load_base_model(ctx.io.registry.clone(), &ctx.io.config.base_model).await?
-    {
-        ctx.global = Some(model);
+/// Resumes from the state this task saved after its last round, if it ran before (the
+/// controller restarted it after a failure); otherwise loads the job's base model, if any.
+async fn load_state(ctx: &mut AggregatorCtx) -> Result<()> {
+    let (registry, job, task) =
+        (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.io.config.task_id.clone());
+    let saved = ctx.blocking(move || registry.load_resume(&job, &task)).await?;
+    let Some(state) = saved else {
+        if let Some(model) =
+            crate::registry::load_base_model(ctx.io.registry.clone(), &ctx.io.config.base_model)
+                .await?
+        {
+            ctx.global = Some(model);
+        }
+        return Ok(());
+    };
+    let optimizer = ctx.optimizer.as_mut().expect("optimizer present between rounds");
+    if let Some(server) = state.server {
+        optimizer.restore_server_state(server, &state.global)?;
+    }
+    ctx.selector.restore(&state.selector)?;
+    tracing::warn!(task_id = %ctx.io.config.task_id, round = state.round,
+        model_version = state.model_version, "resuming after a restart from the last saved round");
+    ctx.round = state.round;
+    ctx.model_version = state.model_version;
+    ctx.global = Some(state.global);
+    ctx.done = ctx.round >= ctx.rounds;
+    if let Some(record) = state.record {
+        // The round's record may not have reached the registry or the control plane before
+        // the failure: sent again, it is kept once by both.
+        let (registry, job, rec) =
+            (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), record.clone());
+        ctx.blocking(move || registry.append_metrics(&job, &[rec])).await?;
+        ctx.io.report(record);
     }
     Ok(())
 }
@@ -696,6 +727,7 @@ async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
         "round aggregated"
     );
     if ctx.tier == Tier::Top {
+        save_resume(ctx, &record).await?;
         let (registry, job, rec) =
             (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), record.clone());
         ctx.blocking(move || registry.append_metrics(&job, &[rec])).await?;
@@ -703,6 +735,38 @@ async fn report(ctx: &mut AggregatorCtx) -> Result<()> {
     }
     ctx.io.report(record);
     Ok(())
+}
+
+/// Saves what a restart of this task needs to go on after the round just finished: the
+/// commit point of a round (before it, a restart redoes the round; after it, it goes on with
+/// the next and sends `record` again).
+async fn save_resume(ctx: &mut AggregatorCtx, record: &MetricRecord) -> Result<()> {
+    let global = ctx.global.take().ok_or_else(|| {
+        Error::Config("aggregator program has no global model at this step".to_owned())
+    })?;
+    let optimizer = ctx.optimizer.as_ref().expect("optimizer present between rounds");
+    let state = optimizer.server_state(&global).map(|server| ResumeState {
+        round: ctx.round,
+        model_version: ctx.model_version,
+        global,
+        server,
+        selector: ctx.selector.state(),
+        record: Some(record.clone()),
+    });
+    let state = match state {
+        Ok(state) => state,
+        Err(e) => return Err(e.into()),
+    };
+    let (registry, job, task) =
+        (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.io.config.task_id.clone());
+    let (state, res) = ctx
+        .blocking(move || {
+            let res = registry.save_resume(&job, &task, &state);
+            Ok((state, res))
+        })
+        .await?;
+    ctx.global = Some(state.global);
+    res
 }
 
 async fn finish(ctx: &mut AggregatorCtx) -> Result<()> {
@@ -748,12 +812,20 @@ async fn fetch_up(ctx: &mut AggregatorCtx) -> Result<()> {
     let (fetch, upload) = needs(&ctx.up, "upward channels")?.clone();
     let top = needs(&ctx.top, "top aggregator")?.clone();
     loop {
-        let message = fetch.recv(&top).await.map_err(peer_left)?;
+        let received = fetch.recv(&top).await.map_err(peer_left);
+        if parent_left(&received, &top) {
+            await_parent(&fetch, &top, ctx.common.rejoin_timeout).await?;
+            continue;
+        }
+        let message = received?;
         match message.kind {
             Kind::Control if Command::InitModel.is(&message) => {
                 let weights = request_model(ctx).await?;
                 let reply = weights_message(Kind::Weights, 0, 0, &weights)?;
-                upload.send(&top, reply).await.map_err(peer_left)?;
+                let sent = upload.send(&top, reply).await.map_err(peer_left);
+                if !parent_left(&sent, &top) {
+                    sent?;
+                }
             }
             Kind::Weights => {
                 let model = Model::decode(&top, &message)?;
@@ -781,8 +853,19 @@ async fn fetch_up(ctx: &mut AggregatorCtx) -> Result<()> {
 }
 
 async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
-    let (_, upload) = needs(&ctx.up, "upward channels")?.clone();
     let top = needs(&ctx.top, "top aggregator")?.clone();
+    let res = upload_mean(ctx, &top).await;
+    if parent_left(&res, &top) {
+        // Lost with the top aggregator, which redoes the round once restarted.
+        tracing::warn!(%top, round = ctx.round, "top aggregator left before the group's update was sent; waiting for its next model");
+        return Ok(());
+    }
+    res
+}
+
+async fn upload_mean(ctx: &mut AggregatorCtx, top: &TaskId) -> Result<()> {
+    let (_, upload) = needs(&ctx.up, "upward channels")?.clone();
+    let top = top.clone();
     needs(&ctx.global, "global model")?;
     let (fetch, _) = needs(&ctx.up, "upward channels")?.clone();
     await_upload_permit(ctx.up_grants, &fetch, &upload, &top, ctx.round).await?;
@@ -812,7 +895,7 @@ async fn upload_up(ctx: &mut AggregatorCtx) -> Result<()> {
 /// The standard top aggregator program.
 pub fn top_program() -> Composer<AggregatorCtx> {
     Composer::new()
-        .tasklet("load_base", async_tasklet(|c| boxed(load_base(c))))
+        .tasklet("load_state", async_tasklet(|c| boxed(load_state(c))))
         .tasklet("await_trainers", async_tasklet(|c| boxed(await_trainers(c))))
         .tasklet("init_model", async_tasklet(|c| boxed(init_model(c))))
         .loop_until(

@@ -4,7 +4,7 @@
 //! Top aggregator ([`top_program`], built-in `coordinated-top-aggregator`):
 //!
 //! ```text
-//! load_base, await_coordinator,
+//! load_state, await_coordinator,
 //! loop rounds { select, coordinate, init_model, distribute, aggregate, evaluate, checkpoint, report },
 //! end_coordination, finish
 //! ```

@@ -4,7 +4,7 @@
 //! Program ([`program`]):
 //!
 //! ```text
-//! load_base, await_trainers, init_model,
+//! load_state, await_trainers, init_model,
 //! loop until `rounds` server steps { collect, aggregate, evaluate, checkpoint, report },
 //! finish
 //! ```
@@ -58,7 +58,7 @@ use std::time::Duration;
 
 use fledge_algorithms::{Optimizer, OptimizerKind, Round};
 use fledge_channel::{Channel, Kind, Message};
-use fledge_types::{TaskConfig, TaskId};
+use fledge_types::{MetricRecord, TaskConfig, TaskId};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -69,7 +69,8 @@ use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
 use crate::metrics::{GLOBAL, RoundMetrics, TRAINER_MEAN};
-use crate::protocol::{Command, Model, Update, peer_left};
+use crate::protocol::{Command, Model, Update, await_parent, parent_left, peer_left};
+use crate::registry::ResumeState;
 use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::trainer::TrainerCtx;
 use crate::roles::{Common, RoleKind, aggregator, tags};
@@ -354,7 +355,11 @@ impl AsyncAggregatorCtx {
             return Ok(());
         };
         if message.model_version != base_version {
-            tracing::warn!(%end, header = message.model_version, sent = base_version, "update names another model version than was sent; using the one sent");
+            // Trained from another model than the one recorded for this trainer (one sent
+            // by this aggregator's run before a restart): its delta cannot be computed.
+            tracing::warn!(%end, header = message.model_version, sent = base_version, "update names another model version than was sent; rejected");
+            self.stats.rejected += 1;
+            return Ok(());
         }
         let update = match Update::decode(&end, &message) {
             Ok(update) => update,
@@ -405,13 +410,57 @@ impl AsyncAggregatorCtx {
     }
 }
 
-async fn load_base(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
-    if let Some(model) =
-        crate::registry::load_base_model(ctx.io.registry.clone(), &ctx.io.config.base_model).await?
-    {
-        ctx.global = Some(model);
+/// Resumes from the state this task saved after its last server step, if it ran before
+/// (restarted after a failure); otherwise loads the job's base model, if any. Updates in
+/// flight to the failed run are lost: every trainer is idle for the resumed one, gets the
+/// saved model, and an update trained on another model version is rejected.
+async fn load_state(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
+    let (registry, job, task) =
+        (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.io.config.task_id.clone());
+    let saved = tokio::task::spawn_blocking(move || registry.load_resume(&job, &task)).await??;
+    let Some(state) = saved else {
+        if let Some(model) =
+            crate::registry::load_base_model(ctx.io.registry.clone(), &ctx.io.config.base_model)
+                .await?
+        {
+            ctx.global = Some(model);
+        }
+        return Ok(());
+    };
+    if let Some(server) = state.server {
+        let optimizer = ctx.optimizer.as_mut().expect("optimizer present between steps");
+        optimizer.restore_server_state(server, &state.global)?;
+    }
+    tracing::warn!(task_id = %ctx.io.config.task_id, model_version = state.model_version,
+        "resuming after a restart from the last saved server step");
+    ctx.model_version = state.model_version;
+    ctx.global = Some(state.global);
+    ctx.done = ctx.model_version >= ctx.rounds;
+    if let Some(record) = state.record {
+        // Sent again in case it was lost with the failed run; kept once by both.
+        let (registry, job, rec) =
+            (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), record.clone());
+        tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
+        ctx.io.report(record);
     }
     Ok(())
+}
+
+/// Saves what a restart needs after a server step (the step's commit point).
+async fn save_resume(ctx: &mut AsyncAggregatorCtx, record: &MetricRecord) -> Result<()> {
+    let global = ctx.global()?.clone();
+    let optimizer = ctx.optimizer.as_ref().expect("optimizer present between steps");
+    let state = ResumeState {
+        round: ctx.model_version,
+        model_version: ctx.model_version,
+        server: optimizer.server_state(&global)?,
+        global,
+        selector: serde_json::json!({"inFlight": [], "stats": {}}),
+        record: Some(record.clone()),
+    };
+    let (registry, job, task) =
+        (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.io.config.task_id.clone());
+    tokio::task::spawn_blocking(move || registry.save_resume(&job, &task, &state)).await?
 }
 
 async fn await_trainers(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
@@ -540,6 +589,7 @@ async fn report(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
         "server step"
     );
     if ctx.up.is_none() {
+        save_resume(ctx, &record).await?;
         let (registry, job, rec) =
             (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), record.clone());
         tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
@@ -581,7 +631,7 @@ async fn finish(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
 /// The asynchronous aggregator program.
 pub fn program() -> Composer<AsyncAggregatorCtx> {
     Composer::new()
-        .tasklet("load_base", async_tasklet(|c| boxed(load_base(c))))
+        .tasklet("load_state", async_tasklet(|c| boxed(load_state(c))))
         .tasklet("await_trainers", async_tasklet(|c| boxed(await_trainers(c))))
         .tasklet("init_model", async_tasklet(|c| boxed(init_model(c))))
         .loop_until(
@@ -617,12 +667,20 @@ async fn fetch_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     let (fetch, upload) = (up.fetch.clone(), up.upload.clone());
     let top = up.top.clone().ok_or_else(|| Error::Config("no top aggregator joined".to_owned()))?;
     loop {
-        let message = fetch.recv(&top).await.map_err(peer_left)?;
+        let received = fetch.recv(&top).await.map_err(peer_left);
+        if parent_left(&received, &top) {
+            await_parent(&fetch, &top, ctx.common.rejoin_timeout).await?;
+            continue;
+        }
+        let message = received?;
         match message.kind {
             Kind::Control if Command::InitModel.is(&message) => {
                 let weights = request_model(ctx).await?;
                 let reply = weights_message(Kind::Weights, 0, 0, &weights)?;
-                upload.send(&top, reply).await.map_err(peer_left)?;
+                let sent = upload.send(&top, reply).await.map_err(peer_left);
+                if !parent_left(&sent, &top) {
+                    sent?;
+                }
             }
             Kind::Weights => {
                 let model = Model::decode(&top, &message)?;
@@ -696,7 +754,13 @@ async fn upload_up(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     let message =
         tokio::task::spawn_blocking(move || weights_message(Kind::Update, 0, 0, &model)).await??;
     let message = header.encode(message);
-    upload.send(&top, message).await.map_err(peer_left)?;
+    let sent = upload.send(&top, message).await.map_err(peer_left);
+    if parent_left(&sent, &top) {
+        // Lost with the top aggregator; the next fetch waits for it to come back.
+        tracing::warn!(%top, "top aggregator left before the update was sent");
+    } else {
+        sent?;
+    }
     ctx.prune();
     Ok(())
 }

@@ -127,12 +127,29 @@ impl RoleKind {
 pub struct Common {
     /// How long to wait for peers to join.
     pub join_timeout: Duration,
+    /// How long a child waits for its aggregator to come back after it left (the controller
+    /// restarts a failed aggregator, which resumes from its last round) before it fails.
+    pub rejoin_timeout: Duration,
 }
 
 impl Common {
     /// Reads them from `config`.
     pub fn from_config(config: &TaskConfig) -> Result<Common> {
-        let secs = hyper::uint(&config.hyperparameters, names::JOIN_TIMEOUT, 120, 1)?;
-        Ok(Common { join_timeout: Duration::from_secs(secs) })
+        let h = &config.hyperparameters;
+        let secs = hyper::uint(h, names::JOIN_TIMEOUT, 120, 1)?;
+        // Only a control plane restarts a failed aggregator: without one (a simulation, a
+        // task run by hand) there is nothing to wait for.
+        let default_rejoin = if config.control_plane.is_some() { 300 } else { 0 };
+        let rejoin = hyper::uint(h, names::REJOIN_TIMEOUT, default_rejoin, 0)?;
+        if rejoin > 86_400 {
+            return Err(crate::Error::Hyperparameter {
+                name: names::REJOIN_TIMEOUT.to_owned(),
+                reason: format!("{rejoin} s exceeds the limit of 86400 s (one day)"),
+            });
+        }
+        Ok(Common {
+            join_timeout: Duration::from_secs(secs),
+            rejoin_timeout: Duration::from_secs(rejoin),
+        })
     }
 }

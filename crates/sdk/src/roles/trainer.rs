@@ -27,7 +27,9 @@ use crate::app::{AppNeed, TrainOutcome, TrainerApp, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::convert::{tensors_to_weights, weights_message};
 use crate::metrics::{AFTER_TRAINING, BEFORE_TRAINING, RoundMetrics};
-use crate::protocol::{Command, Model, Update, await_upload_permit, peer_left};
+use crate::protocol::{
+    Command, Model, Update, await_parent, await_upload_permit, parent_left, peer_left,
+};
 use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::{Common, RoleKind, tags};
 use crate::{Error, Result, Weights};
@@ -159,12 +161,22 @@ async fn join(ctx: &mut TrainerCtx) -> Result<()> {
 async fn fetch(ctx: &mut TrainerCtx) -> Result<()> {
     let aggregator = ctx.aggregator()?;
     loop {
-        let message = ctx.fetch.recv(&aggregator).await.map_err(peer_left)?;
+        let received = ctx.fetch.recv(&aggregator).await.map_err(peer_left);
+        if parent_left(&received, &aggregator) {
+            await_parent(&ctx.fetch, &aggregator, ctx.common.rejoin_timeout).await?;
+            continue;
+        }
+        let message = received?;
         match message.kind {
             Kind::Control if Command::InitModel.is(&message) => {
                 let weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
                 let reply = weights_message(Kind::Weights, 0, 0, &weights)?;
-                ctx.upload.send(&aggregator, reply).await.map_err(peer_left)?;
+                let sent = ctx.upload.send(&aggregator, reply).await.map_err(peer_left);
+                if parent_left(&sent, &aggregator) {
+                    // The aggregator asks again once it is back.
+                    continue;
+                }
+                sent?;
                 tracing::info!(task_id = %ctx.io.config.task_id, "sent initial model to aggregator");
             }
             Kind::Weights => {
@@ -223,6 +235,19 @@ async fn evaluate(ctx: &mut TrainerCtx) -> Result<()> {
 
 async fn upload(ctx: &mut TrainerCtx) -> Result<()> {
     let aggregator = ctx.aggregator()?;
+    let res = upload_to(ctx, &aggregator).await;
+    if parent_left(&res, &aggregator) {
+        // The update is lost with the aggregator; once restarted it redoes the round, and
+        // `fetch` waits for it.
+        tracing::warn!(task_id = %ctx.io.config.task_id, %aggregator, round = ctx.round,
+            "aggregator left before the update was sent; waiting for its next model");
+        return Ok(());
+    }
+    res
+}
+
+async fn upload_to(ctx: &mut TrainerCtx, aggregator: &TaskId) -> Result<()> {
+    let aggregator = aggregator.clone();
     await_upload_permit(ctx.upload_grants, &ctx.fetch, &ctx.upload, &aggregator, ctx.round).await?;
     let weights: Weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
     let mut metrics = BTreeMap::new();
