@@ -1,5 +1,7 @@
-//! Child processes the agent starts: each in its own process group, dying with its parent,
-//! stopped group-wide (SIGTERM, a grace period, then SIGKILL).
+//! Child processes the agent starts: each in its own process group, dying with its parent
+//! ([`isolate`]: a fledgelet's role process) or not ([`detach`]: a deployer's workers, which
+//! outlive a crash of the deployer), stopped group-wide (SIGTERM, a grace period, then
+//! SIGKILL).
 //!
 //! A role's code may fork helpers (a Python data loader, a shell pipeline); signalling only the
 //! direct child would orphan them. So every child leads a new process group and every stop
@@ -39,6 +41,13 @@ pub fn isolate(command: &mut Command) {
             });
         }
     }
+}
+
+/// Makes `command` start its child as the leader of a new process group that does *not* die
+/// with us: a worker that must outlive a crash of its deployer (which re-adopts it when it
+/// starts again, or stops it on a clean shutdown).
+pub fn detach(command: &mut Command) {
+    command.process_group(0).kill_on_drop(false);
 }
 
 /// Sends `signal` to the process group led by `child` (if it has not been reaped yet).

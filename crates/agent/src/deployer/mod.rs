@@ -12,8 +12,10 @@
 //!   is reaped.
 //! - REVOKE stops the listed workers (all of the job's when the list is empty): SIGTERM to the
 //!   process group, SIGKILL after the grace period; they are reported `revoked`.
-//! - Shutdown stops every worker the same way and waits for them: no orphans. Each worker also
-//!   leads its own process group and gets `SIGKILL` if the deployer dies ([`crate::process`]).
+//! - Shutdown stops every worker the same way and waits for them: no orphans. A crash is not a
+//!   shutdown: each worker leads its own process group that does not die with the deployer,
+//!   and a deployer started again on the same work root re-adopts the workers still running
+//!   (`adopt`), so a `kill -9` of `fledge standalone` costs no job.
 //!
 //! The rules live in a pure state machine (`plan::Plan::step`: inputs in, effects out); the
 //! event loop here only does the I/O. Reports go out in order through one background reporter that retries while the control
@@ -40,6 +42,7 @@ use crate::api::{Backoff, DeploymentApi, DeploymentState, retry};
 use crate::process;
 use crate::supervisor::{REPORTED_MARKER, chain};
 
+mod adopt;
 mod plan;
 
 use plan::{Effect, Ended, Input, Pending, Plan};
@@ -269,6 +272,7 @@ impl Deployer {
             tokio::spawn(report_loop(self.api.clone(), report_rx, self.opts.report_backoff));
         let mut plan = Plan::new(self.opts.max_workers);
         let mut rt = Runtime { workers: HashMap::new(), waiters: JoinSet::new(), reports };
+        self.adopt(&mut plan, &mut rt);
         let res = loop {
             let input = tokio::select! {
                 event = events.next() => match event {
@@ -311,6 +315,18 @@ impl Deployer {
             tracing::warn!("dropping unsent deployment reports at shutdown");
         }
         res
+    }
+
+    /// Takes back the workers a previous run of this deployer left running (see [`adopt`]).
+    fn adopt(&self, plan: &mut Plan, rt: &mut Runtime) {
+        for (record, work_dir) in adopt::scan(&self.opts.work_root) {
+            let (job, task) = (JobId::new(record.job.clone()), TaskId::new(record.task.clone()));
+            tracing::info!(%job, %task, pid = record.pid, attempt = record.attempt, "worker adopted");
+            plan.step(Input::Adopted { job, task: task.clone(), attempt: record.attempt });
+            let kill = CancellationToken::new();
+            rt.waiters.spawn(adopt::watch(record, kill.clone(), self.opts.stop_grace, work_dir));
+            rt.workers.insert(task, kill);
+        }
     }
 
     /// The plan's input for a notifier event (`None`: ignored).
@@ -431,11 +447,28 @@ impl Deployer {
         if let Some(ca_file) = &self.opts.ca_file {
             command.env("FLEDGE_CA_FILE", ca_file);
         }
-        process::isolate(&mut command);
+        // The worker outlives a crash of this deployer; a restarted one adopts it.
+        process::detach(&mut command);
         let child = command.spawn().map_err(|err| {
             format!("failed to start {}: {err}", self.opts.fledgelet_bin.display())
         })?;
         tracing::info!(%job, %task, pid = ?child.id(), role = %pending.task.role, "worker started");
+        let record = child.id().and_then(|pid| {
+            Some(adopt::WorkerRecord {
+                pid,
+                start_ticks: adopt::start_ticks(pid)?,
+                job: job.to_string(),
+                task: task.to_string(),
+                attempt: pending.attempt(),
+            })
+        });
+        match record.map(|record| adopt::write(&work_dir, &record)) {
+            Some(Ok(())) => {}
+            Some(Err(err)) => {
+                tracing::warn!(%job, %task, %err, "worker record not written; a restarted deployer will not adopt it")
+            }
+            None => tracing::warn!(%job, %task, "worker exited at once; no record written"),
+        }
         let kill = CancellationToken::new();
         rt.waiters.spawn(watch(
             child,

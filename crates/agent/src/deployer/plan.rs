@@ -56,6 +56,9 @@ pub(crate) enum Input {
     StartFailed { job: JobId, task: TaskId, message: String },
     /// A worker exited and was reaped.
     Exited { job: JobId, task: TaskId, ended: Ended },
+    /// A worker of `attempt` that an earlier run of the deployer started is still running
+    /// (re-adopted on start).
+    Adopted { job: JobId, task: TaskId, attempt: u32 },
 }
 
 /// Something to do.
@@ -154,6 +157,9 @@ impl Plan {
                     .collect();
                 doomed.sort();
                 effects.extend(doomed.into_iter().map(|task| Effect::Kill(task.clone())));
+            }
+            Input::Adopted { job, task, attempt } => {
+                self.active.insert(task, (job, attempt));
             }
             Input::Started { job, task } => {
                 let attempt = self.attempt(&task);
@@ -392,5 +398,17 @@ mod tests {
         assert!(plan.step(Input::Deploy(vec![pending("j", "a")])).is_empty());
         assert!(plan.step(Input::Deploy(vec![restarted("j", "a", 1)])).is_empty());
         assert_eq!(show(&plan.step(Input::Deploy(vec![restarted("j", "a", 2)]))), ["start a"]);
+    }
+
+    #[test]
+    fn an_adopted_worker_is_not_started_twice() {
+        let mut plan = Plan::new(2);
+        plan.step(Input::Adopted { job: JobId::new("j"), task: TaskId::new("a"), attempt: 1 });
+        assert_eq!(plan.active(), 1);
+        // The restarted controller re-sends the deploy of attempt 1: nothing to do.
+        assert!(plan.step(Input::Deploy(vec![restarted("j", "a", 1)])).is_empty());
+        // Its end is reported for attempt 1 when it dies unreported.
+        let effects = plan.step(exited("j", "a", false, false));
+        assert!(matches!(effects[..], [Effect::Report { attempt: 1, .. }]), "{effects:?}");
     }
 }
