@@ -312,6 +312,13 @@ impl Channel {
         })?
     }
 
+    /// Whether `end` may still answer what this end sent it: it is a peer, it has not been
+    /// restarted since, and this end has not reconnected to its broker since (a message lost
+    /// on the way is never answered).
+    pub fn can_answer(&self, end: &TaskId) -> bool {
+        self.shared().lock().can_answer(end)
+    }
+
     /// Waits until `end` is a peer (again: a restarted end rejoins under its id).
     pub async fn await_end(&self, end: &TaskId, timeout: Duration) -> Result<()> {
         let wait = self.shared().wait_for(|state| state.peers.contains_key(end).then_some(Ok(())));

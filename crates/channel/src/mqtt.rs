@@ -260,6 +260,8 @@ struct Ctx {
     epoch: AtomicU64,
     /// Timestamp of the last sealed presence sent (strictly increasing).
     presence_ts: AtomicU64,
+    /// Connections made so far (a second one is a reconnect).
+    connections: AtomicU64,
 }
 
 /// The presence payload of `shared` (a sealed one on a channel with keys; plain JSON or empty
@@ -464,6 +466,7 @@ impl MqttEnd {
             ready,
             epoch: AtomicU64::new(0),
             presence_ts: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
         });
         let cancel = CancellationToken::new();
         let event_loop = tokio::spawn(run_event_loop(ctx.clone(), eventloop, cancel.clone()));
@@ -606,6 +609,9 @@ async fn run_event_loop(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: Cancell
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = schedule();
+                if ctx.connections.fetch_add(1, Ordering::SeqCst) > 0 {
+                    ctx.shared.reconnected();
+                }
                 tracing::debug!(channel = %ctx.shared.opts.channel, "connected to broker");
                 if let Err(e) = ctx.client.try_subscribe_many(ctx.topics.filters()) {
                     tracing::warn!(error = %e, "subscribe request failed");

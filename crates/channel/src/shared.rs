@@ -409,6 +409,21 @@ impl Shared {
         }
     }
 
+    /// This end lost its connection and has it back: whatever it sent before may be lost
+    /// (a restarted broker keeps nothing), so no peer it sent to is waited for any more, as
+    /// if each were a new incarnation ([`State::can_answer`]); ends it sends to again count
+    /// from then on.
+    pub(crate) fn reconnected(&self) {
+        {
+            let mut state = self.lock();
+            for incarnation in state.incarnations.values_mut() {
+                *incarnation += 1;
+            }
+        }
+        tracing::info!(channel = %self.opts.channel, "reconnected: earlier sends may be lost");
+        self.bump();
+    }
+
     /// Marks the channel closed: waiters wake up and fail.
     pub(crate) fn close(&self) {
         self.lock().closed = true;

@@ -199,27 +199,55 @@ async fn post_loop(
                 Ok(None) | Err(_) => break,
             }
         }
-        let mut request = client.post(&url).json(&batch);
-        if let Some(key) = &key {
+        post_batch(&client, &url, key.as_deref(), &batch).await;
+    }
+}
+
+/// How long a batch is retried while the control plane is unreachable or failing (it may be
+/// restarting: its workers outlive it). Records sent twice are stored once (the store keeps a
+/// record with the same task, round and timestamp once), so a retry is always safe.
+const RETRY_FOR: Duration = Duration::from_secs(600);
+/// The longest pause between two attempts.
+const RETRY_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// Posts one batch, retrying transport errors and server errors (5xx, 429) with capped
+/// exponential backoff for [`RETRY_FOR`]; a refusal (other 4xx) drops the batch.
+async fn post_batch(
+    client: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    batch: &[MetricRecord],
+) {
+    let give_up = tokio::time::Instant::now() + RETRY_FOR;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let mut request = client.post(url).json(batch);
+        if let Some(key) = key {
             request = request.bearer_auth(key);
         }
-        match request.send().await {
+        let retry = match request.send().await {
             Ok(resp) if resp.status().is_success() => {
                 tracing::debug!(records = batch.len(), "metrics posted");
+                return;
             }
-            Ok(resp) => tracing::warn!(
-                status = %resp.status(),
-                records = batch.len(),
-                %url,
-                "control plane refused metrics; dropped"
-            ),
-            Err(e) => tracing::warn!(
-                error = %e,
-                records = batch.len(),
-                %url,
-                "control plane unreachable; metrics dropped"
-            ),
+            Ok(resp) if resp.status().is_server_error() || resp.status().as_u16() == 429 => {
+                format!("status {}", resp.status())
+            }
+            Ok(resp) => {
+                tracing::warn!(status = %resp.status(), records = batch.len(), %url,
+                    "control plane refused metrics; dropped");
+                return;
+            }
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() + delay > give_up {
+            tracing::warn!(error = %retry, records = batch.len(), %url,
+                "control plane unreachable for {}s; metrics dropped", RETRY_FOR.as_secs());
+            return;
         }
+        tracing::debug!(error = %retry, ?delay, "metrics post failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RETRY_MAX_DELAY);
     }
 }
 

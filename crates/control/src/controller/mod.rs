@@ -175,6 +175,10 @@ pub struct Controller {
     due: HashMap<JobId, Instant>,
     /// Consecutive failed reconciles per job, for the backoff.
     failures: HashMap<JobId, (u32, backon::ExponentialBackoff)>,
+    /// When this controller started: it heard no heartbeat before, so a task's silence counts
+    /// from then at the earliest (agents that outlived a crashed control plane get a full
+    /// heartbeat timeout to reach the new one).
+    started: chrono::DateTime<chrono::Utc>,
 }
 
 /// The outcome of running a decision's effects.
@@ -209,6 +213,7 @@ impl Controller {
             memory: HashMap::new(),
             due: HashMap::new(),
             failures: HashMap::new(),
+            started: chrono::Utc::now(),
         })
     }
 
@@ -345,7 +350,12 @@ impl Controller {
             }
             Err(err) => return Err(store_err(err)),
         };
-        let tasks = self.store.list_tasks(job_id).await.map_err(store_err)?;
+        let mut tasks = self.store.list_tasks(job_id).await.map_err(store_err)?;
+        for task in &mut tasks {
+            if task.last_heartbeat.is_some_and(|beat| beat < self.started) {
+                task.last_heartbeat = Some(self.started);
+            }
+        }
         let memory = self.memory.get(job_id).copied().unwrap_or_default();
         let decision = decide::decide(&job, &tasks, memory, &self.policy, chrono::Utc::now());
         if !decision.effects.is_empty() {

@@ -272,10 +272,12 @@ impl AsyncAggregatorCtx {
     fn prune(&mut self) {
         let alive: BTreeSet<TaskId> = self.distribute.ends().into_iter().collect();
         let before = self.in_flight.len();
+        let distribute = &self.distribute;
         self.in_flight.retain(|end, version| {
-            let keep = alive.contains(end);
+            // Gone, restarted, or our model to it may be lost (we reconnected to the broker).
+            let keep = alive.contains(end) && distribute.can_answer(end);
             if !keep {
-                tracing::warn!(%end, version = *version, "busy trainer left; its update is lost");
+                tracing::warn!(%end, version = *version, "busy trainer left or may have lost its model; its update is lost");
             }
             keep
         });
