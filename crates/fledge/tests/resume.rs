@@ -15,24 +15,7 @@ use fledge_types::{JobState, MetricRecord, Task, TaskState};
 
 mod support;
 
-use support::{Platform, copy_example, records_of};
-
-/// Copies `example` into the platform's scratch space as `name`, with `rounds` rounds.
-fn example_with_rounds(
-    platform: &Platform,
-    example: &str,
-    name: &str,
-    rounds: u64,
-) -> std::path::PathBuf {
-    let dir = platform.scratch().join(name);
-    copy_example(example, &dir);
-    let spec_path = dir.join("modelSpec.json");
-    let mut spec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&spec_path).unwrap()).unwrap();
-    spec["hyperparameters"]["rounds"] = rounds.into();
-    std::fs::write(&spec_path, serde_json::to_string_pretty(&spec).unwrap()).unwrap();
-    dir
-}
+use support::{Platform, example_with_rounds, records_of};
 
 /// SIGKILLs every process whose working directory is inside `work_dir` (the task's
 /// fledgelet and its role process); returns how many.

@@ -18,6 +18,8 @@ pub fn repo_root() -> PathBuf {
 /// A running `fledge standalone`, killed on drop.
 pub struct Platform {
     child: Child,
+    /// The `--port` it was started with (0: free ports, others each start).
+    port: u16,
     pub endpoint: String,
     pub token: String,
     pub cli_config: PathBuf,
@@ -37,7 +39,14 @@ pub struct RunOutcome {
 impl Platform {
     /// Starts `fledge standalone --port 0` and waits until it prints `ready`.
     pub fn start() -> Platform {
-        Platform::start_in(tempfile::tempdir().unwrap())
+        Platform::start_in(tempfile::tempdir().unwrap(), 0)
+    }
+
+    /// Starts `fledge standalone` on a fixed base port (four free consecutive ports), so that a
+    /// restart on the same data directory comes back on the same addresses, as a real
+    /// deployment's would: its workers reconnect to them.
+    pub fn start_on_fixed_ports() -> Platform {
+        Platform::start_in(tempfile::tempdir().unwrap(), free_base_port())
     }
 
     /// SIGKILLs `fledge standalone` (no shutdown of any kind, as a crash or an OOM kill) and
@@ -46,13 +55,13 @@ impl Platform {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        Platform::start_in(dir)
+        Platform::start_in(dir, self.port)
     }
 
-    fn start_in(dir: tempfile::TempDir) -> Platform {
+    fn start_in(dir: tempfile::TempDir, port: u16) -> Platform {
         let cli_config = dir.path().join("cli.yaml");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fledge"))
-            .args(["standalone", "--port", "0", "--data-dir"])
+            .args(["standalone", "--port", &port.to_string(), "--data-dir"])
             .arg(dir.path().join("data"))
             .arg("--cli-config")
             .arg(&cli_config)
@@ -83,6 +92,7 @@ impl Platform {
         assert!(endpoint.is_some(), "fledge standalone did not start:\n{}", log());
         Platform {
             child,
+            port,
             endpoint: endpoint.expect("standalone prints its endpoint"),
             token: token.expect("standalone prints its token"),
             cli_config,
@@ -168,6 +178,24 @@ impl Drop for Platform {
     }
 }
 
+/// A base port P with P..P+3 free on loopback now (the ports `fledge standalone --port P`
+/// takes), away from the common ones.
+fn free_base_port() -> u16 {
+    for _ in 0..200 {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = probe.local_addr().unwrap().port();
+        drop(probe);
+        if !(20_000..=65_000).contains(&base) {
+            continue;
+        }
+        let free = (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return base;
+        }
+    }
+    panic!("no four free consecutive ports on loopback");
+}
+
 /// The records of `role`, ordered by round.
 pub fn records_of(records: &[MetricRecord], role: &str) -> Vec<MetricRecord> {
     let mut res: Vec<MetricRecord> = records.iter().filter(|r| r.role == role).cloned().collect();
@@ -204,4 +232,17 @@ pub fn copy_example(example: &str, dir: &Path) {
             std::fs::write(&path, text).unwrap();
         }
     }
+}
+
+/// Copies `example` into the platform's scratch space as `name` (see [`copy_example`]), with
+/// `rounds` rounds.
+pub fn example_with_rounds(platform: &Platform, example: &str, name: &str, rounds: u64) -> PathBuf {
+    let dir = platform.scratch().join(name);
+    copy_example(example, &dir);
+    let spec_path = dir.join("modelSpec.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&spec_path).unwrap()).unwrap();
+    spec["hyperparameters"]["rounds"] = rounds.into();
+    std::fs::write(&spec_path, serde_json::to_string_pretty(&spec).unwrap()).unwrap();
+    dir
 }
