@@ -1,5 +1,5 @@
 //! `fledge bench [aggregate|transfer|memory|round|all]`: performance against bounds measured
-//! in the same run.
+//! in the same run; `fledge bench chaos`: recovery from injected faults (see `chaos`).
 //!
 //! Every row is `name | value | unit | bound | ratio`:
 //!
@@ -45,8 +45,10 @@ pub enum Which {
     Memory,
     /// MNIST round overhead.
     Round,
-    /// Everything.
+    /// Everything above (not chaos).
     All,
+    /// A three-tier MNIST job under injected faults vs the same job without (see `chaos`).
+    Chaos,
     /// Internal: the aggregator process of the memory benchmark.
     #[value(hide = true)]
     MemoryChild,
@@ -73,6 +75,18 @@ pub struct Args {
     /// Internal (memory-child): job id.
     #[arg(long, hide = true, default_value = "bench-memory")]
     job: String,
+    /// Chaos: the three-tier example job directory.
+    #[arg(long, value_name = "DIR", default_value = "examples/hierarchical-mnist")]
+    example: PathBuf,
+    /// Chaos: rounds of the job.
+    #[arg(long, default_value_t = 100)]
+    rounds: u64,
+    /// Chaos: faults to inject.
+    #[arg(long, default_value_t = 20)]
+    faults: usize,
+    /// Chaos: seed of the fault schedule.
+    #[arg(long, default_value_t = 14)]
+    seed: u64,
 }
 
 struct Row {
@@ -103,6 +117,15 @@ fn print_table(rows: &[Row]) {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.which == Which::MemoryChild {
         return memory_child(&args).await;
+    }
+    if args.which == Which::Chaos {
+        return super::chaos::run(super::chaos::Options {
+            example: args.example.clone(),
+            rounds: args.rounds,
+            faults: args.faults,
+            seed: args.seed,
+        })
+        .await;
     }
     if cfg!(debug_assertions) {
         eprintln!("warning: debug build; build with --release for meaningful figures");

@@ -1,6 +1,7 @@
 //! One module per `fledge` subcommand.
 
 pub mod bench;
+pub mod chaos;
 pub mod fledgelet;
 pub mod quickstart;
 pub mod roles;
