@@ -556,10 +556,120 @@ backend_test_suite!(p2p_sealed, Fixture::p2p().map(Fixture::sealed));
 backend_test_suite!(embedded_sealed, Fixture::embedded().map(Fixture::sealed));
 backend_test_suite!(mosquitto_sealed, Fixture::mosquitto().map(Fixture::sealed));
 
+/// A quick broker restart in the middle of a round (faster than anyone's liveness timeout):
+/// the reconnected aggregator no longer waits for an answer to the model it sent before (the
+/// broker lost whatever was in flight), so its round ends instead of hanging, and messages
+/// flow again once it sends anew.
+async fn quick_restart_mid_round(port: u16, restart: impl FnOnce()) {
+    let mut config = MqttConfig::new("127.0.0.1", port);
+    config.keep_alive = Duration::from_secs(1);
+    config.heartbeat = Duration::from_millis(200);
+    config.liveness_timeout = Duration::from_secs(20);
+    let f = Fixture {
+        backend: Backend::Mqtt(config),
+        #[cfg(feature = "broker")]
+        _broker: None,
+        _metaserver: None,
+        job: unique_job(),
+        sealed: false,
+    };
+    let (agg, trainers) = f.star(1).await;
+    let t0 = &trainers[0];
+    agg.send(&id("t0"), update(1)).await.expect("model sent");
+    assert_eq!(t0.recv(&id("agg")).await.expect("model arrives").round, 1);
+    assert!(agg.can_answer(&id("t0")));
+    restart();
+    // Reconnected, the aggregator stops waiting for t0's answer to round 1 ...
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while agg.can_answer(&id("t0")) {
+        assert!(tokio::time::Instant::now() < deadline, "the aggregator never reconnected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut round = Box::pin(agg.recv_fifo(&[id("t0")], 1));
+    let next = tokio::time::timeout(PATIENCE, round.next()).await.expect("the round ends");
+    assert!(next.is_none(), "nothing from t0 was queued: {next:?}");
+    // ... and the next round works: t0 (reconnected too) answers what it is sent now.
+    agg.send(&id("t0"), update(2)).await.expect("model sent again");
+    assert!(agg.can_answer(&id("t0")));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "no message crossed the restarted broker");
+        t0.send(&id("agg"), update(3)).await.expect("send");
+        if let Ok(got) = tokio::time::timeout(Duration::from_secs(1), agg.recv(&id("t0"))).await {
+            assert_eq!(got.expect("recv").round, 3);
+            break;
+        }
+    }
+}
+
+/// The same against a private Mosquitto on a free port, SIGKILLed and started again (skipped,
+/// with a message, when no `mosquitto` binary is installed).
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_mosquitto_restart_mid_round_costs_the_round_and_no_more() {
+    let bin = ["mosquitto", "/usr/sbin/mosquitto"]
+        .into_iter()
+        .find(|b| std::process::Command::new(b).arg("-h").output().is_ok());
+    let Some(bin) = bin else {
+        eprintln!("no mosquitto binary: skipping the Mosquitto restart test");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let start = || {
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return child;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("mosquitto did not listen on {port}");
+    };
+    let mut broker = start();
+    let mut restarted = None;
+    quick_restart_mid_round(port, || {
+        broker.kill().expect("kill -9 mosquitto");
+        broker.wait().expect("reaped");
+        restarted = Some(start());
+    })
+    .await;
+    if let Some(mut b) = restarted {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
+}
+
 #[cfg(feature = "broker")]
 mod broker_only {
     use super::*;
     use fledge_channel::broker::start_embedded_broker;
+
+    /// The embedded broker restarted on its address mid-round (see `quick_restart_mid_round`).
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn an_embedded_broker_restart_mid_round_costs_the_round_and_no_more() {
+        let broker =
+            start_embedded_broker((std::net::Ipv4Addr::LOCALHOST, 0).into()).expect("start");
+        let addr = broker.addr();
+        let mut restarted = None;
+        quick_restart_mid_round(addr.port(), || {
+            broker.shutdown();
+            restarted = Some(start_embedded_broker(addr).expect("restart on the same address"));
+        })
+        .await;
+        drop(restarted);
+    }
 
     /// Clients reconnect, re-subscribe and re-announce after the broker restarts on its address.
     #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
