@@ -50,6 +50,50 @@ pub fn detach(command: &mut Command) {
     command.process_group(0).kill_on_drop(false);
 }
 
+/// Variables a worker inherits from the process that starts it; everything else in that
+/// environment (API keys, tokens, database URLs, the operator's shell) is withheld.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "VIRTUAL_ENV",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "FLEDGE_LOG",
+    "FLEDGE_LOG_FORMAT",
+    // The fledgelet's own settings (none of them a secret).
+    "FLEDGE_PYTHON",
+    "FLEDGE_HEARTBEAT_INTERVAL",
+    "FLEDGE_STOP_GRACE",
+    "FLEDGE_REPORT_TIMEOUT",
+    "FLEDGE_MAX_CODE_BYTES",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+];
+
+/// Gives `command` a minimal environment: [`INHERITED_ENV`] from ours, `HOME` and `TMPDIR`
+/// inside `work_dir` (created here), nothing else; the caller then adds what the worker needs.
+pub fn worker_env(command: &mut Command, work_dir: &std::path::Path) -> io::Result<()> {
+    let (home, tmp) = (work_dir.join("home"), work_dir.join("tmp"));
+    std::fs::create_dir_all(&home)?;
+    std::fs::create_dir_all(&tmp)?;
+    command.env_clear();
+    for name in INHERITED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command.env("HOME", home).env("TMPDIR", tmp);
+    Ok(())
+}
+
 /// Sends `signal` to the process group led by `child` (if it has not been reaped yet).
 ///
 /// A group that no longer exists is not an error.

@@ -302,6 +302,18 @@ async fn execute(
     push_line(&tail, format!("[fledgelet] running {shown}"));
 
     let mut command = Command::new(&command_line.program);
+    // The task code sees the allowlist, its own HOME and TMPDIR, and its task's variables
+    // below: nothing else of the fledgelet's environment.
+    if let Err(source) = process::worker_env(&mut command, &opts.work_dir) {
+        let err = Error::Spawn { program: command_line.program.clone(), source };
+        push_line(&tail, format!("[fledgelet] {}", chain(&err)));
+        let log = render(&tail);
+        return finish(opts, api.as_ref(), TaskState::Failed, log).await;
+    }
+    if let Ok(bin) = std::env::var("FLEDGE_BIN") {
+        // Built-in roles run this binary.
+        command.env("FLEDGE_BIN", bin);
+    }
     command
         .args(&command_line.args)
         .current_dir(&code_dir)

@@ -622,7 +622,7 @@ async fn a_mosquitto_restart_mid_round_costs_the_round_and_no_more() {
     )
     .unwrap();
     let start = || {
-        let child = std::process::Command::new(bin)
+        let mut child = std::process::Command::new(bin)
             .arg("-c")
             .arg(&conf)
             .stdout(std::process::Stdio::null())
@@ -635,6 +635,8 @@ async fn a_mosquitto_restart_mid_round_costs_the_round_and_no_more() {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("mosquitto did not listen on {port}");
     };
     let mut broker = start();

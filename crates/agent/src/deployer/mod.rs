@@ -423,6 +423,10 @@ impl Deployer {
         };
 
         let mut command = Command::new(&self.opts.fledgelet_bin);
+        // Nothing of the deployer's environment (its compute key, the operator's tokens)
+        // reaches the worker but the allowlist and what is set below.
+        process::worker_env(&mut command, &work_dir)
+            .map_err(|err| format!("cannot prepare work dir {}: {err}", work_dir.display()))?;
         command
             .args(&self.opts.fledgelet_prefix_args)
             .arg("--task-id")

@@ -20,6 +20,8 @@ pub struct Platform {
     child: Child,
     /// The `--port` it was started with (0: free ports, others each start).
     port: u16,
+    /// Extra environment it was started with.
+    env: Vec<(String, String)>,
     pub endpoint: String,
     pub token: String,
     pub cli_config: PathBuf,
@@ -39,14 +41,21 @@ pub struct RunOutcome {
 impl Platform {
     /// Starts `fledge standalone --port 0` and waits until it prints `ready`.
     pub fn start() -> Platform {
-        Platform::start_in(tempfile::tempdir().unwrap(), 0)
+        Platform::start_in(tempfile::tempdir().unwrap(), 0, Vec::new())
+    }
+
+    /// Starts `fledge standalone` with extra environment variables (e.g. secrets that must
+    /// not reach its workers).
+    pub fn start_with_env(env: &[(&str, &str)]) -> Platform {
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Platform::start_in(tempfile::tempdir().unwrap(), 0, env)
     }
 
     /// Starts `fledge standalone` on a fixed base port (four free consecutive ports), so that a
     /// restart on the same data directory comes back on the same addresses, as a real
     /// deployment's would: its workers reconnect to them.
     pub fn start_on_fixed_ports() -> Platform {
-        Platform::start_in(tempfile::tempdir().unwrap(), free_base_port())
+        Platform::start_in(tempfile::tempdir().unwrap(), free_base_port(), Vec::new())
     }
 
     /// SIGKILLs `fledge standalone` (no shutdown of any kind, as a crash or an OOM kill) and
@@ -55,12 +64,13 @@ impl Platform {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        Platform::start_in(dir, self.port)
+        Platform::start_in(dir, self.port, std::mem::take(&mut self.env))
     }
 
-    fn start_in(dir: tempfile::TempDir, port: u16) -> Platform {
+    fn start_in(dir: tempfile::TempDir, port: u16, env: Vec<(String, String)>) -> Platform {
         let cli_config = dir.path().join("cli.yaml");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fledge"))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["standalone", "--port", &port.to_string(), "--data-dir"])
             .arg(dir.path().join("data"))
             .arg("--cli-config")
@@ -93,6 +103,7 @@ impl Platform {
         Platform {
             child,
             port,
+            env,
             endpoint: endpoint.expect("standalone prints its endpoint"),
             token: token.expect("standalone prints its token"),
             cli_config,
