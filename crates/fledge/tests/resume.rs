@@ -120,6 +120,7 @@ fn check_recovered(
     victim: &str,
     rounds: u64,
     clean: f64,
+    tolerance: f64,
 ) {
     let restarted: Vec<&Task> = tasks.iter().filter(|t| t.restarts > 0).collect();
     assert_eq!(restarted.len(), 1, "only the victim restarts: {tasks:?}");
@@ -131,8 +132,8 @@ fn check_recovered(
     let faulted = accuracy(records, top);
     eprintln!("{victim} killed: final global accuracy {faulted:.4}, fault-free {clean:.4}");
     assert!(
-        (faulted - clean).abs() <= 0.005,
-        "accuracy {faulted} is not within 0.5 points of the fault-free run's {clean}"
+        (faulted - clean).abs() <= tolerance,
+        "accuracy {faulted} is not within {tolerance} of the fault-free run's {clean}"
     );
 }
 
@@ -143,7 +144,7 @@ async fn a_killed_top_aggregator_resumes_and_the_job_completes() {
     let dir = example_with_rounds(&platform, "mnist", "mnist", rounds);
     let clean = clean_run(&platform, &dir, "aggregator").await;
     let (_, tasks, records) = faulted_run(&platform, &dir, "aggregator", "aggregator", 3).await;
-    check_recovered(&tasks, &records, "aggregator", "aggregator", rounds, clean);
+    check_recovered(&tasks, &records, "aggregator", "aggregator", rounds, clean, 0.005);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -154,7 +155,7 @@ async fn a_killed_middle_aggregator_comes_back_and_the_job_completes() {
     let clean = clean_run(&platform, &dir, "top-aggregator").await;
     let (_, tasks, records) =
         faulted_run(&platform, &dir, "top-aggregator", "middle-aggregator", 2).await;
-    check_recovered(&tasks, &records, "top-aggregator", "middle-aggregator", rounds, clean);
+    check_recovered(&tasks, &records, "top-aggregator", "middle-aggregator", rounds, clean, 0.005);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -164,5 +165,7 @@ async fn a_killed_fedbuff_aggregator_resumes_and_the_job_completes() {
     let dir = example_with_rounds(&platform, "async-two-tier", "async", steps);
     let clean = clean_run(&platform, &dir, "aggregator").await;
     let (_, tasks, records) = faulted_run(&platform, &dir, "aggregator", "aggregator", 4).await;
-    check_recovered(&tasks, &records, "aggregator", "aggregator", steps, clean);
+    // FedBuff folds updates in arrival order with staleness weights, so two fault-free runs
+    // of this job already differ by up to about a point: the bound is wider here.
+    check_recovered(&tasks, &records, "aggregator", "aggregator", steps, clean, 0.015);
 }

@@ -43,6 +43,8 @@ pub struct JobPlan {
     pub optimizer: Sort,
     /// Selector.
     pub selector: Sort,
+    /// Differential privacy (`modelSpec.differentialPrivacy`), if any.
+    pub differential_privacy: Option<serde_json::Value>,
     /// Backend of every channel.
     pub backend: Backend,
     /// MQTT brokers (`host:port`).
@@ -62,6 +64,7 @@ impl JobPlan {
             hyperparameters: serde_json::Map::new(),
             optimizer: Sort::fedavg(),
             selector: Sort::default_selector(),
+            differential_privacy: None,
             backend: Backend::Local,
             brokers: Vec::new(),
             registry_uri: String::new(),
@@ -122,6 +125,7 @@ impl JobPlan {
             hyperparameters: self.hyperparameters.clone(),
             optimizer: self.optimizer.clone(),
             selector: self.selector.clone(),
+            differential_privacy: self.differential_privacy.clone(),
             base_model: Default::default(),
             dataset: None,
             max_run_time: 0,

@@ -76,6 +76,8 @@ pub struct ResumeState {
     pub selector: serde_json::Value,
     /// The round's metric record.
     pub record: Option<MetricRecord>,
+    /// Central DP's state: `{"rounds": n, "clippingNorm": c}` (ε is recomputed from it).
+    pub privacy: Option<serde_json::Value>,
 }
 
 /// Metadata key of a resume file's JSON (round, model version, optimizer steps, selector,
@@ -95,6 +97,8 @@ struct ResumeMeta {
     server_steps: Option<u64>,
     selector: serde_json::Value,
     record: Option<MetricRecord>,
+    #[serde(default)]
+    privacy: Option<serde_json::Value>,
 }
 
 /// Writes a resume file (see [`RESUME_KEY`]).
@@ -111,6 +115,7 @@ fn write_resume(out: &mut impl Write, state: &ResumeState) -> std::io::Result<()
         server_steps: state.server.as_ref().map(|s| s.steps),
         selector: state.selector.clone(),
         record: state.record.clone(),
+        privacy: state.privacy.clone(),
     };
     let mut header = order_meta(&state.global);
     header.insert(
@@ -169,6 +174,7 @@ fn read_resume(path: &str, bytes: &[u8]) -> Result<ResumeState> {
         server,
         selector: resume.selector,
         record: resume.record,
+        privacy: resume.privacy,
     })
 }
 
@@ -559,6 +565,7 @@ mod tests {
             server: Some(ServerState { steps: 7, moments: Some((model(0.25), model(0.125))) }),
             selector: serde_json::json!({"inFlight": [], "stats": {}}),
             record: Some(record),
+            privacy: Some(serde_json::json!({"rounds": 7, "clippingNorm": 0.5})),
         };
         reg.save_resume(&job, &task, &state).expect("save");
         assert!(dir.path().join("jobs/job-1/eu/resume/agg-0.safetensors").exists());

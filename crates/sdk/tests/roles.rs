@@ -202,3 +202,54 @@ async fn upload_grants_bound_concurrency_and_survive_a_dead_trainer() {
     assert_eq!(h[1].metrics["updates"], 3.0);
     assert_close(&final_w(&report), &[0.875]);
 }
+
+/// Central DP (issue 18): the top aggregator clips each update's delta, noises the mean,
+/// reports ε after every round, and ε grows; an ε budget the next round would exceed stops
+/// the job with the reason.
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn central_dp_reports_epsilon_every_round_and_enforces_the_budget() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut p = plan("dp-central", &["1,2:10", "3,4:10", "5,6:10"], 3, 3);
+    let dp = serde_json::json!({"mode": "central", "noiseMultiplier": 1.0, "clippingNorm": 0.5,
+        "samplingRate": 1.0, "delta": 1e-5});
+    p.differential_privacy = Some(dp.clone());
+    let report =
+        simulate(&p, Arc::new(Factory), dir.path().join("a")).await.expect("job completes");
+    let eps: Vec<f64> = report.top.history.iter().map(|r| r.metrics["dp.epsilon"]).collect();
+    assert_eq!(eps.len(), 3);
+    assert!(eps[0] > 0.0 && eps[0] < eps[1] && eps[1] < eps[2], "{eps:?}");
+    for r in &report.top.history {
+        assert_eq!(r.metrics["dp.delta"], 1e-5);
+        assert_eq!(r.metrics["dp.noiseStddev"], 0.5, "z × C");
+        assert!((0.0..=1.0).contains(&r.metrics["dp.clippedFraction"]));
+    }
+    // Round 1's deltas (half the way from 0 to targets of norm > 2) are all clipped.
+    assert_eq!(report.top.history[0].metrics["dp.clippedFraction"], 1.0);
+    // A budget that two rounds exhaust: the third is refused with the reason.
+    let mut tight = dp.clone();
+    tight["epsilon"] = (eps[1] + (eps[2] - eps[1]) / 2.0).into();
+    p.differential_privacy = Some(tight);
+    p.job_id = "dp-tight".into();
+    let err = simulate(&p, Arc::new(Factory), dir.path().join("b")).await.expect_err("budget");
+    assert!(err.to_string().contains("privacy budget: round 3"), "{err}");
+}
+
+/// Local DP: each trainer clips and noises its own delta and reports its ε; the aggregator
+/// adds nothing.
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn local_dp_is_applied_and_accounted_by_each_trainer() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut p = plan("dp-local", &["1,2:10", "3,4:10"], 2, 2);
+    p.differential_privacy = Some(serde_json::json!({"mode": "local", "noiseMultiplier": 2.0,
+        "clippingNorm": 0.25, "delta": 1e-5}));
+    let report = simulate(&p, Arc::new(Factory), dir.path().to_path_buf()).await.expect("job");
+    assert!(report.top.history.iter().all(|r| !r.metrics.contains_key("dp.epsilon")));
+    for (id, run) in &report.others {
+        let run = run.as_ref().expect("trainer ran");
+        let eps: Vec<f64> = run.history.iter().map(|r| r.metrics["dp.epsilon"]).collect();
+        assert!(eps.len() == 2 && eps[0] > 0.0 && eps[0] < eps[1], "{id}: {eps:?}");
+    }
+    // Clipped to 0.25 per trainer: the model moved by at most that much from zero.
+    let moved: f32 = final_w(&report).iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!(moved < 0.25 * 2.0 + 3.0, "{moved}");
+}

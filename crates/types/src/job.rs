@@ -162,6 +162,12 @@ pub struct ModelSpec {
     /// Packages the code needs (informational; e.g. `numpy >= 1.2.0`).
     #[serde(default)]
     pub dependencies: Vec<String>,
+    /// Differential privacy (`docs/privacy.md`): `{mode: central | local, noiseMultiplier,
+    /// clippingNorm, delta, epsilon (budget), ...}`. Checked when the job is created: a job
+    /// whose rounds would exceed the budget is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub differential_privacy: Option<serde_json::Value>,
 }
 
 impl Default for ModelSpec {
@@ -175,6 +181,7 @@ impl Default for ModelSpec {
             hyperparameters: Default::default(),
             registry: RegistrySpec::default(),
             dependencies: Vec::new(),
+            differential_privacy: None,
         }
     }
 }

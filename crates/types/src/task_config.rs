@@ -57,6 +57,10 @@ pub struct TaskConfig {
     /// Trainer selection policy.
     #[serde(default = "Sort::default_selector")]
     pub selector: Sort,
+    /// The job's `modelSpec.differentialPrivacy`, if any (`docs/privacy.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub differential_privacy: Option<serde_json::Value>,
     /// The model to start from (empty name: none).
     #[serde(default)]
     pub base_model: BaseModel,
@@ -275,6 +279,7 @@ pub fn build(
         hyperparameters: model.hyperparameters.clone(),
         optimizer: model.optimizer.clone(),
         selector: model.selector.clone(),
+        differential_privacy: model.differential_privacy.clone(),
         base_model: model.base_model.clone(),
         dataset: dataset.filter(|_| is_data_consumer).map(|d| DatasetRef {
             id: d.id.clone(),

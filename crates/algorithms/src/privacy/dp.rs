@@ -522,6 +522,29 @@ impl CentralDp {
         self.budget.accountant.epsilon(self.cfg.delta).0
     }
 
+    /// What a resumed aggregator needs to go on: rounds accounted and the clipping norm.
+    pub fn state(&self) -> (u64, f64) {
+        (self.budget.rounds, self.clipping_norm)
+    }
+
+    /// Restores [`CentralDp::state`]: the accountant composes the rounds already spent again
+    /// (deterministic in the config), so ε goes on from where the failed run left it.
+    pub fn restore(&mut self, rounds: u64, clipping_norm: f64) -> Result<(), DpError> {
+        if !(clipping_norm.is_finite() && clipping_norm > 0.0) {
+            return Err(crate::Error::InvalidArgument {
+                name: "clipping norm",
+                reason: format!("must be finite and > 0, got {clipping_norm}"),
+            }
+            .into());
+        }
+        let (q, z) = self.cfg.accounted_step();
+        let mut accountant = RdpAccountant::new();
+        accountant.compose_poisson_gaussian(q, z, rounds);
+        self.budget = Budget { accountant, rounds };
+        self.clipping_norm = clipping_norm;
+        Ok(())
+    }
+
     /// Starts a round shaped like `global`; refused when the round would exceed the budget.
     pub fn begin_round(&self, global: &Weights) -> Result<CentralDpRound, DpError> {
         self.budget.check_next(&self.cfg)?;

@@ -65,6 +65,38 @@ struct Prepared {
     tasks: Vec<Task>,
 }
 
+/// Problems of `modelSpec.differentialPrivacy`: its fields, central DP with another optimizer
+/// than `fedavg`, and an ε budget that the job's rounds would exceed (the job is refused
+/// before it starts, naming how many rounds fit).
+fn privacy_problems(spec: &JobSpec) -> Vec<ErrorDetail> {
+    use fledge_algorithms::privacy::{DpConfig, DpMode, dp::check_job_budget};
+    let model = &spec.model_spec;
+    let Some(value) = &model.differential_privacy else {
+        return Vec::new();
+    };
+    let cfg = match DpConfig::from_json(value) {
+        Ok(cfg) => cfg,
+        Err(e) => return vec![detail(&format!("modelSpec.{}", e.field), e.reason)],
+    };
+    let mut problems = Vec::new();
+    if cfg.mode == DpMode::Central && !model.optimizer.sort.eq_ignore_ascii_case("fedavg") {
+        problems.push(detail(
+            "modelSpec.differentialPrivacy.mode",
+            format!(
+                "central DP averages clipped updates itself and runs with the fedavg optimizer \
+                 only, not {}",
+                model.optimizer.sort
+            ),
+        ));
+    }
+    let rounds =
+        model.hyperparameters.get("rounds").and_then(serde_json::Value::as_u64).unwrap_or(1);
+    if let Err(e) = check_job_budget(&cfg, rounds) {
+        problems.push(detail("modelSpec.differentialPrivacy.epsilon", e.to_string()));
+    }
+    problems
+}
+
 fn detail(path: &str, message: String) -> ErrorDetail {
     ErrorDetail { path: path.to_owned(), message }
 }
@@ -145,6 +177,7 @@ async fn prepare(
         .map(|d| (d.id.clone(), d))
         .collect();
     details.extend(fledge_types::validate::job(spec, &schema, &|id| datasets.get(id).cloned()));
+    details.extend(privacy_problems(spec));
     let Some(code_version) = code_version.filter(|_| details.is_empty()) else {
         return Err(invalid(details));
     };

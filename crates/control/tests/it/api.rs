@@ -566,6 +566,34 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     .await;
     let (_, body) = ann.post("/users/ann/jobs", &job).await;
     assert!(body.to_string().contains("no-such-dataset"), "{body}");
+    // Differential privacy: a budget the job's rounds would exceed, and central DP with a
+    // server optimizer, are refused before anything is stored; a bad field names itself.
+    let mut job = hier_job(&datasets);
+    job["modelSpec"]["hyperparameters"]["rounds"] = json!(50);
+    job["modelSpec"]["optimizer"] = json!({"sort": "fedadam", "kwargs": {}});
+    job["modelSpec"]["differentialPrivacy"] = json!({"mode": "central", "noiseMultiplier": 0.5,
+        "clippingNorm": 1.0, "samplingRate": 1.0, "delta": 1e-5, "epsilon": 1.0});
+    check(
+        &server,
+        &before,
+        "privacy budget",
+        ann.post("/users/ann/jobs", &job).await,
+        bad,
+        &["modelSpec.differentialPrivacy.mode", "modelSpec.differentialPrivacy.epsilon"],
+    )
+    .await;
+    let (_, body) = ann.post("/users/ann/jobs", &job).await;
+    assert!(body.to_string().contains("rounds fit"), "{body}");
+    job["modelSpec"]["differentialPrivacy"]["noiseMultiplier"] = json!(-1);
+    check(
+        &server,
+        &before,
+        "privacy field",
+        ann.post("/users/ann/jobs", &job).await,
+        bad,
+        &["modelSpec.differentialPrivacy.noiseMultiplier"],
+    )
+    .await;
     let mut job = hier_job(&datasets);
     job["designId"] = json!("nope");
     check(

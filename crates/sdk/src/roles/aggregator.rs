@@ -49,6 +49,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fledge_algorithms::privacy::{CentralDp, DpConfig, DpMode};
 use fledge_algorithms::{EndReport, Optimizer, Selector};
 use fledge_channel::{Channel, Kind, Message};
 use fledge_types::{MetricRecord, TaskId};
@@ -109,6 +110,8 @@ pub struct AggregatorCtx {
     selected: Vec<TaskId>,
     round_samples: u64,
     evaluator: Option<Arc<Mutex<Box<dyn Evaluator>>>>,
+    /// Central differential privacy (top aggregator, `differentialPrivacy.mode` `central`).
+    dp: Option<CentralDp>,
 }
 
 impl Context for AggregatorCtx {
@@ -210,6 +213,10 @@ impl AggregatorCtx {
         let selector = Selector::from_config(
             &serde_json::to_value(&config.selector).expect("sort serialises"),
         )?;
+        let dp = match (tier, &config.differential_privacy) {
+            (Tier::Top, Some(value)) => central_dp(value, &optimizer)?,
+            _ => None,
+        };
         let distribute = channels.by_tag(tags::DISTRIBUTE)?.clone();
         let aggregate = channels.by_tag(tags::AGGREGATE)?.clone();
         let up = match tier {
@@ -242,6 +249,7 @@ impl AggregatorCtx {
             selected: Vec::new(),
             round_samples: 0,
             evaluator: evaluator.map(|e| Arc::new(Mutex::new(e))),
+            dp,
         })
     }
 
@@ -278,6 +286,43 @@ impl AggregatorCtx {
 
 /// Resumes from the state this task saved after its last round, if it ran before (the
 /// controller restarted it after a failure); otherwise loads the job's base model, if any.
+/// The central DP of a job's `differentialPrivacy` section (`None` for local DP, which the
+/// trainers apply). Central DP averages clipped deltas itself, so it runs with `fedavg` only.
+fn central_dp(value: &serde_json::Value, optimizer: &Optimizer) -> Result<Option<CentralDp>> {
+    let cfg = DpConfig::from_json(value)
+        .map_err(|e| Error::Config(format!("modelSpec.{}: {}", e.field, e.reason)))?;
+    if cfg.mode != DpMode::Central {
+        return Ok(None);
+    }
+    if optimizer.sort() != "fedavg" {
+        return Err(Error::Config(format!(
+            "modelSpec.differentialPrivacy: central DP averages clipped updates itself and runs \
+             with the fedavg optimizer only, not {}",
+            optimizer.sort()
+        )));
+    }
+    CentralDp::new(cfg).map(Some).map_err(|e| Error::Config(format!("differentialPrivacy: {e}")))
+}
+
+/// A round's accumulator: the optimizer's, or central DP's sum of clipped deltas from the
+/// round's global model.
+enum Acc {
+    Plain(fledge_algorithms::Round),
+    Private(fledge_algorithms::privacy::dp::CentralDpRound, Arc<Weights>),
+}
+
+impl Acc {
+    fn fold(&mut self, tensors: &fledge_channel::Tensors, num_samples: u64) -> Result<()> {
+        match self {
+            Acc::Plain(acc) => fold_update(acc, tensors, num_samples),
+            Acc::Private(round, global) => {
+                let delta = tensors_to_weights(tensors)?.delta_from(global)?;
+                round.add(&delta).map(|_| ()).map_err(|e| Error::Privacy(e.to_string()))
+            }
+        }
+    }
+}
+
 async fn load_state(ctx: &mut AggregatorCtx) -> Result<()> {
     let (registry, job, task) =
         (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.io.config.task_id.clone());
@@ -296,6 +341,14 @@ async fn load_state(ctx: &mut AggregatorCtx) -> Result<()> {
         optimizer.restore_server_state(server, &state.global)?;
     }
     ctx.selector.restore(&state.selector)?;
+    if let (Some(dp), Some(saved)) = (ctx.dp.as_mut(), &state.privacy) {
+        let rounds = saved["rounds"].as_u64();
+        let norm = saved["clippingNorm"].as_f64();
+        let (Some(rounds), Some(norm)) = (rounds, norm) else {
+            return Err(Error::Privacy(format!("unreadable saved DP state {saved}")));
+        };
+        dp.restore(rounds, norm).map_err(|e| Error::Privacy(e.to_string()))?;
+    }
     tracing::warn!(task_id = %ctx.io.config.task_id, round = state.round,
         model_version = state.model_version, "resuming after a restart from the last saved round");
     ctx.round = state.round;
@@ -551,18 +604,27 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
         Error::Config("aggregator program has no global model at this step".to_owned())
     })?;
     let optimizer = ctx.optimizer.as_ref().expect("optimizer is put back after every round");
-    let mut acc = optimizer.begin_round(&global);
-    // A rule that replaces the global model (FedAvg, FedProx, robust rules) builds the new
-    // one from the accumulator alone, and the previous one was already distributed (and,
-    // from round 2 on at the top, checkpointed): it is freed now, a model-sized buffer less
-    // while updates arrive. FedAdam/FedYogi/FedAdaGrad step from it, so they keep it.
-    // A round that misses its quorum fails the task either way: nothing reads the previous
-    // model after that error.
-    let global = if optimizer.replaces_global() {
-        drop(global);
-        None
-    } else {
-        Some(global)
+    let (mut acc, global) = match &ctx.dp {
+        // Central DP clips each update's delta from this round's model: it is kept.
+        Some(dp) => {
+            let round = match dp.begin_round(&global) {
+                Ok(round) => round,
+                Err(e) => {
+                    ctx.global = Some(global);
+                    return Err(Error::Privacy(e.to_string()));
+                }
+            };
+            let global = Arc::new(global);
+            (Acc::Private(round, global.clone()), Some(unshare(global)))
+        }
+        // A rule that replaces the global model (FedAvg, FedProx, robust rules) builds the
+        // new one from the accumulator alone, and the previous one was already distributed
+        // (and, from round 2 on at the top, checkpointed): it is freed now, a model-sized
+        // buffer less while updates arrive. FedAdam/FedYogi/FedAdaGrad step from it, so they
+        // keep it. A round that misses its quorum fails the task either way: nothing reads
+        // the previous model after that error.
+        None if optimizer.replaces_global() => (Acc::Plain(optimizer.begin_round(&global)), None),
+        None => (Acc::Plain(optimizer.begin_round(&global)), Some(global)),
     };
     let mut pending: BTreeSet<TaskId> = ctx.selected.iter().cloned().collect();
     let mut received = 0usize;
@@ -627,7 +689,7 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
         };
         let started = tokio::time::Instant::now();
         let (back, res) = tokio::task::spawn_blocking(move || {
-            let res = fold_update(&mut acc, &message.tensors, num_samples);
+            let res = acc.fold(&message.tensors, num_samples);
             (acc, res)
         })
         .await?;
@@ -657,17 +719,42 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
         ctx.global = global;
         return Err(Error::Quorum { round, got: received, need: ctx.min_trainers });
     }
-    let mut optimizer = ctx.optimizer.take().expect("optimizer present between rounds");
-    let (optimizer, new_global) = tokio::task::spawn_blocking(move || {
-        let res = match global {
-            Some(mut global) => optimizer.finish_round(acc, &mut global).map(|()| global),
-            None => optimizer.finish_round_replacing(acc),
-        };
-        (optimizer, res)
-    })
-    .await?;
-    ctx.optimizer = Some(optimizer);
-    ctx.global = Some(new_global?);
+    let new_global = match acc {
+        Acc::Plain(acc) => {
+            let mut optimizer = ctx.optimizer.take().expect("optimizer present between rounds");
+            let (optimizer, new_global) = tokio::task::spawn_blocking(move || {
+                let res = match global {
+                    Some(mut global) => optimizer.finish_round(acc, &mut global).map(|()| global),
+                    None => optimizer.finish_round_replacing(acc),
+                };
+                (optimizer, res)
+            })
+            .await?;
+            ctx.optimizer = Some(optimizer);
+            new_global?
+        }
+        Acc::Private(round, shared) => {
+            drop(shared);
+            let mut global = global.expect("central DP keeps the round's model");
+            let dp = ctx.dp.as_mut().expect("a private round has central DP");
+            let (mean_delta, report) = match dp.finish_round(round) {
+                Ok(done) => done,
+                Err(e) => {
+                    ctx.global = Some(global);
+                    return Err(Error::Privacy(e.to_string()));
+                }
+            };
+            global.add_scaled(&mean_delta, 1.0)?;
+            let m = &mut ctx.io.metrics;
+            m.set("dp.epsilon", report.epsilon);
+            m.set("dp.delta", report.delta);
+            m.set("dp.noiseStddev", report.noise_stddev);
+            m.set("dp.clippingNorm", report.clipping_norm);
+            m.set("dp.clippedFraction", report.clipped_fraction);
+            global
+        }
+    };
+    ctx.global = Some(new_global);
     if ctx.tier == Tier::Top {
         ctx.model_version += 1;
     }
@@ -752,6 +839,10 @@ async fn save_resume(ctx: &mut AggregatorCtx, record: &MetricRecord) -> Result<(
         server,
         selector: ctx.selector.state(),
         record: Some(record.clone()),
+        privacy: ctx.dp.as_ref().map(|dp| {
+            let (rounds, clipping_norm) = dp.state();
+            serde_json::json!({"rounds": rounds, "clippingNorm": clipping_norm})
+        }),
     });
     let state = match state {
         Ok(state) => state,

@@ -459,6 +459,7 @@ async fn save_resume(ctx: &mut AsyncAggregatorCtx, record: &MetricRecord) -> Res
         global,
         selector: serde_json::json!({"inFlight": [], "stats": {}}),
         record: Some(record.clone()),
+        privacy: None,
     };
     let (registry, job, task) =
         (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.io.config.task_id.clone());

@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use fledge_algorithms::privacy::{DpConfig, DpMode, LocalDp};
 use fledge_channel::{Channel, Kind};
 use fledge_types::TaskId;
 
@@ -59,6 +60,11 @@ pub struct TrainerCtx {
     pub received_evaluation: BTreeMap<String, f64>,
     /// Upload grants the aggregator announced with the model being trained.
     upload_grants: u64,
+    /// Local differential privacy (`differentialPrivacy.mode` `local`): the update's delta
+    /// from the received model is clipped and noised before it leaves.
+    local_dp: Option<LocalDp>,
+    /// The model received for this round (kept only under local DP).
+    received: Option<Weights>,
 }
 
 impl Context for TrainerCtx {
@@ -102,6 +108,20 @@ impl TrainerCtx {
         let fetch = io.channels.by_tag(tags::FETCH)?.clone();
         let upload = io.channels.by_tag(tags::UPLOAD)?.clone();
         let common = Common::from_config(&io.config)?;
+        let local_dp = match &io.config.differential_privacy {
+            None => None,
+            Some(value) => {
+                let cfg = DpConfig::from_json(value)
+                    .map_err(|e| Error::Config(format!("modelSpec.{}: {}", e.field, e.reason)))?;
+                match cfg.mode {
+                    DpMode::Local => Some(
+                        LocalDp::new(cfg)
+                            .map_err(|e| Error::Config(format!("differentialPrivacy: {e}")))?,
+                    ),
+                    DpMode::Central => None,
+                }
+            }
+        };
         Ok(TrainerCtx {
             io,
             app: Arc::new(Mutex::new(app)),
@@ -116,6 +136,8 @@ impl TrainerCtx {
             evaluation: BTreeMap::new(),
             received_evaluation: BTreeMap::new(),
             upload_grants: 0,
+            local_dp,
+            received: None,
         })
     }
 
@@ -182,6 +204,9 @@ async fn fetch(ctx: &mut TrainerCtx) -> Result<()> {
             Kind::Weights => {
                 let model = Model::decode(&aggregator, &message)?;
                 let weights = tensors_to_weights(&message.tensors)?;
+                if ctx.local_dp.is_some() {
+                    ctx.received = Some(weights.clone());
+                }
                 ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
                 ctx.round = model.round;
                 ctx.model_version = model.model_version;
@@ -249,7 +274,19 @@ async fn upload(ctx: &mut TrainerCtx) -> Result<()> {
 async fn upload_to(ctx: &mut TrainerCtx, aggregator: &TaskId) -> Result<()> {
     let aggregator = aggregator.clone();
     await_upload_permit(ctx.upload_grants, &ctx.fetch, &ctx.upload, &aggregator, ctx.round).await?;
-    let weights: Weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
+    let mut weights: Weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
+    if let (Some(dp), Some(received)) = (ctx.local_dp.as_mut(), ctx.received.as_ref()) {
+        // Only a clipped, noised delta from the received model leaves this trainer.
+        let mut delta = weights.delta_from(received)?;
+        let report = dp.privatize(&mut delta).map_err(|e| Error::Privacy(e.to_string()))?;
+        weights = received.clone();
+        weights.add_scaled(&delta, 1.0)?;
+        let m = &mut ctx.io.metrics;
+        m.set("dp.epsilon", report.epsilon);
+        m.set("dp.delta", report.delta);
+        m.set("dp.noiseStddev", report.noise_stddev);
+        m.set("dp.clippedFraction", report.clipped_fraction);
+    }
     let mut metrics = BTreeMap::new();
     for (k, v) in &ctx.outcome.metrics {
         metrics.insert(format!("train_{k}"), *v);
