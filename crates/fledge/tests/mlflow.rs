@@ -112,6 +112,7 @@ impl Mlflow {
 #[tokio::test(flavor = "multi_thread")]
 async fn mnist_with_an_mlflow_registry_records_every_round_and_registers_the_model() {
     let Some(url) = server() else { return };
+    fledge_tls::install_default_provider();
     let mlflow = Mlflow { http: reqwest::Client::new(), url: url.trim_end_matches('/').to_owned() };
     let platform = Platform::start();
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
@@ -270,6 +271,7 @@ async fn wait_for_round(platform: &Platform, name: &str, round: u64) {
 #[tokio::test(flavor = "multi_thread")]
 async fn mlflow_down_for_rounds_mid_job_still_ends_with_every_round() {
     let Some(url) = server() else { return };
+    fledge_tls::install_default_provider();
     let mlflow = Mlflow { http: reqwest::Client::new(), url: url.trim_end_matches('/').to_owned() };
     let relay = Relay::start(&url).await;
     let platform = Platform::start();

@@ -73,6 +73,7 @@ struct Mlflow {
 
 impl Mlflow {
     fn new(url: &str) -> Mlflow {
+        fledge_tls::install_default_provider();
         Mlflow { http: reqwest::Client::new(), url: url.trim_end_matches('/').to_owned() }
     }
 

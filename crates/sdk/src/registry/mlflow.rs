@@ -304,7 +304,7 @@ pub async fn check(uri: &str, token: Option<&str>, timeout: Duration) -> Result<
             return Err(CallError::Invalid("experiments/search did not answer an object".into()));
         }
         let req = api
-            .request(reqwest::Method::GET, api.artifact_url(""))
+            .request(reqwest::Method::GET, api.artifact_url("").trim_end_matches('/').to_owned())
             .timeout(API_TIMEOUT)
             .query(&[("path", "")]);
         api.json(req).await.map_err(|e| match e {
