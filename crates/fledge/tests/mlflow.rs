@@ -304,6 +304,14 @@ async fn mlflow_down_for_rounds_mid_job_still_ends_with_every_round() {
         String::from_utf8_lossy(&out.stderr)
     );
     let (job, _) = reported_round(&platform, &name).await.unwrap();
+    // The outage happened: the aggregator's uploads failed and were kept for later.
+    let (_, tasks, _) = platform.job(&job).await;
+    let aggregator = tasks.iter().find(|t| t.role == "aggregator").unwrap();
+    assert!(
+        aggregator.log.contains("MLflow did not take a record"),
+        "log tail: {}",
+        aggregator.log
+    );
 
     let runs = mlflow
         .search(
