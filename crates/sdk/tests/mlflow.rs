@@ -360,4 +360,24 @@ async fn the_creation_check_accepts_the_server_and_names_a_dead_one() {
     let dead = format!("http://127.0.0.1:{port}");
     let err = check(&dead, None, Duration::from_secs(5)).await.unwrap_err().to_string();
     assert!(err.contains(&dead) && err.contains("unreachable"), "{err}");
+
+    // A web server that is not MLflow (a misconfigured uri): refused, saying so.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let page = "<html>not mlflow</html>";
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{page}",
+                page.len()
+            );
+            let _ = conn.write_all(answer.as_bytes()).await;
+        }
+    });
+    let err = check(&other, None, Duration::from_secs(5)).await.unwrap_err().to_string();
+    assert!(err.contains(&other) && err.contains("not MLflow's JSON"), "{err}");
 }
