@@ -19,6 +19,7 @@ pub mod config;
 pub mod controller;
 pub mod grpc;
 pub mod metaserver;
+pub mod mlflow;
 pub mod mosquitto;
 pub mod notifier;
 pub mod service;

@@ -87,6 +87,14 @@ pub enum Error {
     /// A background task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Join(String),
+    /// The MLflow registry refused a request, answered nonsense or could not be reached.
+    #[error("MLflow registry at {url}: {reason}")]
+    Mlflow {
+        /// The tracking server's URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The task exceeded `maxRunTime`.
     #[error("task exceeded maxRunTime of {0} s")]
     Timeout(u64),

@@ -116,7 +116,11 @@ impl JobPlan {
             task_id: "".into(),
             role: String::new(),
             task_index: 0,
-            job: JobRef { id: self.job_id.as_str().into(), name: self.job_id.clone() },
+            job: JobRef {
+                id: self.job_id.as_str().into(),
+                name: self.job_id.clone(),
+                design: String::new(),
+            },
             backend: self.backend,
             brokers: self.brokers.iter().map(|host| BrokerSpec::mqtt(host.clone())).collect(),
             registry: RegistrySpec { sort: "local".to_owned(), uri: self.registry_uri.clone() },

@@ -24,7 +24,9 @@
 //!
 //! The registry of a task comes from its config's `registry` {sort, uri}: sort `local` (the
 //! default) with `uri` a directory path (`file://` prefix allowed); an empty uri means
-//! `./registry` under the working directory. `mlflow` is not built yet and is rejected.
+//! `./registry` under the working directory. Sort `mlflow` with `uri` an MLflow tracking
+//! server's URL is [`MlflowRegistry`] (runs, metrics, artifacts and registered models in
+//! MLflow, through a local spool that keeps every write until MLflow has it).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -36,6 +38,10 @@ use fledge_types::{JobId, MetricRecord, RegistrySpec, TaskConfig, TaskId};
 use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo};
 
 use crate::{Error, Result};
+
+pub mod mlflow;
+
+pub use mlflow::MlflowRegistry;
 
 /// Metadata key holding the comma-separated tensor order.
 const ORDER_KEY: &str = "fledge.order";
@@ -56,6 +62,12 @@ pub trait Registry: Send + Sync {
     fn save_resume(&self, job: &JobId, task: &TaskId, state: &ResumeState) -> Result<()>;
     /// What `task` saved last, or `None` if it never saved (its first run).
     fn load_resume(&self, job: &JobId, task: &TaskId) -> Result<Option<ResumeState>>;
+    /// Called once when the task ends (`succeeded` or not): returns when everything written
+    /// is where the registry keeps it, or with an error saying what is not and where it is
+    /// kept. A local registry writes through, so it has nothing to do.
+    fn finish(&self, _succeeded: bool) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What an aggregating task persists after each round so that, redeployed under the same id
@@ -495,28 +507,36 @@ pub async fn load_base_model(
     Ok(Some(model))
 }
 
-/// The registry named by a task config's `registry` spec, relative paths under `workdir`.
+/// The local registry named by a `registry` spec, relative paths under `workdir`; a spec of
+/// another sort is refused (MLflow needs the task: [`for_task`]).
 pub fn from_spec(spec: &RegistrySpec, workdir: &Path) -> Result<Arc<dyn Registry>> {
     Ok(Arc::new(local_from_spec(spec, workdir)?))
 }
 
-/// The registry of one task: [`from_spec`], with the task's model files scoped by the groups
-/// it is in other than `default` (sorted, joined with `+`), so independent models of one job
-/// do not overwrite each other.
+/// The registry of one task, from its config's `registry` spec (relative paths under
+/// `workdir`), with the task's model files scoped by the groups it is in other than `default`
+/// (sorted, joined with `+`), so independent models of one job do not overwrite each other.
+/// For MLflow the scope names the registered model (`{job name}.{scope}`).
 pub fn for_task(config: &TaskConfig, workdir: &Path) -> Result<Arc<dyn Registry>> {
-    let registry = local_from_spec(&config.registry, workdir)?;
     let groups: std::collections::BTreeSet<&str> = config
         .group_association
         .values()
         .map(String::as_str)
         .filter(|group| *group != fledge_types::DEFAULT_GROUP)
         .collect();
-    if groups.is_empty() {
-        return Ok(Arc::new(registry));
+    let scope = (!groups.is_empty()).then(|| groups.into_iter().collect::<Vec<_>>().join("+"));
+    if config.registry.sort == MLFLOW {
+        return Ok(Arc::new(MlflowRegistry::for_task(config, scope.as_deref(), workdir)?));
     }
-    let scope = groups.into_iter().collect::<Vec<_>>().join("+");
-    Ok(Arc::new(registry.scoped(&scope)))
+    let registry = local_from_spec(&config.registry, workdir)?;
+    Ok(match scope {
+        Some(scope) => Arc::new(registry.scoped(&scope)),
+        None => Arc::new(registry),
+    })
 }
+
+/// The registry sort of an MLflow tracking server.
+pub const MLFLOW: &str = "mlflow";
 
 fn local_from_spec(spec: &RegistrySpec, workdir: &Path) -> Result<LocalRegistry> {
     match spec.sort.as_str() {
@@ -525,9 +545,10 @@ fn local_from_spec(spec: &RegistrySpec, workdir: &Path) -> Result<LocalRegistry>
             let root = if uri.is_empty() { workdir.join("registry") } else { workdir.join(uri) };
             Ok(LocalRegistry::new(root))
         }
-        other => {
-            Err(Error::Config(format!("registry.sort {other:?} is not supported (use local)")))
-        }
+        other => Err(Error::Config(format!(
+            "registry.sort {other:?} is not a local registry (use local, or mlflow through \
+             the task's config)"
+        ))),
     }
 }
 

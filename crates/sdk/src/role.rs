@@ -225,8 +225,8 @@ pub trait RoleCtx: Context + Send + 'static {
 ///
 /// Builds the user code, applies the task's channel settings, opens the task's I/O, builds
 /// the context and runs the program, all within `maxRunTime` (0: no limit); then closes the
-/// I/O (channels left, reporter flushed) whatever happened. The whole run is inside the
-/// `task` tracing span.
+/// I/O (channels left, reporter flushed, registry finished) whatever happened. The whole run
+/// is inside the `task` tracing span.
 pub async fn run<R: Role>(
     config: TaskConfig,
     factory: Arc<dyn AppFactory>,
@@ -256,6 +256,7 @@ async fn run_inner<R: Role>(
     // The runner's own handles: the context may be gone (failed build, timeout) when the
     // I/O has to close.
     let channels = io.channels.clone();
+    let registry = io.registry.clone();
     let mut io = io;
     let reporter = io.reporter.take_flusher();
     let mut ctx = None;
@@ -280,11 +281,15 @@ async fn run_inner<R: Role>(
         (Ok(()), None) => unreachable!("a program ran, so its context was built"),
         (Err(e), _) => Err(e),
     };
-    // Same close on success and failure: leave the channels, flush the reporter.
+    // Same close on success and failure: leave the channels, flush the reporter, and let
+    // the registry finish (a remote one uploads what it still holds and ends its runs).
     let closed = channels.close().await;
     reporter.shutdown(REPORTER_FLUSH).await;
+    let succeeded = summary.is_ok();
+    let finished = tokio::task::spawn_blocking(move || registry.finish(succeeded)).await;
     let summary = summary?;
     closed?;
+    finished??;
     Ok(summary)
 }
 

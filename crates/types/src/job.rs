@@ -243,6 +243,9 @@ pub struct RegistrySpec {
 /// The registry sort Flame's examples use for "no registry" (see [`RegistrySpec::sort`]).
 pub const DUMMY_REGISTRY: &str = "dummy";
 
+/// The registry sort of an MLflow tracking server (`uri` is its URL).
+pub const MLFLOW_REGISTRY: &str = "mlflow";
+
 impl RegistrySpec {
     /// Whether the spec names a registry of its own: not `dummy` and with a `uri`. A job whose
     /// registry names none gets the deployment's default ([`crate::task_config::TaskEnv`]).

@@ -47,8 +47,8 @@ pub mod validate;
 pub use error::{ApiError, ErrorCode, ErrorDetail};
 pub use ids::{ComputeId, DatasetId, DesignId, JobId, TaskId, UserId};
 pub use job::{
-    BaseModel, DUMMY_REGISTRY, DataSpecEntry, Job, JobSpec, ModelSpec, Priority, RegistrySpec,
-    RestartOn, RestartPolicy, Sort,
+    BaseModel, DUMMY_REGISTRY, DataSpecEntry, Job, JobSpec, MLFLOW_REGISTRY, ModelSpec, Priority,
+    RegistrySpec, RestartOn, RestartPolicy, Sort,
 };
 pub use resources::{
     Compute, ComputeSpec, Dataset, DatasetSpec, Design, DesignSpec, ModelFile, Platform, Token,

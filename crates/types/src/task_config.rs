@@ -158,6 +158,9 @@ pub struct JobRef {
     /// Job name.
     #[serde(default)]
     pub name: String,
+    /// The design the job runs (names its MLflow experiment); empty in local runs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub design: String,
 }
 
 /// A message broker.
@@ -270,7 +273,11 @@ pub fn build(
         task_id: task.task_id.clone(),
         role: task.role.clone(),
         task_index: task.index,
-        job: JobRef { id: job.id.clone(), name: job.spec.name.clone() },
+        job: JobRef {
+            id: job.id.clone(),
+            name: job.spec.name.clone(),
+            design: job.spec.design_id.to_string(),
+        },
         backend: job.spec.backend,
         brokers: env.brokers.clone(),
         registry,

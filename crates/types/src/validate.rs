@@ -23,7 +23,8 @@ pub const MAX_REPLICA: i64 = 1000;
 
 /// Registry sorts a model spec may name (`dummy`, Flame's "no registry", stands for the
 /// deployment's default).
-pub const REGISTRY_SORTS: &[&str] = &["local", "mlflow", crate::job::DUMMY_REGISTRY];
+pub const REGISTRY_SORTS: &[&str] =
+    &["local", crate::job::MLFLOW_REGISTRY, crate::job::DUMMY_REGISTRY];
 
 /// Every problem of a schema (empty: valid).
 pub fn schema(schema: &Schema) -> Vec<ErrorDetail> {
@@ -272,6 +273,21 @@ pub fn job(
                 REGISTRY_SORTS.join(", ")
             ),
         );
+    } else if model.registry.sort == crate::job::MLFLOW_REGISTRY {
+        let uri = model.registry.uri.trim();
+        let scheme_ok = ["http://", "https://"]
+            .iter()
+            .any(|s| uri.len() > s.len() && uri.to_ascii_lowercase().starts_with(s));
+        if !scheme_ok || uri.contains(['?', '#', ' ']) {
+            push(
+                "modelSpec.registry.uri",
+                format!(
+                    "must be the MLflow tracking server's http:// or https:// URL (no query), \
+                     found {:?}",
+                    model.registry.uri
+                ),
+            );
+        }
     } else if model.registry.sort == crate::job::DUMMY_REGISTRY && !model.registry.uri.is_empty() {
         push(
             "modelSpec.registry.uri",

@@ -181,11 +181,29 @@ async fn prepare(
     let Some(code_version) = code_version.filter(|_| details.is_empty()) else {
         return Err(invalid(details));
     };
+    check_registry(&spec.model_spec.registry).await.map_err(|d| invalid(vec![d]))?;
     let computes = state.store.list_computes().await?;
     let found: Vec<Dataset> = datasets.into_values().collect();
     let tasks =
         fledge_types::expand::expand(job_id, spec, &schema, &found, &computes).map_err(invalid)?;
     Ok(Prepared { schema_version, code_version, tasks })
+}
+
+/// A job's MLflow registry must answer before the job exists, not fail its tasks later: an
+/// unreachable or misconfigured server is a problem of the spec, naming the URL.
+async fn check_registry(registry: &fledge_types::RegistrySpec) -> Result<(), ErrorDetail> {
+    if registry.sort != fledge_types::MLFLOW_REGISTRY || !registry.is_named() {
+        return Ok(());
+    }
+    let token = crate::mlflow::token_from_env();
+    crate::mlflow::check(&registry.uri, token.as_deref(), crate::mlflow::CHECK_TIMEOUT)
+        .await
+        .map_err(|reason| {
+            detail(
+                "modelSpec.registry.uri",
+                format!("the MLflow registry at {} cannot be used: {reason}", registry.uri),
+            )
+        })
 }
 
 /// The expansion of a job spec: its tasks, nothing stored.
