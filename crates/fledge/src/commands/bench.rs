@@ -49,6 +49,8 @@ pub enum Which {
     All,
     /// A three-tier MNIST job under injected faults vs the same job without (see `chaos`).
     Chaos,
+    /// MNIST with 10 trainers under plain FedAvg, central DP and local DP (see `privacy_bench`).
+    Privacy,
     /// Internal: the aggregator process of the memory benchmark.
     #[value(hide = true)]
     MemoryChild,
@@ -78,7 +80,7 @@ pub struct Args {
     /// Chaos: the three-tier example job directory.
     #[arg(long, value_name = "DIR", default_value = "examples/hierarchical-mnist")]
     example: PathBuf,
-    /// Chaos: rounds of the job.
+    /// Chaos and privacy: rounds of the job (chaos default 100, privacy uses at most 1000).
     #[arg(long, default_value_t = 100)]
     rounds: u64,
     /// Chaos: faults to inject.
@@ -117,6 +119,9 @@ fn print_table(rows: &[Row]) {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.which == Which::MemoryChild {
         return memory_child(&args).await;
+    }
+    if args.which == Which::Privacy {
+        return super::privacy_bench::run(&data_dir()?, args.rounds.min(1000)).await;
     }
     if args.which == Which::Chaos {
         return super::chaos::run(super::chaos::Options {
