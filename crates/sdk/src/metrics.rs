@@ -98,6 +98,17 @@ impl RoundMetrics {
     }
 }
 
+impl RoundMetrics {
+    /// Records what a differential-privacy step spent and did (`dp.*`).
+    pub fn set_privacy(&mut self, report: &fledge_algorithms::privacy::DpRoundReport) {
+        self.set("dp.epsilon", report.epsilon);
+        self.set("dp.delta", report.delta);
+        self.set("dp.noiseStddev", report.noise_stddev);
+        self.set("dp.clippingNorm", report.clipping_norm);
+        self.set("dp.clippedFraction", report.clipped_fraction);
+    }
+}
+
 /// Sums the counters of several channels.
 pub fn total_traffic(snapshots: impl IntoIterator<Item = MetricsSnapshot>) -> MetricsSnapshot {
     snapshots.into_iter().fold(MetricsSnapshot::default(), |mut acc, s| {

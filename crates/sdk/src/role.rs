@@ -117,7 +117,38 @@ pub struct TaskIo {
     pub history: Vec<MetricRecord>,
 }
 
+/// Where an aggregating task starts.
+pub enum Start {
+    /// The state it saved before it was restarted (its last round's record is sent again).
+    Resume(Box<registry::ResumeState>),
+    /// Its first run: the job's base model, if the job names one.
+    Fresh(Option<Weights>),
+}
+
 impl TaskIo {
+    /// The state this task saved after its last round if it ran before (the controller
+    /// restarted it), else the job's base model. On resume the saved round's record goes to
+    /// the registry and the control plane again: it may have been lost with the failed run,
+    /// and both keep a record sent twice once.
+    pub async fn start_state(&mut self) -> Result<Start> {
+        let (reg, job, task) =
+            (self.registry.clone(), self.config.job.id.clone(), self.config.task_id.clone());
+        let saved = tokio::task::spawn_blocking(move || reg.load_resume(&job, &task)).await??;
+        let Some(mut state) = saved else {
+            let base = registry::load_base_model(self.registry.clone(), &self.config.base_model);
+            return Ok(Start::Fresh(base.await?));
+        };
+        tracing::warn!(task_id = %self.config.task_id, round = state.round,
+            model_version = state.model_version, "resuming after a restart from the last saved round");
+        if let Some(record) = state.record.take() {
+            let (reg, job, rec) =
+                (self.registry.clone(), self.config.job.id.clone(), record.clone());
+            tokio::task::spawn_blocking(move || reg.append_metrics(&job, &[rec])).await??;
+            self.report(record);
+        }
+        Ok(Start::Resume(Box::new(state)))
+    }
+
     /// Opens the reporter and the registry of `config`, then joins every channel of its role.
     pub async fn open(config: TaskConfig, opts: &RunOptions) -> Result<TaskIo> {
         let reporter = match &config.control_plane {

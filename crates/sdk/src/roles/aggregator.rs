@@ -64,7 +64,7 @@ use crate::protocol::{
     Command, Model, Update, await_parent, await_upload_permit, parent_left, peer_left,
 };
 use crate::registry::ResumeState;
-use crate::role::{Role, RoleCtx, TaskIo};
+use crate::role::{Role, RoleCtx, Start, TaskIo};
 use crate::roles::{Common, RoleKind, tags};
 use crate::{Error, Result, Weights};
 
@@ -324,17 +324,12 @@ impl Acc {
 }
 
 async fn load_state(ctx: &mut AggregatorCtx) -> Result<()> {
-    let (registry, job, task) =
-        (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.io.config.task_id.clone());
-    let saved = ctx.blocking(move || registry.load_resume(&job, &task)).await?;
-    let Some(state) = saved else {
-        if let Some(model) =
-            crate::registry::load_base_model(ctx.io.registry.clone(), &ctx.io.config.base_model)
-                .await?
-        {
-            ctx.global = Some(model);
+    let state = match ctx.io.start_state().await? {
+        Start::Fresh(base) => {
+            ctx.global = base;
+            return Ok(());
         }
-        return Ok(());
+        Start::Resume(state) => *state,
     };
     let optimizer = ctx.optimizer.as_mut().expect("optimizer present between rounds");
     if let Some(server) = state.server {
@@ -349,20 +344,10 @@ async fn load_state(ctx: &mut AggregatorCtx) -> Result<()> {
         };
         dp.restore(rounds, norm).map_err(|e| Error::Privacy(e.to_string()))?;
     }
-    tracing::warn!(task_id = %ctx.io.config.task_id, round = state.round,
-        model_version = state.model_version, "resuming after a restart from the last saved round");
     ctx.round = state.round;
     ctx.model_version = state.model_version;
     ctx.global = Some(state.global);
     ctx.done = ctx.round >= ctx.rounds;
-    if let Some(record) = state.record {
-        // The round's record may not have reached the registry or the control plane before
-        // the failure: sent again, it is kept once by both.
-        let (registry, job, rec) =
-            (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), record.clone());
-        ctx.blocking(move || registry.append_metrics(&job, &[rec])).await?;
-        ctx.io.report(record);
-    }
     Ok(())
 }
 
@@ -745,12 +730,7 @@ async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
                 }
             };
             global.add_scaled(&mean_delta, 1.0)?;
-            let m = &mut ctx.io.metrics;
-            m.set("dp.epsilon", report.epsilon);
-            m.set("dp.delta", report.delta);
-            m.set("dp.noiseStddev", report.noise_stddev);
-            m.set("dp.clippingNorm", report.clipping_norm);
-            m.set("dp.clippedFraction", report.clipped_fraction);
+            ctx.io.metrics.set_privacy(&report);
             global
         }
     };

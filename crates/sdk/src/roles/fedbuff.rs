@@ -71,7 +71,7 @@ use crate::hyper::{self, names};
 use crate::metrics::{GLOBAL, RoundMetrics, TRAINER_MEAN};
 use crate::protocol::{Command, Model, Update, await_parent, parent_left, peer_left};
 use crate::registry::ResumeState;
-use crate::role::{Role, RoleCtx, TaskIo};
+use crate::role::{Role, RoleCtx, Start, TaskIo};
 use crate::roles::trainer::TrainerCtx;
 use crate::roles::{Common, RoleKind, aggregator, tags};
 use crate::{Error, Result, Weights};
@@ -417,34 +417,20 @@ impl AsyncAggregatorCtx {
 /// flight to the failed run are lost: every trainer is idle for the resumed one, gets the
 /// saved model, and an update trained on another model version is rejected.
 async fn load_state(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
-    let (registry, job, task) =
-        (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.io.config.task_id.clone());
-    let saved = tokio::task::spawn_blocking(move || registry.load_resume(&job, &task)).await??;
-    let Some(state) = saved else {
-        if let Some(model) =
-            crate::registry::load_base_model(ctx.io.registry.clone(), &ctx.io.config.base_model)
-                .await?
-        {
-            ctx.global = Some(model);
+    let state = match ctx.io.start_state().await? {
+        Start::Fresh(base) => {
+            ctx.global = base;
+            return Ok(());
         }
-        return Ok(());
+        Start::Resume(state) => *state,
     };
     if let Some(server) = state.server {
         let optimizer = ctx.optimizer.as_mut().expect("optimizer present between steps");
         optimizer.restore_server_state(server, &state.global)?;
     }
-    tracing::warn!(task_id = %ctx.io.config.task_id, model_version = state.model_version,
-        "resuming after a restart from the last saved server step");
     ctx.model_version = state.model_version;
     ctx.global = Some(state.global);
     ctx.done = ctx.model_version >= ctx.rounds;
-    if let Some(record) = state.record {
-        // Sent again in case it was lost with the failed run; kept once by both.
-        let (registry, job, rec) =
-            (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), record.clone());
-        tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[rec])).await??;
-        ctx.io.report(record);
-    }
     Ok(())
 }
 

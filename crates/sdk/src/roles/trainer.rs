@@ -281,11 +281,7 @@ async fn upload_to(ctx: &mut TrainerCtx, aggregator: &TaskId) -> Result<()> {
         let report = dp.privatize(&mut delta).map_err(|e| Error::Privacy(e.to_string()))?;
         weights = received.clone();
         weights.add_scaled(&delta, 1.0)?;
-        let m = &mut ctx.io.metrics;
-        m.set("dp.epsilon", report.epsilon);
-        m.set("dp.delta", report.delta);
-        m.set("dp.noiseStddev", report.noise_stddev);
-        m.set("dp.clippedFraction", report.clipped_fraction);
+        ctx.io.metrics.set_privacy(&report);
     }
     let mut metrics = BTreeMap::new();
     for (k, v) in &ctx.outcome.metrics {
