@@ -1,0 +1,211 @@
+//! The `docker` deployer end to end, on the machine's Docker Engine: `fledge image build` makes
+//! the worker image from the `fledge` binary under test (nothing pulled), `fledge standalone`
+//! listens on the Docker bridge's gateway (so that containers on their job networks reach it)
+//! with compute `default` on the `docker` platform, and `fledgectl run` submits the jobs.
+//!
+//! Covered: the two-tier MNIST example completes in containers with the process deployer's
+//! accuracy and leaves no container or network behind; a worker container killed from outside
+//! is reported failed with its exit status, the job fails, and again nothing is left.
+//!
+//! Skipped, with a message, when no Docker daemon is reachable.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fledge_types::{JobState, TaskState};
+
+use support::{Platform, copy_example, records_of, repo_root};
+
+/// The image the tests build and run (rebuilt each run from the binary under test).
+const IMAGE: &str = "fledge-worker:e2e-test";
+
+/// `docker ARGS` output lines, or `None` when the command fails.
+fn docker(args: &[&str]) -> Option<Vec<String>> {
+    let out = Command::new("docker").args(args).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+}
+
+/// Whether a daemon answers (prints why not).
+fn docker_reachable() -> bool {
+    match docker(&["info", "--format", "{{.ServerVersion}}"]) {
+        Some(_) => true,
+        None => {
+            eprintln!("skipped: no Docker daemon reachable (`docker info` failed)");
+            false
+        }
+    }
+}
+
+/// A standalone platform on the bridge gateway whose compute runs workers in containers.
+fn docker_platform(config_dir: &Path) -> Platform {
+    let out = Command::new(env!("CARGO_BIN_EXE_fledge"))
+        .args(["image", "build", "--tag", IMAGE])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fledge image build failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gateway = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+    ])
+    .and_then(|lines| lines.into_iter().next())
+    .filter(|gateway| !gateway.is_empty())
+    .expect("the default bridge network has a gateway");
+    let data = repo_root().join("examples/data").canonicalize().unwrap();
+    let config = config_dir.join("docker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[deployer]\nplatform = \"docker\"\ndocker_image = \"{IMAGE}\"\n\
+             docker_mounts = [\"{data}:{data}:ro\"]\nworker_cpus = 1.0\n\
+             worker_memory_mib = 2048\n",
+            data = data.display()
+        ),
+    )
+    .unwrap();
+    Platform::start_with(&[
+        "--host".to_owned(),
+        gateway,
+        "--config".to_owned(),
+        config.display().to_string(),
+    ])
+}
+
+/// The names of the containers, and of the networks, labelled with `label`.
+fn leftovers(label: &str) -> (Vec<String>, Vec<String>) {
+    let filter = format!("label={label}");
+    let containers = docker(&["ps", "-a", "--filter", &filter, "--format", "{{.Names}}"]).unwrap();
+    let networks =
+        docker(&["network", "ls", "--filter", &filter, "--format", "{{.Name}}"]).unwrap();
+    (containers, networks)
+}
+
+/// Waits (bounded) until nothing labelled `label` is left; returns what is left at the end.
+fn wait_until_gone(label: &str) -> (Vec<String>, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = leftovers(label);
+        if (left.0.is_empty() && left.1.is_empty()) || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mnist_completes_in_containers_and_leaves_nothing_behind() {
+    if !docker_reachable() {
+        return;
+    }
+    let config = tempfile::tempdir().unwrap();
+    let platform = docker_platform(config.path());
+    let dir = platform.scratch().join("mnist");
+    copy_example("mnist", &dir);
+    let outcome = platform.run_dir(&dir);
+    assert!(outcome.success, "fledgectl run mnist failed:\n{}", outcome.output);
+    let (job, tasks, records) = platform.job(&outcome.job).await;
+    assert_eq!(job.state, JobState::Completed, "{job:?}");
+    assert_eq!(tasks.len(), 5, "4 trainers and 1 aggregator");
+    assert!(tasks.iter().all(|t| t.state == TaskState::Completed), "{tasks:?}");
+    let rounds = records_of(&records, "aggregator");
+    assert_eq!(rounds.len(), 20, "one aggregator record per round");
+    let accuracy = rounds[19].metrics["global.accuracy"];
+    // The process deployer's bound for the same job (tests/platform.rs).
+    assert!(accuracy > 0.9, "two-tier accuracy after 20 rounds in containers: {accuracy}");
+    eprintln!("docker deployer: mnist two-tier accuracy {accuracy:.4}");
+
+    // The workers really ran in containers: their output is in the usual log file.
+    let work = platform.data_dir().join("work").join(job.id.as_str());
+    let trainer = tasks.iter().find(|t| t.role == "trainer").unwrap();
+    let log =
+        std::fs::read_to_string(work.join(trainer.task_id.as_str()).join("fledgelet.log")).unwrap();
+    assert!(!log.is_empty(), "the container's output is copied into fledgelet.log");
+    // No key file outlives its container.
+    let keys: Vec<_> =
+        std::fs::read_dir(work.join(".keys")).map(|d| d.collect()).unwrap_or_default();
+    assert!(keys.is_empty(), "key files left: {keys:?}");
+
+    let left = wait_until_gone(&format!("fledge.job={}", job.id));
+    assert_eq!(left, (Vec::new(), Vec::new()), "containers and networks of the job left");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_container_is_reported_failed() {
+    if !docker_reachable() {
+        return;
+    }
+    let config = tempfile::tempdir().unwrap();
+    let platform = docker_platform(config.path());
+    // Enough rounds that the job is still running when a trainer is killed.
+    let dir = platform.scratch().join("long");
+    copy_example("mnist", &dir);
+    let spec = dir.join("modelSpec.json");
+    let text =
+        std::fs::read_to_string(&spec).unwrap().replace("\"rounds\": 20", "\"rounds\": 5000");
+    std::fs::write(&spec, text).unwrap();
+    let job_json = dir.join("job.json");
+    let text = std::fs::read_to_string(&job_json)
+        .unwrap()
+        .replace("\"designId\": \"mnist\"", "\"designId\": \"mnist-killed\"");
+    std::fs::write(&job_json, text).unwrap();
+
+    let owner = format!("fledge.owner={}", platform.data_dir().join("work").display());
+    let outcome = std::thread::scope(|scope| {
+        let run = scope.spawn(|| platform.run_dir(&dir));
+        // Kill the first trainer container that runs (bounded wait).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let victim = loop {
+            let owner_filter = format!("label={owner}");
+            let running = docker(&[
+                "ps",
+                "--filter",
+                &owner_filter,
+                "--filter",
+                "label=fledge.role=trainer",
+                "--format",
+                "{{.Names}}",
+            ])
+            .unwrap();
+            if let Some(name) = running.into_iter().next() {
+                break name;
+            }
+            assert!(Instant::now() < deadline, "no trainer container came up");
+            assert!(!run.is_finished(), "the job ended before a trainer ran");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let task =
+            docker(&["inspect", "--format", "{{index .Config.Labels \"fledge.task\"}}", &victim])
+                .and_then(|lines| lines.into_iter().next())
+                .expect("the container names its task");
+        assert!(docker(&["kill", &victim]).is_some(), "docker kill {victim}");
+        (run.join().unwrap(), task)
+    });
+    let (outcome, killed_task) = outcome;
+    assert!(!outcome.success, "a job with a killed worker does not succeed:\n{}", outcome.output);
+    let (job, tasks, _) = platform.job(&outcome.job).await;
+    assert_eq!(job.state, JobState::Failed, "{job:?}");
+    let killed = tasks.iter().find(|t| t.task_id.as_str() == killed_task).unwrap();
+    assert_eq!(killed.state, TaskState::Failed, "{killed:?}");
+    assert!(
+        killed.log.contains("exit code 137 (SIGKILL)"),
+        "the failure names the exit status: {killed:?}"
+    );
+
+    let left = wait_until_gone(&format!("fledge.job={}", job.id));
+    assert_eq!(left, (Vec::new(), Vec::new()), "containers and networks of the job left");
+}
