@@ -56,16 +56,7 @@ fn docker_platform(config_dir: &Path) -> Platform {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let gateway = docker(&[
-        "network",
-        "inspect",
-        "bridge",
-        "--format",
-        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
-    ])
-    .and_then(|lines| lines.into_iter().next())
-    .filter(|gateway| !gateway.is_empty())
-    .expect("the default bridge network has a gateway");
+    let gateway = bridge_gateway();
     let data = repo_root().join("examples/data").canonicalize().unwrap();
     let config = config_dir.join("docker.toml");
     std::fs::write(
@@ -84,6 +75,40 @@ fn docker_platform(config_dir: &Path) -> Platform {
         "--config".to_owned(),
         config.display().to_string(),
     ])
+}
+
+/// The address of the host on Docker's default bridge: its IPAM gateway when the engine
+/// records one, else the bridge interface's address (`docker0`).
+fn bridge_gateway() -> String {
+    let first = |lines: Option<Vec<String>>| {
+        lines.and_then(|lines| lines.into_iter().next()).filter(|line| !line.trim().is_empty())
+    };
+    if let Some(gateway) = first(docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+    ])) {
+        return gateway.trim().to_owned();
+    }
+    let interface = first(docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{index .Options \"com.docker.network.bridge.name\"}}",
+    ]))
+    .unwrap_or_else(|| "docker0".to_owned());
+    let out = Command::new("ip").args(["-4", "-o", "addr", "show", interface.trim()]).output();
+    let text = out.map(|out| String::from_utf8_lossy(&out.stdout).into_owned()).unwrap_or_default();
+    // `4: docker0    inet 172.17.0.1/16 brd ...`
+    text.split_whitespace()
+        .skip_while(|word| *word != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no address of the Docker bridge {interface}: {text}"))
 }
 
 /// The names of the containers, and of the networks, labelled with `label`.

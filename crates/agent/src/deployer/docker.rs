@@ -667,11 +667,14 @@ fn bytes_of(data: Vec<u8>) -> bytes::Bytes {
     bytes::Bytes::from(data)
 }
 
+/// Where Debian-like systems keep the CA bundle (copied into the image when present).
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 /// The Dockerfile of the worker image.
 const DOCKERFILE: &str = "FROM scratch\nCOPY rootfs/ /\nLABEL fledge.image=worker\nENTRYPOINT [\"/usr/local/bin/fledge\"]\n";
 
 /// The build context: the Dockerfile and `rootfs/` with the executable, its libraries (at the
-/// paths the dynamic loader looks for them) and an empty `/tmp`.
+/// paths the dynamic loader looks for them), the host's CA bundle and an empty `/tmp`.
 fn build_context(exe: &Path) -> Result<Vec<u8>, String> {
     let out = std::process::Command::new("ldd").arg(exe).output().map_err(|err| {
         format!("cannot run ldd to list the libraries of {}: {err}", exe.display())
@@ -709,6 +712,12 @@ fn build_context(exe: &Path) -> Result<Vec<u8>, String> {
         let data = std::fs::read(library).map_err(|err| io(library, err))?;
         add(&format!("rootfs{}", library.display()), 0o755, &data)
             .map_err(|err| io(library, err))?;
+    }
+    // The host's CA bundle, if any: the system roots for a control plane whose certificate a
+    // public CA signed (and rustls' native-roots loader wants at least one).
+    let bundle = Path::new(CA_BUNDLE);
+    if let Ok(data) = std::fs::read(bundle) {
+        add(&format!("rootfs{CA_BUNDLE}"), 0o644, &data).map_err(|err| io(bundle, err))?;
     }
     let mut header = tar::Header::new_gnu();
     header.set_size(0);
