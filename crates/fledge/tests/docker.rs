@@ -5,7 +5,8 @@
 //!
 //! Covered: the two-tier MNIST example completes in containers with the process deployer's
 //! accuracy and leaves no container or network behind; a worker container killed from outside
-//! is reported failed with its exit status, the job fails, and again nothing is left.
+//! is reported failed with its exit status, and stopping the job then revokes the other workers
+//! and again leaves nothing.
 //!
 //! Skipped, with a message, when no Docker daemon is reachable.
 
@@ -170,13 +171,13 @@ async fn mnist_completes_in_containers_and_leaves_nothing_behind() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_killed_worker_container_is_reported_failed() {
+async fn a_killed_worker_container_is_reported_failed_and_stop_removes_the_rest() {
     if !docker_reachable() {
         return;
     }
     let config = tempfile::tempdir().unwrap();
     let platform = docker_platform(config.path());
-    // Enough rounds that the job is still running when a trainer is killed.
+    // Enough rounds that the job still runs when a trainer is killed and when it is stopped.
     let dir = platform.scratch().join("long");
     copy_example("mnist", &dir);
     let spec = dir.join("modelSpec.json");
@@ -188,49 +189,69 @@ async fn a_killed_worker_container_is_reported_failed() {
         .unwrap()
         .replace("\"designId\": \"mnist\"", "\"designId\": \"mnist-killed\"");
     std::fs::write(&job_json, text).unwrap();
+    let mut run = platform
+        .fledgectl()
+        .arg("run")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
 
-    let owner = format!("fledge.owner={}", platform.data_dir().join("work").display());
-    let outcome = std::thread::scope(|scope| {
-        let run = scope.spawn(|| platform.run_dir(&dir));
-        // Kill the first trainer container that runs (bounded wait).
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let victim = loop {
-            let owner_filter = format!("label={owner}");
-            let running = docker(&[
-                "ps",
-                "--filter",
-                &owner_filter,
-                "--filter",
-                "label=fledge.role=trainer",
-                "--format",
-                "{{.Names}}",
-            ])
-            .unwrap();
-            if let Some(name) = running.into_iter().next() {
-                break name;
-            }
-            assert!(Instant::now() < deadline, "no trainer container came up");
-            assert!(!run.is_finished(), "the job ended before a trainer ran");
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let task =
-            docker(&["inspect", "--format", "{{index .Config.Labels \"fledge.task\"}}", &victim])
-                .and_then(|lines| lines.into_iter().next())
-                .expect("the container names its task");
-        assert!(docker(&["kill", &victim]).is_some(), "docker kill {victim}");
-        (run.join().unwrap(), task)
-    });
-    let (outcome, killed_task) = outcome;
-    assert!(!outcome.success, "a job with a killed worker does not succeed:\n{}", outcome.output);
-    let (job, tasks, _) = platform.job(&outcome.job).await;
-    assert_eq!(job.state, JobState::Failed, "{job:?}");
-    let killed = tasks.iter().find(|t| t.task_id.as_str() == killed_task).unwrap();
+    // Once all five workers run, kill one trainer's container from outside (bounded wait).
+    let owner = format!("label=fledge.owner={}", platform.data_dir().join("work").display());
+    let running = |role: &str| {
+        let role = format!("label=fledge.role={role}");
+        docker(&["ps", "--filter", &owner, "--filter", &role, "--format", "{{.Names}}"]).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim = loop {
+        let trainers = running("trainer");
+        if trainers.len() == 4 && running("aggregator").len() == 1 {
+            break trainers[0].clone();
+        }
+        assert!(Instant::now() < deadline, "the job's five containers did not come up");
+        assert!(run.try_wait().unwrap().is_none(), "fledgectl run ended before the job ran");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let label = |key: &str| {
+        docker(&[
+            "inspect",
+            "--format",
+            &format!("{{{{index .Config.Labels \"{key}\"}}}}"),
+            &victim,
+        ])
+        .and_then(|lines| lines.into_iter().next())
+        .unwrap()
+    };
+    let (job_id, task_id) = (fledge_types::JobId::new(label("fledge.job")), label("fledge.task"));
+    assert!(docker(&["kill", &victim]).is_some(), "docker kill {victim}");
+
+    // The deployer reports it failed, with the exit status.
+    let client = platform.client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let killed = loop {
+        let task = client.get_task(&job_id, &task_id.as_str().into()).await.unwrap();
+        if task.state.is_final() || Instant::now() > deadline {
+            break task;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(killed.state, TaskState::Failed, "{killed:?}");
     assert!(
         killed.log.contains("exit code 137 (SIGKILL)"),
         "the failure names the exit status: {killed:?}"
     );
 
-    let left = wait_until_gone(&format!("fledge.job={}", job.id));
+    // Stopping the job revokes the other workers: their containers and the job's network go.
+    client.stop_job(&job_id).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while run.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "fledgectl run did not end after the stop");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let job = client.get_job(&job_id).await.unwrap();
+    assert!(job.state.is_final() && job.state != JobState::Completed, "{job:?}");
+    let left = wait_until_gone(&format!("fledge.job={job_id}"));
     assert_eq!(left, (Vec::new(), Vec::new()), "containers and networks of the job left");
 }
