@@ -17,6 +17,10 @@
 //!   and a deployer started again on the same work root re-adopts the workers still running
 //!   (`adopt`), so a `kill -9` of `fledge standalone` costs no job.
 //!
+//! With [`DeployerOptions::docker`] the same rules run workers as containers on the local
+//! Docker Engine instead ([`docker`]): one per task, removed when it ends, a network per job,
+//! and no re-adoption (a docker deployer removes what a crashed run left when it starts).
+//!
 //! The rules live in a pure state machine (`plan::Plan::step`: inputs in, effects out); the
 //! event loop here only does the I/O. Reports go out in order through one background reporter that retries while the control
 //! plane is unavailable, so the event loop never waits on the network.
