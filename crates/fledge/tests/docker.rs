@@ -155,19 +155,18 @@ async fn mnist_completes_in_containers_and_leaves_nothing_behind() {
     assert!(accuracy > 0.9, "two-tier accuracy after 20 rounds in containers: {accuracy}");
     eprintln!("docker deployer: mnist two-tier accuracy {accuracy:.4}");
 
+    let left = wait_until_gone(&format!("fledge.job={}", job.id));
+    assert_eq!(left, (Vec::new(), Vec::new()), "containers and networks of the job left");
     // The workers really ran in containers: their output is in the usual log file.
     let work = platform.data_dir().join("work").join(job.id.as_str());
     let trainer = tasks.iter().find(|t| t.role == "trainer").unwrap();
     let log =
         std::fs::read_to_string(work.join(trainer.task_id.as_str()).join("fledgelet.log")).unwrap();
     assert!(!log.is_empty(), "the container's output is copied into fledgelet.log");
-    // No key file outlives its container.
+    // No key file outlives its container (each goes before its job's network does).
     let keys: Vec<_> =
         std::fs::read_dir(work.join(".keys")).map(|d| d.collect()).unwrap_or_default();
     assert!(keys.is_empty(), "key files left: {keys:?}");
-
-    let left = wait_until_gone(&format!("fledge.job={}", job.id));
-    assert_eq!(left, (Vec::new(), Vec::new()), "containers and networks of the job left");
 }
 
 #[tokio::test(flavor = "multi_thread")]
