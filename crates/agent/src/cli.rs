@@ -63,10 +63,21 @@ pub struct FledgeletArgs {
     /// The task to run.
     #[arg(long, env = "FLEDGE_TASK_ID")]
     pub task_id: String,
-    /// The task's key (authenticates this agent; prefer the environment variable).
-    #[arg(long, env = "FLEDGE_TASK_KEY", hide_env_values = true)]
+    /// The task's key (authenticates this agent; prefer the environment variable or
+    /// --task-key-file).
+    #[arg(
+        long,
+        env = "FLEDGE_TASK_KEY",
+        hide_env_values = true,
+        required_unless_present = "task_key_file",
+        conflicts_with = "task_key_file"
+    )]
     #[serde(skip_serializing)]
-    pub task_key: String,
+    pub task_key: Option<String>,
+    /// A file holding the task's key (e.g. a secret a container runtime mounts); read once at
+    /// start, surrounding whitespace ignored.
+    #[arg(long, env = "FLEDGE_TASK_KEY_FILE")]
+    pub task_key_file: Option<PathBuf>,
     /// The task's job [default: as the apiserver says].
     #[arg(long, env = "FLEDGE_JOB_ID")]
     pub job_id: Option<String>,
@@ -115,7 +126,48 @@ fn seconds(text: &str) -> Result<f64, String> {
     Ok(value)
 }
 
+/// Largest task key file accepted (keys are a few dozen bytes).
+const MAX_TASK_KEY_FILE_BYTES: u64 = 4096;
+
 impl FledgeletArgs {
+    /// The task key: `--task-key`, or the contents of `--task-key-file` (which then also fills
+    /// `task_key`). A missing, oversized, non-UTF-8 or blank file is an error naming the file.
+    pub fn resolve_task_key(&mut self) -> Result<String, Error> {
+        if let Some(key) = &self.task_key {
+            return Ok(key.clone());
+        }
+        let task = TaskId::new(self.task_id.clone());
+        let Some(path) = &self.task_key_file else {
+            return Err(Error::Join {
+                task,
+                reason: "no --task-key or --task-key-file".to_owned(),
+            });
+        };
+        let bad = |why: String| Error::Join {
+            task: task.clone(),
+            reason: format!("--task-key-file {}: {why}", path.display()),
+        };
+        let mut text = String::new();
+        let file = std::fs::File::open(path).map_err(|err| bad(err.to_string()))?;
+        let read = std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, MAX_TASK_KEY_FILE_BYTES + 1),
+            &mut text,
+        )
+        .map_err(|err| bad(err.to_string()))?;
+        if read as u64 > MAX_TASK_KEY_FILE_BYTES {
+            return Err(bad(format!("larger than {MAX_TASK_KEY_FILE_BYTES} bytes")));
+        }
+        let key = text.trim();
+        if key.is_empty() {
+            return Err(bad("empty".to_owned()));
+        }
+        if key.chars().any(char::is_whitespace) {
+            return Err(bad("a key has no whitespace inside".to_owned()));
+        }
+        self.task_key = Some(key.to_owned());
+        Ok(key.to_owned())
+    }
+
     /// The effective configuration as TOML, without the task key (for `--dump-config`).
     pub fn dump(&self) -> String {
         toml::to_string(self).expect("flags always serialize to TOML")
@@ -129,7 +181,7 @@ impl FledgeletArgs {
         };
         let env = TaskEnv {
             task_id: TaskId::new(self.task_id.clone()),
-            task_key: self.task_key.clone(),
+            task_key: self.task_key.clone().unwrap_or_default(),
             job_id,
             apiserver: self.apiserver.clone(),
             ca_pem: None,
@@ -158,10 +210,11 @@ impl FledgeletArgs {
 /// The agent first joins (`GET /tasks/{taskId}`): a wrong key fails here, before anything
 /// waits (a participant-run task takes only the key its job's owner minted with `fledgectl job
 /// join`); the job id and the notifier URL come from the apiserver unless given.
-pub async fn run(args: FledgeletArgs, shutdown: CancellationToken) -> Result<Outcome, Error> {
+pub async fn run(mut args: FledgeletArgs, shutdown: CancellationToken) -> Result<Outcome, Error> {
     let task_id = TaskId::new(args.task_id.clone());
+    let task_key = args.resolve_task_key()?;
     let ca = trusted_ca(&args).await?;
-    let client = fledge_client::TaskClient::new(&args.apiserver, task_id.clone(), &args.task_key)
+    let client = fledge_client::TaskClient::new(&args.apiserver, task_id.clone(), &task_key)
         .and_then(|client| client.with_ca(ca.as_ref()))
         .map_err(Error::Client)?;
     let join_backoff =
@@ -211,7 +264,7 @@ pub async fn run(args: FledgeletArgs, shutdown: CancellationToken) -> Result<Out
     opts.task.ca_pem = ca.as_ref().map(|ca| ca.pem().to_owned());
     let api: Arc<dyn TaskApi> = Arc::new(client);
     let events =
-        fledge_client::subscribe_task(&notifier, ca.as_ref(), &job_id, &task_id, &args.task_key);
+        fledge_client::subscribe_task(&notifier, ca.as_ref(), &job_id, &task_id, &task_key);
     let span = tracing::info_span!("task", %job_id, %task_id);
     let outcome = fledgelet::run(&opts, api, events, shutdown).instrument(span).await;
     tracing::info!(state = %outcome.state, reported = outcome.reported, "fledgelet done");
@@ -355,6 +408,43 @@ mod tests {
             "{dump}"
         );
         assert!(!dump.contains("task-key"), "{dump}");
+    }
+
+    #[test]
+    fn the_key_comes_from_a_file_when_asked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key");
+        std::fs::write(&path, "s3cret\n").expect("write key");
+        let mut argv: Vec<&str> =
+            REQUIRED.iter().copied().filter(|a| *a != "--task-key" && *a != "k").collect();
+        let file = path.to_str().expect("utf-8 path");
+        argv.extend(["--task-key-file", file]);
+        let mut args = Cli::try_parse_from(&argv).expect("a key file suffices").args;
+        assert_eq!(args.resolve_task_key().expect("readable"), "s3cret");
+        assert_eq!(args.supervisor_options(JobId::new("j1")).task.task_key, "s3cret");
+
+        for (content, why) in [("  \n", "empty"), ("a b", "whitespace")] {
+            std::fs::write(&path, content).expect("write");
+            let mut args = Cli::try_parse_from(&argv).expect("flags").args;
+            let err = args.resolve_task_key().expect_err(why).to_string();
+            assert!(err.contains("--task-key-file") && err.contains(why), "{err}");
+        }
+        std::fs::write(&path, "k".repeat(5000)).expect("write");
+        let err = Cli::try_parse_from(&argv).expect("flags").args.resolve_task_key();
+        assert!(err.expect_err("too big").to_string().contains("larger than"));
+        let missing = dir.path().join("nope");
+        let mut argv2 = argv.clone();
+        let last = argv2.len() - 1;
+        let missing = missing.to_str().expect("utf-8 path").to_owned();
+        argv2[last] = &missing;
+        let err = Cli::try_parse_from(&argv2).expect("flags").args.resolve_task_key();
+        assert!(err.expect_err("missing").to_string().contains("nope"));
+
+        let mut both = REQUIRED.to_vec();
+        both.extend(["--task-key-file", file]);
+        assert!(Cli::try_parse_from(both).is_err(), "a key and a key file conflict");
+        let neither: Vec<&str> = argv[..argv.len() - 2].to_vec();
+        assert!(Cli::try_parse_from(neither).is_err(), "a key is required");
     }
 
     #[test]

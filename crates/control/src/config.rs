@@ -204,7 +204,7 @@ pub struct NotifierSection {
 }
 
 /// The compute-side deployer run by `fledge serve --services deployer`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeployerSection {
     /// The compute this deployer serves. Default `default`.
@@ -230,6 +230,27 @@ pub struct DeployerSection {
     pub ca_file: Option<PathBuf>,
     /// Most workers running at once; more wait in a queue. Default 64.
     pub max_workers: usize,
+    /// Where workers run: `process` (child processes, the default) or `docker` (one container
+    /// per task on the local Docker Engine; see `docs/deployers.md`).
+    pub platform: fledge_types::Platform,
+    /// Docker: the worker image (build it with `fledge image build`). Default
+    /// `fledge-worker:latest`.
+    pub docker_image: String,
+    /// Docker: the daemon's socket. Default `/var/run/docker.sock`.
+    pub docker_socket: PathBuf,
+    /// Docker: `job` (a bridge network per job; the control plane must listen where
+    /// containers reach it) or `host` (the host's network, e.g. for a loopback control plane).
+    /// Default `job`.
+    pub docker_network: String,
+    /// Docker: extra bind mounts for every worker, `HOST:CONTAINER[:ro|:rw]` (datasets named
+    /// by `file://` URLs must be mounted where the URL points). Default none.
+    pub docker_mounts: Vec<String>,
+    /// Docker: CPUs per worker (e.g. 1.5); 0 leaves it unlimited. Default 0.
+    pub worker_cpus: f64,
+    /// Docker: memory per worker in MiB (no swap beyond it); 0 leaves it unlimited. Default 0.
+    pub worker_memory_mib: u64,
+    /// Docker: most processes per worker; 0 leaves it unlimited. Default 1024.
+    pub worker_pids: i64,
 }
 
 impl Default for DeployerSection {
@@ -242,6 +263,14 @@ impl Default for DeployerSection {
             work_root: None,
             ca_file: None,
             max_workers: 64,
+            platform: fledge_types::Platform::Process,
+            docker_image: "fledge-worker:latest".to_owned(),
+            docker_socket: PathBuf::from("/var/run/docker.sock"),
+            docker_network: "job".to_owned(),
+            docker_mounts: Vec::new(),
+            worker_cpus: 0.0,
+            worker_memory_mib: 0,
+            worker_pids: 1024,
         }
     }
 }

@@ -7,7 +7,8 @@
 //! - `fledge quickstart` runs a real two-tier MNIST job end to end on `standalone`;
 //! - `fledge run-task CONFIG` runs one task's built-in role (aggregators, reference trainers);
 //! - `fledge roles [-o json]` lists the built-in roles;
-//! - `fledge bench ...` prints the performance table.
+//! - `fledge bench ...` prints the performance table;
+//! - `fledge image build` builds the `docker` deployer's worker image from this executable.
 //!
 //! Each subcommand lives in `commands/<name>.rs`; this file only parses and dispatches.
 
@@ -45,6 +46,8 @@ enum Command {
     Roles(commands::roles::Args),
     /// Measure performance against bounds measured in the same run and print a table.
     Bench(commands::bench::Args),
+    /// Build container images (`image build`: the Docker deployer's worker image).
+    Image(commands::image::Args),
 }
 
 /// Pins glibc's mmap threshold at 1 MiB.
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
             Command::RunTask(args) => commands::run_task::run(args).await,
             Command::Roles(args) => commands::roles::run(args).await,
             Command::Bench(args) => commands::bench::run(args).await,
+            Command::Image(args) => commands::image::run(args).await,
         }
     });
     match result {

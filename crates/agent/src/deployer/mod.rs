@@ -17,6 +17,10 @@
 //!   and a deployer started again on the same work root re-adopts the workers still running
 //!   (`adopt`), so a `kill -9` of `fledge standalone` costs no job.
 //!
+//! With [`DeployerOptions::docker`] the same rules run workers as containers on the local
+//! Docker Engine instead ([`docker`]): one per task, removed when it ends, a network per job,
+//! and no re-adoption (a docker deployer removes what a crashed run left when it starts).
+//!
 //! The rules live in a pure state machine (`plan::Plan::step`: inputs in, effects out); the
 //! event loop here only does the I/O. Reports go out in order through one background reporter that retries while the control
 //! plane is unavailable, so the event loop never waits on the network.
@@ -43,8 +47,10 @@ use crate::process;
 use crate::supervisor::{REPORTED_MARKER, chain};
 
 mod adopt;
+pub mod docker;
 mod plan;
 
+use docker::{DockerOptions, DockerRuntime};
 use plan::{Effect, Ended, Input, Pending, Plan};
 
 /// Name of the file, in a worker's work dir, holding the fledgelet's own output.
@@ -70,6 +76,9 @@ pub enum Error {
     /// The notifier subscription closed without a reason.
     #[error("the deployer's notifier subscription closed")]
     SubscriptionClosed,
+    /// The Docker Engine of a `docker` deployer cannot be used.
+    #[error("{0}")]
+    Docker(String),
 }
 
 /// Result of this module.
@@ -112,6 +121,10 @@ pub struct DeployerOptions {
     pub fledgelet_args: Vec<String>,
     /// Extra environment for every fledgelet.
     pub fledgelet_env: Vec<(String, String)>,
+    /// Run each worker in a container on the local Docker Engine instead of as a child process
+    /// (see [`docker`]); `fledgelet_bin`, its prefix arguments and `fledge_bin` are then the
+    /// image's. Default none.
+    pub docker: Option<DockerOptions>,
 }
 
 impl DeployerOptions {
@@ -140,6 +153,7 @@ impl DeployerOptions {
             fledgelet_prefix_args: Vec::new(),
             fledgelet_args: Vec::new(),
             fledgelet_env: Vec::new(),
+            docker: None,
         }
     }
 
@@ -188,8 +202,15 @@ impl DeployerOptions {
         if self.notifier.is_empty() {
             return invalid("notifier", "must not be empty");
         }
-        if self.fledgelet_bin.as_os_str().is_empty() {
+        if self.fledgelet_bin.as_os_str().is_empty() && self.docker.is_none() {
             return invalid("fledgelet_bin", "must not be empty");
+        }
+        if let Some(docker) = &self.docker {
+            if let Err((option, message)) = docker.validate() {
+                return invalid(option, &message);
+            }
+            check_path_segment(self.compute_id.as_str())
+                .or_else(|why| invalid("compute_id", why))?;
         }
         Ok(())
     }
@@ -241,6 +262,8 @@ struct Runtime {
     workers: HashMap<TaskId, CancellationToken>,
     waiters: JoinSet<Exit>,
     reports: mpsc::UnboundedSender<Report>,
+    /// The Docker Engine, for a `docker` deployer.
+    docker: Option<DockerRuntime>,
 }
 
 impl Deployer {
@@ -265,14 +288,28 @@ impl Deployer {
         shutdown: CancellationToken,
     ) -> Result<()> {
         let compute = self.opts.compute_id.clone();
-        tracing::info!(%compute, max_workers = self.opts.max_workers, "deployer running");
+        // A docker deployer connects first (and clears what an earlier run left behind).
+        let docker = match &self.opts.docker {
+            Some(opts) => Some(
+                DockerRuntime::connect(opts.clone(), compute.clone(), &self.opts.work_root)
+                    .await
+                    .map_err(Error::Docker)?,
+            ),
+            None => None,
+        };
+        let platform = if docker.is_some() { "docker" } else { "process" };
+        tracing::info!(%compute, platform, max_workers = self.opts.max_workers, "deployer running");
         // Unbounded: at most a few reports per task, and the loop must never wait on the network.
         let (reports, report_rx) = mpsc::unbounded_channel();
         let reporter =
             tokio::spawn(report_loop(self.api.clone(), report_rx, self.opts.report_backoff));
         let mut plan = Plan::new(self.opts.max_workers);
-        let mut rt = Runtime { workers: HashMap::new(), waiters: JoinSet::new(), reports };
-        self.adopt(&mut plan, &mut rt);
+        let mut rt = Runtime { workers: HashMap::new(), waiters: JoinSet::new(), reports, docker };
+        if rt.docker.is_none() {
+            // Process workers outlive a crashed deployer and are re-adopted; a docker
+            // deployer removed what a crashed run left when it connected.
+            self.adopt(&mut plan, &mut rt);
+        }
         let res = loop {
             let input = tokio::select! {
                 event = events.next() => match event {
@@ -286,6 +323,9 @@ impl Deployer {
                 Some(joined) = rt.waiters.join_next(), if !rt.waiters.is_empty() => match joined {
                     Ok(exit) => {
                         rt.workers.remove(&exit.task);
+                        if let Some(docker) = &mut rt.docker {
+                            docker.ended(&exit.job).await;
+                        }
                         log_exit(&exit);
                         Input::Exited { job: exit.job, task: exit.task, ended: exit.ended }
                     }
@@ -308,6 +348,10 @@ impl Deployer {
             if let Ok(exit) = joined {
                 tracing::info!(task = %exit.task, "worker stopped");
             }
+        }
+        if let Some(docker) = &rt.docker {
+            // Job networks, and anything a failed removal left.
+            docker.remove_all().await;
         }
         drop(rt);
         // Give queued reports a moment to go out, but do not hang shutdown on a dead server.
@@ -417,6 +461,9 @@ impl Deployer {
         .await;
         let log_file = prepared
             .map_err(|err| format!("cannot prepare work dir {}: {err}", work_dir.display()))?;
+        if rt.docker.is_some() {
+            return self.start_container(rt, pending, work_dir, log_file).await;
+        }
         let stderr = match log_file.try_clone() {
             Ok(file) => Stdio::from(file),
             Err(_) => Stdio::null(),
@@ -487,6 +534,46 @@ impl Deployer {
     }
 }
 
+impl Deployer {
+    /// Starts the task's container and its watcher.
+    async fn start_container(
+        &self,
+        rt: &mut Runtime,
+        pending: &Pending,
+        work_dir: PathBuf,
+        log_file: std::fs::File,
+    ) -> Result<(), String> {
+        let Some(docker) = rt.docker.as_mut() else {
+            return Err("no Docker Engine".to_owned());
+        };
+        let job = pending.job.clone();
+        let task = pending.task_id();
+        let launch = docker::Launch {
+            job: &job,
+            task: &task,
+            role: &pending.task.role,
+            task_key: &pending.task.task_key,
+            apiserver: &pending.apiserver,
+            notifier: &pending.notifier,
+            work_dir: &work_dir,
+            ca_file: self.opts.ca_file.as_deref(),
+            fledgelet_args: &self.opts.fledgelet_args,
+            fledgelet_env: &self.opts.fledgelet_env,
+        };
+        let started = docker.start(&launch).await?;
+        tracing::info!(%job, %task, container = started.name, role = %pending.task.role, "worker container started");
+        let kill = CancellationToken::new();
+        let grace = self.opts.stop_grace;
+        let token = kill.clone();
+        rt.waiters.spawn(async move {
+            let (status, killed) = docker::watch(started, token, grace, log_file).await;
+            finish(job, task, &work_dir, status, killed).await
+        });
+        rt.workers.insert(pending.task_id(), kill);
+        Ok(())
+    }
+}
+
 fn log_exit(exit: &Exit) {
     let (job, task, ended) = (&exit.job, &exit.task, &exit.ended);
     if ended.killed {
@@ -516,15 +603,20 @@ async fn watch(
         // The fledgelet is gone; so must be anything left in its group.
         let _ = process::signal_group_id(pid, nix::sys::signal::Signal::SIGKILL);
     }
+    let status = match status {
+        Ok(status) => process::describe(status),
+        Err(err) => format!("an unknown status ({err})"),
+    };
+    finish(job, task, &work_dir, status, killed).await
+}
+
+/// How a worker ended, from its exit status and its work dir (the final-state marker, the log).
+async fn finish(job: JobId, task: TaskId, work_dir: &Path, status: String, killed: bool) -> Exit {
     let reported = tokio::fs::try_exists(work_dir.join(REPORTED_MARKER)).await.unwrap_or(false);
     let log_tail = if reported || killed {
         String::new()
     } else {
         read_tail(&work_dir.join(WORKER_LOG_FILE)).await
-    };
-    let status = match status {
-        Ok(status) => process::describe(status),
-        Err(err) => format!("an unknown status ({err})"),
     };
     Exit { job, task, ended: Ended { status, reported, killed, log_tail } }
 }

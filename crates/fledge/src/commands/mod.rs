@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod fledgelet;
+pub mod image;
 pub mod privacy_bench;
 pub mod quickstart;
 pub mod roles;

@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
+use fledge_agent::deployer::docker::DockerOptions;
 use fledge_agent::deployer::{Deployer, DeployerOptions};
 use fledge_control::config::{DeployerSection, Options, ServiceKind};
 use fledge_control::controller::Endpoints;
 use fledge_control::service;
-use fledge_types::ComputeId;
+use fledge_types::{ComputeId, Platform};
 
 use super::UsageError;
 
@@ -98,7 +99,7 @@ pub fn load_options(
         .map_err(|err| anyhow::Error::new(UsageError(format!("{:#}", anyhow::Error::new(err)))))
 }
 
-/// Builds the `process` deployer described by `section`. URLs it leaves unset come from
+/// Builds the deployer described by `section` (`process` or `docker`). URLs it leaves unset come from
 /// `local` (the services of this process); workers' data goes under `<data_dir>/work` unless
 /// `section.work_root` says otherwise. Workers get this executable as `FLEDGE_BIN`, and the
 /// CA of `section.ca_file` (else `local_ca`, this process's) to trust.
@@ -134,12 +135,52 @@ pub fn build_deployer(
     options.max_workers = section.max_workers;
     options.ca_file = section.ca_file.clone().or_else(|| local_ca.map(Path::to_path_buf));
     options.fledge_bin = std::env::current_exe().ok();
+    options.docker = docker_options(section)?;
+    let platform = if options.docker.is_some() { "docker" } else { "process" };
     tracing::info!(
         compute_id = %section.compute_id,
+        platform,
         fledgelet = %options.fledgelet_bin.display(),
-        "process deployer starting"
+        "deployer starting"
     );
-    options.build().context("cannot build the process deployer")
+    options.build().map_err(|err| match err {
+        fledge_agent::deployer::Error::InvalidOption { .. } => {
+            anyhow::Error::new(UsageError(format!("deployer: {err}")))
+        }
+        err => anyhow::Error::new(err).context("cannot build the deployer"),
+    })
+}
+
+/// The Docker options of a `docker` deployer section (`None` for `process`).
+fn docker_options(section: &DeployerSection) -> anyhow::Result<Option<DockerOptions>> {
+    match section.platform {
+        Platform::Process => Ok(None),
+        Platform::Docker => {
+            let network = section
+                .docker_network
+                .parse()
+                .map_err(|err| UsageError(format!("deployer.docker_network: {err}")))?;
+            let memory_bytes = section
+                .worker_memory_mib
+                .checked_mul(1024 * 1024)
+                .ok_or_else(|| UsageError("deployer.worker_memory_mib: too large".to_owned()))?;
+            Ok(Some(DockerOptions {
+                socket: section.docker_socket.clone(),
+                image: section.docker_image.clone(),
+                network,
+                mounts: section.docker_mounts.clone(),
+                cpus: section.worker_cpus,
+                memory_bytes,
+                pids: section.worker_pids,
+                user: None,
+            }))
+        }
+        Platform::K8s => Err(UsageError(
+            "deployer.platform: there is no Kubernetes deployer yet (use process or docker)"
+                .to_owned(),
+        )
+        .into()),
+    }
 }
 
 /// Runs the subcommand.

@@ -38,6 +38,11 @@ pub struct Args {
     /// 0 picks free ports.
     #[arg(long, value_name = "N", default_value_t = 10100)]
     pub port: u16,
+    /// Address every listener binds. Loopback by default; the Docker bridge's gateway (e.g.
+    /// 172.17.0.1) lets workers in containers on their job networks reach the control plane
+    /// and the broker (see `docs/deployers.md`). `--insecure` is refused off loopback.
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
     /// Extra configuration file (TOML); the data directory, store and listeners above win.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -112,7 +117,7 @@ impl Args {
                     UsageError(format!("--port {} leaves no room for PORT+{offset}", self.port))
                 })?
             };
-            Ok(format!("127.0.0.1:{port}"))
+            Ok(std::net::SocketAddr::new(self.host, port).to_string())
         };
         // Absolute, so that workers started in other directories find the same files.
         let data_dir = std::path::absolute(&self.data_dir)
@@ -140,6 +145,7 @@ impl Args {
         Args {
             data_dir,
             port: 0,
+            host: std::net::IpAddr::from([127, 0, 0, 1]),
             config: None,
             cli_config: None,
             no_deployer: false,
@@ -203,11 +209,11 @@ pub async fn launch(args: &Args, cli_config: Option<&Path>) -> anyhow::Result<Pl
         std::fs::write(&path, format!("{login}\n"))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let api_key = register_default_compute(store.as_ref()).await?;
+    let api_key = register_default_compute(store.as_ref(), options.deployer.platform).await?;
     if args.no_deployer {
         tracing::info!("--no-deployer: workers must be started by hand");
     } else {
-        start_deployer(&services, &options.data_dir, api_key)?;
+        start_deployer(&services, &options.deployer, &options.data_dir, api_key)?;
     }
     Ok(Platform { endpoint, token, ca, login, addrs: services.addrs.clone(), services })
 }
@@ -260,7 +266,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// (from an earlier start on this data directory, maybe one that crashed with jobs running)
 /// keeps its tasks and gets the new key, since the old one is stored hashed and cannot be
 /// recovered.
-async fn register_default_compute(store: &dyn store::Store) -> anyhow::Result<String> {
+async fn register_default_compute(
+    store: &dyn store::Store,
+    platform: fledge_types::Platform,
+) -> anyhow::Result<String> {
     let id = ComputeId::new(DEFAULT_COMPUTE);
     let api_key = fledge_control::api::new_secret();
     match store.set_compute_key(&id, &api_key).await {
@@ -273,22 +282,31 @@ async fn register_default_compute(store: &dyn store::Store) -> anyhow::Result<St
             compute_id: id,
             region: "default".to_owned(),
             api_key: api_key.clone(),
-            platform: fledge_types::Platform::Process,
+            platform,
         })
         .await
         .context("cannot register compute default")?;
     Ok(api_key)
 }
 
-/// Runs the `process` deployer of compute `default` as one more service: one `fledgelet` child
-/// process per task, under `<data_dir>/work`.
-fn start_deployer(services: &Services, data_dir: &Path, api_key: String) -> anyhow::Result<()> {
+/// Runs the deployer of compute `default` as one more service: one `fledgelet` per task under
+/// `<data_dir>/work`, as a child process or (`[deployer] platform = "docker"` in `--config`) a
+/// container. The configuration's deployer section gives the platform and its options; the
+/// compute, its key, its URLs and its CA are this process's.
+fn start_deployer(
+    services: &Services,
+    configured: &DeployerSection,
+    data_dir: &Path,
+    api_key: String,
+) -> anyhow::Result<()> {
     let section = DeployerSection {
         compute_id: DEFAULT_COMPUTE.to_owned(),
         api_key: Some(api_key),
+        apiserver: None,
+        notifier: None,
         // Workers trust the CA this process created (or the operator's --tls-ca).
         ca_file: services.tls.as_ref().and_then(|tls| tls.ca_path.clone()),
-        ..DeployerSection::default()
+        ..configured.clone()
     };
     let deployer =
         super::serve::build_deployer(&section, data_dir, Some(&services.endpoints), None)?;
@@ -374,6 +392,7 @@ mod tests {
         let args = Args {
             data_dir: PathBuf::from("/d"),
             port: 20000,
+            host: std::net::IpAddr::from([127, 0, 0, 1]),
             config: None,
             cli_config: None,
             no_deployer: true,

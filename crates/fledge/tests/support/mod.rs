@@ -58,6 +58,11 @@ impl Platform {
         Platform::start_in(tempfile::tempdir().unwrap(), free_base_port(), Vec::new())
     }
 
+    /// Starts `fledge standalone --port 0` with extra flags (e.g. `--config FILE`).
+    pub fn start_with(extra: &[String]) -> Platform {
+        Platform::start_in_with(tempfile::tempdir().unwrap(), 0, Vec::new(), extra)
+    }
+
     /// SIGKILLs `fledge standalone` (no shutdown of any kind, as a crash or an OOM kill) and
     /// starts it again on the same data directory.
     pub fn crash_and_restart(mut self) -> Platform {
@@ -68,6 +73,15 @@ impl Platform {
     }
 
     fn start_in(dir: tempfile::TempDir, port: u16, env: Vec<(String, String)>) -> Platform {
+        Platform::start_in_with(dir, port, env, &[])
+    }
+
+    fn start_in_with(
+        dir: tempfile::TempDir,
+        port: u16,
+        env: Vec<(String, String)>,
+        extra: &[String],
+    ) -> Platform {
         let cli_config = dir.path().join("cli.yaml");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fledge"))
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -75,6 +89,7 @@ impl Platform {
             .arg(dir.path().join("data"))
             .arg("--cli-config")
             .arg(&cli_config)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(
