@@ -62,6 +62,12 @@ pub trait Registry: Send + Sync {
     fn save_resume(&self, job: &JobId, task: &TaskId, state: &ResumeState) -> Result<()>;
     /// What `task` saved last, or `None` if it never saved (its first run).
     fn load_resume(&self, job: &JobId, task: &TaskId) -> Result<Option<ResumeState>>;
+    /// The most recent metric records of `task` that this registry holds. A resumed task
+    /// sends them to the control plane again: records still queued when the failed run died
+    /// were lost with it, and the store keeps a record sent twice once. Default: none.
+    fn recent_metrics(&self, _job: &JobId, _task: &TaskId) -> Result<Vec<MetricRecord>> {
+        Ok(Vec::new())
+    }
     /// Called once when the task ends (`succeeded` or not): returns when everything written
     /// is where the registry keeps it, or with an error saying what is not and where it is
     /// kept. A local registry writes through, so it has nothing to do.
@@ -439,6 +445,17 @@ impl Registry for LocalRegistry {
         }
     }
 
+    fn recent_metrics(&self, job: &JobId, task: &TaskId) -> Result<Vec<MetricRecord>> {
+        let path = self.job_dir(job)?.join("metrics.jsonl");
+        // The tail may start inside a line: anything that does not parse is skipped.
+        let recent = tail(&path, METRICS_TAIL_BYTES)?;
+        Ok(recent
+            .lines()
+            .filter_map(|line| serde_json::from_str::<MetricRecord>(line).ok())
+            .filter(|r| &r.task_id == task)
+            .collect())
+    }
+
     fn append_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<()> {
         let dir = self.job_dir(job)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -652,6 +669,10 @@ mod tests {
         let text =
             std::fs::read_to_string(dir.path().join("jobs/job-1/metrics.jsonl")).expect("read");
         assert_eq!(text.lines().count(), 3);
+        // What a resumed task sends again: its own records, the file's tail.
+        let recent = reg.recent_metrics(&job, &"t1".into()).expect("recent");
+        assert_eq!(recent.len(), 3);
+        assert!(reg.recent_metrics(&job, &"t2".into()).expect("recent").is_empty());
     }
 
     /// The crate's own in-memory serialisation, as the registry wrote files before it

@@ -140,7 +140,19 @@ impl TaskIo {
         };
         tracing::warn!(task_id = %self.config.task_id, round = state.round,
             model_version = state.model_version, "resuming after a restart from the last saved round");
-        if let Some(record) = state.record.take() {
+        // Records still queued for the control plane died with the failed run: the recent
+        // ones the registry holds go again, then the saved round's (which may not have reached
+        // the registry either). Both the registry and the store keep a record once.
+        let (reg, job, task) =
+            (self.registry.clone(), self.config.job.id.clone(), self.config.task_id.clone());
+        let recent = tokio::task::spawn_blocking(move || reg.recent_metrics(&job, &task)).await??;
+        let last = state.record.take();
+        for record in recent {
+            if Some(&record) != last.as_ref() {
+                self.report(record);
+            }
+        }
+        if let Some(record) = last {
             let (reg, job, rec) =
                 (self.registry.clone(), self.config.job.id.clone(), record.clone());
             tokio::task::spawn_blocking(move || reg.append_metrics(&job, &[rec])).await??;
