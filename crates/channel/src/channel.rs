@@ -186,12 +186,21 @@ impl Channel {
     /// The next message from `end`. Waits for it; fails if `end` is not (or no longer) a peer
     /// and nothing from it is queued.
     pub async fn recv(&self, end: &TaskId) -> Result<Message> {
+        self.wait_from(end, |queue| queue.pop_front().map(|(_, message)| message)).await
+    }
+
+    /// Waits until `take` gets something from `end`'s queue; fails once `end` is not (or no
+    /// longer) a peer and `take` gets nothing.
+    async fn wait_from<T>(
+        &self,
+        end: &TaskId,
+        mut take: impl FnMut(&mut VecDeque<(u64, Message)>) -> Option<T>,
+    ) -> Result<T> {
         let channel = self.name().to_owned();
         self.shared()
             .wait_for(|state| {
-                if let Some((_, message)) = state.queues.get_mut(end).and_then(VecDeque::pop_front)
-                {
-                    return Some(Ok(message));
+                if let Some(found) = state.queues.get_mut(end).and_then(&mut take) {
+                    return Some(Ok(found));
                 }
                 if !state.peers.contains_key(end) {
                     return Some(Err(Error::EndLeft {
@@ -219,21 +228,7 @@ impl Channel {
     /// [`Channel::peek`]); fails as [`Channel::recv`] does if `end` is gone and nothing from
     /// it is queued.
     pub async fn await_queued(&self, end: &TaskId) -> Result<()> {
-        let channel = self.name().to_owned();
-        self.shared()
-            .wait_for(|state| {
-                if state.queues.get(end).is_some_and(|q| !q.is_empty()) {
-                    return Some(Ok(()));
-                }
-                if !state.peers.contains_key(end) {
-                    return Some(Err(Error::EndLeft {
-                        end: end.clone(),
-                        channel: channel.clone(),
-                    }));
-                }
-                None
-            })
-            .await
+        self.wait_from(end, |queue| (!queue.is_empty()).then_some(())).await
     }
 
     /// The next message from `end` without taking it, if one is queued.
