@@ -98,12 +98,35 @@ impl BrokerCredentials {
     }
 
     /// The embedded broker's admission check: [`BrokerCredentials::admits`] against `store`.
-    pub fn broker_auth(self, store: Arc<dyn Store>) -> BrokerAuth {
+    /// Every connection's login is counted in `telemetry` as
+    /// `fledge_broker_logins_total{result="accepted"|"refused"}`.
+    pub fn broker_auth(
+        self,
+        store: Arc<dyn Store>,
+        telemetry: &crate::telemetry::Telemetry,
+    ) -> BrokerAuth {
+        let logins = prometheus_client::metrics::family::Family::<
+            crate::telemetry::ResultLabel,
+            prometheus_client::metrics::counter::Counter,
+        >::default();
+        telemetry.register(|registry| {
+            registry.sub_registry_with_prefix("broker").register(
+                "logins",
+                "Connections to the embedded broker, by whether their login was accepted",
+                logins.clone(),
+            );
+        });
         let creds = Arc::new(self);
         BrokerAuth::new(move |username, password| {
             let creds = creds.clone();
             let store = store.clone();
-            async move { creds.admits(store.as_ref(), &username, &password).await }
+            let logins = logins.clone();
+            async move {
+                let admitted = creds.admits(store.as_ref(), &username, &password).await;
+                let result = if admitted { "accepted" } else { "refused" };
+                logins.get_or_create(&crate::telemetry::ResultLabel { result }).inc();
+                admitted
+            }
         })
     }
 }

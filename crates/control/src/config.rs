@@ -375,6 +375,21 @@ pub struct Options {
     /// A Mosquitto to provision with task logins (none by default).
     #[serde(default)]
     pub mosquitto: MosquittoSection,
+    /// A listener of its own for `/metrics` (none by default: the apiserver serves it).
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: where a process serves its operator metrics when it runs no apiserver (or
+/// wants them apart from the API).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of a `/metrics` listener (`host:port`). It serves TLS with the control plane's
+    /// identity when this process runs control-plane services; a deployer-only process, or
+    /// `tls.insecure`, serves plain text, allowed on loopback only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for Options {
@@ -397,6 +412,7 @@ impl Default for Options {
             deployer: DeployerSection::default(),
             tls: TlsSection::default(),
             mosquitto: MosquittoSection::default(),
+            metrics: MetricsSection::default(),
         }
     }
 }
@@ -420,6 +436,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "tls.ca",
     "mosquitto.admin_url",
     "mosquitto.admin_password",
+    "metrics.listen",
 ];
 
 /// Sections whose name prefixes environment keys (`FLEDGE_<SECTION>_<KEY>`).
@@ -432,6 +449,7 @@ const SECTIONS: &[&str] = &[
     "deployer",
     "tls",
     "mosquitto",
+    "metrics",
 ];
 
 impl Options {
@@ -545,6 +563,16 @@ impl Options {
         }
         if self.max_code_bytes == 0 {
             return Err(Error::Invalid("max_code_bytes: must be at least 1".to_owned()));
+        }
+        if let Some(addr) = self.metrics.listen
+            && (self.tls.insecure || !self.runs_control_plane())
+            && !addr.ip().is_loopback()
+        {
+            return Err(Error::Invalid(format!(
+                "metrics.listen: {addr} would serve plain text (this process has no TLS \
+                 identity{}); listen on 127.0.0.1 or ::1",
+                if self.tls.insecure { " under tls.insecure" } else { ": it runs only a deployer" }
+            )));
         }
         self.store().map_err(|reason| Error::Invalid(format!("store_url: {reason}")))?;
         self.controller.validate().map_err(|err| Error::Invalid(err.to_string()))?;

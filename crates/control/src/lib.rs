@@ -24,4 +24,5 @@ pub mod mosquitto;
 pub mod notifier;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 pub mod tls;

@@ -25,6 +25,7 @@ use crate::config::{Options, ServiceKind, StoreUrl};
 use crate::controller::{self, Controller, Endpoints};
 use crate::notifier;
 use crate::store::{BlobStore, PostgresStore, SqliteStore, Store};
+use crate::telemetry::Telemetry;
 use crate::tls::{ControlTls, TlsListener};
 
 /// The addresses the services are bound to (present for the services that run).
@@ -38,6 +39,8 @@ pub struct BoundAddrs {
     pub broker: Option<SocketAddr>,
     /// The metaserver.
     pub metaserver: Option<SocketAddr>,
+    /// The metrics listener (`metrics.listen`).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Running services.
@@ -56,6 +59,9 @@ pub struct Services {
     pub controller: controller::Handle,
     /// Publishes notifier events (present when the notifier runs here).
     pub notifier: Option<notifier::Handle>,
+    /// This process's operator metrics: every service registers its series here; callers add
+    /// their own components' (a deployer's) with [`Telemetry::register`].
+    pub telemetry: Telemetry,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     failure: Arc<Mutex<Option<anyhow::Error>>>,
@@ -142,6 +148,10 @@ async fn start_under(
         true => Some(bind(ServiceKind::Metaserver, options.metaserver.listen).await?),
         false => None,
     };
+    let metrics_listener = match options.metrics.listen {
+        Some(addr) => Some(crate::telemetry::bind(addr).await?),
+        None => None,
+    };
     let local_addr = |listener: &Option<TcpListener>| -> anyhow::Result<Option<SocketAddr>> {
         listener.as_ref().map(|l| l.local_addr().context("cannot read a bound address")).transpose()
     };
@@ -150,9 +160,14 @@ async fn start_under(
         notifier: local_addr(&notifier_listener)?,
         broker: None,
         metaserver: local_addr(&metaserver_listener)?,
+        metrics: local_addr(&metrics_listener)?,
     };
-    let bound: Vec<SocketAddr> =
-        [addrs.apiserver, addrs.notifier, addrs.metaserver].into_iter().flatten().collect();
+    let bound: Vec<SocketAddr> = [addrs.apiserver, addrs.notifier, addrs.metaserver, addrs.metrics]
+        .into_iter()
+        .flatten()
+        .collect();
+    let telemetry = Telemetry::new();
+    telemetry.watch_store(store.clone());
     let tls = ControlTls::resolve(options, &bound).context("cannot set up TLS")?;
     let secure = tls.is_some();
     // Task configs carry broker logins derived from this secret; the embedded broker admits
@@ -164,7 +179,7 @@ async fn start_under(
         })?;
     let broker = if options.runs(ServiceKind::Broker) {
         let broker_options = fledge_channel::broker::BrokerOptions {
-            auth: Some(broker_credentials.clone().broker_auth(store.clone())),
+            auth: Some(broker_credentials.clone().broker_auth(store.clone(), &telemetry)),
             ..Default::default()
         };
         let handle = fledge_channel::broker::start_embedded_broker_with(
@@ -203,6 +218,7 @@ async fn start_under(
         // remote controller's periodic resync picks changes up.
         controller: controller::Handle::channel(1).0,
         notifier: None,
+        telemetry: telemetry.clone(),
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
         failure: Arc::new(Mutex::new(None)),
@@ -236,6 +252,7 @@ async fn start_under(
             notifier = notifier.with_tls(tls.tonic());
         }
         services.notifier = Some(notifier.handle());
+        notifier.handle().register_metrics(&telemetry);
         let token = shutdown.clone();
         services.spawn("notifier", async move {
             notifier.run(listener, token).await.map_err(anyhow::Error::from)
@@ -259,6 +276,7 @@ async fn start_under(
             keys,
         )
         .context("cannot build the controller")?;
+        controller.register_metrics(&telemetry);
         services.controller = controller.handle();
         let token = shutdown.clone();
         services.spawn("controller", controller.run(token));
@@ -299,6 +317,18 @@ async fn start_under(
         start_apiserver(&mut services, listener, env, broker_credentials, mosquitto, keys)?;
     }
 
+    if let Some(listener) = metrics_listener {
+        let (token, telemetry) = (shutdown.clone(), telemetry.clone());
+        match &tls {
+            Some(tls) => {
+                let listener = TlsListener::new(listener, tls.acceptor()?, token.clone())
+                    .context("cannot read the metrics listener's bound address")?;
+                services.spawn("metrics", crate::telemetry::serve(listener, telemetry, token));
+            }
+            None => services.spawn("metrics", crate::telemetry::serve(listener, telemetry, token)),
+        }
+    }
+
     Ok(services)
 }
 
@@ -320,7 +350,8 @@ fn start_apiserver(
     .with_notifier_url(services.endpoints.notifier.clone())
     .with_ca(services.tls.as_ref().and_then(|tls| tls.ca.clone()))
     .with_broker_credentials(broker_credentials)
-    .with_data_plane_keys(data_plane_keys);
+    .with_data_plane_keys(data_plane_keys)
+    .with_telemetry(services.telemetry.clone());
     let state = match mosquitto {
         Some(provisioner) => state.with_mosquitto(provisioner),
         None => state,

@@ -1249,3 +1249,65 @@ async fn a_job_without_a_working_deployer_fails_after_the_deploy_timeout() {
     })
     .await;
 }
+
+/// A process without an apiserver serves its own `/metrics` (`metrics.listen`) over TLS with
+/// the control plane's identity: the notifier's series are there, and plain text is refused on
+/// a non-loopback address.
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn a_process_without_an_apiserver_serves_its_own_metrics_over_tls() {
+    use fledge_control::config::{Options, ServiceKind};
+    use fledge_control::service;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = Options {
+        data_dir: dir.path().to_owned(),
+        services: vec![ServiceKind::Notifier, ServiceKind::Controller],
+        ..Options::default()
+    };
+    options.notifier.listen = "127.0.0.1:0".parse().expect("addr");
+    options.metrics.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    let store = service::open_store(&options).await.expect("store");
+    let shutdown = CancellationToken::new();
+    let services = service::start(&options, store, &shutdown).await.expect("services");
+    let addr = services.addrs.metrics.expect("the metrics listener is bound");
+    assert_eq!(services.addrs.apiserver, None);
+
+    fledge_tls::install_default_provider();
+    let pem = std::fs::read(dir.path().join("tls").join("ca.pem")).expect("the generated CA");
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
+        .build()
+        .expect("client");
+    let response =
+        http.get(format!("https://{addr}/metrics")).send().await.expect("metrics over TLS");
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("body");
+    for series in [
+        "fledge_notifier_subscribers{kind=\"deploy\"} 0",
+        "fledge_jobs{state=\"running\"} 0",
+        "fledge_controller_reconcile_errors_total 0",
+    ] {
+        assert!(text.contains(series), "{series} missing from\n{text}");
+    }
+    assert!(!text.contains("fledge_apiserver_"), "no apiserver runs here:\n{text}");
+    // Plain HTTP gets no metrics.
+    let plain = reqwest::Client::new().get(format!("http://{addr}/metrics")).send().await;
+    assert!(plain.map_or(true, |r| !r.status().is_success()), "plain text was served");
+    shutdown.cancel();
+    services.wait().await.expect("clean shutdown");
+
+    // Plain text is refused off loopback: under --insecure, and for a deployer-only process.
+    for (insecure, services) in
+        [(true, vec![ServiceKind::Notifier]), (false, vec![ServiceKind::Deployer])]
+    {
+        let mut options =
+            Options { data_dir: dir.path().to_owned(), services, ..Options::default() };
+        options.tls.insecure = insecure;
+        options.deployer.api_key = Some("k".to_owned());
+        options.deployer.apiserver = Some("https://cp:10100".to_owned());
+        options.deployer.notifier = Some("https://cp:10101".to_owned());
+        options.metrics.listen = Some("0.0.0.0:9464".parse().expect("addr"));
+        let err = options.validate().expect_err("plain text off loopback");
+        assert!(err.to_string().contains("metrics.listen"), "{err}");
+    }
+}

@@ -55,6 +55,51 @@ async fn two_tier_and_three_tier_mnist_complete_through_the_platform() {
     let evaluated = fledge_sdk::Evaluator::evaluate(&mut evaluator, &weights).unwrap()["accuracy"];
     assert!((evaluated - accuracy).abs() < 1e-6, "downloaded {evaluated}, reported {accuracy}");
 
+    // Operators see the job in `/metrics`: jobs and tasks by state from the store, the rounds
+    // and traffic the tasks reported, the controller's transitions and deploy latency, the
+    // deployer's worker starts, the broker's logins, the notifier's subscribers.
+    let (status, text) = platform.get_text("/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("fledge_jobs{state=\"completed\"}"), 1.0);
+    assert_eq!(value("fledge_jobs{state=\"running\"}"), 0.0);
+    assert_eq!(value("fledge_tasks{state=\"completed\"}"), 5.0);
+    assert_eq!(value("fledge_task_rounds_total{role=\"aggregator\"}"), 20.0);
+    assert_eq!(value("fledge_task_rounds_total{role=\"trainer\"}"), 80.0);
+    assert_eq!(value("fledge_task_round_duration_seconds_count{role=\"aggregator\"}"), 20.0);
+    assert_eq!(value("fledge_task_aggregation_duration_seconds_count{role=\"aggregator\"}"), 20.0);
+    // 20 rounds of a 784-128-10 f32 MLP (about 400 kB) to and from each of 4 trainers.
+    let sent = value("fledge_channel_sent_bytes_total{channel=\"param-channel\"}");
+    let received = value("fledge_channel_received_bytes_total{channel=\"param-channel\"}");
+    assert!(
+        sent > 20.0 * 4.0 * 400_000.0 && received > 20.0 * 4.0 * 400_000.0,
+        "{sent} {received}"
+    );
+    assert_eq!(value("fledge_controller_job_transitions_total{to=\"completed\"}"), 1.0);
+    assert_eq!(value("fledge_controller_job_deploy_duration_seconds_count"), 1.0);
+    assert_eq!(
+        value("fledge_deployer_worker_starts_total{platform=\"process\",result=\"started\"}"),
+        5.0
+    );
+    assert_eq!(value("fledge_deployer_worker_exits_total{platform=\"process\"}"), 5.0);
+    assert!(value("fledge_broker_logins_total{result=\"accepted\"}") >= 5.0);
+    assert!(value("fledge_notifier_events_published_total{kind=\"deploy\"}") >= 1.0);
+    assert_eq!(value("fledge_notifier_subscribers{kind=\"deploy\"}"), 1.0, "the deployer");
+    assert!(
+        text.lines().any(|l| l.starts_with("fledge_apiserver_http_requests_total{method=\"POST\"")
+            && l.contains("/metrics\"")
+            && l.contains("status=\"204\"")),
+        "the tasks' metric posts are counted: {text}"
+    );
+    assert!(!text.contains(job.id.as_str()), "no series names a job");
+
     let job = platform.run("hierarchical-mnist");
     let (job, tasks, records) = platform.job(&job).await;
     assert_eq!(job.state, JobState::Completed, "{job:?}");

@@ -39,6 +39,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::{Error, Result};
 
@@ -46,6 +47,10 @@ use crate::{Error, Result};
 pub trait Context: Send {
     /// Called after each tasklet with its alias and wall time (no-op by default).
     fn record_time(&mut self, _alias: &str, _seconds: f64) {}
+    /// The round the role is in, for the `tasklet` tracing span (none by default).
+    fn round(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// An async step of a role.
@@ -309,8 +314,9 @@ fn run_nodes<'a, C: Context + 'static>(
         for node in nodes {
             match node {
                 Node::Tasklet { alias, run } => {
+                    let span = tracing::debug_span!("tasklet", %alias, round = ctx.round());
                     let start = Instant::now();
-                    run(ctx).await?;
+                    run(ctx).instrument(span).await?;
                     ctx.record_time(alias, start.elapsed().as_secs_f64());
                 }
                 Node::Loop { until, body, .. } => {

@@ -2,7 +2,10 @@
 //!
 //! Each role builds one [`fledge_types::MetricRecord`] per round: user metrics (loss,
 //! accuracy, ...) under names that say which model they measure ([`GLOBAL`],
-//! [`BEFORE_TRAINING`], [`AFTER_TRAINING`], [`TRAINER_MEAN`]), traffic from the channel counters (`bytesSent`, `bytesReceived`), and the
+//! [`BEFORE_TRAINING`], [`AFTER_TRAINING`], [`TRAINER_MEAN`]), traffic from the channel counters
+//! (`bytesSent`, `bytesReceived` over all channels, and per channel
+//! `channel.<name>.bytesSent`, `.bytesReceived`, and, when not zero, `.messagesDropped`,
+//! `.rejectedForged`, `.rejectedReplayed`), and the
 //! seconds spent in each tasklet (`seconds.<alias>`) plus `roundSeconds`. Records go to the
 //! registry's `metrics.jsonl` and, when the task config names a control plane, to
 //! `POST {apiserver}/api/v1/tasks/{taskId}/metrics` (body: a JSON array of records, bearer =
@@ -41,18 +44,38 @@ pub const QUEUE_DEPTH: usize = 1024;
 /// Timeout of one POST.
 pub const POST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The channel counters of a task at one moment: per channel, by name.
+#[derive(Clone, Debug, Default)]
+pub struct Traffic {
+    /// Counters by channel name.
+    pub channels: BTreeMap<String, MetricsSnapshot>,
+}
+
+impl Traffic {
+    /// The sum over every channel.
+    pub fn total(&self) -> MetricsSnapshot {
+        total_traffic(self.channels.values().copied())
+    }
+}
+
 /// Metrics of one round being gathered.
 #[derive(Clone, Debug, Default)]
 pub struct RoundMetrics {
     /// Name → value.
     pub values: BTreeMap<String, f64>,
-    traffic_start: MetricsSnapshot,
+    traffic_start: Traffic,
+    /// When the round started (`None` for a default, never-started round).
+    started: Option<std::time::Instant>,
 }
 
 impl RoundMetrics {
     /// Starts a round with the channel counters as they are now.
-    pub fn start(traffic: MetricsSnapshot) -> RoundMetrics {
-        RoundMetrics { values: BTreeMap::new(), traffic_start: traffic }
+    pub fn start(traffic: Traffic) -> RoundMetrics {
+        RoundMetrics {
+            values: BTreeMap::new(),
+            traffic_start: traffic,
+            started: Some(std::time::Instant::now()),
+        }
     }
 
     /// Sets a value.
@@ -78,16 +101,32 @@ impl RoundMetrics {
         task_id: &TaskId,
         role: &str,
         round: u64,
-        traffic: MetricsSnapshot,
+        traffic: Traffic,
     ) -> MetricRecord {
-        self.set(
-            "bytesSent",
-            traffic.bytes_sent.saturating_sub(self.traffic_start.bytes_sent) as f64,
-        );
-        self.set(
-            "bytesReceived",
-            traffic.bytes_received.saturating_sub(self.traffic_start.bytes_received) as f64,
-        );
+        if let Some(started) = self.started {
+            self.set("roundSeconds", started.elapsed().as_secs_f64());
+        }
+        let (end, start) = (traffic.total(), self.traffic_start.total());
+        self.set("bytesSent", end.bytes_sent.saturating_sub(start.bytes_sent) as f64);
+        self.set("bytesReceived", end.bytes_received.saturating_sub(start.bytes_received) as f64);
+        for (name, now) in &traffic.channels {
+            let before = self.traffic_start.channels.get(name).copied().unwrap_or_default();
+            let delta = |now: u64, before: u64| now.saturating_sub(before) as f64;
+            self.set(format!("channel.{name}.bytesSent"), delta(now.bytes_sent, before.bytes_sent));
+            self.set(
+                format!("channel.{name}.bytesReceived"),
+                delta(now.bytes_received, before.bytes_received),
+            );
+            for (figure, now, before) in [
+                ("messagesDropped", now.messages_dropped, before.messages_dropped),
+                ("rejectedForged", now.rejected_forged, before.rejected_forged),
+                ("rejectedReplayed", now.rejected_replayed, before.rejected_replayed),
+            ] {
+                if now > before {
+                    self.set(format!("channel.{name}.{figure}"), delta(now, before));
+                }
+            }
+        }
         MetricRecord {
             task_id: task_id.clone(),
             role: role.to_owned(),
@@ -269,7 +308,9 @@ mod tests {
     use super::*;
 
     fn record(round: u64) -> MetricRecord {
-        let mut m = RoundMetrics::start(MetricsSnapshot { bytes_sent: 10, ..Default::default() });
+        let traffic = |snapshot| Traffic { channels: BTreeMap::from([("c".to_owned(), snapshot)]) };
+        let mut m =
+            RoundMetrics::start(traffic(MetricsSnapshot { bytes_sent: 10, ..Default::default() }));
         m.set("accuracy", 0.9);
         m.add("seconds.train", 1.0);
         m.add("seconds.train", 0.5);
@@ -277,7 +318,12 @@ mod tests {
             &TaskId::from("t1"),
             "trainer",
             round,
-            MetricsSnapshot { bytes_sent: 110, bytes_received: 7, ..Default::default() },
+            traffic(MetricsSnapshot {
+                bytes_sent: 110,
+                bytes_received: 7,
+                rejected_forged: 3,
+                ..Default::default()
+            }),
         )
     }
 
@@ -286,7 +332,12 @@ mod tests {
         let r = record(2);
         assert_eq!(r.metrics["bytesSent"], 100.0);
         assert_eq!(r.metrics["bytesReceived"], 7.0);
+        assert_eq!(r.metrics["channel.c.bytesSent"], 100.0);
+        assert_eq!(r.metrics["channel.c.bytesReceived"], 7.0);
+        assert_eq!(r.metrics["channel.c.rejectedForged"], 3.0);
+        assert!(!r.metrics.contains_key("channel.c.messagesDropped"), "zero deltas are left out");
         assert_eq!(r.metrics["seconds.train"], 1.5);
+        assert!(r.metrics["roundSeconds"] >= 0.0);
         assert_eq!(r.round, 2);
     }
 

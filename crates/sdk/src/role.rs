@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fledge_channel::{BackendEnv, ChannelManager, MetricsSnapshot};
+use fledge_channel::{BackendEnv, ChannelManager};
 use fledge_types::{MetricRecord, TaskConfig};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::app::{AppFactory, AppNeed, UserApp};
 use crate::composer::{Composer, Context};
 use crate::hyper::{self, names};
-use crate::metrics::{Reporter, RoundMetrics, total_traffic};
+use crate::metrics::{Reporter, RoundMetrics, Traffic};
 use crate::registry::{self, Registry};
 use crate::roles::RoleKind;
 use crate::{Error, Result, Weights};
@@ -190,8 +190,14 @@ impl TaskIo {
     }
 
     /// The traffic of every channel so far.
-    pub fn traffic(&self) -> MetricsSnapshot {
-        total_traffic(self.channels.channels().map(|c| c.metrics().snapshot()))
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            channels: self
+                .channels
+                .channels()
+                .map(|c| (c.name().to_owned(), c.metrics().snapshot()))
+                .collect(),
+        }
     }
 
     /// Starts measuring a new round from the traffic counters as they are now.

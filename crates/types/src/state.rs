@@ -25,6 +25,18 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [JobState; 8] = [
+        JobState::Ready,
+        JobState::Starting,
+        JobState::Deploying,
+        JobState::Running,
+        JobState::Stopping,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Terminated,
+    ];
+
     /// Whether the job can no longer change state.
     pub fn is_final(self) -> bool {
         matches!(self, JobState::Completed | JobState::Failed | JobState::Terminated)
@@ -90,6 +102,15 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [TaskState; 5] = [
+        TaskState::Ready,
+        TaskState::Running,
+        TaskState::Completed,
+        TaskState::Failed,
+        TaskState::Terminated,
+    ];
+
     /// Whether the task can no longer change state.
     pub fn is_final(self) -> bool {
         matches!(self, TaskState::Completed | TaskState::Failed | TaskState::Terminated)

@@ -175,7 +175,7 @@ impl DeployerOptions {
         if let Some(path) = &self.ca_file {
             self.ca_file = Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()));
         }
-        Ok(Deployer { opts: self, api, ca })
+        Ok(Deployer { opts: self, api, ca, metrics: Metrics::default() })
     }
 
     /// The CA of `ca_file`, read and checked.
@@ -238,6 +238,57 @@ pub struct Deployer {
     opts: DeployerOptions,
     api: Arc<dyn DeploymentApi>,
     ca: Option<fledge_client::Ca>,
+    metrics: Metrics,
+}
+
+/// `result` label of a worker start.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct StartLabel {
+    platform: &'static str,
+    result: &'static str,
+}
+
+/// `platform` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PlatformLabel {
+    platform: &'static str,
+}
+
+type Counters<L> =
+    prometheus_client::metrics::family::Family<L, prometheus_client::metrics::counter::Counter>;
+type Histograms<L> = prometheus_client::metrics::family::Family<
+    L,
+    prometheus_client::metrics::histogram::Histogram,
+    fn() -> prometheus_client::metrics::histogram::Histogram,
+>;
+
+/// The deployer's operator metrics.
+#[derive(Clone)]
+struct Metrics {
+    starts: Counters<StartLabel>,
+    start_seconds: Histograms<PlatformLabel>,
+    exits: Counters<PlatformLabel>,
+    workers: prometheus_client::metrics::gauge::Gauge,
+    adopted: prometheus_client::metrics::counter::Counter,
+}
+
+fn start_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    // 1 ms .. ~65 s: a process spawn to a container create and start.
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
+    )
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            starts: Counters::default(),
+            start_seconds: Histograms::new_with_constructor(start_histogram),
+            exits: Counters::default(),
+            workers: Default::default(),
+            adopted: Default::default(),
+        }
+    }
 }
 
 /// One report to the control plane.
@@ -267,6 +318,27 @@ struct Runtime {
 }
 
 impl Deployer {
+    /// Registers the deployer's series into `registry` (give it a `deployer` prefix): worker
+    /// starts by platform and result, time to start a worker (work dir, then process spawn or
+    /// container create and start), workers that ended, workers live now, workers adopted
+    /// from an earlier run.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        let m = self.metrics.clone();
+        registry.register("worker_starts", "Worker starts, by platform and result", m.starts);
+        registry.register(
+            "worker_start_duration_seconds",
+            "Time to start one worker (prepare its work dir, spawn or create and start)",
+            m.start_seconds,
+        );
+        registry.register("worker_exits", "Workers that ended, by platform", m.exits);
+        registry.register("workers", "Workers this deployer runs now", m.workers);
+        registry.register("workers_adopted", "Workers adopted from an earlier run", m.adopted);
+    }
+
+    fn platform(&self) -> &'static str {
+        if self.opts.docker.is_some() { "docker" } else { "process" }
+    }
+
     /// Subscribes to the notifier as this compute and runs until `shutdown`, then stops every
     /// worker. Fails if the notifier refuses the subscription for good (e.g. a bad API key or a
     /// compute that is not registered yet: register it before starting its deployer).
@@ -323,6 +395,7 @@ impl Deployer {
                 Some(joined) = rt.waiters.join_next(), if !rt.waiters.is_empty() => match joined {
                     Ok(exit) => {
                         rt.workers.remove(&exit.task);
+                        self.metrics.exits.get_or_create(&PlatformLabel { platform: self.platform() }).inc();
                         if let Some(docker) = &mut rt.docker {
                             docker.ended(&exit.job).await;
                         }
@@ -337,6 +410,7 @@ impl Deployer {
                 () = shutdown.cancelled() => break Ok(()),
             };
             self.execute(&mut plan, &mut rt, input).await;
+            self.metrics.workers.set(i64::try_from(rt.workers.len()).unwrap_or(i64::MAX));
         };
 
         // Stop everything and wait: no worker outlives the deployer.
@@ -366,6 +440,7 @@ impl Deployer {
         for (record, work_dir) in adopt::scan(&self.opts.work_root) {
             let (job, task) = (JobId::new(record.job.clone()), TaskId::new(record.task.clone()));
             tracing::info!(%job, %task, pid = record.pid, attempt = record.attempt, "worker adopted");
+            self.metrics.adopted.inc();
             plan.step(Input::Adopted { job, task: task.clone(), attempt: record.attempt });
             let kill = CancellationToken::new();
             rt.waiters.spawn(adopt::watch(record, kill.clone(), self.opts.stop_grace, work_dir));
@@ -432,7 +507,16 @@ impl Deployer {
     async fn start(&self, rt: &mut Runtime, pending: Pending) -> Input {
         let job = pending.job.clone();
         let task = pending.task_id();
-        match self.spawn_worker(rt, &pending).await {
+        let started = tokio::time::Instant::now();
+        let result = self.spawn_worker(rt, &pending).await;
+        let platform = self.platform();
+        self.metrics
+            .start_seconds
+            .get_or_create(&PlatformLabel { platform })
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = if result.is_ok() { "started" } else { "failed" };
+        self.metrics.starts.get_or_create(&StartLabel { platform, result: outcome }).inc();
+        match result {
             Ok(()) => Input::Started { job, task },
             Err(message) => {
                 tracing::warn!(%job, %task, message, "worker not started");

@@ -1,16 +1,14 @@
 //! Prometheus metrics of the apiserver: request counts by route and status, and latency.
 
-use std::sync::Mutex;
-
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header::CONTENT_TYPE;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tracing::Instrument as _;
 
 use super::ApiState;
 
@@ -29,9 +27,8 @@ struct RouteLabels {
 
 type LatencyFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
-/// The apiserver's metric registry.
+/// The apiserver's HTTP series (registered into the process's [`crate::telemetry`]).
 pub(super) struct HttpMetrics {
-    registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     latency: LatencyFamily,
 }
@@ -45,23 +42,29 @@ impl Default for HttpMetrics {
     fn default() -> Self {
         let requests = Family::<RequestLabels, Counter>::default();
         let latency: LatencyFamily = Family::new_with_constructor(latency_histogram);
-        let mut registry = Registry::with_prefix("fledge_apiserver");
+        Self { requests, latency }
+    }
+}
+
+impl HttpMetrics {
+    /// Registers the series (`http_requests`, `http_request_duration_seconds`) into `registry`.
+    pub(super) fn register(&self, registry: &mut Registry) {
         registry.register(
             "http_requests",
             "HTTP requests by method, route and status",
-            requests.clone(),
+            self.requests.clone(),
         );
         registry.register(
             "http_request_duration_seconds",
             "HTTP request latency by method and route",
-            latency.clone(),
+            self.latency.clone(),
         );
-        Self { registry: Mutex::new(registry), requests, latency }
     }
 }
 
 /// Middleware: counts and times every request under its route template (not its raw path, so
-/// ids do not explode the label space).
+/// ids do not explode the label space), inside a `request` tracing span (method, route,
+/// status, seconds).
 pub(super) async fn track(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
@@ -70,8 +73,18 @@ pub(super) async fn track(State(state): State<ApiState>, request: Request, next:
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = method_label(request.method()).to_owned();
     let start = tokio::time::Instant::now();
-    let response = next.run(request).await;
+    let span = tracing::info_span!(
+        "request",
+        method = %method,
+        route = %route,
+        status = tracing::field::Empty,
+        seconds = tracing::field::Empty,
+    );
+    let response = next.run(request).instrument(span.clone()).await;
     let elapsed = start.elapsed().as_secs_f64();
+    span.record("status", response.status().as_u16());
+    span.record("seconds", elapsed);
+    span.in_scope(|| tracing::debug!("request served"));
     state
         .metrics
         .requests
@@ -101,27 +114,6 @@ fn method_label(method: &axum::http::Method) -> &'static str {
         (Method::TRACE, "TRACE"),
     ];
     KNOWN.iter().find(|(m, _)| m == method).map_or("other", |(_, label)| label)
-}
-
-/// `GET /metrics`: the Prometheus text format.
-pub(super) async fn render(State(state): State<ApiState>) -> Response {
-    let mut text = String::new();
-    let encoded = {
-        let registry =
-            state.metrics.registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        prometheus_client::encoding::text::encode(&mut text, &registry)
-    };
-    match encoded {
-        Ok(()) => {
-            ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
-                .into_response()
-        }
-        Err(err) => super::Error::new(
-            fledge_types::ErrorCode::Internal,
-            format!("cannot encode metrics: {err}"),
-        )
-        .into_response(),
-    }
 }
 
 #[cfg(test)]

@@ -100,6 +100,10 @@ pub struct ApiState {
     /// controller's secret file, see [`ApiState::with_data_plane_keys`]).
     pub data_plane_keys: controller::TaskKeys,
     metrics: Arc<http_metrics::HttpMetrics>,
+    /// The process's metric registry, rendered at `/metrics`.
+    pub telemetry: crate::telemetry::Telemetry,
+    /// Series fed by the metric records tasks post.
+    reported: crate::telemetry::ReportedMetrics,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -140,7 +144,22 @@ impl ApiState {
             mosquitto: None,
             data_plane_keys: controller::TaskKeys::random(),
             metrics: Arc::new(http_metrics::HttpMetrics::default()),
+            telemetry: crate::telemetry::Telemetry::new(),
+            reported: crate::telemetry::ReportedMetrics::default(),
         }
+        .with_telemetry(crate::telemetry::Telemetry::new())
+    }
+
+    /// Registers the apiserver's series (HTTP, relayed task records, jobs and tasks by state)
+    /// into `telemetry`, the process's registry, and renders it at `/metrics`.
+    pub fn with_telemetry(mut self, telemetry: crate::telemetry::Telemetry) -> Self {
+        telemetry.register(|registry| {
+            self.metrics.register(registry.sub_registry_with_prefix("apiserver"));
+            self.reported.register(registry);
+        });
+        telemetry.watch_store(self.store.clone());
+        self.telemetry = telemetry;
+        self
     }
 
     /// Writes each task's broker login ([`crate::broker_auth`]) into its config.
@@ -263,7 +282,12 @@ pub fn router(state: ApiState) -> Router {
     )
     .route("/api/v1/ca.pem", get(ca_pem))
     .route("/healthz", get(|| async { "ok" }))
-    .route("/metrics", get(http_metrics::render))
+    .route(
+        "/metrics",
+        get(|axum::extract::State(state): axum::extract::State<ApiState>| async move {
+            state.telemetry.response().await
+        }),
+    )
     .fallback(|| async { Error::not_found("no such route; see /api/v1/openapi.json") })
     // Bodies are read with explicit limits (JSON vs code) so that 413s carry the limit.
     .layer(DefaultBodyLimit::disable())

@@ -368,7 +368,10 @@ async fn task_metrics(
             limits.metric_records_per_task
         )));
     }
-    state.store.add_metrics(&task.job_id, &records).await?;
+    let stored = state.store.add_metrics(&task.job_id, &records).await?;
+    let new: Vec<fledge_types::MetricRecord> =
+        stored.into_iter().filter_map(|i| records.get(i).cloned()).collect();
+    state.reported.observe(&new);
     Ok(StatusCode::NO_CONTENT)
 }
 

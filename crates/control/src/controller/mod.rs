@@ -179,6 +179,40 @@ pub struct Controller {
     /// from then at the earliest (agents that outlived a crashed control plane get a full
     /// heartbeat timeout to reach the new one).
     started: chrono::DateTime<chrono::Utc>,
+    metrics: Metrics,
+    /// When each job this controller moved to `deploying` did so (for the deploy latency).
+    deploying_since: HashMap<JobId, Instant>,
+}
+
+/// `state` label of a job transition's target.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ToLabel {
+    to: &'static str,
+}
+
+/// The controller's operator metrics.
+#[derive(Clone)]
+struct Metrics {
+    transitions: prometheus_client::metrics::family::Family<
+        ToLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    restarts: prometheus_client::metrics::counter::Counter,
+    deploy_seconds: prometheus_client::metrics::histogram::Histogram,
+    reconcile_seconds: prometheus_client::metrics::histogram::Histogram,
+    reconcile_errors: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            transitions: Default::default(),
+            restarts: Default::default(),
+            deploy_seconds: crate::telemetry::seconds_histogram(),
+            reconcile_seconds: crate::telemetry::seconds_histogram(),
+            reconcile_errors: Default::default(),
+        }
+    }
 }
 
 /// The outcome of running a decision's effects.
@@ -214,7 +248,36 @@ impl Controller {
             due: HashMap::new(),
             failures: HashMap::new(),
             started: chrono::Utc::now(),
+            metrics: Metrics::default(),
+            deploying_since: HashMap::new(),
         })
+    }
+
+    /// Registers the controller's series into `telemetry`: job transitions by target state,
+    /// task restarts, deploy latency (a job's `deploying` to `running`, as this controller saw
+    /// it), reconcile time and failed reconciles.
+    pub fn register_metrics(&self, telemetry: &crate::telemetry::Telemetry) {
+        let m = self.metrics.clone();
+        telemetry.register(|registry| {
+            let r = registry.sub_registry_with_prefix("controller");
+            r.register("job_transitions", "Job state changes, by target state", m.transitions);
+            r.register("task_restarts", "Failed tasks put back to ready to run again", m.restarts);
+            r.register(
+                "job_deploy_duration_seconds",
+                "From a job entering deploying to every task running (the job entering running)",
+                m.deploy_seconds,
+            );
+            r.register(
+                "reconcile_duration_seconds",
+                "Time of one reconcile of one job",
+                m.reconcile_seconds,
+            );
+            r.register(
+                "reconcile_errors",
+                "Reconciles that failed and were retried",
+                m.reconcile_errors,
+            );
+        });
     }
 
     /// A handle to wake the controller.
@@ -302,12 +365,18 @@ impl Controller {
         for job_id in ready {
             self.due.remove(&job_id);
             let span = tracing::info_span!("reconcile", job_id = %job_id);
-            let action = match self.reconcile(&job_id).instrument(span.clone()).await {
+            let start = Instant::now();
+            let result = self.reconcile(&job_id).instrument(span.clone()).await;
+            self.metrics.reconcile_seconds.observe(start.elapsed().as_secs_f64());
+            let action = match result {
                 Ok(action) => {
                     self.failures.remove(&job_id);
                     action
                 }
-                Err(err) => span.in_scope(|| self.error_policy(&job_id, &err)),
+                Err(err) => {
+                    self.metrics.reconcile_errors.inc();
+                    span.in_scope(|| self.error_policy(&job_id, &err))
+                }
             };
             if let Action::Requeue(wait) = action {
                 self.due.insert(job_id, Instant::now() + wait);
@@ -404,6 +473,7 @@ impl Controller {
                     for r in &restarts {
                         match self.store.restart_task(&job.id, &r.task, r.restarts, &r.log).await {
                             Ok(task) => {
+                                self.metrics.restarts.inc();
                                 self.notifier.reset_task(&r.task);
                                 tracing::warn!(task_id = %r.task, restarts = task.restarts, log = %r.log, "task restarted");
                             }
@@ -468,6 +538,21 @@ impl Controller {
         match self.store.set_job_state(&job.id, &[from], to, reason.as_deref()).await {
             Ok(_) => {
                 tracing::info!(%from, %to, reason = reason.as_deref().unwrap_or(""), "job state changed");
+                self.metrics.transitions.get_or_create(&ToLabel { to: to.as_str() }).inc();
+                match to {
+                    JobState::Deploying => {
+                        self.deploying_since.insert(job.id.clone(), Instant::now());
+                    }
+                    JobState::Running => {
+                        if let Some(since) = self.deploying_since.remove(&job.id) {
+                            self.metrics.deploy_seconds.observe(since.elapsed().as_secs_f64());
+                        }
+                    }
+                    _ if to.is_final() => {
+                        self.deploying_since.remove(&job.id);
+                    }
+                    _ => {}
+                }
                 Ok(Executed::Done)
             }
             Err(store::Error::Conflict { actual, .. }) => {

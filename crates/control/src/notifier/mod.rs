@@ -37,6 +37,10 @@ use fledge_proto::{
     ComputeSubscription, DeployEvent, DeployEventKind, TaskEvent, TaskEventKind, TaskSubscription,
 };
 use fledge_types::{ComputeId, ErrorCode, JobId, TaskId};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::grpc;
 use crate::store::{self, Store};
@@ -97,6 +101,7 @@ impl Options {
             shared: Arc::new(Shared {
                 capacity: self.mailbox_capacity,
                 inner: Mutex::new(Inner::default()),
+                counts: Counts::default(),
             }),
             store,
             keepalive: (self.keepalive_secs > 0)
@@ -164,12 +169,17 @@ impl<E: Sequenced> Mailbox<E> {
         mut event: E,
         capacity: usize,
         subscriber: &dyn std::fmt::Display,
+        counts: &Counts,
+        kind: &'static str,
     ) -> u64 {
         let seq = self.next_seq;
         event.set_seq(seq);
         self.next_seq += 1;
+        let label = KindLabel { kind };
+        counts.published.get_or_create(&label).inc();
         if self.events.len() >= capacity {
             self.events.pop_front();
+            counts.dropped.get_or_create(&label).inc();
             tracing::warn!(%subscriber, capacity, "notifier mailbox full; dropped its oldest event");
         }
         self.events.push_back(event.clone());
@@ -179,6 +189,7 @@ impl<E: Sequenced> Mailbox<E> {
             // Closed (the client left) or full (the client is a whole mailbox behind): end the
             // stream; the client's reconnect replays the mailbox.
             tracing::info!(%subscriber, "notifier subscriber gone or too slow; disconnecting it");
+            counts.disconnected.get_or_create(&label).inc();
             self.conn = None;
         }
         seq
@@ -221,6 +232,38 @@ struct Shared {
     capacity: usize,
     // A std mutex: every critical section is a few map operations and non-blocking sends.
     inner: Mutex<Inner>,
+    counts: Counts,
+}
+
+/// `kind` label: `task` (agents' mailboxes) or `deploy` (deployers').
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// The notifier's counters (operator metrics).
+#[derive(Default)]
+struct Counts {
+    published: Family<KindLabel, Counter>,
+    dropped: Family<KindLabel, Counter>,
+    disconnected: Family<KindLabel, Counter>,
+}
+
+/// A snapshot of the notifier's subscribers and mailboxes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Task mailboxes (one per task of a live job that was sent an event).
+    pub task_mailboxes: usize,
+    /// Agents connected now.
+    pub task_subscribers: usize,
+    /// Events retained in task mailboxes.
+    pub task_queued: usize,
+    /// Compute mailboxes.
+    pub compute_mailboxes: usize,
+    /// Deployers connected now.
+    pub compute_subscribers: usize,
+    /// Events retained in compute mailboxes.
+    pub compute_queued: usize,
 }
 
 impl Shared {
@@ -259,7 +302,7 @@ impl Handle {
             .tasks
             .entry(task.clone())
             .or_insert_with(|| Mailbox::new(Some(job.clone()), first));
-        let seq = mailbox.publish(event, self.shared.capacity, task);
+        let seq = mailbox.publish(event, self.shared.capacity, task, &self.shared.counts, "task");
         inner.max_seq = inner.max_seq.max(seq);
     }
 
@@ -270,8 +313,62 @@ impl Handle {
         let first = inner.first_seq();
         let mailbox =
             inner.computes.entry(compute.clone()).or_insert_with(|| Mailbox::new(None, first));
-        let seq = mailbox.publish(event, self.shared.capacity, compute);
+        let seq =
+            mailbox.publish(event, self.shared.capacity, compute, &self.shared.counts, "deploy");
         inner.max_seq = inner.max_seq.max(seq);
+    }
+
+    /// How many subscribers and retained events there are now.
+    pub fn stats(&self) -> Stats {
+        let inner = self.shared.lock();
+        Stats {
+            task_mailboxes: inner.tasks.len(),
+            task_subscribers: inner.tasks.values().filter(|m| m.is_connected()).count(),
+            task_queued: inner.tasks.values().map(|m| m.events.len()).sum(),
+            compute_mailboxes: inner.computes.len(),
+            compute_subscribers: inner.computes.values().filter(|m| m.is_connected()).count(),
+            compute_queued: inner.computes.values().map(|m| m.events.len()).sum(),
+        }
+    }
+
+    /// Registers the notifier's series into `telemetry`: events published, dropped from full
+    /// mailboxes and slow subscribers disconnected (counters), subscribers, mailboxes and
+    /// retained events (gauges read when scraped), each by `kind` (`task` or `deploy`).
+    pub fn register_metrics(&self, telemetry: &crate::telemetry::Telemetry) {
+        let subscribers = Family::<KindLabel, Gauge>::default();
+        let mailboxes = Family::<KindLabel, Gauge>::default();
+        let queued = Family::<KindLabel, Gauge>::default();
+        let counts = &self.shared.counts;
+        telemetry.register(|registry| {
+            let r = registry.sub_registry_with_prefix("notifier");
+            r.register("events_published", "Events published", counts.published.clone());
+            r.register(
+                "events_dropped",
+                "Oldest events dropped from full mailboxes",
+                counts.dropped.clone(),
+            );
+            r.register(
+                "slow_disconnects",
+                "Subscribers disconnected for falling a whole mailbox behind (or gone)",
+                counts.disconnected.clone(),
+            );
+            r.register("subscribers", "Subscribers connected now", subscribers.clone());
+            r.register("mailboxes", "Mailboxes held", mailboxes.clone());
+            r.register("queued_events", "Events retained in mailboxes", queued.clone());
+        });
+        let handle = self.clone();
+        telemetry.on_scrape(move || {
+            let stats = handle.stats();
+            let set = |family: &Family<KindLabel, Gauge>, kind, n: usize| {
+                family.get_or_create(&KindLabel { kind }).set(i64::try_from(n).unwrap_or(i64::MAX));
+            };
+            set(&subscribers, "task", stats.task_subscribers);
+            set(&subscribers, "deploy", stats.compute_subscribers);
+            set(&mailboxes, "task", stats.task_mailboxes);
+            set(&mailboxes, "deploy", stats.compute_mailboxes);
+            set(&queued, "task", stats.task_queued);
+            set(&queued, "deploy", stats.compute_queued);
+        });
     }
 
     /// Whether a deployer for `compute` is connected now.
@@ -466,7 +563,13 @@ mod tests {
     use super::*;
 
     fn handle(capacity: usize) -> Handle {
-        Handle { shared: Arc::new(Shared { capacity, inner: Mutex::new(Inner::default()) }) }
+        Handle {
+            shared: Arc::new(Shared {
+                capacity,
+                inner: Mutex::new(Inner::default()),
+                counts: Counts::default(),
+            }),
+        }
     }
 
     fn connect_task(handle: &Handle, task: &TaskId) -> mpsc::Receiver<TaskEvent> {

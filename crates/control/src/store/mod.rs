@@ -127,6 +127,15 @@ pub struct NewTask {
     pub key_sha256: String,
 }
 
+/// How many jobs and tasks are in each state, over the whole store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    /// Jobs by state.
+    pub jobs: HashMap<JobState, u64>,
+    /// Tasks (of every job) by state.
+    pub tasks: HashMap<TaskState, u64>,
+}
+
 /// Filter for job listings.
 #[derive(Clone, Debug, Default)]
 pub struct JobFilter {
@@ -276,6 +285,9 @@ pub trait Store: Send + Sync + 'static {
     async fn count_tasks(&self, job: &JobId) -> Result<HashMap<TaskState, u64>>;
     /// One task.
     async fn get_task(&self, job: &JobId, task: &TaskId) -> Result<Task>;
+    /// How many jobs, and tasks of all jobs, are in each state (states without any are
+    /// absent): the operator's gauges.
+    async fn state_counts(&self) -> Result<StateCounts>;
     /// Finds a task by id alone and checks its key hash (a platform-run task's key, or the key
     /// minted for a participant-run task); `NotFound` when either is wrong or the task's job is
     /// in a final state (a task key dies with its job).
@@ -314,8 +326,10 @@ pub trait Store: Send + Sync + 'static {
     async fn participant_keys(&self, job: &JobId) -> Result<BTreeSet<TaskId>>;
 
     // Metrics.
-    /// Appends metric records of a job.
-    async fn add_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<()>;
+    /// Appends metric records of a job; a record already stored (same task, round and
+    /// timestamp: a restarted task re-sends its recent records) is skipped. Returns the indices
+    /// in `records` of those newly stored.
+    async fn add_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<Vec<usize>>;
     /// How many metric records task `task` of `job` has stored.
     async fn count_metrics(&self, job: &JobId, task: &TaskId) -> Result<u64>;
     /// A job's metric records in insertion order.

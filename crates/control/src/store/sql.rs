@@ -1282,6 +1282,28 @@ macro_rules! impl_sql_store {
                     .collect()
             }
 
+            async fn state_counts(&self) -> Result<super::StateCounts> {
+                let count = |row: &_| -> Result<u64> {
+                    let n: i64 = get(row, "n")?;
+                    Ok(u64::try_from(n).unwrap_or(0))
+                };
+                let jobs = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|row| Ok((job_state(&get::<String>(row, "state")?)?, count(row)?)))
+                    .collect::<Result<_>>()?;
+                let tasks = sqlx::query("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|row| Ok((task_state(&get::<String>(row, "state")?)?, count(row)?)))
+                    .collect::<Result<_>>()?;
+                Ok(super::StateCounts { jobs, tasks })
+            }
+
             async fn get_task(&self, job: &JobId, task: &TaskId) -> Result<Task> {
                 let row = sqlx::query(&format!(
                     "SELECT {TASK_COLUMNS} FROM tasks WHERE job_id = $1 AND task_id = $2"
@@ -1457,11 +1479,12 @@ macro_rules! impl_sql_store {
                 rows.iter().map(|row| Ok(TaskId::new(get::<String>(row, "task_id")?))).collect()
             }
 
-            async fn add_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<()> {
+            async fn add_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<Vec<usize>> {
                 self.fetch_job(None, job).await?;
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
                 let received = now();
-                for record in records {
+                let mut stored = Vec::with_capacity(records.len());
+                for (index, record) in records.iter().enumerate() {
                     let round = i64::try_from(record.round).unwrap_or(i64::MAX);
                     if let Some(ts) = record.timestamp {
                         // The same record sent again (a restarted task re-sends its last
@@ -1500,9 +1523,10 @@ macro_rules! impl_sql_store {
                             db(err)
                         }
                     })?;
+                    stored.push(index);
                 }
                 tx.commit().await.map_err(db)?;
-                Ok(())
+                Ok(stored)
             }
 
             async fn count_metrics(&self, job: &JobId, task: &TaskId) -> Result<u64> {

@@ -471,6 +471,12 @@ async fn tasks(store: &impl Store) {
         store.list_tasks(&job.id).await.unwrap().into_iter().map(|t| t.task_id.0).collect();
     assert_eq!(ids, ["tz", "ta", "tp"], "expansion order, no duplicates");
     assert_eq!(store.count_tasks(&job.id).await.unwrap(), HashMap::from([(TaskState::Ready, 3)]));
+    let counts = store.state_counts().await.unwrap();
+    assert_eq!(counts.tasks.get(&TaskState::Ready), Some(&3), "{counts:?}");
+    assert_eq!(
+        counts.jobs.values().sum::<u64>(),
+        store.list_jobs(&JobFilter::default()).await.unwrap().len() as u64
+    );
     assert!(matches!(store.count_tasks(&"nope".into()).await, Err(Error::NotFound { .. })));
     assert!(matches!(
         store.list_tasks(&"nope".into()).await,
@@ -599,10 +605,10 @@ async fn metrics(store: &impl Store) {
         ),
         ..record(round, 0.25)
     };
-    store.add_metrics(&job.id, &[at(4, 0), at(4, 0)]).await.unwrap();
-    store.add_metrics(&job.id, &[at(4, 0)]).await.unwrap();
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 0), at(4, 0)]).await.unwrap(), [0]);
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 0)]).await.unwrap(), Vec::<usize>::new());
     assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 4);
-    store.add_metrics(&job.id, &[at(4, 1)]).await.unwrap();
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 0), at(4, 1)]).await.unwrap(), [1]);
     assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 5);
 }
 

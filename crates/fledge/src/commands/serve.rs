@@ -57,6 +57,11 @@ pub struct Args {
     /// (`mqtt://host:port`; the admin password comes from `FLEDGE_MOSQUITTO_ADMIN_PASSWORD`).
     #[arg(long, value_name = "URL")]
     pub mosquitto_admin_url: Option<String>,
+    /// Serve `/metrics` on a listener of its own (`host:port`), e.g. for a process without an
+    /// apiserver (TLS with the control plane's identity; plain text on loopback only for a
+    /// deployer-only process or under --insecure).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Print the effective configuration (TOML) and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -84,6 +89,7 @@ impl Args {
         push("metaserver.listen", self.metaserver_listen.clone());
         push("metaserver.advertise", self.metaserver_advertise.clone());
         push("mosquitto.admin_url", self.mosquitto_admin_url.clone());
+        push("metrics.listen", self.metrics_listen.clone());
         res.extend(self.tls.overrides()?);
         Ok(res)
     }
@@ -197,9 +203,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     service::cancel_on_signal(shutdown.clone());
     if !options.runs_control_plane() {
-        // A compute-side process: the deployer alone, no store.
+        // A compute-side process: the deployer alone, no store. Its metrics listener (if
+        // any) serves plain text on loopback only (`Options::validate`): it has no identity.
         let deployer = build_deployer(&options.deployer, &options.data_dir, None, None)?;
-        return deployer.run(shutdown).await.context("the deployer failed");
+        let Some(addr) = options.metrics.listen else {
+            return deployer.run(shutdown).await.context("the deployer failed");
+        };
+        let telemetry = fledge_control::telemetry::Telemetry::new();
+        telemetry.register(|r| deployer.register_metrics(r.sub_registry_with_prefix("deployer")));
+        let listener = fledge_control::telemetry::bind(addr).await?;
+        let metrics =
+            tokio::spawn(fledge_control::telemetry::serve(listener, telemetry, shutdown.clone()));
+        let result = deployer.run(shutdown.clone()).await.context("the deployer failed");
+        shutdown.cancel();
+        metrics.await.context("the metrics listener panicked")??;
+        return result;
     }
     let store = service::open_store(&options).await?;
     let services =
@@ -212,6 +230,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Some(&services.endpoints),
             local_ca.as_deref(),
         )?;
+        services
+            .telemetry
+            .register(|r| deployer.register_metrics(r.sub_registry_with_prefix("deployer")));
         let token = services.shutdown_token();
         services.spawn("deployer", async move {
             deployer.run(token).await.map_err(anyhow::Error::from)
@@ -224,6 +245,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         notifier = ?services.addrs.notifier,
         broker = ?services.addrs.broker,
         metaserver = ?services.addrs.metaserver,
+        metrics = ?services.addrs.metrics,
         "fledge serving"
     );
     if services.addrs.apiserver.is_some()
@@ -268,6 +290,7 @@ mod tests {
             metaserver_listen: None,
             metaserver_advertise: None,
             mosquitto_admin_url: None,
+            metrics_listen: None,
             dump_config: false,
             tls: Default::default(),
         };

@@ -310,6 +310,9 @@ fn start_deployer(
     };
     let deployer =
         super::serve::build_deployer(&section, data_dir, Some(&services.endpoints), None)?;
+    services
+        .telemetry
+        .register(|r| deployer.register_metrics(r.sub_registry_with_prefix("deployer")));
     let token = services.shutdown_token();
     services
         .spawn("deployer", async move { deployer.run(token).await.map_err(anyhow::Error::from) });

@@ -186,6 +186,20 @@ impl Platform {
         command
     }
 
+    /// `GET {endpoint}{path}` over TLS trusting the platform's CA, without a token; returns
+    /// the status and body.
+    #[allow(dead_code)]
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        fledge_tls::install_default_provider();
+        let pem = std::fs::read(self.data_dir().join("tls").join("ca.pem")).unwrap();
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .build()
+            .unwrap();
+        let response = http.get(format!("{}{path}", self.endpoint)).send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
     /// The job, its tasks and its metric records, through the REST API.
     pub async fn job(&self, id: &str) -> (Job, Vec<Task>, Vec<MetricRecord>) {
         let client = self.client();

@@ -560,7 +560,7 @@ async fn checkpoint(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
 
 async fn report(ctx: &mut AsyncAggregatorCtx) -> Result<()> {
     let traffic = ctx.io.traffic();
-    let next = RoundMetrics::start(traffic);
+    let next = RoundMetrics::start(traffic.clone());
     // A middle aggregator numbers its records by uploads; the top by server steps.
     let round = ctx.up.as_ref().map_or(ctx.model_version, |up| up.uploads);
     let record = std::mem::replace(&mut ctx.io.metrics, next).finish(

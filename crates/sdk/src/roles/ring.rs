@@ -187,6 +187,10 @@ impl Context for RingCtx {
     fn record_time(&mut self, alias: &str, seconds: f64) {
         self.io.record_time(alias, seconds);
     }
+
+    fn round(&self) -> Option<u64> {
+        Some(self.round)
+    }
 }
 
 impl RingCtx {
