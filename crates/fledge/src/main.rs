@@ -85,7 +85,17 @@ fn main() -> ExitCode {
         Command::Quickstart(_) => "warn,rumqttd=off",
         _ => "info,rumqttd=off",
     };
-    commands::init_tracing(default_filter);
+    let service = match &cli.command {
+        Command::Serve(_) => "serve",
+        Command::Standalone(_) => "standalone",
+        Command::Quickstart(_) => "quickstart",
+        Command::Fledgelet(_) => "fledgelet",
+        Command::RunTask(_) => "run-task",
+        Command::Roles(_) => "roles",
+        Command::Bench(_) => "bench",
+        Command::Image(_) => "image",
+    };
+    let _tracing = commands::init_tracing(default_filter, service);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
