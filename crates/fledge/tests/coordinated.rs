@@ -130,6 +130,7 @@ async fn over_mqtt_a_crashed_middle_aggregator_is_replaced_by_its_replica() {
         task_key: None,
         backend_env: BackendEnv::default(),
         role: None,
+        observer: None,
     };
     opts.backend_env.mqtt.liveness_timeout = Duration::from_secs(3);
     let addr = broker.addr().to_string();

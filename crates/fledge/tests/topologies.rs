@@ -102,6 +102,7 @@ async fn run_in_process(
         task_key: None,
         backend_env: BackendEnv { local_hub: LocalHub::new(), ..BackendEnv::default() },
         role: None,
+        observer: None,
     };
     let start = chrono::Utc::now();
     let mut set = tokio::task::JoinSet::new();

@@ -12,7 +12,9 @@
 //! - [`channels`]: direct channel access (`join_channels`, `Channel.send/recv/broadcast`)
 //!   for custom roles.
 //! - [`run`]: `run_task` (one task from its config) and `simulate` (a whole job in this
-//!   process over the local backend). Both release the GIL while the Rust runtime works.
+//!   process over the local backend). Both release the GIL while the Rust runtime works, and
+//!   pass each round's record to an optional progress callable (`progress`).
+//! - `logging`: Rust's logs go through Python's `logging` (`pyo3-log`).
 //!
 //! Nothing here implements training or aggregation: that is `fledge-sdk`'s job.
 
@@ -21,7 +23,9 @@ use pyo3::prelude::*;
 pub mod app;
 pub mod channels;
 pub mod convert;
+mod logging;
 pub mod models;
+mod progress;
 pub mod run;
 
 pyo3::create_exception!(
@@ -59,6 +63,7 @@ pyo3::create_exception!(
 #[pymodule]
 fn _fledge(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    logging::install(py)?;
     m.add("FledgeError", py.get_type::<FledgeError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("TaskError", py.get_type::<TaskError>())?;

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fledge_channel::{BackendEnv, LocalHub};
-use fledge_sdk::AppFactory;
 use fledge_sdk::plan::Topology;
 use fledge_sdk::runner::{self, JobPlan, RunOptions, RunSummary};
 use fledge_sdk::table;
+use fledge_sdk::{AppFactory, RecordObserver};
 use fledge_types::{Sort, TaskConfig};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 
 use crate::app::{OnUserError, PyFactory};
 use crate::convert::weights_into_py;
+use crate::progress::Progress;
 use crate::{ConfigError, TaskError};
 
 /// How often a run checks Python's signal handlers.
@@ -41,15 +42,6 @@ pub(crate) enum Stop {
     TimedOut,
     /// A signal handler raised (e.g. `KeyboardInterrupt`).
     Interrupted(PyErr),
-}
-
-/// Starts the tracing subscriber once per process: `FLEDGE_LOG` (else `default`) to stderr.
-fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEDGE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // A second call (another run in the same process) finds the subscriber set: fine.
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// Runs `fut` on `rt` with the GIL released, checking Python's signal handlers every
@@ -78,8 +70,13 @@ where
     })
 }
 
-/// Runs `fut` on a new runtime with the GIL released (see [`block_on_detached_with`]).
-fn block_on_detached<T, F>(py: Python<'_>, fut: F) -> PyResult<Result<T, String>>
+/// Runs `fut` on a new runtime with the GIL released (see [`block_on_detached_with`]). When
+/// the `progress` callback raises, the run stops and its exception propagates.
+fn block_on_detached<T, F>(
+    py: Python<'_>,
+    progress: Option<Arc<Progress>>,
+    fut: F,
+) -> PyResult<Result<T, String>>
 where
     T: Send,
     F: Future<Output = Result<T, String>> + Send,
@@ -89,7 +86,18 @@ where
         .thread_name("fledge-runtime")
         .build()
         .map_err(|e| TaskError::new_err(format!("cannot start the tokio runtime: {e}")))?;
-    let res = block_on_detached_with(py, &rt, async move { fut.await.map_err(Stop::Failed) });
+    let res = block_on_detached_with(py, &rt, async move {
+        let failure = async {
+            match &progress {
+                Some(progress) => progress.failure().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            res = fut => res.map_err(Stop::Failed),
+            err = failure => Err(Stop::Interrupted(err)),
+        }
+    });
     // Tasks still running (e.g. a simulation's stragglers) end with the runtime, GIL released.
     py.detach(move || drop(rt));
     match res {
@@ -144,7 +152,7 @@ pub fn builtin_roles() -> Vec<&'static str> {
 #[pyfunction]
 #[pyo3(signature = (
     config_json, trainer=None, evaluator=None, workdir=None, exit_on_user_error=false,
-    role=None, feature_party=None, label_party=None
+    role=None, feature_party=None, label_party=None, progress=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn run_task<'py>(
@@ -157,11 +165,13 @@ pub fn run_task<'py>(
     role: Option<&str>,
     feature_party: Option<Py<PyAny>>,
     label_party: Option<Py<PyAny>>,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<(String, Option<Bound<'py, PyDict>>)> {
-    // A task's log tail is its record: progress belongs there.
-    init_tracing("info");
+    crate::logging::refresh();
     let config = read_config(config_json)?;
+    let progress = progress.map(Progress::new);
     let mut opts = RunOptions::from_env();
+    opts.observer = progress.as_ref().map(Progress::observer);
     if let Some(dir) = workdir {
         opts.workdir = dir;
     }
@@ -169,7 +179,7 @@ pub fn run_task<'py>(
     let on_error = if exit_on_user_error { OnUserError::Exit } else { OnUserError::Raise };
     let factory = Arc::new(PyFactory { trainer, evaluator, feature_party, label_party, on_error });
     tracing::info!(task_id = %config.task_id, role = entry.name(), "running python task");
-    let res = block_on_detached(py, async move {
+    let res = block_on_detached(py, progress, async move {
         (entry.run)(config, factory, opts).await.map_err(|e| runner::error_chain(&e))
     })?;
     let summary = res.map_err(TaskError::new_err)?;
@@ -188,7 +198,7 @@ pub fn run_task<'py>(
 #[pyo3(signature = (
     trainer, datasets, hyperparameters_json="{}", middle=0, optimizer_json=None,
     selector_json=None, workdir=None, evaluator=None, job_id="sim", timeout=0.0,
-    topology="tree", feature_party=None, label_party=None
+    topology="tree", feature_party=None, label_party=None, progress=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn simulate<'py>(
@@ -206,9 +216,9 @@ pub fn simulate<'py>(
     topology: &str,
     feature_party: Option<Py<PyAny>>,
     label_party: Option<Py<PyAny>>,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<(String, Option<Bound<'py, PyDict>>, String)> {
-    // Every task of a simulation logs to this terminal: only problems by default.
-    init_tracing("warn");
+    crate::logging::refresh();
     let mut plan = JobPlan::local(job_id, datasets);
     plan.middle = middle;
     plan.topology = match topology {
@@ -246,10 +256,12 @@ pub fn simulate<'py>(
         label_party,
         on_error: OnUserError::Raise,
     });
-    let res = block_on_detached(py, async move {
+    let progress = progress.map(Progress::new);
+    let observer = progress.as_ref().map(Progress::observer);
+    let res = block_on_detached(py, progress, async move {
         let deadline =
             (timeout > 0.0).then(|| tokio::time::Instant::now() + Duration::from_secs_f64(timeout));
-        run_all(&plan, factory, workdir, deadline).await
+        run_all(&plan, factory, workdir, deadline, observer).await
     })?;
     let (mut top, others) = res.map_err(TaskError::new_err)?;
     let others: BTreeMap<String, Value> = others
@@ -270,12 +282,14 @@ pub fn simulate<'py>(
 
 /// Runs every task of `plan` concurrently over a private local hub, like
 /// `fledge_sdk::runner::simulate`, but keeps the other tasks' results when the top
-/// aggregator fails so that the error can say why (usually a trainer's user code).
+/// aggregator fails so that the error can say why (usually a trainer's user code). The
+/// `observer` sees the top task's records: one per round of the job.
 async fn run_all(
     plan: &JobPlan,
     factory: Arc<dyn AppFactory>,
     workdir: PathBuf,
     deadline: Option<tokio::time::Instant>,
+    observer: Option<RecordObserver>,
 ) -> Result<(RunSummary, BTreeMap<String, Result<RunSummary, String>>), String> {
     let configs = plan.configs().map_err(|e| runner::error_chain(&e))?;
     let opts = RunOptions {
@@ -283,13 +297,17 @@ async fn run_all(
         task_key: None,
         backend_env: BackendEnv { local_hub: LocalHub::new(), ..BackendEnv::default() },
         role: None,
+        observer: None,
     };
     let top_id = configs.first().map(|c| c.task_id.as_str().to_owned()).unwrap_or_default();
     let mut set = JoinSet::new();
     for config in configs {
-        let (factory, opts) = (factory.clone(), opts.clone());
+        let (factory, mut opts) = (factory.clone(), opts.clone());
+        let id = config.task_id.as_str().to_owned();
+        if id == top_id {
+            opts.observer = observer.clone();
+        }
         set.spawn(async move {
-            let id = config.task_id.as_str().to_owned();
             let res = runner::run_task_with(config, factory, opts)
                 .await
                 .map_err(|e| runner::error_chain(&e));

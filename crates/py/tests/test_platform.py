@@ -151,6 +151,8 @@ def test_numpy_mnist_job_completes_through_the_platform(platform):
     for task in (t for t in tasks if t["role"] == "trainer"):
         # The worker ran the bundle's main.py with the Python of FLEDGE_PYTHON.
         assert f"running {sys.executable} main.py" in task["log"], task["log"]
+        # fledge.run's default progress line, one per round, in the task's log.
+        assert "fledge: round 5" in task["log"], task["log"]
 
     records = platform.json("get", "metrics", job)
     rounds = sorted((r for r in records if r["role"] == "aggregator"), key=lambda r: r["round"])

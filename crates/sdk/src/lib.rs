@@ -49,5 +49,5 @@ pub use app::{AppFactory, AppNeed, Evaluator, FeatureApp, LabelApp, TrainOutcome
 pub use error::{Error, Result};
 pub use fledge_algorithms::{Tensor, Weights};
 pub use fledge_types::TaskConfig;
-pub use role::{Role, RunOptions, RunSummary, TaskIo};
+pub use role::{RecordObserver, Role, RunOptions, RunSummary, TaskIo};
 pub use runner::{run_task, run_task_with};

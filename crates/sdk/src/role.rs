@@ -51,6 +51,19 @@ pub struct RunOptions {
     /// Run this role instead of inferring it from the function tags
     /// ([`crate::runner::run_task_with`]).
     pub role: Option<RoleKind>,
+    /// Sees every record the task reports, one per round (progress for a user watching).
+    pub observer: Option<RecordObserver>,
+}
+
+/// A function that sees every [`MetricRecord`] a task reports, as it reports it (one per
+/// round), on the runtime thread that runs the role: it must return quickly.
+#[derive(Clone)]
+pub struct RecordObserver(pub Arc<dyn Fn(&MetricRecord) + Send + Sync>);
+
+impl std::fmt::Debug for RecordObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordObserver")
+    }
 }
 
 impl Default for RunOptions {
@@ -60,6 +73,7 @@ impl Default for RunOptions {
             task_key: None,
             backend_env: BackendEnv::default(),
             role: None,
+            observer: None,
         }
     }
 }
@@ -115,6 +129,8 @@ pub struct TaskIo {
     pub metrics: RoundMetrics,
     /// Every finished round's record.
     pub history: Vec<MetricRecord>,
+    /// Sees each record as it is reported ([`RunOptions::observer`]).
+    observer: Option<RecordObserver>,
 }
 
 /// Where an aggregating task starts.
@@ -186,6 +202,7 @@ impl TaskIo {
             reporter,
             metrics: RoundMetrics::default(),
             history: Vec::new(),
+            observer: opts.observer.clone(),
         })
     }
 
@@ -221,6 +238,9 @@ impl TaskIo {
 
     /// Reports a record built elsewhere and keeps it in the history.
     pub fn report(&mut self, record: MetricRecord) {
+        if let Some(observer) = &self.observer {
+            (observer.0)(&record);
+        }
         self.reporter.report(record.clone());
         self.history.push(record);
     }

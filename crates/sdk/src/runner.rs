@@ -69,6 +69,7 @@ pub async fn simulate(
         task_key: None,
         backend_env: BackendEnv { local_hub: LocalHub::new(), ..BackendEnv::default() },
         role: None,
+        observer: None,
     };
     simulate_with(&plan, factory, opts).await
 }

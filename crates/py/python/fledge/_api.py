@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 
@@ -18,6 +20,81 @@ Weights = Dict[str, np.ndarray]
 """A model: tensor name -> float32 array, in a fixed order (the dict's)."""
 
 Metrics = Dict[str, float]
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """One finished round, as :func:`simulate` and :func:`run` report it to ``progress``.
+
+    ``metrics`` is the round's record as the task reported it: for an aggregator the global
+    model's evaluation (``global.accuracy``, ``global.loss``: what the evaluator measured),
+    the trainers' weighted means (``trainer.train_loss``, ``trainer.afterTraining.accuracy``),
+    ``roundSeconds``, participants (``updates``, ``trainersDropped``) and bytes per channel
+    (``channel.<name>.bytesSent``); for a trainer its own ``train_*`` and ``afterTraining.*``.
+    """
+
+    round: int
+    """The round just finished (1-based)."""
+    rounds: Optional[int]
+    """The rounds the job asks for (``hyperparameters["rounds"]``), when it says."""
+    task_id: str
+    role: str
+    metrics: Metrics
+    elapsed: float
+    """Seconds since the run started."""
+
+
+ProgressCallback = Callable[[RoundProgress], None]
+
+# Shown in the progress line, when the record has them: the global model's evaluation, the
+# trainers' means (an aggregator's record), a trainer's own figures (a trainer's record).
+_PROGRESS_KEYS = (
+    "global.accuracy",
+    "global.loss",
+    "trainer.afterTraining.accuracy",
+    "trainer.train_loss",
+    "afterTraining.accuracy",
+    "train_loss",
+)
+
+
+def print_progress(p: RoundProgress) -> None:
+    """The default progress line, on stderr: ``fledge: round 3/10  global.accuracy 0.9120 ...``."""
+    total = f"/{p.rounds}" if p.rounds else ""
+    parts = [f"round {p.round}{total}"]
+    for key in _PROGRESS_KEYS:
+        if key in p.metrics:
+            parts.append(f"{key} {p.metrics[key]:.4f}")
+    if "roundSeconds" in p.metrics:
+        parts.append(f"({p.metrics['roundSeconds']:.2f} s)")
+    print("fledge: " + "  ".join(parts), file=sys.stderr, flush=True)
+
+
+def _progress(
+    progress: Union[bool, ProgressCallback, None], rounds: Optional[int]
+) -> Optional[Callable[[int, str, str, Metrics], None]]:
+    """The callable the native run calls per record: ``progress`` wrapped, or ``None``."""
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        callback: ProgressCallback = print_progress
+    elif callable(progress):
+        callback = progress
+    else:
+        raise ConfigError(f"progress must be True, False or a callable, not {progress!r}")
+    started = time.monotonic()
+
+    def report(round: int, task_id: str, role: str, metrics: Metrics) -> None:
+        callback(
+            RoundProgress(round, rounds, task_id, role, dict(metrics), time.monotonic() - started)
+        )
+
+    return report
+
+
+def _rounds(hyperparameters: Mapping[str, Any]) -> Optional[int]:
+    rounds = hyperparameters.get("rounds")
+    return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else None
 
 
 @dataclass(frozen=True)
@@ -508,6 +585,7 @@ def run(
     label_party: Optional[Union[Type[LabelParty], LabelParty]] = None,
     config_path: Optional[Union[str, os.PathLike]] = None,
     exit_on_error: bool = True,
+    progress: Union[bool, ProgressCallback] = True,
 ) -> RunSummary:
     """Runs this process's task: the entry point of a role folder's ``main.py``.
 
@@ -527,7 +605,20 @@ def run(
     stderr), before the task leaves its channels: the agent sees the exit before its peers
     see it leave, so the task ends ``failed`` instead of being stopped as a consequence of
     its own departure.
+
+    ``progress`` sees each round this task finishes (a :class:`RoundProgress`): ``True``
+    prints :func:`print_progress`'s line to stderr (the task's log, ``fledgectl logs``), a
+    callable gets the record instead, ``False`` is silent. An exception it raises stops the
+    task and propagates.
+
+    Rust's logs go through :mod:`logging` (loggers ``fledge_sdk.*``, ``fledge_channel.*``,
+    ...). Unless the program configured logging before, ``run`` shows ``INFO`` and above on
+    stderr, the task's log.
     """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
     try:
         if config_path is None:
             if len(sys.argv) < 2:
@@ -538,6 +629,7 @@ def run(
                 text = f.read()
         except OSError as e:
             raise ConfigError(f"cannot read task config {config_path}: {e}") from e
+        hyper = json.loads(_fledge.parse_config(text)).get("hyperparameters") or {}
         summary, model = _fledge.run_task(
             text,
             _factory(trainer, Trainer, "trainer", True),
@@ -546,6 +638,7 @@ def run(
             role=role,
             feature_party=_factory(feature_party, FeatureParty, "feature_party", True),
             label_party=_factory(label_party, LabelParty, "label_party", True),
+            progress=_progress(progress, _rounds(hyper) if isinstance(hyper, dict) else None),
         )
     except ConfigError as e:
         if not exit_on_error:
@@ -582,6 +675,7 @@ def simulate(
     workdir: Optional[Union[str, os.PathLike]] = None,
     job_id: str = "sim",
     timeout: Optional[float] = None,
+    progress: Union[bool, ProgressCallback] = True,
 ) -> SimReport:
     """Runs a whole job in this process, without a control plane.
 
@@ -597,6 +691,12 @@ def simulate(
 
     ``rounds`` is a shortcut for ``hyperparameters["rounds"]``. The registry goes to
     ``workdir`` (a new temporary directory by default). ``timeout`` (seconds) bounds the run.
+
+    ``progress`` sees each round of the job as the top task (the top aggregator, the ring
+    leader, the label party) finishes it, as a :class:`RoundProgress`: ``True`` prints
+    :func:`print_progress`'s line to stderr, a callable gets it instead, ``False`` is silent.
+    An exception the callable raises stops the simulation and propagates. Rust's logs go
+    through :mod:`logging` (warnings and errors show by default).
 
     Raises ``TaskError`` when the job fails (the message includes every failed task's
     error, with the traceback of user code), ``ConfigError`` for bad arguments.
@@ -624,6 +724,7 @@ def simulate(
         topology,
         _factory(feature_party, FeatureParty, "feature_party", False),
         _factory(label_party, LabelParty, "label_party", False),
+        _progress(progress, _rounds(hyper)),
     )
     tasks: Dict[str, RunSummary] = {}
     failures: Dict[str, str] = {}

@@ -29,11 +29,17 @@ def run_task(
     evaluator: Optional[Callable[[], Any]] = None,
     workdir: Optional[Union[str, PathLike[str]]] = None,
     exit_on_user_error: bool = False,
+    role: Optional[str] = None,
+    feature_party: Optional[Callable[[], Any]] = None,
+    label_party: Optional[Callable[[], Any]] = None,
+    progress: Optional[Callable[[int, str, str, Dict[str, float]], None]] = None,
 ) -> Tuple[str, Optional[Dict[str, npt.NDArray[np.float32]]]]:
     """Runs one task with the GIL released; returns (summary JSON, final model or None).
 
     With ``exit_on_user_error``, an exception in user code writes its traceback to stderr
     and exits the process with code 2 at once, before the role leaves its channels.
+    ``progress(round, task_id, role, metrics)`` sees each record the task reports; an
+    exception it raises stops the run and propagates.
     """
 
 def simulate(
@@ -47,8 +53,15 @@ def simulate(
     evaluator: Optional[Callable[[], Any]] = None,
     job_id: str = "sim",
     timeout: float = 0.0,
+    topology: str = "tree",
+    feature_party: Optional[Callable[[], Any]] = None,
+    label_party: Optional[Callable[[], Any]] = None,
+    progress: Optional[Callable[[int, str, str, Dict[str, float]], None]] = None,
 ) -> Tuple[str, Optional[Dict[str, npt.NDArray[np.float32]]], str]:
-    """Runs a whole job in-process; returns (top summary JSON, final model, others JSON)."""
+    """Runs a whole job in-process; returns (top summary JSON, final model, others JSON).
+
+    ``progress`` sees the top task's records, one per round of the job.
+    """
 
 def load_model(
     job_id: str,

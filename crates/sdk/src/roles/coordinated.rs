@@ -505,6 +505,7 @@ pub(crate) mod tests {
             task_key: None,
             backend_env: BackendEnv { local_hub: hub.clone(), ..BackendEnv::default() },
             role: None,
+            observer: None,
         }
     }
 

@@ -926,6 +926,7 @@ mod tests {
             task_key: None,
             backend_env: BackendEnv { local_hub: hub.clone(), ..BackendEnv::default() },
             role: None,
+            observer: None,
         }
     }
 
