@@ -48,6 +48,9 @@ enum Command {
     Bench(commands::bench::Args),
     /// Build container images (`image build`: the Docker deployer's worker image).
     Image(commands::image::Args),
+    /// Check what `standalone` or `serve` would run with (files, store, TLS, ports, Docker,
+    /// Python, MLflow) and say what is wrong.
+    Doctor(commands::doctor::Args),
 }
 
 /// Pins glibc's mmap threshold at 1 MiB.
@@ -82,7 +85,7 @@ fn main() -> ExitCode {
     };
     // The quickstart shows its own progress; services log at info.
     let default_filter = match cli.command {
-        Command::Quickstart(_) => "warn,rumqttd=off",
+        Command::Quickstart(_) | Command::Doctor(_) => "warn,rumqttd=off",
         _ => "info,rumqttd=off",
     };
     let service = match &cli.command {
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         Command::Roles(_) => "roles",
         Command::Bench(_) => "bench",
         Command::Image(_) => "image",
+        Command::Doctor(_) => "doctor",
     };
     let _tracing = commands::init_tracing(default_filter, service);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
             Command::Roles(args) => commands::roles::run(args).await,
             Command::Bench(args) => commands::bench::run(args).await,
             Command::Image(args) => commands::image::run(args).await,
+            Command::Doctor(args) => commands::doctor::run(args).await,
         }
     });
     match result {

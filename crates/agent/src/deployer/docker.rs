@@ -626,6 +626,30 @@ fn is_loopback_url(url: &str) -> bool {
     host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Checks that the engine at `socket` answers and has the worker image `image` (what a Docker
+/// deployer needs to start workers); returns the engine's version and the image's id.
+pub async fn check_engine(socket: &Path, image: &str) -> Result<(String, String), String> {
+    let shown = socket.display().to_string();
+    let docker = Docker::connect_with_unix(&shown, API_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+        .map_err(|err| format!("cannot use the Docker socket {shown}: {err}"))?
+        .negotiate_version()
+        .await
+        .map_err(|err| format!("the Docker Engine at {shown} does not answer: {err}"))?;
+    let version = docker
+        .version()
+        .await
+        .map_err(|err| format!("the Docker Engine at {shown} does not answer: {err}"))?
+        .version
+        .unwrap_or_else(|| "unknown".to_owned());
+    let id = docker.inspect_image(image).await.map_err(|err| {
+        format!(
+            "the Docker Engine {version} at {shown} has no image {image:?} ({err}): build it \
+             with `fledge image build`"
+        )
+    })?;
+    Ok((version, id.id.unwrap_or_default()))
+}
+
 /// Builds the worker image `tag` on the engine at `socket` from the `fledge` executable `exe`
 /// and the shared libraries it links (as `ldd` lists them), `FROM scratch`: nothing is pulled.
 /// Returns the engine's build output.

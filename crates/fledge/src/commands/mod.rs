@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod doctor;
 pub mod fledgelet;
 pub mod image;
 pub mod privacy_bench;

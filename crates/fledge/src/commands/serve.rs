@@ -72,7 +72,7 @@ pub struct Args {
 
 impl Args {
     /// The flags as dotted option overrides, in layer order.
-    fn overrides(&self) -> anyhow::Result<Vec<(String, String)>> {
+    pub(crate) fn overrides(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut res = Vec::new();
         let mut push = |key: &str, value: Option<String>| {
             if let Some(value) = value {

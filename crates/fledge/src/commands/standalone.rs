@@ -108,7 +108,8 @@ pub fn login_command(endpoint: &str, tls: Option<&ControlTls>) -> Option<String>
 }
 
 impl Args {
-    fn overrides(&self) -> anyhow::Result<Vec<(String, String)>> {
+    /// The flags as dotted option overrides.
+    pub(crate) fn overrides(&self) -> anyhow::Result<Vec<(String, String)>> {
         let port = |offset: u16| -> anyhow::Result<String> {
             let port = if self.port == 0 {
                 0
@@ -139,6 +140,15 @@ impl Args {
 }
 
 impl Args {
+    /// The arguments of a plain `fledge standalone` (every default).
+    pub fn defaults() -> Args {
+        Args {
+            data_dir: PathBuf::from("fledge-data"),
+            port: 10100,
+            ..Args::ephemeral(PathBuf::new())
+        }
+    }
+
     /// Arguments for a throw-away platform in `data_dir`: free ports, a process deployer,
     /// no configuration file (used by `fledge quickstart`).
     pub fn ephemeral(data_dir: PathBuf) -> Args {

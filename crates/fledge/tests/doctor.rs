@@ -1,0 +1,128 @@
+//! `fledge doctor` through the real binary: a fresh directory passes, a running standalone is
+//! recognised, and each problem an operator can hit (a taken port, a certificate for other
+//! names, an unreachable MLflow) is named, with exit code 1 where a start or a job would fail.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use support::Platform;
+
+/// Runs `fledge doctor ARGS -o json`: the exit code and each check's `(status, detail)`.
+fn doctor(dir: &Path, args: &[&str]) -> (i32, Vec<(String, String, String)>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fledge"))
+        .arg("doctor")
+        .args(args)
+        .args(["-o", "json"])
+        .current_dir(dir)
+        .env_remove("MLFLOW_TRACKING_URI")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let checks: Vec<Value> = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{e}: {text}\n{}", String::from_utf8_lossy(&out.stderr)));
+    let checks = checks
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap().to_owned();
+            (s("check"), s("status"), s("detail"))
+        })
+        .collect();
+    (out.status.code().unwrap(), checks)
+}
+
+fn find<'a>(checks: &'a [(String, String, String)], name: &str) -> &'a (String, String, String) {
+    checks.iter().find(|c| c.0 == name).unwrap_or_else(|| panic!("no {name} check in {checks:?}"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn a_fresh_directory_passes_and_a_taken_port_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let args = ["standalone", "--data-dir", "data", "--port", &port];
+    let (code, checks) = doctor(dir.path(), &args);
+    assert_eq!(code, 0, "{checks:#?}");
+    assert!(find(&checks, "tls").2.contains("will be created"), "{checks:#?}");
+    assert!(find(&checks, "store").2.contains("will be created"), "{checks:#?}");
+    assert_eq!(find(&checks, "apiserver listener").1, "ok");
+    assert!(!dir.path().join("data").exists(), "the doctor creates nothing");
+
+    // Something that is not Fledge holds the apiserver's port.
+    let _squatter = TcpListener::bind(format!("127.0.0.1:{port}")).unwrap();
+    let (_, checks) = doctor(dir.path(), &args);
+    let listener = find(&checks, "apiserver listener");
+    assert_eq!(listener.1, "warn", "{listener:?}");
+    assert!(listener.2.contains("is in use"), "{listener:?}");
+}
+
+#[test]
+fn a_running_standalone_is_recognised_and_its_certificate_checked() {
+    let platform = Platform::start_on_fixed_ports();
+    let port = platform.endpoint.rsplit(':').next().unwrap().trim_end_matches('/').to_owned();
+    let data = platform.data_dir();
+    let data = data.to_str().unwrap();
+    let (code, checks) =
+        doctor(platform.scratch(), &["standalone", "--data-dir", data, "--port", &port]);
+    assert_eq!(code, 0, "{checks:#?}");
+    let tls = find(&checks, "tls");
+    assert_eq!(tls.1, "ok", "{tls:?}");
+    assert!(tls.2.contains("valid for") && tls.2.contains("127.0.0.1"), "{tls:?}");
+    let api = find(&checks, "apiserver listener");
+    assert!(api.2.contains("a Fledge apiserver is running there"), "{api:?}");
+}
+
+#[test]
+fn a_certificate_for_other_names_fails_and_so_does_a_dead_mlflow() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("operator-tls");
+    fledge_tls::install_default_provider();
+    fledge_tls::ensure_dir(&tls, &["fledge.example".to_owned()]).unwrap();
+    let file = |name: &str| tls.join(name).display().to_string();
+    let (cert, key, ca) = (file("server.pem"), file("server.key"), file("ca.pem"));
+    let port = free_port().to_string();
+    let (code, checks) = doctor(
+        dir.path(),
+        &[
+            "serve",
+            "--data-dir",
+            "data",
+            "--apiserver-listen",
+            &format!("127.0.0.1:{port}"),
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-ca",
+            &ca,
+            "--mlflow-url",
+            "http://127.0.0.1:1",
+        ],
+    );
+    assert_eq!(code, 1, "{checks:#?}");
+    let tls = find(&checks, "tls");
+    assert_eq!(tls.1, "fail", "{tls:?}");
+    assert!(tls.2.contains("not valid for"), "{tls:?}");
+    let mlflow = find(&checks, "mlflow");
+    assert_eq!(mlflow.1, "fail", "{mlflow:?}");
+    assert!(mlflow.2.contains("http://127.0.0.1:1"), "the URL is named: {mlflow:?}");
+}
+
+#[test]
+fn a_bad_configuration_is_one_failed_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, checks) =
+        doctor(dir.path(), &["serve", "--apiserver-listen", "0.0.0.0:0", "--insecure"]);
+    assert_eq!(code, 1);
+    let config = find(&checks, "configuration");
+    assert_eq!(config.1, "fail");
+    assert!(config.2.contains("not a loopback address"), "{config:?}");
+}
