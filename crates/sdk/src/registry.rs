@@ -26,7 +26,8 @@
 //! default) with `uri` a directory path (`file://` prefix allowed); an empty uri means
 //! `./registry` under the working directory. Sort `mlflow` with `uri` an MLflow tracking
 //! server's URL is [`MlflowRegistry`] (runs, metrics, artifacts and registered models in
-//! MLflow, through a local spool that keeps every write until MLflow has it).
+//! MLflow, through a local spool that keeps every write until MLflow has it). Sort `s3` with
+//! `uri` `s3://bucket/prefix` is [`S3Registry`]: this layout in an S3-compatible bucket.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -40,8 +41,10 @@ use safetensors::tensor::{Dtype, Metadata, SafeTensors, TensorInfo};
 use crate::{Error, Result};
 
 pub mod mlflow;
+pub mod s3;
 
 pub use mlflow::MlflowRegistry;
+pub use s3::S3Registry;
 
 /// Metadata key holding the comma-separated tensor order.
 const ORDER_KEY: &str = "fledge.order";
@@ -545,6 +548,9 @@ pub fn for_task(config: &TaskConfig, workdir: &Path) -> Result<Arc<dyn Registry>
     if config.registry.sort == MLFLOW {
         return Ok(Arc::new(MlflowRegistry::for_task(config, scope.as_deref(), workdir)?));
     }
+    if config.registry.sort == s3::S3 {
+        return Ok(Arc::new(S3Registry::new(&config.registry, scope.as_deref())?));
+    }
     let registry = local_from_spec(&config.registry, workdir)?;
     Ok(match scope {
         Some(scope) => Arc::new(registry.scoped(&scope)),
@@ -563,8 +569,8 @@ fn local_from_spec(spec: &RegistrySpec, workdir: &Path) -> Result<LocalRegistry>
             Ok(LocalRegistry::new(root))
         }
         other => Err(Error::Config(format!(
-            "registry.sort {other:?} is not a local registry (use local, or mlflow through \
-             the task's config)"
+            "registry.sort {other:?} is not a local registry (use local, or mlflow or s3 \
+             through the task's config)"
         ))),
     }
 }

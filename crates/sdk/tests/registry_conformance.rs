@@ -4,7 +4,9 @@
 //!
 //! - `local`: always;
 //! - `mlflow`: against the real tracking server of `FLEDGE_MLFLOW_URL` (started by
-//!   `scripts/test-all`), skipped with a message without it.
+//!   `scripts/test-all`), skipped with a message without it;
+//! - `s3`: against the S3-compatible server of `FLEDGE_S3_URL` (moto's server, started by
+//!   `scripts/test-all`), in a bucket of its own, skipped with a message without it.
 //!
 //! What a registry must do:
 //! - a base model that was never saved loads as `None`, not an error;
@@ -180,4 +182,40 @@ async fn the_mlflow_registry_conforms() {
     let spec = RegistrySpec { sort: "mlflow".into(), uri: url };
     let path = dir.path().to_owned();
     tokio::task::spawn_blocking(move || conformance(&spec, &path)).await.unwrap();
+}
+
+#[test]
+fn the_s3_registry_conforms() {
+    let Some(url) = std::env::var("FLEDGE_S3_URL").ok().filter(|u| !u.is_empty()) else {
+        eprintln!("FLEDGE_S3_URL is not set: S3 registry conformance skipped");
+        return;
+    };
+    let bucket = format!("conformance-{}", std::process::id());
+    create_bucket(&url, &bucket);
+    // SAFETY: nextest runs each test in a process of its own, and nothing else runs yet.
+    unsafe {
+        std::env::set_var("AWS_ENDPOINT_URL", &url);
+        std::env::set_var("AWS_ACCESS_KEY_ID", "fledge-test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "fledge-test-secret");
+        std::env::set_var("AWS_REGION", "us-east-1");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for uri in [format!("s3://{bucket}"), format!("s3://{bucket}/team-a/models")] {
+        conformance(&RegistrySpec { sort: "s3".into(), uri }, dir.path());
+    }
+}
+
+/// Creates `bucket` on the S3-compatible server at `url` (moto accepts unsigned requests).
+fn create_bucket(url: &str, bucket: &str) {
+    use std::io::{Read as _, Write as _};
+    let authority = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    write!(
+        stream,
+        "PUT /{bucket} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "creating bucket {bucket}: {answer}");
 }

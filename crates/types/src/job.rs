@@ -246,6 +246,42 @@ pub const DUMMY_REGISTRY: &str = "dummy";
 /// The registry sort of an MLflow tracking server (`uri` is its URL).
 pub const MLFLOW_REGISTRY: &str = "mlflow";
 
+/// The registry sort of an S3-compatible object store (`uri` is `s3://bucket[/prefix]`).
+pub const S3_REGISTRY: &str = "s3";
+
+/// `(bucket, prefix)` of an `s3://bucket[/prefix]` registry URI, or why it is not one. The
+/// bucket follows S3's naming rules (3 to 63 lowercase letters, digits, `-` or `.`, starting
+/// and ending with a letter or digit); each prefix part is letters, digits, `-`, `_` or `.`.
+pub fn parse_s3_uri(uri: &str) -> Result<(String, String), String> {
+    let rest = uri
+        .strip_prefix("s3://")
+        .ok_or_else(|| format!("{uri:?} is not an s3:// URI (s3://bucket/optional/prefix)"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !valid_bucket {
+        return Err(format!(
+            "{bucket:?} is not a bucket name (3 to 63 lowercase letters, digits, '-' or '.')"
+        ));
+    }
+    let prefix = prefix.trim_matches('/');
+    for part in prefix.split('/').filter(|p| !p.is_empty()) {
+        let ok = part != "."
+            && part != ".."
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(format!(
+                "key prefix part {part:?} is not letters, digits, '-', '_' or '.'"
+            ));
+        }
+    }
+    Ok((bucket.to_owned(), prefix.to_owned()))
+}
+
 impl RegistrySpec {
     /// Whether the spec names a registry of its own: not `dummy` and with a `uri`. A job whose
     /// registry names none gets the deployment's default ([`crate::task_config::TaskEnv`]).

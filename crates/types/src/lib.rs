@@ -48,7 +48,7 @@ pub use error::{ApiError, ErrorCode, ErrorDetail};
 pub use ids::{ComputeId, DatasetId, DesignId, JobId, TaskId, UserId};
 pub use job::{
     BaseModel, DUMMY_REGISTRY, DataSpecEntry, Job, JobSpec, MLFLOW_REGISTRY, ModelSpec, Priority,
-    RegistrySpec, RestartOn, RestartPolicy, Sort,
+    RegistrySpec, RestartOn, RestartPolicy, S3_REGISTRY, Sort, parse_s3_uri,
 };
 pub use resources::{
     Compute, ComputeSpec, Dataset, DatasetSpec, Design, DesignSpec, ModelFile, Platform, Token,

@@ -24,7 +24,7 @@ pub const MAX_REPLICA: i64 = 1000;
 /// Registry sorts a model spec may name (`dummy`, Flame's "no registry", stands for the
 /// deployment's default).
 pub const REGISTRY_SORTS: &[&str] =
-    &["local", crate::job::MLFLOW_REGISTRY, crate::job::DUMMY_REGISTRY];
+    &["local", crate::job::MLFLOW_REGISTRY, crate::job::S3_REGISTRY, crate::job::DUMMY_REGISTRY];
 
 /// Every problem of a schema (empty: valid).
 pub fn schema(schema: &Schema) -> Vec<ErrorDetail> {
@@ -287,6 +287,10 @@ pub fn job(
                     model.registry.uri
                 ),
             );
+        }
+    } else if model.registry.sort == crate::job::S3_REGISTRY {
+        if let Err(problem) = crate::job::parse_s3_uri(model.registry.uri.trim()) {
+            push("modelSpec.registry.uri", problem);
         }
     } else if model.registry.sort == crate::job::DUMMY_REGISTRY && !model.registry.uri.is_empty() {
         push(
