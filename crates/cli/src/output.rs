@@ -581,7 +581,14 @@ mod tests {
         let mut beating = owned.clone();
         beating.last_heartbeat = Some(at() + chrono::Duration::seconds(90));
         beating.updated_at = Some(at() - chrono::Duration::hours(3));
-        check(super::tasks(&[tasks[0].clone(), beating], cols(true)), expect![[r#""#]]);
+        check(
+            super::tasks(&[tasks[0].clone(), beating], cols(true)),
+            expect![[r#"
+            TASK       ROLE     INDEX  GROUPS            DATASET  COMPUTE  RUN BY       STATE  RESTARTS  HEARTBEAT  UPDATED
+            trainer-0  trainer  0      param-channel=eu  ds-uk    default  platform     ready  0         -          -
+            trainer-1  trainer  1      param-channel=eu  ds-uk    default  participant  ready  2         5s         3h
+        "#]],
+        );
 
         // The join commands of participant-run tasks: the advertised apiserver wins; a key
         // minted by this call is in its command, one minted earlier is not shown again.
@@ -671,12 +678,18 @@ mod tests {
         check(
             jobs(std::slice::from_ref(&job), Columns { wide: false, now }),
             expect![[r#"
-                ID     NAME   DESIGN  STATE   CREATED              REASON
-                job-1  mnist  hier    failed  2026-01-02 03:04:05  all trainer tasks failed
+                ID     NAME   DESIGN  STATE   AGE  REASON
+                job-1  mnist  hier    failed  2d   all trainer tasks failed
             "#]],
         );
         let started = Job { started_at: Some(at()), ..job.clone() };
-        check(jobs(&[started], Columns { wide: true, now }), expect![[r#""#]]);
+        check(
+            jobs(&[started], Columns { wide: true, now }),
+            expect![[r#"
+            ID     NAME   DESIGN  STATE   AGE  OWNER  SCHEMA  CODE  CREATED              STARTED              ENDED  REASON
+            job-1  mnist  hier    failed  2d   alice  1       1     2026-01-02 03:04:05  2026-01-02 03:04:05  -      all trainer tasks failed
+        "#]],
+        );
         check(names(&[job]).join("\n"), expect!["job/job-1"]);
         let dataset = Dataset {
             id: "ds-1".into(),
@@ -706,7 +719,14 @@ mod tests {
             record(1, "trainer", &[("loss", 0.53125), ("bytesSent", 4096.0)]),
             record(1, "top-aggregator", &[("accuracy", 0.9), ("channel.global.bytesSent", 7e6)]),
         ];
-        check(metrics(&records, true), expect![[r#""#]]);
+        check(
+            metrics(&records, true),
+            expect![[r#"
+            ROUND  ROLE            TASK              accuracy  bytesSent  channel.global.bytesSent  loss
+            1      trainer         trainer-0         -         4096       -                         0.5312
+            1      top-aggregator  top-aggregator-0  0.9000    -          7000000                   -
+        "#]],
+        );
         check(
             metrics(&records, false),
             expect![[r#"

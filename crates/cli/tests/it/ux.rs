@@ -240,7 +240,9 @@ async fn describe_and_output_formats_show_jobs_and_tasks() {
     let jobs = server.ctl(&["get", "jobs"]).await.ok();
     let header: Vec<&str> = jobs.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["ID", "NAME", "DESIGN", "STATE", "AGE", "REASON"]);
-    let age = jobs.lines().nth(1).unwrap().split_whitespace().nth(4).unwrap();
+    // Columns are aligned: the age starts where its header does.
+    let at = jobs.lines().next().unwrap().find("AGE").unwrap();
+    let age = jobs.lines().nth(1).unwrap()[at..].split_whitespace().next().unwrap();
     assert!(age.ends_with('s') || age.ends_with('m'), "{jobs}");
     let wide = server.ctl(&["get", "tasks", job.as_str(), "-o", "wide"]).await.ok();
     assert!(wide.lines().next().unwrap().ends_with("HEARTBEAT  UPDATED"), "{wide}");
