@@ -187,13 +187,10 @@ async fn logs_follow_a_running_worker_line_by_line() {
     // The first trainer, as soon as the job has expanded.
     let mut task = None;
     for _ in 0..300 {
-        let out = platform.fledgectl().args(["get", "tasks", &job, "-o", "name"]).output().unwrap();
-        let names = String::from_utf8(out.stdout).unwrap();
-        task = names
-            .lines()
-            .find_map(|l| l.strip_prefix("task/"))
-            .filter(|t| t.contains("trainer"))
-            .map(str::to_owned);
+        let out = platform.fledgectl().args(["get", "tasks", &job, "-o", "json"]).output().unwrap();
+        let tasks: Vec<fledge_types::Task> =
+            serde_json::from_slice(&out.stdout).unwrap_or_default();
+        task = tasks.iter().find(|t| t.role == "trainer").map(|t| t.task_id.to_string());
         if task.is_some() {
             break;
         }
@@ -215,8 +212,13 @@ async fn logs_follow_a_running_worker_line_by_line() {
     assert!(stdout.lines().next().unwrap().starts_with("[fledgelet] running"), "{stdout}");
     assert!(stdout.trim_end().ends_with("exited with exit code 0"), "{stdout}");
 
-    let (done, _, _) = platform.job(&job).await;
-    assert_eq!(done.state, JobState::Completed, "{done:?}");
+    // The other workers end too: the job completes.
+    let out =
+        platform.fledgectl().args(["job", "watch", &job, "--timeout", "5m"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = platform.fledgectl().args(["get", "tasks", &job, "-o", "name"]).output().unwrap();
+    let names = String::from_utf8(out.stdout).unwrap();
+    assert!(names.lines().any(|l| l == format!("task/{task}")), "{names}");
     let out = platform.fledgectl().args(["describe", "job", &job]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
