@@ -162,6 +162,12 @@ Examples:
   fledgectl job plan examples/mnist/job.json
   fledgectl job watch JOB --timeout 30m     # exit 3 if it has not ended by then";
 
+const WATCH_EXAMPLES: &str = "\
+Examples:
+  fledgectl job watch JOB
+  fledgectl job watch JOB --timeout 1h30m   # exit 3 if it is still going then
+  fledgectl job watch JOB -o json           # the final job as JSON on stdout";
+
 const LOGS_EXAMPLES: &str = "\
 Examples:
   fledgectl logs JOB TASK                   # the log the server holds
@@ -493,7 +499,8 @@ pub enum JobCmd {
         /// job.json.
         file: PathBuf,
     },
-    /// Follow a job until it ends; exits 0 iff it completed.
+    /// Follow a job until it ends; exits 0 iff it completed (3 when --timeout passes first).
+    #[command(after_help = WATCH_EXAMPLES)]
     Watch(WatchArgs),
     /// Mint the key of each participant-run task of a started job that has none (shown once,
     /// stored hashed) and print the command its data owner runs to join it.

@@ -274,6 +274,16 @@ impl MetricFilter {
 pub async fn metrics(ctx: &Ctx, job: &str, filter: &MetricFilter) -> anyhow::Result<()> {
     let records = filter.apply(ctx.client.job_metrics(&JobId::new(job)).await?);
     let wide = ctx.format == Some(crate::args::Format::Wide);
+    if ctx.format.is_none() {
+        let hidden: std::collections::BTreeSet<&str> = records
+            .iter()
+            .flat_map(|r| r.metrics.keys().map(String::as_str))
+            .filter(|name| output::is_channel_metric(name))
+            .collect();
+        if !hidden.is_empty() {
+            eprintln!("({} per-channel columns left out; -o wide shows them)", hidden.len());
+        }
+    }
     ctx.show(&records, || output::metrics(&records, wide))
 }
 

@@ -152,6 +152,28 @@ async fn contexts_switch_control_planes_and_an_old_config_keeps_working() {
     }
     let view = server.ctl_with(&["config", "view", "-o", "json"], &[]).await.json();
     assert_eq!(view["context"], "default");
+
+    // `login` into a context the file does not have yet creates it and makes it current,
+    // leaving the others as they were.
+    server
+        .ctl_with(
+            &[
+                "--context",
+                "lab",
+                "login",
+                "--server",
+                &server.base,
+                "--login-token",
+                &server.token,
+            ],
+            &[],
+        )
+        .await
+        .ok();
+    assert_eq!(server.ctl_with(&["config", "current-context"], &[]).await.ok(), "lab");
+    let contexts = server.ctl_with(&["config", "get-contexts", "-o", "name"], &[]).await.ok();
+    assert_eq!(contexts, "context/default\ncontext/lab");
+    assert_eq!(server.ctl_with(&["get", "jobs", "-o", "json"], &[]).await.ok(), "[]");
 }
 
 /// A started job (no controller runs: it stays `starting`) with one task whose agent key is
