@@ -240,7 +240,17 @@ async fn logs_follow_prints_every_line_once_in_order_until_the_task_ends() {
     let all = server.ctl(&["logs", job.as_str(), task.as_str()]).await.ok();
     assert_eq!(all.lines().count(), 61);
 
+    // Another user cannot read them: the job is not theirs.
+    let bob_token = server.ctl(&["create", "user", "bob"]).await.ok();
+    let bob = [("FLEDGE_ENDPOINT", server.base.as_str()), ("FLEDGE_TOKEN", bob_token.as_str())];
+    let denied = server.ctl_with(&["logs", job.as_str(), task.as_str()], &bob).await;
+    assert!(denied.fails(2).contains("404"), "{}", denied.stderr);
+    assert!(!denied.stdout.contains("epoch"), "{denied:?}");
+
     // The agent's key only: a user token cannot post lines, a wrong key neither.
+    let as_user = TaskClient::new(&server.base, task.clone(), &server.token).unwrap();
+    let err = as_user.append_log("x", 0, &["forged".to_owned()]).await.unwrap_err();
+    assert_eq!(err.status(), Some(401), "{err}");
     let intruder = TaskClient::new(&server.base, task.clone(), "not-the-key").unwrap();
     let err = intruder.append_log("x", 0, &["forged".to_owned()]).await.unwrap_err();
     assert_eq!(err.status(), Some(401), "{err}");
