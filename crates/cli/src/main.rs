@@ -99,12 +99,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     let config = match ClientConfig::load(&env, &overrides) {
-        // `login` creates the file, or the context, it is pointed at.
+        // `login` and `config save` create the file, or the context, they are pointed at.
         Err(
             fledge_client::config::Error::Io { .. }
             | fledge_client::config::Error::UnknownContext { .. },
-        ) if matches!(cli.command, args::Command::Login(_))
-            && login_may_create(&env, &overrides) =>
+        ) if matches!(
+            cli.command,
+            args::Command::Login(_) | args::Command::Config(args::ConfigCmd::Save)
+        ) && may_create(&env, &overrides) =>
         {
             let fresh = Overrides { context: None, config: None, ..overrides.clone() };
             let mut config = ClientConfig::resolve(None, &env, &fresh)?;
@@ -131,9 +133,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     commands::dispatch(&ctx, cli.command).await
 }
 
-/// Whether `login` may start from nothing: the config file is absent, or readable but without
-/// the context asked for (any other problem with the file is reported).
-fn login_may_create(env: &HashMap<String, String>, overrides: &Overrides) -> bool {
+/// Whether `login` or `config save` may start from nothing: the config file is absent, or
+/// readable but without the context asked for (any other problem with the file is reported).
+fn may_create(env: &HashMap<String, String>, overrides: &Overrides) -> bool {
     match fledge_client::config::config_path(env, overrides) {
         Some((path, _)) => fledge_client::config::ConfigFile::read(&path).is_ok(),
         None => false,

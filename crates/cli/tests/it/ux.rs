@@ -173,6 +173,13 @@ async fn contexts_switch_control_planes_and_an_old_config_keeps_working() {
     assert_eq!(server.ctl_with(&["config", "current-context"], &[]).await.ok(), "lab");
     let contexts = server.ctl_with(&["config", "get-contexts", "-o", "name"], &[]).await.ok();
     assert_eq!(contexts, "context/default\ncontext/lab");
+    // `config save` into a new context creates it, without switching to it.
+    let save = ["--context", "ci", "--endpoint", "http://127.0.0.1:7", "config", "save"];
+    server.ctl_with(&save, &[]).await.ok();
+    let contexts = server.ctl_with(&["config", "get-contexts", "-o", "json"], &[]).await.json();
+    assert_eq!(contexts[2]["name"], "ci");
+    assert_eq!(contexts[2]["endpoint"], "http://127.0.0.1:7");
+    assert_eq!(server.ctl_with(&["config", "current-context"], &[]).await.ok(), "lab");
     assert_eq!(server.ctl_with(&["get", "jobs", "-o", "json"], &[]).await.ok(), "[]");
 }
 
