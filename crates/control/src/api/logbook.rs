@@ -19,9 +19,9 @@ use std::sync::{Mutex, PoisonError};
 use fledge_types::{JobId, TaskId};
 
 /// Lines kept per task.
-pub const MAX_LINES_PER_TASK: usize = 5_000;
+pub const MAX_LINES_PER_TASK: usize = 2_000;
 /// Bytes kept per task.
-pub const MAX_BYTES_PER_TASK: usize = 1024 * 1024;
+pub const MAX_BYTES_PER_TASK: usize = 256 * 1024;
 /// Tasks kept.
 pub const MAX_TASKS: usize = 256;
 /// Longest line kept, in bytes; a longer one keeps its first bytes (cut at a char boundary).
