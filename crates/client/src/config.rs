@@ -386,6 +386,12 @@ impl ConfigFile {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         let written = (|| {
+            // A leftover of a crashed write by a process with this pid; `create_new` then never
+            // follows a link put in its place.
+            match std::fs::remove_file(&tmp) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+                _ => {}
+            }
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create_new(true);
             #[cfg(unix)]
