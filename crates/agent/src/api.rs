@@ -57,6 +57,13 @@ pub trait TaskApi: Send + Sync {
     fn set_status<'a>(&'a self, state: TaskState, log: &'a str) -> BoxFuture<'a, Result<()>>;
     /// Says the agent is alive.
     fn heartbeat(&self) -> BoxFuture<'_, Result<()>>;
+    /// Streams lines `offset..` of this agent run's output (`stream` names the run).
+    fn append_log<'a>(
+        &'a self,
+        stream: &'a str,
+        offset: u64,
+        lines: &'a [String],
+    ) -> BoxFuture<'a, Result<()>>;
 }
 
 /// A compute's side of the control plane: report what happened to workers.
@@ -99,6 +106,15 @@ impl TaskApi for TaskClient {
 
     fn heartbeat(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { Ok(TaskClient::heartbeat(self).await?) })
+    }
+
+    fn append_log<'a>(
+        &'a self,
+        stream: &'a str,
+        offset: u64,
+        lines: &'a [String],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { Ok(TaskClient::append_log(self, stream, offset, lines).await?) })
     }
 }
 

@@ -119,6 +119,9 @@ pub struct SupervisorOptions {
     pub tail_max_bytes: usize,
     /// Lines of log tail reported with the final state (default 200).
     pub tail_max_lines: usize,
+    /// Time between posts of the new log lines while the child runs (default 1 s); the last
+    /// ones are posted before the final state is reported.
+    pub log_interval: Duration,
     /// The task is participant-run: its data owner started this agent and may restart it, so
     /// a local shutdown leaves the task without a final state (see [`run_or_leave`]).
     pub participant_run: bool,
@@ -138,6 +141,7 @@ impl SupervisorOptions {
             bundle_limits: Limits::default(),
             tail_max_bytes: logtail::DEFAULT_MAX_BYTES,
             tail_max_lines: logtail::DEFAULT_MAX_LINES,
+            log_interval: Duration::from_secs(1),
             participant_run: false,
         }
     }
@@ -349,6 +353,21 @@ async fn execute(
         pumps.spawn(pump(stderr, log_path.clone(), tail.clone()));
     }
 
+    // The output streams to the control plane as it comes (`fledgectl logs -f`).
+    let log_stream = LogStream::new(api.clone(), tail.clone());
+    let streaming = {
+        let log_stream = log_stream.clone();
+        let interval = opts.log_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if !log_stream.flush().await {
+                    break;
+                }
+            }
+        })
+    };
+
     // `running` and heartbeats go on beside the child; neither may delay the final report.
     let running = {
         let api = api.clone();
@@ -403,6 +422,7 @@ async fn execute(
     if tokio::time::timeout(Duration::from_secs(1), &mut running).await.is_err() {
         running.abort();
     }
+    streaming.abort();
 
     if stopped && leave.is_cancelled() {
         if let Ok(status) = &waited {
@@ -411,6 +431,7 @@ async fn execute(
                 format!("[fledgelet] {shown} stopped, {}", process::describe(*status)),
             );
         }
+        log_stream.flush_last().await;
         let log = render(&tail);
         return left(api.as_ref(), log).await;
     }
@@ -434,8 +455,74 @@ async fn execute(
     };
     tracing::info!(%state, "task code ended");
     push_line(&tail, line);
+    log_stream.flush_last().await;
     let log = render(&tail);
     finish(opts, api.as_ref(), state, log).await
+}
+
+/// Most bytes of log lines in one post.
+const LOG_POST_BYTES: usize = 256 * 1024;
+
+/// Streams the lines of a task's [`LogTail`] that are not sent yet, numbered within this
+/// agent run (its stream id).
+#[derive(Clone)]
+struct LogStream {
+    api: Arc<dyn TaskApi>,
+    tail: Arc<Mutex<LogTail>>,
+    id: String,
+    /// Set when the control plane refused a post (e.g. it has no such route): no more tries.
+    refused: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LogStream {
+    fn new(api: Arc<dyn TaskApi>, tail: Arc<Mutex<LogTail>>) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let id = format!("{:x}-{nanos:x}", std::process::id());
+        Self { api, tail, id, refused: Arc::default() }
+    }
+
+    /// Streams the last lines before the final state is reported, so a reader that sees the
+    /// final state has seen every line; bounded, as the final report must not wait long.
+    async fn flush_last(&self) {
+        if tokio::time::timeout(Duration::from_secs(5), self.flush()).await.is_err() {
+            tracing::debug!("the last log lines were not streamed in time");
+        }
+    }
+
+    /// Posts every unsent line, in bounded batches. Returns `false` once streaming is given up
+    /// (the control plane refused it); a transient failure leaves the lines for the next try.
+    async fn flush(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        loop {
+            if self.refused.load(Ordering::Relaxed) {
+                return false;
+            }
+            let (first, lines) =
+                self.tail.lock().unwrap_or_else(PoisonError::into_inner).unsent(LOG_POST_BYTES);
+            if lines.is_empty() {
+                return true;
+            }
+            match self.api.append_log(&self.id, first, &lines).await {
+                Ok(()) => self
+                    .tail
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .mark_sent(first + lines.len() as u64),
+                Err(err) if err.is_transient() => {
+                    tracing::debug!(error = %chain(&err), "log lines not streamed; retrying");
+                    return true;
+                }
+                Err(err) => {
+                    tracing::info!(error = %chain(&err), "log streaming refused; the log is reported with the final state");
+                    self.refused.store(true, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 /// Copies a child stream into the log file and the tail.

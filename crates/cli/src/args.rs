@@ -2,12 +2,24 @@
 //! then hands each subcommand to its module under `commands/`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// Examples shown under `fledgectl --help`.
+const MAIN_EXAMPLES: &str = "\
+Examples:
+  fledgectl run examples/mnist              # register everything, start the job, watch it
+  fledgectl get jobs                        # every job, with its age
+  fledgectl get tasks JOB -o wide           # the job's tasks, with heartbeat ages
+  fledgectl describe job JOB                # spec, state, tasks, events, models, metrics
+  fledgectl logs -f JOB TASK                # a task's log as it grows
+  fledgectl config get-contexts             # the control planes this client knows
+  source <(fledgectl completion bash)       # tab completion in this shell";
+
 /// Command-line client of the Fledge federated-learning control plane.
 #[derive(Debug, Parser)]
-#[command(name = "fledgectl", version, about)]
+#[command(name = "fledgectl", version, about, after_help = MAIN_EXAMPLES)]
 pub struct Cli {
     /// Connection flags (override the config file and environment).
     #[command(flatten)]
@@ -33,6 +45,9 @@ pub struct GlobalArgs {
     /// Config file (default: $FLEDGE_CONFIG or ~/.fledge/config.yaml).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The config file's context to use (default: $FLEDGE_CONTEXT, or its current context).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
     /// Output format of data written to stdout.
     #[arg(short, long, global = true, value_enum)]
     pub output: Option<Format>,
@@ -47,6 +62,10 @@ pub enum Format {
     Json,
     /// YAML.
     Yaml,
+    /// The table with more columns (ages, timestamps, per-channel byte counts).
+    Wide,
+    /// `KIND/ID`, one a line (like kubectl), for scripts.
+    Name,
 }
 
 /// The command tree.
@@ -56,8 +75,11 @@ pub enum Command {
     #[command(subcommand)]
     Create(CreateCmd),
     /// Show one resource or list them.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = GET_EXAMPLES)]
     Get(GetCmd),
+    /// Show a job or a task in detail: spec, state, timestamps, tasks, events, metrics.
+    #[command(subcommand, after_help = DESCRIBE_EXAMPLES)]
+    Describe(DescribeCmd),
     /// Change a resource (a new revision for schemas and code).
     #[command(subcommand)]
     Update(UpdateCmd),
@@ -71,15 +93,16 @@ pub enum Command {
     #[command(subcommand)]
     Stop(JobRefCmd),
     /// Job tools: plan (dry-run expansion), watch.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = JOB_EXAMPLES)]
     Job(JobCmd),
-    /// Print a task's log tail.
+    /// Print a task's log; with -f, follow it until the task ends.
+    #[command(after_help = LOGS_EXAMPLES)]
     Logs {
         /// Job id.
         job: String,
         /// Task id.
         task: String,
-        /// Keep printing new log lines until the task ends.
+        /// Keep printing new log lines, each once and in order, until the task ends.
         #[arg(short, long)]
         follow: bool,
         /// Poll interval of --follow in milliseconds.
@@ -87,18 +110,103 @@ pub enum Command {
         interval_ms: u64,
     },
     /// Register everything in a job directory, then create, start and watch the job.
+    #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
     /// Show the user the token belongs to.
     Whoami,
     /// Issue, list and revoke API tokens.
     #[command(subcommand)]
     Token(TokenCmd),
-    /// Show or save the client configuration (endpoint, token and CA).
-    #[command(subcommand)]
+    /// Show or change the client configuration: named contexts of endpoint, token and CA.
+    #[command(subcommand, after_help = CONFIG_EXAMPLES)]
     Config(ConfigCmd),
     /// Trust a control plane and save it (endpoint, CA, token) to the config file: the CA is
     /// fetched from the server and accepted only if it has the fingerprint given.
     Login(LoginArgs),
+    /// Print this client's version and the server's.
+    Version {
+        /// Only the client's version; do not contact the server.
+        #[arg(long)]
+        client: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish) to stdout.
+    #[command(after_help = COMPLETION_EXAMPLES)]
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (fledgectl.1 and one per subcommand, e.g. fledgectl-get-jobs.1).
+    Man {
+        /// Directory to write them to (created if absent).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+const GET_EXAMPLES: &str = "\
+Examples:
+  fledgectl get jobs --state running
+  fledgectl get jobs -o name                # job/ID lines
+  fledgectl get tasks JOB -o wide
+  fledgectl get metrics JOB --names loss,global.accuracy
+  fledgectl get metrics JOB -o wide         # with the per-channel byte counts";
+
+const DESCRIBE_EXAMPLES: &str = "\
+Examples:
+  fledgectl describe job JOB
+  fledgectl describe task JOB TASK";
+
+const JOB_EXAMPLES: &str = "\
+Examples:
+  fledgectl job plan examples/mnist/job.json
+  fledgectl job watch JOB --timeout 30m     # exit 3 if it has not ended by then";
+
+const WATCH_EXAMPLES: &str = "\
+Examples:
+  fledgectl job watch JOB
+  fledgectl job watch JOB --timeout 1h30m   # exit 3 if it is still going then
+  fledgectl job watch JOB -o json           # the final job as JSON on stdout";
+
+const LOGS_EXAMPLES: &str = "\
+Examples:
+  fledgectl logs JOB TASK                   # the log the server holds
+  fledgectl logs -f JOB TASK                # follow it until the task ends";
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  fledgectl run examples/mnist
+  fledgectl run examples/mnist --no-watch";
+
+const CONFIG_EXAMPLES: &str = "\
+Examples:
+  fledgectl config get-contexts
+  fledgectl --endpoint https://fl.example:10100 --token T --ca-file ca.pem config set-context prod
+  fledgectl config use-context prod
+  fledgectl --context staging get jobs      # one command against another context";
+
+const COMPLETION_EXAMPLES: &str = "\
+Examples:
+  source <(fledgectl completion bash)                       # this shell
+  fledgectl completion bash > /etc/bash_completion.d/fledgectl
+  fledgectl completion zsh > \"${fpath[1]}/_fledgectl\"
+  fledgectl completion fish > ~/.config/fish/completions/fledgectl.fish";
+
+/// `fledgectl describe ...`
+#[derive(Debug, Subcommand)]
+pub enum DescribeCmd {
+    /// A job: spec summary, state and timestamps, tasks, recent problems, models, metrics.
+    Job {
+        /// Job id.
+        id: String,
+    },
+    /// A task: role, groups, dataset, compute, state, restarts, heartbeat, log tail.
+    Task {
+        /// Job id.
+        job: String,
+        /// Task id.
+        task: String,
+    },
 }
 
 /// `fledgectl login`.
@@ -124,8 +232,32 @@ pub struct LoginArgs {
 pub enum ConfigCmd {
     /// Print the effective configuration (token masked) and where it was read from.
     View,
-    /// Write the effective configuration (e.g. from --endpoint/--token) to the config file.
+    /// Write the effective configuration (e.g. from --endpoint/--token) into the selected
+    /// context of the config file.
     Save,
+    /// List the contexts of the config file (the current one marked `*`).
+    GetContexts,
+    /// Make a context the current one.
+    UseContext {
+        /// Context name.
+        name: String,
+    },
+    /// Print the current context's name.
+    CurrentContext,
+    /// Create a context or change it from --endpoint, --token and --ca-file (the CA is
+    /// embedded); fields not given are kept.
+    SetContext {
+        /// Context name (letters, digits, `-`, `_`, `.`, `@`, `:`; at most 64).
+        name: String,
+        /// Make it the current context too.
+        #[arg(long)]
+        current: bool,
+    },
+    /// Remove a context.
+    DeleteContext {
+        /// Context name.
+        name: String,
+    },
 }
 
 /// `fledgectl create ...`
@@ -367,7 +499,8 @@ pub enum JobCmd {
         /// job.json.
         file: PathBuf,
     },
-    /// Follow a job until it ends; exits 0 iff it completed.
+    /// Follow a job until it ends; exits 0 iff it completed (3 when --timeout passes first).
+    #[command(after_help = WATCH_EXAMPLES)]
     Watch(WatchArgs),
     /// Mint the key of each participant-run task of a started job that has none (shown once,
     /// stored hashed) and print the command its data owner runs to join it.
@@ -448,6 +581,71 @@ pub struct WatchArgs {
     /// Poll interval in milliseconds.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
     pub interval_ms: u64,
+    /// Give up (exit 3) if the job has not ended after this long: e.g. 90s, 30m, 1h30m, 2d.
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+}
+
+/// Longest `--timeout`: 30 days.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 86_400);
+
+/// A duration like `500ms`, `90s`, `15m`, `1h30m` or `2d` (a bare number is seconds): one or
+/// more number-unit pairs, each unit at most once, largest first.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration: use e.g. 90s, 30m, 1h30m or 2d".to_owned());
+    }
+    if text.len() > 32 {
+        return Err(format!("{text:?} is too long for a duration"));
+    }
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        let secs: u64 = text.parse().map_err(|_| format!("{text:?} is too large"))?;
+        return Ok(Duration::from_secs(secs));
+    }
+    const UNITS: [(&str, u128); 5] =
+        [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)];
+    let mut total_ms: u128 = 0;
+    let mut rest = text;
+    let mut last_unit = None::<usize>;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("{text:?} is not a duration like 90s, 30m, 1h30m or 2d"));
+        }
+        let number: u128 = rest[..digits].parse().map_err(|_| format!("{text:?} is too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let Some(at) = UNITS.iter().position(|(name, _)| *name == unit) else {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?}; use ms, s, m, h or d (e.g. 1h30m)"
+            ));
+        };
+        if last_unit.is_some_and(|last| at <= last) {
+            return Err(format!("{text:?}: give units once each, largest first (e.g. 1h30m)"));
+        }
+        last_unit = Some(at);
+        total_ms = number
+            .checked_mul(UNITS[at].1)
+            .and_then(|ms| ms.checked_add(total_ms))
+            .ok_or_else(|| format!("{text:?} is too large"))?;
+    }
+    let ms = u64::try_from(total_ms).map_err(|_| format!("{text:?} is too large"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// `--timeout`: a positive [`parse_duration`] of at most [`MAX_TIMEOUT`].
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err("a timeout must be positive".to_owned());
+    }
+    if duration > MAX_TIMEOUT {
+        return Err(format!("{text:?} is longer than the longest timeout, 30d"));
+    }
+    Ok(duration)
 }
 
 /// Arguments of `run`.
@@ -496,5 +694,46 @@ mod tests {
         assert!(
             Cli::try_parse_from(["fledgectl", "job", "watch", "j", "--interval-ms", "1"]).is_err()
         );
+        let cli =
+            Cli::try_parse_from(["fledgectl", "job", "watch", "j", "--timeout", "1h30m"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Job(JobCmd::Watch(WatchArgs { timeout: Some(t), .. })) if t.as_secs() == 5400
+        ));
+        let cli =
+            Cli::try_parse_from(["fledgectl", "--context", "lab", "get", "jobs", "-o", "name"])
+                .unwrap();
+        assert_eq!(
+            (cli.global.context.as_deref(), cli.global.output),
+            (Some("lab"), Some(Format::Name))
+        );
+    }
+
+    #[test]
+    fn durations_parse_with_units_and_bounds() {
+        let ms = |text: &str| parse_duration(text).map(|d| d.as_millis());
+        assert_eq!(ms("90"), Ok(90_000));
+        assert_eq!(ms("90s"), Ok(90_000));
+        assert_eq!(ms("15m"), Ok(900_000));
+        assert_eq!(ms("1h30m"), Ok(5_400_000));
+        assert_eq!(ms("2d"), Ok(172_800_000));
+        assert_eq!(ms("1m500ms"), Ok(60_500));
+        assert_eq!(ms(" 5s "), Ok(5_000));
+        for bad in [
+            "",
+            "s",
+            "5x",
+            "1m1h",
+            "1h1h",
+            "-5s",
+            "1.5h",
+            "99999999999999999999999d",
+            &"9".repeat(40),
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
+        }
+        assert!(parse_timeout("0s").unwrap_err().contains("positive"));
+        assert!(parse_timeout("31d").unwrap_err().contains("30d"));
+        assert_eq!(parse_timeout("30d").unwrap(), MAX_TIMEOUT);
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! The endpoint, token and CA come from `--endpoint`/`--token`/`--ca-file`, then
 //! `FLEDGE_ENDPOINT`/`FLEDGE_TOKEN`/`FLEDGE_CA_FILE`, then the config file (`--config`,
-//! `$FLEDGE_CONFIG` or `~/.fledge/config.yaml`). `fledgectl login --server URL
+//! `$FLEDGE_CONFIG` or `~/.fledge/config.yaml`; its context named by `--context`,
+//! `$FLEDGE_CONTEXT` or its `currentContext`). `fledgectl login --server URL
 //! --ca-fingerprint sha256:...` fills the file without copying certificates by hand.
 
 mod args;
@@ -37,6 +38,8 @@ const EXIT_USAGE: u8 = 64;
 const EXIT_RUNTIME: u8 = 2;
 /// Exit code of a watched job that did not complete.
 const EXIT_JOB_NOT_COMPLETED: u8 = 1;
+/// Exit code of a watch that gave up at its `--timeout`.
+const EXIT_TIMEOUT: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -70,20 +73,49 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Commands that need neither the config nor the server.
+    match &cli.command {
+        args::Command::Completion { shell } => return commands::shell::completion(*shell),
+        args::Command::Man { dir } => return commands::shell::man_pages(dir),
+        args::Command::Version { client: true } => {
+            return commands::version::client_only(cli.global.output);
+        }
+        _ => {}
+    }
     let env: HashMap<String, String> = std::env::vars().collect();
     let overrides = Overrides {
         config: cli.global.config.clone(),
         endpoint: cli.global.endpoint.clone(),
         token: cli.global.token.clone(),
         ca_file: cli.global.ca_file.clone(),
+        context: cli.global.context.clone(),
     };
-    let config = match ClientConfig::load(&env, &overrides) {
-        // `login` creates the file it is pointed at.
-        Err(fledge_client::config::Error::Io { source, .. })
-            if matches!(cli.command, args::Command::Login(_))
-                && source.kind() == std::io::ErrorKind::NotFound =>
+    if let args::Command::Config(command) = &cli.command {
+        // The config commands work on the file even when it selects nothing usable.
+        if let Some(done) =
+            commands::config::run_on_file(command, &env, &overrides, cli.global.output)
         {
-            ClientConfig::resolve(None, &env, &overrides)
+            return done;
+        }
+    }
+    let config = match ClientConfig::load(&env, &overrides) {
+        // `login` and `config save` create the file, or the context, they are pointed at.
+        Err(
+            fledge_client::config::Error::Io { .. }
+            | fledge_client::config::Error::UnknownContext { .. },
+        ) if matches!(
+            cli.command,
+            args::Command::Login(_) | args::Command::Config(args::ConfigCmd::Save)
+        ) && may_create(&env, &overrides) =>
+        {
+            let fresh = Overrides { context: None, config: None, ..overrides.clone() };
+            let mut config = ClientConfig::resolve(None, &env, &fresh)?;
+            config.context = fledge_client::config::selected_context(&env, &overrides);
+            config
+        }
+        // `version` prints the client's version whatever is wrong with the config.
+        Err(err) if matches!(cli.command, args::Command::Version { .. }) => {
+            return commands::version::without_server(cli.global.output, &err.to_string());
         }
         loaded => loaded?,
     };
@@ -93,9 +125,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let args::Command::Login(login) = &cli.command {
         return commands::config::login(login, config, &env, &overrides).await;
     }
+    if let args::Command::Version { .. } = &cli.command {
+        return commands::version::run(&config, cli.global.output).await;
+    }
     let client = config.client()?;
     let ctx = Ctx { client, format: cli.global.output };
     commands::dispatch(&ctx, cli.command).await
+}
+
+/// Whether `login` or `config save` may start from nothing: the config file is absent, or
+/// readable but without the context asked for (any other problem with the file is reported).
+fn may_create(env: &HashMap<String, String>, overrides: &Overrides) -> bool {
+    match fledge_client::config::config_path(env, overrides) {
+        Some((path, _)) => fledge_client::config::ConfigFile::read(&path).is_ok(),
+        None => false,
+    }
 }
 
 /// The error chain, with a hint for missing credentials.
@@ -128,6 +172,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         }
         if cause.is::<commands::watch::NotCompleted>() {
             return EXIT_JOB_NOT_COMPLETED;
+        }
+        if cause.is::<commands::watch::TimedOut>() {
+            return EXIT_TIMEOUT;
         }
     }
     EXIT_RUNTIME

@@ -22,17 +22,98 @@ pub fn emit(text: &str) -> std::io::Result<()> {
     stdout.flush()
 }
 
-/// Renders `value` in `format` (`table` uses `table`).
+/// Writes `lines`, one a line.
+pub fn emit_lines(lines: &[String]) -> std::io::Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    emit(&lines.join("\n"))
+}
+
+/// Renders `value` in `format` (`table` and `wide` use `table`); `name` is refused, as only
+/// resource lists have names (see [`names`]).
 pub fn render<T: Serialize + ?Sized>(
     value: &T,
     format: Format,
     table: impl FnOnce() -> String,
 ) -> anyhow::Result<String> {
     Ok(match format {
-        Format::Table => table(),
+        Format::Table | Format::Wide => table(),
         Format::Json => serde_json::to_string_pretty(value)?,
         Format::Yaml => serde_norway::to_string(value)?,
+        Format::Name => {
+            return Err(crate::input::InputError::Other(
+                "-o name prints resources (designs, datasets, jobs, tasks, ...); this command \
+                 shows none: use -o table, wide, json or yaml"
+                    .to_owned(),
+            )
+            .into());
+        }
     })
+}
+
+/// A resource that `-o name` prints as `KIND/ID`.
+pub trait Named {
+    /// The kind, as `get` names it (`job`, `task`, ...).
+    const KIND: &'static str;
+    /// Its id.
+    fn id(&self) -> String;
+}
+
+macro_rules! named {
+    ($type:ty, $kind:literal, |$it:ident| $id:expr) => {
+        impl Named for $type {
+            const KIND: &'static str = $kind;
+            fn id(&self) -> String {
+                let $it = self;
+                $id.to_string()
+            }
+        }
+    };
+}
+
+named!(Design, "design", |d| d.id);
+named!(Dataset, "dataset", |d| d.id);
+named!(Job, "job", |j| j.id);
+named!(Task, "task", |t| t.task_id);
+named!(Compute, "compute", |c| c.compute_id);
+named!(User, "user", |u| u.id);
+named!(fledge_types::Token, "token", |t| t.id);
+
+/// `KIND/ID` of each item.
+pub fn names<T: Named>(items: &[T]) -> Vec<String> {
+    items.iter().map(|item| format!("{}/{}", T::KIND, item.id())).collect()
+}
+
+/// What a table shows beyond its data: whether `-o wide` asked for more columns, and the time
+/// ages are measured to.
+#[derive(Clone, Copy, Debug)]
+pub struct Columns {
+    /// `-o wide`.
+    pub wide: bool,
+    /// Now, for AGE columns.
+    pub now: chrono::DateTime<chrono::Utc>,
+}
+
+/// The time from `then` to `now` like kubectl's AGE: `45s`, `3m`, `5h`, `4d`, `2y` (`0s` for
+/// a time in the future, i.e. clock skew).
+pub fn age(then: chrono::DateTime<chrono::Utc>, now: chrono::DateTime<chrono::Utc>) -> String {
+    let secs = (now - then).num_seconds().max(0);
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3_600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h", s / 3_600),
+        s if s < 365 * 86_400 => format!("{}d", s / 86_400),
+        s => format!("{}y", s / (365 * 86_400)),
+    }
+}
+
+/// [`age`] of an optional time, `-` when absent.
+fn age_or_dash(
+    then: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> String {
+    then.map_or_else(|| "-".to_owned(), |then| age(then, now))
 }
 
 /// A borderless, left-aligned table like kubectl's.
@@ -63,20 +144,28 @@ fn or_dash(s: &str) -> String {
 }
 
 /// Designs.
-pub fn designs(items: &[Design]) -> String {
+pub fn designs(items: &[Design], cols: Columns) -> String {
     let rows = items
         .iter()
         .map(|d| {
-            vec![
+            let mut row = vec![
                 d.id.to_string(),
                 d.name.clone(),
                 or_dash(d.schema_versions.last().map(String::as_str).unwrap_or("")),
                 or_dash(d.code_versions.last().map(String::as_str).unwrap_or("")),
-                time(&d.created_at),
-            ]
+                age(d.created_at, cols.now),
+            ];
+            if cols.wide {
+                row.push(time(&d.created_at));
+            }
+            row
         })
         .collect();
-    table(&["ID", "NAME", "SCHEMA", "CODE", "CREATED"], rows)
+    let mut header = vec!["ID", "NAME", "SCHEMA", "CODE", "AGE"];
+    if cols.wide {
+        header.push("CREATED");
+    }
+    table(&header, rows)
 }
 
 /// Datasets.
@@ -97,22 +186,38 @@ pub fn datasets(items: &[Dataset]) -> String {
     table(&["ID", "NAME", "REALM", "FORMAT", "PUBLIC", "URL"], rows)
 }
 
-/// Jobs.
-pub fn jobs(items: &[Job]) -> String {
+/// Jobs: `-o wide` adds the owner, the schema and code revisions and the absolute times.
+pub fn jobs(items: &[Job], cols: Columns) -> String {
     let rows = items
         .iter()
         .map(|j| {
-            vec![
+            let mut row = vec![
                 j.id.to_string(),
                 j.spec.name.clone(),
                 j.spec.design_id.to_string(),
                 j.state.to_string(),
-                time(&j.created_at),
-                or_dash(j.reason.as_deref().unwrap_or("")),
-            ]
+                age(j.created_at, cols.now),
+            ];
+            if cols.wide {
+                row.extend([
+                    j.owner.to_string(),
+                    j.schema_version.clone(),
+                    j.code_version.clone(),
+                    time(&j.created_at),
+                    j.started_at.as_ref().map_or_else(|| "-".to_owned(), time),
+                    j.ended_at.as_ref().map_or_else(|| "-".to_owned(), time),
+                ]);
+            }
+            row.push(or_dash(j.reason.as_deref().unwrap_or("")));
+            row
         })
         .collect();
-    table(&["ID", "NAME", "DESIGN", "STATE", "CREATED", "REASON"], rows)
+    let mut header = vec!["ID", "NAME", "DESIGN", "STATE", "AGE"];
+    if cols.wide {
+        header.extend(["OWNER", "SCHEMA", "CODE", "CREATED", "STARTED", "ENDED"]);
+    }
+    header.push("REASON");
+    table(&header, rows)
 }
 
 fn groups(task: &Task) -> String {
@@ -129,12 +234,12 @@ pub fn run_by(task: &Task) -> &'static str {
     if task.managed { "platform" } else { "participant" }
 }
 
-/// Tasks (with their states).
-pub fn tasks(items: &[Task]) -> String {
+/// Tasks (with their states): `-o wide` adds how long ago each last beat and changed.
+pub fn tasks(items: &[Task], cols: Columns) -> String {
     let rows = items
         .iter()
         .map(|t| {
-            vec![
+            let mut row = vec![
                 t.task_id.to_string(),
                 t.role.clone(),
                 t.index.to_string(),
@@ -144,13 +249,21 @@ pub fn tasks(items: &[Task]) -> String {
                 run_by(t).to_owned(),
                 t.state.to_string(),
                 t.restarts.to_string(),
-            ]
+            ];
+            if cols.wide {
+                row.push(age_or_dash(t.last_heartbeat, cols.now));
+                row.push(age_or_dash(t.updated_at, cols.now));
+            }
+            row
         })
         .collect();
-    table(
-        &["TASK", "ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "RUN BY", "STATE", "RESTARTS"],
-        rows,
-    )
+    let mut header = vec![
+        "TASK", "ROLE", "INDEX", "GROUPS", "DATASET", "COMPUTE", "RUN BY", "STATE", "RESTARTS",
+    ];
+    if cols.wide {
+        header.extend(["HEARTBEAT", "UPDATED"]);
+    }
+    table(&header, rows)
 }
 
 /// The `get models` table.
@@ -295,10 +408,20 @@ pub fn role_counts(items: &[Task]) -> String {
     counts.iter().map(|(role, n)| format!("{role}: {n}")).collect::<Vec<_>>().join(", ")
 }
 
-/// Metrics: one row per record, one column per metric name seen.
-pub fn metrics(items: &[MetricRecord]) -> String {
-    let names: BTreeSet<&str> =
-        items.iter().flat_map(|r| r.metrics.keys().map(String::as_str)).collect();
+/// Whether a metric is a per-channel figure (`channel.<name>.bytesSent`, ...): many columns
+/// of traffic counters, shown only by `-o wide`.
+pub fn is_channel_metric(name: &str) -> bool {
+    name.starts_with("channel.")
+}
+
+/// Metrics: one row per record, one column per metric name seen (per-channel figures only
+/// with `wide`).
+pub fn metrics(items: &[MetricRecord], wide: bool) -> String {
+    let names: BTreeSet<&str> = items
+        .iter()
+        .flat_map(|r| r.metrics.keys().map(String::as_str))
+        .filter(|name| wide || !is_channel_metric(name))
+        .collect();
     let mut header = vec!["ROUND", "ROLE", "TASK"];
     let upper: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     header.extend(upper.iter().map(String::as_str));
@@ -446,13 +569,25 @@ mod tests {
         owned.restarts = 2;
         owned.index = 1;
         owned.managed = false;
+        let cols = |wide| Columns { wide, now: at() + chrono::Duration::seconds(95) };
         check(
-            super::tasks(&[tasks[0].clone(), owned.clone()]),
+            super::tasks(&[tasks[0].clone(), owned.clone()], cols(false)),
             expect![[r#"
                 TASK       ROLE     INDEX  GROUPS            DATASET  COMPUTE  RUN BY       STATE  RESTARTS
                 trainer-0  trainer  0      param-channel=eu  ds-uk    default  platform     ready  0
                 trainer-1  trainer  1      param-channel=eu  ds-uk    default  participant  ready  2
             "#]],
+        );
+        let mut beating = owned.clone();
+        beating.last_heartbeat = Some(at() + chrono::Duration::seconds(90));
+        beating.updated_at = Some(at() - chrono::Duration::hours(3));
+        check(
+            super::tasks(&[tasks[0].clone(), beating], cols(true)),
+            expect![[r#"
+            TASK       ROLE     INDEX  GROUPS            DATASET  COMPUTE  RUN BY       STATE  RESTARTS  HEARTBEAT  UPDATED
+            trainer-0  trainer  0      param-channel=eu  ds-uk    default  platform     ready  0         -          -
+            trainer-1  trainer  1      param-channel=eu  ds-uk    default  participant  ready  2         5s         3h
+        "#]],
         );
 
         // The join commands of participant-run tasks: the advertised apiserver wins; a key
@@ -539,13 +674,23 @@ mod tests {
             updated_at: at(),
             ended_at: None,
         };
+        let now = at() + chrono::Duration::days(2) + chrono::Duration::hours(5);
         check(
-            jobs(&[job]),
+            jobs(std::slice::from_ref(&job), Columns { wide: false, now }),
             expect![[r#"
-                ID     NAME   DESIGN  STATE   CREATED              REASON
-                job-1  mnist  hier    failed  2026-01-02 03:04:05  all trainer tasks failed
+                ID     NAME   DESIGN  STATE   AGE  REASON
+                job-1  mnist  hier    failed  2d   all trainer tasks failed
             "#]],
         );
+        let started = Job { started_at: Some(at()), ..job.clone() };
+        check(
+            jobs(&[started], Columns { wide: true, now }),
+            expect![[r#"
+            ID     NAME   DESIGN  STATE   AGE  OWNER  SCHEMA  CODE  CREATED              STARTED              ENDED  REASON
+            job-1  mnist  hier    failed  2d   alice  1       1     2026-01-02 03:04:05  2026-01-02 03:04:05  -      all trainer tasks failed
+        "#]],
+        );
+        check(names(&[job]).join("\n"), expect!["job/job-1"]);
         let dataset = Dataset {
             id: "ds-1".into(),
             owner: "alice".into(),
@@ -570,17 +715,44 @@ mod tests {
             metrics: metrics.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect::<BTreeMap<_, _>>(),
             timestamp: None,
         };
+        let records = [
+            record(1, "trainer", &[("loss", 0.53125), ("bytesSent", 4096.0)]),
+            record(1, "top-aggregator", &[("accuracy", 0.9), ("channel.global.bytesSent", 7e6)]),
+        ];
         check(
-            metrics(&[
-                record(1, "trainer", &[("loss", 0.53125), ("bytesSent", 4096.0)]),
-                record(1, "top-aggregator", &[("accuracy", 0.9)]),
-            ]),
+            metrics(&records, true),
+            expect![[r#"
+            ROUND  ROLE            TASK              accuracy  bytesSent  channel.global.bytesSent  loss
+            1      trainer         trainer-0         -         4096       -                         0.5312
+            1      top-aggregator  top-aggregator-0  0.9000    -          7000000                   -
+        "#]],
+        );
+        check(
+            metrics(&records, false),
             expect![[r#"
                 ROUND  ROLE            TASK              accuracy  bytesSent  loss
                 1      trainer         trainer-0         -         4096       0.5312
                 1      top-aggregator  top-aggregator-0  0.9000    -          -
             "#]],
         );
+    }
+
+    #[test]
+    fn ages_read_like_kubectl() {
+        let now = at();
+        let ago = |secs: i64| age(now - chrono::Duration::seconds(secs), now);
+        assert_eq!(
+            [ago(0), ago(59), ago(60), ago(3_599), ago(3_600), ago(86_399), ago(86_400)],
+            ["0s", "59s", "1m", "59m", "1h", "23h", "1d"]
+        );
+        assert_eq!([ago(400 * 86_400), ago(-30)], ["1y", "0s"]);
+    }
+
+    #[test]
+    fn name_output_is_refused_where_there_are_no_resources() {
+        let err = render(&1, Format::Name, String::new).unwrap_err().to_string();
+        assert!(err.contains("-o name"), "{err}");
+        assert_eq!(render(&1, Format::Wide, || "t".to_owned()).unwrap(), "t");
     }
 
     #[test]

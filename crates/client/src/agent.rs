@@ -6,7 +6,7 @@ use reqwest::Method;
 
 use fledge_types::{ComputeId, JobId, MetricRecord, TaskConfig, TaskId, TaskState};
 
-use crate::dto::{DeploymentReport, DeploymentState, TaskJoin, TaskStatusUpdate};
+use crate::dto::{DeploymentReport, DeploymentState, LogLines, TaskJoin, TaskStatusUpdate};
 use crate::error::Result;
 use crate::http::{Transport, seg};
 
@@ -69,6 +69,12 @@ impl TaskClient {
     pub async fn set_status(&self, state: TaskState, log: &str) -> Result<()> {
         let body = TaskStatusUpdate { state, log: log.to_owned() };
         self.transport.json_no_content(Method::PUT, &self.path("/status"), Some(&body)).await
+    }
+
+    /// `POST /tasks/{taskId}/log`: lines `offset..` of this agent run's output stream.
+    pub async fn append_log(&self, stream: &str, offset: u64, lines: &[String]) -> Result<()> {
+        let body = LogLines { stream: stream.to_owned(), offset, lines: lines.to_vec() };
+        self.transport.json_no_content(Method::POST, &self.path("/log"), Some(&body)).await
     }
 
     /// `POST /tasks/{taskId}/heartbeat`: says the agent is alive.

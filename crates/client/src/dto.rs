@@ -36,6 +36,16 @@ pub struct VersionedSchema {
     pub schema: fledge_types::Schema,
 }
 
+/// Answer of `GET /api/v1/version`: what the server runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerVersion {
+    /// The server's release (its crate version, e.g. `0.1.0`).
+    pub version: String,
+    /// The REST API version it serves (`v1`).
+    pub api_version: String,
+}
+
 /// Body of `PUT /users/{user}/jobs/{jobId}/status`: start or stop.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -115,6 +125,34 @@ pub struct TaskStatusUpdate {
     /// Tail of the task's log.
     #[serde(default)]
     pub log: String,
+}
+
+/// Body of `POST /tasks/{taskId}/log`: lines of a task's output as its agent streams them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogLines {
+    /// Chosen by the agent for each of its runs (1 to 64 characters).
+    pub stream: String,
+    /// The number of the first line in this stream.
+    pub offset: u64,
+    /// The lines, without their newlines.
+    pub lines: Vec<String>,
+}
+
+/// Answer of `GET /users/{user}/jobs/{jobId}/tasks/{taskId}/log?since=N`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskLog {
+    /// The number of the oldest line the server still holds: lines `since..first` are gone.
+    pub first: u64,
+    /// The number after the last line returned: the next read's `since`.
+    pub next: u64,
+    /// The lines, without their newlines.
+    pub lines: Vec<String>,
+    /// The task's state when the lines were read; once final, no line follows.
+    pub state: TaskState,
+    /// Whether these are the streamed lines (else the tail the task reported with its state).
+    pub streamed: bool,
 }
 
 /// What a deployer reports about one task's worker.

@@ -14,7 +14,7 @@ use fledge_types::{
 
 use crate::dto::{
     CodeRevision, JobStateRequest, JobStatus, JoinInfo, MintedKey, NewToken, NewUser,
-    SchemaRevision, TokenRequest, VersionedSchema,
+    SchemaRevision, ServerVersion, TaskLog, TokenRequest, VersionedSchema,
 };
 use crate::error::Result;
 use crate::http::{Transport, seg};
@@ -79,6 +79,11 @@ impl Client {
         let path = "/healthz";
         self.transport.send(&method, path, self.transport.request(method.clone(), path)).await?;
         Ok(())
+    }
+
+    /// `GET /api/v1/version`: the server's version and API version (no token needed).
+    pub async fn server_version(&self) -> Result<ServerVersion> {
+        self.transport.get_json("/api/v1/version").await
     }
 
     /// `GET /api/v1/openapi.json`: the OpenAPI document.
@@ -316,6 +321,14 @@ impl Client {
     /// `GET /users/{user}/jobs/{jobId}/tasks/{taskId}` (with the log tail).
     pub async fn get_task(&self, job: &JobId, task: &TaskId) -> Result<Task> {
         let path = self.job_path(job, &format!("/tasks/{}", seg(task.as_str()))).await?;
+        self.transport.get_json(&path).await
+    }
+
+    /// `GET /users/{user}/jobs/{jobId}/tasks/{taskId}/log?since=N`: the task's log lines from
+    /// number `since` on.
+    pub async fn task_log(&self, job: &JobId, task: &TaskId, since: u64) -> Result<TaskLog> {
+        let path =
+            self.job_path(job, &format!("/tasks/{}/log?since={since}", seg(task.as_str()))).await?;
         self.transport.get_json(&path).await
     }
 

@@ -170,3 +170,63 @@ async fn a_failing_trainer_fails_the_job_and_max_run_time_terminates_one() {
     assert!(job.reason.as_deref().unwrap_or("").contains("maxRunTime"), "{job:?}");
     assert!(tasks.iter().all(|t| t.state == TaskState::Terminated), "{tasks:?}");
 }
+
+/// `fledgectl logs -f` on a real worker that writes while followed: every line once, in order,
+/// through the agent's stream; then `describe`, `version` and `-o name` on the same platform.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_follow_a_running_worker_line_by_line() {
+    let platform = Platform::start();
+    let dir = platform.scratch().join("ticking");
+    let ticking = r#"command = ["sh", "-c", "i=0; while [ $i -lt 40 ]; do echo tick-$i; i=$((i+1)); sleep 0.05; done"]"#;
+    mnist_with_command(&dir, "trainer", ticking);
+    std::fs::write(dir.join("code").join("aggregator").join("fledge-role.toml"), ticking).unwrap();
+    let out = platform.fledgectl().arg("run").arg(&dir).arg("--no-watch").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    // The first trainer, as soon as the job has expanded.
+    let mut task = None;
+    for _ in 0..300 {
+        let out = platform.fledgectl().args(["get", "tasks", &job, "-o", "json"]).output().unwrap();
+        let tasks: Vec<fledge_types::Task> =
+            serde_json::from_slice(&out.stdout).unwrap_or_default();
+        task = tasks.iter().find(|t| t.role == "trainer").map(|t| t.task_id.to_string());
+        if task.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let task = task.expect("the job expanded into tasks");
+    let out = platform
+        .fledgectl()
+        .args(["logs", "-f", &job, &task, "--interval-ms", "100"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("ended completed"), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let ticks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("tick-")).collect();
+    let expected: Vec<String> = (0..40).map(|i| format!("tick-{i}")).collect();
+    assert_eq!(ticks, expected, "{stdout}");
+    assert!(stdout.lines().next().unwrap().starts_with("[fledgelet] running"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("exited with exit code 0"), "{stdout}");
+
+    // The other workers end too: the job completes.
+    let out =
+        platform.fledgectl().args(["job", "watch", &job, "--timeout", "5m"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = platform.fledgectl().args(["get", "tasks", &job, "-o", "name"]).output().unwrap();
+    let names = String::from_utf8(out.stdout).unwrap();
+    assert!(names.lines().any(|l| l == format!("task/{task}")), "{names}");
+    let out = platform.fledgectl().args(["describe", "job", &job]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("State:            completed") && text.contains("Tasks (5): completed 5"),
+        "{text}"
+    );
+    let out = platform.fledgectl().arg("version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("Server Version"), "{text}");
+}

@@ -23,6 +23,8 @@ pub struct FakeTaskApi {
     pub heartbeats: AtomicU32,
     /// Final-state reports to fail as "unavailable" before accepting one.
     pub unavailable_final_reports: AtomicU32,
+    /// Streamed log lines by number, and the state reported before each post (if any).
+    pub streamed: Mutex<Vec<(u64, String)>>,
     pub changed: Notify,
 }
 
@@ -41,6 +43,7 @@ impl FakeTaskApi {
             statuses: Mutex::new(Vec::new()),
             heartbeats: AtomicU32::new(0),
             unavailable_final_reports: AtomicU32::new(0),
+            streamed: Mutex::new(Vec::new()),
             changed: Notify::new(),
         }
     }
@@ -92,6 +95,28 @@ impl TaskApi for FakeTaskApi {
     fn heartbeat(&self) -> BoxFuture<'_, api::Result<()>> {
         Box::pin(async move {
             self.heartbeats.fetch_add(1, Ordering::SeqCst);
+            self.changed.notify_waiters();
+            Ok(())
+        })
+    }
+
+    fn append_log<'a>(
+        &'a self,
+        _stream: &'a str,
+        offset: u64,
+        lines: &'a [String],
+    ) -> BoxFuture<'a, api::Result<()>> {
+        Box::pin(async move {
+            // A post after the final state would be a line the reader never sees.
+            assert!(
+                !self.states().iter().any(|s| s.is_final()),
+                "log lines streamed after the final state"
+            );
+            let mut streamed = self.streamed.lock().expect("lock");
+            for (i, line) in lines.iter().enumerate() {
+                streamed.push((offset + i as u64, line.clone()));
+            }
+            drop(streamed);
             self.changed.notify_waiters();
             Ok(())
         })

@@ -85,6 +85,32 @@ echo "to stderr" >&2
 }
 
 #[tokio::test]
+async fn output_streams_while_the_task_runs_and_all_of_it_before_the_final_state() {
+    let work = tempfile::tempdir().expect("tempdir");
+    // 300 lines: more than the 200-line tail, written over a few stream intervals; the last
+    // ones right before the exit, so only the final flush can carry them.
+    let script = "i=0\nwhile [ $i -lt 300 ]; do echo \"line $i\"; i=$((i+1)); \
+                  [ $((i % 60)) -eq 0 ] && sleep 0.1; done\n";
+    let api = Arc::new(FakeTaskApi::new(sh_role(script)));
+    let mut opts = options(work.path());
+    opts.log_interval = Duration::from_millis(30);
+
+    let outcome = supervisor::run(&opts, api.clone(), CancellationToken::new()).await;
+
+    assert_eq!(outcome.state, TaskState::Completed, "{}", outcome.log);
+    let streamed = api.streamed.lock().expect("lock").clone();
+    let numbers: Vec<u64> = streamed.iter().map(|(n, _)| *n).collect();
+    let expected: Vec<u64> = (0..streamed.len() as u64).collect();
+    assert_eq!(numbers, expected, "numbered from 0, each once, in order");
+    let lines: Vec<&str> = streamed.iter().map(|(_, l)| l.as_str()).collect();
+    assert!(lines[0].starts_with("[fledgelet] running"), "{lines:?}");
+    let written: Vec<String> = (0..300).map(|i| format!("line {i}")).collect();
+    assert_eq!(&lines[1..301], written.iter().map(String::as_str).collect::<Vec<_>>());
+    // The fake refuses posts after the final state, so all of this came before it.
+    assert!(lines.last().is_some_and(|l| l.contains("exited with exit code 0")), "{lines:?}");
+}
+
+#[tokio::test]
 async fn failing_task_reports_failed_with_its_stderr_and_exit_status() {
     let work = tempfile::tempdir().expect("tempdir");
     let script = "echo working\necho 'boom: the data is missing' >&2\nexit 3\n";

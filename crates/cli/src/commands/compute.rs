@@ -19,21 +19,19 @@ pub async fn create(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
     }
     let compute = ctx.client.create_compute(&spec).await?;
     eprintln!("created compute {}", compute.compute_id);
-    ctx.created(&compute, compute.compute_id.as_str(), || {
-        output::computes(std::slice::from_ref(&compute))
-    })
+    ctx.created_resource(&compute, |items, _| output::computes(items))
 }
 
 /// `get compute ID`.
 pub async fn get(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let compute = ctx.client.get_compute(&ComputeId::new(id)).await?;
-    ctx.show(&compute, || output::computes(std::slice::from_ref(&compute)))
+    ctx.resource(&compute, |items, _| output::computes(items))
 }
 
 /// `get computes`.
 pub async fn list(ctx: &Ctx) -> anyhow::Result<()> {
     let computes = ctx.client.list_computes().await?;
-    ctx.show(&computes, || output::computes(&computes))
+    ctx.resources(&computes, |items, _| output::computes(items))
 }
 
 /// `remove compute ID`.

@@ -18,20 +18,20 @@ pub async fn create(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
     let spec: DatasetSpec = input::read_dataset(file)?;
     let dataset = ctx.client.create_dataset(&spec).await?;
     eprintln!("created dataset {} ({})", dataset.id, dataset.spec.name);
-    ctx.created(&dataset, dataset.id.as_str(), || output::datasets(std::slice::from_ref(&dataset)))
+    ctx.created_resource(&dataset, |items, _| output::datasets(items))
 }
 
 /// `get dataset ID|NAME`.
 pub async fn get(ctx: &Ctx, key: &str) -> anyhow::Result<()> {
     let visible = ctx.client.list_datasets().await?;
     let dataset = resolve(&visible, key)?.clone();
-    ctx.show(&dataset, || output::datasets(std::slice::from_ref(&dataset)))
+    ctx.resource(&dataset, |items, _| output::datasets(items))
 }
 
 /// `get datasets`.
 pub async fn list(ctx: &Ctx) -> anyhow::Result<()> {
     let datasets = ctx.client.list_datasets().await?;
-    ctx.show(&datasets, || output::datasets(&datasets))
+    ctx.resources(&datasets, |items, _| output::datasets(items))
 }
 
 /// `remove dataset ID|NAME`: a name is looked up among the user's own datasets (only those can

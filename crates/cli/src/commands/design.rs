@@ -16,19 +16,19 @@ pub async fn create(
         DesignSpec { name: name.unwrap_or_else(|| id.clone()), id: DesignId::new(id), description };
     let design = ctx.client.create_design(&spec).await?;
     eprintln!("created design {}", design.id);
-    ctx.created(&design, design.id.as_str(), || output::designs(std::slice::from_ref(&design)))
+    ctx.created_resource(&design, output::designs)
 }
 
 /// `get design ID`.
 pub async fn get(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let design = ctx.client.get_design(&DesignId::new(id)).await?;
-    ctx.show(&design, || output::designs(std::slice::from_ref(&design)))
+    ctx.resource(&design, output::designs)
 }
 
 /// `get designs`.
 pub async fn list(ctx: &Ctx) -> anyhow::Result<()> {
     let designs = ctx.client.list_designs().await?;
-    ctx.show(&designs, || output::designs(&designs))
+    ctx.resources(&designs, output::designs)
 }
 
 /// `remove design ID`.

@@ -1,5 +1,5 @@
 //! Jobs: `create|get|update|remove job`, `get jobs|tasks|task|metrics|status`, `start|stop job`,
-//! `job plan`, `job join`, `logs`.
+//! `job plan`, `job join`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,7 +32,7 @@ pub async fn create(ctx: &Ctx, file: &Path) -> anyhow::Result<()> {
     let job_file = load_and_register(ctx, file, None).await?;
     let job = ctx.client.create_job(&job_file.spec).await?;
     eprintln!("created job {} ({})", job.id, job.spec.name);
-    ctx.created(&job, job.id.as_str(), || output::jobs(std::slice::from_ref(&job)))
+    ctx.created_resource(&job, output::jobs)
 }
 
 /// `update job ID FILE`.
@@ -40,7 +40,7 @@ pub async fn update(ctx: &Ctx, id: &str, file: &Path) -> anyhow::Result<()> {
     let job_file = load_and_register(ctx, file, None).await?;
     let job = ctx.client.update_job(&JobId::new(id), &job_file.spec).await?;
     eprintln!("updated job {}", job.id);
-    ctx.created(&job, job.id.as_str(), || output::jobs(std::slice::from_ref(&job)))
+    ctx.created_resource(&job, output::jobs)
 }
 
 /// `job plan FILE`: prints the expansion; creates nothing (dataset files must be registered).
@@ -158,7 +158,7 @@ pub async fn revoke_key(ctx: &Ctx, id: &str, task: &str) -> anyhow::Result<()> {
 /// `get job ID`.
 pub async fn get(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let job = ctx.client.get_job(&JobId::new(id)).await?;
-    ctx.show(&job, || output::jobs(std::slice::from_ref(&job)))
+    ctx.resource(&job, output::jobs)
 }
 
 /// `get jobs [--state S]`.
@@ -168,7 +168,7 @@ pub async fn list(ctx: &Ctx, state: Option<&str>) -> anyhow::Result<()> {
         .transpose()
         .map_err(|err| InputError::Other(format!("--state: {err}")))?;
     let jobs = ctx.client.list_jobs(state).await?;
-    ctx.show(&jobs, || output::jobs(&jobs))
+    ctx.resources(&jobs, output::jobs)
 }
 
 /// `remove job ID`.
@@ -182,14 +182,14 @@ pub async fn remove(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
 pub async fn start(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let job = ctx.client.start_job(&JobId::new(id)).await?;
     eprintln!("job {} is {}", job.id, job.state);
-    ctx.created(&job, job.id.as_str(), || output::jobs(std::slice::from_ref(&job)))
+    ctx.created_resource(&job, output::jobs)
 }
 
 /// `stop job ID`.
 pub async fn stop(ctx: &Ctx, id: &str) -> anyhow::Result<()> {
     let job = ctx.client.stop_job(&JobId::new(id)).await?;
     eprintln!("job {} is {}", job.id, job.state);
-    ctx.created(&job, job.id.as_str(), || output::jobs(std::slice::from_ref(&job)))
+    ctx.created_resource(&job, output::jobs)
 }
 
 /// `get status JOB`.
@@ -201,7 +201,7 @@ pub async fn status(ctx: &Ctx, job: &str) -> anyhow::Result<()> {
 /// `get tasks JOB`.
 pub async fn tasks(ctx: &Ctx, job: &str) -> anyhow::Result<()> {
     let tasks = ctx.client.list_tasks(&JobId::new(job)).await?;
-    ctx.show(&tasks, || output::tasks(&tasks))
+    ctx.resources(&tasks, output::tasks)
 }
 
 /// `get models JOB`.
@@ -236,7 +236,7 @@ pub async fn model(
 /// `get task JOB TASK`.
 pub async fn task(ctx: &Ctx, job: &str, task: &str) -> anyhow::Result<()> {
     let task = ctx.client.get_task(&JobId::new(job), &TaskId::new(task)).await?;
-    ctx.show(&task, || output::tasks(std::slice::from_ref(&task)))
+    ctx.resource(&task, output::tasks)
 }
 
 /// Which metric records and names `get metrics` shows.
@@ -273,50 +273,18 @@ impl MetricFilter {
 /// `get metrics JOB [--role R] [--round N] [--names a,b]`.
 pub async fn metrics(ctx: &Ctx, job: &str, filter: &MetricFilter) -> anyhow::Result<()> {
     let records = filter.apply(ctx.client.job_metrics(&JobId::new(job)).await?);
-    ctx.show(&records, || output::metrics(&records))
-}
-
-/// `logs JOB TASK`: the task's log tail, raw.
-pub async fn logs(ctx: &Ctx, job: &str, task: &str) -> anyhow::Result<()> {
-    let task = ctx.client.get_task(&JobId::new(job), &TaskId::new(task)).await?;
-    if task.log.is_empty() {
-        eprintln!("task {} ({}) has no log yet", task.task_id, task.state);
-        return Ok(());
-    }
-    output::emit(&task.log)?;
-    Ok(())
-}
-
-/// The lines of `new` that follow what `old` already showed.
-///
-/// The server keeps only a log's tail, so `new` may have lost lines from the front: the
-/// longest suffix of `old` that is a prefix of `new` is the overlap. Without any overlap the
-/// whole of `new` is new (more lines arrived than the tail holds).
-pub fn new_lines<'a>(old: &str, new: &'a str) -> Vec<&'a str> {
-    let old: Vec<&str> = old.lines().collect();
-    let new: Vec<&'a str> = new.lines().collect();
-    let longest = old.len().min(new.len());
-    let overlap = (0..=longest).rev().find(|&k| old[old.len() - k..] == new[..k]).unwrap_or(0);
-    new[overlap..].to_vec()
-}
-
-/// `logs -f JOB TASK`: prints the log as it grows until the task ends.
-pub async fn follow_logs(ctx: &Ctx, job: &str, task: &str, interval_ms: u64) -> anyhow::Result<()> {
-    let (job, task) = (JobId::new(job), TaskId::new(task));
-    let mut shown = String::new();
-    loop {
-        let current = ctx.client.get_task(&job, &task).await?;
-        let lines = new_lines(&shown, &current.log);
-        if !lines.is_empty() {
-            output::emit(&lines.join("\n"))?;
+    let wide = ctx.format == Some(crate::args::Format::Wide);
+    if ctx.format.is_none() {
+        let hidden: std::collections::BTreeSet<&str> = records
+            .iter()
+            .flat_map(|r| r.metrics.keys().map(String::as_str))
+            .filter(|name| output::is_channel_metric(name))
+            .collect();
+        if !hidden.is_empty() {
+            eprintln!("({} per-channel columns left out; -o wide shows them)", hidden.len());
         }
-        shown = current.log;
-        if current.state.is_final() {
-            eprintln!("task {} ended {}", current.task_id, current.state);
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(interval_ms)).await;
     }
+    ctx.show(&records, || output::metrics(&records, wide))
 }
 
 #[cfg(test)]
@@ -334,17 +302,6 @@ mod tests {
             metrics: names.iter().map(|n| ((*n).to_owned(), 1.0)).collect::<BTreeMap<_, _>>(),
             timestamp: None,
         }
-    }
-
-    #[test]
-    fn followed_logs_print_only_what_is_new() {
-        assert_eq!(new_lines("", "a\nb"), ["a", "b"]);
-        assert_eq!(new_lines("a\nb", "a\nb\nc"), ["c"]);
-        assert!(new_lines("a\nb", "a\nb").is_empty());
-        // The tail dropped "a" from the front.
-        assert_eq!(new_lines("a\nb\nc", "b\nc\nd\ne"), ["d", "e"]);
-        // Nothing in common: everything is new.
-        assert_eq!(new_lines("a\nb", "x\ny"), ["x", "y"]);
     }
 
     #[test]

@@ -5,11 +5,15 @@ pub mod code;
 pub mod compute;
 pub mod config;
 pub mod dataset;
+pub mod describe;
 pub mod design;
 pub mod job;
+pub mod logs;
 pub mod run;
 pub mod schema;
+pub mod shell;
 pub mod user;
+pub mod version;
 pub mod watch;
 
 use serde::Serialize;
@@ -17,9 +21,10 @@ use serde::Serialize;
 use fledge_client::Client;
 
 use crate::args::{
-    Command, CreateCmd, Format, GetCmd, JobCmd, JobRefCmd, RemoveCmd, TokenCmd, UpdateCmd,
+    Command, CreateCmd, DescribeCmd, Format, GetCmd, JobCmd, JobRefCmd, RemoveCmd, TokenCmd,
+    UpdateCmd,
 };
-use crate::output;
+use crate::output::{self, Columns, Named};
 
 /// What every command needs: the client and the chosen output format.
 pub struct Ctx {
@@ -39,6 +44,48 @@ impl Ctx {
         let text = output::render(value, self.format.unwrap_or(Format::Table), table)?;
         output::emit(&text)?;
         Ok(())
+    }
+
+    /// The table columns `-o` asks for, at the current time.
+    pub fn columns(&self) -> Columns {
+        Columns { wide: self.format == Some(Format::Wide), now: chrono::Utc::now() }
+    }
+
+    /// Prints resources: a table (more columns with `-o wide`), `KIND/ID` lines (`-o name`),
+    /// or JSON/YAML of the list.
+    pub fn resources<T: Serialize + Named>(
+        &self,
+        items: &[T],
+        table: impl FnOnce(&[T], Columns) -> String,
+    ) -> anyhow::Result<()> {
+        if self.format == Some(Format::Name) {
+            return Ok(output::emit_lines(&output::names(items))?);
+        }
+        self.show(items, || table(items, self.columns()))
+    }
+
+    /// Prints one resource like [`Ctx::resources`] (JSON/YAML of the object itself).
+    pub fn resource<T: Serialize + Named>(
+        &self,
+        item: &T,
+        table: impl FnOnce(&[T], Columns) -> String,
+    ) -> anyhow::Result<()> {
+        if self.format == Some(Format::Name) {
+            return Ok(output::emit_lines(&output::names(std::slice::from_ref(item)))?);
+        }
+        self.show(item, || table(std::slice::from_ref(item), self.columns()))
+    }
+
+    /// Prints a created or changed resource: its id unless `-o` asks for a format.
+    pub fn created_resource<T: Serialize + Named>(
+        &self,
+        item: &T,
+        table: impl FnOnce(&[T], Columns) -> String,
+    ) -> anyhow::Result<()> {
+        match self.format {
+            None => Ok(output::emit(&item.id())?),
+            Some(_) => self.resource(item, table),
+        }
     }
 
     /// Prints a created or changed resource: its id unless `-o` asks for a format.
@@ -123,20 +170,28 @@ pub async fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<()> {
             user::revoke_token(ctx, user.as_deref(), &id).await
         }
         Command::Job(JobCmd::Watch(args)) => {
-            watch::watch_and_report(ctx, &args.id.into(), args.interval_ms).await
+            let options = watch::Options { interval_ms: args.interval_ms, timeout: args.timeout };
+            watch::watch_and_report(ctx, &args.id.into(), options).await
         }
-        Command::Logs { job, task, follow: false, .. } => job::logs(ctx, &job, &task).await,
+        Command::Logs { job, task, follow: false, .. } => logs::print(ctx, &job, &task).await,
         Command::Logs { job, task, follow: true, interval_ms } => {
-            job::follow_logs(ctx, &job, &task, interval_ms).await
+            logs::follow(ctx, &job, &task, interval_ms).await
         }
         Command::Run(args) => run::run(ctx, &args).await,
+        Command::Describe(DescribeCmd::Job { id }) => describe::job(ctx, &id).await,
+        Command::Describe(DescribeCmd::Task { job, task }) => {
+            describe::task(ctx, &job, &task).await
+        }
+        Command::Version { .. } | Command::Completion { .. } | Command::Man { .. } => {
+            Err(anyhow::anyhow!("this command is handled before connecting"))
+        }
         Command::Config(command) => {
             Err(anyhow::anyhow!("config {command:?} is handled before connecting"))
         }
         Command::Login(_) => Err(anyhow::anyhow!("login is handled before connecting")),
         Command::Whoami => {
             let user = ctx.client.whoami().await?;
-            ctx.show(&user, || output::users(std::slice::from_ref(&user)))
+            ctx.resource(&user, |users, _| output::users(users))
         }
     }
 }

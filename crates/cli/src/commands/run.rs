@@ -152,11 +152,10 @@ pub async fn run(ctx: &Ctx, args: &RunArgs) -> anyhow::Result<()> {
         super::job::announce_join_commands(ctx, &started.id).await?;
     }
     if args.no_watch {
-        return ctx.created(&started, started.id.as_str(), || {
-            output::jobs(std::slice::from_ref(&started))
-        });
+        return ctx.created_resource(&started, output::jobs);
     }
-    watch::watch_and_report(ctx, &started.id, args.interval_ms).await
+    let options = watch::Options { interval_ms: args.interval_ms, timeout: None };
+    watch::watch_and_report(ctx, &started.id, options).await
 }
 
 #[cfg(test)]

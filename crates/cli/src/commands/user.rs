@@ -58,7 +58,7 @@ pub async fn create_token(
 pub async fn list_tokens(ctx: &Ctx, user: Option<&str>) -> anyhow::Result<()> {
     let user = whose(ctx, user).await?;
     let tokens = ctx.client.list_tokens(&user).await?;
-    ctx.show(&tokens, || output::tokens(&tokens, chrono::Utc::now()))
+    ctx.resources(&tokens, |items, cols| output::tokens(items, cols.now))
 }
 
 /// `token revoke ID [--user U]`.
@@ -72,5 +72,5 @@ pub async fn revoke_token(ctx: &Ctx, user: Option<&str>, id: &str) -> anyhow::Re
 /// `get users`.
 pub async fn list(ctx: &Ctx) -> anyhow::Result<()> {
     let users = ctx.client.list_users().await?;
-    ctx.show(&users, || output::users(&users))
+    ctx.resources(&users, |items, _| output::users(items))
 }

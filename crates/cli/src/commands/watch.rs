@@ -28,6 +28,49 @@ pub struct NotCompleted {
     pub reason: Option<String>,
 }
 
+/// The watch reached its `--timeout` before the job ended.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "timed out: job {id} has not ended after {}{}; it goes on (`fledgectl job watch {id}` follows it again)",
+    humanize(*timeout),
+    state.map(|s| format!(" (it is {s})")).unwrap_or_default()
+)]
+pub struct TimedOut {
+    /// The job.
+    pub id: JobId,
+    /// The `--timeout`.
+    pub timeout: Duration,
+    /// Its state when the watch gave up, if a last look could tell.
+    pub state: Option<JobState>,
+}
+
+/// `1h30m`, `45s`, `250ms`: a duration as `--timeout` takes it.
+pub fn humanize(duration: Duration) -> String {
+    let mut ms = duration.as_millis();
+    if ms == 0 {
+        return "0s".to_owned();
+    }
+    let mut res = String::new();
+    for (unit, size) in
+        [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)]
+    {
+        if ms >= size {
+            res.push_str(&format!("{}{unit}", ms / size));
+            ms %= size;
+        }
+    }
+    res
+}
+
+/// How `job watch` polls and how long it waits.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Poll interval in milliseconds.
+    pub interval_ms: u64,
+    /// Give up after this long (`None`: wait until the job ends).
+    pub timeout: Option<Duration>,
+}
+
 /// Progress distilled from a job's metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Progress {
@@ -119,8 +162,28 @@ pub fn describe(status: &JobStatus, progress: &Progress) -> String {
     res
 }
 
-/// Follows `id` until it ends and returns the final job.
-pub async fn watch(ctx: &Ctx, id: &JobId, interval_ms: u64) -> anyhow::Result<Job> {
+/// Follows `id` until it ends and returns the final job; fails with [`TimedOut`] once
+/// `options.timeout` has passed (a poll in flight is abandoned then).
+pub async fn watch(ctx: &Ctx, id: &JobId, options: Options) -> anyhow::Result<Job> {
+    let Some(timeout) = options.timeout else {
+        return follow(ctx, id, options.interval_ms).await;
+    };
+    match tokio::time::timeout(timeout, follow(ctx, id, options.interval_ms)).await {
+        Ok(res) => res,
+        Err(_) => {
+            // One bounded look at where it stands, for the message.
+            let state =
+                match tokio::time::timeout(Duration::from_secs(5), ctx.client.get_job(id)).await {
+                    Ok(Ok(job)) if job.state.is_final() => return Ok(job),
+                    Ok(Ok(job)) => Some(job.state),
+                    _ => None,
+                };
+            Err(TimedOut { id: id.clone(), timeout, state }.into())
+        }
+    }
+}
+
+async fn follow(ctx: &Ctx, id: &JobId, interval_ms: u64) -> anyhow::Result<Job> {
     let job = ctx.client.get_job(id).await?;
     let rounds = total_rounds(&job);
     let tty = std::io::stderr().is_terminal();
@@ -217,13 +280,13 @@ async fn explain_failure(ctx: &Ctx, id: &JobId) {
 }
 
 /// Watches, prints the final job, and fails unless it completed.
-pub async fn watch_and_report(ctx: &Ctx, id: &JobId, interval_ms: u64) -> anyhow::Result<()> {
-    let job = watch(ctx, id, interval_ms).await?;
+pub async fn watch_and_report(ctx: &Ctx, id: &JobId, options: Options) -> anyhow::Result<()> {
+    let job = watch(ctx, id, options).await?;
     eprintln!("job {} ended {}", job.id, job.state);
     if job.state != JobState::Completed {
         explain_failure(ctx, &job.id).await;
     }
-    ctx.show(&job, || output::jobs(std::slice::from_ref(&job)))?;
+    ctx.resource(&job, output::jobs)?;
     if job.state == JobState::Completed {
         Ok(())
     } else {
@@ -246,6 +309,18 @@ mod tests {
             round,
             metrics: metrics.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect::<BTreeMap<_, _>>(),
             timestamp: None,
+        }
+    }
+
+    #[test]
+    fn durations_print_as_timeouts_are_written() {
+        assert_eq!(humanize(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(humanize(Duration::from_millis(1500)), "1s500ms");
+        assert_eq!(humanize(Duration::from_secs(2 * 86_400)), "2d");
+        assert_eq!(humanize(Duration::ZERO), "0s");
+        for text in ["1h30m", "45s", "2d3h", "250ms"] {
+            let parsed = crate::args::parse_duration(text).unwrap();
+            assert_eq!(humanize(parsed), text);
         }
     }
 

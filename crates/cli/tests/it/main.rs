@@ -12,3 +12,4 @@ mod flame;
 mod lifecycle;
 mod run;
 mod support;
+mod ux;

@@ -27,6 +27,7 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(set_status, get_status))
         .routes(routes!(list_tasks))
         .routes(routes!(get_task))
+        .routes(routes!(get_task_log))
         .routes(routes!(join_info))
         .routes(routes!(mint_task_key, revoke_task_key))
         .routes(routes!(list_metrics))
@@ -424,6 +425,65 @@ async fn get_task(
     let user = check_user(&state.user(&headers).await?, &user)?;
     let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
     Ok(Json(state.store.get_task(&job.id, &TaskId::new(task)).await?))
+}
+
+/// `?since=N`: the number of the first line wanted.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct LogQuery {
+    /// The first line wanted (default 0); a reader passes the `next` of its previous read.
+    since: Option<u64>,
+}
+
+/// Lines of a task's log, numbered (see `docs/api.md`).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct TaskLog {
+    /// The number of the oldest line still held: lines `since..first` are gone.
+    first: u64,
+    /// The number after the last line returned: the next read's `since`.
+    next: u64,
+    /// The lines, without their newlines.
+    lines: Vec<String>,
+    /// The task's state when the lines were read: once final, no line follows those held.
+    state: fledge_types::TaskState,
+    /// `true` when the lines are those the task streams while it runs; `false` when they are
+    /// the tail it reported with its state (numbered from 0), as the streamed ones are not
+    /// held here (this apiserver restarted, or the task never streamed).
+    streamed: bool,
+}
+
+/// A task's log from line `since` on: the lines its agent streams while it runs, held in the
+/// apiserver's memory, else the tail the task reported with its state.
+#[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/tasks/{taskId}/log", tag = "jobs",
+    params(("user" = String, Path), ("jobId" = String, Path), ("taskId" = String, Path),
+        LogQuery),
+    responses((status = 200, body = TaskLog), (status = 404, body = fledge_types::ApiError)))]
+async fn get_task_log(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((user, id, task)): Path<(String, String, String)>,
+    Query(query): Query<LogQuery>,
+) -> Result<Json<TaskLog>> {
+    let user = check_user(&state.user(&headers).await?, &user)?;
+    let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
+    // The state first: an agent streams its last lines before it reports a final state, so
+    // lines read after a final state are all there will be.
+    let task = state.store.get_task(&job.id, &TaskId::new(task)).await?;
+    let since = query.since.unwrap_or(0);
+    if let Some(read) = state.logs.read(&job.id, &task.task_id, since) {
+        return Ok(Json(TaskLog {
+            first: read.first,
+            next: read.next,
+            lines: read.lines,
+            state: task.state,
+            streamed: true,
+        }));
+    }
+    let tail: Vec<String> = task.log.lines().map(str::to_owned).collect();
+    let total = tail.len() as u64;
+    let from = since.min(total);
+    let lines = tail.into_iter().skip(usize::try_from(from).unwrap_or(usize::MAX)).collect();
+    Ok(Json(TaskLog { first: 0, next: total, lines, state: task.state, streamed: false }))
 }
 
 /// What the data owners of a job's participant-run tasks need to start their agents.

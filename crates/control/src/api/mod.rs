@@ -17,6 +17,7 @@ mod designs;
 pub mod error;
 mod http_metrics;
 mod jobs;
+pub mod logbook;
 mod models;
 mod tasks;
 mod users;
@@ -104,6 +105,8 @@ pub struct ApiState {
     pub telemetry: crate::telemetry::Telemetry,
     /// Series fed by the metric records tasks post.
     reported: crate::telemetry::ReportedMetrics,
+    /// The log lines tasks stream while they run (`fledgectl logs -f`).
+    pub logs: Arc<logbook::LogBook>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -146,6 +149,7 @@ impl ApiState {
             metrics: Arc::new(http_metrics::HttpMetrics::default()),
             telemetry: crate::telemetry::Telemetry::new(),
             reported: crate::telemetry::ReportedMetrics::default(),
+            logs: Arc::new(logbook::LogBook::default()),
         }
         .with_telemetry(crate::telemetry::Telemetry::new())
     }
@@ -266,8 +270,29 @@ async fn ca_pem(
     }
 }
 
+/// The REST API version this server serves.
+pub const API_VERSION: &str = "v1";
+
+/// Answer of `GET /api/v1/version`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Version {
+    /// The server's release.
+    version: &'static str,
+    /// The REST API version.
+    api_version: &'static str,
+}
+
+/// `GET /api/v1/version`: the server's release and API version, unauthenticated. A client
+/// asks it before it may have a working token (`fledgectl version` with an expired one, a
+/// fresh `login`), as kubectl's `/version` is public; it tells no more than the release,
+/// which the OpenAPI document (also public) all but tells already.
+async fn version() -> axum::Json<Version> {
+    axum::Json(Version { version: env!("CARGO_PKG_VERSION"), api_version: API_VERSION })
+}
+
 /// The apiserver's router: `/api/v1/...`, `/api/v1/openapi.json`, `/api/v1/ca.pem`,
-/// `/healthz`, `/metrics`.
+/// `/api/v1/version`, `/healthz`, `/metrics`.
 pub fn router(state: ApiState) -> Router {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api_routes())
@@ -281,6 +306,7 @@ pub fn router(state: ApiState) -> Router {
         }),
     )
     .route("/api/v1/ca.pem", get(ca_pem))
+    .route("/api/v1/version", get(version))
     .route("/healthz", get(|| async { "ok" }))
     .route(
         "/metrics",

@@ -27,6 +27,56 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(task_status))
         .routes(routes!(heartbeat))
         .routes(routes!(task_metrics))
+        .routes(routes!(task_log))
+}
+
+/// Lines of a task's output, as its agent streams them (`POST /tasks/{taskId}/log`).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct LogLines {
+    /// Chosen by the agent for each of its runs (1 to 64 characters).
+    stream: String,
+    /// The number of the first line in this stream (0 for its first line).
+    offset: u64,
+    /// The lines, without their newlines.
+    lines: Vec<String>,
+}
+
+/// The task streams lines of its output; `fledgectl logs -f` reads them.
+#[utoipa::path(post, path = "/tasks/{taskId}/log", tag = "tasks", request_body = LogLines,
+    params(("taskId" = String, Path)),
+    responses((status = 204), (status = 400, body = fledge_types::ApiError),
+        (status = 401, body = fledge_types::ApiError)))]
+async fn task_log(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(task): Path<String>,
+    request: Body,
+) -> Result<StatusCode> {
+    use super::logbook::MAX_LINES_PER_POST;
+    let task = state.task(&headers, &TaskId::new(task)).await?;
+    let posted: LogLines = body::json(request, state.limits.json_bytes, "log lines").await?;
+    let mut details = Vec::new();
+    if posted.stream.is_empty() || posted.stream.len() > 64 {
+        details.push(ErrorDetail {
+            path: "stream".to_owned(),
+            message: format!("{} characters; must be 1 to 64", posted.stream.len()),
+        });
+    }
+    if posted.lines.len() > MAX_LINES_PER_POST {
+        details.push(ErrorDetail {
+            path: "lines".to_owned(),
+            message: format!("{} lines; at most {MAX_LINES_PER_POST} per post", posted.lines.len()),
+        });
+    }
+    if posted.offset.checked_add(posted.lines.len() as u64).is_none_or(|end| end > 1 << 53) {
+        details.push(ErrorDetail { path: "offset".to_owned(), message: "too large".to_owned() });
+    }
+    if !details.is_empty() {
+        return Err(Error::invalid("invalid log lines", details));
+    }
+    state.logs.append(&task.job_id, &task.task_id, &posted.stream, posted.offset, posted.lines);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A task's state report.

@@ -856,6 +856,10 @@ async fn openapi_health_and_metrics() {
     let (status, pem) = anonymous.get("/api/v1/ca.pem").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(pem.as_str(), Some(crate::support::tls().ca.pem()));
+    // So is the version: a client asks it before it may have a working token.
+    let (status, version) = anonymous.get("/api/v1/version").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(version, json!({"version": env!("CARGO_PKG_VERSION"), "apiVersion": "v1"}));
     let (status, doc) = anonymous.get("/api/v1/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
@@ -866,6 +870,8 @@ async fn openapi_health_and_metrics() {
         "/api/v1/tasks/{taskId}/config",
         "/api/v1/computes/{computeId}/tasks/{taskId}/deployment",
         "/api/v1/users/{user}/designs/{designId}/codes",
+        "/api/v1/tasks/{taskId}/log",
+        "/api/v1/users/{user}/jobs/{jobId}/tasks/{taskId}/log",
     ] {
         assert!(
             paths.contains_key(path),

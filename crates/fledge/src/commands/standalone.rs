@@ -6,8 +6,8 @@
 //! `--tls-key`, `--tls-ca`); `--insecure` serves plain text (loopback only).
 //!
 //! On start it creates an admin token and writes it with the apiserver's endpoint and the CA
-//! into `fledgectl`'s config file (`$FLEDGE_CONFIG`, else `~/.fledge/config.yaml`; other keys of
-//! the file are kept), prints both and a `fledgectl login` command carrying the CA's
+//! into `fledgectl`'s config file (`$FLEDGE_CONFIG`, else `~/.fledge/config.yaml`) as its
+//! context `standalone`, made current (the file's other contexts are kept), prints both and a `fledgectl login` command carrying the CA's
 //! fingerprint (also written to `<data_dir>/login.txt`), then prints `ready` once every
 //! listener is up.
 
@@ -329,52 +329,29 @@ fn start_deployer(
     Ok(())
 }
 
-/// Sets `endpoint`, `token` and `ca` (PEM; removed when `None`) in the YAML file at `path`,
-/// keeping its other keys.
+/// The `fledgectl` context `fledge standalone` writes.
+pub const CLI_CONTEXT: &str = "standalone";
+
+/// Sets `endpoint`, `token` and `ca` (PEM; removed when `None`) as the context
+/// [`CLI_CONTEXT`] of `fledgectl`'s config file at `path` and makes it the current one,
+/// keeping the file's other contexts (a single-endpoint file keeps its settings as the
+/// context `default`). Written atomically, mode 0600: it holds an admin token.
 pub fn write_cli_config(
     path: &Path,
     endpoint: &str,
     token: &str,
     ca: Option<&fledge_client::Ca>,
 ) -> anyhow::Result<()> {
-    let mut doc = match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => serde_norway::from_str::<serde_norway::Value>(&text)
-            .with_context(|| format!("{} is not valid YAML", path.display()))?,
-        Ok(_) => serde_norway::Value::Mapping(Default::default()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            serde_norway::Value::Mapping(Default::default())
-        }
-        Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
-    };
-    let map = doc
-        .as_mapping_mut()
-        .with_context(|| format!("{} is not a YAML mapping", path.display()))?;
-    map.insert("endpoint".into(), endpoint.into());
-    map.insert("token".into(), token.into());
-    map.remove("caFile");
-    match ca {
-        Some(ca) => {
-            map.insert("ca".into(), ca.pem().into());
-        }
-        None => {
-            map.remove("ca");
-        }
-    }
-    let text = serde_norway::to_string(&doc).context("cannot render the fledgectl config")?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let mut open = std::fs::OpenOptions::new();
-    open.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        // The file holds an admin token.
-        use std::os::unix::fs::OpenOptionsExt as _;
-        open.mode(0o600);
-    }
-    let mut file = open.open(path).with_context(|| format!("cannot write {}", path.display()))?;
-    std::io::Write::write_all(&mut file, text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+    use fledge_client::config::ConfigFile;
+    let mut file = ConfigFile::read(path)?.unwrap_or_default();
+    let context = file.context_mut(CLI_CONTEXT)?;
+    context.endpoint = Some(endpoint.to_owned());
+    context.token = Some(token.to_owned());
+    context.ca = ca.map(|ca| ca.pem().to_owned());
+    context.ca_file = None;
+    file.current_context = Some(CLI_CONTEXT.to_owned());
+    file.write(path)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -382,22 +359,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cli_config_keeps_other_keys_and_rejects_non_mappings() {
+    fn cli_config_keeps_other_contexts_and_rejects_non_configs() {
+        use fledge_client::config::ConfigFile;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub").join("config.yaml");
         write_cli_config(&path, "http://127.0.0.1:1", "t1", None).expect("fresh file");
-        std::fs::write(&path, "output: json\nendpoint: old\nca: stale\n").expect("seed");
+        // A user's single-endpoint file: kept as the context `default`.
+        std::fs::write(&path, "endpoint: https://remote:1\ntoken: mine\nca: stale\n")
+            .expect("seed");
         write_cli_config(&path, "http://127.0.0.1:2", "t2", None).expect("update");
-        let doc: serde_norway::Value =
-            serde_norway::from_str(&std::fs::read_to_string(&path).expect("read")).expect("yaml");
-        assert_eq!(doc["output"].as_str(), Some("json"));
-        assert_eq!(doc["endpoint"].as_str(), Some("http://127.0.0.1:2"));
-        assert_eq!(doc["token"].as_str(), Some("t2"));
-        assert!(doc.get("ca").is_none(), "a plain-text endpoint keeps no stale CA");
+        let file = ConfigFile::read(&path).expect("read").expect("exists");
+        assert_eq!(file.current_context.as_deref(), Some(CLI_CONTEXT));
+        let ours = file.context(CLI_CONTEXT).expect("standalone context");
+        assert_eq!(ours.endpoint.as_deref(), Some("http://127.0.0.1:2"));
+        assert_eq!(ours.token.as_deref(), Some("t2"));
+        assert!(ours.ca.is_none(), "a plain-text endpoint keeps no stale CA");
+        let theirs = file.context("default").expect("the user's context");
+        assert_eq!(theirs.token.as_deref(), Some("mine"));
 
         std::fs::write(&path, "- a\n- b\n").expect("seed list");
         let err = write_cli_config(&path, "e", "t", None).expect_err("a list is not a config");
-        assert!(err.to_string().contains("not a YAML mapping"), "{err}");
+        assert!(err.to_string().contains("invalid config file"), "{err}");
     }
 
     #[test]
