@@ -19,6 +19,7 @@ mod http_metrics;
 mod jobs;
 mod models;
 mod tasks;
+pub mod ui;
 mod users;
 
 use std::sync::Arc;
@@ -104,6 +105,8 @@ pub struct ApiState {
     pub telemetry: crate::telemetry::Telemetry,
     /// Series fed by the metric records tasks post.
     reported: crate::telemetry::ReportedMetrics,
+    /// The dashboard's sessions and cookie settings.
+    ui: ui::UiState,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -146,6 +149,7 @@ impl ApiState {
             metrics: Arc::new(http_metrics::HttpMetrics::default()),
             telemetry: crate::telemetry::Telemetry::new(),
             reported: crate::telemetry::ReportedMetrics::default(),
+            ui: ui::UiState::default(),
         }
         .with_telemetry(crate::telemetry::Telemetry::new())
     }
@@ -191,6 +195,13 @@ impl ApiState {
     /// certificate without a CA file).
     pub fn with_ca(mut self, ca: Option<fledge_tls::Ca>) -> Self {
         self.ca = ca;
+        self
+    }
+
+    /// Whether the dashboard's session cookies are `Secure` (default: yes; `false` only for
+    /// an apiserver serving plain HTTP, whose browsers would otherwise drop them).
+    pub fn with_secure_cookies(mut self, secure: bool) -> Self {
+        self.ui.secure_cookies = secure;
         self
     }
 
@@ -267,7 +278,7 @@ async fn ca_pem(
 }
 
 /// The apiserver's router: `/api/v1/...`, `/api/v1/openapi.json`, `/api/v1/ca.pem`,
-/// `/healthz`, `/metrics`.
+/// `/healthz`, `/metrics`, and the dashboard at `/ui` ([`ui`]).
 pub fn router(state: ApiState) -> Router {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api_routes())
@@ -281,6 +292,7 @@ pub fn router(state: ApiState) -> Router {
         }),
     )
     .route("/api/v1/ca.pem", get(ca_pem))
+    .merge(ui::routes())
     .route("/healthz", get(|| async { "ok" }))
     .route(
         "/metrics",
@@ -331,6 +343,12 @@ fn check_user(auth: &User, user: &str) -> Result<UserId> {
     } else {
         Err(Error::forbidden(format!("user {} may not act for user {user}", auth.id)))
     }
+}
+
+/// The owner `user`'s reads are scoped to: their own resources, or everyone's for an admin,
+/// who may act for any user ([`check_user`]). A lookup outside the scope is `NotFound`.
+fn read_scope(user: &User) -> Option<&UserId> {
+    (!user.is_admin).then_some(&user.id)
 }
 
 /// Maps a store `NotFound` to `not_found` (anything else passes through).
