@@ -5,7 +5,7 @@
 //! - Login with an API token: `POST /ui/login` checks it as the API does and opens a session
 //!   ([`session`]); the cookie is `HttpOnly`, `SameSite=Strict`, `Secure` under TLS. The login
 //!   page's script also reads `#token=...` from the URL fragment (never sent to a server).
-//! - Every page reads through the store with the API's ownership rule ([`super::read_scope`]):
+//! - Every page reads through the store with the API's ownership rule (`api::read_scope`):
 //!   a user sees their own jobs, designs and datasets (and public datasets), an admin everyone's;
 //!   another user's job is 404, as in the API. Computes are for admins, as `/computes`.
 //! - Every response carries a strict Content-Security-Policy (no inline script or style, nothing
