@@ -351,6 +351,7 @@ fn start_apiserver(
     .with_ca(services.tls.as_ref().and_then(|tls| tls.ca.clone()))
     .with_broker_credentials(broker_credentials)
     .with_data_plane_keys(data_plane_keys)
+    .with_secure_cookies(services.tls.is_some())
     .with_telemetry(services.telemetry.clone());
     let state = match mosquitto {
         Some(provisioner) => state.with_mosquitto(provisioner),

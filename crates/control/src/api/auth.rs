@@ -61,8 +61,13 @@ fn bearer(headers: &HeaderMap) -> Result<&str> {
 impl ApiState {
     /// The user whose token the request carries.
     pub(super) async fn user(&self, headers: &HeaderMap) -> Result<User> {
-        let secret = bearer(headers)?;
-        match self.store.user_by_token(&secret_hash(secret)).await {
+        self.user_by_token_hash(&secret_hash(bearer(headers)?)).await
+    }
+
+    /// The user whose token has SHA-256 `token_sha256` (the dashboard's sessions keep the
+    /// hash): 401 for an unknown, revoked or expired token.
+    pub(super) async fn user_by_token_hash(&self, token_sha256: &str) -> Result<User> {
+        match self.store.user_by_token(token_sha256).await {
             Ok(user) => Ok(user),
             Err(store::Error::NotFound { .. }) => {
                 Err(Error::unauthenticated("invalid, revoked or expired token"))

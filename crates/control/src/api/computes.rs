@@ -52,7 +52,7 @@ pub(super) struct DeploymentReport {
 }
 
 impl ApiState {
-    fn connected(&self, mut compute: Compute) -> Compute {
+    pub(super) fn connected(&self, mut compute: Compute) -> Compute {
         compute.connected =
             self.notifier.as_ref().is_some_and(|n| n.is_compute_connected(&compute.compute_id));
         compute

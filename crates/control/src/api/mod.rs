@@ -20,6 +20,7 @@ mod jobs;
 pub mod logbook;
 mod models;
 mod tasks;
+pub mod ui;
 mod users;
 
 use std::sync::Arc;
@@ -107,6 +108,8 @@ pub struct ApiState {
     reported: crate::telemetry::ReportedMetrics,
     /// The log lines tasks stream while they run (`fledgectl logs -f`).
     pub logs: Arc<logbook::LogBook>,
+    /// The dashboard's sessions and cookie settings.
+    ui: ui::UiState,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -150,6 +153,7 @@ impl ApiState {
             telemetry: crate::telemetry::Telemetry::new(),
             reported: crate::telemetry::ReportedMetrics::default(),
             logs: Arc::new(logbook::LogBook::default()),
+            ui: ui::UiState::default(),
         }
         .with_telemetry(crate::telemetry::Telemetry::new())
     }
@@ -195,6 +199,13 @@ impl ApiState {
     /// certificate without a CA file).
     pub fn with_ca(mut self, ca: Option<fledge_tls::Ca>) -> Self {
         self.ca = ca;
+        self
+    }
+
+    /// Whether the dashboard's session cookies are `Secure` (default: yes; `false` only for
+    /// an apiserver serving plain HTTP, whose browsers would otherwise drop them).
+    pub fn with_secure_cookies(mut self, secure: bool) -> Self {
+        self.ui.secure_cookies = secure;
         self
     }
 
@@ -292,7 +303,7 @@ async fn version() -> axum::Json<Version> {
 }
 
 /// The apiserver's router: `/api/v1/...`, `/api/v1/openapi.json`, `/api/v1/ca.pem`,
-/// `/api/v1/version`, `/healthz`, `/metrics`.
+/// `/api/v1/version`, `/healthz`, `/metrics`, and the dashboard at `/ui` ([`ui`]).
 pub fn router(state: ApiState) -> Router {
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api_routes())
@@ -307,6 +318,7 @@ pub fn router(state: ApiState) -> Router {
     )
     .route("/api/v1/ca.pem", get(ca_pem))
     .route("/api/v1/version", get(version))
+    .merge(ui::routes())
     .route("/healthz", get(|| async { "ok" }))
     .route(
         "/metrics",
@@ -357,6 +369,12 @@ fn check_user(auth: &User, user: &str) -> Result<UserId> {
     } else {
         Err(Error::forbidden(format!("user {} may not act for user {user}", auth.id)))
     }
+}
+
+/// The owner `user`'s reads are scoped to: their own resources, or everyone's for an admin,
+/// who may act for any user ([`check_user`]). A lookup outside the scope is `NotFound`.
+fn read_scope(user: &User) -> Option<&UserId> {
+    (!user.is_admin).then_some(&user.id)
 }
 
 /// Maps a store `NotFound` to `not_found` (anything else passes through).

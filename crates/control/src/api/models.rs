@@ -141,12 +141,16 @@ async fn list_models(
 ) -> Result<Json<Vec<ModelFile>>> {
     let user = check_user(&state.user(&headers).await?, &user)?;
     let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
-    let dir = job_dir(&state, &job)?;
-    let files = tokio::task::spawn_blocking(move || scan(&dir))
+    Ok(Json(model_files(&state, &job).await?))
+}
+
+/// The model files of `job` in the platform's registry (the caller checked ownership).
+pub(super) async fn model_files(state: &ApiState, job: &Job) -> Result<Vec<ModelFile>> {
+    let dir = job_dir(state, job)?;
+    tokio::task::spawn_blocking(move || scan(&dir))
         .await
         .map_err(|err| Error::new(ErrorCode::Internal, err.to_string()))?
-        .map_err(io_error)?;
-    Ok(Json(files))
+        .map_err(io_error)
 }
 
 /// `?round=R&group=G`: which model file (default: the final model of the job's one model).
@@ -171,8 +175,19 @@ async fn get_model(
 ) -> Result<Response> {
     let user = check_user(&state.user(&headers).await?, &user)?;
     let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
-    let mut path = job_dir(&state, &job)?;
-    if let Some(group) = &query.group {
+    model_file(&state, &job, query.round, query.group.as_deref()).await
+}
+
+/// One model file of `job` (final or `round`'s checkpoint, of `group`'s scope or the job's
+/// one model) as a download (the caller checked ownership).
+pub(super) async fn model_file(
+    state: &ApiState,
+    job: &Job,
+    round: Option<u64>,
+    group: Option<&str>,
+) -> Result<Response> {
+    let mut path = job_dir(state, job)?;
+    if let Some(group) = group {
         if !is_scope(group) {
             return Err(Error::bad_request(format!(
                 "group {group:?} is not a group name (letters, digits, '-', '_', '.', joined by '+')"
@@ -180,14 +195,14 @@ async fn get_model(
         }
         path.push(group);
     }
-    let name = match query.round {
+    let name = match round {
         Some(round) => format!("rounds/round-{round:05}.safetensors"),
         None => "final.safetensors".to_owned(),
     };
     path.push(&name);
     let what = || {
-        let of = query.group.as_deref().map(|g| format!(" of group {g}")).unwrap_or_default();
-        match query.round {
+        let of = group.map(|g| format!(" of group {g}")).unwrap_or_default();
+        match round {
             Some(round) => format!("job {} has no model for round {round}{of}", job.id),
             None => format!("job {} has no final model{of} (yet)", job.id),
         }
@@ -200,7 +215,7 @@ async fn get_model(
         Err(err) => return Err(io_error(err)),
     };
     let size = file.metadata().await.map_err(io_error)?.len();
-    let download = match query.round {
+    let download = match round {
         Some(round) => format!("{}-round-{round}.safetensors", job.id),
         None => format!("{}-final.safetensors", job.id),
     };

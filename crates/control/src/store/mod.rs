@@ -334,4 +334,7 @@ pub trait Store: Send + Sync + 'static {
     async fn count_metrics(&self, job: &JobId, task: &TaskId) -> Result<u64>;
     /// A job's metric records in insertion order.
     async fn list_metrics(&self, job: &JobId) -> Result<Vec<MetricRecord>>;
+    /// The highest round any task of `job` recorded metrics for (`None`: no record yet), without
+    /// reading the records: the dashboard's progress of many jobs at once.
+    async fn latest_round(&self, job: &JobId) -> Result<Option<u64>>;
 }

@@ -1541,6 +1541,15 @@ macro_rules! impl_sql_store {
                 Ok(u64::try_from(get::<i64>(&row, "n")?).unwrap_or(0))
             }
 
+            async fn latest_round(&self, job: &JobId) -> Result<Option<u64>> {
+                let row = sqlx::query("SELECT MAX(round) AS r FROM metrics WHERE job_id = $1")
+                    .bind(job.as_str())
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(get::<Option<i64>>(&row, "r")?.and_then(|r| u64::try_from(r).ok()))
+            }
+
             async fn list_metrics(&self, job: &JobId) -> Result<Vec<MetricRecord>> {
                 self.fetch_job(None, job).await?;
                 let rows = sqlx::query(

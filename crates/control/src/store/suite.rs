@@ -582,8 +582,11 @@ async fn metrics(store: &impl Store) {
         metrics: BTreeMap::from([("loss".to_owned(), loss)]),
         timestamp: None,
     };
+    assert_eq!(store.latest_round(&job.id).await.unwrap(), None, "no record yet");
     store.add_metrics(&job.id, &[record(2, 0.5), record(1, 0.9)]).await.unwrap();
+    assert_eq!(store.latest_round(&job.id).await.unwrap(), Some(2));
     store.add_metrics(&job.id, &[record(3, 0.1)]).await.unwrap();
+    assert_eq!(store.latest_round(&job.id).await.unwrap(), Some(3));
     assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 3);
     assert_eq!(store.count_metrics(&job.id, &"t2".into()).await.unwrap(), 0);
     let listed = store.list_metrics(&job.id).await.unwrap();

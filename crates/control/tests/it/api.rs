@@ -14,7 +14,7 @@ use crate::support::{
 };
 
 /// Stores the tasks of `job` as the controller does on start: the expansion, one key each.
-async fn insert_tasks(server: &Server, job: &str) -> Vec<(Task, String)> {
+pub(crate) async fn insert_tasks(server: &Server, job: &str) -> Vec<(Task, String)> {
     let store = &server.store;
     let job: Job = store.get_job(None, &JobId::new(job)).await.unwrap();
     let (_, schema) = store

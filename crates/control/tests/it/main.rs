@@ -9,3 +9,4 @@
 
 mod api;
 mod support;
+mod ui;

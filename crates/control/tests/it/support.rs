@@ -156,6 +156,11 @@ impl Client {
         Client { http: http(), base: base.to_owned(), token: None }
     }
 
+    /// The bearer secret this client sends.
+    pub fn token(&self) -> &str {
+        self.token.as_deref().unwrap_or_default()
+    }
+
     /// The same credentials against another server.
     pub fn at(&self, base: &str) -> Client {
         Client { http: self.http.clone(), base: base.to_owned(), token: self.token.clone() }
