@@ -670,7 +670,9 @@ async fn composed_services_run_a_job_over_rest() {
     assert_eq!(services.endpoints.notifier, format!("https://{notifier_addr}"));
     let ca = services.tls.as_ref().and_then(|tls| tls.ca.clone()).expect("a generated CA");
     assert!(dir.path().join("tls").join("ca.pem").is_file());
-    assert_eq!(services.brokers[0].host, broker_addr.to_string());
+    // The embedded broker serves mqtts too, verified against the same CA (controlPlaneCa).
+    assert_eq!(services.brokers[0].host, format!("mqtts://{broker_addr}"));
+    assert_eq!(services.brokers[0].ca, None);
 
     let token = fledge_control::api::bootstrap_admin(store.as_ref()).await.expect("admin");
     let admin = UserId::new("admin");
@@ -732,7 +734,7 @@ async fn composed_services_run_a_job_over_rest() {
                     .json()
                     .await
                     .expect("config json");
-                assert_eq!(config["brokers"][0]["host"], broker_addr.to_string());
+                assert_eq!(config["brokers"][0]["host"], format!("mqtts://{broker_addr}"));
                 // The role's own connections (metrics, metaserver) trust the same CA.
                 assert_eq!(config["controlPlaneCa"], ca.pem());
             }
@@ -754,14 +756,22 @@ async fn composed_services_run_a_job_over_rest() {
     services.wait().await.expect("clean shutdown");
 }
 
-/// Connects to the MQTT broker at `addr` with `login` (none: anonymous) and returns whether the
-/// broker acknowledged the CONNECT (a refused client is disconnected without a CONNACK).
-async fn broker_admits(addr: std::net::SocketAddr, login: Option<(&str, &str)>) -> bool {
+/// Connects to the MQTT broker at `addr` with `login` (none: anonymous), over TLS trusting
+/// `ca` when given, and returns whether the broker acknowledged the CONNECT (a refused client
+/// is disconnected without a CONNACK).
+async fn broker_admits(
+    addr: std::net::SocketAddr,
+    ca: Option<&fledge_tls::Ca>,
+    login: Option<(&str, &str)>,
+) -> bool {
     let id = format!("probe-{:016x}", rand::random::<u64>());
     let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     if let Some((user, pass)) = login {
         options.set_credentials(user, pass);
     }
+    let mut transport = fledge_channel::MqttConfig::new(addr.ip().to_string(), addr.port());
+    transport.tls = ca.map(|ca| fledge_channel::MqttTls { ca: Some(ca.clone()) });
+    transport.apply_transport(&mut options).expect("transport");
     let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
     let admitted = loop {
         match events.poll().await {
@@ -835,15 +845,23 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
     assert_eq!(user, format!("{job}/{}", a.task_id));
 
     // Broker: no login, a made-up password, another task's name with this password: refused.
-    assert!(!broker_admits(broker, None).await, "an anonymous client was admitted");
-    assert!(!broker_admits(broker, Some((user.as_str(), "0".repeat(64).as_str()))).await);
+    let broker_tls = Some(&ca);
+    assert!(!broker_admits(broker, broker_tls, None).await, "an anonymous client was admitted");
+    assert!(
+        !broker_admits(broker, broker_tls, Some((user.as_str(), "0".repeat(64).as_str()))).await
+    );
     let b_user = format!("{job}/{}", b.task_id);
     assert!(
-        !broker_admits(broker, Some((b_user.as_str(), pass.as_str()))).await,
+        !broker_admits(broker, broker_tls, Some((b_user.as_str(), pass.as_str()))).await,
         "a password works for one task"
     );
+    // The broker speaks mqtts only: the right login over plain MQTT gets nowhere.
     assert!(
-        broker_admits(broker, Some((user.as_str(), pass.as_str()))).await,
+        !broker_admits(broker, None, Some((user.as_str(), pass.as_str()))).await,
+        "a plain MQTT client was admitted by the TLS broker"
+    );
+    assert!(
+        broker_admits(broker, broker_tls, Some((user.as_str(), pass.as_str()))).await,
         "the issued login is admitted"
     );
 
@@ -928,7 +946,7 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
         .await
         .expect("end the job");
     assert!(
-        !broker_admits(broker, Some((user.as_str(), pass.as_str()))).await,
+        !broker_admits(broker, broker_tls, Some((user.as_str(), pass.as_str()))).await,
         "an ended job's login works"
     );
     let status = meta
@@ -1105,14 +1123,14 @@ async fn a_provisioned_mosquitto_admits_live_tasks_within_their_job_only() {
     let user = config["brokers"][0]["username"].as_str().expect("a username").to_owned();
     let pass = config["brokers"][0]["password"].as_str().expect("a password").to_owned();
 
-    assert!(!broker_admits(mosquitto, None).await, "an anonymous client was admitted");
+    assert!(!broker_admits(mosquitto, None, None).await, "an anonymous client was admitted");
     assert!(
-        !broker_admits(mosquitto, Some((user.as_str(), "guess"))).await,
+        !broker_admits(mosquitto, None, Some((user.as_str(), "guess"))).await,
         "a made-up password works"
     );
     let b_user = format!("{job}/{}", b.task_id);
     assert!(
-        !broker_admits(mosquitto, Some((b_user.as_str(), pass.as_str()))).await,
+        !broker_admits(mosquitto, None, Some((b_user.as_str(), pass.as_str()))).await,
         "an unprovisioned task"
     );
 
@@ -1161,7 +1179,8 @@ async fn a_provisioned_mosquitto_admits_live_tasks_within_their_job_only() {
     eventually("the ended job's login to be refused", || {
         let (user, pass) = (user.clone(), pass.clone());
         async move {
-            (!broker_admits(mosquitto, Some((user.as_str(), pass.as_str()))).await).then_some(())
+            (!broker_admits(mosquitto, None, Some((user.as_str(), pass.as_str()))).await)
+                .then_some(())
         }
     })
     .await;
