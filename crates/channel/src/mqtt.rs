@@ -23,8 +23,9 @@
 //! ConnAck the end re-subscribes and re-announces itself.
 //!
 //! TLS ([`MqttTls`]): the broker's certificate must chain to the CA given (the broker entry's
-//! `ca`, else the task config's `controlPlaneCa`) and name the host connected to; there is no
-//! way to turn verification off. A handshake refused for that reason fails `open` at once with
+//! `ca`, else the task config's `controlPlaneCa`; with neither, the system's roots, for a
+//! certificate from a public CA) and name the host connected to; there is no way to turn
+//! verification off. A handshake refused for that reason fails `open` at once with
 //! [`Error::BrokerTls`] naming the broker, instead of retrying until the connect timeout.
 //!
 //! On a channel with keys (see `secure`) every message is sealed (encrypted, signed, replay
@@ -86,26 +87,24 @@ pub struct MqttConfig {
     pub tls: Option<MqttTls>,
 }
 
-/// TLS towards an `mqtts` broker: its certificate must chain to `ca` and name the host.
+/// TLS towards an `mqtts` broker: its certificate must chain to `ca` (else to a root of the
+/// system's trust store) and name the host.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MqttTls {
-    /// The CA the broker's certificate must chain to, and the only one trusted. `None` (an
-    /// `mqtts://` address whose CA was not given yet) makes `open` fail: a connection is never
-    /// made without verifying the broker.
+    /// The CA the broker's certificate must chain to, and the only one trusted; `None` trusts
+    /// the system's roots (a broker with a certificate from a public CA).
     pub ca: Option<fledge_tls::Ca>,
 }
 
 impl MqttTls {
-    /// The rustls client config (ring provider) that trusts `ca` only; `broker` names the
-    /// broker in errors.
+    /// The rustls client config (ring provider) that trusts `ca` only, or the system's roots;
+    /// `broker` names the broker in errors.
     fn client_config(&self, broker: &str) -> Result<Arc<rustls::ClientConfig>> {
-        let ca = self.ca.as_ref().ok_or_else(|| Error::BrokerTls {
-            broker: broker.to_owned(),
-            reason: "no CA to verify the broker's certificate against (give the broker entry a \
-                     `ca`, or the task config a `controlPlaneCa`)"
-                .to_owned(),
-        })?;
-        let config = ca.client_config().map_err(|e| Error::BrokerTls {
+        let config = match &self.ca {
+            Some(ca) => ca.client_config(),
+            None => fledge_tls::system_client_config(),
+        };
+        let config = config.map_err(|e| Error::BrokerTls {
             broker: broker.to_owned(),
             reason: format!("cannot build the TLS client config: {e}"),
         })?;
@@ -192,8 +191,8 @@ impl MqttConfig {
         }
     }
 
-    /// Sets `options`' transport: TLS trusting [`MqttTls::ca`] only, or plain TCP. Fails,
-    /// naming the broker, for an `mqtts` broker without a CA.
+    /// Sets `options`' transport: TLS trusting [`MqttTls::ca`] only (else the system's roots),
+    /// or plain TCP.
     pub fn apply_transport(&self, options: &mut MqttOptions) -> Result<()> {
         match &self.tls {
             Some(tls) => {
@@ -802,7 +801,7 @@ mod tests {
         assert_eq!(c.url(), "mqtt://[::1]:1884");
         let c = MqttConfig::parse("mqtts://broker.local").expect("valid");
         assert_eq!((c.host.as_str(), c.port), ("broker.local", 8883));
-        assert_eq!(c.tls, Some(MqttTls { ca: None }), "TLS, its CA still to be given");
+        assert_eq!(c.tls, Some(MqttTls { ca: None }), "TLS, verified with the system's roots");
         assert_eq!(c.url(), "mqtts://broker.local:8883");
         let c = MqttConfig::parse("ssl://10.0.0.5:1883").expect("valid");
         assert_eq!((c.url().as_str(), c.port), ("mqtts://10.0.0.5:1883", 1883));

@@ -113,8 +113,8 @@ pub enum Error {
         reason: String,
     },
     /// The TLS handshake with an `mqtts` broker failed for a reason retrying cannot fix: its
-    /// certificate does not chain to the CA this end trusts or does not name the host, it does
-    /// not speak TLS, or no CA was given.
+    /// certificate does not chain to the CA this end trusts or does not name the host, or no
+    /// TLS client config could be built.
     #[error("mqtt broker {broker}: TLS failed: {reason}")]
     BrokerTls {
         /// `mqtts://host:port`.
