@@ -1071,7 +1071,12 @@ impl MqttProbe {
 /// Fledge provisions a real Mosquitto (its dynamic-security plugin; `scripts/test-all` starts
 /// one and sets `FLEDGE_MOSQUITTO_AUTH_URL` and the admin login): no anonymous client, a task
 /// login only while its job is live, and per-task ACLs that keep a task inside its job and off
-/// other ends' presence. Skipped without that broker.
+/// other ends' presence. Then the same over TLS, on that Mosquitto's mqtts listener
+/// (`FLEDGE_MOSQUITTO_AUTH_TLS_URL`) whose certificate comes from a CA of its own
+/// (`FLEDGE_MOSQUITTO_AUTH_TLS_CA`, given as `broker.ca_file`): the provisioner's admin
+/// connection and the tasks' verify it with that CA, and task configs carry it. One after the
+/// other, in one test: two control planes on one Mosquitto delete each other's logins.
+/// Skipped without that broker.
 #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
 async fn a_provisioned_mosquitto_admits_live_tasks_within_their_job_only() {
     let Ok(url) = std::env::var("FLEDGE_MOSQUITTO_AUTH_URL") else {
@@ -1079,19 +1084,11 @@ async fn a_provisioned_mosquitto_admits_live_tasks_within_their_job_only() {
         return;
     };
     provisioned_mosquitto(url, None).await;
-}
-
-/// The same over TLS: the same Mosquitto's mqtts listener (`FLEDGE_MOSQUITTO_AUTH_TLS_URL`),
-/// whose certificate comes from a CA of its own (`FLEDGE_MOSQUITTO_AUTH_TLS_CA`, given as
-/// `broker.ca_file`): the provisioner's admin connection and the tasks' verify it with that CA,
-/// and task configs carry it.
-#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
-async fn a_provisioned_mosquitto_over_tls_with_its_own_ca() {
     let (Ok(url), Ok(ca)) = (
         std::env::var("FLEDGE_MOSQUITTO_AUTH_TLS_URL"),
         std::env::var("FLEDGE_MOSQUITTO_AUTH_TLS_CA"),
     ) else {
-        eprintln!("FLEDGE_MOSQUITTO_AUTH_TLS_URL/_CA not set: skipping");
+        eprintln!("FLEDGE_MOSQUITTO_AUTH_TLS_URL/_CA not set: skipping the TLS half");
         return;
     };
     provisioned_mosquitto(url, Some(std::path::PathBuf::from(ca))).await;
