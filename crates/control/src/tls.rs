@@ -249,5 +249,17 @@ mod tests {
             assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
         }
         assert!(!names.iter().any(|n| n == "0.0.0.0"), "{names:?}");
+
+        // The embedded broker presents the same certificate: its address and advertised host
+        // are in it while it runs here, and not otherwise (an operator's broker is not us).
+        options.broker.listen = "172.17.0.1:1883".parse().expect("addr");
+        options.broker.advertise = Some("mqtts://mqtt.example:8883".to_owned());
+        let names = server_names(&options, &[]);
+        for want in ["172.17.0.1", "mqtt.example"] {
+            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        }
+        options.services.retain(|s| *s != crate::config::ServiceKind::Broker);
+        let names = server_names(&options, &[]);
+        assert!(!names.iter().any(|n| n == "mqtt.example" || n == "172.17.0.1"), "{names:?}");
     }
 }
