@@ -59,7 +59,8 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub metaserver_advertise: Option<String>,
     /// A Mosquitto to provision with task logins and ACLs through its dynamic-security plugin
-    /// (`mqtt://host:port`; the admin password comes from `FLEDGE_MOSQUITTO_ADMIN_PASSWORD`).
+    /// (`mqtt://host:port`, or `mqtts://host:port` verified with --broker-ca-file; the admin
+    /// password comes from `FLEDGE_MOSQUITTO_ADMIN_PASSWORD`).
     #[arg(long, value_name = "URL")]
     pub mosquitto_admin_url: Option<String>,
     /// Serve `/metrics` on a listener of its own (`host:port`), e.g. for a process without an
