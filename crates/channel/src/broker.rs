@@ -1,4 +1,9 @@
-//! The embedded MQTT broker (feature `broker`): rumqttd, configured in code, no TLS.
+//! The embedded MQTT broker (feature `broker`): rumqttd, configured in code.
+//!
+//! With [`BrokerOptions::tls`] set the broker speaks MQTT over TLS only (`mqtts`): the relay in
+//! front of rumqttd (see below) completes a rustls handshake, within 10 s, before it forwards a
+//! byte, so a plain MQTT client is dropped without reaching rumqttd, and credentials never
+//! cross the network in clear. `fledge serve` gives it the control plane's server identity.
 //!
 //! With [`BrokerOptions::auth`] set, a client must present a username and password that the
 //! given check accepts (the control plane admits only the credentials it issued to tasks of
@@ -23,8 +28,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::mqtt::DEFAULT_CHUNK_SIZE;
@@ -33,6 +40,9 @@ use crate::shared::{Error, Result};
 /// Longest username or password the broker passes to [`BrokerAuth`], in bytes; longer ones are
 /// refused without asking it.
 pub const MAX_CREDENTIAL_BYTES: usize = 1024;
+
+/// How long a client may take to complete its TLS handshake before it is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Username of the broker's own readiness probe (it connects to the internal port).
 const PROBE_USERNAME: &str = "fledge-broker-probe";
@@ -72,6 +82,8 @@ pub struct BrokerOptions {
     /// Who may connect: `None` admits anyone (one-process runs and tests); `Some` admits only
     /// clients whose username and password the check accepts.
     pub auth: Option<BrokerAuth>,
+    /// TLS the broker serves (`mqtts`): `None` serves plain MQTT (loopback runs and tests).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Largest publish payload accepted, in bytes. Default 2 × 4 MiB + 64 KiB.
     pub max_payload_size: usize,
     /// Unacknowledged QoS 1 publishes per connection. Default 1000.
@@ -91,6 +103,7 @@ impl Default for BrokerOptions {
     fn default() -> Self {
         BrokerOptions {
             auth: None,
+            tls: None,
             max_payload_size: 2 * DEFAULT_CHUNK_SIZE + (64 << 10),
             max_inflight_count: 1000,
             max_connections: 10_000,
@@ -104,6 +117,7 @@ impl Default for BrokerOptions {
 #[derive(Debug)]
 pub struct BrokerHandle {
     addr: SocketAddr,
+    tls: bool,
     cancel: CancellationToken,
     relay: Option<thread::JoinHandle<()>>,
 }
@@ -114,9 +128,16 @@ impl BrokerHandle {
         self.addr
     }
 
-    /// `mqtt://ip:port` for [`crate::MqttConfig::parse`] and task configs.
+    /// Whether it serves MQTT over TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// `mqtt://ip:port`, or `mqtts://ip:port` when it serves TLS, for
+    /// [`crate::MqttConfig::parse`] and task configs.
     pub fn url(&self) -> String {
-        format!("mqtt://{}", self.addr)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting, drops every client connection and releases the address.
@@ -229,6 +250,8 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
         .map_err(io("spawn broker thread"))?;
     wait_listening(internal, &probe_secret)?;
 
+    let acceptor = opts.tls.clone().map(TlsAcceptor::from);
+    let tls = acceptor.is_some();
     let cancel = CancellationToken::new();
     let relay_cancel = cancel.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -237,10 +260,10 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
         .map_err(io("build broker relay runtime"))?;
     let relay = thread::Builder::new()
         .name("fledge-broker-relay".to_owned())
-        .spawn(move || runtime.block_on(relay(public, internal, relay_cancel)))
+        .spawn(move || runtime.block_on(relay(public, internal, acceptor, relay_cancel)))
         .map_err(io("spawn broker relay thread"))?;
-    tracing::info!(addr = %public_addr, "embedded mqtt broker started");
-    Ok(BrokerHandle { addr: public_addr, cancel, relay: Some(relay) })
+    tracing::info!(addr = %public_addr, tls, "embedded mqtt broker started");
+    Ok(BrokerHandle { addr: public_addr, tls, cancel, relay: Some(relay) })
 }
 
 /// Waits until rumqttd answers an MQTT CONNECT on `internal` (it binds on its own thread).
@@ -286,7 +309,12 @@ fn probe(internal: SocketAddr, probe_secret: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn relay(public: StdListener, internal: SocketAddr, cancel: CancellationToken) {
+async fn relay(
+    public: StdListener,
+    internal: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    cancel: CancellationToken,
+) {
     let listener = match TcpListener::from_std(public) {
         Ok(l) => l,
         Err(e) => {
@@ -300,8 +328,8 @@ async fn relay(public: StdListener, internal: SocketAddr, cancel: CancellationTo
             _ = cancel.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((client, _)) => {
-                    connections.spawn(pipe(client, internal));
+                Ok((client, peer)) => {
+                    connections.spawn(serve(client, peer, internal, acceptor.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "broker accept failed");
@@ -314,7 +342,28 @@ async fn relay(public: StdListener, internal: SocketAddr, cancel: CancellationTo
     connections.shutdown().await;
 }
 
-async fn pipe(mut client: TcpStream, internal: SocketAddr) {
+/// Relays one client: after a TLS handshake when the broker serves TLS (a client that fails
+/// it, or takes longer than 10 s, is dropped before rumqttd sees a byte).
+async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    internal: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+) {
+    let _ = client.set_nodelay(true);
+    let Some(acceptor) = acceptor else {
+        return pipe(client, internal).await;
+    };
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(client)).await {
+        Ok(Ok(tls)) => pipe(tls, internal).await,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "mqtt client dropped: TLS handshake failed")
+        }
+        Err(_) => tracing::debug!(%peer, "mqtt client dropped: no TLS handshake within 10 s"),
+    }
+}
+
+async fn pipe<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, internal: SocketAddr) {
     let mut broker = match TcpStream::connect(internal).await {
         Ok(s) => s,
         Err(e) => {
@@ -322,7 +371,6 @@ async fn pipe(mut client: TcpStream, internal: SocketAddr) {
             return;
         }
     };
-    let _ = client.set_nodelay(true);
     let _ = broker.set_nodelay(true);
     let _ =
         tokio::io::copy_bidirectional_with_sizes(&mut client, &mut broker, 256 << 10, 256 << 10)

@@ -34,7 +34,7 @@ pub use channel::{
 };
 pub use local::LocalHub;
 pub use manager::{BackendEnv, ChannelManager};
-pub use mqtt::{MqttConfig, MqttCredentials};
+pub use mqtt::{MqttConfig, MqttCredentials, MqttTls};
 pub use p2p::P2pConfig;
 pub use secure::Keyring;
 pub use wire::{Dtype, Kind, Message, Tensor, Tensors};

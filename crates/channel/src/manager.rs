@@ -7,7 +7,7 @@ use fledge_types::{Backend as BackendKind, ChannelSpec, TaskConfig};
 
 use crate::channel::{Backend, Channel, ChannelOptions, Error, Result};
 use crate::local::LocalHub;
-use crate::mqtt::{MqttConfig, MqttCredentials};
+use crate::mqtt::{MqttConfig, MqttCredentials, MqttTls};
 use crate::p2p::P2pConfig;
 use crate::secure::Keyring;
 use crate::wire;
@@ -62,6 +62,9 @@ pub struct ChannelManager {
 }
 
 /// Where an `mqtt` channel's broker is: the channel's `brokerHost`, else the first broker.
+/// An `mqtts://` broker is verified against its entry's `ca`, else the task config's
+/// `controlPlaneCa` (the embedded broker presents the control plane's certificate), else the
+/// CA of `env.mqtt.tls`, else the system's roots.
 fn broker_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> Result<MqttConfig> {
     let host = config.broker_for(spec).ok_or_else(|| Error::Config {
         channel: spec.name.clone(),
@@ -69,15 +72,43 @@ fn broker_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> Resul
             .to_owned(),
     })?;
     let parsed = MqttConfig::parse(host)?;
+    let entry = config.brokers.iter().find(|b| b.host == host);
     // The login issued for this broker, if the config carries one: never sent to a broker
     // other than the one it was issued for.
-    let credentials = config.brokers.iter().find(|b| b.host == host).and_then(|b| {
+    let credentials = entry.and_then(|b| {
         Some(MqttCredentials { username: b.username.clone()?, password: b.password.clone()? })
     });
+    let bad_ca = |reason: String| Error::Config { channel: spec.name.clone(), reason };
+    let entry_ca = entry.and_then(|b| b.ca.as_deref());
+    let tls = match (parsed.tls, entry_ca) {
+        (None, Some(_)) => {
+            return Err(bad_ca(format!(
+                "broker {host:?} has a `ca` but a plain address; write mqtts://{} to use TLS",
+                host.split_once("://").map_or(host, |(_, rest)| rest)
+            )));
+        }
+        (None, None) => None,
+        (Some(_), Some(pem)) => Some(MqttTls {
+            ca: Some(
+                fledge_tls::Ca::from_pem(pem, &format!("the ca of broker {host}"))
+                    .map_err(|e| bad_ca(e.to_string()))?,
+            ),
+        }),
+        (Some(_), None) => match &config.control_plane_ca {
+            Some(pem) => Some(MqttTls {
+                ca: Some(
+                    fledge_tls::Ca::from_pem(pem, "controlPlaneCa")
+                        .map_err(|e| bad_ca(e.to_string()))?,
+                ),
+            }),
+            None => Some(env.mqtt.tls.clone().unwrap_or_default()),
+        },
+    };
     Ok(MqttConfig {
         host: parsed.host,
         port: parsed.port,
         credentials: credentials.or_else(|| env.mqtt.credentials.clone()),
+        tls,
         ..env.mqtt.clone()
     })
 }
@@ -312,6 +343,42 @@ mod tests {
         bad_broker.channels[0].broker_host = Some("ws://nowhere:1".into());
         let err = ChannelManager::join_all(&bad_broker, &env(&hub)).await.expect_err("scheme");
         assert!(err.to_string().contains("unsupported scheme"), "{err}");
+    }
+
+    /// An `mqtts` broker is verified against its entry's `ca`, else `controlPlaneCa`; a CA
+    /// never goes with a plain address, and a bad one is named.
+    #[test]
+    fn mqtts_brokers_get_the_ca_the_config_names() {
+        let pki = |dir: &std::path::Path| {
+            fledge_tls::ensure_dir(dir, &["broker".to_owned()]).expect("test CA").ca
+        };
+        let (a, b) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+        let (own, control) = (pki(a.path()), pki(b.path()));
+        let hub = LocalHub::new();
+        let mut config = config("t1", "trainer", "eu", "mqtt");
+        let spec = config.channels[0].clone();
+        let mut entry = fledge_types::BrokerSpec::mqtt("mqtts://broker:8883");
+        entry.ca = Some(own.pem().to_owned());
+        config.brokers = vec![entry];
+        config.control_plane_ca = Some(control.pem().to_owned());
+        let trusted = |config: &TaskConfig| {
+            let mqtt = broker_of(config, &spec, &env(&hub)).expect("broker");
+            assert_eq!((mqtt.host.as_str(), mqtt.port), ("broker", 8883));
+            mqtt.tls.expect("tls").ca.map(|ca| ca.fingerprint())
+        };
+        assert_eq!(trusted(&config), Some(own.fingerprint()), "the entry's own CA first");
+        config.brokers[0].ca = None;
+        assert_eq!(trusted(&config), Some(control.fingerprint()), "else controlPlaneCa");
+        config.control_plane_ca = None;
+        assert_eq!(trusted(&config), None, "no CA: the system's roots");
+
+        config.brokers[0].ca = Some("not a certificate".to_owned());
+        let err = broker_of(&config, &spec, &env(&hub)).expect_err("bad CA");
+        assert!(err.to_string().contains("the ca of broker mqtts://broker:8883"), "{err}");
+        config.brokers[0] = fledge_types::BrokerSpec::mqtt("broker:1883");
+        config.brokers[0].ca = Some(own.pem().to_owned());
+        let err = broker_of(&config, &spec, &env(&hub)).expect_err("CA with a plain address");
+        assert!(err.to_string().contains("write mqtts://broker:1883"), "{err}");
     }
 
     #[tokio::test]

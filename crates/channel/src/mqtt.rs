@@ -1,4 +1,5 @@
-//! The `mqtt` backend: one rumqttc connection per channel end, QoS 1, no TLS.
+//! The `mqtt` backend: one rumqttc connection per channel end, QoS 1, over TLS (`mqtts://`)
+//! when the broker entry says so.
 //!
 //! Topics, with every segment percent-escaped (`/`, `+`, `#`, `%`):
 //!
@@ -21,6 +22,12 @@
 //! The event loop keeps polling after errors, so a restarted broker is reconnected to; on every
 //! ConnAck the end re-subscribes and re-announces itself.
 //!
+//! TLS ([`MqttTls`]): the broker's certificate must chain to the CA given (the broker entry's
+//! `ca`, else the task config's `controlPlaneCa`; with neither, the system's roots, for a
+//! certificate from a public CA) and name the host connected to; there is no way to turn
+//! verification off. A handshake refused for that reason fails `open` at once with
+//! [`Error::BrokerTls`] naming the broker, instead of retrying until the connect timeout.
+//!
 //! On a channel with keys (see `secure`) every message is sealed (encrypted, signed, replay
 //! protected) and every presence is signed: an unsigned or empty retained presence changes
 //! nothing, and the last will is a signed leave for the current connection only (each
@@ -33,7 +40,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    SubscribeFilter, TlsConfiguration, TlsError, Transport,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -75,6 +83,33 @@ pub struct MqttConfig {
     /// Username and password presented at CONNECT (the task's broker credential); `None`
     /// connects anonymously.
     pub credentials: Option<MqttCredentials>,
+    /// TLS towards the broker (`mqtts://`); `None` speaks plain MQTT.
+    pub tls: Option<MqttTls>,
+}
+
+/// TLS towards an `mqtts` broker: its certificate must chain to `ca` (else to a root of the
+/// system's trust store) and name the host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MqttTls {
+    /// The CA the broker's certificate must chain to, and the only one trusted; `None` trusts
+    /// the system's roots (a broker with a certificate from a public CA).
+    pub ca: Option<fledge_tls::Ca>,
+}
+
+impl MqttTls {
+    /// The rustls client config (ring provider) that trusts `ca` only, or the system's roots;
+    /// `broker` names the broker in errors.
+    fn client_config(&self, broker: &str) -> Result<Arc<rustls::ClientConfig>> {
+        let config = match &self.ca {
+            Some(ca) => ca.client_config(),
+            None => fledge_tls::system_client_config(),
+        };
+        let config = config.map_err(|e| Error::BrokerTls {
+            broker: broker.to_owned(),
+            reason: format!("cannot build the TLS client config: {e}"),
+        })?;
+        Ok(Arc::new(config))
+    }
 }
 
 /// A broker login. `Debug` never shows the password.
@@ -107,19 +142,26 @@ impl MqttConfig {
             liveness_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             credentials: None,
+            tls: None,
         }
     }
 
-    /// Parses `mqtt://host:port`, `tcp://host:port`, `host:port` or `host` (port 1883).
+    /// Parses `mqtt://host:port`, `tcp://host:port`, `host:port` or `host` (plain, port 1883),
+    /// and `mqtts://host:port`, `ssl://host:port` (TLS, port 8883 by default; the CA to trust
+    /// is set apart, in [`MqttTls::ca`]).
     pub fn parse(addr: &str) -> Result<MqttConfig> {
         let bad = |why: &str| Error::InvalidOptions(format!("broker address {addr:?}: {why}"));
-        let rest = match addr.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
+        let (rest, tls) = match addr.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (rest, false),
+            Some(("mqtts" | "ssl", rest)) => (rest, true),
             Some((scheme, _)) => {
-                return Err(bad(&format!("unsupported scheme {scheme:?} (use mqtt://)")));
+                return Err(bad(&format!(
+                    "unsupported scheme {scheme:?} (use mqtt:// or mqtts://)"
+                )));
             }
-            None => addr,
+            None => (addr, false),
         };
+        let default_port = if tls { 8883 } else { 1883 };
         let rest = rest.trim_end_matches('/');
         if rest.is_empty() {
             return Err(bad("no host"));
@@ -129,12 +171,39 @@ impl MqttConfig {
                 let port: u16 = port.parse().map_err(|_| bad(&format!("bad port {port:?}")))?;
                 (host.trim_start_matches('[').trim_end_matches(']'), port)
             }
-            _ => (rest, 1883),
+            _ => (rest, default_port),
         };
         if host.is_empty() {
             return Err(bad("no host"));
         }
-        Ok(MqttConfig::new(host, port))
+        let mut config = MqttConfig::new(host, port);
+        config.tls = tls.then(MqttTls::default);
+        Ok(config)
+    }
+
+    /// `mqtt://host:port` or `mqtts://host:port` (how errors name the broker).
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Sets `options`' transport: TLS trusting [`MqttTls::ca`] only (else the system's roots),
+    /// or plain TCP.
+    pub fn apply_transport(&self, options: &mut MqttOptions) -> Result<()> {
+        match &self.tls {
+            Some(tls) => {
+                let config = tls.client_config(&self.url())?;
+                options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+            }
+            None => {
+                options.set_transport(Transport::tcp());
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<()> {
@@ -255,13 +324,34 @@ struct Ctx {
     hung: CancellationToken,
     last_seen: Mutex<HashMap<TaskId, Instant>>,
     /// `Ok(true)` once subscribed and announced; the last connection error otherwise.
-    ready: watch::Sender<std::result::Result<bool, String>>,
+    ready: watch::Sender<std::result::Result<bool, NotConnected>>,
     /// The connection this end is on (sealed presences and the last will name it).
     epoch: AtomicU64,
     /// Timestamp of the last sealed presence sent (strictly increasing).
     presence_ts: AtomicU64,
     /// Connections made so far (a second one is a reconnect).
     connections: AtomicU64,
+}
+
+/// Why an end is not connected (yet): the last connection error, and whether it was a TLS
+/// handshake refused for a reason that retrying cannot fix.
+#[derive(Clone, Debug)]
+struct NotConnected {
+    reason: String,
+    tls_refused: bool,
+}
+
+/// Whether `error` is a TLS handshake that rustls refused (a certificate that does not chain
+/// to the trusted CA or does not name the host, a peer that does not speak TLS), as opposed to
+/// the network failing underneath it.
+fn tls_refused(error: &ConnectionError) -> bool {
+    match error {
+        ConnectionError::Tls(TlsError::TLS(_) | TlsError::DNSName(_) | TlsError::WebPki(_)) => true,
+        ConnectionError::Tls(TlsError::Io(io)) => {
+            io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+        }
+        _ => false,
+    }
 }
 
 /// The presence payload of `shared` (a sealed one on a channel with keys; plain JSON or empty
@@ -453,6 +543,7 @@ impl MqttEnd {
         if let Some(login) = &config.credentials {
             options.set_credentials(login.username.clone(), login.password.clone());
         }
+        config.apply_transport(&mut options)?;
         let (client, eventloop) = AsyncClient::new(options, 64);
         let (ready, mut ready_rx) = watch::channel(Ok(false));
         let ctx = Arc::new(Ctx {
@@ -477,19 +568,26 @@ impl MqttEnd {
             cancel,
             event_loop: Mutex::new(Some(event_loop)),
         };
-        let addr = format!("{}:{}", config.host, config.port);
         let connected = {
-            let wait = ready_rx.wait_for(|r| matches!(r, Ok(true)));
+            // Connected, or refused by TLS: a certificate will not change by retrying.
+            let wait = ready_rx.wait_for(|r| match r {
+                Ok(ready) => *ready,
+                Err(failure) => failure.tls_refused,
+            });
             matches!(tokio::time::timeout(config.connect_timeout, wait).await, Ok(Ok(_)))
         };
-        match connected {
-            true => Ok(end),
-            false => {
-                let reason = match &*ready_rx.borrow() {
-                    Err(e) => e.clone(),
+        let state = ready_rx.borrow().clone();
+        match (connected, state) {
+            (true, Ok(_)) => Ok(end),
+            (_, Err(NotConnected { reason, tls_refused: true })) => {
+                Err(Error::BrokerTls { broker: config.url(), reason })
+            }
+            (_, state) => {
+                let reason = match state {
+                    Err(failure) => failure.reason,
                     Ok(_) => "no subscription acknowledgement".to_owned(),
                 };
-                Err(Error::Connect { addr, timeout: config.connect_timeout, reason })
+                Err(Error::Connect { addr: config.url(), timeout: config.connect_timeout, reason })
             }
         }
     }
@@ -650,9 +748,13 @@ async fn run_event_loop(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: Cancell
                 }
                 let delay = backoff.next().unwrap_or(Duration::from_secs(2));
                 tracing::debug!(error = %e, ?delay, "mqtt connection error, retrying");
+                let failure = NotConnected { reason: e.to_string(), tls_refused: tls_refused(&e) };
+                if failure.tls_refused {
+                    tracing::warn!(broker = %ctx.config.url(), error = %e, "mqtt broker refused by TLS");
+                }
                 ctx.ready.send_modify(|r| {
                     if !matches!(r, Ok(true)) {
-                        *r = Err(e.to_string());
+                        *r = Err(failure);
                     }
                 });
                 tokio::select! {
@@ -692,9 +794,17 @@ mod tests {
         assert_eq!((c.host.as_str(), c.port), ("broker.local", 1883));
         let c = MqttConfig::parse("tcp://[::1]:1884").expect("valid");
         assert_eq!((c.host.as_str(), c.port), ("::1", 1884));
-        for bad in ["ws://h:1", "mqtt://", "h:notaport", ":1883"] {
+        for bad in ["ws://h:1", "mqtt://", "h:notaport", ":1883", "mqtts://", "https://h:1"] {
             assert!(MqttConfig::parse(bad).is_err(), "{bad} should be rejected");
         }
+        assert!(c.tls.is_none(), "plain without mqtts://");
+        assert_eq!(c.url(), "mqtt://[::1]:1884");
+        let c = MqttConfig::parse("mqtts://broker.local").expect("valid");
+        assert_eq!((c.host.as_str(), c.port), ("broker.local", 8883));
+        assert_eq!(c.tls, Some(MqttTls { ca: None }), "TLS, verified with the system's roots");
+        assert_eq!(c.url(), "mqtts://broker.local:8883");
+        let c = MqttConfig::parse("ssl://10.0.0.5:1883").expect("valid");
+        assert_eq!((c.url().as_str(), c.port), ("mqtts://10.0.0.5:1883", 1883));
     }
 
     #[test]

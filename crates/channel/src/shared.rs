@@ -105,11 +105,21 @@ pub enum Error {
     /// Could not reach the broker.
     #[error("failed to connect to mqtt broker {addr} within {timeout:?}: {reason}")]
     Connect {
-        /// `host:port`.
+        /// `mqtt://host:port` or `mqtts://host:port`.
         addr: String,
         /// How long we tried.
         timeout: Duration,
         /// The last connection error, or what was still missing.
+        reason: String,
+    },
+    /// The TLS handshake with an `mqtts` broker failed for a reason retrying cannot fix: its
+    /// certificate does not chain to the CA this end trusts or does not name the host, or no
+    /// TLS client config could be built.
+    #[error("mqtt broker {broker}: TLS failed: {reason}")]
+    BrokerTls {
+        /// `mqtts://host:port`.
+        broker: String,
+        /// What the handshake or the configuration reported.
         reason: String,
     },
     /// The MQTT client refused a request (its event loop is gone).

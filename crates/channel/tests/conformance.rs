@@ -1,6 +1,8 @@
-//! One behavioural suite run against every backend: `local`, the embedded rumqttd broker,
-//! `p2p` against the real metaserver of `fledge-control` and, when `FLEDGE_MOSQUITTO_URL` is set
-//! (e.g. `mqtt://127.0.0.1:1883`), a real Mosquitto.
+//! One behavioural suite run against every backend: `local`, the embedded rumqttd broker (plain
+//! and over TLS), `p2p` against the real metaserver of `fledge-control` and, when
+//! `FLEDGE_MOSQUITTO_URL` is set (e.g. `mqtt://127.0.0.1:1883`), a real Mosquitto; over TLS too
+//! when `FLEDGE_MOSQUITTO_TLS_URL` (`mqtts://127.0.0.1:18832`) and `FLEDGE_MOSQUITTO_TLS_CA` (the
+//! CA's PEM file) are set (`scripts/test-all` generates that CA and starts that listener).
 
 use std::time::Duration;
 
@@ -78,6 +80,44 @@ impl Fixture {
         })
     }
 
+    /// The embedded broker serving mqtts with a certificate for 127.0.0.1 from a fresh CA,
+    /// and clients that trust that CA.
+    #[cfg(feature = "broker")]
+    fn embedded_tls() -> Option<Fixture> {
+        let (broker, ca) = tls_broker(&["127.0.0.1"]);
+        let mut config = MqttConfig::parse(&broker.url()).expect("the broker's own url");
+        config.tls = Some(fledge_channel::MqttTls { ca: Some(ca) });
+        Some(Fixture {
+            backend: Backend::Mqtt(fast_liveness(config)),
+            _broker: Some(broker),
+            _metaserver: None,
+            job: unique_job(),
+            sealed: false,
+        })
+    }
+
+    /// Mosquitto's TLS listener (`FLEDGE_MOSQUITTO_TLS_URL`, certificate from the CA in
+    /// `FLEDGE_MOSQUITTO_TLS_CA`).
+    fn mosquitto_tls() -> Option<Fixture> {
+        let (Ok(url), Ok(ca)) =
+            (std::env::var("FLEDGE_MOSQUITTO_TLS_URL"), std::env::var("FLEDGE_MOSQUITTO_TLS_CA"))
+        else {
+            eprintln!("FLEDGE_MOSQUITTO_TLS_URL/_CA not set: skipping the Mosquitto TLS test");
+            return None;
+        };
+        let mut config = MqttConfig::parse(&url).expect("FLEDGE_MOSQUITTO_TLS_URL is an address");
+        let ca = fledge_tls::Ca::load(std::path::Path::new(&ca)).expect("FLEDGE_MOSQUITTO_TLS_CA");
+        config.tls = Some(fledge_channel::MqttTls { ca: Some(ca) });
+        Some(Fixture {
+            backend: Backend::Mqtt(fast_liveness(config)),
+            #[cfg(feature = "broker")]
+            _broker: None,
+            _metaserver: None,
+            job: unique_job(),
+            sealed: false,
+        })
+    }
+
     fn mosquitto() -> Option<Fixture> {
         let Ok(url) = std::env::var("FLEDGE_MOSQUITTO_URL") else {
             eprintln!("FLEDGE_MOSQUITTO_URL not set: skipping the Mosquitto conformance test");
@@ -130,6 +170,30 @@ impl Fixture {
         }
         (agg, trainers)
     }
+}
+
+/// A fresh CA and a server identity it signed for `names`.
+fn test_pki(names: &[&str]) -> (fledge_tls::Ca, fledge_tls::ServerIdentity) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let generated = fledge_tls::ensure_dir(dir.path(), &names).expect("test CA");
+    (generated.ca, generated.identity)
+}
+
+/// An embedded broker on a free loopback port serving mqtts with a certificate for `names`,
+/// and the CA that signed it.
+#[cfg(feature = "broker")]
+fn tls_broker(names: &[&str]) -> (fledge_channel::broker::BrokerHandle, fledge_tls::Ca) {
+    use fledge_channel::broker::{BrokerOptions, start_embedded_broker_with};
+    let (ca, identity) = test_pki(names);
+    let options = BrokerOptions {
+        tls: Some(identity.server_config(Vec::new()).expect("server config")),
+        ..BrokerOptions::default()
+    };
+    let broker = start_embedded_broker_with((std::net::Ipv4Addr::LOCALHOST, 0).into(), options)
+        .expect("TLS broker starts");
+    assert!(broker.tls() && broker.url().starts_with("mqtts://"), "{}", broker.url());
+    (broker, ca)
 }
 
 fn fast_liveness(mut config: MqttConfig) -> MqttConfig {
@@ -551,6 +615,11 @@ backend_test_suite!(p2p, Fixture::p2p());
 #[cfg(feature = "broker")]
 backend_test_suite!(embedded, Fixture::embedded());
 backend_test_suite!(mosquitto, Fixture::mosquitto());
+#[cfg(feature = "broker")]
+backend_test_suite!(embedded_tls, Fixture::embedded_tls());
+#[cfg(feature = "broker")]
+backend_test_suite!(embedded_tls_sealed, Fixture::embedded_tls().map(Fixture::sealed));
+backend_test_suite!(mosquitto_tls, Fixture::mosquitto_tls());
 backend_test_suite!(p2p_sealed, Fixture::p2p().map(Fixture::sealed));
 #[cfg(feature = "broker")]
 backend_test_suite!(embedded_sealed, Fixture::embedded().map(Fixture::sealed));
@@ -763,6 +832,127 @@ mod broker_only {
             .await
             .expect("local fanout");
         assert!(local > Duration::ZERO);
+    }
+}
+
+/// mqtts: only a client that verifies the broker (its CA, its name) gets in; everything else
+/// fails, the TLS refusals at once and naming the broker.
+#[cfg(feature = "broker")]
+mod tls_only {
+    use super::*;
+    use fledge_channel::MqttTls;
+
+    fn opts(job: &str, me: &str, role: &str, peer: &str) -> ChannelOptions {
+        ChannelOptions::new(job, "param", "default", me, role, peer)
+    }
+
+    /// A refused client would retry until its connect timeout: keep that short.
+    fn quick(config: MqttConfig) -> MqttConfig {
+        MqttConfig { connect_timeout: Duration::from_secs(2), ..fast_liveness(config) }
+    }
+
+    async fn open_err(job: &str, config: MqttConfig) -> Error {
+        match Channel::open(opts(job, "t0", "trainer", "aggregator"), Backend::Mqtt(config)).await {
+            Ok(_) => panic!("the client must not join"),
+            Err(err) => err,
+        }
+    }
+
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn a_tls_broker_admits_only_clients_that_verify_it() {
+        let (broker, ca) = tls_broker(&["127.0.0.1"]);
+        let url = broker.url();
+        let trusting = {
+            let mut config = MqttConfig::parse(&url).expect("url");
+            config.tls = Some(MqttTls { ca: Some(ca.clone()) });
+            fast_liveness(config)
+        };
+        let job = unique_job();
+
+        // A client that opens a connection and never says anything holds up nobody.
+        let silent = tokio::net::TcpStream::connect(broker.addr()).await.expect("tcp connect");
+
+        let agg = Channel::open(
+            opts(&job, "agg", "aggregator", "trainer"),
+            Backend::Mqtt(trusting.clone()),
+        )
+        .await
+        .expect("a client trusting the broker's CA joins");
+        let trainer =
+            Channel::open(opts(&job, "t1", "trainer", "aggregator"), Backend::Mqtt(trusting))
+                .await
+                .expect("a second one too");
+        agg.await_ends(1, PATIENCE).await.expect("the trainer is seen");
+        trainer.await_join(PATIENCE).await.expect("the aggregator is seen");
+        trainer.send(&id("agg"), update(3)).await.expect("send over mqtts");
+        assert_eq!(agg.recv(&id("t1")).await.expect("recv over mqtts").round, 3);
+
+        // Trusting another CA: refused by TLS at once (not after the timeout), naming the
+        // broker and the certificate.
+        let (stranger, _) = test_pki(&["127.0.0.1"]);
+        let mut config = MqttConfig::parse(&url).expect("url");
+        config.tls = Some(MqttTls { ca: Some(stranger) });
+        match open_err(&job, quick(config)).await {
+            Error::BrokerTls { broker, reason } => {
+                assert_eq!(broker, url);
+                assert!(reason.contains("invalid peer certificate"), "{reason}");
+            }
+            other => panic!("expected a TLS refusal, got {other}"),
+        }
+
+        // No CA given: the system's roots, which do not include this private CA.
+        let config = MqttConfig::parse(&url).expect("url");
+        let err = open_err(&job, quick(config)).await;
+        assert!(
+            matches!(&err, Error::BrokerTls { reason, .. }
+                if reason.contains("invalid peer certificate")),
+            "{err}"
+        );
+
+        // Plain MQTT to the TLS port: never admitted.
+        let plain = MqttConfig::new("127.0.0.1", broker.addr().port());
+        let err = open_err(&job, quick(plain)).await;
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+
+        assert_eq!(agg.ends(), vec![id("t1")], "no refused client was ever seen");
+        drop(silent);
+    }
+
+    /// The broker's certificate chains to the trusted CA but names another host: refused.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn a_certificate_for_another_name_is_refused() {
+        let (broker, ca) = tls_broker(&["broker.example"]);
+        let mut config = MqttConfig::parse(&broker.url()).expect("url");
+        config.tls = Some(MqttTls { ca: Some(ca) });
+        match open_err(&unique_job(), quick(config)).await {
+            Error::BrokerTls { broker: named, reason } => {
+                assert_eq!(named, broker.url());
+                assert!(reason.contains("not valid for name"), "{reason}");
+            }
+            other => panic!("expected a TLS refusal, got {other}"),
+        }
+    }
+
+    /// An mqtts client pointed at a plain broker does not fall back to plain MQTT.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn a_tls_client_does_not_talk_to_a_plain_broker() {
+        let broker = fledge_channel::broker::start_embedded_broker(
+            (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+        )
+        .expect("plain broker");
+        let (ca, _) = test_pki(&["127.0.0.1"]);
+        let mut config = MqttConfig::parse(&format!("mqtts://{}", broker.addr())).expect("url");
+        config.tls = Some(MqttTls { ca: Some(ca) });
+        let job = unique_job();
+        let watcher = Channel::open(
+            opts(&job, "agg", "aggregator", "trainer"),
+            Backend::Mqtt(fast_liveness(MqttConfig::new("127.0.0.1", broker.addr().port()))),
+        )
+        .await
+        .expect("a plain client joins the plain broker");
+        let err = open_err(&job, quick(config)).await;
+        assert!(matches!(err, Error::BrokerTls { .. } | Error::Connect { .. }), "{err}");
+        assert!(watcher.ends().is_empty(), "the TLS client joined in plain: {:?}", watcher.ends());
     }
 }
 

@@ -10,7 +10,8 @@
 //! variables that name no option (`FLEDGE_LOG`, `FLEDGE_CONFIG`, ...) belong to other tools and
 //! are ignored. Command-line overrides use dotted paths (`apiserver.listen`).
 //!
-//! TLS ([`TlsSection`]) is on by default for the apiserver, the notifier and the metaserver:
+//! TLS ([`TlsSection`]) is on by default for the apiserver, the notifier, the metaserver and
+//! the embedded MQTT broker (`mqtts`):
 //! a CA and a server certificate are created under `<data_dir>/tls` on first start unless the
 //! operator names their own (`tls.cert`, `tls.key`, `tls.ca`). `tls.insecure` serves plain
 //! text, and is refused when one of those listeners binds a non-loopback address.
@@ -190,6 +191,34 @@ impl Listen {
     }
 }
 
+/// The MQTT broker tasks use: the embedded one (service `broker`), or the operator's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// Address the embedded broker binds, `host:port`; port 0 picks a free one. It serves
+    /// MQTT over TLS (`mqtts`) with the control plane's identity unless `tls.insecure`.
+    pub listen: SocketAddr,
+    /// The broker written into task configs: `host:port`, `mqtt://host:port` (plain) or
+    /// `mqtts://host:port` (TLS). Without a scheme it is `mqtts://` when the embedded broker
+    /// runs here with TLS, plain otherwise. Default: the bound address (`0.0.0.0` read as
+    /// `127.0.0.1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// The CA (PEM) that an operator's `mqtts` broker's certificate chains to, given to tasks
+    /// (and trusted by the Mosquitto provisioner). Default: tasks trust the control plane's CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl BrokerSection {
+    /// Whether `advertise` names a TLS broker explicitly (`mqtts://` or `ssl://`).
+    pub fn advertises_tls(&self) -> bool {
+        self.advertise
+            .as_deref()
+            .is_some_and(|url| url.starts_with("mqtts://") || url.starts_with("ssl://"))
+    }
+}
+
 /// Notifier section: listener plus [`notifier::Options`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -303,7 +332,8 @@ pub struct TlsSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MosquittoSection {
-    /// The broker to provision, `mqtt://host:port`; none by default. Point `broker.advertise`
+    /// The broker to provision, `mqtt://host:port` or `mqtts://host:port` (verified against
+    /// `broker.ca_file`, else the control plane's CA); none by default. Point `broker.advertise`
     /// at it (and leave the `broker` service out) so that task configs name it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_url: Option<String>,
@@ -332,6 +362,7 @@ impl MosquittoSection {
     /// The admin login, when a broker is to be provisioned.
     pub fn admin(&self) -> Option<crate::mosquitto::Admin> {
         Some(crate::mosquitto::Admin {
+            ca: None,
             url: self.admin_url.clone()?,
             username: self.admin_username.clone(),
             password: self.admin_password.clone().unwrap_or_default(),
@@ -360,9 +391,9 @@ pub struct Options {
     pub apiserver: Listen,
     /// The gRPC notifier. Default listen `127.0.0.1:10101`.
     pub notifier: NotifierSection,
-    /// The embedded MQTT broker; `advertise` is the `host:port` written into task configs.
-    /// Default listen `127.0.0.1:1883`.
-    pub broker: Listen,
+    /// The MQTT broker: where the embedded one listens, what task configs name, and the CA of
+    /// an operator's `mqtts` broker. Default listen `127.0.0.1:1883`.
+    pub broker: BrokerSection,
     /// The metaserver (rendezvous of the `p2p` backend); `advertise` is the URL written into
     /// task configs. Default listen `127.0.0.1:10104`.
     pub metaserver: Listen,
@@ -406,7 +437,11 @@ impl Default for Options {
                 advertise: None,
                 mailbox_capacity: notifier::Options::default().mailbox_capacity,
             },
-            broker: Listen::on(1883),
+            broker: BrokerSection {
+                listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+                advertise: None,
+                ca_file: None,
+            },
             metaserver: Listen::on(10104),
             controller: controller::Options::default(),
             deployer: DeployerSection::default(),
@@ -425,6 +460,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "apiserver.advertise",
     "notifier.advertise",
     "broker.advertise",
+    "broker.ca_file",
     "metaserver.advertise",
     "deployer.api_key",
     "deployer.apiserver",
@@ -541,6 +577,7 @@ impl Options {
             }
         }
         self.validate_tls()?;
+        self.validate_broker()?;
         let mosquitto = &self.mosquitto;
         if mosquitto.admin_url.is_some() {
             if mosquitto.admin_password.as_deref().is_none_or(|p| p.is_empty()) {
@@ -614,13 +651,50 @@ impl Options {
         Ok(())
     }
 
+    /// Checks `[broker]`: what task configs are told agrees with what the embedded broker
+    /// serves, and a CA file goes with an explicit `mqtts://` broker that is not the embedded
+    /// one.
+    fn validate_broker(&self) -> Result<()> {
+        let broker = &self.broker;
+        let advertise = broker.advertise.as_deref().unwrap_or_default();
+        if self.runs(ServiceKind::Broker) {
+            if broker.ca_file.is_some() {
+                return Err(Error::Invalid(
+                    "broker.ca_file: the embedded broker presents the control plane's \
+                     certificate, which tasks verify with the control plane's CA; ca_file is \
+                     for an mqtts broker of your own (leave the broker service out)"
+                        .to_owned(),
+                ));
+            }
+            if !self.tls.insecure && advertise.starts_with("mqtt://") {
+                return Err(Error::Invalid(format!(
+                    "broker.advertise: {advertise} is plain MQTT, but the embedded broker serves \
+                     TLS (mqtts); write it without a scheme or as mqtts://"
+                )));
+            }
+            if self.tls.insecure && broker.advertises_tls() {
+                return Err(Error::Invalid(format!(
+                    "broker.advertise: {advertise} is mqtts, but under tls.insecure the embedded \
+                     broker serves plain MQTT"
+                )));
+            }
+        } else if broker.ca_file.is_some() && !broker.advertises_tls() {
+            return Err(Error::Invalid(
+                "broker.ca_file: only with an mqtts:// broker.advertise (the broker the CA is for)"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The listeners that serve TLS (or plain text under `tls.insecure`): those of the
-    /// apiserver, notifier and metaserver that run here.
+    /// apiserver, notifier, metaserver and embedded broker that run here.
     pub fn tls_listeners(&self) -> Vec<(ServiceKind, SocketAddr)> {
         [
             (ServiceKind::Apiserver, self.apiserver.listen),
             (ServiceKind::Notifier, self.notifier.listen),
             (ServiceKind::Metaserver, self.metaserver.listen),
+            (ServiceKind::Broker, self.broker.listen),
         ]
         .into_iter()
         .filter(|(service, _)| self.runs(*service))
@@ -915,6 +989,25 @@ stop_grace_secs = 5.0
         check("[tls]\ncert = \"/c.pem\"", &[], "tls.cert and tls.key");
         check("[tls]\nca = \"/ca.pem\"", &[], "tls.ca");
         check("[tls]\ninsecure = true\ncert = \"/c\"\nkey = \"/k\"", &[], "contradicts");
+        // The embedded broker follows the same rule, and the broker settings must agree with
+        // what it serves.
+        check(
+            "[tls]\ninsecure = true\n[broker]\nlisten = \"0.0.0.0:1883\"",
+            &[],
+            "the broker listens on 0.0.0.0:1883",
+        );
+        check("[broker]\nadvertise = \"mqtt://h:1883\"", &[], "plain MQTT");
+        check(
+            "[tls]\ninsecure = true\n[broker]\nadvertise = \"mqtts://h:1883\"",
+            &[],
+            "serves plain MQTT",
+        );
+        check("[broker]\nca_file = \"/ca.pem\"", &[], "the embedded broker presents");
+        check(
+            "services = [\"apiserver\"]\n[broker]\nadvertise = \"h:1883\"\nca_file = \"/ca.pem\"",
+            &[],
+            "only with an mqtts:// broker.advertise",
+        );
 
         let err = Options::load(None, &HashMap::new(), &[("nope".to_owned(), "1".to_owned())])
             .expect_err("unknown override");

@@ -86,8 +86,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// How to reach Mosquitto as its dynamic-security admin.
 #[derive(Clone)]
 pub struct Admin {
-    /// `mqtt://host:port`.
+    /// `mqtt://host:port`, or `mqtts://host:port` (TLS, verified against `ca`).
     pub url: String,
+    /// The CA an `mqtts` broker's certificate must chain to.
+    pub ca: Option<fledge_tls::Ca>,
     /// The admin client's username.
     pub username: String,
     /// Its password.
@@ -161,17 +163,21 @@ impl Provisioner {
     /// Connects to Mosquitto as `admin` (in the background, reconnecting as needed); logins
     /// are derived with `creds`.
     pub fn connect(admin: &Admin, creds: BrokerCredentials) -> Result<Provisioner> {
-        let parsed = MqttConfig::parse(&admin.url).map_err(|e| Error::Config(e.to_string()))?;
+        let mut parsed = MqttConfig::parse(&admin.url).map_err(|e| Error::Config(e.to_string()))?;
+        if let Some(tls) = &mut parsed.tls {
+            tls.ca = admin.ca.clone();
+        }
         if admin.username.is_empty() || admin.password.is_empty() {
             return Err(Error::Config("the admin username and password must be set".to_owned()));
         }
         let client_id = format!("fledge-control-{:016x}", rand::random::<u64>());
-        let mut options = MqttOptions::new(client_id, parsed.host, parsed.port);
+        let mut options = MqttOptions::new(client_id, parsed.host.clone(), parsed.port);
         options
             .set_credentials(admin.username.clone(), admin.password.clone())
             .set_keep_alive(Duration::from_secs(10))
             .set_clean_session(true)
             .set_max_packet_size(MAX_RESPONSE_BYTES, MAX_RESPONSE_BYTES);
+        parsed.apply_transport(&mut options).map_err(|e| Error::Config(e.to_string()))?;
         let (client, eventloop) = AsyncClient::new(options, 64);
         let (subscribed_tx, subscribed) = watch::channel(false);
         let inner = Arc::new(Inner {

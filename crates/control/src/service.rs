@@ -109,6 +109,33 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// The broker entry of task configs: `broker.advertise`, else the embedded broker's address;
+/// `mqtts://` when the embedded broker runs here with TLS (tasks verify it with
+/// `controlPlaneCa`), with `broker.ca_file` as its CA for an operator's `mqtts` broker.
+fn broker_spec(
+    options: &Options,
+    embedded: Option<SocketAddr>,
+    secure: bool,
+) -> anyhow::Result<BrokerSpec> {
+    let host = options
+        .broker
+        .advertise
+        .clone()
+        .unwrap_or_else(|| reachable(embedded.unwrap_or(options.broker.listen)).to_string());
+    let host = if embedded.is_some() && secure && !host.contains("://") {
+        format!("mqtts://{host}")
+    } else {
+        host
+    };
+    let mut spec = BrokerSpec::mqtt(host);
+    if let Some(path) = &options.broker.ca_file {
+        let ca = fledge_tls::Ca::load(path)
+            .with_context(|| format!("broker.ca_file {}", path.display()))?;
+        spec.ca = Some(ca.pem().to_owned());
+    }
+    Ok(spec)
+}
+
 async fn bind(service: ServiceKind, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot bind the {service} to {addr}"))
 }
@@ -180,6 +207,9 @@ async fn start_under(
     let broker = if options.runs(ServiceKind::Broker) {
         let broker_options = fledge_channel::broker::BrokerOptions {
             auth: Some(broker_credentials.clone().broker_auth(store.clone(), &telemetry)),
+            // mqtts with the control plane's identity; plain only under tls.insecure, which
+            // validation allows on loopback only.
+            tls: tls.as_ref().map(ControlTls::mqtt_server_config).transpose()?,
             ..Default::default()
         };
         let handle = fledge_channel::broker::start_embedded_broker_with(
@@ -203,10 +233,7 @@ async fn start_under(
                 url_of(addrs.notifier.unwrap_or(options.notifier.listen), secure)
             }),
         };
-    let brokers =
-        vec![BrokerSpec::mqtt(options.broker.advertise.clone().unwrap_or_else(|| {
-            reachable(addrs.broker.unwrap_or(options.broker.listen)).to_string()
-        }))];
+    let brokers = vec![broker_spec(options, addrs.broker, secure)?];
 
     let mut services = Services {
         addrs,
@@ -299,7 +326,16 @@ async fn start_under(
             format!("cannot read or create the task-key secret {}", secret.display())
         })?;
         let mosquitto = match options.mosquitto.admin() {
-            Some(admin) => {
+            Some(mut admin) => {
+                // An mqtts admin URL is verified like tasks verify the broker: against
+                // broker.ca_file, else the control plane's CA.
+                admin.ca = match &options.broker.ca_file {
+                    Some(path) => Some(
+                        fledge_tls::Ca::load(path)
+                            .with_context(|| format!("broker.ca_file {}", path.display()))?,
+                    ),
+                    None => services.tls.as_ref().and_then(|tls| tls.ca.clone()),
+                };
                 let provisioner =
                     crate::mosquitto::Provisioner::connect(&admin, broker_credentials.clone())
                         .context("cannot set up Mosquitto provisioning")?;

@@ -91,6 +91,14 @@ impl ControlTls {
         ))
     }
 
+    /// The rustls server config of the embedded MQTT broker (`mqtts`, no ALPN: MQTT clients
+    /// rarely offer one).
+    pub fn mqtt_server_config(
+        &self,
+    ) -> anyhow::Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>> {
+        self.identity.server_config(Vec::new()).context("cannot build the broker's TLS config")
+    }
+
     /// A rustls acceptor for the apiserver (HTTP/1.1 only: axum runs without HTTP/2 here).
     pub fn acceptor(&self) -> anyhow::Result<TlsAcceptor> {
         let config = self
@@ -102,19 +110,25 @@ impl ControlTls {
 }
 
 /// The names the generated server certificate carries: `localhost`, the loopback addresses,
-/// every bound address that is not a wildcard, the hosts of the advertised URLs and
-/// `tls.names`.
+/// every bound address that is not a wildcard (and the embedded broker's), the hosts of the
+/// advertised URLs (the broker's too: it presents this certificate) and `tls.names`.
 pub fn server_names(options: &Options, bound: &[SocketAddr]) -> Vec<String> {
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
-    for addr in bound {
+    let broker = options.runs(crate::config::ServiceKind::Broker).then_some(options.broker.listen);
+    for addr in bound.iter().chain(&broker) {
         if !addr.ip().is_unspecified() {
             names.push(addr.ip().to_string());
         }
     }
-    for url in
-        [&options.apiserver.advertise, &options.notifier.advertise, &options.metaserver.advertise]
-            .into_iter()
-            .flatten()
+    let broker_advertise = broker.and(options.broker.advertise.clone());
+    for url in [
+        &options.apiserver.advertise,
+        &options.notifier.advertise,
+        &options.metaserver.advertise,
+        &broker_advertise,
+    ]
+    .into_iter()
+    .flatten()
     {
         if let Some(host) = url_host(url) {
             names.push(host);
@@ -235,5 +249,17 @@ mod tests {
             assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
         }
         assert!(!names.iter().any(|n| n == "0.0.0.0"), "{names:?}");
+
+        // The embedded broker presents the same certificate: its address and advertised host
+        // are in it while it runs here, and not otherwise (an operator's broker is not us).
+        options.broker.listen = "172.17.0.1:1883".parse().expect("addr");
+        options.broker.advertise = Some("mqtts://mqtt.example:8883".to_owned());
+        let names = server_names(&options, &[]);
+        for want in ["172.17.0.1", "mqtt.example"] {
+            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        }
+        options.services.retain(|s| *s != crate::config::ServiceKind::Broker);
+        let names = server_names(&options, &[]);
+        assert!(!names.iter().any(|n| n == "mqtt.example" || n == "172.17.0.1"), "{names:?}");
     }
 }

@@ -670,7 +670,9 @@ async fn composed_services_run_a_job_over_rest() {
     assert_eq!(services.endpoints.notifier, format!("https://{notifier_addr}"));
     let ca = services.tls.as_ref().and_then(|tls| tls.ca.clone()).expect("a generated CA");
     assert!(dir.path().join("tls").join("ca.pem").is_file());
-    assert_eq!(services.brokers[0].host, broker_addr.to_string());
+    // The embedded broker serves mqtts too, verified against the same CA (controlPlaneCa).
+    assert_eq!(services.brokers[0].host, format!("mqtts://{broker_addr}"));
+    assert_eq!(services.brokers[0].ca, None);
 
     let token = fledge_control::api::bootstrap_admin(store.as_ref()).await.expect("admin");
     let admin = UserId::new("admin");
@@ -732,7 +734,7 @@ async fn composed_services_run_a_job_over_rest() {
                     .json()
                     .await
                     .expect("config json");
-                assert_eq!(config["brokers"][0]["host"], broker_addr.to_string());
+                assert_eq!(config["brokers"][0]["host"], format!("mqtts://{broker_addr}"));
                 // The role's own connections (metrics, metaserver) trust the same CA.
                 assert_eq!(config["controlPlaneCa"], ca.pem());
             }
@@ -754,14 +756,22 @@ async fn composed_services_run_a_job_over_rest() {
     services.wait().await.expect("clean shutdown");
 }
 
-/// Connects to the MQTT broker at `addr` with `login` (none: anonymous) and returns whether the
-/// broker acknowledged the CONNECT (a refused client is disconnected without a CONNACK).
-async fn broker_admits(addr: std::net::SocketAddr, login: Option<(&str, &str)>) -> bool {
+/// Connects to the MQTT broker at `addr` with `login` (none: anonymous), over TLS trusting
+/// `ca` when given, and returns whether the broker acknowledged the CONNECT (a refused client
+/// is disconnected without a CONNACK).
+async fn broker_admits(
+    addr: std::net::SocketAddr,
+    ca: Option<&fledge_tls::Ca>,
+    login: Option<(&str, &str)>,
+) -> bool {
     let id = format!("probe-{:016x}", rand::random::<u64>());
     let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
     if let Some((user, pass)) = login {
         options.set_credentials(user, pass);
     }
+    let mut transport = fledge_channel::MqttConfig::new(addr.ip().to_string(), addr.port());
+    transport.tls = ca.map(|ca| fledge_channel::MqttTls { ca: Some(ca.clone()) });
+    transport.apply_transport(&mut options).expect("transport");
     let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
     let admitted = loop {
         match events.poll().await {
@@ -835,15 +845,23 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
     assert_eq!(user, format!("{job}/{}", a.task_id));
 
     // Broker: no login, a made-up password, another task's name with this password: refused.
-    assert!(!broker_admits(broker, None).await, "an anonymous client was admitted");
-    assert!(!broker_admits(broker, Some((user.as_str(), "0".repeat(64).as_str()))).await);
+    let broker_tls = Some(&ca);
+    assert!(!broker_admits(broker, broker_tls, None).await, "an anonymous client was admitted");
+    assert!(
+        !broker_admits(broker, broker_tls, Some((user.as_str(), "0".repeat(64).as_str()))).await
+    );
     let b_user = format!("{job}/{}", b.task_id);
     assert!(
-        !broker_admits(broker, Some((b_user.as_str(), pass.as_str()))).await,
+        !broker_admits(broker, broker_tls, Some((b_user.as_str(), pass.as_str()))).await,
         "a password works for one task"
     );
+    // The broker speaks mqtts only: the right login over plain MQTT gets nowhere.
     assert!(
-        broker_admits(broker, Some((user.as_str(), pass.as_str()))).await,
+        !broker_admits(broker, None, Some((user.as_str(), pass.as_str()))).await,
+        "a plain MQTT client was admitted by the TLS broker"
+    );
+    assert!(
+        broker_admits(broker, broker_tls, Some((user.as_str(), pass.as_str()))).await,
         "the issued login is admitted"
     );
 
@@ -928,7 +946,7 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
         .await
         .expect("end the job");
     assert!(
-        !broker_admits(broker, Some((user.as_str(), pass.as_str()))).await,
+        !broker_admits(broker, broker_tls, Some((user.as_str(), pass.as_str()))).await,
         "an ended job's login works"
     );
     let status = meta
@@ -976,11 +994,19 @@ struct MqttProbe {
 }
 
 impl MqttProbe {
-    /// Connects with `login`; `None` when the broker refuses it.
-    async fn connect(addr: std::net::SocketAddr, login: (&str, &str)) -> Option<MqttProbe> {
+    /// Connects with `login` (over TLS trusting `ca` when given); `None` when the broker
+    /// refuses it.
+    async fn connect(
+        addr: std::net::SocketAddr,
+        ca: Option<&fledge_tls::Ca>,
+        login: (&str, &str),
+    ) -> Option<MqttProbe> {
         let id = format!("probe-{:016x}", rand::random::<u64>());
         let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
         options.set_credentials(login.0, login.1);
+        let mut transport = fledge_channel::MqttConfig::new(addr.ip().to_string(), addr.port());
+        transport.tls = ca.map(|ca| fledge_channel::MqttTls { ca: Some(ca.clone()) });
+        transport.apply_transport(&mut options).expect("transport");
         let (client, mut events) = rumqttc::AsyncClient::new(options, 100);
         loop {
             match events.poll().await {
@@ -1045,23 +1071,54 @@ impl MqttProbe {
 /// Fledge provisions a real Mosquitto (its dynamic-security plugin; `scripts/test-all` starts
 /// one and sets `FLEDGE_MOSQUITTO_AUTH_URL` and the admin login): no anonymous client, a task
 /// login only while its job is live, and per-task ACLs that keep a task inside its job and off
-/// other ends' presence. Skipped without that broker.
+/// other ends' presence. Then the same over TLS, on that Mosquitto's mqtts listener
+/// (`FLEDGE_MOSQUITTO_AUTH_TLS_URL`) whose certificate comes from a CA of its own
+/// (`FLEDGE_MOSQUITTO_AUTH_TLS_CA`, given as `broker.ca_file`): the provisioner's admin
+/// connection and the tasks' verify it with that CA, and task configs carry it. One after the
+/// other, in one test: two control planes on one Mosquitto delete each other's logins.
+/// Skipped without that broker.
 #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
 async fn a_provisioned_mosquitto_admits_live_tasks_within_their_job_only() {
+    let Ok(url) = std::env::var("FLEDGE_MOSQUITTO_AUTH_URL") else {
+        eprintln!("FLEDGE_MOSQUITTO_AUTH_URL not set: skipping");
+        return;
+    };
+    provisioned_mosquitto(url, None).await;
+    let (Ok(url), Ok(ca)) = (
+        std::env::var("FLEDGE_MOSQUITTO_AUTH_TLS_URL"),
+        std::env::var("FLEDGE_MOSQUITTO_AUTH_TLS_CA"),
+    ) else {
+        eprintln!("FLEDGE_MOSQUITTO_AUTH_TLS_URL/_CA not set: skipping the TLS half");
+        return;
+    };
+    provisioned_mosquitto(url, Some(std::path::PathBuf::from(ca))).await;
+}
+
+/// See `a_provisioned_mosquitto_admits_live_tasks_within_their_job_only`: Mosquitto at `url`
+/// (`mqtt://` or `mqtts://` with its CA's file `ca_file`).
+async fn provisioned_mosquitto(url: String, ca_file: Option<std::path::PathBuf>) {
     use fledge_control::config::{Options, ServiceKind};
     use fledge_control::service;
 
-    let (Ok(url), Ok(admin_user), Ok(admin_password)) = (
-        std::env::var("FLEDGE_MOSQUITTO_AUTH_URL"),
+    let (Ok(admin_user), Ok(admin_password)) = (
         std::env::var("FLEDGE_MOSQUITTO_AUTH_ADMIN"),
         std::env::var("FLEDGE_MOSQUITTO_AUTH_ADMIN_PASSWORD"),
     ) else {
-        eprintln!("FLEDGE_MOSQUITTO_AUTH_URL/_ADMIN/_ADMIN_PASSWORD not set: skipping");
+        eprintln!("FLEDGE_MOSQUITTO_AUTH_ADMIN/_ADMIN_PASSWORD not set: skipping");
         return;
     };
-    let host = url.trim_start_matches("mqtt://").trim_end_matches('/').to_owned();
+    let parsed = fledge_channel::MqttConfig::parse(&url).expect("a Mosquitto URL");
     let mosquitto: std::net::SocketAddr =
-        host.parse().expect("FLEDGE_MOSQUITTO_AUTH_URL is ip:port");
+        format!("{}:{}", parsed.host, parsed.port).parse().expect("the URL is ip:port");
+    let broker_ca = ca_file.as_ref().map(|path| fledge_tls::Ca::load(path).expect("its CA"));
+    let broker_ca = broker_ca.as_ref();
+    assert_eq!(parsed.tls.is_some(), broker_ca.is_some(), "mqtts:// goes with a CA file");
+    // What task configs name: host:port for plain MQTT, the mqtts:// URL for TLS.
+    let host = if broker_ca.is_some() {
+        url.trim_end_matches('/').to_owned()
+    } else {
+        url.trim_start_matches("mqtt://").trim_end_matches('/').to_owned()
+    };
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut options = Options {
@@ -1072,6 +1129,7 @@ async fn a_provisioned_mosquitto_admits_live_tasks_within_their_job_only() {
     options.apiserver.listen = "127.0.0.1:0".parse().expect("addr");
     options.notifier.listen = "127.0.0.1:0".parse().expect("addr");
     options.broker.advertise = Some(host.clone());
+    options.broker.ca_file = ca_file.clone();
     options.controller.resync_interval_secs = 0.05;
     options.mosquitto.admin_url = Some(url.clone());
     options.mosquitto.admin_username = admin_user.clone();
@@ -1102,27 +1160,30 @@ async fn a_provisioned_mosquitto_admits_live_tasks_within_their_job_only() {
         .await
         .expect("config json");
     assert_eq!(config["brokers"][0]["host"], host);
+    // An mqtts broker's own CA travels with it; the plain one has none.
+    assert_eq!(config["brokers"][0]["ca"].as_str(), broker_ca.map(|ca| ca.pem()));
     let user = config["brokers"][0]["username"].as_str().expect("a username").to_owned();
     let pass = config["brokers"][0]["password"].as_str().expect("a password").to_owned();
 
-    assert!(!broker_admits(mosquitto, None).await, "an anonymous client was admitted");
+    assert!(!broker_admits(mosquitto, broker_ca, None).await, "an anonymous client was admitted");
     assert!(
-        !broker_admits(mosquitto, Some((user.as_str(), "guess"))).await,
+        !broker_admits(mosquitto, broker_ca, Some((user.as_str(), "guess"))).await,
         "a made-up password works"
     );
     let b_user = format!("{job}/{}", b.task_id);
     assert!(
-        !broker_admits(mosquitto, Some((b_user.as_str(), pass.as_str()))).await,
+        !broker_admits(mosquitto, broker_ca, Some((b_user.as_str(), pass.as_str()))).await,
         "an unprovisioned task"
     );
 
     let mut observer =
-        MqttProbe::connect(mosquitto, (admin_user.as_str(), admin_password.as_str()))
+        MqttProbe::connect(mosquitto, broker_ca, (admin_user.as_str(), admin_password.as_str()))
             .await
             .expect("admin");
     assert!(observer.subscribe("fledge/#").await, "the admin observes every job");
-    let mut task_a =
-        MqttProbe::connect(mosquitto, (user.as_str(), pass.as_str())).await.expect("a's login");
+    let mut task_a = MqttProbe::connect(mosquitto, broker_ca, (user.as_str(), pass.as_str()))
+        .await
+        .expect("a's login");
     let prefix = format!("fledge/{job}/param/default");
     assert!(task_a.subscribe(&format!("fledge/{job}/#")).await, "its own job");
     assert!(!task_a.subscribe("fledge/other-job/#").await, "another job's topics");
@@ -1161,7 +1222,8 @@ async fn a_provisioned_mosquitto_admits_live_tasks_within_their_job_only() {
     eventually("the ended job's login to be refused", || {
         let (user, pass) = (user.clone(), pass.clone());
         async move {
-            (!broker_admits(mosquitto, Some((user.as_str(), pass.as_str()))).await).then_some(())
+            (!broker_admits(mosquitto, broker_ca, Some((user.as_str(), pass.as_str()))).await)
+                .then_some(())
         }
     })
     .await;

@@ -22,29 +22,6 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use support::{Platform, copy_example, records_of};
 
-/// The embedded broker's port, from the standalone's "standalone listening" log line
-/// (apiserver, notifier, broker, metaserver, in that order).
-fn broker_port(platform: &Platform) -> u16 {
-    let log = platform.scratch().join("standalone.log");
-    for _ in 0..100 {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("standalone listening")) {
-            let ports: Vec<u16> = line
-                .split("127.0.0.1:")
-                .skip(1)
-                .filter_map(|rest| {
-                    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                    digits.parse().ok()
-                })
-                .collect();
-            assert_eq!(ports.len(), 4, "four listeners in {line}");
-            return ports[2];
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("no 'standalone listening' line in {}", log.display());
-}
-
 /// A copy of examples/mnist with `rounds` rounds whose data paths still resolve.
 fn mnist_copy(dir: &std::path::Path, rounds: u32) {
     copy_example("mnist", dir);
@@ -100,11 +77,15 @@ async fn stolen_login(client: fledge_client::Client, secret: PathBuf) -> (String
     panic!("no job with a trainer appeared");
 }
 
-/// Connects to the broker with `login` and attacks every job on it until dropped.
-async fn attacker(port: u16, login: (String, String), attacks: Arc<Attacks>) {
+/// Connects to the broker (mqtts, trusting `ca`: the attacker holds a stolen login, and TLS
+/// does not stop a member) with `login` and attacks every job on it until dropped.
+async fn attacker(port: u16, ca: fledge_tls::Ca, login: (String, String), attacks: Arc<Attacks>) {
     let mut options = MqttOptions::new("attacker", "127.0.0.1", port);
     options.set_max_packet_size(64 << 20, 64 << 20);
     options.set_credentials(login.0, login.1);
+    let mut transport = fledge_channel::MqttConfig::new("127.0.0.1", port);
+    transport.tls = Some(fledge_channel::MqttTls { ca: Some(ca) });
+    transport.apply_transport(&mut options).unwrap();
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     client.subscribe("fledge/#", QoS::AtLeastOnce).await.unwrap();
     let mut trainers: BTreeSet<(String, String)> = BTreeSet::new();
@@ -179,15 +160,16 @@ fn rand_id() -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_attacker_on_the_broker_changes_nothing_in_a_fedavg_job() {
     let platform = Platform::start();
-    let port = broker_port(&platform);
+    let port = platform.broker_port();
     let attacks = Arc::new(Attacks::default());
     let attack = {
         let attacks = attacks.clone();
         let client = platform.client();
         let secret = platform.data_dir().join("secrets").join("broker.secret");
+        let ca = platform.ca();
         tokio::spawn(async move {
             let login = stolen_login(client, secret).await;
-            attacker(port, login, attacks).await;
+            attacker(port, ca, login, attacks).await;
         })
     };
 

@@ -2,7 +2,9 @@
 //! a default `fledge standalone` serves HTTPS only (plain HTTP gets no answer), with a CA it
 //! created in its data directory and reuses on restart; `fledgectl login` trusts a server only
 //! through the CA fingerprint it was given and names a mismatch; `fledgectl` works over https
-//! end to end; `--insecure` is refused on a non-loopback address.
+//! end to end; `--insecure` is refused on a non-loopback address. The embedded MQTT broker
+//! serves mqtts only, with the same identity: plain MQTT gets no CONNACK, and a job's tasks
+//! reach it over TLS, verified with the CA their config carries.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 mod support;
 
-use support::Platform;
+use support::{Platform, example_with_rounds};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -144,8 +146,72 @@ fn insecure_is_refused_on_a_non_loopback_address() {
     assert!(err.contains("--insecure") && err.contains("not a loopback address"), "{err}");
     assert!(err.contains("0.0.0.0:0"), "{err}");
 
+    // The embedded broker falls under the same rule: plain MQTT only on loopback.
+    let out = Command::new(env!("CARGO_BIN_EXE_fledge"))
+        .args(["serve", "--insecure", "--dump-config", "--broker-listen", "0.0.0.0:1883"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("the broker listens on 0.0.0.0:1883"), "{err}");
+
     // On loopback plain text stays an explicit opt-out.
     let out = serve("127.0.0.1:0");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("insecure = true"), "{out:?}");
+}
+
+/// What the broker at `port` answers a plain MQTT CONNECT with (empty when it hangs up).
+fn plain_mqtt_connect(port: u16) -> Vec<u8> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // CONNECT: protocol "MQTT" level 4, clean session, keep-alive 10 s, client id "plain".
+    let connect = [
+        0x10, 0x11, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x0a, 0x00, 0x05, b'p',
+        b'l', b'a', b'i', b'n',
+    ];
+    stream.write_all(&connect).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_default_standalone_runs_jobs_over_mqtts_only() {
+    let platform = Platform::start();
+    let port = platform.broker_port();
+
+    // Plain MQTT gets no CONNACK (0x20): the broker speaks TLS first, so a login sent in clear
+    // would never reach it.
+    let answer = plain_mqtt_connect(port);
+    assert!(answer.first() != Some(&0x20), "plain MQTT was answered: {answer:02x?}");
+
+    // Over TLS, trusting the platform's CA, the broker answers (and refuses this client, which
+    // has no login): the certificate names 127.0.0.1 and chains to the CA tasks are given.
+    let mut options = rumqttc::MqttOptions::new("probe", "127.0.0.1", port);
+    let mut transport = fledge_channel::MqttConfig::new("127.0.0.1", port);
+    transport.tls = Some(fledge_channel::MqttTls { ca: Some(platform.ca()) });
+    transport.apply_transport(&mut options).unwrap();
+    let (_client, mut events) = rumqttc::AsyncClient::new(options, 10);
+    let outcome = loop {
+        match events.poll().await {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => break Ok(ack.code),
+            Ok(_) => continue,
+            Err(err) => break Err(err.to_string()),
+        }
+    };
+    // rumqttd drops an unauthenticated client without a CONNACK; either way, no TLS error.
+    match outcome {
+        Ok(code) => assert_ne!(code, rumqttc::ConnectReturnCode::Success, "anonymous admitted"),
+        Err(err) => assert!(!err.contains("TLS"), "the TLS handshake failed: {err}"),
+    }
+
+    // A FedAvg job over the embedded broker completes: its tasks connected over mqtts.
+    let dir = example_with_rounds(&platform, "mnist", "mnist-mqtts", 2);
+    let outcome = tokio::task::block_in_place(|| platform.run_dir(&dir));
+    assert!(outcome.success, "the job must complete over mqtts:\n{}", outcome.output);
+    let (job, _, _) = platform.job(&outcome.job).await;
+    assert_eq!(job.state, fledge_types::JobState::Completed, "{job:?}");
 }

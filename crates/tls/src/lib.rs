@@ -124,6 +124,23 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A rustls client config (ring provider) that trusts the system's roots, through the
+/// platform's verifier: for a server whose certificate comes from a public CA, when no CA of
+/// its own was given.
+pub fn system_client_config() -> Result<ClientConfig> {
+    use rustls_platform_verifier::BuilderVerifierExt as _;
+    let rustls = |what: &str| {
+        let what = what.to_owned();
+        move |source| Error::Rustls { what, source }
+    };
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(rustls("cannot build the TLS client config"))?
+        .with_platform_verifier()
+        .map_err(rustls("cannot load the system's trust store"))?
+        .with_no_client_auth())
+}
+
 /// Installs the `ring` provider as the process default (for libraries that build their
 /// configs with `ServerConfig::builder()`); a no-op when one is already installed.
 #[allow(deprecated)] // see `provider`

@@ -170,7 +170,7 @@ pub struct BrokerSpec {
     /// Broker kind: `mqtt`.
     #[serde(default = "mqtt")]
     pub sort: String,
-    /// `host:port`.
+    /// `host:port` or `mqtt://host:port` (plain MQTT), `mqtts://host:port` (MQTT over TLS).
     pub host: String,
     /// MQTT username this task presents to this broker (its broker credential), if the broker
     /// authenticates clients.
@@ -179,12 +179,16 @@ pub struct BrokerSpec {
     /// MQTT password that goes with `username`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// The CA (PEM) an `mqtts` broker's certificate must chain to, when it is not the control
+    /// plane's (`controlPlaneCa`), e.g. an operator's Mosquitto with a CA of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 impl BrokerSpec {
     /// An `mqtt` broker at `host` (`host:port`), without credentials.
     pub fn mqtt(host: impl Into<String>) -> BrokerSpec {
-        BrokerSpec { sort: mqtt(), host: host.into(), username: None, password: None }
+        BrokerSpec { sort: mqtt(), host: host.into(), username: None, password: None, ca: None }
     }
 }
 

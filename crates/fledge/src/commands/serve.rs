@@ -44,9 +44,14 @@ pub struct Args {
     /// Embedded broker listen address.
     #[arg(long, value_name = "ADDR")]
     pub broker_listen: Option<String>,
-    /// Broker `host:port` written into task configs (e.g. an external Mosquitto).
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Broker written into task configs (e.g. an external Mosquitto): `host:port`,
+    /// `mqtt://host:port` (plain) or `mqtts://host:port` (TLS).
+    #[arg(long, value_name = "URL")]
     pub broker_advertise: Option<String>,
+    /// The CA (PEM) of an `mqtts` broker of your own (--broker-advertise mqtts://...), given to
+    /// tasks; default: the control plane's CA.
+    #[arg(long, value_name = "PEM")]
+    pub broker_ca_file: Option<PathBuf>,
     /// Metaserver (rendezvous of the `p2p` channel backend) listen address.
     #[arg(long, value_name = "ADDR")]
     pub metaserver_listen: Option<String>,
@@ -54,7 +59,8 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub metaserver_advertise: Option<String>,
     /// A Mosquitto to provision with task logins and ACLs through its dynamic-security plugin
-    /// (`mqtt://host:port`; the admin password comes from `FLEDGE_MOSQUITTO_ADMIN_PASSWORD`).
+    /// (`mqtt://host:port`, or `mqtts://host:port` verified with --broker-ca-file; the admin
+    /// password comes from `FLEDGE_MOSQUITTO_ADMIN_PASSWORD`).
     #[arg(long, value_name = "URL")]
     pub mosquitto_admin_url: Option<String>,
     /// Serve `/metrics` on a listener of its own (`host:port`), e.g. for a process without an
@@ -86,6 +92,12 @@ impl Args {
         push("notifier.listen", self.notifier_listen.clone());
         push("broker.listen", self.broker_listen.clone());
         push("broker.advertise", self.broker_advertise.clone());
+        if let Some(path) = &self.broker_ca_file {
+            // Absolute, so that a relative path means the same from every directory.
+            let path = std::path::absolute(path)
+                .map_err(|err| UsageError(format!("broker.ca_file {}: {err}", path.display())))?;
+            push("broker.ca_file", Some(path.display().to_string()));
+        }
         push("metaserver.listen", self.metaserver_listen.clone());
         push("metaserver.advertise", self.metaserver_advertise.clone());
         push("mosquitto.admin_url", self.mosquitto_admin_url.clone());
@@ -287,6 +299,7 @@ mod tests {
             notifier_listen: None,
             broker_listen: None,
             broker_advertise: None,
+            broker_ca_file: None,
             metaserver_listen: None,
             metaserver_advertise: None,
             mosquitto_admin_url: None,

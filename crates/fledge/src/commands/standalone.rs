@@ -63,8 +63,8 @@ pub struct Args {
 /// TLS flags shared by `fledge standalone` and `fledge serve`.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct TlsArgs {
-    /// Serve the apiserver, notifier and metaserver in plain text. Refused when one of them
-    /// listens on a non-loopback address.
+    /// Serve the apiserver, notifier, metaserver and embedded MQTT broker in plain text.
+    /// Refused when one of them listens on a non-loopback address.
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
     pub insecure: bool,
     /// Your own server certificate chain (PEM) instead of the one issued by the CA that

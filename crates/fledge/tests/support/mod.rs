@@ -144,6 +144,30 @@ impl Platform {
             .unwrap()
     }
 
+    /// The embedded broker's port, from the standalone's "standalone listening" log line
+    /// (apiserver, notifier, broker, metaserver, in that order).
+    pub fn broker_port(&self) -> u16 {
+        let log = self.scratch().join("standalone.log");
+        for _ in 0..100 {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("standalone listening")) {
+                let ports: Vec<u16> = line
+                    .split("127.0.0.1:")
+                    .skip(1)
+                    .filter_map(|rest| {
+                        let digits: String =
+                            rest.chars().take_while(char::is_ascii_digit).collect();
+                        digits.parse().ok()
+                    })
+                    .collect();
+                assert_eq!(ports.len(), 4, "four listeners in {line}");
+                return ports[2];
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("no 'standalone listening' line in {}", log.display());
+    }
+
     /// A scratch directory that lives as long as the platform.
     pub fn scratch(&self) -> &Path {
         self.dir.path()
