@@ -57,7 +57,7 @@ pub enum Target {
     /// What `fledge standalone` with these flags would run.
     Standalone(super::standalone::Args),
     /// What `fledge serve` with these flags would run.
-    Serve(super::serve::Args),
+    Serve(Box<super::serve::Args>),
 }
 
 /// How a check ended.
