@@ -25,6 +25,7 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -120,6 +121,8 @@ pub struct BrokerHandle {
     tls: bool,
     cancel: CancellationToken,
     relay: Option<thread::JoinHandle<()>>,
+    /// Client connections relayed to rumqttd right now (TLS handshake done).
+    connections: Arc<AtomicUsize>,
 }
 
 impl BrokerHandle {
@@ -138,6 +141,12 @@ impl BrokerHandle {
     pub fn url(&self) -> String {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
         format!("{scheme}://{}", self.addr)
+    }
+
+    /// The client connections open right now (past the TLS handshake when it serves TLS):
+    /// a counter to read whenever needed (the operator's `fledge_broker_connections`).
+    pub fn connections(&self) -> Arc<AtomicUsize> {
+        self.connections.clone()
     }
 
     /// Stops accepting, drops every client connection and releases the address.
@@ -254,16 +263,20 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
     let tls = acceptor.is_some();
     let cancel = CancellationToken::new();
     let relay_cancel = cancel.clone();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let relay_connections = connections.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(io("build broker relay runtime"))?;
     let relay = thread::Builder::new()
         .name("fledge-broker-relay".to_owned())
-        .spawn(move || runtime.block_on(relay(public, internal, acceptor, relay_cancel)))
+        .spawn(move || {
+            runtime.block_on(relay(public, internal, acceptor, relay_cancel, relay_connections))
+        })
         .map_err(io("spawn broker relay thread"))?;
     tracing::info!(addr = %public_addr, tls, "embedded mqtt broker started");
-    Ok(BrokerHandle { addr: public_addr, tls, cancel, relay: Some(relay) })
+    Ok(BrokerHandle { addr: public_addr, tls, cancel, relay: Some(relay), connections })
 }
 
 /// Waits until rumqttd answers an MQTT CONNECT on `internal` (it binds on its own thread).
@@ -314,6 +327,7 @@ async fn relay(
     internal: SocketAddr,
     acceptor: Option<TlsAcceptor>,
     cancel: CancellationToken,
+    open: Arc<AtomicUsize>,
 ) {
     let listener = match TcpListener::from_std(public) {
         Ok(l) => l,
@@ -329,7 +343,8 @@ async fn relay(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
-                    connections.spawn(serve(client, peer, internal, acceptor.clone()));
+                    let open = open.clone();
+                    connections.spawn(serve(client, peer, internal, acceptor.clone(), open));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "broker accept failed");
@@ -349,13 +364,14 @@ async fn serve(
     peer: SocketAddr,
     internal: SocketAddr,
     acceptor: Option<TlsAcceptor>,
+    open: Arc<AtomicUsize>,
 ) {
     let _ = client.set_nodelay(true);
     let Some(acceptor) = acceptor else {
-        return pipe(client, internal).await;
+        return pipe(client, internal, &open).await;
     };
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(client)).await {
-        Ok(Ok(tls)) => pipe(tls, internal).await,
+        Ok(Ok(tls)) => pipe(tls, internal, &open).await,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "mqtt client dropped: TLS handshake failed")
         }
@@ -363,7 +379,29 @@ async fn serve(
     }
 }
 
-async fn pipe<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, internal: SocketAddr) {
+/// Counts one open connection for as long as it lives (the count drops when it is dropped,
+/// aborted relays included).
+struct Open<'a>(&'a AtomicUsize);
+
+impl<'a> Open<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Open(count)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn pipe<C: AsyncRead + AsyncWrite + Unpin>(
+    mut client: C,
+    internal: SocketAddr,
+    open: &AtomicUsize,
+) {
+    let _open = Open::new(open);
     let mut broker = match TcpStream::connect(internal).await {
         Ok(s) => s,
         Err(e) => {

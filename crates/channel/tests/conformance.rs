@@ -859,6 +859,38 @@ mod tls_only {
     }
 
     #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn the_broker_counts_the_connections_open_past_the_handshake() {
+        use std::sync::atomic::Ordering;
+        let (broker, ca) = tls_broker(&["127.0.0.1"]);
+        let open = broker.connections();
+        // A connection that never completes its handshake is not a client yet.
+        let silent = tokio::net::TcpStream::connect(broker.addr()).await.expect("tcp connect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(open.load(Ordering::Relaxed), 0);
+        let mut config = MqttConfig::parse(&broker.url()).expect("url");
+        config.tls = Some(MqttTls { ca: Some(ca) });
+        let job = unique_job();
+        let a = Channel::open(
+            opts(&job, "a", "aggregator", "trainer"),
+            Backend::Mqtt(fast_liveness(config.clone())),
+        )
+        .await
+        .expect("joins");
+        let b = Channel::open(
+            opts(&job, "b", "trainer", "aggregator"),
+            Backend::Mqtt(fast_liveness(config)),
+        )
+        .await
+        .expect("joins");
+        eventually("two open connections", || open.load(Ordering::Relaxed) == 2).await;
+        drop(silent);
+        a.close().await.expect("close");
+        eventually("one open connection", || open.load(Ordering::Relaxed) == 1).await;
+        b.close().await.expect("close");
+        eventually("no open connection", || open.load(Ordering::Relaxed) == 0).await;
+    }
+
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
     async fn a_tls_broker_admits_only_clients_that_verify_it() {
         let (broker, ca) = tls_broker(&["127.0.0.1"]);
         let url = broker.url();

@@ -219,6 +219,19 @@ async fn start_under(
         .with_context(|| format!("cannot start the broker on {}", options.broker.listen))?;
         addrs.broker = Some(handle.addr());
         tracing::info!(addr = %handle.addr(), "broker listening");
+        let open = handle.connections();
+        let gauge = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        telemetry.register(|registry| {
+            registry.sub_registry_with_prefix("broker").register(
+                "connections",
+                "MQTT client connections open on the embedded broker (past the TLS handshake)",
+                gauge.clone(),
+            );
+        });
+        telemetry.on_scrape(move || {
+            let n = open.load(std::sync::atomic::Ordering::Relaxed);
+            gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
+        });
         Some(handle)
     } else {
         None

@@ -90,6 +90,7 @@ async fn two_tier_and_three_tier_mnist_complete_through_the_platform() {
     );
     assert_eq!(value("fledge_deployer_worker_exits_total{platform=\"process\"}"), 5.0);
     assert!(value("fledge_broker_logins_total{result=\"accepted\"}") >= 5.0);
+    assert!(value("fledge_broker_connections") >= 0.0, "the open connections are reported");
     assert!(value("fledge_notifier_events_published_total{kind=\"deploy\"}") >= 1.0);
     assert_eq!(value("fledge_notifier_subscribers{kind=\"deploy\"}"), 1.0, "the deployer");
     assert!(
