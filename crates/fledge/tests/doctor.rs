@@ -78,6 +78,8 @@ fn a_running_standalone_is_recognised_and_its_certificate_checked() {
     assert!(tls.2.contains("valid for") && tls.2.contains("127.0.0.1"), "{tls:?}");
     let api = find(&checks, "apiserver listener");
     assert!(api.2.contains("a Fledge apiserver is running there"), "{api:?}");
+    let notifier = find(&checks, "notifier listener");
+    assert_eq!(notifier.1, "ok", "held by the same Fledge: {notifier:?}");
 }
 
 #[test]

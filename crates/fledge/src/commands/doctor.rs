@@ -341,6 +341,14 @@ async fn check_listeners(options: &Options) -> Vec<Check> {
     if let Some(addr) = options.metrics.listen {
         listeners.push(("metrics".to_owned(), addr));
     }
+    // A Fledge answering on the apiserver's address most likely holds the others too.
+    let running = match options.runs(ServiceKind::Apiserver) && options.apiserver.listen.port() != 0
+    {
+        true if TcpListener::bind(options.apiserver.listen).is_err() => {
+            apiserver_answers(options, options.apiserver.listen).await
+        }
+        _ => None,
+    };
     let mut checks = Vec::new();
     for (service, addr) in listeners {
         let name = format!("{service} listener");
@@ -351,16 +359,16 @@ async fn check_listeners(options: &Options) -> Vec<Check> {
         match TcpListener::bind(addr) {
             Ok(_) => checks.push(Check::new(name, Status::Ok, format!("{addr} is free"))),
             Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
-                let answer = if service == ServiceKind::Apiserver.as_str() {
-                    apiserver_answers(options, addr).await
-                } else {
-                    None
-                };
-                checks.push(match answer {
-                    Some(version) => Check::new(
+                checks.push(match &running {
+                    Some(version) if service == ServiceKind::Apiserver.as_str() => Check::new(
                         name,
                         Status::Ok,
                         format!("{addr}: a Fledge apiserver is running there ({version})"),
+                    ),
+                    Some(_) => Check::new(
+                        name,
+                        Status::Ok,
+                        format!("{addr} is in use, presumably by the Fledge running beside it"),
                     ),
                     None => Check::new(
                         name,
