@@ -239,6 +239,13 @@ impl ApiState {
             .await
             .map_err(|err| error_response(&err.into(), Some(user)))
     }
+
+    /// The signed-in user and their job `id` (404 for another's), or the page to answer with.
+    async fn ui_user_job(&self, headers: &HeaderMap, id: &str) -> Result<(User, Job), Response> {
+        let user = self.fetch_user(headers).await?;
+        let job = self.ui_job(&user, id).await?;
+        Ok((user, job))
+    }
 }
 
 async fn login_page(uri: Uri) -> Response {
@@ -433,12 +440,8 @@ async fn job_fragment(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let user = match state.fetch_user(&headers).await {
-        Ok(user) => user,
-        Err(response) => return response,
-    };
-    let job = match state.ui_job(&user, &id).await {
-        Ok(job) => job,
+    let (user, job) = match state.ui_user_job(&headers, &id).await {
+        Ok(found) => found,
         Err(response) => return response,
     };
     let data = match job_data(&state, job).await {
@@ -465,12 +468,8 @@ async fn job_metrics(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let user = match state.fetch_user(&headers).await {
-        Ok(user) => user,
-        Err(response) => return response,
-    };
-    let job = match state.ui_job(&user, &id).await {
-        Ok(job) => job,
+    let (user, job) = match state.ui_user_job(&headers, &id).await {
+        Ok(found) => found,
         Err(response) => return response,
     };
     match state.store.list_metrics(&job.id).await {
@@ -498,12 +497,8 @@ async fn job_model(
     uri: Uri,
     Path(id): Path<String>,
 ) -> Response {
-    let user = match state.fetch_user(&headers).await {
-        Ok(user) => user,
-        Err(response) => return response,
-    };
-    let job = match state.ui_job(&user, &id).await {
-        Ok(job) => job,
+    let (user, job) = match state.ui_user_job(&headers, &id).await {
+        Ok(found) => found,
         Err(response) => return response,
     };
     let query = form(uri.query().unwrap_or("").as_bytes());
