@@ -356,6 +356,19 @@ struct JobData {
     records: Vec<fledge_types::MetricRecord>,
 }
 
+impl JobData {
+    /// What the job page and its live fragment render, with `models` as the page lists them.
+    fn view(&self, models: Result<Vec<(String, String)>, String>) -> render::JobView<'_> {
+        render::JobView {
+            job: &self.job,
+            schema: &self.schema,
+            tasks: &self.tasks,
+            records: &self.records,
+            models,
+        }
+    }
+}
+
 async fn job_data(state: &ApiState, job: Job) -> Result<JobData, Error> {
     let schema = match state
         .store
@@ -424,13 +437,7 @@ async fn job_page(
         Ok(data) => data,
         Err(err) => return error_response(&err, Some(&user)),
     };
-    let view = render::JobView {
-        job: &data.job,
-        schema: &data.schema,
-        tasks: &data.tasks,
-        records: &data.records,
-        models,
-    };
+    let view = data.view(models);
     let fragment = render::job_fragment(&view, Utc::now());
     html(StatusCode::OK, render::job_page(&user, &view, &fragment))
 }
@@ -448,13 +455,7 @@ async fn job_fragment(
         Ok(data) => data,
         Err(err) => return error_response(&err, Some(&user)),
     };
-    let view = render::JobView {
-        job: &data.job,
-        schema: &data.schema,
-        tasks: &data.tasks,
-        records: &data.records,
-        models: Ok(Vec::new()),
-    };
+    let view = data.view(Ok(Vec::new()));
     html(StatusCode::OK, render::job_fragment(&view, Utc::now()))
 }
 
