@@ -19,7 +19,8 @@
 //! Where and as whom: the standard AWS variables of the task's process (`AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`/`AWS_DEFAULT_REGION`, and
 //! `AWS_ENDPOINT_URL` for a store other than AWS); a task without `AWS_ACCESS_KEY_ID` (or web
-//! identity or container credentials) is refused at once unless
+//! identity or container credentials) is refused at its first read or write (a trainer, which
+//! never touches the registry, runs without) unless
 //! `FLEDGE_S3_INSTANCE_CREDENTIALS=1` says the instance's role is meant. Platform-run workers
 //! do not inherit the deployer's AWS variables (their environment is cleared), so the s3
 //! registry is for tasks run with the operator's environment: `fledge run-task`,
@@ -51,6 +52,8 @@ pub const MAX_OBJECT_BYTES: u64 = 4 << 30;
 /// A registry in an S3 bucket (see the module docs).
 pub struct S3Registry {
     store: AmazonS3,
+    /// Why it cannot be used, when the task's environment holds no credentials.
+    missing_credentials: Option<String>,
     /// `s3://bucket/prefix` as the job named it, for messages.
     uri: String,
     /// The key prefix inside the bucket (empty, or ending without `/`).
@@ -74,14 +77,17 @@ impl S3Registry {
                 "AWS_CONTAINER_CREDENTIALS_FULL_URI",
             ])
             .any(|name| env_set(name));
-        if !credentials && !env_set("FLEDGE_S3_INSTANCE_CREDENTIALS") {
-            return Err(Error::Config(format!(
-                "the s3 registry {} needs credentials in the task's environment: \
-                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (platform-run workers do not \
-                 inherit them), or FLEDGE_S3_INSTANCE_CREDENTIALS=1 for the instance's role",
-                spec.uri
-            )));
-        }
+        // Only a task that reads or writes needs them (a trainer of the job never does), so
+        // their absence is reported at the first use, at once rather than after retries.
+        let missing_credentials = (!credentials && !env_set("FLEDGE_S3_INSTANCE_CREDENTIALS"))
+            .then(|| {
+                format!(
+                    "the s3 registry {} needs credentials in the task's environment: \
+                     AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (platform-run workers do not \
+                     inherit them), or FLEDGE_S3_INSTANCE_CREDENTIALS=1 for the instance's role",
+                    spec.uri
+                )
+            });
         fledge_tls::install_default_provider();
         let mut builder = AmazonS3Builder::from_env().with_bucket_name(&bucket);
         let endpoint = ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
@@ -109,6 +115,7 @@ impl S3Registry {
             .map_err(|e| Error::Config(format!("cannot start the s3 registry's runtime: {e}")))?;
         Ok(S3Registry {
             store,
+            missing_credentials,
             uri: spec.uri.clone(),
             prefix,
             scope: scope.map(str::to_owned),
@@ -154,7 +161,16 @@ impl S3Registry {
         Error::Config(format!("s3 registry {}: {key}: {e}", self.uri))
     }
 
+    /// Whether it can be used: refused at once without credentials.
+    fn usable(&self) -> Result<()> {
+        match &self.missing_credentials {
+            Some(why) => Err(Error::Config(why.clone())),
+            None => Ok(()),
+        }
+    }
+
     fn put(&self, key: ObjectPath, bytes: Vec<u8>) -> Result<PathBuf> {
+        self.usable()?;
         self.block_on(|| self.store.put(&key, PutPayload::from(bytes)))
             .map_err(|e| self.error(&key, e))?;
         Ok(PathBuf::from(format!(
@@ -165,6 +181,7 @@ impl S3Registry {
 
     /// The object at `key`, `None` when there is none.
     fn get(&self, key: &ObjectPath) -> Result<Option<Vec<u8>>> {
+        self.usable()?;
         let res = self.block_on(|| async {
             let got = self.store.get(key).await?;
             if got.meta.size > MAX_OBJECT_BYTES {
@@ -266,6 +283,7 @@ impl Registry for S3Registry {
     fn recent_metrics(&self, job: &JobId, task: &TaskId) -> Result<Vec<MetricRecord>> {
         component("job id", job.as_str())?;
         component("task id", task.as_str())?;
+        self.usable()?;
         let dir = self.key(&["jobs", job.as_str(), "metrics", task.as_str()]);
         let listed = self.block_on(|| async {
             use futures::TryStreamExt as _;
@@ -290,6 +308,33 @@ impl Registry for S3Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_credentials_the_first_use_is_refused_naming_them() {
+        // SAFETY: nextest runs each test in a process of its own; nothing else runs yet.
+        unsafe {
+            for name in [
+                "AWS_ACCESS_KEY_ID",
+                "AWS_WEB_IDENTITY_TOKEN_FILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "FLEDGE_S3_INSTANCE_CREDENTIALS",
+            ] {
+                std::env::remove_var(name);
+            }
+        }
+        let spec = RegistrySpec { sort: S3.into(), uri: "s3://models/x".into() };
+        // A task that never touches the registry (a trainer) is not stopped by it.
+        let reg = S3Registry::new(&spec, None).expect("constructible without credentials");
+        let weights = Weights::from_tensors(vec![
+            fledge_algorithms::Tensor::new("w", vec![1], vec![1.0]).expect("tensor"),
+        ])
+        .expect("weights");
+        let err = reg.save_round(&"job".into(), 1, &weights).expect_err("no credentials");
+        assert!(err.to_string().contains("AWS_ACCESS_KEY_ID"), "{err}");
+        let err = reg.load_model("base", 1).expect_err("no credentials");
+        assert!(err.to_string().contains("needs credentials"), "{err}");
+    }
 
     #[test]
     fn uris_name_a_valid_bucket_and_a_safe_prefix() {
