@@ -96,6 +96,9 @@ pub struct CommandLine {
     pub args: Vec<String>,
     /// Extra environment for the child.
     pub env: Vec<(String, String)>,
+    /// Whether it runs Fledge's own binary (a built-in role), not user code: only such a
+    /// worker receives the registry credentials (`FLEDGE_REGISTRY_ENV`).
+    pub builtin: bool,
 }
 
 impl Entrypoint {
@@ -152,11 +155,12 @@ impl Entrypoint {
                 program: tools.python.clone(),
                 args: vec![PYTHON_MAIN.to_owned(), config_arg],
                 env: Vec::new(),
+                builtin: false,
             },
             Entrypoint::Command(argv) => {
                 let mut argv = argv.iter().map(|arg| arg.replace(CONFIG_PLACEHOLDER, &config_arg));
                 let program = PathBuf::from(argv.next().unwrap_or_default());
-                CommandLine { program, args: argv.collect(), env: Vec::new() }
+                CommandLine { program, args: argv.collect(), env: Vec::new(), builtin: false }
             }
             Entrypoint::Builtin(name) => CommandLine {
                 program: tools.fledge_bin.clone(),
@@ -167,6 +171,7 @@ impl Entrypoint {
                     name.clone(),
                 ],
                 env: Vec::new(),
+                builtin: true,
             },
         }
     }

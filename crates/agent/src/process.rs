@@ -78,6 +78,42 @@ pub const INHERITED_ENV: &[&str] = &[
     "RUST_BACKTRACE",
 ];
 
+/// The variable naming the registry credentials a fledgelet hands to built-in roles
+/// (comma-separated names; their values are in the fledgelet's own environment, put there by
+/// its deployer from `[deployer] registry_env`).
+pub const REGISTRY_ENV: &str = "FLEDGE_REGISTRY_ENV";
+
+/// Whether `name` may be passed as a registry credential: an environment variable name
+/// (`A-Z`, `0-9`, `_`, not starting with a digit, at most 64 bytes) that is not Fledge's own
+/// (`FLEDGE_*`, which carry the task's identity) nor one the loader or shell interprets.
+pub fn is_registry_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && !name.starts_with("FLEDGE_")
+        && !name.starts_with("LD_")
+        && !matches!(name, "PATH" | "HOME" | "TMPDIR" | "PYTHONPATH" | "PYTHONHOME")
+}
+
+/// The registry credentials a worker receives: for a built-in role, each valid name listed in
+/// `$FLEDGE_REGISTRY_ENV` with its value from `lookup`; for user code, none.
+pub fn registry_env(
+    builtin: bool,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Vec<(String, String)> {
+    if !builtin {
+        return Vec::new();
+    }
+    let Some(names) = lookup(REGISTRY_ENV) else { return Vec::new() };
+    names
+        .split(',')
+        .map(str::trim)
+        .filter(|name| is_registry_env_name(name))
+        .filter_map(|name| Some((name.to_owned(), lookup(name)?)))
+        .collect()
+}
+
 /// Gives `command` a minimal environment: [`INHERITED_ENV`] from ours, `HOME` and `TMPDIR`
 /// inside `work_dir` (created here), nothing else; the caller then adds what the worker needs.
 pub fn worker_env(command: &mut Command, work_dir: &std::path::Path) -> io::Result<()> {
@@ -154,6 +190,33 @@ pub fn describe(status: ExitStatus) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn registry_credentials_reach_builtin_roles_only_and_only_valid_names() {
+        let env = |name: &str| -> Option<String> {
+            match name {
+                REGISTRY_ENV => {
+                    Some("AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,FLEDGE_TASK_KEY,LD_PRELOAD,bad-name,UNSET".into())
+                }
+                "AWS_ACCESS_KEY_ID" => Some("id".into()),
+                "AWS_SECRET_ACCESS_KEY" => Some("secret".into()),
+                "FLEDGE_TASK_KEY" | "LD_PRELOAD" => Some("never".into()),
+                _ => None,
+            }
+        };
+        assert_eq!(
+            registry_env(true, env),
+            [
+                ("AWS_ACCESS_KEY_ID".to_owned(), "id".to_owned()),
+                ("AWS_SECRET_ACCESS_KEY".to_owned(), "secret".to_owned())
+            ]
+        );
+        assert!(registry_env(false, env).is_empty(), "user code gets none");
+        assert!(registry_env(true, |_| None).is_empty());
+        for bad in ["", "PATH", "HOME", "9X", "a", "FLEDGE_X", "LD_LIBRARY_PATH", "A-B"] {
+            assert!(!is_registry_env_name(bad), "{bad}");
+        }
+    }
     use std::process::Stdio;
 
     use super::*;

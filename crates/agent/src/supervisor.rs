@@ -328,6 +328,8 @@ async fn execute(
         // Its output goes to a log file and the status report, not a terminal.
         .env("NO_COLOR", "1")
         .envs(command_line.env.iter().map(|(k, v)| (k, v)))
+        // Registry credentials go to Fledge's own roles only, never to user code.
+        .envs(process::registry_env(command_line.builtin, |name| std::env::var(name).ok()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -280,6 +280,10 @@ pub struct DeployerSection {
     pub worker_memory_mib: u64,
     /// Docker: most processes per worker; 0 leaves it unlimited. Default 1024.
     pub worker_pids: i64,
+    /// Names of variables of this process's environment (e.g. `AWS_ACCESS_KEY_ID`) that
+    /// workers running Fledge's own built-in roles receive, for a registry that needs
+    /// credentials (`s3`). User code (`main.py`, `command`) never receives them. Default none.
+    pub registry_env: Vec<String>,
 }
 
 impl Default for DeployerSection {
@@ -297,6 +301,7 @@ impl Default for DeployerSection {
             docker_socket: PathBuf::from("/var/run/docker.sock"),
             docker_network: "job".to_owned(),
             docker_mounts: Vec::new(),
+            registry_env: Vec::new(),
             worker_cpus: 0.0,
             worker_memory_mib: 0,
             worker_pids: 1024,

@@ -154,6 +154,7 @@ pub fn build_deployer(
     options.ca_file = section.ca_file.clone().or_else(|| local_ca.map(Path::to_path_buf));
     options.fledge_bin = std::env::current_exe().ok();
     options.docker = docker_options(section)?;
+    options.fledgelet_env.extend(registry_env(section)?);
     let platform = if options.docker.is_some() { "docker" } else { "process" };
     tracing::info!(
         compute_id = %section.compute_id,
@@ -167,6 +168,41 @@ pub fn build_deployer(
         }
         err => anyhow::Error::new(err).context("cannot build the deployer"),
     })
+}
+
+/// What the fledgelets get for `deployer.registry_env`: each named variable's value from this
+/// process's environment, and `FLEDGE_REGISTRY_ENV` naming them, so that they hand them to
+/// built-in roles only.
+fn registry_env(section: &DeployerSection) -> anyhow::Result<Vec<(String, String)>> {
+    const MAX: usize = 32;
+    if section.registry_env.len() > MAX {
+        return Err(UsageError(format!(
+            "deployer.registry_env: {} names, at most {MAX}",
+            section.registry_env.len()
+        ))
+        .into());
+    }
+    let mut env = Vec::new();
+    for name in &section.registry_env {
+        if !fledge_agent::process::is_registry_env_name(name) {
+            return Err(UsageError(format!(
+                "deployer.registry_env: {name:?} is not a variable that may be passed \
+                 (A-Z, 0-9, _; not FLEDGE_*, LD_*, PATH, HOME, TMPDIR or PYTHON*)"
+            ))
+            .into());
+        }
+        let value = std::env::var(name).map_err(|_| {
+            UsageError(format!(
+                "deployer.registry_env: {name} is not set in this process's environment"
+            ))
+        })?;
+        env.push((name.clone(), value));
+    }
+    if !env.is_empty() {
+        let names: Vec<&str> = env.iter().map(|(name, _)| name.as_str()).collect();
+        env.push((fledge_agent::process::REGISTRY_ENV.to_owned(), names.join(",")));
+    }
+    Ok(env)
 }
 
 /// The Docker options of a `docker` deployer section (`None` for `process`).

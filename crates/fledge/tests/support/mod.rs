@@ -58,6 +58,12 @@ impl Platform {
         Platform::start_in(tempfile::tempdir().unwrap(), free_base_port(), Vec::new())
     }
 
+    /// Starts `fledge standalone --port 0` with extra environment variables and flags.
+    pub fn start_with_env_and(env: &[(&str, &str)], extra: &[String]) -> Platform {
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Platform::start_in_with(tempfile::tempdir().unwrap(), 0, env, extra)
+    }
+
     /// Starts `fledge standalone --port 0` with extra flags (e.g. `--config FILE`).
     pub fn start_with(extra: &[String]) -> Platform {
         Platform::start_in_with(tempfile::tempdir().unwrap(), 0, Vec::new(), extra)
