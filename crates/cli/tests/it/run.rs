@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fledge_control::store::{JobFilter, NewTask};
-use fledge_types::{ComputeId, Job, JobState, MetricRecord, Task, TaskId, TaskState};
+use fledge_control::store::JobFilter;
+use fledge_types::{Job, JobState, MetricRecord, TaskId, TaskState};
 
-use crate::support::{Server, fixture, s};
+use crate::support::{Server, fixture, insert_ready_task, s};
 
 /// Waits until a job is `starting`, then drives it to `end` with three rounds of metrics.
 async fn play_controller(server: &Server, end: JobState) -> Job {
@@ -37,25 +37,7 @@ async fn play_controller(server: &Server, end: JobState) -> Job {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     if end == JobState::Failed {
-        let task = Task {
-            job_id: job.id.clone(),
-            task_id: TaskId::new("t-failed"),
-            role: "trainer".into(),
-            index: 0,
-            group_association: BTreeMap::from([("param-channel".to_owned(), "eu".to_owned())]),
-            dataset_id: None,
-            compute_id: ComputeId::new("default"),
-            managed: true,
-            state: TaskState::Ready,
-            log: String::new(),
-            updated_at: None,
-            last_heartbeat: None,
-            restarts: 0,
-        };
-        store
-            .insert_tasks(&[NewTask { task, key_sha256: fledge_control::api::secret_hash("k") }])
-            .await
-            .unwrap();
+        insert_ready_task(store.as_ref(), &job.id, "t-failed").await;
         let log = "loading data\nTraceback (most recent call last):\nValueError: bad shard";
         store
             .set_task_state(&job.id, &TaskId::new("t-failed"), TaskState::Failed, Some(log))

@@ -171,3 +171,28 @@ pub fn fixture() -> PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// Inserts a `ready` trainer task `task` of `job` in group `eu`, as the controller would,
+/// with agent key `k`.
+pub async fn insert_ready_task(store: &dyn Store, job: &fledge_types::JobId, task: &str) {
+    use std::collections::BTreeMap;
+
+    use fledge_control::store::NewTask;
+    use fledge_types::{ComputeId, Task, TaskId, TaskState};
+    let task = Task {
+        job_id: job.clone(),
+        task_id: TaskId::new(task),
+        role: "trainer".into(),
+        index: 0,
+        group_association: BTreeMap::from([("param-channel".to_owned(), "eu".to_owned())]),
+        dataset_id: None,
+        compute_id: ComputeId::new("default"),
+        managed: true,
+        state: TaskState::Ready,
+        log: String::new(),
+        updated_at: None,
+        last_heartbeat: None,
+        restarts: 0,
+    };
+    store.insert_tasks(&[NewTask { task, key_sha256: api::secret_hash("k") }]).await.unwrap();
+}

@@ -1,14 +1,12 @@
 //! What makes `fledgectl` pleasant at a shell: completion scripts and man pages, `version`,
 //! named contexts, `-o name|wide` and ages, `describe`, `logs -f`, `job watch --timeout`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fledge_client::TaskClient;
-use fledge_control::store::NewTask;
-use fledge_types::{ComputeId, JobId, Task, TaskId, TaskState};
+use fledge_types::{JobId, TaskId, TaskState};
 
-use crate::support::{Server, fixture, s};
+use crate::support::{Server, fixture, insert_ready_task, s};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bash_completion_completes_get_kinds() {
@@ -187,27 +185,8 @@ async fn contexts_switch_control_planes_and_an_old_config_keeps_working() {
 /// `k`, `running`.
 async fn job_with_running_task(server: &Server) -> (JobId, TaskId) {
     let job = JobId::new(server.ctl(&["run", s(&fixture()), "--no-watch"]).await.ok());
-    let task = Task {
-        job_id: job.clone(),
-        task_id: TaskId::new("t-log"),
-        role: "trainer".into(),
-        index: 0,
-        group_association: BTreeMap::from([("param-channel".to_owned(), "eu".to_owned())]),
-        dataset_id: None,
-        compute_id: ComputeId::new("default"),
-        managed: true,
-        state: TaskState::Ready,
-        log: String::new(),
-        updated_at: None,
-        last_heartbeat: None,
-        restarts: 0,
-    };
-    let task_id = task.task_id.clone();
-    server
-        .store
-        .insert_tasks(&[NewTask { task, key_sha256: fledge_control::api::secret_hash("k") }])
-        .await
-        .unwrap();
+    let task_id = TaskId::new("t-log");
+    insert_ready_task(server.store.as_ref(), &job, "t-log").await;
     server.store.set_task_state(&job, &task_id, TaskState::Running, None).await.unwrap();
     server.store.record_heartbeat(&task_id).await.unwrap();
     (job, task_id)
