@@ -35,6 +35,73 @@ pub async fn fanout_with(
     n_receivers: usize,
     sealed: bool,
 ) -> Result<Duration> {
+    let (sender, receivers) = open_star(backend, bytes, n_receivers, sealed).await?;
+    let message = payload_message(bytes);
+    let from = sender.me().clone();
+    let start = Instant::now();
+    let waits = receivers.iter().map(|r| {
+        let from = from.clone();
+        async move { r.recv(&from).await }
+    });
+    let (sent, received) =
+        tokio::join!(sender.broadcast(message), futures::future::join_all(waits));
+    sent?;
+    for r in received {
+        let m = r?;
+        debug_assert_eq!(m.tensors.data_bytes(), bytes);
+    }
+    let elapsed = start.elapsed();
+    close_star(sender, receivers).await?;
+    Ok(elapsed)
+}
+
+/// Time for one FL round's traffic over `backend`: a sender (the aggregator) broadcasts a
+/// `bytes`-byte model to `n_receivers` ends (the trainers), each sends back an update of the
+/// same size, until the sender has decoded every update (connection setup excluded). With
+/// `sealed`, every end holds keys (messages encrypted and signed).
+pub async fn round_with(
+    backend: Backend,
+    bytes: usize,
+    n_receivers: usize,
+    sealed: bool,
+) -> Result<Duration> {
+    let (sender, receivers) = open_star(backend, bytes, n_receivers, sealed).await?;
+    let model = payload_message(bytes);
+    let from = sender.me().clone();
+    let start = Instant::now();
+    let trainers = receivers.iter().map(|r| {
+        let from = from.clone();
+        async move {
+            let mut update = r.recv(&from).await?;
+            update.kind = Kind::Update;
+            r.send(&from, update).await
+        }
+    });
+    let updates = receivers.iter().map(|r| sender.recv(r.me()));
+    let (sent, replied, received) = tokio::join!(
+        sender.broadcast(model),
+        futures::future::join_all(trainers),
+        futures::future::join_all(updates)
+    );
+    sent?;
+    replied.into_iter().collect::<Result<Vec<()>>>()?;
+    for m in received {
+        let m = m?;
+        debug_assert_eq!((m.kind, m.tensors.data_bytes()), (Kind::Update, bytes));
+    }
+    let elapsed = start.elapsed();
+    close_star(sender, receivers).await?;
+    Ok(elapsed)
+}
+
+/// A sender (role `aggregator`) and `n_receivers` ends (role `trainer`) of one fresh job,
+/// joined, each accepting messages of `bytes` bytes and, when `sealed`, holding keys.
+async fn open_star(
+    backend: Backend,
+    bytes: usize,
+    n_receivers: usize,
+    sealed: bool,
+) -> Result<(Channel, Vec<Channel>)> {
     let job = format!("bench-{:08x}", rand::random::<u32>());
     let limit = bytes + (1 << 20);
     let names: Vec<String> = std::iter::once("sender".to_owned())
@@ -69,26 +136,41 @@ pub async fn fanout_with(
     for r in &receivers {
         r.await_join(Duration::from_secs(30)).await?;
     }
-    let message = payload_message(bytes);
-    let from = sender.me().clone();
-    let start = Instant::now();
-    let waits = receivers.iter().map(|r| {
-        let from = from.clone();
-        async move { r.recv(&from).await }
-    });
-    let (sent, received) =
-        tokio::join!(sender.broadcast(message), futures::future::join_all(waits));
-    sent?;
-    for r in received {
-        let m = r?;
-        debug_assert_eq!(m.tensors.data_bytes(), bytes);
-    }
-    let elapsed = start.elapsed();
+    Ok((sender, receivers))
+}
+
+async fn close_star(sender: Channel, receivers: Vec<Channel>) -> Result<()> {
     for r in &receivers {
         r.close().await?;
     }
-    sender.close().await?;
-    Ok(elapsed)
+    sender.close().await
+}
+
+/// [`round_with`] over a fresh embedded broker: with `secure`, the broker serves mqtts (a
+/// one-off CA and certificate for 127.0.0.1, which the ends trust) and every end holds keys;
+/// without, plain MQTT and no keys (what `--insecure` would leave if keys were off too).
+#[cfg(feature = "broker")]
+pub async fn mqtt_round(bytes: usize, n_receivers: usize, secure: bool) -> Result<Duration> {
+    let mut options = crate::broker::BrokerOptions::default();
+    let mut config = crate::mqtt::MqttConfig::new("127.0.0.1", 0);
+    if secure {
+        let (ca, identity) = fledge_tls::ephemeral("127.0.0.1")
+            .map_err(|e| Error::InvalidOptions(format!("bench TLS identity: {e}")))?;
+        options.tls = Some(
+            identity
+                .server_config(Vec::new())
+                .map_err(|e| Error::InvalidOptions(format!("bench TLS identity: {e}")))?,
+        );
+        config.tls = Some(crate::mqtt::MqttTls { ca: Some(ca) });
+    }
+    let broker = crate::broker::start_embedded_broker_with(
+        (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+        options,
+    )?;
+    config.port = broker.addr().port();
+    let res = round_with(Backend::Mqtt(config), bytes, n_receivers, secure).await;
+    drop(broker);
+    res
 }
 
 /// [`fanout`] over a fresh embedded broker.

@@ -119,9 +119,14 @@ fn metaserver_of(config: &TaskConfig, spec: &ChannelSpec, env: &BackendEnv) -> R
         channel: spec.name.clone(),
         reason: "backend p2p but the task config names no metaserver (metaserver)".to_owned(),
     })?;
+    let metaserver = P2pConfig::parse_metaserver(addr)?;
+    // A plain-text metaserver means the operator opted out of TLS (`--insecure`): the ends'
+    // streams follow it. Otherwise they speak TLS unless the environment turned it off.
+    let tls = env.p2p.tls && metaserver.starts_with("https://");
     Ok(P2pConfig {
-        metaserver: P2pConfig::parse_metaserver(addr)?,
+        metaserver,
         metaserver_ca: config.control_plane_ca.clone().or_else(|| env.p2p.metaserver_ca.clone()),
+        tls,
         ..env.p2p.clone()
     })
 }

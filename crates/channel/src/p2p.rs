@@ -1,12 +1,20 @@
 //! The `p2p` backend: gRPC streams between ends, found through the metaserver.
 //!
 //! Every end runs a small gRPC server (`fledge.v1.P2p`, see `crates/proto/proto/fledge/v1/p2p.proto`)
-//! on an ephemeral port and registers `http://host:port` with the metaserver under its job,
+//! on an ephemeral port and registers `https://host:port` with the metaserver under its job,
 //! channel and group, together with its role and announced properties. Every `heartbeat` it
 //! renews that registration (a lease of `liveness_timeout`) and asks the metaserver for the live
 //! ends of its peer role, which become [`crate::Channel::ends`]. A crashed or hung end stops
 //! renewing, its lease runs out, and its peers drop it at their next poll; a clean leave
 //! deregisters at once.
+//!
+//! The server speaks TLS (unless [`P2pConfig::tls`] is off, the operator's opt-out): at open,
+//! the end makes a one-off CA and a certificate for [`P2P_SERVER_NAME`] signed by it (in memory;
+//! the CA's key is dropped at once) and registers that CA with its endpoint. A sender trusts,
+//! for each receiver, exactly the CA the receiver registered, and learns it only from the
+//! metaserver, which takes a registration only from the end's own task: streams are private,
+//! and reach the end the metaserver vouches for. A TLS end never falls back to plain text
+//! towards a peer that registered a plain endpoint.
 //!
 //! To send, an end keeps one client stream per receiver (opened on first use): a `Hello` frame
 //! naming job, channel, group, sender and receiver, then chunks of encoded messages in the
@@ -55,6 +63,9 @@ const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
 /// Encode and decode off the runtime threads above this many bytes.
 const BLOCKING_THRESHOLD: usize = 1 << 20;
+/// The name in every end's one-off server certificate, which senders check (each end's CA
+/// differs, so the name need not).
+pub const P2P_SERVER_NAME: &str = "end.p2p.fledge";
 
 /// Where the metaserver is, where this end listens, and how to pace liveness.
 #[derive(Clone, Debug)]
@@ -78,6 +89,9 @@ pub struct P2pConfig {
     /// The CA (PEM) an `https://` metaserver's certificate is checked against (the task
     /// config's `controlPlaneCa`); only that CA is trusted.
     pub metaserver_ca: Option<String>,
+    /// Whether this end's server speaks TLS and its sends require it. Default on; off only
+    /// when the operator opted out of TLS (the platform's `--insecure`).
+    pub tls: bool,
     /// This end's task key (`FLEDGE_TASK_KEY`), presented to the metaserver with the end's task
     /// id on every request; an authenticating metaserver refuses requests without it.
     pub task_key: Option<TaskKey>,
@@ -113,6 +127,7 @@ impl P2pConfig {
             connect_timeout: Duration::from_secs(10),
             metaserver_ca: None,
             task_key: None,
+            tls: true,
         }
     }
 
@@ -181,17 +196,28 @@ fn status_reason(status: &Status) -> String {
 
 type Meta = MetaserverClient<tonic::transport::Channel>;
 
+/// Where a peer listens, as its registration says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PeerAddr {
+    endpoint: String,
+    /// The CA of its `https://` endpoint (empty for a plain one).
+    tls_ca: String,
+}
+
 /// State the server, the ticker and the handle share.
 struct Ctx {
     shared: Arc<Shared>,
     config: P2pConfig,
     /// This end's advertised URL.
     endpoint: String,
+    /// The PEM certificate of the CA that signed this end's server certificate (empty without
+    /// TLS).
+    tls_ca: String,
     meta: Meta,
     joined: AtomicBool,
     hung: CancellationToken,
     /// Live peers and where they listen.
-    peers: Mutex<HashMap<TaskId, String>>,
+    peers: Mutex<HashMap<TaskId, PeerAddr>>,
     /// When the metaserver last answered a poll.
     last_poll: Mutex<Instant>,
 }
@@ -230,6 +256,7 @@ impl Ctx {
             endpoint: self.endpoint.clone(),
             props_json: serde_json::Value::Object(o.props.clone()).to_string(),
             lease_ms: u32::try_from(self.config.liveness_timeout.as_millis()).unwrap_or(u32::MAX),
+            tls_ca: self.tls_ca.clone(),
         };
         self.meta.clone().register(self.authorized(request)).await.map_err(|s| {
             p2p_error(
@@ -250,7 +277,7 @@ impl Ctx {
         Ok(())
     }
 
-    fn endpoint_of(&self, end: &TaskId) -> Option<String> {
+    fn endpoint_of(&self, end: &TaskId) -> Option<PeerAddr> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(end).cloned()
     }
 
@@ -294,7 +321,7 @@ impl Ctx {
             };
             // Every run of an end listens on a port of its own: a new endpoint is a restart.
             let instance = peer.endpoint.clone();
-            seen.insert(end.clone(), peer.endpoint);
+            seen.insert(end.clone(), PeerAddr { endpoint: peer.endpoint, tls_ca: peer.tls_ca });
             up.push(EndProps { role: peer.role, task_id: end, props, instance });
         }
         // Endpoints first: once an end shows in `ends()`, `send` must know where it listens.
@@ -499,9 +526,24 @@ impl P2pEnd {
             std::net::IpAddr::V6(ip) => format!("[{ip}]"),
             ip => ip.to_string(),
         });
+        let mut server = Server::builder();
+        let (scheme, tls_ca) = if config.tls {
+            let (ca, identity) = fledge_tls::ephemeral(P2P_SERVER_NAME)
+                .map_err(|e| p2p_error("make this end's TLS certificate", e))?;
+            let tls = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(identity.cert_pem(), identity.key_pem()),
+            );
+            server = server
+                .tls_config(tls)
+                .map_err(|e| p2p_error("serve TLS on the p2p listener", error_chain(&e)))?;
+            ("https", ca.pem().to_owned())
+        } else {
+            ("http", String::new())
+        };
         let ctx = Arc::new(Ctx {
             shared,
-            endpoint: format!("http://{host}:{port}"),
+            endpoint: format!("{scheme}://{host}:{port}"),
+            tls_ca,
             meta: MetaserverClient::new(meta),
             config,
             joined: AtomicBool::new(true),
@@ -510,7 +552,7 @@ impl P2pEnd {
             last_poll: Mutex::new(Instant::now()),
         });
         let cancel = CancellationToken::new();
-        let server = Server::builder()
+        let server = server
             .initial_stream_window_size(Some(STREAM_WINDOW))
             .initial_connection_window_size(Some(CONNECTION_WINDOW))
             .tcp_nodelay(true)
@@ -548,11 +590,12 @@ impl P2pEnd {
     /// The stream to `end`, opened if needed.
     async fn link(&self, end: &TaskId) -> Result<Arc<Link>> {
         let shared = &self.ctx.shared;
-        let endpoint_url = self.ctx.endpoint_of(end).ok_or_else(|| Error::UnknownEnd {
+        let peer = self.ctx.endpoint_of(end).ok_or_else(|| Error::UnknownEnd {
             end: end.clone(),
             channel: shared.opts.channel.clone(),
             group: shared.opts.group.clone(),
         })?;
+        let endpoint_url = peer.endpoint;
         let mut links = self.links.lock().await;
         if let Some(link) = links.get(end)
             && link.endpoint == endpoint_url
@@ -562,7 +605,22 @@ impl P2pEnd {
         }
         let what = || format!("connect to end {end} at {endpoint_url}");
         let timeout = self.ctx.config.connect_timeout;
-        let channel = endpoint(&endpoint_url, timeout).map_err(|e| p2p_error(what(), e))?;
+        let mut channel = endpoint(&endpoint_url, timeout).map_err(|e| p2p_error(what(), e))?;
+        if endpoint_url.starts_with("https://") {
+            // Exactly the CA this end registered, for the one name every end's certificate has.
+            fledge_tls::Ca::from_pem(&peer.tls_ca, "the CA the end registered")
+                .map_err(|e| p2p_error(what(), e))?;
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&peer.tls_ca))
+                .domain_name(P2P_SERVER_NAME);
+            channel = channel.tls_config(tls).map_err(|e| p2p_error(what(), e.to_string()))?;
+        } else if self.ctx.config.tls {
+            return Err(p2p_error(
+                what(),
+                "the end registered a plain-text endpoint and this end sends over TLS only \
+                 (p2p tls; a platform started with --insecure turns it off for every end)",
+            ));
+        }
         let channel = connect(channel, timeout).await.map_err(|e| p2p_error(what(), e))?;
         let mut client =
             P2pClient::new(channel).max_encoding_message_size(MAX_CHUNK_SIZE + FRAME_SLACK);

@@ -774,8 +774,11 @@ mod broker_only {
     async fn an_authenticating_broker_admits_only_accepted_logins() {
         use fledge_channel::MqttCredentials;
         use fledge_channel::broker::{BrokerAuth, BrokerOptions, start_embedded_broker_with};
-        let auth = BrokerAuth::new(|user: String, pass: String| async move {
-            user == "job/agg" && pass == "secret"
+        let job = unique_job();
+        let admitted = format!("{job}/agg");
+        let auth = BrokerAuth::new(move |user: String, pass: String| {
+            let ok = user == admitted && pass == "secret";
+            async move { ok }
         });
         let options = BrokerOptions { auth: Some(auth), ..BrokerOptions::default() };
         let broker = start_embedded_broker_with((std::net::Ipv4Addr::LOCALHOST, 0).into(), options)
@@ -788,20 +791,19 @@ mod broker_only {
             }),
             ..anonymous.clone()
         };
-        let job = unique_job();
         let opts = |me: &str, role: &str, peer: &str| {
             ChannelOptions::new(job.as_str(), "param", "default", me, role, peer)
         };
         let agg = Channel::open(
             opts("agg", "aggregator", "trainer"),
-            Backend::Mqtt(login("job/agg", "secret")),
+            Backend::Mqtt(login(&format!("{job}/agg"), "secret")),
         )
         .await
         .expect("the accepted login joins");
         for (what, config) in [
             ("anonymous", anonymous.clone()),
-            ("wrong password", login("job/agg", "guess")),
-            ("right password, other user", login("job/t0", "secret")),
+            ("wrong password", login(&format!("{job}/agg"), "guess")),
+            ("right password, other user", login(&format!("{job}/t0"), "secret")),
         ] {
             // A refused client retries until its connect timeout: keep that short.
             let config = MqttConfig { connect_timeout: Duration::from_secs(2), ..config };
@@ -812,6 +814,141 @@ mod broker_only {
         }
         assert!(agg.ends().is_empty(), "no refused client was ever seen: {:?}", agg.ends());
         drop(agg);
+    }
+
+    /// A raw client connecting to `port` with login `user`: its event loop once connected, or
+    /// why it was not.
+    async fn raw_connect(
+        port: u16,
+        user: &str,
+    ) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), rumqttc::ConnectionError> {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+        let mut options =
+            MqttOptions::new(format!("raw-{:08x}", rand::random::<u32>()), "127.0.0.1", port);
+        options.set_credentials(user, "secret");
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok((client, eventloop)),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A raw client with login `user` that connects, does `act`, and then reads for up to 5 s:
+    /// whether the broker dropped it, and how many publishes it got.
+    async fn attempt(
+        port: u16,
+        user: &str,
+        act: impl FnOnce(&rumqttc::AsyncClient),
+    ) -> (bool, usize) {
+        use rumqttc::{Event, Packet};
+        let (client, mut eventloop) =
+            raw_connect(port, user).await.unwrap_or_else(|e| panic!("{user}: {e}"));
+        act(&client);
+        let mut received = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Err(_) => return (false, received),
+                Ok(Err(_)) => return (true, received),
+                Ok(Ok(Event::Incoming(Packet::Publish(_)))) => received += 1,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// On a broker with logins, the relay keeps a login `<job>/<task>` inside its job and its
+    /// own presence: a member of one job that subscribes to another job (or to everything),
+    /// publishes into it, or publishes another end's presence in its own job is dropped at
+    /// once and gets nothing; the other job's channels, through the same relay, carry on.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn logins_stay_inside_their_job_and_their_own_presence() {
+        use fledge_channel::MqttCredentials;
+        use fledge_channel::broker::{BrokerAuth, BrokerOptions, start_embedded_broker_with};
+        use rumqttc::QoS;
+        let auth = BrokerAuth::new(|_user: String, pass: String| async move { pass == "secret" });
+        let options = BrokerOptions { auth: Some(auth), ..BrokerOptions::default() };
+        let broker = start_embedded_broker_with((std::net::Ipv4Addr::LOCALHOST, 0).into(), options)
+            .expect("start");
+        let port = broker.addr().port();
+        let (victim, spy) = (unique_job(), unique_job());
+        let login = |user: String| {
+            Backend::Mqtt(MqttConfig {
+                credentials: Some(MqttCredentials { username: user, password: "secret".into() }),
+                ..fast_liveness(MqttConfig::new("127.0.0.1", port))
+            })
+        };
+        let opts = |me: &str, role: &str, peer: &str| {
+            ChannelOptions::new(victim.as_str(), "param", "default", me, role, peer)
+        };
+        let agg =
+            Channel::open(opts("agg", "aggregator", "trainer"), login(format!("{victim}/agg")))
+                .await
+                .expect("the aggregator joins through the relay");
+        let trainer =
+            Channel::open(opts("t0", "trainer", "aggregator"), login(format!("{victim}/t0")))
+                .await
+                .expect("the trainer joins through the relay");
+        eventually("they see each other", || agg.ends().contains(&id("t0"))).await;
+        trainer.send(&id("agg"), update(1)).await.expect("send");
+        assert_eq!(agg.recv(&id("t0")).await.expect("arrives").round, 1);
+
+        let spy_login = format!("{spy}/s1");
+        let theirs = format!("fledge/{victim}/param/default");
+        let mine = format!("fledge/{spy}/param/default");
+        type Act = Box<dyn FnOnce(&rumqttc::AsyncClient)>;
+        let attacks: Vec<(&str, Act)> = vec![
+            ("subscribe to the other job", {
+                let filter = format!("fledge/{victim}/#");
+                Box::new(move |c| c.try_subscribe(filter, QoS::AtLeastOnce).expect("queued"))
+            }),
+            (
+                "subscribe to everything",
+                Box::new(|c| c.try_subscribe("#", QoS::AtLeastOnce).expect("queued")),
+            ),
+            ("publish into the other job", {
+                let topic = format!("{theirs}/data/agg");
+                Box::new(move |c| {
+                    c.try_publish(topic, QoS::AtLeastOnce, false, vec![1u8; 64]).expect("queued")
+                })
+            }),
+            ("evict the other job's trainer", {
+                let topic = format!("{theirs}/presence/trainer/t0");
+                Box::new(move |c| {
+                    c.try_publish(topic, QoS::AtLeastOnce, true, Vec::new()).expect("queued")
+                })
+            }),
+            ("publish another end's presence in its own job", {
+                let topic = format!("{mine}/presence/trainer/someone-else");
+                Box::new(move |c| {
+                    c.try_publish(topic, QoS::AtLeastOnce, true, b"{}".to_vec()).expect("queued")
+                })
+            }),
+        ];
+        for (what, act) in attacks {
+            let (dropped, received) = attempt(port, &spy_login, act).await;
+            assert!(dropped, "{what}: the client was not disconnected");
+            assert_eq!(received, 0, "{what}: the client got messages");
+        }
+        // Inside its own job it may subscribe and stays connected.
+        let (dropped, _) = attempt(port, &spy_login, {
+            let filter = format!("fledge/{spy}/#");
+            move |c| c.try_subscribe(filter, QoS::AtLeastOnce).expect("queued")
+        })
+        .await;
+        assert!(!dropped, "a subscription inside its own job was refused");
+        // rumqttd's own port, behind the relay, takes no login, not even a valid one: the rules
+        // cannot be bypassed from the broker's machine.
+        let internal = broker.internal_addr().port();
+        let bypass = raw_connect(internal, &spy_login).await;
+        assert!(bypass.is_err(), "a valid login connected past the relay");
+        // The victim job never noticed.
+        assert!(agg.ends().contains(&id("t0")), "the trainer was evicted: {:?}", agg.ends());
+        trainer.send(&id("agg"), update(2)).await.expect("send");
+        assert_eq!(agg.recv(&id("t0")).await.expect("arrives").round, 2);
+        assert!(agg.peek(&id("t0")).is_none(), "nothing else reached the aggregator");
     }
 
     #[test]
@@ -826,6 +963,10 @@ mod broker_only {
     async fn bench_helpers_run() {
         let d = fledge_channel::bench::mqtt_fanout(1 << 20, 3).await.expect("fanout");
         assert!(d > Duration::ZERO);
+        for secure in [true, false] {
+            let d = fledge_channel::bench::mqtt_round(1 << 20, 2, secure).await.expect("round");
+            assert!(d > Duration::ZERO);
+        }
         let gbps = fledge_channel::bench::loopback_tcp_bandwidth(64 << 20).await.expect("loopback");
         assert!(gbps > 0.0);
         let local = fledge_channel::bench::fanout(Backend::Local(LocalHub::new()), 1 << 20, 3)
@@ -994,23 +1135,111 @@ mod p2p_only {
 
     use super::*;
 
-    /// A stream into an end is refused unless its hello names that end's job, channel, group
-    /// and id and comes from a registered peer: nothing of a refused stream is queued.
-    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
-    async fn forged_streams_are_refused() {
-        let f = Fixture::p2p().expect("p2p fixture");
-        let (agg, trainers) = f.star(1).await;
+    /// A client of `peer`'s p2p server that trusts the CA `ca` for the ends' certificate name.
+    async fn client_trusting(
+        peer: &fledge_proto::v1::Peer,
+        ca: &str,
+    ) -> Result<P2pClient<tonic::transport::Channel>, tonic::transport::Error> {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name(fledge_channel::p2p::P2P_SERVER_NAME);
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(peer.endpoint.clone())?.tls_config(tls)?;
+        Ok(P2pClient::new(endpoint.connect().await?))
+    }
+
+    /// The ends of role `role` on channel `param` of `f`'s job, as the metaserver lists them.
+    async fn listed(f: &Fixture, role: &str) -> Vec<fledge_proto::v1::Peer> {
         let Backend::P2p(config) = &f.backend else { unreachable!("a p2p fixture") };
         let mut meta = MetaserverClient::connect(config.metaserver.clone()).await.expect("meta");
         let request = PeersRequest {
             job_id: f.job.clone(),
             channel: "param".to_owned(),
             group: "default".to_owned(),
-            role: "aggregator".to_owned(),
+            role: role.to_owned(),
         };
-        let listed = meta.peers(request).await.expect("peers").into_inner().peers;
+        meta.peers(request).await.expect("peers").into_inner().peers
+    }
+
+    /// Streams are TLS by default, and a sender reaches an end only through the CA that end
+    /// registered: a plain-text client gets no stream, a client trusting another CA (as a
+    /// man in the middle's would be) fails the handshake, and the registered CA works.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn streams_are_tls_and_trust_only_the_registered_ca() {
+        let f = Fixture::p2p().expect("p2p fixture");
+        let (agg, trainers) = f.star(1).await;
+        let listed = listed(&f, "aggregator").await;
         assert_eq!(listed.len(), 1, "{listed:?}");
-        let mut client = P2pClient::connect(listed[0].endpoint.clone()).await.expect("connects");
+        let peer = &listed[0];
+        assert!(peer.endpoint.starts_with("https://"), "{peer:?}");
+        fledge_tls::Ca::from_pem(&peer.tls_ca, "registered CA").expect("a CA certificate");
+
+        // Plain text: the HTTP/2 handshake never completes against a TLS listener.
+        let plain = peer.endpoint.replacen("https://", "http://", 1);
+        let attempt = tonic::transport::Endpoint::from_shared(plain)
+            .expect("url")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5));
+        match attempt.connect().await {
+            Err(_) => {}
+            Ok(channel) => {
+                let hello = Frame { body: Some(Body::Hello(Hello::default())) };
+                let res = P2pClient::new(channel).deliver(futures::stream::iter([hello])).await;
+                assert!(res.is_err(), "a plain-text stream was answered: {res:?}");
+            }
+        }
+        // Another CA, for the same name: refused by the certificate check.
+        let (stranger, _) = fledge_tls::ephemeral(fledge_channel::p2p::P2P_SERVER_NAME).unwrap();
+        let err = client_trusting(peer, stranger.pem()).await.expect_err("refused");
+        let chain = format!("{err:?}");
+        assert!(chain.contains("InvalidCertificate"), "{chain}");
+        // The registered CA: the stream is up (and refused only for its made-up hello).
+        let mut client = client_trusting(peer, &peer.tls_ca).await.expect("TLS connects");
+        let hello = Frame { body: Some(Body::Hello(Hello::default())) };
+        let status = client.deliver(futures::stream::iter([hello])).await.expect_err("forged");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert_eq!(agg.metrics().snapshot().messages_received, 0);
+        trainers[0].send(&id("agg"), update(1)).await.expect("send over TLS");
+        assert_eq!(agg.recv(&id("t0")).await.expect("arrives").round, 1);
+    }
+
+    /// An end with TLS (the default) never sends in plain text, even to a member that
+    /// registered a plain endpoint (a platform run with `--insecure` turns TLS off for every
+    /// end); an end without TLS may still send to a TLS end.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn a_tls_end_never_sends_in_plain_text() {
+        let f = Fixture::p2p().expect("p2p fixture");
+        let Backend::P2p(config) = &f.backend else { unreachable!("a p2p fixture") };
+        let mut plain = config.clone();
+        plain.tls = false;
+        let agg = Channel::open(
+            f.opts("param", "default", "agg", "aggregator", "trainer"),
+            Backend::P2p(plain),
+        )
+        .await
+        .expect("a plain-text end opens");
+        let trainer = f.open(f.opts("param", "default", "t0", "trainer", "aggregator")).await;
+        eventually("they see each other", || {
+            trainer.ends().contains(&id("agg")) && agg.ends().contains(&id("t0"))
+        })
+        .await;
+        assert!(listed(&f, "aggregator").await[0].endpoint.starts_with("http://"));
+        let err = trainer.send(&id("agg"), update(1)).await.expect_err("no plain text");
+        assert!(err.to_string().contains("plain-text endpoint"), "{err}");
+        agg.send(&id("t0"), update(2)).await.expect("plain end to TLS end");
+        assert_eq!(trainer.recv(&id("agg")).await.expect("arrives").round, 2);
+        assert!(agg.peek(&id("t0")).is_none(), "nothing went out in plain text");
+    }
+
+    /// A stream into an end is refused unless its hello names that end's job, channel, group
+    /// and id and comes from a registered peer: nothing of a refused stream is queued.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn forged_streams_are_refused() {
+        let f = Fixture::p2p().expect("p2p fixture");
+        let (agg, trainers) = f.star(1).await;
+        let listed = listed(&f, "aggregator").await;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let mut client = client_trusting(&listed[0], &listed[0].tls_ca).await.expect("connects");
         let hello = |job: &str, group: &str, from: &str, to: &str| Hello {
             job_id: job.to_owned(),
             channel: "param".to_owned(),
@@ -1051,16 +1280,8 @@ mod p2p_only {
     async fn a_hello_that_proves_nothing_is_refused() {
         let f = Fixture::p2p().expect("p2p fixture").sealed();
         let (agg, trainers) = f.star(1).await;
-        let Backend::P2p(config) = &f.backend else { unreachable!("a p2p fixture") };
-        let mut meta = MetaserverClient::connect(config.metaserver.clone()).await.expect("meta");
-        let request = PeersRequest {
-            job_id: f.job.clone(),
-            channel: "param".to_owned(),
-            group: "default".to_owned(),
-            role: "aggregator".to_owned(),
-        };
-        let listed = meta.peers(request).await.expect("peers").into_inner().peers;
-        let mut client = P2pClient::connect(listed[0].endpoint.clone()).await.expect("connects");
+        let listed = listed(&f, "aggregator").await;
+        let mut client = client_trusting(&listed[0], &listed[0].tls_ca).await.expect("connects");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("after 1970")

@@ -22,6 +22,7 @@ use crate::store::Store;
 
 /// Domain of task passwords in the HMAC (see [`TaskKeys::derive`]).
 const TASK_DOMAIN: &[u8] = b"fledge broker password v1\0";
+const OWNER_DOMAIN: &[u8] = b"fledge broker owner v1\0";
 /// Longest job or task id accepted in a username, in bytes.
 const MAX_ID_BYTES: usize = 256;
 
@@ -50,6 +51,14 @@ impl BrokerCredentials {
     /// The username of task `task` of job `job`.
     pub fn username(job: &JobId, task: &TaskId) -> String {
         format!("{job}/{task}")
+    }
+
+    /// A tag naming this control plane (its secret) without revealing it: 16 hex digits, the
+    /// same on every start. Marks the logins it provisions on a shared broker as its own.
+    pub fn owner_tag(&self) -> String {
+        let mut tag = self.keys.derive(OWNER_DOMAIN, &[]);
+        tag.truncate(16);
+        tag
     }
 
     /// The password of task `task` of job `job`: 64 hex digits.

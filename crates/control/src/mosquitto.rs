@@ -6,13 +6,16 @@
 //! the task's broker login, see [`crate::broker_auth`]), [`Provisioner::ensure_task`] creates,
 //! for that task, a client with that login and a role that lets it:
 //! - subscribe only under its own job's prefix `fledge/<job>/#`, and receive nothing else;
-//! - publish only data (`fledge/<job>/+/+/data/#`), broadcasts of its own role
-//!   (`fledge/<job>/+/+/bcast/<role>`) and its own presence
+//! - publish only data (`fledge/<job>/+/+/data/#`), broadcasts (`fledge/<job>/+/+/bcast/+`:
+//!   a broadcast goes to the topic of the role it is for) and its own presence
 //!   (`fledge/<job>/+/+/presence/<role>/<task>`), so it can neither claim nor evict another
 //!   end's presence nor write into another job.
 //!
 //! [`Provisioner::run`] sweeps every few seconds: a client of a task whose job has ended (or
-//! was deleted) and its role are deleted, which also disconnects it. Mosquitto itself needs
+//! was deleted) and its role are deleted, which also disconnects it. Every client carries its
+//! control plane's owner tag as its `textname` (`fledge <tag>`, derived from
+//! `broker.secret`), and a sweep looks only at its own: control planes that share a Mosquitto
+//! never remove each other's logins. Mosquitto itself needs
 //! `allow_anonymous false` and the plugin loaded (see `docs/mosquitto.md`).
 
 use std::collections::{HashMap, HashSet};
@@ -154,12 +157,19 @@ fn task_acls(task: &Task) -> Vec<Value> {
         acl("publishClientReceive", format!("{prefix}/#"), true, 1),
         acl("publishClientReceive", "#".to_owned(), false, 0),
         acl("publishClientSend", format!("{prefix}/+/+/data/#"), true, 0),
-        acl("publishClientSend", format!("{prefix}/+/+/bcast/{role}"), true, 0),
+        // A broadcast goes to the topic of the role it is for (the peers' role on that
+        // channel), so a task may broadcast to any role of its job.
+        acl("publishClientSend", format!("{prefix}/+/+/bcast/+"), true, 0),
         acl("publishClientSend", format!("{prefix}/+/+/presence/{role}/{me}"), true, 0),
     ]
 }
 
 impl Provisioner {
+    /// What marks this control plane's logins (their `textname`): `fledge <owner tag>`.
+    fn owner(&self) -> String {
+        format!("fledge {}", self.inner.creds.owner_tag())
+    }
+
     /// Connects to Mosquitto as `admin` (in the background, reconnecting as needed); logins
     /// are derived with `creds`.
     pub fn connect(admin: &Admin, creds: BrokerCredentials) -> Result<Provisioner> {
@@ -275,6 +285,7 @@ impl Provisioner {
                     "command": "createClient",
                     "username": username,
                     "password": password,
+                    "textname": self.owner(),
                     "roles": [{"rolename": rolename, "priority": 0}],
                 }),
             ],
@@ -308,10 +319,11 @@ impl Provisioner {
         let responses = self
             .call(
                 what,
-                vec![json!({"command": "listClients", "verbose": false, "count": -1, "offset": 0})],
+                vec![json!({"command": "listClients", "verbose": true, "count": -1, "offset": 0})],
                 &[],
             )
             .await?;
+        let owner = self.owner();
         let clients =
             responses[0].pointer("/data/clients").and_then(Value::as_array).ok_or_else(|| {
                 Error::Malformed {
@@ -321,7 +333,9 @@ impl Provisioner {
             })?;
         Ok(clients
             .iter()
-            .filter_map(Value::as_str)
+            // Only the logins this control plane made: another one may share the broker.
+            .filter(|client| client.get("textname").and_then(Value::as_str) == Some(&owner))
+            .filter_map(|client| client.get("username").and_then(Value::as_str))
             .filter_map(|name| name.split_once('/'))
             .filter(|(job, task)| !job.is_empty() && !task.is_empty() && !task.contains('/'))
             .map(|(job, task)| (JobId::new(job), TaskId::new(task)))
@@ -468,6 +482,8 @@ mod tests {
             .collect();
         assert!(topics.contains(&("subscribePattern", "fledge/j1/#", true)));
         assert!(topics.contains(&("publishClientSend", "fledge/j1/+/+/presence/trainer/t1", true)));
+        // An aggregator broadcasts to `bcast/trainer`: a broadcast to another role is allowed.
+        assert!(topics.contains(&("publishClientSend", "fledge/j1/+/+/bcast/+", true)));
         assert!(topics.contains(&("publishClientReceive", "#", false)));
         assert!(
             topics.iter().all(|(_, topic, allow)| !allow || topic.starts_with("fledge/j1/")),

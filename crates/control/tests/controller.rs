@@ -888,6 +888,7 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
         endpoint: "http://127.0.0.1:9".to_owned(),
         props_json: "{}".to_owned(),
         lease_ms: 60_000,
+        tls_ca: String::new(),
     };
     let peers = |job: &str| PeersRequest {
         job_id: job.to_owned(),
@@ -1004,6 +1005,8 @@ impl MqttProbe {
         let id = format!("probe-{:016x}", rand::random::<u64>());
         let mut options = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
         options.set_credentials(login.0, login.1);
+        // Other tests' jobs on the shared broker may leave large retained messages.
+        options.set_max_packet_size(64 << 20, 64 << 20);
         let mut transport = fledge_channel::MqttConfig::new(addr.ip().to_string(), addr.port());
         transport.tls = ca.map(|ca| fledge_channel::MqttTls { ca: Some(ca.clone()) });
         transport.apply_transport(&mut options).expect("transport");
@@ -1207,6 +1210,29 @@ async fn provisioned_mosquitto(url: String, ca_file: Option<std::path::PathBuf>)
         seen,
         [(format!("{prefix}/presence/{}/{}", a.role, a.task_id), "{}".to_owned())],
         "only a's own presence passed"
+    );
+
+    // Another control plane (its own secret, an empty store) provisioning the same Mosquitto
+    // sweeps it: this one's logins are not its to remove, and keep working.
+    let mut admin = options.mosquitto.admin().expect("admin settings");
+    admin.ca = broker_ca.cloned();
+    let other = fledge_control::mosquitto::Provisioner::connect(
+        &admin,
+        fledge_control::broker_auth::BrokerCredentials::random(),
+    )
+    .expect("another provisioner");
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other_store = service::open_store(&Options {
+        data_dir: other_dir.path().to_owned(),
+        ..Options::default()
+    })
+    .await
+    .expect("another store");
+    assert!(other.task_clients().await.expect("list").is_empty(), "it sees none of ours");
+    assert_eq!(other.sweep(other_store.as_ref()).await.expect("sweep"), 0);
+    assert!(
+        broker_admits(mosquitto, broker_ca, Some((user.as_str(), pass.as_str()))).await,
+        "another control plane's sweep removed a live login"
     );
 
     // The job ends: the sweep deletes the login, and it stops working.

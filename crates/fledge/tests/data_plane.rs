@@ -1,10 +1,12 @@
 //! End-to-end test of issue 12 item 2 through the real binaries: a FedAvg job (a copy of
 //! `examples/mnist`) runs on `fledge standalone` while an attacker connected to the platform's
-//! broker, without data-plane keys, reads every topic of the job, replays every data message it sees,
-//! publishes well-formed updates that claim a trainer's id with a huge sample count and
-//! absurd weights, adds a sybil trainer and evicts the real ones with empty retained presences.
-//! The job must complete with the accuracy of an unattacked run: nothing the attacker sent is
-//! accepted (on a plain data plane its updates replace the global model).
+//! broker with a trainer's stolen login, but without data-plane keys, reads every topic of the
+//! job, replays every data message it sees, publishes well-formed updates that claim the
+//! trainer's id with a huge sample count and absurd weights, and evicts the trainer with an
+//! empty retained presence (a sybil's presence would get it disconnected by the broker's ACLs).
+//! The job must complete with the global model of an unattacked run of the same job, bit for
+//! bit: nothing the attacker sent is accepted (on a plain data plane its updates replace the
+//! global model).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,13 +24,31 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use support::{Platform, copy_example, records_of};
 
-/// A copy of examples/mnist with `rounds` rounds whose data paths still resolve.
+/// A copy of examples/mnist with `rounds` rounds and one trainer (its first dataset) whose
+/// data paths still resolve. One trainer makes FedAvg's result independent of arrival order,
+/// so that two runs can be compared bit for bit.
 fn mnist_copy(dir: &std::path::Path, rounds: u32) {
     copy_example("mnist", dir);
     let spec = dir.join("modelSpec.json");
     let text = std::fs::read_to_string(&spec).unwrap();
     std::fs::write(&spec, text.replace("\"rounds\": 20", &format!("\"rounds\": {rounds}")))
         .unwrap();
+    let data = dir.join("dataSpec.json");
+    let text = std::fs::read_to_string(&data).unwrap();
+    let one = text.replace(
+        r#"["dataset-0.json", "dataset-1.json", "dataset-2.json", "dataset-3.json"]"#,
+        r#"["dataset-0.json"]"#,
+    );
+    assert_ne!(one, text, "examples/mnist/dataSpec.json changed: update this test");
+    std::fs::write(&data, one).unwrap();
+}
+
+/// The final global model of `job`, as `fledgectl get model` downloads it.
+fn final_model(platform: &Platform, job: &str) -> Vec<u8> {
+    let file = platform.scratch().join(format!("{job}.safetensors"));
+    let out = platform.fledgectl().args(["get", "model", job, "-f"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(&file).unwrap()
 }
 
 /// A complete plain message in the chunk layout (version 1), claiming `sender`.
@@ -61,6 +81,9 @@ struct Attacks {
 async fn stolen_login(client: fledge_client::Client, secret: PathBuf) -> (String, String) {
     for _ in 0..600 {
         for job in client.list_jobs(None).await.unwrap() {
+            if job.state.is_final() {
+                continue;
+            }
             let tasks = client.list_tasks(&job.id).await.unwrap();
             if let Some(task) = tasks.iter().find(|t| t.role == "trainer") {
                 let creds = fledge_control::broker_auth::BrokerCredentials::load_or_create(&secret)
@@ -82,12 +105,16 @@ async fn stolen_login(client: fledge_client::Client, secret: PathBuf) -> (String
 async fn attacker(port: u16, ca: fledge_tls::Ca, login: (String, String), attacks: Arc<Attacks>) {
     let mut options = MqttOptions::new("attacker", "127.0.0.1", port);
     options.set_max_packet_size(64 << 20, 64 << 20);
-    options.set_credentials(login.0, login.1);
+    options.set_credentials(login.0.clone(), login.1);
     let mut transport = fledge_channel::MqttConfig::new("127.0.0.1", port);
     transport.tls = Some(fledge_channel::MqttTls { ca: Some(ca) });
     transport.apply_transport(&mut options).unwrap();
     let (client, mut eventloop) = AsyncClient::new(options, 256);
-    client.subscribe("fledge/#", QoS::AtLeastOnce).await.unwrap();
+    // The broker keeps a login inside its job's topics (and its own presence), so a member
+    // attacks its own job.
+    let job = login.0.split_once('/').map(|(job, _)| job.to_owned()).unwrap();
+    let filter = format!("{}/#", fledge_channel::mqtt::job_topic_prefix(&job));
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
     let mut trainers: BTreeSet<(String, String)> = BTreeSet::new();
     let mut evicted = BTreeSet::new();
     loop {
@@ -110,20 +137,17 @@ async fn attacker(port: u16, ca: fledge_tls::Ca, login: (String, String), attack
                 if !publish.payload.is_empty() {
                     trainers.insert((prefix.clone(), parts[6].to_owned()));
                 }
-                if evicted.insert((prefix.clone(), parts[6].to_owned())) {
+                // Evict the trainer whose login it holds (its own presence is all the broker
+                // lets it publish; a sybil's would get it disconnected, see
+                // `logins_stay_inside_their_job_and_their_own_presence` in fledge-channel).
+                if login.0.ends_with(&format!("/{}", parts[6]))
+                    && evicted.insert((prefix.clone(), parts[6].to_owned()))
+                {
                     let _ = client.try_publish(
                         publish.topic.clone(),
                         QoS::AtLeastOnce,
                         true,
                         Vec::new(),
-                    );
-                    let sybil =
-                        serde_json::json!({"role": "trainer", "task_id": "sybil", "props": {}});
-                    let _ = client.try_publish(
-                        format!("{prefix}/presence/trainer/sybil"),
-                        QoS::AtLeastOnce,
-                        true,
-                        sybil.to_string().into_bytes(),
                     );
                     attacks.presences.fetch_add(1, Ordering::Relaxed);
                 }
@@ -161,6 +185,18 @@ fn rand_id() -> u64 {
 async fn an_attacker_on_the_broker_changes_nothing_in_a_fedavg_job() {
     let platform = Platform::start();
     let port = platform.broker_port();
+    // The same job without an attacker first: what the attacked one must end with, bit for bit.
+    let dir = platform.scratch().join("mnist-alone");
+    mnist_copy(&dir, 5);
+    let alone = tokio::task::block_in_place(|| platform.run_dir(&dir));
+    assert!(
+        alone.success,
+        "the unattacked job must complete:
+{}",
+        alone.output
+    );
+    let expected = final_model(&platform, &alone.job);
+
     let attacks = Arc::new(Attacks::default());
     let attack = {
         let attacks = attacks.clone();
@@ -187,5 +223,9 @@ async fn an_attacker_on_the_broker_changes_nothing_in_a_fedavg_job() {
     let rounds = records_of(&records, "aggregator");
     assert_eq!(rounds.len(), 5, "one aggregator record per round");
     let accuracy = rounds[4].metrics["global.accuracy"];
-    assert!(accuracy > 0.85, "accuracy after 5 attacked rounds: {accuracy}");
+    assert!(accuracy > 0.8, "accuracy after 5 attacked rounds: {accuracy}");
+    assert!(
+        final_model(&platform, &outcome.job) == expected,
+        "the attacked job's global model differs from the unattacked one's"
+    );
 }

@@ -422,6 +422,42 @@ pub fn ensure_dir(dir: &Path, names: &[String]) -> Result<Generated> {
     Ok(Generated { ca, identity, ca_path, created_ca, issued_server })
 }
 
+/// A one-off identity for a listener that no operator configures (a p2p end): a fresh CA and
+/// a server certificate for `name` signed by it, in memory only.
+///
+/// The CA's key is dropped once the certificate is signed, so nothing can issue another
+/// certificate under that CA: a client that trusts exactly the returned [`Ca`] (learnt over an
+/// authenticated channel, such as the metaserver) reaches exactly this listener.
+pub fn ephemeral(name: &str) -> Result<(Ca, ServerIdentity)> {
+    check_name(name)?;
+    let ca_key = rcgen::KeyPair::generate()
+        .map_err(|source| Error::Generate { what: "a one-off CA key", source })?;
+    let mut ca = ca_params();
+    ca.distinguished_name = rcgen::DistinguishedName::new();
+    ca.distinguished_name.push(rcgen::DnType::CommonName, format!("Fledge one-off CA for {name}"));
+    let ca_cert = ca
+        .self_signed(&ca_key)
+        .map_err(|source| Error::Generate { what: "a one-off CA certificate", source })?;
+    let ca_pem = ca_cert.pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate()
+        .map_err(|source| Error::Generate { what: "a one-off server key", source })?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .map_err(|source| Error::Generate { what: "a one-off server certificate", source })?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let year = this_year();
+    params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    params.not_after = rcgen::date_time_ymd(year + 5, 1, 1);
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|source| Error::Generate { what: "a one-off server certificate", source })?;
+    drop(issuer);
+    let ca = Ca::from_pem(&ca_pem, "a one-off CA")?;
+    Ok((ca, ServerIdentity { cert_pem: cert.pem(), key_pem: key.serialize_pem() }))
+}
+
 /// The CA's parameters: the same on every start, so a reloaded CA key signs as the same issuer.
 fn ca_params() -> rcgen::CertificateParams {
     let mut params = rcgen::CertificateParams::default();
@@ -550,6 +586,51 @@ mod tests {
         assert_ne!(reissued.identity.cert_pem(), first.identity.cert_pem());
         reissued.identity.server_config(vec![b"h2".to_vec()]).unwrap();
         reissued.ca.client_config().unwrap();
+    }
+
+    /// Runs a TLS handshake in memory between a client trusting `ca` (for `name`) and a server
+    /// presenting `identity`; the client's error, if any.
+    fn handshake(ca: &Ca, name: &str, identity: &ServerIdentity) -> Option<rustls::Error> {
+        let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let mut client =
+            rustls::ClientConnection::new(Arc::new(ca.client_config().unwrap()), server_name)
+                .unwrap();
+        let mut server =
+            rustls::ServerConnection::new(identity.server_config(Vec::new()).unwrap()).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut &wire[..]).unwrap();
+            if server.process_new_packets().is_err() {
+                break;
+            }
+            let mut wire = Vec::new();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut &wire[..]).unwrap();
+            if let Err(err) = client.process_new_packets() {
+                return Some(err);
+            }
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return None;
+            }
+        }
+        panic!("the handshake neither finished nor failed");
+    }
+
+    #[test]
+    fn a_one_off_identity_is_trusted_through_its_own_ca_only() {
+        let name = "p2p.fledge";
+        let (ca, identity) = ephemeral(name).unwrap();
+        let (other_ca, other) = ephemeral(name).unwrap();
+        assert_ne!(ca.fingerprint(), other_ca.fingerprint());
+        assert_eq!(handshake(&ca, name, &identity), None);
+        assert_eq!(handshake(&other_ca, name, &other), None);
+        // Another end's CA does not vouch for this end, nor for another name.
+        let err = handshake(&other_ca, name, &identity).unwrap().to_string();
+        assert!(err.contains("invalid peer certificate"), "{err}");
+        let err = handshake(&ca, "elsewhere.fledge", &identity).unwrap().to_string();
+        assert!(err.contains("invalid peer certificate"), "{err}");
+        assert!(ephemeral("bad name!").unwrap_err().to_string().contains("bad name!"));
     }
 
     #[test]

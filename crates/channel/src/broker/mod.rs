@@ -8,10 +8,12 @@
 //! With [`BrokerOptions::auth`] set, a client must present a username and password that the
 //! given check accepts (the control plane admits only the credentials it issued to tasks of
 //! live jobs, see `fledge_control::broker_auth`); a client without credentials or with refused
-//! ones is disconnected before it can subscribe or publish. rumqttd has no topic ACLs, so an
-//! admitted client can reach every topic: isolation between jobs on the embedded broker comes
-//! from the data plane's own message authentication, not from the broker. Without `auth`
-//! (local runs and tests in one process) the broker is anonymous.
+//! ones gets CONNACK "not authorized" before it can subscribe or publish. The relay checks the
+//! login, and rumqttd accepts only CONNECTs the relay passed on (see [`acl`]); rumqttd has no
+//! topic ACLs, so the relay enforces them too: a login `<job id>/<task id>` subscribes and
+//! publishes only inside its job, and publishes only its own presence; a client that tries
+//! anything else is disconnected. Without `auth` (local runs and tests in one process) the
+//! broker is anonymous and the relay passes bytes through unread.
 //!
 //! rumqttd can neither report the port it bound nor stop. So the broker listens on an internal
 //! loopback port, and a small TCP relay owned by [`BrokerHandle`] listens on the address the
@@ -29,13 +31,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::mqtt::DEFAULT_CHUNK_SIZE;
+
+mod acl;
 use crate::shared::{Error, Result};
 
 /// Longest username or password the broker passes to [`BrokerAuth`], in bytes; longer ones are
@@ -47,6 +51,13 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Username of the broker's own readiness probe (it connects to the internal port).
 const PROBE_USERNAME: &str = "fledge-broker-probe";
+
+/// How long a client may take, once connected (and past TLS), to send its CONNECT when the
+/// broker checks logins.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// CONNACK with return code 5, "not authorized" (MQTT 3.1.1).
+const CONNACK_NOT_AUTHORIZED: [u8; 4] = [0x20, 0x02, 0x00, 0x05];
 
 type AuthFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
 
@@ -118,6 +129,9 @@ impl Default for BrokerOptions {
 #[derive(Debug)]
 pub struct BrokerHandle {
     addr: SocketAddr,
+    /// rumqttd's own loopback port, behind the relay.
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    internal: SocketAddr,
     tls: bool,
     cancel: CancellationToken,
     relay: Option<thread::JoinHandle<()>>,
@@ -129,6 +143,13 @@ impl BrokerHandle {
     /// The address clients connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// rumqttd's internal loopback address behind the relay (for this crate's tests: no client
+    /// is meant to connect there).
+    #[cfg(feature = "test-hooks")]
+    pub fn internal_addr(&self) -> SocketAddr {
+        self.internal
     }
 
     /// Whether it serves MQTT over TLS.
@@ -174,7 +195,9 @@ fn io(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { context: context.to_owned(), source }
 }
 
-fn rumqttd_config(internal: SocketAddr, opts: &BrokerOptions, probe: &str) -> rumqttd::Config {
+/// rumqttd's settings. With `opts.auth`, rumqttd admits only the password `secret`, which only
+/// the relay (for logins it checked) and the readiness probe present.
+fn rumqttd_config(internal: SocketAddr, opts: &BrokerOptions, secret: &str) -> rumqttd::Config {
     let mut connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: opts.max_payload_size,
@@ -183,25 +206,15 @@ fn rumqttd_config(internal: SocketAddr, opts: &BrokerOptions, probe: &str) -> ru
         external_auth: None,
         dynamic_filters: true,
     };
-    if let Some(auth) = opts.auth.clone() {
-        let probe = probe.to_owned();
+    if opts.auth.is_some() {
+        let secret = secret.to_owned();
         connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
-            let auth = auth.clone();
-            let probe = probe.clone();
-            async move {
-                if user.len() > MAX_CREDENTIAL_BYTES || pass.len() > MAX_CREDENTIAL_BYTES {
-                    tracing::warn!(%client_id, "mqtt client refused: credentials too long");
-                    return false;
-                }
-                if user == PROBE_USERNAME {
-                    return same_secret(&pass, &probe);
-                }
-                let admitted = (auth.0)(user.clone(), pass).await;
-                if !admitted {
-                    tracing::warn!(%client_id, username = %user, "mqtt client refused: bad credentials");
-                }
-                admitted
+            let admitted = same_secret(&pass, &secret);
+            if !admitted {
+                // Someone reached the internal port without the relay.
+                tracing::warn!(%client_id, username = %user, "mqtt client refused: not through the relay");
             }
+            async move { admitted }
         });
     }
     let server = rumqttd::ServerSettings {
@@ -245,9 +258,9 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
             StdListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("reserve internal port"))?;
         probe.local_addr().map_err(io("read internal port"))?
     };
-    // The probe's own credential, good for this broker only.
-    let probe_secret = format!("{:032x}", rand::random::<u128>());
-    let config = rumqttd_config(internal, &opts, &probe_secret);
+    // The relay's (and the probe's) credential at rumqttd, good for this broker only.
+    let secret = format!("{:032x}", rand::random::<u128>());
+    let config = rumqttd_config(internal, &opts, &secret);
     thread::Builder::new()
         .name("fledge-broker".to_owned())
         .spawn(move || {
@@ -257,10 +270,11 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
             }
         })
         .map_err(io("spawn broker thread"))?;
-    wait_listening(internal, &probe_secret)?;
+    wait_listening(internal, &secret)?;
 
     let acceptor = opts.tls.clone().map(TlsAcceptor::from);
     let tls = acceptor.is_some();
+    let auth = opts.auth.clone().map(|check| (check, secret));
     let cancel = CancellationToken::new();
     let relay_cancel = cancel.clone();
     let connections = Arc::new(AtomicUsize::new(0));
@@ -272,11 +286,16 @@ pub fn start_embedded_broker_with(addr: SocketAddr, opts: BrokerOptions) -> Resu
     let relay = thread::Builder::new()
         .name("fledge-broker-relay".to_owned())
         .spawn(move || {
-            runtime.block_on(relay(public, internal, acceptor, relay_cancel, relay_connections))
+            runtime.block_on(relay(
+                public,
+                Relay { internal, acceptor, auth },
+                relay_cancel,
+                relay_connections,
+            ))
         })
         .map_err(io("spawn broker relay thread"))?;
     tracing::info!(addr = %public_addr, tls, "embedded mqtt broker started");
-    Ok(BrokerHandle { addr: public_addr, tls, cancel, relay: Some(relay), connections })
+    Ok(BrokerHandle { addr: public_addr, internal, tls, cancel, relay: Some(relay), connections })
 }
 
 /// Waits until rumqttd answers an MQTT CONNECT on `internal` (it binds on its own thread).
@@ -322,13 +341,19 @@ fn probe(internal: SocketAddr, probe_secret: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn relay(
-    public: StdListener,
+/// How the relay treats each client.
+#[derive(Clone)]
+struct Relay {
+    /// rumqttd's loopback port.
     internal: SocketAddr,
+    /// TLS to complete first, when the broker serves it.
     acceptor: Option<TlsAcceptor>,
-    cancel: CancellationToken,
-    open: Arc<AtomicUsize>,
-) {
+    /// The login check and the password rumqttd takes from the relay, when the broker admits
+    /// only logins: then the relay checks logins and enforces their topic ACLs ([`acl`]).
+    auth: Option<(BrokerAuth, String)>,
+}
+
+async fn relay(public: StdListener, how: Relay, cancel: CancellationToken, open: Arc<AtomicUsize>) {
     let listener = match TcpListener::from_std(public) {
         Ok(l) => l,
         Err(e) => {
@@ -344,7 +369,7 @@ async fn relay(
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
                     let open = open.clone();
-                    connections.spawn(serve(client, peer, internal, acceptor.clone(), open));
+                    connections.spawn(serve(client, peer, how.clone(), open));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "broker accept failed");
@@ -359,19 +384,13 @@ async fn relay(
 
 /// Relays one client: after a TLS handshake when the broker serves TLS (a client that fails
 /// it, or takes longer than 10 s, is dropped before rumqttd sees a byte).
-async fn serve(
-    client: TcpStream,
-    peer: SocketAddr,
-    internal: SocketAddr,
-    acceptor: Option<TlsAcceptor>,
-    open: Arc<AtomicUsize>,
-) {
+async fn serve(client: TcpStream, peer: SocketAddr, how: Relay, open: Arc<AtomicUsize>) {
     let _ = client.set_nodelay(true);
-    let Some(acceptor) = acceptor else {
-        return pipe(client, internal, &open).await;
+    let Some(acceptor) = how.acceptor.clone() else {
+        return pipe(client, peer, &how, &open).await;
     };
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(client)).await {
-        Ok(Ok(tls)) => pipe(tls, internal, &open).await,
+        Ok(Ok(tls)) => pipe(tls, peer, &how, &open).await,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "mqtt client dropped: TLS handshake failed")
         }
@@ -398,19 +417,77 @@ impl Drop for Open<'_> {
 
 async fn pipe<C: AsyncRead + AsyncWrite + Unpin>(
     mut client: C,
-    internal: SocketAddr,
+    peer: SocketAddr,
+    how: &Relay,
     open: &AtomicUsize,
 ) {
     let _open = Open::new(open);
-    let mut broker = match TcpStream::connect(internal).await {
-        Ok(s) => s,
-        Err(e) => {
+    let connect_internal = || async {
+        let broker = TcpStream::connect(how.internal).await;
+        if let Err(e) = &broker {
             tracing::warn!(error = %e, "embedded broker unreachable");
-            return;
         }
+        broker.ok().inspect(|b| {
+            let _ = b.set_nodelay(true);
+        })
     };
-    let _ = broker.set_nodelay(true);
-    let _ =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut broker, 256 << 10, 256 << 10)
-            .await;
+    let Some((check, secret)) = &how.auth else {
+        let Some(mut broker) = connect_internal().await else { return };
+        let _ = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut broker,
+            256 << 10,
+            256 << 10,
+        )
+        .await;
+        return;
+    };
+    let (client_read, mut client_write) = tokio::io::split(client);
+    let mut reader = tokio::io::BufReader::with_capacity(256 << 10, client_read);
+    let (connect, rules) =
+        match tokio::time::timeout(CONNECT_TIMEOUT, acl::read_connect(&mut reader)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, reason = %e, "mqtt client refused: its CONNECT");
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    let _ = client_write.write_all(&CONNACK_NOT_AUTHORIZED).await;
+                    let _ = client_write.shutdown().await;
+                }
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "mqtt client dropped: no CONNECT within 10 s");
+                return;
+            }
+        };
+    let bounded = connect.username.len() <= MAX_CREDENTIAL_BYTES
+        && connect.password.len() <= MAX_CREDENTIAL_BYTES;
+    if !bounded || !(check.0)(connect.username.clone(), connect.password.clone()).await {
+        tracing::warn!(%peer, username = %connect.username.chars().take(200).collect::<String>(), "mqtt client refused: bad credentials");
+        let _ = client_write.write_all(&CONNACK_NOT_AUTHORIZED).await;
+        let _ = client_write.shutdown().await;
+        return;
+    }
+    let Some(broker) = connect_internal().await else { return };
+    // What the client sends is read packet by packet against its login's ACL; what the broker
+    // sends back passes through. Either side ending ends both.
+    let (mut broker_read, mut broker_write) = broker.into_split();
+    if broker_write.write_all(&connect.with_password(secret)).await.is_err() {
+        return;
+    }
+    let upstream = acl::forward(&mut reader, broker_write, &rules);
+    let downstream = async {
+        let mut reader = tokio::io::BufReader::with_capacity(256 << 10, &mut broker_read);
+        tokio::io::copy_buf(&mut reader, &mut client_write).await
+    };
+    tokio::select! {
+        res = upstream => {
+            if let Err(e) = res
+                && e.kind() == std::io::ErrorKind::PermissionDenied
+            {
+                tracing::warn!(%peer, reason = %e, "mqtt client disconnected: refused by the topic ACL");
+            }
+        }
+        _ = downstream => {}
+    }
 }

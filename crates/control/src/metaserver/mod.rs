@@ -48,6 +48,8 @@ const MAX_ID_BYTES: usize = 256;
 const MAX_ENDPOINT_BYTES: usize = 512;
 /// Largest announced-properties document accepted, in bytes.
 const MAX_PROPS_BYTES: usize = 64 << 10;
+/// Largest CA certificate (PEM) an end may register for its TLS endpoint, in bytes.
+const MAX_TLS_CA_BYTES: usize = 8 << 10;
 
 /// Errors of the metaserver.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +193,7 @@ struct Entry {
     role: String,
     endpoint: String,
     props_json: String,
+    tls_ca: String,
     expires: Instant,
 }
 
@@ -246,6 +249,21 @@ fn endpoint_problem(endpoint: &str) -> Option<String> {
     (!port_ok).then(|| format!("endpoint {endpoint:?} does not end in host:port"))
 }
 
+/// Why `tls_ca` does not fit `endpoint`, if it does not: an `https://` endpoint comes with the
+/// PEM certificate of the CA its peers are to trust (bounded), a plain one with none.
+fn tls_ca_problem(endpoint: &str, tls_ca: &str) -> Option<String> {
+    let https = endpoint.starts_with("https://");
+    if tls_ca.len() > MAX_TLS_CA_BYTES {
+        Some(format!("tls_ca is longer than {MAX_TLS_CA_BYTES} bytes"))
+    } else if https && !tls_ca.trim_start().starts_with("-----BEGIN CERTIFICATE-----") {
+        Some("an https endpoint needs tls_ca, the PEM certificate of the CA that signed it".into())
+    } else if !https && !tls_ca.is_empty() {
+        Some("tls_ca is only for an https endpoint".into())
+    } else {
+        None
+    }
+}
+
 impl Registry {
     /// An empty registry bounded by `options`.
     pub fn new(options: Options) -> Registry {
@@ -281,6 +299,9 @@ impl Registry {
         if request.lease_ms == 0 {
             problems.push("lease_ms is 0".to_owned());
         }
+        if let Some(problem) = tls_ca_problem(&request.endpoint, &request.tls_ca) {
+            problems.push(problem);
+        }
         let Some((scope, end)) = key.filter(|_| problems.is_empty()) else {
             return Err(Error::InvalidRequest(problems));
         };
@@ -300,6 +321,7 @@ impl Registry {
                 role: request.role,
                 endpoint: request.endpoint,
                 props_json: request.props_json,
+                tls_ca: request.tls_ca,
                 expires: now + lease,
             },
         );
@@ -352,6 +374,7 @@ impl Registry {
                 role: entry.role.clone(),
                 endpoint: entry.endpoint.clone(),
                 props_json: entry.props_json.clone(),
+                tls_ca: entry.tls_ca.clone(),
             })
             .collect())
     }
@@ -514,6 +537,7 @@ mod tests {
             endpoint: format!("http://127.0.0.1:{}", 1000 + end.len()),
             props_json: r#"{"num_samples": 10}"#.to_owned(),
             lease_ms,
+            tls_ca: String::new(),
         }
     }
 
@@ -555,11 +579,13 @@ mod tests {
         assert!(registry.peers(&peers("j3", "eu", "trainer"), now).expect("ok").is_empty());
         // Re-registering replaces (a restarted end on a new port) without counting twice.
         let mut moved = register("j1", "eu", "a", "trainer", 5_000);
-        moved.endpoint = "http://10.0.0.7:9".to_owned();
-        registry.register(moved, now).expect("valid");
+        moved.endpoint = "https://10.0.0.7:9".to_owned();
+        moved.tls_ca = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".to_owned();
+        registry.register(moved.clone(), now).expect("valid");
         assert_eq!(registry.len(), 6);
         let found = registry.peers(&peers("j1", "eu", "trainer"), now).expect("ok");
-        assert_eq!(found[0].endpoint, "http://10.0.0.7:9");
+        assert_eq!(found[0].endpoint, "https://10.0.0.7:9");
+        assert_eq!(found[0].tls_ca, moved.tls_ca, "peers learn the CA the end registered");
         // Deregistering one job's end leaves the same id elsewhere alone.
         assert!(registry.deregister(&key("j1", "ring", "eu", "b"), now).expect("valid"));
         assert!(!registry.deregister(&key("j1", "ring", "eu", "b"), now).expect("valid"));
@@ -597,6 +623,7 @@ mod tests {
             endpoint: "ftp://host".to_owned(),
             props_json: "[1]".to_owned(),
             lease_ms: 0,
+            tls_ca: "x".repeat(MAX_TLS_CA_BYTES + 1),
         };
         let err = registry.register(bad, now).expect_err("invalid").to_string();
         for part in [
@@ -606,6 +633,7 @@ mod tests {
             "endpoint \"ftp://host\" is not an http",
             "props_json is not a JSON object",
             "lease_ms is 0",
+            "tls_ca is longer than 8192 bytes",
         ] {
             assert!(err.contains(part), "{part} missing from {err}");
         }
@@ -617,6 +645,18 @@ mod tests {
             err.contains("end is missing") && err.contains("does not end in host:port"),
             "{err}"
         );
+        // A TLS endpoint names the CA its peers are to trust; a plain one names none.
+        let mut no_ca = register("j", "g", "a", "p", 1_000);
+        no_ca.endpoint = "https://127.0.0.1:9".to_owned();
+        let err = registry.register(no_ca.clone(), now).expect_err("invalid").to_string();
+        assert!(err.contains("an https endpoint needs tls_ca"), "{err}");
+        no_ca.tls_ca = "garbage".to_owned();
+        let err = registry.register(no_ca, now).expect_err("invalid").to_string();
+        assert!(err.contains("an https endpoint needs tls_ca"), "{err}");
+        let mut stray_ca = register("j", "g", "a", "p", 1_000);
+        stray_ca.tls_ca = "-----BEGIN CERTIFICATE-----".to_owned();
+        let err = registry.register(stray_ca, now).expect_err("invalid").to_string();
+        assert!(err.contains("tls_ca is only for an https endpoint"), "{err}");
         let err = registry.peers(&peers("j", "", "p"), now).expect_err("invalid");
         assert_eq!(err.to_string(), "invalid request: group is empty");
         let long = "x".repeat(MAX_ID_BYTES + 1);

@@ -125,8 +125,15 @@ impl Args {
             .map_err(|err| UsageError(format!("--data-dir {}: {err}", self.data_dir.display())))?;
         let store_url = format!("sqlite://{}", data_dir.join("fledge.db").display());
         let data_dir = data_dir.display().to_string();
+        // With an operator's Mosquitto to provision, tasks use it and the embedded broker
+        // stays out (as `fledge serve` without the broker service).
+        let services = if self.provisions_mosquitto()? {
+            "metaserver,notifier,controller,apiserver"
+        } else {
+            "broker,metaserver,notifier,controller,apiserver"
+        };
         let mut res = vec![
-            ("services".to_owned(), "broker,metaserver,notifier,controller,apiserver".to_owned()),
+            ("services".to_owned(), services.to_owned()),
             ("data_dir".to_owned(), data_dir.clone()),
             ("store_url".to_owned(), store_url),
             ("apiserver.listen".to_owned(), port(0)?),
@@ -140,6 +147,23 @@ impl Args {
 }
 
 impl Args {
+    /// Whether the configuration names a Mosquitto to provision (`mosquitto.admin_url` in the
+    /// `--config` file or `FLEDGE_MOSQUITTO_ADMIN_URL`).
+    fn provisions_mosquitto(&self) -> anyhow::Result<bool> {
+        if std::env::var_os("FLEDGE_MOSQUITTO_ADMIN_URL").is_some_and(|v| !v.is_empty()) {
+            return Ok(true);
+        }
+        let Some(path) = &self.config else { return Ok(false) };
+        // An unreadable or malformed file is reported, with its line, when it is loaded.
+        let Ok(text) = std::fs::read_to_string(path) else { return Ok(false) };
+        let Ok(table) = text.parse::<toml::Table>() else { return Ok(false) };
+        Ok(table
+            .get("mosquitto")
+            .and_then(|m| m.get("admin_url"))
+            .and_then(|url| url.as_str())
+            .is_some_and(|url| !url.is_empty()))
+    }
+
     /// The arguments of a plain `fledge standalone` (every default).
     pub fn defaults() -> Args {
         Args {
