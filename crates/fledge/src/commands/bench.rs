@@ -20,6 +20,13 @@
 //!   which echo the model back.
 //! - **round**: overhead of a 10-trainer MNIST round over MQTT in one process: aggregator round
 //!   wall time minus the slowest trainer's compute, against that compute.
+//! - **security** (not in `all`): what security costs, each figure against the same thing
+//!   without it, measured in the same run, alternating the two so that load drifts hit both:
+//!   one FL round's traffic with a 40 MB model and 4 trainers (broadcast, then an update back
+//!   from each) over the embedded broker (mqtts and sealed messages vs plain MQTT and no keys)
+//!   and over p2p (TLS streams and sealed messages vs plain streams and no keys); and the wall
+//!   time of `fledge quickstart` vs `fledge quickstart --insecure` (TLS on every listener vs
+//!   plain text; the data plane's keys are on in both). The goal is a ratio ≤ 1.15.
 //!
 //! Build with `--release`: debug figures are meaningless.
 
@@ -51,6 +58,8 @@ pub enum Which {
     Chaos,
     /// MNIST with 10 trainers under plain FedAvg, central DP and local DP (see `privacy_bench`).
     Privacy,
+    /// What security costs: a 40 MB-model round and the quickstart, secure vs `--insecure`.
+    Security,
     /// Internal: the aggregator process of the memory benchmark.
     #[value(hide = true)]
     MemoryChild,
@@ -89,6 +98,9 @@ pub struct Args {
     /// Chaos: seed of the fault schedule.
     #[arg(long, default_value_t = 14)]
     seed: u64,
+    /// Security: runs of each side of a comparison (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    repeat: u32,
 }
 
 struct Row {
@@ -122,6 +134,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.which == Which::Privacy {
         return super::privacy_bench::run(&data_dir()?, args.rounds.min(1000)).await;
+    }
+    if args.which == Which::Security {
+        if cfg!(debug_assertions) {
+            eprintln!("warning: debug build; build with --release for meaningful figures");
+        }
+        let rows = security(args.repeat).await?;
+        print_table(&rows);
+        println!("goal: ratio ≤ {SECURITY_GOAL} (secure time / insecure time)");
+        return Ok(());
     }
     if args.which == Which::Chaos {
         return super::chaos::run(super::chaos::Options {
@@ -232,6 +253,133 @@ async fn transfer() -> anyhow::Result<Vec<Row>> {
             ratio: elapsed.as_secs_f64() / ((bytes * receivers) as f64 / loopback / 1e9),
         },
     ])
+}
+
+/// What `fledge bench security` aims for: secure time at most this many times the insecure.
+const SECURITY_GOAL: f64 = 1.15;
+
+/// The median of `values` (not empty).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 }
+}
+
+/// Runs `secure` and `insecure` `repeat` times each, alternating, and returns a row of their
+/// median times in seconds (secure as the value, insecure as the bound).
+async fn compare<S, I, FS, FI>(
+    name: &str,
+    repeat: u32,
+    mut secure: S,
+    mut insecure: I,
+) -> anyhow::Result<Row>
+where
+    S: FnMut() -> FS,
+    I: FnMut() -> FI,
+    FS: std::future::Future<Output = anyhow::Result<Duration>>,
+    FI: std::future::Future<Output = anyhow::Result<Duration>>,
+{
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for i in 0..repeat {
+        eprintln!("security: {name}, run {} of {repeat} ...", i + 1);
+        // Alternate which side goes first, so that neither always runs on a warmer machine.
+        if i % 2 == 0 {
+            on.push(secure().await?.as_secs_f64());
+            off.push(insecure().await?.as_secs_f64());
+        } else {
+            off.push(insecure().await?.as_secs_f64());
+            on.push(secure().await?.as_secs_f64());
+        }
+    }
+    let (on, off) = (median(&mut on), median(&mut off));
+    Ok(Row { name: name.to_owned(), value: on, unit: "s", bound: off, ratio: on / off })
+}
+
+/// The rows of `fledge bench security` (see the module's documentation).
+async fn security(repeat: u32) -> anyhow::Result<Vec<Row>> {
+    const MODEL_BYTES: usize = 40_000_000;
+    const TRAINERS: usize = 4;
+    let mut rows = Vec::new();
+    rows.push(
+        compare(
+            "40 MB round, 4 trainers, embedded broker: mqtts + sealed vs plain",
+            repeat,
+            || async { Ok(fledge_channel::bench::mqtt_round(MODEL_BYTES, TRAINERS, true).await?) },
+            || async { Ok(fledge_channel::bench::mqtt_round(MODEL_BYTES, TRAINERS, false).await?) },
+        )
+        .await?,
+    );
+    rows.push(
+        compare(
+            "40 MB round, 4 trainers, p2p: TLS + sealed vs plain",
+            repeat,
+            || p2p_round(MODEL_BYTES, TRAINERS, true),
+            || p2p_round(MODEL_BYTES, TRAINERS, false),
+        )
+        .await?,
+    );
+    rows.push(
+        compare(
+            "fledge quickstart wall time: TLS vs --insecure",
+            repeat,
+            || quickstart_wall(false),
+            || quickstart_wall(true),
+        )
+        .await?,
+    );
+    Ok(rows)
+}
+
+/// [`fledge_channel::bench::round_with`] over p2p, with a metaserver of its own on loopback:
+/// with `secure`, TLS streams and keys; without, plain streams and no keys.
+async fn p2p_round(bytes: usize, trainers: usize, secure: bool) -> anyhow::Result<Duration> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let metaserver = fledge_control::metaserver::Options::default().build()?;
+    let server = tokio::spawn(metaserver.run(listener, stop.clone()));
+    let mut config = fledge_channel::P2pConfig::new(format!("http://{addr}"));
+    config.tls = secure;
+    let res = fledge_channel::bench::round_with(
+        fledge_channel::Backend::P2p(config),
+        bytes,
+        trainers,
+        secure,
+    )
+    .await;
+    stop.cancel();
+    let _ = server.await;
+    Ok(res?)
+}
+
+/// Wall time of `fledge quickstart` (this executable), with `--insecure` when `insecure`.
+async fn quickstart_wall(insecure: bool) -> anyhow::Result<Duration> {
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.arg("quickstart");
+    if insecure {
+        command.arg("--insecure");
+    }
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let start = tokio::time::Instant::now();
+    let output = tokio::time::timeout(Duration::from_secs(900), command.output())
+        .await
+        .context("fledge quickstart did not finish in 900 s")??;
+    let elapsed = start.elapsed();
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        bail!(
+            "fledge quickstart{} failed with {}: {}",
+            if insecure { " --insecure" } else { "" },
+            output.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
+    }
+    Ok(elapsed)
 }
 
 /// Peak resident set of this process in bytes (Linux `VmHWM`).

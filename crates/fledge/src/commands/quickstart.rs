@@ -74,6 +74,11 @@ pub struct Args {
     /// Give up (and stop the job) after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+    /// Run the platform without TLS (plain text, on loopback only), as `fledge standalone
+    /// --insecure` does; the data plane's keys stay on. For measuring what TLS costs
+    /// (`fledge bench security`), not for use.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// What the quickstart measured, for the summary.
@@ -112,9 +117,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mnist_dir = write_mnist(&data_dir)?;
 
     eprintln!("fledge quickstart: starting the platform in {}", data_dir.display());
-    let platform = standalone::launch(&standalone::Args::ephemeral(data_dir.clone()), None)
-        .await
-        .context("cannot start the platform")?;
+    let mut platform_args = standalone::Args::ephemeral(data_dir.clone());
+    platform_args.tls.insecure = args.insecure;
+    let platform =
+        standalone::launch(&platform_args, None).await.context("cannot start the platform")?;
     let client = Client::new(&platform.endpoint, Some(&platform.token))
         .and_then(|client| client.with_ca(platform.ca.as_ref()))
         .context("cannot build the REST client")?;
