@@ -162,9 +162,12 @@ pub(super) fn revision(kind: &'static str, design: &str, version: &str) -> Resul
 }
 
 /// Implements [`Store`](crate::store::Store) for `$store` (a struct with `pool` and `blobs`
-/// fields) whose rows are `$row`; `$begin` starts a write transaction.
+/// fields) whose rows are `$row`; `$begin` starts a write transaction; `$lock_blob`, run in a
+/// write transaction with a blob's SHA-256 as `$1`, holds that blob's lock until the transaction
+/// ends (PostgreSQL: an advisory lock; SQLite: nothing, its write transactions already exclude
+/// each other).
 macro_rules! impl_sql_store {
-    ($store:ty, $row:ty, $begin:expr) => {
+    ($store:ty, $row:ty, $begin:expr, $lock_blob:expr) => {
         use std::collections::{BTreeSet, HashMap};
 
         use fledge_types::{
@@ -609,7 +612,8 @@ macro_rules! impl_sql_store {
                     });
                 }
                 let shas: Vec<String> = sqlx::query(
-                    "SELECT DISTINCT sha256 FROM codes WHERE owner = $1 AND design_id = $2",
+                    "SELECT DISTINCT sha256 FROM codes WHERE owner = $1 AND design_id = $2 \
+                     ORDER BY sha256",
                 )
                 .bind(&owner)
                 .bind(id.as_str())
@@ -619,27 +623,43 @@ macro_rules! impl_sql_store {
                 .iter()
                 .map(|row| get(row, "sha256"))
                 .collect::<Result<_>>()?;
+                // Blobs are shared by content. Each one's lock is held from here to the commit,
+                // so the references counted below are final: an upload of identical code waits
+                // for the commit, then finds the blob gone and writes it again.
+                for sha in &shas {
+                    sqlx::query($lock_blob).bind(sha).execute(&mut *tx).await.map_err(db)?;
+                }
                 sqlx::query("DELETE FROM designs WHERE owner = $1 AND id = $2")
                     .bind(&owner)
                     .bind(id.as_str())
                     .execute(&mut *tx)
                     .await
                     .map_err(db)?;
-                tx.commit().await.map_err(db)?;
-                // Blobs are shared by content: drop only those no other revision references
-                // (no upload can add a reference between the count and the removal).
-                let _collecting = self.blobs.collecting().await;
+                let mut trashed = Vec::new();
                 for sha in shas {
                     let row = sqlx::query("SELECT COUNT(*) AS n FROM codes WHERE sha256 = $1")
                         .bind(&sha)
-                        .fetch_one(&self.pool)
+                        .fetch_one(&mut *tx)
                         .await
                         .map_err(db)?;
                     if get::<i64>(&row, "n")? == 0 {
-                        if let Err(err) = self.blobs.remove(&sha).await {
-                            tracing::warn!(%err, sha256 = %sha, "failed to remove an unused code blob");
+                        match self.blobs.trash(&sha).await {
+                            Ok(Some(aside)) => trashed.push(aside),
+                            Ok(None) => {}
+                            Err(err) => {
+                                tracing::warn!(%err, sha256 = %sha, "cannot remove an unused code blob");
+                            }
                         }
                     }
+                }
+                if let Err(err) = tx.commit().await {
+                    for aside in trashed {
+                        self.blobs.restore(aside).await;
+                    }
+                    return Err(db(err));
+                }
+                for aside in trashed {
+                    self.blobs.purge(aside).await;
                 }
                 Ok(())
             }
@@ -734,11 +754,17 @@ macro_rules! impl_sql_store {
                     });
                 }
                 let owner = self.design_owner(owner, design).await?;
-                // The blob first: content-addressed, so a failed row insert leaves at most an
-                // unreferenced file, never a row without bytes.
-                let _referencing = self.blobs.referencing().await;
+                // The blob first (outside the transaction: it may be large), content-addressed,
+                // so a failed row insert leaves at most an unreferenced file, never a row
+                // without bytes.
                 let sha256 = self.blobs.put(zip).await?;
+                #[cfg(test)]
+                self.blobs.paused().await;
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+                // Under the blob's lock, which a design deletion holds from counting references
+                // to committing: if one removed the blob since it was written, put it back.
+                sqlx::query($lock_blob).bind(&sha256).execute(&mut *tx).await.map_err(db)?;
+                self.blobs.put(zip).await?;
                 let row = sqlx::query(
                     "SELECT COALESCE(MAX(version), 0) AS v FROM codes \
                      WHERE owner = $1 AND design_id = $2",

@@ -650,3 +650,45 @@ async fn restarts(store: &impl Store) {
         Err(Error::NotFound { .. })
     ));
 }
+
+/// Design deletion against an upload of identical code, from two stores over one database and
+/// one blob directory (two apiservers): the upload has written its blob (present already) and
+/// not yet committed its row when the deletion of the only other design naming that blob runs
+/// to its end. The uploaded revision must still have its bytes.
+pub(crate) async fn design_deletion_races_an_upload<S: Store>(
+    uploader: &S,
+    uploader_blobs: &BlobStore,
+    deleter: &S,
+) {
+    with_users(deleter).await;
+    let spec = DesignSpec { id: "shared".into(), ..DesignSpec::default() };
+    let id: &fledge_types::DesignId = &"shared".into();
+    deleter.create_design(&ann(), &spec).await.unwrap();
+    deleter.create_design(&bob(), &spec).await.unwrap();
+    deleter.put_code(Some(&ann()), id, b"same code").await.unwrap();
+
+    let (reached, resume) = uploader_blobs.pause_next_upload();
+    let uploading = bob();
+    let upload = uploader.put_code(Some(&uploading), id, b"same code");
+    let delete = async {
+        reached.await.expect("the upload wrote its blob");
+        deleter.delete_design(Some(&ann()), id).await.expect("ann's design is deleted");
+        resume.send(()).expect("the upload waits");
+    };
+    let (uploaded, ()) = tokio::join!(upload, delete);
+    let meta = uploaded.expect("bob's upload commits");
+    assert_eq!(meta.sha256, sha("same code"));
+    for store in [uploader, deleter] {
+        let (_, bytes) = store
+            .get_code(Some(&bob()), id, None)
+            .await
+            .expect("bob's revision keeps its blob after ann's design was deleted");
+        assert_eq!(bytes, b"same code");
+    }
+    // Once no row names the blob, deleting the last design removes it.
+    deleter.delete_design(Some(&bob()), id).await.unwrap();
+    let path = uploader_blobs.dir().join(&meta.sha256[..2]).join(&meta.sha256);
+    assert!(!path.exists(), "an unreferenced blob is removed");
+    let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+    assert!(leftovers.is_empty(), "nothing is left aside: {leftovers:?}");
+}
