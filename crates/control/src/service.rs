@@ -384,7 +384,6 @@ async fn start_under(
     Ok(services)
 }
 
-/// Starts the REST apiserver on `listener`.
 /// What the apiserver puts into task configs: broker logins (and the Mosquitto provisioned
 /// with them) and data-plane keys.
 struct ApiAccess {
@@ -393,6 +392,7 @@ struct ApiAccess {
     data_plane_keys: controller::TaskKeys,
 }
 
+/// Starts the REST apiserver on `listener`, bounded by `limits`.
 fn start_apiserver(
     services: &mut Services,
     listener: TcpListener,
