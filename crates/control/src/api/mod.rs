@@ -66,7 +66,8 @@ pub struct Limits {
     pub metrics_per_record: usize,
     /// Most metric records a task may store over its job (default 100,000: a record a round
     /// for a long job, several per round for a short one). A request that would pass it is
-    /// refused whole; concurrent requests of one task may pass it by one request at most.
+    /// refused whole, also when requests of one task come concurrently (the store counts and
+    /// inserts in one transaction under the task's lock).
     pub metric_records_per_task: u64,
     /// Metric records a task may post per minute on average (default 6,000); it may post this
     /// many at once after a quiet minute (a token bucket per task, per apiserver).

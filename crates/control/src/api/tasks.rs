@@ -441,17 +441,15 @@ async fn task_metrics(
                 .into_response());
         }
     }
-    let stored = state.store.count_metrics(&task.job_id, &task.task_id).await?;
-    if stored.saturating_add(records.len() as u64) > limits.metric_records_per_task {
-        return Err(too_many(format!(
-            "task {} has stored {stored} metric records; with these {} it would pass its limit \
-             of {} (setting limits.metric_records_per_task)",
-            task.task_id,
-            records.len(),
-            limits.metric_records_per_task
-        )));
-    }
-    let stored = state.store.add_metrics(&task.job_id, &records).await?;
+    let stored =
+        match state.store.add_metrics(&task.job_id, &records, limits.metric_records_per_task).await
+        {
+            Ok(stored) => stored,
+            Err(err @ store::Error::MetricLimit { .. }) => {
+                return Err(too_many(format!("{err} (setting limits.metric_records_per_task)")));
+            }
+            Err(err) => return Err(err.into()),
+        };
     let new: Vec<fledge_types::MetricRecord> =
         stored.into_iter().filter_map(|i| records.get(i).cloned()).collect();
     state.reported.observe(&new);

@@ -101,7 +101,20 @@ mod tests {
         })
         .await;
         design_deletion_races_an_upload(&url).await;
+        concurrent_metrics_stay_within_the_bound(&url).await;
         a_database_of_the_old_migrator_connects_and_upgrades(&url).await;
+    }
+
+    /// Two stores over one database, as two apiservers would open them.
+    async fn concurrent_metrics_stay_within_the_bound(url: &str) {
+        reset(url).await;
+        let dir = tempfile::tempdir().unwrap();
+        let open = || async {
+            let blobs = BlobStore::new(dir.path().join("blobs"), 1024).unwrap();
+            PostgresStore::connect(url, blobs).await.unwrap()
+        };
+        let (first, second) = (open().await, open().await);
+        crate::store::suite::concurrent_metrics_stay_within_the_bound(&first, &second).await;
     }
 
     /// Two stores over one database and one blob directory, as two apiservers would open them.

@@ -112,6 +112,18 @@ mod tests {
             .await;
     }
 
+    /// Two stores over one file, as two processes would open them.
+    #[tokio::test]
+    async fn concurrent_metrics_stay_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || async {
+            let blobs = BlobStore::new(dir.path().join("blobs"), 1024).unwrap();
+            SqliteStore::open(dir.path().join("fledge.db"), blobs).await.unwrap()
+        };
+        let (first, second) = (open().await, open().await);
+        crate::store::suite::concurrent_metrics_stay_within_the_bound(&first, &second).await;
+    }
+
     #[tokio::test]
     async fn a_database_of_the_old_migrator_opens_and_upgrades() {
         use crate::store::Store as _;

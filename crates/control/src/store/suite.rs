@@ -573,6 +573,7 @@ async fn tasks(store: &impl Store) {
 }
 
 async fn metrics(store: &impl Store) {
+    const LIMIT: u64 = 6;
     with_users(store).await;
     let job = store.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
     let record = |round: u64, loss: f64| MetricRecord {
@@ -583,9 +584,9 @@ async fn metrics(store: &impl Store) {
         timestamp: None,
     };
     assert_eq!(store.latest_round(&job.id).await.unwrap(), None, "no record yet");
-    store.add_metrics(&job.id, &[record(2, 0.5), record(1, 0.9)]).await.unwrap();
+    store.add_metrics(&job.id, &[record(2, 0.5), record(1, 0.9)], LIMIT).await.unwrap();
     assert_eq!(store.latest_round(&job.id).await.unwrap(), Some(2));
-    store.add_metrics(&job.id, &[record(3, 0.1)]).await.unwrap();
+    store.add_metrics(&job.id, &[record(3, 0.1)], LIMIT).await.unwrap();
     assert_eq!(store.latest_round(&job.id).await.unwrap(), Some(3));
     assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 3);
     assert_eq!(store.count_metrics(&job.id, &"t2".into()).await.unwrap(), 0);
@@ -595,7 +596,7 @@ async fn metrics(store: &impl Store) {
     assert!(listed.iter().all(|m| m.timestamp.is_some()));
     assert_eq!(listed[1].metrics["loss"], 0.9);
     assert!(matches!(
-        store.add_metrics(&"nope".into(), &[record(1, 1.0)]).await,
+        store.add_metrics(&"nope".into(), &[record(1, 1.0)], LIMIT).await,
         Err(Error::NotFound { kind: "job", .. })
     ));
     assert!(matches!(store.list_metrics(&"nope".into()).await, Err(Error::NotFound { .. })));
@@ -608,11 +609,51 @@ async fn metrics(store: &impl Store) {
         ),
         ..record(round, 0.25)
     };
-    assert_eq!(store.add_metrics(&job.id, &[at(4, 0), at(4, 0)]).await.unwrap(), [0]);
-    assert_eq!(store.add_metrics(&job.id, &[at(4, 0)]).await.unwrap(), Vec::<usize>::new());
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 0), at(4, 0)], LIMIT).await.unwrap(), [0]);
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 0)], LIMIT).await.unwrap(), Vec::<usize>::new());
     assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 4);
-    assert_eq!(store.add_metrics(&job.id, &[at(4, 0), at(4, 1)]).await.unwrap(), [1]);
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 0), at(4, 1)], LIMIT).await.unwrap(), [1]);
     assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 5);
+
+    // A task's bound: past it nothing is stored; records stored already do not count twice.
+    let err = store.add_metrics(&job.id, &[at(5, 0), at(5, 1)], LIMIT).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::MetricLimit { task, stored: 5, adding: 2, limit: 6 } if task == "t1"),
+        "{err:?}"
+    );
+    assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 5, "rolled back");
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 1), at(5, 0)], LIMIT).await.unwrap(), [1]);
+    assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 6);
+}
+
+/// Concurrent posts of one task cannot pass its bound together: its count and its inserts are
+/// one transaction under the task's lock (two stores over one database, as two apiservers).
+pub(crate) async fn concurrent_metrics_stay_within_the_bound<S: Store>(first: &S, second: &S) {
+    with_users(first).await;
+    let job = first.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
+    let record = |round: u64| MetricRecord {
+        task_id: "t1".into(),
+        role: "trainer".to_owned(),
+        round,
+        metrics: BTreeMap::from([("loss".to_owned(), 0.5)]),
+        timestamp: None,
+    };
+    let batch = |from: u64| (from..from + 3).map(record).collect::<Vec<_>>();
+    let mut accepted = 0;
+    for round in 0..10 {
+        let (a, b) = (batch(round * 10), batch(round * 10 + 5));
+        let (a, b) =
+            tokio::join!(first.add_metrics(&job.id, &a, 20), second.add_metrics(&job.id, &b, 20));
+        for result in [a, b] {
+            match result {
+                Ok(stored) => accepted += stored.len() as u64,
+                Err(Error::MetricLimit { .. }) => {}
+                Err(err) => panic!("{err:?}"),
+            }
+        }
+    }
+    assert_eq!(accepted, 18, "six batches of three fit in 20, the rest are refused whole");
+    assert_eq!(first.count_metrics(&job.id, &"t1".into()).await.unwrap(), 18);
 }
 
 async fn restarts(store: &impl Store) {
