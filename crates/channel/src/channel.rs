@@ -17,7 +17,8 @@ use crate::local::{LocalEnd, LocalHub};
 use crate::mqtt::{MqttConfig, MqttEnd};
 use crate::p2p::{P2pConfig, P2pEnd};
 pub use crate::shared::{
-    ChannelMetrics, ChannelOptions, DEFAULT_QUEUE_DEPTH, EndProps, Error, MetricsSnapshot, Result,
+    ChannelMetrics, ChannelOptions, DEFAULT_MAX_SENDERS, DEFAULT_QUEUE_DEPTH, EndProps, Error,
+    MetricsSnapshot, Result,
 };
 use crate::shared::{Shared, pop_oldest};
 use crate::wire::{self, Message};

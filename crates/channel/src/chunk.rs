@@ -8,7 +8,9 @@
 //! are written straight into one buffer reserved for the claimed total (address space: pages
 //! are committed only as bytes arrive; a bogus count allocates nothing), each sender has at most
 //! [`MAX_PARTIALS_PER_SENDER`] messages in flight, and duplicate chunks (QoS 1 redelivery) are
-//! ignored. Chunks of different senders and messages may interleave freely.
+//! ignored. Chunks of different senders and messages may interleave freely. State is kept for
+//! at most `max_senders` senders at once (see [`Reassembler::with_max_senders`]): a chunk from
+//! one more is refused, after senders with nothing half-delivered are let go.
 //!
 //! Version 2 is the sealed layout of an authenticated channel (see `secure`): after the sender
 //! id come the addressee (u16 length + UTF-8: an end id, or `*role` for a broadcast), the same
@@ -17,6 +19,10 @@
 //! Poly1305 tag, and on the last chunk the sender's 64-byte Ed25519 signature over the SHA-256
 //! of the scope and of every chunk as sent. A sealed reassembler decrypts each chunk in place
 //! as it is appended and hands out a message only once every chunk and the signature verified.
+//! It holds nothing for a sealed chunk before it authenticated: the sender must be a member, and
+//! a chunk that starts a message or arrives ahead of a gap is checked (on a copy) before it is
+//! kept, so whoever lacks the channel's key cannot make an end buffer bytes or drop a member's
+//! half-delivered message.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -37,6 +43,8 @@ const SEALED_VERSION: u8 = 2;
 pub(crate) const MAX_PARTIALS_PER_SENDER: usize = 4;
 /// Completed message ids remembered per sender to drop redelivered chunks.
 const REMEMBERED_IDS: usize = 64;
+/// Default bound on the senders a reassembler keeps state for.
+pub(crate) const DEFAULT_MAX_SENDERS: usize = 4096;
 
 /// Why a chunk was rejected.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +71,8 @@ pub(crate) enum ChunkError {
     Forged(String),
     #[error("sealed chunk on a channel without keys")]
     Sealed,
+    #[error("chunk from {sender}: state is already kept for {max} senders (max_senders)")]
+    TooManySenders { sender: String, max: usize },
 }
 
 /// One parsed chunk.
@@ -390,18 +400,46 @@ pub(crate) struct Reassembler {
     limit: usize,
     senders: HashMap<String, SenderState>,
     opener: Option<Arc<Opener>>,
+    max_senders: usize,
 }
 
 impl Reassembler {
     /// A reassembler of plain (version 1) chunks.
     #[cfg(test)]
     pub(crate) fn new(limit: usize) -> Reassembler {
-        Reassembler { limit, senders: HashMap::new(), opener: None }
+        Reassembler::with_opener(limit, None)
     }
 
     /// A reassembler for `opener`'s end when it has keys (sealed chunks only), else plain.
     pub(crate) fn with_opener(limit: usize, opener: Option<Arc<Opener>>) -> Reassembler {
-        Reassembler { limit, senders: HashMap::new(), opener }
+        Reassembler { limit, senders: HashMap::new(), opener, max_senders: DEFAULT_MAX_SENDERS }
+    }
+
+    /// Keeps state for at most `max` senders at once (default [`DEFAULT_MAX_SENDERS`]; at
+    /// least 1).
+    pub(crate) fn with_max_senders(mut self, max: usize) -> Reassembler {
+        self.max_senders = max.max(1);
+        self
+    }
+
+    /// Senders state is kept for.
+    #[cfg(test)]
+    pub(crate) fn senders(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Makes room for a chunk of a sender not seen yet: lets senders with nothing
+    /// half-delivered go (forgetting only which of their messages were complete, which plain
+    /// redeliveries are told apart by), then refuses if every one still has a partial message.
+    fn admit(&mut self, sender: &str) -> Result<(), ChunkError> {
+        if self.senders.len() < self.max_senders || self.senders.contains_key(sender) {
+            return Ok(());
+        }
+        self.senders.retain(|_, state| !state.partials.is_empty());
+        if self.senders.len() < self.max_senders {
+            return Ok(());
+        }
+        Err(ChunkError::TooManySenders { sender: sender.to_owned(), max: self.max_senders })
     }
 
     /// Bytes currently held in partial messages.
@@ -453,6 +491,7 @@ impl Reassembler {
             return Err(ChunkError::Overflow { total: chunk.total });
         }
         let opener = self.opener.clone();
+        self.admit(&chunk.sender)?;
         let state = self.senders.entry(chunk.sender.clone()).or_default();
         // Sealed messages are deduplicated by the channel's replay guard, which counts them.
         if opener.is_none() && state.done.contains(&chunk.msg_id) {
@@ -470,9 +509,16 @@ impl Reassembler {
                 bytes: chunk.data,
             }));
         }
-        if !state.partials.contains_key(&chunk.msg_id)
-            && state.partials.len() >= MAX_PARTIALS_PER_SENDER
-        {
+        let is_new = !state.partials.contains_key(&chunk.msg_id);
+        if let (Some(opener), Some(part)) = (&opener, &chunk.sealed) {
+            // A chunk that opens a message or waits for a gap is kept only once it
+            // authenticates; the next chunk in order is checked as it is appended.
+            let next = state.partials.get(&chunk.msg_id).map_or(0, |p| p.next);
+            if is_new || chunk.index != next {
+                authenticate(opener, &chunk, part)?;
+            }
+        }
+        if is_new && state.partials.len() >= MAX_PARTIALS_PER_SENDER {
             // Drop the oldest half-delivered message of this sender to stay bounded.
             if let Some((&oldest, _)) = state.partials.iter().next() {
                 tracing::warn!(sender = %chunk.sender, msg_id = oldest, "dropping incomplete message");
@@ -570,6 +616,24 @@ impl Reassembler {
     }
 }
 
+/// Whether a sealed chunk authenticates under its message's key (decrypting a copy).
+fn authenticate(opener: &Opener, chunk: &Chunk, part: &SealedPart) -> Result<(), ChunkError> {
+    let cipher = opener.keys.message_cipher(&MessageId {
+        sender: &chunk.sender,
+        incarnation: part.incarnation,
+        msg_id: chunk.msg_id,
+    });
+    let mut copy = chunk.data.to_vec();
+    if secure::open_chunk(&cipher, chunk.index, &part.header, &mut copy, &part.tag) {
+        Ok(())
+    } else {
+        Err(ChunkError::Forged(format!(
+            "chunk {} of message {} from {} does not authenticate",
+            chunk.index, chunk.msg_id, chunk.sender
+        )))
+    }
+}
+
 fn remember(state: &mut SenderState, msg_id: u64) {
     if state.done.len() >= REMEMBERED_IDS {
         state.done.pop_front();
@@ -653,6 +717,96 @@ mod tests {
         assert!(r.buffered() <= (MAX_PARTIALS_PER_SENDER * 1000) as u64);
         assert!(matches!(parse(Bytes::from_static(b"FLD")), Err(ChunkError::Truncated(_))));
         assert!(matches!(parse(Bytes::from_static(b"XXXXX")), Err(ChunkError::BadMagic)));
+    }
+
+    /// A plain channel cannot tell a made-up sender from a real one: flooding it with made-up
+    /// sender ids leaves state for at most `max_senders` senders, and a real sender's message
+    /// in progress still completes.
+    #[test]
+    fn made_up_senders_leave_plain_state_bounded() {
+        let mut r = Reassembler::new(1 << 20).with_max_senders(8);
+        let real = split("real", 1, &message(3000), 1000);
+        assert_eq!(push(&mut r, parse(real[0].clone()).unwrap()).unwrap(), None);
+        // Whole one-chunk messages from 10,000 ids: delivered (nothing tells them apart on a
+        // plain channel), but their ids are not all kept.
+        for i in 0..10_000 {
+            let c = split(&format!("fake-{i}"), 1, &message(10), 1000).remove(0);
+            assert!(push(&mut r, parse(c).unwrap()).unwrap().is_some());
+            assert!(r.senders() <= 8, "{} senders after {i}", r.senders());
+        }
+        // Half-sent messages from 10,000 more: once every slot holds one, the rest is refused.
+        let mut refused = 0;
+        for i in 0..10_000 {
+            let c = split(&format!("half-{i}"), 1, &message(2000), 1000).remove(0);
+            match push(&mut r, parse(c).unwrap()) {
+                Ok(None) => {}
+                Err(ChunkError::TooManySenders { max: 8, .. }) => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(refused, 10_000 - 7, "7 slots besides the real sender's");
+        assert_eq!(r.senders(), 8);
+        assert!(r.buffered() <= 8 * 1000, "{} bytes held", r.buffered());
+        for c in &real[1..] {
+            push(&mut r, parse(c.clone()).unwrap()).unwrap();
+        }
+        // Completed, the real sender's slot is free for the next one.
+        let c = split("late", 1, &message(10), 1000).remove(0);
+        assert!(push(&mut r, parse(c).unwrap()).unwrap().is_some());
+    }
+
+    fn keyring(seed: u8) -> Keyring {
+        let members = [("a", 1u8), ("b", 2u8)]
+            .map(|(e, s)| (TaskId::new(e), Keyring::public_key_of(&[s; 32])));
+        Keyring::new([seed; 32], [7; 32], members).unwrap()
+    }
+
+    fn sealed_chunks(keys: &Keyring, sender: &str, msg_id: u64, len: usize) -> Vec<Bytes> {
+        let sealer = Sealer {
+            keys,
+            scope: ["j", "c", "g", "b"],
+            sender,
+            incarnation: Incarnation { start_ms: 1, instance: 1 },
+        };
+        split_sealed(&sealer, msg_id, &[message(len)], 1000)
+    }
+
+    /// On a sealed channel nothing is held for a chunk before it authenticates: chunks of
+    /// made-up senders, and chunks claiming a member but sealed without the channel's key, leave
+    /// no state and do not push out the member's message in progress.
+    #[test]
+    fn unauthenticated_sealed_chunks_leave_no_state() {
+        let opener = Opener {
+            keys: Arc::new(keyring(2)),
+            job: "j".into(),
+            channel: "c".into(),
+            group: "g".into(),
+            me: "b".into(),
+            bcast: "*b".into(),
+        };
+        let mut r = Reassembler::with_opener(1 << 20, Some(Arc::new(opener)));
+        let member = keyring(1);
+        let real = sealed_chunks(&member, "a", 1, 3000);
+        assert_eq!(r.push(parse(real[0].clone()).unwrap()).unwrap(), None);
+        let held = r.buffered();
+        // Keys of an outsider (another channel key), claiming member a, and made-up senders.
+        let outsider =
+            Keyring::new([1; 32], [9; 32], [(TaskId::new("a"), member.public_key())]).unwrap();
+        for i in 0..1000u64 {
+            for (sender, keys) in [("a", &outsider), (&*format!("fake-{i}"), &member)] {
+                let forged = sealed_chunks(keys, sender, 100 + i, 3000);
+                for c in forged {
+                    let err = r.push(parse(c).unwrap()).unwrap_err();
+                    assert!(matches!(err, ChunkError::Forged(_)), "{err:?}");
+                }
+            }
+        }
+        assert_eq!((r.senders(), r.buffered()), (1, held), "nothing held for them");
+        let mut done = None;
+        for c in &real[1..] {
+            done = r.push(parse(c.clone()).unwrap()).unwrap();
+        }
+        assert_eq!(done.expect("the member's message completes").bytes, message(3000));
     }
 
     /// A real encoded update, in chunks.

@@ -27,6 +27,8 @@ pub struct BackendEnv {
     pub max_message_bytes: usize,
     /// Per-end inbound queue bound.
     pub queue_depth: usize,
+    /// Most distinct ends a channel end keeps state for ([`ChannelOptions::max_senders`]).
+    pub max_senders: usize,
     /// Properties this end announces on every channel (e.g. an aggregation group).
     pub props: serde_json::Map<String, serde_json::Value>,
 }
@@ -39,6 +41,7 @@ impl Default for BackendEnv {
             p2p: P2pConfig::default(),
             max_message_bytes: wire::DEFAULT_MAX_MESSAGE_BYTES,
             queue_depth: crate::channel::DEFAULT_QUEUE_DEPTH,
+            max_senders: crate::shared::DEFAULT_MAX_SENDERS,
             props: serde_json::Map::new(),
         }
     }
@@ -181,6 +184,7 @@ pub fn plan(
         props: env.props.clone(),
         max_message_bytes: env.max_message_bytes,
         queue_depth: env.queue_depth,
+        max_senders: env.max_senders,
         security: keyring_of(config, spec)?.map(std::sync::Arc::new),
     };
     let backend = match config.backend_of(spec) {

@@ -16,7 +16,8 @@
 //! or misses keep-alives) or when no heartbeat came for `liveness_timeout`.
 //!
 //! Encoded messages are split into chunks of `chunk_size` bytes (see the `chunk` module) and
-//! reassembled with bounded memory on the other side. Order is kept per sender for unicast
+//! reassembled with bounded memory on the other side: state for at most `max_senders` ends (on
+//! a channel with keys, members only, and only for chunks that authenticate). Order is kept per sender for unicast
 //! messages and, separately, for broadcasts (they travel on different topics).
 //!
 //! The event loop keeps polling after errors, so a restarted broker is reconnected to; on every
@@ -470,11 +471,12 @@ impl Ctx {
     fn on_props(&self, end: TaskId, payload: &[u8]) -> Option<TaskId> {
         match serde_json::from_slice::<EndProps>(payload) {
             Ok(props) if props.task_id == end && props.role == self.shared.opts.peer_role => {
-                self.last_seen
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(end, Instant::now());
-                self.shared.peer_up(props);
+                if self.shared.peer_up(props) {
+                    self.last_seen
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(end, Instant::now());
+                }
             }
             Ok(props) => {
                 tracing::warn!(%end, claimed = %props.task_id, role = %props.role, "presence does not match its topic, ignored");
@@ -681,7 +683,8 @@ impl Drop for MqttEnd {
 
 async fn run_event_loop(ctx: Arc<Ctx>, mut eventloop: EventLoop, cancel: CancellationToken) {
     let mut reassembler =
-        Reassembler::with_opener(ctx.shared.opts.max_message_bytes, ctx.shared.opener.clone());
+        Reassembler::with_opener(ctx.shared.opts.max_message_bytes, ctx.shared.opener.clone())
+            .with_max_senders(ctx.shared.opts.max_senders);
     // Reconnection delays: 50 ms doubling to 2 s, with jitter, for as long as it takes;
     // a new schedule starts at every successful connection.
     let schedule = || {

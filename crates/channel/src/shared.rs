@@ -23,6 +23,9 @@ use crate::wire::{self, Message};
 
 /// Default bound of each per-end inbound queue, in messages.
 pub const DEFAULT_QUEUE_DEPTH: usize = 64;
+/// Default bound on the distinct ends a channel end keeps state for (see
+/// [`ChannelOptions::max_senders`]).
+pub const DEFAULT_MAX_SENDERS: usize = crate::chunk::DEFAULT_MAX_SENDERS;
 /// Decode off the runtime threads above this many bytes.
 const BLOCKING_THRESHOLD: usize = 1 << 20;
 
@@ -136,6 +139,19 @@ pub enum Error {
     /// The channel was closed.
     #[error("channel {0} is closed")]
     Closed(String),
+    /// A message or presence from one more end than the channel keeps state for.
+    #[error(
+        "channel {channel}: state is kept for {max} ends already, none for end {end} \
+         (ChannelOptions::max_senders)"
+    )]
+    TooManySenders {
+        /// The channel.
+        channel: String,
+        /// The end refused.
+        end: TaskId,
+        /// The bound.
+        max: usize,
+    },
     /// An I/O error (benchmarks, broker).
     #[error("i/o error: {context}")]
     Io {
@@ -171,6 +187,12 @@ pub struct ChannelOptions {
     pub max_message_bytes: usize,
     /// Bound of each per-end inbound queue, in messages. Default 64.
     pub queue_depth: usize,
+    /// Most distinct ends this end keeps state for at once: half-reassembled messages, inbound
+    /// queues and, on a plain channel, peers announced by presence. Past it, what a new end
+    /// sends is dropped and counted (`messages_dropped`). On a channel with keys only members
+    /// get state at all; on a plain one anyone who can publish could otherwise make up ids
+    /// without bound. Default 4096.
+    pub max_senders: usize,
     /// This end's keys: with them (the default whenever the task config carries them) the
     /// network backends seal every message and presence, and accept only authentic, fresh ones
     /// from members (see the `secure` module); without them the channel is plain.
@@ -197,6 +219,7 @@ impl ChannelOptions {
             props: serde_json::Map::new(),
             max_message_bytes: wire::DEFAULT_MAX_MESSAGE_BYTES,
             queue_depth: DEFAULT_QUEUE_DEPTH,
+            max_senders: DEFAULT_MAX_SENDERS,
             security: None,
         }
     }
@@ -211,6 +234,11 @@ impl ChannelOptions {
     pub fn with_prop(mut self, key: &str, value: impl Into<serde_json::Value>) -> ChannelOptions {
         self.props.insert(key.to_owned(), value.into());
         self
+    }
+
+    /// Inbound queues held at once: one per sender, besides the end's own (a self-loop).
+    fn queue_limit(&self) -> usize {
+        self.max_senders.saturating_add(1)
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -229,6 +257,9 @@ impl ChannelOptions {
         }
         if self.queue_depth == 0 {
             problems.push("queue_depth is 0".to_owned());
+        }
+        if self.max_senders == 0 {
+            problems.push("max_senders is 0".to_owned());
         }
         if self.max_message_bytes < 1024 {
             problems.push(format!("max_message_bytes {} is below 1024", self.max_message_bytes));
@@ -392,13 +423,23 @@ impl Shared {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Records a peer end as present (or updates its properties).
-    pub(crate) fn peer_up(&self, props: EndProps) {
+    /// Records a peer end as present (or updates its properties); false (and nothing recorded)
+    /// for this end itself, or for a new end once [`ChannelOptions::max_senders`] ends were
+    /// seen.
+    pub(crate) fn peer_up(&self, props: EndProps) -> bool {
         if props.task_id == self.opts.me {
-            return;
+            return false;
         }
         let changed = {
             let mut state = self.lock();
+            if !state.incarnations.contains_key(&props.task_id)
+                && state.incarnations.len() >= self.opts.max_senders
+            {
+                drop(state);
+                tracing::warn!(channel = %self.opts.channel, end = %props.task_id, max = self.opts.max_senders, "presence of one end too many ignored");
+                self.metrics.dropped();
+                return false;
+            }
             let previous = state.peers.insert(props.task_id.clone(), props.clone());
             if previous.as_ref().is_none_or(|p| p.instance != props.instance) {
                 *state.incarnations.entry(props.task_id.clone()).or_default() += 1;
@@ -408,6 +449,7 @@ impl Shared {
         if changed {
             self.bump();
         }
+        true
     }
 
     /// Records a peer end as gone.
@@ -462,6 +504,19 @@ impl Shared {
                 let mut state = self.lock();
                 if state.closed {
                     return Err(Error::Closed(self.opts.channel.clone()));
+                }
+                if !state.queues.contains_key(&from)
+                    && state.queues.len() >= self.opts.queue_limit()
+                {
+                    // Ends with nothing queued need no queue.
+                    state.queues.retain(|_, queue| !queue.is_empty());
+                    if state.queues.len() >= self.opts.queue_limit() {
+                        return Err(Error::TooManySenders {
+                            channel: self.opts.channel.clone(),
+                            end: from,
+                            max: self.opts.max_senders,
+                        });
+                    }
                 }
                 let seq = state.next_seq;
                 let queue = state.queues.entry(from.clone()).or_default();
@@ -544,6 +599,11 @@ impl Shared {
         // Waits while this sender's queue is full: back-pressure reaches the sender.
         match self.push(sender, message).await {
             Ok(()) => true,
+            Err(e @ Error::TooManySenders { .. }) => {
+                tracing::warn!(error = %e, "message dropped");
+                self.metrics.dropped();
+                false
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "message arrived after close");
                 false
@@ -621,4 +681,49 @@ pub(crate) fn pop_oldest(state: &mut State, from: &HashSet<TaskId>) -> Option<(T
         .map(|(end, _)| end.clone())?;
     let (_, message) = state.queues.get_mut(&end)?.pop_front()?;
     Some((end, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk;
+
+    /// One whole plain message from `sender`, as its chunk arrives.
+    fn message_from(sender: &str) -> Chunk {
+        let mut m = Message::new(wire::Kind::Update, 1).with_meta("weight", 1);
+        m.sender = sender.to_owned();
+        let encoded = wire::encode(&m).expect("encodes");
+        chunk::parse(chunk::split(sender, 1, &encoded, 1 << 16).remove(0)).expect("parses")
+    }
+
+    /// A plain channel cannot tell made-up ends from real ones: 10,000 of them, each sending a
+    /// message and announcing itself, leave state for at most `max_senders` ends (reassembly,
+    /// queues, peers), and what they sent beyond it is dropped and counted.
+    #[tokio::test]
+    async fn made_up_ends_leave_a_receiver_bounded() {
+        let mut opts = ChannelOptions::new("j", "param", "g", "me", "agg", "trainer");
+        opts.max_senders = 8;
+        let shared = Shared::new(opts);
+        let mut reassembler = Reassembler::new(1 << 20).with_max_senders(8);
+        let mut queued = 0;
+        for i in 0..10_000 {
+            let end = format!("made-up-{i}");
+            if shared.take_chunk(&mut reassembler, message_from(&end)).await {
+                queued += 1;
+            }
+            shared.peer_up(EndProps {
+                role: "trainer".to_owned(),
+                task_id: TaskId::new(end),
+                props: serde_json::Map::new(),
+                instance: String::new(),
+            });
+        }
+        let state = shared.lock();
+        assert!(reassembler.senders() <= 8, "{} reassembly states", reassembler.senders());
+        assert_eq!(state.queues.len(), 9, "one queue per end, and this end's own");
+        assert_eq!(queued, 9);
+        assert_eq!((state.peers.len(), state.incarnations.len()), (8, 8));
+        let dropped = shared.metrics.snapshot().messages_dropped;
+        assert_eq!(dropped, 2 * (10_000 - 9) + 1, "messages past 9 queues, presences past 8");
+    }
 }

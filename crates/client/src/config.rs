@@ -378,40 +378,10 @@ impl ConfigFile {
         let io = |source| Error::Io { path: path.to_owned(), source };
         let text = serde_norway::to_string(self)
             .map_err(|err| Error::Parse { path: path.to_owned(), message: err.to_string() })?;
-        let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            Some(dir) => dir.to_owned(),
-            None => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&dir).map_err(io)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let written = (|| {
-            // A leftover of a crashed write by a process with this pid; `create_new` then never
-            // follows a link put in its place.
-            match std::fs::remove_file(&tmp) {
-                Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
-                _ => {}
-            }
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                options.mode(0o600);
-            }
-            let mut handle = options.open(&tmp)?;
-            std::io::Write::write_all(&mut handle, text.as_bytes())?;
-            handle.sync_all()?;
-            drop(handle);
-            std::fs::rename(&tmp, path)?;
-            #[cfg(unix)]
-            std::fs::File::open(&dir)?.sync_all()?;
-            Ok(())
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written.map_err(io)
+        fledge_durable::write_with(path, Some(0o600), |out| {
+            std::io::Write::write_all(out, text.as_bytes())
+        })
+        .map_err(io)
     }
 }
 

@@ -414,6 +414,92 @@ pub struct Options {
     /// A listener of its own for `/metrics` (none by default: the apiserver serves it).
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Bounds on what callers may make the services hold (metric records, code bundles,
+    /// metaserver registrations).
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: bounds on state that requests from outside create, each refused with an error
+/// that names its setting. The defaults suit real jobs with room to spare.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Most metric records one `POST /tasks/{id}/metrics` may carry (413 beyond). Default 1000.
+    pub metric_records_per_request: usize,
+    /// Most metrics one record may carry (400 beyond). Default 256.
+    pub metrics_per_record: usize,
+    /// Most metric records a task may store over its job (413 beyond). Default 100000.
+    pub metric_records_per_task: u64,
+    /// Metric records a task may post per minute, on average, per apiserver; a task may post
+    /// this many at once after a quiet minute (a token bucket). 429 beyond. Default 6000.
+    pub metric_records_per_minute: u32,
+    /// Most bytes a code bundle may inflate to (413 beyond). Default 268435456 (256 MiB).
+    pub code_inflated_bytes: u64,
+    /// Most entries a code bundle may hold (413 beyond). Default 10000.
+    pub code_entries: usize,
+    /// Most ends registered with the metaserver at once, over all jobs. Default 100000.
+    pub metaserver_ends: usize,
+    /// Most ends one job may have registered with the metaserver at once. Default 10000.
+    pub metaserver_ends_per_job: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let metaserver = crate::metaserver::Options::default();
+        Self {
+            metric_records_per_request: crate::api::DEFAULT_METRIC_RECORDS_PER_REQUEST,
+            metrics_per_record: crate::api::DEFAULT_METRICS_PER_RECORD,
+            metric_records_per_task: crate::api::DEFAULT_METRIC_RECORDS_PER_TASK,
+            metric_records_per_minute: crate::api::DEFAULT_METRIC_RECORDS_PER_MINUTE,
+            code_inflated_bytes: crate::api::DEFAULT_CODE_INFLATED_LIMIT,
+            code_entries: crate::api::DEFAULT_CODE_ENTRIES_LIMIT,
+            metaserver_ends: metaserver.max_ends,
+            metaserver_ends_per_job: metaserver.max_ends_per_job,
+        }
+    }
+}
+
+impl LimitsSection {
+    /// Checks that every bound is at least 1, naming the first that is not.
+    pub fn validate(&self) -> Result<()> {
+        let bounds = [
+            ("metric_records_per_request", self.metric_records_per_request as u64),
+            ("metrics_per_record", self.metrics_per_record as u64),
+            ("metric_records_per_task", self.metric_records_per_task),
+            ("metric_records_per_minute", u64::from(self.metric_records_per_minute)),
+            ("code_inflated_bytes", self.code_inflated_bytes),
+            ("code_entries", self.code_entries as u64),
+            ("metaserver_ends", self.metaserver_ends as u64),
+            ("metaserver_ends_per_job", self.metaserver_ends_per_job as u64),
+        ];
+        match bounds.into_iter().find(|(_, value)| *value == 0) {
+            Some((name, _)) => Err(Error::Invalid(format!("limits.{name}: must be at least 1"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The apiserver's limits: these over `base` (whose body and bundle sizes they keep).
+    pub fn api(&self, base: crate::api::Limits) -> crate::api::Limits {
+        crate::api::Limits {
+            metric_records_per_request: self.metric_records_per_request,
+            metrics_per_record: self.metrics_per_record,
+            metric_records_per_task: self.metric_records_per_task,
+            metric_records_per_minute: self.metric_records_per_minute,
+            code_inflated_bytes: self.code_inflated_bytes,
+            code_entries: self.code_entries,
+            ..base
+        }
+    }
+
+    /// The metaserver's options with these bounds.
+    pub fn metaserver(&self) -> crate::metaserver::Options {
+        crate::metaserver::Options {
+            max_ends: self.metaserver_ends,
+            max_ends_per_job: self.metaserver_ends_per_job,
+            ..crate::metaserver::Options::default()
+        }
+    }
 }
 
 /// `[metrics]`: where a process serves its operator metrics when it runs no apiserver (or
@@ -453,6 +539,7 @@ impl Default for Options {
             tls: TlsSection::default(),
             mosquitto: MosquittoSection::default(),
             metrics: MetricsSection::default(),
+            limits: LimitsSection::default(),
         }
     }
 }
@@ -491,6 +578,7 @@ const SECTIONS: &[&str] = &[
     "tls",
     "mosquitto",
     "metrics",
+    "limits",
 ];
 
 impl Options {
@@ -606,6 +694,7 @@ impl Options {
         if self.max_code_bytes == 0 {
             return Err(Error::Invalid("max_code_bytes: must be at least 1".to_owned()));
         }
+        self.limits.validate()?;
         if let Some(addr) = self.metrics.listen
             && (self.tls.insecure || !self.runs_control_plane())
             && !addr.ip().is_loopback()
@@ -956,6 +1045,38 @@ stop_grace_secs = 5.0
         assert!(!dump.contains("s3cret") && dump.contains("<redacted>"), "{dump}");
     }
 
+    /// Every `[limits]` setting reaches the service it bounds.
+    #[test]
+    fn limits_reach_the_apiserver_and_the_metaserver() {
+        let options = Options::load(
+            None,
+            &env(&[
+                ("FLEDGE_LIMITS_METRIC_RECORDS_PER_MINUTE", "120"),
+                ("FLEDGE_LIMITS_METASERVER_ENDS_PER_JOB", "50"),
+            ]),
+            &[("limits.metric_records_per_task".to_owned(), "7".to_owned())],
+        )
+        .expect("valid");
+        let base = crate::api::Limits {
+            json_bytes: 1,
+            code_bytes: 2,
+            code_inflated_bytes: 3,
+            code_entries: 4,
+            metric_records_per_request: 5,
+            metrics_per_record: 6,
+            metric_records_per_task: 7,
+            metric_records_per_minute: 8,
+        };
+        let api = options.limits.api(base);
+        assert_eq!((api.json_bytes, api.code_bytes), (1, 2), "body sizes are kept");
+        assert_eq!((api.metric_records_per_minute, api.metric_records_per_task), (120, 7));
+        assert_eq!(api.metric_records_per_request, 1_000, "the default");
+        assert_eq!(api.code_inflated_bytes, crate::api::DEFAULT_CODE_INFLATED_LIMIT);
+        let metaserver = options.limits.metaserver();
+        assert_eq!((metaserver.max_ends_per_job, metaserver.max_ends), (50, 100_000));
+        metaserver.validate().expect("valid");
+    }
+
     #[test]
     fn bad_config_names_what_is_wrong() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -980,6 +1101,9 @@ stop_grace_secs = 5.0
         check("data_dir = ", &[], "not valid TOML");
         check("", &[("FLEDGE_MAX_CODE_BYTES", "lots")], "FLEDGE_MAX_CODE_BYTES");
         check("", &[("FLEDGE_NOTIFIER_MAILBOX_CAPACITY", "0")], "mailbox_capacity");
+        check("[limits]\nmetric_records_per_minute = 0", &[], "limits.metric_records_per_minute");
+        check("", &[("FLEDGE_LIMITS_METASERVER_ENDS_PER_JOB", "0")], "metaserver_ends_per_job");
+        check("[limits]\nmetric_rows = 1", &[], "metric_rows");
         // Plain text only on loopback; a certificate comes with its key.
         check(
             "[tls]\ninsecure = true\n[apiserver]\nlisten = \"0.0.0.0:10100\"",

@@ -27,7 +27,7 @@ pub fn code_of(code: ErrorCode) -> Code {
         ErrorCode::AlreadyExists => Code::AlreadyExists,
         ErrorCode::Conflict => Code::FailedPrecondition,
         // Too much of something the server bounds (a message, its table of ends).
-        ErrorCode::PayloadTooLarge => Code::ResourceExhausted,
+        ErrorCode::PayloadTooLarge | ErrorCode::TooManyRequests => Code::ResourceExhausted,
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Internal => Code::Internal,
     }

@@ -272,7 +272,9 @@ async fn start_under(
         .clone()
         .or_else(|| services.addrs.metaserver.map(|addr| url_of(addr, secure)));
     if let Some(listener) = metaserver_listener {
-        let mut metaserver = crate::metaserver::Options::default()
+        let mut metaserver = options
+            .limits
+            .metaserver()
             .build()
             .context("cannot build the metaserver")?
             .authenticated(store.clone());
@@ -363,7 +365,8 @@ async fn start_under(
             }
             None => None,
         };
-        start_apiserver(&mut services, listener, env, broker_credentials, mosquitto, keys)?;
+        let access = ApiAccess { broker_credentials, mosquitto, data_plane_keys: keys };
+        start_apiserver(&mut services, listener, env, access, &options.limits)?;
     }
 
     if let Some(listener) = metrics_listener {
@@ -381,27 +384,38 @@ async fn start_under(
     Ok(services)
 }
 
-/// Starts the REST apiserver on `listener`.
+/// What the apiserver puts into task configs: broker logins (and the Mosquitto provisioned
+/// with them) and data-plane keys.
+struct ApiAccess {
+    broker_credentials: BrokerCredentials,
+    mosquitto: Option<crate::mosquitto::Provisioner>,
+    data_plane_keys: controller::TaskKeys,
+}
+
+/// Starts the REST apiserver on `listener`, bounded by `limits`.
 fn start_apiserver(
     services: &mut Services,
     listener: TcpListener,
     env: TaskEnv,
-    broker_credentials: BrokerCredentials,
-    mosquitto: Option<crate::mosquitto::Provisioner>,
-    data_plane_keys: controller::TaskKeys,
+    access: ApiAccess,
+    limits: &crate::config::LimitsSection,
 ) -> anyhow::Result<()> {
+    let ApiAccess { broker_credentials, mosquitto, data_plane_keys } = access;
     let state = crate::api::ApiState::new(
         services.store.clone(),
         services.controller.clone(),
         services.notifier.clone(),
         env,
-    )
-    .with_notifier_url(services.endpoints.notifier.clone())
-    .with_ca(services.tls.as_ref().and_then(|tls| tls.ca.clone()))
-    .with_broker_credentials(broker_credentials)
-    .with_data_plane_keys(data_plane_keys)
-    .with_secure_cookies(services.tls.is_some())
-    .with_telemetry(services.telemetry.clone());
+    );
+    let base = state.limits;
+    let state = state
+        .with_limits(limits.api(base))
+        .with_notifier_url(services.endpoints.notifier.clone())
+        .with_ca(services.tls.as_ref().and_then(|tls| tls.ca.clone()))
+        .with_broker_credentials(broker_credentials)
+        .with_data_plane_keys(data_plane_keys)
+        .with_secure_cookies(services.tls.is_some())
+        .with_telemetry(services.telemetry.clone());
     let state = match mosquitto {
         Some(provisioner) => state.with_mosquitto(provisioner),
         None => state,

@@ -814,6 +814,7 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
     options.broker.listen = "127.0.0.1:0".parse().expect("addr");
     options.metaserver.listen = "127.0.0.1:0".parse().expect("addr");
     options.controller.resync_interval_secs = 0.05;
+    options.limits.metaserver_ends_per_job = 3;
     let store = service::open_store(&options).await.expect("store");
     let shutdown = CancellationToken::new();
     let services = service::start(&options, store.clone(), &shutdown).await.expect("services");
@@ -935,6 +936,20 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
         .await
         .expect_err("deregistering someone else");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // A task may name any channel and group for its own end: the job's ends are bounded
+    // (`limits.metaserver_ends_per_job`, 3 here), and the refusal names the setting.
+    let in_group = |group: &str| EndKey { group: group.to_owned(), ..end(a_id, job_id) };
+    for group in ["g1", "g2"] {
+        meta.register(as_task(register(in_group(group)), a_id, Some(&a.task_key)))
+            .await
+            .expect("room in the job");
+    }
+    let status = meta
+        .register(as_task(register(in_group("g3")), a_id, Some(&a.task_key)))
+        .await
+        .expect_err("a fourth end of the job");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("limits.metaserver_ends_per_job"), "{status:?}");
 
     // The job ends: its logins and keys stop working.
     store

@@ -287,23 +287,10 @@ fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    let dir = path.parent().expect("registry paths have a parent");
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = path.with_extension("tmp");
-    let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
-    write(&mut out).and_then(|()| out.flush()).map_err(io_err(&tmp))?;
     // Durable before it is visible: the bytes reach the disk, then the rename does (a crash
     // leaves the old file or the new one, never a torn or empty one under the final name).
-    let file = out.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    fledge_durable::write_with(path, None, write).map_err(io_err(path))
 }
-
-/// Buffer of a streamed model file, in bytes.
-const WRITE_BUFFER: usize = 1 << 16;
 
 /// Values encoded at a time while streaming a tensor (a 16 KiB stack buffer).
 const ENCODE_VALUES: usize = 4096;

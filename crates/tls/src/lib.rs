@@ -532,25 +532,11 @@ fn create_private_dir(dir: &Path) -> Result<()> {
     builder.create(dir).map_err(io)
 }
 
-/// Writes `bytes` to `path` through a temporary file (so a crash leaves no half file), with
-/// `mode` on Unix.
+/// Writes `bytes` to `path` durably (`fledge_durable`: a crash leaves the old file or the new
+/// one, never half of one), with `mode` on Unix.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let io = |source| Error::Io { path: path.to_owned(), source };
-    let tmp = path.with_extension("tmp");
-    let mut open = fs::OpenOptions::new();
-    open.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        open.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut file = open.open(&tmp).map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io)
+    fledge_durable::write_with(path, Some(mode), |out| out.write_all(bytes))
+        .map_err(|source| Error::Io { path: path.to_owned(), source })
 }
 
 #[cfg(test)]

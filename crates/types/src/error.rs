@@ -20,6 +20,8 @@ pub enum ErrorCode {
     Conflict,
     /// Larger than allowed.
     PayloadTooLarge,
+    /// Faster than allowed; retry later (the message says when).
+    TooManyRequests,
     /// A dependency is down; retry later.
     Unavailable,
     /// A bug.

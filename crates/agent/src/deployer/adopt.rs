@@ -61,11 +61,11 @@ impl WorkerRecord {
     }
 }
 
-/// Writes `record` into `work_dir` (temporary file, then rename).
+/// Writes `record` into `work_dir` durably (a restarted deployer finds the whole record or
+/// none, see `fledge_durable`).
 pub(crate) fn write(work_dir: &Path, record: &WorkerRecord) -> std::io::Result<()> {
-    let tmp = work_dir.join(format!("{WORKER_RECORD}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec(record).map_err(std::io::Error::other)?)?;
-    std::fs::rename(&tmp, work_dir.join(WORKER_RECORD))
+    let bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    fledge_durable::write(&work_dir.join(WORKER_RECORD), &bytes)
 }
 
 /// Reads the record in `work_dir`; `None` if there is none or it is not one.

@@ -33,7 +33,7 @@ async fn play_controller(server: &Server, end: JobState) -> Job {
             ]),
             timestamp: None,
         };
-        store.add_metrics(&job.id, &[record]).await.unwrap();
+        store.add_metrics(&job.id, &[record], u64::MAX).await.unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     if end == JobState::Failed {

@@ -19,6 +19,7 @@ mod http_metrics;
 mod jobs;
 pub mod logbook;
 mod models;
+mod rate;
 mod tasks;
 pub mod ui;
 mod users;
@@ -65,9 +66,23 @@ pub struct Limits {
     pub metrics_per_record: usize,
     /// Most metric records a task may store over its job (default 100,000: a record a round
     /// for a long job, several per round for a short one). A request that would pass it is
-    /// refused whole; concurrent requests of one task may pass it by one request at most.
+    /// refused whole, also when requests of one task come concurrently (the store counts and
+    /// inserts in one transaction under the task's lock).
     pub metric_records_per_task: u64,
+    /// Metric records a task may post per minute on average (default 6,000); it may post this
+    /// many at once after a quiet minute (a token bucket per task, per apiserver).
+    pub metric_records_per_minute: u32,
 }
+
+/// Default of [`Limits::metric_records_per_request`].
+pub const DEFAULT_METRIC_RECORDS_PER_REQUEST: usize = 1_000;
+/// Default of [`Limits::metrics_per_record`] (as `fledge-sdk`'s protocol).
+pub const DEFAULT_METRICS_PER_RECORD: usize = 256;
+/// Default of [`Limits::metric_records_per_task`].
+pub const DEFAULT_METRIC_RECORDS_PER_TASK: u64 = 100_000;
+/// Default of [`Limits::metric_records_per_minute`]: 100 a second, far above a record per task
+/// per round.
+pub const DEFAULT_METRIC_RECORDS_PER_MINUTE: u32 = 6_000;
 
 /// Default bound on what a code bundle inflates to: 256 MiB (the agent's unpacking bound).
 pub const DEFAULT_CODE_INFLATED_LIMIT: u64 = 256 * 1024 * 1024;
@@ -106,6 +121,8 @@ pub struct ApiState {
     pub telemetry: crate::telemetry::Telemetry,
     /// Series fed by the metric records tasks post.
     reported: crate::telemetry::ReportedMetrics,
+    /// How fast each task may post metric records ([`Limits::metric_records_per_minute`]).
+    metric_rate: Arc<rate::RateLimiter>,
     /// The log lines tasks stream while they run (`fledgectl logs -f`).
     pub logs: Arc<logbook::LogBook>,
     /// The dashboard's sessions and cookie settings.
@@ -134,9 +151,10 @@ impl ApiState {
             code_bytes: store.max_code_bytes(),
             code_inflated_bytes: DEFAULT_CODE_INFLATED_LIMIT,
             code_entries: DEFAULT_CODE_ENTRIES_LIMIT,
-            metric_records_per_request: 1_000,
-            metrics_per_record: 256,
-            metric_records_per_task: 100_000,
+            metric_records_per_request: DEFAULT_METRIC_RECORDS_PER_REQUEST,
+            metrics_per_record: DEFAULT_METRICS_PER_RECORD,
+            metric_records_per_task: DEFAULT_METRIC_RECORDS_PER_TASK,
+            metric_records_per_minute: DEFAULT_METRIC_RECORDS_PER_MINUTE,
         };
         Self {
             store,
@@ -152,6 +170,7 @@ impl ApiState {
             metrics: Arc::new(http_metrics::HttpMetrics::default()),
             telemetry: crate::telemetry::Telemetry::new(),
             reported: crate::telemetry::ReportedMetrics::default(),
+            metric_rate: Arc::default(),
             logs: Arc::new(logbook::LogBook::default()),
             ui: ui::UiState::default(),
         }

@@ -6,16 +6,18 @@ use std::io::{Cursor, Read as _, Write as _};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use fledge_types::{ErrorCode, ErrorDetail, MetricRecord, Task, TaskConfig, TaskId, TaskState};
 
 use super::error::{Error, Result};
+use super::rate::Refused;
 use super::{ApiState, body};
 use crate::store;
 
@@ -345,16 +347,20 @@ async fn heartbeat(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The task reports per-round metrics.
+/// The task reports per-round metrics. Bounded per task: records per request and stored in
+/// all (413), and records per minute (429, with `Retry-After`); each refusal names its setting.
 #[utoipa::path(post, path = "/tasks/{taskId}/metrics", tag = "tasks", request_body = [MetricRecord],
     params(("taskId" = String, Path)),
-    responses((status = 204), (status = 400, body = fledge_types::ApiError)))]
+    responses((status = 204), (status = 400, body = fledge_types::ApiError),
+        (status = 401, body = fledge_types::ApiError),
+        (status = 413, body = fledge_types::ApiError),
+        (status = 429, body = fledge_types::ApiError)))]
 async fn task_metrics(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(task): Path<String>,
     request: Body,
-) -> Result<StatusCode> {
+) -> Result<Response> {
     let task = state.task(&headers, &TaskId::new(task)).await?;
     let records: Vec<MetricRecord> =
         body::json(request, state.limits.json_bytes, "metric records").await?;
@@ -362,7 +368,8 @@ async fn task_metrics(
     let too_many = |message: String| Error::new(ErrorCode::PayloadTooLarge, message);
     if records.len() > limits.metric_records_per_request {
         return Err(too_many(format!(
-            "{} metric records in one request; at most {} may be sent at once",
+            "{} metric records in one request; at most {} may be sent at once \
+             (setting limits.metric_records_per_request)",
             records.len(),
             limits.metric_records_per_request
         )));
@@ -385,7 +392,7 @@ async fn task_metrics(
             details.push(ErrorDetail {
                 path: format!("[{i}].metrics"),
                 message: format!(
-                    "{} metrics; at most {} per record",
+                    "{} metrics; at most {} per record (setting limits.metrics_per_record)",
                     record.metrics.len(),
                     limits.metrics_per_record
                 ),
@@ -409,20 +416,44 @@ async fn task_metrics(
     if !details.is_empty() {
         return Err(Error::invalid("invalid metric records", details));
     }
-    let stored = state.store.count_metrics(&task.job_id, &task.task_id).await?;
-    if stored.saturating_add(records.len() as u64) > limits.metric_records_per_task {
-        return Err(too_many(format!(
-            "task {} has stored {stored} metric records; with these {} it would pass its limit of {}",
-            task.task_id,
-            records.len(),
-            limits.metric_records_per_task
-        )));
+    let per_minute = limits.metric_records_per_minute;
+    match state.metric_rate.take(&task.task_id, records.len() as u64, per_minute, Instant::now()) {
+        Ok(()) => {}
+        Err(Refused::TooMany) => {
+            return Err(too_many(format!(
+                "{} metric records in one request; a task may post at most {per_minute} a \
+                 minute (setting limits.metric_records_per_minute)",
+                records.len()
+            )));
+        }
+        Err(Refused::Wait(wait)) => {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let err = Error::new(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "task {} posts metric records faster than {per_minute} a minute (setting \
+                     limits.metric_records_per_minute); retry these {} in {secs} s",
+                    task.task_id,
+                    records.len()
+                ),
+            );
+            return Ok((StatusCode::TOO_MANY_REQUESTS, [(RETRY_AFTER, secs.to_string())], err)
+                .into_response());
+        }
     }
-    let stored = state.store.add_metrics(&task.job_id, &records).await?;
+    let stored =
+        match state.store.add_metrics(&task.job_id, &records, limits.metric_records_per_task).await
+        {
+            Ok(stored) => stored,
+            Err(err @ store::Error::MetricLimit { .. }) => {
+                return Err(too_many(format!("{err} (setting limits.metric_records_per_task)")));
+            }
+            Err(err) => return Err(err.into()),
+        };
     let new: Vec<fledge_types::MetricRecord> =
         stored.into_iter().filter_map(|i| records.get(i).cloned()).collect();
     state.reported.observe(&new);
-    Ok(StatusCode::NO_CONTENT)
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[cfg(test)]

@@ -66,9 +66,20 @@ pub enum Error {
     #[error("invalid request: {}", .0.join("; "))]
     InvalidRequest(Vec<String>),
     /// Registering one more end would exceed the configured bound.
-    #[error("the metaserver holds its maximum of {max} ends")]
+    #[error("the metaserver holds its maximum of {max} ends (setting limits.metaserver_ends)")]
     Full {
         /// The bound ([`Options::max_ends`]).
+        max: usize,
+    },
+    /// Registering one more end of a job would exceed the per-job bound.
+    #[error(
+        "job {job} has its maximum of {max} ends registered (setting limits.metaserver_ends_per_job); \
+         deregister ends of channels or groups it no longer uses"
+    )]
+    JobFull {
+        /// The job.
+        job: String,
+        /// The bound ([`Options::max_ends_per_job`]).
         max: usize,
     },
     /// The caller may not name this end or job.
@@ -87,7 +98,7 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::InvalidRequest(_) => ErrorCode::BadRequest,
-            Error::Full { .. } => ErrorCode::PayloadTooLarge,
+            Error::Full { .. } | Error::JobFull { .. } => ErrorCode::PayloadTooLarge,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::InvalidOption { .. } | Error::Serve(_) => ErrorCode::Internal,
         }
@@ -135,11 +146,20 @@ pub struct Options {
     pub max_lease_ms: u32,
     /// Most ends registered at once across all jobs (default 100000).
     pub max_ends: usize,
+    /// Most ends one job may have registered at once, over all its channels and groups
+    /// (default 10000): a task registers only its own end, but may do so under any channel and
+    /// group name, so without it one job could take the whole `max_ends`.
+    pub max_ends_per_job: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { min_lease_ms: 200, max_lease_ms: 60_000, max_ends: 100_000 }
+        Self {
+            min_lease_ms: 200,
+            max_lease_ms: 60_000,
+            max_ends: 100_000,
+            max_ends_per_job: 10_000,
+        }
     }
 }
 
@@ -161,11 +181,15 @@ impl Options {
                 ),
             });
         }
-        if self.max_ends == 0 {
-            return Err(Error::InvalidOption {
-                field: "max_ends",
-                reason: "must be at least 1".to_owned(),
-            });
+        for (field, value) in
+            [("max_ends", self.max_ends), ("max_ends_per_job", self.max_ends_per_job)]
+        {
+            if value == 0 {
+                return Err(Error::InvalidOption {
+                    field,
+                    reason: "must be at least 1".to_owned(),
+                });
+            }
         }
         Ok(())
     }
@@ -203,6 +227,8 @@ pub struct Registry {
     options: Options,
     scopes: HashMap<Scope, BTreeMap<String, Entry>>,
     ends: usize,
+    /// Ends registered per job (expired ones count until swept); jobs with none are absent.
+    per_job: HashMap<String, usize>,
 }
 
 fn check_id(problems: &mut Vec<String>, field: &str, value: &str) {
@@ -267,7 +293,7 @@ fn tls_ca_problem(endpoint: &str, tls_ca: &str) -> Option<String> {
 impl Registry {
     /// An empty registry bounded by `options`.
     pub fn new(options: Options) -> Registry {
-        Registry { options, scopes: HashMap::new(), ends: 0 }
+        Registry { options, scopes: HashMap::new(), ends: 0, per_job: HashMap::new() }
     }
 
     /// Ends registered (expired ones count until swept).
@@ -308,14 +334,28 @@ impl Registry {
         self.sweep_scope(&scope, now);
         let lease_ms = request.lease_ms.clamp(self.options.min_lease_ms, self.options.max_lease_ms);
         let lease = Duration::from_millis(u64::from(lease_ms));
-        let entries = self.scopes.entry(scope).or_default();
-        if !entries.contains_key(&end) {
+        let new = !self.scopes.get(&scope).is_some_and(|entries| entries.contains_key(&end));
+        if new {
+            if self.ends >= self.options.max_ends {
+                // Expired ends of other scopes still count until swept: sweep, then decide.
+                self.sweep(now);
+            }
             if self.ends >= self.options.max_ends {
                 return Err(Error::Full { max: self.options.max_ends });
             }
+            if self.job_ends(&scope.job) >= self.options.max_ends_per_job {
+                self.sweep_job(&scope.job, now);
+            }
+            if self.job_ends(&scope.job) >= self.options.max_ends_per_job {
+                return Err(Error::JobFull {
+                    job: scope.job.clone(),
+                    max: self.options.max_ends_per_job,
+                });
+            }
             self.ends += 1;
+            *self.per_job.entry(scope.job.clone()).or_default() += 1;
         }
-        entries.insert(
+        self.scopes.entry(scope).or_default().insert(
             end,
             Entry {
                 role: request.role,
@@ -340,11 +380,11 @@ impl Registry {
             return Ok(false);
         };
         let removed = entries.remove(&end).is_some();
-        if removed {
-            self.ends -= 1;
-        }
         if entries.is_empty() {
             self.scopes.remove(&scope);
+        }
+        if removed {
+            self.forget(&scope.job, 1);
         }
         Ok(removed)
     }
@@ -379,14 +419,42 @@ impl Registry {
             .collect())
     }
 
+    /// Ends of `job` registered (expired ones count until swept).
+    fn job_ends(&self, job: &str) -> usize {
+        self.per_job.get(job).copied().unwrap_or(0)
+    }
+
+    /// Takes `count` ends of `job` off the counts.
+    fn forget(&mut self, job: &str, count: usize) {
+        if count == 0 {
+            return;
+        }
+        self.ends -= count;
+        if let Some(n) = self.per_job.get_mut(job) {
+            *n -= count;
+            if *n == 0 {
+                self.per_job.remove(job);
+            }
+        }
+    }
+
     fn sweep_scope(&mut self, scope: &Scope, now: Instant) {
         if let Some(entries) = self.scopes.get_mut(scope) {
             let before = entries.len();
             entries.retain(|_, entry| entry.expires > now);
-            self.ends -= before - entries.len();
+            let expired = before - entries.len();
             if entries.is_empty() {
                 self.scopes.remove(scope);
             }
+            self.forget(&scope.job, expired);
+        }
+    }
+
+    /// Forgets every end of `job` whose lease ran out.
+    fn sweep_job(&mut self, job: &str, now: Instant) {
+        let scopes: Vec<Scope> = self.scopes.keys().filter(|s| s.job == job).cloned().collect();
+        for scope in scopes {
+            self.sweep_scope(&scope, now);
         }
     }
 
@@ -717,9 +785,45 @@ mod tests {
         let later = now + Duration::from_secs(5);
         registry.register(register("j", "g", "c", "p", 1_000), later).expect("room after expiry");
         assert_eq!(registry.len(), 1);
-        let err = Options { max_lease_ms: 10, min_lease_ms: 20, max_ends: 1 }
+        let err = Options { max_lease_ms: 10, min_lease_ms: 20, ..Options::default() }
             .validate()
             .expect_err("inverted bounds");
         assert!(err.to_string().contains("max_lease_ms"), "{err}");
+        let err = Options { max_ends_per_job: 0, ..Options::default() }.validate().expect_err("0");
+        assert!(err.to_string().contains("max_ends_per_job"), "{err}");
+    }
+
+    /// One job's task may register its end under any channel and group name: the job's ends
+    /// are bounded apart from the global bound, and other jobs still register.
+    #[test]
+    fn bounded_number_of_ends_per_job() {
+        let options = Options { max_ends_per_job: 3, ..Options::default() };
+        let mut registry = Registry::new(options);
+        let now = Instant::now();
+        for group in ["g1", "g2", "g3"] {
+            registry.register(register("greedy", group, "t1", "p", 1_000), now).expect("fits");
+        }
+        let err = registry
+            .register(register("greedy", "g4", "t1", "p", 1_000), now)
+            .expect_err("a fourth end of the job");
+        assert!(matches!(&err, Error::JobFull { job, max: 3 } if job == "greedy"), "{err}");
+        assert!(err.to_string().contains("limits.metaserver_ends_per_job"), "{err}");
+        let status = Status::from(err);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("job greedy has its maximum of 3 ends"), "{status:?}");
+        registry.register(register("greedy", "g2", "t1", "p", 1_000), now).expect("a renewal");
+        registry.register(register("other", "g1", "t1", "p", 1_000), now).expect("another job");
+        assert_eq!(registry.len(), 4);
+        // Room again once an end leaves or its lease runs out.
+        assert!(registry.deregister(&key("greedy", "ring", "g1", "t1"), now).expect("valid"));
+        registry.register(register("greedy", "g4", "t1", "p", 1_000), now).expect("room");
+        let later = now + Duration::from_secs(5);
+        for group in ["g5", "g6", "g7"] {
+            registry.register(register("greedy", group, "t1", "p", 1_000), later).expect("room");
+        }
+        assert_eq!(registry.job_ends("greedy"), 3, "its expired ends were swept");
+        assert_eq!(registry.len(), 4, "other's expired end counts until swept");
+        registry.sweep(later);
+        assert_eq!((registry.len(), registry.job_ends("other")), (3, 0));
     }
 }

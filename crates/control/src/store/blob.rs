@@ -3,6 +3,13 @@
 //! Writes go to a temporary file in the same directory, are synced, then renamed into place,
 //! so a reader never sees a partial bundle and a crash leaves at most a stray temp file.
 //! Rows in the database hold only the metadata (version, size, hash).
+//!
+//! Blobs are shared by content, so one is removed only when no row names it. The store decides
+//! that inside a database transaction that holds the blob's lock (see `sql.rs`): the collector
+//! moves the blob aside ([`BlobStore::trash`]) before it commits, and either purges it after the
+//! commit or restores it if the commit fails; an upload takes the same lock and puts the blob
+//! back if it is gone before it commits its row. A blob moved aside by a process that crashed
+//! before its commit is restored when the directory is next opened.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,20 +27,43 @@ pub const DEFAULT_MAX_BYTES: u64 = 100 * 1024 * 1024;
 pub struct BlobStore {
     dir: Arc<PathBuf>,
     max_bytes: u64,
-    /// Orders adding references against collecting unreferenced blobs: a writer holds it shared
-    /// from `put` until the row that names the blob is committed, a collector holds it
-    /// exclusively from counting references until the removal, so a blob is never removed
-    /// between an upload finding it present and committing its row. (One process owns a blob
-    /// directory.)
-    refs: Arc<tokio::sync::RwLock<()>>,
+    /// Tests: where the next upload stops between writing its blob and committing its row.
+    #[cfg(test)]
+    pause: Arc<std::sync::Mutex<Option<Pause>>>,
 }
+
+/// A blob moved aside by [`BlobStore::trash`]: purged once the removal is committed, restored
+/// if it is not.
+#[derive(Debug)]
+pub struct Trashed {
+    sha256: String,
+    path: PathBuf,
+}
+
+/// Tests: an upload stopped after its blob is written, until `resume` fires.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Pause {
+    reached: tokio::sync::oneshot::Sender<()>,
+    resume: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// The prefix of a blob moved aside (`.trash-<sha256>-<random>`).
+const TRASH_PREFIX: &str = ".trash-";
 
 impl BlobStore {
     /// Opens (creating it if needed) a blob directory whose blobs may be at most `max_bytes` long.
+    /// Blobs left moved aside by a removal that never committed are put back.
     pub fn new(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(Error::Blob)?;
-        Ok(Self { dir: Arc::new(dir), max_bytes, refs: Arc::default() })
+        restore_trash(&dir).map_err(Error::Blob)?;
+        Ok(Self {
+            dir: Arc::new(dir),
+            max_bytes,
+            #[cfg(test)]
+            pause: Arc::default(),
+        })
     }
 
     /// The directory.
@@ -61,16 +91,26 @@ impl BlobStore {
         Ok(self.dir.join(&sha256[..2]).join(sha256))
     }
 
-    /// Held while adding a reference to a blob (from [`BlobStore::put`] to the commit of the row
-    /// that names it); collection waits for it.
-    pub async fn referencing(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
-        self.refs.read().await
+    /// Tests: the next upload through this blob store stops after writing its blob, before its
+    /// transaction; `reached` fires then, and it goes on when `resume` is sent.
+    #[cfg(test)]
+    pub(crate) fn pause_next_upload(
+        &self,
+    ) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+        let (reached, reached_rx) = tokio::sync::oneshot::channel();
+        let (resume_tx, resume) = tokio::sync::oneshot::channel();
+        *self.pause.lock().unwrap() = Some(Pause { reached, resume });
+        (reached_rx, resume_tx)
     }
 
-    /// Held while collecting unreferenced blobs (from counting references to removing);
-    /// new references wait for it.
-    pub async fn collecting(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
-        self.refs.write().await
+    /// Tests: stops here if [`BlobStore::pause_next_upload`] asked to.
+    #[cfg(test)]
+    pub(crate) async fn paused(&self) {
+        let pause = self.pause.lock().unwrap().take();
+        if let Some(Pause { reached, resume }) = pause {
+            let _ = reached.send(());
+            let _ = resume.await;
+        }
     }
 
     /// Stores `bytes` and returns their SHA-256; `TooLarge` past the limit. Idempotent.
@@ -121,15 +161,74 @@ impl BlobStore {
         }
     }
 
-    /// Removes a blob; removing a missing blob is not an error.
-    pub async fn remove(&self, sha256: &str) -> Result<()> {
+    /// Moves a blob aside (it is no longer found) ahead of a removal that is yet to commit;
+    /// `None` if it is not there. Call it holding the blob's lock in the removing transaction.
+    pub async fn trash(&self, sha256: &str) -> Result<Option<Trashed>> {
         let path = self.path_of(sha256)?;
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        let aside = path.with_file_name(format!(
+            "{TRASH_PREFIX}{sha256}-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ));
+        match tokio::fs::rename(&path, &aside).await {
+            Ok(()) => Ok(Some(Trashed { sha256: sha256.to_owned(), path: aside })),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(err) => Err(Error::Blob(err)),
         }
     }
+
+    /// Deletes a blob moved aside, once its removal committed.
+    pub async fn purge(&self, trashed: Trashed) {
+        if let Err(err) = tokio::fs::remove_file(&trashed.path).await {
+            tracing::warn!(%err, sha256 = %trashed.sha256, "cannot delete an unused code blob");
+        }
+    }
+
+    /// Puts a blob moved aside back, when its removal did not commit. An upload that wrote the
+    /// blob again meanwhile wins (the bytes are the same).
+    pub async fn restore(&self, trashed: Trashed) {
+        let put_back = async {
+            let path = self.path_of(&trashed.sha256)?;
+            if tokio::fs::try_exists(&path).await.map_err(Error::Blob)? {
+                tokio::fs::remove_file(&trashed.path).await.map_err(Error::Blob)
+            } else {
+                tokio::fs::rename(&trashed.path, &path).await.map_err(Error::Blob)
+            }
+        };
+        if let Err(err) = put_back.await {
+            tracing::error!(%err, sha256 = %trashed.sha256, "cannot restore a code blob whose removal failed");
+        }
+    }
+}
+
+/// Puts back every blob of `dir` moved aside by a removal that never committed (a crash between
+/// [`BlobStore::trash`] and the commit): with its row still there, it is still needed; without,
+/// it is an unused blob, which costs only disk.
+fn restore_trash(dir: &Path) -> std::io::Result<()> {
+    for fan_out in std::fs::read_dir(dir)? {
+        let fan_out = fan_out?.path();
+        if !fan_out.is_dir() {
+            continue;
+        }
+        for entry in std::fs::read_dir(&fan_out)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(sha256) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(TRASH_PREFIX))
+                .and_then(|rest| rest.split_once('-'))
+                .map(|(sha, _)| sha.to_owned())
+            else {
+                continue;
+            };
+            let path = fan_out.join(&sha256);
+            if path.exists() {
+                std::fs::remove_file(entry.path())?;
+            } else {
+                std::fs::rename(entry.path(), &path)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -147,8 +246,17 @@ mod tests {
         let err = blobs.put(b"01234567890").await.unwrap_err();
         assert!(matches!(err, Error::TooLarge { size: 11, limit: 10 }), "{err:?}");
         assert!(matches!(blobs.get("../../etc/passwd").await, Err(Error::NotFound { .. })));
-        blobs.remove(&sha).await.unwrap();
-        blobs.remove(&sha).await.unwrap();
+        let trashed = blobs.trash(&sha).await.unwrap().expect("present");
+        assert!(blobs.trash(&sha).await.unwrap().is_none(), "already moved aside");
+        assert!(matches!(blobs.get(&sha).await, Err(Error::NotFound { .. })));
+        blobs.restore(trashed).await;
+        assert_eq!(blobs.get(&sha).await.unwrap(), b"hello", "a failed removal restores it");
+        // Moved aside by a process that crashed before committing: back when reopened.
+        let _crashed = blobs.trash(&sha).await.unwrap().expect("present");
+        let blobs = BlobStore::new(dir.path().join("blobs"), 10).unwrap();
+        assert_eq!(blobs.get(&sha).await.unwrap(), b"hello");
+        let trashed = blobs.trash(&sha).await.unwrap().expect("present");
+        blobs.purge(trashed).await;
         assert!(matches!(blobs.get(&sha).await, Err(Error::NotFound { .. })));
         // No temp files are left behind.
         let leftovers: Vec<_> =

@@ -81,6 +81,21 @@ pub enum Error {
         /// Configured limit in bytes.
         limit: u64,
     },
+    /// Storing these metric records would pass a task's bound; nothing was stored.
+    #[error(
+        "task {task} has stored {stored} metric records; with these {adding} it would pass its \
+         limit of {limit}"
+    )]
+    MetricLimit {
+        /// The task.
+        task: String,
+        /// Records it has stored.
+        stored: u64,
+        /// Records the request would add (those not stored already).
+        adding: u64,
+        /// The bound.
+        limit: u64,
+    },
     /// The database failed.
     #[error("database error")]
     Database(#[source] anyhow::Error),
@@ -96,7 +111,7 @@ impl Error {
             Error::NotFound { .. } => ErrorCode::NotFound,
             Error::AlreadyExists { .. } => ErrorCode::AlreadyExists,
             Error::Conflict { .. } | Error::InUse { .. } => ErrorCode::Conflict,
-            Error::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+            Error::TooLarge { .. } | Error::MetricLimit { .. } => ErrorCode::PayloadTooLarge,
             Error::Database(_) | Error::Blob(_) => ErrorCode::Internal,
         }
     }
@@ -328,8 +343,16 @@ pub trait Store: Send + Sync + 'static {
     // Metrics.
     /// Appends metric records of a job; a record already stored (same task, round and
     /// timestamp: a restarted task re-sends its recent records) is skipped. Returns the indices
-    /// in `records` of those newly stored.
-    async fn add_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<Vec<usize>>;
+    /// in `records` of those newly stored. When a task would then hold more than
+    /// `max_per_task` records, nothing is stored and the error is `MetricLimit`; the count and
+    /// the insert are one transaction under the task's lock, so concurrent requests cannot
+    /// pass the bound together.
+    async fn add_metrics(
+        &self,
+        job: &JobId,
+        records: &[MetricRecord],
+        max_per_task: u64,
+    ) -> Result<Vec<usize>>;
     /// How many metric records task `task` of `job` has stored.
     async fn count_metrics(&self, job: &JobId, task: &TaskId) -> Result<u64>;
     /// A job's metric records in insertion order.

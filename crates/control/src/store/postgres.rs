@@ -69,7 +69,12 @@ async fn migrate(pool: &PgPool) -> super::Result<()> {
     MIGRATOR.run(pool).await.map_err(super::sql::migrate_error)
 }
 
-impl_sql_store!(PostgresStore, sqlx::postgres::PgRow, "BEGIN");
+impl_sql_store!(
+    PostgresStore,
+    sqlx::postgres::PgRow,
+    "BEGIN",
+    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))::text"
+);
 
 #[cfg(test)]
 mod tests {
@@ -95,7 +100,35 @@ mod tests {
             }
         })
         .await;
+        design_deletion_races_an_upload(&url).await;
+        concurrent_metrics_stay_within_the_bound(&url).await;
         a_database_of_the_old_migrator_connects_and_upgrades(&url).await;
+    }
+
+    /// Two stores over one database, as two apiservers would open them.
+    async fn concurrent_metrics_stay_within_the_bound(url: &str) {
+        reset(url).await;
+        let dir = tempfile::tempdir().unwrap();
+        let open = || async {
+            let blobs = BlobStore::new(dir.path().join("blobs"), 1024).unwrap();
+            PostgresStore::connect(url, blobs).await.unwrap()
+        };
+        let (first, second) = (open().await, open().await);
+        crate::store::suite::concurrent_metrics_stay_within_the_bound(&first, &second).await;
+    }
+
+    /// Two stores over one database and one blob directory, as two apiservers would open them.
+    async fn design_deletion_races_an_upload(url: &str) {
+        reset(url).await;
+        let dir = tempfile::tempdir().unwrap();
+        let open = || async {
+            let blobs = BlobStore::new(dir.path().join("blobs"), 1024).unwrap();
+            (PostgresStore::connect(url, blobs.clone()).await.unwrap(), blobs)
+        };
+        let (uploader, uploader_blobs) = open().await;
+        let (deleter, _) = open().await;
+        crate::store::suite::design_deletion_races_an_upload(&uploader, &uploader_blobs, &deleter)
+            .await;
     }
 
     /// A database of the old migrator (`fledge_schema_version`, 0001 applied) connects, keeps

@@ -162,9 +162,12 @@ pub(super) fn revision(kind: &'static str, design: &str, version: &str) -> Resul
 }
 
 /// Implements [`Store`](crate::store::Store) for `$store` (a struct with `pool` and `blobs`
-/// fields) whose rows are `$row`; `$begin` starts a write transaction.
+/// fields) whose rows are `$row`; `$begin` starts a write transaction; `$lock`, run in a
+/// write transaction with a blob's SHA-256 as `$1`, holds that blob's lock until the transaction
+/// ends (PostgreSQL: an advisory lock; SQLite: nothing, its write transactions already exclude
+/// each other).
 macro_rules! impl_sql_store {
-    ($store:ty, $row:ty, $begin:expr) => {
+    ($store:ty, $row:ty, $begin:expr, $lock:expr) => {
         use std::collections::{BTreeSet, HashMap};
 
         use fledge_types::{
@@ -609,7 +612,8 @@ macro_rules! impl_sql_store {
                     });
                 }
                 let shas: Vec<String> = sqlx::query(
-                    "SELECT DISTINCT sha256 FROM codes WHERE owner = $1 AND design_id = $2",
+                    "SELECT DISTINCT sha256 FROM codes WHERE owner = $1 AND design_id = $2 \
+                     ORDER BY sha256",
                 )
                 .bind(&owner)
                 .bind(id.as_str())
@@ -619,27 +623,43 @@ macro_rules! impl_sql_store {
                 .iter()
                 .map(|row| get(row, "sha256"))
                 .collect::<Result<_>>()?;
+                // Blobs are shared by content. Each one's lock is held from here to the commit,
+                // so the references counted below are final: an upload of identical code waits
+                // for the commit, then finds the blob gone and writes it again.
+                for sha in &shas {
+                    sqlx::query($lock).bind(sha).execute(&mut *tx).await.map_err(db)?;
+                }
                 sqlx::query("DELETE FROM designs WHERE owner = $1 AND id = $2")
                     .bind(&owner)
                     .bind(id.as_str())
                     .execute(&mut *tx)
                     .await
                     .map_err(db)?;
-                tx.commit().await.map_err(db)?;
-                // Blobs are shared by content: drop only those no other revision references
-                // (no upload can add a reference between the count and the removal).
-                let _collecting = self.blobs.collecting().await;
+                let mut trashed = Vec::new();
                 for sha in shas {
                     let row = sqlx::query("SELECT COUNT(*) AS n FROM codes WHERE sha256 = $1")
                         .bind(&sha)
-                        .fetch_one(&self.pool)
+                        .fetch_one(&mut *tx)
                         .await
                         .map_err(db)?;
                     if get::<i64>(&row, "n")? == 0 {
-                        if let Err(err) = self.blobs.remove(&sha).await {
-                            tracing::warn!(%err, sha256 = %sha, "failed to remove an unused code blob");
+                        match self.blobs.trash(&sha).await {
+                            Ok(Some(aside)) => trashed.push(aside),
+                            Ok(None) => {}
+                            Err(err) => {
+                                tracing::warn!(%err, sha256 = %sha, "cannot remove an unused code blob");
+                            }
                         }
                     }
+                }
+                if let Err(err) = tx.commit().await {
+                    for aside in trashed {
+                        self.blobs.restore(aside).await;
+                    }
+                    return Err(db(err));
+                }
+                for aside in trashed {
+                    self.blobs.purge(aside).await;
                 }
                 Ok(())
             }
@@ -734,11 +754,17 @@ macro_rules! impl_sql_store {
                     });
                 }
                 let owner = self.design_owner(owner, design).await?;
-                // The blob first: content-addressed, so a failed row insert leaves at most an
-                // unreferenced file, never a row without bytes.
-                let _referencing = self.blobs.referencing().await;
+                // The blob first (outside the transaction: it may be large), content-addressed,
+                // so a failed row insert leaves at most an unreferenced file, never a row
+                // without bytes.
                 let sha256 = self.blobs.put(zip).await?;
+                #[cfg(test)]
+                self.blobs.paused().await;
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+                // Under the blob's lock, which a design deletion holds from counting references
+                // to committing: if one removed the blob since it was written, put it back.
+                sqlx::query($lock).bind(&sha256).execute(&mut *tx).await.map_err(db)?;
+                self.blobs.put(zip).await?;
                 let row = sqlx::query(
                     "SELECT COALESCE(MAX(version), 0) AS v FROM codes \
                      WHERE owner = $1 AND design_id = $2",
@@ -1479,9 +1505,34 @@ macro_rules! impl_sql_store {
                 rows.iter().map(|row| Ok(TaskId::new(get::<String>(row, "task_id")?))).collect()
             }
 
-            async fn add_metrics(&self, job: &JobId, records: &[MetricRecord]) -> Result<Vec<usize>> {
+            async fn add_metrics(
+                &self,
+                job: &JobId,
+                records: &[MetricRecord],
+                max_per_task: u64,
+            ) -> Result<Vec<usize>> {
                 self.fetch_job(None, job).await?;
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+                // Each task's count holds until the commit: its lock is taken first.
+                let tasks: BTreeSet<&str> = records.iter().map(|r| r.task_id.as_str()).collect();
+                let mut counts: HashMap<&str, (u64, u64)> = HashMap::new();
+                for task in tasks {
+                    sqlx::query($lock)
+                        .bind(format!("metrics\0{job}\0{task}"))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    let row = sqlx::query(
+                        "SELECT COUNT(*) AS n FROM metrics WHERE job_id = $1 AND task_id = $2",
+                    )
+                    .bind(job.as_str())
+                    .bind(task)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                    let stored = u64::try_from(get::<i64>(&row, "n")?).unwrap_or_default();
+                    counts.insert(task, (stored, 0));
+                }
                 let received = now();
                 let mut stored = Vec::with_capacity(records.len());
                 for (index, record) in records.iter().enumerate() {
@@ -1524,6 +1575,21 @@ macro_rules! impl_sql_store {
                         }
                     })?;
                     stored.push(index);
+                    if let Some((_, adding)) = counts.get_mut(record.task_id.as_str()) {
+                        *adding += 1;
+                    }
+                }
+                let over = counts
+                    .into_iter()
+                    .find(|(_, (stored, adding))| stored.saturating_add(*adding) > max_per_task);
+                if let Some((task, (stored, adding))) = over {
+                    // Dropping the transaction rolls the inserts back.
+                    return Err(Error::MetricLimit {
+                        task: task.to_owned(),
+                        stored,
+                        adding,
+                        limit: max_per_task,
+                    });
                 }
                 tx.commit().await.map_err(db)?;
                 Ok(stored)

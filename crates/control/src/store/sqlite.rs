@@ -74,7 +74,7 @@ async fn migrate(pool: &SqlitePool) -> super::Result<()> {
     MIGRATOR.run(pool).await.map_err(super::sql::migrate_error)
 }
 
-impl_sql_store!(SqliteStore, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE");
+impl_sql_store!(SqliteStore, sqlx::sqlite::SqliteRow, "BEGIN IMMEDIATE", "SELECT $1");
 
 #[cfg(test)]
 mod tests {
@@ -98,6 +98,32 @@ mod tests {
     /// A database written by the hand-written migrator that came before `sqlx::migrate!`
     /// (version table `fledge_schema_version`, migration 0001 applied) opens, keeps its data and
     /// is upgraded; a database claiming more migrations than this build knows is refused.
+    /// Two stores over one file and one blob directory, as two processes would open them.
+    #[tokio::test]
+    async fn design_deletion_races_an_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || async {
+            let blobs = BlobStore::new(dir.path().join("blobs"), 1024).unwrap();
+            (SqliteStore::open(dir.path().join("fledge.db"), blobs.clone()).await.unwrap(), blobs)
+        };
+        let (uploader, uploader_blobs) = open().await;
+        let (deleter, _) = open().await;
+        crate::store::suite::design_deletion_races_an_upload(&uploader, &uploader_blobs, &deleter)
+            .await;
+    }
+
+    /// Two stores over one file, as two processes would open them.
+    #[tokio::test]
+    async fn concurrent_metrics_stay_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || async {
+            let blobs = BlobStore::new(dir.path().join("blobs"), 1024).unwrap();
+            SqliteStore::open(dir.path().join("fledge.db"), blobs).await.unwrap()
+        };
+        let (first, second) = (open().await, open().await);
+        crate::store::suite::concurrent_metrics_stay_within_the_bound(&first, &second).await;
+    }
+
     #[tokio::test]
     async fn a_database_of_the_old_migrator_opens_and_upgrades() {
         use crate::store::Store as _;

@@ -573,6 +573,7 @@ async fn tasks(store: &impl Store) {
 }
 
 async fn metrics(store: &impl Store) {
+    const LIMIT: u64 = 6;
     with_users(store).await;
     let job = store.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
     let record = |round: u64, loss: f64| MetricRecord {
@@ -583,9 +584,9 @@ async fn metrics(store: &impl Store) {
         timestamp: None,
     };
     assert_eq!(store.latest_round(&job.id).await.unwrap(), None, "no record yet");
-    store.add_metrics(&job.id, &[record(2, 0.5), record(1, 0.9)]).await.unwrap();
+    store.add_metrics(&job.id, &[record(2, 0.5), record(1, 0.9)], LIMIT).await.unwrap();
     assert_eq!(store.latest_round(&job.id).await.unwrap(), Some(2));
-    store.add_metrics(&job.id, &[record(3, 0.1)]).await.unwrap();
+    store.add_metrics(&job.id, &[record(3, 0.1)], LIMIT).await.unwrap();
     assert_eq!(store.latest_round(&job.id).await.unwrap(), Some(3));
     assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 3);
     assert_eq!(store.count_metrics(&job.id, &"t2".into()).await.unwrap(), 0);
@@ -595,7 +596,7 @@ async fn metrics(store: &impl Store) {
     assert!(listed.iter().all(|m| m.timestamp.is_some()));
     assert_eq!(listed[1].metrics["loss"], 0.9);
     assert!(matches!(
-        store.add_metrics(&"nope".into(), &[record(1, 1.0)]).await,
+        store.add_metrics(&"nope".into(), &[record(1, 1.0)], LIMIT).await,
         Err(Error::NotFound { kind: "job", .. })
     ));
     assert!(matches!(store.list_metrics(&"nope".into()).await, Err(Error::NotFound { .. })));
@@ -608,11 +609,51 @@ async fn metrics(store: &impl Store) {
         ),
         ..record(round, 0.25)
     };
-    assert_eq!(store.add_metrics(&job.id, &[at(4, 0), at(4, 0)]).await.unwrap(), [0]);
-    assert_eq!(store.add_metrics(&job.id, &[at(4, 0)]).await.unwrap(), Vec::<usize>::new());
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 0), at(4, 0)], LIMIT).await.unwrap(), [0]);
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 0)], LIMIT).await.unwrap(), Vec::<usize>::new());
     assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 4);
-    assert_eq!(store.add_metrics(&job.id, &[at(4, 0), at(4, 1)]).await.unwrap(), [1]);
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 0), at(4, 1)], LIMIT).await.unwrap(), [1]);
     assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 5);
+
+    // A task's bound: past it nothing is stored; records stored already do not count twice.
+    let err = store.add_metrics(&job.id, &[at(5, 0), at(5, 1)], LIMIT).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::MetricLimit { task, stored: 5, adding: 2, limit: 6 } if task == "t1"),
+        "{err:?}"
+    );
+    assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 5, "rolled back");
+    assert_eq!(store.add_metrics(&job.id, &[at(4, 1), at(5, 0)], LIMIT).await.unwrap(), [1]);
+    assert_eq!(store.count_metrics(&job.id, &"t1".into()).await.unwrap(), 6);
+}
+
+/// Concurrent posts of one task cannot pass its bound together: its count and its inserts are
+/// one transaction under the task's lock (two stores over one database, as two apiservers).
+pub(crate) async fn concurrent_metrics_stay_within_the_bound<S: Store>(first: &S, second: &S) {
+    with_users(first).await;
+    let job = first.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
+    let record = |round: u64| MetricRecord {
+        task_id: "t1".into(),
+        role: "trainer".to_owned(),
+        round,
+        metrics: BTreeMap::from([("loss".to_owned(), 0.5)]),
+        timestamp: None,
+    };
+    let batch = |from: u64| (from..from + 3).map(record).collect::<Vec<_>>();
+    let mut accepted = 0;
+    for round in 0..10 {
+        let (a, b) = (batch(round * 10), batch(round * 10 + 5));
+        let (a, b) =
+            tokio::join!(first.add_metrics(&job.id, &a, 20), second.add_metrics(&job.id, &b, 20));
+        for result in [a, b] {
+            match result {
+                Ok(stored) => accepted += stored.len() as u64,
+                Err(Error::MetricLimit { .. }) => {}
+                Err(err) => panic!("{err:?}"),
+            }
+        }
+    }
+    assert_eq!(accepted, 18, "six batches of three fit in 20, the rest are refused whole");
+    assert_eq!(first.count_metrics(&job.id, &"t1".into()).await.unwrap(), 18);
 }
 
 async fn restarts(store: &impl Store) {
@@ -649,4 +690,46 @@ async fn restarts(store: &impl Store) {
         store.restart_task(&job.id, &"nope".into(), 0, "x").await,
         Err(Error::NotFound { .. })
     ));
+}
+
+/// Design deletion against an upload of identical code, from two stores over one database and
+/// one blob directory (two apiservers): the upload has written its blob (present already) and
+/// not yet committed its row when the deletion of the only other design naming that blob runs
+/// to its end. The uploaded revision must still have its bytes.
+pub(crate) async fn design_deletion_races_an_upload<S: Store>(
+    uploader: &S,
+    uploader_blobs: &BlobStore,
+    deleter: &S,
+) {
+    with_users(deleter).await;
+    let spec = DesignSpec { id: "shared".into(), ..DesignSpec::default() };
+    let id: &fledge_types::DesignId = &"shared".into();
+    deleter.create_design(&ann(), &spec).await.unwrap();
+    deleter.create_design(&bob(), &spec).await.unwrap();
+    deleter.put_code(Some(&ann()), id, b"same code").await.unwrap();
+
+    let (reached, resume) = uploader_blobs.pause_next_upload();
+    let uploading = bob();
+    let upload = uploader.put_code(Some(&uploading), id, b"same code");
+    let delete = async {
+        reached.await.expect("the upload wrote its blob");
+        deleter.delete_design(Some(&ann()), id).await.expect("ann's design is deleted");
+        resume.send(()).expect("the upload waits");
+    };
+    let (uploaded, ()) = tokio::join!(upload, delete);
+    let meta = uploaded.expect("bob's upload commits");
+    assert_eq!(meta.sha256, sha("same code"));
+    for store in [uploader, deleter] {
+        let (_, bytes) = store
+            .get_code(Some(&bob()), id, None)
+            .await
+            .expect("bob's revision keeps its blob after ann's design was deleted");
+        assert_eq!(bytes, b"same code");
+    }
+    // Once no row names the blob, deleting the last design removes it.
+    deleter.delete_design(Some(&bob()), id).await.unwrap();
+    let path = uploader_blobs.dir().join(&meta.sha256[..2]).join(&meta.sha256);
+    assert!(!path.exists(), "an unreferenced blob is removed");
+    let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+    assert!(leftovers.is_empty(), "nothing is left aside: {leftovers:?}");
 }

@@ -226,6 +226,46 @@ async fn three_tier_job_lifecycle() {
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     let (_, metrics) = ann.get(&format!("/users/ann/jobs/{id}/metrics")).await;
     assert_eq!(metrics.as_array().unwrap().len(), 5);
+    // And records per minute (10 here: a token bucket per task that refills one every 6 s).
+    // The top aggregator's bucket: 5 stored, 5 more taken (refused by the row limit), then a
+    // minute's worth again is 429 naming the setting, with the wait; more than a minute's
+    // worth in one request is 413.
+    let top_record = |round: u64| {
+        json!({"taskId": top.task_id, "role": "top-aggregator", "round": round,
+               "metrics": {"loss": 0.5}})
+    };
+    let top_agent = Client::new(&server.base, top_key);
+    let top_path = format!("/tasks/{}/metrics", top.task_id);
+    let five = |from: u64| json!((from..from + 5).map(top_record).collect::<Vec<_>>());
+    let (status, body) = top_agent.post(&top_path, &five(1)).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, body) = top_agent.post(&top_path, &five(6)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("limits.metric_records_per_task"), "{body}");
+    let response = crate::support::http()
+        .post(format!("{}/api/v1{top_path}", server.base))
+        .bearer_auth(top_key)
+        .json(&json!((11..21).map(top_record).collect::<Vec<_>>()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "TOO_MANY_REQUESTS", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("faster than 10 a minute")
+            && message.contains("limits.metric_records_per_minute"),
+        "{body}"
+    );
+    let eleven = json!((21..32).map(top_record).collect::<Vec<_>>());
+    let (status, body) = top_agent.post(&top_path, &eleven).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("at most 10 a minute"), "{body}");
+    let (_, metrics) = ann.get(&format!("/users/ann/jobs/{id}/metrics")).await;
+    assert_eq!(metrics.as_array().unwrap().len(), 10, "5 of each task, nothing refused");
     let (_, task) = ann.get(&format!("/users/ann/jobs/{id}/tasks/{}", trainer.task_id)).await;
     assert_eq!((task["state"].clone(), task["log"].clone()), (json!("running"), json!("up")));
     assert!(task["lastHeartbeat"].is_string(), "{task}");

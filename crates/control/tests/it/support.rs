@@ -27,6 +27,8 @@ pub const INFLATED_LIMIT: u64 = 1024 * 1024;
 pub const ENTRIES_LIMIT: usize = 50;
 /// Metric records a task may store.
 pub const METRIC_ROWS_LIMIT: u64 = 5;
+/// `limits.metric_records_per_minute` of the test server.
+pub const METRIC_RATE_LIMIT: u32 = 10;
 
 /// A running apiserver.
 pub struct Server {
@@ -61,6 +63,7 @@ impl Server {
         state.limits.code_inflated_bytes = INFLATED_LIMIT;
         state.limits.code_entries = ENTRIES_LIMIT;
         state.limits.metric_records_per_task = METRIC_ROWS_LIMIT;
+        state.limits.metric_records_per_minute = METRIC_RATE_LIMIT;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("https://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();

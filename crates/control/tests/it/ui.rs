@@ -95,7 +95,7 @@ async fn the_dashboard_shows_each_user_their_own_jobs_escaped_behind_a_strict_po
             timestamp: None,
         })
         .collect();
-    server.store.add_metrics(&JobId::new(&id), &records).await.unwrap();
+    server.store.add_metrics(&JobId::new(&id), &records, u64::MAX).await.unwrap();
     let ui = Ui { http: browser(), base: server.base.clone() };
 
     // Without a session: pages send to the login page, fragments and downloads are 401.

@@ -432,16 +432,8 @@ impl Spool {
             save_atomic(&self.data_path(seq), weights)?;
         }
         let path = self.dir.join(format!("{seq:010}.json"));
-        let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec(op).expect("spool records serialise");
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&tmp)?;
-            std::io::Write::write_all(&mut file, &text)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(io_err(&path))?;
+        fledge_durable::write(&path, &text).map_err(io_err(&path))?;
         Ok(seq)
     }
 
