@@ -1518,7 +1518,7 @@ macro_rules! impl_sql_store {
                 let mut counts: HashMap<&str, (u64, u64)> = HashMap::new();
                 for task in tasks {
                     sqlx::query($lock)
-                        .bind(format!("metrics\0{job}\0{task}"))
+                        .bind(format!("metrics/{job}/{task}"))
                         .execute(&mut *tx)
                         .await
                         .map_err(db)?;
