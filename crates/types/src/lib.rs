@@ -34,6 +34,8 @@
 
 pub mod error;
 pub mod expand;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod job;
 pub mod json;

@@ -13,7 +13,7 @@ pub mod auth;
 mod body;
 mod computes;
 mod datasets;
-mod designs;
+pub(crate) mod designs;
 pub mod error;
 mod http_metrics;
 mod jobs;
