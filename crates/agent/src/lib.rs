@@ -24,6 +24,8 @@ pub mod cli;
 pub mod deployer;
 pub mod entrypoint;
 pub mod fledgelet;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logtail;
 pub mod process;
 pub mod supervisor;

@@ -21,6 +21,8 @@ pub mod bench;
 pub mod broker;
 pub mod channel;
 mod chunk;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod local;
 pub mod manager;
 pub mod mqtt;

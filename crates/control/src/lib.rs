@@ -17,6 +17,8 @@ pub mod api;
 pub mod broker_auth;
 pub mod config;
 pub mod controller;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod metaserver;
 pub mod mlflow;

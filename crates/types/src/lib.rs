@@ -1,7 +1,8 @@
 //! Fledge's domain model and wire DTOs: designs, schemas (TAG), datasets, computes, jobs, tasks,
 //! their states, the task config a worker reads, and the REST error body.
 //!
-//! This crate does no I/O and knows no runtime: no tokio, HTTP, gRPC or database. It is shared
+//! This crate does no I/O (but for the hidden `fuzzing::replay`, a test helper that reads the
+//! committed fuzz corpora) and knows no runtime: no tokio, HTTP, gRPC or database. It is shared
 //! by the control plane, the agent, the CLI and the data plane, so its JSON shapes are the
 //! contracts between them. Field names follow Cisco Flame's (`camelCase`, ids as strings) so a
 //! Flame user's `schema.json`, `job.json`, `dataSpec.json`, `modelSpec.json` and dataset files
@@ -34,6 +35,8 @@
 
 pub mod error;
 pub mod expand;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod job;
 pub mod json;

@@ -16,7 +16,7 @@ use fledge_types::{Design, DesignId, DesignSpec, Schema};
 
 use super::error::{Error, Result};
 use super::users::check_id;
-use super::{ApiState, Limits, body, check_user};
+use super::{ApiState, body, check_user};
 
 /// Header carrying the revision of a returned schema or code bundle.
 pub(super) const VERSION_HEADER: &str = "x-fledge-version";
@@ -173,21 +173,21 @@ async fn get_schema(
     Ok(schema_response(version, schema))
 }
 
-/// Checks that `bytes` are a readable zip with at least one file, at most
-/// [`Limits::code_entries`] entries and safe paths, that inflates to at most
-/// [`Limits::code_inflated_bytes`]: every entry is inflated (to nowhere) to count what it
+/// Checks that `bytes` are a readable zip with at least one file, at most `max_entries`
+/// entries ([`super::Limits::code_entries`]) and safe paths, that inflates to at most `max_inflated`
+/// bytes ([`super::Limits::code_inflated_bytes`]): every entry is inflated (to nowhere) to count what it
 /// really holds, since the sizes an archive declares can lie. A corrupt entry (bad deflate
 /// data, CRC mismatch) is a 400; too much is a 413.
-pub(super) fn check_zip(bytes: &[u8], limits: &Limits) -> Result<()> {
+pub(crate) fn check_zip(bytes: &[u8], max_inflated: u64, max_entries: usize) -> Result<()> {
     let too_large = |message: String| Error::new(fledge_types::ErrorCode::PayloadTooLarge, message);
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|err| {
         Error::bad_request(format!("the code bundle is not a zip archive: {err}"))
     })?;
-    if archive.len() > limits.code_entries {
+    if archive.len() > max_entries {
         return Err(too_large(format!(
             "the code bundle has {} entries; at most {} are allowed",
             archive.len(),
-            limits.code_entries
+            max_entries
         )));
     }
     let mut files = 0usize;
@@ -204,13 +204,13 @@ pub(super) fn check_zip(bytes: &[u8], limits: &Limits) -> Result<()> {
             continue;
         }
         files += 1;
-        let budget = limits.code_inflated_bytes - inflated;
+        let budget = max_inflated - inflated;
         // The declared size only ever rejects (a lie is caught below), never sizes a buffer.
         let declared = entry.size();
         if declared > budget {
             return Err(too_large(format!(
                 "the code bundle's entry {name:?} declares {declared} bytes; all entries together may inflate to at most {} bytes",
-                limits.code_inflated_bytes
+                max_inflated
             )));
         }
         let n =
@@ -220,7 +220,7 @@ pub(super) fn check_zip(bytes: &[u8], limits: &Limits) -> Result<()> {
         if n > budget {
             return Err(too_large(format!(
                 "the code bundle inflates to more than {} bytes (at entry {name:?})",
-                limits.code_inflated_bytes
+                max_inflated
             )));
         }
         if n != declared {
@@ -261,8 +261,8 @@ async fn put_code(
     }
     let bytes = body::read(request, state.limits.code_bytes, "code bundle").await?;
     let checked = bytes.clone();
-    let limits = state.limits;
-    tokio::task::spawn_blocking(move || check_zip(&checked, &limits))
+    let (max_inflated, max_entries) = (state.limits.code_inflated_bytes, state.limits.code_entries);
+    tokio::task::spawn_blocking(move || check_zip(&checked, max_inflated, max_entries))
         .await
         .map_err(|err| Error::new(fledge_types::ErrorCode::Internal, err.to_string()))??;
     let meta = state.store.put_code(Some(&user), &design, &bytes).await?;

@@ -83,6 +83,14 @@ impl From<store::Error> for Error {
     }
 }
 
+/// A query string that does not parse (`?round=x`) is a 400 with the usual JSON body, not
+/// axum's plain-text rejection (which the OpenAPI document does not describe).
+impl From<axum::extract::rejection::QueryRejection> for Error {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        Self::bad_request(format!("invalid query string: {}", rejection.body_text()))
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         (status_of(self.0.code), Json(self.0)).into_response()

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -253,9 +254,10 @@ async fn list_jobs(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(user): Path<String>,
-    Query(query): Query<ListQuery>,
+    query: std::result::Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Vec<Job>>> {
     let user = check_user(&state.user(&headers).await?, &user)?;
+    let Query(query) = query?;
     let mut states = Vec::new();
     for name in
         query.state.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty())
@@ -462,9 +464,10 @@ async fn get_task_log(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path((user, id, task)): Path<(String, String, String)>,
-    Query(query): Query<LogQuery>,
+    query: std::result::Result<Query<LogQuery>, QueryRejection>,
 ) -> Result<Json<TaskLog>> {
     let user = check_user(&state.user(&headers).await?, &user)?;
+    let Query(query) = query?;
     let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
     // The state first: an agent streams its last lines before it reports a final state, so
     // lines read after a final state are all there will be.

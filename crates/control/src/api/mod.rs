@@ -13,7 +13,7 @@ pub mod auth;
 mod body;
 mod computes;
 mod datasets;
-mod designs;
+pub(crate) mod designs;
 pub mod error;
 mod http_metrics;
 mod jobs;
@@ -275,10 +275,56 @@ fn api_routes() -> OpenApiRouter<ApiState> {
 
 /// The OpenAPI document of the REST API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let (_, doc) = OpenApiRouter::<ApiState>::with_openapi(ApiDoc::openapi())
+    let (_, mut doc) = OpenApiRouter::<ApiState>::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api_routes())
         .split_for_parts();
+    document_common_errors(&mut doc);
     doc
+}
+
+/// Adds the errors any operation can answer with to each operation that does not list them
+/// already, each with an [`fledge_types::ApiError`] body: 401 (no or an unknown token: every
+/// operation needs one) and 403 (a token that may not do this: another user's resources, an
+/// admin operation, a task or compute key outside its task), and 400 where the request carries
+/// anything to get wrong (path or query parameters, a body).
+fn document_common_errors(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    let error = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new().schema(Some(Ref::from_schema_name("ApiError"))).build(),
+                )
+                .build(),
+        )
+    };
+    for item in doc.paths.paths.values_mut() {
+        let shared_params = item.parameters.as_ref().is_some_and(|p| !p.is_empty());
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+            &mut item.head,
+            &mut item.options,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let takes_input = shared_params
+                || op.parameters.as_ref().is_some_and(|p| !p.is_empty())
+                || op.request_body.is_some();
+            let responses = &mut op.responses.responses;
+            if takes_input {
+                responses.entry("400".to_owned()).or_insert_with(|| error("Invalid request"));
+            }
+            responses.entry("401".to_owned()).or_insert_with(|| error("No or an unknown token"));
+            responses.entry("403".to_owned()).or_insert_with(|| error("The token may not do this"));
+        }
+    }
 }
 
 /// `GET /api/v1/ca.pem`: the control plane's CA, unauthenticated. A client that does not
@@ -324,9 +370,10 @@ async fn version() -> axum::Json<Version> {
 /// The apiserver's router: `/api/v1/...`, `/api/v1/openapi.json`, `/api/v1/ca.pem`,
 /// `/api/v1/version`, `/healthz`, `/metrics`, and the dashboard at `/ui` ([`ui`]).
 pub fn router(state: ApiState) -> Router {
-    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (api, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api_routes())
         .split_for_parts();
+    document_common_errors(&mut doc);
     let doc = Arc::new(doc);
     api.route(
         "/api/v1/openapi.json",

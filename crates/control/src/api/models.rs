@@ -10,6 +10,7 @@ use std::path::{Path as FsPath, PathBuf};
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE};
@@ -171,9 +172,10 @@ async fn get_model(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path((user, id)): Path<(String, String)>,
-    Query(query): Query<ModelQuery>,
+    query: std::result::Result<Query<ModelQuery>, QueryRejection>,
 ) -> Result<Response> {
     let user = check_user(&state.user(&headers).await?, &user)?;
+    let Query(query) = query?;
     let job = state.store.get_job(Some(&user), &JobId::new(id)).await?;
     model_file(&state, &job, query.round, query.group.as_deref()).await
 }

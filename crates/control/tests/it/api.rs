@@ -949,6 +949,40 @@ async fn openapi_health_and_metrics() {
     server.stop().await;
 }
 
+/// Found by the API fuzzer (schemathesis, `crates/fledge/tests/api_fuzz.rs`): every operation
+/// answers 401 without a token and 403 with one that may not act, but the document listed
+/// neither; and a query string that did not parse got axum's plain-text 400 instead of the JSON
+/// error body the document promises.
+#[test_log::test(tokio::test)]
+async fn openapi_documents_auth_errors_and_bad_queries_get_json_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let (status, doc) = Client::anonymous(&server.base).get("/api/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let Some(responses) = op.get("responses").and_then(Value::as_object) else { continue };
+            operations += 1;
+            for code in ["401", "403"] {
+                let body = &responses.get(code).unwrap_or_else(|| {
+                    panic!("{method} {path} does not document {code}: {responses:?}")
+                })["content"]["application/json"]["schema"]["$ref"];
+                assert_eq!(body, "#/components/schemas/ApiError", "{method} {path} {code}");
+            }
+        }
+    }
+    assert!(operations > 40, "{operations} operations in the document");
+
+    let (status, body) = server.admin.get("/users/admin/jobs/nope/model?round=soon").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("invalid query string"), "{body}");
+    let (status, body) = server.admin.get("/users/admin/jobs/nope/tasks/t/log?since=x").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("invalid query string"), "{body}");
+    server.stop().await;
+}
+
 #[test_log::test(tokio::test)]
 async fn participant_run_tasks_take_only_the_key_their_owner_minted() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,4 @@
+//! `safetensors` fuzz target: the body is `fledge_channel::fuzzing::safetensors`, shared with the corpus replay test.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fledge_channel::fuzzing::safetensors(data));
