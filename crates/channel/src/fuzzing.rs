@@ -29,7 +29,7 @@ const SENDER: &str = "a";
 /// Wire decode and chunk reassembly. The first byte picks the mode: `0` decodes the rest as
 /// one encoded message; `1` and `2` read the rest as frames (`u16` little-endian length, then
 /// that many bytes, the last frame taking what is left), parse each as a chunk and push it
-/// into a plain (`1`) or sealed (`2`, fixed keys, see [`sealed_chunks`]) reassembler, and
+/// into a plain (`1`) or sealed (`2`, with fixed test keys) reassembler, and
 /// decode every whole message that comes out.
 pub fn wire_chunks(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };

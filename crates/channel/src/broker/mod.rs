@@ -9,7 +9,7 @@
 //! given check accepts (the control plane admits only the credentials it issued to tasks of
 //! live jobs, see `fledge_control::broker_auth`); a client without credentials or with refused
 //! ones gets CONNACK "not authorized" before it can subscribe or publish. The relay checks the
-//! login, and rumqttd accepts only CONNECTs the relay passed on (see [`acl`]); rumqttd has no
+//! login, and rumqttd accepts only CONNECTs the relay passed on (see `broker::acl`); rumqttd has no
 //! topic ACLs, so the relay enforces them too: a login `<job id>/<task id>` subscribes and
 //! publishes only inside its job, and publishes only its own presence; a client that tries
 //! anything else is disconnected. Without `auth` (local runs and tests in one process) the
