@@ -84,7 +84,7 @@ impl Channel {
         Ok(Channel { inner: Arc::new(Inner { shared, transport }) })
     }
 
-    fn shared(&self) -> &Shared {
+    pub(crate) fn shared(&self) -> &Shared {
         &self.inner.shared
     }
 

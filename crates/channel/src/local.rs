@@ -162,9 +162,10 @@ impl LocalEnd {
 
     pub(crate) async fn broadcast(&self, ends: &[TaskId], message: Message) -> Result<()> {
         for end in ends {
-            // An end that left between `ends()` and now is skipped, as on a broker.
+            // An end that left between `ends()` and now, or is closing (its queues are shut
+            // and it is about to leave), is skipped, as on a broker.
             match self.send(end, message.clone()).await {
-                Ok(()) | Err(Error::UnknownEnd { .. }) => {}
+                Ok(()) | Err(Error::UnknownEnd { .. } | Error::Closed(_)) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -182,5 +183,35 @@ impl Drop for LocalEnd {
                 rooms.rooms.remove(&self.key);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::channel::{Backend, Channel, ChannelOptions};
+    use crate::wire::{Kind, Message};
+
+    use super::LocalHub;
+
+    /// A broadcast skips an end that is closing (its queues shut, its leave not announced yet),
+    /// as a broker would, instead of failing the sender: an aggregator's last broadcast must not
+    /// fail because one trainer finished first.
+    #[tokio::test]
+    async fn a_broadcast_skips_an_end_that_is_closing() {
+        let hub = LocalHub::new();
+        let open = |me: &str, role: &str, peer: &str| {
+            let opts = ChannelOptions::new("j", "param", "default", me, role, peer);
+            Channel::open(opts, Backend::Local(hub.clone()))
+        };
+        let agg = open("agg", "aggregator", "trainer").await.expect("aggregator");
+        let closing = open("t0", "trainer", "aggregator").await.expect("t0");
+        let staying = open("t1", "trainer", "aggregator").await.expect("t1");
+        agg.await_ends(2, Duration::from_secs(5)).await.expect("both trainers");
+        closing.shared().close();
+        agg.broadcast(Message::new(Kind::EndOfTraining, 3)).await.expect("the broadcast");
+        let got = staying.recv(&"agg".into()).await.expect("t1 still gets it");
+        assert_eq!((got.kind, got.round), (Kind::EndOfTraining, 3));
     }
 }

@@ -565,21 +565,21 @@ pub(crate) mod tests {
         let samples = [10u64, 10, 20, 20];
         let mut set = tokio::task::JoinSet::new();
         let coordinator = task(job, "coordinator", 0, &all, None, &h);
-        set.spawn(run::<crate::roles::coordinator::Coordinator>(
-            coordinator,
-            shared.clone(),
-            opts(&hub, dir.path()),
-        ));
+        let o = opts(&hub, dir.path());
+        let f = shared.clone();
+        set.spawn(async move {
+            ("coordinator", run::<crate::roles::coordinator::Coordinator>(coordinator, f, o).await)
+        });
         for (i, n) in samples.iter().enumerate() {
             let t = task(job, "trainer", i as u32, &all, Some(&format!("{}:{n}", i + 1)), &h);
-            set.spawn(run::<CoordinatedTrainer>(t, shared.clone(), opts(&hub, dir.path())));
+            let (o, f) = (opts(&hub, dir.path()), shared.clone());
+            set.spawn(async move { ("trainer", run::<CoordinatedTrainer>(t, f, o).await) });
         }
         let middle0 = task(job, "middle-aggregator", 0, &all, None, &h);
-        set.spawn(run::<CoordinatedMiddleAggregator>(
-            middle0,
-            shared.clone(),
-            opts(&hub, dir.path()),
-        ));
+        let (o, f) = (opts(&hub, dir.path()), shared.clone());
+        set.spawn(async move {
+            ("middle-aggregator 0", run::<CoordinatedMiddleAggregator>(middle0, f, o).await)
+        });
         let middle1 = task(job, "middle-aggregator", 1, &all, None, &h);
         let victim = tokio::spawn(run::<CoordinatedMiddleAggregator>(
             middle1,
@@ -600,7 +600,8 @@ pub(crate) mod tests {
         let top = top.await.expect("join").expect("the top aggregator completes");
         let mut coordinator_summary = None;
         while let Some(res) = set.join_next().await {
-            let summary = res.expect("join").expect("every surviving task completes");
+            let (who, res) = res.expect("join");
+            let summary = res.unwrap_or_else(|e| panic!("{who} did not complete: {e:?}"));
             if summary.history.first().is_some_and(|r| r.role == "coordinator") {
                 coordinator_summary = Some(summary);
             }
