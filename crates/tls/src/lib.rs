@@ -400,19 +400,7 @@ pub fn ensure_dir(dir: &Path, names: &[String]) -> Result<Generated> {
             reason: err.to_string(),
         })?;
         let issuer = rcgen::Issuer::new(ca_params(), ca_key);
-        let key = rcgen::KeyPair::generate()
-            .map_err(|source| Error::Generate { what: "the server key", source })?;
-        let mut params = rcgen::CertificateParams::new(names.clone())
-            .map_err(|source| Error::Generate { what: "the server certificate", source })?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, "Fledge control plane");
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        let year = this_year();
-        params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
-        params.not_after = rcgen::date_time_ymd(year + 5, 1, 1);
-        let cert = params
-            .signed_by(&key, &issuer)
-            .map_err(|source| Error::Generate { what: "the server certificate", source })?;
+        let (key, cert) = issue_server_certificate(names.clone(), "Fledge control plane", &issuer)?;
         write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
         write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
         write_file(&names_path, wanted_names.as_bytes(), 0o644)?;
@@ -440,22 +428,33 @@ pub fn ephemeral(name: &str) -> Result<(Ca, ServerIdentity)> {
         .map_err(|source| Error::Generate { what: "a one-off CA certificate", source })?;
     let ca_pem = ca_cert.pem();
     let issuer = rcgen::Issuer::new(ca, ca_key);
+    let (key, cert) = issue_server_certificate(vec![name.to_owned()], name, &issuer)?;
+    drop(issuer);
+    let ca = Ca::from_pem(&ca_pem, "a one-off CA")?;
+    Ok((ca, ServerIdentity { cert_pem: cert.pem(), key_pem: key.serialize_pem() }))
+}
+
+/// A new key and a server certificate for `names` (host names or IP addresses) signed by
+/// `issuer`, valid from a year ago for five years.
+fn issue_server_certificate<S: rcgen::SigningKey>(
+    names: Vec<String>,
+    common_name: &str,
+    issuer: &rcgen::Issuer<'_, S>,
+) -> Result<(rcgen::KeyPair, rcgen::Certificate)> {
     let key = rcgen::KeyPair::generate()
-        .map_err(|source| Error::Generate { what: "a one-off server key", source })?;
-    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])
-        .map_err(|source| Error::Generate { what: "a one-off server certificate", source })?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        .map_err(|source| Error::Generate { what: "a server key", source })?;
+    let mut params = rcgen::CertificateParams::new(names)
+        .map_err(|source| Error::Generate { what: "a server certificate", source })?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     let year = this_year();
     params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
     params.not_after = rcgen::date_time_ymd(year + 5, 1, 1);
     let cert = params
-        .signed_by(&key, &issuer)
-        .map_err(|source| Error::Generate { what: "a one-off server certificate", source })?;
-    drop(issuer);
-    let ca = Ca::from_pem(&ca_pem, "a one-off CA")?;
-    Ok((ca, ServerIdentity { cert_pem: cert.pem(), key_pem: key.serialize_pem() }))
+        .signed_by(&key, issuer)
+        .map_err(|source| Error::Generate { what: "a server certificate", source })?;
+    Ok((key, cert))
 }
 
 /// The CA's parameters: the same on every start, so a reloaded CA key signs as the same issuer.
