@@ -32,11 +32,6 @@ pub struct BrokerCredentials {
     keys: TaskKeys,
 }
 
-/// Equality of two secrets in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 impl BrokerCredentials {
     /// Credentials under a fresh random secret (tests; logins do not survive the process).
     pub fn random() -> Self {
@@ -85,7 +80,8 @@ impl BrokerCredentials {
             return None;
         }
         let (job, task) = (JobId::new(job), TaskId::new(task));
-        same_secret(password, &self.password(&job, &task)).then_some((job, task))
+        fledge_channel::secure::same_secret(password, &self.password(&job, &task))
+            .then_some((job, task))
     }
 
     /// Whether `username`/`password` is the login of a task whose job is live in `store`.

@@ -82,11 +82,6 @@ impl std::fmt::Debug for BrokerAuth {
     }
 }
 
-/// Equality of two secrets in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Broker sizing and admission. The defaults carry [`DEFAULT_CHUNK_SIZE`] chunks with room to
 /// spare and admit anonymous clients.
 #[derive(Clone, Debug)]
@@ -209,7 +204,7 @@ fn rumqttd_config(internal: SocketAddr, opts: &BrokerOptions, secret: &str) -> r
     if opts.auth.is_some() {
         let secret = secret.to_owned();
         connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
-            let admitted = same_secret(&pass, &secret);
+            let admitted = crate::secure::same_secret(&pass, &secret);
             if !admitted {
                 // Someone reached the internal port without the relay.
                 tracing::warn!(%client_id, username = %user, "mqtt client refused: not through the relay");
