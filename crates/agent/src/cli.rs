@@ -20,6 +20,7 @@ use crate::bundle::Limits;
 use crate::deployer::sibling_or_path;
 use crate::entrypoint::Tools;
 use crate::fledgelet;
+use crate::sandbox;
 use crate::supervisor::{Outcome, SupervisorOptions, TaskEnv};
 
 /// Errors before the task could be run.
@@ -116,6 +117,22 @@ pub struct FledgeletArgs {
     /// Largest code bundle accepted, in bytes once unpacked.
     #[arg(long, env = "FLEDGE_MAX_CODE_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_code_bytes: u64,
+    /// Confinement of the task's code with Landlock: `auto` (what the kernel supports, and
+    /// the task's log says what is in force), `required` (refuse to run unconfined code) or
+    /// `off`.
+    #[arg(long, env = "FLEDGE_SANDBOX", value_enum, default_value_t = sandbox::Mode::Auto)]
+    pub sandbox: sandbox::Mode,
+    /// A path the task's code may never be granted, e.g. the control plane's data dir
+    /// (repeatable; the CLI config dir of this agent's user is always one).
+    #[arg(long = "sandbox-protect", value_name = "PATH")]
+    pub sandbox_protect: Vec<PathBuf>,
+    /// A directory datasets must lie in (repeatable) [default: anywhere but protected paths].
+    #[arg(long = "sandbox-data-root", value_name = "DIR")]
+    pub sandbox_data_root: Vec<PathBuf>,
+    /// A path the task's code may read and execute besides the system's runtime and the
+    /// program's installation (repeatable).
+    #[arg(long = "sandbox-read", value_name = "PATH")]
+    pub sandbox_read: Vec<PathBuf>,
 }
 
 fn seconds(text: &str) -> Result<f64, String> {
@@ -200,6 +217,16 @@ impl FledgeletArgs {
         opts.report_backoff = backoff;
         opts.fetch_backoff = backoff;
         opts.bundle_limits = Limits { max_total_bytes: self.max_code_bytes, ..Limits::default() };
+        let mut protected = self.sandbox_protect.clone();
+        if let Some(home) = std::env::var_os("HOME") {
+            protected.push(PathBuf::from(home).join(".fledge"));
+        }
+        opts.sandbox = sandbox::Policy {
+            mode: self.sandbox,
+            protected,
+            data_roots: self.sandbox_data_root.clone(),
+            read: self.sandbox_read.clone(),
+        };
         opts
     }
 }

@@ -12,7 +12,7 @@
 //!
 //! Supporting modules: [`bundle`] (zip-slip-safe unpacking), [`entrypoint`] (`main.py` or
 //! `fledge-role.toml`), [`logtail`] (bounded log tail), [`process`] (process groups, group
-//! kill, parent-death signal), [`api`] (the control-plane calls as traits, with retry).
+//! kill, parent-death signal), [`sandbox`] (Landlock confinement of task code), [`api`] (the control-plane calls as traits, with retry).
 //! Notifier subscriptions (with reconnect) come from `fledge_client`.
 //!
 //! This crate never links the control plane; it speaks to it only over REST and gRPC.
@@ -28,4 +28,5 @@ pub mod fledgelet;
 pub mod fuzzing;
 pub mod logtail;
 pub mod process;
+pub mod sandbox;
 pub mod supervisor;

@@ -27,6 +27,7 @@ use crate::bundle::{self, Limits};
 use crate::entrypoint::{self, CommandLine, Entrypoint, Tools};
 use crate::logtail::{self, LogTail};
 use crate::process;
+use crate::sandbox;
 
 /// File, in the work dir, written once the final state was accepted by the control plane.
 pub const REPORTED_MARKER: &str = "final-state";
@@ -66,6 +67,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The task's code cannot be confined as the sandbox policy asks.
+    #[error("cannot sandbox the task's code")]
+    Sandbox(#[source] sandbox::Error),
     /// The entrypoint's program could not be started.
     #[error("failed to start {program}")]
     Spawn {
@@ -125,6 +129,8 @@ pub struct SupervisorOptions {
     /// The task is participant-run: its data owner started this agent and may restart it, so
     /// a local shutdown leaves the task without a final state (see [`run_or_leave`]).
     pub participant_run: bool,
+    /// How the task's code is confined ([`sandbox`]; default: Landlock where the kernel has it).
+    pub sandbox: sandbox::Policy,
 }
 
 impl SupervisorOptions {
@@ -143,6 +149,7 @@ impl SupervisorOptions {
             tail_max_lines: logtail::DEFAULT_MAX_LINES,
             log_interval: Duration::from_secs(1),
             participant_run: false,
+            sandbox: sandbox::Policy::default(),
         }
     }
 }
@@ -189,15 +196,18 @@ pub async fn run_or_leave(
             return finish(opts, api.as_ref(), TaskState::Terminated, tail.render()).await;
         }
     };
-    let command_line = match prepared {
-        Ok(command_line) => command_line,
+    let (command_line, confined) = match prepared {
+        Ok(prepared) => prepared,
         Err(err) => {
             tracing::warn!(error = %chain(&err), "task preparation failed");
             tail.push_line(format!("[fledgelet] {}", chain(&err)));
             return finish(opts, api.as_ref(), TaskState::Failed, tail.render()).await;
         }
     };
-    execute(opts, api, stop, leave, command_line, tail).await
+    for line in &confined.summary {
+        tail.push_line(format!("[fledgelet] {line}"));
+    }
+    execute(opts, api, stop, leave, command_line, confined, tail).await
 }
 
 /// The agent leaves a participant-run task that keeps running: the log (reported with state
@@ -244,8 +254,11 @@ pub async fn finish(
     Outcome { state, log, reported }
 }
 
-/// Fetches config and code, unpacks, resolves the entrypoint.
-async fn prepare(opts: &SupervisorOptions, api: &dyn TaskApi) -> Result<CommandLine> {
+/// Fetches config and code, unpacks, resolves the entrypoint and prepares its sandbox.
+async fn prepare(
+    opts: &SupervisorOptions,
+    api: &dyn TaskApi,
+) -> Result<(CommandLine, sandbox::Prepared)> {
     let work_dir = &opts.work_dir;
     create_private_dir(work_dir).await?;
 
@@ -287,7 +300,60 @@ async fn prepare(opts: &SupervisorOptions, api: &dyn TaskApi) -> Result<CommandL
     })?;
 
     let entrypoint = Entrypoint::resolve(&code_dir).map_err(Error::Entrypoint)?;
-    Ok(entrypoint.command_line(&config_path, &opts.tools))
+    let command_line = entrypoint.command_line(&config_path, &opts.tools);
+    let confined = confine(opts, &config, &command_line, &code_dir)?;
+    Ok((command_line, confined))
+}
+
+/// The sandbox of the task's code: its grants under the compute's policy, as a ruleset ready
+/// to apply.
+fn confine(
+    opts: &SupervisorOptions,
+    config: &fledge_types::TaskConfig,
+    command_line: &CommandLine,
+    code_dir: &Path,
+) -> Result<sandbox::Prepared> {
+    if opts.sandbox.mode == sandbox::Mode::Off {
+        return sandbox::prepare(sandbox::Mode::Off, &sandbox::Grants::default())
+            .map_err(Error::Sandbox);
+    }
+    let path_var = std::env::var("PATH").ok();
+    let python_paths = ["VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .flat_map(|value| std::env::split_paths(&value).collect::<Vec<_>>())
+        .filter(|path| path.is_absolute())
+        .collect();
+    let registry_root = match config.registry.sort.as_str() {
+        "" | "local" | fledge_types::DUMMY_REGISTRY => {
+            let uri = config.registry.uri.strip_prefix("file://").unwrap_or(&config.registry.uri);
+            (!uri.is_empty()).then(|| code_dir.join(uri))
+        }
+        _ => None,
+    };
+    let mut datasets = Vec::new();
+    if let Some(dataset) = &config.dataset {
+        datasets.extend(sandbox::local_path(&dataset.url));
+    }
+    if let Some(serde_json::Value::String(url)) = config.hyperparameters.get("evalDataset") {
+        datasets.extend(sandbox::local_path(url));
+    }
+    let request = sandbox::Request {
+        work_dir: &opts.work_dir,
+        programs: [&command_line.program, &opts.tools.python, &opts.tools.fledge_bin]
+            .into_iter()
+            .cloned()
+            .chain(std::env::var_os("FLEDGE_BIN").map(PathBuf::from))
+            .collect(),
+        cwd: code_dir,
+        path_var: path_var.as_deref(),
+        python_paths,
+        registry_root,
+        job: config.job.id.as_str(),
+        datasets,
+    };
+    let grants = opts.sandbox.grants(&request).map_err(Error::Sandbox)?;
+    sandbox::prepare(opts.sandbox.mode, &grants).map_err(Error::Sandbox)
 }
 
 /// Runs the child to its end and reports.
@@ -297,6 +363,7 @@ async fn execute(
     stop: CancellationToken,
     leave: CancellationToken,
     command_line: CommandLine,
+    confined: sandbox::Prepared,
     tail: LogTail,
 ) -> Outcome {
     let tail = Arc::new(Mutex::new(tail));
@@ -334,6 +401,7 @@ async fn execute(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     process::isolate(&mut command);
+    confined.apply(&mut command);
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(source) => {

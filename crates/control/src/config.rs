@@ -284,7 +284,21 @@ pub struct DeployerSection {
     /// workers running Fledge's own built-in roles receive, for a registry that needs
     /// credentials (`s3`). User code (`main.py`, `command`) never receives them. Default none.
     pub registry_env: Vec<String>,
+    /// Process workers: how task code is confined (Landlock, `docs/security.md`): `auto`
+    /// (what the kernel supports; the deployer says at start what is in force), `required`
+    /// (refuse to start without it) or `off`. Default `auto`.
+    pub sandbox: String,
+    /// Process workers: directories datasets must lie in; a task naming a dataset elsewhere
+    /// fails at start. Default none: datasets anywhere but the protected paths (the data dir,
+    /// the work root, the CLI config).
+    pub sandbox_data_roots: Vec<PathBuf>,
+    /// Process workers: more paths task code may read and execute (a shared Python
+    /// installation, a model cache). Default none.
+    pub sandbox_read: Vec<PathBuf>,
 }
+
+/// The values of [`DeployerSection::sandbox`].
+pub const SANDBOX_MODES: [&str; 3] = ["auto", "required", "off"];
 
 impl Default for DeployerSection {
     fn default() -> Self {
@@ -302,6 +316,9 @@ impl Default for DeployerSection {
             docker_network: "job".to_owned(),
             docker_mounts: Vec::new(),
             registry_env: Vec::new(),
+            sandbox: "auto".to_owned(),
+            sandbox_data_roots: Vec::new(),
+            sandbox_read: Vec::new(),
             worker_cpus: 0.0,
             worker_memory_mib: 0,
             worker_pids: 1024,
@@ -657,6 +674,30 @@ impl Options {
             }
             if deployer.max_workers == 0 {
                 return Err(Error::Invalid("deployer.max_workers: must be at least 1".to_owned()));
+            }
+            if !SANDBOX_MODES.contains(&deployer.sandbox.as_str()) {
+                return Err(Error::Invalid(format!(
+                    "deployer.sandbox: {:?} is not one of {}",
+                    deployer.sandbox,
+                    SANDBOX_MODES.join(", ")
+                )));
+            }
+            for (field, paths) in [
+                ("sandbox_data_roots", &deployer.sandbox_data_roots),
+                ("sandbox_read", &deployer.sandbox_read),
+            ] {
+                if paths.len() > 64 {
+                    return Err(Error::Invalid(format!(
+                        "deployer.{field}: {} paths, at most 64",
+                        paths.len()
+                    )));
+                }
+                if let Some(path) = paths.iter().find(|p| !p.is_absolute()) {
+                    return Err(Error::Invalid(format!(
+                        "deployer.{field}: {} is not an absolute path",
+                        path.display()
+                    )));
+                }
             }
             for (field, url, local) in [
                 ("apiserver", &deployer.apiserver, ServiceKind::Apiserver),

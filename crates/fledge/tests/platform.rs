@@ -210,7 +210,10 @@ async fn logs_follow_a_running_worker_line_by_line() {
     let ticks: Vec<&str> = stdout.lines().filter(|l| l.starts_with("tick-")).collect();
     let expected: Vec<String> = (0..40).map(|i| format!("tick-{i}")).collect();
     assert_eq!(ticks, expected, "{stdout}");
-    assert!(stdout.lines().next().unwrap().starts_with("[fledgelet] running"), "{stdout}");
+    // The fledgelet's own lines come first: the sandbox in force, then the command.
+    let mut lines = stdout.lines();
+    assert!(lines.next().unwrap().starts_with("[fledgelet] sandbox: "), "{stdout}");
+    assert!(lines.next().unwrap().starts_with("[fledgelet] running"), "{stdout}");
     assert!(stdout.trim_end().ends_with("exited with exit code 0"), "{stdout}");
 
     // The other workers end too: the job completes.

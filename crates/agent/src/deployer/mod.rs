@@ -125,6 +125,9 @@ pub struct DeployerOptions {
     /// (see [`docker`]); `fledgelet_bin`, its prefix arguments and `fledge_bin` are then the
     /// image's. Default none.
     pub docker: Option<DockerOptions>,
+    /// How each worker confines its task's code ([`crate::sandbox`]); the work root is always
+    /// protected. Process workers only: a container is its own confinement.
+    pub sandbox: crate::sandbox::Policy,
 }
 
 impl DeployerOptions {
@@ -154,6 +157,7 @@ impl DeployerOptions {
             fledgelet_args: Vec::new(),
             fledgelet_env: Vec::new(),
             docker: None,
+            sandbox: crate::sandbox::Policy::default(),
         }
     }
 
@@ -371,6 +375,22 @@ impl Deployer {
         };
         let platform = if docker.is_some() { "docker" } else { "process" };
         tracing::info!(%compute, platform, max_workers = self.opts.max_workers, "deployer running");
+        if docker.is_none() {
+            let support = crate::sandbox::probe();
+            match (self.opts.sandbox.mode, support.abi) {
+                (crate::sandbox::Mode::Off, _) => tracing::warn!(
+                    "sandbox off (--sandbox off): task code runs with this deployer's user's file access"
+                ),
+                (crate::sandbox::Mode::Required, None) => {
+                    return Err(Error::InvalidOption {
+                        option: "sandbox",
+                        message: format!("required, but {support}"),
+                    });
+                }
+                (mode, Some(_)) => tracing::info!(%mode, "sandbox: {support}"),
+                (mode, None) => tracing::warn!(%mode, "sandbox: {support}"),
+            }
+        }
         // Unbounded: at most a few reports per task, and the loop must never wait on the network.
         let (reports, report_rx) = mpsc::unbounded_channel();
         let reporter =
@@ -571,6 +591,7 @@ impl Deployer {
             .arg("--work-dir")
             .arg(&work_dir)
             .args(&self.opts.fledgelet_args)
+            .args(self.sandbox_policy().to_args())
             .env("FLEDGE_TASK_KEY", &pending.task.task_key)
             .envs(self.opts.fledgelet_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -619,6 +640,16 @@ impl Deployer {
 }
 
 impl Deployer {
+    /// The workers' sandbox policy: the operator's, with the work root protected.
+    fn sandbox_policy(&self) -> crate::sandbox::Policy {
+        let mut policy = self.opts.sandbox.clone();
+        policy.protected.push(self.opts.work_root.clone());
+        if let Some(home) = std::env::var_os("HOME") {
+            policy.protected.push(PathBuf::from(home).join(".fledge"));
+        }
+        policy
+    }
+
     /// Starts the task's container and its watcher.
     async fn start_container(
         &self,

@@ -103,9 +103,11 @@ async fn output_streams_while_the_task_runs_and_all_of_it_before_the_final_state
     let expected: Vec<u64> = (0..streamed.len() as u64).collect();
     assert_eq!(numbers, expected, "numbered from 0, each once, in order");
     let lines: Vec<&str> = streamed.iter().map(|(_, l)| l.as_str()).collect();
-    assert!(lines[0].starts_with("[fledgelet] running"), "{lines:?}");
+    // The sandbox in force, then the command, then what the code wrote.
+    assert!(lines[0].starts_with("[fledgelet] sandbox: "), "{lines:?}");
+    assert!(lines[1].starts_with("[fledgelet] running"), "{lines:?}");
     let written: Vec<String> = (0..300).map(|i| format!("line {i}")).collect();
-    assert_eq!(&lines[1..301], written.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(&lines[2..302], written.iter().map(String::as_str).collect::<Vec<_>>());
     // The fake refuses posts after the final state, so all of this came before it.
     assert!(lines.last().is_some_and(|l| l.contains("exited with exit code 0")), "{lines:?}");
 }

@@ -130,6 +130,9 @@ async fn check_options(options: &Options, deployer: bool) -> Vec<Check> {
     }
     if deployer || options.runs(ServiceKind::Deployer) {
         checks.push(check_deployer(options).await);
+        if options.deployer.platform == Platform::Process {
+            checks.push(check_sandbox(&options.deployer.sandbox));
+        }
         checks.push(check_python().await);
     }
     checks
@@ -457,6 +460,22 @@ async fn check_deployer(options: &Options) -> Check {
             }
         }
         Platform::K8s => Check::new(NAME, Status::Fail, "k8s: there is no Kubernetes deployer yet"),
+    }
+}
+
+/// What confines process workers' code on this kernel (`deployer.sandbox`).
+fn check_sandbox(mode: &str) -> Check {
+    const NAME: &str = "sandbox";
+    let support = fledge_agent::sandbox::probe();
+    match (mode, support.abi) {
+        ("off", _) => Check::new(
+            NAME,
+            Status::Warn,
+            "off (deployer.sandbox = \"off\"): task code runs with the deployer's user's file access",
+        ),
+        ("required", None) => Check::new(NAME, Status::Fail, format!("required, but {support}")),
+        (_, Some(_)) => Check::new(NAME, Status::Ok, support.to_string()),
+        (_, None) => Check::new(NAME, Status::Warn, support.to_string()),
     }
 }
 

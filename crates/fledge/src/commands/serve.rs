@@ -155,6 +155,7 @@ pub fn build_deployer(
     options.fledge_bin = std::env::current_exe().ok();
     options.docker = docker_options(section)?;
     options.fledgelet_env.extend(registry_env(section)?);
+    options.sandbox = sandbox_policy(section, data_dir)?;
     let platform = if options.docker.is_some() { "docker" } else { "process" };
     tracing::info!(
         compute_id = %section.compute_id,
@@ -167,6 +168,28 @@ pub fn build_deployer(
             anyhow::Error::new(UsageError(format!("deployer: {err}")))
         }
         err => anyhow::Error::new(err).context("cannot build the deployer"),
+    })
+}
+
+/// The workers' sandbox: the section's mode and paths, with the data dir protected (the
+/// deployer adds its work root and the CLI config dir).
+fn sandbox_policy(
+    section: &DeployerSection,
+    data_dir: &Path,
+) -> anyhow::Result<fledge_agent::sandbox::Policy> {
+    use clap::ValueEnum as _;
+    let mode = fledge_agent::sandbox::Mode::from_str(&section.sandbox, false).map_err(|_| {
+        UsageError(format!(
+            "deployer.sandbox: {:?} is not one of auto, required, off",
+            section.sandbox
+        ))
+    })?;
+    let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    Ok(fledge_agent::sandbox::Policy {
+        mode,
+        protected: vec![data_dir],
+        data_roots: section.sandbox_data_roots.clone(),
+        read: section.sandbox_read.clone(),
     })
 }
 
