@@ -101,6 +101,24 @@ impl Linear {
         vec![self.weight.clone(), self.bias.clone()]
     }
 
+    /// Sets the weights [`Linear::push_weights`] pushed under `prefix`, in place (an
+    /// optimizer over these variables keeps working on them).
+    fn set_weights(&self, prefix: &str, weights: &Weights) -> anyhow::Result<()> {
+        for (name, var) in [("weight", &self.weight), ("bias", &self.bias)] {
+            let full = format!("{prefix}.{name}");
+            let t = weights.get(&full).ok_or_else(|| anyhow::anyhow!("no tensor {full}"))?;
+            if t.shape() != var.dims() {
+                anyhow::bail!(
+                    "tensor {full} has shape {:?}, the model {:?}",
+                    t.shape(),
+                    var.dims()
+                );
+            }
+            var.set(&Tensor::from_slice(t.data(), t.shape(), var.device())?)?;
+        }
+        Ok(())
+    }
+
     fn push_weights(&self, prefix: &str, res: &mut Weights) -> Result<()> {
         for (name, var) in [("weight", &self.weight), ("bias", &self.bias)] {
             let data = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
@@ -263,6 +281,13 @@ impl FeatureApp for FeatureParty {
         let mut res = Weights::new();
         self.bottom()?.push_weights("bottom", &mut res)?;
         Ok(res)
+    }
+
+    fn set_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
+        if weights.tensors().len() != 2 {
+            anyhow::bail!("{} tensors for a bottom model of 2", weights.tensors().len());
+        }
+        self.bottom()?.set_weights("bottom", weights)
     }
 }
 
@@ -439,6 +464,19 @@ impl LabelApp for LabelParty {
             own.push_weights("bottom", &mut res)?;
         }
         Ok(res)
+    }
+
+    fn set_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
+        let top = self.top.as_ref().ok_or_else(|| anyhow::anyhow!("align was not called"))?;
+        let expected = 2 + if self.own.is_some() { 2 } else { 0 };
+        if weights.tensors().len() != expected {
+            anyhow::bail!("{} tensors for a model of {expected}", weights.tensors().len());
+        }
+        top.set_weights("top", weights)?;
+        if let Some(own) = &self.own {
+            own.set_weights("bottom", weights)?;
+        }
+        Ok(())
     }
 }
 
