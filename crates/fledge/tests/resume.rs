@@ -75,10 +75,16 @@ fn restart_on_failure(dir: &Path, role: &str) {
 
 /// Runs `dir` to completion and returns its top aggregator's final global accuracy.
 async fn clean_run(platform: &Platform, dir: &Path, top: &str) -> f64 {
+    let last = clean_run_last(platform, dir, top).await;
+    accuracy(std::slice::from_ref(&last), top)
+}
+
+/// Runs `dir` to completion and returns the last record of `top`.
+async fn clean_run_last(platform: &Platform, dir: &Path, top: &str) -> MetricRecord {
     let outcome = platform.run_dir(dir);
     assert!(outcome.success, "the fault-free job failed:\n{}", outcome.output);
     let (_, _, records) = platform.job(&outcome.job).await;
-    accuracy(&records, top)
+    records_by(&records, top).pop().expect("the top role reported rounds")
 }
 
 /// Runs `dir`, kills the first task of role `victim` once the top aggregator has recorded
@@ -150,6 +156,46 @@ async fn faulted_run_nth(
     (job, tasks, records)
 }
 
+/// Asserts that the restarted `victim` of `job` resumed from its saved state rather than
+/// starting over: its worker's log (both runs, appended) says so.
+fn assert_resumed(platform: &Platform, job: &str, tasks: &[Task], victim: &str) {
+    print_recovery(platform, job);
+    let task = tasks.iter().find(|t| t.role == victim && t.restarts > 0).expect("the victim");
+    let path =
+        platform.data_dir().join("work").join(job).join(task.task_id.as_str()).join("task.log");
+    let log = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        log.contains("resuming after a restart from the last saved round"),
+        "{victim} {} did not resume; {}:\n{log}",
+        task.task_id,
+        path.display()
+    );
+}
+
+/// Prints what the job's workers logged about the fault (restarts, resumes, rejoins, rounds
+/// redone), for whoever reads the test's output.
+fn print_recovery(platform: &Platform, job: &str) {
+    const WORDS: [&str; 8] = [
+        "resum",
+        "redo",
+        "broken",
+        "left; waiting",
+        "is back",
+        "asking again",
+        "aligned again",
+        "group's model",
+    ];
+    let Ok(dirs) = std::fs::read_dir(platform.data_dir().join("work").join(job)) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        let Ok(log) = std::fs::read_to_string(dir.path().join("task.log")) else { continue };
+        for line in log.lines().filter(|l| WORDS.iter().any(|w| l.contains(w))) {
+            eprintln!("  {}: {}", dir.file_name().to_string_lossy(), line.trim());
+        }
+    }
+}
+
 /// The checks every fault shares: the victim was restarted once and completed, nothing else
 /// restarted, every round is recorded once, and the accuracy is the fault-free one's.
 fn check_recovered(
@@ -185,8 +231,9 @@ async fn a_killed_top_aggregator_resumes_and_the_job_completes() {
     let rounds = 6;
     let dir = example_with_rounds(&platform, "mnist", "mnist", rounds);
     let clean = clean_run(&platform, &dir, "aggregator").await;
-    let (_, tasks, records) = faulted_run(&platform, &dir, "aggregator", "aggregator", 3).await;
+    let (job, tasks, records) = faulted_run(&platform, &dir, "aggregator", "aggregator", 3).await;
     check_recovered(&tasks, &records, "aggregator", "aggregator", rounds, clean, 0.005);
+    assert_resumed(&platform, &job, &tasks, "aggregator");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -206,7 +253,8 @@ async fn a_killed_fedbuff_aggregator_resumes_and_the_job_completes() {
     let steps = 10;
     let dir = example_with_rounds(&platform, "async-two-tier", "async", steps);
     let clean = clean_run(&platform, &dir, "aggregator").await;
-    let (_, tasks, records) = faulted_run(&platform, &dir, "aggregator", "aggregator", 4).await;
+    let (job, tasks, records) = faulted_run(&platform, &dir, "aggregator", "aggregator", 4).await;
+    assert_resumed(&platform, &job, &tasks, "aggregator");
     // FedBuff folds updates in arrival order with staleness weights, so two fault-free runs
     // of this job already differ by up to about a point: the bound is wider here.
     check_recovered(&tasks, &records, "aggregator", "aggregator", steps, clean, 0.015);
@@ -219,8 +267,9 @@ async fn a_killed_coordinator_resumes_and_the_job_completes() {
     let dir =
         example_with_rounds(&platform, "coordinated-hierarchical-mnist", "coordinated", rounds);
     let clean = clean_run(&platform, &dir, "top-aggregator").await;
-    let (_, tasks, records) =
+    let (job, tasks, records) =
         faulted_run(&platform, &dir, "top-aggregator", "coordinator", 2).await;
+    assert_resumed(&platform, &job, &tasks, "coordinator");
     // The coordinator commits each round's plan before it answers, and a restarted one answers
     // a committed round as saved and assigns the next stickily from it: no round is redone,
     // every trainer stays with its middle aggregator, so the aggregators see the same updates
@@ -242,14 +291,22 @@ async fn a_killed_vertical_label_party_resumes_and_the_job_completes() {
     let rounds = 16;
     let dir = example_with_rounds(&platform, "vertical-breast-cancer", "vertical", rounds);
     restart_on_failure(&dir, "label-party");
-    let clean = clean_run(&platform, &dir, "label-party").await;
-    let (_, tasks, records) = faulted_run(&platform, &dir, "label-party", "label-party", 4).await;
+    let clean_last = clean_run_last(&platform, &dir, "label-party").await;
+    let clean = accuracy(std::slice::from_ref(&clean_last), "label-party");
+    let (job, tasks, records) = faulted_run(&platform, &dir, "label-party", "label-party", 4).await;
+    assert_resumed(&platform, &job, &tasks, "label-party");
     // The restarted label party redoes the round it died in from its saved top model, the
     // same batches (seeded by round), and feature parties back at their bottom models of the
     // round it resumes from; the models train with plain SGD (no optimizer state beyond the
     // weights). So the run can be bit-identical to the fault-free one, and the bound is
     // tighter than one test sample (112 of them: 0.9 points each).
     check_recovered(&tasks, &records, "label-party", "label-party", rounds, clean, 0.005);
+    let last = records_by(&records, "label-party").pop().unwrap();
+    let (loss, clean_loss) = (last.metrics["train_loss"], clean_last.metrics["train_loss"]);
+    eprintln!("final train loss {loss}, fault-free {clean_loss}");
+    // Far finer than the accuracy: the feature parties did go back to their bottom models of
+    // the resumed round (with the bottom models as trained so far, it would differ).
+    assert_eq!(loss.to_bits(), clean_loss.to_bits(), "not bit-identical: {loss} vs {clean_loss}");
     // The feature parties served every round to the end.
     let served: Vec<u64> = records_of(&records, "feature-party").iter().map(|r| r.round).collect();
     assert!(served.contains(&rounds), "{served:?}");
@@ -265,14 +322,16 @@ async fn a_killed_ring_leader_or_member_comes_back_and_the_job_completes() {
     let clean = clean_run(&platform, &dir, "trainer").await;
     // A member killed during a round breaks that round's all-reduce: the others go back to
     // the group's model of the round's start and redo it, the leader (resumed from its saved
-    // round) or the member (a newcomer given the leader's model) rejoining. The redone round
-    // trains on further batches of each trainer's data than the first attempt did (the data
-    // iterator is user code's), so the run is not bit-identical; the bound is the 0.5 points
-    // of the aggregators' tests.
+    // round) or the member (a newcomer given the leader's model) rejoining. The example's
+    // trainers shuffle their batches from a seed per round and the ring sums in a fixed
+    // order, so the redone round is the first attempt again and the run can be bit-identical
+    // (user code that draws batches otherwise trains the redone round on other ones); the
+    // bound is the 0.5 points of the aggregators' tests.
     for (nth, who) in [(0, "leader"), (2, "member")] {
-        let (_, tasks, records) =
+        let (job, tasks, records) =
             faulted_run_nth(&platform, &dir, "trainer", "trainer", nth, 3).await;
         eprintln!("ring {who} killed");
+        assert_resumed(&platform, &job, &tasks, "trainer");
         check_recovered(&tasks, &records, "trainer", "trainer", rounds, clean, 0.005);
     }
 }
