@@ -663,6 +663,26 @@ mod tests {
         }
         let err = fa.backward(&outcome.gradients[0]).unwrap_err().to_string();
         assert!(err.contains("without a train embedding"), "{err}");
+
+        // Back to the weights before the step (what a resumed label party and its feature
+        // parties do), the same step gives the same weights again: the optimizers work on
+        // the restored variables.
+        fa.set_weights(&before[0]).expect("a");
+        fb.set_weights(&before[1]).expect("b");
+        lp.set_weights(&before[2]).expect("l");
+        assert_eq!([fa.weights().unwrap(), fb.weights().unwrap(), lp.weights().unwrap()], before);
+        let ea = fa.embed(Split::Train, &rows).expect("embed");
+        let eb = fb.embed(Split::Train, &rows).expect("embed");
+        let again = lp.train_step(&rows, &[ea, eb]).expect("step");
+        fa.backward(&again.gradients[0]).expect("backward");
+        fb.backward(&again.gradients[1]).expect("backward");
+        assert_eq!(again, outcome);
+        assert_eq!([fa.weights().unwrap(), fb.weights().unwrap(), lp.weights().unwrap()], after);
+        // Weights of another model are refused, naming what is wrong.
+        let err = lp.set_weights(&before[0]).unwrap_err().to_string();
+        assert!(err.contains("no tensor top.weight"), "{err}");
+        let err = fa.set_weights(&before[2]).unwrap_err().to_string();
+        assert!(err.contains("no tensor bottom.weight"), "{err}");
     }
 
     #[test]
