@@ -672,4 +672,76 @@ pub(crate) mod tests {
         let w = top.final_model.as_ref().expect("final").get("w").expect("w").data()[0];
         assert!(w > 0.5 && w < 4.0, "final w {w}");
     }
+
+    /// The coordinator is killed (its task aborted, its channels vanish as in a crash) during
+    /// round 2 and started again under the same id: it resumes from the round it saved last,
+    /// the top asks it for the plan again, the middle aggregators and trainers wait for it,
+    /// and every round is still planned and aggregated by both middle aggregators.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn a_restarted_coordinator_resumes_and_the_others_wait_for_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let hub = LocalHub::new();
+        let factory = Arc::new(MeanFactory::default());
+        let trained = factory.trained.clone();
+        let shared: Arc<dyn AppFactory> = factory;
+        let all = schema();
+        let h = json!({"rounds": 5, "joinTimeout": 20, "rejoinTimeout": 20,
+            "expectedTrainers": 4, "expectedMiddleAggregators": 2});
+        let job = "coord-resume";
+        let mut set = tokio::task::JoinSet::new();
+        for (i, n) in [10u64, 10, 20, 20].iter().enumerate() {
+            let t = task(job, "trainer", i as u32, &all, Some(&format!("{}:{n}", i + 1)), &h);
+            let (o, f) = (opts(&hub, dir.path()), shared.clone());
+            set.spawn(async move { run::<CoordinatedTrainer>(t, f, o).await.map(|_| ()) });
+        }
+        for i in 0..2 {
+            let m = task(job, "middle-aggregator", i, &all, None, &h);
+            let (o, f) = (opts(&hub, dir.path()), shared.clone());
+            set.spawn(async move { run::<CoordinatedMiddleAggregator>(m, f, o).await.map(|_| ()) });
+        }
+        let coordinator = task(job, "coordinator", 0, &all, None, &h);
+        let first = tokio::spawn(run::<crate::roles::coordinator::Coordinator>(
+            coordinator.clone(),
+            shared.clone(),
+            opts(&hub, dir.path()),
+        ));
+        let top = task(job, "top-aggregator", 0, &all, None, &h);
+        let top = tokio::spawn(run::<CoordinatedTopAggregator>(
+            top,
+            shared.clone(),
+            opts(&hub, dir.path()),
+        ));
+        // Round 1 trains 4 times; the kill lands in round 2.
+        while trained.load(std::sync::atomic::Ordering::SeqCst) < 6 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        first.abort();
+        let _ = first.await;
+        let registry = crate::registry::for_task(&coordinator, dir.path()).expect("registry");
+        let saved = registry
+            .load_resume(&coordinator.job.id, &coordinator.task_id)
+            .expect("readable")
+            .expect("the coordinator saved round 1 at least")
+            .round;
+        let second = run::<crate::roles::coordinator::Coordinator>(
+            coordinator,
+            shared.clone(),
+            opts(&hub, dir.path()),
+        )
+        .await
+        .expect("the restarted coordinator completes");
+        let top = top.await.expect("join").expect("the top aggregator completes");
+        while let Some(res) = set.join_next().await {
+            res.expect("join").expect("every trainer and middle aggregator completes");
+        }
+        assert_eq!(top.rounds, 5);
+        for r in &top.history {
+            assert_eq!(r.metrics["updates"], 2.0, "both middle aggregators, every round: {r:?}");
+        }
+        // The restarted run re-sent the saved round's record, then planned the rest: each
+        // round once, sticky as before.
+        let rounds: Vec<u64> = second.history.iter().map(|r| r.round).collect();
+        assert_eq!(rounds, (saved..=5).collect::<Vec<_>>(), "saved round {saved}");
+        assert!(second.history.iter().all(|r| r.metrics["trainersReassigned"] == 0.0));
+    }
 }
