@@ -982,6 +982,60 @@ pub(crate) mod tests {
         assert!(dir.path().join("registry/jobs/ring/final.safetensors").is_file());
     }
 
+    /// A member killed (its task aborted: its channel vanishes as in a crash) in the middle of
+    /// round 3 and started again under the same id: the ring breaks, the others go back to
+    /// the round's start and redo it, and the group ends with exactly the model of a run
+    /// without the fault. Once the leader, once another member.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn a_restarted_member_or_leader_rejoins_and_the_round_is_redone_exactly() {
+        for victim_is_leader in [true, false] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let hub = LocalHub::new();
+            let factory = Arc::new(MeanFactory::default());
+            let h = serde_json::json!({"rounds": 6, "expectedTrainers": 3, "joinTimeout": 20,
+                "rejoinTimeout": 20});
+            let mut configs = ring_configs("ring-resume", &["1:10", "3:10", "8:20"], h);
+            configs.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+            let victim = configs.remove(if victim_is_leader { 0 } else { 2 });
+            let mut set = tokio::task::JoinSet::new();
+            for config in configs {
+                let (factory, opts) = (factory.clone(), opts(&hub, dir.path()));
+                set.spawn(async move { run::<RingTrainer>(config, factory, opts).await });
+            }
+            let first = tokio::spawn(run::<RingTrainer>(
+                victim.clone(),
+                factory.clone(),
+                opts(&hub, dir.path()),
+            ));
+            // Two rounds of three trainings, and one of round 3.
+            while factory.trained.load(Ordering::SeqCst) < 7 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            first.abort();
+            let _ = first.await;
+            let again = run::<RingTrainer>(victim, factory.clone(), opts(&hub, dir.path()))
+                .await
+                .expect("the restarted trainer completes");
+            let mut runs = vec![again];
+            while let Some(res) = set.join_next().await {
+                runs.push(res.expect("join").expect("the others complete"));
+            }
+            let mut w = 0.0f32;
+            for _ in 1..=6 {
+                w += 0.5 * ((10.0 + 30.0 + 160.0) / 40.0 - w);
+            }
+            for r in &runs {
+                assert_eq!(r.rounds, 6);
+                let got = r.final_model.as_ref().expect("final").get("w").expect("w").data()[0];
+                assert!((got - w).abs() < 1e-5, "leader {victim_is_leader}: got {got}, want {w}");
+            }
+            assert!(
+                factory.trained.load(Ordering::SeqCst) > 18,
+                "a round was redone (the kill landed in one)"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_role_without_a_self_loop_channel_is_rejected() {
         let dir = tempfile::tempdir().expect("tmp");
