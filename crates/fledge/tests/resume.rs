@@ -298,8 +298,9 @@ async fn a_killed_vertical_label_party_resumes_and_the_job_completes() {
     // The restarted label party redoes the round it died in from its saved top model, the
     // same batches (seeded by round), and feature parties back at their bottom models of the
     // round it resumes from; the models train with plain SGD (no optimizer state beyond the
-    // weights). So the run can be bit-identical to the fault-free one, and the bound is
-    // tighter than one test sample (112 of them: 0.9 points each).
+    // weights); embeddings go in the order of the parties' task indexes, the same in both
+    // jobs. So the run can be bit-identical to the fault-free one, and the bound is tighter
+    // than one test sample (112 of them: 0.9 points each).
     check_recovered(&tasks, &records, "label-party", "label-party", rounds, clean, 0.005);
     let last = records_by(&records, "label-party").pop().unwrap();
     let (loss, clean_loss) = (last.metrics["train_loss"], clean_last.metrics["train_loss"]);

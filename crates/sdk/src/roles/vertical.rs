@@ -28,7 +28,7 @@
 //!
 //! | from → to | kind | round | meta | tensors |
 //! |---|---|---|---|---|
-//! | feature → label | `Control` | 0 | `command: "ids"`, `ids` (strings), `embeddingDim` | |
+//! | feature → label | `Control` | 0 | `command: "ids"`, `ids` (strings), `embeddingDim`, `partyIndex` | |
 //! | label → feature | `Control` | 0 | `command: "align"`, `train`, `test` (strings), `resumed` (round) | |
 //! | label → feature | `Control` | 0 | `command: "abort"`, `reason` (alignment failed) | |
 //! | label → feature | `Control` | r | `command: "embed"`, `split` (`train`/`test`), `step` | `rows` i64 `[b]` |
@@ -92,6 +92,8 @@ pub mod names {
 }
 
 const IDS: &str = "ids";
+/// Meta key of a feature party's hello: its task index (the order of the embeddings).
+const PARTY_INDEX: &str = "partyIndex";
 /// Meta key of the alignment: the round the label party resumes after (0: a fresh start).
 const RESUMED: &str = "resumed";
 /// Bottom models a feature party keeps, of the last rounds it served: the label party saves
@@ -341,7 +343,8 @@ async fn feature_hello(ctx: &mut FeatureCtx) -> Result<()> {
     let message = Command::Ids
         .message(0)
         .with_meta(IDS, strings_value(&ctx.ids))
-        .with_meta("embeddingDim", dim as u64);
+        .with_meta("embeddingDim", dim as u64)
+        .with_meta(PARTY_INDEX, u64::from(ctx.io.config.task_index));
     ctx.channel.send(label, message).await?;
     Ok(())
 }
@@ -577,7 +580,7 @@ pub struct LabelCtx {
     batch_size: usize,
     seed: u64,
     ids: Vec<String>,
-    /// The feature parties, sorted by task id (the order of embeddings).
+    /// The feature parties, in the order of their task indexes (the order of embeddings).
     pub parties: Vec<TaskId>,
     dims: Vec<usize>,
     n_train: usize,
@@ -750,7 +753,8 @@ async fn label_align(ctx: &mut LabelCtx) -> Result<()> {
         },
     )?;
     parties.sort();
-    let mut held = Vec::with_capacity(parties.len());
+    // (party index, party, ids, embedding size) of each party.
+    let mut hellos = Vec::with_capacity(parties.len());
     for party in &parties {
         let bad = |reason: &str| Error::Protocol { peer: party.clone(), reason: reason.to_owned() };
         let m = loop {
@@ -772,10 +776,24 @@ async fn label_align(ctx: &mut LabelCtx) -> Result<()> {
             .and_then(Value::as_u64)
             .filter(|d| *d > 0)
             .ok_or_else(|| bad("embeddingDim is missing or 0"))?;
-        ctx.dims.push(dim as usize);
-        held.push((party.clone(), ids));
+        let index = m
+            .meta
+            .get(PARTY_INDEX)
+            .and_then(Value::as_u64)
+            .filter(|i| *i <= u64::from(u32::MAX))
+            .ok_or_else(|| bad("partyIndex is missing or not a task index"))?;
+        hellos.push((index, party.clone(), ids, dim as usize));
     }
-    ctx.parties = parties;
+    // Embeddings go in the order of the parties' task indexes, which are the same in every
+    // run of a job (task ids are not: they hash the job's id), so a job gives the same model
+    // every time it runs.
+    hellos.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let mut held = Vec::with_capacity(hellos.len());
+    for (_, party, ids, dim) in hellos {
+        ctx.parties.push(party.clone());
+        ctx.dims.push(dim);
+        held.push((party, ids));
+    }
     let aligned = match align_ids(&ctx.ids, &held) {
         Ok(aligned) => aligned,
         Err(e) => {
