@@ -51,6 +51,7 @@ use fledge_algorithms::{Tensor, Weights};
 use fledge_channel::{Channel, Kind, Message};
 use fledge_types::TaskId;
 use serde_json::Value;
+use tokio::time::Instant;
 
 use crate::app::{AppNeed, TrainOutcome, TrainerApp, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
@@ -200,6 +201,8 @@ pub struct RingCtx {
     start_model: Option<Weights>,
     /// This round's all-reduce broke: the round is redone.
     aborted: bool,
+    /// This leader resumed after the last round (it died between saving it and finishing).
+    resumed_done: bool,
     pub(crate) outcome: TrainOutcome,
     /// Metrics of the last `evaluate`.
     pub evaluation: BTreeMap<String, f64>,
@@ -287,6 +290,7 @@ impl RingCtx {
             watch: Vec::new(),
             start_model: None,
             aborted: false,
+            resumed_done: false,
             outcome: TrainOutcome::default(),
             evaluation: BTreeMap::new(),
             final_model: None,
@@ -379,6 +383,7 @@ pub(crate) async fn bootstrap(ctx: &mut RingCtx) -> Result<()> {
             ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
             ctx.round = state.round;
             ctx.done = ctx.round >= ctx.rounds;
+            ctx.resumed_done = ctx.done;
             tracing::info!(round = ctx.round, "ring leader resumed from its last saved round");
         }
     }
@@ -788,10 +793,24 @@ async fn finish(ctx: &mut RingCtx) -> Result<()> {
             (Some(last), true) => weights_message(Kind::EndOfTraining, ctx.round, ctx.round, last)?,
             _ => Message::new(Kind::EndOfTraining, ctx.round),
         };
-        while let Some((end, _)) =
-            ctx.mailbox.poll(|_, m| Command::Ready.is(m) && (m.round == 0 || resumable)).await?
-        {
-            let _ = ctx.send(&end, end_of_training.clone()).await;
+        // A leader resumed after the last round: the others are done (and leave) or wait for
+        // it, so it answers each one still here, for up to `rejoinTimeout`.
+        let until = ctx.resumed_done.then(|| Instant::now() + ctx.common.rejoin_timeout);
+        let mut answered = BTreeSet::new();
+        loop {
+            let got = ctx
+                .mailbox
+                .poll(|_, m| Command::Ready.is(m) && (m.round == 0 || resumable))
+                .await?;
+            if let Some((end, _)) = got {
+                let _ = ctx.send(&end, end_of_training.clone()).await;
+                answered.insert(end);
+                continue;
+            }
+            let unanswered = ctx.channel().ends().iter().any(|e| !answered.contains(e));
+            if !until.is_some_and(|at| unanswered && Instant::now() < at) {
+                break;
+            }
         }
     }
     Ok(())
