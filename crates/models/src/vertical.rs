@@ -101,6 +101,24 @@ impl Linear {
         vec![self.weight.clone(), self.bias.clone()]
     }
 
+    /// Sets the weights [`Linear::push_weights`] pushed under `prefix`, in place (an
+    /// optimizer over these variables keeps working on them).
+    fn set_weights(&self, prefix: &str, weights: &Weights) -> anyhow::Result<()> {
+        for (name, var) in [("weight", &self.weight), ("bias", &self.bias)] {
+            let full = format!("{prefix}.{name}");
+            let t = weights.get(&full).ok_or_else(|| anyhow::anyhow!("no tensor {full}"))?;
+            if t.shape() != var.dims() {
+                anyhow::bail!(
+                    "tensor {full} has shape {:?}, the model {:?}",
+                    t.shape(),
+                    var.dims()
+                );
+            }
+            var.set(&Tensor::from_slice(t.data(), t.shape(), var.device())?)?;
+        }
+        Ok(())
+    }
+
     fn push_weights(&self, prefix: &str, res: &mut Weights) -> Result<()> {
         for (name, var) in [("weight", &self.weight), ("bias", &self.bias)] {
             let data = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
@@ -263,6 +281,13 @@ impl FeatureApp for FeatureParty {
         let mut res = Weights::new();
         self.bottom()?.push_weights("bottom", &mut res)?;
         Ok(res)
+    }
+
+    fn set_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
+        if weights.tensors().len() != 2 {
+            anyhow::bail!("{} tensors for a bottom model of 2", weights.tensors().len());
+        }
+        self.bottom()?.set_weights("bottom", weights)
     }
 }
 
@@ -439,6 +464,19 @@ impl LabelApp for LabelParty {
             own.push_weights("bottom", &mut res)?;
         }
         Ok(res)
+    }
+
+    fn set_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
+        let top = self.top.as_ref().ok_or_else(|| anyhow::anyhow!("align was not called"))?;
+        let expected = 2 + if self.own.is_some() { 2 } else { 0 };
+        if weights.tensors().len() != expected {
+            anyhow::bail!("{} tensors for a model of {expected}", weights.tensors().len());
+        }
+        top.set_weights("top", weights)?;
+        if let Some(own) = &self.own {
+            own.set_weights("bottom", weights)?;
+        }
+        Ok(())
     }
 }
 
@@ -625,6 +663,26 @@ mod tests {
         }
         let err = fa.backward(&outcome.gradients[0]).unwrap_err().to_string();
         assert!(err.contains("without a train embedding"), "{err}");
+
+        // Back to the weights before the step (what a resumed label party and its feature
+        // parties do), the same step gives the same weights again: the optimizers work on
+        // the restored variables.
+        fa.set_weights(&before[0]).expect("a");
+        fb.set_weights(&before[1]).expect("b");
+        lp.set_weights(&before[2]).expect("l");
+        assert_eq!([fa.weights().unwrap(), fb.weights().unwrap(), lp.weights().unwrap()], before);
+        let ea = fa.embed(Split::Train, &rows).expect("embed");
+        let eb = fb.embed(Split::Train, &rows).expect("embed");
+        let again = lp.train_step(&rows, &[ea, eb]).expect("step");
+        fa.backward(&again.gradients[0]).expect("backward");
+        fb.backward(&again.gradients[1]).expect("backward");
+        assert_eq!(again, outcome);
+        assert_eq!([fa.weights().unwrap(), fb.weights().unwrap(), lp.weights().unwrap()], after);
+        // Weights of another model are refused, naming what is wrong.
+        let err = lp.set_weights(&before[0]).unwrap_err().to_string();
+        assert!(err.contains("no tensor top.weight"), "{err}");
+        let err = fa.set_weights(&before[2]).unwrap_err().to_string();
+        assert!(err.contains("no tensor bottom.weight"), "{err}");
     }
 
     #[test]

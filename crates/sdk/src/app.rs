@@ -253,6 +253,14 @@ pub trait FeatureApp: Send + 'static {
     fn backward(&mut self, gradient: &Embedding) -> anyhow::Result<()>;
     /// The bottom model's weights.
     fn weights(&self) -> anyhow::Result<Weights>;
+    /// Replaces them with `weights`, which [`FeatureApp::weights`] returned before: when the
+    /// label party was restarted and resumes from its last saved round, the party goes back
+    /// to its bottom model of that round, so the run goes on as if nothing had happened. By
+    /// default an app cannot, and the party goes on with its bottom model as trained so far.
+    fn set_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
+        let _ = weights;
+        anyhow::bail!("this feature party's user code does not implement FeatureApp::set_weights")
+    }
 }
 
 /// What one training step of the label party produced.
@@ -286,4 +294,16 @@ pub trait LabelApp: Send + 'static {
     ) -> anyhow::Result<BTreeMap<String, f64>>;
     /// The top model's weights (and those of the party's own bottom model, if any).
     fn weights(&self) -> anyhow::Result<Weights>;
+    /// Replaces them (after [`LabelApp::align`]) with `weights`, which [`LabelApp::weights`]
+    /// returned before: a label party restarted after a crash resumes from the weights it
+    /// saved after its last round (`docs/fault-tolerance.md`). Optimizer state beyond the
+    /// weights is the app's to keep or lose. By default an app cannot, so a restarted label
+    /// party fails saying so.
+    fn set_weights(&mut self, weights: &Weights) -> anyhow::Result<()> {
+        let _ = weights;
+        anyhow::bail!(
+            "this label party's user code does not implement LabelApp::set_weights, so it \
+             cannot resume after a restart"
+        )
+    }
 }

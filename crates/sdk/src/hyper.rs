@@ -19,9 +19,9 @@ pub mod names {
     /// Seconds to wait for peers to join (default 120).
     pub const JOIN_TIMEOUT: &str = "joinTimeout";
     /// Seconds a child waits for its aggregator to come back after it left (a restarted
-    /// aggregator rejoins under its id and resumes) before it fails (default 300 under a
-    /// control plane, which restarts failed aggregators, else 0; at most 86400; 0: fail at
-    /// once).
+    /// aggregator rejoins under its id and resumes) before it fails; the same for the peers
+    /// of a coordinator, a ring leader or a vertical label party (default 300 under a control
+    /// plane, which restarts failed tasks, else 0; at most 86400; 0: fail at once).
     pub const REJOIN_TIMEOUT: &str = "rejoinTimeout";
     /// Seconds without a sign of life before a peer counts as gone (default 10), for every
     /// channel backend that checks liveness (MQTT and p2p).

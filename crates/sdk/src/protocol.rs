@@ -286,8 +286,9 @@ pub fn peer_left(e: fledge_channel::Error) -> Error {
     }
 }
 
-/// Waits for `parent`, an aggregator that left `channel`, to come back: the controller
-/// restarts a failed aggregator under its id and it resumes from its last round. Past
+/// Waits for `parent`, an aggregator (or the coordinator, or the top aggregator for the
+/// coordinator) that left `channel`, to come back: the controller restarts a failed one under
+/// its id and it resumes from its last round. Past
 /// `timeout` the wait fails with [`Error::PeerLeft`] naming it.
 pub async fn await_parent(
     channel: &Channel,
@@ -295,10 +296,10 @@ pub async fn await_parent(
     timeout: std::time::Duration,
 ) -> Result<()> {
     tracing::warn!(%parent, channel = channel.name(), timeout_secs = timeout.as_secs(),
-        "aggregator left; waiting for it to come back");
+        "peer left; waiting for it to come back under the same id");
     match channel.await_end(parent, timeout).await {
         Ok(()) => {
-            tracing::info!(%parent, channel = channel.name(), "aggregator is back");
+            tracing::info!(%parent, channel = channel.name(), "peer is back");
             Ok(())
         }
         Err(fledge_channel::Error::JoinTimeout { .. }) => {

@@ -79,21 +79,25 @@ pub trait Registry: Send + Sync {
     }
 }
 
-/// What an aggregating task persists after each round so that, redeployed under the same id
+/// What a stateful task persists after each round so that, redeployed under the same id
 /// after a crash, it goes on from the next round with the same state: the global model, the
 /// server optimizer's moments, the selector's memory, the round and model version, and the
 /// round's metric record (re-sent on resume; the store keeps a record once).
+///
+/// Aggregators fill every field; the other stateful roles use what they have: the
+/// coordinator saves no model (an empty `global`) and its assignment as `selector`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResumeState {
     /// The last round completed.
     pub round: u64,
     /// The model version after it.
     pub model_version: u64,
-    /// The global model after it.
+    /// The global model after it (empty for a role without a model).
     pub global: Weights,
     /// The server optimizer's state (FedAdam, FedYogi, FedAdaGrad).
     pub server: Option<ServerState>,
-    /// The selector's memory ([`fledge_algorithms::Selector::state`]).
+    /// The selector's memory ([`fledge_algorithms::Selector::state`]; the coordinator's
+    /// last assignment).
     pub selector: serde_json::Value,
     /// The round's metric record.
     pub record: Option<MetricRecord>,
@@ -162,7 +166,8 @@ fn read_resume(path: &str, bytes: &[u8]) -> Result<ResumeState> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
     let read = |prefix: &str| -> Result<Weights> {
         let mut weights = Weights::new();
-        for name in order.split(',') {
+        // A role without a model (the coordinator) saves an empty order.
+        for name in order.split(',').filter(|n| !n.is_empty()) {
             let full = format!("{prefix}{name}");
             let view = st.tensor(&full).map_err(|e| bad(format!("tensor {full}: {e}")))?;
             if view.dtype() != Dtype::F32 {
@@ -616,7 +621,15 @@ mod tests {
             ..reg.load_resume(&job, &task).unwrap().unwrap()
         };
         reg.save_resume(&job, &task, &plain).expect("save");
-        assert_eq!(reg.load_resume(&job, &task).expect("load"), Some(plain));
+        assert_eq!(reg.load_resume(&job, &task).expect("load"), Some(plain.clone()));
+        // A role without a model (the coordinator) saves an empty one and reads it back.
+        let modelless = ResumeState {
+            global: Weights::new(),
+            selector: serde_json::json!({"trainersOf": {"m0": ["t0"]}}),
+            ..plain
+        };
+        reg.save_resume(&job, &task, &modelless).expect("save");
+        assert_eq!(reg.load_resume(&job, &task).expect("load"), Some(modelless));
         // A damaged file is an error naming it, not a silent fresh start.
         std::fs::write(dir.path().join("jobs/job-1/eu/resume/agg-0.safetensors"), b"junk").unwrap();
         let err = reg.load_resume(&job, &task).expect_err("damaged").to_string();

@@ -147,12 +147,30 @@ impl TaskIo {
     /// the registry and the control plane again: it may have been lost with the failed run,
     /// and both keep a record sent twice once.
     pub async fn start_state(&mut self) -> Result<Start> {
+        match self.resume_state(true).await? {
+            Some(state) => Ok(Start::Resume(Box::new(state))),
+            None => {
+                let base =
+                    registry::load_base_model(self.registry.clone(), &self.config.base_model);
+                Ok(Start::Fresh(base.await?))
+            }
+        }
+    }
+
+    /// The state this task saved after its last round if it ran before, else `None` (its
+    /// first run). On resume the records the failed run may have lost go to the control plane
+    /// again (its recent ones the registry holds, then the saved round's), and the saved
+    /// round's also to the registry when `to_registry` (roles that keep their records there);
+    /// both keep a record sent twice once.
+    pub async fn resume_state(
+        &mut self,
+        to_registry: bool,
+    ) -> Result<Option<registry::ResumeState>> {
         let (reg, job, task) =
             (self.registry.clone(), self.config.job.id.clone(), self.config.task_id.clone());
         let saved = tokio::task::spawn_blocking(move || reg.load_resume(&job, &task)).await??;
-        let Some(mut state) = saved else {
-            let base = registry::load_base_model(self.registry.clone(), &self.config.base_model);
-            return Ok(Start::Fresh(base.await?));
+        let Some(state) = saved else {
+            return Ok(None);
         };
         tracing::warn!(task_id = %self.config.task_id, round = state.round,
             model_version = state.model_version, "resuming after a restart from the last saved round");
@@ -162,19 +180,21 @@ impl TaskIo {
         let (reg, job, task) =
             (self.registry.clone(), self.config.job.id.clone(), self.config.task_id.clone());
         let recent = tokio::task::spawn_blocking(move || reg.recent_metrics(&job, &task)).await??;
-        let last = state.record.take();
+        let last = state.record.clone();
         for record in recent {
             if Some(&record) != last.as_ref() {
                 self.report(record);
             }
         }
         if let Some(record) = last {
-            let (reg, job, rec) =
-                (self.registry.clone(), self.config.job.id.clone(), record.clone());
-            tokio::task::spawn_blocking(move || reg.append_metrics(&job, &[rec])).await??;
+            if to_registry {
+                let (reg, job, rec) =
+                    (self.registry.clone(), self.config.job.id.clone(), record.clone());
+                tokio::task::spawn_blocking(move || reg.append_metrics(&job, &[rec])).await??;
+            }
             self.report(record);
         }
-        Ok(Start::Resume(Box::new(state)))
+        Ok(Some(state))
     }
 
     /// Opens the reporter and the registry of `config`, then joins every channel of its role.

@@ -36,7 +36,10 @@
 //!
 //! Failures: a dead trainer or middle aggregator is dropped from the round it dies in (the
 //! synchronous aggregators' liveness rule) and left out of the next plan. The coordinator and
-//! the top aggregator are single points of failure: the other roles fail when either leaves.
+//! the top aggregator resume from their last committed round when the controller restarts
+//! them; the others wait up to `rejoinTimeout` for a coordinator that left, and the top asks
+//! a coordinator that left or restarted since it asked for the round's plan again (see
+//! [`crate::roles::coordinator`], "Resume").
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,7 +51,7 @@ use tokio::time::Instant;
 
 use crate::app::{AppNeed, UserApp};
 use crate::composer::{Composer, TaskletFn};
-use crate::protocol::{Command, peer_left};
+use crate::protocol::{Command, await_parent, parent_left, peer_left};
 use crate::role::{Role, RunOptions, TaskIo};
 use crate::roles::aggregator::{self, AggregatorCtx, Tier};
 use crate::roles::coordinator::{ACTIVE, AGGREGATOR, TRAINERS, announce_group, tags as coord_tags};
@@ -73,11 +76,18 @@ struct Coordinator {
     channel: Channel,
     end: Arc<Mutex<Option<TaskId>>>,
     join_timeout: Duration,
+    /// How long to wait for a coordinator that left to come back (restarted, it resumes).
+    rejoin_timeout: Duration,
 }
 
 impl Coordinator {
-    fn new(channel: Channel, join_timeout: Duration) -> Coordinator {
-        Coordinator { channel, end: Arc::new(Mutex::new(None)), join_timeout }
+    fn new(channel: Channel, common: Common) -> Coordinator {
+        Coordinator {
+            channel,
+            end: Arc::new(Mutex::new(None)),
+            join_timeout: common.join_timeout,
+            rejoin_timeout: common.rejoin_timeout,
+        }
     }
 
     async fn end(&self) -> Result<TaskId> {
@@ -95,15 +105,61 @@ impl Coordinator {
         Ok(end)
     }
 
-    /// The coordinator's next message.
+    /// The coordinator's next message. A coordinator that leaves is waited for up to
+    /// `rejoinTimeout` (the controller restarts it and it resumes), then it is an error.
     async fn recv(&self) -> Result<Message> {
         let end = self.end().await?;
-        self.channel.recv(&end).await.map_err(peer_left)
+        loop {
+            let received = self.channel.recv(&end).await.map_err(peer_left);
+            if parent_left(&received, &end) {
+                await_parent(&self.channel, &end, self.rejoin_timeout).await?;
+                continue;
+            }
+            return received;
+        }
     }
 
+    /// Sends `message`, waiting for a coordinator that left to come back first.
     async fn send(&self, message: Message) -> Result<()> {
         let end = self.end().await?;
-        self.channel.send(&end, message).await.map_err(peer_left)
+        loop {
+            let sent = self.channel.send(&end, message.clone()).await.map_err(peer_left);
+            if parent_left(&sent, &end) {
+                await_parent(&self.channel, &end, self.rejoin_timeout).await?;
+                continue;
+            }
+            return sent;
+        }
+    }
+
+    /// The coordinator's plan for `round`: the middle aggregators it names active. A
+    /// coordinator that leaves, or restarts, before it answers is asked again once it is
+    /// back: the restarted one has resumed and answers a round it committed as saved.
+    async fn plan(&self, round: u64) -> Result<Vec<TaskId>> {
+        let end = self.end().await?;
+        'ask: loop {
+            self.send(Command::Plan.message(round)).await?;
+            loop {
+                let received = match tokio::time::timeout(POLL, self.channel.recv(&end)).await {
+                    Ok(received) => received.map_err(peer_left),
+                    Err(_) if self.channel.can_answer(&end) => continue,
+                    Err(_) => {
+                        tracing::warn!(%end, round, "coordinator restarted before it answered; asking again");
+                        await_parent(&self.channel, &end, self.rejoin_timeout).await?;
+                        continue 'ask;
+                    }
+                };
+                if parent_left(&received, &end) {
+                    await_parent(&self.channel, &end, self.rejoin_timeout).await?;
+                    continue 'ask;
+                }
+                let message = received?;
+                if Command::Plan.is(&message) && message.round == round {
+                    return Ok(ids(&message, ACTIVE));
+                }
+                tracing::warn!(kind = ?message.kind, got = message.round, round, "unexpected message from the coordinator ignored");
+            }
+        }
     }
 }
 
@@ -151,14 +207,7 @@ fn top_coordinate(coordinator: Coordinator) -> TaskletFn<AggregatorCtx> {
         let coordinator = coordinator.clone();
         Box::pin(async move {
             let round = ctx.round;
-            coordinator.send(Command::Plan.message(round)).await?;
-            let active = loop {
-                let message = coordinator.recv().await?;
-                if Command::Plan.is(&message) && message.round == round {
-                    break ids(&message, ACTIVE);
-                }
-                tracing::warn!(kind = ?message.kind, got = message.round, round, "unexpected message from the coordinator ignored");
-            };
+            let active = coordinator.plan(round).await?;
             let wait = grace(round, coordinator.join_timeout);
             let here = present(ctx.children(), &active, wait).await;
             if here.len() < active.len() {
@@ -195,11 +244,8 @@ fn top_end(coordinator: Coordinator) -> TaskletFn<AggregatorCtx> {
 }
 
 /// The coordinated top aggregator program (see the module docs).
-pub fn top_program(
-    coordinator: Channel,
-    join_timeout: Duration,
-) -> Result<Composer<AggregatorCtx>> {
-    let coordinator = Coordinator::new(coordinator, join_timeout);
+pub fn top_program(coordinator: Channel, common: Common) -> Result<Composer<AggregatorCtx>> {
+    let coordinator = Coordinator::new(coordinator, common);
     let mut p = aggregator::top_program();
     p.replace("await_trainers", top_await(coordinator.clone()))?;
     // The initial model is asked for once the coordinator has planned the first round.
@@ -291,11 +337,9 @@ fn middle_guarded(
 }
 
 /// The coordinated middle aggregator program (see the module docs).
-pub fn middle_program(
-    coordinator: Channel,
-    join_timeout: Duration,
-) -> Result<Composer<AggregatorCtx>> {
-    let coordinator = Coordinator::new(coordinator, join_timeout);
+pub fn middle_program(coordinator: Channel, common: Common) -> Result<Composer<AggregatorCtx>> {
+    let join_timeout = common.join_timeout;
+    let coordinator = Coordinator::new(coordinator, common);
     let state = Arc::new(Mutex::new(Assigned::default()));
     let mut p = aggregator::middle_program();
     let await_coordinator = coordinator.clone();
@@ -359,9 +403,9 @@ fn trainer_pick(coordinator: Coordinator, fetch: Channel) -> TaskletFn<TrainerCt
 pub fn trainer_program(
     coordinator: Channel,
     fetch: Channel,
-    join_timeout: Duration,
+    common: Common,
 ) -> Result<Composer<TrainerCtx>> {
-    follow::program(trainer_pick(Coordinator::new(coordinator, join_timeout), fetch))
+    follow::program(trainer_pick(Coordinator::new(coordinator, common), fetch))
 }
 
 /// The top aggregator under a coordinator (see the module docs).
@@ -379,7 +423,7 @@ impl Role for CoordinatedTopAggregator {
     fn program(ctx: &AggregatorCtx) -> Result<Composer<AggregatorCtx>> {
         let common = Common::from_config(&ctx.io.config)?;
         let coordinator = ctx.io.channels.by_tag(coord_tags::COORDINATE)?.clone();
-        top_program(coordinator, common.join_timeout)
+        top_program(coordinator, common)
     }
 }
 
@@ -403,7 +447,7 @@ impl Role for CoordinatedMiddleAggregator {
     fn program(ctx: &AggregatorCtx) -> Result<Composer<AggregatorCtx>> {
         let common = Common::from_config(&ctx.io.config)?;
         let coordinator = ctx.io.channels.by_tag(coord_tags::COORDINATE)?.clone();
-        middle_program(coordinator, common.join_timeout)
+        middle_program(coordinator, common)
     }
 }
 
@@ -429,7 +473,7 @@ impl Role for CoordinatedTrainer {
         let common = Common::from_config(&ctx.io.config)?;
         let coordinator = ctx.io.channels.by_tag(coord_tags::COORDINATE)?.clone();
         let fetch = ctx.io.channels.by_tag(tags::FETCH)?.clone();
-        trainer_program(coordinator, fetch, common.join_timeout)
+        trainer_program(coordinator, fetch, common)
     }
 
     /// The rounds this trainer took part in (not the aggregators' round numbers).
@@ -627,5 +671,77 @@ pub(crate) mod tests {
         // The model still moves towards the targets 1..4.
         let w = top.final_model.as_ref().expect("final").get("w").expect("w").data()[0];
         assert!(w > 0.5 && w < 4.0, "final w {w}");
+    }
+
+    /// The coordinator is killed (its task aborted, its channels vanish as in a crash) during
+    /// round 2 and started again under the same id: it resumes from the round it saved last,
+    /// the top asks it for the plan again, the middle aggregators and trainers wait for it,
+    /// and every round is still planned and aggregated by both middle aggregators.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn a_restarted_coordinator_resumes_and_the_others_wait_for_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let hub = LocalHub::new();
+        let factory = Arc::new(MeanFactory::default());
+        let trained = factory.trained.clone();
+        let shared: Arc<dyn AppFactory> = factory;
+        let all = schema();
+        let h = json!({"rounds": 5, "joinTimeout": 20, "rejoinTimeout": 20,
+            "expectedTrainers": 4, "expectedMiddleAggregators": 2});
+        let job = "coord-resume";
+        let mut set = tokio::task::JoinSet::new();
+        for (i, n) in [10u64, 10, 20, 20].iter().enumerate() {
+            let t = task(job, "trainer", i as u32, &all, Some(&format!("{}:{n}", i + 1)), &h);
+            let (o, f) = (opts(&hub, dir.path()), shared.clone());
+            set.spawn(async move { run::<CoordinatedTrainer>(t, f, o).await.map(|_| ()) });
+        }
+        for i in 0..2 {
+            let m = task(job, "middle-aggregator", i, &all, None, &h);
+            let (o, f) = (opts(&hub, dir.path()), shared.clone());
+            set.spawn(async move { run::<CoordinatedMiddleAggregator>(m, f, o).await.map(|_| ()) });
+        }
+        let coordinator = task(job, "coordinator", 0, &all, None, &h);
+        let first = tokio::spawn(run::<crate::roles::coordinator::Coordinator>(
+            coordinator.clone(),
+            shared.clone(),
+            opts(&hub, dir.path()),
+        ));
+        let top = task(job, "top-aggregator", 0, &all, None, &h);
+        let top = tokio::spawn(run::<CoordinatedTopAggregator>(
+            top,
+            shared.clone(),
+            opts(&hub, dir.path()),
+        ));
+        // Round 1 trains 4 times; the kill lands in round 2.
+        while trained.load(std::sync::atomic::Ordering::SeqCst) < 6 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        first.abort();
+        let _ = first.await;
+        let registry = crate::registry::for_task(&coordinator, dir.path()).expect("registry");
+        let saved = registry
+            .load_resume(&coordinator.job.id, &coordinator.task_id)
+            .expect("readable")
+            .expect("the coordinator saved round 1 at least")
+            .round;
+        let second = run::<crate::roles::coordinator::Coordinator>(
+            coordinator,
+            shared.clone(),
+            opts(&hub, dir.path()),
+        )
+        .await
+        .expect("the restarted coordinator completes");
+        let top = top.await.expect("join").expect("the top aggregator completes");
+        while let Some(res) = set.join_next().await {
+            res.expect("join").expect("every trainer and middle aggregator completes");
+        }
+        assert_eq!(top.rounds, 5);
+        for r in &top.history {
+            assert_eq!(r.metrics["updates"], 2.0, "both middle aggregators, every round: {r:?}");
+        }
+        // The restarted run re-sent the saved round's record, then planned the rest: each
+        // round once, sticky as before.
+        let rounds: Vec<u64> = second.history.iter().map(|r| r.round).collect();
+        assert_eq!(rounds, (saved..=5).collect::<Vec<_>>(), "saved round {saved}");
+        assert!(second.history.iter().all(|r| r.metrics["trainersReassigned"] == 0.0));
     }
 }

@@ -5,8 +5,8 @@
 //! Program ([`program`]):
 //!
 //! ```text
-//! await_members,
-//! loop rounds until the top ends the job { await_request, assign, notify, report },
+//! load_state, await_members,
+//! loop rounds until the top ends the job { await_request, assign, commit, notify },
 //! finish
 //! ```
 //!
@@ -33,6 +33,17 @@
 //! sticky: a trainer stays with its previous middle aggregator while that one is alive and
 //! not over its share.
 //!
+//! **Resume.** `commit` saves the round's assignment, round number and record in the task's
+//! resume file ([`crate::registry::ResumeState`], no model) before anyone is told of it, then
+//! reports the record. A coordinator redeployed under the same id (`load_state`) goes on from
+//! there: a plan request for the round it saved last (the top asks again, since the failed
+//! run may have died before answering) is answered with the saved assignment, unrecorded, and
+//! the next round is assigned stickily from it, so trainers stay where they were. The other
+//! roles reattach: they wait `rejoinTimeout` for a coordinator that left, and the top asks a
+//! restarted one for its plan again. Middle aggregators and trainers ignore an assignment for
+//! a round they already have, which a replay sends again (it is the same one). The coordinator
+//! waits the same way for a top aggregator that left (the top resumes too).
+//!
 //! Hyperparameters: `expectedTrainers` and `expectedMiddleAggregators` (ends to wait for,
 //! up to `joinTimeout`, before the first round; default 1 each).
 
@@ -47,7 +58,8 @@ use tokio::time::Instant;
 use crate::app::{AppNeed, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::hyper::{self, names};
-use crate::protocol::{Command, peer_left};
+use crate::protocol::{Command, await_parent, parent_left, peer_left};
+use crate::registry::ResumeState;
 use crate::role::{Role, RoleCtx, RunOptions, TaskIo};
 use crate::roles::{Common, RoleKind};
 use crate::{Error, Result};
@@ -92,7 +104,8 @@ pub struct Member {
 }
 
 /// One round's assignment.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Assignment {
     /// Every live middle aggregator and its trainers, sorted (possibly none).
     pub trainers_of: BTreeMap<TaskId, Vec<TaskId>>,
@@ -196,12 +209,16 @@ pub struct CoordinatorCtx {
     top_end: Option<TaskId>,
     expected_trainers: usize,
     expected_middles: usize,
-    /// The round being planned (the top's round number).
+    /// The round being planned (the top's round number); between rounds, the last one
+    /// committed.
     pub round: u64,
     /// The top ended the job.
     pub done: bool,
     /// The current assignment.
     pub assignment: Assignment,
+    /// This round was committed already (the top asked again after a restart): it is sent
+    /// again as saved, neither reassigned nor recorded.
+    replay: bool,
 }
 
 impl Context for CoordinatorCtx {
@@ -257,6 +274,7 @@ impl CoordinatorCtx {
             round: 0,
             done: false,
             assignment: Assignment::default(),
+            replay: false,
         })
     }
 
@@ -309,14 +327,42 @@ async fn await_members(ctx: &mut CoordinatorCtx) -> Result<()> {
     Ok(())
 }
 
+/// Goes on from the state saved after the last committed round, if this task ran before.
+async fn load_state(ctx: &mut CoordinatorCtx) -> Result<()> {
+    // The coordinator keeps its records with the control plane only, not in the registry.
+    let Some(state) = ctx.io.resume_state(false).await? else {
+        return Ok(());
+    };
+    ctx.assignment = serde_json::from_value(state.selector).map_err(|e| {
+        Error::Config(format!("the coordinator's saved assignment is unreadable: {e}"))
+    })?;
+    ctx.round = state.round;
+    tracing::info!(round = ctx.round, assignment = ?ctx.assignment.trainers_of, "coordinator resumed");
+    Ok(())
+}
+
 async fn await_request(ctx: &mut CoordinatorCtx) -> Result<()> {
     let top = ctx.top_end()?;
     loop {
-        let message = ctx.top.recv(&top).await.map_err(peer_left)?;
+        let received = ctx.top.recv(&top).await.map_err(peer_left);
+        if parent_left(&received, &top) {
+            // The top aggregator is restarted and resumes; it asks again.
+            await_parent(&ctx.top, &top, ctx.common.rejoin_timeout).await?;
+            continue;
+        }
+        let message = received?;
         match message.kind {
-            Kind::Control if Command::Plan.is(&message) => {
+            Kind::Control if Command::Plan.is(&message) && message.round > ctx.round => {
                 ctx.round = message.round;
+                ctx.replay = false;
                 ctx.io.start_round();
+                return Ok(());
+            }
+            Kind::Control
+                if Command::Plan.is(&message) && message.round == ctx.round && ctx.round > 0 =>
+            {
+                tracing::info!(round = ctx.round, "plan asked again; sending the committed one");
+                ctx.replay = true;
                 return Ok(());
             }
             Kind::EndOfTraining => {
@@ -331,6 +377,9 @@ async fn await_request(ctx: &mut CoordinatorCtx) -> Result<()> {
 }
 
 async fn assign_round(ctx: &mut CoordinatorCtx) -> Result<()> {
+    if ctx.replay {
+        return Ok(());
+    }
     let since = Instant::now();
     let (middles, trainers) = loop {
         let (middles, trainers) = (members(&ctx.middles), members(&ctx.trainers));
@@ -396,11 +445,39 @@ async fn notify(ctx: &mut CoordinatorCtx) -> Result<()> {
     }
     let plan = Command::Plan.message(round).with_meta(ACTIVE, ids(&ctx.assignment.active()));
     let top = ctx.top_end()?;
-    ctx.top.send(&top, plan).await.map_err(peer_left)
+    // A top aggregator that left is restarted and asks for this plan again.
+    send_or_skip(&ctx.top, &top, plan).await
 }
 
-async fn report(ctx: &mut CoordinatorCtx) -> Result<()> {
-    ctx.io.finish_round(ctx.round);
+/// The round's commit point: its assignment, number and record are saved before anyone is
+/// told of it (a restart before this assigns the round again; after it, sends it again as
+/// saved), then the record is reported.
+async fn commit(ctx: &mut CoordinatorCtx) -> Result<()> {
+    if ctx.replay {
+        return Ok(());
+    }
+    let io = &mut ctx.io;
+    let record = std::mem::take(&mut io.metrics).finish(
+        &io.config.task_id,
+        &io.config.role,
+        ctx.round,
+        io.traffic(),
+    );
+    let selector = serde_json::to_value(&ctx.assignment)
+        .map_err(|e| Error::Config(format!("assignment not serialisable: {e}")))?;
+    let state = ResumeState {
+        round: ctx.round,
+        model_version: ctx.round,
+        global: fledge_algorithms::Weights::new(),
+        server: None,
+        selector,
+        record: Some(record.clone()),
+        privacy: None,
+    };
+    let (registry, job, task) =
+        (io.registry.clone(), io.config.job.id.clone(), io.config.task_id.clone());
+    tokio::task::spawn_blocking(move || registry.save_resume(&job, &task, &state)).await??;
+    io.report(record);
     Ok(())
 }
 
@@ -417,6 +494,7 @@ async fn finish(ctx: &mut CoordinatorCtx) -> Result<()> {
 /// The coordinator program.
 pub fn program() -> Composer<CoordinatorCtx> {
     Composer::new()
+        .tasklet("load_state", async_tasklet(|c| boxed(load_state(c))))
         .tasklet("await_members", async_tasklet(|c| boxed(await_members(c))))
         .loop_until(
             "rounds",
@@ -424,8 +502,8 @@ pub fn program() -> Composer<CoordinatorCtx> {
             Composer::new()
                 .tasklet("await_request", async_tasklet(|c| boxed(await_request(c))))
                 .tasklet("assign", async_tasklet(|c| boxed(assign_round(c))))
-                .tasklet("notify", async_tasklet(|c| boxed(notify(c))))
-                .tasklet("report", async_tasklet(|c| boxed(report(c)))),
+                .tasklet("commit", async_tasklet(|c| boxed(commit(c))))
+                .tasklet("notify", async_tasklet(|c| boxed(notify(c)))),
         )
         .tasklet("finish", async_tasklet(|c| boxed(finish(c))))
 }

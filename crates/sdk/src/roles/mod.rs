@@ -128,7 +128,8 @@ pub struct Common {
     /// How long to wait for peers to join.
     pub join_timeout: Duration,
     /// How long a child waits for its aggregator to come back after it left (the controller
-    /// restarts a failed aggregator, which resumes from its last round) before it fails.
+    /// restarts a failed aggregator, which resumes from its last round) before it fails; the
+    /// same for the peers of a coordinator, a ring leader or a vertical label party.
     pub rejoin_timeout: Duration,
 }
 

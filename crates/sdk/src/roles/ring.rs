@@ -22,12 +22,26 @@
 //! members tell the leader they are ready (`Control` `ready`, round r); a trainer that has
 //! no model yet says `ready` for round 0. The leader sends such a newcomer the current
 //! weights (`Weights`, round r) so that a late joiner never trains from random weights, then
-//! sends every member the round's member list (`Control` `members`). Members that leave
-//! between rounds are dropped; a member that leaves during an all-reduce fails the round
-//! for the others (the ring is broken), which is reported as a peer-left error.
+//! sends every member the round's member list (`Control` `members`, with an `epoch` that
+//! the ring chunks of that round carry). Members that leave between rounds are dropped.
 //!
 //! After the last round the leader saves the final model to the registry, and tells
 //! trainers still waiting to join that training is over (`EndOfTraining`).
+//!
+//! **Resume** (the `ring-trainer` role; the hybrid trainer's ring keeps the old rule: a member
+//! that leaves during an all-reduce fails it with a peer-left error). Every member commits
+//! each round by saving the group's model, the round, the leader and its record in its resume
+//! file ([`crate::registry::ResumeState`]) before it reports the round. A member that leaves,
+//! or is restarted under its id, during an all-reduce breaks the ring: every other member
+//! notices (it watches every member's end and run while it waits), goes back to the group's
+//! model of the round's start, drops the broken round's chunks and redoes the round from its
+//! membership. A restarted member that leads loads its saved model and round and leads again;
+//! one that does not lead joins as a newcomer and gets the leader's model. Members wait
+//! `rejoinTimeout` for a leader that leaves or is restarted and say they are ready again; a
+//! member ready for another round than the leader's (one of them was restarted between the
+//! end of a round and its save) is sent the leader's model like a newcomer, so the leader's
+//! saved state is the group's. After the last round, the leader answers any member still
+//! asking with the final model.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -37,6 +51,7 @@ use fledge_algorithms::{Tensor, Weights};
 use fledge_channel::{Channel, Kind, Message};
 use fledge_types::TaskId;
 use serde_json::Value;
+use tokio::time::Instant;
 
 use crate::app::{AppNeed, TrainOutcome, TrainerApp, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
@@ -44,6 +59,7 @@ use crate::convert::{tensors_to_weights, weights_message};
 use crate::hyper::{self, names};
 use crate::metrics::RoundMetrics;
 use crate::protocol::{self, Command, peer_left};
+use crate::registry::ResumeState;
 use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::{Common, RoleKind};
 use crate::{Error, Result};
@@ -53,6 +69,10 @@ pub const BUILTIN_NAME: &str = "ring-trainer";
 
 /// Meta key of the leader's member list.
 const MEMBERS: &str = "members";
+/// Meta key of the membership a member list and the ring chunks belong to.
+const EPOCH: &str = "epoch";
+/// Key of the leader's id in a ring member's saved state (its `selector`).
+const LEADER: &str = "leader";
 
 /// Messages one peer may have stashed, not consumed yet: the channel's own per-end queue
 /// bound. A member is at most a few messages ahead of this one; a peer further ahead is
@@ -103,8 +123,15 @@ impl Mailbox {
         Ok(())
     }
 
-    /// The first message from `from` matching `pred`; fails when `from` has left.
-    async fn take<P>(&mut self, from: &TaskId, pred: P) -> Result<Message>
+    /// The first message from `from` matching `pred`; fails with [`Error::PeerLeft`] when
+    /// `from`, or an end of `watch`, has left or is another run than the one `watch` names
+    /// (restarted under the same id: it will never send what this member waits for).
+    async fn take<P>(
+        &mut self,
+        from: &TaskId,
+        watch: &[(TaskId, String)],
+        pred: P,
+    ) -> Result<Message>
     where
         P: Fn(&Message) -> bool,
     {
@@ -112,13 +139,28 @@ impl Mailbox {
             if let Some((_, m)) = self.poll(|e, m| e == from && pred(m)).await? {
                 return Ok(m);
             }
-            if !self.channel.ends().contains(from) {
+            let ends = self.channel.ends();
+            let gone = std::iter::once(from)
+                .chain(watch.iter().map(|(end, _)| end))
+                .find(|end| !ends.contains(end))
+                .or_else(|| {
+                    watch.iter().map(|(end, run)| (end, run)).find_map(|(end, run)| {
+                        let now = self.channel.end_props(end).map(|p| p.instance);
+                        now.is_some_and(|now| !run.is_empty() && now != *run).then_some(end)
+                    })
+                });
+            if let Some(end) = gone {
                 return Err(Error::PeerLeft {
-                    peer: from.clone(),
+                    peer: end.clone(),
                     channel: self.channel.name().to_owned(),
                 });
             }
         }
+    }
+
+    /// Drops every ring chunk kept: those of an all-reduce that broke.
+    fn drop_chunks(&mut self) {
+        self.stash.retain(|(_, m)| m.kind != Kind::Update);
     }
 }
 
@@ -145,6 +187,22 @@ pub struct RingCtx {
     synced: bool,
     /// Members of the previous round (the leader waits for them).
     previous: Vec<TaskId>,
+    /// This task resumes after a restart and waits for a leader that leaves (the
+    /// `ring-trainer` role; the hybrid trainer does not).
+    pub(crate) resumable: bool,
+    /// The membership this round's all-reduce belongs to (the leader draws one per
+    /// membership, so chunks of a broken all-reduce never count in the next one).
+    epoch: u64,
+    /// The other members and their runs (end instances) when this round's membership was
+    /// announced: one that leaves or is restarted breaks the ring.
+    watch: Vec<(TaskId, String)>,
+    /// The group's model at the start of the round (resumable members: a broken all-reduce
+    /// goes back to it).
+    start_model: Option<Weights>,
+    /// This round's all-reduce broke: the round is redone.
+    aborted: bool,
+    /// This leader resumed after the last round (it died between saving it and finishing).
+    resumed_done: bool,
     pub(crate) outcome: TrainOutcome,
     /// Metrics of the last `evaluate`.
     pub evaluation: BTreeMap<String, f64>,
@@ -175,7 +233,9 @@ impl Role for RingTrainer {
     const APP: AppNeed = AppNeed::Trainer;
 
     fn build(io: TaskIo, app: UserApp) -> Result<RingCtx> {
-        RingCtx::new(io, app.trainer()?)
+        let mut ctx = RingCtx::new(io, app.trainer()?)?;
+        ctx.resumable = true;
+        Ok(ctx)
     }
 
     fn program(_ctx: &RingCtx) -> Result<Composer<RingCtx>> {
@@ -225,6 +285,12 @@ impl RingCtx {
             members: Vec::new(),
             synced: false,
             previous: Vec::new(),
+            resumable: false,
+            epoch: 0,
+            watch: Vec::new(),
+            start_model: None,
+            aborted: false,
+            resumed_done: false,
             outcome: TrainOutcome::default(),
             evaluation: BTreeMap::new(),
             final_model: None,
@@ -272,6 +338,8 @@ pub(crate) async fn load_data(ctx: &mut RingCtx) -> Result<()> {
 }
 
 pub(crate) async fn bootstrap(ctx: &mut RingCtx) -> Result<()> {
+    // Restarted: the leader it had, and (if it leads) the group's model and round it saved.
+    let saved = if ctx.resumable { ctx.io.resume_state(false).await? } else { None };
     let want = ctx.expected.saturating_sub(1);
     let ends = if want == 0 {
         ctx.channel().ends()
@@ -290,16 +358,136 @@ pub(crate) async fn bootstrap(ctx: &mut RingCtx) -> Result<()> {
             Err(e) => return Err(e.into()),
         }
     };
-    let leader =
-        ends.iter().chain(std::iter::once(ctx.me())).min().expect("at least this task").clone();
+    let saved_leader = saved.as_ref().and_then(|s| s.selector.get(LEADER)?.as_str());
+    let leader = match saved_leader {
+        Some(leader) => TaskId::from(leader),
+        None => {
+            ends.iter().chain(std::iter::once(ctx.me())).min().expect("at least this task").clone()
+        }
+    };
     tracing::info!(task_id = %ctx.me(), %leader, peers = ends.len(), "ring bootstrap");
     if &leader == ctx.me() {
         // The leader's model is the group's model; everyone present joins through round 0.
         ctx.synced = true;
         ctx.previous = ends;
+        if let Some(state) = saved {
+            // Resumed: the group goes on from the round this leader saved last. The others
+            // say they are ready for the round after the one they have; one that is not
+            // at this round is sent this model, as a newcomer is.
+            if let Some(record) = state.record {
+                let (registry, job) = (ctx.io.registry.clone(), ctx.io.config.job.id.clone());
+                tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[record]))
+                    .await??;
+            }
+            let weights = state.global;
+            ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
+            ctx.round = state.round;
+            ctx.done = ctx.round >= ctx.rounds;
+            ctx.resumed_done = ctx.done;
+            tracing::info!(round = ctx.round, "ring leader resumed from its last saved round");
+        }
     }
+    // A restarted member that does not lead joins as a newcomer: the leader's model is the
+    // group's, whatever this member saved.
     ctx.leader = Some(leader);
     Ok(())
+}
+
+/// A member's side of the membership: says it is ready (for the next round, or as a
+/// newcomer), takes the group's model when the leader sends it one, and the member list.
+/// False when training ended before it could join. A resumable member whose leader leaves,
+/// or is restarted, waits for it (`rejoinTimeout`) and says it is ready again.
+async fn member_join(ctx: &mut RingCtx, leader: &TaskId) -> Result<bool> {
+    'ready: loop {
+        let leader_run = vec![(leader.clone(), run_of(ctx.channel(), leader))];
+        let asked = if ctx.synced { ctx.round + 1 } else { 0 };
+        let sent = ctx.send(leader, Command::Ready.message(asked)).await;
+        if ctx.resumable && protocol::parent_left(&sent, leader) {
+            protocol::await_parent(ctx.channel(), leader, ctx.common.rejoin_timeout).await?;
+            continue 'ready;
+        }
+        sent?;
+        loop {
+            let want = ctx.round + 1;
+            let synced = ctx.synced;
+            let got = ctx
+                .mailbox
+                .take(leader, &leader_run, |m| {
+                    (Command::Members.is(m) && m.round == want && synced)
+                        || m.kind == Kind::Weights
+                        || m.kind == Kind::EndOfTraining
+                })
+                .await;
+            if ctx.resumable && protocol::parent_left(&got, leader) {
+                protocol::await_parent(ctx.channel(), leader, ctx.common.rejoin_timeout).await?;
+                continue 'ready;
+            }
+            let m = got?;
+            if m.kind == Kind::EndOfTraining {
+                if !m.tensors.is_empty() {
+                    let weights = tensors_to_weights(&m.tensors)?;
+                    ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
+                    ctx.round = m.round;
+                }
+                tracing::info!(task_id = %ctx.me(), round = m.round, "training ended before this trainer could join the round");
+                ctx.done = true;
+                return Ok(false);
+            }
+            if m.kind == Kind::Weights {
+                let previous = protocol::round_before(leader, &m)?;
+                let weights = tensors_to_weights(&m.tensors)?;
+                for t in weights.tensors() {
+                    protocol::check_finite(
+                        leader,
+                        &format!("the group's model ({})", t.name()),
+                        t.data(),
+                    )?;
+                }
+                ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
+                ctx.synced = true;
+                ctx.round = previous;
+                tracing::info!(task_id = %ctx.me(), round = m.round, "received the group's model");
+                continue;
+            }
+            let members = m
+                .meta
+                .get(MEMBERS)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(TaskId::from).collect::<Vec<_>>())
+                .filter(|m| m.contains(ctx.me()))
+                .ok_or_else(|| Error::Protocol {
+                    peer: leader.clone(),
+                    reason: format!(
+                        "round {want} member list is missing or leaves this trainer out"
+                    ),
+                })?;
+            ctx.epoch =
+                m.meta.get(EPOCH).and_then(Value::as_u64).ok_or_else(|| Error::Protocol {
+                    peer: leader.clone(),
+                    reason: format!("round {want} member list has no {EPOCH}"),
+                })?;
+            ctx.members = members;
+            ctx.round = want;
+            return Ok(true);
+        }
+    }
+}
+
+/// The run (end instance) of `end` on the ring channel as it is now (empty: unknown).
+fn run_of(channel: &Channel, end: &TaskId) -> String {
+    channel.end_props(end).map(|p| p.instance).unwrap_or_default()
+}
+
+/// Sends `message` to the member `end`; one that left meanwhile is skipped with a warning
+/// (the all-reduce it was to join breaks, and the round is redone without it).
+async fn send_member(ctx: &RingCtx, end: &TaskId, message: Message) -> Result<()> {
+    match ctx.send(end, message).await {
+        Err(Error::PeerLeft { .. }) if ctx.resumable => {
+            tracing::warn!(%end, round = ctx.round, "member left before it was told; skipped");
+            Ok(())
+        }
+        res => res,
+    }
 }
 
 /// Leader: waits for every previous member's `ready`, admits newcomers with the current
@@ -325,6 +513,13 @@ pub(crate) async fn membership(ctx: &mut RingCtx) -> Result<()> {
                     waiting.remove(&end);
                     ready.insert(end);
                 }
+                Some((end, m)) if ctx.resumable => {
+                    // At another round than the group (this leader or that member was
+                    // restarted in between): it is sent the group's model, as a newcomer is.
+                    tracing::warn!(%end, got = m.round, round, "member at another round; it gets the group's model");
+                    waiting.remove(&end);
+                    newcomers.insert(end);
+                }
                 Some((end, m)) => {
                     tracing::warn!(%end, got = m.round, round, "ready for another round ignored");
                 }
@@ -345,60 +540,38 @@ pub(crate) async fn membership(ctx: &mut RingCtx) -> Result<()> {
             let message = weights_message(Kind::Weights, round, round - 1, &weights)?;
             for end in &newcomers {
                 tracing::info!(%end, round, "sending the current model to a joining trainer");
-                ctx.send(end, message.clone()).await?;
+                send_member(ctx, end, message.clone()).await?;
             }
         }
         let mut members: Vec<TaskId> = ready.into_iter().chain(newcomers).collect();
         members.push(ctx.me().clone());
         members.sort();
         let list = Value::from(members.iter().map(|e| Value::from(e.as_str())).collect::<Vec<_>>());
-        let message = Command::Members.message(round).with_meta(MEMBERS, list);
+        // JSON-safe (< 2^53) and new for every membership, also across restarts.
+        ctx.epoch = rand::random::<u64>() >> 11;
+        let message =
+            Command::Members.message(round).with_meta(MEMBERS, list).with_meta(EPOCH, ctx.epoch);
         for end in members.iter().filter(|e| *e != ctx.me()) {
-            ctx.send(end, message.clone()).await?;
+            send_member(ctx, end, message.clone()).await?;
         }
         ctx.members = members;
         ctx.round = round;
     } else {
-        let asked = if ctx.synced { round } else { 0 };
-        ctx.send(&leader, Command::Ready.message(asked)).await?;
-        if !ctx.synced {
-            let m = ctx
-                .mailbox
-                .take(&leader, |m| m.kind == Kind::Weights || m.kind == Kind::EndOfTraining)
-                .await?;
-            if m.kind == Kind::EndOfTraining {
-                tracing::info!(task_id = %ctx.me(), "joined after the last round; nothing to do");
-                ctx.done = true;
-                return Ok(());
-            }
-            let previous = protocol::round_before(&leader, &m)?;
-            let weights = tensors_to_weights(&m.tensors)?;
-            for t in weights.tensors() {
-                protocol::check_finite(
-                    &leader,
-                    &format!("the group's model ({})", t.name()),
-                    t.data(),
-                )?;
-            }
-            ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
-            ctx.synced = true;
-            ctx.round = previous;
-            tracing::info!(task_id = %ctx.me(), round = m.round, "received the group's model");
+        if !member_join(ctx, &leader).await? {
+            return Ok(());
         }
-        let round = ctx.round + 1;
-        let m = ctx.mailbox.take(&leader, |m| Command::Members.is(m) && m.round == round).await?;
-        let members = m
-            .meta
-            .get(MEMBERS)
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(TaskId::from).collect::<Vec<_>>())
-            .filter(|m| m.contains(ctx.me()))
-            .ok_or_else(|| Error::Protocol {
-                peer: leader.clone(),
-                reason: format!("round {round} member list is missing or leaves this trainer out"),
-            })?;
-        ctx.members = members;
-        ctx.round = round;
+    }
+    let me = ctx.me().clone();
+    let channel = ctx.channel().clone();
+    ctx.watch = ctx
+        .members
+        .iter()
+        .filter(|e| **e != me)
+        .map(|e| (e.clone(), run_of(&channel, e)))
+        .collect();
+    if ctx.resumable {
+        ctx.aborted = false;
+        ctx.start_model = Some(ctx.with_app("get_weights", |app| app.get_weights()).await?);
     }
     ctx.previous = ctx.members.clone();
     ctx.io.metrics.set("members", ctx.members.len() as f64);
@@ -424,10 +597,17 @@ fn chunk_range(len: usize, n: usize, c: usize) -> std::ops::Range<usize> {
     (c * len / n)..((c + 1) * len / n)
 }
 
-fn chunk_message(round: u64, phase: &str, step: usize, data: &[f32]) -> Result<Message> {
+fn chunk_message(
+    round: u64,
+    epoch: u64,
+    phase: &str,
+    step: usize,
+    data: &[f32],
+) -> Result<Message> {
     let tensor = fledge_channel::Tensor::from_f32(vec![data.len()], data)
         .map_err(|e| Error::Tensors(format!("ring chunk: {e}")))?;
     Ok(Message::new(Kind::Update, round)
+        .with_meta(EPOCH, epoch)
         .with_meta("phase", phase)
         .with_meta("step", step as u64)
         .with_tensor("chunk", tensor))
@@ -442,7 +622,7 @@ async fn ring_allreduce(ctx: &mut RingCtx, values: &mut [f32]) -> Result<()> {
     let me = ctx.members.iter().position(|e| e == ctx.me()).expect("members include this task");
     let next = ctx.members[(me + 1) % n].clone();
     let prev = ctx.members[(me + n - 1) % n].clone();
-    let round = ctx.round;
+    let (round, epoch) = (ctx.round, ctx.epoch);
     let len = values.len();
     for phase in ["reduce-scatter", "all-gather"] {
         let gather = phase == "all-gather";
@@ -451,12 +631,13 @@ async fn ring_allreduce(ctx: &mut RingCtx, values: &mut [f32]) -> Result<()> {
             let send_chunk = (me + n + usize::from(gather) - step % n) % n;
             let recv_chunk = (me + 2 * n - 1 + usize::from(gather) - step % n) % n;
             let range = chunk_range(len, n, send_chunk);
-            ctx.send(&next, chunk_message(round, phase, step, &values[range])?).await?;
+            ctx.send(&next, chunk_message(round, epoch, phase, step, &values[range])?).await?;
             let m = ctx
                 .mailbox
-                .take(&prev, |m| {
+                .take(&prev, &ctx.watch, |m| {
                     m.kind == Kind::Update
                         && m.round == round
+                        && m.meta.get(EPOCH).and_then(Value::as_u64) == Some(epoch)
                         && m.meta.get("phase").and_then(Value::as_str) == Some(phase)
                         && m.meta.get("step").and_then(Value::as_u64) == Some(step as u64)
                 })
@@ -532,18 +713,61 @@ pub(crate) async fn allreduce(ctx: &mut RingCtx) -> Result<()> {
     ctx.with_app("set_weights", move |app| app.set_weights(&mean)).await
 }
 
+/// The ring trainer's all-reduce: a member that leaves or is restarted during it breaks the
+/// ring, and every member goes back to the round's start (the group's model of the last
+/// round, the same at every member) and redoes the round with the members left (a restarted
+/// one rejoins as a newcomer, or leads again from its saved state).
+async fn allreduce_or_redo(ctx: &mut RingCtx) -> Result<()> {
+    match allreduce(ctx).await {
+        Err(Error::PeerLeft { peer, .. }) if ctx.resumable => {
+            tracing::warn!(%peer, round = ctx.round, "ring broken; redoing the round");
+            let start = ctx.start_model.clone().expect("membership keeps the round's start");
+            ctx.with_app("set_weights", move |app| app.set_weights(&start)).await?;
+            ctx.mailbox.drop_chunks();
+            ctx.round -= 1;
+            ctx.aborted = true;
+            Ok(())
+        }
+        res => res,
+    }
+}
+
 pub(crate) async fn evaluate(ctx: &mut RingCtx) -> Result<()> {
+    if ctx.aborted {
+        return Ok(());
+    }
     ctx.evaluation = ctx.with_app("evaluate", |app| app.evaluate()).await?;
     Ok(())
 }
 
+/// The round's commit point (resumable members): the group's model, the round, the leader and
+/// the record are saved in the task's resume file before the record is kept and reported.
 async fn report(ctx: &mut RingCtx) -> Result<()> {
+    if ctx.aborted {
+        return Ok(());
+    }
     let mut metrics = std::mem::take(&mut ctx.io.metrics);
     metrics.set("localSamples", ctx.outcome.num_samples as f64);
     metrics.extend("train_", &ctx.outcome.metrics);
     metrics.extend("", &ctx.evaluation);
     let record = metrics.finish(ctx.me(), &ctx.io.config.role, ctx.round, ctx.io.traffic());
     tracing::info!(task_id = %ctx.me(), round = ctx.round, members = ctx.members.len(), metrics = ?ctx.evaluation, "ring round done");
+    if ctx.resumable {
+        let global = ctx.with_app("get_weights", |app| app.get_weights()).await?;
+        let leader = ctx.leader.as_ref().map_or("", TaskId::as_str);
+        let state = ResumeState {
+            round: ctx.round,
+            model_version: ctx.round,
+            global,
+            server: None,
+            selector: serde_json::json!({ LEADER: leader }),
+            record: Some(record.clone()),
+            privacy: None,
+        };
+        let (registry, job, task) =
+            (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), ctx.me().clone());
+        tokio::task::spawn_blocking(move || registry.save_resume(&job, &task, &state)).await??;
+    }
     if ctx.is_leader() {
         let (registry, job, rec) =
             (ctx.io.registry.clone(), ctx.io.config.job.id.clone(), record.clone());
@@ -562,11 +786,31 @@ async fn finish(ctx: &mut RingCtx) -> Result<()> {
         let path =
             tokio::task::spawn_blocking(move || registry.save_final(&job, &weights)).await??;
         tracing::info!(path = %path.display(), "final model saved");
-        // Trainers that asked to join too late are told to stop.
-        while let Some((end, _)) =
-            ctx.mailbox.poll(|_, m| Command::Ready.is(m) && m.round == 0).await?
-        {
-            let _ = ctx.send(&end, Message::new(Kind::EndOfTraining, ctx.round)).await;
+        // Trainers that asked to join too late are told to stop; resumable members that
+        // redo the last round get the final model with it.
+        let resumable = ctx.resumable;
+        let end_of_training = match (&ctx.final_model, resumable) {
+            (Some(last), true) => weights_message(Kind::EndOfTraining, ctx.round, ctx.round, last)?,
+            _ => Message::new(Kind::EndOfTraining, ctx.round),
+        };
+        // A leader resumed after the last round: the others are done (and leave) or wait for
+        // it, so it answers each one still here, for up to `rejoinTimeout`.
+        let until = ctx.resumed_done.then(|| Instant::now() + ctx.common.rejoin_timeout);
+        let mut answered = BTreeSet::new();
+        loop {
+            let got = ctx
+                .mailbox
+                .poll(|_, m| Command::Ready.is(m) && (m.round == 0 || resumable))
+                .await?;
+            if let Some((end, _)) = got {
+                let _ = ctx.send(&end, end_of_training.clone()).await;
+                answered.insert(end);
+                continue;
+            }
+            let unanswered = ctx.channel().ends().iter().any(|e| !answered.contains(e));
+            if !until.is_some_and(|at| unanswered && Instant::now() < at) {
+                break;
+            }
         }
     }
     Ok(())
@@ -584,7 +828,7 @@ pub fn program() -> Composer<RingCtx> {
             Composer::new()
                 .tasklet("membership", async_tasklet(|c| boxed(membership(c))))
                 .tasklet("train", async_tasklet(|c| boxed(train(c))))
-                .tasklet("allreduce", async_tasklet(|c| boxed(allreduce(c))))
+                .tasklet("allreduce", async_tasklet(|c| boxed(allreduce_or_redo(c))))
                 .tasklet("evaluate", async_tasklet(|c| boxed(evaluate(c))))
                 .tasklet("report", async_tasklet(|c| boxed(report(c)))),
         )
@@ -755,6 +999,60 @@ pub(crate) mod tests {
         let members: Vec<f64> = runs[0].history.iter().map(|h| h.metrics["members"]).collect();
         assert_eq!(members.iter().filter(|m| **m == 3.0).count() as u64, 7 - first, "{members:?}");
         assert!(dir.path().join("registry/jobs/ring/final.safetensors").is_file());
+    }
+
+    /// A member killed (its task aborted: its channel vanishes as in a crash) in the middle of
+    /// round 3 and started again under the same id: the ring breaks, the others go back to
+    /// the round's start and redo it, and the group ends with exactly the model of a run
+    /// without the fault. Once the leader, once another member.
+    #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+    async fn a_restarted_member_or_leader_rejoins_and_the_round_is_redone_exactly() {
+        for victim_is_leader in [true, false] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let hub = LocalHub::new();
+            let factory = Arc::new(MeanFactory::default());
+            let h = serde_json::json!({"rounds": 6, "expectedTrainers": 3, "joinTimeout": 20,
+                "rejoinTimeout": 20});
+            let mut configs = ring_configs("ring-resume", &["1:10", "3:10", "8:20"], h);
+            configs.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+            let victim = configs.remove(if victim_is_leader { 0 } else { 2 });
+            let mut set = tokio::task::JoinSet::new();
+            for config in configs {
+                let (factory, opts) = (factory.clone(), opts(&hub, dir.path()));
+                set.spawn(async move { run::<RingTrainer>(config, factory, opts).await });
+            }
+            let first = tokio::spawn(run::<RingTrainer>(
+                victim.clone(),
+                factory.clone(),
+                opts(&hub, dir.path()),
+            ));
+            // Two rounds of three trainings, and one of round 3.
+            while factory.trained.load(Ordering::SeqCst) < 7 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            first.abort();
+            let _ = first.await;
+            let again = run::<RingTrainer>(victim, factory.clone(), opts(&hub, dir.path()))
+                .await
+                .expect("the restarted trainer completes");
+            let mut runs = vec![again];
+            while let Some(res) = set.join_next().await {
+                runs.push(res.expect("join").expect("the others complete"));
+            }
+            let mut w = 0.0f32;
+            for _ in 1..=6 {
+                w += 0.5 * ((10.0 + 30.0 + 160.0) / 40.0 - w);
+            }
+            for r in &runs {
+                assert_eq!(r.rounds, 6);
+                let got = r.final_model.as_ref().expect("final").get("w").expect("w").data()[0];
+                assert!((got - w).abs() < 1e-5, "leader {victim_is_leader}: got {got}, want {w}");
+            }
+            assert!(
+                factory.trained.load(Ordering::SeqCst) > 18,
+                "a round was redone (the kill landed in one)"
+            );
+        }
     }
 
     #[tokio::test]

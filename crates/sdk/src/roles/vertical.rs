@@ -28,13 +28,24 @@
 //!
 //! | from → to | kind | round | meta | tensors |
 //! |---|---|---|---|---|
-//! | feature → label | `Control` | 0 | `command: "ids"`, `ids` (strings), `embeddingDim` | |
-//! | label → feature | `Control` | 0 | `command: "align"`, `train`, `test` (strings) | |
+//! | feature → label | `Control` | 0 | `command: "ids"`, `ids` (strings), `embeddingDim`, `partyIndex` | |
+//! | label → feature | `Control` | 0 | `command: "align"`, `train`, `test` (strings), `resumed` (round) | |
 //! | label → feature | `Control` | 0 | `command: "abort"`, `reason` (alignment failed) | |
 //! | label → feature | `Control` | r | `command: "embed"`, `split` (`train`/`test`), `step` | `rows` i64 `[b]` |
 //! | feature → label | `Update` | r | `split`, `step` | `embedding` f32 `[b, embeddingDim]` |
 //! | label → feature | `Control` | r | `command: "gradient"`, `step` | `gradient` f32 `[b, embeddingDim]` |
 //! | label → feature | `EndOfTraining` | last | | |
+//!
+//! **Resume.** The label party commits each round by saving its top model, the round and the
+//! round's record in its resume file ([`crate::registry::ResumeState`]) before it reports the
+//! round. Redeployed under the same id, it loads its table, aligns again (the same ids and
+//! seed give the same split), restores the top model ([`LabelApp::set_weights`]) and goes on
+//! with the next round; the round it died in is redone. A feature party whose label party
+//! leaves, or comes back as a new run, waits for it (`rejoinTimeout`), says hello again, and
+//! takes the alignment, which names the round the label party resumes from (`resumed`): it
+//! goes back to its bottom model of that round (it keeps those of the last two rounds it
+//! served; [`FeatureApp::set_weights`]), so the redone round starts where the first attempt
+//! did. An embedding that reaches the restarted label party before the hello is ignored.
 //!
 //! User code plugs in through [`FeatureApp`] (bottom model and the party's table) and
 //! [`LabelApp`] (labels, top model, loss); the candle implementations live in
@@ -57,7 +68,8 @@ pub use crate::app::{Embedding, FeatureApp, LabelApp, Split, StepOutcome};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
 use crate::hyper;
 use crate::metrics::RoundMetrics;
-use crate::protocol::{Command, peer_left};
+use crate::protocol::{Command, await_parent, parent_left, peer_left};
+use crate::registry::ResumeState;
 use crate::role::{Role, RoleCtx, TaskIo};
 use crate::roles::{Common, RoleKind, tags};
 use crate::{Error, Result};
@@ -80,6 +92,15 @@ pub mod names {
 }
 
 const IDS: &str = "ids";
+/// Meta key of a feature party's hello: its task index (the order of the embeddings).
+const PARTY_INDEX: &str = "partyIndex";
+/// Meta key of the alignment: the round the label party resumes after (0: a fresh start).
+const RESUMED: &str = "resumed";
+/// Bottom models a feature party keeps, of the last rounds it served: the label party saves
+/// a round after its test embeddings, so it resumes from the last one or the one before.
+const SNAPSHOTS: usize = 2;
+/// How often a feature party waiting for the label party checks whether it was restarted.
+const RESTART_POLL: Duration = Duration::from_millis(500);
 /// Tensor name of a gradient.
 const GRADIENT: &str = "gradient";
 
@@ -196,6 +217,13 @@ pub struct FeatureCtx {
     channel: Channel,
     common: Common,
     label: Option<TaskId>,
+    /// The label party's run (its end's instance) this party said hello to.
+    label_instance: String,
+    /// The train and test ids of the alignment applied.
+    aligned: Option<(Vec<String>, Vec<String>)>,
+    /// The bottom model after the last rounds served (0: as aligned), newest last: a label
+    /// party that resumes from one of them has this party go back to it.
+    snapshots: std::collections::VecDeque<(u64, Weights)>,
     ids: Vec<String>,
     /// The round being served (an epoch of the label party).
     pub round: u64,
@@ -257,6 +285,9 @@ impl FeatureCtx {
             channel,
             common,
             label: None,
+            label_instance: String::new(),
+            aligned: None,
+            snapshots: std::collections::VecDeque::new(),
             ids: Vec::new(),
             round: 0,
             done: false,
@@ -273,6 +304,14 @@ impl FeatureCtx {
     /// The next message from the label party; its leaving is an error.
     async fn recv(&self) -> Result<Message> {
         self.channel.recv(self.label()).await.map_err(peer_left)
+    }
+
+    /// Whether the label party present now is another run than the one this party said
+    /// hello to (it was restarted under the same id, faster than its end was seen to leave).
+    fn label_restarted(&self) -> bool {
+        let now = self.channel.end_props(self.label()).map(|p| p.instance);
+        !self.label_instance.is_empty()
+            && now.is_some_and(|now| !now.is_empty() && now != self.label_instance)
     }
 
     fn protocol(&self, reason: String) -> Error {
@@ -299,17 +338,25 @@ async fn feature_hello(ctx: &mut FeatureCtx) -> Result<()> {
         )));
     };
     ctx.label = Some(label.clone());
+    ctx.label_instance = ctx.channel.end_props(label).map(|p| p.instance).unwrap_or_default();
     let dim = { ctx.app.lock().unwrap_or_else(|e| e.into_inner()).embedding_dim() };
     let message = Command::Ids
         .message(0)
         .with_meta(IDS, strings_value(&ctx.ids))
-        .with_meta("embeddingDim", dim as u64);
+        .with_meta("embeddingDim", dim as u64)
+        .with_meta(PARTY_INDEX, u64::from(ctx.io.config.task_index));
     ctx.channel.send(label, message).await?;
     Ok(())
 }
 
 async fn feature_align(ctx: &mut FeatureCtx) -> Result<()> {
-    let m = ctx.recv().await?;
+    let mut m = ctx.recv().await?;
+    // Aligning again with a restarted label party: a request of its previous run that was
+    // still on its way is void.
+    while ctx.aligned.is_some() && (Command::Embed.is(&m) || Command::Gradient.is(&m)) {
+        tracing::warn!(round = m.round, "request of the label party's previous run ignored");
+        m = ctx.recv().await?;
+    }
     if Command::Abort.is(&m) {
         let reason = m.meta.get("reason").and_then(Value::as_str).unwrap_or("no reason given");
         return Err(Error::Config(format!(
@@ -336,8 +383,86 @@ async fn feature_align(ctx: &mut FeatureCtx) -> Result<()> {
             ctx.protocol(format!("alignment names sample id {id:?}, which this party lacks"))
         );
     }
+    if let Some((was_train, was_test)) = &ctx.aligned {
+        // A restarted label party aligns the same ids with the same seed: nothing changes,
+        // and the bottom model goes on as it is.
+        if *was_train != train || *was_test != test {
+            return Err(ctx.protocol(
+                "the restarted label party aligned the samples differently (did the datasets \
+                 or the seed change?)"
+                    .to_owned(),
+            ));
+        }
+        let resumed = m.meta.get(RESUMED).and_then(Value::as_u64).unwrap_or(0);
+        tracing::info!(resumed, "aligned again with the restarted label party");
+        restore_snapshot(ctx, resumed).await;
+        return Ok(());
+    }
     tracing::info!(train = train.len(), test = test.len(), "aligned");
-    blocking(&ctx.app, "align", move |app| app.align(&train, &test)).await
+    let (t, e) = (train.clone(), test.clone());
+    blocking(&ctx.app, "align", move |app| app.align(&t, &e)).await?;
+    ctx.aligned = Some((train, test));
+    snapshot(ctx, 0).await
+}
+
+/// Keeps the bottom model as it is after round `round` (the last [`SNAPSHOTS`]).
+async fn snapshot(ctx: &mut FeatureCtx, round: u64) -> Result<()> {
+    let weights = blocking(&ctx.app, "weights", |app| app.weights()).await?;
+    if ctx.snapshots.len() == SNAPSHOTS {
+        ctx.snapshots.pop_front();
+    }
+    ctx.snapshots.push_back((round, weights));
+    Ok(())
+}
+
+/// Goes back to the bottom model of round `round`, which the restarted label party resumes
+/// from; without it (or with user code that cannot set its weights), goes on with the bottom
+/// model as trained so far, which costs some accuracy but not the job.
+async fn restore_snapshot(ctx: &mut FeatureCtx, round: u64) {
+    let Some(pos) = ctx.snapshots.iter().position(|(r, _)| *r == round) else {
+        tracing::warn!(round, kept = ?ctx.snapshots.iter().map(|(r, _)| r).collect::<Vec<_>>(),
+            "no bottom model of the round the label party resumes from; going on with this one");
+        return;
+    };
+    ctx.snapshots.truncate(pos + 1);
+    let weights = ctx.snapshots[pos].1.clone();
+    match blocking(&ctx.app, "set_weights", move |app| app.set_weights(&weights)).await {
+        Ok(()) => tracing::info!(round, "bottom model of the resumed round restored"),
+        Err(e) => tracing::warn!(round, error = %e,
+            "cannot restore the bottom model; going on with it as trained so far"),
+    }
+}
+
+/// The label party's next message, or `None` when it left or was restarted: the controller
+/// restarts it under its id and it resumes from its last saved round, so this party waits
+/// for it (`rejoinTimeout`), says hello and aligns again, and whatever was in flight is void.
+async fn label_message(ctx: &mut FeatureCtx) -> Result<Option<Message>> {
+    let label = ctx.label().clone();
+    let received = loop {
+        match tokio::time::timeout(RESTART_POLL, ctx.channel.recv(&label)).await {
+            Ok(received) => break received.map_err(peer_left),
+            Err(_) if ctx.label_restarted() => {
+                break Err(Error::PeerLeft {
+                    peer: label.clone(),
+                    channel: ctx.channel.name().to_owned(),
+                });
+            }
+            Err(_) => {}
+        }
+    };
+    if !parent_left(&received, &label) {
+        return received.map(Some);
+    }
+    rejoin(ctx).await?;
+    Ok(None)
+}
+
+/// Waits for the label party to come back, then says hello and aligns again.
+async fn rejoin(ctx: &mut FeatureCtx) -> Result<()> {
+    let label = ctx.label().clone();
+    await_parent(&ctx.channel, &label, ctx.common.rejoin_timeout).await?;
+    feature_hello(ctx).await?;
+    feature_align(ctx).await
 }
 
 fn rows_of(m: &Message, peer: &TaskId) -> Result<Vec<usize>> {
@@ -354,7 +479,9 @@ fn rows_of(m: &Message, peer: &TaskId) -> Result<Vec<usize>> {
 async fn feature_serve(ctx: &mut FeatureCtx) -> Result<()> {
     ctx.io.metrics = RoundMetrics::start(ctx.io.traffic());
     loop {
-        let m = ctx.recv().await?;
+        let Some(m) = label_message(ctx).await? else {
+            continue;
+        };
         if m.kind == Kind::EndOfTraining {
             ctx.done = true;
             return Ok(());
@@ -377,13 +504,20 @@ async fn feature_serve(ctx: &mut FeatureCtx) -> Result<()> {
             .with_meta("split", split.word())
             .with_meta("step", step)
             .with_tensor("embedding", tensor_of(&embedding)?);
-        ctx.channel.send(ctx.label(), reply).await?;
+        let sent = ctx.channel.send(ctx.label(), reply).await.map_err(peer_left);
+        if parent_left(&sent, ctx.label()) {
+            rejoin(ctx).await?;
+            continue;
+        }
+        sent?;
         ctx.rows += n_rows as u64;
         if split == Split::Test {
             // The evaluation closes the round.
-            return Ok(());
+            return snapshot(ctx, m.round).await;
         }
-        let g = ctx.recv().await?;
+        let Some(g) = label_message(ctx).await? else {
+            continue;
+        };
         if !Command::Gradient.is(&g)
             || g.round != m.round
             || g.meta.get("step").and_then(Value::as_u64) != Some(step)
@@ -446,7 +580,7 @@ pub struct LabelCtx {
     batch_size: usize,
     seed: u64,
     ids: Vec<String>,
-    /// The feature parties, sorted by task id (the order of embeddings).
+    /// The feature parties, in the order of their task indexes (the order of embeddings).
     pub parties: Vec<TaskId>,
     dims: Vec<usize>,
     n_train: usize,
@@ -463,6 +597,9 @@ pub struct LabelCtx {
     pub evaluation: BTreeMap<String, f64>,
     /// The top model, once trained.
     final_model: Option<Weights>,
+    /// What this task saved after its last round, when it was restarted: applied once the
+    /// parties are aligned.
+    resumed: Option<ResumeState>,
 }
 
 impl RoleCtx for LabelCtx {
@@ -543,6 +680,7 @@ impl LabelCtx {
             steps: 0,
             evaluation: BTreeMap::new(),
             final_model: None,
+            resumed: None,
         })
     }
 
@@ -596,6 +734,8 @@ async fn label_load(ctx: &mut LabelCtx) -> Result<()> {
     let config = ctx.io.config.clone();
     ctx.ids = blocking(&ctx.app, "load", move |app| app.load(&config)).await?;
     tracing::info!(task_id = %ctx.io.config.task_id, samples = ctx.ids.len(), "labelled table loaded");
+    // Restarted: the top model is restored once aligned (it is built by the alignment).
+    ctx.resumed = ctx.io.resume_state(true).await?;
     Ok(())
 }
 
@@ -613,13 +753,22 @@ async fn label_align(ctx: &mut LabelCtx) -> Result<()> {
         },
     )?;
     parties.sort();
-    let mut held = Vec::with_capacity(parties.len());
+    // (party index, party, ids, embedding size) of each party.
+    let mut hellos = Vec::with_capacity(parties.len());
     for party in &parties {
-        let m = ctx.recv(party).await?;
         let bad = |reason: &str| Error::Protocol { peer: party.clone(), reason: reason.to_owned() };
-        if !Command::Ids.is(&m) {
-            return Err(bad("expected its sample ids first"));
-        }
+        let m = loop {
+            let m = ctx.recv(party).await?;
+            match m.kind {
+                _ if Command::Ids.is(&m) => break m,
+                // An embedding a party sent to this task's previous run (it was restarted
+                // while the party computed it): the party says hello again after it.
+                Kind::Update => {
+                    tracing::warn!(%party, round = m.round, "embedding for the previous run ignored");
+                }
+                _ => return Err(bad("expected its sample ids first")),
+            }
+        };
         let ids = strings(&m, IDS).ok_or_else(|| bad("ids is not a list of strings"))?;
         let dim = m
             .meta
@@ -627,10 +776,24 @@ async fn label_align(ctx: &mut LabelCtx) -> Result<()> {
             .and_then(Value::as_u64)
             .filter(|d| *d > 0)
             .ok_or_else(|| bad("embeddingDim is missing or 0"))?;
-        ctx.dims.push(dim as usize);
-        held.push((party.clone(), ids));
+        let index = m
+            .meta
+            .get(PARTY_INDEX)
+            .and_then(Value::as_u64)
+            .filter(|i| *i <= u64::from(u32::MAX))
+            .ok_or_else(|| bad("partyIndex is missing or not a task index"))?;
+        hellos.push((index, party.clone(), ids, dim as usize));
     }
-    ctx.parties = parties;
+    // Embeddings go in the order of the parties' task indexes, which are the same in every
+    // run of a job (task ids are not: they hash the job's id), so a job gives the same model
+    // every time it runs.
+    hellos.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let mut held = Vec::with_capacity(hellos.len());
+    for (_, party, ids, dim) in hellos {
+        ctx.parties.push(party.clone());
+        ctx.dims.push(dim);
+        held.push((party, ids));
+    }
     let aligned = match align_ids(&ctx.ids, &held) {
         Ok(aligned) => aligned,
         Err(e) => {
@@ -653,13 +816,23 @@ async fn label_align(ctx: &mut LabelCtx) -> Result<()> {
     let message = Command::Align
         .message(0)
         .with_meta("train", strings_value(&train))
-        .with_meta("test", strings_value(&test));
+        .with_meta("test", strings_value(&test))
+        .with_meta(RESUMED, ctx.resumed.as_ref().map_or(0, |s| s.round));
     for party in &ctx.parties {
         ctx.send(party, message.clone()).await?;
     }
     (ctx.n_train, ctx.n_test) = (train.len(), test.len());
     let dims = ctx.dims.clone();
-    blocking(&ctx.app, "align", move |app| app.align(&train, &test, &dims)).await
+    blocking(&ctx.app, "align", move |app| app.align(&train, &test, &dims)).await?;
+    if let Some(state) = ctx.resumed.take() {
+        // The same ids and seed align the same rows: the saved top model fits them.
+        let weights = state.global;
+        blocking(&ctx.app, "set_weights", move |app| app.set_weights(&weights)).await?;
+        ctx.round = state.round;
+        ctx.done = ctx.round >= ctx.rounds;
+        tracing::info!(round = ctx.round, "label party resumed from its last saved round");
+    }
+    Ok(())
 }
 
 /// One epoch over the train rows in seeded random batches.
@@ -721,18 +894,42 @@ async fn label_evaluate(ctx: &mut LabelCtx) -> Result<()> {
     Ok(())
 }
 
+/// The round's commit point: the top model, the round and its record are saved in the
+/// task's resume file before the record is kept and reported (a restart before this redoes
+/// the round; after it, goes on with the next).
 async fn label_report(ctx: &mut LabelCtx) -> Result<()> {
-    let metrics = &mut ctx.io.metrics;
+    let io = &mut ctx.io;
+    let mut metrics = std::mem::take(&mut io.metrics);
     metrics.set("train_loss", ctx.train_loss);
     metrics.set("steps", ctx.steps as f64);
     metrics.set("trainSamples", ctx.n_train as f64);
     metrics.set("testSamples", ctx.n_test as f64);
     metrics.set("featureParties", ctx.parties.len() as f64);
     metrics.extend("", &ctx.evaluation);
-    let record = ctx.io.finish_round(ctx.round);
+    let record = metrics.finish(&io.config.task_id, &io.config.role, ctx.round, io.traffic());
     tracing::info!(round = ctx.round, train_loss = ctx.train_loss, metrics = ?ctx.evaluation, "vertical round done");
-    let (registry, job) = (ctx.io.registry.clone(), ctx.io.config.job.id.clone());
-    tokio::task::spawn_blocking(move || registry.append_metrics(&job, &[record])).await??;
+    let global = blocking(&ctx.app, "weights", |app| app.weights()).await?;
+    let state = ResumeState {
+        round: ctx.round,
+        model_version: ctx.round,
+        global,
+        server: None,
+        selector: Value::Null,
+        record: Some(record.clone()),
+        privacy: None,
+    };
+    let (registry, job, task, rec) = (
+        ctx.io.registry.clone(),
+        ctx.io.config.job.id.clone(),
+        ctx.io.config.task_id.clone(),
+        record.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        registry.save_resume(&job, &task, &state)?;
+        registry.append_metrics(&job, &[rec])
+    })
+    .await??;
+    ctx.io.report(record);
     ctx.done = ctx.round >= ctx.rounds;
     Ok(())
 }
