@@ -77,6 +77,15 @@ pub trait DeploymentApi: Send + Sync {
         state: DeploymentState,
         message: &'a str,
     ) -> BoxFuture<'a, Result<()>>;
+
+    /// Claims the key of attempt `attempt` of task `task` (deploy events carry none); the
+    /// control plane answers once per attempt.
+    fn claim_key<'a>(
+        &'a self,
+        job: &'a JobId,
+        task: &'a TaskId,
+        attempt: u32,
+    ) -> BoxFuture<'a, Result<String>>;
 }
 
 impl From<fledge_client::Error> for Error {
@@ -135,6 +144,15 @@ impl DeploymentApi for ComputeClient {
         Box::pin(
             async move { Ok(self.report_deployment(job, task, attempt, state, message).await?) },
         )
+    }
+
+    fn claim_key<'a>(
+        &'a self,
+        job: &'a JobId,
+        task: &'a TaskId,
+        attempt: u32,
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(async move { Ok(self.claim_task_key(job, task, attempt).await?) })
     }
 }
 

@@ -6,7 +6,9 @@ use reqwest::Method;
 
 use fledge_types::{ComputeId, JobId, MetricRecord, TaskConfig, TaskId, TaskState};
 
-use crate::dto::{DeploymentReport, DeploymentState, LogLines, TaskJoin, TaskStatusUpdate};
+use crate::dto::{
+    ClaimedKey, DeploymentReport, DeploymentState, KeyClaim, LogLines, TaskJoin, TaskStatusUpdate,
+};
 use crate::error::Result;
 use crate::http::{Transport, seg};
 
@@ -132,5 +134,19 @@ impl ComputeClient {
         let body =
             DeploymentReport { job_id: job.clone(), state, message: message.to_owned(), attempt };
         self.transport.json_no_content(Method::PUT, &path, Some(&body)).await
+    }
+
+    /// `POST /computes/{computeId}/tasks/{taskId}/key`: the key of attempt `attempt` of task
+    /// `task` (deploy events carry none). Answered once per attempt: a second claim is a 409
+    /// `Conflict`, a task not on this compute a 404, a wrong compute key a 401.
+    pub async fn claim_task_key(&self, job: &JobId, task: &TaskId, attempt: u32) -> Result<String> {
+        let path = format!(
+            "/api/v1/computes/{}/tasks/{}/key",
+            seg(self.compute.as_str()),
+            seg(task.as_str())
+        );
+        let body = KeyClaim { job_id: job.clone(), attempt };
+        let claimed: ClaimedKey = self.transport.json(Method::POST, &path, &body).await?;
+        Ok(claimed.key)
     }
 }

@@ -183,6 +183,38 @@ pub struct DeploymentReport {
     pub attempt: u32,
 }
 
+/// Body of `POST /computes/{computeId}/tasks/{taskId}/key` (deployer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyClaim {
+    /// The task's job.
+    pub job_id: JobId,
+    /// The attempt the worker is deployed for.
+    pub attempt: u32,
+}
+
+/// Answer of `POST /computes/{computeId}/tasks/{taskId}/key`: a task attempt's key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimedKey {
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt it was claimed for.
+    pub attempt: u32,
+    /// The task key.
+    pub key: String,
+}
+
+impl std::fmt::Debug for ClaimedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimedKey")
+            .field("task_id", &self.task_id)
+            .field("attempt", &self.attempt)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
 /// Answer of `GET /tasks/{taskId}` (task key): what an agent learns when it joins.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -41,9 +41,9 @@ pub mod trust;
 pub use agent::{ComputeClient, TaskClient};
 pub use config::ClientConfig;
 pub use dto::{
-    CodeRevision, DeploymentReport, DeploymentState, JobStatus, JoinInfo, LogLines, MintedKey,
-    NewToken, SchemaRevision, ServerVersion, TaskJoin, TaskLog, TaskStatusUpdate, TokenRequest,
-    VersionedSchema,
+    ClaimedKey, CodeRevision, DeploymentReport, DeploymentState, JobStatus, JoinInfo, KeyClaim,
+    LogLines, MintedKey, NewToken, SchemaRevision, ServerVersion, TaskJoin, TaskLog,
+    TaskStatusUpdate, TokenRequest, VersionedSchema,
 };
 pub use error::{Error, Result};
 pub use fledge_tls::{Ca, Fingerprint};

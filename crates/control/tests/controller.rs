@@ -172,6 +172,13 @@ impl Drop for Plane {
 }
 
 impl Plane {
+    /// The key the controller derives for `task` (deploy events carry none).
+    fn key(&self, task: &str) -> String {
+        controller::TaskKeys::load_or_create(&self.keys_path)
+            .expect("task-key secret")
+            .key(&TaskId::new(task))
+    }
+
     async fn create_job(&self, max_run_time: u64) -> JobId {
         let spec: JobSpec = serde_json::from_value(serde_json::json!({
             "name": "job",
@@ -347,7 +354,7 @@ async fn start_and_deploy(
     let deployed: BTreeMap<String, (String, String)> = deploy
         .tasks
         .iter()
-        .map(|t| (t.task_id.clone(), (t.task_key.clone(), t.role.clone())))
+        .map(|t| (t.task_id.clone(), (plane.key(&t.task_id), t.role.clone())))
         .collect();
     let mut keys = BTreeMap::new();
     for task in &tasks {
@@ -506,6 +513,36 @@ async fn silent_agents_are_failed_as_lost() {
     assert!(logs.iter().any(|log| log.contains("agent lost")), "{logs:?}");
 }
 
+/// Whoever subscribes with the compute key gets the compute's recent events replayed: they
+/// must carry no task key (the deployer claims each attempt's key over REST instead).
+#[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
+async fn replayed_deploy_events_carry_no_task_key() {
+    let plane = plane(options(3600.0, 30.0)).await;
+    let job = plane.create_job(0).await;
+    let (first, _agents) = start_and_deploy(&plane, &job).await;
+    let keys: Vec<String> =
+        plane.tasks(&job).await.iter().map(|t| plane.key(t.task_id.as_str())).collect();
+    assert_eq!(keys.len(), 3);
+    let replay = deployer(&plane.notifier_url).await;
+    let replayed = eventually("the replay", || {
+        let (first, replay) = (first.clone(), replay.clone());
+        async move {
+            let events = replay.snapshot();
+            (!events.is_empty() && events.len() == first.snapshot().len()).then_some(events)
+        }
+    })
+    .await;
+    assert!(
+        replayed.iter().any(|e| e.kind == DeployEventKind::Deploy as i32 && e.tasks.len() == 3),
+        "the deploy event is replayed: {replayed:?}"
+    );
+    let encoded: Vec<u8> = replayed.iter().flat_map(prost::Message::encode_to_vec).collect();
+    for key in &keys {
+        let found = encoded.windows(key.len()).any(|w| w == key.as_bytes());
+        assert!(!found, "a task key is in the replayed events");
+    }
+}
+
 #[test_log::test(tokio::test(flavor = "multi_thread", worker_threads = 2))]
 async fn a_restarted_controller_resumes_the_job() {
     let mut plane = plane(options(3600.0, 30.0)).await;
@@ -514,7 +551,7 @@ async fn a_restarted_controller_resumes_the_job() {
     let keys_before: BTreeMap<String, String> = deployer.snapshot()[0]
         .tasks
         .iter()
-        .map(|t| (t.task_id.clone(), t.task_key.clone()))
+        .map(|t| (t.task_id.clone(), plane.key(&t.task_id)))
         .collect();
 
     // Stop the controller mid-job (deploying) and build a new one on the same store.
@@ -546,7 +583,7 @@ async fn a_restarted_controller_resumes_the_job() {
     assert_eq!(redeploy.kind, DeployEventKind::Deploy as i32);
     assert!(redeploy.seq > deployer.snapshot()[0].seq, "sequence numbers keep counting");
     for deployment in &redeploy.tasks {
-        assert_eq!(deployment.task_key, keys_before[&deployment.task_id]);
+        assert_eq!(plane.key(&deployment.task_id), keys_before[&deployment.task_id]);
     }
     assert_eq!(redeploy.tasks.len(), keys_before.len());
 
@@ -720,6 +757,7 @@ async fn composed_services_run_a_job_over_rest() {
     })
     .await;
     assert_eq!(deploy.apiserver, services.endpoints.apiserver);
+    let keys = claim_keys(&http, &api, &job, &deploy).await;
 
     // Each task's agent: fetch the config, report running, then completed.
     for state in ["running", "completed"] {
@@ -727,7 +765,7 @@ async fn composed_services_run_a_job_over_rest() {
             if state == "running" {
                 let config: serde_json::Value = http
                     .get(format!("{api}/tasks/{}/config", task.task_id))
-                    .bearer_auth(&task.task_key)
+                    .bearer_auth(&keys[&task.task_id])
                     .send()
                     .await
                     .expect("task config")
@@ -740,7 +778,7 @@ async fn composed_services_run_a_job_over_rest() {
             }
             let reported = http
                 .put(format!("{api}/tasks/{}/status", task.task_id))
-                .bearer_auth(&task.task_key)
+                .bearer_auth(&keys[&task.task_id])
                 .json(&serde_json::json!({"state": state, "log": ""}))
                 .send()
                 .await
@@ -832,9 +870,11 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
         .tls_backend_preconfigured(ca.client_config().expect("client config"))
         .build()
         .expect("http client");
+    let keys = claim_keys(&http, &api, &job, &deploy).await;
+    let (a_key, b_key) = (keys[&a.task_id].clone(), keys[&b.task_id].clone());
     let config: serde_json::Value = http
         .get(format!("{api}/tasks/{}/config", a.task_id))
-        .bearer_auth(&a.task_key)
+        .bearer_auth(&a_key)
         .send()
         .await
         .expect("task config")
@@ -901,38 +941,35 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
     let status = meta.peers(tonic::Request::new(peers(job_id))).await.expect_err("no key");
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("authorization"), "{status:?}");
-    let status =
-        meta.peers(as_task(peers(job_id), a_id, Some(&b.task_key))).await.expect_err("b's key");
+    let status = meta.peers(as_task(peers(job_id), a_id, Some(&b_key))).await.expect_err("b's key");
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     let status = meta
-        .register(as_task(register(end(b_id, job_id)), a_id, Some(&a.task_key)))
+        .register(as_task(register(end(b_id, job_id)), a_id, Some(&a_key)))
         .await
         .expect_err("someone else's end");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("its own end"), "{status:?}");
     let status = meta
-        .register(as_task(register(end(a_id, "other-job")), a_id, Some(&a.task_key)))
+        .register(as_task(register(end(a_id, "other-job")), a_id, Some(&a_key)))
         .await
         .expect_err("another job");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     let status = meta
-        .peers(as_task(peers("other-job"), a_id, Some(&a.task_key)))
+        .peers(as_task(peers("other-job"), a_id, Some(&a_key)))
         .await
         .expect_err("lookup in another job");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     // Its own end, with its key: registered, listed to its job-mate, not deregistrable by it.
-    meta.register(as_task(register(end(a_id, job_id)), a_id, Some(&a.task_key)))
-        .await
-        .expect("own end");
+    meta.register(as_task(register(end(a_id, job_id)), a_id, Some(&a_key))).await.expect("own end");
     let listed = meta
-        .peers(as_task(peers(job_id), b_id, Some(&b.task_key)))
+        .peers(as_task(peers(job_id), b_id, Some(&b_key)))
         .await
         .expect("job-mate looks up")
         .into_inner()
         .peers;
     assert_eq!(listed.iter().map(|p| p.end_id.as_str()).collect::<Vec<_>>(), [a_id]);
     let status = meta
-        .deregister(as_task(end(a_id, job_id), b_id, Some(&b.task_key)))
+        .deregister(as_task(end(a_id, job_id), b_id, Some(&b_key)))
         .await
         .expect_err("deregistering someone else");
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
@@ -940,12 +977,12 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
     // (`limits.metaserver_ends_per_job`, 3 here), and the refusal names the setting.
     let in_group = |group: &str| EndKey { group: group.to_owned(), ..end(a_id, job_id) };
     for group in ["g1", "g2"] {
-        meta.register(as_task(register(in_group(group)), a_id, Some(&a.task_key)))
+        meta.register(as_task(register(in_group(group)), a_id, Some(&a_key)))
             .await
             .expect("room in the job");
     }
     let status = meta
-        .register(as_task(register(in_group("g3")), a_id, Some(&a.task_key)))
+        .register(as_task(register(in_group("g3")), a_id, Some(&a_key)))
         .await
         .expect_err("a fourth end of the job");
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
@@ -966,7 +1003,7 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
         "an ended job's login works"
     );
     let status = meta
-        .register(as_task(register(end(a_id, job_id)), a_id, Some(&a.task_key)))
+        .register(as_task(register(end(a_id, job_id)), a_id, Some(&a_key)))
         .await
         .expect_err("ended job");
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
@@ -978,6 +1015,34 @@ async fn broker_and_metaserver_admit_only_live_tasks_for_their_own_ends() {
 /// Seeds admin's design and datasets, creates and starts a job of trainers on `services`, and
 /// returns it with the deploy event a deployer trusting `ca` gets for it, and that deployer
 /// (kept connected as long as the caller holds it).
+/// Claims each deployed task's key (attempt 0) over REST as the compute's deployer does:
+/// deploy events carry none. Task id to key.
+async fn claim_keys(
+    http: &reqwest::Client,
+    api: &str,
+    job: &JobId,
+    deploy: &DeployEvent,
+) -> BTreeMap<String, String> {
+    let mut keys = BTreeMap::new();
+    for task in &deploy.tasks {
+        let claimed: serde_json::Value = http
+            .post(format!("{api}/computes/default/tasks/{}/key", task.task_id))
+            .bearer_auth(COMPUTE_KEY)
+            .json(&serde_json::json!({"jobId": job, "attempt": task.attempt}))
+            .send()
+            .await
+            .expect("claim")
+            .error_for_status()
+            .expect("claim accepted")
+            .json()
+            .await
+            .expect("claimed key json");
+        let key = claimed["key"].as_str().expect("a key").to_owned();
+        keys.insert(task.task_id.clone(), key);
+    }
+    keys
+}
+
 async fn start_a_trainer_job(
     store: &Arc<dyn Store>,
     services: &fledge_control::service::Services,
@@ -1165,12 +1230,14 @@ async fn provisioned_mosquitto(url: String, ca_file: Option<std::path::PathBuf>)
     let b = tasks.iter().find(|t| t.task_id.as_str() == deploy.tasks[1].task_id).expect("b");
 
     // Fetching the config provisions the task's login on Mosquitto.
-    let config: serde_json::Value = reqwest::Client::builder()
+    let http = reqwest::Client::builder()
         .tls_backend_preconfigured(ca.client_config().expect("client config"))
         .build()
-        .expect("http client")
+        .expect("http client");
+    let keys = claim_keys(&http, &api, &job, &deploy).await;
+    let config: serde_json::Value = http
         .get(format!("{api}/tasks/{}/config", a.task_id))
-        .bearer_auth(&deploy.tasks[0].task_key)
+        .bearer_auth(&keys[&deploy.tasks[0].task_id])
         .send()
         .await
         .expect("task config")

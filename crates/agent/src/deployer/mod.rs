@@ -2,7 +2,10 @@
 //! child processes and reports what happened to each.
 //!
 //! - DEPLOY starts one `fledgelet` per listed task, in `work_root/<job>/<task>`, with the task
-//!   key in its environment (never on its command line, where `ps` would show it). A task whose
+//!   key in its environment (never on its command line, where `ps` would show it). Events carry
+//!   no key (a compute's stream is replayed to any subscriber holding the compute key): the
+//!   deployer claims each attempt's key once over REST, and a worker whose key it cannot claim
+//!   is reported `failed` with the reason. A task whose
 //!   worker runs or waits already is not started twice. At most `max_workers` run at once; the
 //!   rest wait in a FIFO queue. A task whose worker already ran is not started again either
 //!   (its state is final), until the whole job is revoked.
@@ -23,7 +26,8 @@
 //!
 //! The rules live in a pure state machine (`plan::Plan::step`: inputs in, effects out); the
 //! event loop here only does the I/O. Reports go out in order through one background reporter that retries while the control
-//! plane is unavailable, so the event loop never waits on the network.
+//! plane is unavailable, so the event loop never waits on the network for them (only a
+//! worker start waits for its key claim, retried for at most 10 s).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -55,6 +59,9 @@ use plan::{Effect, Ended, Input, Pending, Plan};
 
 /// Name of the file, in a worker's work dir, holding the fledgelet's own output.
 pub const WORKER_LOG_FILE: &str = "fledgelet.log";
+
+/// How long a worker start retries claiming its key while the control plane is unavailable.
+const CLAIM_RETRY_BUDGET: Duration = Duration::from_secs(10);
 
 /// Errors of the deployer.
 #[derive(Debug, thiserror::Error)]
@@ -551,6 +558,7 @@ impl Deployer {
         check_path_segment(job.as_str())
             .and(check_path_segment(task.as_str()))
             .map_err(|why| format!("cannot deploy task {task:?} of job {job:?}: {why}"))?;
+        let task_key = self.claim_key(pending).await?;
         let work_dir = self.opts.work_root.join(job.as_str()).join(task.as_str());
         let log_path = work_dir.join(WORKER_LOG_FILE);
         let prepared = async {
@@ -566,7 +574,7 @@ impl Deployer {
         let log_file = prepared
             .map_err(|err| format!("cannot prepare work dir {}: {err}", work_dir.display()))?;
         if rt.docker.is_some() {
-            return self.start_container(rt, pending, work_dir, log_file).await;
+            return self.start_container(rt, pending, &task_key, work_dir, log_file).await;
         }
         let stderr = match log_file.try_clone() {
             Ok(file) => Stdio::from(file),
@@ -592,7 +600,7 @@ impl Deployer {
             .arg(&work_dir)
             .args(&self.opts.fledgelet_args)
             .args(self.sandbox_policy().to_args())
-            .env("FLEDGE_TASK_KEY", &pending.task.task_key)
+            .env("FLEDGE_TASK_KEY", &task_key)
             .envs(self.opts.fledgelet_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
@@ -640,6 +648,23 @@ impl Deployer {
 }
 
 impl Deployer {
+    /// Claims the key of the pending worker's attempt from the control plane (deploy events
+    /// carry none). Transient failures are retried briefly (the event loop waits on this);
+    /// a refusal (the attempt was claimed already, or is no longer the task's current one)
+    /// fails the start with the reason, and the controller's restart policy decides on a
+    /// next attempt.
+    async fn claim_key(&self, pending: &Pending) -> Result<String, String> {
+        let (job, task, attempt) = (&pending.job, pending.task_id(), pending.attempt());
+        let backoff = Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+            max_elapsed: CLAIM_RETRY_BUDGET,
+        };
+        retry(backoff, "claim task key", || self.api.claim_key(job, &task, attempt))
+            .await
+            .map_err(|err| format!("cannot claim the key of attempt {attempt}: {}", chain(&err)))
+    }
+
     /// The workers' sandbox policy: the operator's, with the work root protected.
     fn sandbox_policy(&self) -> crate::sandbox::Policy {
         let mut policy = self.opts.sandbox.clone();
@@ -655,6 +680,7 @@ impl Deployer {
         &self,
         rt: &mut Runtime,
         pending: &Pending,
+        task_key: &str,
         work_dir: PathBuf,
         log_file: std::fs::File,
     ) -> Result<(), String> {
@@ -667,7 +693,7 @@ impl Deployer {
             job: &job,
             task: &task,
             role: &pending.task.role,
-            task_key: &pending.task.task_key,
+            task_key,
             apiserver: &pending.apiserver,
             notifier: &pending.notifier,
             work_dir: &work_dir,

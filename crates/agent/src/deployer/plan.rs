@@ -240,12 +240,7 @@ mod tests {
     fn pending(job: &str, task: &str) -> Pending {
         Pending {
             job: JobId::new(job),
-            task: TaskDeployment {
-                task_id: task.into(),
-                task_key: format!("key-{task}"),
-                role: "trainer".into(),
-                attempt: 0,
-            },
+            task: TaskDeployment { task_id: task.into(), role: "trainer".into(), attempt: 0 },
             apiserver: "http://api".into(),
             notifier: "http://notifier".into(),
         }

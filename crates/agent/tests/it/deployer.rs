@@ -90,7 +90,6 @@ impl Harness {
                 .iter()
                 .map(|t| TaskDeployment {
                     task_id: (*t).into(),
-                    task_key: format!("key-of-{t}"),
                     role: "trainer".into(),
                     attempt: 0,
                 })

@@ -137,6 +137,8 @@ pub struct Received {
 pub struct FakeDeploymentApi {
     pub reports: Mutex<Vec<Received>>,
     pub changed: Notify,
+    /// Claimed (job, task, attempt)s.
+    pub claims: Mutex<std::collections::HashSet<(String, String, u32)>>,
 }
 
 impl FakeDeploymentApi {
@@ -185,6 +187,29 @@ impl DeploymentApi for FakeDeploymentApi {
             });
             self.changed.notify_waiters();
             Ok(())
+        })
+    }
+
+    /// Hands out `key-of-<task>` once per task and attempt, like the control plane.
+    fn claim_key<'a>(
+        &'a self,
+        job: &'a JobId,
+        task: &'a TaskId,
+        attempt: u32,
+    ) -> BoxFuture<'a, api::Result<String>> {
+        Box::pin(async move {
+            let first = self.claims.lock().expect("lock").insert((
+                job.to_string(),
+                task.to_string(),
+                attempt,
+            ));
+            if first {
+                Ok(format!("key-of-{task}"))
+            } else {
+                Err(api::Error::Rejected(anyhow::anyhow!(
+                    "409: the key of attempt {attempt} was claimed already"
+                )))
+            }
         })
     }
 }

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -20,6 +20,7 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(create_compute, list_computes))
         .routes(routes!(get_compute, delete_compute))
         .routes(routes!(report_deployment))
+        .routes(routes!(claim_task_key))
 }
 
 /// What a deployer did with a task's worker.
@@ -49,6 +50,28 @@ pub(super) struct DeploymentReport {
     /// an earlier attempt than the task's current one is stale and ignored.
     #[serde(default)]
     attempt: u32,
+}
+
+/// A deployer's claim of the key of one attempt of a task.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct KeyClaim {
+    /// The task's job.
+    job_id: JobId,
+    /// The attempt the worker is deployed for (the `attempt` of its deploy event).
+    attempt: u32,
+}
+
+/// The key of a task's attempt, handed out once.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct ClaimedKey {
+    /// The task.
+    task_id: TaskId,
+    /// The attempt the key was claimed for.
+    attempt: u32,
+    /// The task key the worker authenticates with (`FLEDGE_TASK_KEY`).
+    key: String,
 }
 
 impl ApiState {
@@ -174,4 +197,45 @@ async fn report_deployment(
     }
     state.controller.job_changed(report.job_id);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A deployer claims the key of a task's attempt (compute API key), once: deploy events carry
+/// no key, since a compute's stream is replayed to whoever subscribes with its key. Answered
+/// only for a platform-run task on this compute whose job has not ended, for the task's current
+/// attempt, and the first time that attempt is claimed (409 after, whoever claimed it).
+#[utoipa::path(post, path = "/computes/{computeId}/tasks/{taskId}/key", tag = "computes",
+    request_body = KeyClaim,
+    params(("computeId" = String, Path), ("taskId" = String, Path)),
+    responses((status = 200, body = ClaimedKey), (status = 401, body = fledge_types::ApiError),
+        (status = 404, body = fledge_types::ApiError),
+        (status = 409, body = fledge_types::ApiError)))]
+async fn claim_task_key(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((compute, task)): Path<(String, String)>,
+    request: Body,
+) -> Result<Json<ClaimedKey>> {
+    let compute = ComputeId::new(compute);
+    state.compute(&headers, &compute).await?;
+    let claim: KeyClaim = body::json(request, state.limits.json_bytes, "key claim").await?;
+    let task_id = TaskId::new(task);
+    let not_here = || {
+        Error::not_found(format!(
+            "task {task_id} of job {} is not on compute {compute}",
+            claim.job_id
+        ))
+    };
+    let task = match state.store.get_task(&claim.job_id, &task_id).await {
+        Ok(task) => task,
+        Err(store::Error::NotFound { .. }) => return Err(not_here()),
+        Err(err) => return Err(err.into()),
+    };
+    if task.compute_id != compute {
+        return Err(not_here());
+    }
+    state.store.claim_task_key(&claim.job_id, &task_id, claim.attempt).await?;
+    tracing::info!(job_id = %claim.job_id, task_id = %task_id, compute_id = %compute,
+        attempt = claim.attempt, "task key claimed");
+    let key = state.data_plane_keys.key(&task_id);
+    Ok(Json(ClaimedKey { task_id, attempt: claim.attempt, key }))
 }

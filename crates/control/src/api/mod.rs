@@ -113,8 +113,9 @@ pub struct ApiState {
     pub broker_credentials: Option<crate::broker_auth::BrokerCredentials>,
     /// The Mosquitto provisioned with each task's login before its config is served.
     pub mosquitto: Option<crate::mosquitto::Provisioner>,
-    /// Derives the data-plane keys task configs carry (random unless set from the
-    /// controller's secret file, see [`ApiState::with_data_plane_keys`]).
+    /// Derives the data-plane keys task configs carry and the task keys deployers claim
+    /// (random unless set from the controller's secret file, see
+    /// [`ApiState::with_data_plane_keys`]).
     pub data_plane_keys: controller::TaskKeys,
     metrics: Arc<http_metrics::HttpMetrics>,
     /// The process's metric registry, rendered at `/metrics`.

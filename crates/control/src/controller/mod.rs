@@ -620,7 +620,6 @@ impl Controller {
         for task in tasks.iter().filter(|t| t.managed && t.state == TaskState::Ready) {
             per_compute.entry(&task.compute_id).or_default().push(TaskDeployment {
                 task_id: task.task_id.to_string(),
-                task_key: self.keys.key(&task.task_id),
                 role: task.role.clone(),
                 attempt: task.restarts,
             });

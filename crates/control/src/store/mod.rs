@@ -326,6 +326,12 @@ pub trait Store: Send + Sync + 'static {
         restarts: u32,
         log: &str,
     ) -> Result<Task>;
+    /// Records that the key of platform-run task `task`'s attempt `attempt` was handed out
+    /// (a deployer claims it once per attempt). A compare-and-set: it succeeds only if the
+    /// task's job has not ended, `attempt` is the task's current restart count and that
+    /// attempt's key was not claimed before, so two claims cannot both win. `NotFound` for an
+    /// unknown task, `Conflict` (saying why) otherwise.
+    async fn claim_task_key(&self, job: &JobId, task: &TaskId, attempt: u32) -> Result<()>;
     /// Records a heartbeat from a task's agent (sets `Task::last_heartbeat` to now).
     async fn record_heartbeat(&self, task: &TaskId) -> Result<()>;
     /// Sets (`Some`: mints or re-mints, replacing any previous key) or revokes (`None`) the key

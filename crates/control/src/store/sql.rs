@@ -1433,6 +1433,60 @@ macro_rules! impl_sql_store {
                 Ok(current)
             }
 
+            async fn claim_task_key(
+                &self,
+                job: &JobId,
+                task: &TaskId,
+                attempt: u32,
+            ) -> Result<()> {
+                let attempt = i64::from(attempt);
+                let done = sqlx::query(&format!(
+                    "UPDATE tasks SET key_claimed_attempt = $1 \
+                     WHERE job_id = $2 AND task_id = $3 AND managed AND restarts = $1 \
+                     AND (key_claimed_attempt IS NULL OR key_claimed_attempt <> $1) \
+                     AND job_id IN (SELECT id FROM jobs WHERE id = $2 \
+                         AND state NOT IN {FINAL_STATES_SQL})"
+                ))
+                .bind(attempt)
+                .bind(job.as_str())
+                .bind(task.as_str())
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                if done.rows_affected() == 1 {
+                    return Ok(());
+                }
+                // Refused: say why (the row may change meanwhile; the claim itself was atomic).
+                let current = self.get_task(job, task).await?;
+                let job_state = self.get_job(None, job).await?.state;
+                let conflict = |expected: String, actual: String| Error::Conflict {
+                    kind: "task",
+                    id: task.to_string(),
+                    expected,
+                    actual,
+                };
+                Err(if !current.managed {
+                    conflict("platform-run".to_owned(), "participant-run".to_owned())
+                } else if job_state.is_final() {
+                    Error::Conflict {
+                        kind: "job",
+                        id: job.to_string(),
+                        expected: "a job that has not ended".to_owned(),
+                        actual: job_state.to_string(),
+                    }
+                } else if i64::from(current.restarts) != attempt {
+                    conflict(
+                        format!("attempt {attempt}"),
+                        format!("attempt {} (the task's current one)", current.restarts),
+                    )
+                } else {
+                    conflict(
+                        "an attempt whose key was not claimed".to_owned(),
+                        format!("attempt {attempt} with its key already claimed"),
+                    )
+                })
+            }
+
             async fn record_heartbeat(&self, task: &TaskId) -> Result<()> {
                 let done = sqlx::query("UPDATE tasks SET last_heartbeat = $1 WHERE task_id = $2")
                     .bind(now())

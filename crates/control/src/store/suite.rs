@@ -11,7 +11,7 @@ use fledge_types::{
     Schema, Task, TaskId, TaskState, User, UserId,
 };
 
-use super::{BlobStore, Error, JobFilter, NewTask, Store};
+use super::{BlobStore, Error, JobFilter, NewTask, Result, Store};
 
 /// Runs every case against fresh stores from `factory` (blob limit 1024 bytes).
 pub(crate) async fn run<S, F, Fut>(mut factory: F)
@@ -28,6 +28,7 @@ where
     tasks(&factory().await).await;
     metrics(&factory().await).await;
     restarts(&factory().await).await;
+    key_claims(&factory().await).await;
 }
 
 fn ann() -> UserId {
@@ -690,6 +691,45 @@ async fn restarts(store: &impl Store) {
         store.restart_task(&job.id, &"nope".into(), 0, "x").await,
         Err(Error::NotFound { .. })
     ));
+}
+
+/// A task attempt's key is claimed once: a second claim, a claim of another attempt than the
+/// current one, of a participant-run task or of an ended job's task is refused; concurrent
+/// claims of one attempt have exactly one winner.
+async fn key_claims(store: &impl Store) {
+    with_users(store).await;
+    let job = store.create_job(&ann(), &job_spec("d", &[]), "1", "1").await.unwrap();
+    store
+        .insert_tasks(&[task(&job.id, "ta", 0, true), task(&job.id, "tp", 1, false)])
+        .await
+        .unwrap();
+    let (ta, tp): (TaskId, TaskId) = ("ta".into(), "tp".into());
+    let conflict = |res: Result<()>, why: &str| match res {
+        Err(Error::Conflict { .. }) => {}
+        other => panic!("{why}: {other:?}"),
+    };
+    conflict(store.claim_task_key(&job.id, &ta, 1).await, "attempt 1 is not current yet");
+    let (a, b) =
+        tokio::join!(store.claim_task_key(&job.id, &ta, 0), store.claim_task_key(&job.id, &ta, 0));
+    assert_eq!(u8::from(a.is_ok()) + u8::from(b.is_ok()), 1, "one winner: {a:?} {b:?}");
+    conflict(store.claim_task_key(&job.id, &ta, 0).await, "attempt 0 claimed already");
+    conflict(store.claim_task_key(&job.id, &tp, 0).await, "participant-run");
+    assert!(matches!(
+        store.claim_task_key(&job.id, &"nope".into(), 0).await,
+        Err(Error::NotFound { .. })
+    ));
+    // The next attempt has a claim of its own.
+    store.set_task_state(&job.id, &ta, TaskState::Failed, Some("killed")).await.unwrap();
+    store.restart_task(&job.id, &ta, 0, "restart 1").await.unwrap();
+    conflict(store.claim_task_key(&job.id, &ta, 0).await, "attempt 0 is stale");
+    store.claim_task_key(&job.id, &ta, 1).await.unwrap();
+    conflict(store.claim_task_key(&job.id, &ta, 1).await, "attempt 1 claimed already");
+    // An ended job's tasks hand out nothing.
+    store.set_task_state(&job.id, &ta, TaskState::Failed, Some("again")).await.unwrap();
+    store.restart_task(&job.id, &ta, 1, "restart 2").await.unwrap();
+    store.set_job_state(&job.id, &[JobState::Ready], JobState::Starting, None).await.unwrap();
+    store.set_job_state(&job.id, &[JobState::Starting], JobState::Failed, Some("x")).await.unwrap();
+    conflict(store.claim_task_key(&job.id, &ta, 2).await, "the job ended");
 }
 
 /// Design deletion against an upload of identical code, from two stores over one database and

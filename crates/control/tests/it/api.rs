@@ -297,6 +297,28 @@ async fn three_tier_job_lifecycle() {
         us.put(&format!("/computes/us/tasks/{}/deployment", failed.task_id), &report).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // The deployer claims a task attempt's key once (deploy events carry none): a second claim
+    // is 409, another compute's claim 404, a wrong compute key 401.
+    let claim = json!({"jobId": id, "attempt": 0});
+    let key_path = format!("/computes/eu/tasks/{}/key", failed.task_id);
+    let (status, body) = Client::new(&server.base, "wrong-key").post(&key_path, &claim).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) =
+        us.post(&format!("/computes/us/tasks/{}/key", failed.task_id), &claim).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = deployer.post(&key_path, &json!({"jobId": id, "attempt": 1})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "not the current attempt: {body}");
+    let (status, body) = deployer.post(&key_path, &claim).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let key = body["key"].as_str().unwrap();
+    assert_eq!((key.len(), body["attempt"].clone()), (64, json!(0)), "{body}");
+    assert!(key.bytes().all(|b| b.is_ascii_hexdigit()), "{body}");
+    let (status, body) = deployer.post(&key_path, &claim).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("already claimed"), "{body}");
+    let (status, body) = deployer.post("/computes/eu/tasks/nope/key", &claim).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
     let (status, job_status) = ann.get(&format!("/users/ann/jobs/{id}/status")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(job_status["state"], "starting");
@@ -909,6 +931,7 @@ async fn openapi_health_and_metrics() {
         "/api/v1/users/{user}/jobs/{jobId}/status",
         "/api/v1/tasks/{taskId}/config",
         "/api/v1/computes/{computeId}/tasks/{taskId}/deployment",
+        "/api/v1/computes/{computeId}/tasks/{taskId}/key",
         "/api/v1/users/{user}/designs/{designId}/codes",
         "/api/v1/tasks/{taskId}/log",
         "/api/v1/users/{user}/jobs/{jobId}/tasks/{taskId}/log",
