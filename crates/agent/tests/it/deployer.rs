@@ -227,6 +227,20 @@ async fn unstartable_workers_and_bad_ids_are_reported_failed() {
     h.stop().await;
 }
 
+/// Deploy events carry no key: a worker whose attempt's key was claimed already (by anyone) is
+/// not started, and is reported failed with the reason.
+#[tokio::test]
+async fn a_worker_whose_key_cannot_be_claimed_is_reported_failed() {
+    let h = Harness::start(4);
+    h.api.claims.lock().expect("lock").insert(("j1".into(), "long-k".into(), 0));
+    h.send(DeployEventKind::Deploy, "j1", &["long-k"]).await;
+    let message = h.api.wait_for("long-k", DeploymentState::Failed).await;
+    assert!(message.starts_with("cannot claim the key of attempt 0"), "{message}");
+    assert!(message.contains("claimed already"), "{message}");
+    assert!(!h.work_dir("j1", "long-k").join("pid").exists(), "no worker started");
+    h.stop().await;
+}
+
 #[test]
 fn invalid_options_are_rejected_by_name() {
     let mut opts = DeployerOptions::new(
