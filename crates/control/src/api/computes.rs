@@ -1,4 +1,4 @@
-//! Computes (admin) and the deployer's deployment reports (compute API key).
+//! Computes (admin), and the deployer's deployment reports and task-key claims (compute API key).
 
 use axum::Json;
 use axum::body::Body;
