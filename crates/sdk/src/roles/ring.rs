@@ -407,6 +407,7 @@ async fn member_join(ctx: &mut RingCtx, leader: &TaskId) -> Result<bool> {
             continue 'ready;
         }
         sent?;
+        tracing::info!(%leader, asked, leader_run = %leader_run[0].1, "ready sent to the leader");
         loop {
             let want = ctx.round + 1;
             let synced = ctx.synced;
@@ -419,6 +420,7 @@ async fn member_join(ctx: &mut RingCtx, leader: &TaskId) -> Result<bool> {
                 })
                 .await;
             if ctx.resumable && protocol::parent_left(&got, leader) {
+                tracing::info!(%leader, "the leader left or restarted while this member waited for it");
                 protocol::await_parent(ctx.channel(), leader, ctx.common.rejoin_timeout).await?;
                 continue 'ready;
             }
@@ -535,6 +537,7 @@ pub(crate) async fn membership(ctx: &mut RingCtx) -> Result<()> {
                 break;
             }
         }
+        tracing::info!(round, ?ready, ?newcomers, "membership of the round");
         if !newcomers.is_empty() {
             let weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
             let message = weights_message(Kind::Weights, round, round - 1, &weights)?;
