@@ -3,8 +3,11 @@
 //!
 //! The platform's registry is the deployment's default (`<data_dir>/registry` for `fledge
 //! standalone`), where every job that names no registry of its own keeps its models (see
-//! `fledge-sdk`'s `registry` module for the layout). A job whose model spec names another
-//! registry keeps its models there, and these routes say so.
+//! `fledge-sdk`'s `registry` module for the layout). A job whose model spec names an MLflow
+//! tracking server has its models listed from its task runs' artifacts and streamed through
+//! MLflow's artifact proxy under the apiserver's credentials ([`crate::mlflow`]), bounded in
+//! time and size. A job whose model spec names another registry keeps its models there, and
+//! these routes say so.
 
 use std::path::{Path as FsPath, PathBuf};
 
@@ -30,6 +33,42 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
 
 /// Most model files listed for one job (a round checkpoint per round per group).
 const MAX_LISTED: usize = 100_000;
+
+/// Where the apiserver reads a job's models.
+enum Source {
+    /// The job's directory in the platform's registry.
+    Local(PathBuf),
+    /// The job's runs in the MLflow tracking server at `uri`.
+    Mlflow { uri: String },
+}
+
+/// Where `job`'s models are, or why the apiserver does not serve them.
+fn source(state: &ApiState, job: &Job) -> Result<Source> {
+    let registry = &job.spec.model_spec.registry;
+    if registry.is_named() && registry.sort == fledge_types::MLFLOW_REGISTRY {
+        return Ok(Source::Mlflow { uri: registry.uri.clone() });
+    }
+    Ok(Source::Local(job_dir(state, job)?))
+}
+
+/// How long listing a job's models in MLflow may take in all.
+const MLFLOW_LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The apiserver's client of the MLflow server at `uri`.
+fn mlflow_server(state: &ApiState, uri: &str) -> Result<crate::mlflow::Server> {
+    crate::mlflow::Server::new(uri, state.mlflow.token_for(uri), crate::mlflow::API_TIMEOUT)
+        .map_err(|reason| mlflow_error(uri, None, reason))
+}
+
+/// An MLflow failure as an API error naming the server.
+fn mlflow_error(uri: &str, status: Option<u16>, reason: String) -> Error {
+    let code = match status {
+        Some(413) => ErrorCode::PayloadTooLarge,
+        _ => ErrorCode::Unavailable,
+    };
+    tracing::warn!(uri, %reason, "the MLflow registry did not serve a job's models");
+    Error::new(code, format!("the MLflow registry at {uri}: {reason}"))
+}
 
 /// The directory of `job`'s models in the platform's registry, or why the apiserver does not
 /// serve them.
@@ -131,10 +170,13 @@ fn io_error(err: std::io::Error) -> Error {
     Error::new(ErrorCode::Internal, "cannot read the registry")
 }
 
-/// The model files of a job (final and per round, per group), oldest round first.
+/// The model files of a job (final and per round, per group), oldest round first: from the
+/// platform's registry, or the job's MLflow runs when its registry is an MLflow server (503
+/// when that server does not answer).
 #[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/models", tag = "models",
     params(("user" = String, Path), ("jobId" = String, Path)),
-    responses((status = 200, body = [ModelFile]), (status = 404, body = fledge_types::ApiError)))]
+    responses((status = 200, body = [ModelFile]), (status = 404, body = fledge_types::ApiError),
+        (status = 503, body = fledge_types::ApiError)))]
 async fn list_models(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -147,7 +189,22 @@ async fn list_models(
 
 /// The model files of `job` in the platform's registry (the caller checked ownership).
 pub(super) async fn model_files(state: &ApiState, job: &Job) -> Result<Vec<ModelFile>> {
-    let dir = job_dir(state, job)?;
+    let dir = match source(state, job)? {
+        Source::Local(dir) => dir,
+        Source::Mlflow { uri } => {
+            let server = mlflow_server(state, &uri)?;
+            let listing = server.job_models(job.spec.design_id.as_str(), job.id.as_str());
+            return match tokio::time::timeout(MLFLOW_LIST_TIMEOUT, listing).await {
+                Ok(Ok(files)) => Ok(files),
+                Ok(Err(fault)) => Err(mlflow_error(&uri, fault.status, fault.reason)),
+                Err(_) => Err(mlflow_error(
+                    &uri,
+                    None,
+                    format!("no listing within {} s", MLFLOW_LIST_TIMEOUT.as_secs()),
+                )),
+            };
+        }
+    };
     tokio::task::spawn_blocking(move || scan(&dir))
         .await
         .map_err(|err| Error::new(ErrorCode::Internal, err.to_string()))?
@@ -163,11 +220,13 @@ pub(super) struct ModelQuery {
     group: Option<String>,
 }
 
-/// One model file of a job, as safetensors bytes.
+/// One model file of a job, as safetensors bytes (for an MLflow job, streamed through the
+/// server's artifact proxy: 503 when it does not answer, 413 past the apiserver's bound).
 #[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/model", tag = "models",
     params(("user" = String, Path), ("jobId" = String, Path), ModelQuery),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 400, body = fledge_types::ApiError), (status = 404, body = fledge_types::ApiError)))]
+        (status = 400, body = fledge_types::ApiError), (status = 404, body = fledge_types::ApiError),
+        (status = 413, body = fledge_types::ApiError), (status = 503, body = fledge_types::ApiError)))]
 async fn get_model(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -188,20 +247,14 @@ pub(super) async fn model_file(
     round: Option<u64>,
     group: Option<&str>,
 ) -> Result<Response> {
-    let mut path = job_dir(state, job)?;
-    if let Some(group) = group {
-        if !is_scope(group) {
-            return Err(Error::bad_request(format!(
-                "group {group:?} is not a group name (letters, digits, '-', '_', '.', joined by '+')"
-            )));
-        }
-        path.push(group);
+    let source = source(state, job)?;
+    if let Some(group) = group
+        && !is_scope(group)
+    {
+        return Err(Error::bad_request(format!(
+            "group {group:?} is not a group name (letters, digits, '-', '_', '.', joined by '+')"
+        )));
     }
-    let name = match round {
-        Some(round) => format!("rounds/round-{round:05}.safetensors"),
-        None => "final.safetensors".to_owned(),
-    };
-    path.push(&name);
     let what = || {
         let of = group.map(|g| format!(" of group {g}")).unwrap_or_default();
         match round {
@@ -209,6 +262,29 @@ pub(super) async fn model_file(
             None => format!("job {} has no final model{of} (yet)", job.id),
         }
     };
+    let download = match round {
+        Some(round) => format!("{}-round-{round}.safetensors", job.id),
+        None => format!("{}-final.safetensors", job.id),
+    };
+    let mut path = match source {
+        Source::Local(path) => path,
+        Source::Mlflow { uri } => {
+            let server = mlflow_server(state, &uri)?;
+            let found = server
+                .job_model(job.spec.design_id.as_str(), job.id.as_str(), round, group)
+                .await
+                .map_err(|fault| mlflow_error(&uri, fault.status, fault.reason))?;
+            let Some((length, resp)) = found else { return Err(Error::not_found(what())) };
+            return Ok(mlflow_download(&download, length, resp));
+        }
+    };
+    if let Some(group) = group {
+        path.push(group);
+    }
+    path.push(match round {
+        Some(round) => format!("rounds/round-{round:05}.safetensors"),
+        None => "final.safetensors".to_owned(),
+    });
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -217,10 +293,6 @@ pub(super) async fn model_file(
         Err(err) => return Err(io_error(err)),
     };
     let size = file.metadata().await.map_err(io_error)?.len();
-    let download = match round {
-        Some(round) => format!("{}-round-{round}.safetensors", job.id),
-        None => format!("{}-final.safetensors", job.id),
-    };
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok((
         [
@@ -231,6 +303,38 @@ pub(super) async fn model_file(
         body,
     )
         .into_response())
+}
+
+/// A model file streamed from MLflow's artifact proxy as a download, cut when it runs past
+/// [`crate::mlflow::MAX_MODEL_BYTES`].
+fn mlflow_download(download: &str, length: Option<u64>, resp: reqwest::Response) -> Response {
+    use futures::StreamExt as _;
+    let mut seen: u64 = 0;
+    let stream = resp.bytes_stream().map(move |chunk| {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        seen += chunk.len() as u64;
+        if seen > crate::mlflow::MAX_MODEL_BYTES {
+            return Err(std::io::Error::other(format!(
+                "the model file runs past {} bytes",
+                crate::mlflow::MAX_MODEL_BYTES
+            )));
+        }
+        Ok(chunk)
+    });
+    let mut headers = vec![
+        (CONTENT_TYPE, "application/octet-stream".to_owned()),
+        (CONTENT_DISPOSITION, format!("attachment; filename=\"{download}\"")),
+    ];
+    if let Some(length) = length {
+        headers.push((CONTENT_LENGTH, length.to_string()));
+    }
+    let mut response = Body::from_stream(stream).into_response();
+    for (name, value) in headers {
+        if let Ok(value) = value.parse() {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
 }
 
 #[cfg(test)]
