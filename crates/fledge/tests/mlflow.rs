@@ -280,6 +280,12 @@ async fn mnist_with_an_mlflow_registry_records_every_round_and_registers_the_mod
         (evaluated - final_accuracy).abs() < 1e-6,
         "downloaded {evaluated}, reported {final_accuracy}"
     );
+    eprintln!(
+        "{} model files listed; the final model ({} bytes) evaluates to {evaluated}, reported \
+         {final_accuracy}",
+        listed.len(),
+        bytes.len()
+    );
     // A round's checkpoint too, and a round the job never had is 404.
     let round_file = platform.scratch().join("round-2.safetensors");
     let out = platform
