@@ -404,7 +404,7 @@ pub enum GetCmd {
         names: Vec<String>,
     },
     /// A job's trained model files (per round and final), from the platform's registry or
-    /// the job's MLflow server.
+    /// the job's MLflow server or S3 bucket.
     Models {
         /// Job id.
         job: String,

@@ -6,8 +6,9 @@
 //! `fledge-sdk`'s `registry` module for the layout). A job whose model spec names an MLflow
 //! tracking server has its models listed from its task runs' artifacts and streamed through
 //! MLflow's artifact proxy under the apiserver's credentials ([`crate::mlflow`]), bounded in
-//! time and size. A job whose model spec names another registry keeps its models there, and
-//! these routes say so.
+//! time and size; an `s3` job's are read from its bucket when the apiserver has S3
+//! credentials ([`crate::s3`]). A job whose model spec names another registry keeps its models
+//! there, and these routes say so.
 
 use std::path::{Path as FsPath, PathBuf};
 
@@ -40,6 +41,8 @@ enum Source {
     Local(PathBuf),
     /// The job's runs in the MLflow tracking server at `uri`.
     Mlflow { uri: String },
+    /// The job's directory in the S3 bucket `uri` names.
+    S3 { uri: String },
 }
 
 /// Where `job`'s models are, or why the apiserver does not serve them.
@@ -47,6 +50,12 @@ fn source(state: &ApiState, job: &Job) -> Result<Source> {
     let registry = &job.spec.model_spec.registry;
     if registry.is_named() && registry.sort == fledge_types::MLFLOW_REGISTRY {
         return Ok(Source::Mlflow { uri: registry.uri.clone() });
+    }
+    if registry.is_named()
+        && registry.sort == fledge_types::S3_REGISTRY
+        && crate::s3::has_credentials()
+    {
+        return Ok(Source::S3 { uri: registry.uri.clone() });
     }
     Ok(Source::Local(job_dir(state, job)?))
 }
@@ -70,13 +79,41 @@ fn mlflow_error(uri: &str, status: Option<u16>, reason: String) -> Error {
     Error::new(code, format!("the MLflow registry at {uri}: {reason}"))
 }
 
+/// An S3 failure as an API error naming the bucket.
+fn s3_error(uri: &str, fault: crate::s3::Fault) -> Error {
+    let code = match fault {
+        crate::s3::Fault::TooLarge(_) => ErrorCode::PayloadTooLarge,
+        _ => ErrorCode::Unavailable,
+    };
+    tracing::warn!(uri, %fault, "the s3 registry did not serve a job's models");
+    Error::new(code, format!("the s3 registry {uri}: {fault}"))
+}
+
+/// The model file a key relative to a job's directory names: `(group, round)`.
+fn model_of_key(rel: &str) -> Option<(Option<String>, Option<u64>)> {
+    let file = |rest: &[&str]| match rest {
+        ["final.safetensors"] => Some(None),
+        ["rounds", file] => round_of(file).map(Some),
+        _ => None,
+    };
+    let parts: Vec<&str> = rel.split('/').collect();
+    if let Some(round) = file(&parts) {
+        return Some((None, round));
+    }
+    match parts.as_slice() {
+        [scope, rest @ ..] if is_scope(scope) => file(rest).map(|r| (Some((*scope).to_owned()), r)),
+        _ => None,
+    }
+}
+
 /// The directory of `job`'s models in the platform's registry, or why the apiserver does not
 /// serve them.
 fn job_dir(state: &ApiState, job: &Job) -> Result<PathBuf> {
     let registry = &job.spec.model_spec.registry;
     if registry.is_named() {
         return Err(Error::not_found(format!(
-            "job {} keeps its models in its own registry ({} {}), which the apiserver does not serve",
+            "job {} keeps its models in its own registry ({} {}), which the apiserver does not \
+             serve (an s3 one only when it has S3 credentials)",
             job.id, registry.sort, registry.uri
         )));
     }
@@ -171,8 +208,8 @@ fn io_error(err: std::io::Error) -> Error {
 }
 
 /// The model files of a job (final and per round, per group), oldest round first: from the
-/// platform's registry, or the job's MLflow runs when its registry is an MLflow server (503
-/// when that server does not answer).
+/// platform's registry, the job's MLflow runs when its registry is an MLflow server, or its
+/// S3 bucket when the apiserver has S3 credentials (503 when that cannot be read).
 #[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/models", tag = "models",
     params(("user" = String, Path), ("jobId" = String, Path)),
     responses((status = 200, body = [ModelFile]), (status = 404, body = fledge_types::ApiError),
@@ -204,6 +241,27 @@ pub(super) async fn model_files(state: &ApiState, job: &Job) -> Result<Vec<Model
                 )),
             };
         }
+        Source::S3 { uri } => {
+            let objects = crate::s3::JobObjects::new(&uri, job.id.as_str())
+                .map_err(|e| s3_error(&uri, crate::s3::Fault::Other(e)))?;
+            let listed = match tokio::time::timeout(MLFLOW_LIST_TIMEOUT, objects.list()).await {
+                Ok(listed) => listed.map_err(|f| s3_error(&uri, f))?,
+                Err(_) => {
+                    let reason = format!("no listing within {} s", MLFLOW_LIST_TIMEOUT.as_secs());
+                    return Err(s3_error(&uri, crate::s3::Fault::Other(reason)));
+                }
+            };
+            let mut files: Vec<ModelFile> = listed
+                .into_iter()
+                .filter_map(|(rel, size)| {
+                    model_of_key(&rel).map(|(group, round)| ModelFile { group, round, size })
+                })
+                .collect();
+            files.sort_by(|a, b| {
+                (&a.group, a.round.is_none(), a.round).cmp(&(&b.group, b.round.is_none(), b.round))
+            });
+            return Ok(files);
+        }
     };
     tokio::task::spawn_blocking(move || scan(&dir))
         .await
@@ -220,8 +278,8 @@ pub(super) struct ModelQuery {
     group: Option<String>,
 }
 
-/// One model file of a job, as safetensors bytes (for an MLflow job, streamed through the
-/// server's artifact proxy: 503 when it does not answer, 413 past the apiserver's bound).
+/// One model file of a job, as safetensors bytes (for an MLflow or S3 job, streamed from the
+/// server's artifact proxy or the bucket: 503 when it cannot be read, 413 past the bound).
 #[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/model", tag = "models",
     params(("user" = String, Path), ("jobId" = String, Path), ModelQuery),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
@@ -276,6 +334,29 @@ pub(super) async fn model_file(
                 .map_err(|fault| mlflow_error(&uri, fault.status, fault.reason))?;
             let Some((length, resp)) = found else { return Err(Error::not_found(what())) };
             return Ok(mlflow_download(&download, length, resp));
+        }
+        Source::S3 { uri } => {
+            let objects = crate::s3::JobObjects::new(&uri, job.id.as_str())
+                .map_err(|e| s3_error(&uri, crate::s3::Fault::Other(e)))?;
+            let mut rel = group.map(|g| format!("{g}/")).unwrap_or_default();
+            rel.push_str(&match round {
+                Some(round) => format!("rounds/round-{round:05}.safetensors"),
+                None => "final.safetensors".to_owned(),
+            });
+            let (size, stream) = match objects.get(&rel, crate::mlflow::MAX_MODEL_BYTES).await {
+                Ok(found) => found,
+                Err(crate::s3::Fault::NotFound) => return Err(Error::not_found(what())),
+                Err(fault) => return Err(s3_error(&uri, fault)),
+            };
+            return Ok((
+                [
+                    (CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (CONTENT_LENGTH, size.to_string()),
+                    (CONTENT_DISPOSITION, format!("attachment; filename=\"{download}\"")),
+                ],
+                Body::from_stream(stream),
+            )
+                .into_response());
         }
     };
     if let Some(group) = group {
@@ -388,5 +469,26 @@ mod tests {
             ]
         );
         assert!(scan(&job.join("missing")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn object_keys_name_model_files_strictly() {
+        assert_eq!(model_of_key("final.safetensors"), Some((None, None)));
+        assert_eq!(model_of_key("rounds/round-00002.safetensors"), Some((None, Some(2))));
+        assert_eq!(model_of_key("eu+us/final.safetensors"), Some((Some("eu+us".into()), None)));
+        assert_eq!(
+            model_of_key("eu/rounds/round-00001.safetensors"),
+            Some((Some("eu".into()), Some(1)))
+        );
+        for other in [
+            "metrics/t1/1-2.json",
+            "resume/t1.safetensors",
+            "rounds/round-1.tmp",
+            "../final.safetensors",
+            "eu/x/final.safetensors",
+            "rounds/final.safetensors",
+        ] {
+            assert_eq!(model_of_key(other), None, "{other}");
+        }
     }
 }
