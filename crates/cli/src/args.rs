@@ -403,7 +403,8 @@ pub enum GetCmd {
         #[arg(long, value_delimiter = ',')]
         names: Vec<String>,
     },
-    /// A job's trained model files in the platform's registry (per round and final).
+    /// A job's trained model files (per round and final), from the platform's registry or
+    /// the job's MLflow server or S3 bucket.
     Models {
         /// Job id.
         job: String,

@@ -360,7 +360,7 @@ impl Client {
     }
 
     /// `GET /users/{user}/jobs/{jobId}/models`: the job's model files in the platform's
-    /// registry (per round and final, per group).
+    /// registry, its MLflow server or its S3 bucket (per round and final, per group).
     pub async fn list_models(&self, job: &JobId) -> Result<Vec<ModelFile>> {
         let path = self.job_path(job, "/models").await?;
         self.transport.get_json(&path).await

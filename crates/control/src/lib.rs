@@ -24,6 +24,7 @@ pub mod metaserver;
 pub mod mlflow;
 pub mod mosquitto;
 pub mod notifier;
+pub mod s3;
 pub mod service;
 pub mod store;
 pub mod telemetry;

@@ -401,6 +401,14 @@ fn start_apiserver(
     limits: &crate::config::LimitsSection,
 ) -> anyhow::Result<()> {
     let ApiAccess { broker_credentials, mosquitto, data_plane_keys } = access;
+    let mlflow = crate::mlflow::MlflowAuth::from_env()
+        .map_err(|err| anyhow::anyhow!("the MLflow credentials: {err}"))?;
+    if mlflow.has_token() && mlflow.servers().next().is_none() {
+        tracing::warn!(
+            "an MLflow token is set but {} names no server: it is sent to none",
+            crate::mlflow::SERVERS_ENV
+        );
+    }
     let state = crate::api::ApiState::new(
         services.store.clone(),
         services.controller.clone(),
@@ -415,6 +423,7 @@ fn start_apiserver(
         .with_broker_credentials(broker_credentials)
         .with_data_plane_keys(data_plane_keys)
         .with_secure_cookies(services.tls.is_some())
+        .with_mlflow(mlflow)
         .with_telemetry(services.telemetry.clone());
     let state = match mosquitto {
         Some(provisioner) => state.with_mosquitto(provisioner),

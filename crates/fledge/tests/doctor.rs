@@ -1,6 +1,7 @@
 //! `fledge doctor` through the real binary: a fresh directory passes, a running standalone is
 //! recognised, and each problem an operator can hit (a taken port, a certificate for other
-//! names, an unreachable MLflow) is named, with exit code 1 where a start or a job would fail.
+//! names, an unreachable MLflow, a server that is not MLflow) is named, with exit code 1 where
+//! a start or a job would fail; a live MLflow (`FLEDGE_MLFLOW_URL`) passes and is described.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,12 +16,25 @@ use support::Platform;
 
 /// Runs `fledge doctor ARGS -o json`: the exit code and each check's `(status, detail)`.
 fn doctor(dir: &Path, args: &[&str]) -> (i32, Vec<(String, String, String)>) {
+    doctor_with_env(dir, args, &[])
+}
+
+/// [`doctor`] with `env` set (and no MLflow variables of the caller's).
+fn doctor_with_env(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, Vec<(String, String, String)>) {
     let out = Command::new(env!("CARGO_BIN_EXE_fledge"))
         .arg("doctor")
         .args(args)
         .args(["-o", "json"])
         .current_dir(dir)
         .env_remove("MLFLOW_TRACKING_URI")
+        .env_remove("MLFLOW_TRACKING_TOKEN")
+        .env_remove("FLEDGE_MLFLOW_TOKEN")
+        .env_remove("FLEDGE_MLFLOW_SERVERS")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -127,4 +141,80 @@ fn a_bad_configuration_is_one_failed_check() {
     let config = find(&checks, "configuration");
     assert_eq!(config.1, "fail");
     assert!(config.2.contains("not a loopback address"), "{config:?}");
+}
+
+/// The `mlflow` checks of `checks`.
+fn mlflow_checks(checks: &[(String, String, String)]) -> Vec<(String, String)> {
+    checks.iter().filter(|c| c.0 == "mlflow").map(|c| (c.1.clone(), c.2.clone())).collect()
+}
+
+#[test]
+fn a_server_that_is_not_mlflow_fails_the_check() {
+    // Answers every request with a web page, as a wrong port or a proxy's login page would.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let page = "<html>hello</html>";
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (code, checks) = doctor_with_env(dir.path(), &["--mlflow-url", &url], &[]);
+    assert_eq!(code, 1, "{checks:#?}");
+    let mlflow = mlflow_checks(&checks);
+    assert_eq!(mlflow.len(), 1, "{mlflow:?}");
+    assert_eq!(mlflow[0].0, "fail", "{mlflow:?}");
+    assert!(
+        mlflow[0].1.contains(&url) && mlflow[0].1.contains("does not answer as an MLflow"),
+        "{mlflow:?}"
+    );
+}
+
+#[test]
+fn a_live_mlflow_passes_and_is_described() {
+    let url = match std::env::var("FLEDGE_MLFLOW_URL") {
+        Ok(url) if !url.is_empty() => url.trim_end_matches('/').to_owned(),
+        _ => {
+            eprintln!("FLEDGE_MLFLOW_URL is not set: the live MLflow doctor check is skipped");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Named on the command line, no token.
+    let (_, checks) = doctor_with_env(dir.path(), &["--mlflow-url", &url], &[]);
+    let mlflow = mlflow_checks(&checks);
+    assert_eq!(mlflow.len(), 1, "{mlflow:?}");
+    assert_eq!(mlflow[0].0, "ok", "{mlflow:?}");
+    let detail = &mlflow[0].1;
+    assert!(detail.starts_with(&format!("{url}: MLflow ")), "{detail}");
+    assert!(!detail.contains("version not told"), "the server tells its version: {detail}");
+    assert!(detail.contains("proxies artifacts") && detail.contains("none set"), "{detail}");
+    // Configured as the operator's server with a token: checked under it, once.
+    let (_, checks) = doctor_with_env(
+        dir.path(),
+        &["--mlflow-url", &format!("{url}/")],
+        &[("FLEDGE_MLFLOW_SERVERS", &url), ("FLEDGE_MLFLOW_TOKEN", "a-token")],
+    );
+    let mlflow = mlflow_checks(&checks);
+    assert_eq!(mlflow.len(), 1, "{mlflow:?}");
+    assert_eq!(mlflow[0].0, "ok", "{mlflow:?}");
+    assert!(mlflow[0].1.ends_with("with the token"), "{mlflow:?}");
+    // A token for no server: a warning, and the server is checked without it.
+    let (_, checks) =
+        doctor_with_env(dir.path(), &["--mlflow-url", &url], &[("FLEDGE_MLFLOW_TOKEN", "a-token")]);
+    let mlflow = mlflow_checks(&checks);
+    assert_eq!(mlflow.len(), 2, "{mlflow:?}");
+    assert_eq!(mlflow[0].0, "warn", "{mlflow:?}");
+    assert!(mlflow[0].1.contains("FLEDGE_MLFLOW_SERVERS"), "{mlflow:?}");
+    assert_eq!(mlflow[1].0, "ok", "{mlflow:?}");
+    assert!(mlflow[1].1.contains("without a token"), "{mlflow:?}");
 }

@@ -1,7 +1,11 @@
 //! The MLflow registry end to end (issue 16): `examples/mnist` through the real binaries with
 //! `modelSpec.registry` an MLflow tracking server (`FLEDGE_MLFLOW_URL`, started by
-//! `scripts/test-all`), checked through MLflow's own REST API; a second job starts from the
-//! registered version; a job naming an unreachable MLflow is refused at creation.
+//! `scripts/test-all`) behind a relay that requires a bearer token (the platform's
+//! `FLEDGE_MLFLOW_TOKEN`, which reaches the deployed aggregator through its task config only),
+//! checked through MLflow's own REST API; the job's models listed and downloaded with
+//! `fledgectl` through the apiserver, the final one evaluating to the reported accuracy; a
+//! second job starts from the registered version; a job naming an unreachable MLflow is
+//! refused at creation.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,7 +16,7 @@ use std::path::Path;
 use fledge_types::JobState;
 use serde_json::{Value, json};
 
-use support::{Platform, copy_example, records_of};
+use support::{Platform, copy_example, records_of, repo_root};
 
 fn server() -> Option<String> {
     match std::env::var("FLEDGE_MLFLOW_URL") {
@@ -109,15 +113,95 @@ impl Mlflow {
     }
 }
 
+/// An MLflow server that requires `Authorization: Bearer {token}`: an HTTP relay in front of
+/// the real one that answers 401 to any request without it, and counts both.
+struct AuthRelay {
+    url: String,
+    passed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    refused: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[derive(Clone)]
+struct AuthState {
+    target: String,
+    token: String,
+    http: reqwest::Client,
+    passed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    refused: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+async fn relay_with_auth(
+    axum::extract::State(state): axum::extract::State<AuthState>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+    use axum::response::IntoResponse as _;
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let expected = format!("Bearer {}", state.token);
+    if parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+        state.refused.lock().unwrap().push(format!("{} {path}", parts.method));
+        let body =
+            json!({"error_code": "UNAUTHENTICATED", "message": "a bearer token is required"});
+        return (axum::http::StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+    }
+    state.passed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let bytes = axum::body::to_bytes(body, 256 << 20).await.unwrap();
+    let mut req =
+        state.http.request(parts.method.clone(), format!("{}{path}", state.target)).body(bytes);
+    if let Some(kind) = parts.headers.get(CONTENT_TYPE) {
+        req = req.header(CONTENT_TYPE, kind.clone());
+    }
+    let resp = req.send().await.unwrap();
+    let (status, kind) = (resp.status(), resp.headers().get(CONTENT_TYPE).cloned());
+    let mut out = (status, resp.bytes().await.unwrap()).into_response();
+    if let Some(kind) = kind {
+        out.headers_mut().insert(CONTENT_TYPE, kind);
+    }
+    out
+}
+
+impl AuthRelay {
+    async fn start(target: &str, token: &str) -> AuthRelay {
+        let state = AuthState {
+            target: target.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            http: reqwest::Client::new(),
+            passed: Default::default(),
+            refused: Default::default(),
+        };
+        let (passed, refused) = (state.passed.clone(), state.refused.clone());
+        let app = axum::Router::new().fallback(relay_with_auth).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        AuthRelay { url, passed, refused }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn mnist_with_an_mlflow_registry_records_every_round_and_registers_the_model() {
     let Some(url) = server() else { return };
     fledge_tls::install_default_provider();
     let mlflow = Mlflow { http: reqwest::Client::new(), url: url.trim_end_matches('/').to_owned() };
-    let platform = Platform::start();
+    // The job's MLflow requires a token; the platform has it, its workers' environment not.
+    let token = format!("tok-{}", std::process::id());
+    let relay = AuthRelay::start(&url, &token).await;
+    let unauthenticated = reqwest::Client::new()
+        .post(format!("{}/api/2.0/mlflow/experiments/search", relay.url))
+        .json(&json!({"max_results": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401, "the relay requires the token");
+    relay.refused.lock().unwrap().clear();
+    let platform = Platform::start_with_env(&[
+        ("FLEDGE_MLFLOW_TOKEN", &token),
+        ("FLEDGE_MLFLOW_SERVERS", &relay.url),
+    ]);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     let name = format!("mnist-e2e-{}", nanos.as_nanos());
-    let registry = json!({"registry": {"sort": "mlflow", "uri": url}});
+    let registry = json!({"registry": {"sort": "mlflow", "uri": relay.url}});
 
     let dir = platform.scratch().join("mnist-mlflow");
     let rounds = 5;
@@ -128,6 +212,11 @@ async fn mnist_with_an_mlflow_registry_records_every_round_and_registers_the_mod
     assert_eq!(job.state, JobState::Completed, "{job:?}");
     let reported = records_of(&records, "aggregator");
     assert_eq!(reported.len(), rounds as usize);
+    // Everything went through the relay with the token: the creation check (the apiserver)
+    // and the aggregator's uploads (the token reached it through its task config: a
+    // deployed worker's environment never carries FLEDGE_* variables).
+    assert!(relay.passed.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert_eq!(*relay.refused.lock().unwrap(), Vec::<String>::new(), "no request without it");
 
     // MLflow has the job's run, the aggregator's nested run with one value per round of loss
     // and accuracy, the final artifact and a registered version.
@@ -158,11 +247,70 @@ async fn mnist_with_an_mlflow_registry_records_every_round_and_registers_the_mod
     assert_eq!(versions[0]["run_id"], run);
     let final_accuracy = reported.last().unwrap().metrics["global.accuracy"];
 
+    // The job's models, through the apiserver (which reads MLflow under its token): every
+    // round and the final model listed, the final one downloaded, and evaluated here it has
+    // exactly the accuracy the aggregator reported for the last round.
+    let out = platform
+        .fledgectl()
+        .args(["get", "models", job.id.as_str(), "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<fledge_types::ModelFile> = serde_json::from_slice(&out.stdout).unwrap();
+    let rounds_listed: Vec<Option<u64>> = listed.iter().map(|f| f.round).collect();
+    let mut expected: Vec<Option<u64>> = (1..=rounds).map(Some).collect();
+    expected.push(None);
+    assert_eq!(rounds_listed, expected, "every round, then the final model: {listed:?}");
+    assert!(listed.iter().all(|f| f.group.is_none() && f.size > 100_000), "{listed:?}");
+    let file = platform.scratch().join("final.safetensors");
+    let out = platform
+        .fledgectl()
+        .args(["get", "model", job.id.as_str(), "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(bytes.len() as u64, listed[rounds as usize].size);
+    let weights = fledge_sdk::registry::from_safetensors("final", &bytes).unwrap();
+    let data = format!("file://{}", repo_root().join("examples/data").display());
+    let mut evaluator = fledge_models::MnistEvaluator::new(&data, 128).unwrap();
+    let evaluated = fledge_sdk::Evaluator::evaluate(&mut evaluator, &weights).unwrap()["accuracy"];
+    assert!(
+        (evaluated - final_accuracy).abs() < 1e-6,
+        "downloaded {evaluated}, reported {final_accuracy}"
+    );
+    eprintln!(
+        "{} model files listed; the final model ({} bytes) evaluates to {evaluated}, reported \
+         {final_accuracy}",
+        listed.len(),
+        bytes.len()
+    );
+    // A round's checkpoint too, and a round the job never had is 404.
+    let round_file = platform.scratch().join("round-2.safetensors");
+    let out = platform
+        .fledgectl()
+        .args(["get", "model", job.id.as_str(), "--round", "2", "-f"])
+        .arg(&round_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&round_file).unwrap().len() as u64, listed[1].size);
+    let out = platform
+        .fledgectl()
+        .args(["get", "model", job.id.as_str(), "--round", "99", "-f"])
+        .arg(platform.scratch().join("none.safetensors"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("round 99"), "{stderr}");
+    assert_eq!(*relay.refused.lock().unwrap(), Vec::<String>::new(), "no request without it");
+
     // A second job starts from that version: with a learning rate too small to move it, its
     // first round evaluates the registered model (a fresh one scores about 0.1).
     let second = platform.scratch().join("mnist-base");
     let base = json!({
-        "registry": {"sort": "mlflow", "uri": url},
+        "registry": {"sort": "mlflow", "uri": relay.url},
         "baseModel": {"name": name, "version": 1},
         "hyperparameters": {"learningRate": 1e-9},
     });

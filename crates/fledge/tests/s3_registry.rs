@@ -2,7 +2,8 @@
 //! an S3-compatible server (`FLEDGE_S3_URL`, moto's, started by `scripts/test-all`): the
 //! operator names the credentials in `[deployer] registry_env`, the built-in aggregator gets
 //! them (user code never does: `fledge-agent`'s `process::registry_env`), and the job's
-//! checkpoints, final model and metrics land in the bucket.
+//! checkpoints, final model and metrics land in the bucket; the apiserver, which has the same
+//! credentials, lists and serves them to `fledgectl get models` / `get model`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +11,7 @@ mod support;
 
 use std::io::{Read as _, Write as _};
 
-use support::{Platform, example_with_rounds};
+use support::{Platform, example_with_rounds, records_of, repo_root};
 
 /// One unsigned HTTP request to the S3-compatible server (moto accepts them): status and body.
 fn s3(url: &str, method: &str, path: &str) -> (u16, String) {
@@ -69,4 +70,28 @@ fn a_platform_run_job_keeps_its_models_in_an_s3_bucket() {
         assert!(listing.contains(&format!("<Key>{key}</Key>")), "{key} missing: {listing}");
     }
     assert!(listing.contains("/metrics/"), "metric records in the bucket: {listing}");
+
+    // The apiserver has the credentials too: it lists the job's models from the bucket and
+    // serves the final one, which evaluates to the accuracy the job reported.
+    let out =
+        platform.fledgectl().args(["get", "models", &run.job, "-o", "json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<fledge_types::ModelFile> = serde_json::from_slice(&out.stdout).unwrap();
+    let rounds: Vec<Option<u64>> = listed.iter().map(|f| f.round).collect();
+    assert_eq!(rounds, [Some(1), Some(2), Some(3), None], "{listed:?}");
+    let file = platform.scratch().join("s3-final.safetensors");
+    let out =
+        platform.fledgectl().args(["get", "model", &run.job, "-f"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(bytes.len() as u64, listed[3].size);
+    let weights = fledge_sdk::registry::from_safetensors("final", &bytes).unwrap();
+    let data = format!("file://{}", repo_root().join("examples/data").display());
+    let mut evaluator = fledge_models::MnistEvaluator::new(&data, 128).unwrap();
+    let evaluated = fledge_sdk::Evaluator::evaluate(&mut evaluator, &weights).unwrap()["accuracy"];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (_, _, records) = runtime.block_on(platform.job(&run.job));
+    let reported = records_of(&records, "aggregator").last().unwrap().metrics["global.accuracy"];
+    assert!((evaluated - reported).abs() < 1e-6, "downloaded {evaluated}, reported {reported}");
+    eprintln!("s3: {} model files listed; the final model evaluates to {evaluated}", listed.len());
 }

@@ -138,6 +138,7 @@ impl JobPlan {
             control_plane_ca: None,
             // Simulations run in one process: plain channels.
             data_plane: None,
+            registry_token: None,
         };
         let task = |role: &str,
                     index: usize,

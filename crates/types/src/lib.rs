@@ -61,6 +61,6 @@ pub use schema::{Backend, ChannelSpec, DEFAULT_GROUP, GroupBy, Role, Schema};
 pub use state::{JobState, TaskState};
 pub use task::Task;
 pub use task_config::{
-    BrokerSpec, ControlPlaneRef, DataPlaneSecurity, DatasetRef, JobRef, MetricRecord, TaskConfig,
-    TaskEnv,
+    BrokerSpec, ControlPlaneRef, DataPlaneSecurity, DatasetRef, JobRef, MetricRecord,
+    RegistryToken, TaskConfig, TaskEnv,
 };

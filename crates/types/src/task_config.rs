@@ -84,6 +84,23 @@ pub struct TaskConfig {
     /// runs, where channels are plain). Secret: served only with the task's own key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_plane: Option<DataPlaneSecurity>,
+    /// The bearer token of the task's MLflow registry (`docs/registry.md`): set by the
+    /// control plane only for a task that runs one of Fledge's built-in roles, when the
+    /// registry is a server the operator's token belongs to. Secret: served only with the
+    /// task's own key, never shown by `Debug`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_token: Option<RegistryToken>,
+}
+
+/// A registry's bearer token, kept out of logs (`Debug` shows `***`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(transparent)]
+pub struct RegistryToken(pub String);
+
+impl std::fmt::Debug for RegistryToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RegistryToken(***)")
+    }
 }
 
 /// A task's data-plane identity and keys for its job (see `docs/security.md`): with them,
@@ -303,6 +320,7 @@ pub fn build(
         metaserver: env.metaserver.clone(),
         control_plane_ca: None,
         data_plane: None,
+        registry_token: None,
     }
 }
 

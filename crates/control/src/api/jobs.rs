@@ -183,7 +183,7 @@ async fn prepare(
     let Some(code_version) = code_version.filter(|_| details.is_empty()) else {
         return Err(invalid(details));
     };
-    check_registry(&spec.model_spec.registry).await.map_err(|d| invalid(vec![d]))?;
+    check_registry(state, &spec.model_spec.registry).await.map_err(|d| invalid(vec![d]))?;
     let computes = state.store.list_computes().await?;
     let found: Vec<Dataset> = datasets.into_values().collect();
     let tasks =
@@ -193,13 +193,17 @@ async fn prepare(
 
 /// A job's MLflow registry must answer before the job exists, not fail its tasks later: an
 /// unreachable or misconfigured server is a problem of the spec, naming the URL.
-async fn check_registry(registry: &fledge_types::RegistrySpec) -> Result<(), ErrorDetail> {
+async fn check_registry(
+    state: &ApiState,
+    registry: &fledge_types::RegistrySpec,
+) -> Result<(), ErrorDetail> {
     if registry.sort != fledge_types::MLFLOW_REGISTRY || !registry.is_named() {
         return Ok(());
     }
-    let token = crate::mlflow::token_from_env();
-    crate::mlflow::check(&registry.uri, token.as_deref(), crate::mlflow::CHECK_TIMEOUT)
+    let token = state.mlflow.token_for(&registry.uri);
+    crate::mlflow::check(&registry.uri, token, crate::mlflow::CHECK_TIMEOUT)
         .await
+        .map(|_| ())
         .map_err(|reason| {
             detail(
                 "modelSpec.registry.uri",

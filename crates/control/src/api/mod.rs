@@ -126,6 +126,9 @@ pub struct ApiState {
     metric_rate: Arc<rate::RateLimiter>,
     /// The log lines tasks stream while they run (`fledgectl logs -f`).
     pub logs: Arc<logbook::LogBook>,
+    /// The operator's MLflow token and the servers it belongs to: used for the check at job
+    /// creation and the model routes, and handed to built-in roles' task configs.
+    pub mlflow: crate::mlflow::MlflowAuth,
     /// The dashboard's sessions and cookie settings.
     ui: ui::UiState,
 }
@@ -173,6 +176,7 @@ impl ApiState {
             reported: crate::telemetry::ReportedMetrics::default(),
             metric_rate: Arc::default(),
             logs: Arc::new(logbook::LogBook::default()),
+            mlflow: crate::mlflow::MlflowAuth::default(),
             ui: ui::UiState::default(),
         }
         .with_telemetry(crate::telemetry::Telemetry::new())
@@ -206,6 +210,12 @@ impl ApiState {
     /// apiserver of a deployment serves the same keys).
     pub fn with_data_plane_keys(mut self, keys: controller::TaskKeys) -> Self {
         self.data_plane_keys = keys;
+        self
+    }
+
+    /// Uses `auth` for MLflow registries (see [`crate::mlflow::MlflowAuth`]).
+    pub fn with_mlflow(mut self, auth: crate::mlflow::MlflowAuth) -> Self {
+        self.mlflow = auth;
         self
     }
 

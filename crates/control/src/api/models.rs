@@ -3,8 +3,12 @@
 //!
 //! The platform's registry is the deployment's default (`<data_dir>/registry` for `fledge
 //! standalone`), where every job that names no registry of its own keeps its models (see
-//! `fledge-sdk`'s `registry` module for the layout). A job whose model spec names another
-//! registry keeps its models there, and these routes say so.
+//! `fledge-sdk`'s `registry` module for the layout). A job whose model spec names an MLflow
+//! tracking server has its models listed from its task runs' artifacts and streamed through
+//! MLflow's artifact proxy under the apiserver's credentials ([`crate::mlflow`]), bounded in
+//! time and size; an `s3` job's are read from its bucket when the apiserver has S3
+//! credentials ([`crate::s3`]). A job whose model spec names another registry keeps its models
+//! there, and these routes say so.
 
 use std::path::{Path as FsPath, PathBuf};
 
@@ -31,13 +35,85 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
 /// Most model files listed for one job (a round checkpoint per round per group).
 const MAX_LISTED: usize = 100_000;
 
+/// Where the apiserver reads a job's models.
+enum Source {
+    /// The job's directory in the platform's registry.
+    Local(PathBuf),
+    /// The job's runs in the MLflow tracking server at `uri`.
+    Mlflow { uri: String },
+    /// The job's directory in the S3 bucket `uri` names.
+    S3 { uri: String },
+}
+
+/// Where `job`'s models are, or why the apiserver does not serve them.
+fn source(state: &ApiState, job: &Job) -> Result<Source> {
+    let registry = &job.spec.model_spec.registry;
+    if registry.is_named() && registry.sort == fledge_types::MLFLOW_REGISTRY {
+        return Ok(Source::Mlflow { uri: registry.uri.clone() });
+    }
+    if registry.is_named()
+        && registry.sort == fledge_types::S3_REGISTRY
+        && crate::s3::has_credentials()
+    {
+        return Ok(Source::S3 { uri: registry.uri.clone() });
+    }
+    Ok(Source::Local(job_dir(state, job)?))
+}
+
+/// How long listing a job's models in MLflow may take in all.
+const MLFLOW_LIST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The apiserver's client of the MLflow server at `uri`.
+fn mlflow_server(state: &ApiState, uri: &str) -> Result<crate::mlflow::Server> {
+    crate::mlflow::Server::new(uri, state.mlflow.token_for(uri), crate::mlflow::API_TIMEOUT)
+        .map_err(|reason| mlflow_error(uri, None, reason))
+}
+
+/// An MLflow failure as an API error naming the server.
+fn mlflow_error(uri: &str, status: Option<u16>, reason: String) -> Error {
+    let code = match status {
+        Some(413) => ErrorCode::PayloadTooLarge,
+        _ => ErrorCode::Unavailable,
+    };
+    tracing::warn!(uri, %reason, "the MLflow registry did not serve a job's models");
+    Error::new(code, format!("the MLflow registry at {uri}: {reason}"))
+}
+
+/// An S3 failure as an API error naming the bucket.
+fn s3_error(uri: &str, fault: crate::s3::Fault) -> Error {
+    let code = match fault {
+        crate::s3::Fault::TooLarge(_) => ErrorCode::PayloadTooLarge,
+        _ => ErrorCode::Unavailable,
+    };
+    tracing::warn!(uri, %fault, "the s3 registry did not serve a job's models");
+    Error::new(code, format!("the s3 registry {uri}: {fault}"))
+}
+
+/// The model file a key relative to a job's directory names: `(group, round)`.
+fn model_of_key(rel: &str) -> Option<(Option<String>, Option<u64>)> {
+    let file = |rest: &[&str]| match rest {
+        ["final.safetensors"] => Some(None),
+        ["rounds", file] => round_of(file).map(Some),
+        _ => None,
+    };
+    let parts: Vec<&str> = rel.split('/').collect();
+    if let Some(round) = file(&parts) {
+        return Some((None, round));
+    }
+    match parts.as_slice() {
+        [scope, rest @ ..] if is_scope(scope) => file(rest).map(|r| (Some((*scope).to_owned()), r)),
+        _ => None,
+    }
+}
+
 /// The directory of `job`'s models in the platform's registry, or why the apiserver does not
 /// serve them.
 fn job_dir(state: &ApiState, job: &Job) -> Result<PathBuf> {
     let registry = &job.spec.model_spec.registry;
     if registry.is_named() {
         return Err(Error::not_found(format!(
-            "job {} keeps its models in its own registry ({} {}), which the apiserver does not serve",
+            "job {} keeps its models in its own registry ({} {}), which the apiserver does not \
+             serve (an s3 one only when it has S3 credentials)",
             job.id, registry.sort, registry.uri
         )));
     }
@@ -131,10 +207,13 @@ fn io_error(err: std::io::Error) -> Error {
     Error::new(ErrorCode::Internal, "cannot read the registry")
 }
 
-/// The model files of a job (final and per round, per group), oldest round first.
+/// The model files of a job (final and per round, per group), oldest round first: from the
+/// platform's registry, the job's MLflow runs when its registry is an MLflow server, or its
+/// S3 bucket when the apiserver has S3 credentials (503 when that cannot be read).
 #[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/models", tag = "models",
     params(("user" = String, Path), ("jobId" = String, Path)),
-    responses((status = 200, body = [ModelFile]), (status = 404, body = fledge_types::ApiError)))]
+    responses((status = 200, body = [ModelFile]), (status = 404, body = fledge_types::ApiError),
+        (status = 503, body = fledge_types::ApiError)))]
 async fn list_models(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -147,7 +226,43 @@ async fn list_models(
 
 /// The model files of `job` in the platform's registry (the caller checked ownership).
 pub(super) async fn model_files(state: &ApiState, job: &Job) -> Result<Vec<ModelFile>> {
-    let dir = job_dir(state, job)?;
+    let dir = match source(state, job)? {
+        Source::Local(dir) => dir,
+        Source::Mlflow { uri } => {
+            let server = mlflow_server(state, &uri)?;
+            let listing = server.job_models(job.spec.design_id.as_str(), job.id.as_str());
+            return match tokio::time::timeout(MLFLOW_LIST_TIMEOUT, listing).await {
+                Ok(Ok(files)) => Ok(files),
+                Ok(Err(fault)) => Err(mlflow_error(&uri, fault.status, fault.reason)),
+                Err(_) => Err(mlflow_error(
+                    &uri,
+                    None,
+                    format!("no listing within {} s", MLFLOW_LIST_TIMEOUT.as_secs()),
+                )),
+            };
+        }
+        Source::S3 { uri } => {
+            let objects = crate::s3::JobObjects::new(&uri, job.id.as_str())
+                .map_err(|e| s3_error(&uri, crate::s3::Fault::Other(e)))?;
+            let listed = match tokio::time::timeout(MLFLOW_LIST_TIMEOUT, objects.list()).await {
+                Ok(listed) => listed.map_err(|f| s3_error(&uri, f))?,
+                Err(_) => {
+                    let reason = format!("no listing within {} s", MLFLOW_LIST_TIMEOUT.as_secs());
+                    return Err(s3_error(&uri, crate::s3::Fault::Other(reason)));
+                }
+            };
+            let mut files: Vec<ModelFile> = listed
+                .into_iter()
+                .filter_map(|(rel, size)| {
+                    model_of_key(&rel).map(|(group, round)| ModelFile { group, round, size })
+                })
+                .collect();
+            files.sort_by(|a, b| {
+                (&a.group, a.round.is_none(), a.round).cmp(&(&b.group, b.round.is_none(), b.round))
+            });
+            return Ok(files);
+        }
+    };
     tokio::task::spawn_blocking(move || scan(&dir))
         .await
         .map_err(|err| Error::new(ErrorCode::Internal, err.to_string()))?
@@ -163,11 +278,13 @@ pub(super) struct ModelQuery {
     group: Option<String>,
 }
 
-/// One model file of a job, as safetensors bytes.
+/// One model file of a job, as safetensors bytes (for an MLflow or S3 job, streamed from the
+/// server's artifact proxy or the bucket: 503 when it cannot be read, 413 past the bound).
 #[utoipa::path(get, path = "/users/{user}/jobs/{jobId}/model", tag = "models",
     params(("user" = String, Path), ("jobId" = String, Path), ModelQuery),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 400, body = fledge_types::ApiError), (status = 404, body = fledge_types::ApiError)))]
+        (status = 400, body = fledge_types::ApiError), (status = 404, body = fledge_types::ApiError),
+        (status = 413, body = fledge_types::ApiError), (status = 503, body = fledge_types::ApiError)))]
 async fn get_model(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -188,20 +305,14 @@ pub(super) async fn model_file(
     round: Option<u64>,
     group: Option<&str>,
 ) -> Result<Response> {
-    let mut path = job_dir(state, job)?;
-    if let Some(group) = group {
-        if !is_scope(group) {
-            return Err(Error::bad_request(format!(
-                "group {group:?} is not a group name (letters, digits, '-', '_', '.', joined by '+')"
-            )));
-        }
-        path.push(group);
+    let source = source(state, job)?;
+    if let Some(group) = group
+        && !is_scope(group)
+    {
+        return Err(Error::bad_request(format!(
+            "group {group:?} is not a group name (letters, digits, '-', '_', '.', joined by '+')"
+        )));
     }
-    let name = match round {
-        Some(round) => format!("rounds/round-{round:05}.safetensors"),
-        None => "final.safetensors".to_owned(),
-    };
-    path.push(&name);
     let what = || {
         let of = group.map(|g| format!(" of group {g}")).unwrap_or_default();
         match round {
@@ -209,6 +320,52 @@ pub(super) async fn model_file(
             None => format!("job {} has no final model{of} (yet)", job.id),
         }
     };
+    let download = match round {
+        Some(round) => format!("{}-round-{round}.safetensors", job.id),
+        None => format!("{}-final.safetensors", job.id),
+    };
+    let mut path = match source {
+        Source::Local(path) => path,
+        Source::Mlflow { uri } => {
+            let server = mlflow_server(state, &uri)?;
+            let found = server
+                .job_model(job.spec.design_id.as_str(), job.id.as_str(), round, group)
+                .await
+                .map_err(|fault| mlflow_error(&uri, fault.status, fault.reason))?;
+            let Some((length, resp)) = found else { return Err(Error::not_found(what())) };
+            return Ok(mlflow_download(&download, length, resp));
+        }
+        Source::S3 { uri } => {
+            let objects = crate::s3::JobObjects::new(&uri, job.id.as_str())
+                .map_err(|e| s3_error(&uri, crate::s3::Fault::Other(e)))?;
+            let mut rel = group.map(|g| format!("{g}/")).unwrap_or_default();
+            rel.push_str(&match round {
+                Some(round) => format!("rounds/round-{round:05}.safetensors"),
+                None => "final.safetensors".to_owned(),
+            });
+            let (size, stream) = match objects.get(&rel, crate::mlflow::MAX_MODEL_BYTES).await {
+                Ok(found) => found,
+                Err(crate::s3::Fault::NotFound) => return Err(Error::not_found(what())),
+                Err(fault) => return Err(s3_error(&uri, fault)),
+            };
+            return Ok((
+                [
+                    (CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (CONTENT_LENGTH, size.to_string()),
+                    (CONTENT_DISPOSITION, format!("attachment; filename=\"{download}\"")),
+                ],
+                Body::from_stream(stream),
+            )
+                .into_response());
+        }
+    };
+    if let Some(group) = group {
+        path.push(group);
+    }
+    path.push(match round {
+        Some(round) => format!("rounds/round-{round:05}.safetensors"),
+        None => "final.safetensors".to_owned(),
+    });
     let file = match tokio::fs::File::open(&path).await {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -217,10 +374,6 @@ pub(super) async fn model_file(
         Err(err) => return Err(io_error(err)),
     };
     let size = file.metadata().await.map_err(io_error)?.len();
-    let download = match round {
-        Some(round) => format!("{}-round-{round}.safetensors", job.id),
-        None => format!("{}-final.safetensors", job.id),
-    };
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok((
         [
@@ -231,6 +384,38 @@ pub(super) async fn model_file(
         body,
     )
         .into_response())
+}
+
+/// A model file streamed from MLflow's artifact proxy as a download, cut when it runs past
+/// [`crate::mlflow::MAX_MODEL_BYTES`].
+fn mlflow_download(download: &str, length: Option<u64>, resp: reqwest::Response) -> Response {
+    use futures::StreamExt as _;
+    let mut seen: u64 = 0;
+    let stream = resp.bytes_stream().map(move |chunk| {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        seen += chunk.len() as u64;
+        if seen > crate::mlflow::MAX_MODEL_BYTES {
+            return Err(std::io::Error::other(format!(
+                "the model file runs past {} bytes",
+                crate::mlflow::MAX_MODEL_BYTES
+            )));
+        }
+        Ok(chunk)
+    });
+    let mut headers = vec![
+        (CONTENT_TYPE, "application/octet-stream".to_owned()),
+        (CONTENT_DISPOSITION, format!("attachment; filename=\"{download}\"")),
+    ];
+    if let Some(length) = length {
+        headers.push((CONTENT_LENGTH, length.to_string()));
+    }
+    let mut response = Body::from_stream(stream).into_response();
+    for (name, value) in headers {
+        if let Ok(value) = value.parse() {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
 }
 
 #[cfg(test)]
@@ -284,5 +469,26 @@ mod tests {
             ]
         );
         assert!(scan(&job.join("missing")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn object_keys_name_model_files_strictly() {
+        assert_eq!(model_of_key("final.safetensors"), Some((None, None)));
+        assert_eq!(model_of_key("rounds/round-00002.safetensors"), Some((None, Some(2))));
+        assert_eq!(model_of_key("eu+us/final.safetensors"), Some((Some("eu+us".into()), None)));
+        assert_eq!(
+            model_of_key("eu/rounds/round-00001.safetensors"),
+            Some((Some("eu".into()), Some(1)))
+        );
+        for other in [
+            "metrics/t1/1-2.json",
+            "resume/t1.safetensors",
+            "rounds/round-1.tmp",
+            "../final.safetensors",
+            "eu/x/final.safetensors",
+            "rounds/final.safetensors",
+        ] {
+            assert_eq!(model_of_key(other), None, "{other}");
+        }
     }
 }

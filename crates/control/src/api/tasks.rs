@@ -169,7 +169,88 @@ async fn task_config(
     }
     let tasks = state.store.list_tasks(&job.id).await?;
     config.data_plane = Some(state.data_plane_keys.data_plane(&schema, &task, &tasks));
+    config.registry_token = registry_token(&state, &job, &task, &config).await?;
     Ok(Json(config))
+}
+
+/// The MLflow token a task's config carries: the operator's, when the task's registry is an
+/// MLflow server the token belongs to and the task runs one of Fledge's built-in roles (its
+/// role folder's `fledge-role.toml` names `builtin`), so user code never receives it.
+async fn registry_token(
+    state: &ApiState,
+    job: &fledge_types::Job,
+    task: &Task,
+    config: &TaskConfig,
+) -> Result<Option<fledge_types::RegistryToken>> {
+    if config.registry.sort != fledge_types::MLFLOW_REGISTRY {
+        return Ok(None);
+    }
+    let Some(token) = state.mlflow.token_for(&config.registry.uri) else {
+        return Ok(None);
+    };
+    let (_, bundle) = state
+        .store
+        .get_code(Some(&job.owner), &job.spec.design_id, Some(&job.code_version))
+        .await?;
+    let role = task.role.clone();
+    let max_inflated = state.limits.code_inflated_bytes;
+    let builtin = tokio::task::spawn_blocking(move || runs_builtin(&bundle, &role, max_inflated))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    Ok(builtin.then(|| fledge_types::RegistryToken(token.to_owned())))
+}
+
+/// Whether `role`'s folder of `bundle` runs a built-in role: every entry that the worker
+/// would unpack as its `fledge-role.toml` is a manifest naming `builtin` and no `command`
+/// (a bundle without one runs user code). Reads at most `max_inflated` bytes of a manifest.
+pub(super) fn runs_builtin(
+    bundle: &[u8],
+    role: &str,
+    max_inflated: u64,
+) -> std::result::Result<bool, String> {
+    use std::path::{Component, Path as FsPath};
+    let mut archive =
+        zip::ZipArchive::new(Cursor::new(bundle)).map_err(|e| format!("bad stored zip: {e}"))?;
+    let names: Vec<String> = archive.file_names().map(str::to_owned).collect();
+    let Some(prefix) = role_prefix(&names, role) else {
+        return Ok(false);
+    };
+    let mut manifests = 0;
+    for i in 0..archive.len() {
+        let entry = archive.by_index(i).map_err(|e| format!("bad stored zip entry {i}: {e}"))?;
+        let Some(rest) = entry.name().strip_prefix(&prefix) else { continue };
+        let parts: Vec<Component<'_>> =
+            FsPath::new(rest).components().filter(|c| !matches!(c, Component::CurDir)).collect();
+        // A name that differs in case only is the manifest on some file systems: it must be a
+        // built-in one too, but only the exact name counts as one.
+        let Some(name) = (match parts.as_slice() {
+            [Component::Normal(name)] => name.to_str(),
+            _ => None,
+        }) else {
+            continue;
+        };
+        if !name.eq_ignore_ascii_case("fledge-role.toml") {
+            continue;
+        }
+        let exact = name == "fledge-role.toml";
+        if entry.is_dir() || entry.is_symlink() {
+            return Ok(false);
+        }
+        let mut text = String::new();
+        if (entry.take(max_inflated.min(64 << 10) + 1)).read_to_string(&mut text).is_err()
+            || text.len() as u64 > max_inflated.min(64 << 10)
+        {
+            return Ok(false);
+        }
+        let Ok(table) = text.parse::<toml::Table>() else { return Ok(false) };
+        let builtin = table.get("builtin").is_some_and(toml::Value::is_str);
+        if !builtin || table.keys().any(|k| k != "builtin") {
+            return Ok(false);
+        }
+        manifests += usize::from(exact);
+    }
+    Ok(manifests > 0)
 }
 
 /// The folder of `bundle` holding `role`'s code: `<role>/` at the top, or `<top>/<role>/` when
@@ -499,6 +580,68 @@ mod tests {
         assert_eq!(names(&role_zip(&nested, "aggregator", 1 << 20).unwrap().unwrap()), ["main.py"]);
         assert_eq!(role_zip(&flat, "coordinator", 1 << 20).unwrap(), None);
         assert!(role_zip(b"not a zip", "trainer", 1 << 20).is_err());
+    }
+
+    fn bundle_of(files: &[(&str, &str)]) -> Vec<u8> {
+        let mut out = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        for (name, text) in files {
+            out.start_file(*name, zip::write::SimpleFileOptions::default()).unwrap();
+            out.write_all(text.as_bytes()).unwrap();
+        }
+        out.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn only_a_builtin_manifest_makes_a_role_builtin() {
+        let builtin = "# Fledge's aggregator\nbuiltin = \"top-aggregator\"\n";
+        let yes =
+            bundle_of(&[("aggregator/fledge-role.toml", builtin), ("trainer/main.py", "print()")]);
+        assert!(runs_builtin(&yes, "aggregator", 1 << 20).unwrap());
+        assert!(!runs_builtin(&yes, "trainer", 1 << 20).unwrap(), "main.py is user code");
+        assert!(!runs_builtin(&yes, "coordinator", 1 << 20).unwrap(), "no folder");
+        let nested = bundle_of(&[("code/aggregator/./fledge-role.toml", builtin)]);
+        assert!(runs_builtin(&nested, "aggregator", 1 << 20).unwrap());
+        for (what, files) in [
+            (
+                "a command",
+                vec![("aggregator/fledge-role.toml", "command = [\"python3\", \"x.py\"]")],
+            ),
+            ("both", vec![("aggregator/fledge-role.toml", "builtin = \"a\"\ncommand = [\"sh\"]")]),
+            ("not TOML", vec![("aggregator/fledge-role.toml", "builtin = ")]),
+            ("not a string", vec![("aggregator/fledge-role.toml", "builtin = 1")]),
+            (
+                // The zip crate refuses the same name twice; this one unpacks to the same file.
+                "a second, user-code manifest",
+                vec![
+                    ("aggregator/fledge-role.toml", builtin),
+                    ("aggregator/./fledge-role.toml", "command = [\"sh\"]"),
+                ],
+            ),
+            (
+                "a case variant only",
+                vec![("aggregator/FLEDGE-ROLE.toml", builtin), ("aggregator/main.py", "")],
+            ),
+            (
+                "a case variant of user code",
+                vec![
+                    ("aggregator/fledge-role.toml", builtin),
+                    ("aggregator/Fledge-Role.toml", "command = [\"sh\"]"),
+                ],
+            ),
+            ("main.py", vec![("aggregator/main.py", "")]),
+        ] {
+            let zip = bundle_of(&files);
+            assert!(!runs_builtin(&zip, "aggregator", 1 << 20).unwrap(), "{what}");
+        }
+        let big = format!("builtin = \"a\"\n#{}", "x".repeat(100 << 10));
+        assert!(
+            !runs_builtin(
+                &bundle_of(&[("aggregator/fledge-role.toml", &big)]),
+                "aggregator",
+                1 << 20
+            )
+            .unwrap()
+        );
     }
 
     #[test]

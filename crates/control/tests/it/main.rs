@@ -8,5 +8,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod api;
+mod mlflow;
 mod support;
 mod ui;

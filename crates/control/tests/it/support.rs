@@ -44,6 +44,14 @@ pub struct Server {
 impl Server {
     /// Opens (or reopens) the store in `dir` and serves it on 127.0.0.1:0.
     pub async fn start(dir: &Path) -> Server {
+        Server::start_with_mlflow(dir, fledge_control::mlflow::MlflowAuth::default()).await
+    }
+
+    /// [`Server::start`] with the operator's MLflow credentials `mlflow`.
+    pub async fn start_with_mlflow(
+        dir: &Path,
+        mlflow: fledge_control::mlflow::MlflowAuth,
+    ) -> Server {
         let blobs = BlobStore::new(dir.join("blobs"), CODE_LIMIT).unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(dir.join("fledge.db"), blobs).await.unwrap());
@@ -58,8 +66,9 @@ impl Server {
             },
         };
         let tls = tls();
-        let mut state =
-            ApiState::new(store.clone(), handle, None, env).with_ca(Some(tls.ca.clone()));
+        let mut state = ApiState::new(store.clone(), handle, None, env)
+            .with_ca(Some(tls.ca.clone()))
+            .with_mlflow(mlflow);
         state.limits.code_inflated_bytes = INFLATED_LIMIT;
         state.limits.code_entries = ENTRIES_LIMIT;
         state.limits.metric_records_per_task = METRIC_ROWS_LIMIT;

@@ -102,10 +102,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             checks.extend(check_options(&options, deployer).await);
         }
     }
-    let mlflow = args.mlflow_url.clone().or_else(|| env.get("MLFLOW_TRACKING_URI").cloned());
-    if let Some(url) = mlflow.filter(|u| !u.trim().is_empty()) {
-        checks.push(check_mlflow(&url).await);
-    }
+    checks.extend(check_mlflow_servers(args.mlflow_url.as_deref(), &env).await);
     print(&checks, args.output)?;
     if checks.iter().any(|c| c.status == Status::Fail) {
         return Err(Exit(1).into());
@@ -522,13 +519,64 @@ async fn check_python() -> Check {
     }
 }
 
-/// The MLflow tracking server answers its API (the check a job naming it passes at creation).
-async fn check_mlflow(url: &str) -> Check {
+/// The MLflow tracking servers named (`--mlflow-url`, else `$MLFLOW_TRACKING_URI`) or
+/// configured (`FLEDGE_MLFLOW_SERVERS`, the servers the apiserver's token belongs to), each
+/// checked as a job naming it is at creation, under the token the apiserver would send it.
+async fn check_mlflow_servers(named: Option<&str>, env: &HashMap<String, String>) -> Vec<Check> {
+    use fledge_control::mlflow::{MlflowAuth, SERVERS_ENV};
     const NAME: &str = "mlflow";
-    let token = fledge_control::mlflow::token_from_env();
-    match fledge_control::mlflow::check(url, token.as_deref(), TIMEOUT).await {
-        Ok(()) => Check::new(NAME, Status::Ok, format!("{url} answers")),
-        Err(err) => Check::new(NAME, Status::Fail, err),
+    let token = ["FLEDGE_MLFLOW_TOKEN", "MLFLOW_TRACKING_TOKEN"]
+        .iter()
+        .find_map(|name| env.get(*name).filter(|v| !v.trim().is_empty()).cloned());
+    let auth = match MlflowAuth::new(token, env.get(SERVERS_ENV).map_or("", String::as_str)) {
+        Ok(auth) => auth,
+        Err(err) => return vec![Check::new(NAME, Status::Fail, err)],
+    };
+    let mut urls: Vec<String> = Vec::new();
+    let named = named.map(str::to_owned).or_else(|| env.get("MLFLOW_TRACKING_URI").cloned());
+    for url in named.into_iter().chain(auth.servers().map(str::to_owned)) {
+        let url = url.trim().trim_end_matches('/').to_owned();
+        if !url.is_empty() && !urls.contains(&url) {
+            urls.push(url);
+        }
+    }
+    let mut checks = Vec::new();
+    if auth.has_token() && auth.servers().next().is_none() {
+        checks.push(Check::new(
+            NAME,
+            Status::Warn,
+            format!("an MLflow token is set but {SERVERS_ENV} names no server: it is sent to none"),
+        ));
+    }
+    for url in urls {
+        checks.push(check_mlflow(&url, &auth).await);
+    }
+    checks
+}
+
+/// The MLflow tracking server at `url` answers its API and proxies artifacts (the check a
+/// job naming it passes at creation), and what it said about itself.
+async fn check_mlflow(url: &str, auth: &fledge_control::mlflow::MlflowAuth) -> Check {
+    const NAME: &str = "mlflow";
+    let token = auth.token_for(url);
+    let credentials = match (token, auth.has_token()) {
+        (Some(_), _) => "with the token".to_owned(),
+        (None, true) => format!(
+            "without a token (the token is for {} only)",
+            auth.servers().collect::<Vec<_>>().join(", ")
+        ),
+        (None, false) => "without a token (none set)".to_owned(),
+    };
+    match fledge_control::mlflow::check(url, token, TIMEOUT).await {
+        Ok(found) => Check::new(
+            NAME,
+            Status::Ok,
+            format!(
+                "{url}: MLflow {}, answers the tracking API and proxies artifacts, {credentials}",
+                found.version.as_deref().unwrap_or("(version not told)")
+            ),
+        ),
+        Err(err) => Check::new(NAME, Status::Fail, format!("{url}: {err} ({credentials})")),
     }
 }
 

@@ -30,8 +30,9 @@
 //! The server must proxy artifacts (`mlflow server --serve-artifacts`, the default since
 //! MLflow 2.0): artifacts go through `/api/2.0/mlflow-artifacts/artifacts/…` on the same URL,
 //! so workers need no credentials for the artifact store. A token, when the server needs one,
-//! is read from `FLEDGE_MLFLOW_TOKEN` or else MLflow's own `MLFLOW_TRACKING_TOKEN` and sent as
-//! `Authorization: Bearer …`. Every answer is bounded: API responses to [`MAX_RESPONSE`]
+//! is the task config's `registryToken` (handed to deployed built-in roles by the control
+//! plane), else read from `FLEDGE_MLFLOW_TOKEN` or MLflow's own `MLFLOW_TRACKING_TOKEN`, and
+//! sent as `Authorization: Bearer …`. Every answer is bounded: API responses to [`MAX_RESPONSE`]
 //! bytes, model downloads to [`MAX_MODEL_BYTES`].
 
 use std::path::{Path, PathBuf};
@@ -521,7 +522,7 @@ impl Target {
             ("fledge.job.name".into(), job_name.clone()),
             ("fledge.design".into(), config.job.design.clone()),
         ];
-        let task_tags = vec![
+        let mut task_tags = vec![
             ("fledge.kind".into(), "task".into()),
             ("fledge.job".into(), job.to_string()),
             ("fledge.task".into(), config.task_id.to_string()),
@@ -530,6 +531,10 @@ impl Target {
             ("fledge.topology".into(), topology.join("; ")),
             ("fledge.registeredModel".into(), model_name.clone()),
         ];
+        if let Some(scope) = scope {
+            // The group scope the platform's model routes list the run's models under.
+            task_tags.push(("fledge.scope".into(), scope.to_owned()));
+        }
         let mut params: Vec<(String, String)> =
             config.hyperparameters.iter().map(|(k, v)| (key(k), param_value(v))).collect();
         params.push(("optimizer".into(), config.optimizer.sort.clone()));
@@ -965,11 +970,16 @@ impl Drop for MlflowRegistry {
 impl MlflowRegistry {
     /// The registry of task `config` in the MLflow server of its `registry.uri`, spooling
     /// under `workdir`; `scope` names the task's model group (see `registry::for_task`). The
-    /// token comes from the environment ([`token_from_env`]). Nothing is sent until something
+    /// token is the config's `registryToken` (what the control plane hands a deployed built-in
+    /// role), else the environment's ([`token_from_env`]). Nothing is sent until something
     /// is written or loaded; records a previous run of the task left in the spool are sent
     /// first.
     pub fn for_task(config: &TaskConfig, scope: Option<&str>, workdir: &Path) -> Result<Self> {
-        MlflowRegistry::with_token(config, scope, workdir, token_from_env().as_deref())
+        let token = match &config.registry_token {
+            Some(token) => Some(token.0.clone()),
+            None => token_from_env(),
+        };
+        MlflowRegistry::with_token(config, scope, workdir, token.as_deref())
     }
 
     /// [`MlflowRegistry::for_task`] with an explicit token.
