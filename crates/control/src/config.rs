@@ -239,9 +239,15 @@ pub struct DeployerSection {
     /// The compute this deployer serves. Default `default`.
     pub compute_id: String,
     /// The compute's API key (as registered with `POST /computes`); required when the deployer
-    /// runs. Set it through `FLEDGE_DEPLOYER_API_KEY` rather than a file. Never dumped.
+    /// runs, given here, through `FLEDGE_DEPLOYER_API_KEY`, or (preferred) read from
+    /// `api_key_file`. Never dumped, never passed on to workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
+    /// A file holding the compute's API key (e.g. mode 0600, or a secret a container runtime
+    /// mounts; `FLEDGE_DEPLOYER_API_KEY_FILE`): read once at start, surrounding whitespace
+    /// ignored, at most 4 KiB. Not with `api_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
     /// Apiserver URL for the deployer and its workers. Default: this process's apiserver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apiserver: Option<String>,
@@ -297,6 +303,39 @@ pub struct DeployerSection {
     pub sandbox_read: Vec<PathBuf>,
 }
 
+/// Largest compute key file read (keys are a few dozen bytes).
+const MAX_API_KEY_FILE_BYTES: u64 = 4096;
+
+impl DeployerSection {
+    /// Fills `api_key` from `api_key_file`, if one is named; a missing, oversized, non-UTF-8 or
+    /// blank file, or a key given both ways, is an error naming the file.
+    fn read_api_key_file(&mut self) -> Result<()> {
+        let Some(path) = &self.api_key_file else { return Ok(()) };
+        let bad = |why: String| {
+            Error::Invalid(format!("deployer.api_key_file: {}: {why}", path.display()))
+        };
+        if self.api_key.is_some() {
+            return Err(bad("the key is also given as deployer.api_key; set only one".to_owned()));
+        }
+        let file = std::fs::File::open(path).map_err(|err| bad(err.to_string()))?;
+        let mut text = String::new();
+        let read = std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, MAX_API_KEY_FILE_BYTES + 1),
+            &mut text,
+        )
+        .map_err(|err| bad(err.to_string()))?;
+        if read as u64 > MAX_API_KEY_FILE_BYTES {
+            return Err(bad(format!("larger than {MAX_API_KEY_FILE_BYTES} bytes")));
+        }
+        let key = text.trim();
+        if key.is_empty() || key.chars().any(char::is_whitespace) {
+            return Err(bad("expected one key, without whitespace inside".to_owned()));
+        }
+        self.api_key = Some(key.to_owned());
+        Ok(())
+    }
+}
+
 /// The values of [`DeployerSection::sandbox`].
 pub const SANDBOX_MODES: [&str; 3] = ["auto", "required", "off"];
 
@@ -305,6 +344,7 @@ impl Default for DeployerSection {
         Self {
             compute_id: "default".to_owned(),
             api_key: None,
+            api_key_file: None,
             apiserver: None,
             notifier: None,
             work_root: None,
@@ -572,6 +612,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "broker.ca_file",
     "metaserver.advertise",
     "deployer.api_key",
+    "deployer.api_key_file",
     "deployer.apiserver",
     "deployer.notifier",
     "deployer.work_root",
@@ -643,8 +684,9 @@ impl Options {
         // (with its key) of the merged configuration.
         let text = toml::to_string(&merged)
             .map_err(|err| Error::Invalid(format!("cannot render the configuration: {err}")))?;
-        let options: Options = toml::from_str(&text)
+        let mut options: Options = toml::from_str(&text)
             .map_err(|err: toml::de::Error| Error::Invalid(err.to_string().trim().to_owned()))?;
+        options.deployer.read_api_key_file()?;
         options.validate()?;
         Ok(options)
     }
@@ -668,7 +710,7 @@ impl Options {
             }
             if deployer.api_key.as_deref().is_none_or(|k| k.trim().is_empty()) {
                 return Err(Error::Invalid(
-                    "deployer.api_key: required when the deployer runs (FLEDGE_DEPLOYER_API_KEY)"
+                    "deployer.api_key: required when the deployer runs (deployer.api_key_file, FLEDGE_DEPLOYER_API_KEY_FILE or FLEDGE_DEPLOYER_API_KEY)"
                         .to_owned(),
                 ));
             }
@@ -1137,6 +1179,35 @@ stop_grace_secs = 5.0
         check("services = []", &[], "services");
         check("services = [\"controller\", \"apiserver\"]", &[], "needs the notifier");
         check("services = [\"deployer\"]", &[], "deployer.api_key");
+        let key_file = dir.path().join("compute.key");
+        std::fs::write(&key_file, "  k3y-from-file\n").unwrap();
+        let env: HashMap<String, String> =
+            [("FLEDGE_DEPLOYER_API_KEY_FILE".to_owned(), key_file.display().to_string())].into();
+        let file = dir.path().join("deployer.toml");
+        std::fs::write(
+            &file,
+            "services = [\"deployer\"]\n[deployer]\napiserver = \"http://cp:1\"\nnotifier = \"http://cp:2\"\n",
+        )
+        .unwrap();
+        let options = Options::load(Some(&file), &env, &[]).unwrap();
+        assert_eq!(options.deployer.api_key.as_deref(), Some("k3y-from-file"));
+        for (text, why) in [("", "expected one key"), ("a b", "expected one key")] {
+            std::fs::write(&key_file, text).unwrap();
+            let err = Options::load(None, &env, &[]).unwrap_err().to_string();
+            assert!(err.contains("api_key_file") && err.contains(why), "{err}");
+        }
+        std::fs::write(&key_file, vec![b'k'; 5000]).unwrap();
+        let err = Options::load(None, &env, &[]).unwrap_err().to_string();
+        assert!(err.contains("larger than 4096"), "{err}");
+        let mut both = env.clone();
+        both.insert("FLEDGE_DEPLOYER_API_KEY".into(), "k".into());
+        std::fs::write(&key_file, "k").unwrap();
+        let err = Options::load(None, &both, &[]).unwrap_err().to_string();
+        assert!(err.contains("set only one"), "{err}");
+        let missing: HashMap<String, String> =
+            [("FLEDGE_DEPLOYER_API_KEY_FILE".to_owned(), "/nonexistent/key".to_owned())].into();
+        let err = Options::load(None, &missing, &[]).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/key"), "{err}");
         check("services = [\"deployer\"]\n[deployer]\napi_key = \"k\"", &[], "deployer.apiserver");
         check("[controller]\nstop_grace_secs = -1.0", &[], "stop_grace_secs");
         check("data_dir = ", &[], "not valid TOML");

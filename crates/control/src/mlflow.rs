@@ -179,7 +179,7 @@ impl Fault {
 
 impl Server {
     /// The server at `uri` (an http(s) base URL), sending `token` when given; each API call
-    /// is bounded by `timeout`, a download by [`READ_TIMEOUT`] between reads.
+    /// is bounded by `timeout`, a download by `READ_TIMEOUT` between reads.
     pub fn new(uri: &str, token: Option<&str>, timeout: Duration) -> Result<Server, String> {
         let base = server_url(uri)?.as_str().trim_end_matches('/').to_owned();
         fledge_tls::install_default_provider();
