@@ -61,8 +61,8 @@ const MNIST: [(&str, &[u8]); 4] = [
 /// Arguments of `fledge quickstart`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Keep the platform's files (store, workers' logs, models) in DIR instead of a
-    /// temporary directory removed at exit.
+    /// Keep the files (the MNIST data in DIR/mnist; the platform's store, workers' logs and
+    /// models in DIR/platform) in DIR instead of a temporary directory removed at exit.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Number of trainers (one IID shard of the training set each).
@@ -112,9 +112,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             temp.path().to_path_buf()
         }
     };
-    let data_dir = std::path::absolute(&data_dir)
+    let root = std::path::absolute(&data_dir)
         .map_err(|err| UsageError(format!("--data-dir {}: {err}", data_dir.display())))?;
-    let mnist_dir = write_mnist(&data_dir)?;
+    // The data lies beside the platform's data dir, not in it: job code never gets any of
+    // the data dir (the sandbox protects it whole), only its datasets.
+    let mnist_dir = write_mnist(&root)?;
+    let data_dir = root.join("platform");
 
     eprintln!("fledge quickstart: starting the platform in {}", data_dir.display());
     let mut platform_args = standalone::Args::ephemeral(data_dir.clone());
@@ -146,9 +149,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the compiled-in MNIST files to `<data_dir>/mnist` and returns that directory.
-fn write_mnist(data_dir: &Path) -> anyhow::Result<PathBuf> {
-    let dir = data_dir.join("mnist");
+/// Writes the compiled-in MNIST files to `<root>/mnist` and returns that directory.
+fn write_mnist(root: &Path) -> anyhow::Result<PathBuf> {
+    let dir = root.join("mnist");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for (name, bytes) in MNIST {
         let path = dir.join(name);
