@@ -133,6 +133,18 @@ pub struct FledgeletArgs {
     /// program's installation (repeatable).
     #[arg(long = "sandbox-read", value_name = "PATH")]
     pub sandbox_read: Vec<PathBuf>,
+    /// The IP address the task's p2p ends listen on, e.g. `0.0.0.0` in a container whose
+    /// peers are elsewhere [default: 127.0.0.1].
+    #[arg(long, env = "FLEDGE_P2P_LISTEN_HOST", value_name = "IP")]
+    pub p2p_listen_host: Option<std::net::IpAddr>,
+    /// The host name or IP address the task's peers reach its p2p ends at (advertised to the
+    /// metaserver) [default: the listen address].
+    #[arg(long, env = "FLEDGE_P2P_ADVERTISE_HOST", value_name = "HOST", value_parser = dialable_host)]
+    pub p2p_advertise_host: Option<String>,
+}
+
+fn dialable_host(text: &str) -> Result<String, String> {
+    fledge_types::validate::dialable_host(text.trim())
 }
 
 fn seconds(text: &str) -> Result<f64, String> {
@@ -220,6 +232,12 @@ impl FledgeletArgs {
         let mut protected = self.sandbox_protect.clone();
         if let Some(home) = std::env::var_os("HOME") {
             protected.push(PathBuf::from(home).join(".fledge"));
+        }
+        if let Some(ip) = self.p2p_listen_host {
+            opts.worker_env.push(("FLEDGE_P2P_LISTEN_HOST".to_owned(), ip.to_string()));
+        }
+        if let Some(host) = &self.p2p_advertise_host {
+            opts.worker_env.push(("FLEDGE_P2P_ADVERTISE_HOST".to_owned(), host.clone()));
         }
         opts.sandbox = sandbox::Policy {
             mode: self.sandbox,

@@ -131,6 +131,9 @@ pub struct SupervisorOptions {
     pub participant_run: bool,
     /// How the task's code is confined ([`sandbox`]; default: Landlock where the kernel has it).
     pub sandbox: sandbox::Policy,
+    /// Variables the task's process gets besides its identity: where its p2p ends listen and
+    /// what they advertise (`FLEDGE_P2P_LISTEN_HOST`, `FLEDGE_P2P_ADVERTISE_HOST`).
+    pub worker_env: Vec<(String, String)>,
 }
 
 impl SupervisorOptions {
@@ -150,6 +153,7 @@ impl SupervisorOptions {
             log_interval: Duration::from_secs(1),
             participant_run: false,
             sandbox: sandbox::Policy::default(),
+            worker_env: Vec::new(),
         }
     }
 }
@@ -395,6 +399,7 @@ async fn execute(
         // Its output goes to a log file and the status report, not a terminal.
         .env("NO_COLOR", "1")
         .envs(command_line.env.iter().map(|(k, v)| (k, v)))
+        .envs(opts.worker_env.iter().map(|(k, v)| (k, v)))
         // Registry credentials go to Fledge's own roles only, never to user code.
         .envs(process::registry_env(command_line.builtin, |name| std::env::var(name).ok()))
         .stdin(Stdio::null())

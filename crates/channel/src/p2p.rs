@@ -154,10 +154,43 @@ impl P2pConfig {
         Ok(format!("{scheme}://{rest}"))
     }
 
+    /// Sets where this end listens and what it advertises from the process environment:
+    /// `FLEDGE_P2P_LISTEN_HOST` (an IP address, e.g. `0.0.0.0` in a container) and
+    /// `FLEDGE_P2P_ADVERTISE_HOST` (the host name or IP peers dial, e.g. the container's name
+    /// on its network). A fledgelet passes both to its worker from its deployer's settings.
+    pub fn apply_host_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<()> {
+        if let Some(listen) = lookup(LISTEN_HOST_ENV).filter(|v| !v.trim().is_empty()) {
+            self.listen_host = listen.trim().parse().map_err(|_| {
+                Error::InvalidOptions(format!(
+                    "{LISTEN_HOST_ENV} {listen:?} is not an IP address (e.g. 0.0.0.0 or 127.0.0.1)"
+                ))
+            })?;
+        }
+        if let Some(host) = lookup(ADVERTISE_HOST_ENV).filter(|v| !v.trim().is_empty()) {
+            self.advertise_host =
+                Some(fledge_types::validate::dialable_host(host.trim()).map_err(|why| {
+                    Error::InvalidOptions(format!("{ADVERTISE_HOST_ENV} {host:?}: {why}"))
+                })?);
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<()> {
         let mut problems = Vec::new();
         if self.metaserver.is_empty() {
             problems.push("metaserver is empty".to_owned());
+        }
+        if self.listen_host.is_unspecified() && self.advertise_host.is_none() {
+            problems.push(format!(
+                "listen_host {} is unspecified: set advertise_host ({ADVERTISE_HOST_ENV}) to the \
+                 name or address peers reach this end at",
+                self.listen_host
+            ));
+        }
+        if let Some(host) = &self.advertise_host
+            && let Err(why) = fledge_types::validate::dialable_host(host)
+        {
+            problems.push(format!("advertise_host {host:?}: {why}"));
         }
         if !(1024..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
             problems
@@ -185,6 +218,11 @@ impl P2pConfig {
         if problems.is_empty() { Ok(()) } else { Err(Error::InvalidOptions(problems.join("; "))) }
     }
 }
+
+/// The variable naming the IP address a worker's p2p ends bind to.
+pub const LISTEN_HOST_ENV: &str = "FLEDGE_P2P_LISTEN_HOST";
+/// The variable naming the host a worker's p2p ends advertise to their peers.
+pub const ADVERTISE_HOST_ENV: &str = "FLEDGE_P2P_ADVERTISE_HOST";
 
 fn p2p_error(what: impl Into<String>, reason: impl std::fmt::Display) -> Error {
     Error::P2p { what: what.into(), reason: reason.to_string() }
@@ -582,7 +620,7 @@ impl P2pEnd {
         if let Err(e) = ctx.poll_peers().await {
             tracing::debug!(error = %e, "first peer poll failed; retrying on the next heartbeat");
         }
-        tracing::debug!(channel = %ctx.shared.opts.channel, me = %ctx.shared.opts.me, endpoint = %ctx.endpoint, "p2p end registered");
+        tracing::info!(channel = %ctx.shared.opts.channel, me = %ctx.shared.opts.me, endpoint = %ctx.endpoint, "p2p end registered");
         tokio::spawn(run_ticker(ctx, cancel));
         Ok(end)
     }
@@ -826,6 +864,41 @@ async fn run_ticker(ctx: Arc<Ctx>, cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_and_advertise_hosts_come_from_the_environment_checked() {
+        let env = |listen: &'static str, advertise: &'static str| {
+            move |name: &str| match name {
+                LISTEN_HOST_ENV => Some(listen.to_owned()),
+                ADVERTISE_HOST_ENV => Some(advertise.to_owned()),
+                _ => None,
+            }
+        };
+        let mut config = P2pConfig::new("http://meta:1");
+        config.apply_host_env(env("0.0.0.0", "trainer-3.site-a")).expect("valid");
+        assert_eq!(config.listen_host, std::net::IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(config.advertise_host.as_deref(), Some("trainer-3.site-a"));
+        config.validate().expect("listening everywhere with an advertised name is valid");
+        config.apply_host_env(env("", "fd00::7")).expect("valid");
+        assert_eq!(config.advertise_host.as_deref(), Some("[fd00::7]"));
+
+        for (listen, advertise, names) in [
+            ("site-a", "", LISTEN_HOST_ENV),
+            ("0.0.0.0", "a/b", ADVERTISE_HOST_ENV),
+            ("0.0.0.0", "0.0.0.0", ADVERTISE_HOST_ENV),
+            ("0.0.0.0", "-x.example", ADVERTISE_HOST_ENV),
+        ] {
+            let err = P2pConfig::new("http://meta:1")
+                .apply_host_env(env(listen, advertise))
+                .expect_err("refused");
+            assert!(err.to_string().contains(names), "{err}");
+        }
+        // Listening on every address without saying where peers reach it is refused.
+        let mut config = P2pConfig::new("http://meta:1");
+        config.apply_host_env(env("0.0.0.0", "")).expect("each value is valid");
+        let err = config.validate().expect_err("nothing to advertise");
+        assert!(err.to_string().contains(ADVERTISE_HOST_ENV), "{err}");
+    }
 
     #[test]
     fn metaserver_addresses_parse() {

@@ -301,6 +301,15 @@ pub struct DeployerSection {
     /// Process workers: more paths task code may read and execute (a shared Python
     /// installation, a model cache). Default none.
     pub sandbox_read: Vec<PathBuf>,
+    /// Process workers: the IP address their p2p ends listen on (`0.0.0.0` when peers run on
+    /// other machines). Default none: `127.0.0.1`. Docker workers on a job network always
+    /// listen on every address of their container.
+    pub p2p_listen_host: Option<std::net::IpAddr>,
+    /// Process workers: the host name or IP address peers reach them at, advertised by their
+    /// p2p ends (this machine's name on the network the jobs' peers share). Default none: the
+    /// listen address. Docker workers on a job network advertise their task id, their name on
+    /// that network.
+    pub p2p_advertise_host: Option<String>,
 }
 
 /// Largest compute key file read (keys are a few dozen bytes).
@@ -359,6 +368,8 @@ impl Default for DeployerSection {
             sandbox: "auto".to_owned(),
             sandbox_data_roots: Vec::new(),
             sandbox_read: Vec::new(),
+            p2p_listen_host: None,
+            p2p_advertise_host: None,
             worker_cpus: 0.0,
             worker_memory_mib: 0,
             worker_pids: 1024,
@@ -740,6 +751,20 @@ impl Options {
                         path.display()
                     )));
                 }
+            }
+            if let Some(host) = &deployer.p2p_advertise_host
+                && let Err(why) = fledge_types::validate::dialable_host(host)
+            {
+                return Err(Error::Invalid(format!("deployer.p2p_advertise_host: {host:?} {why}")));
+            }
+            if deployer.p2p_listen_host.is_some_and(|ip| ip.is_unspecified())
+                && deployer.p2p_advertise_host.is_none()
+            {
+                return Err(Error::Invalid(
+                    "deployer.p2p_listen_host: listening on every address needs \
+                     deployer.p2p_advertise_host, the name peers reach the workers at"
+                        .to_owned(),
+                ));
             }
             for (field, url, local) in [
                 ("apiserver", &deployer.apiserver, ServiceKind::Apiserver),
@@ -1179,6 +1204,17 @@ stop_grace_secs = 5.0
         check("services = []", &[], "services");
         check("services = [\"controller\", \"apiserver\"]", &[], "needs the notifier");
         check("services = [\"deployer\"]", &[], "deployer.api_key");
+        let deployer = [("FLEDGE_DEPLOYER_API_KEY", "k")];
+        let compute = |line: &str| {
+            format!(
+                "services = [\"deployer\"]\n[deployer]\napiserver = \"https://cp:1\"\n\
+                 notifier = \"https://cp:2\"\n{line}\n"
+            )
+        };
+        check(&compute("p2p_listen_host = \"site-a\""), &deployer, "p2p_listen_host");
+        check(&compute("p2p_listen_host = \"0.0.0.0\""), &deployer, "p2p_advertise_host");
+        check(&compute("p2p_advertise_host = \"a b\""), &deployer, "p2p_advertise_host");
+        check(&compute("p2p_advertise_host = \"0.0.0.0\""), &deployer, "p2p_advertise_host");
         let key_file = dir.path().join("compute.key");
         std::fs::write(&key_file, "  k3y-from-file\n").unwrap();
         let env: HashMap<String, String> =

@@ -169,6 +169,37 @@ async fn mnist_completes_in_containers_and_leaves_nothing_behind() {
     assert!(keys.is_empty(), "key files left: {keys:?}");
 }
 
+/// A hybrid job's trainers run their ring all-reduce over p2p between containers: each listens
+/// on its container's addresses and advertises its name on the job network, which a worker
+/// advertising its own loopback address (as before) could not do.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hybrid_jobs_p2p_ring_runs_between_containers_on_the_job_network() {
+    if !docker_reachable() {
+        return;
+    }
+    let config = tempfile::tempdir().unwrap();
+    let platform = docker_platform(config.path());
+    let dir = platform.scratch().join("hybrid-mnist");
+    copy_example("hybrid-mnist", &dir);
+    let outcome = platform.run_dir(&dir);
+    assert!(outcome.success, "fledgectl run hybrid-mnist failed:\n{}", outcome.output);
+    let (job, tasks, records) = platform.job(&outcome.job).await;
+    assert_eq!(job.state, JobState::Completed, "{job:?}");
+    assert!(tasks.iter().all(|t| t.state == TaskState::Completed), "{tasks:?}");
+    let rounds = records_of(&records, "aggregator");
+    assert_eq!(rounds.len(), 5, "one aggregator record per round: {rounds:?}");
+    let work = platform.data_dir().join("work").join(job.id.as_str());
+    let trainer = tasks.iter().find(|t| t.role == "trainer").unwrap();
+    let log =
+        std::fs::read_to_string(work.join(trainer.task_id.as_str()).join("task.log")).unwrap();
+    assert!(
+        log.contains(&format!("endpoint=https://{}:", trainer.task_id)),
+        "the trainer's p2p end advertises its name on the job network:\n{log}"
+    );
+    let left = wait_until_gone(&format!("fledge.job={}", job.id));
+    assert_eq!(left, (Vec::new(), Vec::new()), "containers and networks of the job left");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_container_is_reported_failed_and_stop_removes_the_rest() {
     if !docker_reachable() {

@@ -218,3 +218,60 @@ fn a_live_mlflow_passes_and_is_described() {
     assert_eq!(mlflow[1].0, "ok", "{mlflow:?}");
     assert!(mlflow[1].1.contains("without a token"), "{mlflow:?}");
 }
+
+#[test]
+fn a_compute_checks_it_reaches_every_endpoint_its_workers_use() {
+    let platform = Platform::start_on_fixed_ports();
+    let base: u16 =
+        platform.endpoint.rsplit(':').next().unwrap().trim_end_matches('/').parse().unwrap();
+    let dir = platform.scratch();
+    std::fs::write(
+        dir.join("site.json"),
+        r#"{"computeId": "site-a", "region": "eu", "apiKey": "site-a-key-0123456789abcdef", "platform": "process"}"#,
+    )
+    .unwrap();
+    let out = platform
+        .fledgectl()
+        .args(["create", "compute", "site.json"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ca = platform.data_dir().join("tls/ca.pem");
+    let config = |key: &str| {
+        let file = dir.join(format!("deployer-{key}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "services = [\"deployer\"]\ndata_dir = \"{}\"\n[deployer]\ncompute_id = \"site-a\"\n\
+                 api_key = \"{key}\"\napiserver = \"{}\"\nnotifier = \"https://127.0.0.1:{}\"\n\
+                 ca_file = \"{}\"\n",
+                dir.join("site-data").display(),
+                platform.endpoint.trim_end_matches('/'),
+                base + 1,
+                ca.display()
+            ),
+        )
+        .unwrap();
+        file.display().to_string()
+    };
+    let (code, checks) =
+        doctor(dir, &["serve", "--config", &config("site-a-key-0123456789abcdef")]);
+    let reach: Vec<_> = checks.iter().filter(|c| c.0 == "compute reach").collect();
+    assert_eq!(code, 0, "{checks:#?}");
+    let details: Vec<&str> = reach.iter().map(|c| c.2.as_str()).collect();
+    assert!(reach.iter().all(|c| c.1 == "ok"), "{reach:#?}");
+    assert!(details[0].contains("accepts compute site-a's key"), "{details:?}");
+    for what in ["notifier https://127.0.0.1:", "broker mqtts://", "metaserver "] {
+        assert!(
+            details.iter().any(|d| d.starts_with(what) && d.ends_with("accepts connections")),
+            "{what} missing from {details:#?}"
+        );
+    }
+    // A wrong key is named, and nothing else is tried.
+    let (code, checks) = doctor(dir, &["serve", "--config", &config("not-the-key-0123456789")]);
+    assert_eq!(code, 1, "{checks:#?}");
+    let reach: Vec<_> = checks.iter().filter(|c| c.0 == "compute reach").collect();
+    assert_eq!(reach.len(), 1, "{reach:#?}");
+    assert!(reach[0].1 == "fail" && reach[0].2.contains("deployer.api_key"), "{reach:#?}");
+}

@@ -253,6 +253,9 @@ pub fn join_channels(py: Python<'_>, config_json: &str) -> PyResult<PyChannelSet
     let liveness = fledge_sdk::hyper::uint(&config.hyperparameters, "livenessTimeout", 10, 1)
         .map_err(|e| ConfigError::new_err(e.to_string()))?;
     env.mqtt.liveness_timeout = Duration::from_secs(liveness);
+    env.p2p
+        .apply_host_env(|name| std::env::var(name).ok())
+        .map_err(|e| ConfigError::new_err(e.to_string()))?;
     let manager =
         wait(py, None, "join", async move { ChannelManager::join_all(&config, &env).await })?;
     Ok(PyChannelSet { manager })

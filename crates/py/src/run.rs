@@ -170,7 +170,8 @@ pub fn run_task<'py>(
     crate::logging::refresh();
     let config = read_config(config_json)?;
     let progress = progress.map(Progress::new);
-    let mut opts = RunOptions::from_env();
+    let mut opts = RunOptions::from_env()
+        .map_err(|e| ConfigError::new_err(fledge_sdk::runner::error_chain(&e)))?;
     opts.observer = progress.as_ref().map(Progress::observer);
     if let Some(dir) = workdir {
         opts.workdir = dir;

@@ -79,13 +79,17 @@ impl Default for RunOptions {
 }
 
 impl RunOptions {
-    /// Options for a worker process: the current directory and `FLEDGE_TASK_KEY`.
-    pub fn from_env() -> RunOptions {
-        RunOptions {
+    /// Options for a worker process: the current directory, `FLEDGE_TASK_KEY`, and where its
+    /// p2p ends listen and what they advertise (`FLEDGE_P2P_LISTEN_HOST`,
+    /// `FLEDGE_P2P_ADVERTISE_HOST`; an invalid value is an error naming the variable).
+    pub fn from_env() -> Result<RunOptions> {
+        let mut opts = RunOptions {
             workdir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
             task_key: std::env::var("FLEDGE_TASK_KEY").ok().filter(|k| !k.is_empty()),
             ..RunOptions::default()
-        }
+        };
+        opts.backend_env.p2p.apply_host_env(|name| std::env::var(name).ok())?;
+        Ok(opts)
     }
 
     /// Applies the channel settings `config`'s hyperparameters set to every backend:

@@ -26,7 +26,7 @@ use crate::table;
 
 /// Runs the task `config` with user code from `factory` and options from the environment.
 pub async fn run_task(config: TaskConfig, factory: Arc<dyn AppFactory>) -> Result<RunSummary> {
-    run_task_with(config, factory, RunOptions::from_env()).await
+    run_task_with(config, factory, RunOptions::from_env()?).await
 }
 
 /// Runs the task `config` with explicit options: the role is [`RunOptions::role`] when set,

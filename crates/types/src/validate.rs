@@ -26,6 +26,37 @@ pub const MAX_REPLICA: i64 = 1000;
 pub const REGISTRY_SORTS: &[&str] =
     &["local", crate::job::MLFLOW_REGISTRY, crate::job::S3_REGISTRY, crate::job::DUMMY_REGISTRY];
 
+/// `host` as it goes into an advertised URL (a p2p end's, a control plane's): a DNS name (letters, digits, `-`, `.`, `_`, at
+/// most 253 bytes), an IPv4 address, or an IPv6 address (bracketed here if it was not).
+pub fn dialable_host(host: &str) -> Result<String, String> {
+    let inner = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if let Ok(ip) = inner.parse::<std::net::IpAddr>() {
+        if ip.is_unspecified() {
+            return Err("an unspecified address cannot be dialled".to_owned());
+        }
+        return Ok(match ip {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        });
+    }
+    if host.is_empty() || host.len() > 253 {
+        return Err("must be 1 to 253 bytes".to_owned());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !host.trim_end_matches('.').split('.').all(label_ok) {
+        return Err(
+            "is neither an IP address nor a DNS name (letters, digits, '-', '_', '.')".to_owned()
+        );
+    }
+    Ok(host.to_owned())
+}
+
 /// Every problem of a schema (empty: valid).
 pub fn schema(schema: &Schema) -> Vec<ErrorDetail> {
     let mut errors = Vec::new();

@@ -313,6 +313,16 @@ impl DockerRuntime {
         .map(|s| (*s).to_owned())
         .collect();
         cmd.extend(launch.fledgelet_args.iter().cloned());
+        if self.opts.network == NetworkMode::Job {
+            // On a job network the container is reachable under its task id: its p2p ends
+            // listen on every address of the container and advertise that name.
+            cmd.extend([
+                "--p2p-listen-host".to_owned(),
+                "0.0.0.0".to_owned(),
+                "--p2p-advertise-host".to_owned(),
+                launch.task.to_string(),
+            ]);
+        }
         let mut labels = self.labels(launch.job);
         labels.insert(LABEL_TASK.to_owned(), launch.task.to_string());
         labels.insert(LABEL_ROLE.to_owned(), launch.role.to_owned());

@@ -21,6 +21,40 @@ pub(super) fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(get_compute, delete_compute))
         .routes(routes!(report_deployment))
         .routes(routes!(claim_task_key))
+        .routes(routes!(compute_endpoints))
+}
+
+/// Where a compute's workers connect: what task configs and deploy events carry, without any
+/// credential, so that a compute can check it reaches each (`fledge doctor`).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct ComputeEndpoints {
+    /// The apiserver URL workers report to.
+    apiserver: Option<String>,
+    /// The notifier URL deployers and workers subscribe to.
+    notifier: Option<String>,
+    /// The MQTT brokers (`mqtts://host:port` or `mqtt://host:port`).
+    brokers: Vec<String>,
+    /// The metaserver of the `p2p` backend.
+    metaserver: Option<String>,
+}
+
+/// The endpoints a compute's workers will be told to connect to (compute API key).
+#[utoipa::path(get, path = "/computes/{computeId}/endpoints", tag = "computes",
+    params(("computeId" = String, Path)),
+    responses((status = 200, body = ComputeEndpoints), (status = 401, body = fledge_types::ApiError)))]
+async fn compute_endpoints(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(compute): Path<String>,
+) -> Result<Json<ComputeEndpoints>> {
+    state.compute(&headers, &ComputeId::new(compute)).await?;
+    Ok(Json(ComputeEndpoints {
+        apiserver: state.env.apiserver.clone(),
+        notifier: state.notifier_url.clone(),
+        brokers: state.env.brokers.iter().map(|b| b.host.clone()).collect(),
+        metaserver: state.env.metaserver.clone(),
+    }))
 }
 
 /// What a deployer did with a task's worker.

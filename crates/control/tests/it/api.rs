@@ -319,6 +319,15 @@ async fn three_tier_job_lifecycle() {
     let (status, body) = deployer.post("/computes/eu/tasks/nope/key", &claim).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
 
+    // A compute learns where its workers connect (fledge doctor checks it reaches them), and
+    // no credential comes with it.
+    let (status, body) = deployer.get("/computes/eu/endpoints").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["brokers"].is_array() && body.get("apiserver").is_some(), "{body}");
+    assert!(!body.to_string().contains("password"), "{body}");
+    let (status, _) = us.get("/computes/eu/endpoints").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "another compute's key");
+
     let (status, job_status) = ann.get(&format!("/users/ann/jobs/{id}/status")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(job_status["state"], "starting");
@@ -932,6 +941,7 @@ async fn openapi_health_and_metrics() {
         "/api/v1/tasks/{taskId}/config",
         "/api/v1/computes/{computeId}/tasks/{taskId}/deployment",
         "/api/v1/computes/{computeId}/tasks/{taskId}/key",
+        "/api/v1/computes/{computeId}/endpoints",
         "/api/v1/users/{user}/designs/{designId}/codes",
         "/api/v1/tasks/{taskId}/log",
         "/api/v1/users/{user}/jobs/{jobId}/tasks/{taskId}/log",

@@ -127,6 +127,7 @@ async fn check_options(options: &Options, deployer: bool) -> Vec<Check> {
     }
     if deployer || options.runs(ServiceKind::Deployer) {
         checks.push(check_deployer(options).await);
+        checks.extend(check_compute_reach(options).await);
         if options.deployer.platform == Platform::Process {
             checks.push(check_sandbox(&options.deployer.sandbox));
         }
@@ -458,6 +459,106 @@ async fn check_deployer(options: &Options) -> Check {
         }
         Platform::K8s => Check::new(NAME, Status::Fail, "k8s: there is no Kubernetes deployer yet"),
     }
+}
+
+/// From a compute whose control plane runs elsewhere (`deployer.apiserver` set): the apiserver
+/// answers through the configured CA and takes the compute key, and every endpoint the
+/// compute's workers will be told to connect to (notifier, brokers, metaserver) accepts
+/// connections from here. Workers on Docker job networks connect from their containers, which
+/// the detail says.
+async fn check_compute_reach(options: &Options) -> Vec<Check> {
+    const NAME: &str = "compute reach";
+    let section = &options.deployer;
+    let (Some(apiserver), Some(key)) = (&section.apiserver, &section.api_key) else {
+        return Vec::new();
+    };
+    let base = apiserver.trim_end_matches('/');
+    fledge_tls::install_default_provider();
+    let mut client = reqwest::Client::builder().timeout(TIMEOUT);
+    if let Some(ca) = &section.ca_file {
+        let certificate = std::fs::read(ca)
+            .map_err(|err| err.to_string())
+            .and_then(|pem| reqwest::Certificate::from_pem(&pem).map_err(|err| err.to_string()));
+        match certificate {
+            Ok(certificate) => client = client.add_root_certificate(certificate),
+            Err(err) => {
+                let detail = format!("deployer.ca_file {}: {err}", ca.display());
+                return vec![Check::new(NAME, Status::Fail, detail)];
+            }
+        }
+    }
+    let client = match client.build() {
+        Ok(client) => client,
+        Err(err) => return vec![Check::new(NAME, Status::Fail, err.to_string())],
+    };
+    let url = format!("{base}/api/v1/computes/{}/endpoints", section.compute_id);
+    let answer = match client.get(&url).bearer_auth(key).send().await {
+        Ok(answer) => answer,
+        Err(err) => {
+            let mut why = err.to_string();
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                why = format!("{why}: {cause}");
+                source = cause.source();
+            }
+            return vec![Check::new(NAME, Status::Fail, format!("apiserver {base}: {why}"))];
+        }
+    };
+    let status = answer.status();
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        let detail = format!(
+            "apiserver {base} does not accept the key of compute {} (deployer.api_key)",
+            section.compute_id
+        );
+        return vec![Check::new(NAME, Status::Fail, detail)];
+    }
+    let endpoints: serde_json::Value = match answer.json().await {
+        Ok(body) if status.is_success() => body,
+        Ok(body) => {
+            let detail = format!("apiserver {base}: {status}: {}", body["message"]);
+            return vec![Check::new(NAME, Status::Fail, detail)];
+        }
+        Err(err) => {
+            let detail = format!("apiserver {base}: {status}, unreadable answer: {err}");
+            return vec![Check::new(NAME, Status::Fail, detail)];
+        }
+    };
+    let mut checks = vec![Check::new(
+        NAME,
+        Status::Ok,
+        format!("apiserver {base} answers and accepts compute {}'s key", section.compute_id),
+    )];
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+    let mut targets: Vec<(&str, String, u16)> = Vec::new();
+    if let Some(url) = section.notifier.clone().or_else(|| text(&endpoints["notifier"])) {
+        targets.push(("notifier", url, 443));
+    }
+    for broker in endpoints["brokers"].as_array().into_iter().flatten().filter_map(text) {
+        targets.push(("broker", broker, 1883));
+    }
+    if let Some(url) = text(&endpoints["metaserver"]) {
+        targets.push(("metaserver", url, 443));
+    }
+    let from = match section.platform {
+        Platform::Docker if section.docker_network == "job" => {
+            " (from this machine; job-network containers connect through the Docker bridge)"
+        }
+        _ => "",
+    };
+    for (what, url, default_port) in targets {
+        let check = match host_port(&url, default_port) {
+            None => Check::new(NAME, Status::Fail, format!("{what} {url}: no host in the URL")),
+            Some(addr) => match tokio::task::spawn_blocking(move || connect(&addr)).await {
+                Ok(Ok(())) => {
+                    Check::new(NAME, Status::Ok, format!("{what} {url} accepts connections{from}"))
+                }
+                Ok(Err(err)) => Check::new(NAME, Status::Fail, format!("{what} {url}: {err}")),
+                Err(err) => Check::new(NAME, Status::Fail, format!("{what} {url}: {err}")),
+            },
+        };
+        checks.push(check);
+    }
+    checks
 }
 
 /// What confines process workers' code on this kernel (`deployer.sandbox`).

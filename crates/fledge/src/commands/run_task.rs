@@ -110,7 +110,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let config = read_config(path)?;
     let entry = role_entry(args.role_kind.as_deref(), &config)?;
     tracing::info!(task_id = %config.task_id, role = entry.name(), "running task");
-    let summary = (entry.run)(config, MnistFactory::shared(), RunOptions::from_env())
+    let opts =
+        RunOptions::from_env().map_err(|e| anyhow::anyhow!(fledge_sdk::runner::error_chain(&e)))?;
+    let summary = (entry.run)(config, MnistFactory::shared(), opts)
         .await
         .map_err(|e| anyhow::anyhow!(fledge_sdk::runner::error_chain(&e)))?;
     tracing::info!(rounds = summary.rounds, "task completed");

@@ -155,6 +155,12 @@ pub fn build_deployer(
     options.fledge_bin = std::env::current_exe().ok();
     options.docker = docker_options(section)?;
     options.fledgelet_env.extend(registry_env(section)?);
+    if let Some(ip) = section.p2p_listen_host {
+        options.fledgelet_env.push(("FLEDGE_P2P_LISTEN_HOST".to_owned(), ip.to_string()));
+    }
+    if let Some(host) = &section.p2p_advertise_host {
+        options.fledgelet_env.push(("FLEDGE_P2P_ADVERTISE_HOST".to_owned(), host.clone()));
+    }
     options.sandbox = sandbox_policy(section, data_dir)?;
     let platform = if options.docker.is_some() { "docker" } else { "process" };
     tracing::info!(
