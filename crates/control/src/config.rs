@@ -265,9 +265,26 @@ pub struct DeployerSection {
     pub ca_file: Option<PathBuf>,
     /// Most workers running at once; more wait in a queue. Default 64.
     pub max_workers: usize,
-    /// Where workers run: `process` (child processes, the default) or `docker` (one container
-    /// per task on the local Docker Engine; see `docs/deployers.md`).
+    /// Where workers run: `process` (child processes, the default), `docker` (one container
+    /// per task on the local Docker Engine) or `kubernetes` (one Pod per task; see
+    /// `docs/deployers.md`).
     pub platform: fledge_types::Platform,
+    /// Kubernetes: the namespace of the worker Pods. Default: the deployer's own namespace in
+    /// a cluster, else the kubeconfig context's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_namespace: Option<String>,
+    /// Kubernetes: the worker image, as the cluster pulls it. Default `fledge-worker:latest`.
+    pub k8s_image: String,
+    /// Kubernetes: `Always`, `IfNotPresent` or `Never`. Default `IfNotPresent`.
+    pub k8s_image_pull_policy: String,
+    /// Kubernetes: a kubeconfig file. Default: the Pod's service account in a cluster, else
+    /// `KUBECONFIG` or `~/.kube/config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_kubeconfig: Option<PathBuf>,
+    /// Kubernetes: the service account the worker Pods run as (its token is never mounted).
+    /// Default: the namespace's `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_service_account: Option<String>,
     /// Docker: the worker image (build it with `fledge image build`). Default
     /// `fledge-worker:latest`.
     pub docker_image: String,
@@ -280,9 +297,10 @@ pub struct DeployerSection {
     /// Docker: extra bind mounts for every worker, `HOST:CONTAINER[:ro|:rw]` (datasets named
     /// by `file://` URLs must be mounted where the URL points). Default none.
     pub docker_mounts: Vec<String>,
-    /// Docker: CPUs per worker (e.g. 1.5); 0 leaves it unlimited. Default 0.
+    /// Docker and Kubernetes: CPUs per worker (e.g. 1.5); 0 leaves it unlimited. Default 0.
     pub worker_cpus: f64,
-    /// Docker: memory per worker in MiB (no swap beyond it); 0 leaves it unlimited. Default 0.
+    /// Docker and Kubernetes: memory per worker in MiB (no swap beyond it); 0 leaves it
+    /// unlimited. Default 0.
     pub worker_memory_mib: u64,
     /// Docker: most processes per worker; 0 leaves it unlimited. Default 1024.
     pub worker_pids: i64,
@@ -364,6 +382,11 @@ impl Default for DeployerSection {
             docker_socket: PathBuf::from("/var/run/docker.sock"),
             docker_network: "job".to_owned(),
             docker_mounts: Vec::new(),
+            k8s_namespace: None,
+            k8s_image: "fledge-worker:latest".to_owned(),
+            k8s_image_pull_policy: "IfNotPresent".to_owned(),
+            k8s_kubeconfig: None,
+            k8s_service_account: None,
             registry_env: Vec::new(),
             sandbox: "auto".to_owned(),
             sandbox_data_roots: Vec::new(),
@@ -628,6 +651,9 @@ const OPTIONAL_KEYS: &[&str] = &[
     "deployer.notifier",
     "deployer.work_root",
     "deployer.ca_file",
+    "deployer.k8s_namespace",
+    "deployer.k8s_kubeconfig",
+    "deployer.k8s_service_account",
     "tls.cert",
     "tls.key",
     "tls.ca",

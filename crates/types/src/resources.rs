@@ -89,7 +89,8 @@ pub enum Platform {
     Process,
     /// Docker Engine containers.
     Docker,
-    /// Kubernetes batch/v1 Jobs.
+    /// Kubernetes Pods (`k8s`; `kubernetes` is accepted too).
+    #[serde(alias = "kubernetes")]
     K8s,
 }
 

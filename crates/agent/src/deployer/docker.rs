@@ -621,7 +621,7 @@ async fn write_key_file(work_dir: &Path, task: &TaskId, key: &str) -> std::io::R
 }
 
 /// Whether `url`'s host is a loopback address (`localhost`, `127.x`, `::1`).
-fn is_loopback_url(url: &str) -> bool {
+pub(crate) fn is_loopback_url(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);

@@ -23,6 +23,9 @@
 //! With [`DeployerOptions::docker`] the same rules run workers as containers on the local
 //! Docker Engine instead ([`docker`]): one per task, removed when it ends, a network per job,
 //! and no re-adoption (a docker deployer removes what a crashed run left when it starts).
+//! With [`DeployerOptions::k8s`] they run as Pods in a Kubernetes namespace instead ([`k8s`]):
+//! one per task, its key in a Secret the Pod owns, watched until it ends, deleted then; the
+//! same rules, the same reports, no re-adoption either.
 //!
 //! The rules live in a pure state machine (`plan::Plan::step`: inputs in, effects out); the
 //! event loop here only does the I/O. Reports go out in order through one background reporter that retries while the control
@@ -52,9 +55,11 @@ use crate::supervisor::{REPORTED_MARKER, chain};
 
 mod adopt;
 pub mod docker;
+pub mod k8s;
 mod plan;
 
 use docker::{DockerOptions, DockerRuntime};
+use k8s::{K8sOptions, K8sRuntime};
 use plan::{Effect, Ended, Input, Pending, Plan};
 
 /// Name of the file, in a worker's work dir, holding the fledgelet's own output.
@@ -86,6 +91,9 @@ pub enum Error {
     /// The Docker Engine of a `docker` deployer cannot be used.
     #[error("{0}")]
     Docker(String),
+    /// The Kubernetes API of a `kubernetes` deployer cannot be used.
+    #[error("{0}")]
+    Kubernetes(String),
 }
 
 /// Result of this module.
@@ -132,6 +140,9 @@ pub struct DeployerOptions {
     /// (see [`docker`]); `fledgelet_bin`, its prefix arguments and `fledge_bin` are then the
     /// image's. Default none.
     pub docker: Option<DockerOptions>,
+    /// Run each worker as a Pod in a Kubernetes namespace instead (see [`k8s`]); as with
+    /// `docker`, the fledgelet is the image's. Not with `docker`. Default none.
+    pub k8s: Option<K8sOptions>,
     /// How each worker confines its task's code ([`crate::sandbox`]); the work root is always
     /// protected. Process workers only: a container is its own confinement.
     pub sandbox: crate::sandbox::Policy,
@@ -164,6 +175,7 @@ impl DeployerOptions {
             fledgelet_args: Vec::new(),
             fledgelet_env: Vec::new(),
             docker: None,
+            k8s: None,
             sandbox: crate::sandbox::Policy::default(),
         }
     }
@@ -213,11 +225,22 @@ impl DeployerOptions {
         if self.notifier.is_empty() {
             return invalid("notifier", "must not be empty");
         }
-        if self.fledgelet_bin.as_os_str().is_empty() && self.docker.is_none() {
+        if self.fledgelet_bin.as_os_str().is_empty() && self.docker.is_none() && self.k8s.is_none()
+        {
             return invalid("fledgelet_bin", "must not be empty");
         }
         if let Some(docker) = &self.docker {
             if let Err((option, message)) = docker.validate() {
+                return invalid(option, &message);
+            }
+            check_path_segment(self.compute_id.as_str())
+                .or_else(|why| invalid("compute_id", why))?;
+        }
+        if let Some(k8s) = &self.k8s {
+            if self.docker.is_some() {
+                return invalid("k8s", "a deployer runs workers on docker or kubernetes, not both");
+            }
+            if let Err((option, message)) = k8s.validate() {
                 return invalid(option, &message);
             }
             check_path_segment(self.compute_id.as_str())
@@ -326,6 +349,8 @@ struct Runtime {
     reports: mpsc::UnboundedSender<Report>,
     /// The Docker Engine, for a `docker` deployer.
     docker: Option<DockerRuntime>,
+    /// The Kubernetes API, for a `kubernetes` deployer.
+    k8s: Option<K8sRuntime>,
 }
 
 impl Deployer {
@@ -347,7 +372,13 @@ impl Deployer {
     }
 
     fn platform(&self) -> &'static str {
-        if self.opts.docker.is_some() { "docker" } else { "process" }
+        if self.opts.docker.is_some() {
+            "docker"
+        } else if self.opts.k8s.is_some() {
+            "kubernetes"
+        } else {
+            "process"
+        }
     }
 
     /// Subscribes to the notifier as this compute and runs until `shutdown`, then stops every
@@ -380,9 +411,18 @@ impl Deployer {
             ),
             None => None,
         };
-        let platform = if docker.is_some() { "docker" } else { "process" };
+        // So does a kubernetes deployer (its Pods).
+        let k8s = match &self.opts.k8s {
+            Some(opts) => Some(
+                K8sRuntime::connect(opts.clone(), compute.clone(), self.opts.ca_file.as_deref())
+                    .await
+                    .map_err(Error::Kubernetes)?,
+            ),
+            None => None,
+        };
+        let platform = self.platform();
         tracing::info!(%compute, platform, max_workers = self.opts.max_workers, "deployer running");
-        if docker.is_none() {
+        if docker.is_none() && k8s.is_none() {
             let support = crate::sandbox::probe();
             match (self.opts.sandbox.mode, support.abi) {
                 (crate::sandbox::Mode::Off, _) => tracing::warn!(
@@ -403,8 +443,9 @@ impl Deployer {
         let reporter =
             tokio::spawn(report_loop(self.api.clone(), report_rx, self.opts.report_backoff));
         let mut plan = Plan::new(self.opts.max_workers);
-        let mut rt = Runtime { workers: HashMap::new(), waiters: JoinSet::new(), reports, docker };
-        if rt.docker.is_none() {
+        let mut rt =
+            Runtime { workers: HashMap::new(), waiters: JoinSet::new(), reports, docker, k8s };
+        if rt.docker.is_none() && rt.k8s.is_none() {
             // Process workers outlive a crashed deployer and are re-adopted; a docker
             // deployer removed what a crashed run left when it connected.
             self.adopt(&mut plan, &mut rt);
@@ -453,6 +494,11 @@ impl Deployer {
         if let Some(docker) = &rt.docker {
             // Job networks, and anything a failed removal left.
             docker.remove_all().await;
+        }
+        if let Some(k8s) = &rt.k8s
+            && let Err(err) = k8s.remove_all().await
+        {
+            tracing::warn!(%err, "cannot delete what is left of this compute's pods");
         }
         drop(rt);
         // Give queued reports a moment to go out, but do not hang shutdown on a dead server.
@@ -575,6 +621,9 @@ impl Deployer {
             .map_err(|err| format!("cannot prepare work dir {}: {err}", work_dir.display()))?;
         if rt.docker.is_some() {
             return self.start_container(rt, pending, &task_key, work_dir, log_file).await;
+        }
+        if rt.k8s.is_some() {
+            return self.start_pod(rt, pending, &task_key, work_dir, log_file).await;
         }
         let stderr = match log_file.try_clone() {
             Ok(file) => Stdio::from(file),
@@ -708,6 +757,47 @@ impl Deployer {
         let token = kill.clone();
         rt.waiters.spawn(async move {
             let (status, killed) = docker::watch(started, token, grace, log_file).await;
+            finish(job, task, &work_dir, status, killed).await
+        });
+        rt.workers.insert(pending.task_id(), kill);
+        Ok(())
+    }
+}
+
+impl Deployer {
+    /// Creates the task's Pod and starts its watcher.
+    async fn start_pod(
+        &self,
+        rt: &mut Runtime,
+        pending: &Pending,
+        task_key: &str,
+        work_dir: PathBuf,
+        log_file: std::fs::File,
+    ) -> Result<(), String> {
+        let Some(k8s) = rt.k8s.as_ref() else {
+            return Err("no Kubernetes API".to_owned());
+        };
+        let job = pending.job.clone();
+        let task = pending.task_id();
+        let launch = k8s::Launch {
+            job: &job,
+            task: &task,
+            role: &pending.task.role,
+            attempt: pending.attempt(),
+            task_key,
+            apiserver: &pending.apiserver,
+            notifier: &pending.notifier,
+            fledgelet_args: &self.opts.fledgelet_args,
+            fledgelet_env: &self.opts.fledgelet_env,
+        };
+        let started = k8s.start(&launch).await?;
+        tracing::info!(%job, %task, pod = started.name, role = %pending.task.role, "worker pod created");
+        let kill = CancellationToken::new();
+        let grace = self.opts.stop_grace;
+        let token = kill.clone();
+        let marker = work_dir.join(REPORTED_MARKER);
+        rt.waiters.spawn(async move {
+            let (status, killed) = k8s::watch(started, token, grace, log_file, marker).await;
             finish(job, task, &work_dir, status, killed).await
         });
         rt.workers.insert(pending.task_id(), kill);

@@ -7,4 +7,6 @@
 mod deployer;
 mod e2e;
 mod fakes;
+mod k8s;
+mod manifests;
 mod supervisor;

@@ -457,7 +457,25 @@ async fn check_deployer(options: &Options) -> Check {
                 Err(err) => Check::new(NAME, Status::Fail, format!("docker: {err}")),
             }
         }
-        Platform::K8s => Check::new(NAME, Status::Fail, "k8s: there is no Kubernetes deployer yet"),
+        Platform::K8s => {
+            match fledge_agent::deployer::k8s::check_cluster(
+                section.k8s_kubeconfig.as_deref(),
+                section.k8s_namespace.as_deref(),
+            )
+            .await
+            {
+                Ok(namespace) => Check::new(
+                    NAME,
+                    Status::Ok,
+                    format!(
+                        "kubernetes: the API answers and grants the deployer's verbs in \
+                         namespace {namespace} (image {}, not checked: the cluster pulls it)",
+                        section.k8s_image
+                    ),
+                ),
+                Err(err) => Check::new(NAME, Status::Fail, format!("kubernetes: {err}")),
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use fledge_agent::deployer::docker::DockerOptions;
+use fledge_agent::deployer::k8s::K8sOptions;
 use fledge_agent::deployer::{Deployer, DeployerOptions};
 use fledge_control::config::{DeployerSection, Options, ServiceKind};
 use fledge_control::controller::Endpoints;
@@ -154,6 +155,7 @@ pub fn build_deployer(
     options.ca_file = section.ca_file.clone().or_else(|| local_ca.map(Path::to_path_buf));
     options.fledge_bin = std::env::current_exe().ok();
     options.docker = docker_options(section)?;
+    options.k8s = k8s_options(section)?;
     options.fledgelet_env.extend(registry_env(section)?);
     if let Some(ip) = section.p2p_listen_host {
         options.fledgelet_env.push(("FLEDGE_P2P_LISTEN_HOST".to_owned(), ip.to_string()));
@@ -162,7 +164,11 @@ pub fn build_deployer(
         options.fledgelet_env.push(("FLEDGE_P2P_ADVERTISE_HOST".to_owned(), host.clone()));
     }
     options.sandbox = sandbox_policy(section, data_dir)?;
-    let platform = if options.docker.is_some() { "docker" } else { "process" };
+    let platform = match section.platform {
+        Platform::Process => "process",
+        Platform::Docker => "docker",
+        Platform::K8s => "kubernetes",
+    };
     tracing::info!(
         compute_id = %section.compute_id,
         platform,
@@ -258,12 +264,28 @@ fn docker_options(section: &DeployerSection) -> anyhow::Result<Option<DockerOpti
                 user: None,
             }))
         }
-        Platform::K8s => Err(UsageError(
-            "deployer.platform: there is no Kubernetes deployer yet (use process or docker)"
-                .to_owned(),
-        )
-        .into()),
+        Platform::K8s => Ok(None),
     }
+}
+
+/// The Kubernetes options of a `kubernetes` deployer section (`None` for the others).
+fn k8s_options(section: &DeployerSection) -> anyhow::Result<Option<K8sOptions>> {
+    if section.platform != Platform::K8s {
+        return Ok(None);
+    }
+    let memory_bytes = section
+        .worker_memory_mib
+        .checked_mul(1024 * 1024)
+        .ok_or_else(|| UsageError("deployer.worker_memory_mib: too large".to_owned()))?;
+    Ok(Some(K8sOptions {
+        namespace: section.k8s_namespace.clone(),
+        image: section.k8s_image.clone(),
+        image_pull_policy: section.k8s_image_pull_policy.clone(),
+        kubeconfig: section.k8s_kubeconfig.clone(),
+        service_account: section.k8s_service_account.clone(),
+        cpus: section.worker_cpus,
+        memory_bytes,
+    }))
 }
 
 /// Runs the subcommand.
