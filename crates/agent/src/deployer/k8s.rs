@@ -32,8 +32,9 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerStatus, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    KeyToPath, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret,
-    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    KeyToPath, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
+    SeccompProfile, Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -523,8 +524,29 @@ impl K8sRuntime {
                 ..Default::default()
             });
         }
+        // A Pod's p2p ends listen on its addresses and advertise its IP, which only the
+        // kubelet knows (the downward API); the process workers' settings do not apply.
+        env.push(EnvVar {
+            name: "FLEDGE_P2P_LISTEN_HOST".to_owned(),
+            value: Some("0.0.0.0".to_owned()),
+            ..Default::default()
+        });
+        env.push(EnvVar {
+            name: "FLEDGE_P2P_ADVERTISE_HOST".to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         // The extra environment (e.g. a registry's credentials) from the Secret.
         for (key, _) in launch.fledgelet_env {
+            if key.starts_with("FLEDGE_P2P_") {
+                continue;
+            }
             env.push(EnvVar {
                 name: key.clone(),
                 value_from: Some(EnvVarSource {

@@ -511,6 +511,10 @@ async fn deploys_a_pod_with_its_secret_and_lets_a_reported_end_pass() {
         aws["valueFrom"]["secretKeyRef"],
         json!({"name": name, "key": "env.AWS_ACCESS_KEY_ID", "optional": false})
     );
+    // The worker's p2p ends advertise the Pod's IP, which only the kubelet knows.
+    let advertise = env.iter().find(|e| e["name"] == "FLEDGE_P2P_ADVERTISE_HOST").expect("env");
+    assert_eq!(advertise["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    assert!(env.iter().any(|e| e["name"] == "FLEDGE_P2P_LISTEN_HOST" && e["value"] == "0.0.0.0"));
     let spec_text = pod.to_string();
     assert!(!spec_text.contains("key-of-t1") && !spec_text.contains("AKIA-test"), "{spec_text}");
 
