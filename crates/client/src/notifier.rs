@@ -28,6 +28,10 @@ use crate::error::{Error, Result};
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Interval of HTTP/2 pings on a stream, and how long a ping may go unanswered before the
+/// connection is declared dead.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// Reconnect policy of a subscription.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reconnect {
@@ -203,8 +207,16 @@ where
     let mut setup_error = None;
     let endpoint = match Endpoint::from_shared(url.to_owned())
         .map_err(|err| err.to_string())
-        .and_then(|endpoint| with_tls(endpoint.connect_timeout(CONNECT_TIMEOUT), url, ca))
-    {
+        .and_then(|endpoint| {
+            // HTTP/2 pings on the idle stream: a notifier cut off by the network (no FIN, no
+            // RST) ends the stream within KEEPALIVE × 2, and it is reopened from where it was.
+            let endpoint = endpoint
+                .connect_timeout(CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(KEEPALIVE)
+                .keep_alive_timeout(KEEPALIVE)
+                .keep_alive_while_idle(true);
+            with_tls(endpoint, url, ca)
+        }) {
         Ok(endpoint) => Some(endpoint),
         Err(reason) => {
             setup_error = Some(Error::InvalidEndpoint { endpoint: url.to_owned(), reason });

@@ -330,35 +330,46 @@ pub struct DeployerSection {
     pub p2p_advertise_host: Option<String>,
 }
 
-/// Largest compute key file read (keys are a few dozen bytes).
+/// Largest secret file read (keys and passwords are a few dozen bytes).
 const MAX_API_KEY_FILE_BYTES: u64 = 4096;
+
+/// The secret in the file `path` (option `key`): at most 4 KiB of UTF-8, surrounding
+/// whitespace (a trailing newline) removed, one word. A missing, oversized, non-UTF-8 or blank
+/// file is an error naming the option and the file.
+fn read_secret_file(path: &Path, key: &str) -> Result<String> {
+    let bad = |why: String| Error::Invalid(format!("{key}: {}: {why}", path.display()));
+    let file = std::fs::File::open(path).map_err(|err| bad(err.to_string()))?;
+    let mut text = String::new();
+    let read = std::io::Read::read_to_string(
+        &mut std::io::Read::take(file, MAX_API_KEY_FILE_BYTES + 1),
+        &mut text,
+    )
+    .map_err(|err| bad(err.to_string()))?;
+    if read as u64 > MAX_API_KEY_FILE_BYTES {
+        return Err(bad(format!("larger than {MAX_API_KEY_FILE_BYTES} bytes")));
+    }
+    let secret = text.trim();
+    if secret.is_empty() || secret.chars().any(char::is_whitespace) {
+        return Err(bad("expected one secret, without whitespace inside".to_owned()));
+    }
+    Ok(secret.to_owned())
+}
 
 impl DeployerSection {
     /// Fills `api_key` from `api_key_file`, if one is named; a missing, oversized, non-UTF-8 or
     /// blank file, or a key given both ways, is an error naming the file.
     fn read_api_key_file(&mut self) -> Result<()> {
         let Some(path) = &self.api_key_file else { return Ok(()) };
-        let bad = |why: String| {
-            Error::Invalid(format!("deployer.api_key_file: {}: {why}", path.display()))
-        };
         if self.api_key.is_some() {
-            return Err(bad("the key is also given as deployer.api_key; set only one".to_owned()));
+            return Err(Error::Invalid(format!(
+                "deployer.api_key_file: {}: the key is also given as deployer.api_key; set only one",
+                path.display()
+            )));
         }
-        let file = std::fs::File::open(path).map_err(|err| bad(err.to_string()))?;
-        let mut text = String::new();
-        let read = std::io::Read::read_to_string(
-            &mut std::io::Read::take(file, MAX_API_KEY_FILE_BYTES + 1),
-            &mut text,
-        )
-        .map_err(|err| bad(err.to_string()))?;
-        if read as u64 > MAX_API_KEY_FILE_BYTES {
-            return Err(bad(format!("larger than {MAX_API_KEY_FILE_BYTES} bytes")));
-        }
-        let key = text.trim();
-        if key.is_empty() || key.chars().any(char::is_whitespace) {
-            return Err(bad("expected one key, without whitespace inside".to_owned()));
-        }
-        self.api_key = Some(key.to_owned());
+        self.api_key = Some(
+            read_secret_file(path, "deployer.api_key_file")
+                .map_err(|err| Error::Invalid(err.to_string().replace("one secret", "one key")))?,
+        );
         Ok(())
     }
 }
@@ -439,6 +450,10 @@ pub struct MosquittoSection {
     /// Never dumped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_password: Option<String>,
+    /// A file holding the password instead (`FLEDGE_MOSQUITTO_ADMIN_PASSWORD_FILE`; a mounted
+    /// secret); read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_password_file: Option<PathBuf>,
     /// Seconds between sweeps that delete the logins of ended jobs. Default 2.
     pub sweep_interval_secs: f64,
 }
@@ -449,6 +464,7 @@ impl Default for MosquittoSection {
             admin_url: None,
             admin_username: "fledge-admin".to_owned(),
             admin_password: None,
+            admin_password_file: None,
             sweep_interval_secs: 2.0,
         }
     }
@@ -478,6 +494,13 @@ pub struct Options {
     /// Default `sqlite://<data_dir>/fledge.db`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_url: Option<String>,
+    /// A file holding the password of a `postgres://user@host/db` store URL
+    /// (`FLEDGE_STORE_PASSWORD_FILE`; a mounted secret), so that the URL carries none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_password_file: Option<PathBuf>,
+    /// The password read from `store_password_file` at load; never serialized.
+    #[serde(skip)]
+    pub store_password: Option<String>,
     /// Directory of code bundles. Default `<data_dir>/blobs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob_dir: Option<PathBuf>,
@@ -611,6 +634,8 @@ impl Default for Options {
             services: ServiceKind::ALL.to_vec(),
             data_dir: PathBuf::from("fledge-data"),
             store_url: None,
+            store_password_file: None,
+            store_password: None,
             blob_dir: None,
             max_code_bytes: 100 * 1024 * 1024,
             apiserver: Listen::on(10100),
@@ -639,6 +664,7 @@ impl Default for Options {
 /// template value that gives their type.
 const OPTIONAL_KEYS: &[&str] = &[
     "store_url",
+    "store_password_file",
     "blob_dir",
     "apiserver.advertise",
     "notifier.advertise",
@@ -659,6 +685,7 @@ const OPTIONAL_KEYS: &[&str] = &[
     "tls.ca",
     "mosquitto.admin_url",
     "mosquitto.admin_password",
+    "mosquitto.admin_password_file",
     "metrics.listen",
 ];
 
@@ -724,8 +751,39 @@ impl Options {
         let mut options: Options = toml::from_str(&text)
             .map_err(|err: toml::de::Error| Error::Invalid(err.to_string().trim().to_owned()))?;
         options.deployer.read_api_key_file()?;
+        options.read_secret_files()?;
         options.validate()?;
         Ok(options)
+    }
+
+    /// Reads `store_password_file` and `mosquitto.admin_password_file`; a secret given both
+    /// in a file and inline is an error.
+    fn read_secret_files(&mut self) -> Result<()> {
+        if let Some(path) = &self.store_password_file {
+            let password = read_secret_file(path, "store_password_file")?;
+            let url = self.store_url.as_deref().unwrap_or_default();
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(Error::Invalid(
+                    "store_password_file: only with a postgres:// store_url".to_owned(),
+                ));
+            }
+            with_password(url, &password).map_err(|reason| {
+                Error::Invalid(format!("store_password_file: store_url {reason}"))
+            })?;
+            self.store_password = Some(password);
+        }
+        if let Some(path) = &self.mosquitto.admin_password_file {
+            if self.mosquitto.admin_password.is_some() {
+                return Err(Error::Invalid(format!(
+                    "mosquitto.admin_password_file: {}: the password is also given as \
+                     mosquitto.admin_password (FLEDGE_MOSQUITTO_ADMIN_PASSWORD); set only one",
+                    path.display()
+                )));
+            }
+            self.mosquitto.admin_password =
+                Some(read_secret_file(path, "mosquitto.admin_password_file")?);
+        }
+        Ok(())
     }
 
     /// Checks every option, naming the first bad one.
@@ -745,9 +803,12 @@ impl Options {
             if deployer.compute_id.trim().is_empty() {
                 return Err(Error::Invalid("deployer.compute_id: must not be empty".to_owned()));
             }
-            if deployer.api_key.as_deref().is_none_or(|k| k.trim().is_empty()) {
+            // With the store in this process, `fledge serve` registers the compute itself.
+            if deployer.api_key.as_deref().is_none_or(|k| k.trim().is_empty())
+                && !self.runs_control_plane()
+            {
                 return Err(Error::Invalid(
-                    "deployer.api_key: required when the deployer runs (deployer.api_key_file, FLEDGE_DEPLOYER_API_KEY_FILE or FLEDGE_DEPLOYER_API_KEY)"
+                    "deployer.api_key: required when the deployer runs without the control plane (deployer.api_key_file, FLEDGE_DEPLOYER_API_KEY_FILE or FLEDGE_DEPLOYER_API_KEY)"
                         .to_owned(),
                 ));
             }
@@ -934,10 +995,16 @@ impl Options {
         self.data_dir.join("tls")
     }
 
-    /// The store to open.
+    /// The store to open (a PostgreSQL URL with the password of `store_password_file`).
     pub fn store(&self) -> std::result::Result<StoreUrl, String> {
         match &self.store_url {
-            Some(url) => url.parse(),
+            Some(url) => match url.parse()? {
+                StoreUrl::Postgres(url) => match &self.store_password {
+                    Some(password) => Ok(StoreUrl::Postgres(with_password(&url, password)?)),
+                    None => Ok(StoreUrl::Postgres(url)),
+                },
+                sqlite => Ok(sqlite),
+            },
             None => Ok(StoreUrl::Sqlite(self.data_dir.join("fledge.db"))),
         }
     }
@@ -983,12 +1050,42 @@ impl Options {
         if shown.deployer.api_key.is_some() {
             shown.deployer.api_key = Some("<redacted>".to_owned());
         }
-        if shown.mosquitto.admin_password.is_some() {
+        if shown.mosquitto.admin_password.is_some() && shown.mosquitto.admin_password_file.is_none()
+        {
             shown.mosquitto.admin_password = Some("<redacted>".to_owned());
+        } else if shown.mosquitto.admin_password_file.is_some() {
+            // Read from its file: the file is what was configured.
+            shown.mosquitto.admin_password = None;
         }
         toml::to_string_pretty(&shown)
             .map_err(|err| Error::Invalid(format!("cannot render the configuration: {err}")))
     }
+}
+
+/// `url` (`postgres://user@host...`) with `password` put into its user info, percent-encoded;
+/// an error when it names no user or has a password already.
+fn with_password(url: &str, password: &str) -> std::result::Result<String, String> {
+    let (scheme, rest) = url.split_once("://").ok_or("has no scheme")?;
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let Some((user_info, host)) = authority.rsplit_once('@') else {
+        return Err("names no user (postgres://USER@HOST/DB)".to_owned());
+    };
+    if user_info.contains(':') {
+        return Err("has a password already; remove it from the URL".to_owned());
+    }
+    if user_info.is_empty() {
+        return Err("names no user (postgres://USER@HOST/DB)".to_owned());
+    }
+    let mut encoded = String::new();
+    for byte in password.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    Ok(format!("{scheme}://{user_info}:{encoded}@{host}{tail}"))
 }
 
 /// Maps an environment key (lower case, without `FLEDGE_`) to a dotted option path.
@@ -1318,5 +1415,86 @@ stop_grace_secs = 5.0
         let err = Options::load(Some(&dir.path().join("missing.toml")), &HashMap::new(), &[])
             .expect_err("missing file");
         assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+
+    /// Secrets in files: the store's password goes into the PostgreSQL URL (percent-encoded),
+    /// never into the dump; Mosquitto's admin password likewise; bad files and double
+    /// settings are refused naming the setting.
+    #[test]
+    fn secrets_come_from_files_and_stay_out_of_the_dump() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("pg");
+        std::fs::write(&password, "p@ss/w:rd\n").unwrap();
+        let admin = dir.path().join("mq");
+        std::fs::write(&admin, " s3cret-admin \n").unwrap();
+        let options = Options::load(
+            None,
+            &env(&[
+                ("FLEDGE_STORE_URL", "postgres://fledge@db:5432/fledge?sslmode=disable"),
+                ("FLEDGE_STORE_PASSWORD_FILE", password.to_str().unwrap()),
+                ("FLEDGE_MOSQUITTO_ADMIN_URL", "mqtt://mq:1883"),
+                ("FLEDGE_MOSQUITTO_ADMIN_PASSWORD_FILE", admin.to_str().unwrap()),
+            ]),
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(
+            options.store(),
+            Ok(StoreUrl::Postgres(
+                "postgres://fledge:p%40ss%2Fw%3Ard@db:5432/fledge?sslmode=disable".to_owned()
+            ))
+        );
+        assert_eq!(options.mosquitto.admin_password.as_deref(), Some("s3cret-admin"));
+        let dump = options.to_toml().unwrap();
+        assert!(!dump.contains("p%40ss") && !dump.contains("s3cret-admin"), "{dump}");
+
+        let check = |pairs: &[(&str, &str)], want: &str| {
+            let err = Options::load(None, &env(pairs), &[]).expect_err(want).to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        };
+        let file = password.to_str().unwrap();
+        check(&[("FLEDGE_STORE_PASSWORD_FILE", file)], "only with a postgres:// store_url");
+        check(
+            &[("FLEDGE_STORE_URL", "postgres://db/fledge"), ("FLEDGE_STORE_PASSWORD_FILE", file)],
+            "names no user",
+        );
+        check(
+            &[
+                ("FLEDGE_STORE_URL", "postgres://u:p@db/fledge"),
+                ("FLEDGE_STORE_PASSWORD_FILE", file),
+            ],
+            "has a password already",
+        );
+        let missing = dir.path().join("missing");
+        check(
+            &[
+                ("FLEDGE_STORE_URL", "postgres://u@db/fledge"),
+                ("FLEDGE_STORE_PASSWORD_FILE", missing.to_str().unwrap()),
+            ],
+            "store_password_file",
+        );
+        std::fs::write(&missing, "\n").unwrap();
+        check(
+            &[
+                ("FLEDGE_STORE_URL", "postgres://u@db/fledge"),
+                ("FLEDGE_STORE_PASSWORD_FILE", missing.to_str().unwrap()),
+            ],
+            "expected one secret",
+        );
+        check(
+            &[
+                ("FLEDGE_MOSQUITTO_ADMIN_URL", "mqtt://mq:1883"),
+                ("FLEDGE_MOSQUITTO_ADMIN_PASSWORD", "x"),
+                ("FLEDGE_MOSQUITTO_ADMIN_PASSWORD_FILE", admin.to_str().unwrap()),
+            ],
+            "set only one",
+        );
+        // With the store in this process, a deployer needs no key (serve registers it).
+        Options::load(
+            None,
+            &env(&[("FLEDGE_SERVICES", "apiserver,notifier,controller,deployer")]),
+            &[],
+        )
+        .expect("a deployer beside the control plane needs no key");
     }
 }

@@ -51,6 +51,9 @@ enum Command {
     /// Check what `standalone` or `serve` would run with (files, store, TLS, ports, Docker,
     /// Python, MLflow) and say what is wrong.
     Doctor(commands::doctor::Args),
+    /// TLS for the operator's own services (`tls issue`: a certificate from the control
+    /// plane's CA, e.g. for Mosquitto).
+    Tls(commands::tls::Args),
 }
 
 /// Pins glibc's mmap threshold at 1 MiB.
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Bench(_) => "bench",
         Command::Image(_) => "image",
         Command::Doctor(_) => "doctor",
+        Command::Tls(_) => "tls",
     };
     let _tracing = commands::init_tracing(default_filter, service);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -118,6 +122,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => commands::bench::run(args).await,
             Command::Image(args) => commands::image::run(args).await,
             Command::Doctor(args) => commands::doctor::run(args).await,
+            Command::Tls(args) => commands::tls::run(args).await,
         }
     });
     match result {

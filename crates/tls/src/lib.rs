@@ -359,6 +359,44 @@ pub struct Generated {
 /// certificate is reused while it was issued for exactly these names, and re-issued from the
 /// same CA otherwise. Keys are written with mode 0600 and the directory with 0700.
 pub fn ensure_dir(dir: &Path, names: &[String]) -> Result<Generated> {
+    let names = clean_names(names)?;
+    let created_ca = ensure_ca(dir)?;
+    let ca_path = dir.join(CA_CERT_FILE);
+    let ca = Ca::load(&ca_path)?;
+    let issued_server = issue_into(dir, dir, &names, "Fledge control plane", created_ca)?;
+    let identity = ServerIdentity::load(&dir.join(SERVER_CERT_FILE), &dir.join(SERVER_KEY_FILE))?;
+    Ok(Generated { ca, identity, ca_path, created_ca, issued_server })
+}
+
+/// Makes sure `out` holds a server certificate for `names` signed by the CA of `ca_dir` (the
+/// control plane's `<data_dir>/tls`, whose CA is created if there is none yet), for a service
+/// of the operator's that clients reach with the control plane's CA, such as a Mosquitto:
+/// `out/server.pem`, `out/server.key` (0600), `out/server.names` and a copy of the CA as
+/// `out/ca.pem`. Like [`ensure_dir`], the certificate is reused while the names are the same.
+/// Returns whether it was issued now.
+pub fn issue_dir(ca_dir: &Path, out: &Path, names: &[String], common_name: &str) -> Result<bool> {
+    let names = clean_names(names)?;
+    if names.is_empty() {
+        return Err(Error::Name {
+            name: String::new(),
+            reason: "give at least one host name or IP address".to_owned(),
+        });
+    }
+    let created_ca = ensure_ca(ca_dir)?;
+    create_private_dir(out)?;
+    let ca_pem = read_pem_file(&ca_dir.join(CA_CERT_FILE))?;
+    let out_ca = out.join(CA_CERT_FILE);
+    // A certificate issued under another CA (the CA was replaced) is re-issued too.
+    let other_ca = fs::read_to_string(&out_ca).ok().as_deref() != Some(ca_pem.as_str());
+    let issued = issue_into(ca_dir, out, &names, common_name, created_ca || other_ca)?;
+    if other_ca {
+        write_file(&out_ca, ca_pem.as_bytes(), 0o644)?;
+    }
+    Ok(issued)
+}
+
+/// The names trimmed, checked, sorted and without duplicates.
+fn clean_names(names: &[String]) -> Result<Vec<String>> {
     let mut names: Vec<String> = names.iter().map(|n| n.trim().to_owned()).collect();
     names.retain(|n| !n.is_empty());
     names.sort();
@@ -366,6 +404,11 @@ pub fn ensure_dir(dir: &Path, names: &[String]) -> Result<Generated> {
     for name in &names {
         check_name(name)?;
     }
+    Ok(names)
+}
+
+/// Creates the CA in `dir` unless it is there; returns whether it was created now.
+fn ensure_ca(dir: &Path) -> Result<bool> {
     create_private_dir(dir)?;
     let ca_path = dir.join(CA_CERT_FILE);
     let ca_key_path = dir.join(CA_KEY_FILE);
@@ -381,33 +424,47 @@ pub fn ensure_dir(dir: &Path, names: &[String]) -> Result<Generated> {
         write_file(&ca_path, cert.pem().as_bytes(), 0o644)?;
         tracing::info!(dir = %dir.display(), "created the control-plane CA");
     }
-    let ca = Ca::load(&ca_path)?;
+    Ok(created_ca)
+}
 
-    let cert_path = dir.join(SERVER_CERT_FILE);
-    let key_path = dir.join(SERVER_KEY_FILE);
-    let names_path = dir.join(SERVER_NAMES_FILE);
+/// Issues into `out` a server certificate for `names` from the CA of `ca_dir`, unless one for
+/// exactly these names is there and not `stale`; returns whether it issued one.
+fn issue_into(
+    ca_dir: &Path,
+    out: &Path,
+    names: &[String],
+    common_name: &str,
+    stale: bool,
+) -> Result<bool> {
+    let cert_path = out.join(SERVER_CERT_FILE);
+    let key_path = out.join(SERVER_KEY_FILE);
+    let names_path = out.join(SERVER_NAMES_FILE);
     let wanted_names = names.join("\n");
     let current_names = fs::read_to_string(&names_path).ok();
-    let reuse = !created_ca
+    let reuse = !stale
         && cert_path.exists()
         && key_path.exists()
         && current_names.as_deref().map(str::trim) == Some(wanted_names.as_str());
-    let issued_server = !reuse;
-    if issued_server {
-        let ca_key_pem = read_pem_file(&ca_key_path)?;
-        let ca_key = rcgen::KeyPair::from_pem(&ca_key_pem).map_err(|err| Error::Pem {
-            what: ca_key_path.display().to_string(),
-            reason: err.to_string(),
-        })?;
-        let issuer = rcgen::Issuer::new(ca_params(), ca_key);
-        let (key, cert) = issue_server_certificate(names.clone(), "Fledge control plane", &issuer)?;
-        write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-        write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
-        write_file(&names_path, wanted_names.as_bytes(), 0o644)?;
-        tracing::info!(names = wanted_names.replace('\n', ","), "issued the server certificate");
+    if reuse {
+        return Ok(false);
     }
-    let identity = ServerIdentity::load(&cert_path, &key_path)?;
-    Ok(Generated { ca, identity, ca_path, created_ca, issued_server })
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
+    let ca_key_pem = read_pem_file(&ca_key_path)?;
+    let ca_key = rcgen::KeyPair::from_pem(&ca_key_pem).map_err(|err| Error::Pem {
+        what: ca_key_path.display().to_string(),
+        reason: err.to_string(),
+    })?;
+    let issuer = rcgen::Issuer::new(ca_params(), ca_key);
+    let (key, cert) = issue_server_certificate(names.to_vec(), common_name, &issuer)?;
+    write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    write_file(&names_path, wanted_names.as_bytes(), 0o644)?;
+    tracing::info!(
+        names = wanted_names.replace('\n', ","),
+        dir = %out.display(),
+        "issued a server certificate"
+    );
+    Ok(true)
 }
 
 /// A one-off identity for a listener that no operator configures (a p2p end): a fresh CA and
@@ -669,5 +726,38 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("server.pem"), "{err}");
+    }
+
+    #[test]
+    fn issued_certificates_chain_to_the_control_planes_ca_and_follow_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("tls");
+        let out = dir.path().join("mosquitto");
+        let names = vec!["mosquitto".to_owned(), "10.0.0.5".to_owned()];
+        // No CA yet: it is created, as the control plane's first start would.
+        assert!(issue_dir(&ca_dir, &out, &names, "svc").unwrap());
+        let ca = Ca::load(&ca_dir.join(CA_CERT_FILE)).unwrap();
+        assert_eq!(fs::read_to_string(out.join(CA_CERT_FILE)).unwrap(), ca.pem());
+        let identity =
+            ServerIdentity::load(&out.join(SERVER_CERT_FILE), &out.join(SERVER_KEY_FILE)).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = fs::metadata(out.join(SERVER_KEY_FILE)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // The control plane then keeps that CA, and a client trusting it accepts the service.
+        let generated = ensure_dir(&ca_dir, &["localhost".to_owned()]).unwrap();
+        assert!(!generated.created_ca);
+        assert_eq!(handshake(&ca, "mosquitto", &identity), None);
+        assert_eq!(handshake(&ca, "10.0.0.5", &identity), None);
+        // Same names: kept; other names: issued again; a new CA: issued again.
+        assert!(!issue_dir(&ca_dir, &out, &names, "svc").unwrap());
+        assert!(issue_dir(&ca_dir, &out, &names[..1], "svc").unwrap());
+        fs::remove_file(ca_dir.join(CA_KEY_FILE)).unwrap();
+        assert!(issue_dir(&ca_dir, &out, &names[..1], "svc").unwrap());
+        assert_ne!(Ca::load(&out.join(CA_CERT_FILE)).unwrap().pem(), ca.pem());
+        let err = issue_dir(&ca_dir, &out, &[], "svc").unwrap_err();
+        assert!(err.to_string().contains("at least one"), "{err}");
     }
 }

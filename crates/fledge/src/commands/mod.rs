@@ -11,6 +11,7 @@ pub mod roles;
 pub mod run_task;
 pub mod serve;
 pub mod standalone;
+pub mod tls;
 
 /// Ends the process with this exit code and no further message (the command has said why).
 #[derive(Debug, thiserror::Error)]

@@ -288,6 +288,36 @@ fn k8s_options(section: &DeployerSection) -> anyhow::Result<Option<K8sOptions>> 
     }))
 }
 
+/// The file, in the data directory, that holds the admin token `fledge serve` creates on its
+/// first start with an apiserver (mode 0600; never rewritten, so delete it to get a new one).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Creates an admin token and writes it to `<data_dir>/admin.token` unless that file exists:
+/// how the operator of a fresh `fledge serve` logs in (`fledgectl login --login-token`).
+async fn write_admin_token(
+    store: &dyn fledge_control::store::Store,
+    data_dir: &Path,
+) -> anyhow::Result<()> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    let token = fledge_control::api::bootstrap_admin(store)
+        .await
+        .context("cannot create the admin token")?;
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+        file.write_all(format!("{token}\n").as_bytes())?;
+        file.sync_all()
+    };
+    write().with_context(|| format!("cannot write the admin token to {}", path.display()))?;
+    tracing::info!(path = %path.display(), "wrote an admin token");
+    Ok(())
+}
+
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let env: HashMap<String, String> = std::env::vars().collect();
@@ -319,12 +349,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return result;
     }
     let store = service::open_store(&options).await?;
-    let services =
-        service::start(&options, store, &shutdown).await.context("cannot start the services")?;
+    let services = service::start(&options, store.clone(), &shutdown)
+        .await
+        .context("cannot start the services")?;
+    if options.runs(ServiceKind::Apiserver) {
+        write_admin_token(store.as_ref(), &options.data_dir).await?;
+    }
     if options.runs(ServiceKind::Deployer) {
         let local_ca = services.tls.as_ref().and_then(|tls| tls.ca_path.clone());
+        let mut section = options.deployer.clone();
+        if section.api_key.is_none() {
+            // The store is in this process: register the compute (or renew its key).
+            section.api_key = Some(
+                super::standalone::register_compute(
+                    store.as_ref(),
+                    &section.compute_id,
+                    section.platform,
+                )
+                .await?,
+            );
+        }
         let deployer = build_deployer(
-            &options.deployer,
+            &section,
             &options.data_dir,
             Some(&services.endpoints),
             local_ca.as_deref(),

@@ -243,7 +243,8 @@ pub async fn launch(args: &Args, cli_config: Option<&Path>) -> anyhow::Result<Pl
         std::fs::write(&path, format!("{login}\n"))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let api_key = register_default_compute(store.as_ref(), options.deployer.platform).await?;
+    let api_key =
+        register_compute(store.as_ref(), DEFAULT_COMPUTE, options.deployer.platform).await?;
     if args.no_deployer {
         tracing::info!("--no-deployer: workers must be started by hand");
     } else {
@@ -296,30 +297,32 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     platform.wait().await
 }
 
-/// Registers compute `default` (serving every realm) with a fresh API key. An existing one
-/// (from an earlier start on this data directory, maybe one that crashed with jobs running)
-/// keeps its tasks and gets the new key, since the old one is stored hashed and cannot be
-/// recovered.
-async fn register_default_compute(
+/// Registers compute `id` (serving every realm) with a fresh API key. An existing one (from an
+/// earlier start on this store, maybe one that crashed with jobs running) keeps its tasks and
+/// gets the new key, since the old one is stored hashed and cannot be recovered.
+pub(crate) async fn register_compute(
     store: &dyn store::Store,
+    id: &str,
     platform: fledge_types::Platform,
 ) -> anyhow::Result<String> {
-    let id = ComputeId::new(DEFAULT_COMPUTE);
+    let id = ComputeId::new(id);
     let api_key = fledge_control::api::new_secret();
     match store.set_compute_key(&id, &api_key).await {
         Ok(()) => return Ok(api_key),
         Err(store::Error::NotFound { .. }) => {}
-        Err(err) => return Err(err).context("cannot renew the key of compute default"),
+        Err(err) => {
+            return Err(err).with_context(|| format!("cannot renew the key of compute {id}"));
+        }
     }
     store
         .create_compute(&ComputeSpec {
-            compute_id: id,
+            compute_id: id.clone(),
             region: "default".to_owned(),
             api_key: api_key.clone(),
             platform,
         })
         .await
-        .context("cannot register compute default")?;
+        .with_context(|| format!("cannot register compute {id}"))?;
     Ok(api_key)
 }
 

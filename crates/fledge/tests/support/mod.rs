@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 
 use fledge_types::{Job, MetricRecord, Task};
 
+pub mod containers;
+
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
