@@ -384,6 +384,9 @@ async fn unsound_combinations_are_refused() {
     assert!(err.to_string().contains("modelSpec.secureAggregation.threshold"), "{err}");
 }
 
+/// What the aggregator received: (trainer, SecAgg+ message bytes), in arrival order.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// χ² statistic of the byte frequencies of `bytes` against the uniform distribution.
 fn chi_square(bytes: &[u8]) -> f64 {
     let mut counts = [0u64; 256];
@@ -441,7 +444,7 @@ async fn what_the_aggregator_receives_from_a_trainer_looks_uniform() {
     for end in &ends {
         distribute.send(end, model.clone()).await.expect("model sent");
     }
-    let seen: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let seen: Received = Arc::default();
     let log = seen.clone();
     let round = secagg::server_round(
         &distribute,
