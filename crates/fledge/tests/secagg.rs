@@ -66,7 +66,13 @@ async fn mnist_with_secure_aggregation_completes_through_the_platform() {
             serde_json::json!({"threshold": 3, "quantizationBits": 16, "clippingRange": 1.0});
         spec["optimizer"] = serde_json::json!({"sort": "median", "kwargs": {}});
     });
-    let outcome = platform.run_dir(&dir);
-    assert!(!outcome.success, "{}", outcome.output);
-    assert!(outcome.output.contains("modelSpec.optimizer.sort"), "{}", outcome.output);
+    // No job is created, so `fledgectl` is called directly.
+    let out = platform.fledgectl().arg("run").arg(&dir).output().unwrap();
+    let output =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{output}");
+    assert!(
+        output.contains("modelSpec.optimizer.sort: median needs each update in clear"),
+        "{output}"
+    );
 }
