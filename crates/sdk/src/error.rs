@@ -55,9 +55,10 @@ pub enum Error {
         /// The minimum.
         need: usize,
     },
-    /// A differential-privacy step was refused (the ε budget would be exceeded, or an
-    /// update could not be clipped).
-    #[error("differential privacy: {0}")]
+    /// A privacy step was refused: differential privacy (the ε budget would be exceeded, or
+    /// an update could not be clipped) or secure aggregation (too few trainers left, a
+    /// lying peer).
+    #[error("privacy: {0}")]
     Privacy(String),
     /// The peer this role depends on left.
     #[error("peer {peer} left channel {channel}")]

@@ -33,6 +33,14 @@ pub mod names {
     /// [`DEFAULT_UPLOAD_BUDGET_BYTES`](crate::roles::aggregator::DEFAULT_UPLOAD_BUDGET_BYTES)
     /// (at least 1), and no grants at all when that covers every selected trainer.
     pub const MAX_CONCURRENT_UPLOADS: &str = "maxConcurrentUploads";
+    /// Seconds an aggregator waits for its trainers' messages at each quick stage of a
+    /// secure-aggregation round (keys, shares, unmask) before it counts the silent ones as
+    /// dropped (default 120).
+    pub const SECAGG_STAGE_TIMEOUT: &str = "secAggStageTimeout";
+    /// Seconds an aggregator waits for the masked inputs of a secure-aggregation round (the
+    /// stage that includes local training) before it counts the silent trainers as dropped;
+    /// unset, it waits like a plain round (a trainer that leaves is dropped).
+    pub const SECAGG_INPUT_TIMEOUT: &str = "secAggInputTimeout";
 }
 
 fn bad(name: &str, reason: impl Into<String>) -> Error {

@@ -45,6 +45,8 @@ pub struct JobPlan {
     pub selector: Sort,
     /// Differential privacy (`modelSpec.differentialPrivacy`), if any.
     pub differential_privacy: Option<serde_json::Value>,
+    /// Secure aggregation (`modelSpec.secureAggregation`), if any.
+    pub secure_aggregation: Option<serde_json::Value>,
     /// Backend of every channel.
     pub backend: Backend,
     /// MQTT brokers (`host:port`).
@@ -65,6 +67,7 @@ impl JobPlan {
             optimizer: Sort::fedavg(),
             selector: Sort::default_selector(),
             differential_privacy: None,
+            secure_aggregation: None,
             backend: Backend::Local,
             brokers: Vec::new(),
             registry_uri: String::new(),
@@ -130,6 +133,7 @@ impl JobPlan {
             optimizer: self.optimizer.clone(),
             selector: self.selector.clone(),
             differential_privacy: self.differential_privacy.clone(),
+            secure_aggregation: self.secure_aggregation.clone(),
             base_model: Default::default(),
             dataset: None,
             max_run_time: 0,

@@ -12,6 +12,7 @@
 //! | trainer → aggregator | `Control` | r | [`Command::Ready`] (grants only) | |
 //! | aggregator → trainer | `Control` | r | [`Command::GrantUpload`] | |
 //! | aggregator → trainers | `EndOfTraining` | last | | final model |
+//! | aggregator ↔ trainer | `Control` | r | [`Command::SecAgg`] (secure aggregation only) | [`SECAGG`]: one encoded SecAgg+ message |
 //!
 //! The ring ([`Command::Ready`], [`Command::Members`]), the coordinator ([`Command::Plan`],
 //! [`Command::Assign`]) and vertical learning ([`Command::Ids`], [`Command::Align`],
@@ -77,10 +78,16 @@ pub enum Command {
     Embed,
     /// Label party → feature party: the gradient of the loss for your embedding.
     Gradient,
+    /// Aggregator ↔ trainer: one message of a secure-aggregation round (a tensor [`SECAGG`]
+    /// of encoded bytes; `crate::roles::secagg`).
+    SecAgg,
 }
 
+/// Tensor name of a [`Command::SecAgg`] message: the encoded SecAgg+ message (`U8`).
+pub const SECAGG: &str = "secagg";
+
 impl Command {
-    const ALL: [Command; 11] = [
+    const ALL: [Command; 12] = [
         Command::InitModel,
         Command::Ready,
         Command::GrantUpload,
@@ -92,6 +99,7 @@ impl Command {
         Command::Abort,
         Command::Embed,
         Command::Gradient,
+        Command::SecAgg,
     ];
 
     /// The word on the wire.
@@ -108,6 +116,7 @@ impl Command {
             Command::Abort => "abort",
             Command::Embed => "embed",
             Command::Gradient => "gradient",
+            Command::SecAgg => "secagg",
         }
     }
 

@@ -343,6 +343,13 @@ async fn run_inner<R: Role>(
     let max_run_time = config.max_run_time;
     let deadline = (max_run_time > 0).then(|| Instant::now() + Duration::from_secs(max_run_time));
     opts.apply_channel_settings(&config)?;
+    if config.secure_aggregation.is_some() && !crate::roles::secagg::supported(R::KIND) {
+        return Err(Error::Config(format!(
+            "modelSpec.secureAggregation: the {} role does not carry secure aggregation (the \
+             trainer, top-aggregator and middle-aggregator roles do; docs/privacy.md)",
+            R::KIND.name()
+        )));
+    }
     R::prepare(&config, &mut opts)?;
     let app = R::APP.create(factory.as_ref(), &config)?;
     let io = within(deadline, max_run_time, TaskIo::open(config, &opts)).await?;

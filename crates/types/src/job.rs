@@ -168,6 +168,11 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub differential_privacy: Option<serde_json::Value>,
+    /// Secure aggregation, SecAgg+ (`docs/privacy.md`): `{threshold, quantizationBits,
+    /// clippingRange, neighbors, maxWeight, rounding}`. Checked when the job is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub secure_aggregation: Option<serde_json::Value>,
 }
 
 impl Default for ModelSpec {
@@ -182,6 +187,7 @@ impl Default for ModelSpec {
             registry: RegistrySpec::default(),
             dependencies: Vec::new(),
             differential_privacy: None,
+            secure_aggregation: None,
         }
     }
 }

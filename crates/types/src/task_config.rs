@@ -61,6 +61,10 @@ pub struct TaskConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub differential_privacy: Option<serde_json::Value>,
+    /// The job's `modelSpec.secureAggregation`, if any (`docs/privacy.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub secure_aggregation: Option<serde_json::Value>,
     /// The model to start from (empty name: none).
     #[serde(default)]
     pub base_model: BaseModel,
@@ -308,6 +312,7 @@ pub fn build(
         optimizer: model.optimizer.clone(),
         selector: model.selector.clone(),
         differential_privacy: model.differential_privacy.clone(),
+        secure_aggregation: model.secure_aggregation.clone(),
         base_model: model.base_model.clone(),
         dataset: dataset.filter(|_| is_data_consumer).map(|d| DatasetRef {
             id: d.id.clone(),

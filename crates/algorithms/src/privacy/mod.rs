@@ -48,3 +48,38 @@ impl PrivacyConfig {
         Ok(Self { secure_aggregation, differential_privacy })
     }
 }
+
+/// Why a job's server optimizer (`modelSpec.optimizer.sort`) cannot run with secure
+/// aggregation, if it cannot: the robust rules (median, trimmed mean, Krum) need each update
+/// in clear, which SecAgg hides, and FedBuff aggregates asynchronously, while SecAgg needs a
+/// synchronous round of a fixed cohort.
+pub fn secagg_optimizer_problem(sort: &str) -> Option<ConfigError> {
+    let sort = sort.to_ascii_lowercase();
+    let reason = match sort.as_str() {
+        "median" | "trimmedmean" | "krum" => format!(
+            "{sort} needs each update in clear, which secureAggregation hides from the \
+             aggregator; use fedavg, fedprox or a server optimizer (fedadam, fedyogi, fedadagrad)"
+        ),
+        "fedbuff" => "fedbuff aggregates updates asynchronously, one at a time; \
+                      secureAggregation needs a synchronous round of a fixed cohort"
+            .to_owned(),
+        _ => return None,
+    };
+    Some(ConfigError::new("optimizer.sort", reason))
+}
+
+#[cfg(test)]
+mod optimizer_tests {
+    use super::secagg_optimizer_problem;
+
+    #[test]
+    fn robust_and_asynchronous_optimizers_are_refused_with_secure_aggregation() {
+        for sort in ["median", "TrimmedMean", "krum", "fedbuff"] {
+            let e = secagg_optimizer_problem(sort).expect("refused");
+            assert_eq!(e.field, "optimizer.sort");
+        }
+        for sort in ["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] {
+            assert!(secagg_optimizer_problem(sort).is_none(), "{sort}");
+        }
+    }
+}

@@ -201,8 +201,15 @@ pub fn job_text(d: &JobDescription, now: DateTime<Utc>) -> String {
             format!("{} version {}", model.base_model.name, model.base_model.version),
         );
     }
-    if model.differential_privacy.is_some() {
-        field(&mut out, 2, "Privacy", "differential privacy (see -o yaml)");
+    let privacy: Vec<&str> = [
+        (model.secure_aggregation.is_some(), "secure aggregation"),
+        (model.differential_privacy.is_some(), "differential privacy"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
+    if !privacy.is_empty() {
+        field(&mut out, 2, "Privacy", format!("{} (see -o yaml)", privacy.join(", ")));
     }
     for entry in &spec.data_spec {
         let groups = entry

@@ -71,6 +71,33 @@ struct Prepared {
 /// than `fedavg`, and an ε budget that the job's rounds would exceed (the job is refused
 /// before it starts, naming how many rounds fit).
 fn privacy_problems(spec: &JobSpec) -> Vec<ErrorDetail> {
+    let mut problems = secagg_problems(spec);
+    problems.extend(dp_problems(spec));
+    problems
+}
+
+/// Problems of `modelSpec.secureAggregation`: its fields, central DP with it, and a server
+/// optimizer that cannot run on a masked sum (robust rules, FedBuff).
+fn secagg_problems(spec: &JobSpec) -> Vec<ErrorDetail> {
+    use fledge_algorithms::privacy::{PrivacyConfig, secagg_optimizer_problem};
+    let model = &spec.model_spec;
+    if model.secure_aggregation.is_none() {
+        return Vec::new();
+    }
+    let mut sections = serde_json::Map::new();
+    sections.insert("secureAggregation".into(), model.secure_aggregation.clone().into());
+    sections.insert("differentialPrivacy".into(), model.differential_privacy.clone().into());
+    let mut problems = Vec::new();
+    if let Err(e) = PrivacyConfig::from_model_spec(&serde_json::Value::Object(sections)) {
+        problems.push(detail(&format!("modelSpec.{}", e.field), e.reason));
+    }
+    if let Some(e) = secagg_optimizer_problem(&model.optimizer.sort) {
+        problems.push(detail(&format!("modelSpec.{}", e.field), e.reason));
+    }
+    problems
+}
+
+fn dp_problems(spec: &JobSpec) -> Vec<ErrorDetail> {
     use fledge_algorithms::privacy::{DpConfig, DpMode, dp::check_job_budget};
     let model = &spec.model_spec;
     let Some(value) = &model.differential_privacy else {

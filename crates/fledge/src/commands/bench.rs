@@ -56,7 +56,7 @@ pub enum Which {
     All,
     /// A three-tier MNIST job under injected faults vs the same job without (see `chaos`).
     Chaos,
-    /// MNIST with 10 trainers under plain FedAvg, central DP and local DP (see `privacy_bench`).
+    /// MNIST with 10 trainers under plain FedAvg, SecAgg+, central DP and local DP (see `privacy_bench`).
     Privacy,
     /// What security costs: a 40 MB-model round and the quickstart, secure vs `--insecure`.
     Security,

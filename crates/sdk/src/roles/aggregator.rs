@@ -41,6 +41,16 @@
 //! [`DEFAULT_UPLOAD_BUDGET_BYTES`] (at least 1), and 0 when that covers every selected trainer
 //! (small models pay no grant round trips; large ones keep the aggregator's memory flat).
 //!
+//! With secure aggregation (`modelSpec.secureAggregation`, [`crate::roles::secagg`]) an
+//! aggregator whose selected children are trainers runs each round's SecAgg+ stages with them
+//! after distributing the model, and folds the unmasked weighted mean of their deltas (plus
+//! the round's model) into the optimizer as one update weighing the survivors' total weight,
+//! the same path as plain FedAvg. A top aggregator over middle aggregators aggregates their
+//! group means in clear: each middle aggregator masks within its own group. No upload grants
+//! are used (masked inputs are summed as they arrive). After every secure round it reports
+//! `secagg.survivors`, `secagg.dropped.{keys,shares,input,unmask}` and
+//! `secagg.quantizationStep`.
+//!
 //! A middle aggregator always averages its trainers with FedAvg and forwards the mean with
 //! the summed sample count, so that the job's server optimizer (FedAdam, ...) runs once, at
 //! the top.
@@ -49,7 +59,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fledge_algorithms::privacy::{CentralDp, DpConfig, DpMode};
+use fledge_algorithms::privacy::{CentralDp, DpConfig, DpMode, SecAggConfig};
 use fledge_algorithms::{EndReport, Optimizer, Selector};
 use fledge_channel::{Channel, Kind, Message};
 use fledge_types::{MetricRecord, TaskId};
@@ -64,7 +74,8 @@ use crate::protocol::{
     Command, Model, Update, await_parent, await_upload_permit, parent_left, peer_left,
 };
 use crate::registry::ResumeState;
-use crate::role::{Role, RoleCtx, Start, TaskIo};
+use crate::role::{Role, RoleCtx, RunOptions, Start, TaskIo};
+use crate::roles::secagg::{self, StageTimeouts};
 use crate::roles::{Common, RoleKind, tags};
 use crate::{Error, Result, Weights};
 
@@ -112,6 +123,10 @@ pub struct AggregatorCtx {
     evaluator: Option<Arc<Mutex<Box<dyn Evaluator>>>>,
     /// Central differential privacy (top aggregator, `differentialPrivacy.mode` `central`).
     dp: Option<CentralDp>,
+    /// Secure aggregation (`modelSpec.secureAggregation`).
+    secagg: Option<SecAggConfig>,
+    /// Its stage timeouts.
+    secagg_timeouts: StageTimeouts,
 }
 
 impl Context for AggregatorCtx {
@@ -167,6 +182,13 @@ impl Role for MiddleAggregator {
     const KIND: RoleKind = RoleKind::MiddleAggregator;
     const APP: AppNeed = AppNeed::None;
 
+    fn prepare(config: &fledge_types::TaskConfig, opts: &mut RunOptions) -> Result<()> {
+        if secagg::config_of(config)?.is_some() {
+            opts.backend_env.props.insert(secagg::PROP.to_owned(), secagg::PROP_GROUP.into());
+        }
+        Ok(())
+    }
+
     fn build(io: TaskIo, _app: UserApp) -> Result<AggregatorCtx> {
         AggregatorCtx::new(io, Tier::Middle, None)
     }
@@ -221,6 +243,8 @@ impl AggregatorCtx {
             (Tier::Top, Some(value)) => central_dp(value, &optimizer)?,
             _ => None,
         };
+        let secagg = secagg::config_of(config)?;
+        let secagg_timeouts = StageTimeouts::from_config(config)?;
         let distribute = channels.by_tag(tags::DISTRIBUTE)?.clone();
         let aggregate = channels.by_tag(tags::AGGREGATE)?.clone();
         let up = match tier {
@@ -254,6 +278,8 @@ impl AggregatorCtx {
             round_samples: 0,
             evaluator: evaluator.map(|e| Arc::new(Mutex::new(e))),
             dp,
+            secagg,
+            secagg_timeouts,
         })
     }
 
@@ -524,7 +550,12 @@ fn round_grants(max_uploads: Option<usize>, model_bytes: usize, selected: usize)
 
 async fn distribute_shared(ctx: &mut AggregatorCtx, global: &Arc<Weights>) -> Result<()> {
     let round = ctx.round;
-    ctx.round_grants = round_grants(ctx.max_uploads, global.num_params() * 4, ctx.selected.len());
+    ctx.round_grants = if ctx.secagg.is_some() {
+        // Masked inputs are summed as they arrive; grants would stall the round's stages.
+        0
+    } else {
+        round_grants(ctx.max_uploads, global.num_params() * 4, ctx.selected.len())
+    };
     let header =
         Model { round, model_version: ctx.model_version, upload_grants: ctx.round_grants as u64 };
     let message = header.encode(shared_weights_message(Kind::Weights, 0, 0, global)?);
@@ -570,6 +601,125 @@ fn fold_update(
     acc.add_view(&view, num_samples, 0).map_err(Error::from)
 }
 
+/// Whether this round's selected children run the SecAgg+ client (trainers): `false` when
+/// they are middle aggregators that mask within their own groups. Children that mix the two,
+/// or do not announce either, are refused: their updates would arrive in clear.
+fn secure_children(ctx: &AggregatorCtx) -> Result<bool> {
+    let mut clients = Vec::new();
+    let mut groups = Vec::new();
+    let mut other = Vec::new();
+    for end in &ctx.selected {
+        let Some(props) = ctx.distribute.end_props(end) else {
+            continue; // left already: it drops out of the round either way
+        };
+        match props.props.get(secagg::PROP).and_then(serde_json::Value::as_str) {
+            Some(secagg::PROP_CLIENT) => clients.push(end.as_str()),
+            Some(secagg::PROP_GROUP) => groups.push(end.as_str()),
+            _ => other.push(end.as_str()),
+        }
+    }
+    if other.is_empty() && (clients.is_empty() || groups.is_empty()) {
+        return Ok(groups.is_empty());
+    }
+    Err(Error::Config(format!(
+        "modelSpec.secureAggregation: round {} has children that run the SecAgg+ client {clients:?}, \
+         middle aggregators {groups:?} and children that run neither {other:?}; every child must \
+         be a trainer of this job or every child a middle aggregator of it",
+        ctx.round
+    )))
+}
+
+/// A round under secure aggregation with this aggregator's trainers (see the module docs).
+async fn aggregate_secure(ctx: &mut AggregatorCtx, config: SecAggConfig) -> Result<()> {
+    let global = ctx.global.take().ok_or_else(|| {
+        Error::Config("aggregator program has no global model at this step".to_owned())
+    })?;
+    let round = ctx.round;
+    let ends = ctx.selected.clone();
+    let outcome = secagg::server_round(
+        &ctx.distribute,
+        &ctx.aggregate,
+        &ends,
+        &config,
+        round,
+        global.num_params(),
+        ctx.secagg_timeouts,
+        &mut |_: &TaskId, _: &Message| {},
+    )
+    .await;
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            ctx.global = Some(global);
+            tracing::error!(round, error = %e, "secure aggregation round failed");
+            return Err(e);
+        }
+    };
+    let alive: BTreeSet<TaskId> = ctx.aggregate.ends().into_iter().collect();
+    for end in &outcome.missing {
+        tracing::warn!(%end, round, "trainer dropped out of the secure round");
+        if !alive.contains(end) {
+            ctx.selector.remove(end.as_str());
+        }
+    }
+    let survivors = outcome.contributors.len();
+    if survivors < ctx.min_trainers {
+        ctx.global = Some(global);
+        return Err(Error::Quorum { round, got: survivors, need: ctx.min_trainers });
+    }
+    let total_weight = outcome.result.total_weight;
+    let m = &mut ctx.io.metrics;
+    m.set("secagg.survivors", survivors as f64);
+    for (stage, dropped) in secagg::STAGES.iter().zip(outcome.dropped) {
+        m.set(format!("secagg.dropped.{stage}"), dropped as f64);
+    }
+    m.set("secagg.quantizationStep", outcome.result.quantization_step);
+    m.set("updates", survivors as f64);
+    m.set("trainersDropped", outcome.missing.len() as f64);
+    m.set("numSamples", total_weight as f64);
+    // The round's update: its model plus the survivors' mean delta, weighing their total
+    // weight, folded like a plain FedAvg update.
+    let mut update = global.clone();
+    let mut offset = 0;
+    for t in update.tensors_mut() {
+        let data = t.data_mut();
+        let mean = outcome.result.mean.get(offset..offset + data.len()).ok_or_else(|| {
+            Error::Privacy(format!(
+                "secure aggregation returned {} values for a model of {}",
+                outcome.result.mean.len(),
+                global.num_params()
+            ))
+        })?;
+        for (w, d) in data.iter_mut().zip(mean) {
+            *w += d;
+        }
+        offset += data.len();
+    }
+    let mut optimizer = ctx.optimizer.take().expect("optimizer present between rounds");
+    let (optimizer, new_global) = tokio::task::spawn_blocking(move || {
+        let res = (|| {
+            let mut acc = optimizer.begin_round(&global);
+            acc.add(&update, total_weight.max(1), 0)?;
+            drop(update);
+            if optimizer.replaces_global() {
+                optimizer.finish_round_replacing(acc)
+            } else {
+                let mut global = global;
+                optimizer.finish_round(acc, &mut global).map(|()| global)
+            }
+        })();
+        (optimizer, res)
+    })
+    .await?;
+    ctx.optimizer = Some(optimizer);
+    ctx.global = Some(new_global?);
+    if ctx.tier == Tier::Top {
+        ctx.model_version += 1;
+    }
+    ctx.round_samples = total_weight;
+    Ok(())
+}
+
 /// Weighted sums of the metrics trainers sent with their updates.
 #[derive(Default)]
 struct TrainerMetrics {
@@ -588,6 +738,11 @@ impl TrainerMetrics {
 }
 
 async fn aggregate(ctx: &mut AggregatorCtx) -> Result<()> {
+    if let Some(config) = ctx.secagg.clone()
+        && secure_children(ctx)?
+    {
+        return aggregate_secure(ctx, config).await;
+    }
     // Taken out (not cloned) to keep one copy of the model; put back after the round.
     let global = ctx.global.take().ok_or_else(|| {
         Error::Config("aggregator program has no global model at this step".to_owned())

@@ -8,6 +8,8 @@
 //!   top on `fetch`/`upload`, an aggregator towards its trainers).
 //! - [`fedbuff`]: asynchronous (FedBuff) top and middle aggregators; [`follow`]: a trainer
 //!   that follows the newest model of several aggregators.
+//! - [`secagg`]: secure aggregation (SecAgg+) carried by the trainer and the synchronous
+//!   aggregators when a job's model spec has `secureAggregation`.
 //! - [`ring`]: decentralised ring all-reduce; [`hybrid`]: ring within a group, aggregator
 //!   across groups.
 //! - [`vertical`]: split learning between feature parties and a label party.
@@ -33,6 +35,7 @@ pub mod fedbuff;
 pub mod follow;
 pub mod hybrid;
 pub mod ring;
+pub mod secagg;
 pub mod trainer;
 pub mod vertical;
 

@@ -9,6 +9,22 @@
 //! }
 //! ```
 //!
+//! With secure aggregation (`modelSpec.secureAggregation`, [`crate::roles::secagg`]) the
+//! program is
+//!
+//! ```text
+//! initialize, load_data, join,
+//! loop rounds until end-of-training {
+//!     fetch, secagg_keys, secagg_shares, evaluate_received, train, evaluate,
+//!     secagg_input, secagg_unmask, report
+//! }
+//! ```
+//!
+//! The trainer advertises its keys and sends its encrypted shares as soon as the model
+//! arrives, then trains and sends its delta from the received model masked (never the update
+//! in clear, nor its sample count or metrics), and reveals the shares the aggregator needs to
+//! unmask the sum.
+//!
 //! `evaluate_received` evaluates the model of the round before local training
 //! (`beforeTraining.*` metrics), `evaluate` the locally trained one (`afterTraining.*`).
 //! [`Trainer`] is the role; the runner ([`crate::role::run`]) closes its I/O afterwards.
@@ -20,9 +36,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use fledge_algorithms::privacy::{DpConfig, DpMode, LocalDp};
+use fledge_algorithms::privacy::{DpConfig, DpMode, LocalDp, SecAggClient, SecAggConfig};
 use fledge_channel::{Channel, Kind};
-use fledge_types::TaskId;
+use fledge_types::{TaskConfig, TaskId};
 
 use crate::app::{AppNeed, TrainOutcome, TrainerApp, UserApp};
 use crate::composer::{Composer, Context, async_tasklet, boxed};
@@ -31,8 +47,8 @@ use crate::metrics::{AFTER_TRAINING, BEFORE_TRAINING, RoundMetrics};
 use crate::protocol::{
     Command, Model, Update, await_parent, await_upload_permit, parent_left, peer_left,
 };
-use crate::role::{Role, RoleCtx, TaskIo};
-use crate::roles::{Common, RoleKind, tags};
+use crate::role::{Role, RoleCtx, RunOptions, TaskIo};
+use crate::roles::{Common, RoleKind, secagg, tags};
 use crate::{Error, Result, Weights};
 
 /// State of a trainer task.
@@ -63,8 +79,12 @@ pub struct TrainerCtx {
     /// Local differential privacy (`differentialPrivacy.mode` `local`): the update's delta
     /// from the received model is clipped and noised before it leaves.
     local_dp: Option<LocalDp>,
-    /// The model received for this round (kept only under local DP).
+    /// The model received for this round (kept only under local DP or secure aggregation).
     received: Option<Weights>,
+    /// Secure aggregation (`modelSpec.secureAggregation`).
+    secagg: Option<SecAggConfig>,
+    /// This round's SecAgg+ client, while the round runs (none: sitting the round out).
+    secagg_client: Option<SecAggClient>,
 }
 
 impl Context for TrainerCtx {
@@ -97,12 +117,19 @@ impl Role for Trainer {
     // Its last message is an update the aggregator has already received.
     const LINGER: bool = false;
 
+    fn prepare(config: &TaskConfig, opts: &mut RunOptions) -> Result<()> {
+        if secagg::config_of(config)?.is_some() {
+            opts.backend_env.props.insert(secagg::PROP.to_owned(), secagg::PROP_CLIENT.into());
+        }
+        Ok(())
+    }
+
     fn build(io: TaskIo, app: UserApp) -> Result<TrainerCtx> {
         TrainerCtx::new(io, app.trainer()?)
     }
 
-    fn program(_ctx: &TrainerCtx) -> Result<Composer<TrainerCtx>> {
-        Ok(program())
+    fn program(ctx: &TrainerCtx) -> Result<Composer<TrainerCtx>> {
+        Ok(if ctx.secagg.is_some() { secure_program() } else { program() })
     }
 }
 
@@ -126,6 +153,7 @@ impl TrainerCtx {
                 }
             }
         };
+        let secagg = secagg::config_of(&io.config)?;
         Ok(TrainerCtx {
             io,
             app: Arc::new(Mutex::new(app)),
@@ -142,6 +170,8 @@ impl TrainerCtx {
             upload_grants: 0,
             local_dp,
             received: None,
+            secagg,
+            secagg_client: None,
         })
     }
 
@@ -208,7 +238,7 @@ async fn fetch(ctx: &mut TrainerCtx) -> Result<()> {
             Kind::Weights => {
                 let model = Model::decode(&aggregator, &message)?;
                 let weights = tensors_to_weights(&message.tensors)?;
-                if ctx.local_dp.is_some() {
+                if ctx.local_dp.is_some() || ctx.secagg.is_some() {
                     ctx.received = Some(weights.clone());
                 }
                 ctx.with_app("set_weights", move |app| app.set_weights(&weights)).await?;
@@ -322,6 +352,155 @@ async fn report(ctx: &mut TrainerCtx) -> Result<()> {
         "round trained"
     );
     Ok(())
+}
+
+/// Sends a SecAgg+ message to the aggregator; `false` when the aggregator left (the trainer
+/// then sits the round out and `fetch` waits for it).
+async fn send_secagg(
+    ctx: &TrainerCtx,
+    aggregator: &TaskId,
+    message: fledge_algorithms::privacy::secagg::ClientMessage,
+) -> Result<bool> {
+    let wrapped = secagg::wrap(ctx.round, message.encode())?;
+    let sent = ctx.upload.send(aggregator, wrapped).await.map_err(peer_left);
+    if parent_left(&sent, aggregator) {
+        return Ok(false);
+    }
+    sent.map(|()| true)
+}
+
+/// The next SecAgg+ message of this round, or `None` (with the round's client dropped) when
+/// the aggregator went on without this trainer.
+async fn secagg_next(
+    ctx: &mut TrainerCtx,
+    stage: &'static str,
+) -> Result<Option<fledge_algorithms::privacy::secagg::ServerMessage>> {
+    let aggregator = ctx.aggregator()?;
+    let next = secagg::next_server_message(&ctx.fetch, &aggregator, ctx.round).await?;
+    if next.is_none() {
+        tracing::warn!(task_id = %ctx.io.config.task_id, round = ctx.round, stage,
+            "the aggregator went on without this trainer; sitting the round out");
+        ctx.secagg_client = None;
+    }
+    Ok(next)
+}
+
+/// Secure aggregation, stage 1: joins the round the aggregator's setup describes and
+/// advertises this trainer's keys.
+async fn secagg_keys(ctx: &mut TrainerCtx) -> Result<()> {
+    ctx.secagg_client = None;
+    let Some(config) = ctx.secagg.clone() else {
+        return Ok(());
+    };
+    let Some(setup) = secagg_next(ctx, "setup").await? else {
+        return Ok(());
+    };
+    let (client, keys) = secagg::join_round(&config, &setup)?;
+    let aggregator = ctx.aggregator()?;
+    if send_secagg(ctx, &aggregator, keys).await? {
+        ctx.secagg_client = Some(client);
+    }
+    Ok(())
+}
+
+/// Secure aggregation, stage 2: takes the neighbours' keys and sends the encrypted shares.
+async fn secagg_shares(ctx: &mut TrainerCtx) -> Result<()> {
+    if ctx.secagg_client.is_none() {
+        return Ok(());
+    }
+    let Some(keys) = secagg_next(ctx, "keys").await? else {
+        return Ok(());
+    };
+    let mut client = ctx.secagg_client.take().expect("checked above");
+    let shares = match client.handle_keys(&keys) {
+        Ok(shares) => shares,
+        Err(e) => return secagg::client_error(e),
+    };
+    let aggregator = ctx.aggregator()?;
+    if send_secagg(ctx, &aggregator, shares).await? {
+        ctx.secagg_client = Some(client);
+    }
+    Ok(())
+}
+
+/// Secure aggregation, stage 3: takes the shares addressed to this trainer and sends its
+/// delta from the round's model (after local DP, if any), quantised, weighted and masked.
+async fn secagg_input(ctx: &mut TrainerCtx) -> Result<()> {
+    if ctx.secagg_client.is_none() {
+        return Ok(());
+    }
+    let Some(delivery) = secagg_next(ctx, "shares").await? else {
+        return Ok(());
+    };
+    let mut client = ctx.secagg_client.take().expect("checked above");
+    let weights: Weights = ctx.with_app("get_weights", |app| app.get_weights()).await?;
+    let received = ctx.received.as_ref().ok_or_else(|| {
+        Error::Config("trainer has no received model to take its delta from".to_owned())
+    })?;
+    let mut delta = weights.delta_from(received)?;
+    if let Some(dp) = ctx.local_dp.as_mut() {
+        let report = dp.privatize(&mut delta).map_err(|e| Error::Privacy(e.to_string()))?;
+        ctx.io.metrics.set_privacy(&report);
+    }
+    let num_samples = ctx.outcome.num_samples;
+    let (client, input) = tokio::task::spawn_blocking(move || {
+        let flat: Vec<f32> =
+            delta.tensors().iter().flat_map(|t| t.data().iter().copied()).collect();
+        drop(delta);
+        let input = client.handle_shares(&delivery, &flat, num_samples);
+        (client, input)
+    })
+    .await?;
+    let input = match input {
+        Ok(input) => input,
+        Err(e) => return secagg::client_error(e),
+    };
+    let aggregator = ctx.aggregator()?;
+    if send_secagg(ctx, &aggregator, input).await? {
+        ctx.secagg_client = Some(client);
+    }
+    Ok(())
+}
+
+/// Secure aggregation, stage 4: reveals the shares the aggregator asks for to unmask the sum
+/// (for each neighbour one kind of share, never both).
+async fn secagg_unmask(ctx: &mut TrainerCtx) -> Result<()> {
+    if ctx.secagg_client.is_none() {
+        return Ok(());
+    }
+    let Some(request) = secagg_next(ctx, "unmask").await? else {
+        return Ok(());
+    };
+    let mut client = ctx.secagg_client.take().expect("checked above");
+    let reveal = match client.handle_unmask(&request) {
+        Ok(reveal) => reveal,
+        Err(e) => return secagg::client_error(e),
+    };
+    let aggregator = ctx.aggregator()?;
+    send_secagg(ctx, &aggregator, reveal).await?;
+    Ok(())
+}
+
+/// The trainer program under secure aggregation (see the module docs).
+pub fn secure_program() -> Composer<TrainerCtx> {
+    Composer::new()
+        .tasklet("initialize", async_tasklet(|c| boxed(initialize(c))))
+        .tasklet("load_data", async_tasklet(|c| boxed(load_data(c))))
+        .tasklet("join", async_tasklet(|c| boxed(join(c))))
+        .loop_until(
+            "rounds",
+            |c: &TrainerCtx| c.done,
+            Composer::new()
+                .tasklet("fetch", async_tasklet(|c| boxed(fetch(c))))
+                .tasklet("secagg_keys", async_tasklet(|c| boxed(secagg_keys(c))))
+                .tasklet("secagg_shares", async_tasklet(|c| boxed(secagg_shares(c))))
+                .tasklet("evaluate_received", async_tasklet(|c| boxed(evaluate_received(c))))
+                .tasklet("train", async_tasklet(|c| boxed(train(c))))
+                .tasklet("evaluate", async_tasklet(|c| boxed(evaluate(c))))
+                .tasklet("secagg_input", async_tasklet(|c| boxed(secagg_input(c))))
+                .tasklet("secagg_unmask", async_tasklet(|c| boxed(secagg_unmask(c))))
+                .tasklet("report", async_tasklet(|c| boxed(report(c)))),
+        )
 }
 
 /// The standard trainer program.
