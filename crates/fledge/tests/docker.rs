@@ -20,43 +20,15 @@ use std::time::{Duration, Instant};
 
 use fledge_types::{JobState, TaskState};
 
+use support::containers::{build_fledge_image, docker, docker_reachable};
 use support::{Platform, copy_example, records_of, repo_root};
 
 /// The image the tests build and run (rebuilt each run from the binary under test).
 const IMAGE: &str = "fledge-worker:e2e-test";
 
-/// `docker ARGS` output lines, or `None` when the command fails.
-fn docker(args: &[&str]) -> Option<Vec<String>> {
-    let out = Command::new("docker").args(args).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    Some(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
-}
-
-/// Whether a daemon answers (prints why not).
-fn docker_reachable() -> bool {
-    match docker(&["info", "--format", "{{.ServerVersion}}"]) {
-        Some(_) => true,
-        None => {
-            eprintln!("skipped: no Docker daemon reachable (`docker info` failed)");
-            false
-        }
-    }
-}
-
 /// A standalone platform on the bridge gateway whose compute runs workers in containers.
 fn docker_platform(config_dir: &Path) -> Platform {
-    let out = Command::new(env!("CARGO_BIN_EXE_fledge"))
-        .args(["image", "build", "--tag", IMAGE])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fledge image build failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    build_fledge_image(IMAGE);
     let gateway = bridge_gateway();
     let data = repo_root().join("examples/data").canonicalize().unwrap();
     let config = config_dir.join("docker.toml");
