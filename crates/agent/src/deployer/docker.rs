@@ -61,6 +61,41 @@ pub const LABEL_OWNER: &str = "fledge.owner";
 /// as the container).
 const API_TIMEOUT_SECS: u64 = 120;
 
+/// The command of a worker image's `fledge`: its fledgelet for `task` of `job`, reading its key
+/// from [`KEY_PATH`] and running built-in roles with [`FLEDGE_IN_IMAGE`], then `extra` (the
+/// deployer's `fledgelet_args`). The Docker and Kubernetes runtimes start the same command.
+pub(crate) fn worker_command(
+    task: &TaskId,
+    job: &JobId,
+    apiserver: &str,
+    notifier: &str,
+    work_dir: &str,
+    extra: &[String],
+) -> Vec<String> {
+    let mut cmd: Vec<String> = [
+        "fledgelet",
+        "--task-id",
+        task.as_str(),
+        "--job-id",
+        job.as_str(),
+        "--apiserver",
+        apiserver,
+        "--notifier",
+        notifier,
+        "--work-dir",
+        work_dir,
+        "--task-key-file",
+        KEY_PATH,
+        "--fledge-bin",
+        FLEDGE_IN_IMAGE,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    cmd.extend(extra.iter().cloned());
+    cmd
+}
+
 /// How workers are networked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NetworkMode {
@@ -292,27 +327,14 @@ impl DockerRuntime {
         }
         binds.extend(self.opts.mounts.iter().cloned());
         env.push(format!("HOME={work_dir}"));
-        let mut cmd: Vec<String> = [
-            "fledgelet",
-            "--task-id",
-            launch.task.as_str(),
-            "--job-id",
-            launch.job.as_str(),
-            "--apiserver",
+        let mut cmd = worker_command(
+            launch.task,
+            launch.job,
             launch.apiserver,
-            "--notifier",
             launch.notifier,
-            "--work-dir",
             &work_dir,
-            "--task-key-file",
-            KEY_PATH,
-            "--fledge-bin",
-            FLEDGE_IN_IMAGE,
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        cmd.extend(launch.fledgelet_args.iter().cloned());
+            launch.fledgelet_args,
+        );
         if self.opts.network == NetworkMode::Job {
             // On a job network the container is reachable under its task id: its p2p ends
             // listen on every address of the container and advertise that name.

@@ -455,27 +455,14 @@ impl K8sRuntime {
 
     /// The task's Pod.
     fn pod(&self, name: &str, launch: &Launch<'_>) -> Pod {
-        let mut args: Vec<String> = [
-            "fledgelet",
-            "--task-id",
-            launch.task.as_str(),
-            "--job-id",
-            launch.job.as_str(),
-            "--apiserver",
+        let args = super::docker::worker_command(
+            launch.task,
+            launch.job,
             launch.apiserver,
-            "--notifier",
             launch.notifier,
-            "--work-dir",
             WORK_DIR,
-            "--task-key-file",
-            KEY_PATH,
-            "--fledge-bin",
-            FLEDGE_IN_IMAGE,
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        args.extend(launch.fledgelet_args.iter().cloned());
+            launch.fledgelet_args,
+        );
         let mut env = vec![EnvVar {
             name: "HOME".to_owned(),
             value: Some(WORK_DIR.to_owned()),
